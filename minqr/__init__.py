@@ -1,0 +1,13 @@
+"""minqr: small, fast, readable RLHF reward models with quantile (distributional) heads.
+
+Read in this order: gpt2.py (the backbone), checkpoint.py (Hugging Face files), tokenizer.py,
+loss.py (the loss, with the formula), ops.py + csrc/ (the fused kernel), data.py, reward.py,
+train.py, score.py, analysis.py.
+"""
+__version__ = "0.1.0"
+
+from minqr.errors import MinqrError
+from minqr.gpt2 import GPT2, GPT2Config
+from minqr.checkpoint import load_gpt2, save_gpt2
+from minqr.tokenizer import load_tokenizer
+from minqr.loss import fused_available, qr_pairwise_loss

@@ -1,0 +1,60 @@
+"""Atomic writes: a reader, or a process killed half-way, sees the old file or the new one,
+never a torn mix.
+
+The recipe is the usual one: write everything into a temporary sibling (same directory, hence
+same filesystem), flush it to disk, then rename it over the destination. A file rename is atomic
+on POSIX. A directory that already exists cannot be replaced by one rename, so it is first moved
+aside and removed only after the new one is in place; a crash in that instant leaves the old
+copy beside the destination as `<name>.old-*`, still whole.
+"""
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def _fsync_tree(path: Path) -> None:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path):
+    """Yield a temporary path; on success it becomes `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a temporary directory; on success it replaces the directory `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
