@@ -18,13 +18,13 @@ def _require(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def hh_pairs_path() -> Path:
     """2,312 real HH-RLHF harmless-base test pairs (gzipped JSON lines)."""
     return _require(HH_HARMLESS_TEST)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def gpt2_tokenizer_dir() -> Path:
     """The real GPT-2 BPE files: vocab.json + merges.txt."""
     return _require(GPT2_TOKENIZER_DIR)

@@ -1,0 +1,260 @@
+"""From text pairs to model inputs: tokenising, length-grouped batches, and the two layouts of a
+batch of preference pairs.
+
+A reward is read at the last real token of a text (DESIGN.md, "Pooling"), so a text is tokenised
+as it is (no EOS appended) and, when too long, cut from the LEFT: the final responses, the part
+that differs between chosen and rejected, survive.
+
+One batch type, `PairBatch`, serves both layouts so that the model has one code path:
+
+- separate sequences: rows 0..B-1 hold the chosen texts, rows B..2B-1 the rejected ones, right
+  padded with the pad id (GPT-2's EOS); `attention_mask` is the usual [R, T] padding mask.
+- shared prefix (the default for training and scoring): in HH-RLHF the two dialogues of a pair
+  share everything but the last assistant turn, so a pair becomes ONE row
+  `[prefix, chosen suffix, rejected suffix]`. The chosen suffix attends to the prefix and to
+  itself; the rejected suffix attends to the prefix and to itself but not to the chosen suffix,
+  and its positions restart where the prefix ends. Every real token then sees exactly what it
+  would see in its own separate sequence, at the same position, so the hidden states, rewards and
+  gradients are those of the separate layout, and the prefix is computed once instead of twice.
+  `attention_mask` is a bool [R, 1, T, T] (True = attend) block mask.
+
+In both layouts the reward of pair i is read at `(chosen_rows[i], chosen_cols[i])` and
+`(rejected_rows[i], rejected_cols[i])`.
+"""
+from dataclasses import dataclass, fields, replace
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from minqr.errors import MinqrError
+
+# Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
+IGNORE_INDEX = -100
+
+# Segment of each column of a shared-prefix row; pads form a segment of their own.
+PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+
+
+def shared_prefix_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Length of the common token prefix, capped so that each side keeps at least one token of its
+    own (a reward needs a last token, and one response may be a prefix of the other)."""
+    limit = min(len(chosen), len(rejected)) - 1
+    if limit <= 0:
+        return 0
+    differs = np.flatnonzero(np.asarray(chosen[:limit]) != np.asarray(rejected[:limit]))
+    return int(differs[0]) if differs.size else limit
+
+
+@dataclass
+class PairBatch:
+    """Model inputs for B preference pairs in R rows of T columns (R = 2B or B, see module doc)."""
+
+    input_ids: torch.Tensor  # [R, T] int64
+    position_ids: torch.Tensor  # [R, T] int64 (pads: 0)
+    attention_mask: torch.Tensor  # [R, T] int64 1/0, or bool [R, 1, T, T] with True = attend
+    chosen_rows: torch.Tensor  # [B] int64: where pair i's chosen reward is read ...
+    chosen_cols: torch.Tensor  # [B]        ... its last real chosen token
+    rejected_rows: torch.Tensor  # [B]
+    rejected_cols: torch.Tensor  # [B]
+    # [R, T] int64, already shifted: the token that the logits at [r, t] should predict, on the
+    # chosen response (the chosen tokens after the shared prefix); IGNORE_INDEX elsewhere.
+    chosen_lm_labels: torch.Tensor
+    num_pairs: int
+    num_real_tokens: int
+    num_padded_tokens: int  # R * T: what the model computes
+
+    @property
+    def shared_prefix(self) -> bool:
+        return self.attention_mask.dim() == 4
+
+    @property
+    def padding_efficiency(self) -> float:
+        return self.num_real_tokens / self.num_padded_tokens
+
+    def to(self, device, non_blocking: bool = False) -> "PairBatch":
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
+                  shared_prefix: bool = True) -> PairBatch:
+    """Lay out B pairs of token lists (each at least one token long) as one PairBatch."""
+    if len(chosen) != len(rejected) or not chosen:
+        raise MinqrError(f"collate_pairs needs as many chosen as rejected lists, at least one "
+                         f"(got {len(chosen)} and {len(rejected)})")
+    if min(map(len, chosen)) == 0 or min(map(len, rejected)) == 0:
+        raise MinqrError("collate_pairs got an empty token list: every text needs a last token")
+    num_pairs = len(chosen)
+    prefixes = [shared_prefix_length(c, r) for c, r in zip(chosen, rejected)]
+    if shared_prefix:
+        rows = [list(c) + list(r[p:]) for c, r, p in zip(chosen, rejected, prefixes)]
+    else:
+        rows = [list(c) for c in chosen] + [list(r) for r in rejected]
+    num_rows, width = len(rows), max(map(len, rows))
+
+    input_ids = torch.full((num_rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((num_rows, width), dtype=torch.long)
+    segments = torch.full((num_rows, width), PAD, dtype=torch.long)
+    labels = torch.full((num_rows, width), IGNORE_INDEX, dtype=torch.long)
+    for row, tokens in enumerate(rows):
+        input_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    for i, (c, r, p) in enumerate(zip(chosen, rejected, prefixes)):
+        # In both layouts the chosen tokens are columns 0..len(c)-1 of row i.
+        position_ids[i, : len(c)] = torch.arange(len(c))
+        segments[i, :p] = PREFIX
+        segments[i, p : len(c)] = CHOSEN
+        # The LM targets are the chosen response tokens; the first token of a row has no
+        # predecessor to predict it, hence max(p, 1).
+        first_target = max(p, 1)
+        labels[i, first_target - 1 : len(c) - 1] = torch.tensor(c[first_target:], dtype=torch.long)
+        if shared_prefix:
+            position_ids[i, len(c) : len(c) + len(r) - p] = torch.arange(p, len(r))
+            segments[i, len(c) : len(c) + len(r) - p] = REJECTED
+        else:
+            position_ids[num_pairs + i, : len(r)] = torch.arange(len(r))
+            segments[num_pairs + i, : len(r)] = REJECTED
+
+    chosen_lengths = torch.tensor([len(c) for c in chosen])
+    rejected_lengths = torch.tensor([len(r) for r in rejected])
+    pair_index = torch.arange(num_pairs)
+    if shared_prefix:
+        attention_mask = _shared_prefix_mask(segments)
+        rejected_rows = pair_index
+        rejected_cols = chosen_lengths + rejected_lengths - torch.tensor(prefixes) - 1
+    else:
+        attention_mask = (segments != PAD).long()
+        rejected_rows = pair_index + num_pairs
+        rejected_cols = rejected_lengths - 1
+    num_real_tokens = int((segments != PAD).sum())
+    return PairBatch(
+        input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+        chosen_rows=pair_index, chosen_cols=chosen_lengths - 1,
+        rejected_rows=rejected_rows, rejected_cols=rejected_cols,
+        chosen_lm_labels=labels, num_pairs=num_pairs,
+        num_real_tokens=num_real_tokens, num_padded_tokens=num_rows * width,
+    )
+
+
+def _shared_prefix_mask(segments: torch.Tensor) -> torch.Tensor:
+    """bool [R, 1, T, T] from the segment of every column [R, T]: causal, and a key is visible if it
+    is in the prefix or in the query's own segment. A pad attends only to itself, because a row
+    with nothing to attend to makes scaled_dot_product_attention return NaN."""
+    width = segments.shape[1]
+    query = segments[:, :, None]  # [R, T, 1]
+    key = segments[:, None, :]  # [R, 1, T]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    visible = causal & (query != PAD) & ((key == PREFIX) | (key == query))  # [R, T, T]
+    visible |= torch.eye(width, dtype=torch.bool)
+    return visible[:, None]  # [R, 1, T, T]
+
+
+@dataclass
+class TokenizedPairs:
+    """Token lists of a data set's pairs, ready to be batched."""
+
+    chosen: list  # list[list[int]], each at least one token, at most max_length
+    rejected: list
+    pad_id: int
+    max_length: int
+    num_truncated: int  # pairs where at least one side lost tokens on the left
+
+    def __len__(self) -> int:
+        return len(self.chosen)
+
+    def prefix_lengths(self) -> np.ndarray:
+        """[P] the shared token prefix of every pair (capped as in shared_prefix_length)."""
+        return np.array([shared_prefix_length(c, r) for c, r in zip(self.chosen, self.rejected)])
+
+    def real_tokens(self, shared_prefix: bool) -> np.ndarray:
+        """[P] tokens the model computes for each pair, padding aside."""
+        total = np.array([len(c) + len(r) for c, r in zip(self.chosen, self.rejected)])
+        return total - self.prefix_lengths() if shared_prefix else total
+
+    def row_widths(self, shared_prefix: bool) -> np.ndarray:
+        """[P] the width of the widest row of each pair: what a batch is padded to."""
+        if shared_prefix:
+            return self.real_tokens(shared_prefix=True)
+        return np.array([max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)])
+
+    def batch(self, indices: Sequence[int], shared_prefix: bool = True) -> PairBatch:
+        return collate_pairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
+                             self.pad_id, shared_prefix)
+
+
+def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
+    """Tokenise `pairs` (objects with `chosen`, `rejected` and `origin`) with the model's tokenizer
+    (one `encode_batch` call, the fast parallel path), keeping the last `max_length` tokens.
+
+    A text that tokenises to nothing is an error naming its pair: a reward is read at a last
+    token, and dropping such pairs silently would change the data set behind the user's back.
+    """
+    if max_length < 1:
+        raise MinqrError(f"max_length must be at least 1 (got {max_length})")
+    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids = tokenizer.encode_batch(texts)
+    chosen, rejected = ids[: len(pairs)], ids[len(pairs) :]
+    num_truncated = 0
+    for i, pair in enumerate(pairs):
+        for side, tokens in (("chosen", chosen[i]), ("rejected", rejected[i])):
+            if not tokens:
+                raise MinqrError(f"{pair.origin}: the {side} text tokenises to no tokens; every text "
+                                 "needs a last token to read its reward at. Remove or fix that pair.")
+        num_truncated += len(chosen[i]) > max_length or len(rejected[i]) > max_length
+        chosen[i] = chosen[i][-max_length:]
+        rejected[i] = rejected[i][-max_length:]
+    return TokenizedPairs(chosen, rejected, tokenizer.eos_id, max_length, num_truncated)
+
+
+def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
+    # One generator per (seed, epoch): a run resumed mid-epoch rebuilds exactly the same order.
+    return np.random.default_rng([seed, epoch])
+
+
+def random_batches(num_pairs: int, batch_size: int, seed: int, epoch: int) -> list:
+    """Batches of pair indices in a seeded random order (the last one may be smaller)."""
+    order = _epoch_rng(seed, epoch).permutation(num_pairs)
+    return [order[i : i + batch_size].tolist() for i in range(0, num_pairs, batch_size)]
+
+
+def length_grouped_batches(widths: Sequence[int], batch_size: int, seed: int, epoch: int,
+                           window: int = 64) -> list:
+    """Batches of pair indices of similar width, so that little of a batch is padding.
+
+    `widths` is what each pair pads its batch to (`TokenizedPairs.row_widths`). The pairs are
+    shuffled, cut into windows of `window` batches, sorted by width inside each window and cut
+    into batches; the batches are then shuffled, except that the widest goes first, so that a
+    batch too big for memory fails at the first step rather than hours into the run. A window
+    rather than one global sort keeps some randomness in which pairs meet in a batch from one
+    epoch to the next. Deterministic for (seed, epoch).
+    """
+    if batch_size < 1 or window < 1:
+        raise MinqrError(f"batch_size and window must be at least 1 (got {batch_size}, {window})")
+    widths = np.asarray(widths)
+    rng = _epoch_rng(seed, epoch)
+    order = rng.permutation(len(widths))
+    span = batch_size * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = order[start : start + span]
+        chunk = chunk[np.argsort(widths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+    batches = [batches[i] for i in rng.permutation(len(batches))]
+    widest = max(range(len(batches)), key=lambda b: widths[batches[b]].max())
+    batches.insert(0, batches.pop(widest))
+    return batches
+
+
+def padding_efficiency(tokenized: TokenizedPairs, batches: Sequence[Sequence[int]],
+                       shared_prefix: bool = True) -> float:
+    """Real tokens / computed tokens over `batches`, from lengths alone (no batch is built); equal
+    to the token counts the collated PairBatches carry."""
+    real = tokenized.real_tokens(shared_prefix)
+    widths = tokenized.row_widths(shared_prefix)
+    rows_per_pair = 1 if shared_prefix else 2
+    computed = sum(rows_per_pair * len(b) * widths[b].max() for b in batches)
+    return float(sum(real[b].sum() for b in batches) / computed)

@@ -1,0 +1,338 @@
+"""Tokenising, batching and the two layouts of PairBatch, checked against masks, positions and
+labels built here with plain loops from the rules in DESIGN.md, on fresh random token lists; and
+the padding and shared-prefix savings measured on the real HH-RLHF pairs."""
+import os
+import random
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
+from factories import random_gpt2, tiny_config
+from minqr.batching import (IGNORE_INDEX, collate_pairs, length_grouped_batches, padding_efficiency,
+                            random_batches, shared_prefix_length, tokenize_pairs, TokenizedPairs)
+from minqr.data import load_pairs
+from minqr.errors import MinqrError
+from minqr.tokenizer import load_tokenizer
+
+PAD_ID = 999
+
+
+def random_pairs(rng: random.Random, num_pairs: int, max_len: int = 12):
+    """Token-list pairs with shared prefixes of every kind: none, partial, one list a prefix of the
+    other, identical lists (texts that differ only in what left truncation cut away)."""
+    chosen, rejected = [], []
+    for _ in range(num_pairs):
+        common = [rng.randrange(50) for _ in range(rng.randint(0, max_len))]
+        kind = rng.choice(["free", "free", "prefix-of-other", "identical"])
+        c = common + [rng.randrange(50) for _ in range(rng.randint(0 if common else 1, max_len))]
+        if kind == "free":
+            r = common + [rng.randrange(50) for _ in range(rng.randint(0 if common else 1, max_len))]
+        elif kind == "prefix-of-other":
+            c, r = (c, c[: rng.randint(1, len(c))]) if rng.random() < 0.5 else (c[: rng.randint(1, len(c))], c)
+        else:
+            r = list(c)
+        chosen.append(c)
+        rejected.append(r)
+    return chosen, rejected
+
+
+def loop_prefix(c, r):
+    p = 0
+    while p < min(len(c), len(r)) - 1 and c[p] == r[p]:
+        p += 1
+    return p
+
+
+def test_shared_prefix_length_matches_a_loop():
+    rng = random.Random(0)
+    chosen, rejected = random_pairs(rng, 300)
+    for c, r in zip(chosen + [[1], [1, 2]], rejected + [[1], [1, 2]]):
+        assert shared_prefix_length(c, r) == loop_prefix(c, r)
+        assert shared_prefix_length(c, r) < min(len(c), len(r))  # each side keeps a token
+
+
+# ------------------------------------------------------------ layouts, checked with loops
+
+
+@pytest.mark.parametrize("num_pairs", [1, 2, 7])
+def test_separate_layout(num_pairs):
+    rng = random.Random(num_pairs)
+    chosen, rejected = random_pairs(rng, num_pairs)
+    batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix=False)
+    rows = chosen + rejected
+    width = max(map(len, rows))
+    assert batch.input_ids.shape == batch.attention_mask.shape == (2 * num_pairs, width)
+    for r, tokens in enumerate(rows):
+        n = len(tokens)
+        assert batch.input_ids[r].tolist() == tokens + [PAD_ID] * (width - n)
+        assert batch.attention_mask[r].tolist() == [1] * n + [0] * (width - n)
+        assert batch.position_ids[r, :n].tolist() == list(range(n))
+    for i in range(num_pairs):
+        assert (batch.chosen_rows[i], batch.chosen_cols[i]) == (i, len(chosen[i]) - 1)
+        assert (batch.rejected_rows[i], batch.rejected_cols[i]) == (num_pairs + i, len(rejected[i]) - 1)
+    assert batch.num_pairs == num_pairs and not batch.shared_prefix
+    assert batch.num_real_tokens == sum(map(len, rows))
+    assert batch.num_padded_tokens == 2 * num_pairs * width
+
+
+def loop_shared_mask(lc: int, lr: int, p: int, width: int):
+    """The shared-prefix attention rules, one (query, key) at a time."""
+    end = lc + lr - p
+    mask = [[False] * width for _ in range(width)]
+    for q in range(width):
+        for k in range(width):
+            if q >= end:  # a pad attends only to itself
+                mask[q][k] = q == k
+            elif q < p:  # prefix: causal within the prefix
+                mask[q][k] = k <= q
+            elif q < lc:  # chosen suffix: the prefix, then itself causally
+                mask[q][k] = k < p or p <= k <= q
+            else:  # rejected suffix: the prefix, then itself causally, never the chosen suffix
+                mask[q][k] = k < p or lc <= k <= q
+    return mask
+
+
+@pytest.mark.parametrize("num_pairs", [1, 3, 8])
+def test_shared_prefix_layout(num_pairs):
+    rng = random.Random(100 + num_pairs)
+    chosen, rejected = random_pairs(rng, num_pairs)
+    batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix=True)
+    prefixes = [loop_prefix(c, r) for c, r in zip(chosen, rejected)]
+    width = max(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
+    assert batch.input_ids.shape == (num_pairs, width)
+    assert batch.attention_mask.shape == (num_pairs, 1, width, width) and batch.attention_mask.dtype == torch.bool
+    for i, (c, r, p) in enumerate(zip(chosen, rejected, prefixes)):
+        row = c + r[p:]
+        assert batch.input_ids[i].tolist() == row + [PAD_ID] * (width - len(row))
+        assert batch.position_ids[i, : len(row)].tolist() == list(range(len(c))) + list(range(p, len(r)))
+        assert batch.attention_mask[i, 0].tolist() == loop_shared_mask(len(c), len(r), p, width)
+        # the gather points hold the last token of each response, at the position it has alone
+        assert (batch.chosen_rows[i], batch.rejected_rows[i]) == (i, i)
+        cc, rc = int(batch.chosen_cols[i]), int(batch.rejected_cols[i])
+        assert (batch.input_ids[i, cc], batch.position_ids[i, cc]) == (c[-1], len(c) - 1)
+        assert (batch.input_ids[i, rc], batch.position_ids[i, rc]) == (r[-1], len(r) - 1)
+        assert rc == len(row) - 1
+    assert batch.attention_mask.any(dim=-1).all()  # no query attends to nothing (SDPA would give NaN)
+    assert batch.num_real_tokens == sum(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
+    assert batch.num_padded_tokens == num_pairs * width and batch.shared_prefix
+
+
+def visible_context(batch, row: int, col: int):
+    """(token, position) of every key that the query at (row, col) attends to, by position."""
+    if batch.shared_prefix:
+        keys = batch.attention_mask[row, 0, col].nonzero().flatten().tolist()
+    else:
+        keys = [k for k in range(col + 1) if batch.attention_mask[row, k]]
+    return sorted((int(batch.position_ids[row, k]), int(batch.input_ids[row, k])) for k in keys)
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_every_token_sees_exactly_its_own_sequence(shared_prefix):
+    # What makes the layouts interchangeable: in both, the t-th token of a response attends to the
+    # t+1 first tokens of that response's own text, each at its own position, and to nothing else.
+    rng = random.Random(7)
+    chosen, rejected = random_pairs(rng, 6)
+    batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix)
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        for tokens, row, last_col in ((c, batch.chosen_rows[i], batch.chosen_cols[i]),
+                                      (r, batch.rejected_rows[i], batch.rejected_cols[i])):
+            for t in range(len(tokens)):
+                col = int(last_col) - (len(tokens) - 1 - t)
+                if shared_prefix and t < shared_prefix_length(c, r):
+                    col = t  # the prefix is computed once, at the start of the row
+                assert visible_context(batch, int(row), col) == [(s, tokens[s]) for s in range(t + 1)]
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_chosen_lm_labels(shared_prefix):
+    rng = random.Random(8)
+    chosen, rejected = random_pairs(rng, 9)
+    batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix)
+    expected = torch.full_like(batch.input_ids, IGNORE_INDEX)
+    for i, (c, r) in enumerate(zip(chosen, rejected)):
+        for t in range(1, len(c)):
+            if t >= loop_prefix(c, r):  # a chosen-response token, predicted from the column before it
+                expected[i, t - 1] = c[t]
+    assert torch.equal(batch.chosen_lm_labels, expected)
+
+
+def test_to_moves_every_tensor():
+    chosen, rejected = random_pairs(random.Random(9), 3)
+    for shared_prefix in (True, False):
+        batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix)
+        moved = batch.to("meta")
+        tensors = [name for name, value in vars(batch).items() if isinstance(value, torch.Tensor)]
+        assert len(tensors) == 8 and all(getattr(moved, name).is_meta for name in tensors)
+        assert (moved.num_pairs, moved.num_real_tokens) == (batch.num_pairs, batch.num_real_tokens)
+
+
+def test_collate_errors():
+    with pytest.raises(MinqrError, match="empty token list"):
+        collate_pairs([[1, 2]], [[]], PAD_ID)
+    with pytest.raises(MinqrError, match="as many chosen as rejected"):
+        collate_pairs([[1], [2]], [[3]], PAD_ID)
+    with pytest.raises(MinqrError, match="at least one"):
+        collate_pairs([], [], PAD_ID)
+
+
+# ------------------------------------------------------------ tokenising
+
+
+# Module-scoped (tokenising the real pairs takes seconds), hence conftest's paths rather than its
+# function-scoped fixtures.
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return load_tokenizer(_require(GPT2_TOKENIZER_DIR))
+
+
+def make_pairs(texts):
+    return [SimpleNamespace(chosen=c, rejected=r, origin=f"test:{n}") for n, (c, r) in enumerate(texts, 1)]
+
+
+def test_truncation_keeps_the_end(gpt2_tokenizer):
+    rng = random.Random(10)
+    words = ["alpha", "beta", " gamma", "\n\nHuman:", "\n\nAssistant:", "é", "🙂", "12"]
+    texts = [(" ".join(rng.choices(words, k=rng.randint(1, 200))), " ".join(rng.choices(words, k=rng.randint(1, 200))))
+             for _ in range(20)]
+    max_length = 64
+    tokenized = tokenize_pairs(make_pairs(texts), gpt2_tokenizer, max_length)
+    truncated = 0
+    for (c, r), c_ids, r_ids in zip(texts, tokenized.chosen, tokenized.rejected):
+        full_c, full_r = gpt2_tokenizer.encode(c), gpt2_tokenizer.encode(r)  # the one-text path
+        assert (c_ids, r_ids) == (full_c[-max_length:], full_r[-max_length:])
+        truncated += len(full_c) > max_length or len(full_r) > max_length
+    assert tokenized.num_truncated == truncated > 0
+    assert gpt2_tokenizer.decode(tokenized.chosen[0]) in texts[0][0]  # the end of the text, not the start
+    assert texts[0][0].endswith(gpt2_tokenizer.decode(tokenized.chosen[0][-5:]))
+    assert tokenized.pad_id == gpt2_tokenizer.eos_id and tokenized.max_length == max_length
+
+
+class SkipSpaces:
+    """A tokenizer that drops white space, so a non-empty text can tokenise to nothing."""
+
+    eos_id = 0
+
+    def encode_batch(self, texts):
+        return [[ord(ch) for ch in text if not ch.isspace()] for text in texts]
+
+
+def test_text_with_no_tokens_is_an_error():
+    pairs = make_pairs([("a b", "c"), ("d", "  ")])
+    with pytest.raises(MinqrError, match="test:2: the rejected text tokenises to no tokens"):
+        tokenize_pairs(pairs, SkipSpaces(), 8)
+    with pytest.raises(MinqrError, match="max_length must be at least 1"):
+        tokenize_pairs(pairs, SkipSpaces(), 0)
+
+
+# ------------------------------------------------------------ batches
+
+
+def test_random_batches_are_a_seeded_permutation():
+    batches = random_batches(103, 10, seed=3, epoch=1)
+    assert sorted(sum(batches, [])) == list(range(103)) and [len(b) for b in batches] == [10] * 10 + [3]
+    assert batches == random_batches(103, 10, seed=3, epoch=1)
+    assert batches != random_batches(103, 10, seed=3, epoch=2) != random_batches(103, 10, seed=4, epoch=1)
+
+
+@pytest.mark.parametrize("num_pairs, batch_size, window", [(1, 4, 64), (1000, 16, 8), (1000, 7, 3), (50, 1, 64)])
+def test_length_grouped_batches(num_pairs, batch_size, window):
+    rng = np.random.default_rng(num_pairs)
+    widths = rng.integers(1, 500, num_pairs)
+    batches = length_grouped_batches(widths, batch_size, seed=5, epoch=0, window=window)
+    assert sorted(sum(batches, [])) == list(range(num_pairs))
+    assert sum(len(b) < batch_size for b in batches) <= 1
+    assert max(widths[batches[0]]) == widths.max()  # the widest batch first
+    assert batches == length_grouped_batches(widths, batch_size, seed=5, epoch=0, window=window)
+    if num_pairs > batch_size:
+        assert batches != length_grouped_batches(widths, batch_size, seed=5, epoch=1, window=window)
+    if num_pairs > batch_size > 1:
+        # within a window, a batch spans a narrow range of widths: compare with random batches
+        spread = np.mean([np.ptp(widths[b]) for b in batches])
+        random_spread = np.mean([np.ptp(widths[b]) for b in random_batches(num_pairs, batch_size, 5, 0)])
+        assert spread < random_spread / 2
+
+
+def test_padding_efficiency_equals_the_collated_counts():
+    chosen, rejected = random_pairs(random.Random(11), 40, max_len=30)
+    tokenized = TokenizedPairs(chosen, rejected, pad_id=PAD_ID, max_length=60, num_truncated=0)
+    for shared_prefix in (True, False):
+        batches = length_grouped_batches(tokenized.row_widths(shared_prefix), 6, seed=0, epoch=0, window=2)
+        collated = [tokenized.batch(b, shared_prefix) for b in batches]
+        real = sum(b.num_real_tokens for b in collated)
+        assert padding_efficiency(tokenized, batches, shared_prefix) == pytest.approx(
+            real / sum(b.num_padded_tokens for b in collated), rel=1e-12)
+        assert collated[0].padding_efficiency == collated[0].num_real_tokens / collated[0].num_padded_tokens
+        assert real == tokenized.real_tokens(shared_prefix).sum()
+
+
+# ------------------------------------------------------------ the real HH-RLHF pairs
+
+
+@pytest.fixture(scope="module")
+def hh(gpt2_tokenizer):
+    pairs, _ = load_pairs(_require(HH_HARMLESS_TEST))
+    full = gpt2_tokenizer.encode_batch([p.chosen for p in pairs] + [p.rejected for p in pairs])
+    return SimpleNamespace(pairs=pairs, tokenized=tokenize_pairs(pairs, gpt2_tokenizer, 512),
+                           full_chosen=full[: len(pairs)], full_rejected=full[len(pairs):])
+
+
+def test_real_pairs_are_cut_from_the_left(hh):
+    assert hh.tokenized.chosen == [ids[-512:] for ids in hh.full_chosen]
+    assert hh.tokenized.rejected == [ids[-512:] for ids in hh.full_rejected]
+    assert hh.tokenized.num_truncated == sum(len(c) > 512 or len(r) > 512
+                                             for c, r in zip(hh.full_chosen, hh.full_rejected))
+
+
+@pytest.mark.parametrize("batch_size", [8, 16])
+def test_length_groups_keep_nine_tenths_of_a_batch_real(hh, batch_size):
+    efficiency = {}
+    for shared_prefix in (True, False):
+        grouped = length_grouped_batches(hh.tokenized.row_widths(shared_prefix), batch_size, seed=0, epoch=0)
+        efficiency[shared_prefix] = padding_efficiency(hh.tokenized, grouped, shared_prefix)
+    baseline = padding_efficiency(hh.tokenized, random_batches(len(hh.tokenized), batch_size, 0, 0), False)
+    print(f"\npadding efficiency, batch {batch_size}, max_length 512: length groups {efficiency[True]:.3f} "
+          f"(shared prefix), {efficiency[False]:.3f} (separate); random batches {baseline:.3f} (separate)")
+    assert efficiency[True] >= 0.9
+    assert efficiency[False] > 2 * baseline
+
+
+def independent_prefix(c, r):
+    return len(os.path.commonprefix([c, r]))  # on lists, element by element
+
+
+def test_shared_prefix_token_saving(hh):
+    for label, chosen, rejected, tokenized in (
+            ("max_length 512", hh.tokenized.chosen, hh.tokenized.rejected, hh.tokenized),
+            ("untruncated", hh.full_chosen, hh.full_rejected, None)):
+        separate = sum(len(c) + len(r) for c, r in zip(chosen, rejected))
+        prefix = sum(min(independent_prefix(c, r), min(len(c), len(r)) - 1) for c, r in zip(chosen, rejected))
+        if tokenized is not None:
+            assert tokenized.real_tokens(shared_prefix=False).sum() == separate
+            assert tokenized.real_tokens(shared_prefix=True).sum() == separate - prefix
+        print(f"\nshared prefix, {label}: {prefix / separate:.1%} of separate tokens are shared prefix, "
+              f"{separate / (separate - prefix):.3f}x fewer tokens")
+        assert separate / (separate - prefix) > 1.3
+
+
+# ------------------------------------------------------------ through a tiny GPT-2
+
+
+def test_layouts_give_the_same_hidden_states():
+    model = random_gpt2(tiny_config(n_positions=64))
+    chosen, rejected = random_pairs(random.Random(12), 6, max_len=20)
+    outputs = {}
+    for shared_prefix in (True, False):
+        batch = collate_pairs(chosen, rejected, pad_id=7, shared_prefix=shared_prefix)
+        with torch.no_grad():
+            hidden = model(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
+            logits = model.lm_logits(hidden)
+        labelled = batch.chosen_lm_labels != IGNORE_INDEX
+        outputs[shared_prefix] = (hidden[batch.chosen_rows, batch.chosen_cols],
+                                  hidden[batch.rejected_rows, batch.rejected_cols],
+                                  logits[labelled], batch.chosen_lm_labels[labelled])
+        assert torch.isfinite(hidden).all()  # pad rows included
+    for shared, separate in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,87 @@
+"""Hub names offline: a cached file is found without the network, a missing one gives one message
+that says what to download and where. No test here reaches the network: the hub runs in offline
+mode with an empty (or hand-made) cache in a temporary folder."""
+import gzip
+import json
+
+import pytest
+from huggingface_hub import constants
+
+from minqr import hub
+from minqr.data import load_pairs
+from minqr.errors import MinqrError
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline hub with an empty cache; returns the cache folder. huggingface_hub reads its
+    environment once, at import, hence the patched constants beside the environment."""
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def cache_snapshot(cache, repo_folder: str, files: dict) -> None:
+    """Lay out files in the hub cache as huggingface_hub does: snapshots/COMMIT/... and refs/main."""
+    snapshot = cache / repo_folder / "snapshots" / COMMIT
+    for name, content in files.items():
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_bytes(content)
+    (cache / repo_folder / "refs").mkdir(parents=True)
+    (cache / repo_folder / "refs" / "main").write_text(COMMIT)
+
+
+def test_hh_rlhf_offline_says_what_to_download(offline_hub):
+    announced = []
+    with pytest.raises(MinqrError) as caught:
+        hub.fetch_hh_rlhf("helpful-base", "train", announce=announced.append)
+    message = str(caught.value)
+    for words in ["hh-rlhf:helpful-base", "HF_HUB_OFFLINE",
+                  "https://huggingface.co/datasets/Anthropic/hh-rlhf/resolve/main/helpful-base/train.jsonl.gz",
+                  "DIR/helpful-base/train.jsonl.gz", "--data DIR --subset helpful-base"]:
+        assert words in message
+    assert announced == []  # nothing is downloaded, so nothing is announced
+    with pytest.raises(MinqrError, match="harmless-base/test.jsonl.gz"):
+        load_pairs("hh-rlhf:harmless-base", split="test")
+
+
+def test_hh_rlhf_from_the_cache(offline_hub):
+    records = [{"chosen": f"\n\nHuman: {i}\n\nAssistant: yes", "rejected": f"\n\nHuman: {i}\n\nAssistant: no"}
+               for i in range(5)]
+    content = gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode())
+    cache_snapshot(offline_hub, "datasets--Anthropic--hh-rlhf", {"helpful-base/test.jsonl.gz": content})
+    pairs, stats = load_pairs("hh-rlhf:helpful-base", split="test")
+    assert [p.rejected for p in pairs] == [r["rejected"] for r in records]
+    assert stats.source.endswith("helpful-base/test.jsonl.gz") and str(offline_hub) in stats.source
+    with pytest.raises(MinqrError, match="helpful-base/train.jsonl.gz"):  # the other split is not cached
+        load_pairs("hh-rlhf:helpful-base", split="train")
+
+
+def test_model_offline_says_what_to_download(offline_hub):
+    with pytest.raises(MinqrError) as caught:
+        hub.fetch_model("gpt2", announce=pytest.fail)
+    message = str(caught.value)
+    for words in ["'gpt2'", "not a local folder", "HF_HUB_OFFLINE", "hf download gpt2 config.json model.safetensors",
+                  "--model DIR"]:
+        assert words in message
+
+
+def test_model_from_the_cache(offline_hub):
+    files = {"config.json": b'{"model_type": "gpt2"}', "vocab.json": b"{}"}
+    cache_snapshot(offline_hub, "models--openai-community--gpt2", files)
+    folder = hub.fetch_model("openai-community/gpt2", announce=pytest.fail)
+    assert folder.name == COMMIT
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+
+def test_local_model_folder_is_returned_as_is(tmp_path, offline_hub):
+    assert hub.fetch_model(tmp_path) == tmp_path
+    assert hub.fetch_model(str(tmp_path)) == tmp_path
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(MinqrError, match="is a file; a model is a folder"):
+        hub.fetch_model(tmp_path / "weights.bin")
