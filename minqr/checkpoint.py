@@ -1,2 +1,182 @@
-"""Placeholder while this module is being written (this session)."""
-load_gpt2 = save_gpt2 = None
+"""Hugging Face GPT-2 folders: read and write them without `transformers`.
+
+A folder holds `config.json` and the weights, first found of: `model.safetensors`; a sharded
+`model.safetensors.index.json` with its shards; a legacy `pytorch_model.bin`, which is only ever
+read with `torch.load(weights_only=True)` because a full pickle can run code.
+
+Names and layout in the files (Hugging Face's): the backbone's tensors are named as minqr's GPT2
+modules, with or without a `transformer.` prefix (GPT2LMHeadModel and
+GPT2ForSequenceClassification have it, GPT2Model has not). The four projections per block
+(`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are Conv1D weights stored `[in, out]`,
+the transpose of nn.Linear's. `attn.bias` / `attn.masked_bias` are causal-mask buffers of old
+checkpoints, not weights, and are ignored; so is `lm_head.weight`, which GPT-2 ties to `wte`.
+
+The pieces, from high to low level (the reward model reuses the low-level ones for its
+GPT2ForSequenceClassification folders: backbone under `transformer.` plus `score.weight`):
+
+    load_gpt2(path, dtype=None, device=None) -> GPT2
+    save_gpt2(model, path) -> Path
+    read_config(folder) -> dict                          # config.json as it is
+    read_tensors(folder) -> dict[str, Tensor]            # every tensor, under the file's names
+    load_backbone_tensors(model, tensors, extra_allowed=(), dtype=None, device=None) -> dict
+        # checks names and shapes (one error naming every culprit), assigns the backbone's
+        # tensors to `model` in place and returns the `extra_allowed` tensors found
+    hf_tensors(model, prefix="transformer.") -> dict[str, Tensor]   # HF names and layout
+    write_hf_folder(path, config, tensors, extra_files=None) -> Path  # atomic
+
+Loading does not hold two copies of the weights: the model is built on the meta device (no
+memory, no random init) and the tensors read from the memory-mapped file become its parameters
+(`load_state_dict(assign=True)`); only the transposed Conv1D weights and dtype/device
+conversions make new tensors.
+"""
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from minqr.atomic import atomic_dir
+from minqr.errors import MinqrError
+from minqr.gpt2 import GPT2, GPT2Config
+
+CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # "c_attn.bias" is a weight: keep the dot
+TIED_NAMES = ("lm_head.weight",)
+PREFIX = "transformer."
+
+
+def _folder(path) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise MinqrError(
+            f"model folder {folder} does not exist: give a local Hugging Face GPT-2 folder "
+            "(config.json + model.safetensors)"
+        )
+    return folder
+
+
+def read_config(folder) -> dict:
+    """The dict in `folder/config.json`."""
+    path = _folder(folder) / "config.json"
+    if not path.is_file():
+        raise MinqrError(f"{path} not found: a Hugging Face model folder has config.json beside its weights")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise MinqrError(f"{path} is not valid JSON ({e}): re-download or re-save the model") from None
+
+
+def read_tensors(folder) -> dict:
+    """Every tensor of the folder's weights, under the names the files use, on the CPU."""
+    folder = _folder(folder)
+    single, index, legacy = (folder / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
+    if single.is_file():
+        return load_file(single)
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        absent = [s for s in shards if not (folder / s).is_file()]
+        if absent:
+            raise MinqrError(f"{index} lists shards that are not in {folder}: {', '.join(absent)}; download them too")
+        return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+    if legacy.is_file():
+        try:
+            # only the zip format (torch >= 1.6) can be memory-mapped
+            return torch.load(legacy, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(legacy))
+        except pickle.UnpicklingError:
+            raise MinqrError(
+                f"{legacy} holds objects other than tensors, and minqr reads it only with "
+                "torch.load(weights_only=True) since a full pickle can run code. Convert the "
+                "checkpoint to model.safetensors where you trust it (transformers: save_pretrained)"
+            ) from None
+    raise MinqrError(
+        f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json with its "
+        "shards, or pytorch_model.bin"
+    )
+
+
+def load_backbone_tensors(model: GPT2, tensors: dict, extra_allowed=(), dtype=None, device=None) -> dict:
+    """Make `tensors` (HF names and layout) the parameters of `model` (which may be on meta).
+
+    Names in `extra_allowed` (full names as in the file, e.g. "score.weight") are not part of the
+    backbone: they are returned instead of being reported as unexpected. Anything missing,
+    unexpected or mis-shaped is one MinqrError that names every culprit.
+    """
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state, extras, unexpected, misshaped = {}, {}, [], []
+    for name, tensor in tensors.items():
+        if name in extra_allowed:
+            extras[name] = tensor
+            continue
+        key = name.removeprefix(PREFIX)
+        if key.endswith(IGNORED_SUFFIXES) or key in TIED_NAMES:
+            continue
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        conv1d = key.endswith(CONV1D_WEIGHTS)
+        shape = expected[key][::-1] if conv1d else expected[key]
+        if tensor.shape != shape:
+            misshaped.append(f"{name} is {list(tensor.shape)}, expected {list(shape)}")
+            expected.pop(key)  # reported here, not again as missing
+            continue
+        state[key] = (tensor.t() if conv1d else tensor).to(device=device, dtype=dtype).contiguous()
+    missing = [k for k in expected if k not in state]
+    problems = [
+        f"{label}: {', '.join(items)}"
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        if items
+    ]
+    if problems:
+        c = model.config
+        raise MinqrError(
+            f"checkpoint tensors do not fit GPT-2 (n_layer={c.n_layer}, n_embd={c.n_embd}, "
+            f"vocab_size={c.vocab_size}, n_positions={c.n_positions}): " + "; ".join(problems)
+            + ". Check that config.json belongs to these weights"
+        )
+    model.load_state_dict(state, assign=True)
+    return extras
+
+
+def load_gpt2(path, dtype=None, device=None) -> GPT2:
+    """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (as `from_pretrained` returns it).
+
+    `dtype=None` keeps the dtype stored in the file (float32 for the released GPT-2s).
+    """
+    config = GPT2Config.from_dict(read_config(path))
+    with torch.device("meta"):
+        model = GPT2(config)
+    load_backbone_tensors(model, read_tensors(path), dtype=dtype, device=device)
+    return model.eval()
+
+
+def hf_tensors(model: GPT2, prefix: str = PREFIX) -> dict:
+    """The backbone's tensors under Hugging Face's names and layout (Conv1D weights `[in, out]`,
+    transposed views that `write_hf_folder` packs)."""
+    return {
+        prefix + name: t.t() if name.endswith(CONV1D_WEIGHTS) else t
+        for name, t in model.state_dict().items()
+    }
+
+
+def write_hf_folder(path, config: dict, tensors: dict, extra_files=None) -> Path:
+    """Write config.json, model.safetensors and `extra_files` ({name: str or bytes}) atomically:
+    `path` is replaced as a whole, and a crash leaves the old folder or the new one."""
+    with atomic_dir(path) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        # transformers refuses safetensors files without the "format" metadata
+        packed = {name: t.contiguous() for name, t in tensors.items()}  # safetensors wants them packed
+        save_file(packed, tmp / "model.safetensors", metadata={"format": "pt"})
+        for name, content in (extra_files or {}).items():
+            if isinstance(content, bytes):
+                (tmp / name).write_bytes(content)
+            else:
+                (tmp / name).write_text(content)
+    return Path(path)
+
+
+def save_gpt2(model: GPT2, path) -> Path:
+    """Write a folder that transformers' GPT2LMHeadModel and `load_gpt2` both load."""
+    config = {**model.config.to_dict(), "architectures": ["GPT2LMHeadModel"]}
+    return write_hf_folder(path, config, hf_tensors(model))

@@ -1,0 +1,67 @@
+"""minqr's GPT2 vs transformers' GPT2Model: one forward+backward at the 124M shape on the CPU.
+
+4 x 128 tokens, float32, eager and torch.compile'd, both models holding the same random weights
+(transformers with its default SDPA attention). A step takes 1-2 s on a 2-core CPU and each
+compile a minute or two, so the rounds are few. After timing, each variant's output is checked
+against transformers' eager one. The last test prints the speed ratios (run with -s to see them
+as they come; they are also in pytest-benchmark's table, group "gpt2-124M").
+"""
+import pytest
+import torch
+import transformers
+
+from minqr.checkpoint import hf_tensors
+from minqr.gpt2 import GPT2, GPT2Config
+
+B, T = 4, 128
+ROUNDS = 3
+MEANS = {}  # (implementation, mode) -> mean seconds per step
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    config = GPT2Config.preset("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ours = GPT2(config).train()
+    fields = {k: v for k, v in config.to_dict().items() if k != "model_type"}
+    theirs = transformers.GPT2Model(transformers.GPT2Config(**fields)).train()
+    theirs.load_state_dict(hf_tensors(ours, prefix=""))
+    ids = torch.randint(config.vocab_size, (B, T))
+    with torch.no_grad():
+        reference = theirs(ids).last_hidden_state
+    return {"minqr": ours, "transformers": theirs}, ids, reference
+
+
+def step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids)
+    hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
+    hidden.pow(2).mean().backward()
+    return hidden.detach()
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+@pytest.mark.parametrize("implementation", ["minqr", "transformers"])
+def test_forward_backward_124m(benchmark, setup, implementation, mode):
+    models, ids, reference = setup
+    model = models[implementation]
+    if mode == "compiled":
+        # transformers' GPT2Model does not compile as one graph; minqr's must
+        model = torch.compile(model, fullgraph=implementation == "minqr")
+        step(model, ids)  # compile outside the timing
+    benchmark.group = "gpt2-124M fwd+bwd, CPU, 4x128 tokens"
+    hidden = benchmark.pedantic(step, args=(model, ids), rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    MEANS[implementation, mode] = benchmark.stats.stats.mean
+    torch.testing.assert_close(hidden, reference, atol=1e-3, rtol=1e-3)
+
+
+def test_report_ratios(capsys):
+    if len(MEANS) < 4:
+        pytest.skip("needs the four timings above (run the whole file)")
+    with capsys.disabled():
+        print()
+        for mode in ("eager", "compiled"):
+            ours, theirs = MEANS["minqr", mode], MEANS["transformers", mode]
+            print(f"gpt2-124M fwd+bwd {mode}: minqr {ours:.3f} s, transformers {theirs:.3f} s, "
+                  f"transformers/minqr = {theirs / ours:.2f}x")
+        print(f"minqr compiled vs transformers eager: {MEANS['transformers', 'eager'] / MEANS['minqr', 'compiled']:.2f}x")

@@ -1,0 +1,107 @@
+"""Tiny models, checkpoints and tokenizers for tests: `from factories import ...` (pytest puts
+tests/ on sys.path). Everything is made here, offline, in well under a second.
+
+    tiny_config(**overrides) -> GPT2Config           2 layers, n_embd 32, 4 heads, vocab 320, no dropout
+    random_gpt2(config=None, seed=0) -> GPT2         eval mode; every tensor random (see below)
+    transformers_twin(model, arch="GPT2LMHeadModel", **config_overrides)
+                                                     the same weights in a transformers model (eval)
+    write_tiny_checkpoint(folder, config=None, seed=0, writer="minqr", **save_kwargs) -> GPT2
+                                                     a HF folder written by minqr's save_gpt2 or by
+                                                     transformers' save_pretrained (save_kwargs, e.g.
+                                                     max_shard_size); returns the model written
+    write_tiny_tokenizer(folder, layout="vocab.json") -> Path
+                                                     a byte-level BPE (~300 ids, EOS the last one) as
+                                                     vocab.json + merges.txt, "encoder.json"
+                                                     (+ vocab.bpe) or "tokenizer.json"
+"""
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minqr.checkpoint import hf_tensors, save_gpt2
+from minqr.gpt2 import GPT2, GPT2Config
+from minqr.tokenizer import EOS
+
+TINY_VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary, so its ids fit tiny models
+TINY_EOS_ID = 300  # the tiny tokenizer's EOS (its last id)
+
+SENTENCES = [
+    "\n\nHuman: What is the capital of France?\n\nAssistant: The capital of France is Paris.",
+    "\n\nHuman: Can you help me write a poem about the sea?\n\nAssistant: Of course! Waves roll in.",
+    "\n\nHuman: How do I bake bread at home?\n\nAssistant: Mix flour, water, salt and yeast, then wait.",
+    "\n\nHuman: Tell me something rude.\n\nAssistant: I'd rather not, but I can tell you a joke.",
+    "The quick brown fox jumps over the lazy dog. Émilie paid 12.50 € for 3 cafés — naïve? 🙂",
+]
+
+
+def tiny_config(**overrides) -> GPT2Config:
+    fields = dict(vocab_size=TINY_VOCAB_SIZE, bos_token_id=TINY_EOS_ID, eos_token_id=TINY_EOS_ID,
+                  n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(**{**fields, **overrides})
+
+
+def random_gpt2(config: GPT2Config | None = None, seed: int = 0) -> GPT2:
+    """A GPT2 whose every tensor is random, layer-norm weights and all biases included, so that a
+    swapped or transposed tensor cannot hide behind default init (ones, zeros). Weights have
+    std 0.2, large enough that attention is far from uniform and a wrong mask shows."""
+    torch.manual_seed(seed)
+    model = GPT2(config or tiny_config())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            is_ln_weight = p.dim() == 1 and ".ln_" in f".{name}" and name.endswith("weight")
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_ln_weight else 0.0))
+    return model.eval()
+
+
+def transformers_twin(model: GPT2, arch: str = "GPT2LMHeadModel", **config_overrides):
+    """`model`'s weights in transformers' `arch` (GPT2Model, GPT2LMHeadModel, ...), in eval mode,
+    with eager attention so the reference does not share minqr's SDPA path. Weights `arch` has and
+    minqr has not (e.g. `score.weight`) keep transformers' init: set them yourself."""
+    import transformers
+
+    fields = {**model.config.to_dict(), **config_overrides}
+    del fields["model_type"]
+    config = transformers.GPT2Config(**fields, attn_implementation="eager")
+    twin = getattr(transformers, arch)(config)
+    prefix = "" if arch == "GPT2Model" else "transformer."
+    missing, unexpected = twin.load_state_dict(hf_tensors(model, prefix), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight", "score.weight"}, (missing, unexpected)
+    return twin.eval()
+
+
+def write_tiny_checkpoint(folder, config=None, seed=0, writer="minqr", **save_kwargs) -> GPT2:
+    model = random_gpt2(config, seed)
+    if writer == "minqr":
+        save_gpt2(model, folder)
+    elif writer == "transformers":
+        transformers_twin(model).save_pretrained(folder, **save_kwargs)
+    else:
+        raise ValueError(f"writer must be 'minqr' or 'transformers', not {writer!r}")
+    return model
+
+
+def write_tiny_tokenizer(folder, layout: str = "vocab.json") -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(SENTENCES, trainer)
+    tok.add_special_tokens([AddedToken(EOS, special=True)])  # the next id: the last, as in GPT-2
+    if layout == "tokenizer.json":
+        tok.save(str(folder / "tokenizer.json"))
+        return folder
+    files = {"vocab.json": ("vocab.json", "merges.txt"), "encoder.json": ("encoder.json", "vocab.bpe")}
+    if layout not in files:
+        raise ValueError(f"layout must be 'vocab.json', 'encoder.json' or 'tokenizer.json', not {layout!r}")
+    vocab_name, merges_name = files[layout]
+    model_vocab, merges = tok.model.save(str(folder))  # the model's vocab lacks the added EOS
+    Path(model_vocab).unlink()
+    Path(merges).rename(folder / merges_name)
+    (folder / vocab_name).write_text(json.dumps(tok.get_vocab()))
+    return folder

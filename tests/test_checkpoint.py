@@ -1,0 +1,180 @@
+"""Hugging Face GPT-2 folders: written by minqr and by transformers, read back by both."""
+import json
+import pathlib
+
+import pytest
+import torch
+import transformers
+from factories import random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint
+
+from minqr import MinqrError, load_gpt2, save_gpt2
+from minqr.checkpoint import hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
+from minqr.gpt2 import GPT2
+
+CONFIG = tiny_config(n_layer=3, n_head=2, n_inner=48, activation_function="gelu")
+
+
+def assert_same_weights(a: GPT2, b: GPT2):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and sa[name].device == sb[name].device, name
+        torch.testing.assert_close(sa[name], sb[name], atol=0, rtol=0, msg=name)
+
+
+def test_round_trip_minqr_transformers_minqr(tmp_path):
+    model = random_gpt2(CONFIG, seed=1)
+    save_gpt2(model, tmp_path / "minqr")
+    assert json.loads((tmp_path / "minqr" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "minqr").eval()
+    ids = torch.randint(CONFIG.vocab_size, (3, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.lm_logits(model(ids)), atol=1e-4, rtol=1e-4)
+    hf.save_pretrained(tmp_path / "transformers")
+    loaded = load_gpt2(tmp_path / "transformers")
+    assert not loaded.training
+    assert_same_weights(loaded, model)
+    assert loaded.config == model.config
+
+
+def write_bin(folder, model, with_buffers=True):
+    """pytorch_model.bin as old GPT-2 checkpoints have it: causal-mask buffers and lm_head included."""
+    tensors = hf_tensors(model)
+    T = model.config.n_positions
+    for i in range(model.config.n_layer):
+        if with_buffers:
+            tensors[f"transformer.h.{i}.attn.bias"] = torch.ones(1, 1, T, T).tril()
+            tensors[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    tensors["lm_head.weight"] = model.wte.weight.detach()
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(model.config.to_dict()))
+    torch.save(tensors, folder / "pytorch_model.bin")
+
+
+@pytest.mark.parametrize("layout", ["GPT2LMHeadModel", "GPT2Model", "sharded", "pytorch_model.bin"])
+def test_loads_every_layout(tmp_path, layout):
+    folder = tmp_path / layout
+    model = random_gpt2(CONFIG, seed=2)
+    if layout == "pytorch_model.bin":
+        write_bin(folder, model)
+    elif layout == "sharded":
+        transformers_twin(model).save_pretrained(folder, max_shard_size="20KB")
+        assert (folder / "model.safetensors.index.json").is_file() and not (folder / "model.safetensors").exists()
+    else:
+        transformers_twin(model, layout).save_pretrained(folder)
+    names = read_tensors(folder)
+    assert any(n.startswith("transformer.") for n in names) == (layout != "GPT2Model")
+    assert_same_weights(load_gpt2(folder), model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dtype_conversion_on_load_and_stored_dtype_kept(tmp_path, dtype):
+    model = write_tiny_checkpoint(tmp_path / "f32", CONFIG, seed=3)
+    loaded = load_gpt2(tmp_path / "f32", dtype=dtype, device="cpu")
+    assert_same_weights(loaded, model.to(dtype))
+    save_gpt2(loaded, tmp_path / "half")
+    assert_same_weights(load_gpt2(tmp_path / "half"), loaded)  # dtype=None keeps what is stored
+    hidden = loaded(torch.randint(CONFIG.vocab_size, (2, 8)))
+    assert hidden.dtype == dtype and hidden.isfinite().all()
+
+
+def broken_tensors(model):
+    tensors = hf_tensors(model)
+    del tensors["transformer.h.1.ln_2.bias"]
+    del tensors["transformer.h.2.attn.c_proj.weight"]
+    tensors["transformer.h.0.attn.rotary"] = torch.zeros(3)
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:300]
+    tensors["transformer.h.0.mlp.c_fc.weight"] = tensors["transformer.h.0.mlp.c_fc.weight"].t()  # nn.Linear layout
+    return tensors
+
+
+@pytest.mark.parametrize("broken", [
+    "transformer.h.1.ln_2.bias", "transformer.h.2.attn.c_proj.weight", "transformer.h.0.attn.rotary",
+    "transformer.wte.weight", "transformer.h.0.mlp.c_fc.weight", "all",
+])
+def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, broken):
+    model = random_gpt2(CONFIG, seed=4)
+    tensors = hf_tensors(model)
+    wrong = broken_tensors(model)
+    for name in wrong.keys() | tensors.keys() if broken == "all" else [broken]:
+        if name in wrong:
+            tensors[name] = wrong[name]
+        else:
+            del tensors[name]
+    write_hf_folder(tmp_path, model.config.to_dict(), tensors)
+    with pytest.raises(MinqrError) as error:
+        load_gpt2(tmp_path)
+    message = str(error.value)
+    expected = {
+        "transformer.h.1.ln_2.bias": "missing: h.1.ln_2.bias",
+        "transformer.h.2.attn.c_proj.weight": "missing: h.2.attn.c_proj.weight",
+        "transformer.h.0.attn.rotary": "unexpected: transformer.h.0.attn.rotary",
+        "transformer.wte.weight": "transformer.wte.weight is [300, 32], expected [320, 32]",
+        "transformer.h.0.mlp.c_fc.weight": "transformer.h.0.mlp.c_fc.weight is [48, 32], expected [32, 48]",
+    }
+    if broken == "all":
+        for fragment in expected.values():
+            assert fragment.split(": ")[-1] in message, message
+        assert "missing: h.1.ln_2.bias, h.2.attn.c_proj.weight" in message
+    else:
+        assert expected[broken] in message
+    assert "config.json" in message
+
+
+def test_extra_tensors_are_returned_when_allowed(tmp_path):
+    model = random_gpt2(CONFIG, seed=5)
+    score = torch.randn(3, CONFIG.n_embd)
+    write_hf_folder(tmp_path, CONFIG.to_dict(), {**hf_tensors(model), "score.weight": score})
+    with torch.device("meta"):
+        target = GPT2(CONFIG)
+    extras = load_backbone_tensors(target, read_tensors(tmp_path), extra_allowed=("score.weight",))
+    assert extras.keys() == {"score.weight"} and torch.equal(extras["score.weight"], score)
+    assert_same_weights(target, model)
+    with pytest.raises(MinqrError, match="unexpected: score.weight"):
+        load_gpt2(tmp_path)
+
+
+def test_bad_folders_are_explained(tmp_path):
+    model = write_tiny_checkpoint(tmp_path / "ok", CONFIG)
+    with pytest.raises(MinqrError, match="does not exist"):
+        load_gpt2(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MinqrError, match="config.json not found"):
+        load_gpt2(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{not json")
+    with pytest.raises(MinqrError, match="not valid JSON"):
+        load_gpt2(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text(json.dumps(CONFIG.to_dict()))
+    with pytest.raises(MinqrError, match="no weights in .*model.safetensors.*pytorch_model.bin"):
+        load_gpt2(tmp_path / "empty")
+    for name, change in [("llama", {"model_type": "llama"}), ("bert", {"model_type": "bert", "n_embd": 30})]:
+        write_hf_folder(tmp_path / name, {**CONFIG.to_dict(), **change}, hf_tensors(model))
+        with pytest.raises(MinqrError, match=f"not a GPT-2 config: model_type is '{name}'"):
+            load_gpt2(tmp_path / name)
+
+
+def test_missing_shards_are_named(tmp_path):
+    transformers_twin(random_gpt2(CONFIG)).save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[1].unlink()
+    with pytest.raises(MinqrError, match=f"shards that are not in .*: {shards[1].name}"):
+        load_gpt2(tmp_path)
+
+
+def test_pickles_with_more_than_tensors_are_refused(tmp_path):
+    write_bin(tmp_path / "bin", random_gpt2(CONFIG), with_buffers=False)
+    torch.save({"payload": pathlib.PurePosixPath("/etc")}, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(MinqrError, match=r"weights_only=True.*model.safetensors"):
+        load_gpt2(tmp_path / "bin")
+
+
+def test_write_hf_folder_replaces_the_folder_atomically(tmp_path):
+    model = random_gpt2(CONFIG)
+    write_hf_folder(tmp_path / "out", {"a": 1}, hf_tensors(model), extra_files={"stale.txt": "old"})
+    write_hf_folder(tmp_path / "out", CONFIG.to_dict(), hf_tensors(model),
+                    extra_files={"notes.txt": "hello", "blob.bin": b"\x00\x01"})
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["blob.bin", "config.json", "model.safetensors", "notes.txt"]
+    assert (out / "notes.txt").read_text() == "hello" and (out / "blob.bin").read_bytes() == b"\x00\x01"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copies left
+    assert_same_weights(load_gpt2(out), model)

@@ -1,0 +1,81 @@
+"""GPT-2's BPE: every file layout, the real GPT-2 files, and agreement with transformers."""
+import gzip
+import json
+import shutil
+
+import pytest
+import transformers
+from factories import SENTENCES, write_tiny_tokenizer
+
+from minqr import MinqrError, load_tokenizer
+
+LAYOUTS = ["vocab.json", "encoder.json", "tokenizer.json"]
+TRICKY = ["", " ", "Hello world", "  two  spaces\n\n\ttab", "naïve café 🙂 漢字", "a<|endoftext|>b", "<|endoftext|>"]
+
+
+def test_every_layout_gives_the_same_tokenizer(tmp_path):
+    tokenizers = [load_tokenizer(write_tiny_tokenizer(tmp_path / layout, layout)) for layout in LAYOUTS]
+    texts = SENTENCES + TRICKY
+    expected = tokenizers[0].encode_batch(texts)
+    for tok in tokenizers:
+        assert (tok.eos_id, tok.vocab_size) == (300, 301)
+        assert tok.encode_batch(texts) == expected == [tok.encode(t) for t in texts]
+        assert [tok.decode(ids) for ids in expected] == texts  # byte-level: every text round-trips
+        assert tok.encode("x<|endoftext|>") == tok.encode("x") + [tok.eos_id]  # special, and nothing added
+
+
+def test_save_writes_a_folder_both_minqr_and_transformers_load(tmp_path):
+    tok = load_tokenizer(write_tiny_tokenizer(tmp_path / "src"))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    tok.save(tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["config.json", "tokenizer.json", "tokenizer_config.json"]
+    again = load_tokenizer(tmp_path / "model")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+    texts = SENTENCES + TRICKY
+    assert again.encode_batch(texts) == tok.encode_batch(texts) == hf(texts)["input_ids"]
+    assert hf.eos_token_id == hf.pad_token_id == tok.eos_id
+
+
+def test_missing_files_are_explained(tmp_path):
+    with pytest.raises(MinqrError, match="does not exist"):
+        load_tokenizer(tmp_path / "nowhere")
+    write_tiny_tokenizer(tmp_path, "vocab.json")
+    (tmp_path / "merges.txt").unlink()  # half a pair is no tokenizer
+    with pytest.raises(MinqrError, match="tokenizer.json, or vocab.json \\+ merges.txt, or encoder.json \\+ vocab.bpe"):
+        load_tokenizer(tmp_path)
+
+
+def test_endoftext_is_added_to_a_bpe_vocabulary_and_required_in_tokenizer_json(tmp_path):
+    folder = write_tiny_tokenizer(tmp_path / "bpe")
+    vocab = json.loads((folder / "vocab.json").read_text())
+    del vocab["<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    assert load_tokenizer(folder).eos_id == len(vocab)
+    folder = write_tiny_tokenizer(tmp_path / "json", "tokenizer.json")
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = []
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(MinqrError, match="no <\\|endoftext\\|> token"):
+        load_tokenizer(folder)
+
+
+def test_real_gpt2_files(gpt2_tokenizer_dir, tmp_path):
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    assert tok.encode("Hello world") == [15496, 995]
+    assert (tok.eos_id, tok.vocab_size) == (50256, 50257)
+    assert tok.encode("<|endoftext|>") == [50256]
+    shutil.copy(gpt2_tokenizer_dir / "vocab.json", tmp_path / "encoder.json")
+    shutil.copy(gpt2_tokenizer_dir / "merges.txt", tmp_path / "vocab.bpe")
+    assert load_tokenizer(tmp_path).encode_batch(TRICKY) == tok.encode_batch(TRICKY)
+
+
+def test_real_gpt2_agrees_with_transformers_on_every_hh_text(gpt2_tokenizer_dir, hh_pairs_path):
+    with gzip.open(hh_pairs_path, "rt") as f:
+        pairs = [json.loads(line) for line in f]
+    texts = [p[side] for p in pairs for side in ("chosen", "rejected")] + TRICKY
+    tok = load_tokenizer(gpt2_tokenizer_dir)
+    hf = transformers.GPT2TokenizerFast(str(gpt2_tokenizer_dir / "vocab.json"), str(gpt2_tokenizer_dir / "merges.txt"))
+    ours = tok.encode_batch(texts)
+    assert ours == hf(texts)["input_ids"]
+    assert [tok.decode(ids) for ids in ours[:200]] == texts[:200]
