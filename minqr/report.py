@@ -1,0 +1,397 @@
+"""The analysis report: tables and figures from any number of scores files, in one folder.
+
+    analyze(["scalar.npz", "quantile.npz"], "report/")   (what tools/analyze.py runs)
+
+writes into the folder:
+
+    report.md                  everything below, with one-line captions; open it first
+    table1.md, table1.json     the paper's Table 1: rows workloads, columns models, cells the
+                               histogram KL(chosen || rejected) with its bootstrap interval
+    measures.md                the other measures, a row per workload x model
+    summaries.json             every number, per scores file (minqr.analysis.summarize's dicts)
+    fig2_histograms_*.png      chosen vs rejected rewards with KDE curves, per model (paper Fig. 2)
+    fig3_quantiles_*.png       the same for quantile 0 and quantile N-1 (paper Fig. 3)
+    kl_vs_bins.png, reliability.png, accuracy_by_quantile.png, coverage.png (with a truth file)
+
+The folder is written as a whole (minqr.atomic.atomic_dir): a reader sees the previous report or
+the new one, never a mix. An existing folder is replaced only if it holds a report (report.md).
+In the JSON, null marks a measure that does not apply (a scalar head has no quantiles) or a
+value that is not finite.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from minqr import __version__
+from minqr.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, INTERVALS, coverage_taus,
+                            paired_kl_difference, response_truth, spreads, summarize, view_rows)
+from minqr.atomic import atomic_dir
+from minqr.errors import MinqrError
+from minqr.scores import Scores, load_scores
+
+CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
+
+
+def analyze(paths, out_dir, view: str = "mean", bins: int = DEFAULT_BINS, eps: float = DEFAULT_EPS,
+            n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
+            interval: str = INTERVALS[0], truth=None) -> Path:
+    """Read the scores files, measure each, write the report into `out_dir`; returns report.md's path.
+
+    `truth` (a synthetic task's test_truth.npz) applies to every file; None: each file uses the
+    truth its metadata names, if any; False: no coverage.
+    """
+    if not paths:
+        raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
+    _check_out(Path(out_dir))  # before the measuring, which takes a while
+    all_scores = [load_scores(path) for path in paths]
+    _check_cells_unique(all_scores)
+    summaries = [summarize(s, view=view, bins=bins, eps=eps, n_resamples=n_resamples, confidence=confidence,
+                           seed=seed, interval=interval, truth=truth) for s in all_scores]
+    return write_report(out_dir, all_scores, summaries)
+
+
+def _check_cells_unique(all_scores: list[Scores]) -> None:
+    seen = {}
+    for scores in all_scores:
+        cell = (scores.workload, scores.label)
+        if cell in seen:
+            raise MinqrError(f"{seen[cell]} and {scores.source} fill the same table cell (workload "
+                             f"{cell[0]!r}, model {cell[1]!r}); analyse them separately, or give one a "
+                             "different 'label' in its metadata")
+        seen[cell] = scores.source
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
+        raise MinqrError(f"--out {out} exists and holds no report.md: the report replaces its folder as a whole, "
+                         "so it only overwrites an earlier report; choose a new folder")
+
+
+def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Path:
+    """Write tables, figures and report.md for the already summarised scores into `out_dir`."""
+    out = Path(out_dir)
+    _check_out(out)
+    workloads = list(dict.fromkeys(s["workload"] for s in summaries))
+    models = list(dict.fromkeys(s["label"] for s in summaries))
+    table = table1(summaries, workloads, models)
+    table["differences"] = paired_differences(all_scores, summaries, workloads)
+    with atomic_dir(out) as tmp:
+        (tmp / "table1.json").write_text(json.dumps(_json_ready(table), indent=2) + "\n")
+        (tmp / "table1.md").write_text(table1_markdown(table) + "\n")
+        (tmp / "measures.md").write_text(measures_markdown(summaries) + "\n")
+        (tmp / "summaries.json").write_text(json.dumps(_json_ready(summaries), indent=2) + "\n")
+        figures = _draw_figures(tmp, all_scores, summaries, workloads)
+        (tmp / "report.md").write_text(_report_markdown(summaries, table, figures))
+    return out / "report.md"
+
+
+# --- tables -----------------------------------------------------------------------------------
+
+def table1(summaries: list[dict], workloads: list[str], models: list[str]) -> dict:
+    """The paper's Table 1 as data: cells[workload][model] = histogram KL with its interval."""
+    first = summaries[0]
+    cells = {w: {} for w in workloads}
+    for s in summaries:
+        cells[s["workload"]][s["label"]] = {k: s["histogram_kl"][k] for k in ("value", "ci_low", "ci_high")}
+    return {"measure": "histogram KL(chosen || rejected), nats", "view": first["view"], "bins": first["bins"],
+            "eps": first["eps"], "interval": first["interval"], "confidence": first["confidence"],
+            "n_resamples": first["n_resamples"], "workloads": workloads, "models": models, "cells": cells}
+
+
+def paired_differences(all_scores: list[Scores], summaries: list[dict], workloads: list[str]) -> list[dict]:
+    """Per workload, each model's histogram KL minus the first model's, where both scored the same
+    pairs (same data, split and count), with an interval from resampling the pairs jointly."""
+    options = {k: summaries[0][k] for k in ("view", "bins", "eps", "n_resamples", "confidence", "seed", "interval")}
+    differences = []
+    for workload in workloads:
+        runs = [(sc, su) for sc, su in zip(all_scores, summaries) if su["workload"] == workload]
+        (reference, reference_summary), others = runs[0], runs[1:]
+        for scores, summary in others:
+            if (scores.num_pairs, scores.metadata["data"], scores.metadata["split"]) == (
+                    reference.num_pairs, reference.metadata["data"], reference.metadata["split"]):
+                differences.append({"workload": workload, "model": summary["label"],
+                                    "reference": reference_summary["label"],
+                                    **paired_kl_difference(scores, reference, **options)})
+    return differences
+
+
+def table1_markdown(table: dict) -> str:
+    lines = ["| workload | " + " | ".join(table["models"]) + " |",
+             "|---|" + "---:|" * len(table["models"])]
+    for workload in table["workloads"]:
+        row = [_with_interval(table["cells"][workload].get(model)) for model in table["models"]]
+        lines.append(f"| {workload} | " + " | ".join(row) + " |")
+    if table.get("differences"):
+        lines += ["", "| workload | paired difference (same pairs) | KL difference |", "|---|---|---:|"]
+        lines += [f"| {d['workload']} | {d['model']} − {d['reference']} | {_with_interval(d)} |"
+                  for d in table["differences"]]
+    return "\n".join(lines)
+
+
+MEASURE_COLUMNS = (
+    ("accuracy", "pair accuracy", lambda s: _with_interval(s["accuracy"])),
+    ("js", "JS divergence (nats)", lambda s: _with_interval(s["js_divergence"])),
+    ("w1", "W1 / pooled sd", lambda s: _with_interval(s["wasserstein_1_sd"])),
+    ("kde_kl", "KDE KL (nats)", lambda s: _with_interval(s["kde_kl"])),
+    ("ece_bt", "ECE σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["ece"])),
+    ("brier_bt", "Brier σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["brier"])),
+    ("ece_dist", "ECE P(Xc>Xr)", lambda s: _number((s["calibration"]["distributional"] or {}).get("ece"))),
+    ("crossing", "crossing rate", lambda s: _number(s["crossing_rate"])),
+    ("spread_auroc", "spread AUROC (errors)", lambda s: _with_interval(s["spread_auroc"])),
+    ("coverage", "coverage error", lambda s: _number(_coverage(s).get("mean_abs_error"))),
+    ("spread_rho", "spread ρ (truth)", lambda s: _number(_coverage(s).get("spread_spearman"))),
+)
+
+
+def _coverage(summary: dict) -> dict:
+    """The coverage measures, or {} where there was no truth or they could not be computed."""
+    coverage = summary["coverage"] or {}
+    return {} if "not_computed" in coverage else coverage
+
+
+def measures_markdown(summaries: list[dict]) -> str:
+    """A row per scores file: the measures beyond Table 1 (– where one does not apply)."""
+    lines = ["| workload | model | " + " | ".join(title for _, title, _ in MEASURE_COLUMNS) + " |",
+             "|---|---|" + "---:|" * len(MEASURE_COLUMNS)]
+    for s in summaries:
+        lines.append(f"| {s['workload']} | {s['label']} | " + " | ".join(cell(s) for _, _, cell in MEASURE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _number(value) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if math.isfinite(value) else str(value)
+
+
+def _with_interval(estimate) -> str:
+    if estimate is None:
+        return "–"
+    if estimate.get("ci_low") is None:
+        return _number(estimate["value"])
+    return f"{_number(estimate['value'])} [{_number(estimate['ci_low'])}, {_number(estimate['ci_high'])}]"
+
+
+def _json_ready(value):
+    """NaN and ±inf (not JSON) become null; numpy scalars become Python numbers."""
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+# --- figures ----------------------------------------------------------------------------------
+
+def _draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str, str]]:
+    """Draw every figure; returns (file name, caption) in reading order."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and none is there on a server
+    figures = []
+    by_workload = {w: [(sc, su) for sc, su in zip(all_scores, summaries) if su["workload"] == w] for w in workloads}
+    view, bins = summaries[0]["view"], summaries[0]["bins"]
+    models = dict.fromkeys(s["label"] for s in summaries)
+    colors = {label: f"C{i}" for i, label in enumerate(models)}  # a model keeps its colour in every figure
+    for number, (workload, runs) in enumerate(by_workload.items(), start=1):
+        name = f"fig2_histograms_{number}_{_slug(workload)}.png"
+        _histogram_figure(out / name, [(su["label"], view_rows(sc.chosen, view), view_rows(sc.rejected, view),
+                                        su["histogram_kl"]["value"]) for sc, su in runs], bins, f"reward ({view})")
+        figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
+                              "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
+        quantile_runs = [(sc, su) for sc, su in runs if sc.num_quantiles > 1]
+        if quantile_runs:
+            name = f"fig3_quantiles_{number}_{_slug(workload)}.png"
+            panels = []
+            for sc, su in quantile_runs:
+                for k in (0, sc.num_quantiles - 1):
+                    panels.append((f"{su['label']}: q{k} (τ={sc.taus[k]:.3g})", sc.chosen[:, k:k + 1],
+                                   sc.rejected[:, k:k + 1], None))
+            _histogram_figure(out / name, panels, bins, "reward", columns=2)
+            figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "
+                                  "quantile model, chosen vs rejected (the paper's Figure 3)."))
+    panel_figures = (
+        ("kl_vs_bins.png", _plot_kl_vs_bins,
+         "Histogram KL against the number of bins (log scale): how much of the value the bins make."),
+        ("reliability.png", _plot_reliability,
+         "Reliability of P(chosen preferred): σ(μc − μr) solid, the quantiles' P(Xc > Xr) dashed; "
+         "on the diagonal is calibrated."),
+        ("accuracy_by_quantile.png", _plot_quantile_accuracy,
+         "Pair accuracy when ranking by quantile q_k alone, against τ_k (dotted: the mean's accuracy; "
+         "a scalar model is a horizontal line)."),
+    )
+    for name, plot, caption in panel_figures:
+        _panels_figure(out / name, by_workload, plot, colors)
+        figures.append((name, caption))
+    with_truth = {w: [(sc, su) for sc, su in runs if _coverage(su)] for w, runs in by_workload.items()}
+    with_truth = {w: runs for w, runs in with_truth.items() if runs}
+    if with_truth:
+        _coverage_figure(out / "coverage.png", with_truth, colors)
+        figures.append(("coverage.png", "Against the known truth: share of true reward samples below each predicted "
+                                        "quantile vs τ (left; a scalar is one point at 0.5), predicted vs true "
+                                        "spread q_{N-1} − q_0 (right)."))
+    return figures
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "workload"
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _histogram_figure(path: Path, panels, bins: int, xlabel: str, columns: int | None = None) -> None:
+    """One panel per (title, chosen rows, rejected rows, KL or None): two histograms on shared
+    edges (the pooled range, as the KL's) and a KDE curve for each."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import gaussian_kde
+
+    columns = columns or len(panels)
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.6 * columns, 3.4 * rows), squeeze=False)
+    for ax, (title, chosen, rejected, kl) in zip(axes.flat, panels):
+        chosen, rejected = np.ravel(chosen), np.ravel(rejected)
+        low, high = min(chosen.min(), rejected.min()), max(chosen.max(), rejected.max())
+        edges = np.linspace(low, high, bins + 1) if high > low else bins
+        grid = np.linspace(low, high, 400)
+        for values, color, name in ((chosen, CHOSEN_COLOR, "chosen"), (rejected, REJECTED_COLOR, "rejected")):
+            ax.hist(values, edges, density=True, histtype="stepfilled", alpha=0.35, color=color, label=name)
+            if np.ptp(values) > 0:
+                ax.plot(grid, gaussian_kde(values)(grid), color=color, linewidth=1.5)
+        ax.set_title(title if kl is None else f"{title}\nKL(chosen‖rejected) = {kl:.3f}", fontsize=10)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=8)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    _save(fig, path)
+
+
+def _panels_figure(path: Path, by_workload: dict, plot, colors: dict) -> None:
+    """One panel per workload, drawn by plot(ax, runs, colors)."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_workload), figsize=(5 * len(by_workload), 3.8), squeeze=False)
+    for ax, (workload, runs) in zip(axes.flat, by_workload.items()):
+        plot(ax, runs, colors)
+        ax.set_title(workload, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _plot_kl_vs_bins(ax, runs, colors) -> None:
+    for _, su in runs:
+        ax.plot(su["kl_by_bins"]["bins"], su["kl_by_bins"]["kl"], "o-", markersize=3, color=colors[su["label"]],
+                label=su["label"])
+    ax.axvline(runs[0][1]["bins"], color="gray", linestyle=":", linewidth=0.8)  # the table's bin count
+    ax.set_xscale("log")
+    ax.set_xlabel("bins")
+    ax.set_ylabel("histogram KL (nats)")
+
+
+def _plot_reliability(ax, runs, colors) -> None:
+    ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=0.8)
+    for _, su in runs:
+        color = colors[su["label"]]
+        for kind, style in (("bradley_terry", "-"), ("distributional", "--")):
+            result = su["calibration"][kind]
+            if result is not None:
+                curve = result["curve"]
+                ax.plot(curve["mean_prob"], curve["frequency"], style, marker="o", markersize=3, color=color,
+                        label=f"{su['label']} {'σ(μc−μr)' if kind == 'bradley_terry' else 'P(Xc>Xr)'} "
+                              f"ECE={result['ece']:.3f}")
+    ax.set_xlabel("predicted P(first preferred)")
+    ax.set_ylabel("observed frequency")
+
+
+def _plot_quantile_accuracy(ax, runs, colors) -> None:
+    for sc, su in runs:
+        color = colors[su["label"]]
+        if su["quantile_accuracy"] is None:
+            ax.axhline(su["accuracy"]["value"], color=color, label=f"{su['label']} (one output)")
+            continue
+        ax.plot(sc.taus, su["quantile_accuracy"], "o-", markersize=3, color=color, label=su["label"])
+        ax.axhline(su["accuracy"]["value"], color=color, linestyle=":", linewidth=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("τ_k of the quantile ranked by")
+    ax.set_ylabel("pair accuracy")
+
+
+def _coverage_figure(path: Path, with_truth: dict, colors: dict) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(with_truth), 2, figsize=(10, 3.8 * len(with_truth)), squeeze=False)
+    for (coverage_ax, spread_ax), (workload, runs) in zip(axes, with_truth.items()):
+        coverage_ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=0.8)
+        for sc, su in runs:
+            coverage, color = su["coverage"], colors[su["label"]]
+            coverage_ax.plot(coverage["taus"], coverage["coverage"], "o-", markersize=4, color=color,
+                             label=f"{su['label']} error={coverage['mean_abs_error']:.3f}")
+            if sc.num_quantiles > 1:
+                pred, true = response_truth(sc, coverage["truth"])
+                pred_spread, true_spread = spreads(pred, true, coverage_taus(sc))
+                spread_ax.scatter(true_spread, pred_spread, s=4, alpha=0.4, color=color,
+                                  label=f"{su['label']} ρ={coverage['spread_spearman']:.3f}")
+        coverage_ax.set(title=f"{workload}: coverage", xlabel="τ", ylabel="share of truth below q(τ)", xlim=(0, 1),
+                        ylim=(0, 1))
+        spread_ax.set(title=f"{workload}: spread", xlabel="true spread (truth units)",
+                      ylabel="predicted spread (model units)")
+        for ax in (coverage_ax, spread_ax):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+# --- report.md --------------------------------------------------------------------------------
+
+def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str, str]]) -> str:
+    first = summaries[0]
+    intervals = (f"{first['confidence']:.0%} {first['interval']} bootstrap intervals over {first['n_resamples']} "
+                 f"resamples of the pairs (seed {first['seed']})" if first["n_resamples"] else "no bootstrap")
+    lines = [
+        "# minqr analysis report", "",
+        f"minqr {__version__}. View `{first['view']}`; histogram measures on {first['bins']} equal-width bins over "
+        f"the pooled range, eps={first['eps']:g} added to every bin's count; {intervals}; accuracy with a Wilson "
+        "interval.", "",
+        "Scores files:", "",
+        *[f"- `{s['source']}`: {s['label']} ({s['model']}), {s['workload']}, {s['num_pairs']:,} pairs" for s in summaries],
+        "", "## Table 1: histogram KL(chosen ‖ rejected), nats", "",
+        table1_markdown(table), "",
+        "The paper's measure: how far apart the model puts the rewards of chosen and rejected responses. Its "
+        "value depends on the bins and on eps (see kl_vs_bins.png), and a plug-in KL is biased upwards in "
+        "finite samples: `bootstrap_mean − value` in `summaries.json` estimates that bias, and the basic "
+        "bootstrap interval (the default) subtracts it, while a percentile interval would add it (a lower "
+        "bound below 0 says the estimate is mostly that bias). The paired "
+        "differences compare "
+        "each model with the first column on the same pairs (one resample of the pairs for both), which "
+        "two overlapping intervals cannot do.", "",
+        "## Other measures", "",
+        measures_markdown(summaries), "",
+        "Pair accuracy ranks by the mean reward (ties count half). JS: Jensen-Shannon divergence of the same "
+        "histograms (at most ln 2). W1: Wasserstein-1 between the two reward samples over their pooled standard "
+        "deviation. KDE KL: KL between Gaussian KDEs (Scott's bandwidth). ECE: expected calibration error on 10 "
+        "equal-width bins, each pair scored in both orders; Brier likewise. Crossing rate: share of responses "
+        "whose quantiles decrease somewhere. Spread AUROC: how well q_{N-1} − q_0 singles out the pairs the model "
+        "ranks wrongly (0.5: not at all). Coverage error: mean |share of truth below q_k − τ_k|; spread ρ: "
+        "Spearman correlation of predicted with true spread.", "",
+        *[f"Coverage not computed for `{s['source']}`: {s['coverage']['not_computed']}\n" for s in summaries
+          if "not_computed" in (s["coverage"] or {})],
+        "## Figures", "",
+    ]
+    for name, caption in figures:
+        lines += [f"![{name}]({name})", "", caption, ""]
+    return "\n".join(lines)

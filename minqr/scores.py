@@ -1,0 +1,262 @@
+"""The scores file: a reward model's outputs on every pair of a test set, and what made them.
+
+`tools/score.py` writes one file per model x split; `tools/analyze.py` reads any number of them.
+Two layouts, picked by the file name:
+
+- `.npz` (the default): float32 arrays `chosen` and `rejected`, shape [P, N] (P pairs, N outputs:
+  N=1 for a scalar head, the N quantiles q_0 <= ... <= q_{N-1} for a quantile head), and
+  `metadata`, a JSON string (numpy string array, so no pickle is ever needed to read it).
+- `.jsonl`: the metadata object on the first line, then one line a pair,
+  {"chosen": [N numbers], "rejected": [N numbers]}, for tools that do not read numpy.
+
+Row p of both arrays is pair p of the data file, in the file's order (so that a truth file or a
+second model's scores line up pair by pair).
+
+Metadata keys (the writer gives the first group, save_scores fills in the second):
+
+    model          str   the reward model folder or hub name
+    head           str   "scalar" or "quantile"
+    data           str   the data source (file, folder or hh-rlhf:SUBSET)
+    split          str   "test", "train", ...
+    workload       str   the row label of the report's table, e.g. "harmless-base test"
+    taus           list  the N quantile levels tau_i; required for a quantile head, null for scalar
+    options        dict  how the scores were made (max_length, shared_prefix, dtype, ...); optional
+    label          str   optional column label for the report (default "scalar" / "quantile N=10")
+    truth          str   optional: the synthetic task's truth file for this data (a relative path
+                         is relative to the scores file's folder)
+
+    format         str   "minqr-scores/1"
+    num_quantiles  int   N, from the arrays
+    minqr_version  str   the minqr that wrote the file
+
+Other keys are kept as they are.
+"""
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from minqr import __version__
+from minqr.atomic import atomic_file
+from minqr.errors import MinqrError
+
+FORMAT = "minqr-scores/1"
+FORMAT_FAMILY = "minqr-scores/"
+HEADS = ("scalar", "quantile")
+WRITER_KEYS = ("model", "head", "data", "split", "workload")
+HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.scores.save_scores)"
+
+
+@dataclass
+class Scores:
+    """One model's outputs on one data split; checked on construction."""
+
+    chosen: np.ndarray  # [P, N] float32
+    rejected: np.ndarray  # [P, N] float32
+    metadata: dict
+    source: str = "scores"  # where it came from, for messages: the file path when read from disk
+
+    def __post_init__(self):
+        _check(self)
+
+    @property
+    def num_pairs(self) -> int:
+        return self.chosen.shape[0]
+
+    @property
+    def num_quantiles(self) -> int:
+        return self.chosen.shape[1]
+
+    @property
+    def head(self) -> str:
+        return self.metadata["head"]
+
+    @property
+    def taus(self) -> np.ndarray | None:
+        """The quantile levels [N], or None for a scalar head (its one output is not a quantile)."""
+        taus = self.metadata.get("taus")
+        return None if taus is None else np.asarray(taus, dtype=np.float64)
+
+    @property
+    def workload(self) -> str:
+        return self.metadata["workload"]
+
+    @property
+    def label(self) -> str:
+        """The model's name in tables and legends."""
+        default = "scalar" if self.head == "scalar" else f"quantile N={self.num_quantiles}"
+        return self.metadata.get("label") or default
+
+    @property
+    def truth_path(self) -> Path | None:
+        truth = self.metadata.get("truth")
+        if not truth:
+            return None
+        path = Path(truth)
+        if path.is_absolute() or self.source == "scores":
+            return path
+        return Path(self.source).parent / path
+
+
+def save_scores(path, chosen, rejected, metadata: dict) -> Path:
+    """Write `chosen` and `rejected` ([P, N]) and `metadata` to `path` (.npz or .jsonl), atomically."""
+    path = Path(path)
+    layout = _layout(path)
+    chosen, rejected = np.asarray(chosen), np.asarray(rejected)  # Scores checks them and makes them float32
+    metadata = dict(metadata)
+    if "format" in metadata and metadata["format"] != FORMAT:
+        raise MinqrError(f"metadata format {metadata['format']!r} for {path}: save_scores writes {FORMAT}; drop the key")
+    metadata["format"] = FORMAT
+    metadata.setdefault("num_quantiles", chosen.shape[-1] if chosen.ndim else 0)
+    metadata.setdefault("minqr_version", __version__)
+    scores = Scores(chosen, rejected, metadata, source=str(path))
+    try:
+        metadata_json = json.dumps(metadata)
+    except TypeError as error:  # a Path, a numpy number, ...: the file must read back without minqr
+        raise MinqrError(f"metadata for {path} must hold only JSON values (str, number, list, dict): {error}") from None
+    with atomic_file(path) as tmp:
+        if layout == "npz":
+            with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+                np.savez(f, chosen=scores.chosen, rejected=scores.rejected, metadata=np.array(metadata_json))
+        else:
+            with open(tmp, "w") as f:
+                f.write(metadata_json + "\n")
+                for c, r in zip(scores.chosen.tolist(), scores.rejected.tolist()):
+                    f.write(json.dumps({"chosen": c, "rejected": r}) + "\n")
+    return path
+
+
+def load_scores(path) -> Scores:
+    """Read a scores file written by save_scores; a MinqrError says what is wrong with it."""
+    path = Path(path)
+    if not path.is_file():
+        raise MinqrError(f"scores file {path} does not exist; {HOW_TO_MAKE}")
+    if _layout(path) == "npz":
+        chosen, rejected, metadata = _read_npz(path)
+    else:
+        chosen, rejected, metadata = _read_jsonl(path)
+    return Scores(chosen, rejected, metadata, source=str(path))
+
+
+def _layout(path: Path) -> str:
+    if path.suffix == ".npz":
+        return "npz"
+    if path.suffix == ".jsonl":
+        return "jsonl"
+    raise MinqrError(f"scores file {path}: the name must end in .npz or .jsonl (the layout is read from it)")
+
+
+def _read_npz(path: Path):
+    not_ours = f"{path} is not a minqr scores file"
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as error:
+        raise MinqrError(f"{not_ours}: numpy cannot read it as .npz ({error}); {HOW_TO_MAKE}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy file under a .npz name: one bare array
+        raise MinqrError(f"{not_ours}: it holds one bare array, not named arrays; {HOW_TO_MAKE}")
+    with archive:
+        names = sorted(archive.files)
+        if "metadata" not in names:
+            raise MinqrError(f"{not_ours}: it holds {', '.join(names) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
+        try:
+            metadata = archive["metadata"]
+        except ValueError:  # an object array, which only pickle could read
+            raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}") from None
+        if metadata.dtype.kind != "U" or metadata.ndim != 0:
+            raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}")
+        metadata = _parse_metadata(str(metadata), f"{path}: metadata")
+        for name in ("chosen", "rejected"):
+            if name not in names:
+                raise MinqrError(f"{path}: scores file without a {name!r} array; {HOW_TO_MAKE}")
+        try:
+            return archive["chosen"], archive["rejected"], metadata
+        except ValueError:
+            raise MinqrError(f"{path}: 'chosen' or 'rejected' is an object array; scores are numbers") from None
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line for line in f.read().splitlines() if line.strip()]
+    if not lines:
+        raise MinqrError(f"{path} is empty, not a minqr scores file; {HOW_TO_MAKE}")
+    metadata = _parse_metadata(lines[0], f"{path}:1")
+    rows = {"chosen": [], "rejected": []}
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise MinqrError(f"{path}:{number}: not JSON ({error})") from None
+        for side, row in rows.items():
+            values = record.get(side) if isinstance(record, dict) else None
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+                raise MinqrError(f"{path}:{number}: {side!r} must be a list of numbers, one per output")
+            row.append(values)
+    if not rows["chosen"]:
+        raise MinqrError(f"{path}: no pairs after the metadata line; score at least one pair")
+    widths = {len(values) for side in rows.values() for values in side}
+    if len(widths) > 1:
+        raise MinqrError(f"{path}: pairs have different numbers of outputs ({sorted(widths)}); every line needs N")
+    return np.array(rows["chosen"], dtype=np.float32), np.array(rows["rejected"], dtype=np.float32), metadata
+
+
+def _parse_metadata(text: str, where: str) -> dict:
+    try:
+        metadata = json.loads(text)
+    except json.JSONDecodeError:
+        metadata = None
+    if not isinstance(metadata, dict) or not str(metadata.get("format", "")).startswith(FORMAT_FAMILY):
+        raise MinqrError(f"{where}: not a minqr scores file (no 'format': {FORMAT!r} metadata); {HOW_TO_MAKE}")
+    if metadata["format"] != FORMAT:
+        raise MinqrError(f"{where}: written in format {metadata['format']!r}, but this minqr reads {FORMAT!r}; "
+                         "use the minqr version that wrote it, or score again")
+    return metadata
+
+
+def _check(scores: Scores) -> None:
+    """Shapes, values and metadata of `scores`: every problem a MinqrError naming the culprit."""
+    where, metadata = scores.source, scores.metadata
+    missing = [key for key in (*WRITER_KEYS, "format", "num_quantiles", "minqr_version") if key not in metadata]
+    if missing:
+        raise MinqrError(f"{where}: metadata misses {', '.join(missing)}; save_scores needs "
+                         f"{', '.join(WRITER_KEYS)} (and taus for a quantile head)")
+    for name in ("chosen", "rejected"):
+        array = getattr(scores, name)
+        if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
+            raise MinqrError(f"{where}: {name!r} must be a numeric numpy array, not {type(array).__name__}")
+        if array.ndim != 2:
+            raise MinqrError(f"{where}: {name!r} has shape {array.shape}; it must be 2-D, [pairs, outputs]")
+        setattr(scores, name, array.astype(np.float32, copy=False))  # the format's dtype, whatever came in
+    if scores.chosen.shape != scores.rejected.shape:
+        raise MinqrError(f"{where}: 'chosen' {scores.chosen.shape} and 'rejected' {scores.rejected.shape} "
+                         "differ in shape; both are [pairs, outputs] for the same pairs")
+    num_pairs, n = scores.chosen.shape
+    if num_pairs == 0 or n == 0:
+        raise MinqrError(f"{where}: no scores (shape {scores.chosen.shape}); score at least one pair")
+    for name in ("chosen", "rejected"):
+        bad = ~np.isfinite(getattr(scores, name)).all(axis=1)
+        if bad.any():
+            raise MinqrError(f"{where}: {name!r} holds NaN or inf in {bad.sum()} pairs (first: pair "
+                             f"{int(np.argmax(bad))}); the model diverged or the scoring broke: score again")
+    if metadata["num_quantiles"] != n:
+        raise MinqrError(f"{where}: metadata num_quantiles={metadata['num_quantiles']} but the arrays hold "
+                         f"N={n} outputs per response")
+    head = metadata["head"]
+    if head not in HEADS:
+        raise MinqrError(f"{where}: metadata head={head!r}; it must be one of {', '.join(HEADS)}")
+    if head == "scalar" and n != 1:
+        raise MinqrError(f"{where}: a scalar head has one output, but the arrays hold N={n}; use head='quantile'")
+    taus = metadata.get("taus")
+    if head == "scalar":
+        if taus is not None:
+            raise MinqrError(f"{where}: metadata taus={taus} for a scalar head, whose output is no quantile; use null")
+    elif not (isinstance(taus, list) and len(taus) == n and all(isinstance(t, (int, float)) and 0 < t < 1 for t in taus)
+              and all(a < b for a, b in zip(taus, taus[1:]))):
+        raise MinqrError(f"{where}: metadata taus must list the N={n} increasing quantile levels in (0, 1) "
+                         f"of the quantile head (minqr.loss.quantile_levels(N)), got {taus!r}")
+    for key in ("workload", "model", "data", "split"):
+        if not isinstance(metadata[key], str) or not metadata[key]:
+            raise MinqrError(f"{where}: metadata {key} must be a non-empty string, got {metadata[key]!r}")
+    if not isinstance(metadata.get("options", {}), dict):
+        raise MinqrError(f"{where}: metadata options must be a dict of the scoring options")

@@ -1,0 +1,419 @@
+"""The measures of minqr.analysis against scipy, brute force, or the formula written out."""
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein_distance
+
+from minqr import analysis as A
+from minqr.errors import MinqrError
+from minqr.scores import FORMAT, Scores
+
+SIZES = [(1, 1), (1, 5), (7, 3), (200, 300), (2000, 1500)]
+
+
+def scores_of(chosen, rejected, head="quantile", **extra) -> Scores:
+    n = chosen.shape[1]
+    taus = ((2 * np.arange(n) + 1) / (2 * n)).tolist() if head == "quantile" else None
+    return Scores(chosen, rejected, {"format": FORMAT, "model": "m", "head": head, "data": "d", "split": "test",
+                                     "workload": "w", "num_quantiles": n, "minqr_version": "0", "taus": taus,
+                                     **extra})
+
+
+def quantile_outputs(num_pairs, n, seed=0, shift=0.7):
+    """Outputs of a made-up quantile model: a centre and a spread per response, sorted quantiles."""
+    rng = np.random.default_rng(seed)
+    centre = rng.normal(size=(2, num_pairs, 1)) + np.array([shift, 0.0])[:, None, None]
+    spread = rng.gamma(2.0, 0.4, size=(2, num_pairs, 1))
+    return centre + spread * np.sort(rng.normal(size=(2, num_pairs, n)), axis=-1)  # [2, P, N]
+
+
+# --- divergences --------------------------------------------------------------------------------
+
+def reference_histograms(p, q, bins, eps):
+    """The paper's construction, written out: pooled-range edges, counts + eps (not normalised)."""
+    low, high = min(p.min(), q.min()), max(p.max(), q.max())
+    if low == high:
+        low, high = low - 0.5, high + 0.5
+    edges = np.linspace(low, high, bins + 1)
+    return np.histogram(p, edges)[0] + eps, np.histogram(q, edges)[0] + eps
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+@pytest.mark.parametrize("bins, eps", [(1, 1e-10), (7, 1e-10), (50, 1e-10), (50, 0.5), (200, 1e-6)])
+def test_histogram_kl_and_js_against_scipy(sizes, bins, eps):
+    rng = np.random.default_rng(hash((sizes, bins)) % 2**32)
+    p, q = rng.normal(0.4, 1.0, sizes[0]), rng.standard_t(4, sizes[1])
+    p_counts, q_counts = reference_histograms(p, q, bins, eps)
+    assert A.histogram_kl(p, q, bins, eps) == pytest.approx(entropy(p_counts, q_counts), rel=1e-10, abs=1e-12)
+    js = jensenshannon(p_counts, q_counts) ** 2  # scipy gives the distance, in nats by default
+    assert A.js_divergence(p, q, bins, eps) == pytest.approx(js, rel=1e-8, abs=1e-12)
+    assert 0 <= A.js_divergence(p, q, bins, eps) <= math.log(2) + 1e-12
+
+
+def test_histogram_kl_edge_cases():
+    x = np.random.default_rng(0).normal(size=300)
+    assert A.histogram_kl(x, x) == 0.0 and A.js_divergence(x, x) == pytest.approx(0.0, abs=1e-15)
+    assert A.histogram_kl([2.0, 2.0], [2.0], eps=0) == 0.0  # one value everywhere: one non-empty bin
+    assert A.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == math.inf  # empty Q bin under P mass
+    assert A.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == entropy([1, 1], [0, 2])
+    # the bin edges follow the pooled range, so an increasing affine map changes nothing
+    y = np.random.default_rng(1).normal(0.3, 1.2, size=400)
+    assert A.histogram_kl(2.5 * x - 1, 2.5 * y - 1) == pytest.approx(A.histogram_kl(x, y), rel=1e-9)
+    with pytest.raises(MinqrError, match="at least one value"):
+        A.histogram_kl([], [1.0])
+    with pytest.raises(MinqrError, match="bins >= 1"):
+        A.histogram_kl(x, y, bins=0)
+
+
+def test_kl_by_bins_is_histogram_kl_at_each_count():
+    rng = np.random.default_rng(2)
+    p, q = rng.normal(size=500), rng.normal(0.5, 1, size=400)
+    sweep = A.histogram_kl_by_bins(p, q, (3, 30, 300), eps=1e-8)
+    assert sweep.tolist() == [A.histogram_kl(p, q, b, 1e-8) for b in (3, 30, 300)]
+
+
+@pytest.mark.parametrize("sizes", SIZES)
+def test_wasserstein_against_scipy(sizes):
+    rng = np.random.default_rng(sizes[0] * 7 + sizes[1])
+    p, q = rng.normal(size=sizes[0]), rng.exponential(size=sizes[1])
+    assert A.wasserstein_1(p, q) == pytest.approx(wasserstein_distance(p, q), rel=1e-10, abs=1e-12)
+    ties_p, ties_q = rng.integers(0, 4, sizes[0]).astype(float), rng.integers(0, 4, sizes[1]).astype(float)
+    assert A.wasserstein_1(ties_p, ties_q) == pytest.approx(wasserstein_distance(ties_p, ties_q), abs=1e-12)
+    spread = np.std(np.concatenate([p, q]))
+    assert A.wasserstein_1_sd(p, q) == pytest.approx(wasserstein_distance(p, q) / spread, rel=1e-10)
+    assert A.wasserstein_1_sd(3 * p + 5, 3 * q + 5) == pytest.approx(A.wasserstein_1_sd(p, q), rel=1e-9)
+    assert A.wasserstein_1_sd([1.0, 1.0], [1.0]) == 0.0
+
+
+@pytest.mark.parametrize("sizes", [(5, 9), (300, 200)])
+def test_kde_kl_against_scipy_kde(sizes):
+    rng = np.random.default_rng(sizes[0])
+    p, q = rng.normal(0.5, 1.0, sizes[0]), rng.normal(0.0, 1.5, sizes[1])
+    kde_p, kde_q = gaussian_kde(p), gaussian_kde(q)
+    reach = 4 * math.sqrt(max(kde_p.covariance[0, 0], kde_q.covariance[0, 0]))
+    grid = np.linspace(min(p.min(), q.min()) - reach, max(p.max(), q.max()) + reach, 512)
+    density_p, density_q = kde_p(grid), kde_q(grid)
+    expected = np.trapezoid(density_p * np.log(density_p / density_q), grid)
+    assert A.kde_kl(p, q) == pytest.approx(expected, rel=1e-8)
+
+
+def test_kde_kl_finds_the_gaussian_kl():
+    rng = np.random.default_rng(3)
+    p, q = rng.normal(0.0, 1.0, 6000), rng.normal(1.0, 1.0, 6000)
+    assert A.kde_kl(p, q) == pytest.approx(0.5, abs=0.06)  # KL(N(0,1) || N(1,1)) = 1/2
+    with pytest.raises(MinqrError, match="KDE needs chosen values that differ"):
+        A.kde_kl(np.ones(5), q)
+
+
+def test_weighted_kde_kl_is_the_weighted_density_written_out():
+    """The bootstrap's path: rows of K values sharing a weight, many weightings in one product."""
+    rng = np.random.default_rng(4)
+    p_rows, q_rows = rng.normal(0.3, 1, (40, 3)), rng.normal(0, 1, (40, 3))
+    weights = rng.integers(0, 3, (4, 40)).astype(float)
+    got = A._weighted_kde_kl(p_rows, q_rows, weights, weights, 256)
+    h_p = math.sqrt(gaussian_kde(p_rows.ravel()).covariance[0, 0])
+    h_q = math.sqrt(gaussian_kde(q_rows.ravel()).covariance[0, 0])
+    reach = 4 * max(h_p, h_q)
+    grid = np.linspace(min(p_rows.min(), q_rows.min()) - reach, max(p_rows.max(), q_rows.max()) + reach, 256)
+    for b, w in enumerate(weights):
+        def density(rows, h):
+            kernels = np.exp(-0.5 * ((grid[:, None, None] - rows[None]) / h) ** 2) / (h * math.sqrt(2 * math.pi))
+            return (kernels * w[None, :, None]).sum(axis=(1, 2)) / (3 * w.sum())
+        dp, dq = density(p_rows, h_p), density(q_rows, h_q)
+        assert got[b] == pytest.approx(np.trapezoid(dp * np.log(dp / dq), grid), rel=1e-9)
+    # all weights one: the plain kde_kl of the pooled values
+    ones = np.ones((1, 40))
+    assert A._weighted_kde_kl(p_rows, q_rows, ones, ones, 512)[0] == pytest.approx(
+        A.kde_kl(p_rows.ravel(), q_rows.ravel()), rel=1e-10)
+
+
+# --- bootstrap ----------------------------------------------------------------------------------
+
+def test_bootstrap_ci_is_the_percentile_of_resampled_pairs():
+    rng = np.random.default_rng(5)
+    c, r = rng.normal(0.5, 1, 50), rng.normal(0, 1, 50)
+
+    def statistic(c, r):
+        return np.mean(c - r)
+
+    low, high = A.bootstrap_ci(statistic, c, r, n_resamples=200, seed=9, method="percentile")
+    indices = np.random.default_rng(9).integers(0, 50, size=(200, 50))
+    values = [statistic(c[i], r[i]) for i in indices]
+    assert (low, high) == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])))
+    point = statistic(c, r)
+    basic = A.bootstrap_ci(statistic, c, r, n_resamples=200, seed=9)  # the default
+    assert basic == pytest.approx((2 * point - high, 2 * point - low))
+    with pytest.raises(MinqrError, match="unknown interval method"):
+        A.bootstrap_interval(point, values, method="bca")
+
+
+def test_basic_interval_covers_the_true_kl_where_percentile_does_not():
+    """Why basic is the default: the histogram KL's bias, which the percentile interval doubles."""
+    rng = np.random.default_rng(15)
+    true_kl, hits = 0.5**2 / 2, {"basic": 0, "percentile": 0}  # KL(N(0.5, 1) || N(0, 1))
+    for replicate in range(30):
+        c, r = rng.normal(0.5, 1, 600), rng.normal(0, 1, 600)
+        for method in hits:
+            low, high = A.bootstrap_ci(A.histogram_kl, c, r, n_resamples=60, seed=replicate, method=method)
+            hits[method] += low <= true_kl <= high
+    assert hits["basic"] >= 24 and hits["percentile"] <= 6
+
+
+def test_bootstrap_ci_contains_the_estimate_and_shrinks_with_n():
+    widths = []
+    for n in (100, 10_000):
+        rng = np.random.default_rng(n)
+        c, r = rng.normal(0.5, 1, n), rng.normal(0, 1, n)
+        for statistic in (A.wasserstein_1, lambda c, r: A.pair_accuracy(c, r)):
+            low, high = A.bootstrap_ci(statistic, c, r, n_resamples=200, seed=1)
+            assert low <= statistic(c, r) <= high
+        low, high = A.bootstrap_ci(A.wasserstein_1, c, r, n_resamples=200, seed=1)
+        widths.append(high - low)
+        # the interval of a mean difference matches normal theory: width ≈ 2 · 1.96 · sqrt(2/n)
+        low, high = A.bootstrap_ci(lambda c, r: np.mean(c - r), c, r, n_resamples=400, seed=2)
+        assert high - low == pytest.approx(2 * 1.96 * math.sqrt(2 / n), rel=0.2)
+    assert widths[1] < widths[0] / 5  # 100x the pairs: about 10x narrower
+
+
+# --- ranking ------------------------------------------------------------------------------------
+
+def test_pair_accuracy_counts_ties_half():
+    assert A.pair_accuracy([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0]) == (1 + 0.5 + 0 + 1) / 4
+    rng = np.random.default_rng(6)
+    c, r = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
+    expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(c, r)) / 300
+    assert A.pair_accuracy(c, r) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 10), (3, 10), (10, 10), (1, 1), (620, 1000), (7, 2312)])
+def test_wilson_against_scipy(successes, trials):
+    expected = binomtest(successes, trials).proportion_ci(0.95, method="wilson")
+    assert A.wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    expected = binomtest(successes, trials).proportion_ci(0.8, method="wilson")
+    assert A.wilson_interval(successes, trials, 0.8) == pytest.approx((expected.low, expected.high), abs=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_quantile_accuracy_ranks_by_each_quantile(n):
+    chosen, rejected = quantile_outputs(60, n, seed=n)
+    expected = [A.pair_accuracy(chosen[:, k], rejected[:, k]) for k in range(n)]
+    np.testing.assert_allclose(A.quantile_accuracy(chosen, rejected), expected)
+    # constructed: chosen wins on q0 only, loses on q1, ties on q2
+    assert A.quantile_accuracy([[1.0, 1.0, 2.0]], [[0.0, 3.0, 2.0]]).tolist() == [1.0, 0.0, 0.5]
+
+
+def test_preference_probabilities():
+    chosen, rejected = quantile_outputs(30, 4, seed=7)
+    expected = 1 / (1 + np.exp(-(chosen.mean(axis=1) - rejected.mean(axis=1))))
+    np.testing.assert_allclose(A.bradley_terry_probability(chosen, rejected), expected, rtol=1e-12)
+    brute = [np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in c for b in r]) for c, r in zip(chosen, rejected)]
+    np.testing.assert_allclose(A.distributional_probability(chosen, rejected), brute)
+    assert A.distributional_probability([[0.0, 2.0]], [[1.0, 2.0]])[0] == (0 + 0 + 1 + 0.5) / 4
+
+
+def test_calibration_against_a_direct_loop():
+    rng = np.random.default_rng(8)
+    prob = np.concatenate([rng.uniform(size=500), [0.0, 1.0, 0.5, 0.1]])  # bin edges included
+    result = A.calibration(prob, bins=10)
+    points = [(p, 1.0) for p in prob] + [(1 - p, 0.0) for p in prob]
+    ece, curve = 0.0, []
+    for b in range(10):
+        inside = [(p, y) for p, y in points if b / 10 <= p < (b + 1) / 10 or (b == 9 and p == 1.0)]
+        if inside:
+            confidence = sum(p for p, _ in inside) / len(inside)
+            frequency = sum(y for _, y in inside) / len(inside)
+            ece += len(inside) / len(points) * abs(frequency - confidence)
+            curve.append((b / 10, confidence, frequency, len(inside)))
+    assert result["ece"] == pytest.approx(ece, rel=1e-12)
+    assert result["brier"] == pytest.approx(sum((p - y) ** 2 for p, y in points) / len(points), rel=1e-12)
+    got = list(zip(*(result["curve"][k] for k in ("bin_low", "mean_prob", "frequency", "count"))))
+    assert np.allclose(got, curve)
+    # perfectly calibrated predictions: outcomes drawn with the predicted probability
+    p = rng.uniform(size=200_000)
+    won = rng.uniform(size=p.size) < p
+    assert A.calibration(np.where(won, p, 1 - p))["ece"] < 0.01
+
+
+# --- quantile diagnostics -----------------------------------------------------------------------
+
+def test_crossing_rate():
+    rows = [[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [1.0, 0.5, 2.0], [0.0, 2.0, 1.9]]
+    assert A.crossing_rate(rows) == 0.5
+    assert A.crossing_rate([[3.0], [1.0]]) == 0.0  # one quantile never crosses
+    rng = np.random.default_rng(9)
+    random_rows = rng.normal(size=(400, 5)).cumsum(axis=1)
+    expected = np.mean([any(b < a for a, b in zip(row, row[1:])) for row in random_rows])
+    assert A.crossing_rate(random_rows) == expected
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (3, 8), (150, 90)])
+def test_auroc_against_brute_force(sizes):
+    rng = np.random.default_rng(sizes[0])
+    for positive, negative in ((rng.normal(0.3, 1, sizes[0]), rng.normal(0, 1, sizes[1])),
+                               (rng.integers(0, 3, sizes[0]), rng.integers(0, 3, sizes[1]))):  # ties
+        brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in positive for b in negative])
+        assert A.auroc(positive, negative) == pytest.approx(brute, abs=1e-12)
+    assert math.isnan(A.auroc([], [1.0]))
+
+
+def test_spread_error_auroc():
+    # two pairs ranked wrongly (chosen mean below rejected) with wide quantiles, three right and narrow
+    chosen = np.array([[0.0, 4.0], [1.0, 5.0], [2.0, 2.1], [3.0, 3.2], [1.0, 1.1]])
+    rejected = np.array([[2.0, 6.0], [3.0, 7.0], [0.0, 0.1], [1.0, 1.2], [0.0, 0.1]])
+    assert A.spread_error_auroc(chosen, rejected) == 1.0
+    assert A.spread_error_auroc(rejected, chosen) == 0.0  # now the narrow pairs are the wrong ones
+    c, r = quantile_outputs(200, 5, seed=10)
+    spread = (c[:, -1] - c[:, 0] + r[:, -1] - r[:, 0]) / 2
+    margin = c.mean(1) - r.mean(1)
+    assert A.spread_error_auroc(c, r) == pytest.approx(A.auroc(spread[margin < 0], spread[margin > 0]))
+
+
+# --- coverage -----------------------------------------------------------------------------------
+
+def test_quantile_coverage_against_a_direct_count():
+    rng = np.random.default_rng(11)
+    pred, true = np.sort(rng.normal(size=(6, 3)), axis=1), rng.normal(size=(6, 17))
+    expected = [sum(true[m, s] < pred[m, k] for m in range(6) for s in range(17)) / (6 * 17) for k in range(3)]
+    np.testing.assert_allclose(A.quantile_coverage(pred, true), expected)
+    # strictly below: a true value equal to the predicted quantile is not covered
+    assert A.quantile_coverage([[1.0, 2.0]], [[1.0, 1.5, 2.0, 3.0]]).tolist() == [0.0, 0.5]
+
+
+def test_coverage_of_true_quantiles_in_other_units():
+    """A model that knows each response's distribution, in its own shift and scale, covers well
+    once aligned; without the alignment it does not."""
+    rng = np.random.default_rng(12)
+    num, n = 400, 10
+    taus = (2 * np.arange(n) + 1) / (2 * n)
+    centre, width = rng.normal(0, 3, (num, 1)), rng.uniform(0.5, 3, (num, 1))
+    true = centre + width * rng.normal(size=(num, 2000))
+    exact = centre + width * np.array([np.quantile(rng.normal(size=200_000), taus)])  # N(c, w²) quantiles
+    pred = 0.3 * exact + 5.0
+    aligned = A.coverage_summary(pred, true, taus)
+    assert aligned["slope"] == pytest.approx(0.3, rel=0.05) and aligned["intercept"] == pytest.approx(5, abs=0.1)
+    assert aligned["mean_abs_error"] < 0.02
+    np.testing.assert_allclose(aligned["coverage"], A.quantile_coverage(pred, 0.3 * true + 5.0), atol=0.01)
+    assert A.coverage_summary(pred, true, taus, align=False)["mean_abs_error"] > 0.3
+    pred_spread = pred[:, -1] - pred[:, 0]
+    true_spread = np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
+    assert aligned["spread_spearman"] == pytest.approx(spearmanr(pred_spread, true_spread).statistic, abs=1e-12)
+    assert aligned["spread_spearman"] > 0.95
+    scalar = A.coverage_summary(pred.mean(axis=1, keepdims=True), true, [0.5])
+    assert scalar["spread_spearman"] is None and scalar["mean_abs_error"] < 0.05
+    with pytest.raises(MinqrError, match="mean rewards fall as the true means rise"):
+        A.coverage_summary(-pred, true, taus)
+    with pytest.raises(MinqrError, match="one tau per quantile"):
+        A.coverage_summary(pred, true, taus[:3])
+
+
+def test_load_truth(tmp_path):
+    path = tmp_path / "test_truth.npz"
+    np.savez(path, chosen_samples=np.zeros((4, 6), np.float32), rejected_samples=np.ones((4, 6), np.float32))
+    chosen, rejected = A.load_truth(path, 4)
+    assert chosen.shape == rejected.shape == (4, 6) and rejected.min() == 1
+    with pytest.raises(MinqrError, match="the scores hold 5 pairs"):
+        A.load_truth(path, 5)
+    with pytest.raises(MinqrError, match="does not exist"):
+        A.load_truth(tmp_path / "none.npz", 4)
+    np.savez(path, samples=np.zeros((4, 6)))
+    with pytest.raises(MinqrError, match="not a minqr truth file"):
+        A.load_truth(path, 4)
+
+
+# --- views and summarize ------------------------------------------------------------------------
+
+def test_views():
+    outputs = np.arange(12.0).reshape(4, 3)
+    np.testing.assert_array_equal(A.view_rows(outputs, "mean"), outputs.mean(axis=1, keepdims=True))
+    np.testing.assert_array_equal(A.view_rows(outputs, "q2"), outputs[:, 2:])
+    np.testing.assert_array_equal(A.view_rows(outputs, "all"), outputs)
+    np.testing.assert_array_equal(A.view_rows(outputs[:, :1], "all"), outputs[:, :1])
+    with pytest.raises(MinqrError, match="view 'q0' needs a quantile model.*N=1.*scalar"):
+        A.check_view("q0", 1, "scalar.npz")
+    with pytest.raises(MinqrError, match="out of range.*q0 ... q9"):
+        A.check_view("q10", 10)
+    with pytest.raises(MinqrError, match="unknown view 'median'"):
+        A.check_view("median", 10)
+
+
+def test_paired_kl_difference():
+    (c_a, r_a), (c_b, r_b) = quantile_outputs(150, 3, seed=16, shift=1.0), quantile_outputs(150, 3, seed=17, shift=0.3)
+    a, b = scores_of(c_a, r_a), scores_of(c_b, r_b)
+    rows = [A.view_rows(x, "q2") for x in (a.chosen, b.chosen, a.rejected, b.rejected)]
+
+    def difference(ca, cb, ra, rb):
+        return A.histogram_kl(ca, ra, 20) - A.histogram_kl(cb, rb, 20)
+
+    result = A.paired_kl_difference(a, b, view="q2", bins=20, n_resamples=40, seed=5)
+    assert result["value"] == difference(*rows) > 0
+    assert (result["ci_low"], result["ci_high"]) == A.bootstrap_ci(difference, *rows, n_resamples=40, seed=5)
+    with pytest.raises(MinqrError, match="do not score the same pairs"):
+        A.paired_kl_difference(a, scores_of(c_b[:100], r_b[:100]))
+    with pytest.raises(MinqrError, match="do not score the same pairs"):
+        A.paired_kl_difference(a, scores_of(c_b, r_b, split="train"))
+
+
+@pytest.mark.parametrize("view", ["mean", "q0", "q4", "all"])
+def test_summarize_matches_the_functions(view):
+    scores = scores_of(*quantile_outputs(120, 5, seed=13))
+    chosen, rejected = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)  # as stored
+    summary = A.summarize(scores, view=view, bins=20, eps=1e-6, n_resamples=30, seed=3)
+    c, r = A.view_rows(chosen, view).ravel(), A.view_rows(rejected, view).ravel()
+    assert summary["histogram_kl"]["value"] == A.histogram_kl(c, r, 20, 1e-6)
+    assert summary["js_divergence"]["value"] == A.js_divergence(c, r, 20, 1e-6)
+    assert summary["wasserstein_1_sd"]["value"] == A.wasserstein_1_sd(c, r)
+    assert summary["kde_kl"]["value"] == pytest.approx(A.kde_kl(c, r), rel=1e-10)
+    assert summary["kl_by_bins"]["kl"] == A.histogram_kl_by_bins(c, r, A.BIN_SWEEP, 1e-6).tolist()
+    assert summary["accuracy"]["value"] == A.pair_accuracy(chosen.mean(1), rejected.mean(1))
+    assert summary["quantile_accuracy"] == A.quantile_accuracy(chosen, rejected).tolist()
+    assert summary["crossing_rate"] == 0.0
+    assert summary["spread_auroc"]["value"] == A.spread_error_auroc(chosen, rejected)
+    assert summary["calibration"]["bradley_terry"] == A.calibration(A.bradley_terry_probability(chosen, rejected))
+    # the same resamples for every measure: W1's interval is the bootstrap_ci with the same seed
+    w1_low, w1_high = A.bootstrap_ci(lambda a, b: A.wasserstein_1_sd(a.ravel(), b.ravel()),
+                                     A.view_rows(chosen, view), A.view_rows(rejected, view), n_resamples=30, seed=3)
+    assert (summary["wasserstein_1_sd"]["ci_low"], summary["wasserstein_1_sd"]["ci_high"]) == (w1_low, w1_high)
+    for name in ("histogram_kl", "js_divergence", "wasserstein_1_sd", "kde_kl", "spread_auroc"):
+        assert summary[name]["ci_low"] <= summary[name]["ci_high"]
+    assert summary["coverage"] is None
+
+
+def test_summarize_scalar_and_truth(tmp_path):
+    rng = np.random.default_rng(14)
+    true = rng.normal(size=(2, 80, 1)) + rng.normal(size=(2, 80, 50))  # [2, P, S]
+    np.savez(tmp_path / "truth.npz", chosen_samples=true[0], rejected_samples=true[1])
+    predicted = 2 * true.mean(axis=2, keepdims=True) + 1  # [2, P, 1]
+    scalar = scores_of(predicted[0], predicted[1], head="scalar", truth=str(tmp_path / "truth.npz"))
+    summary = A.summarize(scalar, n_resamples=0)
+    for name in ("quantile_accuracy", "crossing_rate", "spread_auroc"):
+        assert summary[name] is None
+    assert summary["calibration"]["distributional"] is None and summary["histogram_kl"]["ci_low"] is None
+    coverage = summary["coverage"]
+    assert coverage["taus"] == [0.5] and coverage["slope"] == pytest.approx(2.0)
+    expected = A.quantile_coverage(predicted.reshape(160, 1), 2 * true.reshape(160, 50) + 1)
+    assert coverage["coverage"] == pytest.approx(expected.tolist())
+    with pytest.raises(MinqrError, match="needs a quantile model"):
+        A.summarize(scalar, view="q0")
+    with pytest.raises(MinqrError, match="unknown interval"):
+        A.summarize(scalar, interval="student")
+
+
+def test_summarize_rejects_constant_rewards():
+    chosen = np.ones((10, 2))
+    with pytest.raises(MinqrError, match="KDE needs chosen values that differ, but all 10 equal 1"):
+        A.summarize(scores_of(chosen, np.random.default_rng(0).normal(size=(10, 2))), n_resamples=0)
+    with pytest.raises(MinqrError, match="too few pairs"):
+        A.summarize(scores_of(*quantile_outputs(1, 3)), n_resamples=5)
+
+
+@pytest.mark.parametrize("num_pairs, n", [(2, 3), (3, 1), (9, 2)])
+def test_summarize_small_cases(num_pairs, n):
+    chosen, rejected = quantile_outputs(num_pairs, n, seed=num_pairs)
+    head = "quantile" if n > 1 else "scalar"
+    summary = A.summarize(scores_of(chosen, rejected, head=head), view="all", n_resamples=5)
+    scores = scores_of(chosen, rejected, head=head)
+    assert summary["num_pairs"] == num_pairs
+    assert summary["accuracy"]["value"] == A.pair_accuracy(scores.chosen.mean(1), scores.rejected.mean(1))
+    assert (summary["quantile_accuracy"] is None) == (n == 1)

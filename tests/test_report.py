@@ -1,0 +1,196 @@
+"""tools/analyze.py end to end: a report whose files are valid and whose numbers are the library's,
+and a clear message with a non-zero exit for every kind of bad input."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from minqr import analysis
+from minqr.report import analyze
+from minqr.scores import load_scores, save_scores
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+RESAMPLES = 20
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("analyze_cli", ROOT / "tools" / "analyze.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def metadata(head, n, workload, **extra):
+    taus = ((2 * np.arange(n) + 1) / (2 * n)).tolist() if head == "quantile" else None
+    return {"model": f"runs/{head}", "head": head, "data": "task/test.jsonl", "split": "test",
+            "workload": workload, "taus": taus, **extra}
+
+
+@pytest.fixture
+def study(tmp_path):
+    """A synthetic study: truth for 150 pairs, a quantile model that knows it (in its own units, with
+    noise) and a scalar model, on one workload; plus a second workload without truth."""
+    rng = np.random.default_rng(0)
+    num_pairs, n = 150, 6
+    taus = (2 * np.arange(n) + 1) / (2 * n)
+    centre = rng.normal(size=(2, num_pairs, 1)) + np.array([1.0, 0.0])[:, None, None]
+    width = rng.uniform(0.3, 2.0, size=(2, num_pairs, 1))
+    truth = centre + width * rng.normal(size=(2, num_pairs, 64))
+    np.savez(tmp_path / "test_truth.npz", chosen_samples=truth[0], rejected_samples=truth[1])
+    quantiles = 0.5 * np.quantile(truth, taus, axis=2).transpose(1, 2, 0) + 3 + rng.normal(0, 0.1, (2, num_pairs, 1))
+    scalar = 2 * centre + rng.normal(0, 0.5, size=(2, num_pairs, 1))
+    files = [
+        save_scores(tmp_path / "scalar.jsonl", *scalar, metadata("scalar", 1, "synthetic test", truth="test_truth.npz")),
+        save_scores(tmp_path / "quantile.npz", *quantiles, metadata("quantile", n, "synthetic test", truth="test_truth.npz")),
+        save_scores(tmp_path / "other.npz", *(quantiles[:, :40] * 3), metadata("quantile", n, "other data")),
+    ]
+    return tmp_path, files
+
+
+def run(args):
+    return CliRunner().invoke(load_cli(), [str(a) for a in args])
+
+
+def test_report_files_and_numbers(study):
+    folder, files = study
+    out = folder / "report"
+    result = run([*files, "--out", out, "--bootstrap", RESAMPLES, "--bins", 30, "--seed", 4])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str(out / "report.md")
+
+    summaries = [analysis.summarize(load_scores(f), bins=30, n_resamples=RESAMPLES, seed=4) for f in files]
+    table = json.loads((out / "table1.json").read_text())
+    assert table["workloads"] == ["synthetic test", "other data"]
+    assert table["models"] == ["scalar", "quantile N=6"]
+    for s in summaries:
+        cell = table["cells"][s["workload"]][s["label"]]
+        assert cell == {k: s["histogram_kl"][k] for k in ("value", "ci_low", "ci_high")}
+    assert "scalar" not in table["cells"]["other data"]
+    # the quantile model against the scalar one (first column) on the same pairs; "other data" has one model
+    difference = analysis.paired_kl_difference(load_scores(files[1]), load_scores(files[0]), bins=30,
+                                               n_resamples=RESAMPLES, seed=4)
+    assert table["differences"] == [{"workload": "synthetic test", "model": "quantile N=6", "reference": "scalar",
+                                     **difference}]
+    assert json.loads((out / "summaries.json").read_text()) == json.loads(json.dumps(summaries))
+
+    table_md = (out / "table1.md").read_text()
+    kl = summaries[1]["histogram_kl"]
+    assert f"| synthetic test | {summaries[0]['histogram_kl']['value']:.3f} [" in table_md
+    assert f"{kl['value']:.3f} [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]" in table_md
+    assert "| other data | – |" in table_md
+    assert f"| synthetic test | quantile N=6 − scalar | {difference['value']:.3f} [" in table_md
+    measures = (out / "measures.md").read_text()
+    accuracy = summaries[1]["accuracy"]
+    assert f"{accuracy['value']:.3f} [{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}]" in measures
+    assert f"{summaries[1]['coverage']['mean_abs_error']:.3f}" in measures
+    assert summaries[1]["coverage"]["mean_abs_error"] < 0.05  # the quantile model knows the truth
+    assert summaries[2]["coverage"] is None
+
+    report = (out / "report.md").read_text()
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == sorted(["fig2_histograms_1_synthetic-test.png", "fig2_histograms_2_other-data.png",
+                           "fig3_quantiles_1_synthetic-test.png", "fig3_quantiles_2_other-data.png",
+                           "kl_vs_bins.png", "reliability.png", "accuracy_by_quantile.png", "coverage.png"])
+    for name in pngs:
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_SIGNATURE)
+        image = matplotlib.image.imread(out / name)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+        assert image.std() > 0.01  # something was drawn
+        assert f"![{name}]({name})" in report
+    assert table_md.strip() in report
+    assert [p.name for p in folder.glob(".*")] == []  # no temporary folder left beside it
+
+    # a second run replaces the report as a whole; a folder that holds something else is refused
+    assert run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"]).exit_code == 0
+    assert not (out / "coverage.png").exists() and not (out / "fig2_histograms_2_other-data.png").exists()
+    result = run([files[1], "--out", folder, "--bootstrap", 0])
+    assert result.exit_code == 1 and "holds no report.md" in result.output
+    assert (folder / "quantile.npz").exists()
+
+
+def test_view_and_interval_options_reach_the_measures(study):
+    folder, files = study
+    out = folder / "report_q0"
+    result = run([files[1], "--out", out, "--view", "q0", "--bootstrap", 10, "--interval", "percentile", "--eps", 0.5])
+    assert result.exit_code == 0, result.output
+    expected = analysis.summarize(load_scores(files[1]), view="q0", eps=0.5, n_resamples=10, interval="percentile")
+    assert json.loads((out / "summaries.json").read_text()) == json.loads(json.dumps([expected]))
+    assert "View `q0`" in (out / "report.md").read_text()
+
+
+def test_truth_option_overrides_the_metadata(study):
+    folder, files = study
+    np.savez(folder / "shifted_truth.npz", **{f"{side}_samples": s + 1.0 for side, s in
+                                              zip(("chosen", "rejected"), analysis.load_truth(folder / "test_truth.npz", 150))})
+    summary_path = analyze([files[1]], folder / "r", n_resamples=0, truth=folder / "shifted_truth.npz").parent
+    coverage = json.loads((summary_path / "summaries.json").read_text())[0]["coverage"]
+    assert coverage["truth"] == str(folder / "shifted_truth.npz")
+    assert coverage["intercept"] == pytest.approx(
+        analysis.summarize(load_scores(files[1]), n_resamples=0)["coverage"]["intercept"] - coverage["slope"], rel=1e-6)
+
+
+def write_npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d, f: [d / "missing.npz"], "does not exist"),
+    (lambda d, f: [write_npz(d / "weights.npz", w=np.zeros(2))], "not a minqr scores file"),
+    (lambda d, f: [write_npz(d / "bad.npz", chosen=np.zeros((3, 2)), rejected=np.zeros((3, 1)),
+                             metadata=np.array(json.dumps({**metadata("quantile", 2, "w"), "format": "minqr-scores/1",
+                                                           "num_quantiles": 2, "minqr_version": "0"})))],
+     "differ in shape"),
+    (lambda d, f: [f[1], f[1]], "same table cell"),
+])
+def test_bad_input_fails_clearly(study, make, message):
+    folder, files = study
+    result = run([*make(folder, files), "--out", folder / "out"])
+    assert result.exit_code == 1
+    assert message in result.output and "Error:" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_quantile_view_of_a_scalar_model(study):
+    folder, files = study
+    result = run([files[0], files[1], "--out", folder / "out", "--view", "q5"])
+    assert result.exit_code == 1
+    assert "view 'q5' needs a quantile model" in result.output and "scalar.jsonl has N=1" in result.output
+    result = run([files[1], "--out", folder / "out", "--view", "q6"])
+    assert result.exit_code == 1 and "out of range" in result.output
+
+
+def test_cli_as_a_script(tmp_path):
+    """The command a user types: a clear line on stderr and exit status 1, no traceback."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "analyze.py"), str(tmp_path / "none.npz"),
+                           "--out", str(tmp_path / "r")], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert "Error: scores file" in done.stderr and "does not exist" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_truth_problems(study):
+    folder, files = study
+    (folder / "test_truth.npz").rename(folder / "moved_truth.npz")
+    result = run([files[1], "--out", folder / "r"])
+    assert result.exit_code == 1 and "names the truth file" in result.output and "--no-truth" in result.output
+    assert analysis.summarize(load_scores(files[1]), n_resamples=0, truth=False)["coverage"] is None
+    result = run([files[1], "--out", folder / "r", "--no-truth", "--truth", folder / "moved_truth.npz"])
+    assert result.exit_code == 2 and "contradict" in result.output
+
+    # a model whose means fall as the true means rise: the report says why it has no coverage
+    flipped = load_scores(files[1])
+    upside_down = save_scores(folder / "flipped.npz", -flipped.chosen[:, ::-1], -flipped.rejected[:, ::-1],
+                              {**flipped.metadata, "truth": "moved_truth.npz"})
+    result = run([upside_down, "--out", folder / "r", "--bootstrap", 0])
+    assert result.exit_code == 0, result.output
+    assert "Coverage not computed for" in (folder / "r" / "report.md").read_text()
+    assert "mean rewards fall as the true means rise" in (folder / "r" / "report.md").read_text()
+    assert not (folder / "r" / "coverage.png").exists()

@@ -1,0 +1,172 @@
+"""The scores file format: round trips in both layouts, and a clear error for every bad file."""
+import json
+
+import numpy as np
+import pytest
+
+from minqr import __version__
+from minqr.errors import MinqrError
+from minqr.scores import FORMAT, Scores, load_scores, save_scores
+
+
+def metadata(head="quantile", n=4, **overrides) -> dict:
+    taus = ((2 * np.arange(n) + 1) / (2 * n)).tolist() if head == "quantile" else None
+    return {"model": "runs/m", "head": head, "data": "data/test.jsonl", "split": "test",
+            "workload": "synthetic test", "taus": taus, "options": {"max_length": 64}, **overrides}
+
+
+def random_outputs(num_pairs, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.normal(size=(2, num_pairs, n)), axis=-1)  # [2, P, N]: chosen, rejected
+
+
+def write_raw_npz(path, chosen, rejected, meta):
+    """A .npz laid out like a scores file but written around save_scores' checks."""
+    np.savez(path, chosen=chosen, rejected=rejected, metadata=np.array(json.dumps(meta)))
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".jsonl"])
+@pytest.mark.parametrize("head, num_pairs, n", [("quantile", 7, 10), ("quantile", 1, 3), ("quantile", 5, 1),
+                                                 ("scalar", 6, 1)])
+def test_round_trip(tmp_path, suffix, head, num_pairs, n):
+    chosen, rejected = random_outputs(num_pairs, n, seed=num_pairs * n)  # float64 in, float32 stored
+    path = save_scores(tmp_path / f"scores{suffix}", chosen, rejected, metadata(head, n, extra={"a": [1, 2]}))
+    scores = load_scores(path)
+    np.testing.assert_array_equal(scores.chosen, chosen.astype(np.float32))
+    np.testing.assert_array_equal(scores.rejected, rejected.astype(np.float32))
+    assert scores.chosen.dtype == np.float32 and scores.chosen.shape == (num_pairs, n)
+    assert scores.metadata["format"] == FORMAT and scores.metadata["minqr_version"] == __version__
+    assert scores.metadata["extra"] == {"a": [1, 2]} and scores.metadata["options"] == {"max_length": 64}
+    assert (scores.num_pairs, scores.num_quantiles, scores.head) == (num_pairs, n, head)
+    if head == "scalar":
+        assert scores.taus is None and scores.label == "scalar"
+    else:
+        np.testing.assert_allclose(scores.taus, (2 * np.arange(n) + 1) / (2 * n))
+        assert scores.label == f"quantile N={n}"
+    assert [p.name for p in tmp_path.iterdir()] == [f"scores{suffix}"]  # no temporary left behind
+
+
+def test_npz_needs_no_pickle_and_overwrites(tmp_path):
+    path = tmp_path / "s.npz"
+    save_scores(path, *random_outputs(3, 2, seed=1), metadata(n=2))
+    save_scores(path, *random_outputs(4, 2, seed=2), metadata(n=2, label="QR"))
+    with np.load(path, allow_pickle=False) as archive:
+        assert sorted(archive.files) == ["chosen", "metadata", "rejected"]
+        assert json.loads(str(archive["metadata"]))["label"] == "QR"
+    assert load_scores(path).num_pairs == 4 and load_scores(path).label == "QR"
+
+
+def test_truth_path_is_relative_to_the_scores_file(tmp_path):
+    path = save_scores(tmp_path / "run" / "s.npz", *random_outputs(2, 2), metadata(n=2, truth="../task/truth.npz"))
+    assert load_scores(path).truth_path == tmp_path / "run" / "../task/truth.npz"
+    assert Scores(*random_outputs(2, 2), {**load_scores(path).metadata}).truth_path.as_posix() == "../task/truth.npz"
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MinqrError, match="does not exist.*tools/score.py"):
+        load_scores(tmp_path / "nope.npz")
+
+
+def test_name_must_say_the_layout(tmp_path):
+    with pytest.raises(MinqrError, match=r"\.npz or \.jsonl"):
+        save_scores(tmp_path / "s.csv", *random_outputs(2, 2), metadata(n=2))
+
+
+def test_foreign_npz_files(tmp_path):
+    other = tmp_path / "other.npz"
+    np.savez(other, weights=np.zeros(3))
+    with pytest.raises(MinqrError, match="not a minqr scores file.*weights.*no 'metadata'"):
+        load_scores(other)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"definitely not a zip archive")
+    with pytest.raises(MinqrError, match="not a minqr scores file.*numpy cannot read"):
+        load_scores(garbage)
+    plain_array = tmp_path / "array.npz"
+    with open(plain_array, "wb") as f:
+        np.save(f, np.zeros(3))
+    with pytest.raises(MinqrError, match="not a minqr scores file"):
+        load_scores(plain_array)
+    pickled = tmp_path / "pickled.npz"
+    np.savez(pickled, chosen=np.zeros((2, 1)), rejected=np.zeros((2, 1)), metadata=np.array({"a": 1}, dtype=object))
+    with pytest.raises(MinqrError, match="not a minqr scores file"):
+        load_scores(pickled)
+
+
+def test_other_format_or_version(tmp_path):
+    chosen, rejected = random_outputs(3, 2)
+    not_json = tmp_path / "a.npz"
+    np.savez(not_json, chosen=chosen, rejected=rejected, metadata=np.array("{oops"))
+    with pytest.raises(MinqrError, match="not a minqr scores file"):
+        load_scores(not_json)
+    other_tool = tmp_path / "b.npz"
+    write_raw_npz(other_tool, chosen, rejected, {"format": "rewardbench/2"})
+    with pytest.raises(MinqrError, match="not a minqr scores file"):
+        load_scores(other_tool)
+    newer = tmp_path / "c.npz"
+    write_raw_npz(newer, chosen, rejected, {**metadata(n=2), "format": "minqr-scores/2", "num_quantiles": 2,
+                                            "minqr_version": "9"})
+    with pytest.raises(MinqrError, match="minqr-scores/2.*reads 'minqr-scores/1'"):
+        load_scores(newer)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda c, r: (c, r[:, :1]), r"differ in shape"),
+    (lambda c, r: (c[:-1], r), r"differ in shape"),
+    (lambda c, r: (c.ravel(), r.ravel()), r"must be 2-D"),
+    (lambda c, r: (c[:0], r[:0]), r"no scores"),
+    (lambda c, r: (np.where(np.arange(3)[:, None] == 1, np.nan, c), r), r"'chosen' holds NaN or inf in 1 pairs \(first: pair 1\)"),
+    (lambda c, r: (c, np.full_like(r, np.inf)), r"'rejected' holds NaN or inf in 3 pairs"),
+    (lambda c, r: (c.astype(str), r), r"numeric numpy array"),
+])
+def test_bad_arrays(tmp_path, make, message):
+    chosen, rejected = make(*random_outputs(3, 2))
+    with pytest.raises(MinqrError, match=message):
+        save_scores(tmp_path / "s.npz", chosen, rejected, metadata(n=2))
+    meta = {**metadata(n=2), "format": FORMAT, "num_quantiles": 2, "minqr_version": __version__}
+    write_raw_npz(tmp_path / "raw.npz", chosen, rejected, meta)
+    with pytest.raises(MinqrError, match=message):
+        load_scores(tmp_path / "raw.npz")
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m.pop("workload"), r"misses workload"),
+    (lambda m: m.pop("model"), r"misses model"),
+    (lambda m: m.update(head="distributional"), r"head='distributional'"),
+    (lambda m: m.update(taus=[0.25, 0.75]), r"taus must list the N=3"),
+    (lambda m: m.update(taus=[0.5, 0.2, 0.9]), r"taus must list the N=3 increasing"),
+    (lambda m: m.update(taus=None), r"taus must list"),
+    (lambda m: m.update(workload=""), r"workload must be a non-empty string"),
+    (lambda m: m.update(options=[1]), r"options must be a dict"),
+    (lambda m: m.update(num_quantiles=5), r"num_quantiles=5 but the arrays hold N=3"),
+    (lambda m: m.update(format="minqr-scores/0"), r"save_scores writes minqr-scores/1"),
+    (lambda m: m.update(options={"max_length": np.int64(64)}), r"only JSON values"),
+])
+def test_bad_metadata(tmp_path, change, message):
+    meta = metadata(n=3)
+    change(meta)
+    with pytest.raises(MinqrError, match=message):
+        save_scores(tmp_path / "s.npz", *random_outputs(2, 3), meta)
+
+
+def test_scalar_head_metadata(tmp_path):
+    with pytest.raises(MinqrError, match="scalar head has one output.*N=3"):
+        save_scores(tmp_path / "s.npz", *random_outputs(2, 3), metadata("scalar", 3))
+    with pytest.raises(MinqrError, match="taus=.*scalar head"):
+        save_scores(tmp_path / "s.npz", *random_outputs(2, 1), metadata("scalar", 1, taus=[0.5]))
+
+
+def test_bad_jsonl(tmp_path):
+    path = save_scores(tmp_path / "s.jsonl", *random_outputs(3, 2), metadata(n=2))
+    lines = path.read_text().splitlines()
+    cases = {
+        "torn line": (lines[:2] + ['{"chosen": [1.0, 2.0], "rejec'], r"s\.jsonl:3: not JSON"),
+        "a missing side": (lines[:2] + ['{"chosen": [1.0, 2.0]}'], r"s\.jsonl:3: 'rejected' must be a list"),
+        "uneven widths": (lines[:2] + ['{"chosen": [1.0], "rejected": [1.0]}'], r"different numbers of outputs"),
+        "no pairs": (lines[:1], r"no pairs after the metadata line"),
+        "no metadata": (lines[1:], r"s\.jsonl:1: not a minqr scores file"),
+        "nothing": ([], r"empty, not a minqr scores file"),
+    }
+    for name, (content, message) in cases.items():
+        path.write_text("\n".join(content) + "\n")
+        with pytest.raises(MinqrError, match=message):
+            load_scores(path)
