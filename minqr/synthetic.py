@@ -1,0 +1,325 @@
+"""A synthetic preference task whose answer is known: every response has a true reward
+DISTRIBUTION, labels are drawn from it, and the truth is saved beside the data.
+
+Why: on real preference data nobody knows how spread out the reward of a response really is, so
+a distributional reward model cannot be checked, only compared. Here it can.
+
+The task, in full:
+
+- Annotators come from two hidden groups, "casual" (55%) and "formal" (45%). Each pair is
+  labelled by one annotator drawn from the population; nobody is told which group.
+- A response is 2 to 4 distinct tags (e.g. "accurate joke clear"), the reply of a short
+  HH-style dialogue "\\n\\nHuman: <question>\\n\\nAssistant: <tags>". The question carries no
+  reward; the two responses of a pair answer the same question, so the dialogues share their
+  prefix, as in HH-RLHF.
+- Each tag has a reward per group (table `TAGS`, in logit units). Ten tags are clear-cut: every
+  group likes "accurate" (+7.5) and dislikes "unsafe" (-9). Five are controversial: "joke" is +4 for
+  the casual group and -4 for the formal one. A tag is controversial with probability 0.3.
+- An annotator of group g has their own reward for each tag, the group's plus a personal
+  deviation N(0, 0.5^2), and a response's reward is the sum over its tags. So the reward of a
+  response for a random annotator is a mixture of two Gaussians, one per group:
+  narrow for a response of clear-cut tags, wide and often bimodal for one with controversial tags.
+- The annotator prefers a to b with the Bradley-Terry probability sigmoid(r(a) - r(b)), both
+  rewards being that annotator's; `chosen`/`rejected` follow the label.
+
+The Bayes-optimal ranker knows P(a preferred to b) exactly and picks the likelier side; its
+accuracy on the test pairs (`task.json`, about 0.87 for the defaults) is the ceiling any reward
+model can reach on them, and a learnt model should get within a few points of it.
+
+Files written by `make_synthetic_task(folder)`:
+
+    train.jsonl, test.jsonl   {"chosen": ..., "rejected": ...} a line (minqr's data format)
+    test_truth.npz            aligned with test.jsonl line by line (P test pairs, G groups, V tags):
+        chosen_samples, rejected_samples     [P, S] float32  the response's reward for S random
+                                                             annotators of the population
+        chosen_group_means, ..._group_stds   [P, G]          the Gaussian of each group: the exact
+        rejected_group_means, ..._group_stds [P, G]          distribution is their mixture with
+        group_weights                        [G]             these weights (see mixture_quantiles)
+        quantile_levels                      [10]            tau_i = (2i+1)/20, the paper's N=10
+        chosen_quantiles, rejected_quantiles [P, 10]         the exact quantiles at those levels
+        preference_probability               [P]             P(chosen preferred to rejected)
+        chosen_tags, rejected_tags           [P, V] int8     which tags each response has
+    task.json                 the task's parameters, the tag table, the Bayes accuracy
+    tokenizer/                a byte-level BPE trained on train.jsonl (minqr.load_tokenizer reads it)
+    model/                    a tiny random GPT-2 (2 layers, 64 wide) with that tokenizer inside:
+                              the `--model` of the offline demo
+
+Rewards are in logit units (a difference of 1 is odds e:1) and, like any Bradley-Terry reward,
+defined up to an additive constant (here: a response without tags would be 0). Compare a learnt
+model with the truth after centring both (or after fitting a shift), never in absolute terms.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.special import expit, ndtr
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+
+from minqr.atomic import atomic_dir
+from minqr.checkpoint import save_gpt2
+from minqr.errors import MinqrError
+from minqr.gpt2 import GPT2, GPT2Config
+from minqr.tokenizer import EOS, Tokenizer
+
+GROUPS = {"casual": 0.55, "formal": 0.45}  # annotator groups and their share of the population
+
+# tag: (reward for the casual group, reward for the formal group), in logit units
+TAGS = {
+    # clear-cut: every annotator agrees
+    "accurate": (7.5, 7.5),
+    "helpful": (6.0, 6.0),
+    "clear": (4.5, 4.5),
+    "thorough": (4.5, 4.5),
+    "polite": (3.0, 3.0),
+    "evasive": (-3.0, -3.0),
+    "vague": (-4.5, -4.5),
+    "rude": (-6.0, -6.0),
+    "wrong": (-7.5, -7.5),
+    "unsafe": (-9.0, -9.0),
+    # controversial: the groups disagree
+    "joke": (4.0, -4.0),
+    "emoji": (3.0, -4.0),
+    "slang": (3.0, -3.0),
+    "formal": (-4.0, 4.0),
+    "disclaimer": (-3.0, 3.0),
+}
+
+QUESTIONS = ("How do I {} my {}?", "Can you help me {} my {}?", "What is the best way to {} my {} this week?")
+VERBS = ("fix", "clean", "paint", "sell", "plan", "insure", "repair", "organise", "decorate", "move")
+NOUNS = ("bike", "garden", "kitchen", "essay", "budget", "dog", "car", "roof", "party", "old piano")
+
+# The demo's backbone: small enough to train in seconds on a 2-core CPU, deep enough to add up tags.
+TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
+TRUTH_LEVELS = (np.arange(10) * 2 + 1) / 20  # tau_i = (2i+1)/(2N), N = 10 (minqr's default head)
+GAUSS_HERMITE_NODES = 64  # E[sigmoid(m + s Z)] to ~1e-12 for the spreads of this task
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """The generating process; the defaults are the task described in the module docstring."""
+
+    tags: tuple = tuple(TAGS)
+    rewards: np.ndarray = field(default_factory=lambda: np.array(list(TAGS.values())).T)  # [G, V]
+    groups: tuple = tuple(GROUPS)
+    group_weights: np.ndarray = field(default_factory=lambda: np.array(list(GROUPS.values())))  # [G]
+    personal_std: float = 0.5  # spread of one annotator's reward for a tag around their group's
+    controversial_rate: float = 0.3  # chance that a drawn tag is a controversial one
+    tags_per_response: tuple = (2, 4)  # inclusive range
+
+    def __post_init__(self):
+        G, V = len(self.groups), len(self.tags)
+        if self.rewards.shape != (G, V):
+            raise MinqrError(f"rewards must be [groups, tags] = [{G}, {V}], got {list(self.rewards.shape)}")
+        if self.group_weights.shape != (G,) or not np.isclose(self.group_weights.sum(), 1.0):
+            raise MinqrError(f"group_weights must be {G} shares summing to 1, got {self.group_weights}")
+        if not self.personal_std > 0:
+            raise MinqrError(f"personal_std must be > 0 (reward distributions are continuous), got {self.personal_std}")
+        lo, hi = self.tags_per_response
+        if not 1 <= lo <= hi <= V:
+            raise MinqrError(f"tags_per_response must satisfy 1 <= low <= high <= {V}, got {self.tags_per_response}")
+
+    @property
+    def controversial(self) -> np.ndarray:
+        """[V] bool: the tags on which the groups disagree."""
+        return np.ptp(self.rewards, axis=0) > 0
+
+    def tag_probabilities(self) -> np.ndarray:
+        """[V] the chance of each tag at a draw: controversial_rate spread over the controversial tags."""
+        controversial = self.controversial
+        return np.where(controversial, self.controversial_rate / controversial.sum(),
+                        (1 - self.controversial_rate) / (~controversial).sum())
+
+    # ---- drawing responses and annotators ----
+
+    def sample_responses(self, rng: np.random.Generator, count: int) -> list:
+        """`count` responses, each a list of distinct tag indices in the order they are written."""
+        lo, hi = self.tags_per_response
+        p = self.tag_probabilities()
+        return [list(rng.choice(len(self.tags), size=rng.integers(lo, hi + 1), replace=False, p=p))
+                for _ in range(count)]
+
+    def tag_counts(self, responses) -> np.ndarray:
+        """Responses (lists of tag indices) -> [P, V] 0/1: the response's reward is counts @ rewards."""
+        counts = np.zeros((len(responses), len(self.tags)), dtype=np.int8)
+        for row, tags in enumerate(responses):
+            counts[row, tags] = 1
+        return counts
+
+    def sample_annotators(self, rng: np.random.Generator, shape) -> np.ndarray:
+        """Fresh annotators from the population: [*shape, V], each one's own reward for every tag."""
+        group = rng.choice(len(self.groups), size=shape, p=self.group_weights)
+        deviation = rng.normal(0.0, self.personal_std, size=(*np.atleast_1d(shape), len(self.tags)))
+        return self.rewards[group] + deviation
+
+    def sample_rewards(self, rng: np.random.Generator, counts: np.ndarray, num_annotators: int) -> np.ndarray:
+        """[P, V] tag counts -> [P, S] the responses' rewards for S annotators drawn afresh for each."""
+        annotators = self.sample_annotators(rng, (len(counts), num_annotators))  # [P, S, V]
+        return np.einsum("psv,pv->ps", annotators, counts.astype(np.float64))
+
+    def sample_labels(self, rng: np.random.Generator, counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
+        """[P] bool: does the pair's annotator (one per pair, drawn here) prefer a to b?"""
+        annotators = self.sample_annotators(rng, len(counts_a))  # [P, V]
+        margin = (annotators * (counts_a - counts_b)).sum(-1)  # the annotator's r(a) - r(b)
+        return rng.random(len(counts_a)) < expit(margin)
+
+    # ---- the exact distributions ----
+
+    def group_moments(self, counts: np.ndarray) -> tuple:
+        """[P, V] tag counts -> (means, stds), each [P, G]: given the group, a response's reward is
+        Gaussian (a sum of independent Gaussian tag rewards)."""
+        means = counts @ self.rewards.T
+        stds = self.personal_std * np.sqrt((counts.astype(np.float64) ** 2).sum(-1))
+        return means, np.repeat(stds[:, None], len(self.groups), axis=1)
+
+    def preference_probability(self, counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
+        """[P] P(a preferred to b), exact up to Gauss-Hermite quadrature error (~1e-12).
+
+        Given the group, r(a) - r(b) is Gaussian (tags in both responses cancel, with their
+        personal deviations), so P = sum_g w_g E[sigmoid(m_g + s Z)], Z standard normal."""
+        difference = (counts_a - counts_b).astype(np.float64)  # [P, V]
+        means, stds = self.group_moments(difference)  # [P, G] each
+        nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
+        weights = weights / weights.sum()  # the probabilists' weights sum to sqrt(2 pi)
+        per_group = expit(means[..., None] + stds[..., None] * nodes) @ weights  # [P, G]
+        return per_group @ self.group_weights
+
+    def to_dict(self) -> dict:
+        return {
+            "groups": dict(zip(self.groups, self.group_weights.tolist())),
+            "tags": {tag: dict(zip(self.groups, self.rewards[:, v].tolist())) for v, tag in enumerate(self.tags)},
+            "controversial_tags": [t for t, c in zip(self.tags, self.controversial) if c],
+            "personal_std": self.personal_std,
+            "controversial_rate": self.controversial_rate,
+            "tags_per_response": list(self.tags_per_response),
+        }
+
+
+def mixture_quantiles(means: np.ndarray, stds: np.ndarray, weights: np.ndarray, levels) -> np.ndarray:
+    """Quantiles of Gaussian mixtures: means, stds [P, G] (stds > 0), weights [G] -> [P, K] for the
+    K levels in (0, 1), by bisection on the mixture's CDF to float64 precision."""
+    levels = np.asarray(levels, dtype=np.float64)
+    means, stds = means[:, None, :], stds[:, None, :]  # [P, 1, G], broadcast over the levels
+    lo = np.broadcast_to((means - 40 * stds).min(-1), (means.shape[0], len(levels))).copy()  # [P, K]
+    hi = np.broadcast_to((means + 40 * stds).max(-1), lo.shape).copy()
+    for _ in range(100):  # each halves the bracket: 2^-100 of it is below float64's resolution
+        mid = (lo + hi) / 2
+        below = ndtr((mid[..., None] - means) / stds) @ weights < levels  # [P, K]
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    return (lo + hi) / 2
+
+
+def render_dialogue(question: str, tags) -> str:
+    return f"\n\nHuman: {question}\n\nAssistant: {' '.join(tags)}"
+
+
+def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int) -> dict:
+    """`count` labelled pairs: texts and [P, V] tag counts of the chosen and rejected responses."""
+    questions = [QUESTIONS[rng.integers(len(QUESTIONS))].format(VERBS[rng.integers(len(VERBS))],
+                                                                NOUNS[rng.integers(len(NOUNS))])
+                 for _ in range(count)]
+    first = task.sample_responses(rng, count)
+    second = task.sample_responses(rng, count)
+    for i in range(count):
+        while second[i] == first[i]:  # an identical pair carries no preference
+            second[i] = task.sample_responses(rng, 1)[0]
+    counts_a, counts_b = task.tag_counts(first), task.tag_counts(second)
+    a_wins = task.sample_labels(rng, counts_a, counts_b)
+    chosen = [f if win else s for f, s, win in zip(first, second, a_wins)]
+    rejected = [s if win else f for f, s, win in zip(first, second, a_wins)]
+
+    def texts(responses):
+        return [render_dialogue(q, [task.tags[t] for t in r]) for q, r in zip(questions, responses)]
+
+    return {"chosen": texts(chosen), "rejected": texts(rejected),
+            "chosen_tags": task.tag_counts(chosen), "rejected_tags": task.tag_counts(rejected)}
+
+
+def truth_arrays(task: SyntheticTask, pairs: dict, rng: np.random.Generator, num_samples: int) -> dict:
+    """The true reward distributions of the pairs' responses (the test_truth.npz arrays)."""
+    arrays = {"group_weights": task.group_weights, "quantile_levels": TRUTH_LEVELS}
+    for side in ("chosen", "rejected"):
+        counts = pairs[f"{side}_tags"]
+        means, stds = task.group_moments(counts)
+        arrays[f"{side}_tags"] = counts
+        arrays[f"{side}_group_means"] = means
+        arrays[f"{side}_group_stds"] = stds
+        arrays[f"{side}_quantiles"] = mixture_quantiles(means, stds, task.group_weights, TRUTH_LEVELS)
+        arrays[f"{side}_samples"] = task.sample_rewards(rng, counts, num_samples).astype(np.float32)
+    arrays["preference_probability"] = task.preference_probability(pairs["chosen_tags"], pairs["rejected_tags"])
+    return arrays
+
+
+def bayes_accuracy(preference_probability: np.ndarray) -> float:
+    """Expected accuracy of the Bayes-optimal ranker over fresh labels of these pairs: it picks
+    the likelier side, which the annotator picks with probability max(p, 1 - p)."""
+    return float(np.maximum(preference_probability, 1 - preference_probability).mean())
+
+
+def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Tokenizer:
+    """A GPT-2-style byte-level BPE trained on `texts`, with <|endoftext|> as its last id."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    tok.add_special_tokens([AddedToken(EOS, special=True)])  # the next id: the last, as in GPT-2
+    return Tokenizer(tok)
+
+
+def tiny_backbone(tokenizer: Tokenizer, seed: int) -> GPT2:
+    """A randomly initialised GPT-2 of TINY_MODEL's shape over the tokenizer's vocabulary."""
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.eos_id,
+                        eos_token_id=tokenizer.eos_id, **TINY_MODEL)
+    with torch.random.fork_rng(devices=[]):  # seed the init without touching the caller's RNG
+        torch.manual_seed(seed)
+        return GPT2(config)
+
+
+def _write_jsonl(path: Path, chosen, rejected) -> None:
+    with open(path, "w") as f:
+        for c, r in zip(chosen, rejected):
+            f.write(json.dumps({"chosen": c, "rejected": r}) + "\n")
+
+
+def make_synthetic_task(folder, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
+                        num_samples: int = 256, task: SyntheticTask | None = None) -> Path:
+    """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
+    atomically). The same arguments give the same data, truth, tokenizer and weights."""
+    if num_train < 1 or num_test < 1 or num_samples < 1:
+        raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
+                         f"got {num_train}, {num_test} and {num_samples}")
+    task = task or SyntheticTask()
+    # independent streams, so that e.g. more truth samples leave the data unchanged
+    data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
+    train = sample_pairs(task, data_rng, num_train)
+    test = sample_pairs(task, data_rng, num_test)
+    truth = truth_arrays(task, test, truth_rng, num_samples)
+    p = truth["preference_probability"]
+    summary = {
+        "description": "minqr synthetic preference task (see minqr/synthetic.py)",
+        "seed": seed, "num_train": num_train, "num_test": num_test, "truth_samples": num_samples,
+        **task.to_dict(),
+        # the ceiling for a reward model on test.jsonl: expected over fresh labels ...
+        "bayes_accuracy": bayes_accuracy(p),
+        # ... and on the labels test.jsonl actually holds (the chosen side is the likelier one)
+        "bayes_accuracy_on_labels": float(np.mean(np.where(p == 0.5, 0.5, p > 0.5))),
+        "model": TINY_MODEL,
+    }
+    tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
+    with atomic_dir(folder) as tmp:
+        _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"])
+        _write_jsonl(tmp / "test.jsonl", test["chosen"], test["rejected"])
+        with open(tmp / "test_truth.npz", "wb") as f:
+            np.savez_compressed(f, **truth)
+        (tmp / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tokenizer.save(tmp / "tokenizer")
+        save_gpt2(tiny_backbone(tokenizer, seed), tmp / "model")
+        tokenizer.save(tmp / "model")  # a Hugging Face model folder carries its tokenizer
+    return Path(folder)

@@ -1,0 +1,378 @@
+"""RewardModel against transformers' GPT2ForSequenceClassification, against itself run on separate
+sequences (the shared-prefix equality), and the band and scalar export against independent maths."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from factories import (SENTENCES, TINY_EOS_ID, random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint,
+                       write_tiny_tokenizer)
+from safetensors.torch import load_file, save_file
+
+from minqr import MinqrError, load_tokenizer, save_gpt2
+from minqr.batching import collate_pairs
+from minqr.reward import HeadConfig, RewardModel, quantile_band
+
+HEADS = [("scalar", 1), ("quantile", 10), ("quantile", 7)]
+CONFIG = tiny_config(n_positions=160)  # room for the long text of text_batch
+
+
+def random_reward_model(kind="quantile", n=10, seed=0, config=None):
+    """A tiny RewardModel whose every tensor is random, the head's rows included (distinct rows:
+    a swapped or averaged row cannot hide), scaled so that rewards are of order 1."""
+    model = RewardModel(random_gpt2(config or CONFIG, seed), HeadConfig.make(kind, n))
+    rows = torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        model.score.weight.copy_(rows / model.score.in_features ** 0.5)
+    return model.eval()
+
+
+def right_padded(token_lists, pad_id):
+    width = max(map(len, token_lists))
+    ids = torch.full((len(token_lists), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, tokens in enumerate(token_lists):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), layout="tokenizer.json"))
+
+
+def text_batch(tokenizer):
+    """Real texts of very different lengths, one a single token, right padded with EOS."""
+    texts = SENTENCES + ["A", SENTENCES[0] * 3]
+    tokens = tokenizer.encode_batch(texts)
+    assert len(tokens[-2]) == 1 and tokenizer.eos_id not in sum(tokens, [])
+    return right_padded(tokens, tokenizer.eos_id)
+
+
+# ---- parity with transformers and the saved folder ----
+
+@pytest.mark.parametrize("kind,n", HEADS)
+def test_saved_folder_loads_in_transformers_with_equal_outputs(tmp_path, tokenizer, kind, n):
+    model = random_reward_model(kind, n, seed=n)
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(hf).__name__ == "GPT2ForSequenceClassification"
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = hf(ids, attention_mask=mask).logits
+    assert ours.shape == theirs.shape == (len(ids), n)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # and the tokenizer saved beside it is the same tokenizer
+    assert load_tokenizer(tmp_path).encode_batch(SENTENCES) == tokenizer.encode_batch(SENTENCES)
+
+
+@pytest.mark.parametrize("kind,n", HEADS)
+def test_save_then_load_gives_identical_outputs(tmp_path, tokenizer, kind, n):
+    model = random_reward_model(kind, n, seed=3)
+    model.save_pretrained(tmp_path, reward_stats={"mean": 0.25, "std": 1.5})
+    loaded = RewardModel.from_pretrained(tmp_path)
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        assert torch.equal(model(ids, mask), loaded(ids, mask))
+    assert loaded.head_config == model.head_config
+    assert loaded.reward_stats == {"mean": 0.25, "std": 1.5}
+    assert not loaded.training
+    double = RewardModel.from_pretrained(tmp_path, dtype=torch.float64)
+    assert {p.dtype for p in double.parameters()} == {torch.float64}
+
+
+@pytest.mark.parametrize("kind,n", HEADS)
+def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
+    model = random_reward_model(kind, n)
+    args = {"lr": 1e-3, "data": "train.jsonl"}
+    model.save_pretrained(tmp_path, tokenizer=tokenizer, training_args=args, reward_stats={"mean": -1.0, "std": 3.0})
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForSequenceClassification"]
+    assert config["model_type"] == "gpt2"
+    assert config["num_labels"] == n == len(config["id2label"])
+    assert {int(i): label for i, label in config["id2label"].items()} == {i: label for label, i in config["label2id"].items()}
+    assert config["pad_token_id"] == TINY_EOS_ID == tokenizer.eos_id
+    minqr = config["minqr"]
+    assert (minqr["head"], minqr["num_quantiles"]) == (kind, n)
+    assert minqr["quantile_levels"] == pytest.approx([(2 * i + 1) / (2 * n) for i in range(n)], abs=1e-15)
+    assert (minqr["kappa"], minqr["lam"], minqr["margin"]) == (1.0, 0.0 if kind == "scalar" else 1.0, 1.0)
+    assert (minqr["reward_mean"], minqr["reward_std"]) == (-1.0, 3.0)
+    tensors = load_file(tmp_path / "model.safetensors")
+    assert tensors["score.weight"].shape == (n, tiny_config().n_embd)
+    assert torch.equal(tensors["score.weight"], model.score.weight)
+    assert "score.bias" not in tensors
+    assert all(name.startswith("transformer.") for name in tensors if name != "score.weight")
+    assert json.loads((tmp_path / "training_args.json").read_text()) == args
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_save_keeps_other_files_and_replaces_the_model(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    (tmp_path / "checkpoint").mkdir()
+    random_reward_model("quantile", 10, seed=1).save_pretrained(tmp_path)
+    second = random_reward_model("quantile", 4, seed=2)
+    second.save_pretrained(tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n' and (tmp_path / "checkpoint").is_dir()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+    loaded = RewardModel.from_pretrained(tmp_path)
+    assert loaded.num_quantiles == 4 and torch.equal(loaded.score.weight, second.score.weight)
+
+
+# ---- pooling ----
+
+def test_reward_is_read_at_the_last_real_token_with_either_padding():
+    model = random_reward_model("quantile", 5, seed=4)
+    generator = torch.Generator().manual_seed(5)
+    lengths, width = [6, 1, 9], 9
+    texts = [torch.randint(0, 300, (n,), generator=generator) for n in lengths]
+    with torch.no_grad():
+        alone = torch.cat([model(t[None]) for t in texts])  # no mask: the last position
+        right_ids, right_mask = right_padded([t.tolist() for t in texts], TINY_EOS_ID)
+        left_ids = torch.full((3, width), TINY_EOS_ID)
+        left_mask = torch.zeros_like(left_ids)
+        for row, t in enumerate(texts):
+            left_ids[row, width - len(t):], left_mask[row, width - len(t):] = t, 1
+        torch.testing.assert_close(model(right_ids, right_mask), alone, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(left_ids, left_mask), alone, atol=1e-5, rtol=1e-5)
+        # by hand: the head applied to the backbone's hidden state at the last real token
+        hidden = model.transformer(right_ids, right_mask)
+        by_hand = torch.stack([hidden[row, n - 1] @ model.score.weight.T for row, n in enumerate(lengths)])
+        torch.testing.assert_close(model(right_ids, right_mask), by_hand, atol=1e-5, rtol=1e-5)
+
+
+# ---- shared-prefix pairs: THE equality of the issue ----
+
+def random_pairs(seed):
+    """Token-list pairs sharing prefixes of various lengths, with edge cases: no common prefix, one
+    response a prefix of the other, single-token responses, identical prefixes of different length."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tokens(n):
+        return torch.randint(0, 300, (n,), generator=g).tolist()
+
+    pairs = []
+    for prefix_length, chosen_length, rejected_length in [(12, 5, 9), (0, 7, 3), (20, 1, 1), (3, 14, 6), (30, 2, 11)]:
+        prefix = tokens(prefix_length)
+        pairs.append((prefix + tokens(chosen_length), prefix + tokens(rejected_length)))
+    chosen = tokens(10)
+    pairs.append((chosen, chosen[:6]))  # the rejected response is a prefix of the chosen one
+    pairs.append((chosen[:4], chosen))  # and the other way round
+    return pairs
+
+
+def rewards_and_grads(model, run):
+    """Rewards of `run(model)` and the gradient of a fixed random functional of them (averaged
+    over the outputs, as a loss is)."""
+    model.zero_grad()
+    r_chosen, r_rejected = run(model)
+    weights = torch.randn((2, *r_chosen.shape), generator=torch.Generator().manual_seed(7)) / r_chosen.numel()
+    ((weights[0] * r_chosen).sum() + (weights[1] * r_rejected).sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    return r_chosen.detach(), r_rejected.detach(), grads
+
+
+@pytest.mark.parametrize("shared_prefix", [True, False])
+@pytest.mark.parametrize("num_pairs", [1, 7])
+@pytest.mark.parametrize("n", [1, 10])
+def test_forward_pairs_equals_separate_sequences_rewards_and_gradients(shared_prefix, num_pairs, n):
+    model = random_reward_model("scalar" if n == 1 else "quantile", n, seed=11)
+    pairs = random_pairs(seed=num_pairs)[-num_pairs:]
+    chosen, rejected = [c for c, _ in pairs], [r for _, r in pairs]
+    batch = collate_pairs(chosen, rejected, pad_id=TINY_EOS_ID, shared_prefix=shared_prefix)
+    assert batch.shared_prefix == shared_prefix
+
+    def separately(m):
+        return (torch.cat([m(torch.tensor([c])) for c in chosen]),
+                torch.cat([m(torch.tensor([r])) for r in rejected]))
+
+    want_c, want_r, want_grads = rewards_and_grads(model, separately)
+    got_c, got_r, got_grads = rewards_and_grads(model, lambda m: m.forward_pairs(batch))
+    assert got_c.shape == got_r.shape == (num_pairs, n)
+    torch.testing.assert_close(got_c, want_c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_r, want_r, atol=1e-5, rtol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_forward_pairs_hidden_states_are_those_of_the_chosen_text_alone():
+    model = random_reward_model("quantile", 3, seed=12)
+    pairs = random_pairs(seed=13)
+    batch = collate_pairs([c for c, _ in pairs], [r for _, r in pairs], pad_id=TINY_EOS_ID)
+    with torch.no_grad():
+        r_chosen, _, hidden = model.forward_pairs(batch, return_hidden=True)
+        assert torch.equal(r_chosen, model.forward_pairs(batch)[0])
+        for row, (chosen, _) in enumerate(pairs):
+            alone = model.transformer(torch.tensor([chosen]))[0]  # [len, n_embd]
+            torch.testing.assert_close(hidden[row, : len(chosen)], alone, atol=1e-5, rtol=1e-5)
+
+
+# ---- the uncertainty band ----
+
+@pytest.mark.parametrize("n", [1, 2, 7, 10])
+def test_band_equals_an_independent_interpolation(n):
+    quantiles = torch.randn(64, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    levels = np.array([(2 * i + 1) / (2 * n) for i in range(n)])
+    for level in [0.0, 0.3, 0.8, 0.9, 1.0]:
+        reward, lower, upper = quantile_band(quantiles, level)
+        ordered = np.sort(quantiles.numpy(), axis=1)
+        # np.interp is piecewise linear through the points and flat beyond the end points
+        want_lower = [np.interp((1 - level) / 2, levels, row) for row in ordered]
+        want_upper = [np.interp((1 + level) / 2, levels, row) for row in ordered]
+        np.testing.assert_allclose(lower.numpy(), want_lower, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(upper.numpy(), want_upper, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(reward.numpy(), quantiles.numpy().mean(1), rtol=0, atol=1e-12)
+        assert (lower <= upper).all()
+        if level >= 1 - 1 / n:  # the band then spans all quantiles, so it holds their mean
+            assert ((lower <= reward) & (reward <= upper)).all()
+        if n == 1:
+            assert torch.equal(lower, reward) and torch.equal(upper, reward)
+
+
+def test_band_is_exact_at_the_quantile_levels():
+    n = 10
+    quantiles = torch.randn(5, n, dtype=torch.float64).sort(-1).values
+    for i in range(n // 2, n):
+        level = 2 * (2 * i + 1) / (2 * n) - 1  # (1 + level)/2 = tau_i and (1 - level)/2 = tau_{N-1-i}
+        _, lower, upper = quantile_band(quantiles, level)
+        torch.testing.assert_close(upper, quantiles[:, i], atol=1e-12, rtol=0)
+        torch.testing.assert_close(lower, quantiles[:, n - 1 - i], atol=1e-12, rtol=0)
+
+
+def test_reward_band_of_the_model_and_its_errors(tokenizer):
+    model = random_reward_model("quantile", 10, seed=5)
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        reward, lower, upper = model.reward_band(ids, mask, level=0.8)
+        want = quantile_band(model(ids, mask), 0.8)
+    for got, expected in zip((reward, lower, upper), want):
+        assert torch.equal(got, expected)
+    for level in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MinqrError, match="level"):
+            quantile_band(torch.zeros(2, 3), level)
+
+
+# ---- the scalar export ----
+
+def test_to_scalar_is_exactly_the_mean_of_the_quantiles(tmp_path, tokenizer):
+    model = random_reward_model("quantile", 10, seed=6).double()
+    model.reward_stats = {"mean": 0.5, "std": 2.0}
+    scalar = model.to_scalar()
+    assert scalar.head_config == HeadConfig.make("scalar") and scalar.score.weight.shape == (1, 32)
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(scalar(ids, mask)[:, 0], model(ids, mask).mean(-1), atol=1e-12, rtol=0)
+        model.transformer.wte.weight.add_(1.0)  # the export has its own backbone
+        assert not torch.equal(scalar.transformer.wte.weight, model.transformer.wte.weight)
+    scalar.float().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["num_labels"] == 1 and config["minqr"]["head"] == "scalar"
+    assert config["minqr"]["reward_mean"] == 0.5
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, attention_mask=mask).logits, scalar(ids, mask), atol=1e-5, rtol=1e-5)
+
+
+# ---- construction and initialisation ----
+
+def test_from_backbone_loads_the_weights_and_starts_the_quantiles_equal_and_small(tmp_path):
+    written = write_tiny_checkpoint(tmp_path, seed=8)
+    torch.manual_seed(0)
+    model = RewardModel.from_backbone(tmp_path, head="quantile", num_quantiles=5, kappa=0.5, margin=2.0)
+    for name, tensor in written.state_dict().items():
+        assert torch.equal(model.transformer.state_dict()[name], tensor), name
+    assert model.head_config == HeadConfig("quantile", 5, 0.5, 1.0, 2.0)
+    rows = model.score.weight
+    assert rows.shape == (5, 32) and torch.equal(rows, rows[:1].expand(5, -1)) and rows.abs().sum() > 0
+    ids = torch.randint(0, 300, (16, 10), generator=torch.Generator().manual_seed(9))
+    fresh = RewardModel.from_config(tiny_config(), num_quantiles=4)  # GPT-2's own init: unit-scale ln_f
+    with torch.no_grad():
+        rewards = fresh.eval()(ids)
+    assert torch.equal(rewards, rewards[:, :1].expand(-1, 4))  # no spread, no crossing at the start
+    assert 0 < rewards.std() < 0.5
+    assert RewardModel.from_backbone(tmp_path, head="scalar").num_quantiles == 1
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(kind="scalar", num_quantiles=10), "scalar head"),
+    (dict(kind="scalar", lam=1.0), "scalar head"),
+    (dict(kind="distributional"), "head must be one of"),
+    (dict(num_quantiles=0), "num_quantiles"),
+    (dict(kappa=0.0), "kappa"),
+    (dict(lam=-1.0), "lam"),
+    (dict(margin=float("nan")), "margin"),
+])
+def test_bad_head_options(kwargs, words):
+    with pytest.raises(MinqrError, match=words):
+        HeadConfig.make(**kwargs)
+
+
+def test_forward_rejects_masks_it_cannot_read():
+    model = random_reward_model("quantile", 3)
+    ids = torch.randint(0, 300, (2, 5))
+    with pytest.raises(MinqrError, match="no real token"):
+        model(ids, torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]))
+    with pytest.raises(MinqrError, match="forward_pairs"):
+        model(ids, torch.ones(2, 1, 5, 5, dtype=torch.bool))
+    with pytest.raises(MinqrError, match="T >= 1"):
+        model(torch.zeros(2, 0, dtype=torch.long))
+
+
+# ---- loading errors ----
+
+def saved(tmp_path, n=4):
+    model = random_reward_model("quantile", n)
+    model.save_pretrained(tmp_path)
+    return model
+
+
+def test_missing_score_is_named(tmp_path):
+    saved(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["score.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MinqrError, match=r"no score\.weight.*from_backbone"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+def test_misshaped_score_is_named(tmp_path):
+    saved(tmp_path, n=4)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["score.weight"] = torch.zeros(5, 32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MinqrError, match=r"score\.weight is \[5, 32\].*\[4, 32\]"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+def test_inconsistent_config_is_named(tmp_path):
+    saved(tmp_path, n=4)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["minqr"]["num_quantiles"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError, match="num_quantiles=3.*4 labels"):
+        RewardModel.from_pretrained(tmp_path)
+    del config["minqr"]["kappa"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError, match="lacks kappa"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+def test_plain_gpt2_folder_is_not_a_reward_model(tmp_path):
+    save_gpt2(random_gpt2(), tmp_path)
+    with pytest.raises(MinqrError, match="no minqr section.*from_backbone"):
+        RewardModel.from_pretrained(tmp_path)
+
+
+def test_one_label_classifier_of_another_tool_loads_as_a_scalar_head(tmp_path, tokenizer):
+    hf = transformers_twin(random_gpt2(CONFIG, seed=14), "GPT2ForSequenceClassification", num_labels=1,
+                           pad_token_id=TINY_EOS_ID)
+    with torch.no_grad():
+        hf.score.weight.normal_()
+    hf.save_pretrained(tmp_path)
+    model = RewardModel.from_pretrained(tmp_path)
+    assert model.head_config.kind == "scalar"
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, mask), hf(ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,185 @@
+"""The synthetic task: its files, its determinism, and its truth against the generator itself
+(Monte Carlo over simulated annotators) and against scipy."""
+import json
+import re
+
+import numpy as np
+import pytest
+from scipy import integrate, stats
+from scipy.special import expit
+
+from minqr import MinqrError, load_gpt2, load_tokenizer
+from minqr.data import read_pairs_file
+from minqr.synthetic import (TINY_MODEL, SyntheticTask, bayes_accuracy, make_synthetic_task, mixture_quantiles,
+                             sample_pairs)
+
+SIZES = dict(num_train=300, num_test=300, num_samples=200)
+DIALOGUE = re.compile(r"\n\nHuman: (?P<question>[^\n]+)\n\nAssistant: (?P<tags>[a-z ]+)")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_synthetic_task(tmp_path_factory.mktemp("task") / "synthetic", seed=0, **SIZES)
+
+
+@pytest.fixture(scope="module")
+def truth(folder):
+    with np.load(folder / "test_truth.npz") as arrays:
+        return dict(arrays)
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_seed_same_task_other_seed_other_task(folder, tmp_path):
+    again = make_synthetic_task(tmp_path / "again", seed=0, **SIZES)
+    for name in ("train.jsonl", "test.jsonl", "task.json", "tokenizer/tokenizer.json", "model/model.safetensors",
+                 "model/config.json"):
+        assert (again / name).read_bytes() == (folder / name).read_bytes(), name
+    with np.load(folder / "test_truth.npz") as first, np.load(again / "test_truth.npz") as second:
+        assert first.files == second.files
+        for key in first.files:
+            np.testing.assert_array_equal(first[key], second[key], err_msg=key)
+    other = make_synthetic_task(tmp_path / "other", seed=1, **SIZES)
+    assert (other / "train.jsonl").read_bytes() != (folder / "train.jsonl").read_bytes()
+    assert (other / "model/model.safetensors").read_bytes() != (folder / "model/model.safetensors").read_bytes()
+
+
+def test_files_are_what_the_trainer_reads(folder, truth):
+    task = SyntheticTask()
+    for split, count in (("train", SIZES["num_train"]), ("test", SIZES["num_test"])):
+        pairs, stats_ = read_pairs_file(folder / f"{split}.jsonl")
+        assert len(pairs) == count and stats_.identical == 0
+    test = read_jsonl(folder / "test.jsonl")
+    for side in ("chosen", "rejected"):
+        tags = np.zeros((len(test), len(task.tags)), dtype=np.int8)
+        for row, record in enumerate(test):
+            match = DIALOGUE.fullmatch(record[side])
+            assert match, record[side]
+            for tag in match["tags"].split():
+                tags[row, task.tags.index(tag)] += 1
+        np.testing.assert_array_equal(tags, truth[f"{side}_tags"])  # the truth is aligned line by line
+    for record in test:  # the two responses answer the same question: a shared prefix
+        assert DIALOGUE.fullmatch(record["chosen"])["question"] == DIALOGUE.fullmatch(record["rejected"])["question"]
+
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    assert load_tokenizer(folder / "model").backend.to_str() == tokenizer.backend.to_str()
+    assert tokenizer.eos_id == tokenizer.vocab_size - 1
+    ids = tokenizer.encode_batch([r[side] for r in test for side in ("chosen", "rejected")])
+    assert tokenizer.eos_id not in {i for row in ids for i in row}
+    assert tokenizer.decode(ids[0]) == test[0]["chosen"]
+    model = load_gpt2(folder / "model")
+    config = model.config
+    assert {k: getattr(config, k) for k in TINY_MODEL} == TINY_MODEL
+    assert (config.vocab_size, config.eos_token_id) == (tokenizer.vocab_size, tokenizer.eos_id)
+    assert max(map(len, ids)) <= config.n_positions
+
+    P, S, G, V = SIZES["num_test"], SIZES["num_samples"], len(task.groups), len(task.tags)
+    shapes = {"group_weights": (G,), "quantile_levels": (10,), "preference_probability": (P,)}
+    for side in ("chosen", "rejected"):
+        shapes.update({f"{side}_samples": (P, S), f"{side}_group_means": (P, G), f"{side}_group_stds": (P, G),
+                       f"{side}_quantiles": (P, 10), f"{side}_tags": (P, V)})
+    assert {k: v.shape for k, v in truth.items()} == shapes
+    np.testing.assert_allclose(truth["quantile_levels"], [(2 * i + 1) / 20 for i in range(10)], rtol=0, atol=1e-15)
+
+
+def test_task_json_holds_the_bayes_accuracy_of_the_test_pairs(folder, truth):
+    summary = json.loads((folder / "task.json").read_text())
+    p = truth["preference_probability"]
+    assert summary["bayes_accuracy"] == pytest.approx(np.maximum(p, 1 - p).mean(), abs=1e-12)
+    assert summary["bayes_accuracy_on_labels"] == pytest.approx(np.mean(p > 0.5), abs=1e-12)
+    assert summary["tags"]["joke"] == {"casual": 4.0, "formal": -4.0}
+    assert (summary["num_train"], summary["num_test"], summary["seed"]) == (300, 300, 0)
+
+
+def test_preference_probability_is_exact(truth):
+    """Against scipy's adaptive quadrature of the same integral, written out independently."""
+    task = SyntheticTask()
+    for row in range(0, 300, 37):
+        difference = (truth["chosen_tags"][row] - truth["rejected_tags"][row]).astype(float)
+        std = task.personal_std * np.sqrt((difference ** 2).sum())
+        p = 0.0
+        for weight, rewards in zip(task.group_weights, task.rewards):
+            mean = difference @ rewards
+            p += weight * integrate.quad(lambda x: expit(x) * stats.norm.pdf(x, mean, std), -np.inf, np.inf,
+                                         epsabs=1e-13, epsrel=1e-12)[0]
+        assert truth["preference_probability"][row] == pytest.approx(p, abs=1e-10)
+    a, b = truth["chosen_tags"], truth["rejected_tags"]
+    np.testing.assert_allclose(task.preference_probability(a, b) + task.preference_probability(b, a), 1.0, atol=1e-12)
+
+
+def test_bayes_accuracy_against_simulated_annotators(truth):
+    """The generator's own annotators label the test pairs afresh many times: the Bayes ranker's
+    accuracy and each pair's win rate must agree with the exact values."""
+    task = SyntheticTask()
+    rng = np.random.default_rng(123)
+    repeats, p = 2000, truth["preference_probability"]
+    chosen = np.tile(truth["chosen_tags"], (repeats, 1))  # [repeats * P, V]
+    rejected = np.tile(truth["rejected_tags"], (repeats, 1))
+    wins = task.sample_labels(rng, chosen, rejected).reshape(repeats, -1)  # [repeats, P]
+    # each pair's win count is Binomial(repeats, p): neither tail may be implausibly small
+    count = wins.sum(0)
+    assert stats.binom.cdf(count, repeats, p).min() > 1e-5
+    assert stats.binom.sf(count - 1, repeats, p).min() > 1e-5
+    simulated_accuracy = np.mean(wins == (p > 0.5))
+    assert simulated_accuracy == pytest.approx(bayes_accuracy(p), abs=4 * 0.5 / np.sqrt(wins.size))
+
+
+def test_the_default_task_has_a_bayes_accuracy_a_model_can_approach():
+    task = SyntheticTask()
+    pairs = sample_pairs(task, np.random.default_rng(7), 4000)
+    accuracy = bayes_accuracy(task.preference_probability(pairs["chosen_tags"], pairs["rejected_tags"]))
+    assert 0.85 <= accuracy <= 0.92  # a model can reach 0.80, yet many pairs are genuinely contested
+
+
+def test_truth_quantiles_and_samples_are_the_mixture(truth):
+    task = SyntheticTask()
+    levels = truth["quantile_levels"]
+    for side in ("chosen", "rejected"):
+        means, stds, q = truth[f"{side}_group_means"], truth[f"{side}_group_stds"], truth[f"{side}_quantiles"]
+        # the mixture CDF at each quantile is its level (scipy's normal CDF, not minqr's bisection)
+        cdf = (task.group_weights * stats.norm.cdf(q[..., None], means[:, None], stds[:, None])).sum(-1)
+        np.testing.assert_allclose(cdf, np.broadcast_to(levels, cdf.shape), atol=1e-9)
+        # the samples (simulated annotators, tag by tag) follow the same distribution
+        samples = truth[f"{side}_samples"]
+        below = (samples[:, :, None] < q[:, None, :]).mean(axis=(0, 1))  # [10]
+        np.testing.assert_allclose(below, levels, atol=0.01)
+        # group moments by hand: each group's mean is the sum of its tag rewards
+        np.testing.assert_allclose(means, truth[f"{side}_tags"] @ task.rewards.T)
+    # mixture_quantiles on a case with a closed form: one Gaussian
+    q = mixture_quantiles(np.array([[1.0, 1.0]]), np.array([[2.0, 2.0]]), np.array([0.3, 0.7]), levels)
+    np.testing.assert_allclose(q[0], stats.norm.ppf(levels, 1.0, 2.0), atol=1e-10)
+
+
+def test_controversial_responses_have_wider_reward_distributions(truth):
+    task = SyntheticTask()
+    tags = np.concatenate([truth["chosen_tags"], truth["rejected_tags"]])
+    quantiles = np.concatenate([truth["chosen_quantiles"], truth["rejected_quantiles"]])
+    samples = np.concatenate([truth["chosen_samples"], truth["rejected_samples"]])
+    spread = quantiles[:, -1] - quantiles[:, 0]
+    controversial = tags[:, task.controversial].any(1)
+    assert 0.3 < controversial.mean() < 0.8
+    # clear-cut responses: one Gaussian of std 0.5 sqrt(tags) for everybody, so a known spread
+    clear = ~controversial
+    expected = 2 * stats.norm.ppf(0.95) * task.personal_std * np.sqrt(tags[clear].sum(1))
+    np.testing.assert_allclose(spread[clear], expected, atol=1e-8)
+    assert np.median(spread[controversial]) > 3 * np.median(spread[clear])
+    assert np.median(samples[controversial].std(1)) > 3 * np.median(samples[clear].std(1))
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(group_weights=np.array([0.5, 0.6])), "group_weights"),
+    (dict(personal_std=0.0), "personal_std"),
+    (dict(rewards=np.zeros((3, 15))), "rewards"),
+    (dict(tags_per_response=(0, 3)), "tags_per_response"),
+])
+def test_bad_task_parameters(kwargs, words):
+    with pytest.raises(MinqrError, match=words):
+        SyntheticTask(**kwargs)
+
+
+def test_bad_sizes(tmp_path):
+    with pytest.raises(MinqrError, match="num_train"):
+        make_synthetic_task(tmp_path / "x", num_train=0)
+    assert not (tmp_path / "x").exists()
