@@ -13,6 +13,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# mkstemp/mkdtemp create private paths (0600/0700) on purpose; what we publish should have the
+# permissions of an ordinary file or folder, as the user's umask sets them.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _publish_mode(path: Path) -> None:
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
 
 def _fsync_tree(path: Path) -> None:
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
@@ -35,6 +44,7 @@ def atomic_file(path):
     try:
         yield tmp
         _fsync_tree(tmp)
+        _publish_mode(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -49,6 +59,7 @@ def atomic_dir(path):
     try:
         yield tmp
         _fsync_tree(tmp)
+        _publish_mode(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f"{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
