@@ -1,0 +1,271 @@
+"""Using a trained reward model: score every pair of a data set, or export it for other tools.
+
+    chosen, rejected = score_pairs(model, tokenizer, pairs)      # [P, N] float32 each
+    summary = score_to_file("runs/quantile", "hh-rlhf:harmless-base", "scores.npz")
+    export_scalar("runs/quantile", "runs/quantile-scalar")
+
+Scoring reads each response's N outputs (N = 1 for a scalar head, the N quantiles of its reward
+for a quantile head) and keeps them all: the analysis (minqr/analysis.py) needs the whole
+distribution, not only the expected reward. Row p of both arrays is pair p of the data, in the
+data's order, so that a truth file or a second model's scores line up pair by pair.
+
+Speed: pairs are batched by width, widest first, so that little of a batch is padding (and a
+batch too big for memory fails at once, not at the end); a pair's two dialogues share their
+prefix, which is run once (minqr/batching.py); no autograd graph is kept (`torch.inference_mode`).
+One thing is an approximation, and only by default on a GPU: the matrix products run in bfloat16
+(autocast; the weights stay float32), which rounds the outputs to about three significant digits;
+pass dtype="float32" for full precision.
+
+The scalar export: the mean of a quantile head's N outputs is the expected reward, and since every
+output is a linear function of the same features, their mean is the linear function with the
+averaged row (`RewardModel.to_scalar`). The exported folder is a one-label
+GPT2ForSequenceClassification, for tools that want one number per response (PPO trainers,
+RewardBench-style evaluators).
+"""
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from minqr import __version__, hub
+from minqr.analysis import pair_accuracy, quantile_accuracy
+from minqr.batching import TokenizedPairs, tokenize_pairs
+from minqr.data import load_pairs, resolve_source
+from minqr.errors import MinqrError
+from minqr.reward import RewardModel
+from minqr.scores import save_scores
+from minqr.tokenizer import load_tokenizer
+from minqr.train import DTYPES, TRAINING_ARGS_FILE
+
+DEFAULT_BATCH_SIZE = 16  # pairs a batch
+DEFAULT_SPLIT = "test"
+TRUTH_SUFFIX = "_truth.npz"  # the synthetic task's truth for DATA/test.jsonl is DATA/test_truth.npz
+
+
+# ---- scoring -------------------------------------------------------------------------------
+
+def resolve_device(device) -> torch.device:
+    """"auto" -> cuda when torch sees a GPU, else cpu; anything else as torch.device reads it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise MinqrError(f"device {device!r} is not a device: use auto, cpu, cuda or cuda:K") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinqrError(f"device {device}: this torch sees no GPU; use cpu")
+    return device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """The precision of the matrix products: "auto" is bfloat16 on a GPU, float32 elsewhere."""
+    if dtype not in DTYPES:
+        raise MinqrError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    if DTYPES[dtype] is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[dtype]
+
+
+def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: int = DEFAULT_BATCH_SIZE,
+                    shared_prefix: bool = True, device=None, dtype: str = "auto",
+                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The model's outputs on tokenised pairs: (chosen [P, N], rejected [P, N]), float32, row p for
+    pair p. `device` None keeps the model where it is; otherwise the model is moved there. The
+    model runs in eval mode (no dropout) and is returned to its previous mode afterwards."""
+    if batch_size < 1:
+        raise MinqrError(f"batch_size must be at least 1 (got {batch_size})")
+    longest = int(tokenized.row_widths(shared_prefix=False).max(initial=0))
+    positions = model.transformer.config.n_positions
+    if longest > positions:
+        raise MinqrError(f"a text of {longest} tokens is longer than the model's {positions} positions: "
+                         f"tokenise with max_length at most {positions}")
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    compute_dtype = autocast_dtype(dtype, device)
+    autocast = nullcontext() if compute_dtype == torch.float32 else torch.autocast(device.type, dtype=compute_dtype)
+    # Widest first: similar widths share a batch (little padding) and an out-of-memory batch fails
+    # at the first step. Stable, so that equal widths keep the data's order.
+    order = np.argsort(-tokenized.row_widths(shared_prefix), kind="stable")
+    chosen = np.empty((len(tokenized), model.num_quantiles), dtype=np.float32)
+    rejected = np.empty_like(chosen)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        with torch.inference_mode(), tqdm(total=len(tokenized), unit="pair", desc="scoring",
+                                          disable=not progress) as bar:
+            for start in range(0, len(order), batch_size):
+                indices = order[start : start + batch_size]
+                batch = tokenized.batch(indices, shared_prefix).to(device)
+                with autocast:
+                    r_chosen, r_rejected = model.forward_pairs(batch)  # [B, N] each
+                # back to the data's order: batch row b is pair indices[b]
+                chosen[indices] = r_chosen.float().cpu().numpy()
+                rejected[indices] = r_rejected.float().cpu().numpy()
+                bar.update(len(indices))
+    finally:
+        model.train(was_training)
+    return chosen, rejected
+
+
+def score_pairs(model: RewardModel, tokenizer, pairs, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
+                shared_prefix: bool = True, device=None, dtype: str = "auto",
+                progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenise `pairs` (minqr.data.Pair: texts cut from the left to `max_length` tokens) and score
+    them: (chosen [P, N], rejected [P, N]), float32, in the order of `pairs`."""
+    return score_tokenized(model, tokenize_pairs(pairs, tokenizer, max_length), batch_size, shared_prefix,
+                           device, dtype, progress)
+
+
+# ---- the whole job, for tools/score.py -------------------------------------------------------
+
+@dataclass
+class ScoreSummary:
+    """What a scoring run found; str() is what tools/score.py prints."""
+
+    out: Path
+    data_line: str  # where the pairs came from and what was dropped (LoadStats.summary)
+    num_pairs: int
+    num_truncated: int
+    max_length: int
+    taus: list | None  # the quantile levels, None for a scalar head
+    accuracy: float  # ranking by the mean of the outputs; a tie counts half
+    quantile_accuracy: list  # [N] ranking by output k alone
+    seconds: float
+    device: str
+    dtype: str
+    notes: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        n = len(self.quantile_accuracy)
+        lines = [
+            self.data_line,
+            f"scored {self.num_pairs:,} pairs in {self.seconds:.1f} s ({self.num_pairs / self.seconds:,.1f} pairs/s) "
+            f"on {self.device}, {self.dtype}; {self.num_truncated:,} pairs cut from the left to "
+            f"{self.max_length} tokens",
+            f"pair accuracy (on the mean of the {n} outputs): {self.accuracy:.4f}" if n > 1
+            else f"pair accuracy: {self.accuracy:.4f}",
+        ]
+        if self.taus is not None:
+            lines.append("per-quantile accuracy (ranking by quantile k alone):")
+            lines += [f"  q{k:<3} tau={tau:.3f}  {acc:.4f}"
+                      for k, (tau, acc) in enumerate(zip(self.taus, self.quantile_accuracy))]
+        return "\n".join(lines + self.notes + [f"wrote {self.out}"])
+
+
+def training_args(folder: Path) -> dict:
+    """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
+    path = Path(folder) / TRAINING_ARGS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise MinqrError(f"{path} is not valid JSON ({error}): fix or delete it") from None
+
+
+def load_reward_model(model) -> tuple[RewardModel, object, Path]:
+    """(model, tokenizer, folder) from a folder that RewardModel.save_pretrained wrote (or a hub name)."""
+    folder = hub.fetch_model(model)
+    reward_model = RewardModel.from_pretrained(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except MinqrError as error:
+        raise MinqrError(f"{error}. A reward model folder carries its tokenizer (tools/train.py saves it "
+                         "there); copy the tokenizer's files into it") from None
+    vocab_size = reward_model.transformer.config.vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise MinqrError(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model embeds only "
+                         f"{vocab_size}: they do not belong together")
+    return reward_model, tokenizer, folder
+
+
+def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
+                  workload: str | None = None, label: str | None = None, max_length: int | None = None,
+                  batch_size: int = DEFAULT_BATCH_SIZE, shared_prefix: bool = True, device: str = "auto",
+                  dtype: str = "auto", skip_bad: bool = False, progress: bool = True) -> ScoreSummary:
+    """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
+    (.npz or .jsonl, atomically) with the metadata that minqr/analysis.py reads.
+
+    `data`: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with `subset`; `split`, default
+    "test", picks the file) or hh-rlhf:SUBSET. `max_length` defaults to the one the model was
+    trained with (its training_args.json), else its number of positions. `workload` (the row of the
+    report's table) defaults to "FOLDER SPLIT" of the data file, e.g. "harmless-base test".
+    """
+    out = Path(out)
+    if out.suffix not in (".npz", ".jsonl") or out.is_dir():
+        raise MinqrError(f"out {out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
+    if split is not None and Path(data).expanduser().is_file():
+        raise MinqrError(f"split {split!r} picks a file in a folder, but {data} is a file; drop the split")
+    reward_model, tokenizer, folder = load_reward_model(model)
+    positions = reward_model.transformer.config.n_positions
+    if max_length is None:
+        max_length = min(training_args(folder).get("max_length", positions), positions)
+    if max_length > positions:
+        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    data_file = resolve_source(data, split or DEFAULT_SPLIT, subset)
+    pairs, stats = load_pairs(data_file, skip_bad=skip_bad)
+    tokenized = tokenize_pairs(pairs, tokenizer, max_length)
+
+    device = resolve_device(device)
+    started = time.perf_counter()
+    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress)
+    seconds = time.perf_counter() - started
+
+    head = reward_model.head_config
+    # test.jsonl -> "test", test.jsonl.gz -> "test": for a folder this is the split it was read for
+    split_name = data_file.name.split(".")[0]
+    compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
+    metadata = {
+        "model": str(model), "model_path": str(folder), "head": head.kind,
+        "taus": head.levels if head.kind == "quantile" else None,
+        "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
+        "workload": workload or f"{data_file.parent.name} {split_name}",
+        "options": {"max_length": max_length, "shared_prefix": shared_prefix, "batch_size": batch_size,
+                    "dtype": compute_dtype, "device": str(device), "skip_bad": skip_bad},
+        "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(), "minqr_version": __version__,
+    }
+    if label:
+        metadata["label"] = label
+    notes = []
+    truth = data_file.parent / (split_name + TRUTH_SUFFIX)
+    if truth.is_file():
+        dropped = stats.identical + stats.malformed_lines + stats.bad_fields
+        if dropped:
+            notes.append(f"note: {truth} not recorded as the truth: {dropped} lines of {data_file} were dropped, "
+                         "so its rows no longer line up with the pairs")
+        else:
+            metadata["truth"] = str(truth.resolve())
+    save_scores(out, chosen, rejected, metadata)
+
+    mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
+    return ScoreSummary(
+        out=out, data_line=stats.summary(), num_pairs=len(pairs), num_truncated=tokenized.num_truncated,
+        max_length=max_length, taus=metadata["taus"], accuracy=pair_accuracy(mean_chosen, mean_rejected),
+        quantile_accuracy=quantile_accuracy(chosen, rejected).tolist(), seconds=seconds, device=str(device),
+        dtype=compute_dtype, notes=notes)
+
+
+# ---- the scalar export, for tools/export.py --------------------------------------------------
+
+def export_scalar(model, out) -> Path:
+    """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
+    reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json
+    plus an `exported_from` entry. A scalar model is refused: it is already what this makes."""
+    folder = hub.fetch_model(model)
+    out = Path(out)
+    if out.exists() and out.resolve() == folder.resolve():
+        raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
+                         "quantile model; choose another folder")
+    quantile_model, tokenizer, folder = load_reward_model(folder)
+    head = quantile_model.head_config
+    if head.kind == "scalar":
+        raise MinqrError(f"{folder} is already a scalar reward model (one output): use it as it is; the "
+                         "scalar export turns a quantile model into one")
+    args = {**training_args(folder), "exported_from": {
+        "model": str(model), "head": head.to_dict(),
+        "export": "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"}}
+    return quantile_model.to_scalar().save_pretrained(out, tokenizer=tokenizer, training_args=args)

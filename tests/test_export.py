@@ -1,0 +1,131 @@
+"""The scalar export: its one output is the mean of the quantile model's outputs (float64 reference),
+transformers loads it with the same numbers, the files around the weights carry over, bad input."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from click.testing import CliRunner
+from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
+
+from minqr import load_tokenizer
+from minqr.data import Pair
+from minqr.reward import HeadConfig, RewardModel
+from minqr.score import score_pairs
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINING_ARGS = {"max_length": 48, "lr": 1e-5, "head": "quantile"}
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "tools" / "export.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), layout="tokenizer.json"))
+
+
+def save_model(folder, tokenizer, kind="quantile", n=10, seed=0):
+    """A tiny reward model with every tensor random and distinct head rows, saved with its tokenizer,
+    training args and reward statistics."""
+    model = RewardModel(random_gpt2(tiny_config(n_positions=160), seed), HeadConfig.make(kind, n))
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    model.save_pretrained(folder, tokenizer=tokenizer, training_args=TRAINING_ARGS,
+                          reward_stats={"mean": 0.25, "std": 1.5})
+    return folder
+
+
+def text_batch(tokenizer):
+    """Texts of very different lengths (one a single token, one long), right padded with EOS."""
+    tokens = tokenizer.encode_batch(SENTENCES + ["A", SENTENCES[0] * 3])
+    width = max(map(len, tokens))
+    ids = torch.full((len(tokens), width), tokenizer.eos_id)
+    mask = torch.zeros_like(ids)
+    for row, t in enumerate(tokens):
+        ids[row, : len(t)], mask[row, : len(t)] = torch.tensor(t), 1
+    return ids, mask
+
+
+def export(model, out, *extra):
+    return CliRunner().invoke(load_cli(), ["--model", str(model), "--scalar", "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("n", [10, 7, 1])
+def test_export_is_the_mean_of_the_quantiles_and_transformers_loads_it(tmp_path, tokenizer, n):
+    source = save_model(tmp_path / "quantile", tokenizer, n=n, seed=n)
+    result = export(source, tmp_path / "scalar")
+    assert result.exit_code == 0, result.output
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        # both run in float64, so that what differs is only the export: the averaged row, stored in float32
+        expected = RewardModel.from_pretrained(source, dtype=torch.float64)(ids, mask).mean(-1)  # [B]
+        exported = RewardModel.from_pretrained(tmp_path / "scalar", dtype=torch.float64)
+        assert exported.head_config == HeadConfig.make("scalar")
+        ours = exported(ids, mask)  # [B, 1]
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "scalar").eval()
+        theirs = hf(ids, attention_mask=mask).logits  # [B, 1], float32
+    assert type(hf).__name__ == "GPT2ForSequenceClassification" and ours.shape == theirs.shape == (len(ids), 1)
+    assert expected.std() > 0.1  # outputs that differ from text to text: the comparison means something
+    torch.testing.assert_close(ours[:, 0], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs.double(), ours, atol=1e-5, rtol=1e-5)
+
+
+def test_files_around_the_weights_carry_over(tmp_path, tokenizer):
+    source = save_model(tmp_path / "quantile", tokenizer)
+    (tmp_path / "scalar").mkdir()
+    (tmp_path / "scalar" / "notes.txt").write_text("mine")
+    assert export(source, tmp_path / "scalar").exit_code == 0
+    config = json.loads((tmp_path / "scalar" / "config.json").read_text())
+    assert config["num_labels"] == 1 and config["id2label"] == {"0": "reward"}
+    assert config["minqr"]["head"] == "scalar" and config["minqr"]["num_quantiles"] == 1
+    # the statistics of the expected reward are those of the scalar reward
+    assert config["minqr"]["reward_mean"] == 0.25 and config["minqr"]["reward_std"] == 1.5
+    args = json.loads((tmp_path / "scalar" / "training_args.json").read_text())
+    assert {k: args[k] for k in TRAINING_ARGS} == TRAINING_ARGS
+    assert args["exported_from"]["model"] == str(source)
+    assert args["exported_from"]["head"]["num_quantiles"] == 10
+    assert load_tokenizer(tmp_path / "scalar").encode_batch(SENTENCES) == tokenizer.encode_batch(SENTENCES)
+    assert (tmp_path / "scalar" / "notes.txt").read_text() == "mine"  # other files in --out are left alone
+
+
+def test_scoring_the_export_gives_the_mean_of_the_quantile_scores(tmp_path, tokenizer):
+    source = save_model(tmp_path / "quantile", tokenizer, n=5, seed=4)
+    assert export(source, tmp_path / "scalar").exit_code == 0
+    pairs = [Pair(SENTENCES[i], SENTENCES[j], f"pair {i}") for i in range(4) for j in range(4) if i != j]
+    quantile = score_pairs(RewardModel.from_pretrained(source), tokenizer, pairs, max_length=48, progress=False)
+    scalar = score_pairs(RewardModel.from_pretrained(tmp_path / "scalar"), tokenizer, pairs, max_length=48,
+                         progress=False)
+    for q, s in zip(quantile, scalar):
+        assert s.shape == (len(pairs), 1)
+        np.testing.assert_allclose(s[:, 0], q.astype(np.float64).mean(axis=1), atol=1e-5, rtol=0)
+
+
+def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
+    source = save_model(tmp_path / "quantile", tokenizer)
+    scalar = save_model(tmp_path / "scalar", tokenizer, kind="scalar", n=1)
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(source, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    out = tmp_path / "out"
+    cases = [
+        (["--model", str(source), "--out", str(out)], ["nothing to export", "--scalar"]),
+        (["--model", str(scalar), "--scalar", "--out", str(out)], ["already a scalar reward model"]),
+        (["--model", str(source), "--scalar", "--out", str(source)], ["is the model folder itself"]),
+        (["--model", str(no_weights), "--scalar", "--out", str(out)], ["no weights in", "model.safetensors"]),
+    ]
+    for argv, words in cases:
+        result = CliRunner().invoke(load_cli(), argv)
+        assert result.exit_code == 1 and result.output.startswith("Error: "), (argv, result.output)
+        for word in words:
+            assert word in result.output, (argv, result.output)
+        assert "Traceback" not in result.output and not out.exists()
+    assert RewardModel.from_pretrained(source).num_quantiles == 10  # the source is untouched

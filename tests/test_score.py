@@ -1,0 +1,324 @@
+"""Scoring: the arrays against the model run on each text alone (both layouts, any batch size, the
+data's order), the CLI's printed accuracies against the written file, the metadata, and bad input."""
+import gzip
+import importlib.util
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
+
+import minqr
+from minqr import MinqrError, load_tokenizer, save_gpt2
+from minqr.analysis import load_truth
+from minqr.data import Pair, load_pairs
+from minqr.loss import quantile_levels
+from minqr.reward import HeadConfig, RewardModel
+from minqr.score import score_pairs, score_to_file
+from minqr.scores import load_scores
+from minqr.synthetic import make_synthetic_task
+
+ROOT = Path(__file__).resolve().parents[1]
+POSITIONS = 200
+MAX_LENGTH = 100  # below the longest text (142 tokens): one pair is cut from the left
+
+
+def load_cli():
+    spec = importlib.util.spec_from_file_location("score_cli", ROOT / "tools" / "score.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def random_reward_model(kind="quantile", n=10, seed=0, config=None):
+    """A tiny RewardModel with every tensor random, the head's rows distinct (so outputs differ)."""
+    model = RewardModel(random_gpt2(config or tiny_config(n_positions=POSITIONS), seed), HeadConfig.make(kind, n))
+    with torch.no_grad():
+        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed)))
+    return model.eval()
+
+
+def make_pairs(seed=0):
+    """Pairs of every shape the batching must handle, in a random order: a shared prompt with
+    responses of different lengths, one response a prefix of the other, a one-token text, no
+    shared prefix at all, and texts longer than MAX_LENGTH tokens."""
+    rng = np.random.default_rng(seed)
+    dialogues = [s.split("\n\nAssistant:") for s in SENTENCES if "\n\nAssistant:" in s]
+    prompts = [prompt + "\n\nAssistant:" for prompt, _ in dialogues]
+    answers = [answer for _, answer in dialogues]
+    texts = []
+    for _ in range(10):
+        prompt = prompts[rng.integers(len(prompts))]
+        a, b = rng.choice(len(answers), size=2, replace=False)
+        texts.append((prompt + answers[a], prompt + answers[b]))
+    texts += [
+        (SENTENCES[0], SENTENCES[0][: len(SENTENCES[0]) // 2]),  # rejected is a prefix of chosen
+        ("A", SENTENCES[1]),  # a one-token text
+        (SENTENCES[2], SENTENCES[3]),  # nothing shared beyond the speaker tag
+        (SENTENCES[4], SENTENCES[1]),  # nothing shared at all
+        (SENTENCES[0] * 3, SENTENCES[0] * 2 + SENTENCES[1]),  # both cut from the left
+    ]
+    order = rng.permutation(len(texts))
+    return [Pair(texts[i][0], texts[i][1], f"pair {i}") for i in order]
+
+
+def write_jsonl(path, pairs, gzipped=False):
+    lines = "".join(json.dumps({"chosen": p.chosen, "rejected": p.rejected}) + "\n" for p in pairs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if gzipped:
+        with gzip.open(path, "wt") as f:
+            f.write(lines)
+    else:
+        path.write_text(lines)
+    return path
+
+
+def alone(model, tokenizer, text, max_length):
+    """The model's outputs [N] on one text run by itself: no padding, no batch, no shared prefix."""
+    ids = torch.tensor([tokenizer.encode(text)[-max_length:]])
+    with torch.no_grad():
+        return model(ids)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), layout="tokenizer.json"))
+
+
+@pytest.fixture(scope="module")
+def quantile_folder(tmp_path_factory, tokenizer):
+    """A saved quantile model (N=7) with its tokenizer and training args."""
+    folder = tmp_path_factory.mktemp("model")
+    random_reward_model("quantile", 7, seed=7).save_pretrained(folder, tokenizer=tokenizer,
+                                                               training_args={"max_length": MAX_LENGTH})
+    return folder
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("data") / "pairs.jsonl", make_pairs(seed=1))
+
+
+# ---- the arrays ----
+
+@pytest.mark.parametrize("kind,n", [("scalar", 1), ("quantile", 7)])
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_scores_are_each_text_scored_alone_in_the_data_order(tokenizer, kind, n, shared_prefix):
+    model = random_reward_model(kind, n, seed=n)
+    pairs = make_pairs(seed=n)
+    expected_chosen = np.stack([alone(model, tokenizer, p.chosen, MAX_LENGTH) for p in pairs])  # [P, N]
+    expected_rejected = np.stack([alone(model, tokenizer, p.rejected, MAX_LENGTH) for p in pairs])
+    model.train()
+    for batch_size in (1, 6):  # one pair a batch; several batches, the last one short
+        chosen, rejected = score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, batch_size=batch_size,
+                                       shared_prefix=shared_prefix, progress=False)
+        assert chosen.dtype == rejected.dtype == np.float32
+        assert chosen.shape == rejected.shape == (len(pairs), n)
+        np.testing.assert_allclose(chosen, expected_chosen, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(rejected, expected_rejected, atol=1e-5, rtol=1e-5)
+    assert model.training  # scored in eval mode, then given back as it was
+
+
+def test_batches_are_not_in_the_data_order_so_the_order_test_can_fail(tokenizer):
+    from minqr.batching import tokenize_pairs
+
+    widths = tokenize_pairs(make_pairs(seed=1), tokenizer, MAX_LENGTH).row_widths(shared_prefix=True)
+    assert not np.all(np.diff(widths) <= 0)  # widest-first batching reorders these pairs
+
+
+def test_both_layouts_give_the_same_numbers_on_real_data(hh_pairs_path, gpt2_tokenizer_dir):
+    tokenizer = load_tokenizer(gpt2_tokenizer_dir)
+    config = tiny_config(vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                         bos_token_id=tokenizer.eos_id, n_positions=96)
+    model = random_reward_model("quantile", 10, seed=2, config=config)
+    pairs = load_pairs(hh_pairs_path)[0][:48]
+    shared = score_pairs(model, tokenizer, pairs, max_length=48, batch_size=16, progress=False)
+    separate = score_pairs(model, tokenizer, pairs, max_length=48, batch_size=16, shared_prefix=False, progress=False)
+    for a, b in zip(shared, separate):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    # and the first pair against the model run on each text alone
+    np.testing.assert_allclose(shared[0][0], alone(model, tokenizer, pairs[0].chosen, 48), atol=1e-5, rtol=1e-5)
+
+
+def test_bfloat16_scores_are_close_to_float32_but_not_equal(tokenizer):
+    model = random_reward_model("quantile", 10, seed=3)
+    pairs = make_pairs(seed=3)
+    exact = score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, progress=False)[0]
+    bf16 = score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, dtype="bfloat16", progress=False)[0]
+    assert bf16.dtype == np.float32 and not np.array_equal(bf16, exact)
+    assert np.abs(bf16 - exact).max() < 0.05 * (exact.max() - exact.min())
+
+
+def test_texts_longer_than_the_model_are_refused(tokenizer):
+    model = random_reward_model("quantile", 4, seed=0, config=tiny_config(n_positions=128))
+    with pytest.raises(MinqrError, match="142 tokens is longer than the model's 128 positions"):
+        score_pairs(model, tokenizer, make_pairs(), max_length=500, progress=False)
+
+
+# ---- the CLI and the file ----
+
+def printed_accuracies(output):
+    mean = re.search(r"pair accuracy \(on the mean of the (\d+) outputs\): ([0-9.]+)", output)
+    per_quantile = re.findall(r"^\s+q(\d+)\s+tau=([0-9.]+)\s+([0-9.]+)$", output, flags=re.M)
+    return mean, per_quantile
+
+
+def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, quantile_folder, data_file):
+    out = tmp_path / "scores.npz"
+    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file),
+                                             "--out", str(out), "--batch-size", "3"])
+    assert result.exit_code == 0, result.output
+    scores = load_scores(out)
+    # the file holds what the model gives each text alone, in the data file's order
+    model = RewardModel.from_pretrained(quantile_folder)
+    pairs = load_pairs(data_file)[0]
+    expected = np.stack([alone(model, tokenizer, p.chosen, MAX_LENGTH) for p in pairs])
+    np.testing.assert_allclose(scores.chosen, expected, atol=1e-5, rtol=1e-5)
+
+    # recomputed from the file: a win is 1, a tie 1/2
+    def accuracy(c, r):
+        return np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0)), axis=0)
+
+    c, r = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
+    mean, per_quantile = printed_accuracies(result.stdout)
+    assert mean and int(mean[1]) == 7 and mean[2] == f"{accuracy(c.mean(1), r.mean(1)):.4f}"
+    levels = quantile_levels(7, dtype=torch.float64).numpy()
+    assert [int(k) for k, _, _ in per_quantile] == list(range(7))
+    assert [t for _, t, _ in per_quantile] == [f"{t:.3f}" for t in levels]
+    assert [a for _, _, a in per_quantile] == [f"{a:.4f}" for a in accuracy(c, r)]
+    assert len({a for _, _, a in per_quantile}) > 1  # the quantiles rank differently: the check means something
+
+
+def test_scalar_model_prints_one_accuracy(tmp_path, tokenizer, data_file):
+    folder = tmp_path / "scalar"
+    random_reward_model("scalar", 1, seed=5).save_pretrained(folder, tokenizer=tokenizer)
+    out = tmp_path / "scores.jsonl"
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file), "--out", str(out),
+                                             "--max-length", str(MAX_LENGTH)])
+    assert result.exit_code == 0, result.output
+    scores = load_scores(out)
+    assert scores.chosen.shape == (len(load_pairs(data_file)[0]), 1) and scores.taus is None
+    c, r = scores.chosen[:, 0], scores.rejected[:, 0]
+    expected = np.mean((c > r) + 0.5 * (c == r))
+    assert re.search(r"^pair accuracy: ([0-9.]+)$", result.stdout, flags=re.M)[1] == f"{expected:.4f}"
+    assert "per-quantile" not in result.stdout
+
+
+def test_metadata_of_a_folder_split_and_the_options(tmp_path, quantile_folder):
+    pairs = make_pairs(seed=4)
+    write_jsonl(tmp_path / "hh" / "harmless-base" / "test.jsonl.gz", pairs, gzipped=True)
+    out = tmp_path / "scores.npz"
+    argv = ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"), "--subset", "harmless-base",
+            "--out", str(out), "--max-length", "32", "--batch-size", "4", "--no-shared-prefix",
+            "--device", "cpu", "--dtype", "float32"]
+    result = CliRunner().invoke(load_cli(), argv)
+    assert result.exit_code == 0, result.output
+    meta = load_scores(out).metadata
+    assert meta["model"] == str(quantile_folder) and meta["head"] == "quantile" and meta["num_quantiles"] == 7
+    np.testing.assert_array_equal(meta["taus"], quantile_levels(7, dtype=torch.float64).numpy())
+    assert meta["data"] == str(tmp_path / "hh") and meta["subset"] == "harmless-base"
+    assert meta["data_file"] == str(tmp_path / "hh" / "harmless-base" / "test.jsonl.gz")
+    assert meta["split"] == "test" and meta["workload"] == "harmless-base test"
+    assert meta["options"] == {"max_length": 32, "shared_prefix": False, "batch_size": 4, "dtype": "float32",
+                               "device": "cpu", "skip_bad": False}
+    assert meta["minqr_version"] == minqr.__version__ and "truth" not in meta and "label" not in meta
+    tokenizer = load_tokenizer(quantile_folder)
+    longest = [max(map(len, tokenizer.encode_batch([p.chosen, p.rejected]))) for p in pairs]
+    assert meta["num_truncated"] == sum(length > 32 for length in longest)
+    # the defaults: max_length from training_args.json; --workload and --label are written as given
+    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"),
+                                             "--subset", "harmless-base", "--out", str(out),
+                                             "--workload", "Harmless", "--label", "QR N=7"])
+    assert result.exit_code == 0, result.output
+    scores = load_scores(out)
+    assert scores.metadata["options"]["max_length"] == MAX_LENGTH and scores.metadata["options"]["shared_prefix"]
+    assert scores.workload == "Harmless" and scores.label == "QR N=7"
+
+
+def test_synthetic_task_scores_name_their_truth(tmp_path):
+    task = make_synthetic_task(tmp_path / "synthetic", num_train=30, num_test=20, num_samples=8)
+    torch.manual_seed(0)
+    model = RewardModel.from_backbone(task / "model", num_quantiles=5)
+    model.save_pretrained(tmp_path / "model", tokenizer=load_tokenizer(task / "model"))
+    summary = score_to_file(tmp_path / "model", task, tmp_path / "scores.npz", progress=False)
+    scores = load_scores(tmp_path / "scores.npz")
+    assert scores.metadata["truth"] == str((task / "test_truth.npz").resolve())
+    assert scores.workload == "synthetic test" and summary.num_pairs == scores.num_pairs == 20
+    # no training_args.json: texts are kept up to the model's number of positions
+    assert scores.metadata["options"]["max_length"] == model.transformer.config.n_positions
+    true_chosen, _ = load_truth(scores.truth_path, scores.num_pairs)  # it lines up with the scores
+    assert true_chosen.shape == (20, 8)
+    # a dropped line breaks the alignment: the truth is then left out, and the summary says why
+    shutil.copytree(task, tmp_path / "edited")
+    with open(tmp_path / "edited" / "test.jsonl", "a") as f:
+        f.write(json.dumps({"chosen": "same", "rejected": "same"}) + "\n")
+    summary = score_to_file(tmp_path / "model", tmp_path / "edited", tmp_path / "edited.npz", progress=False)
+    assert "truth" not in load_scores(tmp_path / "edited.npz").metadata
+    assert "not recorded as the truth" in str(summary) and "1 lines" in str(summary)
+
+
+# ---- bad input: one clear line, exit 1, no file ----
+
+def broken_folder(tmp_path, tokenizer, quantile_folder, what):
+    folder = tmp_path / "model"
+    if what == "plain GPT-2":
+        save_gpt2(random_gpt2(tiny_config()), folder)
+        tokenizer.save(folder)
+        return folder
+    shutil.copytree(quantile_folder, folder)
+    removed = {"config": ["config.json"], "weights": ["model.safetensors"],
+               "tokenizer": ["tokenizer.json", "tokenizer_config.json"]}[what]
+    for name in removed:
+        (folder / name).unlink()
+    return folder
+
+
+@pytest.mark.parametrize("what,words", [
+    ("config", ["config.json not found"]),
+    ("weights", ["no weights in", "model.safetensors"]),
+    ("tokenizer", ["no tokenizer in", "copy the tokenizer"]),
+    ("plain GPT-2", ["not a minqr reward model", "from_backbone"]),
+])
+def test_bad_model_folder_is_a_clear_error(tmp_path, tokenizer, quantile_folder, data_file, what, words):
+    folder = broken_folder(tmp_path, tokenizer, quantile_folder, what)
+    out = tmp_path / "scores.npz"
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file), "--out", str(out)])
+    assert result.exit_code == 1 and result.output.startswith("Error: ")
+    for word in words:
+        assert word in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_file):
+    bad = tmp_path / "bad.jsonl"
+    lines = data_file.read_text().splitlines()
+    bad.write_text("\n".join(lines[:2] + ["{not json"] + lines[2:]) + "\n")
+    out = tmp_path / "scores.npz"
+    cases = [
+        (["--data", str(tmp_path / "absent.jsonl")], ["no such data file", "absent.jsonl"]),
+        (["--data", str(bad)], [f"{bad}:3", "malformed JSON", "--skip-bad"]),
+        (["--data", str(data_file), "--split", "train"], ["split 'train'", "is a file"]),
+        (["--data", str(data_file), "--out", str(tmp_path / "scores.txt")], [".npz", ".jsonl"]),
+        (["--data", str(data_file), "--max-length", "201"], ["max_length 201", "200 positions"]),
+        (["--data", str(tmp_path), "--subset", "helpful-base"], ["no test.jsonl.gz or test.jsonl"]),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["--data", str(data_file), "--device", "cuda"], ["sees no GPU"]))
+    for argv, words in cases:
+        if "--out" not in argv:
+            argv = argv + ["--out", str(out)]
+        result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder)] + argv)
+        assert result.exit_code == 1 and result.output.startswith("Error: "), (argv, result.output)
+        for word in words:
+            assert word in result.output, (argv, result.output)
+        assert "Traceback" not in result.output and not out.exists()
+    # --skip-bad scores the good lines and says what it skipped
+    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(bad), "--out", str(out),
+                                             "--skip-bad"])
+    assert result.exit_code == 0 and "skipped 1 malformed lines" in result.stdout
+    assert load_scores(out).num_pairs == len(lines)
