@@ -220,13 +220,16 @@ class GPT2(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         """Token ids `[B, T]` -> hidden states `[B, T, n_embd]` after the final layer norm."""
         B, T = input_ids.shape
-        if T > self.config.n_positions:
-            raise MinqrError(
-                f"sequence of {T} tokens is longer than the model's n_positions={self.config.n_positions}: "
-                "truncate the inputs"
-            )
         mask = None if attention_mask is None else attention_mask_4d(attention_mask, T)
         if position_ids is None:
+            # Only a row of one sequence is bounded by n_positions: a packed shared-prefix row
+            # [prefix, chosen, rejected] may be wider, its explicit positions never are (the
+            # batching code truncates every text to at most n_positions tokens).
+            if T > self.config.n_positions:
+                raise MinqrError(
+                    f"sequence of {T} tokens is longer than the model's "
+                    f"n_positions={self.config.n_positions}: truncate the inputs"
+                )
             if attention_mask is not None and attention_mask.dim() == 2:
                 # left padding: count positions from each row's first real token
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

@@ -101,9 +101,12 @@ def shared_prefix_batch(shapes, vocab_size=320, seed=0, additive=False):
 
 
 @pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])
-def test_shared_prefix_mask_equals_running_chosen_and_rejected_separately(additive):
+@pytest.mark.parametrize("shapes", [
+    [(5, 4, 6, 0), (3, 7, 2, 3)],
+    [(29, 30, 30, 0)],  # a row wider than n_positions=64 whose positions (< 59) are not
+], ids=["padded", "wider-than-n_positions"])
+def test_shared_prefix_mask_equals_running_chosen_and_rejected_separately(shapes, additive):
     model = random_gpt2(CONFIGS[0], seed=7)
-    shapes = [(5, 4, 6, 0), (3, 7, 2, 3)]
     ids, mask, positions = shared_prefix_batch(shapes, seed=8, additive=additive)
     packed = model(ids, mask, positions)
     packed_loss, separate_loss = 0.0, 0.0
