@@ -1,0 +1,142 @@
+"""Training checkpoints: everything a run needs to continue bit for bit after an interruption.
+
+A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
+
+    state.pt      model, optimizer and scheduler state dicts, the step, the data position
+                  (epoch, and index of the next batch in that epoch's seeded order) and the random
+                  number generators of every process (torch, CUDA, numpy, python). Read back with
+                  `torch.load(weights_only=True)`, so it holds tensors and plain values only.
+    config.json   the options of the run, which `--resume` compares with the new ones.
+
+Continuing from it gives the weights an uninterrupted run gives: the same batches come next (the
+order of an epoch is a function of the seed and the epoch), dropout draws the same masks (the
+generators are restored), and AdamW and the learning-rate schedule pick up their exact state.
+
+The folder is written with `minqr.atomic.atomic_dir`: a process killed while writing leaves the
+previous checkpoint whole. In the one instant between the two renames of a replacement the old
+checkpoint sits at `OUT/checkpoint.old-*/checkpoint`; `find_checkpoint` looks there too.
+"""
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minqr.atomic import atomic_dir
+from minqr.errors import MinqrError
+
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.json"
+
+
+@dataclass
+class DataPosition:
+    """Where the data stream stands: the next batch to train on is batch `batch` of epoch `epoch`."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint as read back: `folder` it came from, and its contents."""
+
+    folder: Path
+    step: int
+    position: DataPosition
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    rng_states: list  # one per process, indexed by rank
+    config: dict
+
+
+def capture_rng_state() -> dict:
+    """This process's random number generators, as tensors and plain values (weights_only-safe)."""
+    bit_generator, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    python_version, python_internal, python_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {
+            "bit_generator": bit_generator,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "python": {"version": python_version, "internal": list(python_internal), "gauss": python_gauss},
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    """Undo `capture_rng_state`: the generators continue exactly where they were captured."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        (n["bit_generator"], n["keys"].numpy().astype(np.uint32), n["position"], n["has_gauss"], n["cached_gaussian"])
+    )
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
+
+
+def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict) -> Path:
+    """Write `out/checkpoint/` atomically, replacing the previous one only once complete."""
+    folder = Path(out) / CHECKPOINT_DIR
+    state = {
+        "step": step,
+        "position": asdict(position),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng_states": rng_states,
+    }
+    with atomic_dir(folder) as tmp:
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    for stale in Path(out).glob(f"{CHECKPOINT_DIR}.old-*"):  # left by an earlier interrupted save
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def find_checkpoint(out) -> Path | None:
+    """The checkpoint folder of run `out`, or None when it has none (see the module docstring)."""
+    out = Path(out)
+    if (out / CHECKPOINT_DIR / STATE_FILE).is_file():
+        return out / CHECKPOINT_DIR
+    # a kill between atomic_dir's two renames: the previous checkpoint, moved aside but whole
+    moved_aside = sorted(out.glob(f"{CHECKPOINT_DIR}.old-*/{CHECKPOINT_DIR}/{STATE_FILE}"))
+    return moved_aside[-1].parent if moved_aside else None
+
+
+def remove_checkpoints(out) -> None:
+    """Delete run `out`'s checkpoint, and any copy moved aside, before a run starts afresh there."""
+    out = Path(out)
+    for folder in [out / CHECKPOINT_DIR, *out.glob(f"{CHECKPOINT_DIR}.old-*")]:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def load_checkpoint(out) -> Checkpoint:
+    folder = find_checkpoint(out)
+    if folder is None:
+        raise MinqrError(
+            f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}: the run in {out} saved none yet "
+            "(checkpoints are written every --save-every steps); run the command without --resume"
+        )
+    try:
+        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, RuntimeError, ValueError) as e:
+        raise MinqrError(f"--resume: cannot read the checkpoint in {folder} ({e})") from None
+    return Checkpoint(
+        folder=folder, step=state["step"], position=DataPosition(**state["position"]),
+        model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
+        rng_states=state["rng_states"], config=config,
+    )

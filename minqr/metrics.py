@@ -1,0 +1,108 @@
+"""The training log: `metrics.jsonl` (one JSON object a line) and a PNG of its curves.
+
+Two kinds of line, told apart by their keys. Every optimizer step:
+
+    step          1, 2, ...: the number of optimizer steps taken
+    loss          the step's objective (with the centring and LM terms when they are on)
+    accuracy      fraction of the step's pairs whose chosen response has the larger expected
+                  reward (the mean of its quantiles); a tie counts half
+    lr            the learning rate the step used
+    tokens_per_s  real tokens (not padding; a shared prefix once) through the model per second,
+                  all processes together
+    pairs_per_s   pairs per second, likewise: the number to compare across layouts
+
+Every evaluation on the held-out pairs (all of them, with the weights after `step`):
+
+    eval_loss          qr_pairwise_loss alone (no centring or LM term): comparable across runs
+    eval_accuracy      as `accuracy`
+    eval_reward_mean   mean and standard deviation of the expected reward over all held-out
+    eval_reward_std    responses, chosen and rejected; the last evaluation's go into config.json
+    eval_margin        mean over pairs of expected reward chosen minus rejected
+
+Lines are appended and flushed as they come, so a killed run keeps its log up to the kill (its
+last line may be torn). A resumed run first cuts the log back to the checkpoint's step: the steps
+after it are trained again, and the file then reads as if the run had never stopped.
+"""
+import json
+from pathlib import Path
+
+from minqr.atomic import atomic_file
+
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+
+
+def read_metrics(path) -> list[dict]:
+    """The records of a metrics.jsonl, skipping a torn last line."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only a line cut by a kill is malformed: the file is written by this module
+    return records
+
+
+class MetricsLog:
+    """Appends records to `path`; `resume_step=None` starts a new file, an int keeps the records
+    of steps up to and including it (the ones a checkpoint at that step has seen)."""
+
+    def __init__(self, path, resume_step: int | None = None):
+        self.path = Path(path)
+        kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        with atomic_file(self.path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = open(self.path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def plot_curves(records: list[dict], path) -> Path:
+    """Loss and accuracy against the step (training, and evaluation where there is one) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, and none is there on a server
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, (loss_ax, accuracy_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((loss_ax, "loss", "loss"), (accuracy_ax, "accuracy", "pair accuracy")):
+        if train:
+            steps = [r["step"] for r in train]
+            values = [r[key] for r in train]
+            ax.plot(steps, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="train (per step)")
+            ax.plot(steps, _running_mean(values), color="tab:blue", label="train (running mean)")
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval_" + key] for r in evals], "o-", color="tab:orange",
+                    label="held-out")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    accuracy_ax.axhline(0.5, color="gray", linestyle=":", linewidth=0.8)  # chance
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _running_mean(values: list[float], window: int = 20) -> list[float]:
+    """Mean of the last `window` values at each point: per-step training numbers are noisy."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

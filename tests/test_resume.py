@@ -1,0 +1,167 @@
+"""Resuming (--resume): an interrupted run, continued from its checkpoint, reaches exactly the
+weights of a run that was never interrupted: bit for bit on CPU, with dropout on, the data order
+picked up mid-epoch and across epochs, AdamW's moments and the schedule restored. Interruptions
+are an exception after a checkpoint (in process) and a real SIGKILL (a subprocess); a kill while
+a checkpoint is being written leaves the previous one usable.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+import minqr.checkpointing
+import minqr.train
+from minqr.checkpointing import find_checkpoint, load_checkpoint
+from minqr.metrics import read_metrics
+from minqr.train import TrainConfig, train
+from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
+
+STEPS = 8  # 24 pairs in batches of 8: 3 steps an epoch, so the run crosses two epoch boundaries
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    # dropout on: resuming must also restore the random number generators
+    return write_run_inputs(tmp_path_factory.mktemp("inputs"), dropout=0.1, num_train=24)
+
+
+def resume_options(inputs, out, **overrides) -> dict:
+    return tiny_options(inputs, out, **{"max_steps": STEPS, "grad_accum": 2, "eval_every": 3, "save_every": 4,
+                                        **overrides})
+
+
+@pytest.fixture(scope="module")
+def straight_run(inputs, tmp_path_factory):
+    """The reference: the same run, never interrupted."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    train(TrainConfig(**resume_options(inputs, out)), progress=False)
+    return out
+
+
+def assert_same_run(out, reference):
+    """Same weights and optimizer state bit for bit; the same log, timings aside."""
+    weights, expected = load_file(out / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(weights[name], expected[name]), name
+    state, expected_state = (load_checkpoint(o) for o in (out, reference))
+    assert state.step == expected_state.step == STEPS
+    for a, b in zip(state.optimizer["state"].values(), expected_state.optimizer["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in b)
+
+    def without_timings(records):
+        return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+    assert without_timings(read_metrics(out / "metrics.jsonl")) == without_timings(read_metrics(reference / "metrics.jsonl"))
+    config, expected_config = (json.loads((o / "config.json").read_text()) for o in (out, reference))
+    assert config == expected_config  # reward mean/std of the final evaluation included
+
+
+def train_until_checkpoint(options: dict, stop_after: int, monkeypatch) -> None:
+    """Run `options` and stop it with an exception right after it saved the checkpoint of step `stop_after`."""
+    real_save = minqr.train.save_checkpoint
+
+    def save_then_stop(*args, step, **kwargs):
+        real_save(*args, step=step, **kwargs)
+        if step == stop_after:
+            raise Interrupted
+
+    with monkeypatch.context() as patch:
+        patch.setattr(minqr.train, "save_checkpoint", save_then_stop)
+        with pytest.raises(Interrupted):
+            train(TrainConfig(**options), progress=False)
+    assert load_checkpoint(options["out"]).step == stop_after
+
+
+@pytest.mark.parametrize("stop_after", [4, 3])  # mid-epoch (epoch 1, batch 1); at the end of epoch 0
+def test_resumed_run_equals_the_uninterrupted_one(inputs, straight_run, tmp_path, monkeypatch, stop_after):
+    options = resume_options(inputs, tmp_path / "run", save_every=stop_after)
+    train_until_checkpoint(options, stop_after, monkeypatch)
+    train(TrainConfig(**options, resume=True), progress=False)
+    assert_same_run(tmp_path / "run", straight_run)
+
+
+def test_kill_9_during_training_then_resume(inputs, straight_run, tmp_path):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(resume_options(inputs, out, save_every=2))]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while find_checkpoint(out) is None:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "no checkpoint within 2 minutes"
+            time.sleep(0.01)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = load_checkpoint(out).step
+    assert 2 <= killed_at < STEPS
+    result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, out, save_every=2)), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_same_run(out, straight_run)
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    options = resume_options(inputs, out, max_steps=4, save_every=2)
+    real_save = torch.save
+
+    def torn_save(obj, path, *args, **kwargs):
+        if obj["step"] == 4:  # the second checkpoint dies half-way through its file
+            with open(path, "wb") as f:
+                f.write(b"PK\x03\x04 half a zip")
+            raise Interrupted
+        real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(minqr.checkpointing.torch, "save", torn_save)
+    with pytest.raises(Interrupted):
+        train(TrainConfig(**options), progress=False)
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(out)
+    assert checkpoint.step == 2 and checkpoint.folder == out / "checkpoint"
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []  # no temporary left
+
+
+def test_resume_finds_a_checkpoint_moved_aside_by_an_interrupted_replacement(inputs, straight_run, tmp_path,
+                                                                             monkeypatch):
+    """atomic_dir replaces a folder with two renames; between them the old checkpoint lies at
+    checkpoint.old-*/checkpoint. Resuming from there continues the run, and cleans up."""
+    out = tmp_path / "run"
+    options = resume_options(inputs, out, save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    aside = out / "checkpoint.old-x1y2"
+    aside.mkdir()
+    (out / "checkpoint").rename(aside / "checkpoint")
+    train(TrainConfig(**options, resume=True), progress=False)
+    assert_same_run(out, straight_run)
+    assert not aside.exists()
+
+
+def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
+    out = tmp_path / "run"
+    options = resume_options(inputs, out, max_steps=3, eval_every=0)
+    train(TrainConfig(**options), progress=False)
+    changed = {**options, "lr": 1e-4, "head": "scalar", "save_every": 1, "eval_every": 2}
+    result = CliRunner().invoke(load_cli(), [*as_argv(changed), "--resume"])
+    assert result.exit_code == 1
+    assert "--lr 0.0001" in result.output and "--head 'scalar'" in result.output
+    assert "--save-every" not in result.output and "--eval-every" not in result.output  # these may change
+
+
+def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):
+    result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
+    assert result.exit_code == 1
+    assert "no checkpoint" in result.output and "without --resume" in result.output
