@@ -11,6 +11,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.minqr-installed
+# The torch installed into .venv when none is importable there. On this project's machines pip
+# finds the CPU build of 2.13.0 on disk; elsewhere PyPI's torch comes with CUDA, and
+# `make test TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"` gets the CPU build.
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 
 DEMO := runs/demo
 STUDY := runs/study
@@ -42,10 +47,10 @@ bench: $(INSTALLED)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja numpy
 
 $(INSTALLED): $(PY) setup.py pyproject.toml $(wildcard csrc/*)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) $(TORCH)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@
 

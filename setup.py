@@ -40,7 +40,9 @@ def extension_modules():
     # extension itself is compiled with OpenMP; without it the CPU kernel silently runs serially.
     flags = {"cxx": ["-O3", "-fopenmp"]}
     if use_cuda:
-        flags["nvcc"] = ["-O3", "--use_fast_math", "-lineinfo"]
+        # no --use_fast_math: the kernel is memory-bound, and its approximate exp/division would
+        # eat into the 1e-5 float32 tolerance that the tests hold it to
+        flags["nvcc"] = ["-O3", "-lineinfo"]
     ext = extension(
         name="minqr._C",
         sources=cpp_sources + (cuda_sources if use_cuda else []),

@@ -6,8 +6,13 @@ same filesystem), flush it to disk, then rename it over the destination. A file 
 on POSIX. A directory that already exists cannot be replaced by one rename, so it is first moved
 aside and removed only after the new one is in place; a crash in that instant leaves the old
 copy beside the destination as `<name>.old-*`, still whole.
+
+A process killed while writing leaves its temporary sibling behind (`.<name>.tmp-*`: no
+`finally` runs on SIGKILL); the next write of the same destination removes it, so repeated kills
+during checkpointing do not pile up gigabytes of half-written copies.
 """
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -33,11 +38,30 @@ def _fsync_tree(path: Path) -> None:
             os.close(fd)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (it lives in the directory's entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prepare(path: Path) -> None:
+    """Create the parent folder and remove temporaries that a killed writer of `path` left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.tmp-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temporary path; on success it becomes `path` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
@@ -46,6 +70,7 @@ def atomic_file(path):
         _fsync_tree(tmp)
         _publish_mode(tmp)
         os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -54,7 +79,7 @@ def atomic_file(path):
 def atomic_dir(path):
     """Yield a temporary directory; on success it replaces the directory `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _prepare(path)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         yield tmp
@@ -67,5 +92,6 @@ def atomic_dir(path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

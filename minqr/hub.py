@@ -61,6 +61,10 @@ def fetch_model(name_or_path, announce=_print_to_stderr) -> Path:
     if path.exists():
         raise MinqrError(f"model {name_or_path!r} is a file; a model is a folder (config.json, "
                          "model.safetensors, tokenizer files) or a hub name such as gpt2")
+    if str(name_or_path).startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
+        # looks like a local path (a hub id's owner is not a folder here): a typo, not a download
+        raise MinqrError(f"no such model folder: {name_or_path!r} (a model is a folder with "
+                         "config.json and model.safetensors, or a hub name such as gpt2)")
     name = str(name_or_path)
     offline_help = (
         f"on a machine online run `hf download {name} {MODEL_FILES_TO_DOWNLOAD} "

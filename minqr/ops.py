@@ -123,6 +123,14 @@ if _C is not None:
                 "give backward; call it with compute_grad=True when the inputs require grad "
                 "(minqr.qr_pairwise_loss does)"
             )
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the saved gradients are constants here, so a second
+            # derivative through them would come out as zero instead of failing. Refuse instead.
+            raise RuntimeError(
+                "minqr::qr_pairwise_loss has no second derivative (its backward scales gradients "
+                "saved by the forward); for create_graph=True use qr_pairwise_loss(..., "
+                "impl='reference')"
+            )
         grad_chosen, grad_rejected = ctx.saved_tensors
         # grad_loss is float32 (or float64): scale in that precision, round to the input dtype once.
         scale = grad_loss.unsqueeze(1)

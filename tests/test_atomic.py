@@ -56,3 +56,15 @@ def test_atomic_dir_keeps_old_folder_when_writer_fails(tmp_path):
             raise RuntimeError("killed")
     assert (target / "model.safetensors").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+
+
+@pytest.mark.parametrize("writer", [atomic_file, atomic_dir])
+def test_a_write_removes_what_a_killed_writer_left(tmp_path, writer):
+    # SIGKILL runs no `finally`: simulate the leftovers of two killed writes of the target
+    (tmp_path / ".checkpoint.tmp-abc123").mkdir()
+    (tmp_path / ".checkpoint.tmp-abc123" / "model.safetensors").write_text("torn")
+    (tmp_path / ".checkpoint.tmp-def456").write_text("torn")
+    (tmp_path / ".other.tmp-xyz").write_text("another target's: kept")
+    with writer(tmp_path / "checkpoint") as tmp:
+        (tmp / "model.safetensors").write_text("new") if tmp.is_dir() else tmp.write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-xyz", "checkpoint"]

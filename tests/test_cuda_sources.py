@@ -4,6 +4,7 @@ Machines without a GPU still catch a broken kernel here. It compiles to an objec
 (nothing links or runs), for one architecture (sm_90, the H100 the kernel is tuned for), with the
 flags torch's BuildExtension passes to nvcc.
 """
+import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +28,9 @@ def find_nvcc():
 def test_cuda_sources_compile(tmp_path):
     nvcc = find_nvcc()
     if nvcc is None:
+        # CI sets MINQR_REQUIRE_NVCC=1 so that a machine without nvcc cannot pass silently
+        if os.environ.get("MINQR_REQUIRE_NVCC") == "1":
+            pytest.fail("MINQR_REQUIRE_NVCC=1 but nvcc is not found (set CUDA_HOME or put nvcc on PATH)")
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
     sources = sorted((ROOT / "csrc").glob("*.cu"))
     assert sources, "no csrc/*.cu"
@@ -43,7 +47,7 @@ def test_cuda_sources_compile(tmp_path):
         nvcc, "-c", *map(str, sources), "-odir", str(tmp_path),
         *(f"-I{p}" for p in includes),
         *cpp_extension.COMMON_NVCC_FLAGS,
-        "-std=c++20", "-O3", "--use_fast_math", "-Xcompiler", "-fPIC",
+        "-std=c++20", "-O3", "-Xcompiler", "-fPIC",
         "-gencode", "arch=compute_90,code=sm_90",
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",

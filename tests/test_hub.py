@@ -85,3 +85,14 @@ def test_local_model_folder_is_returned_as_is(tmp_path, offline_hub):
     (tmp_path / "weights.bin").write_bytes(b"")
     with pytest.raises(MinqrError, match="is a file; a model is a folder"):
         hub.fetch_model(tmp_path / "weights.bin")
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, offline_hub, monkeypatch):
+    (tmp_path / "runs").mkdir()
+    monkeypatch.chdir(tmp_path)
+    for typo in ["runs/quantil", "./quantile", str(tmp_path / "runs" / "quantil"), "~/no-such-minqr-run"]:
+        with pytest.raises(MinqrError, match="no such model folder"):
+            hub.fetch_model(typo, announce=pytest.fail)
+    # an owner/name hub id whose owner is no local folder still goes to the hub (here: offline)
+    with pytest.raises(MinqrError, match="not a local folder"):
+        hub.fetch_model("openai-community/gpt2", announce=pytest.fail)

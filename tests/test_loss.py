@@ -305,6 +305,23 @@ def test_torch_compile_fullgraph(dynamic):
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(qc.grad, want_gc)
     torch.testing.assert_close(qr.grad, want_gr)
+    # and against the spec written out, independently of the eager op
+    loss, gc, gr = spec(qc, qr, 0.9, 1.1, 0.7)
+    assert_close(got, np.mean(loss), 1e-5)
+    assert_close(qc.grad, np.asarray(gc) / qc.shape[0], 1e-5)
+    assert_close(qr.grad, np.asarray(gr) / qc.shape[0], 1e-5)
+
+
+@fused
+def test_second_derivative_is_refused_not_zero():
+    qc, qr = (q.requires_grad_() for q in pairs(4, 5, seed=21))
+    loss = qr_pairwise_loss(qc, qr, impl="fused")
+    with pytest.raises(RuntimeError, match="no second derivative.*impl='reference'"):
+        torch.autograd.grad(loss, (qc, qr), create_graph=True)
+    # the reference has one (a gradient penalty through it is not zero)
+    ref = qr_pairwise_loss(qc, qr, impl="reference")
+    (gc, _) = torch.autograd.grad(ref, (qc, qr), create_graph=True)
+    assert torch.autograd.grad(gc.pow(2).sum(), qc)[0].abs().sum() > 0
 
 
 def strided_views(qc, qr):

@@ -2,7 +2,7 @@
 
     python tools/score.py --model runs/quantile --data hh-rlhf:harmless-base --out scores.npz
     python tools/score.py --model runs/quantile --data DIR --subset helpful-base --split test --out s.npz
-    python tools/score.py --model runs/demo/quantile --data runs/demo/synthetic/test.jsonl --out s.npz
+    python tools/score.py --model runs/demo/quantile --data runs/demo/demo-data/test.jsonl --out s.npz
 
 Prints the pair accuracy (ranking by the mean of the outputs) and, for a quantile head, the
 accuracy of ranking by each quantile alone. The work is minqr.score's; tools/analyze.py reads the file.
