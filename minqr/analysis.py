@@ -33,6 +33,7 @@ from scipy.special import expit
 from scipy.stats import gaussian_kde, norm, rankdata
 
 from minqr.errors import MinqrError
+from minqr.reward import ranking_credit
 from minqr.scores import Scores
 
 # The paper does not state its bins or eps. 50 bins resolve a 2,000-pair test set without leaving
@@ -264,7 +265,7 @@ def bootstrap_ci(statistic, *arrays, n_resamples: int = DEFAULT_RESAMPLES, confi
 def pair_accuracy(chosen_reward, rejected_reward) -> float:
     """Share of pairs where the chosen response gets the higher reward; a tie counts half."""
     c, r = np.asarray(chosen_reward, dtype=np.float64), np.asarray(rejected_reward, dtype=np.float64)
-    return float(np.mean((c > r) + 0.5 * (c == r)))
+    return float(np.mean(ranking_credit(c, r)))
 
 
 def wilson_interval(successes: float, trials: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -287,7 +288,7 @@ def quantile_accuracy(chosen, rejected) -> np.ndarray:
     Small k is risk-averse ranking: prefer the response whose bad case is better.
     """
     c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    return np.mean((c > r) + 0.5 * (c == r), axis=0)
+    return np.mean(ranking_credit(c, r), axis=0)
 
 
 def bradley_terry_probability(chosen, rejected) -> np.ndarray:

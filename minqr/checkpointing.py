@@ -3,8 +3,9 @@
 A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
 
     state.pt      model, optimizer and scheduler state dicts, the step, the data position
-                  (epoch, and index of the next batch in that epoch's seeded order) and the random
-                  number generators of every process (torch, CUDA, numpy, python). Read back with
+                  (epoch, and index of the next batch in that epoch's seeded order), the random
+                  number generators of every process (torch, CUDA, numpy, python) and how the
+                  numbers were computed (device type, compute dtype, compile). Read back with
                   `torch.load(weights_only=True)`, so it holds tensors and plain values only.
     config.json   the options of the run, which `--resume` compares with the new ones.
 
@@ -53,6 +54,7 @@ class Checkpoint:
     scheduler: dict
     rng_states: list  # one per process, indexed by rank
     config: dict
+    compute: dict  # {"device": device type, "dtype": compute dtype, "compile": bool} of the run
 
 
 def capture_rng_state() -> dict:
@@ -87,7 +89,8 @@ def restore_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict) -> Path:
+                    optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict,
+                    compute: dict) -> Path:
     """Write `out/checkpoint/` atomically, replacing the previous one only once complete."""
     folder = Path(out) / CHECKPOINT_DIR
     state = {
@@ -97,6 +100,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_states": rng_states,
+        "compute": compute,
     }
     with atomic_dir(folder) as tmp:
         torch.save(state, tmp / STATE_FILE)
@@ -133,10 +137,10 @@ def load_checkpoint(out) -> Checkpoint:
     try:
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
         config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, RuntimeError, ValueError) as e:
+        return Checkpoint(
+            folder=folder, step=state["step"], position=DataPosition(**state["position"]),
+            model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
+            rng_states=state["rng_states"], config=config, compute=state["compute"],
+        )
+    except (OSError, RuntimeError, ValueError, KeyError) as e:  # KeyError: a state.pt of another layout
         raise MinqrError(f"--resume: cannot read the checkpoint in {folder} ({e})") from None
-    return Checkpoint(
-        folder=folder, step=state["step"], position=DataPosition(**state["position"]),
-        model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
-        rng_states=state["rng_states"], config=config,
-    )

@@ -21,7 +21,6 @@ import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +34,8 @@ from minqr.loss import quantile_levels
 
 HEAD_KINDS = ("scalar", "quantile")
 SCORE = "score.weight"
+TRAINING_ARGS_FILE = "training_args.json"  # the options a model was trained with, beside it
+STAGING_DIR = ".staging"  # save_pretrained's files before they are renamed into place
 # The head starts as N equal rows of one random vector whose entries have this std / sqrt(n_embd):
 # on unit-scale features (a freshly initialised ln_f) every reward starts near 0 with std ~0.1.
 HEAD_INIT_SCALE = 0.1
@@ -139,6 +140,13 @@ def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
         return ordered[..., below] * (1 - weight) + upper_neighbour * weight
 
     return quantiles.mean(-1), quantile_at((1 - level) / 2), quantile_at((1 + level) / 2)
+
+
+def ranking_credit(chosen_reward, rejected_reward):
+    """Element-wise, how right a reward ranks each pair: 1 when the chosen response's reward is the
+    higher, 0 when it is the lower, and a tie counts half (a model that cannot tell the two apart
+    scores chance, 0.5). Pair accuracy is its mean. Torch tensors and numpy arrays alike."""
+    return (chosen_reward > rejected_reward) + 0.5 * (chosen_reward == rejected_reward)
 
 
 class RewardModel(nn.Module):
@@ -264,20 +272,23 @@ class RewardModel(nn.Module):
 
         Other files in `folder` stay (a training run keeps its metrics and checkpoints there): the
         new files are written completely into a staging folder beside them, then renamed into
-        place one by one, config.json last, so that a reader never sees a half-written file."""
+        place one by one, config.json last, so that a reader never sees a half-written file. The
+        staging folder is written with minqr.atomic, so what a save killed half-way leaves there
+        is removed by the next save."""
         if reward_stats is not None and not {"mean", "std"} <= set(reward_stats):
             raise MinqrError(f"reward_stats needs 'mean' and 'std', got keys {sorted(reward_stats)}")
         config = self.hf_config(reward_stats)
         tensors = {**hf_tensors(self.transformer), SCORE: self.score.weight.detach().contiguous()}
         extra_files = dict(tokenizer.files()) if tokenizer is not None else {}
         if training_args is not None:
-            extra_files["training_args.json"] = json.dumps(training_args, indent=2, default=str) + "\n"
+            extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=".staging-", dir=folder) as staging:
-            staged = write_hf_folder(Path(staging) / "model", config, tensors, extra_files)
-            for name in sorted(os.listdir(staged), key=lambda n: n == "config.json"):
-                os.replace(staged / name, folder / name)
+        # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
+        # staging folder not yet emptied, and this write replaces both
+        staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
+        for name in sorted(os.listdir(staged), key=lambda n: n == "config.json"):
+            os.replace(staged / name, folder / name)
+        staged.rmdir()
         return folder
 
     @classmethod

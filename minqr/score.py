@@ -24,7 +24,6 @@ RewardBench-style evaluators).
 """
 import json
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,11 +35,11 @@ from minqr import __version__, hub
 from minqr.analysis import pair_accuracy, quantile_accuracy
 from minqr.batching import TokenizedPairs, tokenize_pairs
 from minqr.data import load_pairs, resolve_source
+from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
-from minqr.reward import RewardModel
+from minqr.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.scores import save_scores
 from minqr.tokenizer import load_tokenizer
-from minqr.train import DTYPES, TRAINING_ARGS_FILE
 
 DEFAULT_BATCH_SIZE = 16  # pairs a batch
 DEFAULT_SPLIT = "test"
@@ -48,28 +47,6 @@ TRUTH_SUFFIX = "_truth.npz"  # the synthetic task's truth for DATA/test.jsonl is
 
 
 # ---- scoring -------------------------------------------------------------------------------
-
-def resolve_device(device) -> torch.device:
-    """"auto" -> cuda when torch sees a GPU, else cpu; anything else as torch.device reads it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise MinqrError(f"device {device!r} is not a device: use auto, cpu, cuda or cuda:K") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinqrError(f"device {device}: this torch sees no GPU; use cpu")
-    return device
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """The precision of the matrix products: "auto" is bfloat16 on a GPU, float32 elsewhere."""
-    if dtype not in DTYPES:
-        raise MinqrError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
-    if DTYPES[dtype] is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[dtype]
-
 
 def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: int = DEFAULT_BATCH_SIZE,
                     shared_prefix: bool = True, device=None, dtype: str = "auto",
@@ -86,7 +63,6 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
                          f"tokenise with max_length at most {positions}")
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
-    autocast = nullcontext() if compute_dtype == torch.float32 else torch.autocast(device.type, dtype=compute_dtype)
     # Widest first: similar widths share a batch (little padding) and an out-of-memory batch fails
     # at the first step. Stable, so that equal widths keep the data's order.
     order = np.argsort(-tokenized.row_widths(shared_prefix), kind="stable")
@@ -100,7 +76,7 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 batch = tokenized.batch(indices, shared_prefix).to(device)
-                with autocast:
+                with autocast(device, compute_dtype):
                     r_chosen, r_rejected = model.forward_pairs(batch)  # [B, N] each
                 # back to the data's order: batch row b is pair indices[b]
                 chosen[indices] = r_chosen.float().cpu().numpy()

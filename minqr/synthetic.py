@@ -55,14 +55,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.special import expit, ndtr
-import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import models, pre_tokenizers, trainers
 
 from minqr.atomic import atomic_dir
 from minqr.checkpoint import save_gpt2
 from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.tokenizer import EOS, Tokenizer
+from minqr.loss import quantile_levels
+from minqr.tokenizer import Tokenizer, byte_level_bpe
 
 GROUPS = {"casual": 0.55, "formal": 0.45}  # annotator groups and their share of the population
 
@@ -95,7 +95,7 @@ NOUNS = ("bike", "garden", "kitchen", "essay", "budget", "dog", "car", "roof", "
 TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
-TRUTH_LEVELS = (np.arange(10) * 2 + 1) / 20  # tau_i = (2i+1)/(2N), N = 10 (minqr's default head)
+TRUTH_LEVELS = quantile_levels(10, dtype=torch.float64).numpy()  # the levels of minqr's default head, N = 10
 GAUSS_HERMITE_NODES = 64  # E[sigmoid(m + s Z)] to ~1e-12 for the spreads of this task
 
 
@@ -263,14 +263,10 @@ def bayes_accuracy(preference_probability: np.ndarray) -> float:
 
 def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Tokenizer:
     """A GPT-2-style byte-level BPE trained on `texts`, with <|endoftext|> as its last id."""
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    # vocab_size - 1 learnt tokens, then EOS as the last id, as in GPT-2
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    tok.add_special_tokens([AddedToken(EOS, special=True)])  # the next id: the last, as in GPT-2
-    return Tokenizer(tok)
+    return Tokenizer(byte_level_bpe(models.BPE(), texts, trainer))
 
 
 def tiny_backbone(tokenizer: Tokenizer, seed: int) -> GPT2:

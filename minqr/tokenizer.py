@@ -65,12 +65,17 @@ class Tokenizer:
         return folder
 
 
-def _byte_level_bpe(vocab: Path, merges: Path) -> tokenizers.Tokenizer:
-    backend = tokenizers.Tokenizer(BPE.from_file(str(vocab), str(merges)))
+def byte_level_bpe(bpe: BPE, train_texts=None, trainer=None) -> tokenizers.Tokenizer:
+    """GPT-2's tokenizer around the BPE model `bpe`: byte-level pre-tokenizer and decoder, and EOS
+    as its special token. With `train_texts`, `trainer` (a BpeTrainer) first learns the BPE from
+    them, through the pre-tokenizer, as GPT-2's was learnt."""
+    backend = tokenizers.Tokenizer(bpe)
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
+    if train_texts is not None:
+        backend.train_from_iterator(train_texts, trainer)
     # GPT-2's vocab.json already holds EOS (50256): this marks it special; a vocabulary without
-    # it gets it as a new last id
+    # it gets it as a new last id (hence after training, which would otherwise take that id)
     backend.add_special_tokens([AddedToken(EOS, special=True)])
     return backend
 
@@ -84,7 +89,7 @@ def load_tokenizer(path) -> Tokenizer:
         return Tokenizer(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
     for vocab, merges in BPE_FILE_PAIRS:
         if (folder / vocab).is_file() and (folder / merges).is_file():
-            return Tokenizer(_byte_level_bpe(folder / vocab, folder / merges))
+            return Tokenizer(byte_level_bpe(BPE.from_file(str(folder / vocab), str(folder / merges))))
     raise MinqrError(
         f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt, "
         "or encoder.json + vocab.bpe"

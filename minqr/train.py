@@ -32,7 +32,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,14 +49,12 @@ from minqr.batching import IGNORE_INDEX, length_grouped_batches, tokenize_pairs
 from minqr.checkpointing import DataPosition, capture_rng_state, find_checkpoint, load_checkpoint, \
     remove_checkpoints, restore_rng_state, save_checkpoint
 from minqr.data import load_pairs
+from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.loss import qr_pairwise_loss
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
-from minqr.reward import HEAD_KINDS, HeadConfig, RewardModel
+from minqr.reward import HEAD_KINDS, TRAINING_ARGS_FILE, HeadConfig, RewardModel, ranking_credit
 from minqr.tokenizer import load_tokenizer
-
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}
-TRAINING_ARGS_FILE = "training_args.json"
 
 
 def option(default, help: str, choices=None):
@@ -137,6 +135,13 @@ class TrainConfig:
             raise MinqrError(f"options --head, --num-quantiles, --kappa, --lam, --margin: {error}") from None
         self.num_quantiles, self.lam = head.num_quantiles, head.lam
         self.out = self.out or str(Path("runs") / self.head)
+        if self.demo and Path(self.data).parent == Path("."):
+            # the demo generates its task in the folder of `data`; a hub name such as the default
+            # hh-rlhf:helpful-base, or a bare file name, would put it into the current folder
+            raise MinqrError(f"--demo generates its synthetic task in the folder of --data, and --data "
+                             f"{self.data!r} names none: leave --data out (in Python, build the config with "
+                             "TrainConfig.from_options(demo=True, ...), which fills in the demo's data, model "
+                             "and other options), or give --data FOLDER/train.jsonl")
         if self.dtype not in DTYPES:
             raise MinqrError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         problems = [f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})"
@@ -180,6 +185,8 @@ def demo_defaults(head: str, out=None) -> dict:
 
 # What --resume may change: where and how fast the run computes, and how often it reports (--out
 # names the run, however it is spelt). Everything else decides the weights: a change is an error.
+# A change of device type, compute dtype or compile is allowed (a run must be able to move) but
+# changes the float rounding, and a GPU draws other dropout masks: _Run._restore warns of it.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile")
 
 
@@ -194,6 +201,8 @@ class TrainSummary:
     out: Path
     final_eval: dict | None  # the last evaluation's metrics, None without held-out data
     bayes_accuracy: float | None = None  # the demo's task: the best accuracy any model can reach
+    # under torchrun every process returns a summary; tools/train.py prints process 0's only
+    rank: int = 0
 
     def __str__(self) -> str:
         lines = [f"trained {self.steps} steps in {self.seconds:.0f} s"]
@@ -225,6 +234,16 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @contextmanager
+    def main_first(self):
+        """Run the block in process 0 first and in the others after it: a download or a file that
+        process 0 makes, the others then find in place (and it is announced once)."""
+        if not self.is_main:
+            dist.barrier()
+        yield
+        if self.is_main and self.world_size > 1:
+            dist.barrier()
+
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum each value over the processes (float64, so that counts stay exact)."""
         if self.world_size == 1:
@@ -237,18 +256,8 @@ class Processes:
 def start_processes(device_option: str) -> Processes:
     """Join the process group when launched by torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_option == "auto":
-        device_option = "cuda" if torch.cuda.is_available() else "cpu"
-    if device_option == "cuda" and world_size > 1:
-        device_option = f"cuda:{local_rank}"
-    try:
-        device = torch.device(device_option)
-    except RuntimeError:
-        raise MinqrError(f"--device {device_option!r} is not a device: use cpu, cuda or cuda:K") from None
+    device = resolve_device(device_option, int(os.environ.get("LOCAL_RANK", "0")) if world_size > 1 else None)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise MinqrError(f"--device {device_option}: this torch sees no GPU; use --device cpu")
         torch.cuda.set_device(device)
     if world_size == 1:
         return Processes(0, 1, device)
@@ -298,11 +307,6 @@ class PairObjective(nn.Module):
         return loss, mu_chosen.detach(), mu_rejected.detach()
 
 
-def pair_accuracy_sum(mu_chosen: torch.Tensor, mu_rejected: torch.Tensor) -> torch.Tensor:
-    """Pairs ranked right; a tie counts half (a model that cannot tell scores chance, 0.5)."""
-    return (mu_chosen > mu_rejected).sum() + 0.5 * (mu_chosen == mu_rejected).sum()
-
-
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
     """Linear warmup to the peak, then cosine decay towards 0 (`step` counts from 0)."""
     if step < warmup_steps:
@@ -344,13 +348,17 @@ class _Run:
         self.config, self.procs, self.progress = config, procs, progress
         self.out = Path(config.out)
         self.say = _say if procs.is_main else (lambda message: None)
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = autocast_dtype(config.dtype, procs.device)
+        # what decides the float rounding without being an option of the run (see _restore)
+        self.compute = {"device": procs.device.type, "dtype": str(self.autocast_dtype).removeprefix("torch."),
+                        "compile": config.compile}
         self.checkpoint = self._check_out_folder()
         self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
 
-        self.model_path = hub.fetch_model(config.model)
-        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
-        self.train_pairs, self.eval_pairs = self._load_data()
+        with procs.main_first():  # a hub download happens, and is announced, once
+            self.model_path = hub.fetch_model(config.model)
+            self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+            self.train_pairs, self.eval_pairs = self._load_data()
         per_process = config.batch_size // procs.world_size
         if per_process * procs.world_size != config.batch_size or per_process % config.grad_accum:
             raise MinqrError(f"--batch-size {config.batch_size} must be a multiple of --grad-accum "
@@ -388,12 +396,6 @@ class _Run:
 
     # -- set-up ------------------------------------------------------------------------------
 
-    def _autocast_dtype(self):
-        dtype = DTYPES[self.config.dtype]
-        if dtype is None:
-            dtype = torch.bfloat16 if self.procs.device.type == "cuda" else torch.float32
-        return None if dtype == torch.float32 else dtype
-
     def _check_out_folder(self):
         """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake."""
         config = self.config
@@ -413,11 +415,10 @@ class _Run:
 
         folder = Path(self.config.data).parent
         task_file = folder / "task.json"
-        if self.procs.is_main and not task_file.is_file():
-            self.say(f"demo: generating the synthetic task in {folder}")
-            make_synthetic_task(folder, seed=0)
-        if self.procs.world_size > 1:
-            dist.barrier()
+        with self.procs.main_first():
+            if not task_file.is_file():
+                self.say(f"demo: generating the synthetic task in {folder}")
+                make_synthetic_task(folder, seed=0)
         return json.loads(task_file.read_text())["bayes_accuracy"]
 
     def _load_data(self):
@@ -453,6 +454,12 @@ class _Run:
                      f"{self.procs.world_size}: dropout masks will differ from an uninterrupted run")
         if self.procs.rank < len(rng_states):
             restore_rng_state(rng_states[self.procs.rank])
+        changed = [f"{what} {checkpoint.compute[what]} -> {now}" for what, now in self.compute.items()
+                   if checkpoint.compute[what] != now]
+        if changed:
+            self.say(f"warning: resuming with {', '.join(changed)}: the continuation is no longer bit-identical "
+                     "to an uninterrupted run (the float rounding differs, and a GPU draws other dropout masks "
+                     "than a CPU); resume as the run started for that")
         self.say(f"resuming at step {self.step} (epoch {self.position.epoch}, batch {self.position.batch}) "
                  f"from {checkpoint.folder}")
 
@@ -488,8 +495,8 @@ class _Run:
                     last = self.step == self.total_steps
                     if self.eval_pairs is not None and (last or _every(self.step, config.eval_every)):
                         final_eval = self._evaluate()
-                        bar.write(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
-                                                                   if k != "step"), file=sys.stderr)
+                        self.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
+                                                                   if k != "step"))
                         if log:
                             log.write(final_eval)
                     if last or _every(self.step, config.save_every):
@@ -505,7 +512,8 @@ class _Run:
         if procs.is_main:
             self._save_model(final_eval)
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / CURVES_FILE)
-        return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy)
+        return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy,
+                            rank=procs.rank)
 
     def _epoch_batches(self, epoch: int) -> list:
         widths = self.train_pairs.row_widths(self.config.shared_prefix)
@@ -533,11 +541,11 @@ class _Run:
             # DDP averages the gradients in the last micro-batch's backward; the others only add up
             last = k == len(micro_batches) - 1
             with nullcontext() if last or procs.world_size == 1 else self.objective.no_sync():
-                with self._autocast():
+                with autocast(procs.device, self.autocast_dtype):
                     loss, mu_chosen, mu_rejected = self.objective(batch, config.batch_size, max(lm_tokens, 1.0))
                 (loss * procs.world_size).backward()
             loss_sum += loss.detach()
-            right += pair_accuracy_sum(mu_chosen, mu_rejected)
+            right += ranking_credit(mu_chosen, mu_rejected).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
         loss_value, right_value, real_tokens = procs.all_sum([loss_sum.item(), right.item(), real_tokens])
         if not math.isfinite(loss_value):
@@ -562,11 +570,6 @@ class _Run:
         return TrainingDiverged(f"training diverged at step {self.step + 1}: {what}; stopped. {kept}. "
                                 f"Lower --lr (now {self.config.lr:g}) and train again")
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.procs.device.type, dtype=self.autocast_dtype)
-
     @torch.no_grad()
     def _evaluate(self) -> dict:
         """Held-out metrics over all processes; each process scores every world_size-th batch."""
@@ -577,14 +580,14 @@ class _Run:
         totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
         for pair_indices in batches[procs.rank :: procs.world_size]:
             batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
-            with self._autocast():
+            with autocast(procs.device, self.autocast_dtype):
                 r_chosen, r_rejected = self.model.forward_pairs(batch)
             r_chosen, r_rejected = r_chosen.float(), r_rejected.float()  # [B, N]
             loss = qr_pairwise_loss(r_chosen, r_rejected, kappa=config.kappa, lam=config.lam,
                                     margin=config.margin, reduction="sum")
             mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
             rewards = torch.cat([mu_chosen, mu_rejected]).double()
-            totals += [loss.item(), pair_accuracy_sum(mu_chosen, mu_rejected).item(), rewards.sum().item(),
+            totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
                        (rewards ** 2).sum().item(), (mu_chosen - mu_rejected).sum().item()]
         loss, right, reward_sum, reward_square_sum, margin_sum = procs.all_sum(totals.tolist())
         self.model.train()
@@ -616,7 +619,7 @@ class _Run:
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
-                            config=asdict(self.config))
+                            config=asdict(self.config), compute=self.compute)
         self.saved_step = self.step
 
     def _save_model(self, final_eval: dict | None) -> None:

@@ -29,6 +29,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
                              str(ROOT / "tools" / "train.py"), *argv],
                             capture_output=True, text=True, env=environment, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
+    # only process 0 reports: the summary and each evaluation's line appear once
+    assert result.stdout.count("trained 4 steps") == 1, result.stdout
+    assert result.stderr.count("step 2: eval_loss") == 1, result.stderr
 
     expected, got = (read_metrics(run / "metrics.jsonl") for run in (single, double))
     assert [sorted(r) for r in got] == [sorted(r) for r in expected]

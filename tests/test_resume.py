@@ -2,7 +2,8 @@
 weights of a run that was never interrupted: bit for bit on CPU, with dropout on, the data order
 picked up mid-epoch and across epochs, AdamW's moments and the schedule restored. Interruptions
 are an exception after a checkpoint (in process) and a real SIGKILL (a subprocess); a kill while
-a checkpoint is being written leaves the previous one usable.
+a checkpoint is being written leaves the previous one usable. A resume that changes how the numbers
+are computed (device, compute dtype, compile) is allowed, with a warning.
 """
 import json
 import os
@@ -16,7 +17,6 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-import minqr.checkpointing
 import minqr.train
 from minqr.checkpointing import find_checkpoint, load_checkpoint
 from minqr.metrics import read_metrics
@@ -85,11 +85,13 @@ def train_until_checkpoint(options: dict, stop_after: int, monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("stop_after", [4, 3])  # mid-epoch (epoch 1, batch 1); at the end of epoch 0
-def test_resumed_run_equals_the_uninterrupted_one(inputs, straight_run, tmp_path, monkeypatch, stop_after):
+def test_resumed_run_equals_the_uninterrupted_one(inputs, straight_run, tmp_path, monkeypatch, capsys,
+                                                 stop_after):
     options = resume_options(inputs, tmp_path / "run", save_every=stop_after)
     train_until_checkpoint(options, stop_after, monkeypatch)
     train(TrainConfig(**options, resume=True), progress=False)
     assert_same_run(tmp_path / "run", straight_run)
+    assert "bit-identical" not in capsys.readouterr().err  # computed as before: no warning
 
 
 def test_kill_9_during_training_then_resume(inputs, straight_run, tmp_path):
@@ -114,25 +116,57 @@ def test_kill_9_during_training_then_resume(inputs, straight_run, tmp_path):
     assert_same_run(out, straight_run)
 
 
-def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(inputs, tmp_path, monkeypatch):
+# tools/train.py in a process that SIGKILLs itself half-way through writing the checkpoint of step
+# `kill_at`: no `finally` runs, so whatever the write had made stays on disk, as after a real kill.
+KILL_WHILE_SAVING = """
+import os, runpy, signal
+import torch
+
+real_save = torch.save
+
+def torn_save(obj, path, *args, **kwargs):
+    if obj["step"] == {kill_at}:
+        with open(path, "wb") as f:
+            f.write(b"PK\\x03\\x04 half a zip")
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_save(obj, path, *args, **kwargs)
+
+torch.save = torn_save
+runpy.run_path({train_py!r}, run_name="__main__")
+"""
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(inputs, straight_run, tmp_path):
     out = tmp_path / "run"
-    options = resume_options(inputs, out, max_steps=4, save_every=2)
-    real_save = torch.save
-
-    def torn_save(obj, path, *args, **kwargs):
-        if obj["step"] == 4:  # the second checkpoint dies half-way through its file
-            with open(path, "wb") as f:
-                f.write(b"PK\x03\x04 half a zip")
-            raise Interrupted
-        real_save(obj, path, *args, **kwargs)
-
-    monkeypatch.setattr(minqr.checkpointing.torch, "save", torn_save)
-    with pytest.raises(Interrupted):
-        train(TrainConfig(**options), progress=False)
-    monkeypatch.undo()
+    argv = as_argv(resume_options(inputs, out))  # checkpoints at steps 4 and 8: the kill hits the second
+    driver = KILL_WHILE_SAVING.format(kill_at=STEPS, train_py=str(ROOT / "tools" / "train.py"))
+    killed = subprocess.run([sys.executable, "-c", driver, *argv], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    leftovers = [p.name for p in out.iterdir() if p.name.startswith(".checkpoint.tmp-")]
+    assert len(leftovers) == 1  # the torn write, which nothing could remove
     checkpoint = load_checkpoint(out)
-    assert checkpoint.step == 2 and checkpoint.folder == out / "checkpoint"
-    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []  # no temporary left
+    assert checkpoint.step == 4 and checkpoint.folder == out / "checkpoint"
+    result = CliRunner().invoke(load_cli(), [*argv, "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_same_run(out, straight_run)
+    # the next save of the checkpoint removed the torn write
+    assert [p.name for p in out.iterdir() if p.name.startswith(".checkpoint")] == []
+
+
+def test_resume_warns_when_device_dtype_or_compile_change(inputs, tmp_path, monkeypatch, capsys):
+    options = resume_options(inputs, tmp_path / "run", save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    state_file = tmp_path / "run" / "checkpoint" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    assert state["compute"] == {"device": "cpu", "dtype": "float32", "compile": False}
+    capsys.readouterr()
+    # the run as if it had started on a GPU in bfloat16 (--dtype auto) and compiled
+    torch.save({**state, "compute": {"device": "cuda", "dtype": "bfloat16", "compile": True}}, state_file)
+    train(TrainConfig(**options, resume=True), progress=False)
+    warning = capsys.readouterr().err
+    for words in ["device cuda -> cpu", "dtype bfloat16 -> float32", "compile True -> False",
+                  "no longer bit-identical"]:
+        assert words in warning
 
 
 def test_resume_finds_a_checkpoint_moved_aside_by_an_interrupted_replacement(inputs, straight_run, tmp_path,

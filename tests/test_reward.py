@@ -1,6 +1,9 @@
 """RewardModel against transformers' GPT2ForSequenceClassification, against itself run on separate
 sequences (the shared-prefix equality), and the band and scalar export against independent maths."""
 import json
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,8 +14,9 @@ from factories import (SENTENCES, TINY_EOS_ID, random_gpt2, tiny_config, transfo
 from safetensors.torch import load_file, save_file
 
 from minqr import MinqrError, load_tokenizer, save_gpt2
+from minqr.analysis import pair_accuracy
 from minqr.batching import collate_pairs
-from minqr.reward import HeadConfig, RewardModel, quantile_band
+from minqr.reward import HeadConfig, RewardModel, quantile_band, ranking_credit
 
 HEADS = [("scalar", 1), ("quantile", 10), ("quantile", 7)]
 CONFIG = tiny_config(n_positions=160)  # room for the long text of text_batch
@@ -119,6 +123,54 @@ def test_save_keeps_other_files_and_replaces_the_model(tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
     loaded = RewardModel.from_pretrained(tmp_path)
     assert loaded.num_quantiles == 4 and torch.equal(loaded.score.weight, second.score.weight)
+
+
+# A save in a process that SIGKILLs itself (no `finally` runs, nothing is cleaned up) at one of two
+# moments: while the staging folder is being written, or once it is complete and its files are
+# being renamed into place (after the staging folder's own rename and the first file's).
+KILLED_SAVE = """
+import os, signal, sys
+import minqr.checkpoint
+from minqr.reward import RewardModel
+
+source, out, moment = sys.argv[1:]
+if moment == "writing":
+    def save_file(tensors, path, metadata=None):
+        open(path, "wb").write(b"half a safetensors file")
+        os.kill(os.getpid(), signal.SIGKILL)
+    minqr.checkpoint.save_file = save_file
+else:
+    real_replace, calls = os.replace, []
+    def replace(src, dst):
+        calls.append(src)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_replace(src, dst)
+    os.replace = replace
+RewardModel.from_pretrained(source).save_pretrained(out)
+"""
+
+
+@pytest.mark.parametrize("moment", ["writing", "moving"])
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path, moment):
+    model = random_reward_model("quantile", 4, seed=1)
+    model.save_pretrained(tmp_path / "source")
+    out = tmp_path / "out"
+    killed = subprocess.run([sys.executable, "-c", KILLED_SAVE, str(tmp_path / "source"), str(out), moment],
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")]  # a real kill leaves its staging
+    model.save_pretrained(out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert torch.equal(RewardModel.from_pretrained(out).score.weight, model.score.weight)
+
+
+def test_ranking_credit_counts_a_tie_half_on_tensors_and_arrays():
+    chosen, rejected = [1.0, 2.0, 3.0, -1.0], [0.0, 2.0, 4.0, -1.0]
+    expected = [1.0, 0.5, 0.0, 0.5]
+    assert ranking_credit(torch.tensor(chosen), torch.tensor(rejected)).tolist() == expected
+    assert ranking_credit(np.array(chosen), np.array(rejected)).tolist() == expected
+    assert pair_accuracy(chosen, rejected) == np.mean(expected)  # the analysis' accuracy agrees
 
 
 # ---- pooling ----

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.analysis import load_truth
 from minqr.data import Pair, load_pairs
+from minqr.device import autocast_dtype, resolve_device
 from minqr.loss import quantile_levels
 from minqr.reward import HeadConfig, RewardModel
 from minqr.score import score_pairs, score_to_file
@@ -152,6 +155,32 @@ def test_bfloat16_scores_are_close_to_float32_but_not_equal(tokenizer):
     bf16 = score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, dtype="bfloat16", progress=False)[0]
     assert bf16.dtype == np.float32 and not np.array_equal(bf16, exact)
     assert np.abs(bf16 - exact).max() < 0.05 * (exact.max() - exact.min())
+
+
+def test_device_and_precision_rules(monkeypatch):
+    """minqr.device, shared by scoring and training: auto is the GPU when there is one (under
+    torchrun each process its own), and auto precision is bfloat16 there, float32 on a CPU."""
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert (autocast_dtype("auto", cpu), autocast_dtype("auto", gpu)) == (torch.float32, torch.bfloat16)
+    assert autocast_dtype("bfloat16", cpu) == torch.bfloat16 and autocast_dtype("float32", gpu) == torch.float32
+    with pytest.raises(MinqrError, match="--dtype must be one of auto, float32, bfloat16"):
+        autocast_dtype("float16", cpu)
+    with pytest.raises(MinqrError, match="'gpu' is not a device"):
+        resolve_device("gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == cpu
+    with pytest.raises(MinqrError, match="sees no GPU"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == gpu
+    assert resolve_device("auto", local_rank=1) == resolve_device("cuda", local_rank=1) == torch.device("cuda:1")
+    assert resolve_device("cuda:0", local_rank=1) == torch.device("cuda:0")  # a GPU named stays that GPU
+
+
+def test_scoring_does_not_import_the_training_module():
+    code = "import sys, minqr.score; assert 'minqr.train' not in sys.modules, 'minqr.train imported'"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
 
 
 def test_texts_longer_than_the_model_are_refused(tokenizer):

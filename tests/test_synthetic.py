@@ -5,11 +5,13 @@ import re
 
 import numpy as np
 import pytest
+import torch
 from scipy import integrate, stats
 from scipy.special import expit
 
 from minqr import MinqrError, load_gpt2, load_tokenizer
 from minqr.data import read_pairs_file
+from minqr.loss import quantile_levels
 from minqr.synthetic import (TINY_MODEL, SyntheticTask, bayes_accuracy, make_synthetic_task, mixture_quantiles,
                              sample_pairs)
 
@@ -82,6 +84,8 @@ def test_files_are_what_the_trainer_reads(folder, truth):
                        f"{side}_quantiles": (P, 10), f"{side}_tags": (P, V)})
     assert {k: v.shape for k, v in truth.items()} == shapes
     np.testing.assert_allclose(truth["quantile_levels"], [(2 * i + 1) / 20 for i in range(10)], rtol=0, atol=1e-15)
+    # the levels of the quantile head (N = 10), bit for bit: truth and model line up column by column
+    assert np.array_equal(truth["quantile_levels"], quantile_levels(10, dtype=torch.float64).numpy())
 
 
 def test_task_json_holds_the_bayes_accuracy_of_the_test_pairs(folder, truth):

@@ -6,8 +6,10 @@ import shutil
 import pytest
 import transformers
 from factories import SENTENCES, write_tiny_tokenizer
+from tokenizers import models, pre_tokenizers, trainers
 
 from minqr import MinqrError, load_tokenizer
+from minqr.tokenizer import Tokenizer, byte_level_bpe
 
 LAYOUTS = ["vocab.json", "encoder.json", "tokenizer.json"]
 TRICKY = ["", " ", "Hello world", "  two  spaces\n\n\ttab", "naïve café 🙂 漢字", "a<|endoftext|>b", "<|endoftext|>"]
@@ -58,6 +60,19 @@ def test_endoftext_is_added_to_a_bpe_vocabulary_and_required_in_tokenizer_json(t
     (folder / "tokenizer.json").write_text(json.dumps(data))
     with pytest.raises(MinqrError, match="no <\\|endoftext\\|> token"):
         load_tokenizer(folder)
+
+
+def test_a_trained_byte_level_bpe_is_gpt2_like_with_endoftext_last(tmp_path):
+    """byte_level_bpe with training (what the synthetic task's tokenizer is): EOS is the last id and
+    special, every text round-trips, and saved then loaded it is the same tokenizer."""
+    trainer = trainers.BpeTrainer(vocab_size=299, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(byte_level_bpe(models.BPE(), SENTENCES * 3, trainer))
+    assert tok.eos_id == tok.vocab_size - 1 and tok.vocab_size <= 300
+    texts = SENTENCES + TRICKY
+    assert [tok.decode(tok.encode(t)) for t in texts] == texts
+    assert tok.encode("x<|endoftext|>") == tok.encode("x") + [tok.eos_id]
+    assert load_tokenizer(tok.save(tmp_path)).encode_batch(texts) == tok.encode_batch(texts)
 
 
 def test_real_gpt2_files(gpt2_tokenizer_dir, tmp_path):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
 from minqr.tokenizer import load_tokenizer
@@ -316,3 +317,14 @@ def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     assert result.exit_code == 0, result.output
     assert (data / "train.jsonl").stat().st_mtime_ns == stamp
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 2]  # 2 steps, the final evaluation
+
+
+@pytest.mark.parametrize("data", [None, "hh-rlhf:harmless-base", "train.jsonl"])
+def test_a_demo_config_without_the_demo_data_is_refused(tmp_path, data):
+    """TrainConfig(demo=True) keeps the field defaults (hh-rlhf:helpful-base as the data): the
+    synthetic task would be written into the current folder. from_options fills in the demo's."""
+    given = {"demo": True} if data is None else {"demo": True, "data": data}
+    with pytest.raises(MinqrError, match=r"TrainConfig\.from_options\(demo=True"):
+        TrainConfig(**given)
+    config = TrainConfig.from_options(demo=True, out=str(tmp_path / "demo" / "quantile"))
+    assert config.data == str(tmp_path / "demo" / "demo-data" / "train.jsonl")

@@ -9,9 +9,9 @@ accuracy of ranking by each quantile alone. The work is minqr.score's; tools/ana
 """
 import click
 
+from minqr.device import DTYPES
 from minqr.errors import MinqrError
 from minqr.score import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT, score_to_file
-from minqr.train import DTYPES
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -55,7 +55,8 @@ def main(ctx, **options):
         summary = train(TrainConfig.from_options(**given))
     except MinqrError as error:
         raise click.ClickException(str(error)) from None
-    click.echo(str(summary))
+    if summary.rank == 0:  # under torchrun, once
+        click.echo(str(summary))
 
 
 if __name__ == "__main__":
