@@ -28,23 +28,18 @@ def _publish_mode(path: Path) -> None:
     path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
 
 
-def _fsync_tree(path: Path) -> None:
-    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (it lives in the directory's entries)."""
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (which is where a rename lives), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for f in [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]:
+        _fsync(f)
 
 
 def _prepare(path: Path) -> None:
@@ -70,7 +65,7 @@ def atomic_file(path):
         _fsync_tree(tmp)
         _publish_mode(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -92,6 +87,6 @@ def atomic_dir(path):
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
