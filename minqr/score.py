@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minqr import __version__, hub
+from minqr import hub
 from minqr.analysis import pair_accuracy, quantile_accuracy
 from minqr.batching import TokenizedPairs, tokenize_pairs
 from minqr.data import load_pairs, resolve_source
@@ -202,7 +202,7 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
         "workload": workload or f"{data_file.parent.name} {split_name}",
         "options": {"max_length": max_length, "shared_prefix": shared_prefix, "batch_size": batch_size,
                     "dtype": compute_dtype, "device": str(device), "skip_bad": skip_bad},
-        "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(), "minqr_version": __version__,
+        "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(),
     }
     if label:
         metadata["label"] = label
