@@ -175,7 +175,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qr_pairwise_loss_cpu(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minqr, CPU, m) {
-  m.impl("qr_pairwise_loss", &qr_pairwise_loss_cpu);
+  m.impl("paper_loss", &qr_pairwise_loss_cpu);
 }
 
 }  // namespace minqr

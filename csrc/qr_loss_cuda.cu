@@ -169,7 +169,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qr_pairwise_loss_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(minqr, CUDA, m) {
-  m.impl("qr_pairwise_loss", &qr_pairwise_loss_cuda);
+  m.impl("paper_loss", &qr_pairwise_loss_cuda);
 }
 
 }  // namespace minqr

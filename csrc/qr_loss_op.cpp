@@ -79,7 +79,7 @@ TORCH_LIBRARY(minqr, m) {
   // backward registered in minqr/ops.py only scales those rows by grad_output (see
   // qr_loss_cpu.cpp for the measurement that chose saving over recomputing).
   m.def(
-      "qr_pairwise_loss(Tensor q_chosen, Tensor q_rejected, float kappa, float lam, "
+      "paper_loss(Tensor h_chosen, Tensor h_rejected, float kappa, float lam, "
       "float margin, bool compute_grad) -> (Tensor loss, Tensor grad_chosen, "
       "Tensor grad_rejected)",
       {at::Tag::pt2_compliant_tag});

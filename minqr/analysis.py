@@ -390,13 +390,15 @@ def quantile_coverage(pred_quantiles, true_samples) -> np.ndarray:
 def coverage_summary(pred_quantiles, true_samples, taus, align: bool = True) -> dict:
     """Coverage of the predicted quantiles against each response's true reward samples.
 
-    A learnt reward is only defined up to an increasing affine map (the pairwise loss sees reward
-    differences, and its scale is set by the loss's margin and temperature, not by the truth's
-    units). With `align`, the truth is first mapped into the model's units by the least-squares
-    fit of the predicted means on the true means over these responses (μ̂ ≈ a·μ + b; regressing
-    the noisy prediction on the nearly exact truth keeps the slope unbiased), and the true samples
-    become a·x + b. The quantile levels and the spreads are compared after that map; the spread
-    correlation does not need it (ranks ignore increasing affine maps).
+    A reward learnt from preferences is defined up to an additive constant, and its scale is that
+    of the loss (a Bradley-Terry likelihood learns the truth's logit units; the paper loss's
+    margin sets its own). With `align`, the truth is first mapped into the model's units by the
+    least-squares fit of the predicted means on the true means over these responses (μ̂ ≈ a·μ + b;
+    regressing the noisy prediction on the nearly exact truth keeps the slope unbiased), and the
+    true samples become a·x + b. Without it, the predictions are compared with the truth as they
+    are: right for predictions aligned on an anchor whose true reward is 0 (Scores.quantiles),
+    where the fit's slope and intercept, still reported, should come out near 1 and 0. The spread
+    correlation does not need the map (ranks ignore increasing affine maps).
 
     A scalar head ([M, 1]) is read as a point prediction at tau = 0.5: its coverage is how often the
     truth falls below it, and it has no spread.
@@ -410,17 +412,17 @@ def coverage_summary(pred_quantiles, true_samples, taus, align: bool = True) -> 
     if pred.shape[0] != true.shape[0] or pred.shape[1] != taus.size:
         raise MinqrError(f"coverage needs one row of truth per response and one tau per quantile, got "
                          f"predictions {pred.shape}, truth {true.shape}, {taus.size} taus")
-    slope, intercept = affine_fit(pred.mean(axis=1), true.mean(axis=1)) if align else (1.0, 0.0)
+    slope, intercept = affine_fit(pred.mean(axis=1), true.mean(axis=1))
     if slope <= 0:
         raise MinqrError(f"coverage: the model's mean rewards fall as the true means rise (fit slope {slope:.3g}); "
                          "the model has not learnt the task, so its quantiles cannot be compared with the truth")
-    coverage = quantile_coverage(pred, slope * true + intercept)
+    coverage = quantile_coverage(pred, slope * true + intercept if align else true)
     spread_correlation = None
     if pred.shape[1] > 1:
         pred_spread, true_spread = spreads(pred, true, taus)
         spread_correlation = float(np.corrcoef(rankdata(pred_spread), rankdata(true_spread))[0, 1])
     return {"taus": taus.tolist(), "coverage": coverage.tolist(),
-            "mean_abs_error": float(np.mean(np.abs(coverage - taus))),
+            "mean_abs_error": float(np.mean(np.abs(coverage - taus))), "aligned_by_fit": bool(align),
             "slope": slope, "intercept": intercept, "spread_spearman": spread_correlation}
 
 
@@ -431,24 +433,53 @@ def spreads(pred_quantiles, true_samples, taus) -> tuple[np.ndarray, np.ndarray]
     return pred[:, -1] - pred[:, 0], np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
 
 
-def load_truth(path, num_pairs: int) -> tuple[np.ndarray, np.ndarray]:
-    """The true reward samples ([P, S] chosen, [P, S] rejected) of a synthetic task's truth file
-    (test_truth.npz, written by minqr.synthetic.make_synthetic_task, aligned with test.jsonl)."""
+TRUTH_HELP = "it is the test_truth.npz that minqr.synthetic.make_synthetic_task writes beside test.jsonl"
+
+
+def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"), optional: bool = False):
+    """Arrays of a synthetic task's truth file (test_truth.npz, written by
+    minqr.synthetic.make_synthetic_task, aligned with test.jsonl) as a tuple in the order of
+    `names`: by default the true reward samples, [P, S] chosen and [P, S] rejected. Arrays whose
+    first axis is the pairs must have num_pairs rows. optional: None instead of an error when the
+    file lacks one of the names (an older truth file)."""
     path = Path(path)
     if not path.is_file():
-        raise MinqrError(f"truth file {path} does not exist; it is the test_truth.npz that "
-                         "minqr.synthetic.make_synthetic_task writes beside test.jsonl")
+        raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {side: archive[f"{side}_samples"] for side in ("chosen", "rejected")}
+            if optional and not set(names) <= set(archive.files):
+                return None
+            arrays = {name: archive[name] for name in names}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with chosen_samples and "
-                         f"rejected_samples): {error}") from None
-    for side, samples in arrays.items():
-        if samples.ndim != 2 or samples.shape[0] != num_pairs:
-            raise MinqrError(f"{path}: {side}_samples has shape {samples.shape}, but the scores hold {num_pairs} "
-                             "pairs; the truth must belong to the data that was scored, [pairs, samples]")
-    return arrays["chosen"], arrays["rejected"]
+        raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with {', '.join(names)}): {error}") from None
+    for name, array in arrays.items():
+        per_pair = name.startswith(("chosen_", "rejected_", "anchor_"))
+        if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):
+            raise MinqrError(f"{path}: {name} has shape {array.shape}, but the scores hold {num_pairs} pairs; the "
+                             "truth must belong to the data that was scored")
+    return tuple(arrays[name] for name in names)
+
+
+def linear_probe(features, labels, seed: int = 0, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Is each binary label linearly decodable from the features? ([K] held-out accuracy, [K] chance).
+
+    features [M, D], labels [M, K] in {0, 1}. Half the rows (a seeded random half) fit a ridge
+    regression of every label on the standardised features; the other half is classified by
+    whether the fit exceeds 1/2. Chance is the held-out share of the majority class: a label that
+    the features do not encode scores about that, one they encode linearly scores near 1.
+    """
+    features = np.asarray(features, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.float64)
+    order = np.random.default_rng(seed).permutation(len(features))
+    fit, held = order[: len(order) // 2], order[len(order) // 2:]
+    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-8
+    design = np.hstack([(features - mean) / std, np.ones((len(features), 1))])  # [M, D + 1], an intercept
+    x = design[fit]
+    weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ labels[fit])  # [D + 1, K]
+    predicted = design[held] @ weights > 0.5
+    accuracy = np.mean(predicted == (labels[held] > 0.5), axis=0)
+    share = labels[held].mean(axis=0)
+    return accuracy, np.maximum(share, 1 - share)
 
 
 def coverage_taus(scores: Scores) -> np.ndarray:
@@ -457,9 +488,12 @@ def coverage_taus(scores: Scores) -> np.ndarray:
 
 
 def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
-    """Predictions [2P, N] and true samples [2P, S] per response: the P chosen, then the P rejected."""
+    """Predicted quantiles [2P, N] and true samples [2P, S] per response: the P chosen, then the P
+    rejected. The predictions are aligned on the pair's anchor when the scores have one
+    (Scores.quantiles)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
-    return (np.concatenate([scores.chosen, scores.rejected]).astype(np.float64),
+    anchored = scores.anchor is not None
+    return (np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)]),
             np.concatenate([true_chosen, true_rejected]).astype(np.float64))
 
 
@@ -483,8 +517,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     view = check_view(view, scores.num_quantiles, where)
     if interval not in INTERVALS:
         raise MinqrError(f"unknown interval method {interval!r}; use one of {', '.join(INTERVALS)}")
-    chosen = scores.chosen.astype(np.float64)
-    rejected = scores.rejected.astype(np.float64)
+    chosen, rejected = scores.quantiles("chosen"), scores.quantiles("rejected")  # [P, N] float64
     chosen_rows, rejected_rows = view_rows(chosen, view), view_rows(rejected, view)  # [P, K] each
     indices = resample_indices(scores.num_pairs, n_resamples, seed)  # [B, P]
     quantile_head = scores.num_quantiles > 1
@@ -509,6 +542,8 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     accuracy_low, accuracy_high = wilson_interval(accuracy * scores.num_pairs, scores.num_pairs, confidence)
     summary = {
         "source": where, "model": scores.metadata["model"], "label": scores.label, "head": scores.head,
+        "objective": scores.metadata.get("objective"), "readout": scores.readout,
+        "backbone_probe": scores.metadata.get("backbone_probe"),
         "num_quantiles": scores.num_quantiles, "taus": None if scores.taus is None else scores.taus.tolist(),
         "workload": scores.workload, "data": scores.metadata["data"], "split": scores.metadata["split"],
         "num_pairs": scores.num_pairs, "view": view, "bins": bins, "eps": eps, "n_resamples": n_resamples,
@@ -521,7 +556,9 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
                        "kl": histogram_kl_by_bins(chosen_rows, rejected_rows, BIN_SWEEP, eps).tolist()},
         "accuracy": {"value": accuracy, "ci_low": accuracy_low, "ci_high": accuracy_high},
         "quantile_accuracy": quantile_accuracy(chosen, rejected).tolist() if quantile_head else None,
-        "crossing_rate": crossing_rate(np.concatenate([chosen, rejected])) if quantile_head else None,
+        # outputs sorted at read-out cannot cross; for raw quantiles, how often they do
+        "crossing_rate": crossing_rate(np.concatenate([chosen, rejected]))
+        if quantile_head and scores.readout == "raw" else None,
         "spread_auroc": with_interval(spread_error_auroc, chosen, rejected) if quantile_head else None,
         "calibration": {
             "bradley_terry": calibration(bradley_terry_probability(chosen, rejected)),
@@ -538,9 +575,12 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         truth_path = Path(truth) if truth is not False else None
     if truth_path is not None:
         predictions, true_samples = response_truth(scores, truth_path)
+        # aligned on the anchor when the scores have one; by the affine fit otherwise
+        anchored = scores.anchor is not None
         try:
-            summary["coverage"] = {"truth": str(truth_path),
-                                   **coverage_summary(predictions, true_samples, coverage_taus(scores), align)}
+            summary["coverage"] = {"truth": str(truth_path), "anchored": anchored,
+                                   **coverage_summary(predictions, true_samples, coverage_taus(scores),
+                                                      align and not anchored)}
         except MinqrError as error:  # a model that ranks against the truth: say so in the report, go on
             summary["coverage"] = {"truth": str(truth_path), "not_computed": str(error)}
     return summary

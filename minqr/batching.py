@@ -60,6 +60,10 @@ class PairBatch:
     # [R, T] int64, already shifted: the token that the logits at [r, t] should predict, on the
     # chosen response (the chosen tokens after the shared prefix); IGNORE_INDEX elsewhere.
     chosen_lm_labels: torch.Tensor
+    # [2B, L] int64: the token ids of each response (rows 0..B-1 the chosen ones, B..2B-1 the
+    # rejected ones; the final response of the text, without its prompt), padded with
+    # IGNORE_INDEX: the targets of the response bag-of-words auxiliary (minqr/reward.py)
+    response_ids: torch.Tensor
     num_pairs: int
     num_real_tokens: int
     num_padded_tokens: int  # R * T: what the model computes
@@ -82,8 +86,11 @@ class PairBatch:
 
 
 def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
-                  shared_prefix: bool = True) -> PairBatch:
-    """Lay out B pairs of token lists (each at least one token long) as one PairBatch."""
+                  shared_prefix: bool = True, response_starts: tuple | None = None) -> PairBatch:
+    """Lay out B pairs of token lists (each at least one token long) as one PairBatch.
+
+    response_starts: ([B] chosen, [B] rejected) the index of each text's first response token
+    (default: 0, the whole text is the response)."""
     if len(chosen) != len(rejected) or not chosen:
         raise MinqrError(f"collate_pairs needs as many chosen as rejected lists, at least one "
                          f"(got {len(chosen)} and {len(rejected)})")
@@ -131,11 +138,16 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
         rejected_rows = pair_index + num_pairs
         rejected_cols = rejected_lengths - 1
     num_real_tokens = int((segments != PAD).sum())
+    starts = response_starts or ([0] * num_pairs, [0] * num_pairs)
+    responses = [c[start:] for c, start in zip(chosen, starts[0])] + [r[start:] for r, start in zip(rejected, starts[1])]
+    response_ids = torch.full((2 * num_pairs, max(map(len, responses))), IGNORE_INDEX, dtype=torch.long)
+    for row, tokens in enumerate(responses):
+        response_ids[row, : len(tokens)] = torch.tensor(list(tokens), dtype=torch.long)
     return PairBatch(
         input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
         chosen_rows=pair_index, chosen_cols=chosen_lengths - 1,
         rejected_rows=rejected_rows, rejected_cols=rejected_cols,
-        chosen_lm_labels=labels, num_pairs=num_pairs,
+        chosen_lm_labels=labels, response_ids=response_ids, num_pairs=num_pairs,
         num_real_tokens=num_real_tokens, num_padded_tokens=num_rows * width,
     )
 
@@ -162,6 +174,10 @@ class TokenizedPairs:
     pad_id: int
     max_length: int
     num_truncated: int  # pairs where at least one side lost tokens on the left
+    # [P] each: the index of the first token of each text's final response (after truncation);
+    # None: every text is all response
+    chosen_response: list | None = None
+    rejected_response: list | None = None
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -182,8 +198,11 @@ class TokenizedPairs:
         return np.array([max(len(c), len(r)) for c, r in zip(self.chosen, self.rejected)])
 
     def batch(self, indices: Sequence[int], shared_prefix: bool = True) -> PairBatch:
+        starts = None
+        if self.chosen_response is not None:
+            starts = ([self.chosen_response[i] for i in indices], [self.rejected_response[i] for i in indices])
         return collate_pairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
-                             self.pad_id, shared_prefix)
+                             self.pad_id, shared_prefix, starts)
 
 
 def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
@@ -196,18 +215,21 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    ids = tokenizer.encode_batch(texts)
-    chosen, rejected = ids[: len(pairs)], ids[len(pairs) :]
+    marks = [p.response_start("chosen") for p in pairs] + [p.response_start("rejected") for p in pairs]
+    ids, starts = tokenizer.encode_batch_marked(texts, marks)
     num_truncated = 0
     for i, pair in enumerate(pairs):
-        for side, tokens in (("chosen", chosen[i]), ("rejected", rejected[i])):
-            if not tokens:
+        for side, k in (("chosen", i), ("rejected", len(pairs) + i)):
+            if not ids[k]:
                 raise MinqrError(f"{pair.origin}: the {side} text tokenises to no tokens; every text "
                                  "needs a last token to read its reward at. Remove or fix that pair.")
-        num_truncated += len(chosen[i]) > max_length or len(rejected[i]) > max_length
-        chosen[i] = chosen[i][-max_length:]
-        rejected[i] = rejected[i][-max_length:]
-    return TokenizedPairs(chosen, rejected, tokenizer.eos_id, max_length, num_truncated)
+        num_truncated += len(ids[i]) > max_length or len(ids[len(pairs) + i]) > max_length
+    for k, tokens in enumerate(ids):
+        cut = max(len(tokens) - max_length, 0)
+        ids[k], starts[k] = tokens[cut:], max(starts[k] - cut, 0)
+    num = len(pairs)
+    return TokenizedPairs(ids[:num], ids[num:], tokenizer.eos_id, max_length, num_truncated,
+                          starts[:num], starts[num:])
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:

@@ -30,6 +30,7 @@ from minqr import hub
 from minqr.errors import MinqrError
 
 SPEAKERS = {"user": "Human", "human": "Human", "assistant": "Assistant"}
+ASSISTANT_TURN = "\n\nAssistant:"
 HH_PREFIX = "hh-rlhf"
 _MISSING = object()  # a field absent from the record (None is a value: JSON null)
 SKIP_HINT = "Fix the line, or pass skip_bad=True (--skip-bad) to skip bad lines and count them."
@@ -40,6 +41,19 @@ class Pair:
     chosen: str  # the full text the model reads: dialogue + chosen response
     rejected: str
     origin: str  # "FILE:LINE", for messages about this pair
+    # characters of the separate prompt that both texts start with (the prompt/chosen/rejected
+    # layout); None for whole dialogues, whose final response follows their last assistant turn
+    prompt_length: int | None = None
+
+    def response_start(self, side: str) -> int:
+        """Where the `side` ("chosen" or "rejected") text's final response starts, in characters:
+        after the prompt when the data gave one, else after the dialogue's last "\n\nAssistant:"
+        (0, the whole text, when it has none)."""
+        if self.prompt_length is not None:
+            return self.prompt_length
+        text = getattr(self, side)
+        turn = text.rfind(ASSISTANT_TURN)
+        return 0 if turn < 0 else turn + len(ASSISTANT_TURN)
 
 
 @dataclass
@@ -152,10 +166,12 @@ def _parse_line(raw: bytes, origin: str) -> dict:
 
 def _pair_from_record(record: dict, origin: str) -> Pair:
     prompt = record.get("prompt")
-    prompt = "" if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True)
+    prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True)
     chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin)
     rejected = _checked_text(record.get("rejected", _MISSING), "rejected", origin)
-    return Pair(prompt + chosen, prompt + rejected, origin)
+    if prompt is None:
+        return Pair(chosen, rejected, origin)
+    return Pair(prompt + chosen, prompt + rejected, origin, prompt_length=len(prompt))
 
 
 def _checked_text(value, field: str, origin: str, allow_empty: bool = False) -> str:

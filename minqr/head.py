@@ -397,6 +397,10 @@ class HeadConfig:
             raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}; re-save the model with minqr")
         objective = d.get("objective") or ("bradley_terry" if d["head"] == "scalar" else "paper")
         names = OBJECTIVES[objective].hyperparameters if objective in OBJECTIVES else {}
+        missing = [k for k in names if k not in d]
+        if missing:
+            raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}, a hyper-parameter of its "
+                             f"objective {objective}; re-save the model with minqr")
         try:
             return cls(d["head"], d["num_quantiles"], objective,
                        check_hyperparameters(objective, {k: d.get(k) for k in names}))

@@ -37,6 +37,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 OPS = {"paper_loss": ("kappa", "lam", "margin"), "mixture_loss": (), "independent_loss": ()}
 
 
+def fused_available() -> bool:
+    """Whether the compiled ops minqr._C are built and loaded (their CPU kernels at least)."""
+    return _C is not None
+
+
 def _shape(h: torch.Tensor) -> str:
     return str(list(h.shape))  # "[B, N]", as C++ prints sizes
 

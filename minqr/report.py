@@ -161,6 +161,31 @@ def measures_markdown(summaries: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _objective(summary: dict) -> str:
+    return f", objective {summary['objective']}" if summary.get("objective") else ""
+
+
+def probe_markdown(summaries: list[dict]) -> list[str]:
+    """The backbone check of the synthetic task (minqr.score.backbone_probe), a row per model: lines
+    of report.md, none when no scores file has it."""
+    probed = [s for s in summaries if s.get("backbone_probe")]
+    if not probed:
+        return []
+    tags = probed[0]["backbone_probe"]["tags"]
+    controversial = probed[0]["backbone_probe"]["controversial"]
+    names = [f"**{tag}**" if split else tag for tag, split in zip(tags, controversial)]
+    lines = ["## Does the backbone encode what annotators disagree about?", "",
+             "Held-out accuracy of a linear probe that reads each tag off the pooled state the head reads "
+             "(chance: the majority class). A head can only spread a response's rewards on what that state "
+             "encodes: a controversial tag (bold) near chance leaves a quantile head nothing to spread on.", "",
+             "| workload | model | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(tags)]
+    for s in probed:
+        probe = s["backbone_probe"]
+        lines.append(f"| {s['workload']} | {s['label']} | "
+                     + " | ".join(f"{a:.2f} ({c:.2f})" for a, c in zip(probe["accuracy"], probe["chance"])) + " |")
+    return lines + [""]
+
+
 def _number(value) -> str:
     if value is None:
         return "–"
@@ -368,7 +393,8 @@ def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str
         f"the pooled range, eps={first['eps']:g} added to every bin's count; {intervals}; accuracy with a Wilson "
         "interval.", "",
         "Scores files:", "",
-        *[f"- `{s['source']}`: {s['label']} ({s['model']}), {s['workload']}, {s['num_pairs']:,} pairs" for s in summaries],
+        *[f"- `{s['source']}`: {s['label']} ({s['model']}{_objective(s)}), {s['workload']}, {s['num_pairs']:,} pairs"
+          for s in summaries],
         "", "## Table 1: histogram KL(chosen ‖ rejected), nats", "",
         table1_markdown(table), "",
         "The paper's measure: how far apart the model puts the rewards of chosen and rejected responses. Its "
@@ -387,9 +413,13 @@ def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str
         "equal-width bins, each pair scored in both orders; Brier likewise. Crossing rate: share of responses "
         "whose quantiles decrease somewhere. Spread AUROC: how well q_{N-1} − q_0 singles out the pairs the model "
         "ranks wrongly (0.5: not at all). Coverage error: mean |share of truth below q_k − τ_k|; spread ρ: "
-        "Spearman correlation of predicted with true spread.", "",
+        "Spearman correlation of predicted with true spread. Where the scores carry the outputs for each pair's "
+        "anchor (a reply whose true reward is 0 for everyone), the quantiles are aligned on it and compared with "
+        "the truth in its own units, with no fit; otherwise the truth is first mapped into the model's units by "
+        "an affine fit of the means.", "",
         *[f"Coverage not computed for `{s['source']}`: {s['coverage']['not_computed']}\n" for s in summaries
           if "not_computed" in (s["coverage"] or {})],
+        *probe_markdown(summaries),
         "## Figures", "",
     ]
     for name, caption in figures:

@@ -1,17 +1,21 @@
 """The reward model: GPT-2 plus a linear head with N outputs, read at the last real token.
 
-    rewards = score(hidden at the last real token)        score: n_embd -> N, no bias
+    outputs = score(hidden at the last real token)        score: n_embd -> N, no bias
 
 - scalar head, N = 1: one reward per text, trained Bradley-Terry style.
-- quantile head, N outputs: the quantiles of the text's reward distribution at the levels
-  tau_i = (2i+1)/(2N) (N = 10: 0.05, 0.15, ..., 0.95). Output 0 is the pessimistic end, output
-  N-1 the optimistic one, and their mean is the expected reward (what ranks responses).
+- quantile head, N outputs: the distribution of the text's reward over the people who judge it,
+  read out as its quantiles at tau_i = (2i+1)/(2N) (N = 10: 0.05, 0.15, ..., 0.95): q_0 is the
+  pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
+  responses). What the raw outputs are, how they are trained and how they become quantiles is the
+  head's objective (minqr/head.py): the model owns its loss (`pair_loss`) and its read-out
+  (`quantiles`, `reward_band`).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`), and `save_pretrained` writes a folder that transformers' `AutoModelForSequenceClassification`
-loads as it is, giving logits [B, N] equal to `RewardModel(...)` on the same right-padded token ids
-(pad = EOS, the last real token being the last one that is not EOS). The `minqr` section of its
-config.json records the head: kind, N, tau levels, and the loss's kappa, lambda and margin.
+loads as it is, giving logits [B, N] equal to the raw outputs `RewardModel(...)` on the same
+right-padded token ids (pad = EOS, the last real token being the last one that is not EOS). The
+`minqr` section of its config.json records the head: kind, N, objective and its hyper-parameters,
+read-out and tau levels.
 
 Pooling reads the last token whose attention mask is 1, so right and left padding both work; to
 match transformers, whose pooling looks for the last token that is not the pad id, texts must not
@@ -19,92 +23,22 @@ end in EOS (minqr appends none).
 """
 import copy
 import json
-import math
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
+from minqr.batching import IGNORE_INDEX
 from minqr.checkpoint import hf_tensors, load_backbone_tensors, load_gpt2, read_config, read_tensors, write_hf_folder
 from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.loss import quantile_levels
+from minqr.head import HeadConfig
 
-HEAD_KINDS = ("scalar", "quantile")
 SCORE = "score.weight"
 TRAINING_ARGS_FILE = "training_args.json"  # the options a model was trained with, beside it
 STAGING_DIR = ".staging"  # save_pretrained's files before they are renamed into place
-# The head starts as N equal rows of one random vector whose entries have this std / sqrt(n_embd):
-# on unit-scale features (a freshly initialised ln_f) every reward starts near 0 with std ~0.1.
-HEAD_INIT_SCALE = 0.1
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """What the head is and the loss hyper-parameters it was trained with (saved with the model)."""
-
-    kind: str = "quantile"
-    num_quantiles: int = 10
-    kappa: float = 1.0  # Huber threshold of the quantile loss
-    lam: float = 1.0  # weight of the quantile-Huber term (0 for the scalar head)
-    margin: float = 1.0  # the shift m of the partner's quantiles used as targets
-
-    @classmethod
-    def make(cls, kind: str = "quantile", num_quantiles: int | None = None, kappa: float = 1.0,
-             lam: float | None = None, margin: float = 1.0) -> "HeadConfig":
-        """Fill in the kind's defaults (quantile: N = 10, lam = 1; scalar: N = 1, lam = 0) and check."""
-        if kind not in HEAD_KINDS:
-            raise MinqrError(f"head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
-        if kind == "scalar":
-            if num_quantiles not in (None, 1) or lam not in (None, 0):
-                raise MinqrError(f"the scalar head has one output and no quantile term, but got "
-                                 f"num_quantiles={num_quantiles}, lam={lam}: drop them or use head='quantile'")
-            return cls(kind, 1, kappa, 0.0, margin)
-        return cls(kind, 10 if num_quantiles is None else num_quantiles, kappa, 1.0 if lam is None else lam, margin)
-
-    def __post_init__(self):
-        problems = []
-        if self.kind not in HEAD_KINDS:
-            problems.append(f"head={self.kind!r} is not one of {', '.join(HEAD_KINDS)}")
-        n = self.num_quantiles
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            problems.append(f"num_quantiles={n!r} must be an integer >= 1")
-        elif self.kind == "scalar" and (n != 1 or self.lam != 0):
-            problems.append(f"the scalar head has num_quantiles=1 and lam=0, not {n} and {self.lam}")
-        if not (isinstance(self.kappa, (int, float)) and math.isfinite(self.kappa) and self.kappa > 0):
-            problems.append(f"kappa={self.kappa!r} must be a positive number")
-        if not (isinstance(self.lam, (int, float)) and math.isfinite(self.lam) and self.lam >= 0):
-            problems.append(f"lam={self.lam!r} must be a non-negative number")
-        if not (isinstance(self.margin, (int, float)) and math.isfinite(self.margin)):
-            problems.append(f"margin={self.margin!r} must be a finite number")
-        if problems:
-            raise MinqrError("invalid reward head: " + "; ".join(problems))
-
-    @property
-    def levels(self) -> list:
-        """The quantile levels tau_i of the outputs, as floats."""
-        return quantile_levels(self.num_quantiles, dtype=torch.float64).tolist()
-
-    def labels(self) -> list:
-        """Names of the outputs in config.json's id2label: "reward", or "q0" ... "q{N-1}"."""
-        return ["reward"] if self.kind == "scalar" else [f"q{i}" for i in range(self.num_quantiles)]
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {"head": d.pop("kind"), **d, "quantile_levels": self.levels}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> "HeadConfig":
-        keys = ("head", "num_quantiles", "kappa", "lam", "margin")
-        missing = [k for k in keys if k not in d]
-        if missing:
-            raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}; re-save the model with minqr")
-        try:
-            return cls(d["head"], d["num_quantiles"], d["kappa"], d["lam"], d["margin"])
-        except MinqrError as e:
-            raise MinqrError(f"{where}: {e}") from None
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,30 +100,24 @@ class RewardModel(nn.Module):
         # mean and std of the expected reward on held-out data, for users who normalise rewards;
         # set by training, saved in config.json
         self.reward_stats = None
-        self.reset_head()
-
-    @torch.no_grad()
-    def reset_head(self) -> None:
-        """All N rows the same small random vector: the quantiles start equal (no crossing, no
-        spread: the quantile loss then spreads them in the order of their levels) and near 0
-        (the first pairwise losses are near log 2, no large gradients into a pretrained backbone),
-        yet not zero, so the backbone receives gradient from the first step."""
-        n_embd = self.score.in_features
-        row = torch.randn(n_embd, dtype=self.score.weight.dtype, device=self.score.weight.device)
-        self.score.weight.copy_(row * (HEAD_INIT_SCALE / math.sqrt(n_embd)))  # [N, n_embd] by broadcasting
+        # Training only: a linear map n_embd -> vocabulary (add_response_bag), not part of the
+        # saved model.
+        self.response_bag = None
+        head.init_weight(self.score.weight)
 
     @classmethod
     def from_config(cls, config: GPT2Config, head: str = "quantile", num_quantiles: int | None = None,
-                    kappa: float = 1.0, lam: float | None = None, margin: float = 1.0) -> "RewardModel":
-        """A randomly initialised backbone (GPT-2's init) and a new head."""
-        return cls(GPT2(config), HeadConfig.make(head, num_quantiles, kappa, lam, margin))
+                    objective: str | None = None, **hyperparameters) -> "RewardModel":
+        """A randomly initialised backbone (GPT-2's init) and a new head (HeadConfig.make)."""
+        return cls(GPT2(config), HeadConfig.make(head, num_quantiles, objective, **hyperparameters))
 
     @classmethod
-    def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, kappa: float = 1.0,
-                      lam: float | None = None, margin: float = 1.0, dtype=None, device=None) -> "RewardModel":
+    def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
+                      dtype=None, device=None, **hyperparameters) -> "RewardModel":
         """Pretrained GPT-2 weights from a Hugging Face folder (minqr.load_gpt2) and a new head.
-        Defaults: quantile head N = 10, lam = 1; scalar head N = 1, lam = 0."""
-        head_config = HeadConfig.make(head, num_quantiles, kappa, lam, margin)
+        Defaults (HeadConfig.make): quantile head N = 10 with minqr.head.DEFAULT_OBJECTIVE; scalar
+        head N = 1, bradley_terry."""
+        head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
         return cls(load_gpt2(path, dtype=dtype, device=device), head_config)
 
     @property
@@ -197,8 +125,13 @@ class RewardModel(nn.Module):
         return self.head_config.num_quantiles
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids [B, T] (and a [B, T] padding mask, 1 = token) -> rewards [B, N], read at each
+        """Token ids [B, T] (and a [B, T] padding mask, 1 = token) -> raw outputs [B, N], read at each
         row's last real token (the last position without a mask)."""
+        return self.score(self.pooled(input_ids, attention_mask))
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The state the head reads: the backbone's last hidden state at each row's last real token,
+        [B, n_embd]."""
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise MinqrError(f"input_ids must be [B, T] with T >= 1 (a reward is read at a last token), "
                              f"got shape {list(input_ids.shape)}")
@@ -214,24 +147,86 @@ class RewardModel(nn.Module):
         hidden = self.transformer(input_ids, attention_mask)  # [B, T, n_embd]
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
         last = torch.full_like(rows, input_ids.shape[1] - 1) if attention_mask is None else last_token_index(attention_mask)
-        return self.score(hidden[rows, last])
+        return hidden[rows, last]
 
     def forward_pairs(self, batch, return_hidden: bool = False) -> tuple:
-        """A `minqr.batching.PairBatch` -> (r_chosen [B, N], r_rejected [B, N]), the backbone run once
-        over the batch's rows in either layout (separate sequences or shared prefixes).
+        """A `minqr.batching.PairBatch` -> (r_chosen [B, N], r_rejected [B, N]), the raw outputs, the
+        backbone run once over the batch's rows in either layout (separate sequences or shared
+        prefixes).
 
         With `return_hidden`, also the hidden states [R, T, n_embd], for a language-model loss on
         the chosen response (`self.transformer.lm_logits(hidden)`, targets `batch.chosen_lm_labels`)."""
-        hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
-        r_chosen = self.score(hidden[batch.chosen_rows, batch.chosen_cols])
-        r_rejected = self.score(hidden[batch.rejected_rows, batch.rejected_cols])
+        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
+        r_chosen, r_rejected = self.score(pooled_chosen), self.score(pooled_rejected)
         return (r_chosen, r_rejected, hidden) if return_hidden else (r_chosen, r_rejected)
+
+    def _pooled_pairs(self, batch) -> tuple:
+        """(hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd])."""
+        hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
+        return hidden, hidden[batch.chosen_rows, batch.chosen_cols], hidden[batch.rejected_rows, batch.rejected_cols]
+
+    def pair_loss(self, batch, reduction: str = "mean", bag_coef: float = 0.0, return_hidden: bool = False):
+        """The model's loss on a PairBatch: (loss, r_chosen [B, N], r_rejected [B, N][, hidden]).
+
+        loss = the head's objective (minqr.head) + bag_coef x the response bag-of-words auxiliary
+        (response_bag_loss; needs add_response_bag), per pair, then reduced ('mean', 'sum', 'none').
+        The objective runs in float32 whatever the autocast dtype of the backbone."""
+        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
+        r_chosen, r_rejected = self.score(pooled_chosen).float(), self.score(pooled_rejected).float()  # [B, N]
+        loss = self.head_config.loss(r_chosen, r_rejected, reduction="none")
+        if bag_coef > 0:
+            pooled = torch.cat([pooled_chosen, pooled_rejected])  # [2B, n_embd]
+            loss = loss + bag_coef * self.response_bag_loss(pooled, batch.response_ids)
+        loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
+        return (loss, r_chosen, r_rejected, hidden) if return_hidden else (loss, r_chosen, r_rejected)
+
+    # ---- the response bag-of-words auxiliary ----
+
+    def add_response_bag(self) -> None:
+        """Give the model the auxiliary layer of response_bag_loss (training only; never saved)."""
+        config, weight = self.transformer.config, self.score.weight
+        self.response_bag = nn.Linear(config.n_embd, config.vocab_size, device=weight.device, dtype=weight.dtype)
+
+    def response_bag_loss(self, pooled: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
+        """How well each pooled state predicts WHICH tokens its own response holds, per pair [B].
+
+        Why: a head can only spread the outputs of a response on what its pooled (last-token) state
+        encodes. Trained on preference labels alone, a small backbone keeps only what moves the
+        expected reward; what annotators disagree about averages out of that, so the state forgets
+        it, and the N outputs have nothing to separate on (measured on the synthetic task: the tags
+        that split the annotators were not linearly decodable from the state). Asking the state to
+        name its response's tokens keeps them all.
+
+        pooled [2B, n_embd] (the B chosen then the B rejected states), response_ids [2B, L] (the
+        response tokens, IGNORE_INDEX padding). Per response, a multi-label logistic loss over the
+        vocabulary against the set of its tokens, balanced: the mean over the response's tokens plus
+        the mean over all other tokens, so that its size does not grow with the vocabulary (a 50k
+        vocabulary and the demo's few hundred tokens take the same coefficient). A pair's loss is
+        its chosen plus its rejected response's."""
+        logits = self.response_bag(pooled).float()  # [2B, V]
+        vocab = logits.shape[1]
+        present = torch.zeros(logits.shape[0], vocab + 1, device=logits.device)  # a last column for the padding
+        present.scatter_(1, response_ids.masked_fill(response_ids == IGNORE_INDEX, vocab), 1.0)
+        present = present[:, :vocab]  # [2B, V]: 1 where the token is in the response
+        per_token = F.binary_cross_entropy_with_logits(logits, present, reduction="none")  # [2B, V]
+        count = present.sum(1)
+        per_response = ((per_token * present).sum(1) / count.clamp(min=1)
+                        + (per_token * (1 - present)).sum(1) / (vocab - count).clamp(min=1))  # [2B]
+        chosen, rejected = per_response.chunk(2)
+        return chosen + rejected
+
+    # ---- reading out ----
+
+    def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] the quantiles of each text's reward at tau_i: the outputs read out as the head's
+        objective says (sorted for mixture and independent, as they are for paper and scalar)."""
+        return self.head_config.quantiles(self(input_ids, attention_mask))
 
     def reward_band(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     level: float = 0.9) -> tuple:
         """(reward, lower, upper), each [B]: the expected reward and the central `level` band of the
         reward distribution (see `quantile_band`). For a scalar head the band is the reward itself."""
-        return quantile_band(self(input_ids, attention_mask), level)
+        return quantile_band(self(input_ids, attention_mask), level)  # it sorts the outputs itself
 
     def to_scalar(self) -> "RewardModel":
         """A one-output copy whose reward is exactly the mean of this model's quantiles: the mean of

@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from minqr import hub
-from minqr.analysis import pair_accuracy, quantile_accuracy
+from minqr.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
 from minqr.batching import TokenizedPairs, tokenize_pairs
 from minqr.data import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
@@ -85,6 +85,36 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
     finally:
         model.train(was_training)
     return chosen, rejected
+
+
+@torch.inference_mode()
+def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
+                dtype: str = "auto", pooled: bool = False) -> np.ndarray:
+    """The model's raw outputs [M, N] for M single texts given as token lists (each at least one
+    token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. Texts of
+    similar length share a batch; eval mode, as score_tokenized."""
+    device = next(model.parameters()).device if device is None else resolve_device(device)
+    compute_dtype = autocast_dtype(dtype, device)
+    order = np.argsort([-len(tokens) for tokens in token_lists], kind="stable")
+    width = model.transformer.config.n_embd if pooled else model.num_quantiles
+    out = np.empty((len(token_lists), width), dtype=np.float32)
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            indices = order[start : start + batch_size]
+            longest = len(token_lists[indices[0]])
+            ids = torch.full((len(indices), longest), model.transformer.config.eos_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, index in enumerate(indices):
+                tokens = token_lists[index]
+                ids[row, : len(tokens)], mask[row, : len(tokens)] = torch.tensor(tokens), 1
+            with autocast(device, compute_dtype):
+                values = (model.pooled if pooled else model)(ids.to(device), mask.to(device))
+            out[indices] = values.float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
 
 
 def score_pairs(model: RewardModel, tokenizer, pairs, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -196,8 +226,8 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
     split_name = data_file.name.split(".")[0]
     compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
     metadata = {
-        "model": str(model), "model_path": str(folder), "head": head.kind,
-        "taus": head.levels if head.kind == "quantile" else None,
+        "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
+        "readout": head.readout, "taus": head.levels if head.kind == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
         "workload": workload or f"{data_file.parent.name} {split_name}",
         "options": {"max_length": max_length, "shared_prefix": shared_prefix, "batch_size": batch_size,
@@ -206,7 +236,7 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
     }
     if label:
         metadata["label"] = label
-    notes = []
+    notes, anchor = [], None
     truth = data_file.parent / (split_name + TRUTH_SUFFIX)
     if truth.is_file():
         dropped = stats.identical + stats.malformed_lines + stats.bad_fields
@@ -215,14 +245,45 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
                          "so its rows no longer line up with the pairs")
         else:
             metadata["truth"] = str(truth.resolve())
-    save_scores(out, chosen, rejected, metadata)
+            anchor = _score_anchors(reward_model, tokenizer, truth, len(pairs), max_length, batch_size, device, dtype)
+            metadata["backbone_probe"] = backbone_probe(reward_model, tokenized, truth, batch_size, device, dtype)
+    save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
     return ScoreSummary(
         out=out, data_line=stats.summary(), num_pairs=len(pairs), num_truncated=tokenized.num_truncated,
         max_length=max_length, taus=metadata["taus"], accuracy=pair_accuracy(mean_chosen, mean_rejected),
-        quantile_accuracy=quantile_accuracy(chosen, rejected).tolist(), seconds=seconds, device=str(device),
-        dtype=compute_dtype, notes=notes)
+        quantile_accuracy=quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist(),
+        seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
+
+
+def _score_anchors(model, tokenizer, truth: Path, num_pairs: int, max_length: int, batch_size: int, device,
+                   dtype) -> np.ndarray | None:
+    """[P, N] the outputs for each pair's anchor reply (the truth's anchor_texts), or None when the
+    truth has none (a task made before anchors existed)."""
+    arrays = load_truth(truth, num_pairs, ("anchor_texts",), optional=True)
+    if arrays is None:
+        return None
+    token_lists = [tokens[-max_length:] for tokens in tokenizer.encode_batch([str(t) for t in arrays[0]])]
+    return score_texts(model, token_lists, batch_size, device, dtype)
+
+
+def backbone_probe(model: RewardModel, tokenized: TokenizedPairs, truth: Path, batch_size: int = DEFAULT_BATCH_SIZE,
+                   device=None, dtype: str = "auto") -> dict | None:
+    """A cheap check of the backbone on the synthetic task: is each tag linearly decodable from the
+    pooled state the head reads (analysis.linear_probe over the test responses)? A head can only
+    spread the outputs of a response on what that state encodes, so a controversial tag at chance
+    here means the quantile head cannot learn the disagreement it causes. None when the truth has
+    no tags."""
+    arrays = load_truth(truth, len(tokenized), ("chosen_tags", "rejected_tags", "tag_names", "controversial_tags"),
+                        optional=True)
+    if arrays is None:
+        return None
+    chosen_tags, rejected_tags, names, controversial = arrays
+    states = score_texts(model, tokenized.chosen + tokenized.rejected, batch_size, device, dtype, pooled=True)
+    accuracy, chance = linear_probe(states, np.concatenate([chosen_tags, rejected_tags]))
+    return {"tags": [str(n) for n in names], "controversial": controversial.tolist(),
+            "accuracy": accuracy.tolist(), "chance": chance.tolist()}
 
 
 # ---- the scalar export, for tools/export.py --------------------------------------------------

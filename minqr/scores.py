@@ -3,11 +3,14 @@
 `tools/score.py` writes one file per model x split; `tools/analyze.py` reads any number of them.
 Two layouts, picked by the file name:
 
-- `.npz` (the default): float32 arrays `chosen` and `rejected`, shape [P, N] (P pairs, N outputs:
-  N=1 for a scalar head, the N quantiles q_0 <= ... <= q_{N-1} for a quantile head), and
+- `.npz` (the default): float32 arrays `chosen` and `rejected`, shape [P, N] (P pairs, N raw
+  outputs: N=1 for a scalar head; for a quantile head the outputs that the `readout` turns into
+  the N quantiles q_0 <= ... <= q_{N-1}), optionally `anchor` [P, N] (the outputs for the pair's
+  anchor, a reply whose true reward is 0 for everyone: the synthetic task has one), and
   `metadata`, a JSON string (numpy string array, so no pickle is ever needed to read it).
 - `.jsonl`: the metadata object on the first line, then one line a pair,
-  {"chosen": [N numbers], "rejected": [N numbers]}, for tools that do not read numpy.
+  {"chosen": [N numbers], "rejected": [N numbers]} (and "anchor": [N numbers]), for tools that do
+  not read numpy.
 
 Row p of both arrays is pair p of the data file, in the file's order (so that a truth file or a
 second model's scores line up pair by pair).
@@ -20,8 +23,11 @@ Metadata keys (the writer gives the first group, save_scores fills in the second
     split          str   "test", "train", ...
     workload       str   the row label of the report's table, e.g. "harmless-base test"
     taus           list  the N quantile levels tau_i; required for a quantile head, null for scalar
+    readout        str   optional: how the outputs become quantiles, "raw" (they are the
+                         quantiles, the default) or "sorted" (minqr/head.py's mixture objective)
+    objective      str   optional: the objective the model was trained by
     options        dict  how the scores were made (max_length, shared_prefix, dtype, ...); optional
-    label          str   optional column label for the report (default "scalar" / "quantile N=10")
+    label          str   optional column label for the report (default "scalar" / "OBJECTIVE N=10")
     truth          str   optional: the synthetic task's truth file for this data (a relative path
                          is relative to the scores file's folder)
 
@@ -45,6 +51,7 @@ from minqr.errors import MinqrError
 FORMAT = "minqr-scores/1"
 FORMAT_FAMILY = "minqr-scores/"
 HEADS = ("scalar", "quantile")
+READOUTS = ("raw", "sorted")  # minqr/head.py's Objective.readout
 WRITER_KEYS = ("model", "head", "data", "split", "workload")
 HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.scores.save_scores)"
 
@@ -53,10 +60,11 @@ HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.scores.save_sco
 class Scores:
     """One model's outputs on one data split; checked on construction."""
 
-    chosen: np.ndarray  # [P, N] float32
+    chosen: np.ndarray  # [P, N] float32, the raw outputs
     rejected: np.ndarray  # [P, N] float32
     metadata: dict
     source: str = "scores"  # where it came from, for messages: the file path when read from disk
+    anchor: np.ndarray | None = None  # [P, N] float32: the outputs for each pair's anchor reply, if any
 
     def __post_init__(self):
         _check(self)
@@ -80,13 +88,34 @@ class Scores:
         return None if taus is None else np.asarray(taus, dtype=np.float64)
 
     @property
+    def readout(self) -> str:
+        return self.metadata.get("readout", "raw")
+
+    def quantiles(self, side: str, anchored: bool = False) -> np.ndarray:
+        """[P, N] float64: the `side` ("chosen" or "rejected") responses' outputs read out as
+        quantiles (sorted, for the readout "sorted"; the mean is unchanged).
+
+        anchored: first subtract what the model gives the pair's anchor, whose true reward is 0:
+        output by output for the readout "sorted" (each kind of annotator has its own free constant,
+        minqr/head.py), the anchor's mean otherwise (one constant for the whole head)."""
+        outputs = getattr(self, side).astype(np.float64)
+        if anchored:
+            if self.anchor is None:
+                raise MinqrError(f"{self.source}: no anchor outputs to align on (only the synthetic task's "
+                                 "scores have them)")
+            anchor = self.anchor.astype(np.float64)
+            outputs = outputs - (anchor if self.readout == "sorted" else anchor.mean(axis=1, keepdims=True))
+        return np.sort(outputs, axis=1) if self.readout == "sorted" else outputs
+
+    @property
     def workload(self) -> str:
         return self.metadata["workload"]
 
     @property
     def label(self) -> str:
         """The model's name in tables and legends."""
-        default = "scalar" if self.head == "scalar" else f"quantile N={self.num_quantiles}"
+        kind = self.metadata.get("objective") or "quantile"  # files from before objectives: "quantile"
+        default = "scalar" if self.head == "scalar" else f"{kind} N={self.num_quantiles}"
         return self.metadata.get("label") or default
 
     @property
@@ -100,31 +129,36 @@ class Scores:
         return Path(self.source).parent / path
 
 
-def save_scores(path, chosen, rejected, metadata: dict) -> Path:
-    """Write `chosen` and `rejected` ([P, N]) and `metadata` to `path` (.npz or .jsonl), atomically."""
+def save_scores(path, chosen, rejected, metadata: dict, anchor=None) -> Path:
+    """Write `chosen` and `rejected` ([P, N]), `anchor` ([P, N], optional) and `metadata` to `path`
+    (.npz or .jsonl), atomically."""
     path = Path(path)
     layout = _layout(path)
     chosen, rejected = np.asarray(chosen), np.asarray(rejected)  # Scores checks them and makes them float32
+    anchor = None if anchor is None else np.asarray(anchor)
     metadata = dict(metadata)
     if "format" in metadata and metadata["format"] != FORMAT:
         raise MinqrError(f"metadata format {metadata['format']!r} for {path}: save_scores writes {FORMAT}; drop the key")
     metadata["format"] = FORMAT
     metadata.setdefault("num_quantiles", chosen.shape[-1] if chosen.ndim else 0)
     metadata.setdefault("minqr_version", __version__)
-    scores = Scores(chosen, rejected, metadata, source=str(path))
+    scores = Scores(chosen, rejected, metadata, source=str(path), anchor=anchor)
     try:
         metadata_json = json.dumps(metadata)
     except TypeError as error:  # a Path, a numpy number, ...: the file must read back without minqr
         raise MinqrError(f"metadata for {path} must hold only JSON values (str, number, list, dict): {error}") from None
     with atomic_file(path) as tmp:
         if layout == "npz":
+            anchors = {} if scores.anchor is None else {"anchor": scores.anchor}
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
-                np.savez(f, chosen=scores.chosen, rejected=scores.rejected, metadata=np.array(metadata_json))
+                np.savez(f, chosen=scores.chosen, rejected=scores.rejected, metadata=np.array(metadata_json),
+                         **anchors)
         else:
             with open(tmp, "w") as f:
                 f.write(metadata_json + "\n")
-                for c, r in zip(scores.chosen.tolist(), scores.rejected.tolist()):
-                    f.write(json.dumps({"chosen": c, "rejected": r}) + "\n")
+                anchors = [None] * scores.num_pairs if scores.anchor is None else scores.anchor.tolist()
+                for c, r, a in zip(scores.chosen.tolist(), scores.rejected.tolist(), anchors):
+                    f.write(json.dumps({"chosen": c, "rejected": r} | ({} if a is None else {"anchor": a})) + "\n")
     return path
 
 
@@ -134,10 +168,10 @@ def load_scores(path) -> Scores:
     if not path.is_file():
         raise MinqrError(f"scores file {path} does not exist; {HOW_TO_MAKE}")
     if _layout(path) == "npz":
-        chosen, rejected, metadata = _read_npz(path)
+        chosen, rejected, anchor, metadata = _read_npz(path)
     else:
-        chosen, rejected, metadata = _read_jsonl(path)
-    return Scores(chosen, rejected, metadata, source=str(path))
+        chosen, rejected, anchor, metadata = _read_jsonl(path)
+    return Scores(chosen, rejected, metadata, source=str(path), anchor=anchor)
 
 
 def _layout(path: Path) -> str:
@@ -171,9 +205,10 @@ def _read_npz(path: Path):
             if name not in names:
                 raise MinqrError(f"{path}: scores file without a {name!r} array; {HOW_TO_MAKE}")
         try:
-            return archive["chosen"], archive["rejected"], metadata
+            anchor = archive["anchor"] if "anchor" in names else None
+            return archive["chosen"], archive["rejected"], anchor, metadata
         except ValueError:
-            raise MinqrError(f"{path}: 'chosen' or 'rejected' is an object array; scores are numbers") from None
+            raise MinqrError(f"{path}: 'chosen', 'rejected' or 'anchor' is an object array; scores are numbers") from None
 
 
 def _read_jsonl(path: Path):
@@ -182,7 +217,8 @@ def _read_jsonl(path: Path):
     if not lines:
         raise MinqrError(f"{path} is empty, not a minqr scores file; {HOW_TO_MAKE}")
     metadata = _parse_metadata(lines[0], f"{path}:1")
-    rows = {"chosen": [], "rejected": []}
+    with_anchor = len(lines) > 1 and '"anchor"' in lines[1]
+    rows = {"chosen": [], "rejected": [], **({"anchor": []} if with_anchor else {})}
     for number, line in enumerate(lines[1:], start=2):
         try:
             record = json.loads(line)
@@ -198,7 +234,8 @@ def _read_jsonl(path: Path):
     widths = {len(values) for side in rows.values() for values in side}
     if len(widths) > 1:
         raise MinqrError(f"{path}: pairs have different numbers of outputs ({sorted(widths)}); every line needs N")
-    return np.array(rows["chosen"], dtype=np.float32), np.array(rows["rejected"], dtype=np.float32), metadata
+    arrays = {side: np.array(row, dtype=np.float32) for side, row in rows.items()}
+    return arrays["chosen"], arrays["rejected"], arrays.get("anchor"), metadata
 
 
 def _parse_metadata(text: str, where: str) -> dict:
@@ -221,8 +258,10 @@ def _check(scores: Scores) -> None:
     if missing:
         raise MinqrError(f"{where}: metadata misses {', '.join(missing)}; save_scores needs "
                          f"{', '.join(WRITER_KEYS)} (and taus for a quantile head)")
-    for name in ("chosen", "rejected"):
+    for name in ("chosen", "rejected", "anchor"):
         array = getattr(scores, name)
+        if name == "anchor" and array is None:
+            continue
         if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":
             raise MinqrError(f"{where}: {name!r} must be a numeric numpy array, not {type(array).__name__}")
         if array.ndim != 2:
@@ -231,10 +270,15 @@ def _check(scores: Scores) -> None:
     if scores.chosen.shape != scores.rejected.shape:
         raise MinqrError(f"{where}: 'chosen' {scores.chosen.shape} and 'rejected' {scores.rejected.shape} "
                          "differ in shape; both are [pairs, outputs] for the same pairs")
+    if scores.anchor is not None and scores.anchor.shape != scores.chosen.shape:
+        raise MinqrError(f"{where}: 'anchor' {scores.anchor.shape} and 'chosen' {scores.chosen.shape} differ in "
+                         "shape; the anchor holds the outputs for each pair's anchor reply, [pairs, outputs]")
     num_pairs, n = scores.chosen.shape
     if num_pairs == 0 or n == 0:
         raise MinqrError(f"{where}: no scores (shape {scores.chosen.shape}); score at least one pair")
-    for name in ("chosen", "rejected"):
+    for name in ("chosen", "rejected", "anchor"):
+        if getattr(scores, name) is None:
+            continue
         bad = ~np.isfinite(getattr(scores, name)).all(axis=1)
         if bad.any():
             raise MinqrError(f"{where}: {name!r} holds NaN or inf in {bad.sum()} pairs (first: pair "
@@ -254,7 +298,9 @@ def _check(scores: Scores) -> None:
     elif not (isinstance(taus, list) and len(taus) == n and all(isinstance(t, (int, float)) and 0 < t < 1 for t in taus)
               and all(a < b for a, b in zip(taus, taus[1:]))):
         raise MinqrError(f"{where}: metadata taus must list the N={n} increasing quantile levels in (0, 1) "
-                         f"of the quantile head (minqr.loss.quantile_levels(N)), got {taus!r}")
+                         f"of the quantile head (minqr.head.quantile_levels(N)), got {taus!r}")
+    if metadata.get("readout", "raw") not in READOUTS:
+        raise MinqrError(f"{where}: metadata readout={metadata['readout']!r}; it must be one of {', '.join(READOUTS)}")
     for key in ("workload", "model", "data", "split"):
         if not isinstance(metadata[key], str) or not metadata[key]:
             raise MinqrError(f"{where}: metadata {key} must be a non-empty string, got {metadata[key]!r}")

@@ -12,6 +12,10 @@ The task, in full:
   HH-style dialogue "\\n\\nHuman: <question>\\n\\nAssistant: <tags>". The question carries no
   reward; the two responses of a pair answer the same question, so the dialogues share their
   prefix, as in HH-RLHF.
+- One response in twenty is the ANCHOR, the neutral reply "ok" (no tags): its reward is 0 for every
+  annotator. A Bradley-Terry reward is defined up to an additive constant, and a mixture head's
+  outputs each up to their own (minqr/head.py); the anchor pins them down, so that a model's
+  outputs can be compared with the truth in absolute terms (minqr/analysis.py aligns on it).
 - Each tag has a reward per group (table `TAGS`, in logit units). Ten tags are clear-cut: every
   group likes "accurate" (+7.5) and dislikes "unsafe" (-9). Five are controversial: "joke" is +4 for
   the casual group and -4 for the formal one. A tag is controversial with probability 0.3.
@@ -39,14 +43,21 @@ Files written by `make_synthetic_task(folder)`:
         chosen_quantiles, rejected_quantiles [P, 10]         the exact quantiles at those levels
         preference_probability               [P]             P(chosen preferred to rejected)
         chosen_tags, rejected_tags           [P, V] int8     which tags each response has
+        tag_names, controversial_tags        [V] str, bool   the tags, and which split the groups
+        anchor_texts                         [P] str         the anchor reply to each test pair's
+                                                             question, whose reward is 0 for all
     task.json                 the task's parameters, the tag table, the Bayes accuracy
     tokenizer/                a byte-level BPE trained on train.jsonl (minqr.load_tokenizer reads it)
     model/                    a tiny random GPT-2 (2 layers, 64 wide) with that tokenizer inside:
                               the `--model` of the offline demo
 
-Rewards are in logit units (a difference of 1 is odds e:1) and, like any Bradley-Terry reward,
-defined up to an additive constant (here: a response without tags would be 0). Compare a learnt
-model with the truth after centring both (or after fitting a shift), never in absolute terms.
+Rewards are in logit units (a difference of 1 is odds e:1), so a model trained by a
+Bradley-Terry likelihood learns them in the same units: only the additive constants are free, and
+the anchor fixes those.
+
+Two variants of the task (TASK_VARIANTS, `make_synthetic_task(..., variant=...)`): "demo" as
+above, and "shifted", with other group shares (75/25), wider personal deviations (std 1.0) and
+more controversial tags (rate 0.4), to check that a result is not a property of one task.
 """
 import json
 from dataclasses import dataclass, field
@@ -61,7 +72,7 @@ from minqr.atomic import atomic_dir
 from minqr.checkpoint import save_gpt2
 from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.loss import quantile_levels
+from minqr.head import quantile_levels
 from minqr.tokenizer import Tokenizer, byte_level_bpe
 
 GROUPS = {"casual": 0.55, "formal": 0.45}  # annotator groups and their share of the population
@@ -96,6 +107,7 @@ TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
 TRUTH_LEVELS = quantile_levels(10, dtype=torch.float64).numpy()  # the levels of minqr's default head, N = 10
+ANCHOR_REPLY = "ok"  # the neutral reply: no tags, reward 0 for every annotator
 GAUSS_HERMITE_NODES = 64  # E[sigmoid(m + s Z)] to ~1e-12 for the spreads of this task
 
 
@@ -110,6 +122,7 @@ class SyntheticTask:
     personal_std: float = 0.5  # spread of one annotator's reward for a tag around their group's
     controversial_rate: float = 0.3  # chance that a drawn tag is a controversial one
     tags_per_response: tuple = (2, 4)  # inclusive range
+    anchor_rate: float = 0.05  # chance that a response is the anchor, the neutral reply with no tags
 
     def __post_init__(self):
         G, V = len(self.groups), len(self.tags)
@@ -122,6 +135,8 @@ class SyntheticTask:
         lo, hi = self.tags_per_response
         if not 1 <= lo <= hi <= V:
             raise MinqrError(f"tags_per_response must satisfy 1 <= low <= high <= {V}, got {self.tags_per_response}")
+        if not 0 <= self.anchor_rate < 1:
+            raise MinqrError(f"anchor_rate must lie in [0, 1), got {self.anchor_rate}")
 
     @property
     def controversial(self) -> np.ndarray:
@@ -137,10 +152,12 @@ class SyntheticTask:
     # ---- drawing responses and annotators ----
 
     def sample_responses(self, rng: np.random.Generator, count: int) -> list:
-        """`count` responses, each a list of distinct tag indices in the order they are written."""
+        """`count` responses, each a list of distinct tag indices in the order they are written (the
+        anchor: no tags)."""
         lo, hi = self.tags_per_response
         p = self.tag_probabilities()
-        return [list(rng.choice(len(self.tags), size=rng.integers(lo, hi + 1), replace=False, p=p))
+        return [[] if rng.random() < self.anchor_rate
+                else list(rng.choice(len(self.tags), size=rng.integers(lo, hi + 1), replace=False, p=p))
                 for _ in range(count)]
 
     def tag_counts(self, responses) -> np.ndarray:
@@ -196,26 +213,39 @@ class SyntheticTask:
             "personal_std": self.personal_std,
             "controversial_rate": self.controversial_rate,
             "tags_per_response": list(self.tags_per_response),
+            "anchor_rate": self.anchor_rate,
+            "anchor_reply": ANCHOR_REPLY,
         }
 
 
+# The task of the demo, and a variant with other group shares and spreads (module docstring).
+TASK_VARIANTS = {
+    "demo": SyntheticTask(),
+    "shifted": SyntheticTask(group_weights=np.array([0.75, 0.25]), personal_std=1.0, controversial_rate=0.4),
+}
+
+
 def mixture_quantiles(means: np.ndarray, stds: np.ndarray, weights: np.ndarray, levels) -> np.ndarray:
-    """Quantiles of Gaussian mixtures: means, stds [P, G] (stds > 0), weights [G] -> [P, K] for the
-    K levels in (0, 1), by bisection on the mixture's CDF to float64 precision."""
+    """Quantiles of Gaussian mixtures: means, stds [P, G] (stds >= 0; 0 is a point mass, the
+    anchor's), weights [G] -> [P, K] for the K levels in (0, 1), by bisection on the mixture's CDF
+    to float64 precision."""
     levels = np.asarray(levels, dtype=np.float64)
     means, stds = means[:, None, :], stds[:, None, :]  # [P, 1, G], broadcast over the levels
     lo = np.broadcast_to((means - 40 * stds).min(-1), (means.shape[0], len(levels))).copy()  # [P, K]
     hi = np.broadcast_to((means + 40 * stds).max(-1), lo.shape).copy()
     for _ in range(100):  # each halves the bracket: 2^-100 of it is below float64's resolution
         mid = (lo + hi) / 2
-        below = ndtr((mid[..., None] - means) / stds) @ weights < levels  # [P, K]
+        offset = mid[..., None] - means  # [P, K, G]
+        with np.errstate(divide="ignore", invalid="ignore"):  # a point mass: a step at its mean
+            z = np.where(stds > 0, offset / stds, np.where(offset >= 0, np.inf, -np.inf))
+        below = ndtr(z) @ weights < levels  # [P, K]
         lo = np.where(below, mid, lo)
         hi = np.where(below, hi, mid)
     return (lo + hi) / 2
 
 
 def render_dialogue(question: str, tags) -> str:
-    return f"\n\nHuman: {question}\n\nAssistant: {' '.join(tags)}"
+    return f"\n\nHuman: {question}\n\nAssistant: {' '.join(tags) or ANCHOR_REPLY}"
 
 
 def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int) -> dict:
@@ -236,13 +266,15 @@ def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int) -> d
     def texts(responses):
         return [render_dialogue(q, [task.tags[t] for t in r]) for q, r in zip(questions, responses)]
 
-    return {"chosen": texts(chosen), "rejected": texts(rejected),
+    return {"chosen": texts(chosen), "rejected": texts(rejected), "anchors": texts([[]] * count),
             "chosen_tags": task.tag_counts(chosen), "rejected_tags": task.tag_counts(rejected)}
 
 
 def truth_arrays(task: SyntheticTask, pairs: dict, rng: np.random.Generator, num_samples: int) -> dict:
     """The true reward distributions of the pairs' responses (the test_truth.npz arrays)."""
-    arrays = {"group_weights": task.group_weights, "quantile_levels": TRUTH_LEVELS}
+    arrays = {"group_weights": task.group_weights, "quantile_levels": TRUTH_LEVELS,
+              "anchor_texts": np.array(pairs["anchors"]), "tag_names": np.array(task.tags),
+              "controversial_tags": task.controversial}
     for side in ("chosen", "rejected"):
         counts = pairs[f"{side}_tags"]
         means, stds = task.group_moments(counts)
@@ -284,14 +316,17 @@ def _write_jsonl(path: Path, chosen, rejected) -> None:
             f.write(json.dumps({"chosen": c, "rejected": r}) + "\n")
 
 
-def make_synthetic_task(folder, num_train: int = 4000, num_test: int = 1000, seed: int = 0,
-                        num_samples: int = 256, task: SyntheticTask | None = None) -> Path:
+def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
+                        num_samples: int = 256, variant: str = "demo") -> Path:
     """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
-    atomically). The same arguments give the same data, truth, tokenizer and weights."""
+    atomically). The same arguments give the same data, truth, tokenizer and weights. `variant`
+    names one of TASK_VARIANTS."""
     if num_train < 1 or num_test < 1 or num_samples < 1:
         raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
                          f"got {num_train}, {num_test} and {num_samples}")
-    task = task or SyntheticTask()
+    if variant not in TASK_VARIANTS:
+        raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
+    task = TASK_VARIANTS[variant]
     # independent streams, so that e.g. more truth samples leave the data unchanged
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     train = sample_pairs(task, data_rng, num_train)
@@ -300,7 +335,8 @@ def make_synthetic_task(folder, num_train: int = 4000, num_test: int = 1000, see
     p = truth["preference_probability"]
     summary = {
         "description": "minqr synthetic preference task (see minqr/synthetic.py)",
-        "seed": seed, "num_train": num_train, "num_test": num_test, "truth_samples": num_samples,
+        "seed": seed, "variant": variant, "num_train": num_train, "num_test": num_test,
+        "truth_samples": num_samples,
         **task.to_dict(),
         # the ceiling for a reward model on test.jsonl: expected over fresh labels ...
         "bayes_accuracy": bayes_accuracy(p),

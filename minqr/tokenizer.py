@@ -43,6 +43,17 @@ class Tokenizer:
         # the fast batch path skips the offsets that encode_batch would compute and throw away
         return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
+    def encode_batch_marked(self, texts, marks) -> tuple[list[list[int]], list[int]]:
+        """Ids of each text, and for each the index of the token that holds character `marks[k]`
+        (len(ids), past the last token, when the mark is at the end of the text)."""
+        encodings = self.backend.encode_batch(list(texts), add_special_tokens=False)
+        starts = []
+        for encoding, text, mark in zip(encodings, texts, marks):
+            # the first character at or after the mark that a token holds
+            token = next((t for t in map(encoding.char_to_token, range(mark, len(text))) if t is not None), None)
+            starts.append(len(encoding.ids) if token is None else token)
+        return [e.ids for e in encodings], starts
+
     def decode(self, ids) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=False)
 

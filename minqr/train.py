@@ -46,14 +46,15 @@ from tqdm import tqdm
 from minqr import hub
 from minqr.atomic import atomic_file
 from minqr.batching import IGNORE_INDEX, length_grouped_batches, tokenize_pairs
+from minqr.checkpoint import load_gpt2
 from minqr.checkpointing import DataPosition, capture_rng_state, find_checkpoint, load_checkpoint, \
     remove_checkpoints, restore_rng_state, save_checkpoint
 from minqr.data import load_pairs
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
-from minqr.loss import qr_pairwise_loss
+from minqr.head import HEAD_KINDS, OBJECTIVES, HeadConfig
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
-from minqr.reward import HEAD_KINDS, TRAINING_ARGS_FILE, HeadConfig, RewardModel, ranking_credit
+from minqr.reward import TRAINING_ARGS_FILE, RewardModel, ranking_credit
 from minqr.tokenizer import load_tokenizer
 
 
@@ -72,11 +73,20 @@ class TrainConfig:
                        "head) or 'scalar' (one reward, the Bradley-Terry baseline)", HEAD_KINDS)
     num_quantiles: int | None = option(None, "number of quantiles N of the quantile head [default: 10; the "
                                        "scalar head has 1]")
-    kappa: float = option(1.0, "Huber threshold κ of the quantile loss")
-    lam: float | None = option(None, "weight λ of the quantile-Huber term [default: 1.0 for the quantile "
-                               "head; the scalar head has 0]")
-    margin: float = option(1.0, "margin m: the chosen response's quantiles are pulled towards the "
-                           "rejected one's plus m, and the rejected one's towards the chosen minus m")
+    objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/head.py): "
+                                   "mixture (N kinds of annotator; the sorted outputs are the quantiles), "
+                                   "independent, or paper (the seed paper's quantile-Huber loss) [default: "
+                                   "mixture; the scalar head's is bradley_terry]", tuple(OBJECTIVES))
+    kappa: float | None = option(None, "objective paper: Huber threshold κ of the quantile term [default: 1.0]")
+    lam: float | None = option(None, "objective paper: weight λ of the quantile-Huber term [default: 1.0]")
+    margin: float | None = option(None, "objective paper: margin m, the chosen response's quantiles are pulled "
+                                  "towards the rejected one's plus m, and the rejected one's towards the chosen "
+                                  "minus m [default: 1.0]")
+    bag_coef: float = option(0.0, "weight of the response bag-of-words auxiliary: the pooled state of each "
+                             "response predicts which tokens the response holds (RewardModel.response_bag_loss), "
+                             "so that it keeps what annotators disagree about; its layer is not saved")
+    head_lr_scale: float = option(1.0, "the head's learning rate is --lr times this")
+    head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: --weight-decay]")
     center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
                                 "expected rewards (e.g. 0.01)")
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
@@ -128,12 +138,14 @@ class TrainConfig:
                         "with a tiny random GPT-2 and train on it; other options override its defaults")
 
     def __post_init__(self):
-        # the head's own rules: scalar is N = 1, λ = 0; quantile defaults to N = 10, λ = 1
+        # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
+        # N = 10 and the default objective; kappa, lam and margin belong to the paper objective
         try:
-            head = HeadConfig.make(self.head, self.num_quantiles, self.kappa, self.lam, self.margin)
+            head = self.head_config()
         except MinqrError as error:
-            raise MinqrError(f"options --head, --num-quantiles, --kappa, --lam, --margin: {error}") from None
-        self.num_quantiles, self.lam = head.num_quantiles, head.lam
+            raise MinqrError(f"options --head, --num-quantiles, --objective, --kappa, --lam, --margin: {error}") from None
+        self.num_quantiles, self.objective = head.num_quantiles, head.objective
+        self.kappa, self.lam, self.margin = (head.hyperparameters.get(name) for name in ("kappa", "lam", "margin"))
         self.out = self.out or str(Path("runs") / self.head)
         if self.demo and Path(self.data).parent == Path("."):
             # the demo generates its task in the folder of `data`; a hub name such as the default
@@ -149,8 +161,12 @@ class TrainConfig:
                                       ("grad_accum", 1), ("epochs", 1), ("eval_every", 0), ("save_every", 0))
                     if getattr(self, name) < low]
         problems += [f"--{name.replace('_', '-')} must be non-negative (got {getattr(self, name)})"
-                     for name in ("center_coef", "lm_coef", "weight_decay", "max_grad_norm")
+                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm")
                      if not getattr(self, name) >= 0]  # `not >=` also catches NaN
+        if self.head_weight_decay is not None and not self.head_weight_decay >= 0:
+            problems.append(f"--head-weight-decay must be non-negative (got {self.head_weight_decay})")
+        if not 0 < self.head_lr_scale < math.inf:
+            problems.append(f"--head-lr-scale must be positive and finite (got {self.head_lr_scale})")
         if not self.lr > 0:
             problems.append(f"--lr must be positive (got {self.lr})")
         if not 0 <= self.warmup < 1:
@@ -161,6 +177,10 @@ class TrainConfig:
             problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
         if problems:
             raise MinqrError("; ".join(problems))
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,
+                               margin=self.margin)
 
     @classmethod
     def from_options(cls, **given) -> "TrainConfig":
@@ -289,19 +309,15 @@ class PairObjective(nn.Module):
 
     def forward(self, batch, pairs_in_step: int, lm_tokens_in_step: float):
         c = self.config
-        if c.lm_coef > 0:
-            r_chosen, r_rejected, hidden = self.model.forward_pairs(batch, return_hidden=True)
-        else:
-            r_chosen, r_rejected = self.model.forward_pairs(batch)
-        r_chosen, r_rejected = r_chosen.float(), r_rejected.float()  # [B, N]; the loss works in float32
-        loss = qr_pairwise_loss(r_chosen, r_rejected, kappa=c.kappa, lam=c.lam, margin=c.margin, reduction="sum")
+        # the head's objective (+ the response bag auxiliary), summed over the pairs; float32 [B, N] outputs
+        loss, r_chosen, r_rejected, *hidden = self.model.pair_loss(batch, "sum", c.bag_coef, return_hidden=c.lm_coef > 0)
         mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
         if c.center_coef > 0:
             loss = loss + c.center_coef * ((mu_chosen + mu_rejected) ** 2).sum()
         loss = loss / pairs_in_step
         if c.lm_coef > 0:
             targets = batch.chosen_lm_labels != IGNORE_INDEX  # [R, T]
-            logits = self.model.transformer.lm_logits(hidden[targets])  # [targets, vocab]
+            logits = self.model.transformer.lm_logits(hidden[0][targets])  # [targets, vocab]
             lm_sum = F.cross_entropy(logits.float(), batch.chosen_lm_labels[targets], reduction="sum")
             loss = loss + c.lm_coef * lm_sum / lm_tokens_in_step
         return loss, mu_chosen.detach(), mu_rejected.detach()
@@ -315,12 +331,17 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     # Decay pulls weights towards 0: right for matrices, wrong for biases and layer-norm gains
-    # (whose neutral value is 1), which are the 1-dimensional parameters.
-    params = [p for p in model.parameters() if p.requires_grad]
+    # (whose neutral value is 1), which are the 1-dimensional parameters. The head has its own
+    # learning rate and decay (--head-lr-scale, --head-weight-decay): its N rows must move apart,
+    # which decay works against.
+    head = model.score.weight
+    params = [p for p in model.parameters() if p.requires_grad and p is not head]
+    head_decay = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+              {"params": [head], "weight_decay": head_decay, "lr": config.lr * config.head_lr_scale}]
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
 
 
@@ -373,8 +394,9 @@ class _Run:
         self.warmup_steps = round(config.warmup * self.total_steps)
 
         torch.manual_seed(config.seed)  # the head's initialisation
-        model = RewardModel.from_backbone(self.model_path, head=config.head, num_quantiles=config.num_quantiles,
-                                          kappa=config.kappa, lam=config.lam, margin=config.margin)
+        model = RewardModel(load_gpt2(self.model_path), config.head_config())
+        if config.bag_coef > 0:
+            model.add_response_bag()
         if config.max_length > model.transformer.config.n_positions:
             raise MinqrError(f"--max-length {config.max_length} is more than the model's "
                              f"{model.transformer.config.n_positions} positions: lower it")
@@ -581,10 +603,8 @@ class _Run:
         for pair_indices in batches[procs.rank :: procs.world_size]:
             batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
             with autocast(procs.device, self.autocast_dtype):
-                r_chosen, r_rejected = self.model.forward_pairs(batch)
-            r_chosen, r_rejected = r_chosen.float(), r_rejected.float()  # [B, N]
-            loss = qr_pairwise_loss(r_chosen, r_rejected, kappa=config.kappa, lam=config.lam,
-                                    margin=config.margin, reduction="sum")
+                # the objective alone: for all but paper, the held-out negative log-likelihood of the labels
+                loss, r_chosen, r_rejected = self.model.pair_loss(batch, "sum")  # float32 [B, N] outputs
             mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
             rewards = torch.cat([mu_chosen, mu_rejected]).double()
             totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),

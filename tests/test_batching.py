@@ -11,6 +11,7 @@ import torch
 
 from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
 from factories import random_gpt2, tiny_config
+from minqr.data import Pair
 from minqr.batching import (IGNORE_INDEX, collate_pairs, length_grouped_batches, padding_efficiency,
                             random_batches, shared_prefix_length, tokenize_pairs, TokenizedPairs)
 from minqr.data import load_pairs
@@ -165,7 +166,7 @@ def test_to_moves_every_tensor():
         batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix)
         moved = batch.to("meta")
         tensors = [name for name, value in vars(batch).items() if isinstance(value, torch.Tensor)]
-        assert len(tensors) == 8 and all(getattr(moved, name).is_meta for name in tensors)
+        assert len(tensors) == 9 and all(getattr(moved, name).is_meta for name in tensors)
         assert (moved.num_pairs, moved.num_real_tokens) == (batch.num_pairs, batch.num_real_tokens)
 
 
@@ -189,7 +190,7 @@ def gpt2_tokenizer():
 
 
 def make_pairs(texts):
-    return [SimpleNamespace(chosen=c, rejected=r, origin=f"test:{n}") for n, (c, r) in enumerate(texts, 1)]
+    return [Pair(c, r, f"test:{n}") for n, (c, r) in enumerate(texts, 1)]
 
 
 def test_truncation_keeps_the_end(gpt2_tokenizer):
@@ -215,8 +216,8 @@ class SkipSpaces:
 
     eos_id = 0
 
-    def encode_batch(self, texts):
-        return [[ord(ch) for ch in text if not ch.isspace()] for text in texts]
+    def encode_batch_marked(self, texts, marks):
+        return [[ord(ch) for ch in text if not ch.isspace()] for text in texts], [0] * len(texts)
 
 
 def test_text_with_no_tokens_is_an_error():
@@ -225,6 +226,47 @@ def test_text_with_no_tokens_is_an_error():
         tokenize_pairs(pairs, SkipSpaces(), 8)
     with pytest.raises(MinqrError, match="max_length must be at least 1"):
         tokenize_pairs(pairs, SkipSpaces(), 0)
+
+
+def test_response_spans_are_the_final_responses(gpt2_tokenizer):
+    """The tokens from each text's response start are its final response: after the last
+    "\\n\\nAssistant:" of a dialogue, after the prompt when the data gave one, and what survives of it
+    when the text was cut from the left."""
+    rng = random.Random(11)
+    words = ["alpha", "beta", " gamma", "é", "🙂", "12", "Assistant", ":"]
+
+    def words_text(k):
+        return " ".join(rng.choices(words, k=k))
+
+    dialogues = [(f"\n\nHuman: {words_text(8)}\n\nAssistant: {words_text(5)}\n\nHuman: {words_text(3)}"
+                  f"\n\nAssistant:", words_text(rng.randint(1, 30))) for _ in range(12)]
+    pairs = [Pair(prompt + " " + reply, prompt + " " + reply[::-1], f"test:{n}") for n, (prompt, reply) in enumerate(dialogues)]
+    pairs += [Pair("prompt" + reply, "prompt" + "other", "p", prompt_length=len("prompt")) for _, reply in dialogues[:3]]
+    pairs.append(Pair("no turns at all", "none here", "x"))  # no assistant turn: the whole text
+    for max_length in (512, 12):
+        tokenized = tokenize_pairs(pairs, gpt2_tokenizer, max_length)
+        for pair, ids, start, side in [(p, tokenized.chosen[i], tokenized.chosen_response[i], "chosen")
+                                       for i, p in enumerate(pairs)] + [
+                                      (p, tokenized.rejected[i], tokenized.rejected_response[i], "rejected")
+                                      for i, p in enumerate(pairs)]:
+            text = getattr(pair, side)
+            response = text[pair.response_start(side):]
+            full = gpt2_tokenizer.encode(text)
+            kept = gpt2_tokenizer.decode(ids[start:])
+            assert response.endswith(kept) and len(kept) > 0
+            if len(full) <= max_length:  # nothing cut: the whole response, no more
+                assert kept == response
+    assert Pair("\n\nHuman: a\n\nAssistant: b", "c", "o").response_start("chosen") == len("\n\nHuman: a\n\nAssistant:")
+
+
+def test_response_ids_hold_each_response_of_the_batch():
+    chosen, rejected = [[1, 2, 3, 4], [5, 6]], [[1, 2, 9], [5, 7, 8, 9, 10]]
+    for shared_prefix in (True, False):
+        batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix, response_starts=([2, 0], [2, 1]))
+        assert batch.response_ids.tolist() == [[3, 4, IGNORE_INDEX, IGNORE_INDEX], [5, 6, IGNORE_INDEX, IGNORE_INDEX],
+                                               [9, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX], [7, 8, 9, 10]]
+    whole = collate_pairs(chosen, rejected, PAD_ID)  # no starts: every text is all response
+    assert whole.response_ids[0].tolist() == [1, 2, 3, 4, IGNORE_INDEX]
 
 
 # ------------------------------------------------------------ batches

@@ -14,7 +14,8 @@ from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
 
 from minqr import load_tokenizer
 from minqr.data import Pair
-from minqr.reward import HeadConfig, RewardModel
+from minqr.head import HeadConfig
+from minqr.reward import RewardModel
 from minqr.score import score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,16 +16,17 @@ from safetensors.torch import load_file, save_file
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.analysis import pair_accuracy
 from minqr.batching import collate_pairs
-from minqr.reward import HeadConfig, RewardModel, quantile_band, ranking_credit
+from minqr.head import HeadConfig
+from minqr.reward import RewardModel, quantile_band, ranking_credit
 
 HEADS = [("scalar", 1), ("quantile", 10), ("quantile", 7)]
 CONFIG = tiny_config(n_positions=160)  # room for the long text of text_batch
 
 
-def random_reward_model(kind="quantile", n=10, seed=0, config=None):
+def random_reward_model(kind="quantile", n=10, seed=0, config=None, objective=None):
     """A tiny RewardModel whose every tensor is random, the head's rows included (distinct rows:
     a swapped or averaged row cannot hide), scaled so that rewards are of order 1."""
-    model = RewardModel(random_gpt2(config or CONFIG, seed), HeadConfig.make(kind, n))
+    model = RewardModel(random_gpt2(config or CONFIG, seed), HeadConfig.make(kind, n, objective))
     rows = torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         model.score.weight.copy_(rows / model.score.in_features ** 0.5)
@@ -90,7 +91,7 @@ def test_save_then_load_gives_identical_outputs(tmp_path, tokenizer, kind, n):
 
 @pytest.mark.parametrize("kind,n", HEADS)
 def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
-    model = random_reward_model(kind, n)
+    model = random_reward_model(kind, n)  # quantile: the default objective, mixture
     args = {"lr": 1e-3, "data": "train.jsonl"}
     model.save_pretrained(tmp_path, tokenizer=tokenizer, training_args=args, reward_stats={"mean": -1.0, "std": 3.0})
     config = json.loads((tmp_path / "config.json").read_text())
@@ -102,7 +103,9 @@ def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
     minqr = config["minqr"]
     assert (minqr["head"], minqr["num_quantiles"]) == (kind, n)
     assert minqr["quantile_levels"] == pytest.approx([(2 * i + 1) / (2 * n) for i in range(n)], abs=1e-15)
-    assert (minqr["kappa"], minqr["lam"], minqr["margin"]) == (1.0, 0.0 if kind == "scalar" else 1.0, 1.0)
+    assert (minqr["objective"], minqr["readout"]) == (("bradley_terry", "raw") if kind == "scalar" else ("mixture", "sorted"))
+    assert not {"kappa", "lam", "margin"} & set(minqr)  # the paper objective's alone
+    assert list(config["label2id"]) == (["reward"] if kind == "scalar" else [f"kind{i}" for i in range(n)])
     assert (minqr["reward_mean"], minqr["reward_std"]) == (-1.0, 3.0)
     tensors = load_file(tmp_path / "model.safetensors")
     assert tensors["score.weight"].shape == (n, tiny_config().n_embd)
@@ -111,6 +114,33 @@ def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
     assert all(name.startswith("transformer.") for name in tensors if name != "score.weight")
     assert json.loads((tmp_path / "training_args.json").read_text()) == args
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_the_paper_objective_records_its_hyperparameters_and_raw_quantiles(tmp_path):
+    model = RewardModel(random_gpt2(CONFIG), HeadConfig.make("quantile", 3, "paper", kappa=0.5, margin=2.0))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    minqr = config["minqr"]
+    assert (minqr["objective"], minqr["readout"]) == ("paper", "raw")
+    assert (minqr["kappa"], minqr["lam"], minqr["margin"]) == (0.5, 1.0, 2.0)
+    assert list(config["label2id"]) == ["q0", "q1", "q2"]
+    assert RewardModel.from_pretrained(tmp_path).head_config == model.head_config
+
+
+@pytest.mark.parametrize("kind,objective", [("quantile", "paper"), ("scalar", "bradley_terry")])
+def test_models_saved_before_objectives_load_with_the_objective_they_were_trained_by(tmp_path, kind, objective):
+    """Before objectives, the minqr section had head, num_quantiles, kappa, lam, margin and the levels:
+    a quantile head was trained by the paper loss, a scalar head by Bradley-Terry (paper with lam 0)."""
+    n = 1 if kind == "scalar" else 4
+    model = RewardModel(random_gpt2(CONFIG), HeadConfig.make(kind, n, objective))
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["minqr"] = {"head": kind, "num_quantiles": n, "kappa": 1.0, "lam": 0.0 if kind == "scalar" else 0.5,
+                       "margin": 1.0, "quantile_levels": model.head_config.levels}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    head = RewardModel.from_pretrained(tmp_path).head_config
+    assert (head.kind, head.num_quantiles, head.objective) == (kind, n, objective)
+    assert head.hyperparameters == ({} if kind == "scalar" else {"kappa": 1.0, "lam": 0.5, "margin": 1.0})
 
 
 def test_save_keeps_other_files_and_replaces_the_model(tmp_path):
@@ -329,17 +359,18 @@ def test_to_scalar_is_exactly_the_mean_of_the_quantiles(tmp_path, tokenizer):
 
 # ---- construction and initialisation ----
 
-def test_from_backbone_loads_the_weights_and_starts_the_quantiles_equal_and_small(tmp_path):
+def test_from_backbone_loads_the_weights_and_the_paper_quantiles_start_equal_and_small(tmp_path):
     written = write_tiny_checkpoint(tmp_path, seed=8)
     torch.manual_seed(0)
-    model = RewardModel.from_backbone(tmp_path, head="quantile", num_quantiles=5, kappa=0.5, margin=2.0)
+    model = RewardModel.from_backbone(tmp_path, head="quantile", num_quantiles=5, objective="paper", kappa=0.5,
+                                      margin=2.0)
     for name, tensor in written.state_dict().items():
         assert torch.equal(model.transformer.state_dict()[name], tensor), name
-    assert model.head_config == HeadConfig("quantile", 5, 0.5, 1.0, 2.0)
+    assert model.head_config == HeadConfig("quantile", 5, "paper", {"kappa": 0.5, "lam": 1.0, "margin": 2.0})
     rows = model.score.weight
     assert rows.shape == (5, 32) and torch.equal(rows, rows[:1].expand(5, -1)) and rows.abs().sum() > 0
     ids = torch.randint(0, 300, (16, 10), generator=torch.Generator().manual_seed(9))
-    fresh = RewardModel.from_config(tiny_config(), num_quantiles=4)  # GPT-2's own init: unit-scale ln_f
+    fresh = RewardModel.from_config(tiny_config(), num_quantiles=4, objective="paper")  # unit-scale ln_f
     with torch.no_grad():
         rewards = fresh.eval()(ids)
     assert torch.equal(rewards, rewards[:, :1].expand(-1, 4))  # no spread, no crossing at the start
@@ -347,14 +378,29 @@ def test_from_backbone_loads_the_weights_and_starts_the_quantiles_equal_and_smal
     assert RewardModel.from_backbone(tmp_path, head="scalar").num_quantiles == 1
 
 
+def test_the_mixture_kinds_start_apart():
+    """Identical rows are a saddle of the mixture (every kind gets the same gradient for ever): its N
+    rows start independent, entries of std 1/sqrt(n_embd)."""
+    torch.manual_seed(0)
+    rows = RewardModel.from_config(tiny_config(n_embd=256), num_quantiles=64, objective="mixture").score.weight
+    assert rows.shape == (64, 256)
+    assert abs(rows.std().item() * 256 ** 0.5 - 1) < 0.05
+    correlations = torch.corrcoef(rows.detach())[~torch.eye(64, dtype=torch.bool)]
+    assert correlations.abs().max() < 0.35  # independent rows of 256 entries: |r| ~ 0.06
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(kind="scalar", num_quantiles=10), "scalar head"),
-    (dict(kind="scalar", lam=1.0), "scalar head"),
+    (dict(kind="scalar", objective="mixture"), "scalar head"),
+    (dict(kind="scalar", lam=1.0), "objective 'bradley_terry' has no hyper-parameter lam"),
     (dict(kind="distributional"), "head must be one of"),
     (dict(num_quantiles=0), "num_quantiles"),
-    (dict(kappa=0.0), "kappa"),
-    (dict(lam=-1.0), "lam"),
-    (dict(margin=float("nan")), "margin"),
+    (dict(objective="bradley_terry"), "quantile head cannot be trained by bradley_terry"),
+    (dict(objective="median"), "objective must be one of bradley_terry, mixture, independent, paper"),
+    (dict(kappa=1.0), "objective 'mixture' has no hyper-parameter kappa"),
+    (dict(objective="paper", kappa=0.0), "kappa"),
+    (dict(objective="paper", lam=-1.0), "lam"),
+    (dict(objective="paper", margin=float("nan")), "margin"),
 ])
 def test_bad_head_options(kwargs, words):
     with pytest.raises(MinqrError, match=words):
@@ -375,7 +421,7 @@ def test_forward_rejects_masks_it_cannot_read():
 # ---- loading errors ----
 
 def saved(tmp_path, n=4):
-    model = random_reward_model("quantile", n)
+    model = random_reward_model("quantile", n, objective="paper")
     model.save_pretrained(tmp_path)
     return model
 
@@ -407,7 +453,7 @@ def test_inconsistent_config_is_named(tmp_path):
         RewardModel.from_pretrained(tmp_path)
     del config["minqr"]["kappa"]
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MinqrError, match="lacks kappa"):
+    with pytest.raises(MinqrError, match="lacks kappa, a hyper-parameter of its objective paper"):
         RewardModel.from_pretrained(tmp_path)
 
 

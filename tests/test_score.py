@@ -20,8 +20,9 @@ from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.analysis import load_truth
 from minqr.data import Pair, load_pairs
 from minqr.device import autocast_dtype, resolve_device
-from minqr.loss import quantile_levels
-from minqr.reward import HeadConfig, RewardModel
+from minqr.head import quantile_levels
+from minqr.head import HeadConfig
+from minqr.reward import RewardModel
 from minqr.score import score_pairs, score_to_file
 from minqr.scores import load_scores
 from minqr.synthetic import make_synthetic_task
@@ -213,7 +214,8 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
     def accuracy(c, r):
         return np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0)), axis=0)
 
-    c, r = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
+    c, r = scores.quantiles("chosen"), scores.quantiles("rejected")  # the default objective's: sorted outputs
+    assert scores.readout == "sorted" and np.array_equal(c, np.sort(scores.chosen.astype(np.float64), axis=1))
     mean, per_quantile = printed_accuracies(result.stdout)
     assert mean and int(mean[1]) == 7 and mean[2] == f"{accuracy(c.mean(1), r.mean(1)):.4f}"
     levels = quantile_levels(7, dtype=torch.float64).numpy()

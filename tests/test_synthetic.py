@@ -11,9 +11,9 @@ from scipy.special import expit
 
 from minqr import MinqrError, load_gpt2, load_tokenizer
 from minqr.data import read_pairs_file
-from minqr.loss import quantile_levels
-from minqr.synthetic import (TINY_MODEL, SyntheticTask, bayes_accuracy, make_synthetic_task, mixture_quantiles,
-                             sample_pairs)
+from minqr.head import quantile_levels
+from minqr.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
+                             make_synthetic_task, mixture_quantiles, sample_pairs)
 
 SIZES = dict(num_train=300, num_test=300, num_samples=200)
 DIALOGUE = re.compile(r"\n\nHuman: (?P<question>[^\n]+)\n\nAssistant: (?P<tags>[a-z ]+)")
@@ -60,7 +60,8 @@ def test_files_are_what_the_trainer_reads(folder, truth):
             match = DIALOGUE.fullmatch(record[side])
             assert match, record[side]
             for tag in match["tags"].split():
-                tags[row, task.tags.index(tag)] += 1
+                if tag != ANCHOR_REPLY:  # the anchor: no tags
+                    tags[row, task.tags.index(tag)] += 1
         np.testing.assert_array_equal(tags, truth[f"{side}_tags"])  # the truth is aligned line by line
     for record in test:  # the two responses answer the same question: a shared prefix
         assert DIALOGUE.fullmatch(record["chosen"])["question"] == DIALOGUE.fullmatch(record["rejected"])["question"]
@@ -78,11 +79,14 @@ def test_files_are_what_the_trainer_reads(folder, truth):
     assert max(map(len, ids)) <= config.n_positions
 
     P, S, G, V = SIZES["num_test"], SIZES["num_samples"], len(task.groups), len(task.tags)
-    shapes = {"group_weights": (G,), "quantile_levels": (10,), "preference_probability": (P,)}
+    shapes = {"group_weights": (G,), "quantile_levels": (10,), "preference_probability": (P,), "anchor_texts": (P,),
+              "tag_names": (V,), "controversial_tags": (V,)}
     for side in ("chosen", "rejected"):
         shapes.update({f"{side}_samples": (P, S), f"{side}_group_means": (P, G), f"{side}_group_stds": (P, G),
                        f"{side}_quantiles": (P, 10), f"{side}_tags": (P, V)})
     assert {k: v.shape for k, v in truth.items()} == shapes
+    assert truth["tag_names"].tolist() == list(task.tags)
+    assert truth["controversial_tags"].tolist() == task.controversial.tolist()
     np.testing.assert_allclose(truth["quantile_levels"], [(2 * i + 1) / 20 for i in range(10)], rtol=0, atol=1e-15)
     # the levels of the quantile head (N = 10), bit for bit: truth and model line up column by column
     assert np.array_equal(truth["quantile_levels"], quantile_levels(10, dtype=torch.float64).numpy())
@@ -92,7 +96,8 @@ def test_task_json_holds_the_bayes_accuracy_of_the_test_pairs(folder, truth):
     summary = json.loads((folder / "task.json").read_text())
     p = truth["preference_probability"]
     assert summary["bayes_accuracy"] == pytest.approx(np.maximum(p, 1 - p).mean(), abs=1e-12)
-    assert summary["bayes_accuracy_on_labels"] == pytest.approx(np.mean(p > 0.5), abs=1e-12)
+    # a pair both sides of which every group values alike (e.g. the anchor against "joke formal") is a coin toss
+    assert summary["bayes_accuracy_on_labels"] == pytest.approx(np.mean((p > 0.5) + 0.5 * (p == 0.5)), abs=1e-12)
     assert summary["tags"]["joke"] == {"casual": 4.0, "formal": -4.0}
     assert (summary["num_train"], summary["num_test"], summary["seed"]) == (300, 300, 0)
 
@@ -137,20 +142,50 @@ def test_the_default_task_has_a_bayes_accuracy_a_model_can_approach():
     assert 0.85 <= accuracy <= 0.92  # a model can reach 0.80, yet many pairs are genuinely contested
 
 
+def test_the_anchor_is_worth_0_to_everyone_and_answers_each_question(folder, truth):
+    """One response in twenty is the neutral reply, no tags: its reward is exactly 0 for every
+    simulated annotator, and the truth holds that reply to every test pair's question."""
+    test = read_jsonl(folder / "test.jsonl")
+    train = read_jsonl(folder / "train.jsonl")
+    for side in ("chosen", "rejected"):
+        anchors = truth[f"{side}_tags"].sum(1) == 0
+        assert anchors.any()
+        assert np.all(truth[f"{side}_samples"][anchors] == 0) and np.all(truth[f"{side}_quantiles"][anchors] == 0)
+        assert all(test[row][side].endswith("Assistant: " + ANCHOR_REPLY) for row in np.flatnonzero(anchors))
+    replies = [DIALOGUE.fullmatch(r[side])["tags"] for r in train + test for side in ("chosen", "rejected")]
+    share = np.mean([reply == ANCHOR_REPLY for reply in replies])
+    assert abs(share - SyntheticTask().anchor_rate) < 4 * np.sqrt(0.05 * 0.95 / len(replies))
+    for record, anchor in zip(test, truth["anchor_texts"]):
+        assert DIALOGUE.fullmatch(str(anchor))["tags"] == ANCHOR_REPLY
+        assert DIALOGUE.fullmatch(str(anchor))["question"] == DIALOGUE.fullmatch(record["chosen"])["question"]
+
+
+def test_variants_differ_in_shares_and_spreads(tmp_path):
+    shifted = TASK_VARIANTS["shifted"]
+    assert shifted.group_weights.tolist() != TASK_VARIANTS["demo"].group_weights.tolist()
+    assert shifted.personal_std != TASK_VARIANTS["demo"].personal_std
+    folder = make_synthetic_task(tmp_path / "shifted", num_train=50, num_test=40, num_samples=20, variant="shifted")
+    summary = json.loads((folder / "task.json").read_text())
+    assert summary["variant"] == "shifted" and summary["groups"] == {"casual": 0.75, "formal": 0.25}
+    with pytest.raises(MinqrError, match="variant must be one of demo, shifted, not 'other'"):
+        make_synthetic_task(tmp_path / "x", variant="other")
+
+
 def test_truth_quantiles_and_samples_are_the_mixture(truth):
     task = SyntheticTask()
     levels = truth["quantile_levels"]
     for side in ("chosen", "rejected"):
-        means, stds, q = truth[f"{side}_group_means"], truth[f"{side}_group_stds"], truth[f"{side}_quantiles"]
+        tagged = truth[f"{side}_tags"].sum(1) > 0  # the anchor's point mass is checked above
+        means, stds, q = (truth[f"{side}_{name}"][tagged] for name in ("group_means", "group_stds", "quantiles"))
         # the mixture CDF at each quantile is its level (scipy's normal CDF, not minqr's bisection)
         cdf = (task.group_weights * stats.norm.cdf(q[..., None], means[:, None], stds[:, None])).sum(-1)
         np.testing.assert_allclose(cdf, np.broadcast_to(levels, cdf.shape), atol=1e-9)
         # the samples (simulated annotators, tag by tag) follow the same distribution
-        samples = truth[f"{side}_samples"]
+        samples = truth[f"{side}_samples"][tagged]
         below = (samples[:, :, None] < q[:, None, :]).mean(axis=(0, 1))  # [10]
         np.testing.assert_allclose(below, levels, atol=0.01)
         # group moments by hand: each group's mean is the sum of its tag rewards
-        np.testing.assert_allclose(means, truth[f"{side}_tags"] @ task.rewards.T)
+        np.testing.assert_allclose(means, truth[f"{side}_tags"][tagged] @ task.rewards.T)
     # mixture_quantiles on a case with a closed form: one Gaussian
     q = mixture_quantiles(np.array([[1.0, 1.0]]), np.array([[2.0, 2.0]]), np.array([0.3, 0.7]), levels)
     np.testing.assert_allclose(q[0], stats.norm.ppf(levels, 1.0, 2.0), atol=1e-10)
@@ -177,6 +212,7 @@ def test_controversial_responses_have_wider_reward_distributions(truth):
     (dict(personal_std=0.0), "personal_std"),
     (dict(rewards=np.zeros((3, 15))), "rewards"),
     (dict(tags_per_response=(0, 3)), "tags_per_response"),
+    (dict(anchor_rate=1.0), "anchor_rate"),
 ])
 def test_bad_task_parameters(kwargs, words):
     with pytest.raises(MinqrError, match=words):

@@ -109,7 +109,10 @@ def test_help_lists_every_option():
     (["--lr", "nan"], 1, ["--lr"]),
     (["--warmup", "5"], 1, ["--warmup", "fraction"]),
     (["--head", "scalar", "--num-quantiles", "5"], 1, ["--num-quantiles", "scalar head"]),
-    (["--kappa", "0"], 1, ["--kappa", "kappa=0"]),
+    (["--objective", "paper", "--kappa", "0"], 1, ["--kappa", "kappa must be finite and > 0, got 0"]),
+    (["--kappa", "1"], 1, ["--kappa", "objective 'mixture' has no hyper-parameter kappa"]),
+    (["--objective", "median"], 2, ["--objective", "median"]),
+    (["--head-lr-scale", "0"], 1, ["--head-lr-scale must be positive"]),
     (["--batch-size", "30", "--grad-accum", "4"], 1, ["--batch-size 30", "--grad-accum 4"]),
     (["--max-length", "200"], 1, ["--max-length 200", "128 positions"]),
     (["--batch-size", "64"], 1, ["--batch-size 64", "40 training pairs"]),
@@ -206,10 +209,36 @@ def quantile_loss_float64(q_c: np.ndarray, q_r: np.ndarray, kappa: float, lam: f
     return pair_term + lam * quantile_term
 
 
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def objective_float64(config, q_c: np.ndarray, q_r: np.ndarray) -> float:
+    """minqr/head.py's objectives for one pair, written out in float64."""
+    if config.objective == "paper":
+        return quantile_loss_float64(q_c, q_r, config.kappa, config.lam, config.margin)
+    if config.objective in ("bradley_terry", "mixture"):  # bradley_terry: the mixture of one kind
+        return -math.log(np.mean([sigmoid(a - b) for a, b in zip(q_c, q_r)]))
+    assert config.objective == "independent"
+    return -math.log(np.mean([sigmoid(a - b) for a in q_c for b in q_r]))
+
+
+def bag_loss_float64(layer, pooled: torch.Tensor, response: list) -> float:
+    """The response bag-of-words auxiliary for one response: the mean logistic loss over the tokens
+    the response holds plus the mean over all the others."""
+    logits = (layer.weight.double() @ pooled.double() + layer.bias.double()).numpy()
+    present = np.zeros(len(logits), dtype=bool)
+    present[response] = True
+    softplus = np.logaddexp(0.0, logits)
+    return float(np.mean(softplus[present] - logits[present]) + np.mean(softplus[~present]))
+
+
 @pytest.mark.parametrize("overrides", [
     dict(head="scalar"),
-    dict(head="quantile", num_quantiles=5, kappa=0.5, margin=0.3, grad_accum=2),
+    dict(head="quantile", num_quantiles=5, objective="paper", kappa=0.5, margin=0.3, grad_accum=2),
     dict(head="quantile", center_coef=0.3, lm_coef=0.5, grad_accum=4, shared_prefix=False),
+    dict(head="quantile", num_quantiles=3, objective="independent", bag_coef=2.0),
+    dict(head="quantile", num_quantiles=7, bag_coef=0.5, shared_prefix=False, grad_accum=2),
 ])
 def test_first_step_loss_is_the_objective(inputs, tmp_path, overrides):
     """The logged loss of step 1 is the objective of the module docstring, computed here from the
@@ -220,8 +249,12 @@ def test_first_step_loss_is_the_objective(inputs, tmp_path, overrides):
     train(config, progress=False)
     logged = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]
 
-    torch.manual_seed(config.seed)  # the trainer initialises the head right after seeding
-    model = RewardModel.from_backbone(config.model, head=config.head, num_quantiles=config.num_quantiles)
+    torch.manual_seed(config.seed)  # the trainer initialises the head (and the bag layer) right after seeding
+    model = RewardModel.from_backbone(config.model, head=config.head, num_quantiles=config.num_quantiles,
+                                      objective=config.objective, kappa=config.kappa, lam=config.lam,
+                                      margin=config.margin)
+    if config.bag_coef:
+        model.add_response_bag()
     tokenizer = load_tokenizer(config.tokenizer)
     pair_losses, centring, lm_token_losses, right = [], [], [], 0
     with torch.no_grad():
@@ -229,9 +262,15 @@ def test_first_step_loss_is_the_objective(inputs, tmp_path, overrides):
             pair = json.loads(line)
             c, r = (tokenizer.encode(pair[side])[-config.max_length:] for side in ("chosen", "rejected"))
             hidden_c = model.transformer(torch.tensor([c]))[0]  # [len(c), n_embd]
+            hidden_r = model.transformer(torch.tensor([r]))[0]
             q_c = model.score(hidden_c[-1]).double().numpy()
             q_r = model(torch.tensor([r]))[0].double().numpy()
-            pair_losses.append(quantile_loss_float64(q_c, q_r, config.kappa, config.lam, config.margin))
+            pair_losses.append(objective_float64(config, q_c, q_r))
+            if config.bag_coef:
+                for text, ids, hidden in ((pair["chosen"], c, hidden_c), (pair["rejected"], r, hidden_r)):
+                    # the response: what follows the last "\n\nAssistant:" (a clean token boundary here)
+                    start = len(tokenizer.encode(text[: text.rindex("\n\nAssistant:") + len("\n\nAssistant:")]))
+                    pair_losses[-1] += config.bag_coef * bag_loss_float64(model.response_bag, hidden[-1], ids[start:])
             centring.append((q_c.mean() + q_r.mean()) ** 2)
             right += q_c.mean() > q_r.mean()
             # the chosen response: the tokens after the prefix the two texts share (at least one token

@@ -36,7 +36,7 @@ from minqr.score import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT, score_to_file
 @click.option("--skip-bad", is_flag=True, help="Skip malformed data lines and count them instead of stopping.")
 @click.option("--workload", help="Row label of the analysis table [default: FOLDER SPLIT of the data file, "
                                  "e.g. 'harmless-base test'].")
-@click.option("--label", help="Column label of the analysis table [default: 'scalar' or 'quantile N=10'].")
+@click.option("--label", help="Column label of the analysis table [default: 'scalar', or the objective and N, e.g. 'mixture N=10'].")
 def main(model, data, subset, split, out, max_length, batch_size, shared_prefix, device, dtype, skip_bad,
          workload, label):
     """Score every preference pair of --data with the reward model --model into --out."""
