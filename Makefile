@@ -19,8 +19,9 @@ TORCH_INDEX ?=
 
 DEMO := runs/demo
 STUDY := runs/study
+OBJECTIVES := runs/objectives
 
-.PHONY: test demo bench study clean
+.PHONY: test demo bench study objectives clean
 
 test: $(INSTALLED)
 	$(PY) -m pytest tests
@@ -41,6 +42,24 @@ study: $(INSTALLED)
 	    --out $(STUDY)/$$subset-$$head.npz; \
 	done; done
 	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-quantile.npz --out $(STUDY)/report
+
+# The study of the objectives (README, "Objectives"): on each variant of the synthetic task, each
+# objective (the scalar head, paper, mixture, independent) trained with 3 seeds through train.py,
+# score.py and analyze.py, then one table over all: docs/objectives/table.md. About an hour on a 2-core CPU.
+objectives: $(INSTALLED)
+	set -e; for variant in demo shifted; do \
+	  $(PY) tools/synthetic.py --variant $$variant --out $(OBJECTIVES)/$$variant/task; \
+	  for seed in 0 1 2; do for objective in scalar paper mixture independent; do \
+	    case $$objective in scalar) head="--head scalar";; *) head="--objective $$objective";; esac; \
+	    $(PY) tools/train.py --demo $$head --data $(OBJECTIVES)/$$variant/task/train.jsonl --seed $$seed \
+	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed; \
+	    $(PY) tools/score.py --model $(OBJECTIVES)/$$variant/$$objective-$$seed \
+	      --data $(OBJECTIVES)/$$variant/task/test.jsonl --workload $$variant --label "$$objective seed $$seed" \
+	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed.npz; \
+	  done; done; \
+	  $(PY) tools/analyze.py $(OBJECTIVES)/$$variant/*.npz --out $(OBJECTIVES)/$$variant/report; \
+	done
+	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --out $(OBJECTIVES)/table.md
 
 bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks

@@ -307,6 +307,26 @@ def distributional_probability(chosen, rejected) -> np.ndarray:
     return np.mean((c > r) + 0.5 * (c == r), axis=(1, 2))
 
 
+def objective_probability(chosen, rejected, objective: str | None) -> np.ndarray:
+    """[P] P(chosen preferred) as the model's own objective defines it (minqr/head.py), from the raw
+    outputs [P, N] (kind i in column i): the likelihood it was trained to maximise.
+
+    mixture: (1/N) Σ_i σ(h_c,i − h_r,i), one kind of annotator labelling; independent:
+    (1/N²) Σ_ij σ(h_c,i − h_r,j); bradley_terry and paper (and files from before objectives, None):
+    σ(μ_c − μ_r) on the means."""
+    c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
+    if objective == "mixture":
+        return expit(c - r).mean(axis=1)
+    if objective == "independent":
+        return expit(c[:, :, None] - r[:, None, :]).mean(axis=(1, 2))
+    return bradley_terry_probability(c, r)
+
+
+def negative_log_likelihood(prob_chosen) -> float:
+    """Mean −log P(the label) over pairs, in nats: how surprised the model is by the held-out labels."""
+    return float(-np.mean(np.log(np.clip(np.asarray(prob_chosen, dtype=np.float64), 1e-300, 1.0))))
+
+
 def calibration(prob_chosen, bins: int = CALIBRATION_BINS) -> dict:
     """Reliability of predicted preference probabilities; prob_chosen [P] = P(chosen preferred).
 
@@ -453,7 +473,7 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
         raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with {', '.join(names)}): {error}") from None
     for name, array in arrays.items():
-        per_pair = name.startswith(("chosen_", "rejected_", "anchor_"))
+        per_pair = name.startswith(("chosen_", "rejected_", "anchor_", "preference_"))
         if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):
             raise MinqrError(f"{path}: {name} has shape {array.shape}, but the scores hold {num_pairs} pairs; the "
                              "truth must belong to the data that was scored")
@@ -482,19 +502,35 @@ def linear_probe(features, labels, seed: int = 0, ridge: float = 1.0) -> tuple[n
     return accuracy, np.maximum(share, 1 - share)
 
 
+def bayes_reference(truth_path, num_pairs: int) -> dict | None:
+    """What the Bayes-optimal model scores on these pairs (the synthetic task knows each pair's true
+    P(chosen preferred), p): its accuracy on these labels (ties, p = 1/2, count half) and its
+    negative log-likelihood −mean log p. None for a truth file without p."""
+    arrays = load_truth(truth_path, num_pairs, ("preference_probability",), optional=True)
+    if arrays is None:
+        return None
+    (p,) = arrays
+    return {"accuracy": float(np.mean((p > 0.5) + 0.5 * (p == 0.5))), "nll": negative_log_likelihood(p)}
+
+
 def coverage_taus(scores: Scores) -> np.ndarray:
     """The levels a model's outputs are compared at: its taus, or 0.5 for a scalar (read as a median)."""
     return scores.taus if scores.num_quantiles > 1 else np.array([0.5])
 
 
 def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted quantiles [2P, N] and true samples [2P, S] per response: the P chosen, then the P
-    rejected. The predictions are aligned on the pair's anchor when the scores have one
-    (Scores.quantiles)."""
+    """Predicted quantiles [M, N] and true samples [M, S] per response: the P chosen, then the P
+    rejected. When the scores have anchor outputs, the predictions are aligned on the pair's anchor
+    (Scores.quantiles), and the responses that are the anchor reply itself (true reward 0 for
+    everyone), whose aligned outputs are 0 by construction, are left out (M < 2P)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
     anchored = scores.anchor is not None
-    return (np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)]),
-            np.concatenate([true_chosen, true_rejected]).astype(np.float64))
+    predictions = np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)])
+    true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
+    if anchored:  # the anchor replies among the responses are exact by construction: leave them out
+        keep = ~np.all(true == 0, axis=1)
+        predictions, true = predictions[keep], true[keep]
+    return predictions, true
 
 
 # --- everything for one scores file -----------------------------------------------------------
@@ -539,6 +575,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     kde_values = _weighted_kde_kl(chosen_rows, rejected_rows, weights, weights, KDE_GRID_SIZE)  # [1 + B]
 
     accuracy = pair_accuracy(chosen.mean(axis=1), rejected.mean(axis=1))
+    own_probability = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
     accuracy_low, accuracy_high = wilson_interval(accuracy * scores.num_pairs, scores.num_pairs, confidence)
     summary = {
         "source": where, "model": scores.metadata["model"], "label": scores.label, "head": scores.head,
@@ -560,11 +597,15 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "crossing_rate": crossing_rate(np.concatenate([chosen, rejected]))
         if quantile_head and scores.readout == "raw" else None,
         "spread_auroc": with_interval(spread_error_auroc, chosen, rejected) if quantile_head else None,
+        # the objective's own P(chosen preferred), from the raw outputs (kind order matters)
+        "nll": negative_log_likelihood(own_probability),
         "calibration": {
+            "objective": calibration(own_probability),
             "bradley_terry": calibration(bradley_terry_probability(chosen, rejected)),
             "distributional": calibration(distributional_probability(chosen, rejected)) if quantile_head else None,
         },
         "coverage": None,
+        "bayes": None,
     }
     if truth is None:
         truth_path = scores.truth_path
@@ -574,6 +615,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     else:
         truth_path = Path(truth) if truth is not False else None
     if truth_path is not None:
+        summary["bayes"] = bayes_reference(truth_path, scores.num_pairs)
         predictions, true_samples = response_truth(scores, truth_path)
         # aligned on the anchor when the scores have one; by the affine fit otherwise
         anchored = scores.anchor is not None

@@ -166,7 +166,18 @@ class Objective:
     # kinds must start apart.
     head_init: str = "equal"
     one_output: str = ""  # what the objective is at N = 1
+    # The training settings the objective needs unless told otherwise (minqr.train.TrainConfig):
+    # the response bag-of-words auxiliary's weight, the head's learning rate over the backbone's,
+    # and the head's weight decay (None: the backbone's).
+    training: dict = field(default_factory=lambda: {"bag_coef": 0.0, "head_lr_scale": 1.0, "head_weight_decay": None,
+                                                    "kind_decay": 0.0})
 
+
+# What made the N outputs of a mixture follow the annotators' disagreement on the synthetic task,
+# where the truth is known (README, "Objectives"): the pooled state must keep every token of its
+# response (the bag-of-words auxiliary, RewardModel.response_bag_loss), and the head's rows, which
+# start apart and must move further apart, learn faster than the backbone and are not decayed.
+DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0, "kind_decay": 0.0}
 
 OBJECTIVES = {
     objective.name: objective for objective in (
@@ -175,11 +186,11 @@ OBJECTIVES = {
         Objective("mixture", "N kinds of annotator, output i is kind i's reward: "
                   "-log mean_i sigma(h_c,i - h_r,i); quantiles = the sorted outputs", mixture_reference,
                   op="mixture_loss", readout="sorted", head_init="independent",
-                  one_output="bradley_terry, exactly"),
+                  one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING),
         Objective("independent", "independent draws of the two rewards: -log mean_ij sigma(h_c,i - h_r,j); "
                   "quantiles = the sorted outputs", independent_reference,
                   op="independent_loss", readout="sorted", head_init="independent",
-                  one_output="bradley_terry, exactly"),
+                  one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING),
         Objective("paper", "the seed paper: Bradley-Terry on the means + quantile-Huber towards the "
                   "partner's quantiles +- margin; output i is the quantile at tau_i", paper_reference,
                   op="paper_loss", readout="raw", hyperparameters={"kappa": 1.0, "lam": 1.0, "margin": 1.0},
@@ -191,6 +202,10 @@ QUANTILE_OBJECTIVES = ("mixture", "independent", "paper")
 # The objective of `--head quantile` when none is named: the one that recovered the synthetic
 # task's true reward distributions best through the whole pipeline (README, "Objectives").
 DEFAULT_OBJECTIVE = "mixture"
+# At most this many outputs. Neighbouring levels are then 1/256 (0.4%) apart, finer than any
+# preference data set resolves (a quantile needs many annotators on each side of it), and the N²
+# objectives (paper, independent) already cost 65,536 terms a pair, each pass.
+MAX_QUANTILES = 256
 # The head's rows when they start "equal": on unit-scale features (a fresh ln_f) every output then
 # starts near 0 with std ~0.1, so the first pairwise losses are near log 2 and no large gradient
 # reaches a pretrained backbone, yet the backbone gets a gradient from the first step.
@@ -322,8 +337,9 @@ class HeadConfig:
         if self.kind not in HEAD_KINDS:
             problems.append(f"head={self.kind!r} is not one of {', '.join(HEAD_KINDS)}")
         n = self.num_quantiles
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            problems.append(f"num_quantiles={n!r} must be an integer >= 1")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUANTILES:
+            problems.append(f"num_quantiles={n!r} must be an integer from 1 to {MAX_QUANTILES} (more levels than "
+                            "preference data can resolve, at a cost that grows as N²)")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         elif (self.kind == "scalar") != (self.objective == "bradley_terry"):

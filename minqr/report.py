@@ -136,6 +136,8 @@ MEASURE_COLUMNS = (
     ("js", "JS divergence (nats)", lambda s: _with_interval(s["js_divergence"])),
     ("w1", "W1 / pooled sd", lambda s: _with_interval(s["wasserstein_1_sd"])),
     ("kde_kl", "KDE KL (nats)", lambda s: _with_interval(s["kde_kl"])),
+    ("nll", "held-out NLL", lambda s: _number(s["nll"]) + (f" (Bayes {s['bayes']['nll']:.3f})" if s["bayes"] else "")),
+    ("ece", "ECE (objective)", lambda s: _number(s["calibration"]["objective"]["ece"])),
     ("ece_bt", "ECE σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["ece"])),
     ("brier_bt", "Brier σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["brier"])),
     ("ece_dist", "ECE P(Xc>Xr)", lambda s: _number((s["calibration"]["distributional"] or {}).get("ece"))),
@@ -158,6 +160,43 @@ def measures_markdown(summaries: list[dict]) -> str:
              "|---|---|" + "---:|" * len(MEASURE_COLUMNS)]
     for s in summaries:
         lines.append(f"| {s['workload']} | {s['label']} | " + " | ".join(cell(s) for _, _, cell in MEASURE_COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+# The study of the objectives (README, "Objectives"): per workload and objective, over seeds. Each
+# column: its title and the number it takes from a summary (None where it does not apply).
+OBJECTIVE_COLUMNS = (
+    ("accuracy − Bayes", lambda s: s["accuracy"]["value"] - s["bayes"]["accuracy"] if s["bayes"] else None),
+    ("accuracy", lambda s: s["accuracy"]["value"]),
+    ("NLL − Bayes", lambda s: s["nll"] - s["bayes"]["nll"] if s["bayes"] else None),
+    ("coverage error", lambda s: _coverage(s).get("mean_abs_error")),
+    ("spread ρ", lambda s: _coverage(s).get("spread_spearman")),
+    ("ECE", lambda s: s["calibration"]["objective"]["ece"]),
+    ("spread AUROC (errors)", lambda s: (s["spread_auroc"] or {}).get("value")),
+    ("histogram KL", lambda s: s["histogram_kl"]["value"]),
+)
+
+
+def objectives_table(summaries: list[dict]) -> str:
+    """A markdown table with a row per (workload, objective): every OBJECTIVE_COLUMNS measure as its
+    mean over the summaries of that row (the seeds), with the range in brackets."""
+    rows = {}
+    for s in summaries:
+        objective = s.get("objective") or s["head"]
+        rows.setdefault((s["workload"], objective, s["num_quantiles"]), []).append(s)
+    lines = ["| workload | objective | N | seeds | " + " | ".join(title for title, _ in OBJECTIVE_COLUMNS) + " |",
+             "|---|---|---:|---:|" + "---:|" * len(OBJECTIVE_COLUMNS)]
+    for (workload, objective, n), group in rows.items():
+        cells = []
+        for _, measure in OBJECTIVE_COLUMNS:
+            values = [v for v in map(measure, group) if v is not None and math.isfinite(v)]
+            if not values:
+                cells.append("–")
+            elif len(values) == 1:
+                cells.append(f"{values[0]:.3f}")
+            else:
+                cells.append(f"{np.mean(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+        lines.append(f"| {workload} | {objective} | {n} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -407,7 +446,10 @@ def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str
         "two overlapping intervals cannot do.", "",
         "## Other measures", "",
         measures_markdown(summaries), "",
-        "Pair accuracy ranks by the mean reward (ties count half). JS: Jensen-Shannon divergence of the same "
+        "Pair accuracy ranks by the mean reward (ties count half). Held-out NLL: −mean log P(label) with P the "
+        "model's own P(chosen preferred), the likelihood its objective trains (the mixture: the mean over kinds "
+        "of σ(h_c,i − h_r,i); Bradley-Terry and paper: σ(μc − μr)); ECE (objective) is the calibration of that P; "
+        "on the synthetic task the Bayes-optimal model's NLL is given beside it. JS: Jensen-Shannon divergence of the same "
         "histograms (at most ln 2). W1: Wasserstein-1 between the two reward samples over their pooled standard "
         "deviation. KDE KL: KL between Gaussian KDEs (Scott's bandwidth). ECE: expected calibration error on 10 "
         "equal-width bins, each pair scored in both orders; Brier likewise. Crossing rate: share of responses "

@@ -30,7 +30,9 @@ one reaches (bit for bit on CPU; see minqr/checkpointing.py).
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
@@ -49,7 +51,7 @@ from minqr.batching import IGNORE_INDEX, length_grouped_batches, tokenize_pairs
 from minqr.checkpoint import load_gpt2
 from minqr.checkpointing import DataPosition, capture_rng_state, find_checkpoint, load_checkpoint, \
     remove_checkpoints, restore_rng_state, save_checkpoint
-from minqr.data import load_pairs
+from minqr.data import read_pairs_file, resolve_source
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.head import HEAD_KINDS, OBJECTIVES, HeadConfig
@@ -82,11 +84,18 @@ class TrainConfig:
     margin: float | None = option(None, "objective paper: margin m, the chosen response's quantiles are pulled "
                                   "towards the rejected one's plus m, and the rejected one's towards the chosen "
                                   "minus m [default: 1.0]")
-    bag_coef: float = option(0.0, "weight of the response bag-of-words auxiliary: the pooled state of each "
-                             "response predicts which tokens the response holds (RewardModel.response_bag_loss), "
-                             "so that it keeps what annotators disagree about; its layer is not saved")
-    head_lr_scale: float = option(1.0, "the head's learning rate is --lr times this")
-    head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: --weight-decay]")
+    bag_coef: float | None = option(None, "weight of the response bag-of-words auxiliary: the pooled state of "
+                                    "each response predicts which tokens the response holds "
+                                    "(RewardModel.response_bag_loss), so that it keeps what annotators disagree "
+                                    "about; its layer is not saved [default: 5 for mixture and independent, else 0]")
+    head_lr_scale: float | None = option(None, "the head's learning rate is --lr times this [default: 2.5 for "
+                                         "mixture and independent, else 1]")
+    head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: 0 for mixture and "
+                                             "independent, else --weight-decay]")
+    kind_decay: float | None = option(None, "decay of each head row towards the rows' mean, decoupled like "
+                                      "AdamW's weight decay: the kinds of annotator agree unless the data says "
+                                      "otherwise, which keeps estimation noise from passing for disagreement "
+                                      "[default: 0]")
     center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
                                 "expected rewards (e.g. 0.01)")
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
@@ -146,6 +155,11 @@ class TrainConfig:
             raise MinqrError(f"options --head, --num-quantiles, --objective, --kappa, --lam, --margin: {error}") from None
         self.num_quantiles, self.objective = head.num_quantiles, head.objective
         self.kappa, self.lam, self.margin = (head.hyperparameters.get(name) for name in ("kappa", "lam", "margin"))
+        for name, default in head.spec.training.items():  # what the objective needs unless told otherwise
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.head_weight_decay is None:
+            self.head_weight_decay = self.weight_decay
         self.out = self.out or str(Path("runs") / self.head)
         if self.demo and Path(self.data).parent == Path("."):
             # the demo generates its task in the folder of `data`; a hub name such as the default
@@ -161,14 +175,17 @@ class TrainConfig:
                                       ("grad_accum", 1), ("epochs", 1), ("eval_every", 0), ("save_every", 0))
                     if getattr(self, name) < low]
         problems += [f"--{name.replace('_', '-')} must be non-negative (got {getattr(self, name)})"
-                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm")
+                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm", "kind_decay")
                      if not getattr(self, name) >= 0]  # `not >=` also catches NaN
-        if self.head_weight_decay is not None and not self.head_weight_decay >= 0:
+        if not self.head_weight_decay >= 0:
             problems.append(f"--head-weight-decay must be non-negative (got {self.head_weight_decay})")
         if not 0 < self.head_lr_scale < math.inf:
             problems.append(f"--head-lr-scale must be positive and finite (got {self.head_lr_scale})")
-        if not self.lr > 0:
-            problems.append(f"--lr must be positive (got {self.lr})")
+            self.head_lr_scale = 1.0  # so that the --lr check below says nothing about it
+        if not 0 < self.lr * self.head_lr_scale <= MAX_LEARNING_RATE or not 0 < self.lr <= MAX_LEARNING_RATE:
+            problems.append(f"--lr must be positive and at most {MAX_LEARNING_RATE:g} (got {self.lr}, and "
+                            f"{self.lr * self.head_lr_scale:g} for the head): AdamW moves a weight by about the "
+                            "learning rate each step, and float32 overflows beyond")
         if not 0 <= self.warmup < 1:
             problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
         if self.max_steps is not None and self.max_steps < 1:
@@ -187,20 +204,22 @@ class TrainConfig:
         """A config from the options a user actually gave: with `demo=True` the demo's defaults fill
         in the rest (see `demo_defaults`), otherwise the field defaults."""
         if given.get("demo"):
-            given = {**demo_defaults(given.get("head", "quantile"), given.get("out")), **given}
+            given = {**demo_defaults(given.get("head", "quantile"), given.get("out"), given.get("data")), **given}
         return cls(**given)
 
 
-def demo_defaults(head: str, out=None) -> dict:
+def demo_defaults(head: str, out=None, data=None) -> dict:
     """The demo: a tiny random-init GPT-2 on the synthetic task in OUT/../demo-data (made by
-    minqr.synthetic on first use; its texts are a few dozen tokens). A model trained from scratch
-    takes a far larger learning rate than a pretrained one being fine-tuned. 600 steps take
-    10-30 s on a 2-core CPU; both heads end within 2 points of the Bayes-optimal accuracy."""
+    minqr.synthetic on first use, 40,000 training pairs; its texts are a few dozen tokens), or in the
+    folder of `data` (e.g. another variant, made by tools/synthetic.py). A model trained from
+    scratch takes a far larger learning rate than a pretrained one being fine-tuned. 3,000 steps
+    (96,000 pairs, 2.4 epochs) take one to two minutes on a 2-core CPU: that many were needed for
+    the quantile head's N outputs to follow the annotators' disagreement (README)."""
     out = Path(out or Path("runs") / "demo" / head)
-    data = out.parent / "demo-data"
+    data = Path(data).parent if data else out.parent / "demo-data"
     return dict(out=str(out), model=str(data / "model"), data=str(data / "train.jsonl"),
                 eval_data=str(data / "test.jsonl"), max_length=128, batch_size=32, lr=2e-3, warmup=0.05,
-                weight_decay=0.01, max_steps=600, eval_every=200, save_every=200)
+                weight_decay=0.01, max_steps=3000, eval_every=1000, save_every=1000)
 
 
 # What --resume may change: where and how fast the run computes, and how often it reports (--out
@@ -210,8 +229,48 @@ def demo_defaults(head: str, out=None) -> dict:
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile")
 
 
+# The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
+# bias correction), which must stay far below float32's 3.4e38.
+MAX_LEARNING_RATE = 1e30
+TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
+                      "raise --max-length if the model's positions allow")
+
+
 class TrainingDiverged(MinqrError):
-    """The loss or the gradient became NaN or infinite: training stopped, the checkpoint stays."""
+    """The loss, the gradient or the weights became NaN or infinite: training stopped, the last
+    good checkpoint stays."""
+
+
+class TrainingInterrupted(MinqrError):
+    """Ctrl-C (SIGINT) stopped the run after a finished step, whose checkpoint was saved."""
+
+
+class Interrupt:
+    """Ctrl-C while training: the first SIGINT asks the run to stop after the step in progress (and
+    save it); a second one stops at once (KeyboardInterrupt). Used as a context manager around the
+    loop; `requested` is this process's wish, `agreed` what the processes decided together."""
+
+    def __init__(self):
+        self.requested = self.agreed = False
+        self._previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _say("Ctrl-C: stopping after this step and saving a checkpoint (press again to stop at once, losing "
+             "the steps since the last checkpoint)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # only there can Python take a signal
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
 
 
 @dataclass
@@ -338,10 +397,9 @@ def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device
     # which decay works against.
     head = model.score.weight
     params = [p for p in model.parameters() if p.requires_grad and p is not head]
-    head_decay = config.weight_decay if config.head_weight_decay is None else config.head_weight_decay
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-              {"params": [head], "weight_decay": head_decay, "lr": config.lr * config.head_lr_scale}]
+              {"params": [head], "weight_decay": config.head_weight_decay, "lr": config.lr * config.head_lr_scale}]
     return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
 
 
@@ -369,29 +427,23 @@ class _Run:
         self.config, self.procs, self.progress = config, procs, progress
         self.out = Path(config.out)
         self.say = _say if procs.is_main else (lambda message: None)
+        self.interrupt = Interrupt()
         self.autocast_dtype = autocast_dtype(config.dtype, procs.device)
         # what decides the float rounding without being an option of the run (see _restore)
         self.compute = {"device": procs.device.type, "dtype": str(self.autocast_dtype).removeprefix("torch."),
                         "compile": config.compile}
-        self.checkpoint = self._check_out_folder()
-        self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
-
-        with procs.main_first():  # a hub download happens, and is announced, once
-            self.model_path = hub.fetch_model(config.model)
-            self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
-            self.train_pairs, self.eval_pairs = self._load_data()
+        # The cheap checks come first, then the model (a broken --model fails in a second), and the
+        # data, which takes longest to read and tokenise, last.
         per_process = config.batch_size // procs.world_size
         if per_process * procs.world_size != config.batch_size or per_process % config.grad_accum:
             raise MinqrError(f"--batch-size {config.batch_size} must be a multiple of --grad-accum "
                              f"{config.grad_accum} × {procs.world_size} processes")
         self.micro_batch_size = per_process // config.grad_accum
-        # Only full batches: every step then has the same global batch, however it is divided up.
-        self.steps_per_epoch = len(self.train_pairs) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise MinqrError(f"--batch-size {config.batch_size} is more than the {len(self.train_pairs)} "
-                             f"training pairs: lower it")
-        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
-        self.warmup_steps = round(config.warmup * self.total_steps)
+        self.checkpoint = self._check_out_folder()
+        self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
+        with procs.main_first():  # a hub download happens, and is announced, once
+            self.model_path, train_file, eval_file = self._resolve_inputs()
+        self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
         model = RewardModel(load_gpt2(self.model_path), config.head_config())
@@ -400,6 +452,17 @@ class _Run:
         if config.max_length > model.transformer.config.n_positions:
             raise MinqrError(f"--max-length {config.max_length} is more than the model's "
                              f"{model.transformer.config.n_positions} positions: lower it")
+
+        self.train_pairs = self._load_data(train_file, "train")
+        self.eval_pairs = self._load_data(eval_file, "test") if eval_file is not None else None
+        # Only full batches: every step then has the same global batch, however it is divided up.
+        self.steps_per_epoch = len(self.train_pairs) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise MinqrError(f"--batch-size {config.batch_size} is more than the {len(self.train_pairs)} "
+                             f"training pairs: lower it")
+        self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
+        self.warmup_steps = round(config.warmup * self.total_steps)
+        self.say(self._plan(model))
         self.model = model.to(procs.device).train()
         self.optimizer = make_optimizer(self.model, config, procs.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -419,17 +482,69 @@ class _Run:
     # -- set-up ------------------------------------------------------------------------------
 
     def _check_out_folder(self):
-        """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake."""
+        """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
+        Each refusal says what the folder holds and the one option that gets out."""
         config = self.config
+        checkpoint = find_checkpoint(self.out)
         if config.resume:
+            if checkpoint is None:
+                raise MinqrError(f"--resume: {self.out} holds no checkpoint to continue from (a run saves one every "
+                                 "--save-every steps, and this one was stopped before its first): start it afresh "
+                                 "with --overwrite instead of --resume")
             checkpoint = load_checkpoint(self.out)
             check_same_options(checkpoint.config, asdict(config))
             return checkpoint
-        holds_a_run = (self.out / METRICS_FILE).exists() or find_checkpoint(self.out) is not None
-        if holds_a_run and not (config.overwrite or config.demo):
-            raise MinqrError(f"--out {self.out} already holds a run: add --resume to continue it, "
-                             "--overwrite to start afresh, or choose another --out")
+        if config.overwrite or config.demo:
+            return None
+        if checkpoint is not None:
+            raise MinqrError(f"--out {self.out} already holds a run with a checkpoint: add --resume to continue "
+                             "it, --overwrite to start afresh, or choose another --out")
+        if (self.out / METRICS_FILE).exists():
+            raise MinqrError(f"--out {self.out} already holds a run that saved no checkpoint (nothing to resume): "
+                             "add --overwrite to start afresh, or choose another --out")
         return None
+
+    def _resolve_inputs(self) -> tuple:
+        """(model folder, training data file, held-out data file or None): local paths, hub names
+        fetched. Every input that cannot be had is named, all in one message."""
+        config = self.config
+
+        def data_file(source, split):
+            subset = None if Path(source).expanduser().is_file() else config.subset
+            return resolve_source(source, split, subset)
+
+        data_is_a_file = Path(config.data).expanduser().is_file()
+        eval_source = config.eval_data or (None if data_is_a_file else config.data)
+        eval_option = "--eval-data" if config.eval_data else "--data (its test split)"
+        wanted = [("--model", lambda: hub.fetch_model(config.model)),
+                  ("--data", lambda: data_file(config.data, "train")),
+                  (eval_option, (lambda: data_file(eval_source, "test")) if eval_source else lambda: None)]
+        found, problems = [], []
+        for option, fetch in wanted:
+            try:
+                found.append(fetch())
+            except MinqrError as error:
+                problems.append(f"{option}: {error}")
+        if len(problems) == 1:
+            raise MinqrError(problems[0])
+        if problems:
+            raise MinqrError(f"{len(problems)} inputs cannot be had:\n  " + "\n  ".join(problems))
+        if eval_source is None:
+            self.say("no held-out data (--eval-data): no evaluation, and no reward mean/std for the saved config")
+        return tuple(found)
+
+    def _plan(self, model: RewardModel) -> str:
+        """One line of what the run will cost, printed before it starts."""
+        config, head = self.config, model.head_config
+        backbone = sum(p.numel() for p in model.transformer.parameters())
+        bag = "" if model.response_bag is None else (
+            f" + {sum(p.numel() for p in model.response_bag.parameters()) / 1e6:.1f}M of the response-bag layer "
+            "(training only)")
+        return (f"plan: {self.total_steps:,} steps of {config.batch_size} pairs "
+                f"({self.total_steps * config.batch_size / len(self.train_pairs):.2f} epochs of "
+                f"{len(self.train_pairs):,} pairs); GPT-2 of {backbone / 1e6:.1f}M parameters{bag}; head of "
+                f"{head.num_quantiles} outputs trained by {head.objective}; on {self.procs.device} "
+                f"x {self.procs.world_size} process{'es' if self.procs.world_size > 1 else ''}")
 
     def _prepare_demo_data(self) -> float:
         """Make the synthetic task on first use (process 0; the others wait); its Bayes accuracy."""
@@ -443,26 +558,17 @@ class _Run:
                 make_synthetic_task(folder, seed=0)
         return json.loads(task_file.read_text())["bayes_accuracy"]
 
-    def _load_data(self):
+    def _load_data(self, path: Path, split: str):
+        """Read and tokenise one data file; say what was dropped and what was cut."""
         config = self.config
-
-        def load(source, split):
-            subset = None if Path(source).is_file() else config.subset
-            pairs, stats = load_pairs(source, split=split, subset=subset, skip_bad=config.skip_bad)
-            self.say(f"{split}: {stats.summary()}")
-            tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
-            if tokenized.num_truncated:
-                self.say(f"{split}: {tokenized.num_truncated:,} pairs cut from the left to --max-length "
-                         f"{config.max_length}")
-            return tokenized
-
-        data_is_a_file = Path(config.data).expanduser().is_file()
-        eval_source = config.eval_data or (None if data_is_a_file else config.data)
-        train_pairs = load(config.data, "train")
-        if eval_source is None:
-            self.say("no held-out data (--eval-data): no evaluation, and no reward mean/std for the saved config")
-            return train_pairs, None
-        return train_pairs, load(eval_source, "test")
+        pairs, stats = read_pairs_file(path, skip_bad=config.skip_bad)
+        self.say(f"{split}: {stats.summary()}")
+        tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
+        if tokenized.num_truncated:
+            share = tokenized.num_truncated / len(tokenized)
+            self.say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "
+                     f"{config.max_length}" + (TRUNCATION_WARNING if share > 0.5 else ""))
+        return tokenized
 
     def _restore(self, checkpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
@@ -499,32 +605,9 @@ class _Run:
                    disable=not (self.progress and procs.is_main), dynamic_ncols=True,
                    mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file needs fewer lines
         started = time.perf_counter()
-        final_eval = None
         try:
-            while self.step < self.total_steps:
-                batches = self._epoch_batches(self.position.epoch)
-                for index in range(self.position.batch, len(batches)):
-                    record = self._train_step(batches[index])
-                    self.step += 1
-                    more_in_epoch = index + 1 < len(batches)
-                    self.position = DataPosition(self.position.epoch + (not more_in_epoch),
-                                                 index + 1 if more_in_epoch else 0)
-                    bar.update()
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
-                                    pairs_per_s=f"{record['pairs_per_s']:.1f}", refresh=False)
-                    if log:
-                        log.write(record)
-                    last = self.step == self.total_steps
-                    if self.eval_pairs is not None and (last or _every(self.step, config.eval_every)):
-                        final_eval = self._evaluate()
-                        self.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
-                                                                   if k != "step"))
-                        if log:
-                            log.write(final_eval)
-                    if last or _every(self.step, config.save_every):
-                        self._save_checkpoint()
-                    if last:
-                        break
+            with self.interrupt:
+                final_eval = self._loop(bar, log)
         finally:
             bar.close()
             if log:
@@ -536,6 +619,39 @@ class _Run:
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / CURVES_FILE)
         return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy,
                             rank=procs.rank)
+
+    def _loop(self, bar, log) -> dict | None:
+        """The steps from self.step to the last; returns the last evaluation, if any."""
+        config, final_eval = self.config, None
+        while self.step < self.total_steps:
+            batches = self._epoch_batches(self.position.epoch)
+            for index in range(self.position.batch, len(batches)):
+                record = self._train_step(batches[index])
+                self.step += 1
+                more_in_epoch = index + 1 < len(batches)
+                self.position = DataPosition(self.position.epoch + (not more_in_epoch),
+                                             index + 1 if more_in_epoch else 0)
+                bar.update()
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['accuracy']:.3f}",
+                                pairs_per_s=f"{record['pairs_per_s']:.1f}", refresh=False)
+                if log:
+                    log.write(record)
+                last = self.step == self.total_steps
+                if self.eval_pairs is not None and (last or _every(self.step, config.eval_every)):
+                    final_eval = self._evaluate()
+                    self.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
+                                                               if k != "step"))
+                    if log:
+                        log.write(final_eval)
+                if last or _every(self.step, config.save_every) or self.interrupt.agreed:
+                    self._save_checkpoint()
+                if self.interrupt.agreed:  # Ctrl-C: the step is finished and saved; stop here
+                    raise TrainingInterrupted(
+                        f"interrupted at step {self.step} of {self.total_steps}; its checkpoint is in "
+                        f"{self.out / 'checkpoint'}: continue with the same command plus --resume")
+                if last:
+                    break
+        return final_eval
 
     def _epoch_batches(self, epoch: int) -> list:
         widths = self.train_pairs.row_widths(self.config.shared_prefix)
@@ -569,7 +685,10 @@ class _Run:
             loss_sum += loss.detach()
             right += ranking_credit(mu_chosen, mu_rejected).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
-        loss_value, right_value, real_tokens = procs.all_sum([loss_sum.item(), right.item(), real_tokens])
+        # the processes agree on a Ctrl-C here, so that all of them stop after the same step
+        loss_value, right_value, real_tokens, interrupted = procs.all_sum(
+            [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
+        self.interrupt.agreed = interrupted > 0
         if not math.isfinite(loss_value):
             raise self._diverged(f"the loss is {loss_value}")
         if config.max_grad_norm > 0:
@@ -578,19 +697,31 @@ class _Run:
                 raise self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        if config.kind_decay:
+            head = self.model.score.weight
+            with torch.no_grad():  # decoupled, as AdamW's decay: w_i -= head lr * kind_decay * (w_i - mean_k w_k)
+                head.sub_(self.optimizer.param_groups[-1]["lr"] * config.kind_decay * (head - head.mean(0)))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
         return {"step": self.step + 1, "loss": loss_value, "accuracy": right_value / config.batch_size,
                 "lr": lr, "tokens_per_s": real_tokens / seconds, "pairs_per_s": config.batch_size / seconds}
 
-    def _diverged(self, what: str) -> TrainingDiverged:
+    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
         if self.saved_step is None:
             kept = "No checkpoint was saved before it"
         else:
             kept = f"The last good checkpoint, of step {self.saved_step}, stays in {self.out / 'checkpoint'}"
-        return TrainingDiverged(f"training diverged at step {self.step + 1}: {what}; stopped. {kept}. "
+        return TrainingDiverged(f"training diverged at step {step or self.step + 1}: {what}; stopped. {kept}. "
                                 f"Lower --lr (now {self.config.lr:g}) and train again")
+
+    def _check_weights(self) -> None:
+        """Before anything is saved: every weight must be finite. A finite loss does not make the
+        step after it good (a learning rate of inf turns every weight into NaN)."""
+        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+            raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
@@ -632,6 +763,7 @@ class _Run:
             tmp.write_text(json.dumps(self._training_args(), indent=2) + "\n")
 
     def _save_checkpoint(self) -> None:
+        self._check_weights()
         rng_states = [capture_rng_state()]
         if self.procs.world_size > 1:
             rng_states = [None] * self.procs.world_size
@@ -643,6 +775,7 @@ class _Run:
         self.saved_step = self.step
 
     def _save_model(self, final_eval: dict | None) -> None:
+        self._check_weights()
         reward_stats = None if final_eval is None else {
             "mean": final_eval["eval_reward_mean"], "std": final_eval["eval_reward_std"]}
         self.model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),

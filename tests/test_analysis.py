@@ -308,6 +308,73 @@ def test_coverage_of_true_quantiles_in_other_units():
         A.coverage_summary(pred, true, taus[:3])
 
 
+def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
+    """A mixture model that knows every kind's reward but adds its own constant c_k to output k (the
+    one thing pairs cannot identify), with its outputs in no particular order: aligned on the anchor
+    (outputs minus the anchor's, per output, then sorted) its quantiles are the truth's with no fit
+    at all; sorted without the alignment, the constants inflate every spread."""
+    rng = np.random.default_rng(21)
+    num_pairs, kinds, samples = 300, 8, 400
+    kind_rewards = rng.normal(0, 1, (2, num_pairs, 1)) + rng.normal(0, 1.5, (2, num_pairs, kinds))  # [2, P, K]
+    true = kind_rewards[..., rng.integers(0, kinds, samples)]  # an annotator is one of the K kinds
+    true[0, :20] = 0.0  # the first 20 chosen responses are the anchor reply itself
+    kind_rewards[0, :20] = 0.0
+    constants = rng.normal(0, 4, kinds)
+    outputs = kind_rewards + constants  # raw outputs, kind k in column k
+    np.savez(tmp_path / "truth.npz", chosen_samples=true[0], rejected_samples=true[1])
+    anchor = np.broadcast_to(constants, (num_pairs, kinds))  # what the model gives the anchor
+    scores = scores_of(outputs[0], outputs[1], truth=str(tmp_path / "truth.npz"), readout="sorted")
+    scores.anchor = anchor.astype(np.float32)
+    np.testing.assert_allclose(scores.quantiles("chosen", anchored=True), np.sort(kind_rewards[0], axis=1), atol=1e-5)
+    np.testing.assert_array_equal(scores.quantiles("chosen"), np.sort(scores.chosen.astype(np.float64), axis=1))
+    predictions, truth = A.response_truth(scores, tmp_path / "truth.npz")
+    assert len(predictions) == len(truth) == 2 * num_pairs - 20  # the anchor replies left out
+    coverage = A.summarize(scores, n_resamples=0)["coverage"]
+    assert coverage["anchored"] and not coverage["aligned_by_fit"]
+    taus = (2 * np.arange(kinds) + 1) / (2 * kinds)
+    # each kind holds 1/K of the annotators: exact at the midpoints, up to the sampling of 400 of them
+    assert coverage["mean_abs_error"] < 0.02 and coverage["spread_spearman"] > 0.99
+    assert coverage["slope"] == pytest.approx(1.0, abs=0.01) and coverage["intercept"] == pytest.approx(0.0, abs=0.02)
+    unaligned = A.coverage_summary(np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")]),
+                                   true.reshape(-1, samples), taus)
+    assert unaligned["spread_spearman"] < 0.8
+
+
+@pytest.mark.parametrize("objective", ["mixture", "independent", "paper", "bradley_terry", None])
+def test_the_objective_probability_is_the_likelihood_the_objective_trains(objective):
+    """Its negative log-likelihood is the objective's own loss on the same outputs (minqr.head's
+    references; for paper, its Bradley-Terry term alone), so a held-out NLL in the report is the
+    training objective evaluated on held-out pairs."""
+    import torch
+    from minqr.head import pair_loss
+
+    rng = np.random.default_rng(23)
+    n = 1 if objective == "bradley_terry" else 5
+    chosen, rejected = rng.normal(0, 3, (2, 40, n))
+    p = A.objective_probability(chosen, rejected, objective)
+    loops = {"mixture": [np.mean([1 / (1 + np.exp(-(c[i] - r[i]))) for i in range(n)]) for c, r in zip(chosen, rejected)],
+             "independent": [np.mean([1 / (1 + np.exp(-(a - b))) for a in c for b in r]) for c, r in zip(chosen, rejected)]}
+    expected = loops.get(objective, 1 / (1 + np.exp(-(chosen.mean(1) - rejected.mean(1)))))
+    np.testing.assert_allclose(p, expected, rtol=1e-12)
+    trained = {"paper": dict(objective="paper", lam=0.0), None: dict(objective="bradley_terry" if n == 1 else "paper",
+                                                                        lam=0.0)}.get(objective, dict(objective=objective))
+    if trained["objective"] == "bradley_terry":
+        trained.pop("lam", None)
+    loss = pair_loss(torch.tensor(chosen), torch.tensor(rejected), impl="reference", **trained)
+    assert A.negative_log_likelihood(p) == pytest.approx(loss.item(), rel=1e-10)
+
+
+def test_linear_probe_finds_what_the_features_encode():
+    rng = np.random.default_rng(22)
+    labels = rng.integers(0, 2, (1000, 3))
+    encoded = np.hstack([labels[:, :2] @ rng.normal(size=(2, 16)), rng.normal(size=(1000, 16))])  # not label 2
+    accuracy, chance = A.linear_probe(encoded + 0.1 * rng.normal(size=encoded.shape), labels)
+    held = np.random.default_rng(0).permutation(1000)[500:]  # the probe's held-out half
+    share = labels[held].mean(0)
+    np.testing.assert_allclose(chance, np.maximum(share, 1 - share))
+    assert accuracy[0] > 0.98 and accuracy[1] > 0.98 and abs(accuracy[2] - 0.5) < 0.08
+
+
 def test_load_truth(tmp_path):
     path = tmp_path / "test_truth.npz"
     np.savez(path, chosen_samples=np.zeros((4, 6), np.float32), rejected_samples=np.ones((4, 6), np.float32))

@@ -194,3 +194,38 @@ def test_truth_problems(study):
     assert "Coverage not computed for" in (folder / "r" / "report.md").read_text()
     assert "mean rewards fall as the true means rise" in (folder / "r" / "report.md").read_text()
     assert not (folder / "r" / "coverage.png").exists()
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def summary_row(workload, objective, accuracy, coverage=None, bayes=None):
+    """The parts of an analysis summary that the objectives table reads."""
+    return {"workload": workload, "objective": objective, "head": "quantile", "num_quantiles": 10,
+            "accuracy": {"value": accuracy}, "nll": 0.3, "bayes": bayes, "calibration": {"objective": {"ece": 0.02}},
+            "coverage": coverage, "spread_auroc": {"value": 0.6}, "histogram_kl": {"value": 1.5}}
+
+
+def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
+    bayes = {"accuracy": 0.9, "nll": 0.25}
+    rows = [summary_row("demo", "mixture", a, {"mean_abs_error": e, "spread_spearman": r}, bayes)
+            for a, e, r in ((0.88, 0.02, 0.9), (0.86, 0.04, 0.8), (0.87, 0.03, 0.85))]
+    rows.append(summary_row("hh", "mixture", 0.6))
+    for index, rows_of_file in enumerate((rows[:2], rows[2:])):
+        (tmp_path / f"s{index}.json").write_text(json.dumps(rows_of_file))
+    out = tmp_path / "table.md"
+    result = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "s0.json"), str(tmp_path / "s1.json"),
+                                                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    assert lines[2] == ("| demo | mixture | 10 | 3 | -0.030 [-0.040, -0.020] | 0.870 [0.860, 0.880] | "
+                        "0.050 [0.050, 0.050] | 0.030 [0.020, 0.040] | 0.850 [0.800, 0.900] | 0.020 [0.020, 0.020] | "
+                        "0.600 [0.600, 0.600] | 1.500 [1.500, 1.500] |")
+    assert lines[3] == "| hh | mixture | 10 | 1 | – | 0.600 | – | – | – | 0.020 | 0.600 | 1.500 |"
+    (tmp_path / "bad.json").write_text("not json")
+    bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
+    assert bad.exit_code == 1 and "is not a summaries.json written by tools/analyze.py" in bad.output

@@ -198,4 +198,4 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):
     result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
     assert result.exit_code == 1
-    assert "no checkpoint" in result.output and "without --resume" in result.output
+    assert "holds no checkpoint to continue from" in result.output and "--overwrite instead of --resume" in result.output

@@ -25,7 +25,7 @@ from minqr.head import HeadConfig
 from minqr.reward import RewardModel
 from minqr.score import score_pairs, score_to_file
 from minqr.scores import load_scores
-from minqr.synthetic import make_synthetic_task
+from minqr.synthetic import SyntheticTask, make_synthetic_task
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 200
@@ -284,6 +284,17 @@ def test_synthetic_task_scores_name_their_truth(tmp_path):
     assert scores.metadata["options"]["max_length"] == model.transformer.config.n_positions
     true_chosen, _ = load_truth(scores.truth_path, scores.num_pairs)  # it lines up with the scores
     assert true_chosen.shape == (20, 8)
+    # the anchor reply to each pair's question, scored as that text alone
+    anchor_texts = np.load(task / "test_truth.npz")["anchor_texts"]
+    tokenizer = load_tokenizer(task / "model")
+    expected = np.stack([alone(model, tokenizer, str(text), 10_000) for text in anchor_texts])
+    np.testing.assert_allclose(scores.anchor, expected, atol=1e-5, rtol=1e-5)
+    assert (scores.metadata["objective"], scores.readout) == ("mixture", "sorted")
+    # the backbone probe: one accuracy and chance per tag, chance the majority share of the held-out half
+    probe = scores.metadata["backbone_probe"]
+    assert probe["tags"] == list(SyntheticTask().tags) and probe["controversial"] == SyntheticTask().controversial.tolist()
+    assert len(probe["accuracy"]) == len(probe["chance"]) == 15
+    assert all(0 <= a <= 1 and 0.5 <= c <= 1 for a, c in zip(probe["accuracy"], probe["chance"]))
     # a dropped line breaks the alignment: the truth is then left out, and the summary says why
     shutil.copytree(task, tmp_path / "edited")
     with open(tmp_path / "edited" / "test.jsonl", "a") as f:

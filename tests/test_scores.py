@@ -42,8 +42,26 @@ def test_round_trip(tmp_path, suffix, head, num_pairs, n):
         assert scores.taus is None and scores.label == "scalar"
     else:
         np.testing.assert_allclose(scores.taus, (2 * np.arange(n) + 1) / (2 * n))
-        assert scores.label == f"quantile N={n}"
+        assert scores.label == f"quantile N={n}"  # a file from before objectives
     assert [p.name for p in tmp_path.iterdir()] == [f"scores{suffix}"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".jsonl"])
+def test_anchor_outputs_and_readout_round_trip(tmp_path, suffix):
+    chosen, rejected = random_outputs(5, 3, seed=3)
+    anchor = np.random.default_rng(4).normal(size=(5, 3))
+    meta = metadata(n=3, readout="sorted", objective="mixture")
+    scores = load_scores(save_scores(tmp_path / f"s{suffix}", chosen, rejected, meta, anchor=anchor))
+    np.testing.assert_array_equal(scores.anchor, anchor.astype(np.float32))
+    assert scores.readout == "sorted" and scores.label == "mixture N=3"
+    with pytest.raises(MinqrError, match=r"'anchor' \(2, 3\) and 'chosen' \(5, 3\) differ in shape"):
+        save_scores(tmp_path / f"t{suffix}", chosen, rejected, meta, anchor=anchor[:2])
+    with pytest.raises(MinqrError, match="readout='median'; it must be one of raw, sorted"):
+        save_scores(tmp_path / f"u{suffix}", chosen, rejected, metadata(n=3, readout="median"))
+    plain = load_scores(save_scores(tmp_path / f"v{suffix}", chosen, rejected, metadata(n=3)))
+    assert plain.anchor is None and plain.readout == "raw"
+    with pytest.raises(MinqrError, match="no anchor outputs to align on"):
+        plain.quantiles("chosen", anchored=True)
 
 
 def test_npz_needs_no_pickle_and_overwrites(tmp_path):

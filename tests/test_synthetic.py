@@ -1,11 +1,14 @@
 """The synthetic task: its files, its determinism, and its truth against the generator itself
 (Monte Carlo over simulated annotators) and against scipy."""
+import importlib.util
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from scipy import integrate, stats
 from scipy.special import expit
 
@@ -15,6 +18,7 @@ from minqr.head import quantile_levels
 from minqr.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
                              make_synthetic_task, mixture_quantiles, sample_pairs)
 
+ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(num_train=300, num_test=300, num_samples=200)
 DIALOGUE = re.compile(r"\n\nHuman: (?P<question>[^\n]+)\n\nAssistant: (?P<tags>[a-z ]+)")
 
@@ -223,3 +227,19 @@ def test_bad_sizes(tmp_path):
     with pytest.raises(MinqrError, match="num_train"):
         make_synthetic_task(tmp_path / "x", num_train=0)
     assert not (tmp_path / "x").exists()
+
+
+def test_the_command_writes_a_variant(tmp_path):
+    spec = importlib.util.spec_from_file_location("synthetic_cli", ROOT / "tools" / "synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "shifted"
+    result = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "shifted", "--num-train", "40",
+                                              "--num-test", "30", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert result.output == f"wrote the shifted task into {out}\n"
+    summary = json.loads((out / "task.json").read_text())
+    assert (summary["variant"], summary["num_train"], summary["num_test"], summary["seed"]) == ("shifted", 40, 30, 3)
+    assert len(read_jsonl(out / "train.jsonl")) == 40
+    refused = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "other"])
+    assert refused.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in refused.output

@@ -9,6 +9,10 @@ import gzip
 import importlib.util
 import json
 import math
+import time
+import sys
+import subprocess
+import signal
 from itertools import islice
 from pathlib import Path
 
@@ -19,6 +23,8 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+import minqr.train
+from minqr.checkpointing import find_checkpoint
 from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
@@ -95,7 +101,8 @@ def inputs(tmp_path_factory):
 def test_help_lists_every_option():
     result = CliRunner().invoke(load_cli(), ["--help"])
     assert result.exit_code == 0, result.output
-    for option in ["--head", "--num-quantiles", "--kappa", "--lam", "--margin", "--center-coef", "--lm-coef",
+    for option in ["--head", "--num-quantiles", "--objective", "--kappa", "--lam", "--margin", "--bag-coef",
+                   "--head-lr-scale", "--head-weight-decay", "--center-coef", "--lm-coef",
                    "--model", "--data", "--eval-data", "--out", "--max-length", "--batch-size", "--grad-accum",
                    "--lr", "--weight-decay", "--warmup", "--epochs", "--max-steps", "--eval-every",
                    "--save-every", "--seed", "--device", "--dtype", "--compile", "--resume",
@@ -107,6 +114,9 @@ def test_help_lists_every_option():
     (["--head", "medium"], 2, ["--head", "medium"]),
     (["--lr", "-1"], 1, ["--lr"]),
     (["--lr", "nan"], 1, ["--lr"]),
+    (["--lr", "inf"], 1, ["--lr must be positive and at most 1e+30 (got inf"]),
+    (["--lr", "1e39"], 1, ["--lr must be positive and at most 1e+30 (got 1e+39"]),
+    (["--num-quantiles", "100000"], 1, ["--num-quantiles", "num_quantiles=100000 must be an integer from 1 to 256"]),
     (["--warmup", "5"], 1, ["--warmup", "fraction"]),
     (["--head", "scalar", "--num-quantiles", "5"], 1, ["--num-quantiles", "scalar head"]),
     (["--objective", "paper", "--kappa", "0"], 1, ["--kappa", "kappa must be finite and > 0, got 0"]),
@@ -128,10 +138,122 @@ def test_bad_options_are_named(inputs, tmp_path, argv, exit_code, words):
 def test_an_out_folder_holding_a_run_needs_resume_or_overwrite(inputs, tmp_path):
     options = tiny_options(inputs, tmp_path / "run", max_steps=2)
     train(TrainConfig(**options), progress=False)
-    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+    with pytest.raises(ValueError) as refused:
         train(TrainConfig(**options), progress=False)
+    assert str(refused.value) == (f"--out {tmp_path / 'run'} already holds a run with a checkpoint: add --resume to "
+                                  "continue it, --overwrite to start afresh, or choose another --out")
     summary = train(TrainConfig(**options, overwrite=True), progress=False)
     assert summary.steps == 2 and len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, tmp_path):
+    """Killed before its first checkpoint, a run leaves metrics but nothing to resume: neither command
+    may send the user to the other (--resume says "run without", that says "add --resume")."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')  # what such a run leaves
+    argv = as_argv(tiny_options(inputs, out, max_steps=2))
+    fresh = CliRunner().invoke(load_cli(), argv)
+    assert fresh.exit_code == 1
+    assert fresh.output == (f"Error: --out {out} already holds a run that saved no checkpoint (nothing to resume): "
+                            "add --overwrite to start afresh, or choose another --out\n")
+    resumed = CliRunner().invoke(load_cli(), [*argv, "--resume"])
+    assert resumed.exit_code == 1
+    assert resumed.output == (f"Error: --resume: {out} holds no checkpoint to continue from (a run saves one every "
+                              "--save-every steps, and this one was stopped before its first): start it afresh "
+                              "with --overwrite instead of --resume\n")
+    assert CliRunner().invoke(load_cli(), [*argv, "--overwrite"]).exit_code == 0
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path):
+    """A real SIGINT to a real process: the step in progress is finished and checkpointed, the exit
+    code is 130 (128 + SIGINT), and --resume continues to the end from exactly there."""
+    out = tmp_path / "run"
+    options = tiny_options(inputs, out, max_steps=400, save_every=1000, eval_every=1000)
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(options)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "no steps within 2 minutes"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    stopped_at = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+    assert stderr.rstrip().endswith(f"Stopped: interrupted at step {stopped_at} of 400; its checkpoint is in "
+                                    f"{out / 'checkpoint'}: continue with the same command plus --resume")
+    assert "Ctrl-C: stopping after this step" in stderr
+    resumed = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 401))
+
+
+def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch):
+    """A step whose loss (computed before it) is finite can still leave weights that are not: here the
+    optimizer's step is made to blow one weight up at step 3. The run stops before anything is saved,
+    and the checkpoint of step 2 stays as it was."""
+    real_make_optimizer = minqr.train.make_optimizer
+
+    def blowing_up(model, config, device):
+        optimizer = real_make_optimizer(model, config, device)
+
+        def after_step(optimizer, args, kwargs):
+            if optimizer.state[model.score.weight]["step"] == 3:
+                with torch.no_grad():
+                    model.score.weight[0, 0] = float("inf")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(minqr.train, "make_optimizer", blowing_up)
+    out = tmp_path / "run"
+    with pytest.raises(MinqrError) as stopped:
+        train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1)), progress=False)
+    assert str(stopped.value) == (
+        "training diverged at step 3: the weights are not finite after the optimizer step (score.weight); "
+        f"stopped. The last good checkpoint, of step 2, stays in {out / 'checkpoint'}. Lower --lr (now 0.003) "
+        "and train again")
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+    assert not (out / "model.safetensors").exists()
+
+
+def test_cheap_checks_come_before_the_data_is_read(inputs, tmp_path):
+    """A --max-length the model cannot take is reported from the model's config, before a data
+    file is read (this one would fail at its first line)."""
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", data=str(broken),
+                                                                 max_length=500)))
+    assert result.exit_code == 1
+    assert result.output == "Error: --max-length 500 is more than the model's 128 positions: lower it\n"
+
+
+def test_every_missing_input_is_named_in_one_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    result = CliRunner().invoke(load_cli(), ["--model", "gpt2", "--data", "hh-rlhf:helpful-base",
+                                             "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert lines[0] == "Error: 3 inputs cannot be had:"
+    assert lines[1].startswith("  --model: model 'gpt2' (not a local folder) is not in the Hugging Face cache")
+    assert lines[2].startswith("  --data: hh-rlhf:helpful-base (train) is not in the Hugging Face cache")
+    assert lines[3].startswith("  --data (its test split): hh-rlhf:helpful-base (test) is not in the Hugging Face")
+
+
+def test_the_plan_and_heavy_truncation_are_said_before_training(inputs, tmp_path):
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", max_length=4,
+                                                                 max_steps=2)))
+    assert result.exit_code == 0, result.output
+    assert ("plan: 2 steps of 8 pairs (0.40 epochs of 40 pairs); GPT-2 of 0.0M parameters + 0.0M of the "
+            "response-bag layer (training only); head of 10 outputs trained by mixture; on cpu x 1 process") in result.output
+    assert ("train: 40 pairs (100%) cut from the left to --max-length 4. Warning: most texts lose their beginning, "
+            "and what a response answers may be cut away; raise --max-length if the model's positions allow") in result.output
 
 
 # ---- a run and what it leaves ----------------------------------------------------------------

@@ -8,6 +8,7 @@
 The options, their defaults and help texts are minqr.train.TrainConfig's fields; this file only
 turns them into a command line.
 """
+import sys
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -15,7 +16,7 @@ from dataclasses import MISSING, fields
 import click
 
 from minqr.errors import MinqrError
-from minqr.train import TrainConfig, train
+from minqr.train import TrainConfig, TrainingInterrupted, train
 
 
 def _option(f, hints):
@@ -53,6 +54,9 @@ def main(ctx, **options):
              if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     try:
         summary = train(TrainConfig.from_options(**given))
+    except TrainingInterrupted as error:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
+        click.echo(f"Stopped: {error}", err=True)
+        sys.exit(130)
     except MinqrError as error:
         raise click.ClickException(str(error)) from None
     if summary.rank == 0:  # under torchrun, once
