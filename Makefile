@@ -20,6 +20,9 @@ TORCH_INDEX ?=
 DEMO := runs/demo
 STUDY := runs/study
 OBJECTIVES := runs/objectives
+# the real pairs in ../shared/data (MANIFEST.md): the objectives study runs on them too where they are
+HH_PAIRS := ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
+GPT2_TOKENIZER := ../shared/data/gpt2-tokenizer
 
 .PHONY: test demo bench study objectives clean
 
@@ -45,7 +48,9 @@ study: $(INSTALLED)
 
 # The study of the objectives (README, "Objectives"): on each variant of the synthetic task, each
 # objective (the scalar head, paper, mixture, independent) trained with 3 seeds through train.py,
-# score.py and analyze.py, then one table over all: docs/objectives/table.md. About an hour on a 2-core CPU.
+# score.py and analyze.py; the same objectives on 1,850 real HH-RLHF pairs (462 held out) where
+# ../shared/data has them; then one table over all, runs/objectives/table.md (docs/objectives/ keeps
+# the copy the README quotes). About an hour and a half on a 2-core CPU.
 objectives: $(INSTALLED)
 	set -e; for variant in demo shifted; do \
 	  $(PY) tools/synthetic.py --variant $$variant --out $(OBJECTIVES)/$$variant/task; \
@@ -59,6 +64,22 @@ objectives: $(INSTALLED)
 	  done; done; \
 	  $(PY) tools/analyze.py $(OBJECTIVES)/$$variant/*.npz --out $(OBJECTIVES)/$$variant/report; \
 	done
+	set -e; if [ -f $(HH_PAIRS) ]; then \
+	  mkdir -p $(OBJECTIVES)/hh; \
+	  zcat $(HH_PAIRS) | head -n 1850 > $(OBJECTIVES)/hh/train.jsonl; \
+	  zcat $(HH_PAIRS) | tail -n +1851 > $(OBJECTIVES)/hh/test.jsonl; \
+	  $(PY) -c "import torch, minqr; torch.manual_seed(0); minqr.save_gpt2(minqr.GPT2(minqr.GPT2Config(n_layer=4, \
+	    n_embd=256, n_head=4, n_positions=256)), '$(OBJECTIVES)/hh/model')"; \
+	  for objective in scalar paper mixture independent; do \
+	    case $$objective in scalar) head="--head scalar";; *) head="--objective $$objective";; esac; \
+	    $(PY) tools/train.py $$head --model $(OBJECTIVES)/hh/model --tokenizer $(GPT2_TOKENIZER) \
+	      --data $(OBJECTIVES)/hh/train.jsonl --eval-data $(OBJECTIVES)/hh/test.jsonl --max-length 256 --epochs 2 \
+	      --lr 1e-3 --batch-size 16 --overwrite --out $(OBJECTIVES)/hh/$$objective; \
+	    $(PY) tools/score.py --model $(OBJECTIVES)/hh/$$objective --data $(OBJECTIVES)/hh/test.jsonl \
+	      --workload "harmless-base held-out 462" --label $$objective --out $(OBJECTIVES)/hh/$$objective.npz; \
+	  done; \
+	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --out $(OBJECTIVES)/hh/report; \
+	fi
 	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --out $(OBJECTIVES)/table.md
 
 bench: $(INSTALLED)

@@ -73,8 +73,8 @@ class TrainConfig:
     # the model and its loss
     head: str = option("quantile", "reward head: 'quantile' (N quantiles of the reward, the distributional "
                        "head) or 'scalar' (one reward, the Bradley-Terry baseline)", HEAD_KINDS)
-    num_quantiles: int | None = option(None, "number of quantiles N of the quantile head [default: 10; the "
-                                       "scalar head has 1]")
+    num_quantiles: int | None = option(None, "number of outputs N of the quantile head [default: 20 for mixture "
+                                       "and independent, 10 (the paper's) for paper; the scalar head has 1]")
     objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/head.py): "
                                    "mixture (N kinds of annotator; the sorted outputs are the quantiles), "
                                    "independent, or paper (the seed paper's quantile-Huber loss) [default: "
@@ -92,10 +92,6 @@ class TrainConfig:
                                          "mixture and independent, else 1]")
     head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: 0 for mixture and "
                                              "independent, else --weight-decay]")
-    kind_decay: float | None = option(None, "decay of each head row towards the rows' mean, decoupled like "
-                                      "AdamW's weight decay: the kinds of annotator agree unless the data says "
-                                      "otherwise, which keeps estimation noise from passing for disagreement "
-                                      "[default: 0]")
     center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
                                 "expected rewards (e.g. 0.01)")
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
@@ -175,7 +171,7 @@ class TrainConfig:
                                       ("grad_accum", 1), ("epochs", 1), ("eval_every", 0), ("save_every", 0))
                     if getattr(self, name) < low]
         problems += [f"--{name.replace('_', '-')} must be non-negative (got {getattr(self, name)})"
-                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm", "kind_decay")
+                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm")
                      if not getattr(self, name) >= 0]  # `not >=` also catches NaN
         if not self.head_weight_decay >= 0:
             problems.append(f"--head-weight-decay must be non-negative (got {self.head_weight_decay})")
@@ -697,10 +693,6 @@ class _Run:
                 raise self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
-        if config.kind_decay:
-            head = self.model.score.weight
-            with torch.no_grad():  # decoupled, as AdamW's decay: w_i -= head lr * kind_decay * (w_i - mean_k w_k)
-                head.sub_(self.optimizer.param_groups[-1]["lr"] * config.kind_decay * (head - head.mean(0)))
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started

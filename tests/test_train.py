@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from test_hub import offline_hub  # noqa: F401  (a fixture)
 import minqr.train
 from minqr.checkpointing import find_checkpoint
 from minqr.errors import MinqrError
@@ -233,9 +234,7 @@ def test_cheap_checks_come_before_the_data_is_read(inputs, tmp_path):
     assert result.output == "Error: --max-length 500 is more than the model's 128 positions: lower it\n"
 
 
-def test_every_missing_input_is_named_in_one_message(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+def test_every_missing_input_is_named_in_one_message(tmp_path, offline_hub):
     result = CliRunner().invoke(load_cli(), ["--model", "gpt2", "--data", "hh-rlhf:helpful-base",
                                              "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
@@ -251,7 +250,7 @@ def test_the_plan_and_heavy_truncation_are_said_before_training(inputs, tmp_path
                                                                  max_steps=2)))
     assert result.exit_code == 0, result.output
     assert ("plan: 2 steps of 8 pairs (0.40 epochs of 40 pairs); GPT-2 of 0.0M parameters + 0.0M of the "
-            "response-bag layer (training only); head of 10 outputs trained by mixture; on cpu x 1 process") in result.output
+            "response-bag layer (training only); head of 20 outputs trained by mixture; on cpu x 1 process") in result.output
     assert ("train: 40 pairs (100%) cut from the left to --max-length 4. Warning: most texts lose their beginning, "
             "and what a response answers may be cut away; raise --max-length if the model's positions allow") in result.output
 
@@ -285,7 +284,7 @@ def test_training_run_writes_a_reward_model_that_learnt(inputs, tmp_path, head):
     # The saved model is the trained one: scoring the held-out pairs afresh, one text at a time,
     # gives the accuracy and reward statistics of the last evaluation.
     model = RewardModel.from_pretrained(out)
-    assert model.head_config.kind == head and model.num_quantiles == (1 if head == "scalar" else 10)
+    assert model.head_config.kind == head and model.num_quantiles == (1 if head == "scalar" else 20)
     tokenizer = load_tokenizer(out)
     chosen, rejected = score_pairs(model, tokenizer, options["eval_data"], options["max_length"])
     mu_chosen, mu_rejected = chosen.mean(-1), rejected.mean(-1)
@@ -446,7 +445,7 @@ def test_training_on_real_hh_pairs(hh_pairs_path, gpt2_tokenizer_dir, tmp_path, 
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(inputs, tmp_path):
     out = tmp_path / "run"
     # an absurd learning rate: the first update throws the weights to ~1e30, the next loss is NaN
-    options = tiny_options(inputs, out, lr=1e30, warmup=0.0, save_every=1)
+    options = tiny_options(inputs, out, lr=1e30, head_lr_scale=1.0, warmup=0.0, save_every=1)
     result = CliRunner().invoke(load_cli(), as_argv(options))
     assert result.exit_code == 1
     assert "diverged at step 2" in result.output and "nan" in result.output
