@@ -36,15 +36,17 @@ demo: $(INSTALLED)
 	$(PY) tools/score.py --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
 	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --out $(DEMO)/report
 
-# Train both heads on helpful-base and harmless-base (GPT-2 124M, one epoch each), score the test
-# splits and analyse: the paper's Table 1 and figures in $(STUDY)/report. See README for the cost.
+# Train the scalar head, the paper's quantile head and the mixture head on helpful-base and
+# harmless-base (GPT-2 124M, one epoch each), score the test splits and analyse: the paper's Table 1
+# and figures in $(STUDY)/report. See README for the cost.
 study: $(INSTALLED)
-	set -e; for subset in helpful-base harmless-base; do for head in scalar quantile; do \
-	  $(PY) tools/train.py --head $$head --data hh-rlhf:$$subset --out $(STUDY)/$$subset-$$head; \
+	set -e; for subset in helpful-base harmless-base; do for head in scalar paper mixture; do \
+	  case $$head in scalar) options="--head scalar";; *) options="--objective $$head";; esac; \
+	  $(PY) tools/train.py $$options --data hh-rlhf:$$subset --out $(STUDY)/$$subset-$$head; \
 	  $(PY) tools/score.py --model $(STUDY)/$$subset-$$head --data hh-rlhf:$$subset --split test \
 	    --out $(STUDY)/$$subset-$$head.npz; \
 	done; done
-	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-quantile.npz --out $(STUDY)/report
+	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-paper.npz $(STUDY)/*-mixture.npz --out $(STUDY)/report
 
 # The study of the objectives (README, "Objectives"): on each variant of the synthetic task, each
 # objective (the scalar head, paper, mixture, independent) trained with 3 seeds through train.py,

@@ -525,7 +525,7 @@ def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
     everyone), whose aligned outputs are 0 by construction, are left out (M < 2P)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
     anchored = scores.anchor is not None
-    predictions = np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)])
+    predictions = np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")])
     true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
     if anchored:  # the anchor replies among the responses are exact by construction: leave them out
         keep = ~np.all(true == 0, axis=1)
@@ -553,8 +553,12 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     view = check_view(view, scores.num_quantiles, where)
     if interval not in INTERVALS:
         raise MinqrError(f"unknown interval method {interval!r}; use one of {', '.join(INTERVALS)}")
+    # the quantiles (aligned on the anchor where there is one) for everything about the distribution;
+    # the raw outputs, whose mean is the model's expected reward, for the `mean` view
     chosen, rejected = scores.quantiles("chosen"), scores.quantiles("rejected")  # [P, N] float64
-    chosen_rows, rejected_rows = view_rows(chosen, view), view_rows(rejected, view)  # [P, K] each
+    raw_chosen, raw_rejected = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
+    chosen_rows = view_rows(raw_chosen if view == "mean" else chosen, view)  # [P, K]
+    rejected_rows = view_rows(raw_rejected if view == "mean" else rejected, view)
     indices = resample_indices(scores.num_pairs, n_resamples, seed)  # [B, P]
     quantile_head = scores.num_quantiles > 1
 
@@ -574,7 +578,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     weights = np.vstack([np.ones(scores.num_pairs)] + [np.bincount(i, minlength=scores.num_pairs) for i in indices])
     kde_values = _weighted_kde_kl(chosen_rows, rejected_rows, weights, weights, KDE_GRID_SIZE)  # [1 + B]
 
-    accuracy = pair_accuracy(chosen.mean(axis=1), rejected.mean(axis=1))
+    accuracy = pair_accuracy(raw_chosen.mean(axis=1), raw_rejected.mean(axis=1))
     own_probability = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
     accuracy_low, accuracy_high = wilson_interval(accuracy * scores.num_pairs, scores.num_pairs, confidence)
     summary = {
@@ -601,7 +605,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "nll": negative_log_likelihood(own_probability),
         "calibration": {
             "objective": calibration(own_probability),
-            "bradley_terry": calibration(bradley_terry_probability(chosen, rejected)),
+            "bradley_terry": calibration(bradley_terry_probability(raw_chosen, raw_rejected)),
             "distributional": calibration(distributional_probability(chosen, rejected)) if quantile_head else None,
         },
         "coverage": None,

@@ -192,7 +192,8 @@ def load_reward_model(model) -> tuple[RewardModel, object, Path]:
 def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
                   workload: str | None = None, label: str | None = None, max_length: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, shared_prefix: bool = True, device: str = "auto",
-                  dtype: str = "auto", skip_bad: bool = False, progress: bool = True) -> ScoreSummary:
+                  dtype: str = "auto", skip_bad: bool = False, anchor_reply: str | None = None,
+                  progress: bool = True) -> ScoreSummary:
     """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
     (.npz or .jsonl, atomically) with the metadata that minqr/analysis.py reads.
 
@@ -200,7 +201,13 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
     "test", picks the file) or hh-rlhf:SUBSET. `max_length` defaults to the one the model was
     trained with (its training_args.json), else its number of positions. `workload` (the row of the
     report's table) defaults to "FOLDER SPLIT" of the data file, e.g. "harmless-base test".
+
+    Anchors: with `anchor_reply`, that text is scored as the reply to each pair's prompt, and its
+    outputs are saved beside the scores (the analysis reads the quantiles relative to them); without
+    it, the synthetic task's anchor replies are, where its truth file lies beside the data.
     """
+    if anchor_reply is not None and not anchor_reply.strip():
+        raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, e.g. ' OK.'")
     out = Path(out)
     if out.suffix not in (".npz", ".jsonl") or out.is_dir():
         raise MinqrError(f"out {out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
@@ -247,6 +254,11 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
             metadata["truth"] = str(truth.resolve())
             anchor = _score_anchors(reward_model, tokenizer, truth, len(pairs), max_length, batch_size, device, dtype)
             metadata["backbone_probe"] = backbone_probe(reward_model, tokenized, truth, batch_size, device, dtype)
+    if anchor_reply is not None:
+        texts = [pair.chosen[: pair.response_start("chosen")] + anchor_reply for pair in pairs]
+        anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
+                             device, dtype)
+        metadata["anchor_reply"] = anchor_reply
     save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)

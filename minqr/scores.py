@@ -91,14 +91,18 @@ class Scores:
     def readout(self) -> str:
         return self.metadata.get("readout", "raw")
 
-    def quantiles(self, side: str, anchored: bool = False) -> np.ndarray:
+    def quantiles(self, side: str, anchored: bool | None = None) -> np.ndarray:
         """[P, N] float64: the `side` ("chosen" or "rejected") responses' outputs read out as
         quantiles (sorted, for the readout "sorted"; the mean is unchanged).
 
-        anchored: first subtract what the model gives the pair's anchor, whose true reward is 0:
-        output by output for the readout "sorted" (each kind of annotator has its own free constant,
-        minqr/head.py), the anchor's mean otherwise (one constant for the whole head)."""
+        anchored (default: whenever the scores have anchor outputs): first subtract what the model
+        gives the pair's anchor reply: output by output for the readout "sorted" (each kind of
+        annotator has its own free constant, minqr/head.py), the anchor's mean otherwise (one
+        constant for the whole head). The quantiles are then those of the reward relative to the
+        anchor's, which for the synthetic task's anchor (worth 0 to everyone) is the reward itself."""
         outputs = getattr(self, side).astype(np.float64)
+        if anchored is None:
+            anchored = self.anchor is not None
         if anchored:
             if self.anchor is None:
                 raise MinqrError(f"{self.source}: no anchor outputs to align on (only the synthetic task's "

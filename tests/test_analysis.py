@@ -326,7 +326,8 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     scores = scores_of(outputs[0], outputs[1], truth=str(tmp_path / "truth.npz"), readout="sorted")
     scores.anchor = anchor.astype(np.float32)
     np.testing.assert_allclose(scores.quantiles("chosen", anchored=True), np.sort(kind_rewards[0], axis=1), atol=1e-5)
-    np.testing.assert_array_equal(scores.quantiles("chosen"), np.sort(scores.chosen.astype(np.float64), axis=1))
+    np.testing.assert_array_equal(scores.quantiles("chosen", anchored=False), np.sort(scores.chosen.astype(np.float64), axis=1))
+    np.testing.assert_array_equal(scores.quantiles("chosen"), scores.quantiles("chosen", anchored=True))  # the default
     predictions, truth = A.response_truth(scores, tmp_path / "truth.npz")
     assert len(predictions) == len(truth) == 2 * num_pairs - 20  # the anchor replies left out
     coverage = A.summarize(scores, n_resamples=0)["coverage"]
@@ -335,7 +336,7 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     # each kind holds 1/K of the annotators: exact at the midpoints, up to the sampling of 400 of them
     assert coverage["mean_abs_error"] < 0.02 and coverage["spread_spearman"] > 0.99
     assert coverage["slope"] == pytest.approx(1.0, abs=0.01) and coverage["intercept"] == pytest.approx(0.0, abs=0.02)
-    unaligned = A.coverage_summary(np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")]),
+    unaligned = A.coverage_summary(np.concatenate([scores.quantiles("chosen", False), scores.quantiles("rejected", False)]),
                                    true.reshape(-1, samples), taus)
     assert unaligned["spread_spearman"] < 0.8
 

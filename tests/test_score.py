@@ -198,6 +198,26 @@ def printed_accuracies(output):
     return mean, per_quantile
 
 
+def test_an_anchor_reply_is_scored_as_the_reply_to_each_prompt(tmp_path, tokenizer, quantile_folder, data_file):
+    out = tmp_path / "anchored.npz"
+    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file), "--out", str(out),
+                                             "--anchor-reply", " I see."])
+    assert result.exit_code == 0, result.output
+    scores = load_scores(out)
+    model = RewardModel.from_pretrained(quantile_folder)
+    pairs = load_pairs(data_file)[0]
+    prompts = [p.chosen[: p.chosen.rindex("\n\nAssistant:") + len("\n\nAssistant:")] if "\n\nAssistant:" in p.chosen
+               else "" for p in pairs]
+    expected = np.stack([alone(model, tokenizer, prompt + " I see.", MAX_LENGTH) for prompt in prompts])
+    np.testing.assert_allclose(scores.anchor, expected, atol=1e-5, rtol=1e-5)
+    assert scores.metadata["anchor_reply"] == " I see."
+    # the quantiles are read relative to it: each kind minus its output for the anchor, then sorted
+    np.testing.assert_allclose(scores.quantiles("chosen"), np.sort(scores.chosen - scores.anchor, axis=1), atol=1e-6)
+    empty = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file), "--out",
+                                            str(tmp_path / "e.npz"), "--anchor-reply", " "])
+    assert empty.exit_code == 1 and "anchor_reply (--anchor-reply) is empty" in empty.output
+
+
 def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, quantile_folder, data_file):
     out = tmp_path / "scores.npz"
     result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file),

@@ -34,16 +34,19 @@ from minqr.score import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT, score_to_file
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(tuple(DTYPES)),
               help="Compute precision; auto: bfloat16 autocast on GPU, float32 on CPU.")
 @click.option("--skip-bad", is_flag=True, help="Skip malformed data lines and count them instead of stopping.")
+@click.option("--anchor-reply", help="Also score this text as the reply to each pair's prompt; the analysis then "
+                                     "reads every response's quantiles relative to it (a mixture head's kinds each "
+                                     "have a free constant that only such a reference pins down).")
 @click.option("--workload", help="Row label of the analysis table [default: FOLDER SPLIT of the data file, "
                                  "e.g. 'harmless-base test'].")
 @click.option("--label", help="Column label of the analysis table [default: 'scalar', or the objective and N, e.g. 'mixture N=10'].")
 def main(model, data, subset, split, out, max_length, batch_size, shared_prefix, device, dtype, skip_bad,
-         workload, label):
+         anchor_reply, workload, label):
     """Score every preference pair of --data with the reward model --model into --out."""
     try:
         summary = score_to_file(model, data, out, split=split, subset=subset, workload=workload, label=label,
                                 max_length=max_length, batch_size=batch_size, shared_prefix=shared_prefix,
-                                device=device, dtype=dtype, skip_bad=skip_bad)
+                                device=device, dtype=dtype, skip_bad=skip_bad, anchor_reply=anchor_reply)
     except MinqrError as error:
         raise click.ClickException(str(error)) from None
     click.echo(str(summary))
