@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.atomic import atomic_dir
+from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -105,7 +105,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
     with atomic_dir(folder) as tmp:
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    for stale in Path(out).glob(f"{CHECKPOINT_DIR}.old-*"):  # left by an earlier interrupted save
+    for stale in abandoned(folder, "old"):  # left by an earlier interrupted save
         shutil.rmtree(stale, ignore_errors=True)
     return folder
 

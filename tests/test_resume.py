@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import minqr.train
+from factories import ended_writer
 from minqr.checkpointing import find_checkpoint, load_checkpoint
 from minqr.metrics import read_metrics
 from minqr.train import TrainConfig, train
@@ -176,7 +177,7 @@ def test_resume_finds_a_checkpoint_moved_aside_by_an_interrupted_replacement(inp
     out = tmp_path / "run"
     options = resume_options(inputs, out, save_every=2)
     train_until_checkpoint(options, 2, monkeypatch)
-    aside = out / "checkpoint.old-x1y2"
+    aside = out / f"checkpoint.old-{ended_writer()}.x1y2"  # the interrupted writer has ended
     aside.mkdir()
     (out / "checkpoint").rename(aside / "checkpoint")
     train(TrainConfig(**options, resume=True), progress=False)
