@@ -30,11 +30,13 @@ from minqr.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAM
                             paired_kl_difference, response_truth, spreads, summarize, view_rows)
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
+from minqr.lock import holds_output
 from minqr.scores import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 
 
+@holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
 def analyze(paths, out_dir, view: str = "mean", bins: int = DEFAULT_BINS, eps: float = DEFAULT_EPS,
             n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
             interval: str = INTERVALS[0], truth=None) -> Path:

@@ -37,6 +37,7 @@ from minqr.batching import TokenizedPairs, tokenize_pairs
 from minqr.data import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
+from minqr.lock import holds_output
 from minqr.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.scores import save_scores
 from minqr.tokenizer import load_tokenizer
@@ -159,6 +160,7 @@ def load_reward_model(model) -> tuple[RewardModel, object, Path]:
     return reward_model, tokenizer, folder
 
 
+@holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
 def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
                   workload: str | None = None, label: str | None = None, max_length: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, shared_prefix: bool = True, device: str = "auto",
@@ -227,6 +229,7 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
 
 # ---- the scalar export, for tools/export.py --------------------------------------------------
 
+@holds_output("out")
 def export_scalar(model, out) -> Path:
     """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
     reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json

@@ -51,6 +51,7 @@ from minqr.checkpointing import DataPosition, capture_rng_state, find_checkpoint
 from minqr.data import load_pairs
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
+from minqr.lock import hold_output
 from minqr.loss import qr_pairwise_loss
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.reward import HEAD_KINDS, TRAINING_ARGS_FILE, HeadConfig, RewardModel, ranking_credit
@@ -265,8 +266,14 @@ def start_processes(device_option: str) -> Processes:
     return Processes(dist.get_rank(), world_size, device)
 
 
-def stop_processes(procs: Processes) -> None:
+def stop_processes(procs: Processes, finished: bool = False) -> None:
     if procs.world_size > 1 and dist.is_initialized():
+        if finished:
+            # Process 0 still saves the model and draws the curves when the others are done. One
+            # that tore its gloo connections down then and exited could abort ("terminate called
+            # without an active exception"): leave together. Not after an error, where the others
+            # may never arrive.
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -331,10 +338,15 @@ def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device) 
 def train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     """Train a reward model as `config` says; see the module docstring for what lands in `out`."""
     procs = start_processes(config.device)
+    finished = False
     try:
-        return _Run(config, procs, progress).run()
+        # one run at a time in a run folder (minqr/lock.py); under torchrun process 0 holds it for all
+        with hold_output(config.out, "--out", say=_say) if procs.is_main else nullcontext():
+            summary = _Run(config, procs, progress).run()
+        finished = True
+        return summary
     finally:
-        stop_processes(procs)
+        stop_processes(procs, finished)
 
 
 def _say(message: str) -> None:
