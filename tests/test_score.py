@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
+from test_data import SURROGATE_LINE, surrogate_error
 
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
@@ -351,3 +352,16 @@ def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_f
                                              "--skip-bad"])
     assert result.exit_code == 0 and "skipped 1 malformed lines" in result.stdout
     assert load_scores(out).num_pairs == len(lines)
+
+
+def test_a_lone_surrogate_is_bad_data_with_its_line(tmp_path, quantile_folder, data_file):
+    """Valid JSON holding what no tokenizer takes: an error naming the line, skipped with --skip-bad."""
+    bad = tmp_path / "surrogate.jsonl"
+    lines = data_file.read_text().splitlines()
+    bad.write_text("\n".join(lines[:1] + [SURROGATE_LINE] + lines[1:]) + "\n")
+    argv = ["--model", str(quantile_folder), "--data", str(bad), "--out", str(tmp_path / "scores.npz")]
+    result = CliRunner().invoke(load_cli(), argv)
+    assert result.exit_code == 1 and result.output == surrogate_error(bad, 2)
+    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    assert result.exit_code == 0 and "skipped 0 malformed lines and 1 with bad fields" in result.output
+    assert load_scores(tmp_path / "scores.npz").num_pairs == len(lines)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from test_data import SURROGATE_LINE, surrogate_error
 from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
@@ -129,6 +130,20 @@ def test_an_out_folder_holding_a_run_needs_resume_or_overwrite(inputs, tmp_path)
         train(TrainConfig(**options), progress=False)
     summary = train(TrainConfig(**options, overwrite=True), progress=False)
     assert summary.steps == 2 and len([r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]) == 2
+
+
+def test_a_lone_surrogate_is_bad_data_with_its_line(inputs, tmp_path):
+    """Valid JSON holding what no tokenizer takes: an error naming the line, skipped with --skip-bad."""
+    data = tmp_path / "train.jsonl"
+    lines = Path(inputs["data"]).read_text().splitlines()
+    data.write_text("\n".join(lines[:4] + [SURROGATE_LINE] + lines[4:]) + "\n")
+    argv = as_argv(tiny_options({**inputs, "data": str(data)}, tmp_path / "run", max_steps=2))
+    result = CliRunner().invoke(load_cli(), argv)
+    assert result.exit_code == 1 and result.output == surrogate_error(data, 5)
+    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert f"train: {len(lines)} pairs from {data}; dropped 0 identical, skipped 0 malformed lines and 1 with bad " \
+           f"fields (first: {surrogate_error(data, 5)[7:].partition('. Fix')[0]})" in result.output
 
 
 # ---- a run and what it leaves ----------------------------------------------------------------
