@@ -196,6 +196,26 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
     assert "--save-every" not in result.output and "--eval-every" not in result.output  # these may change
 
 
+@pytest.mark.parametrize("damage", ["state.pt cut short", "config.json not JSON", "state.pt of another layout"])
+def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, monkeypatch, damage):
+    options = resume_options(inputs, tmp_path / "run", save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    folder = tmp_path / "run" / "checkpoint"
+    start_afresh = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
+    if damage == "state.pt cut short":
+        (folder / "state.pt").write_bytes((folder / "state.pt").read_bytes()[:50_000])
+        problem = f"{folder / 'state.pt'} is not a file torch.load can read (a zip archive cut short): {start_afresh}"
+    elif damage == "config.json not JSON":
+        (folder / "config.json").write_text('{"head": ')
+        problem = f"{folder / 'config.json'} is not valid JSON (Expecting value: line 1 column 10 (char 9)): {start_afresh}"
+    else:
+        torch.save({"model": {}}, folder / "state.pt")
+        problem = f"{folder / 'state.pt'} is not a checkpoint of this minqr (it has no 'step'); {start_afresh}"
+    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: --resume: {problem}\n"
+
+
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):
     result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
     assert result.exit_code == 1

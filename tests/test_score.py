@@ -19,6 +19,7 @@ from test_data import SURROGATE_LINE, surrogate_error
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.analysis import load_truth
+from minqr.checkpoint import DAMAGED
 from minqr.data import Pair, load_pairs
 from minqr.device import autocast_dtype, resolve_device
 from minqr.loss import quantile_levels
@@ -322,6 +323,23 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, tokenizer, quantile_folder,
     for word in words:
         assert word in result.output, result.output
     assert "Traceback" not in result.output and not out.exists()
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_damaged_model_file_is_one_line_that_names_it(tmp_path, quantile_folder, data_file, damaged):
+    folder = tmp_path / "model"
+    shutil.copytree(quantile_folder, folder)
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    problem = {"model.safetensors": ": not a safetensors file, or cut short: its 1,000 bytes do not hold the header "
+                                    "it announces;",
+               "tokenizer.json": " cannot be read as a tokenizer (EOF while parsing a string at line 1 column 1000):"}
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+                                             "--out", str(tmp_path / "scores.npz")])
+    assert result.exit_code == 1
+    tokenizer_hint = (". A reward model folder carries its tokenizer (tools/train.py saves it there); copy the tokenizer's "
+                      "files into it") if damaged == "tokenizer.json" else ""
+    assert result.output == f"Error: {path}{problem[damaged]} {DAMAGED}{tokenizer_hint}\n"
 
 
 def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_file):

@@ -9,6 +9,7 @@ import gzip
 import importlib.util
 import json
 import math
+import shutil
 from itertools import islice
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from click.testing import CliRunner
 
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
 from test_data import SURROGATE_LINE, surrogate_error
+from minqr.checkpoint import DAMAGED
 from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
@@ -144,6 +146,17 @@ def test_a_lone_surrogate_is_bad_data_with_its_line(inputs, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"train: {len(lines)} pairs from {data}; dropped 0 identical, skipped 0 malformed lines and 1 with bad " \
            f"fields (first: {surrogate_error(data, 5)[7:].partition('. Fix')[0]})" in result.output
+
+
+def test_a_damaged_backbone_is_one_line_that_names_the_file(inputs, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(inputs["model"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # the last byte lost in a copy
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options({**inputs, "model": str(model)}, tmp_path / "run")))
+    assert result.exit_code == 1
+    assert result.output.endswith(f"Error: {weights}: cut short at {weights.stat().st_size:,} bytes: 1 of its 28 tensors end "
+                             f"beyond that, the first transformer.wte.weight; {DAMAGED}\n")
 
 
 # ---- a run and what it leaves ----------------------------------------------------------------
