@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minqr import hub
 from minqr.analysis import pair_accuracy, quantile_accuracy
@@ -38,6 +37,7 @@ from minqr.data import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
+from minqr.progress import progress_bar
 from minqr.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.scores import save_scores
 from minqr.tokenizer import load_tokenizer
@@ -50,11 +50,12 @@ TRUTH_SUFFIX = "_truth.npz"  # the synthetic task's truth for DATA/test.jsonl is
 # ---- scoring -------------------------------------------------------------------------------
 
 def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: int = DEFAULT_BATCH_SIZE,
-                    shared_prefix: bool = True, device=None, dtype: str = "auto",
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    shared_prefix: bool = True, device=None, dtype: str = "auto", progress: bool = True,
+                    model_name: str = "the reward model") -> tuple[np.ndarray, np.ndarray]:
     """The model's outputs on tokenised pairs: (chosen [P, N], rejected [P, N]), float32, row p for
     pair p. `device` None keeps the model where it is; otherwise the model is moved there. The
-    model runs in eval mode (no dropout) and is returned to its previous mode afterwards."""
+    model runs in eval mode (no dropout) and is returned to its previous mode afterwards. A NaN or
+    infinite output stops it at that batch: a MinqrError that calls `model_name` broken."""
     if batch_size < 1:
         raise MinqrError(f"batch_size must be at least 1 (got {batch_size})")
     longest = int(tokenized.row_widths(shared_prefix=False).max(initial=0))
@@ -72,8 +73,8 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
     was_training = model.training
     model.to(device).eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(tokenized), unit="pair", desc="scoring",
-                                          disable=not progress) as bar:
+        with torch.inference_mode(), progress_bar(total=len(tokenized), unit="pair", desc="scoring",
+                                                  disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 batch = tokenized.batch(indices, shared_prefix).to(device)
@@ -82,10 +83,22 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
                 # back to the data's order: batch row b is pair indices[b]
                 chosen[indices] = r_chosen.float().cpu().numpy()
                 rejected[indices] = r_rejected.float().cpu().numpy()
+                _check_finite(chosen[indices], rejected[indices], indices, model_name)
                 bar.update(len(indices))
     finally:
         model.train(was_training)
     return chosen, rejected
+
+
+def _check_finite(chosen: np.ndarray, rejected: np.ndarray, indices, model_name: str) -> None:
+    """A batch's outputs ([B, N] each, batch row b is pair indices[b]) must be numbers: a model that
+    gives NaN gives it for every batch, so there is no use scoring on."""
+    bad = ~(np.isfinite(chosen).all(axis=1) & np.isfinite(rejected).all(axis=1))
+    if bad.any():
+        what = "NaN" if np.isnan(chosen[bad]).any() or np.isnan(rejected[bad]).any() else "infinite"
+        raise MinqrError(f"{model_name} is broken: it gives {what} rewards (first for pair {int(np.min(indices[bad]))} "
+                         "of the data; scoring stopped at that batch, nothing was written). Its weights hold NaN or "
+                         "inf: train it again (with a lower --lr?), or score another model")
 
 
 def score_pairs(model: RewardModel, tokenizer, pairs, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
@@ -190,7 +203,8 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
 
     device = resolve_device(device)
     started = time.perf_counter()
-    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress)
+    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress,
+                                       model_name=f"the reward model {folder}")
     seconds = time.perf_counter() - started
 
     head = reward_model.head_config

@@ -54,6 +54,7 @@ from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.loss import qr_pairwise_loss
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
+from minqr.progress import progress_bar
 from minqr.reward import HEAD_KINDS, TRAINING_ARGS_FILE, HeadConfig, RewardModel, ranking_credit
 from minqr.tokenizer import load_tokenizer
 
@@ -485,9 +486,8 @@ class _Run:
             if self.checkpoint is None:  # a fresh start: no checkpoint of an earlier run may linger
                 remove_checkpoints(self.out)
             self._write_training_args()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {config.head}", unit="step",
-                   disable=not (self.progress and procs.is_main), dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file needs fewer lines
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {config.head}", unit="step",
+                           disable=not (self.progress and procs.is_main))
         started = time.perf_counter()
         final_eval = None
         try:

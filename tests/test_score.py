@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,41 @@ def test_a_lone_surrogate_is_bad_data_with_its_line(tmp_path, quantile_folder, d
     result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
     assert result.exit_code == 0 and "skipped 0 malformed lines and 1 with bad fields" in result.output
     assert load_scores(tmp_path / "scores.npz").num_pairs == len(lines)
+
+
+# ---- a broken model, and the progress bar in a log file ----
+
+def test_a_model_that_gives_nan_is_called_broken_at_its_first_batch(tmp_path, tokenizer, data_file, monkeypatch):
+    folder = tmp_path / "broken"
+    model = random_reward_model("quantile", 7, seed=7)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[3] = float("nan")  # as a diverged training leaves it
+    model.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    out = tmp_path / "scores.npz"
+    calls = []
+    forward_pairs = RewardModel.forward_pairs
+    monkeypatch.setattr(RewardModel, "forward_pairs", lambda self, batch: calls.append(1) or forward_pairs(self, batch))
+    argv = ["--model", str(folder), "--data", str(data_file), "--out", str(out)]
+    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "2"])
+    assert result.exit_code == 1 and len(calls) == 1 and not out.exists()
+    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "100"])  # one batch: pair 0 is the first
+    assert result.output.endswith(f"Error: the reward model {folder} is broken: it gives NaN rewards (first for pair 0 of "
+                             "the data; scoring stopped at that batch, nothing was written). Its weights hold NaN or "
+                             "inf: train it again (with a lower --lr?), or score another model\n")
+
+
+def test_progress_into_a_log_file_is_redrawn_every_10_seconds_only(tokenizer, capsys):
+    """stderr is no TTY here (captured): 12 batches over more than 0.6 s would draw 6 or more lines at the
+    terminal's 0.1 s; a log file gets the first and the last only."""
+    model = random_reward_model("quantile", 3)
+    forward_pairs = model.forward_pairs
+
+    def slow(batch):
+        time.sleep(0.05)
+        return forward_pairs(batch)
+
+    model.forward_pairs = slow
+    pairs = [Pair("\n\nHuman: hi\n\nAssistant: a", f"\n\nHuman: hi\n\nAssistant: {k}", f"pair {k}") for k in range(12)]
+    score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, batch_size=1, progress=True)
+    drawn = capsys.readouterr().err.split("\r")
+    assert [line for line in drawn if "scoring" in line] and len(drawn) <= 4, drawn
