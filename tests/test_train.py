@@ -326,6 +326,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(inputs
 
 # ---- the offline demo ------------------------------------------------------------------------
 
+@pytest.mark.slow  # the whole demo: 600 steps
 def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     """The whole default demo of the quantile head (10-30 s): held-out accuracy of at least 0.8,
     printed beside the task's Bayes-optimal accuracy."""
