@@ -22,7 +22,6 @@ averaged row (`RewardModel.to_scalar`). The exported folder is a one-label
 GPT2ForSequenceClassification, for tools that want one number per response (PPO trainers,
 RewardBench-style evaluators).
 """
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from minqr import hub
 from minqr.analysis import pair_accuracy, quantile_accuracy
 from minqr.batching import TokenizedPairs, tokenize_pairs
+from minqr.checkpoint import read_json
 from minqr.data import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
@@ -149,12 +149,7 @@ class ScoreSummary:
 def training_args(folder: Path) -> dict:
     """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
     path = Path(folder) / TRAINING_ARGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise MinqrError(f"{path} is not valid JSON ({error}): fix or delete it") from None
+    return read_json(path, fix="fix or delete it") if path.is_file() else {}
 
 
 def load_reward_model(model) -> tuple[RewardModel, object, Path]:

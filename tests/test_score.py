@@ -343,6 +343,17 @@ def test_a_damaged_model_file_is_one_line_that_names_it(tmp_path, quantile_folde
     assert result.output == f"Error: {path}{problem[damaged]} {DAMAGED}{tokenizer_hint}\n"
 
 
+def test_damaged_training_args_are_one_line_that_names_them(tmp_path, quantile_folder, data_file):
+    folder = tmp_path / "model"
+    shutil.copytree(quantile_folder, folder)
+    (folder / "training_args.json").write_bytes(b"\x80 not text")
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+                                             "--out", str(tmp_path / "scores.npz")])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {folder / 'training_args.json'} is not valid JSON ('utf-8' codec can't decode "
+                             "byte 0x80 in position 0: invalid start byte): fix or delete it\n")
+
+
 def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_file):
     bad = tmp_path / "bad.jsonl"
     lines = data_file.read_text().splitlines()
