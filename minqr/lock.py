@@ -33,6 +33,7 @@ from pathlib import Path
 from minqr.errors import MinqrError
 
 WAIT_FOR_DESCRIPTION_S = 2.0  # a holder writes its description right after locking
+DESCRIPTION_KEYS = ("pid", "host", "command", "since")
 
 
 def lock_path(path) -> Path:
@@ -55,7 +56,7 @@ def _read_description(fd: int) -> dict | None:
         holder = json.loads(os.pread(fd, 1 << 16, 0).decode())
     except ValueError:  # empty (the holder has not written it yet) or torn
         return None
-    return holder if isinstance(holder, dict) and set(_description()) <= set(holder) else None
+    return holder if isinstance(holder, dict) and set(DESCRIPTION_KEYS) <= set(holder) else None
 
 
 def _describe(holder: dict) -> str:
@@ -76,8 +77,8 @@ def hold_output(path, option: str = "out", say=_say):
     try:
         left_behind = _read_description(fd)
         if left_behind:
-            say(f"note: {option} {path}: taking over the lock that {_describe(left_behind)} left behind; "
-                "that process no longer runs (killed?)")
+            say(f"note: {option} {path}: its lock file was left behind by {_describe(left_behind)}, which no "
+                "longer runs (killed?); taking the lock over")
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(_description()) + "\n").encode(), 0)
         yield

@@ -53,8 +53,8 @@ def refusal(option, path, holder) -> str:
 
 
 def takeover(option, path, holder) -> str:
-    return (f"note: {option} {path}: taking over the lock that pid {holder['pid']} on {holder['host']}, since "
-            f"{holder['since']}, running: {holder['command']} left behind; that process no longer runs (killed?)")
+    return (f"note: {option} {path}: its lock file was left behind by pid {holder['pid']} on {holder['host']}, "
+            f"since {holder['since']}, running: {holder['command']}, which no longer runs (killed?); taking the lock over")
 
 
 def test_a_second_job_is_refused_and_told_who_holds_the_output(tmp_path):
