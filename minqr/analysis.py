@@ -54,8 +54,11 @@ CALIBRATION_BINS = 10
 DEFAULT_RESAMPLES = 1000
 CONFIDENCE = 0.95
 VIEWS_HELP = "mean, q0 ... q{N-1}, or all"
-# the values each measure can take: its estimates and intervals stay inside
-NON_NEGATIVE, JS_RANGE, PROBABILITY, ANY_REAL = (0.0, math.inf), (0.0, math.log(2)), (0.0, 1.0), (-math.inf, math.inf)
+# the values a measure can take (low, high): its estimates and intervals stay inside
+NON_NEGATIVE = (0.0, math.inf)  # KL, W1
+JS_RANGE = (0.0, math.log(2))
+PROBABILITY = (0.0, 1.0)  # AUROC
+ANY_REAL = (-math.inf, math.inf)  # a difference of two KLs
 
 
 class NotMeasurable(MinqrError):
@@ -243,7 +246,7 @@ def bootstrap_estimate(value: float, resampled, confidence: float = CONFIDENCE, 
     - corrected = value − (mean of the resampled values − value), the bootstrap's bias correction;
     - the basic interval [2·value − q_hi, 2·value − q_lo] (q: the resampled values' quantiles at
       (1 ∓ confidence)/2), which subtracts the same bias from the spread of the resamples.
-    Both are clipped to `bounds` (this loses no coverage: the truth lies inside them), and the
+    Both are clipped to `bounds` (the truth lies inside them, so no coverage is lost), and the
     interval is widened, if need be, to hold the corrected estimate. It need not hold the plug-in
     value: when the bias is large, an interval that covers the truth cannot. An interval [0, x]
     says the data cannot tell the measure from 0.
