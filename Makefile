@@ -1,9 +1,10 @@
 # The two commands a new user runs on a fresh clone:
 #   make test   set up .venv (torch 2.13.0 CPU unless a torch is already importable there),
-#               install minqr with its extension and test extras, run the tests
+#               install minqr with its extension and test extras, run the tests but the slow ones
 #   make demo   the same set-up, then the offline demo: train a scalar and a quantile reward
 #               model on the synthetic task, score its held-out pairs, write the report
 # A second run reuses .venv and only reinstalls when setup.py or csrc/ changed.
+#   make test-slow  the slow tests (marked @pytest.mark.slow: end-to-end runs, simulations), as CI does
 #   make bench  the speed benchmarks (pytest benchmarks/)
 #   make study  the paper's whole study, on a machine that can download GPT-2 and HH-RLHF
 
@@ -24,10 +25,13 @@ OBJECTIVES := runs/objectives
 HH_PAIRS := ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 GPT2_TOKENIZER := ../shared/data/gpt2-tokenizer
 
-.PHONY: test demo bench study objectives clean
+.PHONY: test test-slow demo bench study objectives clean
 
 test: $(INSTALLED)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: $(INSTALLED)
+	$(PY) -m pytest tests -m slow
 
 demo: $(INSTALLED)
 	$(PY) tools/train.py --demo --head scalar --out $(DEMO)/scalar

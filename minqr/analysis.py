@@ -11,7 +11,8 @@ Three families of measures:
    one given to rejected responses, over the test set). The paper's measure is a histogram KL,
    whose value depends on the bins and on the small constant that keeps empty bins finite, so
    beside it: the same KL over a range of bin counts, Jensen-Shannon, Wasserstein-1 and a KDE-based
-   KL, each with a bootstrap interval. The histogram and KDE measures are unchanged by an
+   KL. Each is reported as its plug-in value, a bias-corrected estimate and a bootstrap interval
+   for the true value (see bootstrap_estimate). The histogram and KDE measures are unchanged by an
    increasing affine map of the rewards (a reward model's shift and scale are arbitrary); W1 is
    reported in units of the pooled standard deviation for the same reason.
 2. Ranking: pair accuracy, accuracy when ranking by one quantile q_k (risk-averse with small k),
@@ -19,6 +20,10 @@ Three families of measures:
 3. Quantile diagnostics: crossing rate, whether the spread q_{N-1} - q_0 flags the pairs the model
    gets wrong, and, on the synthetic task where each response's true reward distribution is known,
    coverage (does a fraction tau of the truth fall below the predicted tau-quantile?).
+
+A measure that the scores cannot give (a density of rewards that are all equal, an error AUROC
+with no errors) is not an error: summarize reports it as {"value": None, "not_measured": reason}
+and measures everything else, so that a collapsed model still shows in a report beside the others.
 
 A "view" picks which reward each response contributes to the separation measures: `mean` (the
 expected reward, mean of the N outputs; the default), `qK` (quantile k alone), `all` (the N
@@ -48,8 +53,16 @@ KDE_GRID_SIZE = 512
 CALIBRATION_BINS = 10
 DEFAULT_RESAMPLES = 1000
 CONFIDENCE = 0.95
-INTERVALS = ("basic", "percentile")  # the first is the default: see bootstrap_interval
 VIEWS_HELP = "mean, q0 ... q{N-1}, or all"
+# the values a measure can take (low, high): its estimates and intervals stay inside
+NON_NEGATIVE = (0.0, math.inf)  # KL, W1
+JS_RANGE = (0.0, math.log(2))
+PROBABILITY = (0.0, 1.0)  # AUROC
+ANY_REAL = (-math.inf, math.inf)  # a difference of two KLs
+
+
+class NotMeasurable(MinqrError):
+    """A measure these scores cannot give, and why; summarize reports the reason in its place."""
 
 
 # --- views ------------------------------------------------------------------------------------
@@ -180,8 +193,8 @@ def kde_kl(p, q, grid_size: int = KDE_GRID_SIZE) -> float:
 
 def _bandwidth(values: np.ndarray, what: str) -> float:
     if np.ptp(values) == 0:
-        raise MinqrError(f"a KDE needs {what} values that differ, but all {values.size} equal {values[0]:.6g}: "
-                         "too few pairs, or a model that gives every response the same reward")
+        raise NotMeasurable(f"the {values.size} {what} rewards all equal {values[0]:.6g}, and a density estimate needs "
+                            "rewards that differ (a model that gives every response the same reward, or too few pairs)")
     return float(np.sqrt(gaussian_kde(values).covariance[0, 0]))  # [1, 1] covariance of a 1-D KDE
 
 
@@ -223,41 +236,57 @@ def resample_indices(num_pairs: int, n_resamples: int, seed: int = 0) -> np.ndar
     return np.random.default_rng(seed).integers(0, num_pairs, size=(n_resamples, num_pairs))
 
 
-def bootstrap_interval(value: float, resampled, confidence: float = CONFIDENCE,
-                       method: str = INTERVALS[0]) -> tuple[float, float]:
-    """A bootstrap interval from an estimate and its resampled values.
+def bootstrap_estimate(value: float, resampled, confidence: float = CONFIDENCE, bounds=NON_NEGATIVE) -> dict:
+    """A plug-in estimate `value`, from it and its resampled values a bias-corrected estimate, and
+    an interval for the true value; `bounds` (low, high) is the range of the measure.
 
-    percentile: the central `confidence` share of the resampled values, [q_lo, q_hi].
-    basic (the default): the same reflected around the estimate, [2·value − q_hi, 2·value − q_lo].
+    A plug-in divergence is biased upwards in finite samples (count noise looks like separation),
+    and a resample adds its own noise on top, so the resampled values sit above the estimate by
+    about the estimate's own bias above the truth. Hence:
+    - corrected = value − (mean of the resampled values − value), the bootstrap's bias correction;
+    - the basic interval [2·value − q_hi, 2·value − q_lo] (q: the resampled values' quantiles at
+      (1 ∓ confidence)/2), which subtracts the same bias from the spread of the resamples.
+    Both are clipped to `bounds` (the truth lies inside them, so no coverage is lost), and the
+    interval is widened, if need be, to hold the corrected estimate. It need not hold the plug-in
+    value: when the bias is large, an interval that covers the truth cannot. An interval [0, x]
+    says the data cannot tell the measure from 0.
 
-    Why basic: a plug-in divergence is biased upwards in finite samples (count noise looks like
-    separation), and a resample adds its own count noise on top, so the resampled values sit above
-    the estimate by about the estimate's own bias above the truth. The percentile interval carries
-    that bias twice; the basic interval subtracts it. Measured on two Gaussians 0.5 sd apart (true
-    KL 0.125), 2,312 pairs, 50 bins, eps 1e-10, 100 replicates: the histogram KL averaged 0.235,
-    its 95% percentile interval held the true KL in 0% of them, the basic interval in 95%. For
-    nearly unbiased measures (W1, accuracy) the two agree. The basic interval can reach below 0
-    for a measure that cannot: the estimate is then mostly bias.
+    Measured by simulation (tests/test_analysis.py), two Gaussians 0.5 sd apart (KL 0.125, JS
+    0.030), 50 bins, eps 1e-10, runs of 100-200 replicates with 200 or 1,000 resamples each:
+    - 2,000 pairs: the plug-in KL averages 0.26, the corrected one 0.17; the 95% intervals held the
+      true KL in 89-98% of replicates, JS in 89-95%, W1 in 90-91% (a percentile interval, the
+      resamples' own 2.5-97.5%, held the true KL in none);
+    - 500 pairs: plug-in KL 0.64, corrected 0.28: the correction removes most of the bias, not all;
+      coverage 87-95%;
+    - identical distributions (truth 0): KL and JS intervals held 0 in 98-100%, W1's in 82-85% (its
+      truth sits on the boundary, where its bias is as large as its spread).
+
+    Returns {"value", "corrected", "ci_low", "ci_high", "bootstrap_mean"}; all but "value" None when
+    there are no resamples or a value is not finite (an infinite KDE KL, say).
     """
-    if method not in INTERVALS:
-        raise MinqrError(f"unknown interval method {method!r}; use one of {', '.join(INTERVALS)}")
+    resampled = np.asarray(resampled, dtype=np.float64)
+    estimate = {"value": float(value), "corrected": None, "ci_low": None, "ci_high": None, "bootstrap_mean": None}
+    if not resampled.size or not (np.isfinite(value) and np.isfinite(resampled).all()):
+        return estimate
+    low, high = bounds
     tail = (1 - confidence) / 2 * 100
-    low, high = np.percentile(np.asarray(resampled, dtype=np.float64), [tail, 100 - tail])
-    if method == "basic":
-        low, high = 2 * value - high, 2 * value - low
-    return float(low), float(high)
+    q_low, q_high = np.percentile(resampled, [tail, 100 - tail])
+    corrected = float(np.clip(2 * value - resampled.mean(), low, high))
+    ci_low, ci_high = np.clip([2 * value - q_high, 2 * value - q_low], low, high)
+    return {**estimate, "corrected": corrected, "ci_low": float(min(ci_low, corrected)),
+            "ci_high": float(max(ci_high, corrected)), "bootstrap_mean": float(resampled.mean())}
 
 
-def bootstrap_ci(statistic, *arrays, n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE,
-                 seed: int = 0, method: str = INTERVALS[0]) -> tuple[float, float]:
-    """Bootstrap interval of `statistic(*arrays)`, resampling pairs.
+def bootstrap(statistic, *arrays, n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE,
+              seed: int = 0, bounds=NON_NEGATIVE) -> dict:
+    """bootstrap_estimate of `statistic(*arrays)`, resampling pairs.
 
     The arrays share their first axis (pairs); every resample draws P pairs with replacement and
     takes the same rows of every array, so a pair's chosen and rejected stay together.
     """
     indices = resample_indices(len(arrays[0]), n_resamples, seed)
     resampled = [statistic(*(a[i] for a in arrays)) for i in indices]
-    return bootstrap_interval(statistic(*arrays), resampled, confidence, method)
+    return bootstrap_estimate(statistic(*arrays), resampled, confidence, bounds)
 
 
 # --- ranking ----------------------------------------------------------------------------------
@@ -537,22 +566,19 @@ def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
 
 def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps: float = DEFAULT_EPS,
               n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
-              interval: str = INTERVALS[0], truth=None, align: bool = True) -> dict:
+              truth=None, align: bool = True) -> dict:
     """Every measure of this module for one model's scores, as a JSON-ready dict.
 
     The divergences compare the chosen and rejected rewards of `view`; accuracy, calibration and
     the quantile diagnostics always use the whole output (ranking on the mean reward). Every
-    divergence and the spread AUROC get a bootstrap interval (`interval`: basic or percentile) over
-    `n_resamples` resamples of the pairs (0: none), the same resamples for all (`seed`); accuracy
-    gets a Wilson interval. `truth`: a truth file for the coverage measures; None: the one the
-    scores' metadata names, if any; False: none.
-
-    `bootstrap_mean − value` estimates each measure's small-sample bias (see bootstrap_interval).
+    divergence and the spread AUROC get a bias-corrected estimate and an interval (bootstrap_estimate)
+    from `n_resamples` resamples of the pairs (0: none), the same resamples for all (`seed`);
+    accuracy gets a Wilson interval. `truth`: a truth file for the coverage measures; None: the one
+    the scores' metadata names, if any; False: none. A measure these scores cannot give is
+    {"value": None, "not_measured": why} (see the module docstring).
     """
     where = scores.source
     view = check_view(view, scores.num_quantiles, where)
-    if interval not in INTERVALS:
-        raise MinqrError(f"unknown interval method {interval!r}; use one of {', '.join(INTERVALS)}")
     # the quantiles (aligned on the anchor where there is one) for everything about the distribution;
     # the raw outputs, whose mean is the model's expected reward, for the `mean` view
     chosen, rejected = scores.quantiles("chosen"), scores.quantiles("rejected")  # [P, N] float64
@@ -562,21 +588,26 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     indices = resample_indices(scores.num_pairs, n_resamples, seed)  # [B, P]
     quantile_head = scores.num_quantiles > 1
 
-    def estimate(value, resampled) -> dict:
-        if not len(resampled):
-            return {"value": float(value), "ci_low": None, "ci_high": None, "bootstrap_mean": None}
-        low, high = bootstrap_interval(value, resampled, confidence, interval)
-        return {"value": float(value), "ci_low": low, "ci_high": high, "bootstrap_mean": float(np.mean(resampled))}
+    def with_interval(statistic, *arrays, bounds=NON_NEGATIVE) -> dict:
+        resampled = [statistic(*(a[i] for a in arrays)) for i in indices]
+        return bootstrap_estimate(statistic(*arrays), resampled, confidence, bounds)
 
-    def with_interval(statistic, *arrays) -> dict:
-        return estimate(statistic(*arrays), [statistic(*(a[i] for a in arrays)) for i in indices])
+    def divergence(measure, bounds=NON_NEGATIVE) -> dict:
+        return with_interval(lambda c, r: measure(c.ravel(), r.ravel()), chosen_rows, rejected_rows, bounds=bounds)
 
-    def divergence(measure) -> dict:
-        return with_interval(lambda c, r: measure(c.ravel(), r.ravel()), chosen_rows, rejected_rows)
+    def kde_estimate() -> dict:
+        # every resample at once: a resample is a weighting of the pairs (how often each was drawn)
+        weights = np.vstack([np.ones(scores.num_pairs)] + [np.bincount(i, minlength=scores.num_pairs) for i in indices])
+        values = _weighted_kde_kl(chosen_rows, rejected_rows, weights, weights, KDE_GRID_SIZE)  # [1 + B]
+        return bootstrap_estimate(values[0], values[1:], confidence)
 
-    # the KDE KL of every resample at once: a resample is a weighting of the pairs (how often drawn)
-    weights = np.vstack([np.ones(scores.num_pairs)] + [np.bincount(i, minlength=scores.num_pairs) for i in indices])
-    kde_values = _weighted_kde_kl(chosen_rows, rejected_rows, weights, weights, KDE_GRID_SIZE)  # [1 + B]
+    def spread_estimate() -> dict:
+        margin = chosen.mean(axis=1) - rejected.mean(axis=1)
+        wrong, right = int(np.sum(margin < 0)), int(np.sum(margin > 0))
+        if not (wrong and right):
+            raise NotMeasurable(f"the mean reward ranks {wrong} pairs wrongly and {right} rightly (ties left out), and "
+                                "the AUROC compares the spreads of both kinds")
+        return with_interval(spread_error_auroc, chosen, rejected, bounds=PROBABILITY)
 
     accuracy = pair_accuracy(raw_chosen.mean(axis=1), raw_rejected.mean(axis=1))
     own_probability = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
@@ -588,11 +619,11 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "num_quantiles": scores.num_quantiles, "taus": None if scores.taus is None else scores.taus.tolist(),
         "workload": scores.workload, "data": scores.metadata["data"], "split": scores.metadata["split"],
         "num_pairs": scores.num_pairs, "view": view, "bins": bins, "eps": eps, "n_resamples": n_resamples,
-        "interval": interval, "confidence": confidence, "seed": seed,
+        "confidence": confidence, "seed": seed,
         "histogram_kl": divergence(lambda p, q: histogram_kl(p, q, bins, eps)),
-        "js_divergence": divergence(lambda p, q: js_divergence(p, q, bins, eps)),
+        "js_divergence": divergence(lambda p, q: js_divergence(p, q, bins, eps), JS_RANGE),
         "wasserstein_1_sd": divergence(wasserstein_1_sd),
-        "kde_kl": estimate(kde_values[0], kde_values[1:]),
+        "kde_kl": _measured(kde_estimate),
         "kl_by_bins": {"bins": list(BIN_SWEEP),
                        "kl": histogram_kl_by_bins(chosen_rows, rejected_rows, BIN_SWEEP, eps).tolist()},
         "accuracy": {"value": accuracy, "ci_low": accuracy_low, "ci_high": accuracy_high},
@@ -600,7 +631,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         # outputs sorted at read-out cannot cross; for raw quantiles, how often they do
         "crossing_rate": crossing_rate(np.concatenate([chosen, rejected]))
         if quantile_head and scores.readout == "raw" else None,
-        "spread_auroc": with_interval(spread_error_auroc, chosen, rejected) if quantile_head else None,
+        "spread_auroc": _measured(spread_estimate) if quantile_head else None,
         # the objective's own P(chosen preferred), from the raw outputs (kind order matters)
         "nll": negative_log_likelihood(own_probability),
         "calibration": {
@@ -632,9 +663,17 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     return summary
 
 
+def _measured(measure) -> dict:
+    """measure(), or what says why these scores cannot give it."""
+    try:
+        return measure()
+    except NotMeasurable as why:
+        return {"value": None, "not_measured": str(why)}
+
+
 def paired_kl_difference(a: Scores, b: Scores, view: str = "mean", bins: int = DEFAULT_BINS,
                          eps: float = DEFAULT_EPS, n_resamples: int = DEFAULT_RESAMPLES,
-                         confidence: float = CONFIDENCE, seed: int = 0, interval: str = INTERVALS[0]) -> dict:
+                         confidence: float = CONFIDENCE, seed: int = 0) -> dict:
     """histogram_kl of model a minus that of model b, scored on the same pairs, with its interval.
 
     Does a separate chosen from rejected more than b does? Two intervals that overlap do not
@@ -650,9 +689,4 @@ def paired_kl_difference(a: Scores, b: Scores, view: str = "mean", bins: int = D
         return (histogram_kl(chosen_a.ravel(), rejected_a.ravel(), bins, eps)
                 - histogram_kl(chosen_b.ravel(), rejected_b.ravel(), bins, eps))
 
-    value = difference(*rows)
-    if not n_resamples:
-        return {"value": value, "ci_low": None, "ci_high": None}
-    low, high = bootstrap_ci(difference, *rows, n_resamples=n_resamples, confidence=confidence, seed=seed,
-                             method=interval)
-    return {"value": value, "ci_low": low, "ci_high": high}
+    return bootstrap(difference, *rows, n_resamples=n_resamples, confidence=confidence, seed=seed, bounds=ANY_REAL)

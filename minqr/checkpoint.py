@@ -24,17 +24,24 @@ GPT2ForSequenceClassification folders: backbone under `transformer.` plus `score
     hf_tensors(model, prefix="transformer.") -> dict[str, Tensor]   # HF names and layout
     write_hf_folder(path, config, tensors, extra_files=None) -> Path  # atomic
 
+Every file is read through one of two readers here, `read_json` and `_read_safetensors` (and
+`.bin` through torch.load): whatever is wrong with a file (cut short, garbage, a bad header, a
+missing shard) is one MinqrError that names the file, and the tensor where one is to blame.
+minqr/checkpointing.py reads its state.pt and config.json the same way.
+
 Loading does not hold two copies of the weights: the model is built on the meta device (no
 memory, no random init) and the tensors read from the memory-mapped file become its parameters
 (`load_state_dict(assign=True)`); only the transposed Conv1D weights and dtype/device
 conversions make new tensors.
 """
 import json
+import math
 import pickle
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from minqr.atomic import atomic_dir
@@ -45,6 +52,11 @@ CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # "c_attn.bias" is a weight: keep the dot
 TIED_NAMES = ("lm_head.weight",)
 PREFIX = "transformer."
+DAMAGED = "the file is damaged or incomplete (a download or copy cut short?): download or save it again"
+# bytes per element of each safetensors dtype, to find the tensor a bad header is wrong about
+FOREIGN_PICKLE = "Convert the checkpoint to model.safetensors where you trust it (transformers: save_pretrained)"
+SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
+                           "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
 def _folder(path) -> Path:
@@ -57,15 +69,26 @@ def _folder(path) -> Path:
     return folder
 
 
+def read_json(path, fix: str = DAMAGED) -> dict:
+    """The JSON object in file `path`; anything else is a MinqrError that names the file and `fix`."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_bytes())
+    except OSError as e:
+        raise MinqrError(f"{path} cannot be read ({e.strerror})") from None
+    except ValueError as e:  # not JSON, or not UTF-8 text
+        raise MinqrError(f"{path} is not valid JSON ({e}): {fix}") from None
+    if not isinstance(value, dict):
+        raise MinqrError(f"{path} holds a JSON {type(value).__name__}, not an object: {fix}")
+    return value
+
+
 def read_config(folder) -> dict:
     """The dict in `folder/config.json`."""
     path = _folder(folder) / "config.json"
     if not path.is_file():
         raise MinqrError(f"{path} not found: a Hugging Face model folder has config.json beside its weights")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise MinqrError(f"{path} is not valid JSON ({e}): re-download or re-save the model") from None
+    return read_json(path)
 
 
 def read_tensors(folder) -> dict:
@@ -73,27 +96,76 @@ def read_tensors(folder) -> dict:
     folder = _folder(folder)
     single, index, legacy = (folder / n for n in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"))
     if single.is_file():
-        return load_file(single)
+        return _read_safetensors(single)
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+            raise MinqrError(f"{index} has no weight_map of tensor names to shard files: {DAMAGED}")
+        shards = sorted(set(weight_map.values()))
         absent = [s for s in shards if not (folder / s).is_file()]
         if absent:
             raise MinqrError(f"{index} lists shards that are not in {folder}: {', '.join(absent)}; download them too")
-        return {name: t for shard in shards for name, t in load_file(folder / shard).items()}
+        return {name: t for shard in shards for name, t in _read_safetensors(folder / shard).items()}
     if legacy.is_file():
-        try:
-            # only the zip format (torch >= 1.6) can be memory-mapped
-            return torch.load(legacy, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(legacy))
-        except pickle.UnpicklingError:
-            raise MinqrError(
-                f"{legacy} holds objects other than tensors, and minqr reads it only with "
-                "torch.load(weights_only=True) since a full pickle can run code. Convert the "
-                "checkpoint to model.safetensors where you trust it (transformers: save_pretrained)"
-            ) from None
+        return read_torch_file(legacy)
     raise MinqrError(
         f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json with its "
         "shards, or pytorch_model.bin"
     )
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise MinqrError(f"{path}: {_safetensors_problem(path, error)}; {DAMAGED}") from None
+
+
+def _safetensors_problem(path: Path, error: Exception) -> str:
+    """What is wrong with a safetensors file that would not load. Its layout: an 8-byte header size
+    H (little-endian), H bytes of JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the
+    data, where a tensor's bytes lie at 8 + H + [begin, end)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        if size < 8 or 8 + header_size > size:
+            return f"not a safetensors file, or cut short: its {size:,} bytes do not hold the header it announces"
+        try:
+            header = json.loads(f.read(header_size))
+            tensors = {name: (t["dtype"], t["shape"], *t["data_offsets"]) for name, t in header.items()
+                       if name != "__metadata__"}
+        except (ValueError, TypeError, KeyError, AttributeError):
+            return "its header is not the JSON of a safetensors file"
+    data_start = 8 + header_size
+    cut = {name: t for name, t in tensors.items() if data_start + t[3] > size}
+    if cut:
+        first = min(cut, key=lambda name: cut[name][2])
+        return (f"cut short at {size:,} bytes: {len(cut)} of its {len(tensors)} tensors end beyond that, the first "
+                f"{first}")
+    for name, (dtype, shape, begin, end) in tensors.items():
+        if end - begin != math.prod(shape) * SAFETENSORS_DTYPE_BYTES.get(dtype, 0):
+            return f"its header is wrong about tensor {name} ({dtype} {shape} in bytes {begin}..{end})"
+    return f"safetensors cannot read it ({error})"
+
+
+def read_torch_file(path, fix: str = DAMAGED, foreign_fix: str = FOREIGN_PICKLE):
+    """What `path` holds, read with torch.load(weights_only=True): tensors and plain values only,
+    since a full pickle can run code. A failure is one MinqrError that names the file."""
+    path = Path(path)
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        # only the zip format (torch >= 1.6) can be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as error:
+        if "Unsupported global" in str(error):
+            raise MinqrError(f"{path} holds objects other than tensors, and minqr reads it only with "
+                             f"torch.load(weights_only=True) since a full pickle can run code. {foreign_fix}") from None
+        raise MinqrError(f"{path} is not a file torch.load can read: {fix}") from None  # garbage
+    except (OSError, EOFError, RuntimeError) as error:  # a zip cut short, an empty file, ...
+        with open(path, "rb") as f:
+            cut_zip = f.read(4) == b"PK\x03\x04" and not is_zip  # torch says EINVAL or "internal miniz error"
+        detail = "a zip archive cut short" if cut_zip else str(error).split(". ")[0] or "it is empty"
+        raise MinqrError(f"{path} is not a file torch.load can read ({detail}): {fix}") from None
 
 
 def load_backbone_tensors(model: GPT2, tensors: dict, extra_allowed=(), dtype=None, device=None) -> dict:

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.atomic import atomic_dir
+from minqr.atomic import abandoned, atomic_dir
+from minqr.checkpoint import read_json, read_torch_file
 from minqr.errors import MinqrError
 
 CHECKPOINT_DIR = "checkpoint"
@@ -105,7 +106,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
     with atomic_dir(folder) as tmp:
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    for stale in Path(out).glob(f"{CHECKPOINT_DIR}.old-*"):  # left by an earlier interrupted save
+    for stale in abandoned(folder, "old"):  # left by an earlier interrupted save
         shutil.rmtree(stale, ignore_errors=True)
     return folder
 
@@ -134,13 +135,19 @@ def load_checkpoint(out) -> Checkpoint:
             f"--resume: no checkpoint in {Path(out) / CHECKPOINT_DIR}: the run in {out} saved none yet "
             "(checkpoints are written every --save-every steps); run the command without --resume"
         )
+    state_file = folder / STATE_FILE
+    start_afresh = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
     try:
-        state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=True)
-        config = json.loads((folder / CONFIG_FILE).read_text())
+        state = read_torch_file(state_file, fix=start_afresh, foreign_fix=start_afresh)
+        config = read_json(folder / CONFIG_FILE, fix=start_afresh)
+    except MinqrError as e:
+        raise MinqrError(f"--resume: {e}") from None
+    try:
         return Checkpoint(
             folder=folder, step=state["step"], position=DataPosition(**state["position"]),
             model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
             rng_states=state["rng_states"], config=config, compute=state["compute"],
         )
-    except (OSError, RuntimeError, ValueError, KeyError) as e:  # KeyError: a state.pt of another layout
-        raise MinqrError(f"--resume: cannot read the checkpoint in {folder} ({e})") from None
+    except KeyError as e:  # a state.pt of another layout
+        raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
+                         f"{start_afresh}") from None

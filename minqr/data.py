@@ -61,7 +61,7 @@ class LoadStats:
     source: str
     pairs: int = 0
     malformed_lines: int = 0  # not JSON, not UTF-8, or not a JSON object (skipped with skip_bad)
-    bad_fields: int = 0  # chosen/rejected/prompt missing, of the wrong type, or empty (skipped)
+    bad_fields: int = 0  # chosen/rejected/prompt missing, of the wrong type, empty or not text (skipped)
     identical: int = 0  # chosen == rejected: no preference to learn (always dropped)
     first_skipped: str = ""  # the message of the first skipped line, to show the user
 
@@ -189,6 +189,12 @@ def _checked_text(value, field: str, origin: str, allow_empty: bool = False) -> 
     text = render(value)
     if not allow_empty and not text.strip():
         raise MinqrError(f"{origin}: field {field!r} is empty")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:  # JSON's "\ud83d" escapes can make what no tokenizer takes
+        raise MinqrError(f"{origin}: field {field!r} holds a lone surrogate {text[error.start]!r} at character "
+                         f"{error.start}: half of a UTF-16 pair (an emoji cut in two?), no character, and no "
+                         "tokenizer takes it") from None
     return text
 
 

@@ -22,21 +22,22 @@ averaged row (`RewardModel.to_scalar`). The exported folder is a one-label
 GPT2ForSequenceClassification, for tools that want one number per response (PPO trainers,
 RewardBench-style evaluators).
 """
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from minqr import hub
 from minqr.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
 from minqr.batching import TokenizedPairs, tokenize_pairs
+from minqr.checkpoint import read_json
 from minqr.data import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
+from minqr.lock import holds_output
+from minqr.progress import progress_bar
 from minqr.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.scores import save_scores
 from minqr.tokenizer import load_tokenizer
@@ -49,11 +50,12 @@ TRUTH_SUFFIX = "_truth.npz"  # the synthetic task's truth for DATA/test.jsonl is
 # ---- scoring -------------------------------------------------------------------------------
 
 def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: int = DEFAULT_BATCH_SIZE,
-                    shared_prefix: bool = True, device=None, dtype: str = "auto",
-                    progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    shared_prefix: bool = True, device=None, dtype: str = "auto", progress: bool = True,
+                    model_name: str = "the reward model") -> tuple[np.ndarray, np.ndarray]:
     """The model's outputs on tokenised pairs: (chosen [P, N], rejected [P, N]), float32, row p for
     pair p. `device` None keeps the model where it is; otherwise the model is moved there. The
-    model runs in eval mode (no dropout) and is returned to its previous mode afterwards."""
+    model runs in eval mode (no dropout) and is returned to its previous mode afterwards. A NaN or
+    infinite output stops it at that batch: a MinqrError that calls `model_name` broken."""
     if batch_size < 1:
         raise MinqrError(f"batch_size must be at least 1 (got {batch_size})")
     longest = int(tokenized.row_widths(shared_prefix=False).max(initial=0))
@@ -71,8 +73,8 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
     was_training = model.training
     model.to(device).eval()
     try:
-        with torch.inference_mode(), tqdm(total=len(tokenized), unit="pair", desc="scoring",
-                                          disable=not progress) as bar:
+        with torch.inference_mode(), progress_bar(total=len(tokenized), unit="pair", desc="scoring",
+                                                  disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 indices = order[start : start + batch_size]
                 batch = tokenized.batch(indices, shared_prefix).to(device)
@@ -81,10 +83,22 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
                 # back to the data's order: batch row b is pair indices[b]
                 chosen[indices] = r_chosen.float().cpu().numpy()
                 rejected[indices] = r_rejected.float().cpu().numpy()
+                _check_finite(chosen[indices], rejected[indices], indices, model_name)
                 bar.update(len(indices))
     finally:
         model.train(was_training)
     return chosen, rejected
+
+
+def _check_finite(chosen: np.ndarray, rejected: np.ndarray, indices, model_name: str) -> None:
+    """A batch's outputs ([B, N] each, batch row b is pair indices[b]) must be numbers: a model that
+    gives NaN gives it for every batch, so there is no use scoring on."""
+    bad = ~(np.isfinite(chosen).all(axis=1) & np.isfinite(rejected).all(axis=1))
+    if bad.any():
+        what = "NaN" if np.isnan(chosen[bad]).any() or np.isnan(rejected[bad]).any() else "infinite"
+        raise MinqrError(f"{model_name} is broken: it gives {what} rewards (first for pair {int(np.min(indices[bad]))} "
+                         "of the data; scoring stopped at that batch, nothing was written). Its weights hold NaN or "
+                         "inf: train it again (with a lower --lr?), or score another model")
 
 
 @torch.inference_mode()
@@ -165,12 +179,7 @@ class ScoreSummary:
 def training_args(folder: Path) -> dict:
     """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
     path = Path(folder) / TRAINING_ARGS_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise MinqrError(f"{path} is not valid JSON ({error}): fix or delete it") from None
+    return read_json(path, fix="fix or delete it") if path.is_file() else {}
 
 
 def load_reward_model(model) -> tuple[RewardModel, object, Path]:
@@ -189,6 +198,7 @@ def load_reward_model(model) -> tuple[RewardModel, object, Path]:
     return reward_model, tokenizer, folder
 
 
+@holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
 def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
                   workload: str | None = None, label: str | None = None, max_length: int | None = None,
                   batch_size: int = DEFAULT_BATCH_SIZE, shared_prefix: bool = True, device: str = "auto",
@@ -225,7 +235,8 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
 
     device = resolve_device(device)
     started = time.perf_counter()
-    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress)
+    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress,
+                                       model_name=f"the reward model {folder}")
     seconds = time.perf_counter() - started
 
     head = reward_model.head_config
@@ -300,6 +311,7 @@ def backbone_probe(model: RewardModel, tokenized: TokenizedPairs, truth: Path, b
 
 # ---- the scalar export, for tools/export.py --------------------------------------------------
 
+@holds_output("out")
 def export_scalar(model, out) -> Path:
     """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
     reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json

@@ -17,6 +17,7 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from minqr.atomic import atomic_file
+from minqr.checkpoint import DAMAGED
 from minqr.errors import MinqrError
 
 EOS = "<|endoftext|>"
@@ -97,11 +98,19 @@ def load_tokenizer(path) -> Tokenizer:
     if not folder.is_dir():
         raise MinqrError(f"tokenizer folder {folder} does not exist")
     if (folder / "tokenizer.json").is_file():
-        return Tokenizer(tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json")))
+        return Tokenizer(_read(tokenizers.Tokenizer.from_file, folder / "tokenizer.json"))
     for vocab, merges in BPE_FILE_PAIRS:
         if (folder / vocab).is_file() and (folder / merges).is_file():
-            return Tokenizer(byte_level_bpe(BPE.from_file(str(folder / vocab), str(folder / merges))))
+            return Tokenizer(byte_level_bpe(_read(BPE.from_file, folder / vocab, folder / merges)))
     raise MinqrError(
         f"no tokenizer in {folder}: expected tokenizer.json, or vocab.json + merges.txt, "
         "or encoder.json + vocab.bpe"
     )
+
+
+def _read(reader, *paths):
+    """`reader(*paths)` of the tokenizers library, whose every failure is a bare Exception."""
+    try:
+        return reader(*map(str, paths))
+    except Exception as error:
+        raise MinqrError(f"{' + '.join(map(str, paths))} cannot be read as a tokenizer ({error}): {DAMAGED}") from None

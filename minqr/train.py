@@ -55,7 +55,9 @@ from minqr.data import read_pairs_file, resolve_source
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.head import HEAD_KINDS, OBJECTIVES, HeadConfig
+from minqr.lock import hold_output
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
+from minqr.progress import progress_bar
 from minqr.reward import TRAINING_ARGS_FILE, RewardModel, ranking_credit
 from minqr.tokenizer import load_tokenizer
 
@@ -340,8 +342,14 @@ def start_processes(device_option: str) -> Processes:
     return Processes(dist.get_rank(), world_size, device)
 
 
-def stop_processes(procs: Processes) -> None:
+def stop_processes(procs: Processes, finished: bool = False) -> None:
     if procs.world_size > 1 and dist.is_initialized():
+        if finished:
+            # Process 0 still saves the model and draws the curves when the others are done. One
+            # that tore its gloo connections down then and exited could abort ("terminate called
+            # without an active exception"): leave together. Not after an error, where the others
+            # may never arrive.
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -406,10 +414,15 @@ def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device
 def train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     """Train a reward model as `config` says; see the module docstring for what lands in `out`."""
     procs = start_processes(config.device)
+    finished = False
     try:
-        return _Run(config, procs, progress).run()
+        # one run at a time in a run folder (minqr/lock.py); under torchrun process 0 holds it for all
+        with hold_output(config.out, "--out", say=_say) if procs.is_main else nullcontext():
+            summary = _Run(config, procs, progress).run()
+        finished = True
+        return summary
     finally:
-        stop_processes(procs)
+        stop_processes(procs, finished)
 
 
 def _say(message: str) -> None:
@@ -597,9 +610,8 @@ class _Run:
             if self.checkpoint is None:  # a fresh start: no checkpoint of an earlier run may linger
                 remove_checkpoints(self.out)
             self._write_training_args()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {config.head}", unit="step",
-                   disable=not (self.progress and procs.is_main), dynamic_ncols=True,
-                   mininterval=0.1 if sys.stderr.isatty() else 10.0)  # a log file needs fewer lines
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {config.head}", unit="step",
+                           disable=not (self.progress and procs.is_main))
         started = time.perf_counter()
         try:
             with self.interrupt:

@@ -13,8 +13,13 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
                                                      a byte-level BPE (~300 ids, EOS the last one) as
                                                      vocab.json + merges.txt, "encoder.json"
                                                      (+ vocab.bpe) or "tokenizer.json"
+    ended_writer() -> str                            `pid@host` of a process that has ended, as the
+                                                     temporaries of a killed writer name it (minqr.atomic)
 """
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -105,3 +110,9 @@ def write_tiny_tokenizer(folder, layout: str = "vocab.json") -> Path:
     Path(merges).rename(folder / merges_name)
     (folder / vocab_name).write_text(json.dumps(tok.get_vocab()))
     return folder
+
+
+def ended_writer() -> str:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return f"{process.pid}@{socket.gethostname()}"

@@ -1,8 +1,14 @@
-"""Atomic writes: all or nothing, and published with ordinary permissions."""
+"""Atomic writes: all or nothing, published with ordinary permissions, and the clean-up of what a
+killed writer left never touches what a live one is writing (real processes)."""
 import os
+import signal
+import socket
+import subprocess
+import sys
 
 import pytest
 
+from factories import ended_writer
 from minqr.atomic import atomic_dir, atomic_file
 
 
@@ -61,10 +67,60 @@ def test_atomic_dir_keeps_old_folder_when_writer_fails(tmp_path):
 @pytest.mark.parametrize("writer", [atomic_file, atomic_dir])
 def test_a_write_removes_what_a_killed_writer_left(tmp_path, writer):
     # SIGKILL runs no `finally`: simulate the leftovers of two killed writes of the target
-    (tmp_path / ".checkpoint.tmp-abc123").mkdir()
-    (tmp_path / ".checkpoint.tmp-abc123" / "model.safetensors").write_text("torn")
-    (tmp_path / ".checkpoint.tmp-def456").write_text("torn")
-    (tmp_path / ".other.tmp-xyz").write_text("another target's: kept")
+    gone = ended_writer()
+    (tmp_path / f".checkpoint.tmp-{gone}.abc123").mkdir()
+    (tmp_path / f".checkpoint.tmp-{gone}.abc123" / "model.safetensors").write_text("torn")
+    (tmp_path / f".checkpoint.tmp-{gone}.def456").write_text("torn")
+    # what is not known to be abandoned stays: a live process's, another host's, an unnamed one
+    kept = [f".checkpoint.tmp-{os.getppid()}@{socket.gethostname()}.ghi789",
+            f".checkpoint.tmp-{gone.partition('@')[0]}@another-host.jkl012", ".checkpoint.tmp-mno345",
+            f".other.tmp-{gone}.xyz"]
+    for name in kept:
+        (tmp_path / name).write_text("kept")
     with writer(tmp_path / "checkpoint") as tmp:
         (tmp / "model.safetensors").write_text("new") if tmp.is_dir() else tmp.write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.tmp-xyz", "checkpoint"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "checkpoint"])
+
+
+# Writes the folder sys.argv[1] through atomic_dir, and waits on stdin while its temporary is open.
+SLOW_WRITER = """
+import sys
+from pathlib import Path
+from minqr.atomic import atomic_dir
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "writer").write_text("slow")
+    print(tmp.name, flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_a_write_leaves_the_temporary_of_a_live_writer_alone(tmp_path):
+    """Two writers of one folder at once: neither deletes the other's work, the last one wins."""
+    target = tmp_path / "checkpoint"
+    slow = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        temporary = tmp_path / slow.stdout.readline().strip()
+        assert temporary.name.startswith(f".checkpoint.tmp-{slow.pid}@{socket.gethostname()}.")
+        with atomic_dir(target) as tmp:
+            (tmp / "writer").write_text("fast")
+        assert (target / "writer").read_text() == "fast"
+        assert (temporary / "writer").read_text() == "slow"
+    finally:
+        slow.stdin.close()
+    assert slow.wait(timeout=60) == 0, slow.stderr.read()
+    assert (target / "writer").read_text() == "slow"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_the_temporary_of_a_writer_killed_by_sigkill_is_removed(tmp_path):
+    target = tmp_path / "checkpoint"
+    slow = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    temporary = tmp_path / slow.stdout.readline().strip()
+    slow.send_signal(signal.SIGKILL)
+    slow.wait(timeout=60)
+    assert temporary.is_dir()
+    with atomic_dir(target) as tmp:
+        (tmp / "writer").write_text("next")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]

@@ -8,7 +8,7 @@ import transformers
 from factories import random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint
 
 from minqr import MinqrError, load_gpt2, save_gpt2
-from minqr.checkpoint import hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
+from minqr.checkpoint import DAMAGED, hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
 from minqr.gpt2 import GPT2
 
 CONFIG = tiny_config(n_layer=3, n_head=2, n_inner=48, activation_function="gelu")
@@ -178,3 +178,87 @@ def test_write_hf_folder_replaces_the_folder_atomically(tmp_path):
     assert (out / "notes.txt").read_text() == "hello" and (out / "blob.bin").read_bytes() == b"\x00\x01"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copies left
     assert_same_weights(load_gpt2(out), model)
+
+
+# ---- damaged files: one MinqrError that names the file, and the tensor where one is to blame ----
+
+def safetensors_parts(path):
+    """(header size, header dict, raw bytes) of a safetensors file: 8-byte size, JSON, data."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return size, json.loads(raw[8:8 + size]), raw
+
+
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty", "header not JSON", "header wrong about a tensor"])
+def test_a_damaged_safetensors_file_is_one_error_that_names_it(tmp_path, damage):
+    write_tiny_checkpoint(tmp_path, CONFIG)
+    path = tmp_path / "model.safetensors"
+    header_size, header, raw = safetensors_parts(path)
+    tensors = {name: t for name, t in header.items() if name != "__metadata__"}
+    if damage == "cut short":  # the last byte lost: the tensor stored last is cut off
+        path.write_bytes(raw[:-1])
+        last = max(tensors, key=lambda name: tensors[name]["data_offsets"][1])
+        problem = f"cut short at {len(raw) - 1:,} bytes: 1 of its {len(tensors)} tensors end beyond that, the first {last}"
+    elif damage in ("garbage", "empty"):
+        data = bytes(range(256)) * 20 if damage == "garbage" else b""
+        path.write_bytes(data)
+        problem = f"not a safetensors file, or cut short: its {len(data):,} bytes do not hold the header it announces"
+    elif damage == "header not JSON":
+        path.write_bytes(raw[:8] + b"#" * header_size + raw[8 + header_size:])
+        problem = "its header is not the JSON of a safetensors file"
+    else:  # a shape that does not fit the tensor's bytes, the header kept at its length
+        header["transformer.wte.weight"]["shape"] = [320, 31]
+        text = json.dumps(header, separators=(",", ":")).encode()
+        path.write_bytes(raw[:8] + text.ljust(header_size) + raw[8 + header_size:])
+        begin, end = header["transformer.wte.weight"]["data_offsets"]
+        problem = f"its header is wrong about tensor transformer.wte.weight (F32 [320, 31] in bytes {begin}..{end})"
+    with pytest.raises(MinqrError) as caught:
+        load_gpt2(tmp_path)
+    assert str(caught.value) == f"{path}: {problem}; {DAMAGED}"
+
+
+@pytest.mark.parametrize("damage", ["index not JSON", "index without weight_map", "shard cut short"])
+def test_a_damaged_sharded_checkpoint_is_one_error_that_names_the_file(tmp_path, damage):
+    transformers_twin(random_gpt2(CONFIG)).save_pretrained(tmp_path, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    if damage == "index not JSON":
+        index.write_text('{"weight_map": {')
+        expected = f"{index} is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 17 " \
+                   f"(char 16)): {DAMAGED}"
+    elif damage == "index without weight_map":
+        index.write_text('{"metadata": {}}')
+        expected = f"{index} has no weight_map of tensor names to shard files: {DAMAGED}"
+    else:
+        shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+        shard.write_bytes(shard.read_bytes()[:100])
+        expected = f"{shard}: not a safetensors file, or cut short: its 100 bytes do not hold the header it announces; " \
+                   f"{DAMAGED}"
+    with pytest.raises(MinqrError) as caught:
+        load_gpt2(tmp_path)
+    assert str(caught.value) == expected
+
+
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty"])
+def test_a_damaged_pytorch_model_bin_is_one_error_that_names_it(tmp_path, damage):
+    folder = tmp_path / "bin"
+    write_bin(folder, random_gpt2(CONFIG))
+    path = folder / "pytorch_model.bin"
+    raw = path.read_bytes()
+    path.write_bytes({"cut short": raw[:len(raw) // 2], "garbage": bytes(range(256)) * 20, "empty": b""}[damage])
+    detail = {"cut short": " (a zip archive cut short)",
+              "garbage": "", "empty": " (it is empty)"}[damage]
+    with pytest.raises(MinqrError) as caught:
+        load_gpt2(folder)
+    assert str(caught.value) == f"{path} is not a file torch.load can read{detail}: {DAMAGED}"
+
+
+@pytest.mark.parametrize("content, problem", [
+    (b"\x80garbage", "is not valid JSON ('utf-8' codec can't decode byte 0x80 in position 0: invalid start byte)"),
+    (b"[1, 2]", "holds a JSON list, not an object"),
+])
+def test_a_damaged_config_json_is_one_error_that_names_it(tmp_path, content, problem):
+    write_tiny_checkpoint(tmp_path, CONFIG)
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(MinqrError) as caught:
+        load_gpt2(tmp_path)
+    assert str(caught.value) == f"{tmp_path / 'config.json'} {problem}: {DAMAGED}"

@@ -24,6 +24,7 @@ def find_nvcc():
     return shutil.which("nvcc")
 
 
+@pytest.mark.slow  # about 35 s of nvcc
 @pytest.mark.skipif(sys.platform != "linux", reason="the nvcc check runs on Linux")
 def test_cuda_sources_compile(tmp_path):
     nvcc = find_nvcc()

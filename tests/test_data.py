@@ -6,7 +6,7 @@ import string
 
 import pytest
 
-from minqr.data import LoadStats, load_pairs, read_pairs_file, resolve_source
+from minqr.data import SKIP_HINT, LoadStats, load_pairs, read_pairs_file, resolve_source
 from minqr.errors import MinqrError
 
 
@@ -160,7 +160,20 @@ BAD_LINES = [
     (json.dumps({"chosen": [{"role": "user", "content": 1}], "rejected": "b"}), "bad_fields",
      ["'chosen' holds a message", "content"]),
     (json.dumps({"chosen": ["hello"], "rejected": "b"}), "bad_fields", ["'chosen' holds a message"]),
+    # valid JSON, but a lone surrogate is no text: tokenizers would fail on it with no file or line
+    ('{"chosen": "a \\ud83d b", "rejected": "b"}', "bad_fields", ["'chosen' holds a lone surrogate '\\ud83d' at character 2"]),
+    ('{"prompt": [{"role": "user", "content": "\\udc00"}], "chosen": "a", "rejected": "b"}', "bad_fields",
+     ["'prompt' holds a lone surrogate '\\udc00' at character 9"]),
 ]
+
+
+# What the train and score tools must say of a lone surrogate (tests in test_train.py, test_score.py)
+SURROGATE_LINE = '{"chosen": "a \\ud83d b", "rejected": "c"}'
+
+
+def surrogate_error(path, line: int) -> str:
+    return (f"Error: {path}:{line}: field 'chosen' holds a lone surrogate '\\ud83d' at character 2: half of a "
+            f"UTF-16 pair (an emoji cut in two?), no character, and no tokenizer takes it. {SKIP_HINT}\n")
 
 
 def write_mixed(path, bad_line, bad_at: int, total: int = 6):

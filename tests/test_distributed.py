@@ -14,6 +14,7 @@ from minqr.train import TrainConfig, train
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
 
+@pytest.mark.slow  # three training runs, two of them under torchrun
 def test_torchrun_two_processes_match_one_process(tmp_path):
     inputs = write_run_inputs(tmp_path / "inputs", num_train=32)  # no dropout: masks would differ
     options = dict(max_steps=4, batch_size=8, eval_every=2, save_every=2, device="cpu")

@@ -71,7 +71,7 @@ def test_report_files_and_numbers(study):
     assert table["models"] == ["scalar", "quantile N=6"]
     for s in summaries:
         cell = table["cells"][s["workload"]][s["label"]]
-        assert cell == {k: s["histogram_kl"][k] for k in ("value", "ci_low", "ci_high")}
+        assert cell == {k: s["histogram_kl"][k] for k in ("value", "corrected", "ci_low", "ci_high")}
     assert "scalar" not in table["cells"]["other data"]
     # the quantile model against the scalar one (first column) on the same pairs; "other data" has one model
     difference = analysis.paired_kl_difference(load_scores(files[1]), load_scores(files[0]), bins=30,
@@ -82,10 +82,11 @@ def test_report_files_and_numbers(study):
 
     table_md = (out / "table1.md").read_text()
     kl = summaries[1]["histogram_kl"]
-    assert f"| synthetic test | {summaries[0]['histogram_kl']['value']:.3f} [" in table_md
-    assert f"{kl['value']:.3f} [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]" in table_md
+    assert f"| synthetic test | {summaries[0]['histogram_kl']['value']:.3f} → " in table_md
+    assert f"{kl['value']:.3f} → {kl['corrected']:.3f} [{kl['ci_low']:.3f}, {kl['ci_high']:.3f}]" in table_md
     assert "| other data | – |" in table_md
-    assert f"| synthetic test | quantile N=6 − scalar | {difference['value']:.3f} [" in table_md
+    assert f"| synthetic test | quantile N=6 − scalar | {difference['value']:.3f} → {difference['corrected']:.3f} [" \
+        in table_md
     measures = (out / "measures.md").read_text()
     accuracy = summaries[1]["accuracy"]
     assert f"{accuracy['value']:.3f} [{accuracy['ci_low']:.3f}, {accuracy['ci_high']:.3f}]" in measures
@@ -116,12 +117,12 @@ def test_report_files_and_numbers(study):
     assert (folder / "quantile.npz").exists()
 
 
-def test_view_and_interval_options_reach_the_measures(study):
+def test_view_and_bootstrap_options_reach_the_measures(study):
     folder, files = study
     out = folder / "report_q0"
-    result = run([files[1], "--out", out, "--view", "q0", "--bootstrap", 10, "--interval", "percentile", "--eps", 0.5])
+    result = run([files[1], "--out", out, "--view", "q0", "--bootstrap", 10, "--confidence", 0.8, "--eps", 0.5])
     assert result.exit_code == 0, result.output
-    expected = analysis.summarize(load_scores(files[1]), view="q0", eps=0.5, n_resamples=10, interval="percentile")
+    expected = analysis.summarize(load_scores(files[1]), view="q0", eps=0.5, n_resamples=10, confidence=0.8)
     assert json.loads((out / "summaries.json").read_text()) == json.loads(json.dumps([expected]))
     assert "View `q0`" in (out / "report.md").read_text()
 
@@ -194,6 +195,31 @@ def test_truth_problems(study):
     assert "Coverage not computed for" in (folder / "r" / "report.md").read_text()
     assert "mean rewards fall as the true means rise" in (folder / "r" / "report.md").read_text()
     assert not (folder / "r" / "coverage.png").exists()
+
+
+def test_a_collapsed_model_is_reported_beside_the_others(study):
+    """A model that gives every response the same reward: measured where it can be, n/a with the
+    reason where not, and the other models all there."""
+    folder, files = study
+    collapsed = save_scores(folder / "collapsed.npz", np.zeros((150, 6)), np.zeros((150, 6)),
+                            {**metadata("quantile", 6, "synthetic test"), "label": "collapsed"})
+    out = folder / "report"
+    result = run([files[0], files[1], collapsed, "--out", out, "--bootstrap", RESAMPLES])
+    assert result.exit_code == 0, result.output
+    table = json.loads((out / "table1.json").read_text())
+    assert table["models"] == ["scalar", "quantile N=6", "collapsed"]
+    assert table["cells"]["synthetic test"]["collapsed"] == {"value": 0.0, "corrected": 0.0, "ci_low": 0.0,
+                                                              "ci_high": 0.0}
+    measures = (out / "measures.md").read_text()
+    row = next(line for line in measures.splitlines() if line.startswith("| synthetic test | collapsed |"))
+    assert row.split(" | ")[5] == "n/a" and row.split(" | ")[12] == "n/a"  # KDE KL, spread AUROC
+    reasons = ["- collapsed, synthetic test: KDE KL not measured: the 150 chosen rewards all equal 0, and a density "
+               "estimate needs rewards that differ (a model that gives every response the same reward, or too few "
+               "pairs)",
+               "- collapsed, synthetic test: spread AUROC not measured: the mean reward ranks 0 pairs wrongly and 0 "
+               "rightly (ties left out), and the AUROC compares the spreads of both kinds"]
+    assert measures.endswith("\n".join(reasons) + "\n")
+    assert "\n".join(reasons) in (out / "report.md").read_text()
 
 
 def load_tool(name):

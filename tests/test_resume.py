@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import minqr.train
+from factories import ended_writer
 from minqr.checkpointing import find_checkpoint, load_checkpoint
 from minqr.metrics import read_metrics
 from minqr.train import TrainConfig, train
@@ -176,7 +177,7 @@ def test_resume_finds_a_checkpoint_moved_aside_by_an_interrupted_replacement(inp
     out = tmp_path / "run"
     options = resume_options(inputs, out, save_every=2)
     train_until_checkpoint(options, 2, monkeypatch)
-    aside = out / "checkpoint.old-x1y2"
+    aside = out / f"checkpoint.old-{ended_writer()}.x1y2"  # the interrupted writer has ended
     aside.mkdir()
     (out / "checkpoint").rename(aside / "checkpoint")
     train(TrainConfig(**options, resume=True), progress=False)
@@ -193,6 +194,26 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
     assert result.exit_code == 1
     assert "--lr 0.0001" in result.output and "--head 'scalar'" in result.output
     assert "--save-every" not in result.output and "--eval-every" not in result.output  # these may change
+
+
+@pytest.mark.parametrize("damage", ["state.pt cut short", "config.json not JSON", "state.pt of another layout"])
+def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, monkeypatch, damage):
+    options = resume_options(inputs, tmp_path / "run", save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    folder = tmp_path / "run" / "checkpoint"
+    start_afresh = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
+    if damage == "state.pt cut short":
+        (folder / "state.pt").write_bytes((folder / "state.pt").read_bytes()[:50_000])
+        problem = f"{folder / 'state.pt'} is not a file torch.load can read (a zip archive cut short): {start_afresh}"
+    elif damage == "config.json not JSON":
+        (folder / "config.json").write_text('{"head": ')
+        problem = f"{folder / 'config.json'} is not valid JSON (Expecting value: line 1 column 10 (char 9)): {start_afresh}"
+    else:
+        torch.save({"model": {}}, folder / "state.pt")
+        problem = f"{folder / 'state.pt'} is not a checkpoint of this minqr (it has no 'step'); {start_afresh}"
+    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    assert result.exit_code == 1
+    assert result.output == f"Error: --resume: {problem}\n"
 
 
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +15,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
+from test_data import SURROGATE_LINE, surrogate_error
 
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.analysis import load_truth
+from minqr.checkpoint import DAMAGED
 from minqr.data import Pair, load_pairs
 from minqr.device import autocast_dtype, resolve_device
 from minqr.head import quantile_levels
@@ -356,6 +359,34 @@ def test_bad_model_folder_is_a_clear_error(tmp_path, tokenizer, quantile_folder,
     assert "Traceback" not in result.output and not out.exists()
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_damaged_model_file_is_one_line_that_names_it(tmp_path, quantile_folder, data_file, damaged):
+    folder = tmp_path / "model"
+    shutil.copytree(quantile_folder, folder)
+    path = folder / damaged
+    path.write_bytes(path.read_bytes()[:1000])  # a copy cut short
+    problem = {"model.safetensors": ": not a safetensors file, or cut short: its 1,000 bytes do not hold the header "
+                                    "it announces;",
+               "tokenizer.json": " cannot be read as a tokenizer (EOF while parsing a string at line 1 column 1000):"}
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+                                             "--out", str(tmp_path / "scores.npz")])
+    assert result.exit_code == 1
+    tokenizer_hint = (". A reward model folder carries its tokenizer (tools/train.py saves it there); copy the tokenizer's "
+                      "files into it") if damaged == "tokenizer.json" else ""
+    assert result.output == f"Error: {path}{problem[damaged]} {DAMAGED}{tokenizer_hint}\n"
+
+
+def test_damaged_training_args_are_one_line_that_names_them(tmp_path, quantile_folder, data_file):
+    folder = tmp_path / "model"
+    shutil.copytree(quantile_folder, folder)
+    (folder / "training_args.json").write_bytes(b"\x80 not text")
+    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+                                             "--out", str(tmp_path / "scores.npz")])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {folder / 'training_args.json'} is not valid JSON ('utf-8' codec can't decode "
+                             "byte 0x80 in position 0: invalid start byte): fix or delete it\n")
+
+
 def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_file):
     bad = tmp_path / "bad.jsonl"
     lines = data_file.read_text().splitlines()
@@ -384,3 +415,54 @@ def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_f
                                              "--skip-bad"])
     assert result.exit_code == 0 and "skipped 1 malformed lines" in result.stdout
     assert load_scores(out).num_pairs == len(lines)
+
+
+def test_a_lone_surrogate_is_bad_data_with_its_line(tmp_path, quantile_folder, data_file):
+    """Valid JSON holding what no tokenizer takes: an error naming the line, skipped with --skip-bad."""
+    bad = tmp_path / "surrogate.jsonl"
+    lines = data_file.read_text().splitlines()
+    bad.write_text("\n".join(lines[:1] + [SURROGATE_LINE] + lines[1:]) + "\n")
+    argv = ["--model", str(quantile_folder), "--data", str(bad), "--out", str(tmp_path / "scores.npz")]
+    result = CliRunner().invoke(load_cli(), argv)
+    assert result.exit_code == 1 and result.output == surrogate_error(bad, 2)
+    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    assert result.exit_code == 0 and "skipped 0 malformed lines and 1 with bad fields" in result.output
+    assert load_scores(tmp_path / "scores.npz").num_pairs == len(lines)
+
+
+# ---- a broken model, and the progress bar in a log file ----
+
+def test_a_model_that_gives_nan_is_called_broken_at_its_first_batch(tmp_path, tokenizer, data_file, monkeypatch):
+    folder = tmp_path / "broken"
+    model = random_reward_model("quantile", 7, seed=7)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[3] = float("nan")  # as a diverged training leaves it
+    model.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    out = tmp_path / "scores.npz"
+    calls = []
+    forward_pairs = RewardModel.forward_pairs
+    monkeypatch.setattr(RewardModel, "forward_pairs", lambda self, batch: calls.append(1) or forward_pairs(self, batch))
+    argv = ["--model", str(folder), "--data", str(data_file), "--out", str(out)]
+    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "2"])
+    assert result.exit_code == 1 and len(calls) == 1 and not out.exists()
+    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "100"])  # one batch: pair 0 is the first
+    assert result.output.endswith(f"Error: the reward model {folder} is broken: it gives NaN rewards (first for pair 0 of "
+                             "the data; scoring stopped at that batch, nothing was written). Its weights hold NaN or "
+                             "inf: train it again (with a lower --lr?), or score another model\n")
+
+
+def test_progress_into_a_log_file_is_redrawn_every_10_seconds_only(tokenizer, capsys):
+    """stderr is no TTY here (captured): 12 batches over more than 0.6 s would draw 6 or more lines at the
+    terminal's 0.1 s; a log file gets the first and the last only."""
+    model = random_reward_model("quantile", 3)
+    forward_pairs = model.forward_pairs
+
+    def slow(batch):
+        time.sleep(0.05)
+        return forward_pairs(batch)
+
+    model.forward_pairs = slow
+    pairs = [Pair("\n\nHuman: hi\n\nAssistant: a", f"\n\nHuman: hi\n\nAssistant: {k}", f"pair {k}") for k in range(12)]
+    score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, batch_size=1, progress=True)
+    drawn = capsys.readouterr().err.split("\r")
+    assert [line for line in drawn if "scoring" in line] and len(drawn) <= 4, drawn

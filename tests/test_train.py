@@ -9,10 +9,11 @@ import gzip
 import importlib.util
 import json
 import math
-import time
-import sys
-import subprocess
+import shutil
 import signal
+import subprocess
+import sys
+import time
 from itertools import islice
 from pathlib import Path
 
@@ -22,10 +23,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
-from test_hub import offline_hub  # noqa: F401  (a fixture)
 import minqr.train
+from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from minqr.checkpoint import DAMAGED
 from minqr.checkpointing import find_checkpoint
+from test_data import SURROGATE_LINE, surrogate_error
+from test_hub import offline_hub  # noqa: F401  (a fixture)
 from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
@@ -255,6 +258,31 @@ def test_the_plan_and_heavy_truncation_are_said_before_training(inputs, tmp_path
             "and what a response answers may be cut away; raise --max-length if the model's positions allow") in result.output
 
 
+def test_a_lone_surrogate_is_bad_data_with_its_line(inputs, tmp_path):
+    """Valid JSON holding what no tokenizer takes: an error naming the line, skipped with --skip-bad."""
+    data = tmp_path / "train.jsonl"
+    lines = Path(inputs["data"]).read_text().splitlines()
+    data.write_text("\n".join(lines[:4] + [SURROGATE_LINE] + lines[4:]) + "\n")
+    argv = as_argv(tiny_options({**inputs, "data": str(data)}, tmp_path / "run", max_steps=2))
+    result = CliRunner().invoke(load_cli(), argv)
+    assert result.exit_code == 1 and result.output == surrogate_error(data, 5)
+    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert f"train: {len(lines)} pairs from {data}; dropped 0 identical, skipped 0 malformed lines and 1 with bad " \
+           f"fields (first: {surrogate_error(data, 5)[7:].partition('. Fix')[0]})" in result.output
+
+
+def test_a_damaged_backbone_is_one_line_that_names_the_file(inputs, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(inputs["model"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1])  # the last byte lost in a copy
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options({**inputs, "model": str(model)}, tmp_path / "run")))
+    assert result.exit_code == 1
+    assert result.output.endswith(f"Error: {weights}: cut short at {weights.stat().st_size:,} bytes: 1 of its 28 tensors end "
+                             f"beyond that, the first transformer.wte.weight; {DAMAGED}\n")
+
+
 # ---- a run and what it leaves ----------------------------------------------------------------
 
 @pytest.mark.parametrize("head", ["scalar", "quantile"])
@@ -458,6 +486,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(inputs
 
 # ---- the offline demo ------------------------------------------------------------------------
 
+@pytest.mark.slow  # the whole demo: 600 steps
 def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     """The whole default demo of the quantile head (10-30 s): held-out accuracy of at least 0.8,
     printed beside the task's Bayes-optimal accuracy."""

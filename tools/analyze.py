@@ -8,7 +8,7 @@ Prints the path of report.md. The measures are minqr.analysis's; the report is m
 """
 import click
 
-from minqr.analysis import CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, INTERVALS, VIEWS_HELP
+from minqr.analysis import CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP
 from minqr.errors import MinqrError
 from minqr.report import analyze
 
@@ -23,9 +23,7 @@ from minqr.report import analyze
 @click.option("--eps", default=DEFAULT_EPS, show_default=True, type=click.FloatRange(min=0),
               help="Added to every bin's count before normalising (keeps log 0 away).")
 @click.option("--bootstrap", "n_resamples", default=DEFAULT_RESAMPLES, show_default=True, type=click.IntRange(min=0),
-              help="Bootstrap resamples of the pairs for the intervals (0: no intervals).")
-@click.option("--interval", default=INTERVALS[0], show_default=True, type=click.Choice(INTERVALS),
-              help="Bootstrap interval: basic (subtracts the divergences' small-sample bias) or percentile.")
+              help="Bootstrap resamples of the pairs for the bias corrections and intervals (0: plug-in values only).")
 @click.option("--confidence", default=CONFIDENCE, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="Confidence level of every interval.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resamples.")
@@ -33,14 +31,14 @@ from minqr.report import analyze
               help="A synthetic task's test_truth.npz for every scores file: adds quantile coverage "
                    "(default: the truth named in each file's metadata, if any).")
 @click.option("--no-truth", is_flag=True, help="No coverage, even where a file's metadata names a truth file.")
-def main(scores, out, view, bins, eps, n_resamples, interval, confidence, seed, truth, no_truth):
+def main(scores, out, view, bins, eps, n_resamples, confidence, seed, truth, no_truth):
     """Measure how far apart reward models put chosen and rejected responses (SCORES: .npz or .jsonl
     files written by tools/score.py) and write a report with tables and figures into --out."""
     if truth and no_truth:
         raise click.UsageError("--truth and --no-truth contradict each other; give one")
     try:
         report = analyze(list(scores), out, view=view, bins=bins, eps=eps, n_resamples=n_resamples,
-                         confidence=confidence, seed=seed, interval=interval, truth=False if no_truth else truth)
+                         confidence=confidence, seed=seed, truth=False if no_truth else truth)
     except MinqrError as error:
         raise click.ClickException(str(error)) from None
     click.echo(str(report))
