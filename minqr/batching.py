@@ -27,6 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from minqr.data import check_encodable
 from minqr.errors import MinqrError
 
 # Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
@@ -215,6 +216,9 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    for k, text in enumerate(texts):  # the readers check this; pairs made by hand may not be
+        pair = pairs[k % len(pairs)]
+        check_encodable(text, f"{pair.origin}: the {'chosen' if k < len(pairs) else 'rejected'} text")
     marks = [p.response_start("chosen") for p in pairs] + [p.response_start("rejected") for p in pairs]
     ids, starts = tokenizer.encode_batch_marked(texts, marks)
     num_truncated = 0

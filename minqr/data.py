@@ -189,13 +189,18 @@ def _checked_text(value, field: str, origin: str, allow_empty: bool = False) -> 
     text = render(value)
     if not allow_empty and not text.strip():
         raise MinqrError(f"{origin}: field {field!r} is empty")
+    check_encodable(text, f"{origin}: field {field!r}")
+    return text
+
+
+def check_encodable(text: str, what: str) -> None:
+    """A MinqrError, starting with `what`, for a text that is not UTF-8 encodable. JSON's "\\ud83d"
+    escapes can make such a string (a lone surrogate), and no tokenizer takes it."""
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError as error:  # JSON's "\ud83d" escapes can make what no tokenizer takes
-        raise MinqrError(f"{origin}: field {field!r} holds a lone surrogate {text[error.start]!r} at character "
-                         f"{error.start}: half of a UTF-16 pair (an emoji cut in two?), no character, and no "
-                         "tokenizer takes it") from None
-    return text
+    except UnicodeEncodeError as error:
+        raise MinqrError(f"{what} holds a lone surrogate {text[error.start]!r} at character {error.start}: half of a "
+                         "UTF-16 pair (an emoji cut in two?), no character, and no tokenizer takes it") from None
 
 
 def _skip_or_raise(error: MinqrError, skip_bad: bool, stats: LoadStats, counter: str) -> None:

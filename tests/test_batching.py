@@ -378,3 +378,11 @@ def test_layouts_give_the_same_hidden_states():
         assert torch.isfinite(hidden).all()  # pad rows included
     for shared, separate in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(shared, separate, rtol=1e-5, atol=1e-5)
+
+
+def test_a_hand_made_pair_the_tokenizer_cannot_take_is_named(gpt2_tokenizer):
+    pairs = [Pair("fine", "also fine", "mine:1"), Pair("ok", "half an emoji \ud83d", "mine:2")]
+    with pytest.raises(MinqrError) as refused:
+        tokenize_pairs(pairs, gpt2_tokenizer, 16)
+    assert str(refused.value) == ("mine:2: the rejected text holds a lone surrogate '\\ud83d' at character 14: half of "
+                                  "a UTF-16 pair (an emoji cut in two?), no character, and no tokenizer takes it")
