@@ -157,7 +157,7 @@ class Objective:
     summary: str  # one line, for --help and the report
     reference: object  # (h_chosen, h_rejected, **hyperparameters) -> per-pair losses [B]
     op: str  # its fused op, torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, compute_grad)
-    readout: str  # "raw": output i is the quantile at tau_i; "sorted": the sorted outputs are
+    readout: str  # "raw": output i is the quantile at tau_i; "sorted": sorted, the outputs are the quantiles
     hyperparameters: dict = field(default_factory=dict)  # name -> default, in the op's argument order
     # How the head starts. "equal": every row the same small random vector (the outputs start
     # equal, so quantiles do not cross, and the quantile term spreads them in the order of their
@@ -204,7 +204,6 @@ OBJECTIVES = {
                              "bradley_terry exactly when lam = 0"),
     )
 }
-QUANTILE_OBJECTIVES = ("mixture", "independent", "paper")
 # The objective of `--head quantile` when none is named: the one that recovered the synthetic
 # task's true reward distributions best through the whole pipeline (README, "Objectives").
 DEFAULT_OBJECTIVE = "mixture"
@@ -216,6 +215,12 @@ MAX_QUANTILES = 256
 # starts near 0 with std ~0.1, so the first pairwise losses are near log 2 and no large gradient
 # reaches a pretrained backbone, yet the backbone gets a gradient from the first step.
 EQUAL_INIT_SCALE = 0.1
+
+
+def objectives_help() -> str:
+    """What each objective of a quantile head is, for the command line's --help."""
+    return "; ".join(f"{o.name}: {o.summary} (at N = 1: {o.one_output})" for o in OBJECTIVES.values()
+                     if o.name != "bradley_terry")
 
 
 def get_objective(name: str) -> Objective:

@@ -54,7 +54,7 @@ from minqr.checkpointing import DataPosition, capture_rng_state, find_checkpoint
 from minqr.data import read_pairs_file, resolve_source
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
-from minqr.head import HEAD_KINDS, OBJECTIVES, HeadConfig
+from minqr.head import HEAD_KINDS, OBJECTIVES, HeadConfig, objectives_help
 from minqr.lock import hold_output
 from minqr.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.progress import progress_bar
@@ -78,9 +78,8 @@ class TrainConfig:
     num_quantiles: int | None = option(None, "number of outputs N of the quantile head [default: 20 for mixture "
                                        "and independent, 10 (the paper's) for paper; the scalar head has 1]")
     objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/head.py): "
-                                   "mixture (N kinds of annotator; the sorted outputs are the quantiles), "
-                                   "independent, or paper (the seed paper's quantile-Huber loss) [default: "
-                                   "mixture; the scalar head's is bradley_terry]", tuple(OBJECTIVES))
+                                   + objectives_help() + " [default: mixture; the scalar head's is bradley_terry]",
+                                   tuple(OBJECTIVES))
     kappa: float | None = option(None, "objective paper: Huber threshold κ of the quantile term [default: 1.0]")
     lam: float | None = option(None, "objective paper: weight λ of the quantile-Huber term [default: 1.0]")
     margin: float | None = option(None, "objective paper: margin m, the chosen response's quantiles are pulled "
