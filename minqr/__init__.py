@@ -1,9 +1,9 @@
 """minqr: small, fast, readable RLHF reward models with quantile (distributional) heads.
 
 Read in this order: gpt2.py (the backbone), checkpoint.py (Hugging Face files), tokenizer.py,
-loss.py (the loss, with the formula), ops.py + csrc/ (the fused kernel), data.py and batching.py
-(preference pairs, shared-prefix rows), reward.py, train.py, score.py, scores.py (the scores file),
-analysis.py and report.py. synthetic.py is the demo's task with known reward distributions.
+head.py (the objectives, with their formulas), ops.py + csrc/ (the fused kernels), data.py and
+batching.py (preference pairs, shared-prefix rows), reward.py, train.py, score.py, scores.py (the
+scores file), analysis.py and report.py. synthetic.py is the demo's task with known reward distributions.
 """
 __version__ = "0.1.0"
 
@@ -11,5 +11,6 @@ from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
 from minqr.checkpoint import load_gpt2, save_gpt2
 from minqr.tokenizer import load_tokenizer
-from minqr.loss import fused_available, qr_pairwise_loss
+from minqr.head import pair_loss
+from minqr.ops import fused_available
 from minqr.reward import RewardModel

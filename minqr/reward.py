@@ -30,7 +30,7 @@ import torch.nn as nn
 from minqr.checkpoint import hf_tensors, load_backbone_tensors, load_gpt2, read_config, read_tensors, write_hf_folder
 from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.loss import quantile_levels
+from minqr.head import quantile_levels
 
 HEAD_KINDS = ("scalar", "quantile")
 SCORE = "score.weight"

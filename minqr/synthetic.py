@@ -61,7 +61,7 @@ from minqr.atomic import atomic_dir
 from minqr.checkpoint import save_gpt2
 from minqr.errors import MinqrError
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.loss import quantile_levels
+from minqr.head import quantile_levels
 from minqr.tokenizer import Tokenizer, byte_level_bpe
 
 GROUPS = {"casual": 0.55, "formal": 0.45}  # annotator groups and their share of the population
