@@ -122,6 +122,13 @@ void bradley_terry_block(const Rows<scalar_t>& rows, T* loss) {
   }
 }
 
+// No FMA contraction in mixture and independent, which have no earlier numbers to keep (paper
+// keeps its own, above all its pairwise term, which these must match at N = 1): with it, GCC fuses
+// a·b + c where the product has no other use, and the loss then depends on whether the gradients
+// (another use) are computed, and on the clone the CPU picks.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+
 // Whether every one of count values lies within ±bound (a NaN may go either way: both ways carry
 // it to the loss).
 template <typename T>
@@ -289,6 +296,8 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
   }
 }
 
+#pragma GCC pop_options
+
 // paper. scratch: [n][kLanes] q_c, q_r, the targets q_r[j] + m, and the two gradients.
 template <typename scalar_t, typename T, bool kWithGrad>
 MINQR_SIMD_CLONES void paper_block(const Rows<scalar_t>& rows, const PaperConstants<T>& k,
@@ -443,6 +452,7 @@ LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h
 
 LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected, double kappa,
                            double lam, double margin, bool compute_grad) {
+  check_outputs(h_chosen, h_rejected);  // first, as minqr/ops.py's checks go
   check_paper_hyperparameters(kappa, lam, margin);
   return run_loss(h_chosen, h_rejected, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
