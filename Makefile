@@ -95,7 +95,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja numpy
 
-$(INSTALLED): $(PY) setup.py pyproject.toml $(wildcard csrc/*)
+$(INSTALLED): $(PY) setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INDEX) $(TORCH)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test]"
 	touch $@

@@ -26,10 +26,12 @@ def extension_modules():
             "  pip install --no-build-isolation -e .\n"
             "or set MINQR_NO_EXT=1 to install without the extension."
         )
-    cpp_sources = sorted(glob.glob("csrc/*.cpp"))
+    # csrc/: the schemas, checks and autograd (ops.cpp, autograd.cpp); csrc/cpu/, csrc/cuda/: one
+    # backend each
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     if not cpp_sources:
         return [], {}
-    cuda_sources = sorted(glob.glob("csrc/*.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     use_cuda = (
         torch.version.cuda is not None
         and cpp_extension.CUDA_HOME is not None

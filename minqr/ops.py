@@ -12,12 +12,14 @@ kernel, and all share one calling convention:
 
 One pass computes each pair's loss (float32, or float64 for float64 inputs) and, with
 compute_grad, the gradient of that pair's loss with respect to its own outputs (in the input
-dtype; [0]-shaped when compute_grad is false). The backward registered here scales those rows by
-grad_output: no second pass over the pair (csrc/cpu/ has the measurement). The formulas are in
-minqr/head.py.
+dtype; [0]-shaped when compute_grad is false). Their backward, registered in C++
+(csrc/autograd.cpp, where a Python one would cost as much as the kernel), scales those rows by
+grad_output through a fourth op, loss_backward(grad_loss, grad_chosen, grad_rejected): no second
+pass over the pair (csrc/cpu/ has the measurement). The formulas are in minqr/head.py.
 
-This module also holds the argument checks that every implementation runs (minqr.head's
-dispatch and references, the fake kernels below); csrc/ops.cpp says the same, word for word.
+This module registers the fake kernels (shapes, for torch.compile and opcheck) and holds the
+argument checks that every implementation runs (minqr.head's dispatch and references, the fake
+kernels below); csrc/ops.cpp says the same, word for word.
 """
 import math
 import numbers
@@ -35,11 +37,6 @@ except ImportError as error:  # a pure-Python install (MINQR_NO_EXT=1) or a fail
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # op -> its hyper-parameters, in argument order
 OPS = {"paper_loss": ("kappa", "lam", "margin"), "mixture_loss": (), "independent_loss": ()}
-
-
-def fused_available() -> bool:
-    """Whether the compiled ops minqr._C are built and loaded (their CPU kernels at least)."""
-    return _C is not None
 
 
 def _shape(h: torch.Tensor) -> str:
@@ -102,6 +99,11 @@ def _device_types(op: str) -> frozenset:
 DEVICE_TYPES = {op: _device_types(op) for op in OPS}
 
 
+def fused_available() -> bool:
+    """Whether the compiled ops minqr._C are built and loaded (their CPU kernels at least)."""
+    return _C is not None
+
+
 def fused_unavailable_reason(op: str, device: torch.device):
     """Why `op` cannot run fused on `device` (a sentence), or None when it can."""
     if _C is None:
@@ -112,10 +114,8 @@ def fused_unavailable_reason(op: str, device: torch.device):
     return None
 
 
-def _register(op: str) -> None:
-    """The fake kernel (shapes for torch.compile, with the same checks) and the autograd formula."""
-    name = f"minqr::{op}"
-    num_hyper = len(OPS[op])
+def _fake_loss(op: str):
+    """The op's fake kernel: output shapes for torch.compile and opcheck, with the same checks."""
 
     def fake(h_chosen, h_rejected, *rest):
         *hyper, compute_grad = rest
@@ -127,32 +127,14 @@ def _register(op: str) -> None:
         grad_shape = h_chosen.shape if compute_grad else (0,)
         return loss, h_chosen.new_empty(grad_shape), h_chosen.new_empty(grad_shape)
 
-    def setup_context(ctx, inputs, output):
-        _, grad_chosen, grad_rejected = output
-        ctx.compute_grad = inputs[-1]
-        ctx.save_for_backward(grad_chosen, grad_rejected)
-        ctx.mark_non_differentiable(grad_chosen, grad_rejected)
-
-    def backward(ctx, grad_loss, _grad_of_grad_chosen, _grad_of_grad_rejected):
-        if not ctx.compute_grad:
-            raise RuntimeError(f"{name} ran with compute_grad=False, so it has no gradient to give backward; "
-                               "call it with compute_grad=True when the inputs require grad "
-                               "(minqr.pair_loss does)")
-        if torch.is_grad_enabled():
-            # backward(create_graph=True): the saved gradients are constants here, so a second
-            # derivative through them would come out as zero instead of failing. Refuse instead.
-            raise RuntimeError(f"{name} has no second derivative (its backward scales gradients saved by the "
-                               "forward); for create_graph=True use pair_loss(..., impl='reference')")
-        grad_chosen, grad_rejected = ctx.saved_tensors
-        # grad_loss is float32 (or float64): scale in that precision, round to the input dtype once.
-        scale = grad_loss.unsqueeze(1)
-        return ((grad_chosen * scale).to(grad_chosen.dtype), (grad_rejected * scale).to(grad_rejected.dtype),
-                *([None] * num_hyper), None)
-
-    torch.library.register_fake(name)(fake)
-    torch.library.register_autograd(name, backward, setup_context=setup_context)
+    return fake
 
 
-for _op in OPS:
-    if DEVICE_TYPES[_op] or (_C is not None and hasattr(torch.ops.minqr, _op)):
-        _register(_op)
+def _fake_loss_backward(grad_loss, grad_chosen, grad_rejected):
+    return torch.empty_like(grad_chosen), torch.empty_like(grad_rejected)
+
+
+if _C is not None:
+    for _op in OPS:
+        torch.library.register_fake(f"minqr::{_op}")(_fake_loss(_op))
+    torch.library.register_fake("minqr::loss_backward")(_fake_loss_backward)

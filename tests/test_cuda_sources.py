@@ -1,4 +1,4 @@
-"""The CUDA kernel compiles: one `nvcc -c` of csrc/*.cu against the installed torch's headers.
+"""The CUDA kernels compile: one `nvcc -c` of csrc/cuda/*.cu against the installed torch's headers.
 
 Machines without a GPU still catch a broken kernel here. It compiles to an object file only
 (nothing links or runs), for one architecture (sm_90, the H100 the kernel is tuned for), with the
@@ -33,8 +33,8 @@ def test_cuda_sources_compile(tmp_path):
         if os.environ.get("MINQR_REQUIRE_NVCC") == "1":
             pytest.fail("MINQR_REQUIRE_NVCC=1 but nvcc is not found (set CUDA_HOME or put nvcc on PATH)")
         pytest.skip("nvcc not found (set CUDA_HOME or put nvcc on PATH)")
-    sources = sorted((ROOT / "csrc").glob("*.cu"))
-    assert sources, "no csrc/*.cu"
+    sources = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
+    assert sources, "no csrc/cuda/*.cu"
     includes = list(cpp_extension.include_paths())
     # A CPU-only torch ships the c10/cuda headers but not this one, which its CMake generates for
     # CUDA builds; its only content there is this macro.

@@ -1,0 +1,53 @@
+// What every backend of the loss ops shares: the argument checks (minqr/ops.py's check_outputs
+// and check_paper_hyperparameters say the same things in Python, word for word, and the fake
+// kernels call those) and the dispatch of a kernel over dtype and compute_grad.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+
+#include <tuple>
+#include <type_traits>
+
+namespace minqr {
+
+// Raise ValueError/TypeError (TORCH_CHECK_VALUE/TYPE) naming the argument, what was expected and
+// what came.
+void check_outputs(const at::Tensor& h_chosen, const at::Tensor& h_rejected);
+void check_paper_hyperparameters(double kappa, double lam, double margin);
+
+// loss_backward's arguments, which only autograd.cpp passes: a mismatch is a bug there.
+void check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                         const at::Tensor& grad_rejected);
+
+using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // loss, grad_chosen, grad_rejected
+
+// (loss [B] in the accumulation dtype, grad_chosen and grad_rejected [B, N] in the input dtype,
+// or [0] when compute_grad is false). Always contiguous.
+LossOutputs empty_loss_outputs(const at::Tensor& h_chosen, bool compute_grad);
+
+// The body every backend's op shares: checked inputs made contiguous (strided ones are copied
+// once; the kernels' work per pair dwarfs an O(N) copy), outputs allocated, and
+// launch(std::type_identity<scalar_t>, std::bool_constant<compute_grad>, h_chosen, h_rejected,
+// outputs) called for the input dtype, unless there are no pairs.
+template <typename Launch>
+LossOutputs run_loss(const at::Tensor& h_chosen, const at::Tensor& h_rejected, bool compute_grad,
+                     const Launch& launch) {
+  check_outputs(h_chosen, h_rejected);
+  const at::Tensor hc = h_chosen.contiguous();
+  const at::Tensor hr = h_rejected.contiguous();
+  LossOutputs outputs = empty_loss_outputs(hc, compute_grad);
+  if (hc.size(0) == 0) return outputs;  // (a CUDA grid of 0 blocks is a launch error)
+  // (the name only shows in the error for an unsupported dtype, which check_outputs rules out)
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hc.scalar_type(), "minqr loss", [&] {
+    if (compute_grad) {
+      launch(std::type_identity<scalar_t>{}, std::true_type{}, hc, hr, outputs);
+    } else {
+      launch(std::type_identity<scalar_t>{}, std::false_type{}, hc, hr, outputs);
+    }
+  });
+  return outputs;
+}
+
+}  // namespace minqr
