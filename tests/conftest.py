@@ -1,10 +1,13 @@
-"""Shared test fixtures: where the real data lives (../shared/data beside the checkout).
+"""Shared test fixtures: where the real data lives (../shared/data beside the checkout), and an
+offline hub.
 
-Tests that need it skip with a reason when it is absent; nothing from there is ever copied in.
+Tests that need the real data skip with a reason when it is absent; nothing from there is ever
+copied in.
 """
 from pathlib import Path
 
 import pytest
+from huggingface_hub import constants
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -28,3 +31,15 @@ def hh_pairs_path() -> Path:
 def gpt2_tokenizer_dir() -> Path:
     """The real GPT-2 BPE files: vocab.json + merges.txt."""
     return _require(GPT2_TOKENIZER_DIR)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline hub with an empty cache; returns the cache folder. huggingface_hub reads its
+    environment once, at import, hence the patched constants beside the environment."""
+    cache = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache

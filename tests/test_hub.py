@@ -5,25 +5,12 @@ import gzip
 import json
 
 import pytest
-from huggingface_hub import constants
 
 from minqr import hub
 from minqr.data import load_pairs
 from minqr.errors import MinqrError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch):
-    """An offline hub with an empty cache; returns the cache folder. huggingface_hub reads its
-    environment once, at import, hence the patched constants beside the environment."""
-    cache = tmp_path / "hf-home" / "hub"
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    return cache
 
 
 def cache_snapshot(cache, repo_folder: str, files: dict) -> None:

@@ -26,9 +26,7 @@ from click.testing import CliRunner
 import minqr.train
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
 from minqr.checkpoint import DAMAGED
-from minqr.checkpointing import find_checkpoint
 from test_data import SURROGATE_LINE, surrogate_error
-from test_hub import offline_hub  # noqa: F401  (a fixture)
 from minqr.errors import MinqrError
 from minqr.metrics import read_metrics
 from minqr.reward import RewardModel
