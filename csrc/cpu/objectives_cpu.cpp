@@ -1,13 +1,31 @@
 // CPU kernels of the loss ops: each pair's loss and, with compute_grad, its gradient, in one pass
 // (the math is objectives.h; the references are minqr/head.py), and loss_backward.
 //
-// Every objective runs in the same frame: pairs go kLanes at a time, one pair per SIMD lane, each
-// block transposed into scratch (c[i * kLanes + w] = h_chosen[b0 + w, i], converted to T), so every
+// Every objective runs in the same frame: pairs go kLanes at a time, a block of consecutive pairs
+// per call of the objective's block function, blocks spread over threads by at::parallel_for.
+// paper and independent, whose work per pair is O(N²), transpose a block into scratch
+// (c[i * kLanes + w] = h_chosen[b0 + w, i], converted to T), one pair per SIMD lane, so that every
 // inner loop runs over lanes with a fixed trip count and vectorises fully whatever N is, N = 1
 // included. (Vectorising over i or j instead would leave N = 10 mostly in the scalar remainder of a
-// 16-wide loop.) 16 floats are one AVX-512 vector or two AVX2 vectors. The objective's block
-// function reads c and r and writes the block's losses and gradients (in T); the frame converts
-// and transposes them back.
+// 16-wide loop.) 16 floats are one AVX-512 vector or two AVX2 vectors. mixture, whose work per pair
+// is O(N) like the transposition itself, stays in the rows' layout.
+//
+// Forward/backward split, decided by measurement (B = 4096, float32, one thread on the project's
+// 2-core AMD EPYC, shared with other jobs; median ms): the forward computes each pair's gradients
+// and saves them, and the backward only scales them by grad_output (loss_backward). Recomputing
+// them in the backward instead (a loss-only forward, then the full pass) costs a loss-only pass
+// more, and a loss-only pass costs 75-90% of the full one, since the exps, divisions and Huber
+// terms are the work and the gradients only sum what they give:
+//
+//   ms                    loss only  with gradients  loss_backward   save   recompute
+//   mixture      N = 10     0.074        0.085          0.012        0.097     0.159
+//                N = 64     0.248        0.293          0.051        0.345     0.542
+//   independent  N = 10     0.121        0.165          0.012        0.177     0.286
+//                N = 64     2.326        2.770          0.051        2.821     5.096
+//   paper        N = 10     0.177        0.244          0.013        0.257     0.421
+//                N = 64     3.120        4.289          0.058        4.347     7.408
+//
+// A forward under no_grad passes compute_grad=false and skips the gradient arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -39,10 +57,13 @@ constexpr int64_t kLanes = 16;
 #define MINQR_SIMD_CLONES
 #endif
 
-// Below this many evaluations of the inner loop body (about 50 us on one core) a call runs on the
-// calling thread: waking a second thread for less costs more than it saves, and on a machine
-// shared with other jobs a team waits for its slowest, descheduled thread.
+// Below this much work a call runs on the calling thread: waking a second thread for less costs
+// more than it saves, and on a machine shared with other jobs a team waits for its slowest,
+// descheduled thread. The unit is one evaluation of paper's inner (i, j) body (about 0.15 ns on
+// one core of the project's CPU, so 2^17 of them are about 20 us); a mixture term, an exp and a
+// division, counts as 5 (measured 0.76 ns).
 constexpr int64_t kMinTaskWork = int64_t(1) << 17;
+constexpr int64_t kMixtureTermWork = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Blocks and their transposition
@@ -123,9 +144,8 @@ void bradley_terry_block(const Rows<scalar_t>& rows, T* loss) {
 }
 
 // No FMA contraction in mixture and independent, which have no earlier numbers to keep (paper
-// keeps its own, above all its pairwise term, which these must match at N = 1): with it, GCC fuses
-// a·b + c where the product has no other use, and the loss then depends on whether the gradients
-// (another use) are computed, and on the clone the CPU picks.
+// keeps its own): GCC fuses a·b + c where the product has no other use, and the loss then depended
+// on whether the gradients (another use) were computed.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
@@ -157,42 +177,55 @@ template <typename T>
   }
 }
 
-// mixture, N ≥ 2: the differences, then their terms (directly, or shifted when a difference of the
-// block lies beyond the span), then the gradients, which need the pair's sum.
-// scratch: [n][kLanes] differences, then [n][kLanes] q's.
+// mixture, N ≥ 2, in the rows' own layout: its work per pair is O(N), the same order as a
+// transposition, which would cost more than the math (measured: 2x the whole kernel at N = 32
+// and 64). The terms go over the block's values as one run when the block is computed directly,
+// row by row (each row with its pair's maximum) when shifted; then each pair's sum, its loss
+// (across the block's pairs, in lanes), and the gradients row by row.
+// scratch: [lanes][n] differences, σ's (or ratios), q's.
 template <typename scalar_t, typename T, bool kWithGrad>
 MINQR_SIMD_CLONES void mixture_block(const Rows<scalar_t>& rows, T log_n, T* scratch, T* loss) {
   const int64_t n = rows.n;
+  const int64_t count = rows.lanes * n;
   T* d = scratch;
-  T* q = scratch + n * kLanes;
-  transpose_in(rows.lanes, n, d, [&](int64_t k) {
-    return T(rows.h_chosen[k]) - T(rows.h_rejected[k]);
-  });
-  T sum[kLanes] = {};
-  // terms(d_i, w) -> (σ or ratio, q), summed by lane
-  const auto add_terms = [&](const auto& terms) {
-    for (int64_t i = 0; i < n; ++i) {
+  T* part = d + n * kLanes;
+  T* q = part + n * kLanes;
 #pragma omp simd
-      for (int64_t w = 0; w < kLanes; ++w) {
-        T part, q_i;
-        terms(d[i * kLanes + w], w, part, q_i);
-        sum[w] += part;
-        q[i * kLanes + w] = q_i;
+  for (int64_t k = 0; k < count; ++k) d[k] = T(rows.h_chosen[k]) - T(rows.h_rejected[k]);
+  T sum[kLanes];
+  const auto sum_rows = [&] {
+    for (int64_t w = 0; w < kLanes; ++w) {
+      T s = T(0);
+      if (w < rows.lanes) {
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < n; ++i) s += part[w * n + i];
       }
+      sum[w] = w < rows.lanes ? s : T(1);  // lanes past the batch: any finite loss, never stored
     }
   };
-  if (all_within(n * kLanes, d, sigmoid_direct_span<T>())) {
-    add_terms([](T d_i, int64_t, T& sigma, T& q_i) { sigmoid_direct_terms(simd_exp(-d_i), sigma, q_i); });
+  if (all_within(count, d, sigmoid_direct_span<T>())) {
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) sigmoid_direct_terms(simd_exp(-d[k]), part[k], q[k]);
+    sum_rows();
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_n);
   } else {
-    T min_d[kLanes], max_d[kLanes], E[kLanes];
-    range_per_lane(n, d, min_d, max_d);
+    T max_d[kLanes], E[kLanes];
+    for (int64_t w = 0; w < kLanes; ++w) {
+      max_d[w] = w < rows.lanes ? d[w * n] : T(0);
+      for (int64_t i = 1; i < n && w < rows.lanes; ++i) {
+        max_d[w] = d[w * n + i] > max_d[w] ? d[w * n + i] : max_d[w];  // a NaN reaches the loss through its term
+      }
+    }
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) E[w] = simd_exp_neg_abs(max_d[w]);
-    add_terms([&](T d_i, int64_t w, T& ratio, T& q_i) {
-      sigmoid_shifted_terms(d_i, max_d[w], E[w], ratio, q_i);
-    });
+    for (int64_t w = 0; w < rows.lanes; ++w) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        sigmoid_shifted_terms(d[w * n + i], max_d[w], E[w], part[w * n + i], q[w * n + i]);
+      }
+    }
+    sum_rows();
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_n);
   }
@@ -200,11 +233,14 @@ MINQR_SIMD_CLONES void mixture_block(const Rows<scalar_t>& rows, T log_n, T* scr
     T inv_sum[kLanes];
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
-    transpose_out(rows.lanes, n, [&](int64_t w, int64_t i) {
-      const T grad = sigmoid_mean_backward(q[i * kLanes + w], inv_sum[w]);  // ∂L/∂d_i
-      rows.grad_chosen[w * n + i] = scalar_t(grad);
-      rows.grad_rejected[w * n + i] = scalar_t(-grad);
-    });
+    for (int64_t w = 0; w < rows.lanes; ++w) {
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) {
+        const T grad = sigmoid_mean_backward(q[w * n + i], inv_sum[w]);  // ∂L/∂d_i
+        rows.grad_chosen[w * n + i] = scalar_t(grad);
+        rows.grad_rejected[w * n + i] = scalar_t(-grad);
+      }
+    }
   }
 }
 
@@ -372,9 +408,9 @@ MINQR_SIMD_CLONES void paper_block(const Rows<scalar_t>& rows, const PaperConsta
 // ---------------------------------------------------------------------------------------------
 // The frame
 
-// Runs block(rows, scratch, loss) over every block of pairs. work_per_pair: the inner-loop
-// evaluations a pair costs (N or N²), which sets how many blocks a task gets; scratch_rows: the
-// [n][kLanes] arrays of T the objective needs.
+// Runs block(rows, scratch, loss) over every block of pairs. work_per_pair: what a pair costs, in
+// kMinTaskWork's unit, which sets how many blocks a task gets; scratch_rows: the [n][kLanes]
+// arrays of T the objective needs.
 template <typename scalar_t, bool kWithGrad, typename Block>
 void for_each_block(const at::Tensor& h_chosen, const at::Tensor& h_rejected, LossOutputs& outputs,
                     int64_t work_per_pair, int64_t scratch_rows, const Block& block) {
@@ -421,7 +457,7 @@ LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rej
                     const int64_t n = hc.size(1);
                     const T log_n = T(std::log(double(n)));
                     for_each_block<scalar_t, kWithGrad>(
-                        hc, hr, outputs, n, 2, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
+                        hc, hr, outputs, kMixtureTermWork * n, 3, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
                           if (n == 1) {
                             bradley_terry_block<scalar_t, T, kWithGrad>(rows, loss);
                           } else {
