@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../objectives.h"
@@ -177,6 +178,22 @@ template <typename T>
   }
 }
 
+// The block's losses from its sums (directly, or shifted by each pair's largest difference
+// max_d, with E = exp(−|max_d|)), and the sums' inverses for the gradients.
+template <typename T>
+[[gnu::always_inline]] inline void lane_losses(bool direct, const T* max_d, const T* E, const T* sum,
+                                               T log_count, T* loss, T* inv_sum) {
+  if (direct) {
+#pragma omp simd
+    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_count);
+  } else {
+#pragma omp simd
+    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_count);
+  }
+#pragma omp simd
+  for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
+}
+
 // mixture, N ≥ 2, in the rows' own layout: its work per pair is O(N), the same order as a
 // transposition, which would cost more than the math (measured: 2x the whole kernel at N = 32
 // and 64). The terms go over the block's values as one run when the block is computed directly,
@@ -193,24 +210,12 @@ MINQR_SIMD_CLONES void mixture_block(const Rows<scalar_t>& rows, T log_n, T* scr
 #pragma omp simd
   for (int64_t k = 0; k < count; ++k) d[k] = T(rows.h_chosen[k]) - T(rows.h_rejected[k]);
   T sum[kLanes];
-  const auto sum_rows = [&] {
-    for (int64_t w = 0; w < kLanes; ++w) {
-      T s = T(0);
-      if (w < rows.lanes) {
-#pragma omp simd reduction(+ : s)
-        for (int64_t i = 0; i < n; ++i) s += part[w * n + i];
-      }
-      sum[w] = w < rows.lanes ? s : T(1);  // lanes past the batch: any finite loss, never stored
-    }
-  };
-  if (all_within(count, d, sigmoid_direct_span<T>())) {
+  T max_d[kLanes], E[kLanes], inv_sum[kLanes];
+  const bool direct = all_within(count, d, sigmoid_direct_span<T>());
+  if (direct) {
 #pragma omp simd
     for (int64_t k = 0; k < count; ++k) sigmoid_direct_terms(simd_exp(-d[k]), part[k], q[k]);
-    sum_rows();
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_n);
   } else {
-    T max_d[kLanes], E[kLanes];
     for (int64_t w = 0; w < kLanes; ++w) {
       max_d[w] = w < rows.lanes ? d[w * n] : T(0);
       for (int64_t i = 1; i < n && w < rows.lanes; ++i) {
@@ -225,14 +230,17 @@ MINQR_SIMD_CLONES void mixture_block(const Rows<scalar_t>& rows, T log_n, T* scr
         sigmoid_shifted_terms(d[w * n + i], max_d[w], E[w], part[w * n + i], q[w * n + i]);
       }
     }
-    sum_rows();
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_n);
   }
+  for (int64_t w = 0; w < kLanes; ++w) {
+    T s = T(0);
+    if (w < rows.lanes) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < n; ++i) s += part[w * n + i];
+    }
+    sum[w] = w < rows.lanes ? s : T(1);  // lanes past the batch: any finite loss, never stored
+  }
+  lane_losses(direct, max_d, E, sum, log_n, loss, inv_sum);
   if constexpr (kWithGrad) {
-    T inv_sum[kLanes];
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
     for (int64_t w = 0; w < rows.lanes; ++w) {
 #pragma omp simd
       for (int64_t i = 0; i < n; ++i) {
@@ -293,7 +301,9 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
       if constexpr (kWithGrad) std::copy(q_row, q_row + kLanes, q_rows + i * kLanes);
     }
   };
-  if (all_within(kLanes, span, sigmoid_direct_span<T>())) {
+  T max_d[kLanes], E[kLanes], inv_sum[kLanes];
+  const bool direct = all_within(kLanes, span, sigmoid_direct_span<T>());
+  if (direct) {
     for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
       for (int64_t w = 0; w < kLanes; ++w) {
@@ -304,10 +314,7 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
     add_terms([&](int64_t ci, int64_t rj, int64_t, T& sigma, T& q) {
       sigmoid_direct_terms(r[rj] * c[ci], sigma, q);
     });
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_n2);
   } else {
-    T max_d[kLanes], E[kLanes];
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) {
       max_d[w] = max_c[w] - min_r[w];
@@ -316,13 +323,9 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
     add_terms([&](int64_t ci, int64_t rj, int64_t w, T& ratio, T& q) {
       sigmoid_shifted_terms(c[ci] - r[rj], max_d[w], E[w], ratio, q);
     });
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_n2);
   }
+  lane_losses(direct, max_d, E, sum, log_n2, loss, inv_sum);
   if constexpr (kWithGrad) {
-    T inv_sum[kLanes];
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
     // ∂L/∂h_c,i = Σ_j ∂L/∂d_ij, ∂L/∂h_r,j = −Σ_i ∂L/∂d_ij
     transpose_out(rows.lanes, n, [&](int64_t w, int64_t i) {
       rows.grad_chosen[w * n + i] = scalar_t(sigmoid_mean_backward(q_rows[i * kLanes + w], inv_sum[w]));
@@ -448,42 +451,50 @@ void for_each_block(const at::Tensor& h_chosen, const at::Tensor& h_rejected, Lo
   using T = at::opmath_type<scalar_t>;                 \
   constexpr bool kWithGrad = decltype(with_grad)::value
 
-LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                             bool compute_grad) {
+// mixture and independent, which share everything but their block: Bradley–Terry itself at N = 1
+// (bradley_terry_block), else block(rows, log K, scratch, loss, with_grad) with K = N^power
+// outputs' differences per pair, each of term_work (kMinTaskWork's unit).
+template <typename Block>
+LossOutputs sigmoid_mean_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                                  bool compute_grad, int power, int64_t term_work,
+                                  int64_t scratch_rows, const Block& block) {
   return run_loss(h_chosen, h_rejected, compute_grad,
-                  [](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
-                     LossOutputs& outputs) {
+                  [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
+                      LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
                     const int64_t n = hc.size(1);
-                    const T log_n = T(std::log(double(n)));
+                    const int64_t count = power == 1 ? n : n * n;
+                    const T log_count = T(std::log(double(count)));
                     for_each_block<scalar_t, kWithGrad>(
-                        hc, hr, outputs, kMixtureTermWork * n, 3, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
+                        hc, hr, outputs, term_work * count, scratch_rows,
+                        [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
                           if (n == 1) {
                             bradley_terry_block<scalar_t, T, kWithGrad>(rows, loss);
                           } else {
-                            mixture_block<scalar_t, T, kWithGrad>(rows, log_n, scratch, loss);
+                            block(rows, log_count, scratch, loss, with_grad);
                           }
                         });
                   });
 }
 
+LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                             bool compute_grad) {
+  return sigmoid_mean_loss_cpu(
+      h_chosen, h_rejected, compute_grad, 1, kMixtureTermWork, 3,
+      [](const auto& rows, auto log_n, auto* scratch, auto* loss, auto with_grad) {
+        using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
+        mixture_block<scalar_t, decltype(log_n), decltype(with_grad)::value>(rows, log_n, scratch, loss);
+      });
+}
+
 LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
                                  bool compute_grad) {
-  return run_loss(h_chosen, h_rejected, compute_grad,
-                  [](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
-                     LossOutputs& outputs) {
-                    MINQR_LOSS_TYPES(scalar, with_grad);
-                    const int64_t n = hc.size(1);
-                    const T log_n2 = T(2 * std::log(double(n)));
-                    for_each_block<scalar_t, kWithGrad>(
-                        hc, hr, outputs, n * n, 4, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
-                          if (n == 1) {
-                            bradley_terry_block<scalar_t, T, kWithGrad>(rows, loss);
-                          } else {
-                            independent_block<scalar_t, T, kWithGrad>(rows, log_n2, scratch, loss);
-                          }
-                        });
-                  });
+  return sigmoid_mean_loss_cpu(
+      h_chosen, h_rejected, compute_grad, 2, 1, 4,
+      [](const auto& rows, auto log_n2, auto* scratch, auto* loss, auto with_grad) {
+        using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
+        independent_block<scalar_t, decltype(log_n2), decltype(with_grad)::value>(rows, log_n2, scratch, loss);
+      });
 }
 
 LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected, double kappa,
@@ -547,35 +558,27 @@ bool uniform_scale(const T* scale, int64_t batch, int64_t stride) {
   return differing == 0;
 }
 
-template <typename scalar_t>
-void loss_backward_typed(const at::Tensor& grad_loss, const at::Tensor& gc, const at::Tensor& gr,
-                         at::Tensor& out_chosen, at::Tensor& out_rejected) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t batch = gc.size(0);
-  const int64_t n = gc.size(1);
-  const T* scale = grad_loss.const_data_ptr<T>();
-  const int64_t stride = grad_loss.stride(0);
-  const bool uniform = uniform_scale(scale, batch, stride);
-  // A multiplication per value: a task needs many rows to be worth a thread.
-  const int64_t grain = std::max<int64_t>(1, 8 * kMinTaskWork / n);
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    scale_rows<scalar_t, T>(scale, stride, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
-                            gr.const_data_ptr<scalar_t>(), out_chosen.mutable_data_ptr<scalar_t>(),
-                            out_rejected.mutable_data_ptr<scalar_t>());
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> loss_backward_cpu(const at::Tensor& grad_loss,
                                                      const at::Tensor& grad_chosen,
                                                      const at::Tensor& grad_rejected) {
-  check_loss_backward(grad_loss, grad_chosen, grad_rejected);
-  const at::Tensor gc = grad_chosen.contiguous();
-  const at::Tensor gr = grad_rejected.contiguous();
-  auto out_chosen = at::empty_like(gc);
-  auto out_rejected = at::empty_like(gr);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "loss_backward_cpu",
-                                  [&] { loss_backward_typed<scalar_t>(grad_loss, gc, gr, out_chosen, out_rejected); });
-  return {out_chosen, out_rejected};
+  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, [&](auto scalar, const at::Tensor& gc,
+                                                                      const at::Tensor& gr, at::Tensor& out_c,
+                                                                      at::Tensor& out_r) {
+    using scalar_t = typename decltype(scalar)::type;
+    using T = at::opmath_type<scalar_t>;
+    const int64_t batch = gc.size(0);
+    const int64_t n = gc.size(1);
+    const T* scale = grad_loss.const_data_ptr<T>();
+    const int64_t stride = grad_loss.stride(0);
+    const bool uniform = uniform_scale(scale, batch, stride);
+    // A multiplication per value: a task needs many rows to be worth a thread.
+    const int64_t grain = std::max<int64_t>(1, 8 * kMinTaskWork / n);
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      scale_rows<scalar_t, T>(scale, stride, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
+                              gr.const_data_ptr<scalar_t>(), out_c.mutable_data_ptr<scalar_t>(),
+                              out_r.mutable_data_ptr<scalar_t>());
+    });
+  });
 }
 
 }  // namespace
