@@ -1,16 +1,17 @@
-"""Speed of the loss, forward+backward: the fused op against the eager PyTorch reference and
-torch.compile of it, on CPU and (when present) CUDA. `pytest benchmarks/test_loss_speed.py`.
+"""Speed of every objective's loss, forward+backward: the fused op against the eager PyTorch
+reference and torch.compile of it, on CPU and (when present) CUDA. `pytest benchmarks/test_loss_speed.py`.
 
-Each cell (device, dtype, B, N) is a pytest-benchmark group of up to three tests (fused, eager,
-compiled); the ratios, the CPU targets of DESIGN.md and, on the GPU, the bandwidth against the
-floor are printed at the end (benchmarks/conftest.py). Test ids read like
-`cpu-float32-B4096-N10-fused`, so `-k "B4096 and float32"` selects the target cells;
-MINQR_BENCH_QUICK=1 runs only those. Every timed result is then checked against the float64
-reference.
+Each cell (objective, device, dtype, B, N) is a pytest-benchmark group of up to three tests (fused,
+eager, compiled), each timing minqr.pair_loss then torch.autograd.grad; the median and best ratios,
+the targets of DESIGN.md and, on the GPU, the bandwidth against the floor are printed at the end
+(benchmarks/conftest.py). Test ids read like `mixture-cpu-float32-B4096-N10-fused`, so
+`-k "B4096 and float32"` selects the target cells; MINQR_BENCH_QUICK=1 runs only those. Every timed
+result is then checked against the float64 reference.
 
-The reference materialises [B, N, N] tensors (several of them, with their gradients), so eager and
-compiled run only where B*N*N stays below a per-device limit: beyond it they would need tens of GB
-(B = 1,048,576, N = 64: 17 GB per float32 tensor). The fused op runs everywhere.
+independent and paper's references materialise [B, N, N] tensors (several of them, with their
+gradients), so eager and compiled run only where B*N*N stays below a per-device limit: beyond it
+they would need tens of GB (B = 1,048,576, N = 64: 17 GB per float32 tensor). The fused ops run
+everywhere.
 """
 import os
 import time
@@ -19,55 +20,62 @@ import pytest
 import torch
 
 from minqr import ops
-from minqr.loss import qr_pairwise_loss, qr_pairwise_loss_reference
+from minqr.head import OBJECTIVES, pair_loss
 
 # inductor still imports torch.jit pieces that warn
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
 
 QUICK = os.environ.get("MINQR_BENCH_QUICK") == "1"
+LOSSES = ("mixture", "independent", "paper")
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 DTYPES = [torch.float32] if QUICK else [torch.float32, torch.bfloat16]
 BATCHES = [4096] if QUICK else [64, 4096, 65536, 1048576]
-QUANTILES = [10, 32, 64]
+OUTPUTS = [10, 32, 64]
 IMPLS = ["fused", "eager", "compiled"]
-REFERENCE_LIMIT = {"cpu": 2**24, "cuda": 2**28}  # B*N*N elements the reference may materialise
+REFERENCE_LIMIT = {"cpu": 2**24, "cuda": 2**28}  # elements the reference may materialise per tensor
 SECONDS_PER_CELL = {"cpu": 1.0, "cuda": 0.5}  # timing budget per test, warm-up excluded
 
 
-def _loss_fn(impl):
+def _loss_fn(objective, impl):
     if impl == "fused":
-        return lambda a, b: qr_pairwise_loss(a, b, impl="fused")
+        return lambda a, b: pair_loss(a, b, objective, impl="fused")
     if impl == "eager":
-        return qr_pairwise_loss_reference
+        return lambda a, b: pair_loss(a, b, objective, impl="reference")
     torch._dynamo.reset()  # a fresh compile per cell: no recompile limit, no dynamic shapes
-    return torch.compile(qr_pairwise_loss_reference, dynamic=False)
+    return torch.compile(lambda a, b: pair_loss(a, b, objective, impl="reference"), dynamic=False)
+
+
+def _reference_elements(objective, b, n):
+    return b * n if objective == "mixture" else b * n * n
 
 
 def _params():
-    for device in DEVICES:
-        for dtype in DTYPES:
-            for b in BATCHES:
-                for n in QUANTILES:
-                    for impl in IMPLS:
-                        name = f"{device}-{str(dtype).removeprefix('torch.')}-B{b}-N{n}-{impl}"
-                        yield pytest.param(device, dtype, b, n, impl, id=name)
+    for objective in LOSSES:
+        for device in DEVICES:
+            for dtype in DTYPES:
+                for b in BATCHES:
+                    for n in OUTPUTS:
+                        for impl in IMPLS:
+                            name = f"{objective}-{device}-{str(dtype).removeprefix('torch.')}-B{b}-N{n}-{impl}"
+                            yield pytest.param(objective, device, dtype, b, n, impl, id=name)
 
 
-@pytest.mark.parametrize("device,dtype,b,n,impl", list(_params()))
-def test_loss_speed(benchmark, loss_speed_results, device, dtype, b, n, impl):
-    if impl == "fused" and device not in ops.DEVICE_TYPES:
-        pytest.skip(f"minqr._C is not built, or has no {device} kernel")
-    if impl != "fused" and b * n * n > REFERENCE_LIMIT[device]:
-        pytest.skip(f"the reference would materialise B*N*N = {b * n * n:,} elements per tensor")
+@pytest.mark.parametrize("objective,device,dtype,b,n,impl", list(_params()))
+def test_loss_speed(benchmark, loss_speed_results, objective, device, dtype, b, n, impl):
+    op = OBJECTIVES[objective].op
+    if impl == "fused" and device not in ops.DEVICE_TYPES[op]:
+        pytest.skip(f"minqr._C is not built, or has no {device} kernel for {op}")
+    if impl != "fused" and _reference_elements(objective, b, n) > REFERENCE_LIMIT[device]:
+        pytest.skip(f"the reference would materialise {_reference_elements(objective, b, n):,} elements per tensor")
     g = torch.Generator().manual_seed(0)
-    qc = torch.randn(b, n, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    qr = torch.randn(b, n, generator=g).to(device=device, dtype=dtype).requires_grad_()
-    loss_fn = _loss_fn(impl)
+    hc = torch.randn(b, n, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    hr = torch.randn(b, n, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    loss_fn = _loss_fn(objective, impl)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def step():
-        loss = loss_fn(qc, qr)
-        grads = torch.autograd.grad(loss, (qc, qr))
+        loss = loss_fn(hc, hr)
+        grads = torch.autograd.grad(loss, (hc, hr))
         sync()  # CUDA: the time of the work, not of queueing it
         return loss, grads
 
@@ -75,29 +83,32 @@ def test_loss_speed(benchmark, loss_speed_results, device, dtype, b, n, impl):
     start = time.perf_counter()
     step()
     once = time.perf_counter() - start
-    rounds = max(3, min(200, int(SECONDS_PER_CELL[device] / max(once, 1e-6))))
-    benchmark.group = f"loss {device} {str(dtype).removeprefix('torch.')} B={b} N={n}"
+    rounds = max(5, min(400, int(SECONDS_PER_CELL[device] / max(once, 1e-6))))
+    benchmark.group = f"{objective} {device} {str(dtype).removeprefix('torch.')} B={b} N={n}"
     loss, (grad_c, grad_r) = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
-    # The best round: on a shared machine the median also measures the neighbours (an OpenMP
-    # team waits for its slowest, descheduled thread); on a quiet one the two agree closely.
-    loss_speed_results[(device, dtype, b, n)][impl] = benchmark.stats.stats.min
+    # Both the median and the best round: on a shared machine the median also measures the
+    # neighbours (an OpenMP team waits for its slowest, descheduled thread), the best round
+    # what the code can do; on a quiet one the two agree closely.
+    stats = benchmark.stats.stats
+    loss_speed_results[(objective, device, dtype, b, n)][impl] = (stats.median, stats.min)
 
-    _check_against_reference(qc, qr, loss, grad_c, grad_r)
+    _check_against_reference(objective, hc, hr, loss, grad_c, grad_r)
 
 
-def _check_against_reference(qc, qr, loss, grad_c, grad_r):
+def _check_against_reference(objective, hc, hr, loss, grad_c, grad_r):
     """The timed result against the float64 reference: gradients of the first rows (pairs are
     independent), the mean loss where the reference fits in memory."""
-    b, n = qc.shape
+    b, n = hc.shape
     rows = min(b, 2048)
-    q64 = [q.detach()[:rows].double().cpu().requires_grad_() for q in (qc, qr)]
-    ref = qr_pairwise_loss_reference(*q64, reduction="sum") / b
-    ref_gc, ref_gr = torch.autograd.grad(ref, q64)
-    tol = {torch.float32: 1e-4, torch.bfloat16: 2**-7}[qc.dtype]
+    reference = OBJECTIVES[objective].reference
+    h64 = [h.detach()[:rows].double().cpu().requires_grad_() for h in (hc, hr)]
+    ref = reference(*h64).sum() / b
+    ref_gc, ref_gr = torch.autograd.grad(ref, h64)
+    tol = {torch.float32: 1e-4, torch.bfloat16: 2**-7}[hc.dtype]
     for got, want in ((grad_c[:rows], ref_gc), (grad_r[:rows], ref_gr)):
         scale = want.abs().max().item()
         torch.testing.assert_close(got.double().cpu(), want, rtol=tol, atol=tol * scale)
-    if b * n * n <= 2**22:
-        q64 = [q.detach().double().cpu() for q in (qc, qr)]
-        want = qr_pairwise_loss_reference(*q64)
+    if _reference_elements(objective, b, n) <= 2**22:
+        h64 = [h.detach().double().cpu() for h in (hc, hr)]
+        want = reference(*h64).mean()
         torch.testing.assert_close(loss.double().cpu(), want, rtol=1e-5, atol=0)

@@ -50,4 +50,24 @@ LossOutputs run_loss(const at::Tensor& h_chosen, const at::Tensor& h_rejected, b
   return outputs;
 }
 
+// loss_backward's body on every backend: checked, made contiguous, outputs allocated, and
+// launch(std::type_identity<scalar_t>, grad_chosen, grad_rejected, out_chosen, out_rejected)
+// called for the gradients' dtype.
+template <typename Launch>
+std::tuple<at::Tensor, at::Tensor> run_loss_backward(const at::Tensor& grad_loss,
+                                                     const at::Tensor& grad_chosen,
+                                                     const at::Tensor& grad_rejected,
+                                                     const Launch& launch) {
+  check_loss_backward(grad_loss, grad_chosen, grad_rejected);
+  const at::Tensor gc = grad_chosen.contiguous();
+  const at::Tensor gr = grad_rejected.contiguous();
+  at::Tensor out_chosen = at::empty_like(gc);
+  at::Tensor out_rejected = at::empty_like(gr);
+  if (gc.numel() == 0) return {out_chosen, out_rejected};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "minqr loss_backward", [&] {
+    launch(std::type_identity<scalar_t>{}, gc, gr, out_chosen, out_rejected);
+  });
+  return {out_chosen, out_rejected};
+}
+
 }  // namespace minqr

@@ -13,7 +13,7 @@ kernel, and all share one calling convention:
 One pass computes each pair's loss (float32, or float64 for float64 inputs) and, with
 compute_grad, the gradient of that pair's loss with respect to its own outputs (in the input
 dtype; [0]-shaped when compute_grad is false). Their backward, registered in C++
-(csrc/autograd.cpp, where a Python one would cost as much as the kernel), scales those rows by
+(csrc/autograd.cpp, where a Python one cost 40-50 us more per step), scales those rows by
 grad_output through a fourth op, loss_backward(grad_loss, grad_chosen, grad_rejected): no second
 pass over the pair (csrc/cpu/ has the measurement). The formulas are in minqr/head.py.
 

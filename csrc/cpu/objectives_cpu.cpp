@@ -1,13 +1,31 @@
 // CPU kernels of the loss ops: each pair's loss and, with compute_grad, its gradient, in one pass
 // (the math is objectives.h; the references are minqr/head.py), and loss_backward.
 //
-// Every objective runs in the same frame: pairs go kLanes at a time, one pair per SIMD lane, each
-// block transposed into scratch (c[i * kLanes + w] = h_chosen[b0 + w, i], converted to T), so every
+// Every objective runs in the same frame: pairs go kLanes at a time, a block of consecutive pairs
+// per call of the objective's block function, blocks spread over threads by at::parallel_for.
+// paper and independent, whose work per pair is O(N²), transpose a block into scratch
+// (c[i * kLanes + w] = h_chosen[b0 + w, i], converted to T), one pair per SIMD lane, so that every
 // inner loop runs over lanes with a fixed trip count and vectorises fully whatever N is, N = 1
 // included. (Vectorising over i or j instead would leave N = 10 mostly in the scalar remainder of a
-// 16-wide loop.) 16 floats are one AVX-512 vector or two AVX2 vectors. The objective's block
-// function reads c and r and writes the block's losses and gradients (in T); the frame converts
-// and transposes them back.
+// 16-wide loop.) 16 floats are one AVX-512 vector or two AVX2 vectors. mixture, whose work per pair
+// is O(N) like the transposition itself, stays in the rows' layout.
+//
+// Forward/backward split, decided by measurement (B = 4096, float32, one thread on the project's
+// 2-core AMD EPYC, shared with other jobs; median ms): the forward computes each pair's gradients
+// and saves them, and the backward only scales them by grad_output (loss_backward). Recomputing
+// them in the backward instead (a loss-only forward, then the full pass) costs a loss-only pass
+// more, and a loss-only pass costs 75-90% of the full one, since the exps, divisions and Huber
+// terms are the work and the gradients only sum what they give:
+//
+//   ms                    loss only  with gradients  loss_backward   save   recompute
+//   mixture      N = 10     0.074        0.085          0.012        0.097     0.159
+//                N = 64     0.248        0.293          0.051        0.345     0.542
+//   independent  N = 10     0.121        0.165          0.012        0.177     0.286
+//                N = 64     2.326        2.770          0.051        2.821     5.096
+//   paper        N = 10     0.177        0.244          0.013        0.257     0.421
+//                N = 64     3.120        4.289          0.058        4.347     7.408
+//
+// A forward under no_grad passes compute_grad=false and skips the gradient arithmetic.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "../objectives.h"
@@ -39,10 +58,13 @@ constexpr int64_t kLanes = 16;
 #define MINQR_SIMD_CLONES
 #endif
 
-// Below this many evaluations of the inner loop body (about 50 us on one core) a call runs on the
-// calling thread: waking a second thread for less costs more than it saves, and on a machine
-// shared with other jobs a team waits for its slowest, descheduled thread.
+// Below this much work a call runs on the calling thread: waking a second thread for less costs
+// more than it saves, and on a machine shared with other jobs a team waits for its slowest,
+// descheduled thread. The unit is one evaluation of paper's inner (i, j) body (about 0.15 ns on
+// one core of the project's CPU, so 2^17 of them are about 20 us); a mixture term, an exp and a
+// division, counts as 5 (measured 0.76 ns).
 constexpr int64_t kMinTaskWork = int64_t(1) << 17;
+constexpr int64_t kMixtureTermWork = 5;
 
 // ---------------------------------------------------------------------------------------------
 // Blocks and their transposition
@@ -123,9 +145,8 @@ void bradley_terry_block(const Rows<scalar_t>& rows, T* loss) {
 }
 
 // No FMA contraction in mixture and independent, which have no earlier numbers to keep (paper
-// keeps its own, above all its pairwise term, which these must match at N = 1): with it, GCC fuses
-// a·b + c where the product has no other use, and the loss then depends on whether the gradients
-// (another use) are computed, and on the clone the CPU picks.
+// keeps its own): GCC fuses a·b + c where the product has no other use, and the loss then depended
+// on whether the gradients (another use) were computed.
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
 
@@ -157,54 +178,77 @@ template <typename T>
   }
 }
 
-// mixture, N ≥ 2: the differences, then their terms (directly, or shifted when a difference of the
-// block lies beyond the span), then the gradients, which need the pair's sum.
-// scratch: [n][kLanes] differences, then [n][kLanes] q's.
+// The block's losses from its sums (directly, or shifted by each pair's largest difference
+// max_d, with E = exp(−|max_d|)), and the sums' inverses for the gradients.
+template <typename T>
+[[gnu::always_inline]] inline void lane_losses(bool direct, const T* max_d, const T* E, const T* sum,
+                                               T log_count, T* loss, T* inv_sum) {
+  if (direct) {
+#pragma omp simd
+    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_count);
+  } else {
+#pragma omp simd
+    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_count);
+  }
+#pragma omp simd
+  for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
+}
+
+// mixture, N ≥ 2, in the rows' own layout: its work per pair is O(N), the same order as a
+// transposition, which would cost more than the math (measured: 2x the whole kernel at N = 32
+// and 64). The terms go over the block's values as one run when the block is computed directly,
+// row by row (each row with its pair's maximum) when shifted; then each pair's sum, its loss
+// (across the block's pairs, in lanes), and the gradients row by row.
+// scratch: [lanes][n] differences, σ's (or ratios), q's.
 template <typename scalar_t, typename T, bool kWithGrad>
 MINQR_SIMD_CLONES void mixture_block(const Rows<scalar_t>& rows, T log_n, T* scratch, T* loss) {
   const int64_t n = rows.n;
+  const int64_t count = rows.lanes * n;
   T* d = scratch;
-  T* q = scratch + n * kLanes;
-  transpose_in(rows.lanes, n, d, [&](int64_t k) {
-    return T(rows.h_chosen[k]) - T(rows.h_rejected[k]);
-  });
-  T sum[kLanes] = {};
-  // terms(d_i, w) -> (σ or ratio, q), summed by lane
-  const auto add_terms = [&](const auto& terms) {
-    for (int64_t i = 0; i < n; ++i) {
+  T* part = d + n * kLanes;
+  T* q = part + n * kLanes;
 #pragma omp simd
-      for (int64_t w = 0; w < kLanes; ++w) {
-        T part, q_i;
-        terms(d[i * kLanes + w], w, part, q_i);
-        sum[w] += part;
-        q[i * kLanes + w] = q_i;
+  for (int64_t k = 0; k < count; ++k) d[k] = T(rows.h_chosen[k]) - T(rows.h_rejected[k]);
+  T sum[kLanes];
+  T max_d[kLanes], E[kLanes], inv_sum[kLanes];
+  const bool direct = all_within(count, d, sigmoid_direct_span<T>());
+  if (direct) {
+#pragma omp simd
+    for (int64_t k = 0; k < count; ++k) sigmoid_direct_terms(simd_exp(-d[k]), part[k], q[k]);
+  } else {
+    for (int64_t w = 0; w < kLanes; ++w) {
+      max_d[w] = w < rows.lanes ? d[w * n] : T(0);
+      for (int64_t i = 1; i < n && w < rows.lanes; ++i) {
+        max_d[w] = d[w * n + i] > max_d[w] ? d[w * n + i] : max_d[w];  // a NaN reaches the loss through its term
       }
     }
-  };
-  if (all_within(n * kLanes, d, sigmoid_direct_span<T>())) {
-    add_terms([](T d_i, int64_t, T& sigma, T& q_i) { sigmoid_direct_terms(simd_exp(-d_i), sigma, q_i); });
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_n);
-  } else {
-    T min_d[kLanes], max_d[kLanes], E[kLanes];
-    range_per_lane(n, d, min_d, max_d);
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) E[w] = simd_exp_neg_abs(max_d[w]);
-    add_terms([&](T d_i, int64_t w, T& ratio, T& q_i) {
-      sigmoid_shifted_terms(d_i, max_d[w], E[w], ratio, q_i);
-    });
+    for (int64_t w = 0; w < rows.lanes; ++w) {
 #pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_n);
+      for (int64_t i = 0; i < n; ++i) {
+        sigmoid_shifted_terms(d[w * n + i], max_d[w], E[w], part[w * n + i], q[w * n + i]);
+      }
+    }
   }
+  for (int64_t w = 0; w < kLanes; ++w) {
+    T s = T(0);
+    if (w < rows.lanes) {
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < n; ++i) s += part[w * n + i];
+    }
+    sum[w] = w < rows.lanes ? s : T(1);  // lanes past the batch: any finite loss, never stored
+  }
+  lane_losses(direct, max_d, E, sum, log_n, loss, inv_sum);
   if constexpr (kWithGrad) {
-    T inv_sum[kLanes];
+    for (int64_t w = 0; w < rows.lanes; ++w) {
 #pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
-    transpose_out(rows.lanes, n, [&](int64_t w, int64_t i) {
-      const T grad = sigmoid_mean_backward(q[i * kLanes + w], inv_sum[w]);  // ∂L/∂d_i
-      rows.grad_chosen[w * n + i] = scalar_t(grad);
-      rows.grad_rejected[w * n + i] = scalar_t(-grad);
-    });
+      for (int64_t i = 0; i < n; ++i) {
+        const T grad = sigmoid_mean_backward(q[w * n + i], inv_sum[w]);  // ∂L/∂d_i
+        rows.grad_chosen[w * n + i] = scalar_t(grad);
+        rows.grad_rejected[w * n + i] = scalar_t(-grad);
+      }
+    }
   }
 }
 
@@ -257,7 +301,9 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
       if constexpr (kWithGrad) std::copy(q_row, q_row + kLanes, q_rows + i * kLanes);
     }
   };
-  if (all_within(kLanes, span, sigmoid_direct_span<T>())) {
+  T max_d[kLanes], E[kLanes], inv_sum[kLanes];
+  const bool direct = all_within(kLanes, span, sigmoid_direct_span<T>());
+  if (direct) {
     for (int64_t i = 0; i < n; ++i) {
 #pragma omp simd
       for (int64_t w = 0; w < kLanes; ++w) {
@@ -268,10 +314,7 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
     add_terms([&](int64_t ci, int64_t rj, int64_t, T& sigma, T& q) {
       sigmoid_direct_terms(r[rj] * c[ci], sigma, q);
     });
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_direct_forward(sum[w], log_n2);
   } else {
-    T max_d[kLanes], E[kLanes];
 #pragma omp simd
     for (int64_t w = 0; w < kLanes; ++w) {
       max_d[w] = max_c[w] - min_r[w];
@@ -280,13 +323,9 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
     add_terms([&](int64_t ci, int64_t rj, int64_t w, T& ratio, T& q) {
       sigmoid_shifted_terms(c[ci] - r[rj], max_d[w], E[w], ratio, q);
     });
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) loss[w] = sigmoid_shifted_forward(max_d[w], E[w], sum[w], log_n2);
   }
+  lane_losses(direct, max_d, E, sum, log_n2, loss, inv_sum);
   if constexpr (kWithGrad) {
-    T inv_sum[kLanes];
-#pragma omp simd
-    for (int64_t w = 0; w < kLanes; ++w) inv_sum[w] = T(1) / sum[w];
     // ∂L/∂h_c,i = Σ_j ∂L/∂d_ij, ∂L/∂h_r,j = −Σ_i ∂L/∂d_ij
     transpose_out(rows.lanes, n, [&](int64_t w, int64_t i) {
       rows.grad_chosen[w * n + i] = scalar_t(sigmoid_mean_backward(q_rows[i * kLanes + w], inv_sum[w]));
@@ -372,9 +411,9 @@ MINQR_SIMD_CLONES void paper_block(const Rows<scalar_t>& rows, const PaperConsta
 // ---------------------------------------------------------------------------------------------
 // The frame
 
-// Runs block(rows, scratch, loss) over every block of pairs. work_per_pair: the inner-loop
-// evaluations a pair costs (N or N²), which sets how many blocks a task gets; scratch_rows: the
-// [n][kLanes] arrays of T the objective needs.
+// Runs block(rows, scratch, loss) over every block of pairs. work_per_pair: what a pair costs, in
+// kMinTaskWork's unit, which sets how many blocks a task gets; scratch_rows: the [n][kLanes]
+// arrays of T the objective needs.
 template <typename scalar_t, bool kWithGrad, typename Block>
 void for_each_block(const at::Tensor& h_chosen, const at::Tensor& h_rejected, LossOutputs& outputs,
                     int64_t work_per_pair, int64_t scratch_rows, const Block& block) {
@@ -412,42 +451,50 @@ void for_each_block(const at::Tensor& h_chosen, const at::Tensor& h_rejected, Lo
   using T = at::opmath_type<scalar_t>;                 \
   constexpr bool kWithGrad = decltype(with_grad)::value
 
-LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                             bool compute_grad) {
+// mixture and independent, which share everything but their block: Bradley–Terry itself at N = 1
+// (bradley_terry_block), else block(rows, log K, scratch, loss, with_grad) with K = N^power
+// outputs' differences per pair, each of term_work (kMinTaskWork's unit).
+template <typename Block>
+LossOutputs sigmoid_mean_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                                  bool compute_grad, int power, int64_t term_work,
+                                  int64_t scratch_rows, const Block& block) {
   return run_loss(h_chosen, h_rejected, compute_grad,
-                  [](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
-                     LossOutputs& outputs) {
+                  [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
+                      LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
                     const int64_t n = hc.size(1);
-                    const T log_n = T(std::log(double(n)));
+                    const int64_t count = power == 1 ? n : n * n;
+                    const T log_count = T(std::log(double(count)));
                     for_each_block<scalar_t, kWithGrad>(
-                        hc, hr, outputs, n, 2, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
+                        hc, hr, outputs, term_work * count, scratch_rows,
+                        [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
                           if (n == 1) {
                             bradley_terry_block<scalar_t, T, kWithGrad>(rows, loss);
                           } else {
-                            mixture_block<scalar_t, T, kWithGrad>(rows, log_n, scratch, loss);
+                            block(rows, log_count, scratch, loss, with_grad);
                           }
                         });
                   });
 }
 
+LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                             bool compute_grad) {
+  return sigmoid_mean_loss_cpu(
+      h_chosen, h_rejected, compute_grad, 1, kMixtureTermWork, 3,
+      [](const auto& rows, auto log_n, auto* scratch, auto* loss, auto with_grad) {
+        using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
+        mixture_block<scalar_t, decltype(log_n), decltype(with_grad)::value>(rows, log_n, scratch, loss);
+      });
+}
+
 LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
                                  bool compute_grad) {
-  return run_loss(h_chosen, h_rejected, compute_grad,
-                  [](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
-                     LossOutputs& outputs) {
-                    MINQR_LOSS_TYPES(scalar, with_grad);
-                    const int64_t n = hc.size(1);
-                    const T log_n2 = T(2 * std::log(double(n)));
-                    for_each_block<scalar_t, kWithGrad>(
-                        hc, hr, outputs, n * n, 4, [&](const Rows<scalar_t>& rows, T* scratch, T* loss) {
-                          if (n == 1) {
-                            bradley_terry_block<scalar_t, T, kWithGrad>(rows, loss);
-                          } else {
-                            independent_block<scalar_t, T, kWithGrad>(rows, log_n2, scratch, loss);
-                          }
-                        });
-                  });
+  return sigmoid_mean_loss_cpu(
+      h_chosen, h_rejected, compute_grad, 2, 1, 4,
+      [](const auto& rows, auto log_n2, auto* scratch, auto* loss, auto with_grad) {
+        using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
+        independent_block<scalar_t, decltype(log_n2), decltype(with_grad)::value>(rows, log_n2, scratch, loss);
+      });
 }
 
 LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected, double kappa,
@@ -511,35 +558,27 @@ bool uniform_scale(const T* scale, int64_t batch, int64_t stride) {
   return differing == 0;
 }
 
-template <typename scalar_t>
-void loss_backward_typed(const at::Tensor& grad_loss, const at::Tensor& gc, const at::Tensor& gr,
-                         at::Tensor& out_chosen, at::Tensor& out_rejected) {
-  using T = at::opmath_type<scalar_t>;
-  const int64_t batch = gc.size(0);
-  const int64_t n = gc.size(1);
-  const T* scale = grad_loss.const_data_ptr<T>();
-  const int64_t stride = grad_loss.stride(0);
-  const bool uniform = uniform_scale(scale, batch, stride);
-  // A multiplication per value: a task needs many rows to be worth a thread.
-  const int64_t grain = std::max<int64_t>(1, 8 * kMinTaskWork / n);
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    scale_rows<scalar_t, T>(scale, stride, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
-                            gr.const_data_ptr<scalar_t>(), out_chosen.mutable_data_ptr<scalar_t>(),
-                            out_rejected.mutable_data_ptr<scalar_t>());
-  });
-}
-
 std::tuple<at::Tensor, at::Tensor> loss_backward_cpu(const at::Tensor& grad_loss,
                                                      const at::Tensor& grad_chosen,
                                                      const at::Tensor& grad_rejected) {
-  check_loss_backward(grad_loss, grad_chosen, grad_rejected);
-  const at::Tensor gc = grad_chosen.contiguous();
-  const at::Tensor gr = grad_rejected.contiguous();
-  auto out_chosen = at::empty_like(gc);
-  auto out_rejected = at::empty_like(gr);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "loss_backward_cpu",
-                                  [&] { loss_backward_typed<scalar_t>(grad_loss, gc, gr, out_chosen, out_rejected); });
-  return {out_chosen, out_rejected};
+  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, [&](auto scalar, const at::Tensor& gc,
+                                                                      const at::Tensor& gr, at::Tensor& out_c,
+                                                                      at::Tensor& out_r) {
+    using scalar_t = typename decltype(scalar)::type;
+    using T = at::opmath_type<scalar_t>;
+    const int64_t batch = gc.size(0);
+    const int64_t n = gc.size(1);
+    const T* scale = grad_loss.const_data_ptr<T>();
+    const int64_t stride = grad_loss.stride(0);
+    const bool uniform = uniform_scale(scale, batch, stride);
+    // A multiplication per value: a task needs many rows to be worth a thread.
+    const int64_t grain = std::max<int64_t>(1, 8 * kMinTaskWork / n);
+    at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+      scale_rows<scalar_t, T>(scale, stride, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
+                              gr.const_data_ptr<scalar_t>(), out_c.mutable_data_ptr<scalar_t>(),
+                              out_r.mutable_data_ptr<scalar_t>());
+    });
+  });
 }
 
 }  // namespace

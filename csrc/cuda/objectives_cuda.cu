@@ -53,6 +53,13 @@ struct Span {
   }
 };
 
+// The block's rows of both inputs into shared memory, in T (coalesced), for every thread to read.
+template <typename scalar_t, typename T>
+__device__ void stage_rows(const Span& span, const scalar_t* h_chosen, const scalar_t* h_rejected,
+                           T* s_c, T* s_r) {
+  stage_rows(span, h_chosen, h_rejected, s_c, s_r);
+}
+
 // Σ of pair p's row partials (threads p·N … p·N+N−1, or every thread when the block holds one
 // pair), in a fixed order.
 template <typename T>
@@ -79,11 +86,7 @@ __global__ void __launch_bounds__(kRows)
   T* s_d = s_qr + pairs_per_block * n;
   T* s_rho = s_d + pairs_per_block;
 
-  for (int64_t r = threadIdx.x; r < span.rows; r += blockDim.x) {
-    s_qc[r] = T(h_chosen[span.base + r]);
-    s_qr[r] = T(h_rejected[span.base + r]);
-  }
-  __syncthreads();
+  stage_rows(span, h_chosen, h_rejected, s_qc, s_qr);
   for (int64_t p = threadIdx.x; p < span.pairs; p += blockDim.x) {
     T sum_c = T(0), sum_r = T(0);
     for (int64_t i = 0; i < n; ++i) {
@@ -129,8 +132,43 @@ __global__ void __launch_bounds__(kRows)
   }
 }
 
-// mixture. Shared: [pairs·N] differences, then q's, [pairs] maxima, E's and sums, [kRows]
-// partials. At N = 1 the pair's single term is Bradley–Terry itself.
+// mixture and independent, after their terms: each thread's partial Σ ratio into s_partial, each
+// pair's sum into s_sum (for the gradients, readable by every thread on return) and its loss.
+template <typename T>
+__device__ void sigmoid_mean_losses(const Span& span, int64_t n, T partial, T* s_partial,
+                                    const T* s_max, const T* s_E, T* s_sum, T log_count, T* loss) {
+  s_partial[threadIdx.x] = partial;
+  __syncthreads();
+  for (int64_t p = threadIdx.x; p < span.pairs; p += blockDim.x) {
+    s_sum[p] = pair_sum(s_partial, p, n);
+    loss[span.b0 + p] = sigmoid_shifted_forward(s_max[p], s_E[p], s_sum[p], log_count);
+  }
+  __syncthreads();
+}
+
+// bradley_terry, which mixture and independent are at N = 1: a thread per pair, computed by the
+// same functions as paper's pairwise term, so that the scalar head gives the same bits through
+// either op. (The constant is the kernels' log K, 0 here.)
+template <typename scalar_t, typename T, bool kWithGrad>
+__global__ void __launch_bounds__(kRows)
+    bradley_terry_kernel(const scalar_t* __restrict__ h_chosen,
+                         const scalar_t* __restrict__ h_rejected, int64_t batch, int64_t, int64_t,
+                         T, T* __restrict__ loss, scalar_t* __restrict__ grad_chosen,
+                         scalar_t* __restrict__ grad_rejected) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= batch) return;
+  const T d = T(h_chosen[b]) - T(h_rejected[b]);
+  const T e = exp_neg_abs(d);
+  loss[b] = bradley_terry_forward(d, e);
+  if constexpr (kWithGrad) {
+    const T grad = bradley_terry_backward(d, e);
+    grad_chosen[b] = scalar_t(grad);
+    grad_rejected[b] = scalar_t(-grad);
+  }
+}
+
+// mixture, N ≥ 2. Shared: [pairs·N] differences, then q's, [pairs] maxima, E's and sums, [kRows]
+// partials.
 template <typename scalar_t, typename T, bool kWithGrad>
 __global__ void __launch_bounds__(kRows)
     mixture_kernel(const scalar_t* __restrict__ h_chosen, const scalar_t* __restrict__ h_rejected,
@@ -164,30 +202,17 @@ __global__ void __launch_bounds__(kRows)
     sigmoid_shifted_terms(s_d[r], s_max[p], s_E[p], ratio, s_q[r]);
     partial += ratio;
   }
-  s_partial[threadIdx.x] = partial;
-  __syncthreads();
-
-  for (int64_t p = threadIdx.x; p < span.pairs; p += blockDim.x) {
-    s_sum[p] = pair_sum(s_partial, p, n);
-    if (n == 1) {  // bradley_terry, as paper computes its pairwise term
-      loss[span.b0 + p] = bradley_terry_forward(s_d[p], exp_neg_abs(s_d[p]));
-    } else {
-      loss[span.b0 + p] = sigmoid_shifted_forward(s_max[p], s_E[p], s_sum[p], log_n);
-    }
-  }
+  sigmoid_mean_losses(span, n, partial, s_partial, s_max, s_E, s_sum, log_n, loss);
   if constexpr (kWithGrad) {
-    __syncthreads();
     for (int64_t r = threadIdx.x; r < span.rows; r += blockDim.x) {
-      const int64_t p = r / n;
-      const T grad = n == 1 ? bradley_terry_backward(s_d[r], exp_neg_abs(s_d[r]))
-                            : sigmoid_mean_backward(s_q[r], T(1) / s_sum[p]);
+      const T grad = sigmoid_mean_backward(s_q[r], T(1) / s_sum[r / n]);
       grad_chosen[span.base + r] = scalar_t(grad);
       grad_rejected[span.base + r] = scalar_t(-grad);
     }
   }
 }
 
-// independent. Shared: [pairs·N] c, r, then Σ_j q_ij (row i) and Σ_j q_ji (column i), [pairs]
+// independent, N ≥ 2. Shared: [pairs·N] c, r, then Σ_j q_ij (row i) and Σ_j q_ji (column i), [pairs]
 // maxima, E's and sums, [kRows] partials. Thread (p, i) evaluates row i (d_ij over j, counted in
 // the sum) and column i (d_ji over j) of its pair: every (i, j) twice, no thread waits on another.
 template <typename scalar_t, typename T, bool kWithGrad>
@@ -206,11 +231,7 @@ __global__ void __launch_bounds__(kRows)
   T* s_sum = s_E + pairs_per_block;
   T* s_partial = s_sum + pairs_per_block;
 
-  for (int64_t r = threadIdx.x; r < span.rows; r += blockDim.x) {
-    s_c[r] = T(h_chosen[span.base + r]);
-    s_r[r] = T(h_rejected[span.base + r]);
-  }
-  __syncthreads();
+  stage_rows(span, h_chosen, h_rejected, s_c, s_r);
   for (int64_t p = threadIdx.x; p < span.pairs; p += blockDim.x) {
     // max_ij (c_i − r_j) = max_i c_i − min_j r_j exactly: rounding is monotonic in each argument
     T max_c = s_c[p * n], min_r = s_r[p * n];
@@ -243,32 +264,12 @@ __global__ void __launch_bounds__(kRows)
     s_q_row[r] = q_row;
     s_q_column[r] = q_column;
   }
-  s_partial[threadIdx.x] = partial;
-  __syncthreads();
-
-  for (int64_t p = threadIdx.x; p < span.pairs; p += blockDim.x) {
-    s_sum[p] = pair_sum(s_partial, p, n);
-    if (n == 1) {  // bradley_terry, as paper computes its pairwise term
-      const T d = s_c[p] - s_r[p];
-      loss[span.b0 + p] = bradley_terry_forward(d, exp_neg_abs(d));
-    } else {
-      loss[span.b0 + p] = sigmoid_shifted_forward(s_max[p], s_E[p], s_sum[p], log_n2);
-    }
-  }
+  sigmoid_mean_losses(span, n, partial, s_partial, s_max, s_E, s_sum, log_n2, loss);
   if constexpr (kWithGrad) {
-    __syncthreads();
     for (int64_t r = threadIdx.x; r < span.rows; r += blockDim.x) {
-      const int64_t p = r / n;
-      if (n == 1) {
-        const T d = s_c[r] - s_r[r];
-        const T grad = bradley_terry_backward(d, exp_neg_abs(d));
-        grad_chosen[span.base + r] = scalar_t(grad);
-        grad_rejected[span.base + r] = scalar_t(-grad);
-      } else {
-        const T inv_sum = T(1) / s_sum[p];
-        grad_chosen[span.base + r] = scalar_t(sigmoid_mean_backward(s_q_row[r], inv_sum));
-        grad_rejected[span.base + r] = scalar_t(-sigmoid_mean_backward(s_q_column[r], inv_sum));
-      }
+      const T inv_sum = T(1) / s_sum[r / n];
+      grad_chosen[span.base + r] = scalar_t(sigmoid_mean_backward(s_q_row[r], inv_sum));
+      grad_rejected[span.base + r] = scalar_t(-sigmoid_mean_backward(s_q_column[r], inv_sum));
     }
   }
 }
@@ -334,29 +335,44 @@ LossOutputs paper_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_reje
                   });
 }
 
-LossOutputs mixture_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                              bool compute_grad) {
+// mixture and independent, which share everything but their kernel: Bradley–Terry itself at
+// N = 1, else kernel<scalar_t, T, with_grad> (from kernel_for(scalar, with_grad)) with log K,
+// K = N^power, and rows_arrays [pairs·N] arrays in shared memory.
+template <typename KernelFor>
+LossOutputs sigmoid_mean_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                                   bool compute_grad, int power, int64_t rows_arrays,
+                                   const KernelFor& kernel_for) {
   const c10::cuda::CUDAGuard guard(h_chosen.device());
   return run_loss(h_chosen, h_rejected, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
                       LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
-                    launch<scalar_t, T>(mixture_kernel<scalar_t, T, kWithGrad>, hc, hr, outputs,
-                                        kWithGrad, 2, 3, T(std::log(double(hc.size(1)))));
+                    const int64_t n = hc.size(1);
+                    if (n == 1) {
+                      // one pair per thread: at N = 1 a block has kRows pairs, thread t the t-th
+                      launch<scalar_t, T>(bradley_terry_kernel<scalar_t, T, kWithGrad>, hc, hr, outputs,
+                                          kWithGrad, 0, 0, T(0));
+                    } else {
+                      launch<scalar_t, T>(kernel_for(scalar, with_grad), hc, hr, outputs, kWithGrad,
+                                          rows_arrays, 3, T(power * std::log(double(n))));
+                    }
                   });
+}
+
+LossOutputs mixture_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
+                              bool compute_grad) {
+  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, compute_grad, 1, 2, [](auto scalar, auto with_grad) {
+    MINQR_LOSS_TYPES(scalar, with_grad);
+    return mixture_kernel<scalar_t, T, kWithGrad>;
+  });
 }
 
 LossOutputs independent_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
                                   bool compute_grad) {
-  const c10::cuda::CUDAGuard guard(h_chosen.device());
-  return run_loss(h_chosen, h_rejected, compute_grad,
-                  [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
-                      LossOutputs& outputs) {
-                    MINQR_LOSS_TYPES(scalar, with_grad);
-                    launch<scalar_t, T>(independent_kernel<scalar_t, T, kWithGrad>, hc, hr,
-                                        outputs, kWithGrad, 4, 3,
-                                        T(2 * std::log(double(hc.size(1)))));
-                  });
+  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, compute_grad, 2, 4, [](auto scalar, auto with_grad) {
+    MINQR_LOSS_TYPES(scalar, with_grad);
+    return independent_kernel<scalar_t, T, kWithGrad>;
+  });
 }
 
 #undef MINQR_LOSS_TYPES
@@ -378,26 +394,22 @@ __global__ void scale_rows_kernel(const T* __restrict__ scale, int64_t stride, i
 std::tuple<at::Tensor, at::Tensor> loss_backward_cuda(const at::Tensor& grad_loss,
                                                       const at::Tensor& grad_chosen,
                                                       const at::Tensor& grad_rejected) {
-  check_loss_backward(grad_loss, grad_chosen, grad_rejected);
   const c10::cuda::CUDAGuard guard(grad_chosen.device());
-  const at::Tensor gc = grad_chosen.contiguous();
-  const at::Tensor gr = grad_rejected.contiguous();
-  auto out_chosen = at::empty_like(gc);
-  auto out_rejected = at::empty_like(gr);
-  const int64_t count = gc.numel();
-  if (count == 0) return {out_chosen, out_rejected};
-  // enough blocks to fill the GPU, few enough that each thread strides over several values
-  const int64_t blocks = std::min<int64_t>((count + kRows - 1) / kRows, 65536);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, gc.scalar_type(), "loss_backward_cuda", [&] {
+  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, [&](auto scalar, const at::Tensor& gc,
+                                                                      const at::Tensor& gr, at::Tensor& out_c,
+                                                                      at::Tensor& out_r) {
+    using scalar_t = typename decltype(scalar)::type;
     using T = at::opmath_type<scalar_t>;
+    const int64_t count = gc.numel();
+    // enough blocks to fill the GPU, few enough that each thread strides over several values
+    const int64_t blocks = std::min<int64_t>((count + kRows - 1) / kRows, 65536);
     scale_rows_kernel<scalar_t, T><<<static_cast<unsigned int>(blocks), kRows, 0,
                                      c10::cuda::getCurrentCUDAStream()>>>(
         grad_loss.const_data_ptr<T>(), grad_loss.stride(0), gc.size(1), count,
-        gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(),
-        out_chosen.mutable_data_ptr<scalar_t>(), out_rejected.mutable_data_ptr<scalar_t>());
+        gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), out_c.mutable_data_ptr<scalar_t>(),
+        out_r.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {out_chosen, out_rejected};
 }
 
 }  // namespace
