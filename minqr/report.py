@@ -428,8 +428,9 @@ def _coverage_figure(path: Path, with_truth: dict, colors: dict) -> None:
                                   label=f"{su['label']} ρ={coverage['spread_spearman']:.3f}")
         coverage_ax.set(title=f"{workload}: coverage", xlabel="τ", ylabel="share of truth below q(τ)", xlim=(0, 1),
                         ylim=(0, 1))
+        anchored = all(su["coverage"].get("anchored") for _, su in runs)
         spread_ax.set(title=f"{workload}: spread", xlabel="true spread (truth units)",
-                      ylabel="predicted spread (model units)")
+                      ylabel="predicted spread (" + ("aligned on the anchor: truth units" if anchored else "model units") + ")")
         for ax in (coverage_ax, spread_ax):
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
