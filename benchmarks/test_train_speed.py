@@ -1,7 +1,7 @@
 """Training speed on the CPU, real HH-RLHF pairs: minqr's trainer against the usual recipe.
 
 Both train the same small GPT-2 (4 layers, n_embd 256, max_length 256 tokens, the real GPT-2
-tokenizer) with a 10-quantile head, the same loss (minqr.loss.qr_pairwise_loss), AdamW and
+tokenizer) with a 10-output head, the same loss (the seed paper's, `pair_loss(..., "paper")`), AdamW and
 gradient clipping, over the same 256 pairs drawn from ../shared/data (16 steps of 16 pairs):
 
 - minqr: `minqr.train.train` as `tools/train.py` runs it: length-grouped batches, each pair one
@@ -26,7 +26,7 @@ from minqr.batching import length_grouped_batches, padding_efficiency, random_ba
 from minqr.checkpoint import save_gpt2
 from minqr.data import load_pairs
 from minqr.gpt2 import GPT2, GPT2Config
-from minqr.loss import qr_pairwise_loss
+from minqr.head import pair_loss
 from minqr.metrics import read_metrics
 from minqr.tokenizer import load_tokenizer
 from minqr.train import TrainConfig, train
@@ -72,7 +72,7 @@ def test_minqr_trainer_is_faster_than_the_usual_recipe(setup, capsys):
 def train_with_minqr(folder: Path):
     out = folder / "minqr-run"
     config = TrainConfig(model=str(folder / "model"), tokenizer=str(GPT2_TOKENIZER), data=str(folder / "pairs.jsonl"),
-                         out=str(out), head="quantile", num_quantiles=NUM_QUANTILES, max_length=MAX_LENGTH,
+                         out=str(out), head="quantile", objective="paper", num_quantiles=NUM_QUANTILES, max_length=MAX_LENGTH,
                          batch_size=BATCH, lr=1e-4, eval_every=0, save_every=0, seed=SEED, device="cpu",
                          overwrite=True)
     train(config, progress=False)
@@ -101,7 +101,7 @@ def train_the_usual_way(folder: Path):
         hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         q_chosen = head(hidden[batch.chosen_rows, batch.chosen_cols])  # [B, N]
         q_rejected = head(hidden[batch.rejected_rows, batch.rejected_cols])
-        qr_pairwise_loss(q_chosen, q_rejected).backward()
+        pair_loss(q_chosen, q_rejected, "paper").backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
