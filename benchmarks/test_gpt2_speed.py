@@ -10,8 +10,8 @@ import pytest
 import torch
 import transformers
 
-from minqr.checkpoint import hf_tensors
-from minqr.gpt2 import GPT2, GPT2Config
+from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.hf_folder import hf_tensors
 
 B, T = 4, 128
 ROUNDS = 3

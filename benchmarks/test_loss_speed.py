@@ -19,8 +19,8 @@ import time
 import pytest
 import torch
 
-from minqr import ops
-from minqr.head import OBJECTIVES, pair_loss
+from minqr.objectives import ops
+from minqr.objectives.loss import OBJECTIVES, pair_loss
 
 # inductor still imports torch.jit pieces that warn
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")

@@ -4,7 +4,7 @@ Both train the same small GPT-2 (4 layers, n_embd 256, max_length 256 tokens, th
 tokenizer) with a 10-output head, the same loss (the seed paper's, `pair_loss(..., "paper")`), AdamW and
 gradient clipping, over the same 256 pairs drawn from ../shared/data (16 steps of 16 pairs):
 
-- minqr: `minqr.train.train` as `tools/train.py` runs it: length-grouped batches, each pair one
+- minqr: `minqr.training.loop.train` as `tools/train.py` runs it: length-grouped batches, each pair one
   shared-prefix row. Its time is the sum of the per-step times it logs in metrics.jsonl.
 - the usual recipe: transformers' GPT2Model (its default SDPA attention) + a linear head, batches
   in random order, chosen and rejected as separate sequences padded to the longest.
@@ -22,14 +22,20 @@ import pytest
 import torch
 import transformers
 
-from minqr.batching import length_grouped_batches, padding_efficiency, random_batches, tokenize_pairs
-from minqr.checkpoint import save_gpt2
-from minqr.data import load_pairs
-from minqr.gpt2 import GPT2, GPT2Config
-from minqr.head import pair_loss
-from minqr.metrics import read_metrics
-from minqr.tokenizer import load_tokenizer
-from minqr.train import TrainConfig, train
+from minqr.data.batching import (
+    length_grouped_batches,
+    padding_efficiency,
+    random_batches,
+    tokenize_pairs,
+)
+from minqr.data.pairs import load_pairs
+from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.hf_folder import save_gpt2
+from minqr.models.tokenizer import load_tokenizer
+from minqr.objectives.loss import pair_loss
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HH_PAIRS = SHARED_DATA / "hh-rlhf" / "harmless-base" / "test.jsonl.gz"

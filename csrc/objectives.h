@@ -1,6 +1,6 @@
 // The per-pair math of every objective, written once for the CPU kernels (cpu/objectives_cpu.cpp)
 // and the CUDA kernels (cuda/objectives_cuda.cu). Each objective mirrors its PyTorch reference in
-// minqr/head.py, which is the formula as ../shared/DESIGN.md states it; per pair, with outputs h_c,
+// minqr/objectives/, which is the formula as ../shared/DESIGN.md states it; per pair, with outputs h_c,
 // h_r of shape [N]:
 //
 //   bradley_terry (N = 1)  L = softplus(−d), d = h_c − h_r              ∂L/∂h_c = −σ(−d) = −∂L/∂h_r

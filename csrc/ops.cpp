@@ -1,6 +1,6 @@
 // The loss ops' schemas, declared once for every backend, their shared argument checks, and the
 // Python module minqr._C whose loading registers them. Backends: cpu/ (CPU), cuda/ (CUDA); the
-// autograd formula is autograd.cpp, the fake (meta) kernels are in minqr/ops.py.
+// autograd formula is autograd.cpp, the fake (meta) kernels are in minqr/objectives/ops.py.
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -96,7 +96,7 @@ TORCH_LIBRARY(minqr, m) {
   // One pass computes each pair's loss and, with compute_grad, the gradient of that pair's loss
   // with respect to its own outputs; the backward (autograd.cpp) only scales those rows by
   // grad_output, through loss_backward (cpu/objectives_cpu.cpp has the measurement that chose
-  // saving over recomputing). The formulas: objectives.h, and minqr/head.py's references.
+  // saving over recomputing). The formulas: objectives.h, and minqr/objectives/'s references.
   m.def(
       "paper_loss(Tensor h_chosen, Tensor h_rejected, float kappa, float lam, float margin, "
       "bool compute_grad) -> (Tensor loss, Tensor grad_chosen, Tensor grad_rejected)",

@@ -1,4 +1,4 @@
-// What every backend of the loss ops shares: the argument checks (minqr/ops.py's check_outputs
+// What every backend of the loss ops shares: the argument checks (minqr/objectives/ops.py's check_outputs
 // and check_paper_hyperparameters say the same things in Python, word for word, and the fake
 // kernels call those) and the dispatch of a kernel over dtype and compute_grad.
 #pragma once

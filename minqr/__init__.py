@@ -1,16 +1,49 @@
-"""minqr: small, fast, readable RLHF reward models with quantile (distributional) heads.
+"""minqr: small, fast, readable RLHF reward models with distributional heads.
 
-Read in this order: gpt2.py (the backbone), checkpoint.py (Hugging Face files), tokenizer.py,
-head.py (the objectives, with their formulas), ops.py + csrc/ (the fused kernels), data.py and
-batching.py (preference pairs, shared-prefix rows), reward.py, train.py, score.py, scores.py (the
-scores file), analysis.py and report.py. synthetic.py is the demo's task with known reward distributions.
+The package is laid out by concept (each sub-package's __init__ says what lives there):
+
+    models/      the networks: GPT-2, the reward model and its head, Hugging Face folders, the tokenizer
+    objectives/  what a head's N outputs mean: each objective's formula and its fused C++/CUDA op
+    data/        preference pairs: readers, batches, the synthetic task with known truth
+    training/    the loop, its options, resume, processes, metrics
+    study/       scoring models into scores files, the analysis against the truth, the report
+
+and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
+atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),
+ranking.py (how accuracy counts a pair).
+
+To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
+formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
+training/objective.py, training/loop.py, data/synthetic.py and study/analysis.py, in that order.
+
+The names below are importable from `minqr` itself. They load on first use, so that
+`import minqr.study.scores_file` (the numpy side) does not import torch.
 """
+import importlib
+
 __version__ = "0.1.0"
 
-from minqr.errors import MinqrError
-from minqr.gpt2 import GPT2, GPT2Config
-from minqr.checkpoint import load_gpt2, save_gpt2
-from minqr.tokenizer import load_tokenizer
-from minqr.head import OBJECTIVES, HeadConfig, pair_loss
-from minqr.ops import fused_available
-from minqr.reward import RewardModel
+_EXPORTS = {
+    "MinqrError": "minqr.errors",
+    "GPT2": "minqr.models.gpt2", "GPT2Config": "minqr.models.gpt2",
+    "load_gpt2": "minqr.models.hf_folder", "save_gpt2": "minqr.models.hf_folder",
+    "load_tokenizer": "minqr.models.tokenizer",
+    "HeadConfig": "minqr.models.head",
+    "RewardModel": "minqr.models.reward",
+    "OBJECTIVES": "minqr.objectives.loss", "pair_loss": "minqr.objectives.loss",
+    "fused_available": "minqr.objectives.ops",
+    "TrainConfig": "minqr.training.config", "train": "minqr.training.loop",
+}
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # once loaded, an ordinary attribute
+        return value
+    raise AttributeError(f"module 'minqr' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from minqr.checkpoint import hf_tensors, save_gpt2
-from minqr.gpt2 import GPT2, GPT2Config
-from minqr.tokenizer import EOS
+from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.hf_folder import hf_tensors, save_gpt2
+from minqr.models.tokenizer import EOS
 
 TINY_VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary, so its ids fit tiny models
 TINY_EOS_ID = 300  # the tiny tokenizer's EOS (its last id)

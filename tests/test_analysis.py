@@ -1,14 +1,20 @@
-"""The measures of minqr.analysis against scipy, brute force, or the formula written out."""
+"""The measures of minqr.study.analysis against scipy, brute force, or the formula written out."""
 import math
 
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
-from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein_distance
+from scipy.stats import (
+    binomtest,
+    entropy,
+    gaussian_kde,
+    spearmanr,
+    wasserstein_distance,
+)
 
-from minqr import analysis as A
 from minqr.errors import MinqrError
-from minqr.scores import FORMAT, Scores
+from minqr.study import analysis as A
+from minqr.study.scores_file import FORMAT, Scores
 
 SIZES = [(1, 1), (1, 5), (7, 3), (200, 300), (2000, 1500)]
 
@@ -405,11 +411,12 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
 
 @pytest.mark.parametrize("objective", ["mixture", "independent", "paper", "bradley_terry", None])
 def test_the_objective_probability_is_the_likelihood_the_objective_trains(objective):
-    """Its negative log-likelihood is the objective's own loss on the same outputs (minqr.head's
+    """Its negative log-likelihood is the objective's own loss on the same outputs (minqr.objectives's
     references; for paper, its Bradley-Terry term alone), so a held-out NLL in the report is the
     training objective evaluated on held-out pairs."""
     import torch
-    from minqr.head import pair_loss
+
+    from minqr.objectives.loss import pair_loss
 
     rng = np.random.default_rng(23)
     n = 1 if objective == "bradley_terry" else 5

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from factories import ended_writer
+
 from minqr.atomic import atomic_dir, atomic_file
 
 

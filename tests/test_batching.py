@@ -8,15 +8,22 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-
 from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
 from factories import random_gpt2, tiny_config
-from minqr.data import Pair
-from minqr.batching import (IGNORE_INDEX, collate_pairs, length_grouped_batches, padding_efficiency,
-                            random_batches, shared_prefix_length, tokenize_pairs, TokenizedPairs)
-from minqr.data import load_pairs
+
+from minqr.data.batching import (
+    IGNORE_INDEX,
+    TokenizedPairs,
+    collate_pairs,
+    length_grouped_batches,
+    padding_efficiency,
+    random_batches,
+    shared_prefix_length,
+    tokenize_pairs,
+)
+from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
-from minqr.tokenizer import load_tokenizer
+from minqr.models.tokenizer import load_tokenizer
 
 PAD_ID = 999
 

@@ -8,8 +8,14 @@ import transformers
 from factories import random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint
 
 from minqr import MinqrError, load_gpt2, save_gpt2
-from minqr.checkpoint import DAMAGED, hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
-from minqr.gpt2 import GPT2
+from minqr.models.gpt2 import GPT2
+from minqr.models.hf_folder import (
+    DAMAGED,
+    hf_tensors,
+    load_backbone_tensors,
+    read_tensors,
+    write_hf_folder,
+)
 
 CONFIG = tiny_config(n_layer=3, n_head=2, n_inner=48, activation_function="gelu")
 

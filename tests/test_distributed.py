@@ -8,10 +8,11 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-
-from minqr.metrics import read_metrics
-from minqr.train import TrainConfig, train
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
+
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
 
 
 @pytest.mark.slow  # three training runs, two of them under torchrun

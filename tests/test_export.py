@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
 
 from minqr import load_tokenizer
-from minqr.data import Pair
-from minqr.head import HeadConfig
-from minqr.reward import RewardModel
-from minqr.score import score_pairs
+from minqr.data.pairs import Pair
+from minqr.models.head import HeadConfig
+from minqr.models.reward import RewardModel
+from minqr.study.scoring import score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ARGS = {"max_length": 48, "lr": 1e-5, "head": "quantile"}

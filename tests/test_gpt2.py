@@ -5,7 +5,7 @@ import transformers
 from factories import random_gpt2, tiny_config, transformers_twin
 
 from minqr import GPT2, GPT2Config, MinqrError
-from minqr.gpt2 import attention_mask_4d
+from minqr.models.gpt2 import attention_mask_4d
 
 CONFIGS = [
     tiny_config(),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from minqr import hub
-from minqr.data import load_pairs
+from minqr.data.pairs import load_pairs
 from minqr.errors import MinqrError
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -14,10 +14,10 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from test_train import ROOT, as_argv, load_cli, tiny_options, write_run_inputs
 
 from minqr.errors import MinqrError
 from minqr.lock import hold_output, lock_path
-from test_train import ROOT, as_argv, load_cli, tiny_options, write_run_inputs
 
 HOLDER = """
 import sys

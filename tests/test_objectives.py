@@ -1,5 +1,5 @@
 """Every objective's loss: the fused ops and the PyTorch references against the spec
-(../shared/DESIGN.md, "The loss" and "Objectives"; minqr/head.py).
+(../shared/DESIGN.md, "The loss" and "Objectives"; minqr/objectives/).
 
 The oracles are written here, independent of minqr: `*_loops` spell each formula out with Python
 floats (per pair, per i, per j, gradients included), and `*_numpy` vectorise the same formulas in
@@ -15,8 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minqr import head, ops
-from minqr.head import pair_loss, quantile_levels
+from minqr.objectives import loss, ops, references
+from minqr.objectives.loss import pair_loss
+from minqr.objectives.references import quantile_levels
 
 # torch's own opcheck and inductor still import torch.jit pieces that warn.
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
@@ -214,7 +215,7 @@ def assert_close(got, want, rel):
 
 def op_call(objective, hc, hr, compute_grad=True, **hyper):
     """The objective's fused op called directly: (loss, grad_chosen, grad_rejected)."""
-    spec = head.OBJECTIVES[objective]
+    spec = loss.OBJECTIVES[objective]
     values = {**spec.hyperparameters, **hyper}
     return getattr(torch.ops.minqr, spec.op)(hc, hr, *(float(values[k]) for k in spec.hyperparameters),
                                             compute_grad)
@@ -417,11 +418,11 @@ def test_large_batch_across_threads(objective, b):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_one_output_is_bradley_terry_in_every_reference(dtype):
     hc, hr = (h.requires_grad_() for h in pairs(200, 1, dtype, seed=5, scale=30.0))
-    want = head.bradley_terry_reference(hc, hr)
+    want = references.bradley_terry_reference(hc, hr)
     assert torch.equal(want, -F.logsigmoid(hc[:, 0] - hr[:, 0]))
     want_grads = torch.autograd.grad(want.sum(), [hc, hr])
-    for reference in (head.mixture_reference, head.independent_reference,
-                      lambda a, b: head.paper_reference(a, b, lam=0.0)):
+    for reference in (references.mixture_reference, references.independent_reference,
+                      lambda a, b: references.paper_reference(a, b, lam=0.0)):
         got = reference(hc, hr)
         assert torch.equal(got, want)
         for g, w in zip(torch.autograd.grad(got.sum(), [hc, hr]), want_grads):
@@ -494,7 +495,7 @@ def test_gradcheck(objective):
 @fused
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_opcheck(objective):
-    op = getattr(torch.ops.minqr, head.OBJECTIVES[objective].op).default
+    op = getattr(torch.ops.minqr, loss.OBJECTIVES[objective].op).default
     hyper = {"paper": [(1.0, 1.0, 1.0), (0.5, 0.0, -1.0), (2.0, 0.5, 0.0)]}.get(objective, [()] * 3)
     samples = [
         (*pairs(5, 10, torch.float32, seed=1), *hyper[0], True),
@@ -661,7 +662,7 @@ def test_bad_input_same_error_everywhere(objective, hc, hr, kwargs, error, messa
         assert str(info.value) == message, impl
     # The op itself (C++ checks on CPU, the fake kernel on meta), where its schema admits the
     # arguments: tensors and numbers, no reduction or impl.
-    spec = head.OBJECTIVES[objective]
+    spec = loss.OBJECTIVES[objective]
     hyper = {**spec.hyperparameters, **kwargs}
     admissible = (
         ops.fused_available()
@@ -689,7 +690,7 @@ def unbuilt(monkeypatch):
     monkeypatch.setattr(ops, "_C", None)
     monkeypatch.setattr(ops, "IMPORT_ERROR", ImportError("no module named minqr._C"))
     monkeypatch.setattr(ops, "DEVICE_TYPES", {op: frozenset() for op in ops.OPS})
-    monkeypatch.setattr(head, "_warned", set())
+    monkeypatch.setattr(loss, "_warned", set())
 
 
 def test_fused_when_not_built_raises(unbuilt):
@@ -710,7 +711,7 @@ def test_auto_warns_once_and_uses_reference(unbuilt, objective):
 
 
 def test_auto_on_a_device_without_kernel_uses_reference(monkeypatch):
-    monkeypatch.setattr(head, "_warned", set())
+    monkeypatch.setattr(loss, "_warned", set())
     hc, hr = _h(3, 4, device="meta"), _h(3, 4, device="meta")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -724,8 +725,8 @@ def test_auto_on_a_device_without_kernel_uses_reference(monkeypatch):
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_auto_uses_fused_on_cpu(monkeypatch, objective):
     calls = []
-    monkeypatch.setitem(head.OBJECTIVES, objective, dataclasses.replace(
-        head.OBJECTIVES[objective], reference=lambda *a, **k: calls.append(1)))
+    monkeypatch.setitem(loss.OBJECTIVES, objective, dataclasses.replace(
+        loss.OBJECTIVES[objective], reference=lambda *a, **k: calls.append(1)))
     pair_loss(_h(2, 3), _h(2, 3), objective)
     assert calls == []
 

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from minqr.metrics import read_metrics
-from minqr.train import TrainConfig, train
 from test_train import TIMING_KEYS, tiny_options, write_run_inputs
+
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
 
 RECORDED = Path(__file__).parent / "data" / "before_objectives.json"
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from minqr import analysis
-from minqr.report import analyze
-from minqr.scores import load_scores, save_scores
+from minqr.study import analysis
+from minqr.study.report import analyze
+from minqr.study.scores_file import load_scores, save_scores
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -15,14 +15,22 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
-
-import minqr.train
 from factories import ended_writer
-from minqr.checkpointing import find_checkpoint, load_checkpoint
-from minqr.metrics import read_metrics
-from minqr.train import TrainConfig, train
-from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
+from safetensors.torch import load_file
+from test_train import (
+    ROOT,
+    TIMING_KEYS,
+    as_argv,
+    load_cli,
+    tiny_options,
+    write_run_inputs,
+)
+
+import minqr.training.loop
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
+from minqr.training.resume import find_checkpoint, load_checkpoint
 
 STEPS = 8  # 24 pairs in batches of 8: 3 steps an epoch, so the run crosses two epoch boundaries
 
@@ -71,7 +79,7 @@ def assert_same_run(out, reference):
 
 def train_until_checkpoint(options: dict, stop_after: int, monkeypatch) -> None:
     """Run `options` and stop it with an exception right after it saved the checkpoint of step `stop_after`."""
-    real_save = minqr.train.save_checkpoint
+    real_save = minqr.training.loop.save_checkpoint
 
     def save_then_stop(*args, step, **kwargs):
         real_save(*args, step=step, **kwargs)
@@ -79,7 +87,7 @@ def train_until_checkpoint(options: dict, stop_after: int, monkeypatch) -> None:
             raise Interrupted
 
     with monkeypatch.context() as patch:
-        patch.setattr(minqr.train, "save_checkpoint", save_then_stop)
+        patch.setattr(minqr.training.loop, "save_checkpoint", save_then_stop)
         with pytest.raises(Interrupted):
             train(TrainConfig(**options), progress=False)
     assert load_checkpoint(options["out"]).step == stop_after

@@ -9,15 +9,23 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from factories import (SENTENCES, TINY_EOS_ID, random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint,
-                       write_tiny_tokenizer)
+from factories import (
+    SENTENCES,
+    TINY_EOS_ID,
+    random_gpt2,
+    tiny_config,
+    transformers_twin,
+    write_tiny_checkpoint,
+    write_tiny_tokenizer,
+)
 from safetensors.torch import load_file, save_file
 
 from minqr import MinqrError, load_tokenizer, save_gpt2
-from minqr.analysis import pair_accuracy
-from minqr.batching import collate_pairs
-from minqr.head import HeadConfig
-from minqr.reward import RewardModel, quantile_band, ranking_credit
+from minqr.data.batching import collate_pairs
+from minqr.models.head import HeadConfig
+from minqr.models.reward import RewardModel, quantile_band
+from minqr.ranking import ranking_credit
+from minqr.study.analysis import pair_accuracy
 
 HEADS = [("scalar", 1), ("quantile", 10), ("quantile", 7)]
 CONFIG = tiny_config(n_positions=160)  # room for the long text of text_batch
@@ -160,15 +168,15 @@ def test_save_keeps_other_files_and_replaces_the_model(tmp_path):
 # being renamed into place (after the staging folder's own rename and the first file's).
 KILLED_SAVE = """
 import os, signal, sys
-import minqr.checkpoint
-from minqr.reward import RewardModel
+import minqr.models.hf_folder
+from minqr.models.reward import RewardModel
 
 source, out, moment = sys.argv[1:]
 if moment == "writing":
     def save_file(tensors, path, metadata=None):
         open(path, "wb").write(b"half a safetensors file")
         os.kill(os.getpid(), signal.SIGKILL)
-    minqr.checkpoint.save_file = save_file
+    minqr.models.hf_folder.save_file = save_file
 else:
     real_replace, calls = os.replace, []
     def replace(src, dst):

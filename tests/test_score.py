@@ -19,16 +19,16 @@ from test_data import SURROGATE_LINE, surrogate_error
 
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
-from minqr.analysis import load_truth
-from minqr.checkpoint import DAMAGED
-from minqr.data import Pair, load_pairs
+from minqr.data.pairs import Pair, load_pairs
+from minqr.data.synthetic import SyntheticTask, make_synthetic_task
 from minqr.device import autocast_dtype, resolve_device
-from minqr.head import quantile_levels
-from minqr.head import HeadConfig
-from minqr.reward import RewardModel
-from minqr.score import score_pairs, score_to_file
-from minqr.scores import load_scores
-from minqr.synthetic import SyntheticTask, make_synthetic_task
+from minqr.models.head import HeadConfig
+from minqr.models.hf_folder import DAMAGED
+from minqr.models.reward import RewardModel
+from minqr.objectives.references import quantile_levels
+from minqr.study.analysis import load_truth
+from minqr.study.scores_file import load_scores
+from minqr.study.scoring import score_pairs, score_to_file
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 200
@@ -132,7 +132,7 @@ def test_scores_are_each_text_scored_alone_in_the_data_order(tokenizer, kind, n,
 
 
 def test_batches_are_not_in_the_data_order_so_the_order_test_can_fail(tokenizer):
-    from minqr.batching import tokenize_pairs
+    from minqr.data.batching import tokenize_pairs
 
     widths = tokenize_pairs(make_pairs(seed=1), tokenizer, MAX_LENGTH).row_widths(shared_prefix=True)
     assert not np.all(np.diff(widths) <= 0)  # widest-first batching reorders these pairs
@@ -182,7 +182,7 @@ def test_device_and_precision_rules(monkeypatch):
 
 
 def test_scoring_does_not_import_the_training_module():
-    code = "import sys, minqr.score; assert 'minqr.train' not in sys.modules, 'minqr.train imported'"
+    code = "import sys, minqr.study.scoring; assert 'minqr.training.loop' not in sys.modules, 'minqr.training.loop imported'"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

@@ -6,7 +6,7 @@ import pytest
 
 from minqr import __version__
 from minqr.errors import MinqrError
-from minqr.scores import FORMAT, Scores, load_scores, save_scores
+from minqr.study.scores_file import FORMAT, Scores, load_scores, save_scores
 
 
 def metadata(head="quantile", n=4, **overrides) -> dict:

@@ -13,10 +13,18 @@ from scipy import integrate, stats
 from scipy.special import expit
 
 from minqr import MinqrError, load_gpt2, load_tokenizer
-from minqr.data import read_pairs_file
-from minqr.head import quantile_levels
-from minqr.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
-                             make_synthetic_task, mixture_quantiles, sample_pairs)
+from minqr.data.pairs import read_pairs_file
+from minqr.data.synthetic import (
+    ANCHOR_REPLY,
+    TASK_VARIANTS,
+    TINY_MODEL,
+    SyntheticTask,
+    bayes_accuracy,
+    make_synthetic_task,
+    mixture_quantiles,
+    sample_pairs,
+)
+from minqr.objectives.references import quantile_levels
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(num_train=300, num_test=300, num_samples=200)

@@ -9,7 +9,7 @@ from factories import SENTENCES, write_tiny_tokenizer
 from tokenizers import models, pre_tokenizers, trainers
 
 from minqr import MinqrError, load_tokenizer
-from minqr.tokenizer import Tokenizer, byte_level_bpe
+from minqr.models.tokenizer import Tokenizer, byte_level_bpe
 
 LAYOUTS = ["vocab.json", "encoder.json", "tokenizer.json"]
 TRICKY = ["", " ", "Hello world", "  two  spaces\n\n\ttab", "naïve café 🙂 漢字", "a<|endoftext|>b", "<|endoftext|>"]

@@ -1,4 +1,4 @@
-"""Training end to end (minqr/train.py, tools/train.py): the command line, the files a run leaves,
+"""Training end to end (minqr/training/loop.py, tools/train.py): the command line, the files a run leaves,
 the objective of a step against the formula written out, the real HH-RLHF pairs, the NaN stop and
 the offline demo. Resuming is in test_resume.py, torchrun in test_distributed.py.
 
@@ -22,16 +22,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-
-import minqr.train
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
-from minqr.checkpoint import DAMAGED
 from test_data import SURROGATE_LINE, surrogate_error
+
+import minqr.training.loop
 from minqr.errors import MinqrError
-from minqr.metrics import read_metrics
-from minqr.reward import RewardModel
-from minqr.tokenizer import load_tokenizer
-from minqr.train import TrainConfig, train
+from minqr.models.hf_folder import DAMAGED
+from minqr.models.reward import RewardModel
+from minqr.models.tokenizer import load_tokenizer
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("tokens_per_s", "pairs_per_s")
@@ -199,7 +200,7 @@ def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypat
     """A step whose loss (computed before it) is finite can still leave weights that are not: here the
     optimizer's step is made to blow one weight up at step 3. The run stops before anything is saved,
     and the checkpoint of step 2 stays as it was."""
-    real_make_optimizer = minqr.train.make_optimizer
+    real_make_optimizer = minqr.training.loop.make_optimizer
 
     def blowing_up(model, config, device):
         optimizer = real_make_optimizer(model, config, device)
@@ -212,7 +213,7 @@ def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypat
         optimizer.register_step_post_hook(after_step)
         return optimizer
 
-    monkeypatch.setattr(minqr.train, "make_optimizer", blowing_up)
+    monkeypatch.setattr(minqr.training.loop, "make_optimizer", blowing_up)
     out = tmp_path / "run"
     with pytest.raises(MinqrError) as stopped:
         train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1)), progress=False)
@@ -361,7 +362,7 @@ def sigmoid(x: float) -> float:
 
 
 def objective_float64(config, q_c: np.ndarray, q_r: np.ndarray) -> float:
-    """minqr/head.py's objectives for one pair, written out in float64."""
+    """minqr/objectives/'s objectives for one pair, written out in float64."""
     if config.objective == "paper":
         return quantile_loss_float64(q_c, q_r, config.kappa, config.lam, config.margin)
     if config.objective in ("bradley_terry", "mixture"):  # bradley_terry: the mixture of one kind

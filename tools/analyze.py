@@ -4,13 +4,19 @@
     python tools/analyze.py *.npz --out report --view q0 --bins 100 --bootstrap 2000
     python tools/analyze.py synthetic/*.npz --out report --truth synthetic/test_truth.npz
 
-Prints the path of report.md. The measures are minqr.analysis's; the report is minqr.report's.
+Prints the path of report.md. The measures are minqr.study.analysis's; the report is minqr.study.report's.
 """
 import click
 
-from minqr.analysis import CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP
 from minqr.errors import MinqrError
-from minqr.report import analyze
+from minqr.study.analysis import (
+    CONFIDENCE,
+    DEFAULT_BINS,
+    DEFAULT_EPS,
+    DEFAULT_RESAMPLES,
+    VIEWS_HELP,
+)
+from minqr.study.report import analyze
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -7,12 +7,12 @@ N quantiles (the head's rows averaged: the mean of N linear maps of the same fea
 tokenizer and training_args.json; transformers' AutoModelForSequenceClassification loads it as it
 is. It is the only export for now, so it must be asked for by name; a scalar model is refused (it
 is already one). For the quantiles themselves, load the quantile folder: its logits are the N
-quantiles, and minqr.reward.quantile_band turns them into (reward, lower, upper).
+quantiles, and minqr.models.reward.quantile_band turns them into (reward, lower, upper).
 """
 import click
 
 from minqr.errors import MinqrError
-from minqr.score import export_scalar
+from minqr.models.export import export_scalar
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -3,7 +3,7 @@
     python tools/objectives_table.py runs/objectives/*/report/summaries.json --out docs/objectives/table.md
 
 Reads the summaries.json that tools/analyze.py writes (one or several reports) and writes the table
-of minqr.report.objectives_table: accuracy and held-out NLL against the Bayes-optimal model,
+of minqr.study.report.objectives_table: accuracy and held-out NLL against the Bayes-optimal model,
 coverage error and spread ρ against the known truth, ECE, spread AUROC and the paper's histogram KL.
 `make objectives` runs the whole study that fills it.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from minqr.atomic import atomic_file
-from minqr.report import objectives_table
+from minqr.study.report import objectives_table
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

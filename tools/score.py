@@ -5,13 +5,13 @@
     python tools/score.py --model runs/demo/quantile --data runs/demo/demo-data/test.jsonl --out s.npz
 
 Prints the pair accuracy (ranking by the mean of the outputs) and, for a quantile head, the
-accuracy of ranking by each quantile alone. The work is minqr.score's; tools/analyze.py reads the file.
+accuracy of ranking by each quantile alone. The work is minqr.study.scoring's; tools/analyze.py reads the file.
 """
 import click
 
 from minqr.device import DTYPES
 from minqr.errors import MinqrError
-from minqr.score import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT, score_to_file
+from minqr.study.scoring import DEFAULT_BATCH_SIZE, DEFAULT_SPLIT, score_to_file
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

@@ -1,4 +1,4 @@
-"""Write a synthetic preference task with known reward distributions (minqr/synthetic.py) into a folder.
+"""Write a synthetic preference task with known reward distributions (minqr/data/synthetic.py) into a folder.
 
     python tools/synthetic.py --out runs/tasks/shifted --variant shifted
     python tools/train.py --model runs/tasks/shifted/model --data runs/tasks/shifted/train.jsonl \
@@ -10,8 +10,8 @@ tokenizer and a tiny random GPT-2 to train from.
 """
 import click
 
+from minqr.data.synthetic import TASK_VARIANTS, make_synthetic_task
 from minqr.errors import MinqrError
-from minqr.synthetic import TASK_VARIANTS, make_synthetic_task
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

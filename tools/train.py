@@ -5,7 +5,7 @@
     python tools/train.py ... --resume                        continue an interrupted run
     torchrun --nproc_per_node 8 tools/train.py ...            several GPUs (or CPU processes)
 
-The options, their defaults and help texts are minqr.train.TrainConfig's fields; this file only
+The options, their defaults and help texts are minqr.training.loop.TrainConfig's fields; this file only
 turns them into a command line.
 """
 import sys
@@ -16,7 +16,9 @@ from dataclasses import MISSING, fields
 import click
 
 from minqr.errors import MinqrError
-from minqr.train import TrainConfig, TrainingInterrupted, train
+from minqr.training.config import TrainConfig
+from minqr.training.interrupt import TrainingInterrupted
+from minqr.training.loop import train
 
 
 def _option(f, hints):

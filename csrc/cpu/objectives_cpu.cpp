@@ -1,5 +1,5 @@
 // CPU kernels of the loss ops: each pair's loss and, with compute_grad, its gradient, in one pass
-// (the math is objectives.h; the references are minqr/head.py), and loss_backward.
+// (the math is objectives.h; the references are minqr/objectives/), and loss_backward.
 //
 // Every objective runs in the same frame: pairs go kLanes at a time, a block of consecutive pairs
 // per call of the objective's block function, blocks spread over threads by at::parallel_for.
@@ -499,7 +499,7 @@ LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h
 
 LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected, double kappa,
                            double lam, double margin, bool compute_grad) {
-  check_outputs(h_chosen, h_rejected);  // first, as minqr/ops.py's checks go
+  check_outputs(h_chosen, h_rejected);  // first, as minqr/objectives/ops.py's checks go
   check_paper_hyperparameters(kappa, lam, margin);
   return run_loss(h_chosen, h_rejected, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,

@@ -322,7 +322,7 @@ void launch(LossKernel<scalar_t, Constants> kernel, const at::Tensor& hc, const 
 
 LossOutputs paper_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
                             double kappa, double lam, double margin, bool compute_grad) {
-  check_outputs(h_chosen, h_rejected);  // first, as minqr/ops.py's checks go
+  check_outputs(h_chosen, h_rejected);  // first, as minqr/objectives/ops.py's checks go
   check_paper_hyperparameters(kappa, lam, margin);
   const c10::cuda::CUDAGuard guard(h_chosen.device());
   return run_loss(h_chosen, h_rejected, compute_grad,

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from minqr.data import check_encodable
+from minqr.data.pairs import check_encodable
 from minqr.errors import MinqrError
 
 # Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
@@ -63,7 +63,7 @@ class PairBatch:
     chosen_lm_labels: torch.Tensor
     # [2B, L] int64: the token ids of each response (rows 0..B-1 the chosen ones, B..2B-1 the
     # rejected ones; the final response of the text, without its prompt), padded with
-    # IGNORE_INDEX: the targets of the response bag-of-words auxiliary (minqr/reward.py)
+    # IGNORE_INDEX: the targets of the response bag-of-words auxiliary (minqr/models/reward.py)
     response_ids: torch.Tensor
     num_pairs: int
     num_real_tokens: int
@@ -273,6 +273,35 @@ def length_grouped_batches(widths: Sequence[int], batch_size: int, seed: int, ep
     widest = max(range(len(batches)), key=lambda b: widths[batches[b]].max())
     batches.insert(0, batches.pop(widest))
     return batches
+
+
+# ---- who computes which pairs, in what order: training, evaluation, scoring ----------------------
+
+def training_batches(widths: Sequence[int], batch_size: int, seed: int, epoch: int) -> list:
+    """The global batches of one training epoch: length-grouped in the (seed, epoch) order, full ones
+    only, so that every step has the same global batch however it is divided up."""
+    return [b for b in length_grouped_batches(widths, batch_size, seed, epoch) if len(b) == batch_size]
+
+
+def process_micro_batches(pair_indices: Sequence[int], rank: int, micro_batch_size: int, grad_accum: int) -> list:
+    """Process `rank`'s slice of a global batch, cut into `grad_accum` micro-batches: process r takes
+    the r-th run of micro_batch_size x grad_accum consecutive pairs."""
+    start = rank * micro_batch_size * grad_accum
+    return [pair_indices[start + k * micro_batch_size : start + (k + 1) * micro_batch_size] for k in range(grad_accum)]
+
+
+def evaluation_batches(widths: Sequence[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list:
+    """Held-out batches, length-grouped in one fixed order (seed 0, epoch 0), so that every
+    evaluation sees the same batches; process `rank` of `world_size` takes every world_size-th."""
+    return length_grouped_batches(widths, batch_size, seed=0, epoch=0)[rank::world_size]
+
+
+def scoring_batches(widths: Sequence[int], batch_size: int) -> list:
+    """Scoring: widest first, so that similar widths share a batch (little padding) and a batch too
+    big for memory fails at the first step; stable, so that equal widths keep the data's order.
+    Index arrays; the caller puts each result back at its pair's place."""
+    order = np.argsort(-np.asarray(widths), kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 def padding_efficiency(tokenized: TokenizedPairs, batches: Sequence[Sequence[int]],

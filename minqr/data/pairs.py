@@ -18,7 +18,7 @@ Bad data is an error that names the file and line, or, with `skip_bad=True`, is 
 counted; identical chosen/rejected pairs carry no preference and are always dropped and counted.
 `LoadStats.summary()` is the line the CLIs print.
 
-Tokenising, batching and the model-input layouts are in minqr/batching.py.
+Tokenising, batching and the model-input layouts are in minqr/data/batching.py.
 """
 import gzip
 import json

@@ -14,8 +14,8 @@ The task, in full:
   prefix, as in HH-RLHF.
 - One response in twenty is the ANCHOR, the neutral reply "ok" (no tags): its reward is 0 for every
   annotator. A Bradley-Terry reward is defined up to an additive constant, and a mixture head's
-  outputs each up to their own (minqr/head.py); the anchor pins them down, so that a model's
-  outputs can be compared with the truth in absolute terms (minqr/analysis.py aligns on it).
+  outputs each up to their own (minqr/objectives/); the anchor pins them down, so that a model's
+  outputs can be compared with the truth in absolute terms (minqr/study/analysis.py aligns on it).
 - Each tag has a reward per group (table `TAGS`, in logit units). Ten tags are clear-cut: every
   group likes "accurate" (+7.5) and dislikes "unsafe" (-9). Five are controversial: "joke" is +4 for
   the casual group and -4 for the formal one. A tag is controversial with probability 0.3.
@@ -69,11 +69,11 @@ from scipy.special import expit, ndtr
 from tokenizers import models, pre_tokenizers, trainers
 
 from minqr.atomic import atomic_dir
-from minqr.checkpoint import save_gpt2
 from minqr.errors import MinqrError
-from minqr.gpt2 import GPT2, GPT2Config
-from minqr.head import quantile_levels
-from minqr.tokenizer import Tokenizer, byte_level_bpe
+from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.hf_folder import save_gpt2
+from minqr.models.tokenizer import Tokenizer, byte_level_bpe
+from minqr.objectives.references import quantile_levels
 
 GROUPS = {"casual": 0.55, "formal": 0.45}  # annotator groups and their share of the population
 
@@ -334,7 +334,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     truth = truth_arrays(task, test, truth_rng, num_samples)
     p = truth["preference_probability"]
     summary = {
-        "description": "minqr synthetic preference task (see minqr/synthetic.py)",
+        "description": "minqr synthetic preference task (see minqr/data/synthetic.py)",
         "seed": seed, "variant": variant, "num_train": num_train, "num_test": num_test,
         "truth_samples": num_samples,
         **task.to_dict(),

@@ -27,7 +27,7 @@ GPT2ForSequenceClassification folders: backbone under `transformer.` plus `score
 Every file is read through one of two readers here, `read_json` and `_read_safetensors` (and
 `.bin` through torch.load): whatever is wrong with a file (cut short, garbage, a bad header, a
 missing shard) is one MinqrError that names the file, and the tensor where one is to blame.
-minqr/checkpointing.py reads its state.pt and config.json the same way.
+minqr/training/resume.py reads its state.pt and config.json the same way.
 
 Loading does not hold two copies of the weights: the model is built on the meta device (no
 memory, no random init) and the tensors read from the memory-mapped file become its parameters
@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
-from minqr.gpt2 import GPT2, GPT2Config
+from minqr.models.gpt2 import GPT2, GPT2Config
 
 CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # "c_attn.bias" is a weight: keep the dot

@@ -7,7 +7,7 @@
   read out as its quantiles at tau_i = (2i+1)/(2N) (N = 10: 0.05, 0.15, ..., 0.95): q_0 is the
   pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
   responses). What the raw outputs are, how they are trained and how they become quantiles is the
-  head's objective (minqr/head.py): the model owns its loss (`pair_loss`) and its read-out
+  head's objective (minqr/objectives/): the model owns its loss (`pair_loss`) and its read-out
   (`quantiles`, `reward_band`).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
@@ -30,11 +30,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minqr.batching import IGNORE_INDEX
-from minqr.checkpoint import hf_tensors, load_backbone_tensors, load_gpt2, read_config, read_tensors, write_hf_folder
+from minqr import hub
+from minqr.data.batching import IGNORE_INDEX
 from minqr.errors import MinqrError
-from minqr.gpt2 import GPT2, GPT2Config
-from minqr.head import HeadConfig
+from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.head import HeadConfig
+from minqr.models.hf_folder import (
+    hf_tensors,
+    load_backbone_tensors,
+    load_gpt2,
+    read_config,
+    read_json,
+    read_tensors,
+    write_hf_folder,
+)
+from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
 TRAINING_ARGS_FILE = "training_args.json"  # the options a model was trained with, beside it
@@ -76,13 +86,6 @@ def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
     return quantiles.mean(-1), quantile_at((1 - level) / 2), quantile_at((1 + level) / 2)
 
 
-def ranking_credit(chosen_reward, rejected_reward):
-    """Element-wise, how right a reward ranks each pair: 1 when the chosen response's reward is the
-    higher, 0 when it is the lower, and a tie counts half (a model that cannot tell the two apart
-    scores chance, 0.5). Pair accuracy is its mean. Torch tensors and numpy arrays alike."""
-    return (chosen_reward > rejected_reward) + 0.5 * (chosen_reward == rejected_reward)
-
-
 class RewardModel(nn.Module):
     """GPT-2 (`transformer`) + a linear head without bias (`score`, [N, n_embd]).
 
@@ -115,7 +118,7 @@ class RewardModel(nn.Module):
     def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
                       dtype=None, device=None, **hyperparameters) -> "RewardModel":
         """Pretrained GPT-2 weights from a Hugging Face folder (minqr.load_gpt2) and a new head.
-        Defaults (HeadConfig.make): quantile head N = 10 with minqr.head.DEFAULT_OBJECTIVE; scalar
+        Defaults (HeadConfig.make): quantile head N = 10 with minqr.objectives.loss.DEFAULT_OBJECTIVE; scalar
         head N = 1, bradley_terry."""
         head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
         return cls(load_gpt2(path, dtype=dtype, device=device), head_config)
@@ -150,7 +153,7 @@ class RewardModel(nn.Module):
         return hidden[rows, last]
 
     def forward_pairs(self, batch, return_hidden: bool = False) -> tuple:
-        """A `minqr.batching.PairBatch` -> (r_chosen [B, N], r_rejected [B, N]), the raw outputs, the
+        """A `minqr.data.batching.PairBatch` -> (r_chosen [B, N], r_rejected [B, N]), the raw outputs, the
         backbone run once over the batch's rows in either layout (separate sequences or shared
         prefixes).
 
@@ -168,7 +171,7 @@ class RewardModel(nn.Module):
     def pair_loss(self, batch, reduction: str = "mean", bag_coef: float = 0.0, return_hidden: bool = False):
         """The model's loss on a PairBatch: (loss, r_chosen [B, N], r_rejected [B, N][, hidden]).
 
-        loss = the head's objective (minqr.head) + bag_coef x the response bag-of-words auxiliary
+        loss = the head's objective (minqr.objectives) + bag_coef x the response bag-of-words auxiliary
         (response_bag_loss; needs add_response_bag), per pair, then reduced ('mean', 'sum', 'none').
         The objective runs in float32 whatever the autocast dtype of the backbone."""
         hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
@@ -326,3 +329,25 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
         raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles} but the "
                          f"config has {labels} labels (id2label); the file was edited inconsistently")
     return head
+
+
+def training_args(folder: Path) -> dict:
+    """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
+    path = Path(folder) / TRAINING_ARGS_FILE
+    return read_json(path, fix="fix or delete it") if path.is_file() else {}
+
+
+def load_reward_model(model) -> tuple[RewardModel, object, Path]:
+    """(model, tokenizer, folder) from a folder that RewardModel.save_pretrained wrote (or a hub name)."""
+    folder = hub.fetch_model(model)
+    reward_model = RewardModel.from_pretrained(folder)
+    try:
+        tokenizer = load_tokenizer(folder)
+    except MinqrError as error:
+        raise MinqrError(f"{error}. A reward model folder carries its tokenizer (tools/train.py saves it "
+                         "there); copy the tokenizer's files into it") from None
+    vocab_size = reward_model.transformer.config.vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise MinqrError(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model embeds only "
+                         f"{vocab_size}: they do not belong together")
+    return reward_model, tokenizer, folder

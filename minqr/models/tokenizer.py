@@ -17,8 +17,8 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from minqr.atomic import atomic_file
-from minqr.checkpoint import DAMAGED
 from minqr.errors import MinqrError
+from minqr.models.hf_folder import DAMAGED
 
 EOS = "<|endoftext|>"
 BPE_FILE_PAIRS = (("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe"))

@@ -1,148 +1,28 @@
-"""The reward head and its objective: what the N outputs of a response mean, and how they learn it.
+"""The objectives minqr knows, and `pair_loss`, which computes any of them on a batch of pairs.
 
-A reward model reads a response's pooled (last-token) state x and puts out N numbers, h = W x with
-W of shape [N, n_embd]. A preference pair gives h_c for the chosen response and h_r for the
-rejected one, [N] each. The OBJECTIVE says what those numbers are and trains them accordingly; it
-is part of the head, saved with it (config.json's `minqr` section), because what a user may read
-out of the outputs depends on it.
-
-The objectives, per pair (outputs [N]; batches are [B, N] and the loss is per pair, then reduced):
-
-- `bradley_terry`, the scalar head (N = 1): L = -log sigma(h_c - h_r). One reward per response;
-  its differences are log-odds of preference. Every objective below is exactly this at N = 1
-  (`paper` with lam = 0), which the tests check.
-
-- `mixture`: the label came from one of N equally likely KINDS of annotator, and kind i scores a
-  response with output i. The likelihood of the label is the average over kinds:
-
-      L = -log( (1/N) sum_i sigma(h_c,i - h_r,i) )
-
-  With d_i = h_c,i - h_r,i and w = softmax_i(log sigma(d_i)) (how much each kind explains this
-  label): dL/dh_c,i = -w_i sigma(-d_i) = -dL/dh_r,i. Output i is then kind i's reward, and over
-  the population of annotators a response's reward takes each of the N values with probability
-  1/N: SORTED, they are the quantiles of that distribution at tau_i = (2i+1)/(2N). Never sort
-  inside the loss (kind i must stay kind i from one response to the next); sort at read-out. The
-  mean of the outputs is the expected reward, unchanged by sorting, and ranks responses.
-
-- `independent`: the two rewards of a pair are independent draws from each response's
-  distribution (N atoms each), and the label is Bradley-Terry on the draws:
-
-      L = -log( (1/N^2) sum_i sum_j sigma(h_c,i - h_r,j) )
-
-  Sorted at read-out as well. It does not tie the outputs of two responses to a kind, so it cannot
-  tell "the same people disagree" from "different people disagree".
-
-- `paper`: the seed paper's loss, kept to reproduce it (../shared/DESIGN.md, "The loss"): output i
-  is the quantile at tau_i directly (read out raw), trained by Bradley-Terry on the means plus a
-  quantile-Huber term whose targets are the PARTNER's quantiles shifted by a margin m:
-
-      L = -log sigma(mean h_c - mean h_r) + lam * 1/2 * 1/N * sum_ij [rho_tau_i(u_ij) + rho_tau_i(v_ij)]
-      u_ij = (h_r,j + m) - h_c,i,  v_ij = (h_c,j - m) - h_r,i   (targets detached)
-      rho_tau(u) = |tau - 1{u<0}| * H_kappa(u) / kappa,  H_kappa the Huber function
-
-  Measured on the synthetic task, where the truth is known, it ranks well but its spread does not
-  follow the annotators' disagreement (README, "Objectives"): partner-quantiles +- m are not
-  samples of the response's own reward, which is what makes QR-DQN's targets identify a
-  distribution.
-
-Why a mixture identifies a distribution where pairs of single labels seem too little: each label
-is one annotator's, and annotators of the same kind agree across pairs. A response that the kinds
-rank differently makes the labels of its pairs inconsistent in a way that one scalar reward cannot
-explain but N kinds can. What it cannot identify is a constant per output: kind i's rewards may all
-be shifted by c_i without changing a single d_i. Spreads are therefore measured after aligning the
-outputs on an anchor response whose reward is known to be 0 for everyone (the synthetic task has
-one; minqr/analysis.py aligns by it).
-
-This module holds, for every objective: its PyTorch reference (the formula, line by line; autograd
-gives the gradients), its hyper-parameters and their checks, how its head starts, how its outputs
-are read out, and the dispatch to its fused C++/CUDA op (minqr/ops.py, csrc/). `HeadConfig` is the
-head as saved with a model.
+`OBJECTIVES` holds, for every objective (their formulas: minqr/objectives/references.py): its
+reference, its fused C++/CUDA op (minqr/objectives/ops.py, csrc/), its hyper-parameters and their
+checks, how its outputs are read out (raw or sorted), how its head starts, what it is at N = 1, and
+the training settings it needs unless told otherwise. `pair_loss` dispatches to the fused op where
+minqr._C has one for the device, else to the reference, with a warning.
 """
-import math
 import warnings
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from minqr import ops
 from minqr.errors import MinqrError
-from minqr.ops import check_outputs, check_paper_hyperparameters
+from minqr.objectives import ops
+from minqr.objectives.ops import check_outputs, check_paper_hyperparameters
+from minqr.objectives.references import (
+    bradley_terry_reference,
+    independent_reference,
+    mixture_reference,
+    paper_reference,
+)
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "fused", "reference")
-HEAD_KINDS = ("scalar", "quantile")
-
-
-def quantile_levels(n: int, *, dtype=torch.float32, device=None) -> torch.Tensor:
-    """tau_i = (2i+1)/(2N), i = 0..N-1: the midpoints of N equal probability bins."""
-    if isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
-    return (2 * torch.arange(n, dtype=dtype, device=device) + 1) / (2 * n)
-
-
-# ---------------------------------------------------------------------------------------------
-# The references: each objective's formula in plain PyTorch. They compute in float32 (float64 for
-# float64 inputs) and return per-pair losses [B] in that dtype, also for float16/bfloat16 inputs:
-# a loss averaged in bfloat16 would lose the digits that training curves are read from.
-
-
-def _compute_dtype(h: torch.Tensor) -> torch.dtype:
-    return torch.float64 if h.dtype == torch.float64 else torch.float32
-
-
-def bradley_terry_reference(h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> torch.Tensor:
-    """-log sigma(h_c - h_r) per pair, [B, 1] outputs -> [B]."""
-    dtype = _compute_dtype(h_chosen)
-    return -F.logsigmoid(h_chosen.to(dtype) - h_rejected.to(dtype)).squeeze(1)
-
-
-def mixture_reference(h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> torch.Tensor:
-    """-log((1/N) sum_i sigma(h_c,i - h_r,i)) per pair, [B, N] outputs -> [B].
-
-    In log space, so that no sigma underflows: log sigma(d_i) is -softplus(-d_i), and the average
-    over kinds is a logsumexp minus log N."""
-    dtype = _compute_dtype(h_chosen)
-    d = h_chosen.to(dtype) - h_rejected.to(dtype)  # [B, N]: kind i's reward difference
-    return math.log(d.shape[1]) - torch.logsumexp(F.logsigmoid(d), dim=1)
-
-
-def independent_reference(h_chosen: torch.Tensor, h_rejected: torch.Tensor) -> torch.Tensor:
-    """-log((1/N^2) sum_ij sigma(h_c,i - h_r,j)) per pair, [B, N] outputs -> [B]."""
-    dtype = _compute_dtype(h_chosen)
-    n = h_chosen.shape[1]
-    d = h_chosen.to(dtype)[:, :, None] - h_rejected.to(dtype)[:, None, :]  # [B, i, j]
-    return 2 * math.log(n) - torch.logsumexp(F.logsigmoid(d).flatten(1), dim=1)
-
-
-def _quantile_huber(u: torch.Tensor, tau: torch.Tensor, kappa: float) -> torch.Tensor:
-    """rho_tau(u) = |tau - 1{u<0}| * H_kappa(u) / kappa, elementwise (tau broadcasts over u)."""
-    weight = (tau - (u < 0).to(u.dtype)).abs()
-    huber = torch.where(u.abs() <= kappa, 0.5 * u**2, kappa * (u.abs() - 0.5 * kappa))
-    return weight * huber / kappa
-
-
-def paper_reference(h_chosen: torch.Tensor, h_rejected: torch.Tensor, kappa: float = 1.0, lam: float = 1.0,
-                    margin: float = 1.0) -> torch.Tensor:
-    """The seed paper's loss per pair (module docstring), [B, N] outputs -> [B]."""
-    dtype = _compute_dtype(h_chosen)
-    q_c, q_r = h_chosen.to(dtype), h_rejected.to(dtype)
-    n = q_c.shape[1]
-    tau = quantile_levels(n, dtype=dtype, device=q_c.device)[:, None]  # [N, 1]: level of row i
-
-    # Pairwise term on the expected rewards.
-    d = q_c.mean(dim=1) - q_r.mean(dim=1)
-    l_pair = -F.logsigmoid(d)  # softplus(-d)
-
-    # Quantile-Huber term; [B, i, j] = quantile i against the (detached) target j.
-    u = (q_r.detach() + margin)[:, None, :] - q_c[:, :, None]
-    v = (q_c.detach() - margin)[:, None, :] - q_r[:, :, None]
-    rho_c = _quantile_huber(u, tau, kappa).mean(dim=2).sum(dim=1)
-    rho_r = _quantile_huber(v, tau, kappa).mean(dim=2).sum(dim=1)
-    l_qr = 0.5 * (rho_c + rho_r)
-
-    return l_pair + lam * l_qr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +46,7 @@ class Objective:
     # kinds must start apart.
     head_init: str = "equal"
     one_output: str = ""  # what the objective is at N = 1
-    # The training settings the objective needs unless told otherwise (minqr.train.TrainConfig):
+    # The training settings the objective needs unless told otherwise (minqr.training.loop.TrainConfig):
     # the response bag-of-words auxiliary's weight, the head's learning rate over the backbone's,
     # and the head's weight decay (None: the backbone's).
     training: dict = field(default_factory=lambda: {"bag_coef": 0.0, "head_lr_scale": 1.0, "head_weight_decay": None})
@@ -211,10 +91,6 @@ DEFAULT_OBJECTIVE = "mixture"
 # preference data set resolves (a quantile needs many annotators on each side of it), and the N²
 # objectives (paper, independent) already cost 65,536 terms a pair, each pass.
 MAX_QUANTILES = 256
-# The head's rows when they start "equal": on unit-scale features (a fresh ln_f) every output then
-# starts near 0 with std ~0.1, so the first pairwise losses are near log 2 and no large gradient
-# reaches a pretrained backbone, yet the backbone gets a gradient from the first step.
-EQUAL_INIT_SCALE = 0.1
 
 
 def objectives_help() -> str:
@@ -262,7 +138,7 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
 
     Returns the loss in float32 (float64 for float64 inputs); gradients flow back in the input
     dtype. The fused ops compute each pair's gradient in their forward (when grad is enabled and an
-    input requires it); the backward only scales it (minqr/ops.py).
+    input requires it); the backward only scales it (minqr/objectives/ops.py).
     """
     spec = get_objective(objective)
     if impl not in IMPLS:
@@ -311,126 +187,3 @@ def _warn_once(reason: str) -> None:
     if reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"{reason}; minqr.pair_loss uses the PyTorch reference (slower)", stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------
-# The head as saved with a model
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """What the head is: its kind, N outputs, its objective and that objective's hyper-parameters."""
-
-    kind: str = "quantile"
-    num_quantiles: int = DISTRIBUTIONAL_OUTPUTS
-    objective: str = DEFAULT_OBJECTIVE
-    hyperparameters: dict = field(default_factory=dict)  # the objective's, all of them (check_hyperparameters)
-
-    @classmethod
-    def make(cls, kind: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
-             **hyperparameters) -> "HeadConfig":
-        """Fill in the kind's defaults (quantile: DEFAULT_OBJECTIVE and its default N; scalar: N = 1
-        and bradley_terry) and the objective's hyper-parameters, and check them all."""
-        if kind not in HEAD_KINDS:
-            raise MinqrError(f"head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
-        if kind == "scalar":
-            if num_quantiles not in (None, 1) or objective not in (None, "bradley_terry"):
-                raise MinqrError(f"the scalar head has one output trained by bradley_terry, but got "
-                                 f"num_quantiles={num_quantiles}, objective={objective}: drop them or use "
-                                 "head='quantile'")
-            return cls("scalar", 1, "bradley_terry", check_hyperparameters("bradley_terry", hyperparameters))
-        objective = objective or DEFAULT_OBJECTIVE
-        n = get_objective(objective).default_outputs if num_quantiles is None else num_quantiles
-        return cls("quantile", n, objective, check_hyperparameters(objective, hyperparameters))
-
-    def __post_init__(self):
-        problems = []
-        if self.kind not in HEAD_KINDS:
-            problems.append(f"head={self.kind!r} is not one of {', '.join(HEAD_KINDS)}")
-        n = self.num_quantiles
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUANTILES:
-            problems.append(f"num_quantiles={n!r} must be an integer from 1 to {MAX_QUANTILES} (more levels than "
-                            "preference data can resolve, at a cost that grows as N²)")
-        if self.objective not in OBJECTIVES:
-            problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        elif (self.kind == "scalar") != (self.objective == "bradley_terry"):
-            problems.append(f"the {self.kind} head cannot be trained by {self.objective} "
-                            "(bradley_terry is the scalar head's objective, and only its)")
-        elif self.kind == "scalar" and n != 1:
-            problems.append(f"the scalar head has num_quantiles=1, not {n}")
-        else:
-            try:
-                check_hyperparameters(self.objective, self.hyperparameters)
-            except MinqrError as error:
-                problems.append(str(error))
-        if problems:
-            raise MinqrError("invalid reward head: " + "; ".join(problems))
-
-    @property
-    def spec(self) -> Objective:
-        return OBJECTIVES[self.objective]
-
-    @property
-    def levels(self) -> list:
-        """The quantile levels tau_i of the read-out quantiles, as floats."""
-        return quantile_levels(self.num_quantiles, dtype=torch.float64).tolist()
-
-    @property
-    def readout(self) -> str:
-        return self.spec.readout
-
-    def labels(self) -> list:
-        """Names of the outputs in config.json's id2label: "reward"; "q0" ... for outputs that are
-        quantiles as they are (paper); "kind0" ... for outputs that are sorted into quantiles."""
-        if self.kind == "scalar":
-            return ["reward"]
-        prefix = "q" if self.readout == "raw" else "kind"
-        return [f"{prefix}{i}" for i in range(self.num_quantiles)]
-
-    def loss(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, reduction: str = "mean",
-             impl: str = "auto") -> torch.Tensor:
-        """This head's objective on outputs [B, N] (see pair_loss)."""
-        return pair_loss(h_chosen, h_rejected, self.objective, reduction, impl, **self.hyperparameters)
-
-    def quantiles(self, outputs):
-        """Outputs [..., N] -> the quantiles at tau_i [..., N]: the outputs as they are (raw), or
-        sorted (the mixture's kinds). Torch tensors and numpy arrays alike; the mean is unchanged."""
-        if self.readout == "raw":
-            return outputs
-        return outputs.sort(dim=-1).values if isinstance(outputs, torch.Tensor) else np.sort(outputs, axis=-1)
-
-    @torch.no_grad()
-    def init_weight(self, weight: torch.Tensor) -> None:
-        """Set the head's weight [N, n_embd] as the objective wants it to start (Objective.head_init),
-        drawing from torch's global generator."""
-        n_embd = weight.shape[1]
-        if self.spec.head_init == "equal":
-            row = torch.randn(n_embd, dtype=weight.dtype, device=weight.device)
-            weight.copy_(row * (EQUAL_INIT_SCALE / math.sqrt(n_embd)))  # [N, n_embd] by broadcasting
-        else:
-            weight.copy_(torch.randn(weight.shape, dtype=weight.dtype, device=weight.device) / math.sqrt(n_embd))
-
-    def to_dict(self) -> dict:
-        return {"head": self.kind, "num_quantiles": self.num_quantiles, "objective": self.objective,
-                **self.hyperparameters, "readout": self.readout, "quantile_levels": self.levels}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str) -> "HeadConfig":
-        """From config.json's minqr section. Models saved before objectives existed have none: their
-        quantile heads were trained by `paper` (its kappa, lam, margin are in the section), their
-        scalar heads by bradley_terry (paper with lam = 0, the same function)."""
-        missing = [k for k in ("head", "num_quantiles") if k not in d]
-        if missing:
-            raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}; re-save the model with minqr")
-        objective = d.get("objective") or ("bradley_terry" if d["head"] == "scalar" else "paper")
-        names = OBJECTIVES[objective].hyperparameters if objective in OBJECTIVES else {}
-        missing = [k for k in names if k not in d]
-        if missing:
-            raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}, a hyper-parameter of its "
-                             f"objective {objective}; re-save the model with minqr")
-        try:
-            return cls(d["head"], d["num_quantiles"], objective,
-                       check_hyperparameters(objective, {k: d.get(k) for k in names}))
-        except MinqrError as e:
-            raise MinqrError(f"{where}: {e}") from None
-

@@ -15,10 +15,10 @@ compute_grad, the gradient of that pair's loss with respect to its own outputs (
 dtype; [0]-shaped when compute_grad is false). Their backward, registered in C++
 (csrc/autograd.cpp, where a Python one cost 40-50 us more per step), scales those rows by
 grad_output through a fourth op, loss_backward(grad_loss, grad_chosen, grad_rejected): no second
-pass over the pair (csrc/cpu/ has the measurement). The formulas are in minqr/head.py.
+pass over the pair (csrc/cpu/ has the measurement). The formulas are in minqr/objectives/.
 
 This module registers the fake kernels (shapes, for torch.compile and opcheck) and holds the
-argument checks that every implementation runs (minqr.head's dispatch and references, the fake
+argument checks that every implementation runs (minqr.objectives's dispatch and references, the fake
 kernels below); csrc/ops.cpp says the same, word for word.
 """
 import math

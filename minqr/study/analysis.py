@@ -2,8 +2,8 @@
 
 Everything here works on plain arrays: a model's outputs on P preference pairs, `chosen` and
 `rejected` of shape [P, N] (N=1 for a scalar head, the quantiles q_0 <= ... <= q_{N-1} at levels
-tau_i for a quantile head). `summarize` gathers every measure for one scores file (minqr/scores.py);
-minqr/report.py turns summaries into tables and figures.
+tau_i for a quantile head). `summarize` gathers every measure for one scores file (minqr/study/scores_file.py);
+minqr/study/report.py turns summaries into tables and figures.
 
 Three families of measures:
 
@@ -38,8 +38,8 @@ from scipy.special import expit
 from scipy.stats import gaussian_kde, norm, rankdata
 
 from minqr.errors import MinqrError
-from minqr.reward import ranking_credit
-from minqr.scores import Scores
+from minqr.ranking import ranking_credit
+from minqr.study.scores_file import Scores
 
 # The paper does not state its bins or eps. 50 bins resolve a 2,000-pair test set without leaving
 # most bins empty; eps=1e-10 (added to the counts) only keeps log(0) away, like the usual
@@ -337,7 +337,7 @@ def distributional_probability(chosen, rejected) -> np.ndarray:
 
 
 def objective_probability(chosen, rejected, objective: str | None) -> np.ndarray:
-    """[P] P(chosen preferred) as the model's own objective defines it (minqr/head.py), from the raw
+    """[P] P(chosen preferred) as the model's own objective defines it (minqr/objectives/), from the raw
     outputs [P, N] (kind i in column i): the likelihood it was trained to maximise.
 
     mixture: (1/N) Σ_i σ(h_c,i − h_r,i), one kind of annotator labelling; independent:
@@ -482,12 +482,12 @@ def spreads(pred_quantiles, true_samples, taus) -> tuple[np.ndarray, np.ndarray]
     return pred[:, -1] - pred[:, 0], np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
 
 
-TRUTH_HELP = "it is the test_truth.npz that minqr.synthetic.make_synthetic_task writes beside test.jsonl"
+TRUTH_HELP = "it is the test_truth.npz that minqr.data.synthetic.make_synthetic_task writes beside test.jsonl"
 
 
 def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"), optional: bool = False):
     """Arrays of a synthetic task's truth file (test_truth.npz, written by
-    minqr.synthetic.make_synthetic_task, aligned with test.jsonl) as a tuple in the order of
+    minqr.data.synthetic.make_synthetic_task, aligned with test.jsonl) as a tuple in the order of
     `names`: by default the true reward samples, [P, S] chosen and [P, S] rejected. Arrays whose
     first axis is the pairs must have num_pairs rows. optional: None instead of an error when the
     file lacks one of the names (an older truth file)."""

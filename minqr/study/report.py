@@ -8,7 +8,7 @@ writes into the folder:
     table1.md, table1.json     the paper's Table 1: rows workloads, columns models, cells the
                                histogram KL(chosen || rejected): plug-in -> bias-corrected [interval]
     measures.md                the other measures, a row per workload x model
-    summaries.json             every number, per scores file (minqr.analysis.summarize's dicts)
+    summaries.json             every number, per scores file (minqr.study.analysis.summarize's dicts)
     fig2_histograms_*.png      chosen vs rejected rewards with KDE curves, per model (paper Fig. 2)
     fig3_quantiles_*.png       the same for quantile 0 and quantile N-1 (paper Fig. 3)
     kl_vs_bins.png, reliability.png, accuracy_by_quantile.png, coverage.png (with a truth file)
@@ -27,12 +27,22 @@ from pathlib import Path
 import numpy as np
 
 from minqr import __version__
-from minqr.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, coverage_taus,
-                            paired_kl_difference, response_truth, spreads, summarize, view_rows)
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.scores import Scores, load_scores
+from minqr.study.analysis import (
+    CONFIDENCE,
+    DEFAULT_BINS,
+    DEFAULT_EPS,
+    DEFAULT_RESAMPLES,
+    coverage_taus,
+    paired_kl_difference,
+    response_truth,
+    spreads,
+    summarize,
+    view_rows,
+)
+from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 
@@ -216,7 +226,7 @@ def _objective(summary: dict) -> str:
 
 
 def probe_markdown(summaries: list[dict]) -> list[str]:
-    """The backbone check of the synthetic task (minqr.score.backbone_probe), a row per model: lines
+    """The backbone check of the synthetic task (minqr.study.scoring.backbone_probe), a row per model: lines
     of report.md, none when no scores file has it."""
     probed = [s for s in summaries if s.get("backbone_probe")]
     if not probed:
@@ -466,7 +476,7 @@ def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str
         "interval that covers the truth can. An interval that starts at 0 says these pairs cannot tell the "
         "separation from none. In simulations with a known truth the interval covered it at about its nominal "
         "rate with 2,000 pairs; with a few hundred the correction leaves part of the bias and covers less often "
-        "(minqr/analysis.py, bootstrap_estimate). JS, W1, the KDE KL and the spread AUROC below read the same "
+        "(minqr/study/analysis.py, bootstrap_estimate). JS, W1, the KDE KL and the spread AUROC below read the same "
         "way. The paired differences compare each model with the first column on the same pairs (one resample "
         "of the pairs for both), which two overlapping intervals cannot do.", "",
         "## Other measures", "",

@@ -24,7 +24,7 @@ Metadata keys (the writer gives the first group, save_scores fills in the second
     workload       str   the row label of the report's table, e.g. "harmless-base test"
     taus           list  the N quantile levels tau_i; required for a quantile head, null for scalar
     readout        str   optional: how the outputs become quantiles, "raw" (they are the
-                         quantiles, the default) or "sorted" (minqr/head.py's mixture objective)
+                         quantiles, the default) or "sorted" (minqr/objectives/'s mixture objective)
     objective      str   optional: the objective the model was trained by
     options        dict  how the scores were made (max_length, shared_prefix, dtype, ...); optional
     label          str   optional column label for the report (default "scalar" / "OBJECTIVE N=10")
@@ -51,9 +51,9 @@ from minqr.errors import MinqrError
 FORMAT = "minqr-scores/1"
 FORMAT_FAMILY = "minqr-scores/"
 HEADS = ("scalar", "quantile")
-READOUTS = ("raw", "sorted")  # minqr/head.py's Objective.readout
+READOUTS = ("raw", "sorted")  # minqr/objectives/'s Objective.readout
 WRITER_KEYS = ("model", "head", "data", "split", "workload")
-HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.scores.save_scores)"
+HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.study.scores_file.save_scores)"
 
 
 @dataclass
@@ -97,7 +97,7 @@ class Scores:
 
         anchored (default: whenever the scores have anchor outputs): first subtract what the model
         gives the pair's anchor reply: output by output for the readout "sorted" (each kind of
-        annotator has its own free constant, minqr/head.py), the anchor's mean otherwise (one
+        annotator has its own free constant, minqr/objectives/), the anchor's mean otherwise (one
         constant for the whole head). The quantiles are then those of the reward relative to the
         anchor's, which for the synthetic task's anchor (worth 0 to everyone) is the reward itself."""
         outputs = getattr(self, side).astype(np.float64)
@@ -302,7 +302,7 @@ def _check(scores: Scores) -> None:
     elif not (isinstance(taus, list) and len(taus) == n and all(isinstance(t, (int, float)) and 0 < t < 1 for t in taus)
               and all(a < b for a, b in zip(taus, taus[1:]))):
         raise MinqrError(f"{where}: metadata taus must list the N={n} increasing quantile levels in (0, 1) "
-                         f"of the quantile head (minqr.head.quantile_levels(N)), got {taus!r}")
+                         f"of the quantile head (minqr.objectives.loss.quantile_levels(N)), got {taus!r}")
     if metadata.get("readout", "raw") not in READOUTS:
         raise MinqrError(f"{where}: metadata readout={metadata['readout']!r}; it must be one of {', '.join(READOUTS)}")
     for key in ("workload", "model", "data", "split"):

@@ -1,26 +1,20 @@
-"""Using a trained reward model: score every pair of a data set, or export it for other tools.
+"""Scoring: a trained reward model's outputs on every pair of a data set, into a scores file.
 
     chosen, rejected = score_pairs(model, tokenizer, pairs)      # [P, N] float32 each
     summary = score_to_file("runs/quantile", "hh-rlhf:harmless-base", "scores.npz")
-    export_scalar("runs/quantile", "runs/quantile-scalar")
 
 Scoring reads each response's N outputs (N = 1 for a scalar head, the N quantiles of its reward
-for a quantile head) and keeps them all: the analysis (minqr/analysis.py) needs the whole
+for a quantile head) and keeps them all: the analysis (minqr/study/analysis.py) needs the whole
 distribution, not only the expected reward. Row p of both arrays is pair p of the data, in the
 data's order, so that a truth file or a second model's scores line up pair by pair.
 
 Speed: pairs are batched by width, widest first, so that little of a batch is padding (and a
 batch too big for memory fails at once, not at the end); a pair's two dialogues share their
-prefix, which is run once (minqr/batching.py); no autograd graph is kept (`torch.inference_mode`).
+prefix, which is run once (minqr/data/batching.py); no autograd graph is kept (`torch.inference_mode`).
 One thing is an approximation, and only by default on a GPU: the matrix products run in bfloat16
 (autocast; the weights stay float32), which rounds the outputs to about three significant digits;
 pass dtype="float32" for full precision.
 
-The scalar export: the mean of a quantile head's N outputs is the expected reward, and since every
-output is a linear function of the same features, their mean is the linear function with the
-averaged row (`RewardModel.to_scalar`). The exported folder is a one-label
-GPT2ForSequenceClassification, for tools that want one number per response (PPO trainers,
-RewardBench-style evaluators).
 """
 import time
 from dataclasses import dataclass, field
@@ -29,18 +23,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr import hub
-from minqr.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
-from minqr.batching import TokenizedPairs, tokenize_pairs
-from minqr.checkpoint import read_json
-from minqr.data import load_pairs, resolve_source
+from minqr.data.batching import TokenizedPairs, tokenize_pairs
+from minqr.data.pairs import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
+from minqr.models.reward import RewardModel, load_reward_model, training_args
 from minqr.progress import progress_bar
-from minqr.reward import TRAINING_ARGS_FILE, RewardModel
-from minqr.scores import save_scores
-from minqr.tokenizer import load_tokenizer
+from minqr.study.analysis import (
+    linear_probe,
+    load_truth,
+    pair_accuracy,
+    quantile_accuracy,
+)
+from minqr.study.scores_file import save_scores
 
 DEFAULT_BATCH_SIZE = 16  # pairs a batch
 DEFAULT_SPLIT = "test"
@@ -134,7 +130,7 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
 def score_pairs(model: RewardModel, tokenizer, pairs, max_length: int = 512, batch_size: int = DEFAULT_BATCH_SIZE,
                 shared_prefix: bool = True, device=None, dtype: str = "auto",
                 progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Tokenise `pairs` (minqr.data.Pair: texts cut from the left to `max_length` tokens) and score
+    """Tokenise `pairs` (minqr.data.pairs.Pair: texts cut from the left to `max_length` tokens) and score
     them: (chosen [P, N], rejected [P, N]), float32, in the order of `pairs`."""
     return score_tokenized(model, tokenize_pairs(pairs, tokenizer, max_length), batch_size, shared_prefix,
                            device, dtype, progress)
@@ -176,28 +172,6 @@ class ScoreSummary:
         return "\n".join(lines + self.notes + [f"wrote {self.out}"])
 
 
-def training_args(folder: Path) -> dict:
-    """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
-    path = Path(folder) / TRAINING_ARGS_FILE
-    return read_json(path, fix="fix or delete it") if path.is_file() else {}
-
-
-def load_reward_model(model) -> tuple[RewardModel, object, Path]:
-    """(model, tokenizer, folder) from a folder that RewardModel.save_pretrained wrote (or a hub name)."""
-    folder = hub.fetch_model(model)
-    reward_model = RewardModel.from_pretrained(folder)
-    try:
-        tokenizer = load_tokenizer(folder)
-    except MinqrError as error:
-        raise MinqrError(f"{error}. A reward model folder carries its tokenizer (tools/train.py saves it "
-                         "there); copy the tokenizer's files into it") from None
-    vocab_size = reward_model.transformer.config.vocab_size
-    if tokenizer.vocab_size > vocab_size:
-        raise MinqrError(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model embeds only "
-                         f"{vocab_size}: they do not belong together")
-    return reward_model, tokenizer, folder
-
-
 @holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
 def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
                   workload: str | None = None, label: str | None = None, max_length: int | None = None,
@@ -205,7 +179,7 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
                   dtype: str = "auto", skip_bad: bool = False, anchor_reply: str | None = None,
                   progress: bool = True) -> ScoreSummary:
     """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
-    (.npz or .jsonl, atomically) with the metadata that minqr/analysis.py reads.
+    (.npz or .jsonl, atomically) with the metadata that minqr/study/analysis.py reads.
 
     `data`: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with `subset`; `split`, default
     "test", picks the file) or hh-rlhf:SUBSET. `max_length` defaults to the one the model was
@@ -307,26 +281,3 @@ def backbone_probe(model: RewardModel, tokenized: TokenizedPairs, truth: Path, b
     accuracy, chance = linear_probe(states, np.concatenate([chosen_tags, rejected_tags]))
     return {"tags": [str(n) for n in names], "controversial": controversial.tolist(),
             "accuracy": accuracy.tolist(), "chance": chance.tolist()}
-
-
-# ---- the scalar export, for tools/export.py --------------------------------------------------
-
-@holds_output("out")
-def export_scalar(model, out) -> Path:
-    """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
-    reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json
-    plus an `exported_from` entry. A scalar model is refused: it is already what this makes."""
-    folder = hub.fetch_model(model)
-    out = Path(out)
-    if out.exists() and out.resolve() == folder.resolve():
-        raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
-                         "quantile model; choose another folder")
-    quantile_model, tokenizer, folder = load_reward_model(folder)
-    head = quantile_model.head_config
-    if head.kind == "scalar":
-        raise MinqrError(f"{folder} is already a scalar reward model (one output): use it as it is; the "
-                         "scalar export turns a quantile model into one")
-    args = {**training_args(folder), "exported_from": {
-        "model": str(model), "head": head.to_dict(),
-        "export": "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"}}
-    return quantile_model.to_scalar().save_pretrained(out, tokenizer=tokenizer, training_args=args)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from minqr.atomic import abandoned, atomic_dir
-from minqr.checkpoint import read_json, read_torch_file
 from minqr.errors import MinqrError
+from minqr.models.hf_folder import read_json, read_torch_file
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -151,3 +151,20 @@ def load_checkpoint(out) -> Checkpoint:
     except KeyError as e:  # a state.pt of another layout
         raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
                          f"{start_afresh}") from None
+
+
+# What --resume may change: where and how fast the run computes, and how often it reports (--out
+# names the run, however it is spelt). Everything else decides the weights: a change is an error.
+# A change of device type, compute dtype or compile is allowed (a run must be able to move) but
+# changes the float rounding, and a GPU draws other dropout masks: _Run._restore warns of it.
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile")
+
+
+def check_same_options(saved: dict, given: dict) -> None:
+    """--resume: the options that decide the weights must be those the run started with."""
+    changed = [f"--{name.replace('_', '-')} {given.get(name)!r} (the run has {saved.get(name)!r})"
+               for name in sorted(set(saved) | set(given))
+               if name not in RESUME_MAY_CHANGE and saved.get(name) != given.get(name)]
+    if changed:
+        raise MinqrError("--resume: options differ from the run being resumed: " + ", ".join(changed)
+                         + ". Give the options of the first run, with --resume added")

@@ -1,0 +1,8 @@
+"""The networks. gpt2.py is GPT-2 in plain PyTorch (GPT2Config, GPT2), with module names that match
+Hugging Face's checkpoint keys; hf_folder.py reads and writes Hugging Face model folders
+(config.json, safetensors, sharded or not) with errors that name the file and the tensor;
+tokenizer.py is GPT-2's byte-level BPE through `tokenizers`; head.py is the reward head as saved
+with a model (N outputs, its objective); reward.py is RewardModel, GPT-2 + the head, which owns its
+loss and saves as transformers' GPT2ForSequenceClassification; export.py writes a quantile model
+as a one-output one.
+"""

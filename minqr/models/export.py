@@ -1,0 +1,34 @@
+"""The scalar export, for tools that want one number per response (PPO trainers, RewardBench-style
+evaluators): `export_scalar("runs/quantile", "runs/quantile-scalar")`.
+
+The mean of a quantile head's N outputs is the expected reward, and since every output is a linear
+function of the same features, their mean is the linear function with the averaged row
+(`RewardModel.to_scalar`). The exported folder is a one-label GPT2ForSequenceClassification.
+"""
+from pathlib import Path
+
+from minqr import hub
+from minqr.errors import MinqrError
+from minqr.lock import holds_output
+from minqr.models.reward import load_reward_model, training_args
+
+
+@holds_output("out")
+def export_scalar(model, out) -> Path:
+    """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
+    reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json
+    plus an `exported_from` entry. A scalar model is refused: it is already what this makes."""
+    folder = hub.fetch_model(model)
+    out = Path(out)
+    if out.exists() and out.resolve() == folder.resolve():
+        raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
+                         "quantile model; choose another folder")
+    quantile_model, tokenizer, folder = load_reward_model(folder)
+    head = quantile_model.head_config
+    if head.kind == "scalar":
+        raise MinqrError(f"{folder} is already a scalar reward model (one output): use it as it is; the "
+                         "scalar export turns a quantile model into one")
+    args = {**training_args(folder), "exported_from": {
+        "model": str(model), "head": head.to_dict(),
+        "export": "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"}}
+    return quantile_model.to_scalar().save_pretrained(out, tokenizer=tokenizer, training_args=args)

@@ -1,0 +1,176 @@
+"""TrainConfig: every option of a training run, with its default and its help text, and the checks
+that run before any work. `tools/train.py` builds its command-line options from these fields, so
+the options, their defaults and their `--help` live here only.
+
+With `--demo`, `demo_defaults` fills in what the offline demo needs (a tiny random GPT-2 on the
+synthetic task, minqr/data/synthetic.py).
+"""
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minqr.device import DTYPES
+from minqr.errors import MinqrError
+from minqr.models.head import HEAD_KINDS, HeadConfig
+from minqr.objectives.loss import OBJECTIVES, objectives_help
+
+# The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
+# bias correction), which must stay far below float32's 3.4e38.
+MAX_LEARNING_RATE = 1e30
+
+
+def option(default, help: str, choices=None):
+    """A TrainConfig field: its default and its help text live here, and tools/train.py builds its
+    command-line options from them."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Every option of a training run. Defaults train GPT-2 (124M) on HH-RLHF helpful-base."""
+
+    # the model and its loss
+    head: str = option("quantile", "reward head: 'quantile' (N quantiles of the reward, the distributional "
+                       "head) or 'scalar' (one reward, the Bradley-Terry baseline)", HEAD_KINDS)
+    num_quantiles: int | None = option(None, "number of outputs N of the quantile head [default: 20 for mixture "
+                                       "and independent, 10 (the paper's) for paper; the scalar head has 1]")
+    objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/objectives/): "
+                                   + objectives_help() + " [default: mixture; the scalar head's is bradley_terry]",
+                                   tuple(OBJECTIVES))
+    kappa: float | None = option(None, "objective paper: Huber threshold κ of the quantile term [default: 1.0]")
+    lam: float | None = option(None, "objective paper: weight λ of the quantile-Huber term [default: 1.0]")
+    margin: float | None = option(None, "objective paper: margin m, the chosen response's quantiles are pulled "
+                                  "towards the rejected one's plus m, and the rejected one's towards the chosen "
+                                  "minus m [default: 1.0]")
+    bag_coef: float | None = option(None, "weight of the response bag-of-words auxiliary: the pooled state of "
+                                    "each response predicts which tokens the response holds "
+                                    "(RewardModel.response_bag_loss), so that it keeps what annotators disagree "
+                                    "about; its layer is not saved [default: 5 for mixture and independent, else 0]")
+    head_lr_scale: float | None = option(None, "the head's learning rate is --lr times this [default: 2.5 for "
+                                         "mixture and independent, else 1]")
+    head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: 0 for mixture and "
+                                             "independent, else --weight-decay]")
+    center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
+                                "expected rewards (e.g. 0.01)")
+    lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
+                            "cross-entropy on the chosen response tokens")
+    model: str = option("gpt2", "backbone: a local Hugging Face GPT-2 folder, or a hub name (gpt2, "
+                        "gpt2-medium, ...) fetched through huggingface_hub")
+    tokenizer: str | None = option(None, "tokenizer folder [default: the model folder]")
+    # the data
+    data: str = option("hh-rlhf:helpful-base", "training pairs: a .jsonl(.gz) file, a folder laid out "
+                       "like hh-rlhf (with --subset), or hh-rlhf:SUBSET fetched through huggingface_hub")
+    subset: str | None = option(None, "subset of a folder given as --data, e.g. helpful-base")
+    eval_data: str | None = option(None, "held-out pairs, same forms as --data [default: the test split "
+                                   "of --data when it is a folder or hh-rlhf:SUBSET; none for a file]")
+    max_length: int = option(512, "tokens kept of each text, cut from the left so that the final "
+                             "responses survive")
+    shared_prefix: bool = option(True, "run the common prefix of a pair's two texts once (same rewards "
+                                 "and gradients as two separate sequences, fewer tokens)")
+    skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
+    # the optimisation
+    batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps")
+    grad_accum: int = option(1, "split each step's batch into this many micro-batches run one after "
+                             "the other (less memory, same result)")
+    lr: float = option(1e-5, "peak learning rate of AdamW")
+    weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only (not on biases "
+                                 "and layer-norm gains)")
+    warmup: float = option(0.05, "fraction of the steps spent warming the learning rate up linearly; "
+                           "it then decays to 0 along a cosine")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
+    epochs: int = option(1, "passes over the training pairs")
+    max_steps: int | None = option(None, "stop after this many optimizer steps [default: --epochs "
+                                   "passes]; more steps than the epochs hold repeat the data")
+    seed: int = option(0, "seed of the head's initialisation, the data order and dropout")
+    # the run
+    out: str | None = option(None, "run folder: the trained model, metrics.jsonl, curves.png, "
+                             "checkpoint/ [default: runs/HEAD, or runs/demo/HEAD with --demo]")
+    eval_every: int = option(200, "evaluate on the held-out pairs every this many steps (0: only at "
+                             "the end)")
+    save_every: int = option(200, "write checkpoint/ every this many steps (0: only at the end)")
+    device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU (under torchrun "
+                         "each process its own), else cpu")
+    dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU (the weights stay "
+                        "float32), float32 on CPU", tuple(DTYPES))
+    compile: bool = option(False, "torch.compile the backbone (faster steps after a slow first one)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint/: give the same "
+                          "options as the first time, plus --resume")
+    overwrite: bool = option(False, "start afresh even if --out already holds a run (its files are "
+                             "replaced)")
+    demo: bool = option(False, "offline demo: generate a synthetic preference task (minqr.data.synthetic) "
+                        "with a tiny random GPT-2 and train on it; other options override its defaults")
+
+    def __post_init__(self):
+        # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
+        # N = 10 and the default objective; kappa, lam and margin belong to the paper objective
+        try:
+            head = self.head_config()
+        except MinqrError as error:
+            raise MinqrError(f"options --head, --num-quantiles, --objective, --kappa, --lam, --margin: {error}") from None
+        self.num_quantiles, self.objective = head.num_quantiles, head.objective
+        self.kappa, self.lam, self.margin = (head.hyperparameters.get(name) for name in ("kappa", "lam", "margin"))
+        for name, default in head.spec.training.items():  # what the objective needs unless told otherwise
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.head_weight_decay is None:
+            self.head_weight_decay = self.weight_decay
+        self.out = self.out or str(Path("runs") / self.head)
+        if self.demo and Path(self.data).parent == Path("."):
+            # the demo generates its task in the folder of `data`; a hub name such as the default
+            # hh-rlhf:helpful-base, or a bare file name, would put it into the current folder
+            raise MinqrError(f"--demo generates its synthetic task in the folder of --data, and --data "
+                             f"{self.data!r} names none: leave --data out (in Python, build the config with "
+                             "TrainConfig.from_options(demo=True, ...), which fills in the demo's data, model "
+                             "and other options), or give --data FOLDER/train.jsonl")
+        if self.dtype not in DTYPES:
+            raise MinqrError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        problems = [f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})"
+                    for name, low in (("max_length", 1), ("batch_size", 1),
+                                      ("grad_accum", 1), ("epochs", 1), ("eval_every", 0), ("save_every", 0))
+                    if getattr(self, name) < low]
+        problems += [f"--{name.replace('_', '-')} must be non-negative (got {getattr(self, name)})"
+                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm")
+                     if not getattr(self, name) >= 0]  # `not >=` also catches NaN
+        if not self.head_weight_decay >= 0:
+            problems.append(f"--head-weight-decay must be non-negative (got {self.head_weight_decay})")
+        if not 0 < self.head_lr_scale < math.inf:
+            problems.append(f"--head-lr-scale must be positive and finite (got {self.head_lr_scale})")
+            self.head_lr_scale = 1.0  # so that the --lr check below says nothing about it
+        if not 0 < self.lr * self.head_lr_scale <= MAX_LEARNING_RATE or not 0 < self.lr <= MAX_LEARNING_RATE:
+            problems.append(f"--lr must be positive and at most {MAX_LEARNING_RATE:g} (got {self.lr}, and "
+                            f"{self.lr * self.head_lr_scale:g} for the head): AdamW moves a weight by about the "
+                            "learning rate each step, and float32 overflows beyond")
+        if not 0 <= self.warmup < 1:
+            problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
+        if self.max_steps is not None and self.max_steps < 1:
+            problems.append(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.batch_size % self.grad_accum:
+            problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
+        if problems:
+            raise MinqrError("; ".join(problems))
+
+    def head_config(self) -> HeadConfig:
+        return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,
+                               margin=self.margin)
+
+    @classmethod
+    def from_options(cls, **given) -> "TrainConfig":
+        """A config from the options a user actually gave: with `demo=True` the demo's defaults fill
+        in the rest (see `demo_defaults`), otherwise the field defaults."""
+        if given.get("demo"):
+            given = {**demo_defaults(given.get("head", "quantile"), given.get("out"), given.get("data")), **given}
+        return cls(**given)
+
+
+def demo_defaults(head: str, out=None, data=None) -> dict:
+    """The demo: a tiny random-init GPT-2 on the synthetic task in OUT/../demo-data (made by
+    minqr.data.synthetic on first use, 40,000 training pairs; its texts are a few dozen tokens), or in the
+    folder of `data` (e.g. another variant, made by tools/synthetic.py). A model trained from
+    scratch takes a far larger learning rate than a pretrained one being fine-tuned. 3,000 steps
+    (96,000 pairs, 2.4 epochs) take one to two minutes on a 2-core CPU: that many were needed for
+    the quantile head's N outputs to follow the annotators' disagreement (README)."""
+    out = Path(out or Path("runs") / "demo" / head)
+    data = Path(data).parent if data else out.parent / "demo-data"
+    return dict(out=str(out), model=str(data / "model"), data=str(data / "train.jsonl"),
+                eval_data=str(data / "test.jsonl"), max_length=128, batch_size=32, lr=2e-3, warmup=0.05,
+                weight_decay=0.01, max_steps=3000, eval_every=1000, save_every=1000)
