@@ -22,12 +22,7 @@ import pytest
 import torch
 import transformers
 
-from minqr.data.batching import (
-    length_grouped_batches,
-    padding_efficiency,
-    random_batches,
-    tokenize_pairs,
-)
+from minqr.data.batching import length_grouped_batches, padding_efficiency, random_batches, tokenize_pairs
 from minqr.data.pairs import load_pairs
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2

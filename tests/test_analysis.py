@@ -4,13 +4,7 @@ import math
 import numpy as np
 import pytest
 from scipy.spatial.distance import jensenshannon
-from scipy.stats import (
-    binomtest,
-    entropy,
-    gaussian_kde,
-    spearmanr,
-    wasserstein_distance,
-)
+from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein_distance
 
 from minqr.errors import MinqrError
 from minqr.study import analysis as A

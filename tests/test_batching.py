@@ -11,16 +11,9 @@ import torch
 from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
 from factories import random_gpt2, tiny_config
 
-from minqr.data.batching import (
-    IGNORE_INDEX,
-    TokenizedPairs,
-    collate_pairs,
-    length_grouped_batches,
-    padding_efficiency,
-    random_batches,
-    shared_prefix_length,
-    tokenize_pairs,
-)
+from minqr.data.batching import (IGNORE_INDEX, TokenizedPairs, collate_pairs, evaluation_batches,
+                                 length_grouped_batches, padding_efficiency, process_micro_batches, random_batches,
+                                 scoring_batches, shared_prefix_length, tokenize_pairs, training_batches)
 from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
 from minqr.models.tokenizer import load_tokenizer
@@ -393,3 +386,38 @@ def test_a_hand_made_pair_the_tokenizer_cannot_take_is_named(gpt2_tokenizer):
         tokenize_pairs(pairs, gpt2_tokenizer, 16)
     assert str(refused.value) == ("mine:2: the rejected text holds a lone surrogate '\\ud83d' at character 14: half of "
                                   "a UTF-16 pair (an emoji cut in two?), no character, and no tokenizer takes it")
+
+
+# ---- who computes which pairs: training, processes, evaluation, scoring ----------------------------
+
+def test_training_batches_are_the_full_length_grouped_ones():
+    widths = np.random.default_rng(0).integers(1, 100, 103)
+    full = training_batches(widths, 10, seed=2, epoch=1)
+    assert full == [b for b in length_grouped_batches(widths, 10, 2, 1) if len(b) == 10]
+    assert len(full) == 10 and all(len(b) == 10 for b in full)
+
+
+@pytest.mark.parametrize("world_size, grad_accum", [(1, 1), (1, 3), (2, 1), (2, 2), (4, 3)])
+def test_the_processes_micro_batches_split_a_global_batch_exactly_once(world_size, grad_accum):
+    micro = 5
+    global_batch = list(np.random.default_rng(world_size).permutation(1000)[: micro * grad_accum * world_size])
+    pieces = [process_micro_batches(global_batch, rank, micro, grad_accum) for rank in range(world_size)]
+    assert all(len(p) == grad_accum and all(len(b) == micro for b in p) for p in pieces)
+    # in rank order then micro-batch order, the pieces are the global batch itself
+    assert [i for p in pieces for b in p for i in b] == global_batch
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_evaluation_batches_are_fixed_and_shared_out_over_the_processes(world_size):
+    widths = np.random.default_rng(1).integers(1, 50, 77)
+    every = length_grouped_batches(widths, 8, seed=0, epoch=0)
+    shares = [evaluation_batches(widths, 8, rank, world_size) for rank in range(world_size)]
+    assert sorted(map(tuple, (b for s in shares for b in s))) == sorted(map(tuple, every))
+    assert shares[0] == every[::world_size]
+
+
+def test_scoring_batches_go_widest_first_and_keep_the_data_order_on_ties():
+    widths = [3, 9, 9, 1, 9, 3, 7]
+    batches = scoring_batches(widths, 2)
+    assert [b.tolist() for b in batches] == [[1, 2], [4, 6], [0, 5], [3]]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(widths)))

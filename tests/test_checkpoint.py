@@ -9,13 +9,7 @@ from factories import random_gpt2, tiny_config, transformers_twin, write_tiny_ch
 
 from minqr import MinqrError, load_gpt2, save_gpt2
 from minqr.models.gpt2 import GPT2
-from minqr.models.hf_folder import (
-    DAMAGED,
-    hf_tensors,
-    load_backbone_tensors,
-    read_tensors,
-    write_hf_folder,
-)
+from minqr.models.hf_folder import DAMAGED, hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
 
 CONFIG = tiny_config(n_layer=3, n_head=2, n_inner=48, activation_function="gelu")
 

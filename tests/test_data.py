@@ -6,13 +6,7 @@ import string
 
 import pytest
 
-from minqr.data.pairs import (
-    SKIP_HINT,
-    LoadStats,
-    load_pairs,
-    read_pairs_file,
-    resolve_source,
-)
+from minqr.data.pairs import SKIP_HINT, LoadStats, load_pairs, read_pairs_file, resolve_source
 from minqr.errors import MinqrError
 
 

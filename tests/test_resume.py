@@ -17,14 +17,7 @@ import torch
 from click.testing import CliRunner
 from factories import ended_writer
 from safetensors.torch import load_file
-from test_train import (
-    ROOT,
-    TIMING_KEYS,
-    as_argv,
-    load_cli,
-    tiny_options,
-    write_run_inputs,
-)
+from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
 
 import minqr.training.loop
 from minqr.training.config import TrainConfig

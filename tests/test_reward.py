@@ -9,15 +9,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from factories import (
-    SENTENCES,
-    TINY_EOS_ID,
-    random_gpt2,
-    tiny_config,
-    transformers_twin,
-    write_tiny_checkpoint,
-    write_tiny_tokenizer,
-)
+from factories import (SENTENCES, TINY_EOS_ID, random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint,
+                       write_tiny_tokenizer)
 from safetensors.torch import load_file, save_file
 
 from minqr import MinqrError, load_tokenizer, save_gpt2

@@ -14,16 +14,8 @@ from scipy.special import expit
 
 from minqr import MinqrError, load_gpt2, load_tokenizer
 from minqr.data.pairs import read_pairs_file
-from minqr.data.synthetic import (
-    ANCHOR_REPLY,
-    TASK_VARIANTS,
-    TINY_MODEL,
-    SyntheticTask,
-    bayes_accuracy,
-    make_synthetic_task,
-    mixture_quantiles,
-    sample_pairs,
-)
+from minqr.data.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
+                                  make_synthetic_task, mixture_quantiles, sample_pairs)
 from minqr.objectives.references import quantile_levels
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,13 +9,7 @@ Prints the path of report.md. The measures are minqr.study.analysis's; the repor
 import click
 
 from minqr.errors import MinqrError
-from minqr.study.analysis import (
-    CONFIDENCE,
-    DEFAULT_BINS,
-    DEFAULT_EPS,
-    DEFAULT_RESAMPLES,
-    VIEWS_HELP,
-)
+from minqr.study.analysis import CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP
 from minqr.study.report import analyze
 
 

@@ -12,16 +12,8 @@ import numpy as np
 import torch
 
 from minqr.errors import MinqrError
-from minqr.objectives.loss import (
-    DEFAULT_OBJECTIVE,
-    DISTRIBUTIONAL_OUTPUTS,
-    MAX_QUANTILES,
-    OBJECTIVES,
-    Objective,
-    check_hyperparameters,
-    get_objective,
-    pair_loss,
-)
+from minqr.objectives.loss import (DEFAULT_OBJECTIVE, DISTRIBUTIONAL_OUTPUTS, MAX_QUANTILES, OBJECTIVES, Objective,
+                                   check_hyperparameters, get_objective, pair_loss)
 from minqr.objectives.references import quantile_levels
 
 HEAD_KINDS = ("scalar", "quantile")

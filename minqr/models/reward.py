@@ -35,15 +35,8 @@ from minqr.data.batching import IGNORE_INDEX
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (
-    hf_tensors,
-    load_backbone_tensors,
-    load_gpt2,
-    read_config,
-    read_json,
-    read_tensors,
-    write_hf_folder,
-)
+from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, load_gpt2, read_config, read_json, read_tensors,
+                                    write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"

@@ -14,12 +14,8 @@ import torch
 from minqr.errors import MinqrError
 from minqr.objectives import ops
 from minqr.objectives.ops import check_outputs, check_paper_hyperparameters
-from minqr.objectives.references import (
-    bradley_terry_reference,
-    independent_reference,
-    mixture_reference,
-    paper_reference,
-)
+from minqr.objectives.references import (bradley_terry_reference, independent_reference, mixture_reference,
+                                         paper_reference)
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "fused", "reference")

@@ -30,18 +30,8 @@ from minqr import __version__
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.study.analysis import (
-    CONFIDENCE,
-    DEFAULT_BINS,
-    DEFAULT_EPS,
-    DEFAULT_RESAMPLES,
-    coverage_taus,
-    paired_kl_difference,
-    response_truth,
-    spreads,
-    summarize,
-    view_rows,
-)
+from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, coverage_taus,
+                                  paired_kl_difference, response_truth, spreads, summarize, view_rows)
 from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"

@@ -23,19 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.data.batching import TokenizedPairs, tokenize_pairs
+from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
 from minqr.data.pairs import load_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model, training_args
 from minqr.progress import progress_bar
-from minqr.study.analysis import (
-    linear_probe,
-    load_truth,
-    pair_accuracy,
-    quantile_accuracy,
-)
+from minqr.study.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
 from minqr.study.scores_file import save_scores
 
 DEFAULT_BATCH_SIZE = 16  # pairs a batch
@@ -61,9 +56,6 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
                          f"tokenise with max_length at most {positions}")
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
-    # Widest first: similar widths share a batch (little padding) and an out-of-memory batch fails
-    # at the first step. Stable, so that equal widths keep the data's order.
-    order = np.argsort(-tokenized.row_widths(shared_prefix), kind="stable")
     chosen = np.empty((len(tokenized), model.num_quantiles), dtype=np.float32)
     rejected = np.empty_like(chosen)
     was_training = model.training
@@ -71,8 +63,7 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
     try:
         with torch.inference_mode(), progress_bar(total=len(tokenized), unit="pair", desc="scoring",
                                                   disable=not progress) as bar:
-            for start in range(0, len(order), batch_size):
-                indices = order[start : start + batch_size]
+            for indices in scoring_batches(tokenized.row_widths(shared_prefix), batch_size):
                 batch = tokenized.batch(indices, shared_prefix).to(device)
                 with autocast(device, compute_dtype):
                     r_chosen, r_rejected = model.forward_pairs(batch)  # [B, N] each
@@ -105,14 +96,12 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     similar length share a batch; eval mode, as score_tokenized."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
-    order = np.argsort([-len(tokens) for tokens in token_lists], kind="stable")
     width = model.transformer.config.n_embd if pooled else model.num_quantiles
     out = np.empty((len(token_lists), width), dtype=np.float32)
     was_training = model.training
     model.to(device).eval()
     try:
-        for start in range(0, len(order), batch_size):
-            indices = order[start : start + batch_size]
+        for indices in scoring_batches([len(tokens) for tokens in token_lists], batch_size):
             longest = len(token_lists[indices[0]])
             ids = torch.full((len(indices), longest), model.transformer.config.eos_token_id, dtype=torch.long)
             mask = torch.zeros_like(ids)

@@ -29,13 +29,8 @@ import torch.nn as nn
 
 from minqr import hub
 from minqr.atomic import atomic_file
-from minqr.data.batching import (
-    IGNORE_INDEX,
-    evaluation_batches,
-    process_micro_batches,
-    tokenize_pairs,
-    training_batches,
-)
+from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro_batches, tokenize_pairs,
+                                 training_batches)
 from minqr.data.pairs import read_pairs_file, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
@@ -48,25 +43,11 @@ from minqr.ranking import ranking_credit
 from minqr.training.config import TrainConfig
 from minqr.training.distributed import Processes, start_processes, stop_processes
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
-from minqr.training.metrics import (
-    CURVES_FILE,
-    METRICS_FILE,
-    MetricsLog,
-    plot_curves,
-    read_metrics,
-)
+from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.objective import PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
-from minqr.training.resume import (
-    DataPosition,
-    capture_rng_state,
-    check_same_options,
-    find_checkpoint,
-    load_checkpoint,
-    remove_checkpoints,
-    restore_rng_state,
-    save_checkpoint,
-)
+from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
+                                   load_checkpoint, remove_checkpoints, restore_rng_state, save_checkpoint)
 
 TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
                       "raise --max-length if the model's positions allow")
