@@ -1,6 +1,7 @@
-"""Progress bars and messages beside them, one rule for every tool: on a terminal a bar redraws up to ten times a second;
-into a log file (stderr is no TTY) every redraw is one more line, so there it redraws at most
-every 10 seconds (a long scoring or training job would otherwise write thousands of lines)."""
+"""Progress bars and the messages printed beside them. One rule for every tool: on a terminal a bar
+redraws up to ten times a second; into a log file (stderr is no TTY) every redraw is one more line,
+so there it redraws at most every 10 seconds (a long scoring or training job would otherwise write
+thousands of lines)."""
 import sys
 
 from tqdm import tqdm

@@ -23,6 +23,7 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -110,7 +111,8 @@ def paired_differences(all_scores: list[Scores], summaries: list[dict], workload
     options = {k: summaries[0][k] for k in ("view", "bins", "eps", "n_resamples", "confidence", "seed")}
     differences = []
     for workload in workloads:
-        runs = [(sc, su) for sc, su in zip(all_scores, summaries) if su["workload"] == workload]
+        runs = [(scores, summary) for scores, summary in zip(all_scores, summaries)
+                if summary["workload"] == workload]
         (reference, reference_summary), others = runs[0], runs[1:]
         for scores, summary in others:
             if (scores.num_pairs, scores.metadata["data"], scores.metadata["split"]) == (
@@ -134,21 +136,53 @@ def table1_markdown(table: dict) -> str:
     return "\n".join(lines)
 
 
+class Measure(NamedTuple):
+    """A column of the measures table: its key, its title, how a summary fills its cell, and what it
+    means (report.md prints the meanings under the table, in the columns' order)."""
+
+    key: str
+    title: str
+    cell: Callable[[dict], str]
+    meaning: str
+
+
 MEASURE_COLUMNS = (
-    ("accuracy", "pair accuracy", lambda s: _with_interval(s["accuracy"])),
-    ("js", "JS divergence (nats)", lambda s: _with_interval(s["js_divergence"])),
-    ("w1", "W1 / pooled sd", lambda s: _with_interval(s["wasserstein_1_sd"])),
-    ("kde_kl", "KDE KL (nats)", lambda s: _with_interval(s["kde_kl"])),
-    ("nll", "held-out NLL", lambda s: _number(s["nll"]) + (f" (Bayes {s['bayes']['nll']:.3f})" if s["bayes"] else "")),
-    ("ece", "ECE (objective)", lambda s: _number(s["calibration"]["objective"]["ece"])),
-    ("ece_bt", "ECE σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["ece"])),
-    ("brier_bt", "Brier σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["brier"])),
-    ("ece_dist", "ECE P(Xc>Xr)", lambda s: _number((s["calibration"]["distributional"] or {}).get("ece"))),
-    ("crossing", "crossing rate", lambda s: _number(s["crossing_rate"])),
-    ("spread_auroc", "spread AUROC (errors)", lambda s: _with_interval(s["spread_auroc"])),
-    ("coverage", "coverage error", lambda s: _number(_coverage(s).get("mean_abs_error"))),
-    ("spread_rho", "spread ρ (truth)", lambda s: _number(_coverage(s).get("spread_spearman"))),
+    Measure("accuracy", "pair accuracy", lambda s: _with_interval(s["accuracy"]),
+            "Pair accuracy ranks by the mean reward (ties count half)."),
+    Measure("js", "JS divergence (nats)", lambda s: _with_interval(s["js_divergence"]),
+            "JS: Jensen-Shannon divergence of the same histograms as Table 1 (at most ln 2)."),
+    Measure("w1", "W1 / pooled sd", lambda s: _with_interval(s["wasserstein_1_sd"]),
+            "W1: Wasserstein-1 between the two reward samples over their pooled standard deviation."),
+    Measure("kde_kl", "KDE KL (nats)", lambda s: _with_interval(s["kde_kl"]),
+            "KDE KL: KL between Gaussian KDEs (Scott's bandwidth)."),
+    Measure("nll", "held-out NLL",
+            lambda s: _number(s["nll"]) + (f" (Bayes {s['bayes']['nll']:.3f})" if s["bayes"] else ""),
+            "Held-out NLL: −mean log P(label) with P the model's own P(chosen preferred), the likelihood its "
+            "objective trains (the mixture: the mean over kinds of σ(h_c,i − h_r,i); Bradley-Terry and paper: "
+            "σ(μc − μr)); on the synthetic task the Bayes-optimal model's NLL is given beside it."),
+    Measure("ece", "ECE (objective)", lambda s: _number(s["calibration"]["objective"]["ece"]),
+            "ECE (objective): the calibration of that P, expected calibration error on 10 equal-width bins, each "
+            "pair scored in both orders."),
+    Measure("ece_bt", "ECE σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["ece"]),
+            "ECE σ(μc−μr): the same for the Bradley-Terry probability of the mean rewards."),
+    Measure("brier_bt", "Brier σ(μc−μr)", lambda s: _number(s["calibration"]["bradley_terry"]["brier"]),
+            "Brier: its mean squared error, likewise."),
+    Measure("ece_dist", "ECE P(Xc>Xr)", lambda s: _number((s["calibration"]["distributional"] or {}).get("ece")),
+            "ECE P(Xc>Xr): the same for the probability that a draw from the chosen response's quantiles beats "
+            "one from the rejected one's."),
+    Measure("crossing", "crossing rate", lambda s: _number(s["crossing_rate"]),
+            "Crossing rate: share of responses whose quantiles decrease somewhere."),
+    Measure("spread_auroc", "spread AUROC (errors)", lambda s: _with_interval(s["spread_auroc"]),
+            "Spread AUROC: how well q_{N-1} − q_0 singles out the pairs the model ranks wrongly (0.5: not at all)."),
+    Measure("coverage", "coverage error", lambda s: _number(_coverage(s).get("mean_abs_error")),
+            "Coverage error: mean |share of truth below q_k − τ_k|."),
+    Measure("spread_rho", "spread ρ (truth)", lambda s: _number(_coverage(s).get("spread_spearman")),
+            "Spread ρ: Spearman correlation of predicted with true spread."),
 )
+# After the meanings of the columns: how the coverage measures meet the truth.
+COVERAGE_UNITS = ("Where the scores carry the outputs for each pair's anchor (a reply whose true reward is 0 for "
+                  "everyone), the quantiles are aligned on it and compared with the truth in its own units, with no "
+                  "fit; otherwise the truth is first mapped into the model's units by an affine fit of the means.")
 
 
 def not_measured(summaries: list[dict]) -> list[str]:
@@ -166,10 +200,11 @@ def _coverage(summary: dict) -> dict:
 
 def measures_markdown(summaries: list[dict]) -> str:
     """A row per scores file: the measures beyond Table 1 (– where one does not apply)."""
-    lines = ["| workload | model | " + " | ".join(title for _, title, _ in MEASURE_COLUMNS) + " |",
+    lines = ["| workload | model | " + " | ".join(measure.title for measure in MEASURE_COLUMNS) + " |",
              "|---|---|" + "---:|" * len(MEASURE_COLUMNS)]
-    for s in summaries:
-        lines.append(f"| {s['workload']} | {s['label']} | " + " | ".join(cell(s) for _, _, cell in MEASURE_COLUMNS) + " |")
+    for summary in summaries:
+        cells = " | ".join(measure.cell(summary) for measure in MEASURE_COLUMNS)
+        lines.append(f"| {summary['workload']} | {summary['label']} | {cells} |")
     missing = not_measured(summaries)
     return "\n".join(lines + ([""] + missing if missing else []))
 
@@ -277,24 +312,26 @@ def _draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str
 
     matplotlib.use("Agg")  # files only: no display needed, and none is there on a server
     figures = []
-    by_workload = {w: [(sc, su) for sc, su in zip(all_scores, summaries) if su["workload"] == w] for w in workloads}
+    by_workload = {w: [(scores, summary) for scores, summary in zip(all_scores, summaries)
+                       if summary["workload"] == w] for w in workloads}
     view, bins = summaries[0]["view"], summaries[0]["bins"]
     models = dict.fromkeys(s["label"] for s in summaries)
     colors = {label: f"C{i}" for i, label in enumerate(models)}  # a model keeps its colour in every figure
     for number, (workload, runs) in enumerate(by_workload.items(), start=1):
         name = f"fig2_histograms_{number}_{_slug(workload)}.png"
-        _histogram_figure(out / name, [(su["label"], view_rows(sc.chosen, view), view_rows(sc.rejected, view),
-                                        su["histogram_kl"]["value"]) for sc, su in runs], bins, f"reward ({view})")
+        _histogram_figure(out / name, [(summary["label"], view_rows(scores.chosen, view),
+                                        view_rows(scores.rejected, view), summary["histogram_kl"]["value"])
+                                       for scores, summary in runs], bins, f"reward ({view})")
         figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
                               "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
-        quantile_runs = [(sc, su) for sc, su in runs if sc.num_quantiles > 1]
+        quantile_runs = [(scores, summary) for scores, summary in runs if scores.num_quantiles > 1]
         if quantile_runs:
             name = f"fig3_quantiles_{number}_{_slug(workload)}.png"
             panels = []
-            for sc, su in quantile_runs:
-                for k in (0, sc.num_quantiles - 1):
-                    panels.append((f"{su['label']}: q{k} (τ={sc.taus[k]:.3g})", sc.chosen[:, k:k + 1],
-                                   sc.rejected[:, k:k + 1], None))
+            for scores, summary in quantile_runs:
+                for k in (0, scores.num_quantiles - 1):
+                    panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})", scores.chosen[:, k:k + 1],
+                                   scores.rejected[:, k:k + 1], None))
             _histogram_figure(out / name, panels, bins, "reward", columns=2)
             figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "
                                   "quantile model, chosen vs rejected (the paper's Figure 3)."))
@@ -311,7 +348,8 @@ def _draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str
     for name, plot, caption in panel_figures:
         _panels_figure(out / name, by_workload, plot, colors)
         figures.append((name, caption))
-    with_truth = {w: [(sc, su) for sc, su in runs if _coverage(su)] for w, runs in by_workload.items()}
+    with_truth = {w: [(scores, summary) for scores, summary in runs if _coverage(summary)]
+                  for w, runs in by_workload.items()}
     with_truth = {w: runs for w, runs in with_truth.items() if runs}
     if with_truth:
         _coverage_figure(out / "coverage.png", with_truth, colors)
@@ -374,9 +412,9 @@ def _panels_figure(path: Path, by_workload: dict, plot, colors: dict) -> None:
 
 
 def _plot_kl_vs_bins(ax, runs, colors) -> None:
-    for _, su in runs:
-        ax.plot(su["kl_by_bins"]["bins"], su["kl_by_bins"]["kl"], "o-", markersize=3, color=colors[su["label"]],
-                label=su["label"])
+    for _, summary in runs:
+        ax.plot(summary["kl_by_bins"]["bins"], summary["kl_by_bins"]["kl"], "o-", markersize=3, color=colors[summary["label"]],
+                label=summary["label"])
     ax.axvline(runs[0][1]["bins"], color="gray", linestyle=":", linewidth=0.8)  # the table's bin count
     ax.set_xscale("log")
     ax.set_xlabel("bins")
@@ -385,27 +423,27 @@ def _plot_kl_vs_bins(ax, runs, colors) -> None:
 
 def _plot_reliability(ax, runs, colors) -> None:
     ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=0.8)
-    for _, su in runs:
-        color = colors[su["label"]]
+    for _, summary in runs:
+        color = colors[summary["label"]]
         for kind, style in (("bradley_terry", "-"), ("distributional", "--")):
-            result = su["calibration"][kind]
+            result = summary["calibration"][kind]
             if result is not None:
                 curve = result["curve"]
                 ax.plot(curve["mean_prob"], curve["frequency"], style, marker="o", markersize=3, color=color,
-                        label=f"{su['label']} {'σ(μc−μr)' if kind == 'bradley_terry' else 'P(Xc>Xr)'} "
+                        label=f"{summary['label']} {'σ(μc−μr)' if kind == 'bradley_terry' else 'P(Xc>Xr)'} "
                               f"ECE={result['ece']:.3f}")
     ax.set_xlabel("predicted P(first preferred)")
     ax.set_ylabel("observed frequency")
 
 
 def _plot_quantile_accuracy(ax, runs, colors) -> None:
-    for sc, su in runs:
-        color = colors[su["label"]]
-        if su["quantile_accuracy"] is None:
-            ax.axhline(su["accuracy"]["value"], color=color, label=f"{su['label']} (one output)")
+    for scores, summary in runs:
+        color = colors[summary["label"]]
+        if summary["quantile_accuracy"] is None:
+            ax.axhline(summary["accuracy"]["value"], color=color, label=f"{summary['label']} (one output)")
             continue
-        ax.plot(sc.taus, su["quantile_accuracy"], "o-", markersize=3, color=color, label=su["label"])
-        ax.axhline(su["accuracy"]["value"], color=color, linestyle=":", linewidth=0.8)
+        ax.plot(scores.taus, summary["quantile_accuracy"], "o-", markersize=3, color=color, label=summary["label"])
+        ax.axhline(summary["accuracy"]["value"], color=color, linestyle=":", linewidth=0.8)
     ax.set_xlim(0, 1)
     ax.set_xlabel("τ_k of the quantile ranked by")
     ax.set_ylabel("pair accuracy")
@@ -417,18 +455,18 @@ def _coverage_figure(path: Path, with_truth: dict, colors: dict) -> None:
     fig, axes = plt.subplots(len(with_truth), 2, figsize=(10, 3.8 * len(with_truth)), squeeze=False)
     for (coverage_ax, spread_ax), (workload, runs) in zip(axes, with_truth.items()):
         coverage_ax.plot([0, 1], [0, 1], color="gray", linestyle=":", linewidth=0.8)
-        for sc, su in runs:
-            coverage, color = su["coverage"], colors[su["label"]]
+        for scores, summary in runs:
+            coverage, color = summary["coverage"], colors[summary["label"]]
             coverage_ax.plot(coverage["taus"], coverage["coverage"], "o-", markersize=4, color=color,
-                             label=f"{su['label']} error={coverage['mean_abs_error']:.3f}")
-            if sc.num_quantiles > 1:
-                pred, true = response_truth(sc, coverage["truth"])
-                pred_spread, true_spread = spreads(pred, true, coverage_taus(sc))
+                             label=f"{summary['label']} error={coverage['mean_abs_error']:.3f}")
+            if scores.num_quantiles > 1:
+                pred, true = response_truth(scores, coverage["truth"])
+                pred_spread, true_spread = spreads(pred, true, coverage_taus(scores))
                 spread_ax.scatter(true_spread, pred_spread, s=4, alpha=0.4, color=color,
-                                  label=f"{su['label']} ρ={coverage['spread_spearman']:.3f}")
+                                  label=f"{summary['label']} ρ={coverage['spread_spearman']:.3f}")
         coverage_ax.set(title=f"{workload}: coverage", xlabel="τ", ylabel="share of truth below q(τ)", xlim=(0, 1),
                         ylim=(0, 1))
-        anchored = all(su["coverage"].get("anchored") for _, su in runs)
+        anchored = all(summary["coverage"].get("anchored") for _, summary in runs)
         spread_ax.set(title=f"{workload}: spread", xlabel="true spread (truth units)",
                       ylabel="predicted spread (" + ("aligned on the anchor: truth units" if anchored else "model units") + ")")
         for ax in (coverage_ax, spread_ax):
@@ -471,19 +509,7 @@ def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str
         "of the pairs for both), which two overlapping intervals cannot do.", "",
         "## Other measures", "",
         measures_markdown(summaries), "",
-        "Pair accuracy ranks by the mean reward (ties count half). Held-out NLL: −mean log P(label) with P the "
-        "model's own P(chosen preferred), the likelihood its objective trains (the mixture: the mean over kinds "
-        "of σ(h_c,i − h_r,i); Bradley-Terry and paper: σ(μc − μr)); ECE (objective) is the calibration of that P; "
-        "on the synthetic task the Bayes-optimal model's NLL is given beside it. JS: Jensen-Shannon divergence of the same "
-        "histograms (at most ln 2). W1: Wasserstein-1 between the two reward samples over their pooled standard "
-        "deviation. KDE KL: KL between Gaussian KDEs (Scott's bandwidth). ECE: expected calibration error on 10 "
-        "equal-width bins, each pair scored in both orders; Brier likewise. Crossing rate: share of responses "
-        "whose quantiles decrease somewhere. Spread AUROC: how well q_{N-1} − q_0 singles out the pairs the model "
-        "ranks wrongly (0.5: not at all). Coverage error: mean |share of truth below q_k − τ_k|; spread ρ: "
-        "Spearman correlation of predicted with true spread. Where the scores carry the outputs for each pair's "
-        "anchor (a reply whose true reward is 0 for everyone), the quantiles are aligned on it and compared with "
-        "the truth in its own units, with no fit; otherwise the truth is first mapped into the model's units by "
-        "an affine fit of the means.", "",
+        " ".join(measure.meaning for measure in MEASURE_COLUMNS) + " " + COVERAGE_UNITS, "",
         *[f"Coverage not computed for `{s['source']}`: {s['coverage']['not_computed']}\n" for s in summaries
           if "not_computed" in (s["coverage"] or {})],
         *probe_markdown(summaries),

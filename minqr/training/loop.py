@@ -340,7 +340,8 @@ class _Run:
         config, procs = self.config, self.procs
         started = time.perf_counter()
         micro_batches = [self.train_pairs.batch(ix, config.shared_prefix).to(procs.device)
-                         for ix in process_micro_batches(pair_indices, procs.rank, self.micro_batch_size, config.grad_accum)]
+                         for ix in process_micro_batches(pair_indices, procs.rank, self.micro_batch_size,
+                                                         config.grad_accum)]
         lm_tokens = 0.0
         if config.lm_coef > 0:
             (lm_tokens,) = procs.all_sum([sum(float((b.chosen_lm_labels != IGNORE_INDEX).sum())

@@ -38,7 +38,8 @@ class PairObjective(nn.Module):
     def forward(self, batch, pairs_in_step: int, lm_tokens_in_step: float):
         c = self.config
         # the head's objective (+ the response bag auxiliary), summed over the pairs; float32 [B, N] outputs
-        loss, r_chosen, r_rejected, *hidden = self.model.pair_loss(batch, "sum", c.bag_coef, return_hidden=c.lm_coef > 0)
+        loss, r_chosen, r_rejected, *hidden = self.model.pair_loss(batch, "sum", c.bag_coef,
+                                                                   return_hidden=c.lm_coef > 0)
         mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
         if c.center_coef > 0:
             loss = loss + c.center_coef * ((mu_chosen + mu_rejected) ** 2).sum()
