@@ -61,7 +61,8 @@ setup(
     name="minqr",
     version="0.1.0",
     description="Small, fast, readable toolkit for RLHF reward models with quantile (distributional) heads",
-    packages=find_packages(include=["minqr", "minqr.*"]),
+    packages=find_packages(include=["minqr", "minqr.*", "minqr_cli"]),
+    entry_points={"console_scripts": ["minqr=minqr_cli.commands:main"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",  # never pulls a new torch where 2.13.0 (or your own build) is installed
@@ -69,7 +70,8 @@ setup(
         "tokenizers",
         "safetensors",
         "scipy",
-        "click",
+        "click",  # minqr_cli only: the library never imports it
+        "pyyaml",  # config files (--config FILE.yaml)
         "tqdm",
         "matplotlib",
         "huggingface_hub",

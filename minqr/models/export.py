@@ -5,12 +5,29 @@ The mean of a quantile head's N outputs is the expected reward, and since every 
 function of the same features, their mean is the linear function with the averaged row
 (`RewardModel.to_scalar`). The exported folder is a one-label GPT2ForSequenceClassification.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 from minqr import hub
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import load_reward_model, training_args
+from minqr.options import option
+
+
+@dataclass
+class ExportConfig:
+    """The options of an export (`minqr export`). --scalar is the only export for now, so it must be
+    asked for by name."""
+
+    model: str = option(help="quantile reward model folder (train's --out), or a hub name")
+    out: str = option(help="folder to write the exported model into (its model files are replaced)")
+    scalar: bool = option(False, "export as a one-output model: the mean of the quantiles")
+
+    def __post_init__(self):
+        if not self.scalar:
+            raise MinqrError("nothing to export: add --scalar (a one-output model whose reward is the mean of the "
+                             "quantiles), the only export for now")
 
 
 @holds_output("out")

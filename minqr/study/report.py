@@ -22,39 +22,86 @@ has no density) is n/a in the tables, with its reason under them and in report.m
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
 from minqr import __version__
-from minqr.atomic import atomic_dir
-from minqr.errors import MinqrError
+from minqr.atomic import atomic_dir, atomic_file
+from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, coverage_taus,
+from minqr.options import option
+from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
                                   paired_kl_difference, response_truth, spreads, summarize, view_rows)
 from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 
 
-@holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
-def analyze(paths, out_dir, view: str = "mean", bins: int = DEFAULT_BINS, eps: float = DEFAULT_EPS,
-            n_resamples: int = DEFAULT_RESAMPLES, confidence: float = CONFIDENCE, seed: int = 0,
-            truth=None) -> Path:
-    """Read the scores files, measure each, write the report into `out_dir`; returns report.md's path.
+@dataclass
+class AnalyzeConfig:
+    """The options of an analysis (`minqr analyze`, `analyze`)."""
 
-    `truth` (a synthetic task's test_truth.npz) applies to every file; None: each file uses the
-    truth its metadata names, if any; False: no coverage.
+    scores: tuple[str, ...] = option(help="scores files (.npz or .jsonl) written by score", argument=True)
+    out: str = option(help="report folder: created, or replaced if it holds an earlier report")
+    view: str = option("mean", f"which reward of a response the divergences compare: {VIEWS_HELP} (the N "
+                       "quantiles pooled)")
+    bins: int = option(DEFAULT_BINS, "equal-width bins over the pooled range for the histogram KL and JS", low=1)
+    eps: float = option(DEFAULT_EPS, "added to every bin's count before normalising (keeps log 0 away)", low=0)
+    n_resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples of the pairs for the bias corrections and "
+                              "intervals (0: plug-in values only)", low=0, flag="--bootstrap")
+    confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, open_range=True)
+    seed: int = option(0, "seed of the bootstrap resamples")
+    truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
+                               "coverage [default: the truth named in each file's metadata, if any]")
+    no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
+
+    def __post_init__(self):
+        if self.truth and self.no_truth:
+            raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
+
+
+@holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
+def analyze(paths, out_dir, **options) -> Path:
+    """Read the scores files, measure each, write the report into `out_dir`; returns report.md's
+    path. `options` are AnalyzeConfig's other fields: `truth` (a synthetic task's test_truth.npz)
+    applies to every file; without it each file uses the truth its metadata names, if any, and
+    `no_truth=True` measures no coverage.
     """
+    options = AnalyzeConfig(scores=tuple(paths), out=out_dir, **options)
     if not paths:
         raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
     _check_out(Path(out_dir))  # before the measuring, which takes a while
     all_scores = [load_scores(path) for path in paths]
     _check_cells_unique(all_scores)
-    summaries = [summarize(s, view=view, bins=bins, eps=eps, n_resamples=n_resamples, confidence=confidence,
-                           seed=seed, truth=truth) for s in all_scores]
+    truth = False if options.no_truth else options.truth
+    summaries = [summarize(s, view=options.view, bins=options.bins, eps=options.eps, n_resamples=options.n_resamples,
+                           confidence=options.confidence, seed=options.seed, truth=truth) for s in all_scores]
     return write_report(out_dir, all_scores, summaries)
+
+
+@dataclass
+class TableConfig:
+    """The options of the objectives table (`minqr objectives-table`)."""
+
+    summaries: tuple[str, ...] = option(help="summaries.json files written by analyze", argument=True)
+    out: str = option(help="markdown file to write")
+
+
+def write_objectives_table(paths, out) -> Path:
+    """Write `objectives_table` of the rows of every summaries.json in `paths` into the markdown
+    file `out` (atomically)."""
+    rows = []
+    for path in paths:
+        try:
+            rows += json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py ({error})") from None
+    with atomic_file(Path(out)) as tmp:
+        tmp.write_text(objectives_table(rows) + "\n")
+    return Path(out)
 
 
 def _check_cells_unique(all_scores: list[Scores]) -> None:

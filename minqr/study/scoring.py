@@ -25,10 +25,11 @@ import torch
 
 from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
 from minqr.data.pairs import load_pairs, resolve_source
-from minqr.device import autocast, autocast_dtype, resolve_device
+from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model, training_args
+from minqr.options import option
 from minqr.progress import progress_bar
 from minqr.study.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
 from minqr.study.scores_file import save_scores
@@ -161,14 +162,40 @@ class ScoreSummary:
         return "\n".join(lines + self.notes + [f"wrote {self.out}"])
 
 
+@dataclass
+class ScoreConfig:
+    """The options of a scoring job (`minqr score`, `score_to_file`)."""
+
+    model: str = option(help="reward model folder (train's --out), or a hub name")
+    data: str = option(help="pairs: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with --subset), or "
+                       "hh-rlhf:SUBSET")
+    out: str = option(help="scores file to write: .npz (numpy) or .jsonl; replaced atomically")
+    subset: str | None = option(None, "subset of a folder given as --data, e.g. harmless-base")
+    split: str | None = option(None, f"split of a folder or hh-rlhf:SUBSET [default: {DEFAULT_SPLIT}]")
+    max_length: int | None = option(None, "tokens kept of each text, cut from the left [default: the --max-length "
+                                    "the model was trained with (its training_args.json), else its number of "
+                                    "positions]", low=1)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "pairs a batch", low=1)
+    shared_prefix: bool = option(True, "run the common prefix of a pair's two texts once (same numbers, fewer "
+                                 "tokens)")
+    device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
+    dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
+    skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
+    anchor_reply: str | None = option(None, "also score this text as the reply to each pair's prompt; the "
+                                      "analysis then reads every response's quantiles relative to it (a mixture "
+                                      "head's kinds each have a free constant that only such a reference pins "
+                                      "down)")
+    workload: str | None = option(None, "row label of the analysis table [default: FOLDER SPLIT of the data file, "
+                                  "e.g. 'harmless-base test']")
+    label: str | None = option(None, "column label of the analysis table [default: 'scalar', or the objective "
+                               "and N, e.g. 'mixture N=10']")
+
+
 @holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
-def score_to_file(model, data, out, split: str | None = None, subset: str | None = None,
-                  workload: str | None = None, label: str | None = None, max_length: int | None = None,
-                  batch_size: int = DEFAULT_BATCH_SIZE, shared_prefix: bool = True, device: str = "auto",
-                  dtype: str = "auto", skip_bad: bool = False, anchor_reply: str | None = None,
-                  progress: bool = True) -> ScoreSummary:
+def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSummary:
     """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
-    (.npz or .jsonl, atomically) with the metadata that minqr/study/analysis.py reads.
+    (.npz or .jsonl, atomically) with the metadata that minqr/study/analysis.py reads. `options`
+    are ScoreConfig's other fields.
 
     `data`: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with `subset`; `split`, default
     "test", picks the file) or hh-rlhf:SUBSET. `max_length` defaults to the one the model was
@@ -179,7 +206,9 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
     outputs are saved beside the scores (the analysis reads the quantiles relative to them); without
     it, the synthetic task's anchor replies are, where its truth file lies beside the data.
     """
-    if anchor_reply is not None and not anchor_reply.strip():
+    options = ScoreConfig(model=model, data=data, out=out, **options)
+    split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
+    if options.anchor_reply is not None and not options.anchor_reply.strip():
         raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, e.g. ' OK.'")
     out = Path(out)
     if out.suffix not in (".npz", ".jsonl") or out.is_dir():
@@ -188,18 +217,19 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
         raise MinqrError(f"split {split!r} picks a file in a folder, but {data} is a file; drop the split")
     reward_model, tokenizer, folder = load_reward_model(model)
     positions = reward_model.transformer.config.n_positions
+    max_length = options.max_length
     if max_length is None:
         max_length = min(training_args(folder).get("max_length", positions), positions)
     if max_length > positions:
         raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
     data_file = resolve_source(data, split or DEFAULT_SPLIT, subset)
-    pairs, stats = load_pairs(data_file, skip_bad=skip_bad)
+    pairs, stats = load_pairs(data_file, skip_bad=options.skip_bad)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)
 
-    device = resolve_device(device)
+    device = resolve_device(options.device)
     started = time.perf_counter()
-    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, shared_prefix, device, dtype, progress,
-                                       model_name=f"the reward model {folder}")
+    chosen, rejected = score_tokenized(reward_model, tokenized, batch_size, options.shared_prefix, device, dtype,
+                                       progress, model_name=f"the reward model {folder}")
     seconds = time.perf_counter() - started
 
     head = reward_model.head_config
@@ -210,13 +240,13 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
         "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
         "readout": head.readout, "taus": head.levels if head.kind == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
-        "workload": workload or f"{data_file.parent.name} {split_name}",
-        "options": {"max_length": max_length, "shared_prefix": shared_prefix, "batch_size": batch_size,
-                    "dtype": compute_dtype, "device": str(device), "skip_bad": skip_bad},
+        "workload": options.workload or f"{data_file.parent.name} {split_name}",
+        "options": {"max_length": max_length, "shared_prefix": options.shared_prefix, "batch_size": batch_size,
+                    "dtype": compute_dtype, "device": str(device), "skip_bad": options.skip_bad},
         "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(),
     }
-    if label:
-        metadata["label"] = label
+    if options.label:
+        metadata["label"] = options.label
     notes, anchor = [], None
     truth = data_file.parent / (split_name + TRUTH_SUFFIX)
     if truth.is_file():
@@ -228,11 +258,11 @@ def score_to_file(model, data, out, split: str | None = None, subset: str | None
             metadata["truth"] = str(truth.resolve())
             anchor = _score_anchors(reward_model, tokenizer, truth, len(pairs), max_length, batch_size, device, dtype)
             metadata["backbone_probe"] = backbone_probe(reward_model, tokenized, truth, batch_size, device, dtype)
-    if anchor_reply is not None:
-        texts = [pair.chosen[: pair.response_start("chosen")] + anchor_reply for pair in pairs]
+    if options.anchor_reply is not None:
+        texts = [pair.chosen[: pair.response_start("chosen")] + options.anchor_reply for pair in pairs]
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
                              device, dtype)
-        metadata["anchor_reply"] = anchor_reply
+        metadata["anchor_reply"] = options.anchor_reply
     save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)

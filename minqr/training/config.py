@@ -1,28 +1,28 @@
 """TrainConfig: every option of a training run, with its default and its help text, and the checks
-that run before any work. `tools/train.py` builds its command-line options from these fields, so
-the options, their defaults and their `--help` live here only.
+that run before any work. `minqr train` (and tools/train.py) builds its command-line options from
+these fields (minqr_cli/options.py), so the options, their defaults and their `--help` live here only.
 
 With `--demo`, `demo_defaults` fills in what the offline demo needs (a tiny random GPT-2 on the
 synthetic task, minqr/data/synthetic.py).
 """
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from minqr.device import DTYPES
 from minqr.errors import MinqrError
 from minqr.models.head import HEAD_KINDS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
+from minqr.options import option
 
 # The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
 # bias correction), which must stay far below float32's 3.4e38.
 MAX_LEARNING_RATE = 1e30
 
-
-def option(default, help: str, choices=None):
-    """A TrainConfig field: its default and its help text live here, and tools/train.py builds its
-    command-line options from them."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+# Keys of a run's training_args.json that record the run rather than set it up: the file is a
+# config for `minqr train --config` all the same, and these keys are passed over there.
+RUN_FACTS = ("processes", "steps_per_epoch", "total_steps", "warmup_steps", "train_pairs", "eval_pairs",
+             "model_path", "torch", "exported_from")
 
 
 @dataclass
@@ -94,9 +94,9 @@ class TrainConfig:
                         "float32), float32 on CPU", tuple(DTYPES))
     compile: bool = option(False, "torch.compile the backbone (faster steps after a slow first one)")
     resume: bool = option(False, "continue the run in --out from its checkpoint/: give the same "
-                          "options as the first time, plus --resume")
+                          "options as the first time, plus --resume", in_file=False)
     overwrite: bool = option(False, "start afresh even if --out already holds a run (its files are "
-                             "replaced)")
+                             "replaced)", in_file=False)
     demo: bool = option(False, "offline demo: generate a synthetic preference task (minqr.data.synthetic) "
                         "with a tiny random GPT-2 and train on it; other options override its defaults")
 

@@ -1,0 +1,94 @@
+"""The `minqr` command: one subcommand a job, each a thin shell over the library.
+
+    minqr train --head quantile --demo
+    minqr score --model runs/demo/quantile --data runs/demo/demo-data/test.jsonl --out q.npz
+    minqr analyze q.npz --out report
+    minqr export --model runs/demo/quantile --scalar --out runs/demo/quantile-scalar
+    minqr synthetic --out runs/tasks/shifted --variant shifted
+    minqr objectives-table runs/objectives/*/report/summaries.json --out table.md
+
+Each subcommand's options are its config dataclass's fields (minqr_cli/options.py); every one
+also takes --config FILE. A subcommand parses, calls one library function, and prints its summary.
+"""
+import sys
+
+import click
+
+from minqr import __version__
+from minqr.data.synthetic import SyntheticConfig, make_synthetic_task
+from minqr.models.export import ExportConfig, export_scalar
+from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
+from minqr.study.scoring import ScoreConfig, score_to_file
+from minqr.training.config import RUN_FACTS, TrainConfig
+from minqr.training.interrupt import TrainingInterrupted
+from minqr.training.loop import train as train_model
+from minqr_cli.options import CONTEXT, config_command
+
+
+@config_command(TrainConfig, ignored_keys=RUN_FACTS)
+def train(options, given):
+    """Train a scalar or quantile (distributional) reward model on preference pairs."""
+    try:
+        # only the options the user gave: --demo fills the others with its own defaults
+        summary = train_model(TrainConfig.from_options(**given))
+    except TrainingInterrupted as error:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
+        click.echo(f"Stopped: {error}", err=True)
+        sys.exit(130)
+    if summary.rank == 0:  # under torchrun, once
+        click.echo(str(summary))
+
+
+@config_command(ScoreConfig)
+def score(options, given):
+    """Score every preference pair of --data with the reward model --model into the scores file
+    --out: each response's N outputs, for analyze. Prints the pair accuracy (ranking by the mean of
+    the outputs) and, for a quantile head, the accuracy of ranking by each quantile alone."""
+    click.echo(str(score_to_file(**options)))
+
+
+@config_command(AnalyzeConfig, name="analyze")
+def analyze_scores(options, given):
+    """Measure how far apart reward models put chosen and rejected responses (SCORES: .npz or .jsonl
+    files written by score) and write a report with tables and figures into --out: the paper's
+    Table 1, more measures, and, against a synthetic task's truth, quantile coverage. Prints the
+    path of report.md."""
+    scores, out = options.pop("scores"), options.pop("out")
+    click.echo(str(analyze(scores, out, **options)))
+
+
+@config_command(ExportConfig)
+def export(options, given):
+    """Export the quantile reward model --model into --out in the form asked for. --scalar: a
+    one-output GPT2ForSequenceClassification whose reward is exactly the mean of the N quantiles,
+    which transformers' AutoModelForSequenceClassification loads as it is."""
+    config = ExportConfig(**options)
+    folder = export_scalar(config.model, config.out)
+    click.echo(f"wrote {folder}: a one-output model whose reward is the mean of {config.model}'s quantiles")
+
+
+@config_command(SyntheticConfig)
+def synthetic(options, given):
+    """Write a synthetic preference task with known reward distributions into --out: the data, the
+    truth that score and analyze find, a tokenizer and a tiny random GPT-2 to train from."""
+    config = SyntheticConfig(**options)
+    folder = make_synthetic_task(config.out, num_train=config.num_train, num_test=config.num_test,
+                                 seed=config.seed, variant=config.variant)
+    click.echo(f"wrote the {config.variant} task into {folder}")
+
+
+@config_command(TableConfig)
+def objectives_table(options, given):
+    """Write the objectives table of the analyzed SUMMARIES (summaries.json files written by analyze)
+    into --out: a row per workload and objective, each measure averaged over seeds."""
+    click.echo(f"wrote {write_objectives_table(options['summaries'], options['out'])}")
+
+
+@click.group("minqr", context_settings=CONTEXT)
+@click.version_option(__version__, "--version", "-V", prog_name="minqr")
+def main():
+    """minqr: train and study reward models whose N outputs are the distribution of a response's
+    reward over the people who judge it. `minqr COMMAND --help` explains each command."""
+
+
+for command in (train, score, analyze_scores, export, synthetic, objectives_table):
+    main.add_command(command)

@@ -1,0 +1,145 @@
+"""From a command's config dataclass to its command line, and config files.
+
+Every minqr command is a dataclass of `minqr.options.option` fields (TrainConfig, ScoreConfig, ...),
+and `config_command` turns one into a click command, field by field:
+
+    int, float, str        --name VALUE   (a range or a choice where the field gives one)
+    bool, default False    --name         (a flag)
+    bool, default True     --name/--no-name
+    X | None               an option whose default is worked out later (the help says how)
+    tuple[str, ...]        a positional argument taking one or more values (argument=True)
+
+plus `--config FILE`: a JSON or YAML mapping of option names (dashes or underscores) to values,
+read before the command line, so that the command line wins over the file and the file over the
+defaults (click's `default_map`). Each value is converted and checked by its option's own type,
+and an error names the file and the key.
+"""
+import json
+import types
+import typing
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import click
+import yaml
+from click.core import ParameterSource
+
+from minqr.errors import MinqrError, MinqrUsageError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def config_command(config_class, name: str | None = None, ignored_keys=()):
+    """Decorator: `function(options, given)` becomes a click command whose options are
+    `config_class`'s fields and --config. `options` holds every field's value, `given` only those
+    the user set (on the command line or in the file). A MinqrError becomes "Error: ..." and exit
+    status 1 (2 for a MinqrUsageError, as for any other misuse of the options). `name`: the
+    command's name [default: the function's, with dashes for underscores]. `ignored_keys` may
+    appear in a config file without being options (a run's training_args.json records facts such as
+    its number of processes)."""
+    def decorate(function):
+        hints = typing.get_type_hints(config_class)
+        params = [_parameter(f, hints[f.name]) for f in fields(config_class)]
+        command_line_only = {f.name for f in fields(config_class) if not f.metadata["in_file"]}
+
+        def callback(**options):
+            context = click.get_current_context()
+            given = {name: value for name, value in options.items()
+                     if context.get_parameter_source(name) is not ParameterSource.DEFAULT}
+            try:
+                return function(options, given)
+            except MinqrUsageError as error:
+                raise click.UsageError(str(error)) from None
+            except MinqrError as error:
+                raise click.ClickException(str(error)) from None
+
+        return click.Command(name or function.__name__.replace("_", "-"), callback=callback,
+                             params=[_config_option(set(ignored_keys), command_line_only), *params],
+                             help=function.__doc__, context_settings=CONTEXT)
+    return decorate
+
+
+def _parameter(f, hint) -> click.Parameter:
+    """The click option (or argument) of one config field."""
+    meta = f.metadata
+    many = typing.get_origin(hint) in (tuple, list)
+    kind = _value_type(hint)
+    required = f.default is MISSING
+    if meta["argument"]:
+        return click.Argument([f.name], nargs=-1 if many else 1, required=required, type=_click_type(meta, kind))
+    name = meta["flag"] or "--" + f.name.replace("_", "-")
+    if kind is bool:
+        if f.default:  # a field that defaults to True is switched off with --no-NAME (e.g. --no-shared-prefix)
+            return click.Option([f"{name}/--no-{name[2:]}", f.name], default=True, show_default=True, help=meta["help"])
+        return click.Option([name, f.name], is_flag=True, default=False, help=meta["help"])
+    default = None if required else f.default
+    return click.Option([name, f.name], type=_click_type(meta, kind), required=required, default=default,
+                        show_default=default is not None, help=meta["help"])
+
+
+def _value_type(hint):
+    """The type of one value: `int | None` -> int, `tuple[str, ...]` -> str."""
+    if isinstance(hint, types.UnionType):
+        (hint,) = [kind for kind in typing.get_args(hint) if kind is not type(None)]
+    if typing.get_origin(hint) in (tuple, list):
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _click_type(meta: dict, kind):
+    if meta["choices"]:
+        return click.Choice(meta["choices"])
+    if meta["low"] is not None or meta["high"] is not None:
+        bounded = click.IntRange if kind is int else click.FloatRange
+        return bounded(meta["low"], meta["high"], min_open=meta["open_range"], max_open=meta["open_range"])
+    return kind
+
+
+# -- config files ---------------------------------------------------------------------------------
+
+def _config_option(ignored_keys: set, command_line_only: set) -> click.Option:
+    def load(context, parameter, path):
+        if path is not None:
+            context.default_map = _file_defaults(context, Path(path), ignored_keys, command_line_only)
+    return click.Option(["--config"], type=click.Path(exists=True, dir_okay=False), is_eager=True, expose_value=False,
+                        callback=load, help="JSON or YAML file of options (names with dashes or underscores); the "
+                        "command line overrides it. A run's training_args.json is one: `minqr train --config "
+                        "RUN/training_args.json --out NEW` repeats RUN. Options that say what to do this time "
+                        "(train's --resume and --overwrite) are taken from the command line only.")
+
+
+def read_config_file(path: Path) -> dict:
+    """The mapping in a .json, .yaml or .yml file (JSON for any other name)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
+        raise click.BadParameter(f"{path} is not a readable {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
+                                 f"file: {error}", param_hint="'--config'") from None
+    if not isinstance(values, dict):
+        raise click.BadParameter(f"{path} holds a {type(values).__name__}, not a mapping of option names to values",
+                                 param_hint="'--config'")
+    return values
+
+
+def _file_defaults(context: click.Context, path: Path, ignored_keys: set, command_line_only: set) -> dict:
+    """A config file's values, checked against the command's options, as click's default_map. Keys
+    of `command_line_only` options are passed over: a run's training_args.json records whether it
+    was resumed, and repeating the run elsewhere must not resume."""
+    command = context.command
+    by_name = {param.name: param for param in command.params if param.name != "config"}
+    defaults = {}
+    for key, value in read_config_file(path).items():
+        name = str(key).replace("-", "_")
+        if name in ignored_keys or name in command_line_only:
+            continue
+        if name not in by_name:
+            raise click.BadParameter(f"{path}: {key!r} is not an option of `{command.name}`; its options are "
+                                     f"{', '.join(sorted(by_name))}", param_hint="'--config'")
+        if value is not None:
+            try:
+                value = by_name[name].type_cast_value(context, value)
+            except click.BadParameter as error:
+                raise click.BadParameter(f"{path}: {key}: {error.message}", param_hint="'--config'") from None
+        defaults[name] = value
+    return defaults

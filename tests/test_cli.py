@@ -1,0 +1,173 @@
+"""The command line (minqr_cli): one `minqr` command, every subcommand's options derived from its
+config dataclass, config files, and tools/*.py as the same commands.
+
+The jobs themselves are tested through their commands in test_train, test_score, test_report,
+test_export and test_synthetic; here the library functions are replaced by recorders where only
+what the command line passes them matters.
+"""
+import dataclasses
+import importlib.util
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_train import ROOT, as_argv, tiny_options, write_run_inputs
+
+import minqr
+import minqr_cli.commands as commands
+from minqr.data.synthetic import SyntheticConfig
+from minqr.models.export import ExportConfig
+from minqr.study.report import AnalyzeConfig, TableConfig
+from minqr.study.scoring import ScoreConfig
+from minqr.training.config import RUN_FACTS, TrainConfig
+
+COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
+            "synthetic": SyntheticConfig, "objectives-table": TableConfig}
+
+
+def invoke(*argv):
+    return CliRunner().invoke(commands.main, [str(a) for a in argv])
+
+
+def record(monkeypatch, name, returns="done"):
+    """Replace commands.NAME (a library function) by a recorder of its arguments."""
+    calls = []
+
+    def recorder(*args, **kwargs):
+        calls.append((args, kwargs))
+        return returns
+    monkeypatch.setattr(commands, name, recorder)
+    return calls
+
+
+# ---- one command, options from the config dataclasses -----------------------------------------
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.output == f"minqr, version {minqr.__version__}\n"
+
+
+def test_console_script_is_installed():
+    """`pip install` puts `minqr` beside the interpreter (make test installs minqr into .venv)."""
+    script = Path(sys.executable).parent / "minqr"
+    if not script.exists():
+        pytest.skip(f"no console script at {script}: minqr is not pip-installed into this interpreter's environment")
+    done = subprocess.run([str(script), "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout == f"minqr, version {minqr.__version__}\n", done.stderr
+    done = subprocess.run([str(script), "score", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "--anchor-reply" in done.stdout
+
+
+@pytest.mark.parametrize("name", COMMANDS)
+def test_options_are_the_config_fields(name):
+    """Every field is an option (or the argument), under its name, and nothing else but --config."""
+    command = commands.main.commands[name]
+    params = {param.name for param in command.params}
+    assert params == {f.name for f in dataclasses.fields(COMMANDS[name])} | {"config"}
+    for f in dataclasses.fields(COMMANDS[name]):
+        (param,) = [p for p in command.params if p.name == f.name]
+        assert param.required == (f.default is dataclasses.MISSING), f.name
+        if f.default is not dataclasses.MISSING:
+            assert param.default == f.default, f.name
+
+
+@pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
+                                        ("export", "export"), ("synthetic", "synthetic"),
+                                        ("objectives_table", "objectives-table")])
+def test_tools_are_the_same_commands(tool, name):
+    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main is commands.main.commands[name]
+
+
+def test_ranges_choices_and_renamed_flags(monkeypatch):
+    calls = record(monkeypatch, "analyze")
+    assert invoke("analyze", "a.npz", "b.npz", "--out", "r", "--bootstrap", 7, "--confidence", 0.9).exit_code == 0
+    assert calls == [((("a.npz", "b.npz"), "r"), {"view": "mean", "bins": 50, "eps": 1e-10, "n_resamples": 7,
+                                                   "confidence": 0.9, "seed": 0, "truth": None, "no_truth": False})]
+    for argv, words in [(["--bins", 0], "Invalid value for '--bins': 0 is not in the range x>=1."),
+                        (["--confidence", 1], "Invalid value for '--confidence': 1.0 is not in the range 0<x<1."),
+                        (["--n-resamples", 3], "No such option '--n-resamples'")]:
+        result = invoke("analyze", "a.npz", "--out", "r", *argv)
+        assert result.exit_code == 2 and words in result.output, result.output
+    result = invoke("synthetic", "--out", "t", "--variant", "other")
+    assert result.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in result.output
+
+
+def test_usage_errors_exit_2_library_errors_exit_1(monkeypatch, tmp_path):
+    result = invoke("analyze", "a.npz", "--out", "r", "--truth", "t.npz", "--no-truth")
+    assert result.exit_code == 2
+    assert result.output.endswith("Error: --truth and --no-truth contradict each other; give one\n")
+    result = invoke("export", "--model", tmp_path, "--out", tmp_path / "x")
+    assert result.exit_code == 1
+    assert result.output == ("Error: nothing to export: add --scalar (a one-output model whose reward is the mean of "
+                             "the quantiles), the only export for now\n")
+
+
+# ---- config files ------------------------------------------------------------------------------
+
+def test_config_file_precedence(monkeypatch, tmp_path):
+    """The command line over the file, the file over the defaults; dashes or underscores; YAML or JSON."""
+    calls = record(monkeypatch, "make_synthetic_task")
+    json_file = tmp_path / "task.json"
+    json_file.write_text(json.dumps({"num-train": 5, "variant": "shifted", "out": "from-file"}))
+    yaml_file = tmp_path / "task.yaml"
+    yaml_file.write_text("num_train: 5\nvariant: shifted\nout: from-file\n")
+    for config in (json_file, yaml_file):
+        assert invoke("synthetic", "--config", config, "--num-test", 9, "--out", "typed").exit_code == 0
+        assert invoke("synthetic", "--config", config).exit_code == 0
+    typed = (("typed",), {"num_train": 5, "num_test": 9, "seed": 0, "variant": "shifted"})
+    from_file = (("from-file",), {"num_train": 5, "num_test": 1000, "seed": 0, "variant": "shifted"})
+    assert calls == [typed, from_file, typed, from_file]
+
+
+def test_config_values_are_checked_by_their_options(tmp_path):
+    config = tmp_path / "c.json"
+    cases = [
+        ({"num_trian": 5}, f"Invalid value for '--config': {config}: 'num_trian' is not an option of `synthetic`; "
+                           "its options are num_test, num_train, out, seed, variant"),
+        ({"num_train": "many"}, f"Invalid value for '--config': {config}: num_train: 'many' is not a valid integer range."),
+        ({"num_train": 0}, f"Invalid value for '--config': {config}: num_train: 0 is not in the range x>=1."),
+        ({"variant": "other"}, f"Invalid value for '--config': {config}: variant: 'other' is not one of 'demo', "
+                               "'shifted'."),
+        ([1, 2], f"Invalid value for '--config': {config} holds a list, not a mapping of option names to values"),
+    ]
+    for values, message in cases:
+        config.write_text(json.dumps(values))
+        result = invoke("synthetic", "--config", config)
+        assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    config.write_text("{not json")
+    result = invoke("synthetic", "--config", config)
+    assert result.exit_code == 2 and f"{config} is not a readable JSON file: Expecting property name" in result.output
+    result = invoke("synthetic", "--config", tmp_path / "none.json")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_run_facts_and_command_line_only_options_in_a_file(monkeypatch, tmp_path):
+    """training_args.json's facts are passed over; so are --resume and --overwrite (what to do this
+    time, not how the run is set up): repeating a resumed run elsewhere starts afresh."""
+    calls = record(monkeypatch, "train_model", returns=types.SimpleNamespace(rank=1))  # rank 1 prints nothing
+    config = tmp_path / "training_args.json"
+    config.write_text(json.dumps({"head": "scalar", "out": str(tmp_path / "run"), "resume": True, "overwrite": True,
+                                  **{fact: 1 for fact in RUN_FACTS}}))
+    assert invoke("train", "--config", config).exit_code == 0
+    ((config_given,), _), = calls
+    assert (config_given.head, config_given.resume, config_given.overwrite) == ("scalar", False, False)
+
+
+def test_training_args_repeat_the_run_bit_for_bit(tmp_path):
+    """`minqr train --config RUN/training_args.json --out NEW` trains the same model, bit for bit."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    first = tmp_path / "first"
+    assert invoke("train", *as_argv(tiny_options(inputs, first, max_steps=4, head="quantile"))).exit_code == 0
+    again = tmp_path / "again"
+    result = invoke("train", "--config", first / "training_args.json", "--out", again)
+    assert result.exit_code == 0, result.output
+    assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
+    args = json.loads((again / "training_args.json").read_text())
+    assert {**json.loads((first / "training_args.json").read_text()), "out": str(again)} == args
