@@ -76,7 +76,10 @@ setup(
         "matplotlib",
         "huggingface_hub",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    extras_require={
+        "tensorboard": ["tensorboard"],  # --report-to tensorboard
+        "test": ["pytest", "pytest-benchmark", "transformers", "tensorboard"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

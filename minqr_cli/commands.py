@@ -62,8 +62,9 @@ def export(options, given):
     one-output GPT2ForSequenceClassification whose reward is exactly the mean of the N quantiles,
     which transformers' AutoModelForSequenceClassification loads as it is."""
     config = ExportConfig(**options)
-    folder = export_scalar(config.model, config.out)
-    click.echo(f"wrote {folder}: a one-output model whose reward is the mean of {config.model}'s quantiles")
+    folder = export_scalar(config.model, config.out, normalize=config.normalize)
+    normalized = ", normalised by the reward statistics of its training" if config.normalize else ""
+    click.echo(f"wrote {folder}: a one-output model whose reward is the mean of {config.model}'s outputs{normalized}")
 
 
 @config_command(SyntheticConfig)

@@ -130,3 +130,41 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
             assert word in result.output, (argv, result.output)
         assert "Traceback" not in result.output and not out.exists()
     assert RewardModel.from_pretrained(source).num_quantiles == 10  # the source is untouched
+
+
+@pytest.mark.parametrize("kind, n", [("quantile", 10), ("scalar", 1)])
+def test_normalized_export(tmp_path, tokenizer, kind, n):
+    """--normalize: the exported reward is (mean of the outputs - 0.25) / 1.5, the statistics saved with
+    the model, folded into the weights so that transformers gives it too."""
+    source = save_model(tmp_path / "source", tokenizer, kind=kind, n=n, seed=3)
+    result = export(source, tmp_path / "normalized", "--normalize")
+    assert result.exit_code == 0, result.output
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        raw = RewardModel.from_pretrained(source, dtype=torch.float64)(ids, mask).mean(-1)  # [B]
+        ours = RewardModel.from_pretrained(tmp_path / "normalized", dtype=torch.float64)(ids, mask)[:, 0]
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "normalized").eval()
+        theirs = hf(ids, attention_mask=mask).logits[:, 0]
+    expected = (raw - 0.25) / 1.5
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(theirs.double(), expected, atol=1e-5, rtol=0)
+    config = json.loads((tmp_path / "normalized" / "config.json").read_text())
+    assert (config["minqr"]["reward_mean"], config["minqr"]["reward_std"]) == (0.0, 1.0)
+
+
+def test_normalize_needs_the_statistics(tmp_path, tokenizer):
+    source = save_model(tmp_path / "source", tokenizer)
+    config = json.loads((source / "config.json").read_text())
+    del config["minqr"]["reward_mean"], config["minqr"]["reward_std"]
+    (source / "config.json").write_text(json.dumps(config))
+    result = export(source, tmp_path / "normalized", "--normalize")
+    assert result.exit_code == 1 and not (tmp_path / "normalized").exists()
+    assert result.output == (f"Error: normalize: {source} has no reward statistics (config.json's minqr.reward_mean "
+                             "and reward_std): training measures them on its held-out pairs, so train with "
+                             "--eval-data\n")
+    config["minqr"].update(reward_mean=0.0, reward_std=0.0)
+    (source / "config.json").write_text(json.dumps(config))
+    result = export(source, tmp_path / "normalized", "--normalize")
+    assert result.exit_code == 1 and result.output == (
+        f"Error: normalize: {source} has reward mean 0.0 and std 0.0; normalising needs a finite mean and a "
+        "positive std\n")

@@ -466,3 +466,31 @@ def test_progress_into_a_log_file_is_redrawn_every_10_seconds_only(tokenizer, ca
     score_pairs(model, tokenizer, pairs, max_length=MAX_LENGTH, batch_size=1, progress=True)
     drawn = capsys.readouterr().err.split("\r")
     assert [line for line in drawn if "scoring" in line] and len(drawn) <= 4, drawn
+
+
+def test_normalize_applies_the_saved_reward_statistics(tmp_path, tokenizer, data_file):
+    """--normalize writes (output - mean) / std for every output and the anchor, with the statistics in
+    config.json; a model without them is refused before any scoring."""
+    folder = tmp_path / "model"
+    random_reward_model("quantile", 5, seed=2).save_pretrained(folder, tokenizer=tokenizer,
+                                                               training_args={"max_length": MAX_LENGTH},
+                                                               reward_stats={"mean": -0.75, "std": 2.5})
+    argv = ["--model", str(folder), "--data", str(data_file), "--anchor-reply", " I see."]
+    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
+    result = CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "normal.npz"), "--normalize"])
+    assert result.exit_code == 0, result.output
+    raw, normal = load_scores(tmp_path / "raw.npz"), load_scores(tmp_path / "normal.npz")
+    for name in ("chosen", "rejected", "anchor"):
+        expected = (getattr(raw, name).astype(np.float64) + 0.75) / 2.5
+        np.testing.assert_allclose(getattr(normal, name), expected, atol=1e-6, rtol=0)
+    assert normal.metadata["normalized"] == {"mean": -0.75, "std": 2.5}
+    assert printed_accuracies(result.stdout)[0][2] == printed_accuracies(
+        CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "again.npz")]).stdout)[0][2]
+
+    bare = tmp_path / "bare"
+    random_reward_model("quantile", 5, seed=2).save_pretrained(bare, tokenizer=tokenizer)
+    result = CliRunner().invoke(load_cli(), ["--model", str(bare), "--data", str(data_file), "--out",
+                                             str(tmp_path / "n.npz"), "--normalize"])
+    assert result.exit_code == 1 and not (tmp_path / "n.npz").exists()
+    assert result.output == (f"Error: normalize: {bare} has no reward statistics (config.json's minqr.reward_mean and "
+                             "reward_std): training measures them on its held-out pairs, so train with --eval-data\n")

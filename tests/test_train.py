@@ -26,6 +26,7 @@ from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
 from test_data import SURROGATE_LINE, surrogate_error
 
 import minqr.training.loop
+import minqr.training.metrics
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
@@ -130,6 +131,7 @@ def test_help_lists_every_option():
     (["--max-length", "200"], 1, ["--max-length 200", "128 positions"]),
     (["--batch-size", "64"], 1, ["--batch-size 64", "40 training pairs"]),
     (["--data", "no/such/file.jsonl"], 1, ["no/such/file.jsonl"]),
+    (["--dropout", "1"], 1, ["--dropout is a probability in [0, 1) (got 1.0)"]),
 ])
 def test_bad_options_are_named(inputs, tmp_path, argv, exit_code, words):
     result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run")) + argv)
@@ -516,3 +518,48 @@ def test_a_demo_config_without_the_demo_data_is_refused(tmp_path, data):
         TrainConfig(**given)
     config = TrainConfig.from_options(demo=True, out=str(tmp_path / "demo" / "quantile"))
     assert config.data == str(tmp_path / "demo" / "demo-data" / "train.jsonl")
+
+
+def test_dropout_option_sets_the_backbones_dropout(tmp_path):
+    """--dropout 0 on a checkpoint with dropout 0.1 trains exactly as the same weights saved with none
+    (TRL's choice); --dropout 0.1 on that one changes the run; the saved config records what was used."""
+    with_dropout = write_run_inputs(tmp_path / "with", dropout=0.1)
+    without = write_run_inputs(tmp_path / "without", dropout=0.0)
+    runs = {"off": (with_dropout, {"dropout": 0.0}), "plain": (without, {}), "on": (without, {"dropout": 0.1})}
+    weights, configs = {}, {}
+    for name, (inputs, extra) in runs.items():
+        train(TrainConfig(**tiny_options(inputs, tmp_path / name, max_steps=3, **extra)))
+        weights[name] = (tmp_path / name / "model.safetensors").read_bytes()
+        configs[name] = json.loads((tmp_path / name / "config.json").read_text())
+    assert weights["off"] == weights["plain"] and weights["on"] != weights["plain"]
+    for name, p in (("off", 0.0), ("plain", 0.0), ("on", 0.1)):
+        assert [configs[name][k] for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")] == [p, p, p], name
+
+
+def test_tensorboard_logs_what_metrics_jsonl_holds(inputs, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="tensorboard, the optional extra minqr[tensorboard], is not installed")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, out, max_steps=6, eval_every=3,
+                                                                 report_to="tensorboard")))
+    assert result.exit_code == 0, result.output
+    events = EventAccumulator(str(out / "tensorboard")).Reload()
+    records = read_metrics(out / "metrics.jsonl")
+    expected = {}
+    for record in records:
+        for key, value in record.items():
+            if key != "step":
+                tag = "eval/" + key[5:] if key.startswith("eval_") else "train/" + key
+                expected.setdefault(tag, []).append((record["step"], value))
+    assert set(events.Tags()["scalars"]) == set(expected) and "eval/accuracy" in expected
+    for tag, points in expected.items():
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in logged] == [s for s, _ in points], tag
+        np.testing.assert_allclose([v for _, v in logged], [v for _, v in points], rtol=1e-6, err_msg=tag)
+
+    monkeypatch.setattr(minqr.training.metrics.importlib.util, "find_spec", lambda name: None)
+    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "other", report_to="tensorboard")))
+    assert result.exit_code == 1 and result.output == (
+        "Error: --report-to tensorboard needs the tensorboard package, an optional extra of minqr: "
+        "pip install 'minqr[tensorboard]' (or pip install tensorboard)\n")

@@ -11,7 +11,7 @@ from pathlib import Path
 from minqr import hub
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.models.reward import load_reward_model, training_args
+from minqr.models.reward import load_reward_model, reward_normalization, training_args
 from minqr.options import option
 
 
@@ -23,6 +23,8 @@ class ExportConfig:
     model: str = option(help="quantile reward model folder (train's --out), or a hub name")
     out: str = option(help="folder to write the exported model into (its model files are replaced)")
     scalar: bool = option(False, "export as a one-output model: the mean of the quantiles")
+    normalize: bool = option(False, "the exported reward is (reward - mean) / std, with the mean and std of the "
+                             "expected reward that training measured on its held-out pairs (folded into the weights)")
 
     def __post_init__(self):
         if not self.scalar:
@@ -31,21 +33,27 @@ class ExportConfig:
 
 
 @holds_output("out")
-def export_scalar(model, out) -> Path:
+def export_scalar(model, out, normalize: bool = False) -> Path:
     """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
     reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json
-    plus an `exported_from` entry. A scalar model is refused: it is already what this makes."""
+    plus an `exported_from` entry. With `normalize`, the reward is (that mean - m) / s, m and s the
+    statistics training measured (RewardModel.normalized). A scalar model is refused, as it is
+    already what this makes, unless it is to be normalised."""
     folder = hub.fetch_model(model)
     out = Path(out)
     if out.exists() and out.resolve() == folder.resolve():
         raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
                          "quantile model; choose another folder")
-    quantile_model, tokenizer, folder = load_reward_model(folder)
-    head = quantile_model.head_config
-    if head.kind == "scalar":
+    reward_model, tokenizer, folder = load_reward_model(folder)
+    head = reward_model.head_config
+    if head.kind == "scalar" and not normalize:
         raise MinqrError(f"{folder} is already a scalar reward model (one output): use it as it is; the "
                          "scalar export turns a quantile model into one")
-    args = {**training_args(folder), "exported_from": {
-        "model": str(model), "head": head.to_dict(),
-        "export": "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"}}
-    return quantile_model.to_scalar().save_pretrained(out, tokenizer=tokenizer, training_args=args)
+    scalar = reward_model.to_scalar() if head.kind == "quantile" else reward_model
+    export = "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"
+    if normalize:
+        mean, std = reward_normalization(reward_model, folder)
+        scalar = scalar.normalized()
+        export += f"; normalized: (reward - {mean!r}) / {std!r}, the shift folded into ln_f.bias"
+    args = {**training_args(folder), "exported_from": {"model": str(model), "head": head.to_dict(), "export": export}}
+    return scalar.save_pretrained(out, tokenizer=tokenizer, training_args=args)

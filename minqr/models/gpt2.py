@@ -46,6 +46,10 @@ SIZES = {
 }
 
 
+# the dropout probabilities of the config: after each residual branch, on the embeddings, on the attention
+DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
 @dataclass
 class GPT2Config:
     """GPT-2's hyper-parameters, with the field names of Hugging Face's config.json."""
@@ -80,7 +84,7 @@ class GPT2Config:
                 f"activation_function={self.activation_function!r} is not supported "
                 f"(use one of {sorted(GELU_APPROXIMATION)})"
             )
-        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        for name in DROPOUTS:
             if not 0.0 <= getattr(self, name) < 1.0:
                 problems.append(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
         if problems:

@@ -46,7 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
-from minqr.models.gpt2 import GPT2, GPT2Config
+from minqr.models.gpt2 import DROPOUTS, GPT2, GPT2Config
 
 CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # "c_attn.bias" is a weight: keep the dot
@@ -211,12 +211,14 @@ def load_backbone_tensors(model: GPT2, tensors: dict, extra_allowed=(), dtype=No
     return extras
 
 
-def load_gpt2(path, dtype=None, device=None) -> GPT2:
+def load_gpt2(path, dtype=None, device=None, dropout: float | None = None) -> GPT2:
     """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (as `from_pretrained` returns it).
 
-    `dtype=None` keeps the dtype stored in the file (float32 for the released GPT-2s).
+    `dtype=None` keeps the dtype stored in the file (float32 for the released GPT-2s). `dropout`
+    sets every dropout probability (residual, embedding, attention); None keeps the config's.
     """
-    config = GPT2Config.from_dict(read_config(path))
+    overrides = {} if dropout is None else {name: dropout for name in DROPOUTS}
+    config = GPT2Config.from_dict({**read_config(path), **overrides})
     with torch.device("meta"):
         model = GPT2(config)
     load_backbone_tensors(model, read_tensors(path), dtype=dtype, device=device)

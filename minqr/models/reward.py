@@ -23,6 +23,7 @@ end in EOS (minqr appends none).
 """
 import copy
 import json
+import math
 import os
 from pathlib import Path
 
@@ -234,6 +235,24 @@ class RewardModel(nn.Module):
         scalar.reward_stats = self.reward_stats
         return scalar.train(self.training)
 
+    def normalized(self) -> "RewardModel":
+        """A copy of this scalar model whose reward is exactly (r - mean) / std, with the reward
+        statistics that training measured (reward_stats). transformers' GPT2ForSequenceClassification
+        has no bias on its head, so the shift goes into the final layer norm's bias, along the
+        head's row w: the pooled state h becomes h - (mean / std) w / |w|², and w·h moves by
+        -mean / std. ln_f feeds nothing but the head in a sequence classifier."""
+        if self.head_config.kind != "scalar":
+            raise MinqrError("only a one-output (scalar) model folds its normalisation into its weights; export a "
+                             "quantile model with --scalar")
+        mean, std = reward_normalization(self)
+        model = copy.deepcopy(self)
+        with torch.no_grad():
+            row = model.score.weight[0].double() / std  # [n_embd]
+            model.score.weight.copy_(row[None])
+            model.transformer.ln_f.bias.sub_((mean / std) * row / row.dot(row))
+        model.reward_stats = {"mean": 0.0, "std": 1.0}
+        return model
+
     # ---- files ----
 
     def hf_config(self, reward_stats: dict | None = None) -> dict:
@@ -328,6 +347,21 @@ def training_args(folder: Path) -> dict:
     """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
     path = Path(folder) / TRAINING_ARGS_FILE
     return read_json(path, fix="fix or delete it") if path.is_file() else {}
+
+
+def reward_normalization(model: RewardModel, folder=None) -> tuple[float, float]:
+    """(mean, std) of the expected reward that training measured on its held-out pairs, for
+    normalising rewards; an error when the model has none or they cannot normalise."""
+    stats = model.reward_stats
+    where = f"{folder} has" if folder is not None else "this model has"
+    if stats is None:
+        raise MinqrError(f"normalize: {where} no reward statistics (config.json's minqr.reward_mean and reward_std): "
+                         "training measures them on its held-out pairs, so train with --eval-data")
+    mean, std = float(stats["mean"]), float(stats["std"])
+    if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+        raise MinqrError(f"normalize: {where} reward mean {mean} and std {std}; normalising needs a finite mean and a "
+                         "positive std")
+    return mean, std
 
 
 def load_reward_model(model) -> tuple[RewardModel, object, Path]:

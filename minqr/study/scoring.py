@@ -28,7 +28,7 @@ from minqr.data.pairs import load_pairs, resolve_source
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.models.reward import RewardModel, load_reward_model, training_args
+from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.options import option
 from minqr.progress import progress_bar
 from minqr.study.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
@@ -189,6 +189,9 @@ class ScoreConfig:
                                   "e.g. 'harmless-base test']")
     label: str | None = option(None, "column label of the analysis table [default: 'scalar', or the objective "
                                "and N, e.g. 'mixture N=10']")
+    normalize: bool = option(False, "write (output - mean) / std: the mean and std of the expected reward that "
+                             "training measured on its held-out pairs (config.json's reward_mean, reward_std); "
+                             "the same map for every output, so quantiles stay quantiles")
 
 
 @holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
@@ -216,6 +219,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     if split is not None and Path(data).expanduser().is_file():
         raise MinqrError(f"split {split!r} picks a file in a folder, but {data} is a file; drop the split")
     reward_model, tokenizer, folder = load_reward_model(model)
+    if options.normalize:
+        mean, std = reward_normalization(reward_model, folder)
     positions = reward_model.transformer.config.n_positions
     max_length = options.max_length
     if max_length is None:
@@ -263,6 +268,10 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
                              device, dtype)
         metadata["anchor_reply"] = options.anchor_reply
+    if options.normalize:
+        chosen, rejected = (chosen - mean) / std, (rejected - mean) / std
+        anchor = None if anchor is None else (anchor - mean) / std
+        metadata["normalized"] = {"mean": mean, "std": std}
     save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)

@@ -14,6 +14,7 @@ from minqr.errors import MinqrError
 from minqr.models.head import HEAD_KINDS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
 from minqr.options import option
+from minqr.training.metrics import REPORT_TO, check_report_to
 
 # The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
 # bias correction), which must stay far below float32's 3.4e38.
@@ -54,6 +55,9 @@ class TrainConfig:
                                 "expected rewards (e.g. 0.01)")
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
                             "cross-entropy on the chosen response tokens")
+    dropout: float | None = option(None, "dropout probability of the backbone, after its residual branches, on "
+                                   "its embeddings and its attention [default: the checkpoint's own, 0.1 for the "
+                                   "released GPT-2s; 0 is TRL's choice for reward models]")
     model: str = option("gpt2", "backbone: a local Hugging Face GPT-2 folder, or a hub name (gpt2, "
                         "gpt2-medium, ...) fetched through huggingface_hub")
     tokenizer: str | None = option(None, "tokenizer folder [default: the model folder]")
@@ -85,6 +89,8 @@ class TrainConfig:
     # the run
     out: str | None = option(None, "run folder: the trained model, metrics.jsonl, curves.png, "
                              "checkpoint/ [default: runs/HEAD, or runs/demo/HEAD with --demo]")
+    report_to: str = option("none", "also log the metrics to: tensorboard (event files in OUT/tensorboard/; needs "
+                            "the optional extra minqr[tensorboard]); metrics.jsonl is always written", REPORT_TO)
     eval_every: int = option(200, "evaluate on the held-out pairs every this many steps (0: only at "
                              "the end)")
     save_every: int = option(200, "write checkpoint/ every this many steps (0: only at the end)")
@@ -122,6 +128,7 @@ class TrainConfig:
                              f"{self.data!r} names none: leave --data out (in Python, build the config with "
                              "TrainConfig.from_options(demo=True, ...), which fills in the demo's data, model "
                              "and other options), or give --data FOLDER/train.jsonl")
+        check_report_to(self.report_to)
         if self.dtype not in DTYPES:
             raise MinqrError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         problems = [f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})"
@@ -140,6 +147,8 @@ class TrainConfig:
             problems.append(f"--lr must be positive and at most {MAX_LEARNING_RATE:g} (got {self.lr}, and "
                             f"{self.lr * self.head_lr_scale:g} for the head): AdamW moves a weight by about the "
                             "learning rate each step, and float32 overflows beyond")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            problems.append(f"--dropout is a probability in [0, 1) (got {self.dropout})")
         if not 0 <= self.warmup < 1:
             problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
         if self.max_steps is not None and self.max_steps < 1:

@@ -129,7 +129,7 @@ class _Run:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
-        model = RewardModel(load_gpt2(self.model_path), config.head_config())
+        model = RewardModel(load_gpt2(self.model_path, dropout=config.dropout), config.head_config())
         if config.bag_coef > 0:
             model.add_response_bag()
         if config.max_length > model.transformer.config.n_positions:
@@ -278,8 +278,8 @@ class _Run:
 
     def run(self) -> TrainSummary:
         config, procs = self.config, self.procs
-        log = MetricsLog(self.out / METRICS_FILE, resume_step=self.step if self.checkpoint else None) \
-            if procs.is_main else None
+        log = MetricsLog(self.out / METRICS_FILE, resume_step=self.step if self.checkpoint else None,
+                         report_to=config.report_to) if procs.is_main else None
         if procs.is_main:
             if self.checkpoint is None:  # a fresh start: no checkpoint of an earlier run may linger
                 remove_checkpoints(self.out)

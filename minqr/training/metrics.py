@@ -22,14 +22,30 @@ Every evaluation on the held-out pairs (all of them, with the weights after `ste
 Lines are appended and flushed as they come, so a killed run keeps its log up to the kill (its
 last line may be torn). A resumed run first cuts the log back to the checkpoint's step: the steps
 after it are trained again, and the file then reads as if the run had never stopped.
+
+With `--report-to tensorboard` the same numbers also go to TensorBoard event files in
+OUT/tensorboard/ (`tensorboard --logdir OUT`), as train/loss, ..., eval/loss, ... against the
+step; a resumed run purges the events after the checkpoint's step there too.
 """
+import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from minqr.atomic import atomic_file
+from minqr.errors import MinqrError
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_TO = ("none", "tensorboard")
+
+
+def check_report_to(report_to: str) -> None:
+    """Before any work: the logger asked for is installed (TensorBoard is an optional extra)."""
+    if report_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+        raise MinqrError("--report-to tensorboard needs the tensorboard package, an optional extra of minqr: "
+                         "pip install 'minqr[tensorboard]' (or pip install tensorboard)")
 
 
 def read_metrics(path) -> list[dict]:
@@ -48,21 +64,38 @@ def read_metrics(path) -> list[dict]:
 
 class MetricsLog:
     """Appends records to `path`; `resume_step=None` starts a new file, an int keeps the records
-    of steps up to and including it (the ones a checkpoint at that step has seen)."""
+    of steps up to and including it (the ones a checkpoint at that step has seen). With
+    `report_to="tensorboard"`, each record also goes to event files in `path`'s folder/tensorboard."""
 
-    def __init__(self, path, resume_step: int | None = None):
+    def __init__(self, path, resume_step: int | None = None, report_to: str = "none"):
         self.path = Path(path)
         kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         with atomic_file(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = open(self.path, "a")
+        self.tensorboard = None
+        events = self.path.parent / TENSORBOARD_DIR
+        if resume_step is None and events.is_dir():
+            shutil.rmtree(events)  # a new run: an earlier run's events would be drawn as this one's
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter  # only here: tensorboard is an optional extra
+
+            self.tensorboard = SummaryWriter(events, purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step":  # eval_loss -> eval/loss, loss -> train/loss
+                    tag = "eval/" + key.removeprefix("eval_") if key.startswith("eval_") else "train/" + key
+                    self.tensorboard.add_scalar(tag, value, record["step"])
+            self.tensorboard.flush()
 
     def close(self) -> None:
         self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def plot_curves(records: list[dict], path) -> Path:
