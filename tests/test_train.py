@@ -563,3 +563,30 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(inputs, tmp_path, monkeypatch
     assert result.exit_code == 1 and result.output == (
         "Error: --report-to tensorboard needs the tensorboard package, an optional extra of minqr: "
         "pip install 'minqr[tensorboard]' (or pip install tensorboard)\n")
+
+
+def test_grad_checkpoint_trains_the_same_weights_with_less_saved_for_backward(tmp_path):
+    """Activation checkpointing recomputes each block in the backward, dropout masks included: the
+    same weights, bit for bit; and less is kept for the backward (counted with saved-tensor hooks)."""
+    inputs = write_run_inputs(tmp_path / "inputs", dropout=0.1)
+    for name, extra in (("plain", {}), ("checkpointed", {"grad_checkpoint": True})):
+        train(TrainConfig(**tiny_options(inputs, tmp_path / name, max_steps=3, **extra)), progress=False)
+    assert (tmp_path / "plain" / "model.safetensors").read_bytes() == \
+        (tmp_path / "checkpointed" / "model.safetensors").read_bytes()
+
+    model = RewardModel.from_pretrained(tmp_path / "plain").train()
+    ids = torch.randint(0, model.transformer.config.vocab_size, (4, 64))
+
+    def saved_bytes(checkpointed: bool) -> int:
+        model.transformer.gradient_checkpointing = checkpointed
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids).sum().backward()
+        return total
+    plain, checkpointed = saved_bytes(False), saved_bytes(True)
+    assert checkpointed < 0.7 * plain, (checkpointed, plain)

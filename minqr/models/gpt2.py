@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minqr.errors import MinqrError
 
@@ -205,6 +206,10 @@ class GPT2(nn.Module):
         self.drop = nn.Dropout(config.embd_pdrop)
         self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        # Activation checkpointing: in training, keep only each block's input and run the block
+        # again in the backward, for memory about 1/n_layer of the activations at the cost of a
+        # second forward. The random state is replayed, so dropout draws the same masks.
+        self.gradient_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -241,7 +246,10 @@ class GPT2(nn.Module):
                 position_ids = torch.arange(T, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for block in self.h:
-            x = block(x, mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.ln_f(x)
 
     def lm_logits(self, hidden):

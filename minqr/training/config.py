@@ -6,7 +6,7 @@ With `--demo`, `demo_defaults` fills in what the offline demo needs (a tiny rand
 synthetic task, minqr/data/synthetic.py).
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from minqr.device import DTYPES
@@ -98,6 +98,12 @@ class TrainConfig:
                          "each process its own), else cpu")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU (the weights stay "
                         "float32), float32 on CPU", tuple(DTYPES))
+    grad_checkpoint: bool = option(False, "activation checkpointing: keep each transformer block's input only and "
+                                   "recompute the block in the backward (less memory, about a third more compute; "
+                                   "the same numbers)")
+    fsdp: bool = option(False, "under torchrun, shard the parameters, gradients and AdamW state over the processes "
+                        "(PyTorch's FSDP2, one unit per transformer block) instead of copying them into each "
+                        "(DDP): for models that do not fit one device; its checkpoint is written in shards")
     compile: bool = option(False, "torch.compile the backbone (faster steps after a slow first one)")
     resume: bool = option(False, "continue the run in --out from its checkpoint/: give the same "
                           "options as the first time, plus --resume", in_file=False)
@@ -153,10 +159,17 @@ class TrainConfig:
             problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append(f"--max-steps must be at least 1 (got {self.max_steps})")
+        if self.fsdp and (self.compile or self.lm_coef > 0):
+            problems.append("--fsdp goes without --compile and --lm-coef for now (neither was tested sharded)")
         if self.batch_size % self.grad_accum:
             problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
         if problems:
             raise MinqrError("; ".join(problems))
+
+    @classmethod
+    def defaults(cls) -> dict:
+        """Every option's default."""
+        return {f.name: f.default for f in fields(cls)}
 
     def head_config(self) -> HeadConfig:
         return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,

@@ -1,9 +1,19 @@
 """Processes: one, or several under torchrun.
 
 Under `torchrun` each process takes its slice of every global batch (minqr/data/batching.py,
-`process_micro_batches`), DistributedDataParallel averages the gradients, and the step is the one a
+`process_micro_batches`), the gradients are averaged over the processes, and the step is the one a
 single process computes on the whole batch (minqr/training/objective.py says why the arithmetic
 is the same). nccl on GPU, gloo on CPU. Only process 0 writes files and prints.
+
+Two ways to spread the model:
+- DistributedDataParallel (the default): every process holds the whole model and optimizer state;
+  the gradients are all-reduced.
+- FSDP2 (`--fsdp`, `shard_model`): each process holds 1/world_size of every parameter, gradient
+  and AdamW state. A block's parameters are gathered just before its forward and its backward and
+  freed after; its gradients are reduce-scattered. One unit per transformer block, the rest
+  (embeddings, final norm, head) in the root unit. That makes every forward a collective: all
+  processes must run the same number of them (the evaluation runs every held-out batch on every
+  process for that reason), and the checkpoint is written in shards (torch.distributed.checkpoint).
 """
 import os
 from contextlib import contextmanager
@@ -11,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.tensor import DTensor
 
 from minqr.device import resolve_device
 
@@ -34,6 +47,14 @@ class Processes:
         yield
         if self.is_main and self.world_size > 1:
             dist.barrier()
+
+    def broadcast(self, value):
+        """Process 0's `value` (any picklable object), in every process."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def all_sum(self, values: list[float]) -> list[float]:
         """Sum each value over the processes (float64, so that counts stay exact)."""
@@ -65,3 +86,31 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
             # may never arrive.
             dist.barrier()
         dist.destroy_process_group()
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+
+def shard_model(model) -> None:
+    """Shard a RewardModel in place over the process group with FSDP2: one unit per block, then the
+    root. The training and evaluation enter the model through `pair_loss`, not `forward`, so that
+    method is registered to gather the root's parameters (embeddings, final norm, head) as forward
+    does."""
+    for block in model.transformer.h:
+        fully_shard(block)
+    fully_shard(model)
+    register_fsdp_forward_method(model, "pair_loss")
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's part of a (possibly sharded) tensor."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def full_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a (possibly sharded) tensor, in every process (a collective for a DTensor)."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(model) -> dict:
+    """The model's whole state dict on process 0's CPU (and {} in the others); a collective."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -35,19 +35,22 @@ from minqr.data.pairs import read_pairs_file, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
+from minqr.models.gpt2 import GPT2
 from minqr.models.hf_folder import load_gpt2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
 from minqr.training.config import TrainConfig
-from minqr.training.distributed import Processes, start_processes, stop_processes
+from minqr.training.distributed import (Processes, full_state_dict, full_value, local, shard_model, start_processes,
+                                        stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.objective import PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
-                                   load_checkpoint, remove_checkpoints, restore_rng_state, save_checkpoint)
+                                   load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
+                                   save_checkpoint, save_shards)
 
 TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
                       "raise --max-length if the model's positions allow")
@@ -117,6 +120,10 @@ class _Run:
                         "compile": config.compile}
         # The cheap checks come first, then the model (a broken --model fails in a second), and the
         # data, which takes longest to read and tokenise, last.
+        if config.fsdp and procs.world_size == 1:
+            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
+                             "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
+                             "--fsdp")
         per_process = config.batch_size // procs.world_size
         if per_process * procs.world_size != config.batch_size or per_process % config.grad_accum:
             raise MinqrError(f"--batch-size {config.batch_size} must be a multiple of --grad-accum "
@@ -130,6 +137,7 @@ class _Run:
 
         torch.manual_seed(config.seed)  # the head's initialisation
         model = RewardModel(load_gpt2(self.model_path, dropout=config.dropout), config.head_config())
+        model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
             model.add_response_bag()
         if config.max_length > model.transformer.config.n_positions:
@@ -147,6 +155,8 @@ class _Run:
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
         self.model = model.to(procs.device).train()
+        if config.fsdp:
+            shard_model(self.model)  # before the optimizer, which must hold the sharded parameters
         self.optimizer = make_optimizer(self.model, config, procs.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
@@ -159,7 +169,7 @@ class _Run:
         if config.compile:
             self.model.transformer.compile(dynamic=True)
         objective = PairObjective(self.model, config)
-        self.objective = objective if procs.world_size == 1 else nn.parallel.DistributedDataParallel(
+        self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
     # -- set-up ------------------------------------------------------------------------------
@@ -175,7 +185,7 @@ class _Run:
                                  "--save-every steps, and this one was stopped before its first): start it afresh "
                                  "with --overwrite instead of --resume")
             checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config))
+            check_same_options(checkpoint.config, asdict(config), TrainConfig.defaults())
             return checkpoint
         if config.overwrite or config.demo:
             return None
@@ -254,8 +264,11 @@ class _Run:
         return tokenized
 
     def _restore(self, checkpoint) -> None:
-        self.model.load_state_dict(checkpoint.model)
-        self.optimizer.load_state_dict(checkpoint.optimizer)
+        if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
+            load_shards(checkpoint.folder, self.model, self.optimizer)
+        else:
+            self.model.load_state_dict(checkpoint.model)
+            self.optimizer.load_state_dict(checkpoint.optimizer)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.step, self.position = checkpoint.step, checkpoint.position
         self.saved_step = checkpoint.step
@@ -296,8 +309,10 @@ class _Run:
                 log.close()
         if final_eval is None and self.eval_pairs is not None:  # resumed from the final checkpoint
             final_eval = self._evaluate()
+        self._check_weights()
+        model = self._whole_model()
         if procs.is_main:
-            self._save_model(final_eval)
+            self._save_model(model, final_eval)
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / CURVES_FILE)
         return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy,
                             rank=procs.rank)
@@ -349,9 +364,11 @@ class _Run:
         loss_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
         right = torch.zeros((), dtype=torch.float64, device=procs.device)
         for k, batch in enumerate(micro_batches):
-            # DDP averages the gradients in the last micro-batch's backward; the others only add up
+            # DDP and FSDP average the gradients in the last micro-batch's backward; the others only add up
             last = k == len(micro_batches) - 1
-            with nullcontext() if last or procs.world_size == 1 else self.objective.no_sync():
+            if config.fsdp:
+                self.model.set_requires_gradient_sync(last)
+            with nullcontext() if last or procs.world_size == 1 or config.fsdp else self.objective.no_sync():
                 with autocast(procs.device, self.autocast_dtype):
                     loss, mu_chosen, mu_rejected = self.objective(batch, config.batch_size, max(lm_tokens, 1.0))
                 (loss * procs.world_size).backward()
@@ -365,7 +382,7 @@ class _Run:
         if not math.isfinite(loss_value):
             raise self._diverged(f"the loss is {loss_value}")
         if config.max_grad_norm > 0:
-            grad_norm = float(nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm))
+            grad_norm = float(full_value(nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)))
             if not math.isfinite(grad_norm):
                 raise self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.optimizer.param_groups[0]["lr"]
@@ -387,19 +404,25 @@ class _Run:
     def _check_weights(self) -> None:
         """Before anything is saved: every weight must be finite. A finite loss does not make the
         step after it good (a learning rate of inf turns every weight into NaN)."""
-        bad = [name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        named = list(self.model.named_parameters())
+        bad_here = [float(not torch.isfinite(local(p)).all()) for _, p in named]
+        # sharded (--fsdp), each process sees its shards only: all of them must agree
+        bad_anywhere = self.procs.all_sum(bad_here) if self.config.fsdp else bad_here
+        bad = [name for (name, _), count in zip(named, bad_anywhere) if count > 0]
         if bad:
             more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
             raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        """Held-out metrics over all processes; each process scores every world_size-th batch."""
+        """Held-out metrics over all processes; each process scores every world_size-th batch, or,
+        sharded (--fsdp), every batch, since each forward is then a collective that all take part in."""
         config, procs = self.config, self.procs
         self.model.eval()
         totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
+        share, shares = (0, 1) if config.fsdp else (procs.rank, procs.world_size)
         for pair_indices in evaluation_batches(self.eval_pairs.row_widths(config.shared_prefix), self.micro_batch_size,
-                                               procs.rank, procs.world_size):
+                                               share, shares):
             batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
             with autocast(procs.device, self.autocast_dtype):
                 # the objective alone: for all but paper, the held-out negative log-likelihood of the labels
@@ -408,7 +431,8 @@ class _Run:
             rewards = torch.cat([mu_chosen, mu_rejected]).double()
             totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
                        (rewards ** 2).sum().item(), (mu_chosen - mu_rejected).sum().item()]
-        loss, right, reward_sum, reward_square_sum, margin_sum = procs.all_sum(totals.tolist())
+        loss, right, reward_sum, reward_square_sum, margin_sum = totals.tolist() if config.fsdp else \
+            procs.all_sum(totals.tolist())
         self.model.train()
         pairs = len(self.eval_pairs)
         mean = reward_sum / (2 * pairs)
@@ -436,17 +460,36 @@ class _Run:
         if self.procs.world_size > 1:
             rng_states = [None] * self.procs.world_size
             dist.all_gather_object(rng_states, capture_rng_state())
+        # sharded: every process writes its shards into the folder that process 0 is filling
+        write_shards = (lambda folder: save_shards(self.procs.broadcast(folder), self.model, self.optimizer)) \
+            if self.config.fsdp else None
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
-                            config=asdict(self.config), compute=self.compute)
+                            config=asdict(self.config), compute=self.compute, write_shards=write_shards)
+        elif write_shards:
+            write_shards(None)
         self.saved_step = self.step
 
-    def _save_model(self, final_eval: dict | None) -> None:
-        self._check_weights()
+    def _whole_model(self) -> RewardModel | None:
+        """The model to save: the model itself, or, sharded (--fsdp), an unsharded copy gathered on
+        process 0's CPU (None in the others; every process must call this)."""
+        if not self.config.fsdp:
+            return self.model
+        state = full_state_dict(self.model)
+        if not self.procs.is_main:
+            return None
+        with torch.device("meta"):  # no memory, no init: the gathered tensors become the weights
+            whole = RewardModel(GPT2(self.model.transformer.config), self.model.head_config)
+            if self.model.response_bag is not None:
+                whole.add_response_bag()
+        whole.load_state_dict(state, assign=True)
+        return whole
+
+    def _save_model(self, model: RewardModel, final_eval: dict | None) -> None:
         reward_stats = None if final_eval is None else {
             "mean": final_eval["eval_reward_mean"], "std": final_eval["eval_reward_std"]}
-        self.model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),
+        model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),
                                    reward_stats=reward_stats)
 
 

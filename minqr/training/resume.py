@@ -8,6 +8,9 @@ A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
                   numbers were computed (device type, compute dtype, compile). Read back with
                   `torch.load(weights_only=True)`, so it holds tensors and plain values only.
     config.json   the options of the run, which `--resume` compares with the new ones.
+    shards/       with --fsdp only: the model and optimizer state, one file per process, written
+                  and read by torch.distributed.checkpoint (state.pt then holds the rest). Resume
+                  with the same number of processes for a bit-identical continuation.
 
 Continuing from it gives the weights an uninterrupted run gives: the same batches come next (the
 order of an epoch is a function of the seed and the epoch), dropout draws the same masks (the
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
@@ -33,6 +38,7 @@ from minqr.models.hf_folder import read_json, read_torch_file
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
+SHARDS_DIR = "shards"
 
 
 @dataclass
@@ -50,8 +56,8 @@ class Checkpoint:
     folder: Path
     step: int
     position: DataPosition
-    model: dict
-    optimizer: dict
+    model: dict | None  # None for a sharded (--fsdp) checkpoint: see load_shards
+    optimizer: dict | None
     scheduler: dict
     rng_states: list  # one per process, indexed by rank
     config: dict
@@ -91,24 +97,43 @@ def restore_rng_state(state: dict) -> None:
 
 def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict,
-                    compute: dict) -> Path:
-    """Write `out/checkpoint/` atomically, replacing the previous one only once complete."""
+                    compute: dict, write_shards=None) -> Path:
+    """Write `out/checkpoint/` atomically, replacing the previous one only once complete. With
+    `write_shards` (--fsdp), the model and optimizer are not in state.pt: `write_shards(folder)`
+    writes them into the new checkpoint's folder, with every process taking part (`save_shards`)."""
     folder = Path(out) / CHECKPOINT_DIR
     state = {
         "step": step,
         "position": asdict(position),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": None if write_shards else model.state_dict(),
+        "optimizer": None if write_shards else optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng_states": rng_states,
         "compute": compute,
     }
     with atomic_dir(folder) as tmp:
+        if write_shards:
+            write_shards(tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     for stale in abandoned(folder, "old"):  # left by an earlier interrupted save
         shutil.rmtree(stale, ignore_errors=True)
     return folder
+
+
+def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The model and optimizer of a sharded (FSDP2) run into folder/shards: each process writes
+    its own shards (a collective: every process calls it, with the same folder)."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(folder) / SHARDS_DIR)
+
+
+def load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Undo `save_shards` into a model sharded and an optimizer made as when they were saved."""
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=Path(folder) / SHARDS_DIR)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def find_checkpoint(out) -> Path | None:
@@ -160,8 +185,11 @@ def load_checkpoint(out) -> Checkpoint:
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile", "report_to")
 
 
-def check_same_options(saved: dict, given: dict) -> None:
-    """--resume: the options that decide the weights must be those the run started with."""
+def check_same_options(saved: dict, given: dict, defaults: dict | None = None) -> None:
+    """--resume: the options that decide the weights must be those the run started with. An option
+    that the run's minqr did not have yet counts as its default there (`defaults`)."""
+    defaults = defaults or {}
+    saved = {**{name: value for name, value in defaults.items() if name not in saved}, **saved}
     changed = [f"--{name.replace('_', '-')} {given.get(name)!r} (the run has {saved.get(name)!r})"
                for name in sorted(set(saved) | set(given))
                if name not in RESUME_MAY_CHANGE and saved.get(name) != given.get(name)]
