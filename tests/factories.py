@@ -9,6 +9,10 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
                                                      a HF folder written by minqr's save_gpt2 or by
                                                      transformers' save_pretrained (save_kwargs, e.g.
                                                      max_shard_size); returns the model written
+    random_hf_llama(model_type="llama", arch="ForCausalLM", seed=0, **config)
+                                                     a tiny transformers model of the Llama family
+                                                     (Llama/Qwen2/Mistral + arch), eval, eager attention,
+                                                     every tensor random
     write_tiny_tokenizer(folder, layout="vocab.json") -> Path
                                                      a byte-level BPE (~300 ids, EOS the last one) as
                                                      vocab.json + merges.txt, "encoder.json"
@@ -22,6 +26,7 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
     ended_writer() -> str                            `pid@host` of a process that has ended, as the
                                                      temporaries of a killed writer name it (minqr.atomic)
 """
+import copy
 import json
 import socket
 import subprocess
@@ -92,6 +97,26 @@ def write_tiny_checkpoint(folder, config=None, seed=0, writer="minqr", **save_kw
     else:
         raise ValueError(f"writer must be 'minqr' or 'transformers', not {writer!r}")
     return model
+
+
+def random_hf_llama(model_type: str = "llama", arch: str = "ForCausalLM", seed: int = 0, **config):
+    """transformers' `LlamaForCausalLM`, `Qwen2Model`, ... (model_type "llama", "qwen2" or "mistral"
+    and `arch`), 2 layers, hidden_size 32, 4 heads unless `config` says otherwise, in eval mode with
+    eager attention (not minqr's SDPA path). Every tensor is random as in random_gpt2: norm weights
+    around 1, biases included."""
+    import transformers
+
+    fields = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
+    # deep-copied: transformers writes into the rope dicts it is given
+    hf_config = transformers.AutoConfig.for_model(model_type, **copy.deepcopy({**fields, **config}))
+    torch.manual_seed(seed)
+    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    model = getattr(transformers, family + arch)(hf_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
 
 
 def write_tiny_tokenizer(folder, layout: str = "vocab.json") -> Path:
