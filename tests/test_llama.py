@@ -252,6 +252,14 @@ def test_an_active_sliding_window_is_refused(tmp_path, model_type, config, windo
     assert str(error.value) == f"{model_type} " + SLIDING.format(window)
 
 
+def test_a_mistral_config_without_sliding_window_has_transformers_default():
+    mistral = {k: v for k, v in hf_config_dict("mistral", sliding_window=None).items() if k != "sliding_window"}
+    with pytest.raises(MinqrError) as error:
+        LlamaConfig.from_dict(mistral)
+    assert str(error.value) == "mistral " + SLIDING.format("sliding_window=4096")
+    assert transformers.MistralConfig(**mistral).sliding_window == 4096
+
+
 @pytest.mark.parametrize("config", [
     {"use_sliding_window": False, "sliding_window": 8, "max_window_layers": 0},  # Qwen2.5's files
     {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 2},  # no layer from 2 on

@@ -142,10 +142,12 @@ def _active_sliding_window(d: dict) -> str:
     """What sets a sliding window in a config.json dict, or "" when no layer has one. Mistral slides
     on every layer as soon as sliding_window is set; Qwen2 only with use_sliding_window, and only on
     layers from max_window_layers on (or those that layer_types says)."""
-    window = d.get("sliding_window")
+    if d["model_type"] == "llama":
+        return ""
+    window = d.get("sliding_window", 4096)  # transformers' default for both, where the key is absent
     if window is None:
         return ""
-    if d["model_type"] != "qwen2":
+    if d["model_type"] == "mistral":
         return f"sliding_window={window}"
     first_sliding = d.get("max_window_layers", 28)  # transformers' default
     types = d.get("layer_types") or ["sliding_attention" if i >= first_sliding else "full_attention"
