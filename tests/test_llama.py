@@ -1,16 +1,18 @@
 """minqr's Llama family (llama, qwen2, mistral) against transformers' (parity), loaded from the folders
 transformers writes, and the error for each folder or config minqr cannot load."""
 import copy
+import dataclasses
 import json
 
 import pytest
 import torch
 import transformers
-from factories import padded_batch, random_hf_llama, shared_prefix_batch, write_tiny_checkpoint
+from factories import TINY_EOS_ID, padded_batch, random_hf_llama, shared_prefix_batch, write_tiny_checkpoint
 
 import minqr.models.hf_folder
 from minqr import GPT2, Llama, LlamaConfig, MinqrError, load_backbone, load_gpt2
 from minqr.models.hf_folder import write_hf_folder
+from minqr.models.reward import RewardModel
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           # far below the test's positions, so that the scaling changes the result
@@ -287,3 +289,43 @@ def test_bad_configs_are_named(change, message):
     with pytest.raises(MinqrError) as error:
         LlamaConfig.from_dict({**hf_config_dict("llama"), **change})
     assert str(error.value) == message
+
+
+# ---- a reward model on a Llama-family backbone, saved as transformers' *ForSequenceClassification ----
+
+@pytest.mark.parametrize("name", ["llama-gqa2-llama3", "qwen2-gqa2-tied", "mistral-gqa4"])
+def test_reward_model_round_trips_through_transformers_sequence_classification(tmp_path, name):
+    model_type, config = CONFIGS[name]
+    # qwen2 has no EOS by default, and the reward is read at the last token that is not the pad
+    hf_backbone = random_hf_llama(model_type, "ForCausalLM", seed=20, **config, eos_token_id=TINY_EOS_ID)
+    hf_backbone.save_pretrained(tmp_path / "backbone")
+    model = RewardModel.from_backbone(tmp_path / "backbone", num_quantiles=5)
+    with torch.no_grad():
+        model.score.weight.normal_(std=0.3)  # distinct rows: a swapped row cannot hide
+    model.save_pretrained(tmp_path / "reward")
+    config_json = json.loads((tmp_path / "reward" / "config.json").read_text())
+    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    assert config_json["architectures"] == [f"{family}ForSequenceClassification"]
+    assert config_json["pad_token_id"] == TINY_EOS_ID
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "reward").eval()
+    assert type(hf).__name__ == f"{family}ForSequenceClassification"
+    ids, mask = padded_batch(model.transformer.config, "right", seed=21)
+    ids = ids.masked_fill(ids == TINY_EOS_ID, 0).masked_fill(mask == 0, TINY_EOS_ID)  # only padding is EOS
+    loaded = RewardModel.from_pretrained(tmp_path / "reward")
+    assert isinstance(loaded.transformer, Llama)  # and its config has the pad now
+    assert loaded.transformer.config == dataclasses.replace(model.transformer.config, pad_token_id=TINY_EOS_ID)
+    with torch.no_grad():
+        ours = model(ids, mask)
+        theirs = hf(ids, attention_mask=mask).logits
+        assert torch.equal(loaded(ids, mask), ours)
+    assert ours.shape == theirs.shape == (len(ids), 5)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_reward_model_without_pad_or_eos_is_not_saved(tmp_path):
+    _, folder = saved(tmp_path, "qwen2-gqa4")  # Qwen2's config names no EOS by default
+    model = RewardModel.from_backbone(folder, head="scalar")
+    with pytest.raises(MinqrError) as error:
+        model.save_pretrained(tmp_path / "reward")
+    assert str(error.value) == ("the backbone's config has neither pad_token_id nor eos_token_id, and transformers "
+                                "reads a reward at the last token that is not the pad: set pad_token_id in its config")

@@ -11,18 +11,30 @@ from pathlib import Path
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import load_model, read_config
-from minqr.models.llama import VARIANTS, Llama, LlamaConfig
+from minqr.models.llama import Llama, LlamaConfig
 
-FAMILIES = {"gpt2": (GPT2, GPT2Config), **{variant: (Llama, LlamaConfig) for variant in VARIANTS}}
+# model_type -> (minqr's module, its config, the start of transformers' class names: GPT2Model,
+# Qwen2ForSequenceClassification, ...)
+FAMILIES = {
+    "gpt2": (GPT2, GPT2Config, "GPT2"),
+    "llama": (Llama, LlamaConfig, "Llama"),
+    "qwen2": (Llama, LlamaConfig, "Qwen2"),
+    "mistral": (Llama, LlamaConfig, "Mistral"),
+}
 
 
 def load_backbone(path, dtype=None, device=None):
     """The backbone in the Hugging Face folder `path`, in eval mode: GPT2 or Llama, by the model_type
     of its config.json. `dtype=None` keeps the dtype stored in the file."""
     config = read_config(path)
+    model_class, config_class, _ = family(config, path)
+    return load_model(path, model_class, config_class.from_dict(config), dtype, device)
+
+
+def family(config: dict, folder) -> tuple:
+    """FAMILIES[the model_type of `config`, the config.json dict in `folder`]."""
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
-        raise MinqrError(f"{Path(path) / 'config.json'} has model_type {model_type!r}, which minqr does not "
+        raise MinqrError(f"{Path(folder) / 'config.json'} has model_type {model_type!r}, which minqr does not "
                          f"implement: supported are {', '.join(FAMILIES)}")
-    model_class, config_class = FAMILIES[model_type]
-    return load_model(path, model_class, config_class.from_dict(config), dtype, device)
+    return FAMILIES[model_type]

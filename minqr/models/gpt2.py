@@ -86,6 +86,11 @@ class GPT2Config:
         if problems:
             raise MinqrError("invalid GPT-2 config: " + "; ".join(problems))
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the hidden states, under the name the Llama family's config has for it."""
+        return self.n_embd
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
         """The config of a released GPT-2 size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"."""
@@ -98,9 +103,9 @@ class GPT2Config:
         """Read a Hugging Face config.json dict; keys that do not change the model are ignored."""
         if d.get("model_type") != "gpt2":
             raise MinqrError(
-                f"not a GPT-2 config: model_type is {d.get('model_type')!r}, expected 'gpt2'. "
-                "minqr's backbone is GPT-2 only: give a GPT-2 checkpoint "
-                f"({', '.join(SIZES)}, or one fine-tuned from them)"
+                f"not a GPT-2 config: model_type is {d.get('model_type')!r}, expected 'gpt2'. Give a GPT-2 "
+                f"checkpoint ({', '.join(SIZES)}, or one fine-tuned from them), or load other families with "
+                "minqr.load_backbone"
             )
         unsupported = [f"{k}={d[k]!r}" for k, ok in _HF_FIXED_OPTIONS.items() if d.get(k, ok) != ok]
         if unsupported:

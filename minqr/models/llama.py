@@ -29,7 +29,7 @@ Rotary embeddings have no table of positions, so there is no hard limit on T; be
 `max_position_embeddings` the model is merely untrained.
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -136,6 +136,13 @@ class LlamaConfig:
             scaling = {"original_max_position_embeddings": d.get("max_position_embeddings"), **rope}
             config["rope_scaling"] = {"rope_type": "llama3", **{k: scaling.get(k) for k in LLAMA3_KEYS}}
         return cls(**config)
+
+    def to_dict(self) -> dict:
+        """The fields as Hugging Face's config.json has them (add "architectures" when writing)."""
+        if self.model_type == "llama":
+            return asdict(self)
+        # without the key, transformers would give mistral (and qwen2) its default window
+        return {**asdict(self), "sliding_window": None}
 
 
 def _active_sliding_window(d: dict) -> str:
