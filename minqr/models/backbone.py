@@ -32,7 +32,8 @@ def load_backbone(path, dtype=None, device=None):
 
 
 def family(config: dict, folder) -> tuple:
-    """FAMILIES[the model_type of `config`, the config.json dict in `folder`]."""
+    """The FAMILIES entry of `config`, the config.json dict read from `folder`, by its model_type; an
+    unknown model_type is a MinqrError that names the supported ones."""
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise MinqrError(f"{Path(folder) / 'config.json'} has model_type {model_type!r}, which minqr does not "

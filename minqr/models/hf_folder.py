@@ -16,7 +16,7 @@ buffers of old checkpoints), the `rotary_emb.inv_freq` of old Llama checkpoints 
 frequencies), and `lm_head.weight` (tied to the embedding, or an output layer the backbone has not).
 
 The pieces, from high to low level (the reward model reuses the low-level ones for its
-GPT2ForSequenceClassification folders: backbone under `transformer.` plus `score.weight`):
+*ForSequenceClassification folders: backbone under `transformer.` or `model.` plus `score.weight`):
 
     load_gpt2(path, dtype=None, device=None) -> GPT2   (any family: minqr.load_backbone, backbone.py)
     save_gpt2(model, path) -> Path
