@@ -2,7 +2,8 @@
 
 The package is laid out by concept (each sub-package's __init__ says what lives there):
 
-    models/      the networks: GPT-2, the reward model and its head, Hugging Face folders, the tokenizer
+    models/      the networks: GPT-2, the Llama family, the reward model and its head, Hugging Face
+                 folders, the tokenizer
     objectives/  what a head's N outputs mean: each objective's formula and its fused C++/CUDA op
     data/        preference pairs: readers, batches, the synthetic task with known truth
     training/    the loop, its options, resume, processes, metrics
@@ -27,6 +28,8 @@ _EXPORTS = {
     "MinqrError": "minqr.errors",
     "GPT2": "minqr.models.gpt2", "GPT2Config": "minqr.models.gpt2",
     "load_gpt2": "minqr.models.hf_folder", "save_gpt2": "minqr.models.hf_folder",
+    "Llama": "minqr.models.llama", "LlamaConfig": "minqr.models.llama",
+    "load_backbone": "minqr.models.backbone",
     "load_tokenizer": "minqr.models.tokenizer",
     "HeadConfig": "minqr.models.head",
     "RewardModel": "minqr.models.reward",

@@ -9,13 +9,24 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
                                                      a HF folder written by minqr's save_gpt2 or by
                                                      transformers' save_pretrained (save_kwargs, e.g.
                                                      max_shard_size); returns the model written
+    random_hf_llama(model_type="llama", arch="ForCausalLM", seed=0, **config)
+                                                     a tiny transformers model of the Llama family
+                                                     (Llama/Qwen2/Mistral + arch), eval, eager attention,
+                                                     every tensor random
     write_tiny_tokenizer(folder, layout="vocab.json") -> Path
                                                      a byte-level BPE (~300 ids, EOS the last one) as
                                                      vocab.json + merges.txt, "encoder.json"
                                                      (+ vocab.bpe) or "tokenizer.json"
+    padded_batch(config, side, seed, lengths=LENGTHS, T=16) -> (ids, mask)
+                                                     random ids [B, T] and a [B, T] right or left padding
+                                                     mask, a row per length
+    shared_prefix_batch(shapes, vocab_size=320, seed=0, additive=False) -> (ids, mask, positions)
+                                                     packed [prefix, chosen, rejected, pad] rows with the
+                                                     training code's [B, 1, T, T] pattern and positions
     ended_writer() -> str                            `pid@host` of a process that has ended, as the
                                                      temporaries of a killed writer name it (minqr.atomic)
 """
+import copy
 import json
 import socket
 import subprocess
@@ -88,6 +99,26 @@ def write_tiny_checkpoint(folder, config=None, seed=0, writer="minqr", **save_kw
     return model
 
 
+def random_hf_llama(model_type: str = "llama", arch: str = "ForCausalLM", seed: int = 0, **config):
+    """transformers' `LlamaForCausalLM`, `Qwen2Model`, ... (model_type "llama", "qwen2" or "mistral"
+    and `arch`), 2 layers, hidden_size 32, 4 heads unless `config` says otherwise, in eval mode with
+    eager attention (not minqr's SDPA path). Every tensor is random as in random_gpt2: norm weights
+    around 1, biases included."""
+    import transformers
+
+    fields = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
+    # deep-copied: transformers writes into the rope dicts it is given
+    hf_config = transformers.AutoConfig.for_model(model_type, **copy.deepcopy({**fields, **config}))
+    torch.manual_seed(seed)
+    family = {"llama": "Llama", "qwen2": "Qwen2", "mistral": "Mistral"}[model_type]
+    model = getattr(transformers, family + arch)(hf_config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.2 + (1.0 if name.endswith("norm.weight") else 0.0))
+    return model.eval()
+
+
 def write_tiny_tokenizer(folder, layout: str = "vocab.json") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -110,6 +141,44 @@ def write_tiny_tokenizer(folder, layout: str = "vocab.json") -> Path:
     Path(merges).rename(folder / merges_name)
     (folder / vocab_name).write_text(json.dumps(tok.get_vocab()))
     return folder
+
+
+LENGTHS = [13, 7, 1, 16]  # one row unpadded, one a single token
+
+
+def padded_batch(config, side, seed, lengths=LENGTHS, T=16):
+    """Random ids [B, T] below config.vocab_size, and a padding mask with `lengths` real tokens on
+    the `side` ("right" or "left")."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(config.vocab_size, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if side == "right":
+            mask[row, :n] = 1
+        else:
+            mask[row, T - n:] = 1
+    return ids, mask
+
+
+def shared_prefix_batch(shapes, vocab_size=320, seed=0, additive=False):
+    """Rows `[prefix, chosen, rejected, pad]` for (prefix, chosen, rejected, pad) lengths, with the
+    pattern the training code builds: the rejected suffix sees the prefix and itself, never the
+    chosen suffix; its positions restart where the prefix ends; pads see nothing."""
+    g = torch.Generator().manual_seed(seed)
+    T = sum(shapes[0])
+    ids = torch.randint(vocab_size, (len(shapes), T), generator=g)
+    mask = torch.zeros(len(shapes), 1, T, T, dtype=torch.bool)
+    positions = torch.zeros(len(shapes), T, dtype=torch.long)
+    for row, (p, c, r, pad) in enumerate(shapes):
+        assert p + c + r + pad == T
+        segment = torch.tensor([0] * p + [1] * c + [2] * r + [3] * pad)
+        query, key = segment[:, None], segment[None, :]
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        mask[row, 0] = causal & ((key == 0) | (key == query)) & (query != 3)
+        positions[row, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+    if additive:
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    return ids, mask, positions
 
 
 def ended_writer() -> str:

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import transformers
-from factories import random_gpt2, tiny_config, transformers_twin
+from factories import padded_batch, random_gpt2, shared_prefix_batch, tiny_config, transformers_twin
 
 from minqr import GPT2, GPT2Config, MinqrError
 from minqr.models.gpt2 import attention_mask_4d
@@ -13,19 +13,6 @@ CONFIGS = [
     tiny_config(n_layer=3, n_embd=48, n_head=6, vocab_size=97, bos_token_id=96, eos_token_id=96,
                 activation_function="gelu_pytorch_tanh"),
 ]
-LENGTHS = [13, 7, 1, 16]  # one row unpadded, one a single token
-
-
-def padded_batch(config, side, seed, lengths=LENGTHS, T=16):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(config.vocab_size, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        if side == "right":
-            mask[row, :n] = 1
-        else:
-            mask[row, T - n:] = 1
-    return ids, mask
 
 
 @pytest.mark.parametrize("side", ["none", "right", "left"])
@@ -77,27 +64,6 @@ def test_no_query_row_is_fully_masked():
     nothing = torch.zeros(2, 1, 4, 4, dtype=torch.bool)
     assert attention_mask_4d(nothing, 4).any(-1).all()
     assert attention_mask_4d(torch.full((2, 1, 4, 4), float("-inf")), 4).isfinite().any(-1).all()
-
-
-def shared_prefix_batch(shapes, vocab_size=320, seed=0, additive=False):
-    """Rows `[prefix, chosen, rejected, pad]` for (prefix, chosen, rejected, pad) lengths, with the
-    pattern the training code builds: the rejected suffix sees the prefix and itself, never the
-    chosen suffix; its positions restart where the prefix ends; pads see nothing."""
-    g = torch.Generator().manual_seed(seed)
-    T = sum(shapes[0])
-    ids = torch.randint(vocab_size, (len(shapes), T), generator=g)
-    mask = torch.zeros(len(shapes), 1, T, T, dtype=torch.bool)
-    positions = torch.zeros(len(shapes), T, dtype=torch.long)
-    for row, (p, c, r, pad) in enumerate(shapes):
-        assert p + c + r + pad == T
-        segment = torch.tensor([0] * p + [1] * c + [2] * r + [3] * pad)
-        query, key = segment[:, None], segment[None, :]
-        causal = torch.ones(T, T, dtype=torch.bool).tril()
-        mask[row, 0] = causal & ((key == 0) | (key == query)) & (query != 3)
-        positions[row, : p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-    if additive:
-        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
-    return ids, mask, positions
 
 
 @pytest.mark.parametrize("additive", [False, True], ids=["bool", "additive"])

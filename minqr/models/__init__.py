@@ -1,6 +1,8 @@
 """The networks. gpt2.py is GPT-2 in plain PyTorch (GPT2Config, GPT2), with module names that match
-Hugging Face's checkpoint keys; hf_folder.py reads and writes Hugging Face model folders
-(config.json, safetensors, sharded or not) with errors that name the file and the tensor;
+Hugging Face's checkpoint keys; llama.py is the Llama family (llama, qwen2, mistral) the same way
+(LlamaConfig, Llama); hf_folder.py reads and writes Hugging Face model folders (config.json,
+safetensors, sharded or not) with errors that name the file and the tensor; backbone.py is
+load_backbone, which picks the family by config.json's model_type;
 tokenizer.py is GPT-2's byte-level BPE through `tokenizers`; head.py is the reward head as saved
 with a model (N outputs, its objective); reward.py is RewardModel, GPT-2 + the head, which owns its
 loss and saves as transformers' GPT2ForSequenceClassification; export.py writes a quantile model

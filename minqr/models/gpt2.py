@@ -91,6 +91,11 @@ class GPT2Config:
         if problems:
             raise MinqrError("invalid GPT-2 config: " + "; ".join(problems))
 
+    @property
+    def hidden_size(self) -> int:
+        """The width of the hidden states, under the name the Llama family's config has for it."""
+        return self.n_embd
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
         """The config of a released GPT-2 size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"."""
@@ -103,9 +108,9 @@ class GPT2Config:
         """Read a Hugging Face config.json dict; keys that do not change the model are ignored."""
         if d.get("model_type") != "gpt2":
             raise MinqrError(
-                f"not a GPT-2 config: model_type is {d.get('model_type')!r}, expected 'gpt2'. "
-                "minqr's backbone is GPT-2 only: give a GPT-2 checkpoint "
-                f"({', '.join(SIZES)}, or one fine-tuned from them)"
+                f"not a GPT-2 config: model_type is {d.get('model_type')!r}, expected 'gpt2'. Give a GPT-2 "
+                f"checkpoint ({', '.join(SIZES)}, or one fine-tuned from them), or load other families with "
+                "minqr.load_backbone"
             )
         unsupported = [f"{k}={d[k]!r}" for k, ok in _HF_FIXED_OPTIONS.items() if d.get(k, ok) != ok]
         if unsupported:
@@ -119,6 +124,23 @@ class GPT2Config:
     def to_dict(self) -> dict:
         """The fields as Hugging Face's config.json has them (add "architectures" when writing)."""
         return {"model_type": "gpt2", **asdict(self)}
+
+
+def attend(q, k, v, mask, dropout_p: float) -> torch.Tensor:
+    """Attention of q [B, heads, T, head_dim] over k, v [B, kv_heads, T, head_dim] -> [B, heads, T,
+    head_dim], under `mask` (from attention_mask_4d; None: causal, SDPA's fast path). Fewer
+    key/value heads than query heads is grouped-query attention (Llama): key/value head j serves
+    query heads j*g .. j*g + g-1, g = heads / kv_heads."""
+    if mask is not None and mask.is_floating_point():
+        # SDPA takes an additive mask in q's dtype, which is half precision under autocast
+        mask = mask.to(q.dtype)
+    return F.scaled_dot_product_attention(
+        q, k, v,
+        attn_mask=mask,
+        dropout_p=dropout_p,
+        is_causal=mask is None,
+        enable_gqa=k.shape[1] != q.shape[1],
+    )
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,15 +157,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).split(C, dim=2)
         # [B, T, C] -> [B, n_head, T, head_dim]: heads become a batch dimension for the attention
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if mask is not None and mask.is_floating_point():
-            # SDPA takes an additive mask in q's dtype, which is half precision under autocast
-            mask = mask.to(q.dtype)
-        y = F.scaled_dot_product_attention(
-            q, k, v,
-            attn_mask=mask,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-            is_causal=mask is None,
-        )
+        y = attend(q, k, v, mask, self.attn_pdrop if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, n_head, T, head_dim] -> [B, T, C]
         return self.resid_dropout(self.c_proj(y))
 
@@ -197,6 +211,15 @@ def attention_mask_4d(attention_mask: torch.Tensor, T: int) -> torch.Tensor:
     )
 
 
+def default_position_ids(attention_mask: torch.Tensor | None, T: int, device) -> torch.Tensor:
+    """The positions of tokens when none are given: under a `[B, T]` padding mask they count from
+    each row's first real token, so that left padding gives what the unpadded row gives; else
+    0..T-1 (a `[B, 1, T, T]` pattern comes with its own positions)."""
+    if attention_mask is not None and attention_mask.dim() == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+    return torch.arange(T, device=device)
+
+
 class GPT2(nn.Module):
     def __init__(self, config: GPT2Config):
         super().__init__()
@@ -239,11 +262,7 @@ class GPT2(nn.Module):
                     f"sequence of {T} tokens is longer than the model's "
                     f"n_positions={self.config.n_positions}: truncate the inputs"
                 )
-            if attention_mask is not None and attention_mask.dim() == 2:
-                # left padding: count positions from each row's first real token
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = torch.arange(T, device=input_ids.device)
+            position_ids = default_position_ids(attention_mask, T, input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         for block in self.h:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

@@ -1,27 +1,32 @@
-"""Hugging Face GPT-2 folders: read and write them without `transformers`.
+"""Hugging Face model folders of minqr's backbones (GPT-2, the Llama family): read and write them
+without `transformers`.
 
 A folder holds `config.json` and the weights, first found of: `model.safetensors`; a sharded
 `model.safetensors.index.json` with its shards; a legacy `pytorch_model.bin`, which is only ever
 read with `torch.load(weights_only=True)` because a full pickle can run code.
 
-Names and layout in the files (Hugging Face's): the backbone's tensors are named as minqr's GPT2
-modules, with or without a `transformer.` prefix (GPT2LMHeadModel and
-GPT2ForSequenceClassification have it, GPT2Model has not). The four projections per block
-(`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`) are Conv1D weights stored `[in, out]`,
-the transpose of nn.Linear's. `attn.bias` / `attn.masked_bias` are causal-mask buffers of old
-checkpoints, not weights, and are ignored; so is `lm_head.weight`, which GPT-2 ties to `wte`.
+Names and layout in the files (Hugging Face's), per family (`LAYOUTS`): the backbone's tensors are
+named as minqr's modules, with or without a prefix that the files of the model with a head have
+(`transformer.` in GPT2LMHeadModel and GPT2ForSequenceClassification, `model.` in
+LlamaForCausalLM, Qwen2ForCausalLM, ...) and those of the bare model (GPT2Model, LlamaModel) have
+not. GPT-2's four projections per block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`)
+are Conv1D weights stored `[in, out]`, the transpose of nn.Linear's. Some tensors in the files are
+no weights of the backbone and are ignored: GPT-2's `attn.bias` / `attn.masked_bias` (causal-mask
+buffers of old checkpoints), the `rotary_emb.inv_freq` of old Llama checkpoints (minqr computes the
+frequencies), and `lm_head.weight` (tied to the embedding, or an output layer the backbone has not).
 
 The pieces, from high to low level (the reward model reuses the low-level ones for its
-GPT2ForSequenceClassification folders: backbone under `transformer.` plus `score.weight`):
+*ForSequenceClassification folders: backbone under `transformer.` or `model.` plus `score.weight`):
 
-    load_gpt2(path, dtype=None, device=None) -> GPT2
+    load_gpt2(path, dtype=None, device=None) -> GPT2   (any family: minqr.load_backbone, backbone.py)
     save_gpt2(model, path) -> Path
+    load_model(path, model_class, config, dtype=None, device=None) -> the backbone, in eval mode
     read_config(folder) -> dict                          # config.json as it is
     read_tensors(folder) -> dict[str, Tensor]            # every tensor, under the file's names
     load_backbone_tensors(model, tensors, extra_allowed=(), dtype=None, device=None) -> dict
         # checks names and shapes (one error naming every culprit), assigns the backbone's
         # tensors to `model` in place and returns the `extra_allowed` tensors found
-    hf_tensors(model, prefix="transformer.") -> dict[str, Tensor]   # HF names and layout
+    hf_tensors(model, prefix=None) -> dict[str, Tensor]   # HF names and layout (None: the family's prefix)
     write_hf_folder(path, config, tensors, extra_files=None) -> Path  # atomic
 
 Every file is read through one of two readers here, `read_json` and `_read_safetensors` (and
@@ -38,6 +43,7 @@ import json
 import math
 import pickle
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,11 +53,30 @@ from safetensors.torch import load_file, save_file
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import DROPOUTS, GPT2, GPT2Config
+from minqr.models.llama import Llama
 
-CONV1D_WEIGHTS = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # "c_attn.bias" is a weight: keep the dot
-TIED_NAMES = ("lm_head.weight",)
-PREFIX = "transformer."
+
+@dataclass(frozen=True)
+class Layout:
+    """How a family's backbone is named and laid out in Hugging Face's files."""
+
+    family: str  # its name in messages
+    prefix: str  # before the backbone's names in the files of a model with a head
+    sizes: tuple  # the config fields that a message about wrong tensors quotes
+    transposed: tuple = ()  # name endings of weights stored [in, out], the transpose of nn.Linear's
+    ignored: tuple = ()  # name endings of tensors in the files that are no weights of the backbone
+
+
+LAYOUTS = {
+    GPT2: Layout("GPT-2", "transformer.", ("n_layer", "n_embd", "vocab_size", "n_positions"),
+                 transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight"),  # Conv1D
+                 # causal-mask buffers (but "c_attn.bias" is a weight: keep the dot), the tied output layer
+                 ignored=(".attn.bias", ".attn.masked_bias", "lm_head.weight")),
+    Llama: Layout("the Llama family", "model.",
+                  ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                   "head_dim", "intermediate_size", "vocab_size"),
+                  ignored=(".rotary_emb.inv_freq", "lm_head.weight")),  # see the docstring
+}
 DAMAGED = "the file is damaged or incomplete (a download or copy cut short?): download or save it again"
 # bytes per element of each safetensors dtype, to find the tensor a bad header is wrong about
 FOREIGN_PICKLE = "Convert the checkpoint to model.safetensors where you trust it (transformers: save_pretrained)"
@@ -63,7 +88,7 @@ def _folder(path) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         raise MinqrError(
-            f"model folder {folder} does not exist: give a local Hugging Face GPT-2 folder "
+            f"model folder {folder} does not exist: give a local Hugging Face model folder "
             "(config.json + model.safetensors)"
         )
     return folder
@@ -168,32 +193,34 @@ def read_torch_file(path, fix: str = DAMAGED, foreign_fix: str = FOREIGN_PICKLE)
         raise MinqrError(f"{path} is not a file torch.load can read ({detail}): {fix}") from None
 
 
-def load_backbone_tensors(model: GPT2, tensors: dict, extra_allowed=(), dtype=None, device=None) -> dict:
-    """Make `tensors` (HF names and layout) the parameters of `model` (which may be on meta).
+def load_backbone_tensors(model, tensors: dict, extra_allowed=(), dtype=None, device=None) -> dict:
+    """Make `tensors` (HF names and layout) the parameters of `model`, a GPT2 or Llama (which may be
+    on meta).
 
     Names in `extra_allowed` (full names as in the file, e.g. "score.weight") are not part of the
     backbone: they are returned instead of being reported as unexpected. Anything missing,
     unexpected or mis-shaped is one MinqrError that names every culprit.
     """
+    layout = LAYOUTS[type(model)]
     expected = {name: p.shape for name, p in model.state_dict().items()}
     state, extras, unexpected, misshaped = {}, {}, [], []
     for name, tensor in tensors.items():
         if name in extra_allowed:
             extras[name] = tensor
             continue
-        key = name.removeprefix(PREFIX)
-        if key.endswith(IGNORED_SUFFIXES) or key in TIED_NAMES:
+        key = name.removeprefix(layout.prefix)
+        if key.endswith(layout.ignored):
             continue
         if key not in expected:
             unexpected.append(name)
             continue
-        conv1d = key.endswith(CONV1D_WEIGHTS)
-        shape = expected[key][::-1] if conv1d else expected[key]
+        transposed = key.endswith(layout.transposed)
+        shape = expected[key][::-1] if transposed else expected[key]
         if tensor.shape != shape:
             misshaped.append(f"{name} is {list(tensor.shape)}, expected {list(shape)}")
             expected.pop(key)  # reported here, not again as missing
             continue
-        state[key] = (tensor.t() if conv1d else tensor).to(device=device, dtype=dtype).contiguous()
+        state[key] = (tensor.t() if transposed else tensor).to(device=device, dtype=dtype).contiguous()
     missing = [k for k in expected if k not in state]
     problems = [
         f"{label}: {', '.join(items)}"
@@ -201,35 +228,39 @@ def load_backbone_tensors(model: GPT2, tensors: dict, extra_allowed=(), dtype=No
         if items
     ]
     if problems:
-        c = model.config
+        sizes = ", ".join(f"{name}={getattr(model.config, name)}" for name in layout.sizes)
         raise MinqrError(
-            f"checkpoint tensors do not fit GPT-2 (n_layer={c.n_layer}, n_embd={c.n_embd}, "
-            f"vocab_size={c.vocab_size}, n_positions={c.n_positions}): " + "; ".join(problems)
+            f"checkpoint tensors do not fit {layout.family} ({sizes}): " + "; ".join(problems)
             + ". Check that config.json belongs to these weights"
         )
     model.load_state_dict(state, assign=True)
     return extras
 
 
-def load_gpt2(path, dtype=None, device=None, dropout: float | None = None) -> GPT2:
-    """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (as `from_pretrained` returns it).
-
-    `dtype=None` keeps the dtype stored in the file (float32 for the released GPT-2s). `dropout`
-    sets every dropout probability (residual, embedding, attention); None keeps the config's.
-    """
-    overrides = {} if dropout is None else {name: dropout for name in DROPOUTS}
-    config = GPT2Config.from_dict({**read_config(path), **overrides})
+def load_model(path, model_class, config, dtype=None, device=None):
+    """The weights of the Hugging Face folder `path` in a new `model_class(config)` (GPT2, Llama), in
+    eval mode (as `from_pretrained` returns it). `dtype=None` keeps the dtype stored in the file."""
     with torch.device("meta"):
-        model = GPT2(config)
+        model = model_class(config)
     load_backbone_tensors(model, read_tensors(path), dtype=dtype, device=device)
     return model.eval()
 
 
-def hf_tensors(model: GPT2, prefix: str = PREFIX) -> dict:
-    """The backbone's tensors under Hugging Face's names and layout (Conv1D weights `[in, out]`,
-    transposed views that `write_hf_folder` packs)."""
+def load_gpt2(path, dtype=None, device=None, dropout: float | None = None) -> GPT2:
+    """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (float32 for the released GPT-2s).
+    `dropout` sets every dropout probability (residual, embedding, attention); None keeps the
+    config's."""
+    overrides = {} if dropout is None else {name: dropout for name in DROPOUTS}
+    return load_model(path, GPT2, GPT2Config.from_dict({**read_config(path), **overrides}), dtype, device)
+
+
+def hf_tensors(model, prefix: str | None = None) -> dict:
+    """The backbone's tensors under Hugging Face's names (after `prefix`, by default the family's)
+    and layout (GPT-2's Conv1D weights `[in, out]`, transposed views that `write_hf_folder` packs)."""
+    layout = LAYOUTS[type(model)]
+    prefix = layout.prefix if prefix is None else prefix
     return {
-        prefix + name: t.t() if name.endswith(CONV1D_WEIGHTS) else t
+        prefix + name: t.t() if name.endswith(layout.transposed) else t
         for name, t in model.state_dict().items()
     }
 

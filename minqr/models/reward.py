@@ -1,6 +1,7 @@
-"""The reward model: GPT-2 plus a linear head with N outputs, read at the last real token.
+"""The reward model: a backbone (GPT-2 or the Llama family) plus a linear head with N outputs,
+read at the last real token.
 
-    outputs = score(hidden at the last real token)        score: n_embd -> N, no bias
+    outputs = score(hidden at the last real token)        score: hidden_size -> N, no bias
 
 - scalar head, N = 1: one reward per text, trained Bradley-Terry style.
 - quantile head, N outputs: the distribution of the text's reward over the people who judge it,
@@ -11,15 +12,16 @@
   (`quantiles`, `reward_band`).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
-`score`), and `save_pretrained` writes a folder that transformers' `AutoModelForSequenceClassification`
-loads as it is, giving logits [B, N] equal to the raw outputs `RewardModel(...)` on the same
-right-padded token ids (pad = EOS, the last real token being the last one that is not EOS). The
-`minqr` section of its config.json records the head: kind, N, objective and its hyper-parameters,
-read-out and tau levels.
+`score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
+(`Qwen2...`, `Mistral...`) has it. `save_pretrained` writes a folder that transformers'
+`AutoModelForSequenceClassification` loads as it is, giving logits [B, N] equal to the raw outputs
+`RewardModel(...)` on the same right-padded token ids (pad = the config's pad token, else EOS; the
+last real token being the last one that is not the pad). The `minqr` section of its config.json
+records the head: kind, N, objective and its hyper-parameters, read-out and tau levels.
 
 Pooling reads the last token whose attention mask is 1, so right and left padding both work; to
 match transformers, whose pooling looks for the last token that is not the pad id, texts must not
-end in EOS (minqr appends none).
+end in the pad token (minqr appends no EOS).
 """
 import copy
 import json
@@ -34,9 +36,10 @@ import torch.nn.functional as F
 from minqr import hub
 from minqr.data.batching import IGNORE_INDEX
 from minqr.errors import MinqrError
+from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, load_gpt2, read_config, read_json, read_tensors,
+from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_config, read_json, read_tensors,
                                     write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
@@ -81,18 +84,18 @@ def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
 
 
 class RewardModel(nn.Module):
-    """GPT-2 (`transformer`) + a linear head without bias (`score`, [N, n_embd]).
+    """A backbone (`transformer`: GPT2 or Llama) + a linear head without bias (`score`, [N, hidden_size]).
 
-    Build one with `from_backbone` (pretrained GPT-2 weights, new head), `from_config` (random
+    Build one with `from_backbone` (pretrained weights, new head), `from_config` (random GPT-2
     init, for tests and the demo) or `from_pretrained` (a folder `save_pretrained` wrote).
     """
 
-    def __init__(self, transformer: GPT2, head: HeadConfig):
+    def __init__(self, transformer: nn.Module, head: HeadConfig):
         super().__init__()
         self.transformer = transformer
         self.head_config = head
-        weight = transformer.wte.weight
-        self.score = nn.Linear(transformer.config.n_embd, head.num_quantiles, bias=False,
+        weight = next(transformer.parameters())  # the backbone's device and dtype
+        self.score = nn.Linear(transformer.config.hidden_size, head.num_quantiles, bias=False,
                                device=weight.device, dtype=weight.dtype)
         # mean and std of the expected reward on held-out data, for users who normalise rewards;
         # set by training, saved in config.json
@@ -111,11 +114,11 @@ class RewardModel(nn.Module):
     @classmethod
     def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
                       dtype=None, device=None, **hyperparameters) -> "RewardModel":
-        """Pretrained GPT-2 weights from a Hugging Face folder (minqr.load_gpt2) and a new head.
+        """Pretrained weights from a Hugging Face folder (minqr.load_backbone) and a new head.
         Defaults (HeadConfig.make): quantile head N = 10 with minqr.objectives.loss.DEFAULT_OBJECTIVE; scalar
         head N = 1, bradley_terry."""
         head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
-        return cls(load_gpt2(path, dtype=dtype, device=device), head_config)
+        return cls(load_backbone(path, dtype=dtype, device=device), head_config)
 
     @property
     def num_quantiles(self) -> int:
@@ -182,7 +185,7 @@ class RewardModel(nn.Module):
     def add_response_bag(self) -> None:
         """Give the model the auxiliary layer of response_bag_loss (training only; never saved)."""
         config, weight = self.transformer.config, self.score.weight
-        self.response_bag = nn.Linear(config.n_embd, config.vocab_size, device=weight.device, dtype=weight.dtype)
+        self.response_bag = nn.Linear(config.hidden_size, config.vocab_size, device=weight.device, dtype=weight.dtype)
 
     def response_bag_loss(self, pooled: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
         """How well each pooled state predicts WHICH tokens its own response holds, per pair [B].
@@ -256,27 +259,37 @@ class RewardModel(nn.Module):
     # ---- files ----
 
     def hf_config(self, reward_stats: dict | None = None) -> dict:
-        """The config.json of a GPT2ForSequenceClassification with this head."""
-        head, eos = self.head_config, self.transformer.config.eos_token_id
+        """The config.json of a GPT2ForSequenceClassification (LlamaForSequenceClassification, ...)
+        with this head."""
+        head, backbone = self.head_config, self.transformer.config.to_dict()
+        # transformers' pooling finds the last token that is not the pad id. GPT-2 has no pad
+        # token and pads with EOS; Llama 3 lists several EOS ids, its end of text first.
+        pad = backbone.get("pad_token_id")
+        eos = backbone.get("eos_token_id")
+        pad = pad if pad is not None else eos[0] if isinstance(eos, list) else eos
+        if pad is None:
+            raise MinqrError("the backbone's config has neither pad_token_id nor eos_token_id, and transformers "
+                             "reads a reward at the last token that is not the pad: set pad_token_id in its config")
         labels = head.labels()
         minqr = head.to_dict()
         stats = reward_stats if reward_stats is not None else self.reward_stats
         if stats is not None:
             minqr["reward_mean"], minqr["reward_std"] = float(stats["mean"]), float(stats["std"])
         return {
-            **self.transformer.config.to_dict(),
-            "architectures": ["GPT2ForSequenceClassification"],
+            **backbone,
+            "architectures": [FAMILIES[backbone["model_type"]][2] + "ForSequenceClassification"],
             "num_labels": len(labels),
             "id2label": {str(i): label for i, label in enumerate(labels)},
             "label2id": {label: i for i, label in enumerate(labels)},
             "problem_type": "regression",  # real-valued outputs, not classes
-            "pad_token_id": eos,  # GPT-2 pads with EOS; the reward is read at the last non-pad token
+            "pad_token_id": pad,  # the reward is read at the last token that is not the pad
             "minqr": minqr,
         }
 
     def save_pretrained(self, folder, tokenizer=None, training_args: dict | None = None,
                         reward_stats: dict | None = None) -> Path:
-        """Write the model into `folder` in Hugging Face's GPT2ForSequenceClassification layout:
+        """Write the model into `folder` in Hugging Face's GPT2ForSequenceClassification layout (or
+        LlamaForSequenceClassification, ..., by the backbone):
         config.json, model.safetensors, the tokenizer's files (if given) and training_args.json
         (if given). reward_stats ({"mean", "std"}, default: the model's own) go into config.json.
 
@@ -308,19 +321,20 @@ class RewardModel(nn.Module):
         config = read_config(folder)
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
+        model_class, config_class, _ = family(config, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(GPT2(GPT2Config.from_dict(config)), head)
+            model = cls(model_class(config_class.from_dict(config)), head)
         extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
                                        dtype=dtype, device=device)
-        expected = [head.num_quantiles, model.transformer.config.n_embd]
+        expected = [head.num_quantiles, model.transformer.config.hidden_size]
         if SCORE not in extras:
             raise MinqrError(f"{folder} has no {SCORE} (the reward head, shape {expected}): it is a plain "
-                             "GPT-2 checkpoint, not a reward model; load it with RewardModel.from_backbone")
+                             "backbone checkpoint, not a reward model; load it with RewardModel.from_backbone")
         score = extras[SCORE]
         if list(score.shape) != expected:
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
-                             f"({head.num_quantiles} outputs of width n_embd); the two do not belong together")
-        backbone = model.transformer.wte.weight
+                             f"({head.num_quantiles} outputs of the backbone's width); the two do not belong together")
+        backbone = next(model.transformer.parameters())
         model.score.weight = nn.Parameter(score.to(device=backbone.device, dtype=backbone.dtype))
         stats = config.get("minqr", {})
         if "reward_mean" in stats and "reward_std" in stats:
