@@ -74,7 +74,11 @@ setup(
         "matplotlib",
         "huggingface_hub",
     ],
-    extras_require={"test": ["pytest", "pytest-benchmark", "transformers"]},
+    extras_require={
+        # Parquet and Arrow files and `hf:` data sets (minqr/data/tables.py); JSON lines need neither
+        "data": ["pyarrow", "datasets"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "pyarrow", "datasets"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
