@@ -12,13 +12,17 @@ import sys
 
 import pytest
 import torch
-from factories import write_tiny_tokenizer
+from factories import random_gpt2, write_tiny_tokenizer
 from test_data import write_lines, write_records
 
-from minqr.data.batching import tokenize_pairs
+from minqr.data.batching import collate_pairs, tokenize_pairs
 from minqr.data.pairs import SKIP_HINT, Pair, load_pairs, names_one_split, read_pairs_file
 from minqr.errors import MinqrError
+from minqr.models.reward import RewardModel
 from minqr.models.tokenizer import load_tokenizer
+from minqr.objectives.loss import pair_loss
+from minqr.training.config import TrainConfig
+from minqr.training.objective import PairObjective
 
 EXTRA_MESSAGE = ("needs {module}, which is not installed: install minqr's optional extra for data files, "
                  "pip install 'minqr[data]' (pyarrow and datasets)")
@@ -289,3 +293,21 @@ def test_margins_on_some_pairs_only_is_an_error(tmp_path):
         tokenize_pairs([Pair("a", "b", "x:1", pair_margin=1.0), Pair("a", "c", "x:2"), Pair("a", "d", "x:3")],
                        None, 8)
 
+
+@pytest.mark.parametrize("head, objective", [("scalar", None), ("quantile", "mixture"), ("quantile", "paper")])
+def test_margins_reach_the_training_objective(head, objective):
+    # A batch's margins go through the model's loss into the step's objective: the objective of
+    # the model's outputs with those margins, summed over the pairs and divided by the step's pairs.
+    config = TrainConfig(head=head, objective=objective, num_quantiles=None if head == "scalar" else 3,
+                         bag_coef=0.0)
+    model = RewardModel(random_gpt2(), config.head_config())
+    tokens = [[5, 6, 7], [5, 6, 9, 10]], [[5, 6, 8], [5, 11]]
+    margins = [1.5, -0.5]
+    batch = collate_pairs(*tokens, pad_id=0, pair_margins=margins)
+    loss, mu_chosen, mu_rejected = PairObjective(model, config)(batch, pairs_in_step=4, lm_tokens_in_step=1.0)
+    _, r_chosen, r_rejected = model.pair_loss(batch, "none")
+    hyper = config.head_config().hyperparameters
+    want = pair_loss(r_chosen, r_rejected, config.objective, "sum", pair_margin=torch.tensor(margins), **hyper) / 4
+    without = pair_loss(r_chosen, r_rejected, config.objective, "sum", **hyper) / 4
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(without.item(), rel=1e-3)
