@@ -77,8 +77,10 @@ setup(
         "huggingface_hub",
     ],
     extras_require={
+        # Parquet and Arrow files and `hf:` data sets (minqr/data/tables.py); JSON lines need neither
+        "data": ["pyarrow", "datasets"],
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
-        "test": ["pytest", "pytest-benchmark", "transformers", "tensorboard"],
+        "test": ["pytest", "pytest-benchmark", "transformers", "pyarrow", "datasets", "tensorboard"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -772,3 +772,74 @@ def test_cuda_layouts_extremes_and_empty(objective):
     assert empty.shape == (0,)
     with pytest.raises(ValueError, match="same device"):
         pair_loss(_h(2, 3, device="cuda"), _h(2, 3), objective, impl="fused", **hyper)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pair margins (the data's `margin` column, TRL's -log sigma(r_c - r_r - m)): each objective written
+# out by hand in float64. bradley_terry, mixture and independent compare sigma(c_i - r_j - m); paper
+# takes m in its Bradley-Terry term on the means only, not in its quantile-Huber targets.
+
+MARGIN_OBJECTIVES = ("bradley_terry", *OBJECTIVES)
+PAIR_MARGINS = [0.0, 0.5, -1.0, 2.0, 3.5, -0.25]
+MARGIN_PAPER = {"kappa": 0.5, "lam": 0.3, "margin": 1.0}
+
+
+def pair_margin_by_hand(objective, hc, hr, margins, kappa=1.0, lam=1.0, margin=1.0):
+    """(loss [B], dL/dh_c [B, N], dL/dh_r [B, N]) with pair margins, Python floats."""
+    losses, grads_c, grads_r = [], [], []
+    for c, r, m in zip(hc, hr, margins):
+        n = len(c)
+        if objective in ("bradley_terry", "mixture"):  # bradley_terry is the mixture at N = 1
+            terms = [sigmoid(c[i] - r[i] - m) for i in range(n)]
+            losses.append(-math.log(sum(terms) / n))
+            # dL/dc_i = -sigma_i (1 - sigma_i) / sum_k sigma_k
+            grads_c.append([-t * (1 - t) / sum(terms) for t in terms])
+            grads_r.append([t * (1 - t) / sum(terms) for t in terms])
+        elif objective == "independent":
+            terms = [[sigmoid(c[i] - r[j] - m) for j in range(n)] for i in range(n)]
+            total = sum(map(sum, terms))
+            losses.append(-math.log(total / n**2))
+            grads_c.append([-sum(t * (1 - t) for t in terms[i]) / total for i in range(n)])
+            grads_r.append([sum(terms[i][j] * (1 - terms[i][j]) for i in range(n)) / total for j in range(n)])
+        else:
+            # the quantile-Huber term and its gradients: paper's oracle at lam = 1 less its pairwise term
+            full, with_c, with_r = paper_loops([c], [r], kappa, 1.0, margin)
+            pairwise, pair_c, pair_r = paper_loops([c], [r], kappa, 0.0, margin)
+            d = sum(c) / n - sum(r) / n
+            losses.append(-log_sigmoid(d - m) + lam * (full[0] - pairwise[0]))
+            grads_c.append([-sigmoid(-(d - m)) / n + lam * (with_c[0][i] - pair_c[0][i]) for i in range(n)])
+            grads_r.append([sigmoid(-(d - m)) / n + lam * (with_r[0][i] - pair_r[0][i]) for i in range(n)])
+    return losses, grads_c, grads_r
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("objective", MARGIN_OBJECTIVES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_pair_margin_against_hand_computation(impl, objective, dtype):
+    n = 1 if objective == "bradley_terry" else 5
+    hc, hr = pairs(len(PAIR_MARGINS), n, dtype, seed=11)
+    hyper = MARGIN_PAPER if objective == "paper" else {}
+    margins = torch.tensor(PAIR_MARGINS, dtype=dtype)
+    want = pair_margin_by_hand(objective, hc.double().tolist(), hr.double().tolist(), PAIR_MARGINS, **hyper)
+    got = loss_and_grads(objective, impl, hc, hr, pair_margin=margins, **hyper)
+    for g, w in zip(got, want):
+        assert_close(g, w, TOLERANCE[dtype])
+    # the margins matter: the loss without them is another
+    without = pair_loss(hc, hr, objective, "none", impl, **hyper)
+    assert not np.allclose(without.double().numpy(), want[0], rtol=1e-3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("objective", MARGIN_OBJECTIVES)
+def test_zero_pair_margins_change_nothing(impl, objective):
+    hc, hr = pairs(7, 1 if objective == "bradley_terry" else 4, torch.float32, seed=12)
+    hyper = MARGIN_PAPER if objective == "paper" else {}
+    with_zeros = loss_and_grads(objective, impl, hc, hr, pair_margin=torch.zeros(7), **hyper)
+    for got, want in zip(with_zeros, loss_and_grads(objective, impl, hc, hr, **hyper)):
+        assert torch.equal(got, want)
+
+
+def test_pair_margin_shape_is_checked():
+    hc, hr = pairs(3, 4)
+    with pytest.raises(ValueError, match=r"^pair_margin must have shape \[B\] = \[3\], got \[3, 1\]$"):
+        pair_loss(hc, hr, "mixture", pair_margin=torch.zeros(3, 1, dtype=torch.float64))

@@ -19,7 +19,8 @@ One batch type, `PairBatch`, serves both layouts so that the model has one code 
   `attention_mask` is a bool [R, 1, T, T] (True = attend) block mask.
 
 In both layouts the reward of pair i is read at `(chosen_rows[i], chosen_cols[i])` and
-`(rejected_rows[i], rejected_cols[i])`.
+`(rejected_rows[i], rejected_cols[i])`. When the data gives pair margins (minqr/data/pairs.py), a
+batch carries them to the objective (`pair_margins`).
 """
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
@@ -27,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from minqr.data.pairs import check_encodable
+from minqr.data.pairs import check_encodable, check_margins
 from minqr.errors import MinqrError
 
 # Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
@@ -68,6 +69,9 @@ class PairBatch:
     num_pairs: int
     num_real_tokens: int
     num_padded_tokens: int  # R * T: what the model computes
+    # [B] float32: pair i's margin, what the pairwise term subtracts (-log sigma(r_c - r_r - m));
+    # None when the data gives none
+    pair_margins: torch.Tensor | None = None
 
     @property
     def shared_prefix(self) -> bool:
@@ -87,11 +91,12 @@ class PairBatch:
 
 
 def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
-                  shared_prefix: bool = True, response_starts: tuple | None = None) -> PairBatch:
+                  shared_prefix: bool = True, response_starts: tuple | None = None,
+                  pair_margins: Sequence[float] | None = None) -> PairBatch:
     """Lay out B pairs of token lists (each at least one token long) as one PairBatch.
 
     response_starts: ([B] chosen, [B] rejected) the index of each text's first response token
-    (default: 0, the whole text is the response)."""
+    (default: 0, the whole text is the response). pair_margins: [B] the pairs' margins, or None."""
     if len(chosen) != len(rejected) or not chosen:
         raise MinqrError(f"collate_pairs needs as many chosen as rejected lists, at least one "
                          f"(got {len(chosen)} and {len(rejected)})")
@@ -150,6 +155,7 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
         rejected_rows=rejected_rows, rejected_cols=rejected_cols,
         chosen_lm_labels=labels, response_ids=response_ids, num_pairs=num_pairs,
         num_real_tokens=num_real_tokens, num_padded_tokens=num_rows * width,
+        pair_margins=None if pair_margins is None else torch.tensor(pair_margins, dtype=torch.float32),
     )
 
 
@@ -179,6 +185,7 @@ class TokenizedPairs:
     # None: every text is all response
     chosen_response: list | None = None
     rejected_response: list | None = None
+    pair_margins: list | None = None  # [P] floats, each pair's margin; None: the data gives none
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -202,19 +209,22 @@ class TokenizedPairs:
         starts = None
         if self.chosen_response is not None:
             starts = ([self.chosen_response[i] for i in indices], [self.rejected_response[i] for i in indices])
+        margins = None if self.pair_margins is None else [self.pair_margins[i] for i in indices]
         return collate_pairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
-                             self.pad_id, shared_prefix, starts)
+                             self.pad_id, shared_prefix, starts, margins)
 
 
 def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
-    """Tokenise `pairs` (objects with `chosen`, `rejected` and `origin`) with the model's tokenizer
-    (one `encode_batch` call, the fast parallel path), keeping the last `max_length` tokens.
+    """Tokenise `pairs` (Pairs: `chosen`, `rejected`, `origin`, `response_start`, `pair_margin`) with
+    the model's tokenizer (one `encode_batch` call, the fast parallel path), keeping the last
+    `max_length` tokens, and their margins when they have them (every pair or none: check_margins).
 
     A text that tokenises to nothing is an error naming its pair: a reward is read at a last
     token, and dropping such pairs silently would change the data set behind the user's back.
     """
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
+    check_margins(pairs, "the pairs to tokenise")
     texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
     for k, text in enumerate(texts):  # the readers check this; pairs made by hand may not be
         pair = pairs[k % len(pairs)]
@@ -232,8 +242,9 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
         cut = max(len(tokens) - max_length, 0)
         ids[k], starts[k] = tokens[cut:], max(starts[k] - cut, 0)
     num = len(pairs)
+    margins = [pair.pair_margin for pair in pairs]
     return TokenizedPairs(ids[:num], ids[num:], tokenizer.eos_id, max_length, num_truncated,
-                          starts[:num], starts[num:])
+                          starts[:num], starts[num:], None if None in margins else margins)
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:

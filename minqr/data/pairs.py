@@ -3,18 +3,32 @@
 A preference pair is two texts, the response a human chose and the one they rejected, each with
 the dialogue that led to it. minqr reads them from:
 
-- a JSON-lines file, plain or gzipped, one object a line, in one of two layouts:
-  - `chosen` and `rejected` hold whole dialogues, the HH-RLHF form
-    "\\n\\nHuman: ...\\n\\nAssistant: ...";
-  - a separate `prompt`, with `chosen` / `rejected` holding only the responses (the layout TRL
-    uses). Each of the three is a string or a list of {"role", "content"} messages; a message
-    list is rendered in the HH style ("user" -> "\\n\\nHuman: ...", "assistant" ->
-    "\\n\\nAssistant: ..."), and a pair's texts are prompt + response.
+- a file, its format recognised by its content (not its name):
+  - JSON lines, plain or gzipped, one object a line;
+  - Parquet, or Arrow (an IPC file, or an IPC stream such as the `.arrow` files of `datasets`),
+    one record a row (minqr/data/tables.py; these need the optional extra minqr[data]);
 - a folder laid out like the public hh-rlhf repository: DIR/helpful-base/train.jsonl.gz,
   DIR/harmless-base/test.jsonl.gz, ... (a subset and a split pick the file);
-- the name `hh-rlhf:SUBSET`, fetched through huggingface_hub (see minqr/hub.py).
+- the name `hh-rlhf:SUBSET`, fetched through huggingface_hub (see minqr/hub.py);
+- the name `hf:NAME` or `hf:NAME:SPLIT`, any data set that `datasets.load_dataset` loads (a subset
+  is its configuration); minqr/data/tables.py.
 
-Bad data is an error that names the file and line, or, with `skip_bad=True`, is skipped and
+Every format gives records with the same fields, in the layouts of TRL's preference data:
+  - `chosen` and `rejected` hold whole dialogues (the "implicit prompt"): HH-RLHF text
+    "\n\nHuman: ...\n\nAssistant: ...", or lists of messages that share all but their final
+    message, the response;
+  - a separate `prompt` (the "explicit prompt"), with `chosen` / `rejected` holding only the
+    responses.
+  Each of the three is a string or a list of {"role", "content"} messages; a message list is
+  rendered in the HH style ("user" -> "\n\nHuman: ...", "assistant" -> "\n\nAssistant: ..."), and a
+  pair's texts are prompt + response, so that one conversation given either way is the same Pair.
+  - an optional `margin`, a number: how much the chosen response should beat the rejected one by,
+    as in TRL (-log sigma(r_c - r_r - margin)) and OpenRLHF. In code it is the PAIR margin, not to
+    be confused with the `paper` objective's hyper-parameter `margin`. Either every pair of a source
+    has one, or none does.
+
+Bad data is an error that names the file and line (JSON lines, "FILE:LINE", from 1) or row
+(tables, "FILE:row N", from 0 as `dataset[N]` counts), or, with `skip_bad=True`, is skipped and
 counted; identical chosen/rejected pairs carry no preference and are always dropped and counted.
 `LoadStats.summary()` is the line the CLIs print.
 
@@ -22,17 +36,22 @@ Tokenising, batching and the model-input layouts are in minqr/data/batching.py.
 """
 import gzip
 import json
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from minqr import hub
+from minqr.data import tables
+from minqr.data.tables import HubSplit
 from minqr.errors import MinqrError
 
 SPEAKERS = {"user": "Human", "human": "Human", "assistant": "Assistant"}
 ASSISTANT_TURN = "\n\nAssistant:"
 HH_PREFIX = "hh-rlhf"
 _MISSING = object()  # a field absent from the record (None is a value: JSON null)
+# The fields a record may have; tables are read for these columns only.
+FIELDS = ("prompt", "chosen", "rejected", "margin")
 SKIP_HINT = "Fix the line, or pass skip_bad=True (--skip-bad) to skip bad lines and count them."
 
 
@@ -44,6 +63,8 @@ class Pair:
     # characters of the separate prompt that both texts start with (the prompt/chosen/rejected
     # layout); None for whole dialogues, whose final response follows their last assistant turn
     prompt_length: int | None = None
+    # the data's `margin` (TRL's): the pairwise term is -log sigma(r_c - r_r - pair_margin); None: none
+    pair_margin: float | None = None
 
     def response_start(self, side: str) -> int:
         """Where the `side` ("chosen" or "rejected") text's final response starts, in characters:
@@ -73,13 +94,18 @@ class LoadStats:
 
 def load_pairs(source, split: str = "train", subset: str | None = None,
                skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
-    """Read the pairs of `source` (a file, an hh-rlhf-like folder, or `hh-rlhf:SUBSET`)."""
-    return read_pairs_file(resolve_source(source, split, subset), skip_bad)
+    """Read the pairs of `source` (a file, an hh-rlhf-like folder, `hh-rlhf:SUBSET` or `hf:NAME[:SPLIT]`)."""
+    return read_pairs(resolve_source(source, split, subset), skip_bad)
 
 
-def resolve_source(source, split: str = "train", subset: str | None = None) -> Path:
-    """The JSON-lines file that `source`, `split` and `subset` name (fetched if it is a hub name)."""
+def resolve_source(source, split: str = "train", subset: str | None = None) -> Path | HubSplit:
+    """The file that `source`, `split` and `subset` name (fetched if it is an hh-rlhf name), or the
+    loaded split of an `hf:` data set (whose own SPLIT, if it names one, wins over `split`)."""
     text = str(source)
+    hub_name = tables.hub_name(text)
+    if hub_name is not None:
+        name, named_split = hub_name
+        return tables.load_hub_split(name, named_split or split, subset)
     if text == HH_PREFIX or text.startswith(HH_PREFIX + ":"):
         named = text.partition(":")[2] or None
         if named and subset and named != subset:
@@ -93,8 +119,9 @@ def resolve_source(source, split: str = "train", subset: str | None = None) -> P
             raise MinqrError(f"subset {subset!r} applies to folders, but {path} is a file; drop the subset")
         return path
     if not path.is_dir():
-        raise MinqrError(f"no such data file or folder: {path}. Data is a .jsonl or .jsonl.gz file, a "
-                         "folder laid out like hh-rlhf (DIR/SUBSET/SPLIT.jsonl.gz), or hh-rlhf:SUBSET")
+        raise MinqrError(f"no such data file or folder: {path}. Data is a .jsonl, .jsonl.gz, .parquet or .arrow "
+                         "file, a folder laid out like hh-rlhf (DIR/SUBSET/SPLIT.jsonl.gz), hh-rlhf:SUBSET, "
+                         "or hf:NAME[:SPLIT] (a data set that datasets.load_dataset loads)")
     folder = path / subset if subset else path
     for name in (f"{split}.jsonl.gz", f"{split}.jsonl"):
         if (folder / name).is_file():
@@ -106,17 +133,38 @@ def resolve_source(source, split: str = "train", subset: str | None = None) -> P
     raise MinqrError(f"{path} is a folder of subsets; pick one with subset (--subset): {', '.join(subsets)}")
 
 
+def names_one_split(source) -> bool:
+    """Whether `source` is data of one split only, a file or hf:NAME:SPLIT, as opposed to a folder,
+    hh-rlhf:SUBSET or hf:NAME, whose other splits (the test split) a caller may read too."""
+    hub_name = tables.hub_name(str(source))
+    return hub_name[1] is not None if hub_name is not None else Path(source).expanduser().is_file()
+
+
+def read_pairs(source: Path | HubSplit, skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
+    """Read the pairs of a source as resolve_source gives it: a file, or a loaded `hf:` split."""
+    if isinstance(source, HubSplit):
+        return _read_rows(tables.hub_rows(source, FIELDS), source.label, _table_record, skip_bad)
+    return read_pairs_file(source, skip_bad)
+
+
 def read_pairs_file(path, skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
-    """Read one JSON-lines file, plain or gzipped (recognised by its content, not its name)."""
+    """Read one file: Parquet or Arrow (tables.MAGIC), else JSON lines, plain or gzipped; each
+    recognised by its content, not its name."""
     path = Path(path)
-    stats = LoadStats(source=str(path))
+    file_format = tables.columnar_format(path)
+    if file_format is None:
+        return _read_rows(_json_lines(path), str(path), _parse_line, skip_bad)
+    return _read_rows(tables.file_rows(path, file_format, FIELDS), str(path), _table_record, skip_bad)
+
+
+def _read_rows(rows, source: str, parse, skip_bad: bool) -> tuple[list[Pair], LoadStats]:
+    """The pairs of `rows`, (origin, raw) each, where `parse(raw, origin)` gives the record: what
+    every format shares, from the record to the Pair, and the counts of what was dropped."""
+    stats = LoadStats(source=source)
     pairs = []
-    for number, raw in enumerate(_read_lines(path), start=1):
-        if not raw.strip():
-            continue  # blank lines (a trailing newline, say) hold no record
-        origin = f"{path}:{number}"
+    for origin, raw in rows:
         try:
-            record = _parse_line(raw, origin)
+            record = parse(raw, origin)
         except MinqrError as error:
             _skip_or_raise(error, skip_bad, stats, "malformed_lines")
             continue
@@ -131,7 +179,8 @@ def read_pairs_file(path, skip_bad: bool = False) -> tuple[list[Pair], LoadStats
         pairs.append(pair)
     stats.pairs = len(pairs)
     if not pairs:
-        raise MinqrError(f"no usable pairs in {path}: {stats.summary()}")
+        raise MinqrError(f"no usable pairs in {source}: {stats.summary()}")
+    check_margins(pairs, source)
     return pairs, stats
 
 
@@ -142,14 +191,23 @@ def render(value) -> str:
     return "".join(f"\n\n{SPEAKERS[m['role']]}: {m['content']}" for m in value)
 
 
-def _read_lines(path: Path):
+def _json_lines(path: Path):
+    """(f"{path}:{line number}", the line's bytes) of every line of a JSON-lines file, plain or
+    gzipped, but blank lines (a trailing newline, say), which hold no record."""
     try:
         with open(path, "rb") as probe:
             gzipped = probe.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as lines:
-            yield from lines
+            for number, raw in enumerate(lines, start=1):
+                if raw.strip():
+                    yield f"{path}:{number}", raw
     except (OSError, EOFError, zlib.error) as error:  # unreadable, or a truncated/corrupt gzip stream
         raise MinqrError(f"cannot read {path}: {error}") from error
+
+
+def _table_record(row: dict, origin: str) -> dict:
+    """A table's row is a record already: the parse of columnar formats (they cannot be malformed)."""
+    return row
 
 
 def _parse_line(raw: bytes, origin: str) -> dict:
@@ -165,13 +223,47 @@ def _parse_line(raw: bytes, origin: str) -> dict:
 
 
 def _pair_from_record(record: dict, origin: str) -> Pair:
+    """The Pair of one record, whatever the format it came from (module docstring: the layouts)."""
     prompt = record.get("prompt")
     prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True)
     chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin)
     rejected = _checked_text(record.get("rejected", _MISSING), "rejected", origin)
+    pair_margin = _checked_margin(record.get("margin"), origin)
     if prompt is None:
-        return Pair(chosen, rejected, origin)
-    return Pair(prompt + chosen, prompt + rejected, origin, prompt_length=len(prompt))
+        prompt_length = _shared_messages_length(record["chosen"], record["rejected"])
+        return Pair(chosen, rejected, origin, prompt_length=prompt_length, pair_margin=pair_margin)
+    return Pair(prompt + chosen, prompt + rejected, origin, prompt_length=len(prompt), pair_margin=pair_margin)
+
+
+def _shared_messages_length(chosen, rejected) -> int | None:
+    """TRL's implicit prompt in conversations: chosen and rejected are message lists that share all
+    but their final message, the response; the characters of the rendered shared messages, the
+    prompt (so the pair equals the one with that prompt given explicitly). None for anything else,
+    whose response follows the last assistant turn (Pair.response_start)."""
+    if isinstance(chosen, list) and isinstance(rejected, list) and chosen[:-1] == rejected[:-1]:
+        return len(render(chosen[:-1]))
+    return None
+
+
+def _checked_margin(value, origin: str) -> float | None:
+    """The pair margin as a float; None (absent, or null) for none."""
+    if value is None:
+        return None
+    # `abs(value) <= max` is False for NaN, the infinities and integers too big for a float
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) <= sys.float_info.max:
+        raise MinqrError(f"{origin}: field 'margin' must be a finite number (how much the chosen response should "
+                         f"beat the rejected one by), not {value!r:.40} ({type(value).__name__})")
+    return float(value)
+
+
+def check_margins(pairs: list, source: str) -> None:
+    """Either every pair has a margin or none has: a margin missing from some pairs is far likelier a
+    mistake in the data (a misspelt field, a join gone wrong) than a margin of 0."""
+    without = [pair for pair in pairs if pair.pair_margin is None]
+    if 0 < len(without) < len(pairs):
+        raise MinqrError(f"{source}: {len(pairs) - len(without):,} of {len(pairs):,} pairs have a margin and "
+                         f"{len(without):,} have none (the first: {without[0].origin}): give every pair a margin "
+                         "(0 for none), or none")
 
 
 def _checked_text(value, field: str, origin: str, allow_empty: bool = False) -> str:

@@ -94,9 +94,9 @@ class HeadConfig:
         return [f"{prefix}{i}" for i in range(self.num_quantiles)]
 
     def loss(self, h_chosen: torch.Tensor, h_rejected: torch.Tensor, reduction: str = "mean",
-             impl: str = "auto") -> torch.Tensor:
-        """This head's objective on outputs [B, N] (see pair_loss)."""
-        return pair_loss(h_chosen, h_rejected, self.objective, reduction, impl, **self.hyperparameters)
+             impl: str = "auto", pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+        """This head's objective on outputs [B, N], with the pairs' margins [B] if any (see pair_loss)."""
+        return pair_loss(h_chosen, h_rejected, self.objective, reduction, impl, pair_margin, **self.hyperparameters)
 
     def quantiles(self, outputs):
         """Outputs [..., N] -> the quantiles at tau_i [..., N]: the outputs as they are (raw), or

@@ -168,12 +168,13 @@ class RewardModel(nn.Module):
     def pair_loss(self, batch, reduction: str = "mean", bag_coef: float = 0.0, return_hidden: bool = False):
         """The model's loss on a PairBatch: (loss, r_chosen [B, N], r_rejected [B, N][, hidden]).
 
-        loss = the head's objective (minqr.objectives) + bag_coef x the response bag-of-words auxiliary
+        loss = the head's objective (minqr.objectives; with the batch's pair margins, if the data gave
+        them) + bag_coef x the response bag-of-words auxiliary
         (response_bag_loss; needs add_response_bag), per pair, then reduced ('mean', 'sum', 'none').
         The objective runs in float32 whatever the autocast dtype of the backbone."""
         hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
         r_chosen, r_rejected = self.score(pooled_chosen).float(), self.score(pooled_rejected).float()  # [B, N]
-        loss = self.head_config.loss(r_chosen, r_rejected, reduction="none")
+        loss = self.head_config.loss(r_chosen, r_rejected, reduction="none", pair_margin=batch.pair_margins)
         if bag_coef > 0:
             pooled = torch.cat([pooled_chosen, pooled_rejected])  # [2B, n_embd]
             loss = loss + bag_coef * self.response_bag_loss(pooled, batch.response_ids)

@@ -15,7 +15,7 @@ from minqr.errors import MinqrError
 from minqr.objectives import ops
 from minqr.objectives.ops import check_outputs, check_paper_hyperparameters
 from minqr.objectives.references import (bradley_terry_reference, independent_reference, mixture_reference,
-                                         paper_reference)
+                                         paper_pair_margin_change, paper_reference)
 
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "fused", "reference")
@@ -124,8 +124,12 @@ def check_hyperparameters(objective: str, given: dict) -> dict:
 
 
 def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str = DEFAULT_OBJECTIVE,
-              reduction: str = "mean", impl: str = "auto", **hyperparameters) -> torch.Tensor:
+              reduction: str = "mean", impl: str = "auto", pair_margin: torch.Tensor | None = None,
+              **hyperparameters) -> torch.Tensor:
     """The objective's loss of B pairs with outputs h_chosen, h_rejected [B, N].
+
+    pair_margin: [B] the pairs' margins from the data (minqr/objectives/references.py says where
+    each objective takes them), or None: none, the loss exactly as without.
 
     reduction: 'mean' | 'sum' | 'none' (the per-pair losses [B]). impl: 'fused' (the compiled op),
     'reference' (PyTorch), or 'auto': fused where minqr._C has a kernel for the device, else the
@@ -154,6 +158,16 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
                         f"{list(spec.hyperparameters) or 'none'}, got {sorted(hyperparameters)}")
     if objective == "paper":
         check_paper_hyperparameters(hyper["kappa"], hyper["lam"], hyper["margin"])
+    if pair_margin is not None and pair_margin.shape != h_chosen.shape[:1]:
+        raise ValueError(f"pair_margin must have shape [B] = {list(h_chosen.shape[:1])}, "
+                         f"got {list(pair_margin.shape)}")
+    if pair_margin is not None and objective != "paper":
+        # Every comparison these objectives make is chosen minus rejected, so sigma(h_c,i - h_r,j - m)
+        # is their formula on the chosen outputs shifted by -m: the fused op computes it as it is, and
+        # the gradient flows back through the shift unchanged. Shifted in float32 (float64), not in
+        # a half precision that would round the margin away.
+        dtype = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
+        h_chosen = h_chosen.to(dtype) - pair_margin.to(dtype)[:, None]
 
     if impl != "reference":
         reason = ops.fused_unavailable_reason(spec.op, h_chosen.device)
@@ -169,6 +183,10 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
         op = getattr(torch.ops.minqr, spec.op)
         losses, _, _ = op(h_chosen, h_rejected, *(float(hyper[name]) for name in spec.hyperparameters),
                           compute_grad)
+    if pair_margin is not None and objective == "paper":
+        # paper takes the margin in its Bradley-Terry term on the means only, not in the quantile
+        # targets; neither its op nor its reference has that input, so the term is swapped here
+        losses = losses + paper_pair_margin_change(h_chosen, h_rejected, pair_margin)
     if reduction == "mean":
         return losses.mean()
     if reduction == "sum":

@@ -53,6 +53,13 @@ be shifted by c_i without changing a single d_i. Spreads are therefore measured 
 outputs on an anchor response whose reward is known to be 0 for everyone (the synthetic task has
 one; minqr/study/analysis.py aligns by it).
 
+A PAIR margin m (the data's `margin`, as in TRL and OpenRLHF: how much the chosen response should
+beat the rejected one by) enters the pairwise comparisons: bradley_terry, mixture and independent
+compare sigma(h_c,i - h_r,j - m), the formulas above on the chosen outputs shifted by -m; paper
+takes it in its Bradley-Terry term on the means only, -log sigma(mean h_c - mean h_r - m), and
+not in the quantile-Huber targets, which have their own hyper-parameter m, the `margin` above
+(minqr/objectives/loss.py, pair_loss).
+
 This module holds each objective's PyTorch reference: the formula, line by line, from which
 autograd gives the gradients and against which the fused ops (minqr/objectives/ops.py, csrc/) are
 tested. minqr/objectives/loss.py says which objectives there are and computes any of them;
@@ -132,3 +139,12 @@ def paper_reference(h_chosen: torch.Tensor, h_rejected: torch.Tensor, kappa: flo
     l_qr = 0.5 * (rho_c + rho_r)
 
     return l_pair + lam * l_qr
+
+
+def paper_pair_margin_change(h_chosen: torch.Tensor, h_rejected: torch.Tensor,
+                             pair_margin: torch.Tensor) -> torch.Tensor:
+    """What pair margins m [B] change in the paper loss, per pair [B]: its Bradley-Terry term on the
+    means, -log sigma(d), becomes -log sigma(d - m), with d = mean h_c - mean h_r (module docstring)."""
+    dtype = _compute_dtype(h_chosen)
+    d = h_chosen.to(dtype).mean(dim=1) - h_rejected.to(dtype).mean(dim=1)
+    return F.logsigmoid(d) - F.logsigmoid(d - pair_margin.to(dtype))

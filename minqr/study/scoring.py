@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
-from minqr.data.pairs import load_pairs, resolve_source
+from minqr.data.pairs import names_one_split, read_pairs, resolve_source
+from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
@@ -167,8 +168,8 @@ class ScoreConfig:
     """The options of a scoring job (`minqr score`, `score_to_file`)."""
 
     model: str = option(help="reward model folder (train's --out), or a hub name")
-    data: str = option(help="pairs: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with --subset), or "
-                       "hh-rlhf:SUBSET")
+    data: str = option(help="pairs: a .jsonl(.gz), Parquet or Arrow file, a folder laid out like hh-rlhf (with "
+                       "--subset), hh-rlhf:SUBSET, or a datasets hub name hf:NAME[:SPLIT] (the minqr[data] extra)")
     out: str = option(help="scores file to write: .npz (numpy) or .jsonl; replaced atomically")
     subset: str | None = option(None, "subset of a folder given as --data, e.g. harmless-base")
     split: str | None = option(None, f"split of a folder or hh-rlhf:SUBSET [default: {DEFAULT_SPLIT}]")
@@ -200,10 +201,11 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     (.npz or .jsonl, atomically) with the metadata that minqr/study/analysis.py reads. `options`
     are ScoreConfig's other fields.
 
-    `data`: a .jsonl(.gz) file, a folder laid out like hh-rlhf (with `subset`; `split`, default
-    "test", picks the file) or hh-rlhf:SUBSET. `max_length` defaults to the one the model was
-    trained with (its training_args.json), else its number of positions. `workload` (the row of the
-    report's table) defaults to "FOLDER SPLIT" of the data file, e.g. "harmless-base test".
+    `data`: a .jsonl(.gz), Parquet or Arrow file, a folder laid out like hh-rlhf (with `subset`;
+    `split`, default "test", picks the file), hh-rlhf:SUBSET, or hf:NAME[:SPLIT] (minqr/data/pairs.py).
+    `max_length` defaults to the one the model was trained with (its training_args.json), else its
+    number of positions. `workload` (the row of the report's table) defaults to "FOLDER SPLIT" of the
+    data file, e.g. "harmless-base test" (for hf:NAME, "NAME SPLIT").
 
     Anchors: with `anchor_reply`, that text is scored as the reply to each pair's prompt, and its
     outputs are saved beside the scores (the analysis reads the quantiles relative to them); without
@@ -218,6 +220,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         raise MinqrError(f"out {out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
     if split is not None and Path(data).expanduser().is_file():
         raise MinqrError(f"split {split!r} picks a file in a folder, but {data} is a file; drop the split")
+    if split is not None and names_one_split(data):
+        raise MinqrError(f"split {split!r} was given, but {data} names its split itself; drop one of them")
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
         mean, std = reward_normalization(reward_model, folder)
@@ -227,8 +231,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         max_length = min(training_args(folder).get("max_length", positions), positions)
     if max_length > positions:
         raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
-    data_file = resolve_source(data, split or DEFAULT_SPLIT, subset)
-    pairs, stats = load_pairs(data_file, skip_bad=options.skip_bad)
+    source = resolve_source(data, split or DEFAULT_SPLIT, subset)
+    pairs, stats = read_pairs(source, skip_bad=options.skip_bad)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)
 
     device = resolve_device(options.device)
@@ -238,14 +242,18 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     seconds = time.perf_counter() - started
 
     head = reward_model.head_config
-    # test.jsonl -> "test", test.jsonl.gz -> "test": for a folder this is the split it was read for
-    split_name = data_file.name.split(".")[0]
+    if isinstance(source, HubSplit):
+        data_file, split_name, data_set, truth = source.label, source.split, source.name, None
+    else:
+        # test.jsonl -> "test", test.jsonl.gz -> "test": for a folder this is the split it was read for
+        data_file, split_name, data_set = source, source.name.split(".")[0], source.parent.name
+        truth = source.parent / (split_name + TRUTH_SUFFIX)
     compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
     metadata = {
         "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
         "readout": head.readout, "taus": head.levels if head.kind == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
-        "workload": options.workload or f"{data_file.parent.name} {split_name}",
+        "workload": options.workload or f"{data_set} {split_name}",
         "options": {"max_length": max_length, "shared_prefix": options.shared_prefix, "batch_size": batch_size,
                     "dtype": compute_dtype, "device": str(device), "skip_bad": options.skip_bad},
         "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(),
@@ -253,8 +261,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     if options.label:
         metadata["label"] = options.label
     notes, anchor = [], None
-    truth = data_file.parent / (split_name + TRUTH_SUFFIX)
-    if truth.is_file():
+    if truth is not None and truth.is_file():
         dropped = stats.identical + stats.malformed_lines + stats.bad_fields
         if dropped:
             notes.append(f"note: {truth} not recorded as the truth: {dropped} lines of {data_file} were dropped, "

@@ -62,11 +62,14 @@ class TrainConfig:
                         "gpt2-medium, ...) fetched through huggingface_hub")
     tokenizer: str | None = option(None, "tokenizer folder [default: the model folder]")
     # the data
-    data: str = option("hh-rlhf:helpful-base", "training pairs: a .jsonl(.gz) file, a folder laid out "
-                       "like hh-rlhf (with --subset), or hh-rlhf:SUBSET fetched through huggingface_hub")
-    subset: str | None = option(None, "subset of a folder given as --data, e.g. helpful-base")
+    data: str = option("hh-rlhf:helpful-base", "training pairs: a .jsonl(.gz), Parquet or Arrow file, a folder "
+                       "laid out like hh-rlhf (with --subset), hh-rlhf:SUBSET fetched through huggingface_hub, or "
+                       "hf:NAME[:SPLIT] loaded by datasets (Parquet, Arrow, hf: need pip install 'minqr[data]')")
+    subset: str | None = option(None, "subset of a folder given as --data, e.g. helpful-base; for hf:NAME, the "
+                                "data set's configuration")
     eval_data: str | None = option(None, "held-out pairs, same forms as --data [default: the test split "
-                                   "of --data when it is a folder or hh-rlhf:SUBSET; none for a file]")
+                                   "of --data when it is a folder, hh-rlhf:SUBSET or hf:NAME; none for a file "
+                                   "or hf:NAME:SPLIT]")
     max_length: int = option(512, "tokens kept of each text, cut from the left so that the final "
                              "responses survive")
     shared_prefix: bool = option(True, "run the common prefix of a pair's two texts once (same rewards "

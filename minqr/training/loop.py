@@ -19,7 +19,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from minqr import hub
 from minqr.atomic import atomic_file
 from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro_batches, tokenize_pairs,
                                  training_batches)
-from minqr.data.pairs import read_pairs_file, resolve_source
+from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
@@ -206,8 +206,8 @@ class _Run:
             subset = None if Path(source).expanduser().is_file() else config.subset
             return resolve_source(source, split, subset)
 
-        data_is_a_file = Path(config.data).expanduser().is_file()
-        eval_source = config.eval_data or (None if data_is_a_file else config.data)
+        # a file, or hf:NAME:SPLIT, has no test split beside it to evaluate on unless --eval-data names one
+        eval_source = config.eval_data or (None if names_one_split(config.data) else config.data)
         eval_option = "--eval-data" if config.eval_data else "--data (its test split)"
         wanted = [("--model", lambda: hub.fetch_model(config.model)),
                   ("--data", lambda: data_file(config.data, "train")),
@@ -251,10 +251,10 @@ class _Run:
                 make_synthetic_task(folder, seed=0)
         return json.loads(task_file.read_text())["bayes_accuracy"]
 
-    def _load_data(self, path: Path, split: str):
-        """Read and tokenise one data file; say what was dropped and what was cut."""
+    def _load_data(self, source, split: str):
+        """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
         config = self.config
-        pairs, stats = read_pairs_file(path, skip_bad=config.skip_bad)
+        pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
         self.say(f"{split}: {stats.summary()}")
         tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
         if tokenized.num_truncated:
@@ -423,7 +423,12 @@ class _Run:
         share, shares = (0, 1) if config.fsdp else (procs.rank, procs.world_size)
         for pair_indices in evaluation_batches(self.eval_pairs.row_widths(config.shared_prefix), self.micro_batch_size,
                                                share, shares):
-            batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
+            # Held-out metrics leave the data's pair margins out: eval_loss is then the negative
+            # log-likelihood of the labels under the model (P(chosen) = σ(r_c − r_r) for
+            # bradley_terry), comparable between runs and data sets with margins and without; a
+            # margin is a training device that asks for a wider gap, not part of the model.
+            batch = replace(self.eval_pairs.batch(pair_indices, config.shared_prefix), pair_margins=None)
+            batch = batch.to(procs.device)
             with autocast(procs.device, self.autocast_dtype):
                 # the objective alone: for all but paper, the held-out negative log-likelihood of the labels
                 loss, r_chosen, r_rejected = self.model.pair_loss(batch, "sum")  # float32 [B, N] outputs

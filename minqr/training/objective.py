@@ -7,7 +7,9 @@
 
 plus lm_coef · (the mean token cross-entropy of the chosen responses), MOSS-RLHF's LM term, where
 μ is a response's expected reward, the mean of its outputs. The scalar head is N = 1: the
-Bradley–Terry loss −log σ(r_c − r_r).
+Bradley–Terry loss −log σ(r_c − r_r). When the data gives pair margins m (its `margin` column, as in
+TRL), the batch carries them and the head's objective compares r_c − r_r − m (the scalar head:
+−log σ(r_c − r_r − m); where each objective takes m: minqr/objectives/references.py).
 
 Neither processes nor gradient accumulation change the arithmetic beyond float rounding: every
 micro-batch's loss is a sum over its pairs divided by the global batch size (times the number of
