@@ -557,3 +557,17 @@ def test_summarize_small_cases(num_pairs, n):
     assert summary["num_pairs"] == num_pairs
     assert summary["accuracy"]["value"] == A.pair_accuracy(scores.chosen.mean(1), scores.rejected.mean(1))
     assert (summary["quantile_accuracy"] is None) == (n == 1)
+
+
+def test_paired_accuracy_difference():
+    (c_a, r_a), (c_b, r_b) = quantile_outputs(400, 3, seed=18, shift=1.0), quantile_outputs(400, 3, seed=19, shift=0.4)
+    a, b = scores_of(c_a, r_a), scores_of(c_b, r_b)
+    result = A.paired_accuracy_difference(a, b, confidence=0.9)
+    per_pair = (c_a.mean(axis=1) > r_a.mean(axis=1)).astype(float) - (c_b.mean(axis=1) > r_b.mean(axis=1))
+    assert result["value"] == pytest.approx(per_pair.mean(), abs=1e-12) and result["value"] > 0.1
+    # a percentile bootstrap of the pairs, with many resamples, finds about the same interval
+    means = per_pair[np.random.default_rng(0).integers(0, 400, size=(10_000, 400))].mean(axis=1)
+    assert [result["ci_low"], result["ci_high"]] == pytest.approx(np.percentile(means, [5, 95]), abs=0.005)
+    assert A.paired_accuracy_difference(a, a) == {"value": 0.0, "ci_low": 0.0, "ci_high": 0.0}
+    with pytest.raises(MinqrError, match="do not score the same pairs"):
+        A.paired_accuracy_difference(a, scores_of(c_b, r_b, split="train"))

@@ -1,5 +1,6 @@
 """The scalar export: its one output is the mean of the quantile model's outputs (float64 reference),
-transformers loads it with the same numbers, the files around the weights carry over, bad input."""
+transformers loads it with the same numbers (also through its text-classification pipeline, as peers
+read a reward model), the files around the weights carry over, bad input."""
 import importlib.util
 import json
 import shutil
@@ -16,7 +17,7 @@ from minqr import load_tokenizer
 from minqr.data.pairs import Pair
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
-from minqr.study.scoring import score_pairs
+from minqr.study.scoring import score_pairs, score_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ARGS = {"max_length": 48, "lr": 1e-5, "head": "quantile"}
@@ -78,6 +79,55 @@ def test_export_is_the_mean_of_the_quantiles_and_transformers_loads_it(tmp_path,
     assert expected.std() > 0.1  # outputs that differ from text to text: the comparison means something
     torch.testing.assert_close(ours[:, 0], expected, atol=1e-6, rtol=0)
     torch.testing.assert_close(theirs.double(), ours, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["quantile folder", "scalar export"])
+def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported):
+    """transformers.pipeline("text-classification") on a saved folder, texts of different lengths in one
+    padded batch: the quantile folder's scores are its N raw outputs, the scalar export's its one reward,
+    the mean of the quantiles; the reference runs minqr's RewardModel on one text at a time (no padding).
+    The pipeline batches only with a pad token: the saved tokenizer_config.json names EOS (Tokenizer.files)."""
+    source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=3)
+    folder = tmp_path / "scalar" if exported else source
+    if exported:
+        assert export(source, folder).exit_code == 0
+    texts = SENTENCES[:4] + ["A", SENTENCES[1] * 2]
+    assert len({len(tokenizer.encode(text)) for text in texts}) == len(texts)  # the batch needs padding
+
+    pipe = transformers.pipeline("text-classification", model=str(folder), function_to_apply="none", top_k=None)
+    label2id = json.loads((folder / "config.json").read_text())["label2id"]
+    theirs = torch.full((len(texts), len(label2id)), torch.nan, dtype=torch.float64)
+    for row, result in enumerate(pipe(texts, batch_size=len(texts))):  # every label, ordered by score
+        for entry in result:
+            theirs[row, label2id[entry["label"]]] = entry["score"]
+    quantile_model = RewardModel.from_pretrained(source, dtype=torch.float64)
+    with torch.no_grad():
+        outputs = torch.cat([quantile_model(torch.tensor([tokenizer.encode(text)])) for text in texts])  # [B, 6]
+    expected = outputs.mean(-1, keepdim=True) if exported else outputs
+    assert expected.std() > 0.1  # rewards that differ from text to text: the comparison means something
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
+
+
+def test_the_readme_reward_function_for_trl(tmp_path, tokenizer):
+    """README's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
+    the left): each completion's expected reward, the mean of the outputs of the text alone."""
+    source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=5)
+    model = RewardModel.from_pretrained(source)
+    max_length = 160  # the tiny model's positions (README: train's --max-length)
+    prompts = [SENTENCES[0].split("Assistant:")[0] + "Assistant:"] * 2 + [SENTENCES[3] * 8]  # the last one too long
+    completions = [" The capital of France is Paris.", " Paris!", " Waves roll in."]
+
+    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in README.md
+        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
+        token_lists = [ids[-max_length:] for ids in tokenizer.encode_batch(texts)]
+        return score_texts(model, token_lists).mean(axis=1).tolist()
+
+    reference = RewardModel.from_pretrained(source, dtype=torch.float64)
+    with torch.no_grad():
+        expected = [reference(torch.tensor([tokenizer.encode(p + c)[-max_length:]])).mean().item()
+                    for p, c in zip(prompts, completions)]
+    assert len(tokenizer.encode(prompts[2])) > max_length and np.std(expected) > 0.1
+    np.testing.assert_allclose(minqr_reward(prompts, completions), expected, atol=1e-5, rtol=0)
 
 
 def test_files_around_the_weights_carry_over(tmp_path, tokenizer):

@@ -2,6 +2,7 @@
 and a clear message with a non-zero exit for every kind of bad input."""
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -10,8 +11,9 @@ import matplotlib.image
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from scipy.stats import binomtest, norm
 
-from minqr.study import analysis
+from minqr.study import analysis, report
 from minqr.study.report import analyze
 from minqr.study.scores_file import load_scores, save_scores
 
@@ -136,6 +138,130 @@ def test_truth_option_overrides_the_metadata(study):
     assert coverage["truth"] == str(folder / "shifted_truth.npz")
     assert coverage["intercept"] == pytest.approx(
         analysis.summarize(load_scores(files[1]), n_resamples=0)["coverage"]["intercept"] - coverage["slope"], rel=1e-6)
+
+
+def scalar_scores(folder, label, chosen, rejected, split="test"):
+    """A scalar model's scores file, rewards as float32 (as score writes them)."""
+    chosen, rejected = (side[:, None].astype(np.float32) for side in (chosen, rejected))
+    return save_scores(folder / f"{label}.npz", chosen, rejected, metadata("scalar", 1, "w", label=label, split=split))
+
+
+def expected_comparison(path_model, path_reference, seed):
+    """What the summary compares, computed here the long way from two scalar scores files: each
+    model's accuracy and bias-corrected histogram KL (50 bins), and the paired differences model −
+    reference with 95% intervals: per-pair credits with a normal interval; for the KL the pairs
+    resampled as analyze resamples them (resample_indices with its seed), the basic interval."""
+    rewards = [[side.astype(np.float64)[:, 0] for side in (s.chosen, s.rejected)]
+               for s in map(load_scores, (path_model, path_reference))]
+    credit = [(c > r) + 0.5 * (c == r) for c, r in rewards]  # [P] each
+    per_pair = credit[0] - credit[1]
+    half = norm.ppf(0.975) * per_pair.std(ddof=1) / math.sqrt(len(per_pair))
+    indices = analysis.resample_indices(len(per_pair), RESAMPLES, seed)
+    kl = np.array([[analysis.histogram_kl(c[i], r[i], 50) for i in [slice(None), *indices]] for c, r in rewards])
+    difference = kl[0] - kl[1]  # [1 + B]: the plug-in value, then every resample
+    difference_corrected = 2 * difference[0] - difference[1:].mean()
+    high, low = 2 * difference[0] - np.percentile(difference[1:], [2.5, 97.5])
+    return {"accuracy": [c.mean() for c in credit], "accuracy_difference": per_pair.mean(),
+            "accuracy_interval": (per_pair.mean() - half, per_pair.mean() + half),
+            "kl": np.maximum(0, 2 * kl[:, 0] - kl[:, 1:].mean(axis=1)), "kl_difference": difference_corrected,
+            "kl_interval": (min(low, difference_corrected), max(high, difference_corrected))}
+
+
+def test_summary_says_which_model_separates_more_and_whether_its_interval_excludes_0(tmp_path):
+    rng = np.random.default_rng(7)
+    num_pairs = 300
+    # one model ranks far better than the other; two others are equally good, with their own noise
+    noise = rng.normal(size=(6, num_pairs))
+    sharp = scalar_scores(tmp_path, "sharp", 2 + noise[0], noise[1])
+    blunt = scalar_scores(tmp_path, "blunt", 0.2 + noise[2], noise[3])
+    signal = rng.normal(size=num_pairs)
+    twin_a = scalar_scores(tmp_path, "twin a", signal + 0.5 * noise[4], 0.5 * noise[5])
+    twin_b = scalar_scores(tmp_path, "twin b", signal + 0.5 * noise[5], 0.5 * noise[4])
+
+    for model, reference, clear in ((sharp, blunt, True), (twin_a, twin_b, False)):
+        out = tmp_path / f"report-{clear}"
+        assert run([reference, model, "--out", out, "--bootstrap", RESAMPLES, "--seed", 3]).exit_code == 0
+        numbers = expected_comparison(model, reference, seed=3)
+        intervals = numbers["accuracy_interval"], numbers["kl_interval"]
+        model_name, reference_name = load_scores(model).label, load_scores(reference).label
+        if clear:  # what the case is made to be, checked before the report is read
+            assert numbers["accuracy_difference"] > 0 and numbers["kl_difference"] > 0
+            assert all(low > 0 for low, _ in intervals)
+            verdict = "and the paired difference {change} is larger than its uncertainty (the interval excludes 0)"
+        else:
+            assert numbers["accuracy_difference"] > 0 and numbers["kl_difference"] > 0
+            assert all(low < 0 < high for low, high in intervals)
+            verdict = ("but the paired difference {change} is not larger than its uncertainty (the interval holds "
+                       "0): these pairs cannot tell the two apart")
+        sentences = []
+        for measure, key in (("pair accuracy", "accuracy"), ("histogram KL (bias-corrected)", "kl")):
+            low, high = numbers[f"{key}_interval"]
+            change = (f"{model_name} − {reference_name} = {numbers[f'{key}_difference']:.3f} "
+                      f"[{low:.3f}, {high:.3f}]")
+            values = f"({numbers[key][0]:.3f} vs {numbers[key][1]:.3f})"
+            sentences.append(f"By {measure}, {model_name} separates chosen from rejected more than {reference_name} "
+                             f"{values}, " + verdict.format(change=change) + ".")
+        text = (out / "report.md").read_text()
+        assert text.startswith("# minqr analysis report\n\n## Summary\n\n")  # before everything else
+        assert f"\n- w, {model_name} against {reference_name} (300 pairs): {' '.join(sentences)}\n" in text
+
+
+def test_summary_of_a_model_compared_with_none(tmp_path):
+    """Alone, or on other pairs than the first model: its accuracy with its interval, and the Bayes-optimal
+    model's where the truth is known."""
+    rng = np.random.default_rng(8)
+    num_pairs = 200
+    mean = rng.normal(size=(2, num_pairs))
+    probability = 1 / (1 + np.exp(mean[1] - mean[0]))
+    np.savez(tmp_path / "truth.npz", chosen_samples=mean[0][:, None] + rng.normal(size=(num_pairs, 16)),
+             rejected_samples=mean[1][:, None] + rng.normal(size=(num_pairs, 16)), preference_probability=probability)
+    chosen, rejected = mean + rng.normal(0, 0.5, size=(2, num_pairs))
+    solo = scalar_scores(tmp_path, "solo", chosen, rejected)
+    other = scalar_scores(tmp_path, "other", rejected, chosen, split="train")
+    out = tmp_path / "report"
+    assert run([solo, other, "--out", out, "--bootstrap", 0, "--truth", tmp_path / "truth.npz"]).exit_code == 0
+
+    right = int(np.sum(chosen.astype(np.float32) > rejected.astype(np.float32)))
+    interval = binomtest(right, num_pairs).proportion_ci(0.95, method="wilson")
+    bayes = np.mean(probability > 0.5)
+    wrong = num_pairs - right
+    other_interval = binomtest(wrong, num_pairs).proportion_ci(0.95, method="wilson")
+    assert (out / "report.md").read_text().startswith(
+        "# minqr analysis report\n\n## Summary\n\n"
+        f"- w, solo (200 pairs): pair accuracy {right / num_pairs:.3f} [{interval.low:.3f}, {interval.high:.3f}] "
+        f"(95% Wilson interval), against {bayes:.3f} for the Bayes-optimal model.\n"
+        f"- w, other (200 pairs): pair accuracy {wrong / num_pairs:.3f} [{other_interval.low:.3f}, "
+        f"{other_interval.high:.3f}] (95% Wilson interval), against {bayes:.3f} for the Bayes-optimal model; not "
+        "compared with solo, which scored other pairs.\n\n")
+
+
+def test_figure_titles_name_the_workloads_and_models(study, monkeypatch):
+    folder, files = study
+    titles = {}
+    save = report._save
+
+    def recording_save(fig, path, *args):
+        save(fig, path, *args)
+        titles[path.name] = fig.get_suptitle()
+
+    monkeypatch.setattr(report, "_save", recording_save)
+    assert run([*files, "--out", folder / "report", "--bootstrap", 0]).exit_code == 0
+    both, quantile = "synthetic test: scalar, quantile N=6", "other data: quantile N=6"
+    expected = {"fig2_histograms_1_synthetic-test.png": [both], "fig2_histograms_2_other-data.png": [quantile],
+                "fig3_quantiles_1_synthetic-test.png": ["synthetic test: quantile N=6"],
+                "fig3_quantiles_2_other-data.png": [quantile], "kl_vs_bins.png": [both, quantile],
+                "reliability.png": [both, quantile], "accuracy_by_quantile.png": [both, quantile],
+                "coverage.png": [both]}  # only the first workload has a truth
+    assert {name: title.splitlines()[1:] for name, title in titles.items()} == expected
+    assert sorted(titles) == sorted(p.name for p in (folder / "report").glob("*.png"))
+
+
+def test_a_long_list_of_models_wraps_between_labels():
+    labels = [f"mixture seed {seed}" for seed in range(12)]
+    title = report._figure_title("Reliability", {"demo test": labels}, width=60)
+    lines = title.splitlines()
+    assert lines[0] == "Reliability" and len(lines) > 3 and all(len(line) <= 60 for line in lines)
+    assert " ".join(lines[1:]) == "demo test: " + ", ".join(labels)  # every label whole, in order
 
 
 def write_npz(path, **arrays):

@@ -680,8 +680,7 @@ def paired_kl_difference(a: Scores, b: Scores, view: str = "mean", bins: int = D
     answer it: both models were measured on the same pairs, so their errors are correlated. Each
     resample here draws one set of pairs for both models, which cancels what the pairs share.
     """
-    if a.num_pairs != b.num_pairs or (a.metadata["data"], a.metadata["split"]) != (b.metadata["data"], b.metadata["split"]):
-        raise MinqrError(f"{a.source} and {b.source} do not score the same pairs (data, split and count must agree)")
+    _check_same_pairs(a, b)
     rows = [view_rows(s.chosen, check_view(view, s.num_quantiles, s.source)) for s in (a, b)]
     rows += [view_rows(s.rejected, view) for s in (a, b)]  # [P, K] each: a chosen, b chosen, a rejected, b rejected
 
@@ -690,3 +689,31 @@ def paired_kl_difference(a: Scores, b: Scores, view: str = "mean", bins: int = D
                 - histogram_kl(chosen_b.ravel(), rejected_b.ravel(), bins, eps))
 
     return bootstrap(difference, *rows, n_resamples=n_resamples, confidence=confidence, seed=seed, bounds=ANY_REAL)
+
+
+def paired_accuracy_difference(a: Scores, b: Scores, confidence: float = CONFIDENCE) -> dict:
+    """Pair accuracy of model a minus that of model b, scored on the same pairs, with its interval.
+
+    Accuracy is a mean over pairs of each pair's ranking credit (on the mean reward, as summarize
+    ranks), so the difference is the mean of the per-pair differences of credit, and its interval the
+    normal one of a paired mean, value ± z·sd/√P (the paired z-test's), with no resampling noise. The
+    pairs both models get right (or both wrong) add nothing to its width, which two separate Wilson
+    intervals cannot see. Returns {"value", "ci_low", "ci_high"}; no interval (None)
+    from a single pair, whose spread is unknown.
+    """
+    _check_same_pairs(a, b)
+    credit = [ranking_credit(s.chosen.astype(np.float64).mean(axis=1), s.rejected.astype(np.float64).mean(axis=1))
+              for s in (a, b)]
+    per_pair = credit[0] - credit[1]  # [P], each in {-1, -0.5, 0, 0.5, 1}
+    value = float(per_pair.mean())
+    if len(per_pair) < 2:
+        return {"value": value, "ci_low": None, "ci_high": None}
+    half = norm.ppf(0.5 + confidence / 2) * float(per_pair.std(ddof=1)) / math.sqrt(len(per_pair))
+    return {"value": value, "ci_low": max(-1.0, value - half), "ci_high": min(1.0, value + half)}
+
+
+def _check_same_pairs(a: Scores, b: Scores) -> None:
+    """A paired difference needs both models' scores on the same pairs (same data, split and count)."""
+    if (a.num_pairs, a.metadata["data"], a.metadata["split"]) != (b.num_pairs, b.metadata["data"],
+                                                                  b.metadata["split"]):
+        raise MinqrError(f"{a.source} and {b.source} do not score the same pairs (data, split and count must agree)")

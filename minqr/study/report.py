@@ -4,7 +4,9 @@
 
 writes into the folder:
 
-    report.md                  everything below, with one-line captions; open it first
+    report.md                  a summary (which model separates chosen from rejected more, per workload,
+                               and whether the paired difference is larger than its interval), then
+                               everything below, with one-line captions; open it first
     table1.md, table1.json     the paper's Table 1: rows workloads, columns models, cells the
                                histogram KL(chosen || rejected): plug-in -> bias-corrected [interval]
     measures.md                the other measures, a row per workload x model
@@ -12,6 +14,8 @@ writes into the folder:
     fig2_histograms_*.png      chosen vs rejected rewards with KDE curves, per model (paper Fig. 2)
     fig3_quantiles_*.png       the same for quantile 0 and quantile N-1 (paper Fig. 3)
     kl_vs_bins.png, reliability.png, accuracy_by_quantile.png, coverage.png (with a truth file)
+
+Every figure's title names its workloads and the labels of the models it draws.
 
 The folder is written as a whole (minqr.atomic.atomic_dir): a reader sees the previous report or
 the new one, never a mix. An existing folder is replaced only if it holds a report (report.md).
@@ -34,7 +38,8 @@ from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
 from minqr.options import option
 from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
-                                  paired_kl_difference, response_truth, spreads, summarize, view_rows)
+                                  paired_accuracy_difference, paired_kl_difference, response_truth, spreads,
+                                  summarize, view_rows)
 from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
@@ -128,14 +133,18 @@ def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Pa
     workloads = list(dict.fromkeys(s["workload"] for s in summaries))
     models = list(dict.fromkeys(s["label"] for s in summaries))
     table = table1(summaries, workloads, models)
-    table["differences"] = paired_differences(all_scores, summaries, workloads)
+    options = {k: summaries[0][k] for k in ("view", "bins", "eps", "n_resamples", "confidence", "seed")}
+    table["differences"] = paired_differences(all_scores, summaries, workloads,
+                                              lambda a, b: paired_kl_difference(a, b, **options))
+    accuracy_differences = paired_differences(all_scores, summaries, workloads,
+                                              lambda a, b: paired_accuracy_difference(a, b, options["confidence"]))
     with atomic_dir(out) as tmp:
         (tmp / "table1.json").write_text(json.dumps(_json_ready(table), indent=2) + "\n")
         (tmp / "table1.md").write_text(table1_markdown(table) + "\n")
         (tmp / "measures.md").write_text(measures_markdown(summaries) + "\n")
         (tmp / "summaries.json").write_text(json.dumps(_json_ready(summaries), indent=2) + "\n")
         figures = _draw_figures(tmp, all_scores, summaries, workloads)
-        (tmp / "report.md").write_text(_report_markdown(summaries, table, figures))
+        (tmp / "report.md").write_text(_report_markdown(summaries, table, accuracy_differences, figures))
     return out / "report.md"
 
 
@@ -152,10 +161,10 @@ def table1(summaries: list[dict], workloads: list[str], models: list[str]) -> di
             "n_resamples": first["n_resamples"], "workloads": workloads, "models": models, "cells": cells}
 
 
-def paired_differences(all_scores: list[Scores], summaries: list[dict], workloads: list[str]) -> list[dict]:
-    """Per workload, each model's histogram KL minus the first model's, where both scored the same
-    pairs (same data, split and count), with an interval from resampling the pairs jointly."""
-    options = {k: summaries[0][k] for k in ("view", "bins", "eps", "n_resamples", "confidence", "seed")}
+def paired_differences(all_scores: list[Scores], summaries: list[dict], workloads: list[str], compare) -> list[dict]:
+    """Per workload, each model against the first model, where both scored the same pairs (same data,
+    split and count): {"workload", "model", "reference", **compare(scores, reference scores)}, compare
+    being a paired difference with its interval (paired_kl_difference, paired_accuracy_difference)."""
     differences = []
     for workload in workloads:
         runs = [(scores, summary) for scores, summary in zip(all_scores, summaries)
@@ -166,7 +175,7 @@ def paired_differences(all_scores: list[Scores], summaries: list[dict], workload
                     reference.num_pairs, reference.metadata["data"], reference.metadata["split"]):
                 differences.append({"workload": workload, "model": summary["label"],
                                     "reference": reference_summary["label"],
-                                    **paired_kl_difference(scores, reference, **options)})
+                                    **compare(scores, reference)})
     return differences
 
 
@@ -366,9 +375,10 @@ def _draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str
     colors = {label: f"C{i}" for i, label in enumerate(models)}  # a model keeps its colour in every figure
     for number, (workload, runs) in enumerate(by_workload.items(), start=1):
         name = f"fig2_histograms_{number}_{_slug(workload)}.png"
-        _histogram_figure(out / name, [(summary["label"], view_rows(scores.chosen, view),
-                                        view_rows(scores.rejected, view), summary["histogram_kl"]["value"])
-                                       for scores, summary in runs], bins, f"reward ({view})")
+        _histogram_figure(out / name, f"Rewards of chosen and rejected responses (view {view})",
+                          _labels({workload: runs}),
+                          [(summary["label"], view_rows(scores.chosen, view), view_rows(scores.rejected, view),
+                            summary["histogram_kl"]["value"]) for scores, summary in runs], bins, f"reward ({view})")
         figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
                               "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
         quantile_runs = [(scores, summary) for scores, summary in runs if scores.num_quantiles > 1]
@@ -379,21 +389,22 @@ def _draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str
                 for k in (0, scores.num_quantiles - 1):
                     panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})", scores.chosen[:, k:k + 1],
                                    scores.rejected[:, k:k + 1], None))
-            _histogram_figure(out / name, panels, bins, "reward", columns=2)
+            _histogram_figure(out / name, "Lowest and highest quantile, chosen vs rejected",
+                              _labels({workload: quantile_runs}), panels, bins, "reward", columns=2)
             figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "
                                   "quantile model, chosen vs rejected (the paper's Figure 3)."))
-    panel_figures = (
-        ("kl_vs_bins.png", _plot_kl_vs_bins,
+    panel_figures = (  # file, title, what draws a panel, caption
+        ("kl_vs_bins.png", "Histogram KL against the number of bins", _plot_kl_vs_bins,
          "Histogram KL against the number of bins (log scale): how much of the value the bins make."),
-        ("reliability.png", _plot_reliability,
+        ("reliability.png", "Reliability of P(chosen preferred)", _plot_reliability,
          "Reliability of P(chosen preferred): σ(μc − μr) solid, the quantiles' P(Xc > Xr) dashed; "
          "on the diagonal is calibrated."),
-        ("accuracy_by_quantile.png", _plot_quantile_accuracy,
+        ("accuracy_by_quantile.png", "Pair accuracy when ranking by one quantile", _plot_quantile_accuracy,
          "Pair accuracy when ranking by quantile q_k alone, against τ_k (dotted: the mean's accuracy; "
          "a scalar model is a horizontal line)."),
     )
-    for name, plot, caption in panel_figures:
-        _panels_figure(out / name, by_workload, plot, colors)
+    for name, title, plot, caption in panel_figures:
+        _panels_figure(out / name, title, by_workload, plot, colors)
         figures.append((name, caption))
     with_truth = {w: [(scores, summary) for scores, summary in runs if _coverage(summary)]
                   for w, runs in by_workload.items()}
@@ -410,17 +421,44 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "workload"
 
 
-def _save(fig, path: Path) -> None:
+def _labels(by_workload: dict) -> dict[str, list[str]]:
+    """{workload: [(scores, summary), ...]} -> {workload: the labels of its models}."""
+    return {workload: [summary["label"] for _, summary in runs] for workload, runs in by_workload.items()}
+
+
+def _figure_title(what: str, models: dict[str, list[str]], width: int) -> str:
+    """`what` the figure shows, then a line per workload naming the models drawn for it, so that a
+    figure seen away from report.md (a slide, a chat) still says whose rewards on which data. A long
+    list of models wraps at `width` characters between labels, never inside one."""
+    lines = [what]
+    for workload, labels in models.items():
+        line = f"{workload}:"
+        for index, label in enumerate(labels):
+            item = label + ("," if index < len(labels) - 1 else "")
+            if len(line) + 1 + len(item) > width:
+                lines.append(line)
+                line = item
+            else:
+                line += " " + item
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _save(fig, path: Path, what: str, models: dict[str, list[str]]) -> None:
+    """Title the figure (_figure_title) and write it to `path`."""
     import matplotlib.pyplot as plt
 
+    fig.suptitle(_figure_title(what, models, width=int(fig.get_figwidth() * 12)), fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-def _histogram_figure(path: Path, panels, bins: int, xlabel: str, columns: int | None = None) -> None:
+def _histogram_figure(path: Path, what: str, models: dict, panels, bins: int, xlabel: str,
+                      columns: int | None = None) -> None:
     """One panel per (title, chosen rows, rejected rows, KL or None): two histograms on shared
-    edges (the pooled range, as the KL's) and a KDE curve for each."""
+    edges (the pooled range, as the KL's) and a KDE curve for each; the figure titled by `what` and
+    `models` (_figure_title)."""
     import matplotlib.pyplot as plt
     from scipy.stats import gaussian_kde
 
@@ -442,11 +480,11 @@ def _histogram_figure(path: Path, panels, bins: int, xlabel: str, columns: int |
         ax.legend(fontsize=8)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
-    _save(fig, path)
+    _save(fig, path, what, models)
 
 
-def _panels_figure(path: Path, by_workload: dict, plot, colors: dict) -> None:
-    """One panel per workload, drawn by plot(ax, runs, colors)."""
+def _panels_figure(path: Path, what: str, by_workload: dict, plot, colors: dict) -> None:
+    """One panel per workload, drawn by plot(ax, runs, colors); the figure titled by `what` and the models."""
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(by_workload), figsize=(5 * len(by_workload), 3.8), squeeze=False)
@@ -455,7 +493,7 @@ def _panels_figure(path: Path, by_workload: dict, plot, colors: dict) -> None:
         ax.set_title(workload, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, path)
+    _save(fig, path, what, _labels(by_workload))
 
 
 def _plot_kl_vs_bins(ax, runs, colors) -> None:
@@ -520,18 +558,88 @@ def _coverage_figure(path: Path, with_truth: dict, colors: dict) -> None:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    _save(fig, path)
+    _save(fig, path, "Against the known truth: coverage and spread", _labels(with_truth))
 
 
 # --- report.md --------------------------------------------------------------------------------
 
-def _report_markdown(summaries: list[dict], table: dict, figures: list[tuple[str, str]]) -> str:
+def summary_markdown(summaries: list[dict], kl_differences: list[dict], accuracy_differences: list[dict]) -> list[str]:
+    """The lines that open report.md, a bullet per comparison: on each workload, each model against the
+    first on the same pairs (paired_differences), which separates chosen from rejected more by pair
+    accuracy and by the paper's histogram KL, and whether the difference is larger than its interval;
+    a model compared with none (alone on its workload, or on other pairs), its accuracy."""
+    first = summaries[0]
+    kl_measure = "histogram KL (bias-corrected)" if first["n_resamples"] else "histogram KL"
+    lines = ["## Summary", ""]
+    if accuracy_differences:
+        lines += [f"Where models scored the same pairs, each against the first: which separates chosen from rejected "
+                  f"more, by pair accuracy and by the paper's {kl_measure}, and whether the paired difference is "
+                  f"larger than its {first['confidence']:.0%} interval (the interval excludes 0; for accuracy the "
+                  "normal interval of the mean of the per-pair differences, for the KL the paired bootstrap of "
+                  "Table 1).", ""]
+    kl_differences = {(d["workload"], d["model"]): d for d in kl_differences}
+    for workload in dict.fromkeys(s["workload"] for s in summaries):
+        runs = {s["label"]: s for s in summaries if s["workload"] == workload}
+        reference = next(iter(runs))
+        compared = [d for d in accuracy_differences if d["workload"] == workload]
+        for accuracy in compared:
+            model = runs[accuracy["model"]]
+            lines.append(f"- {workload}, {model['label']} against {reference} ({model['num_pairs']:,} pairs): "
+                         + _comparison("pair accuracy", accuracy, model["accuracy"], runs[reference]["accuracy"])
+                         + " " + _comparison(kl_measure, kl_differences[(workload, model["label"])],
+                                             model["histogram_kl"], runs[reference]["histogram_kl"]))
+        paired = {reference, *(d["model"] for d in compared)} if compared else set()
+        lines += [_accuracy_line(summary, reference) for label, summary in runs.items() if label not in paired]
+    return lines + [""]
+
+
+def _comparison(measure: str, difference: dict, model: dict, reference: dict) -> str:
+    """One sentence: which of two models separates chosen from rejected more by `measure` (the sign of
+    their paired difference), their values, and whether the difference's interval excludes 0."""
+    estimate = _point(difference)
+    ordered = [(difference["model"], _number(_point(model))), (difference["reference"], _number(_point(reference)))]
+    (first, first_value), (second, second_value) = ordered if estimate >= 0 else ordered[::-1]
+    values = f"({first_value} vs {second_value})"
+    if estimate == 0:
+        lead = f"By {measure}, {first} and {second} separate chosen from rejected equally {values}"
+    else:
+        lead = f"By {measure}, {first} separates chosen from rejected more than {second} {values}"
+    change = f"{difference['model']} − {difference['reference']} = {_number(estimate)}"
+    if difference["ci_low"] is None:
+        return f"{lead}; the paired difference {change} has no interval to judge it by."
+    change += f" [{_number(difference['ci_low'])}, {_number(difference['ci_high'])}]"
+    if difference["ci_low"] > 0 or difference["ci_high"] < 0:
+        return f"{lead}, and the paired difference {change} is larger than its uncertainty (the interval excludes 0)."
+    return (f"{lead}, but the paired difference {change} is not larger than its uncertainty (the interval holds 0): "
+            "these pairs cannot tell the two apart.")
+
+
+def _accuracy_line(summary: dict, reference: str) -> str:
+    """A summary bullet for a model compared with none: its accuracy, and the best possible one where known."""
+    line = (f"- {summary['workload']}, {summary['label']} ({summary['num_pairs']:,} pairs): pair accuracy "
+            f"{_with_interval(summary['accuracy'])} ({summary['confidence']:.0%} Wilson interval)")
+    if summary["bayes"]:
+        line += f", against {summary['bayes']['accuracy']:.3f} for the Bayes-optimal model"
+    if summary["label"] != reference:
+        line += f"; not compared with {reference}, which scored other pairs"
+    return line + "."
+
+
+def _point(estimate: dict) -> float:
+    """The estimate an interval is about: the bias-corrected one where there is one, else the value."""
+    return estimate["value"] if estimate.get("corrected") is None else estimate["corrected"]
+
+
+def _report_markdown(summaries: list[dict], table: dict, accuracy_differences: list[dict],
+                     figures: list[tuple[str, str]]) -> str:
     first = summaries[0]
     intervals = (f"bias-corrected estimates with {first['confidence']:.0%} bootstrap intervals from "
                  f"{first['n_resamples']} resamples of the pairs (seed {first['seed']})" if first["n_resamples"]
                  else "no bootstrap (plug-in values only)")
     lines = [
         "# minqr analysis report", "",
+        *summary_markdown(summaries, table["differences"], accuracy_differences),
+        "## How it was measured", "",
         f"minqr {__version__}. View `{first['view']}`; histogram measures on {first['bins']} equal-width bins over "
         f"the pooled range, eps={first['eps']:g} added to every bin's count; {intervals}; accuracy with a Wilson "
         "interval.", "",
