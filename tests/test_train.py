@@ -590,3 +590,41 @@ def test_grad_checkpoint_trains_the_same_weights_with_less_saved_for_backward(tm
         return total
     plain, checkpointed = saved_bytes(False), saved_bytes(True)
     assert checkpointed < 0.7 * plain, (checkpointed, plain)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_training_a_llama_family_backbone(tmp_path, model_type):
+    """tools/train.py --model takes a Llama-family folder: the run's saved model loads in transformers
+    as its *ForSequenceClassification with minqr's outputs; checkpointing gives the same weights."""
+    from factories import random_hf_llama
+
+    inputs = write_run_inputs(tmp_path / "inputs")
+    eos = load_tokenizer(inputs["tokenizer"]).eos_id
+    random_hf_llama(model_type, max_position_embeddings=128, num_key_value_heads=2, eos_token_id=eos,
+                    pad_token_id=eos, bos_token_id=eos).save_pretrained(tmp_path / "llama")
+    options = tiny_options({**inputs, "model": str(tmp_path / "llama")}, tmp_path / "run", max_steps=3)
+    result = CliRunner().invoke(load_cli(), as_argv(options))
+    assert result.exit_code == 0, result.output
+    assert f"{model_type} of 0.0M parameters" in result.output
+    result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "again"), "grad_checkpoint": True}))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
+
+    import transformers
+    tokenizer = load_tokenizer(inputs["tokenizer"])
+    texts = [QUESTIONS[0] + LIKED[0], QUESTIONS[1], DISLIKED[2]]
+    tokens = tokenizer.encode_batch(texts)
+    ids = torch.full((len(tokens), max(map(len, tokens))), eos)
+    mask = torch.zeros_like(ids)
+    for row, t in enumerate(tokens):
+        ids[row, : len(t)], mask[row, : len(t)] = torch.tensor(t), 1
+    with torch.no_grad():
+        ours = RewardModel.from_pretrained(tmp_path / "run")(ids, mask)
+        hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").eval()
+        theirs = hf(ids, attention_mask=mask).logits
+    assert type(hf).__name__.endswith("ForSequenceClassification") and ours.shape == theirs.shape == (3, 20)
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+
+    result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))
+    assert result.exit_code == 1
+    assert result.output == f"Error: dropout 0.1: minqr's {model_type} backbone has no dropout; leave it out\n"

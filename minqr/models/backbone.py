@@ -10,7 +10,7 @@ from pathlib import Path
 
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
-from minqr.models.hf_folder import load_model, read_config
+from minqr.models.hf_folder import load_gpt2, load_model, read_config
 from minqr.models.llama import Llama, LlamaConfig
 
 # model_type -> (minqr's module, its config, the start of transformers' class names: GPT2Model,
@@ -23,11 +23,17 @@ FAMILIES = {
 }
 
 
-def load_backbone(path, dtype=None, device=None):
+def load_backbone(path, dtype=None, device=None, dropout: float | None = None):
     """The backbone in the Hugging Face folder `path`, in eval mode: GPT2 or Llama, by the model_type
-    of its config.json. `dtype=None` keeps the dtype stored in the file."""
+    of its config.json. `dtype=None` keeps the dtype stored in the file. `dropout` sets GPT-2's
+    dropout probabilities (None keeps the config's); minqr's Llama has no dropout, as the released
+    Llama-family models train without."""
     config = read_config(path)
     model_class, config_class, _ = family(config, path)
+    if model_class is GPT2:
+        return load_gpt2(path, dtype, device, dropout)
+    if dropout:
+        raise MinqrError(f"dropout {dropout}: minqr's {config['model_type']} backbone has no dropout; leave it out")
     return load_model(path, model_class, config_class.from_dict(config), dtype, device)
 
 

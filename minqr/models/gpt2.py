@@ -96,6 +96,11 @@ class GPT2Config:
         """The width of the hidden states, under the name the Llama family's config has for it."""
         return self.n_embd
 
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model has positions for (every backbone's config says it)."""
+        return self.n_positions
+
     @classmethod
     def preset(cls, name: str, **overrides) -> "GPT2Config":
         """The config of a released GPT-2 size: "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"."""
@@ -270,6 +275,11 @@ class GPT2(nn.Module):
             else:
                 x = block(x, mask)
         return self.ln_f(x)
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, under a name every backbone has (FSDP shards one unit per block)."""
+        return self.h
 
     def lm_logits(self, hidden):
         """Hidden states `[..., n_embd]` -> next-token logits `[..., vocab_size]` (tied to wte)."""

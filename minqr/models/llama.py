@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import attend, attention_mask_4d, default_position_ids
@@ -105,6 +106,11 @@ class LlamaConfig:
                 problems.append("rope_scaling's low_freq_factor must be below its high_freq_factor")
         if problems:
             raise MinqrError(f"invalid {self.model_type} config: " + "; ".join(problems))
+
+    @property
+    def max_positions(self) -> int:
+        """The longest sequence the model was trained for (as GPT2Config.max_positions)."""
+        return self.max_position_embeddings
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -265,6 +271,11 @@ class Llama(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False  # as GPT2's: recompute each block in the backward
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):
         """Token ids `[B, T]` -> hidden states `[B, T, hidden_size]` after the final norm."""
@@ -281,5 +292,8 @@ class Llama(nn.Module):
         angles = torch.cat((angles, angles), dim=-1).unsqueeze(-3)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)

@@ -52,7 +52,7 @@ def score_tokenized(model: RewardModel, tokenized: TokenizedPairs, batch_size: i
     if batch_size < 1:
         raise MinqrError(f"batch_size must be at least 1 (got {batch_size})")
     longest = int(tokenized.row_widths(shared_prefix=False).max(initial=0))
-    positions = model.transformer.config.n_positions
+    positions = model.transformer.config.max_positions
     if longest > positions:
         raise MinqrError(f"a text of {longest} tokens is longer than the model's {positions} positions: "
                          f"tokenise with max_length at most {positions}")
@@ -225,7 +225,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
         mean, std = reward_normalization(reward_model, folder)
-    positions = reward_model.transformer.config.n_positions
+    positions = reward_model.transformer.config.max_positions
     max_length = options.max_length
     if max_length is None:
         max_length = min(training_args(folder).get("max_length", positions), positions)

@@ -95,7 +95,7 @@ def shard_model(model) -> None:
     root. The training and evaluation enter the model through `pair_loss`, not `forward`, so that
     method is registered to gather the root's parameters (embeddings, final norm, head) as forward
     does."""
-    for block in model.transformer.h:
+    for block in model.transformer.blocks:
         fully_shard(block)
     fully_shard(model)
     register_fsdp_forward_method(model, "pair_loss")

@@ -36,7 +36,7 @@ from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.gpt2 import GPT2
-from minqr.models.hf_folder import load_gpt2
+from minqr.models.backbone import load_backbone
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
@@ -136,13 +136,16 @@ class _Run:
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
-        model = RewardModel(load_gpt2(self.model_path, dropout=config.dropout), config.head_config())
+        model = RewardModel(load_backbone(self.model_path, dropout=config.dropout), config.head_config())
         model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
             model.add_response_bag()
-        if config.max_length > model.transformer.config.n_positions:
+        if config.max_length > model.transformer.config.max_positions:
             raise MinqrError(f"--max-length {config.max_length} is more than the model's "
-                             f"{model.transformer.config.n_positions} positions: lower it")
+                             f"{model.transformer.config.max_positions} positions: lower it")
+        if config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
+            raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
+                             f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
 
         self.train_pairs = self._load_data(train_file, "train")
         self.eval_pairs = self._load_data(eval_file, "test") if eval_file is not None else None
@@ -230,12 +233,13 @@ class _Run:
         """One line of what the run will cost, printed before it starts."""
         config, head = self.config, model.head_config
         backbone = sum(p.numel() for p in model.transformer.parameters())
+        name = "GPT-2" if isinstance(model.transformer, GPT2) else model.transformer.config.model_type
         bag = "" if model.response_bag is None else (
             f" + {sum(p.numel() for p in model.response_bag.parameters()) / 1e6:.1f}M of the response-bag layer "
             "(training only)")
         return (f"plan: {self.total_steps:,} steps of {config.batch_size} pairs "
                 f"({self.total_steps * config.batch_size / len(self.train_pairs):.2f} epochs of "
-                f"{len(self.train_pairs):,} pairs); GPT-2 of {backbone / 1e6:.1f}M parameters{bag}; head of "
+                f"{len(self.train_pairs):,} pairs); {name} of {backbone / 1e6:.1f}M parameters{bag}; head of "
                 f"{head.num_quantiles} outputs trained by {head.objective}; on {self.procs.device} "
                 f"x {self.procs.world_size} process{'es' if self.procs.world_size > 1 else ''}")
 
@@ -485,7 +489,8 @@ class _Run:
         if not self.procs.is_main:
             return None
         with torch.device("meta"):  # no memory, no init: the gathered tensors become the weights
-            whole = RewardModel(GPT2(self.model.transformer.config), self.model.head_config)
+            backbone = self.model.transformer
+            whole = RewardModel(type(backbone)(backbone.config), self.model.head_config)
             if self.model.response_bag is not None:
                 whole.add_response_bag()
         whole.load_state_dict(state, assign=True)
