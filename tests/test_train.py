@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
 from test_data import SURROGATE_LINE, surrogate_error
 
@@ -628,3 +629,21 @@ def test_training_a_llama_family_backbone(tmp_path, model_type):
     result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))
     assert result.exit_code == 1
     assert result.output == f"Error: dropout 0.1: minqr's {model_type} backbone has no dropout; leave it out\n"
+
+
+def test_bfloat16_parameters(inputs, tmp_path):
+    """--param-dtype bfloat16 keeps the weights, gradients and AdamW's moments in bfloat16 (half the
+    memory); the first step's loss is the float32 run's to bfloat16 rounding, and the saved model is
+    bfloat16."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        train(TrainConfig(**tiny_options(inputs, out, max_steps=2, param_dtype=dtype)), progress=False)
+        runs[dtype] = read_metrics(out / "metrics.jsonl")[0]["loss"]
+        state = torch.load(out / "checkpoint" / "state.pt", weights_only=True)
+        moments = [s["exp_avg"] for s in state["optimizer"]["state"].values()]
+        assert {m.dtype for m in moments} == {getattr(torch, dtype)}
+        weights = load_file(out / "model.safetensors")
+        assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}
+    assert runs["bfloat16"] == pytest.approx(runs["float32"], rel=2e-2)
+    assert runs["bfloat16"] != runs["float32"]  # it did compute in bfloat16

@@ -107,6 +107,10 @@ class TrainConfig:
     fsdp: bool = option(False, "under torchrun, shard the parameters, gradients and AdamW state over the processes "
                         "(PyTorch's FSDP2, one unit per transformer block) instead of copying them into each "
                         "(DDP): for models that do not fit one device; its checkpoint is written in shards")
+    param_dtype: str = option("float32", "precision the weights, their gradients and AdamW's moments are kept in: "
+                              "bfloat16 halves that memory (8 bytes a parameter instead of 16) but rounds away "
+                              "updates smaller than about 1/256 of a weight; the objectives still compute in "
+                              "float32", ("float32", "bfloat16"))
     compile: bool = option(False, "torch.compile the backbone (faster steps after a slow first one)")
     resume: bool = option(False, "continue the run in --out from its checkpoint/: give the same "
                           "options as the first time, plus --resume", in_file=False)

@@ -157,7 +157,7 @@ class _Run:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
-        self.model = model.to(procs.device).train()
+        self.model = model.to(procs.device, getattr(torch, config.param_dtype)).train()
         if config.fsdp:
             shard_model(self.model)  # before the optimizer, which must hold the sharded parameters
         self.optimizer = make_optimizer(self.model, config, procs.device)
