@@ -4,9 +4,10 @@ reads, rendered with the model's own Jinja template, the `chat_template` of its 
 `ChatTemplate.render` gives the string that transformers' `tokenizer.apply_chat_template(messages,
 tokenize=False)` gives: the template runs in a sandboxed Jinja environment set up as transformers
 sets it up (blocks trimmed, loop controls, a `tojson` filter that keeps non-ASCII text, and the
-globals `raise_exception` and `strftime_now`), with the variables transformers passes: `messages`,
-`add_generation_prompt`, `tools` and `documents` (None: minqr passes none), and the tokenizer's
-special tokens by name (`bos_token`, `eos_token`, ...). Tokens such as Llama 3's
+globals `raise_exception` and `strftime_now`; `dict` and `namespace` are Jinja's own, which
+transformers 5 wraps in narrower versions for extra safety), with the variables transformers passes:
+`messages`, `add_generation_prompt`, `tools` and `documents` (None: minqr passes none), and the
+tokenizer's special tokens by name (`bos_token`, `eos_token`, ...). Tokens such as Llama 3's
 `<|begin_of_text|>` are in the text only when the template writes them; minqr's tokenizer adds
 nothing (minqr/models/tokenizer.py), which is what transformers does when it tokenises a rendered
 conversation.
