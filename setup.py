@@ -68,6 +68,7 @@ setup(
         "torch>=2.4",  # never pulls a new torch where 2.13.0 (or your own build) is installed
         "numpy",
         "tokenizers",
+        "jinja2",  # chat templates (minqr/data/chat.py); torch brings it already
         "safetensors",
         "scipy",
         "click",  # minqr_cli only: the library never imports it

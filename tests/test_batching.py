@@ -215,6 +215,7 @@ class SkipSpaces:
     """A tokenizer that drops white space, so a non-empty text can tokenise to nothing."""
 
     eos_id = 0
+    chat_template = None  # the texts as they are
 
     def encode_batch_marked(self, texts, marks):
         return [[ord(ch) for ch in text if not ch.isspace()] for text in texts], [0] * len(texts)

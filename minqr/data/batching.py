@@ -28,6 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from minqr.data.chat import render_pair
 from minqr.data.pairs import check_encodable, check_margins
 from minqr.errors import MinqrError
 
@@ -225,11 +226,11 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
     check_margins(pairs, "the pairs to tokenise")
-    texts = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    chosen, rejected = zip(*(render_pair(pair, tokenizer.chat_template) for pair in pairs))
+    texts, marks = map(list, zip(*chosen, *rejected))
     for k, text in enumerate(texts):  # the readers check this; pairs made by hand may not be
         pair = pairs[k % len(pairs)]
         check_encodable(text, f"{pair.origin}: the {'chosen' if k < len(pairs) else 'rejected'} text")
-    marks = [p.response_start("chosen") for p in pairs] + [p.response_start("rejected") for p in pairs]
     ids, starts = tokenizer.encode_batch_marked(texts, marks)
     num_truncated = 0
     for i, pair in enumerate(pairs):
@@ -243,7 +244,7 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
         ids[k], starts[k] = tokens[cut:], max(starts[k] - cut, 0)
     num = len(pairs)
     margins = [pair.pair_margin for pair in pairs]
-    return TokenizedPairs(ids[:num], ids[num:], tokenizer.eos_id, max_length, num_truncated,
+    return TokenizedPairs(ids[:num], ids[num:], tokenizer.pad_id, max_length, num_truncated,
                           starts[:num], starts[num:], None if None in margins else margins)
 
 

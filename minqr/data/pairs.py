@@ -22,6 +22,8 @@ Every format gives records with the same fields, in the layouts of TRL's prefere
   Each of the three is a string or a list of {"role", "content"} messages; a message list is
   rendered in the HH style ("user" -> "\n\nHuman: ...", "assistant" -> "\n\nAssistant: ..."), and a
   pair's texts are prompt + response, so that one conversation given either way is the same Pair.
+  A pair given as message lists throughout also keeps its messages (`Pair.conversation`): a
+  tokenizer with a chat template renders those instead of the HH text (minqr/data/chat.py).
   - an optional `margin`, a number: how much the chosen response should beat the rejected one by,
     as in TRL (-log sigma(r_c - r_r - margin)) and OpenRLHF. In code it is the PAIR margin, not to
     be confused with the `paper` objective's hyper-parameter `margin`. Either every pair of a source
@@ -38,7 +40,7 @@ import gzip
 import json
 import sys
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from minqr import hub
@@ -56,8 +58,24 @@ SKIP_HINT = "Fix the line, or pass skip_bad=True (--skip-bad) to skip bad lines 
 
 
 @dataclass(frozen=True)
+class Conversation:
+    """A pair given as message lists: each side's whole conversation, prompt then response."""
+
+    chosen: tuple  # of {"role", "content"} dicts
+    rejected: tuple
+    # messages of the prompt that both sides start with (an explicit prompt, or TRL's implicit one:
+    # all but the final message); None when the histories differ, and each side's response is its
+    # final message
+    prompt_turns: int | None
+
+    def response_turn(self, side: str) -> int:
+        """The index of the `side` conversation's first response message."""
+        return self.prompt_turns if self.prompt_turns is not None else len(getattr(self, side)) - 1
+
+
+@dataclass(frozen=True)
 class Pair:
-    chosen: str  # the full text the model reads: dialogue + chosen response
+    chosen: str  # the full text: dialogue + chosen response (message lists in the HH style)
     rejected: str
     origin: str  # "FILE:LINE", for messages about this pair
     # characters of the separate prompt that both texts start with (the prompt/chosen/rejected
@@ -65,6 +83,10 @@ class Pair:
     prompt_length: int | None = None
     # the data's `margin` (TRL's): the pairwise term is -log sigma(r_c - r_r - pair_margin); None: none
     pair_margin: float | None = None
+    # the messages, when the data gave the pair as message lists throughout: what a chat template
+    # renders instead of the texts above (minqr/data/chat.py). Pairs compare by their texts, as
+    # before conversations were kept: the messages are the same content, structured.
+    conversation: Conversation | None = field(default=None, compare=False)
 
     def response_start(self, side: str) -> int:
         """Where the `side` ("chosen" or "rejected") text's final response starts, in characters:
@@ -188,7 +210,10 @@ def render(value) -> str:
     """A prompt or response, string or list of {"role", "content"} messages, as HH-style text."""
     if isinstance(value, str):
         return value
-    return "".join(f"\n\n{SPEAKERS[m['role']]}: {m['content']}" for m in value)
+    # HH-RLHF has no system turn: a system message (only ever the first) is the text before the
+    # first "\n\nHuman:", as Anthropic's completion format placed it
+    return "".join(m["content"] if m["role"] == "system" else f"\n\n{SPEAKERS[m['role']]}: {m['content']}"
+                   for m in value)
 
 
 def _json_lines(path: Path):
@@ -225,24 +250,30 @@ def _parse_line(raw: bytes, origin: str) -> dict:
 def _pair_from_record(record: dict, origin: str) -> Pair:
     """The Pair of one record, whatever the format it came from (module docstring: the layouts)."""
     prompt = record.get("prompt")
-    prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True)
-    chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin)
-    rejected = _checked_text(record.get("rejected", _MISSING), "rejected", origin)
+    prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
+    chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin, opens=prompt is None)
+    rejected = _checked_text(record.get("rejected", _MISSING), "rejected", origin, opens=prompt is None)
     pair_margin = _checked_margin(record.get("margin"), origin)
+    conversation = _conversation(record.get("prompt"), record["chosen"], record["rejected"])
     if prompt is None:
-        prompt_length = _shared_messages_length(record["chosen"], record["rejected"])
-        return Pair(chosen, rejected, origin, prompt_length=prompt_length, pair_margin=pair_margin)
-    return Pair(prompt + chosen, prompt + rejected, origin, prompt_length=len(prompt), pair_margin=pair_margin)
+        # TRL's implicit prompt, in conversations that share all but their final message: the
+        # characters of the shared messages rendered (so the pair equals the one with that prompt
+        # given explicitly). Anything else has its response after the last assistant turn
+        # (Pair.response_start).
+        shared = None if conversation is None else conversation.prompt_turns
+        prompt_length = None if shared is None else len(render(record["chosen"][:shared]))
+        return Pair(chosen, rejected, origin, prompt_length, pair_margin, conversation)
+    return Pair(prompt + chosen, prompt + rejected, origin, len(prompt), pair_margin, conversation)
 
 
-def _shared_messages_length(chosen, rejected) -> int | None:
-    """TRL's implicit prompt in conversations: chosen and rejected are message lists that share all
-    but their final message, the response; the characters of the rendered shared messages, the
-    prompt (so the pair equals the one with that prompt given explicitly). None for anything else,
-    whose response follows the last assistant turn (Pair.response_start)."""
-    if isinstance(chosen, list) and isinstance(rejected, list) and chosen[:-1] == rejected[:-1]:
-        return len(render(chosen[:-1]))
-    return None
+def _conversation(prompt, chosen, rejected) -> Conversation | None:
+    """The pair as message lists, when the record gives it so throughout (no string anywhere)."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and isinstance(prompt, (list, type(None)))):
+        return None
+    if prompt is not None:
+        return Conversation(tuple(prompt + chosen), tuple(prompt + rejected), len(prompt))
+    shared = len(chosen) - 1 if chosen[:-1] == rejected[:-1] else None
+    return Conversation(tuple(chosen), tuple(rejected), shared)
 
 
 def _checked_margin(value, origin: str) -> float | None:
@@ -266,15 +297,20 @@ def check_margins(pairs: list, source: str) -> None:
                          "(0 for none), or none")
 
 
-def _checked_text(value, field: str, origin: str, allow_empty: bool = False) -> str:
+def _checked_text(value, field: str, origin: str, allow_empty: bool = False, opens: bool = False) -> str:
+    """The text of a field; a message list's roles are checked: a system message may open the
+    conversation (`opens`: the prompt, or a whole dialogue) and is never the response itself."""
     if value is _MISSING:
         raise MinqrError(f"{origin}: missing field {field!r}")
     if isinstance(value, list):
-        for message in value:
+        for k, message in enumerate(value):
+            role = message.get("role") if isinstance(message, dict) else None
+            opening = role == "system" and opens and k == 0 and (field == "prompt" or len(value) > 1)
             if not (isinstance(message, dict) and isinstance(message.get("content"), str)
-                    and isinstance(message.get("role"), str) and message["role"] in SPEAKERS):
-                raise MinqrError(f"{origin}: field {field!r} holds a message that is not "
-                                 f"{{\"role\": one of {sorted(SPEAKERS)}, \"content\": a string}}: {message!r:.80}")
+                    and isinstance(role, str) and (role in SPEAKERS or opening)):
+                raise MinqrError(f"{origin}: field {field!r} holds a message that is not {{\"role\": one of "
+                                 f"{sorted(SPEAKERS)} (or \"system\", first, before the conversation), "
+                                 f"\"content\": a string}}: {message!r:.80}")
     elif not isinstance(value, str):
         raise MinqrError(f"{origin}: field {field!r} must be a string or a list of "
                          f"{{role, content}} messages, not {type(value).__name__}")

@@ -1,0 +1,258 @@
+"""Tokenizers beyond GPT-2 and chat templates: minqr's rendering and token ids against transformers'
+`apply_chat_template` and tokenizer, on tiny tokenizer folders that carry the templates of Llama 3,
+Qwen2 (ChatML), Mistral-instruct and Zephyr; the response starts and shared prefixes of rendered
+pairs; what a refusing template, a missing EOS and HH-style strings give."""
+import json
+
+import pytest
+import transformers
+from factories import SENTENCES
+from test_data import write_records
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from minqr import MinqrError, load_tokenizer
+from minqr.data.batching import tokenize_pairs
+from minqr.data.pairs import read_pairs_file
+
+LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+          "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
+          "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+          "{% endif %}")
+CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+          "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+          "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+           "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+           "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+           "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+           "{{ message['content'] + eos_token }}{% else %}{{ raise_exception('Only user and assistant roles are "
+           "supported!') }}{% endif %}{% endfor %}")
+ZEPHYR = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] "
+          "+ eos_token }}\n{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + "
+          "eos_token }}"
+          "\n{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n"
+          "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
+
+ADDED = {"__type": "AddedToken", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+         "special": True}
+# style: (template, tokenizer_config.json's special tokens, SentencePiece-like (Metaspace) or byte-level BPE)
+STYLES = {
+    "llama3": (LLAMA3, {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>", **ADDED}},
+               False),
+    "chatml": (CHATML, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, False),
+    "mistral": (MISTRAL, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, True),
+    "zephyr": (ZEPHYR, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}, True),
+}
+SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
+           "<|im_end|>", "<|endoftext|>", "<s>", "</s>", "<unk>", "<|user|>", "<|system|>", "<|assistant|>"]
+
+
+def message(role, content):
+    return {"role": role, "content": content}
+
+
+SYSTEM = message("system", "You answer in one word.")
+TURNS = [message("user", "What colour is the sky?"), message("assistant", "Blue."),
+         message("user", "And grass, naïve café?"), message("assistant", "Green 🙂")]
+CONVERSATIONS = {"one turn": TURNS[:2], "multi-turn": TURNS, "system": [SYSTEM, *TURNS[:2]],
+                 "prompt only": TURNS[:3]}
+
+
+def write_chat_tokenizer(folder, style):
+    """A tiny tokenizer folder: tokenizer.json (trained here) and a tokenizer_config.json with the
+    style's chat template and special tokens, as transformers' PreTrainedTokenizerFast loads it."""
+    template, tokens, sentencepiece = STYLES[style]
+    texts = SENTENCES + [m["content"] for m in TURNS + [SYSTEM]] + [
+        "You are a helpful assistant. [INST] [/INST] Red, as grass is. Blue 1. Blue 3."]
+    backend = Tokenizer(models.BPE())
+    if sentencepiece:
+        backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        alphabet = sorted(set("".join(texts)) | {"▁"})
+    else:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        backend.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    backend.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet,
+                                                           show_progress=False))
+    backend.add_special_tokens([AddedToken(token, special=True, normalized=False) for token in SPECIAL])
+    folder.mkdir(parents=True, exist_ok=True)
+    backend.save(str(folder / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **tokens}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(params=STYLES)
+def style(request):
+    return request.param
+
+
+@pytest.fixture
+def folders(tmp_path, style):
+    """(minqr's tokenizer, transformers' tokenizer) of the same folder."""
+    folder = write_chat_tokenizer(tmp_path / style, style)
+    return load_tokenizer(folder), transformers.AutoTokenizer.from_pretrained(folder)
+
+
+def refuses(style, conversation):
+    # Mistral-instruct has no system turn and wants user/assistant to alternate
+    return style == "mistral" and conversation[0]["role"] == "system"
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [False, True])
+def test_rendering_equals_transformers(folders, style, name, add_generation_prompt):
+    ours, hf = folders
+    conversation = CONVERSATIONS[name]
+    if refuses(style, conversation):
+        with pytest.raises(Exception, match="roles must alternate"):
+            ours.chat_template.render(conversation)
+        return
+    text = ours.chat_template.render(conversation, add_generation_prompt)
+    assert text == hf.apply_chat_template(conversation, tokenize=False, add_generation_prompt=add_generation_prompt)
+    assert ours.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+
+
+LAYOUTS = {
+    "explicit": [{"prompt": TURNS[:k], "chosen": [message("assistant", f"Blue {k}.")],
+                  "rejected": [message("assistant", "Red, as grass is.")]} for k in (1, 3)],
+    "implicit": [{"chosen": TURNS[:k] + [message("assistant", f"Blue {k}.")],
+                  "rejected": TURNS[:k] + [message("assistant", "Red, as grass is.")]} for k in (1, 3)],
+    "system": [{"prompt": [SYSTEM, TURNS[0]], "chosen": [TURNS[1]], "rejected": [message("assistant", "Red.")]}],
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_pairs_tokenise_as_transformers_renders_them(tmp_path, folders, style, layout):
+    """A conversational pair's token ids are transformers' tokens of its rendered conversations;
+    the response starts where the conversation leaves its prompt (+ the assistant's header), and the
+    shared token prefix covers the rendered prompt."""
+    ours, hf = folders
+    records = LAYOUTS[layout]
+    if refuses(style, records[0].get("prompt") or records[0]["chosen"]):
+        return
+    pairs, _ = read_pairs_file(write_records(tmp_path / "pairs.jsonl", records))
+    tokenized = tokenize_pairs(pairs, ours, max_length=1000)
+    for i, record in enumerate(records):
+        prompt = record.get("prompt") or record["chosen"][:-1]
+        prompt_text = hf.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        for side, ids, start in (("chosen", tokenized.chosen[i], tokenized.chosen_response[i]),
+                                 ("rejected", tokenized.rejected[i], tokenized.rejected_response[i])):
+            conversation = record.get("prompt", []) + record[side]
+            text = hf.apply_chat_template(conversation, tokenize=False)
+            assert ids == hf(text, add_special_tokens=False)["input_ids"]
+            response = text[len(prompt_text):] if text.startswith(prompt_text) else None
+            if response is not None:  # Mistral's template ignores add_generation_prompt: the same
+                assert hf.decode(ids[start:]) == response
+            assert conversation[-1]["content"] in hf.decode(ids[start:])
+        prompt_ids = hf(hf.apply_chat_template(prompt, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert tokenized.prefix_lengths()[i] >= len(prompt_ids)
+        assert tokenized.chosen[i][: len(prompt_ids)] == tokenized.rejected[i][: len(prompt_ids)] == prompt_ids
+
+
+def test_hh_strings_stay_as_they_are(tmp_path, folders):
+    """Strings are used as they are, and so are pairs that mix strings with messages: the template
+    renders message lists only; no BOS is added."""
+    ours, hf = folders
+    records = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."},
+               {"prompt": "\n\nHuman: Hi", "chosen": [message("assistant", "Hello.")],
+                "rejected": [message("assistant", "Go.")]}]
+    pairs, _ = read_pairs_file(write_records(tmp_path / "hh.jsonl", records))
+    tokenized = tokenize_pairs(pairs, ours, max_length=1000)
+    texts = ["\n\nHuman: Hi\n\nAssistant: Hello.", "\n\nHuman: Hi\n\nAssistant: Hello."]
+    assert tokenized.chosen == hf(texts, add_special_tokens=False)["input_ids"] == ours.encode_batch(texts)
+    # after the last assistant turn; after the explicit prompt (SentencePiece decoding drops a leading space)
+    assert [ours.decode(ids[start:]).strip() for ids, start in zip(tokenized.chosen, tokenized.chosen_response)] == [
+        "Hello.", "Assistant: Hello."]
+
+
+def test_a_system_message_opens_the_hh_text(tmp_path):
+    # the HH style has no system turn: its text comes before the first "\n\nHuman:"
+    (pair,), _ = read_pairs_file(write_records(tmp_path / "system.jsonl", LAYOUTS["system"]))
+    assert (pair.chosen, pair.rejected) == (
+        "You answer in one word.\n\nHuman: What colour is the sky?\n\nAssistant: Blue.",
+        "You answer in one word.\n\nHuman: What colour is the sky?\n\nAssistant: Red.")
+    late = {"prompt": [TURNS[0], SYSTEM], "chosen": [TURNS[1]], "rejected": [message("assistant", "Red.")]}
+    with pytest.raises(MinqrError, match="field 'prompt' holds a message that is not"):
+        read_pairs_file(write_records(tmp_path / "late.jsonl", [late]))
+
+
+def test_a_refusing_template_names_the_pair(tmp_path):
+    ours = load_tokenizer(write_chat_tokenizer(tmp_path / "mistral", "mistral"))
+    good = LAYOUTS["explicit"][0]
+    bad = {"prompt": [message("user", "Hi"), message("user", "Again")], "chosen": [message("assistant", "A")],
+           "rejected": [message("assistant", "B")]}
+    path = write_records(tmp_path / "pairs.jsonl", [good, bad])
+    pairs, _ = read_pairs_file(path)
+    with pytest.raises(MinqrError) as caught:
+        tokenize_pairs(pairs, ours, max_length=100)
+    assert str(caught.value) == (
+        f"{path}:2: the chat template refuses this conversation (Conversation roles must alternate "
+        "user/assistant/user/assistant/...): fix the conversation (most templates want user and assistant turns to "
+        "alternate, a system message first), or remove the pair")
+
+
+def test_eos_and_pad_from_the_config_files(tmp_path):
+    folder = write_chat_tokenizer(tmp_path / "llama3", "llama3")
+    tok = load_tokenizer(folder)  # eos_token as an AddedToken dict; no pad_token: EOS pads
+    assert (tok.eos_token, tok.pad_token) == ("<|eot_id|>", "<|eot_id|>") and tok.pad_id == tok.eos_id
+    assert tok.eos_id == tok.backend.token_to_id("<|eot_id|>")
+    chatml = load_tokenizer(write_chat_tokenizer(tmp_path / "chatml", "chatml"))
+    assert (chatml.eos_token, chatml.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    # no eos_token in tokenizer_config.json: config.json's eos_token_id, the first of a list
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    end_of_text = tok.backend.token_to_id("<|endoftext|>")
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": [end_of_text, tok.eos_id]}))
+    assert load_tokenizer(folder).eos_token == "<|endoftext|>"
+    # neither names one, and there is no <|endoftext|>: nothing says where a text ends
+    (folder / "config.json").write_text(json.dumps({"eos_token_id": None}))
+    data = json.loads((folder / "tokenizer.json").read_text())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|endoftext|>"]
+    (folder / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(MinqrError) as caught:
+        load_tokenizer(folder)
+    assert str(caught.value) == (
+        f"no end-of-text token in {folder}: tokenizer_config.json names no eos_token, config.json no eos_token_id "
+        "the tokenizer has, and the tokenizer has no <|endoftext|> token (GPT-2's); write the token that ends a text "
+        f"as eos_token into {folder / 'tokenizer_config.json'}")
+    config["eos_token"] = "<|not-there|>"
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError) as caught:
+        load_tokenizer(folder)
+    assert str(caught.value) == (f"{folder}: the tokenizer has no <|not-there|> token, its end of text token: "
+                                 "name one it has")
+
+
+def test_saved_folder_keeps_template_eos_and_pad(tmp_path, style):
+    tok = load_tokenizer(write_chat_tokenizer(tmp_path / "src", style))
+    tok.save(tmp_path / "saved")
+    again, hf = load_tokenizer(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    conversation = TURNS if style == "mistral" else CONVERSATIONS["system"]
+    assert again.chat_template.render(conversation) == tok.chat_template.render(conversation) == (
+        hf.apply_chat_template(conversation, tokenize=False))
+    assert (hf.eos_token_id, hf.pad_token_id) == (again.eos_id, again.pad_id) == (tok.eos_id, tok.pad_id)
+
+
+def test_template_file_and_named_templates(tmp_path):
+    folder = write_chat_tokenizer(tmp_path / "zephyr", "zephyr")
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"},
+                               {"name": "default", "template": ZEPHYR}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    expected = transformers.AutoTokenizer.from_pretrained(folder).apply_chat_template(TURNS, tokenize=False)
+    assert load_tokenizer(folder).chat_template.render(TURNS) == expected
+    config["chat_template"] = [{"name": "tool_use", "template": "{{ 'tools' }}"}]
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError, match='chat_template must be a Jinja string, or a list of {"name", "template"} '
+                                         'with one named "default"'):
+        load_tokenizer(folder)
+    (folder / "chat_template.jinja").write_text(LLAMA3)  # newer transformers' file wins
+    assert load_tokenizer(folder).chat_template.render(TURNS[:1]).startswith("<s><|start_header_id|>user")
+    (folder / "chat_template.jinja").write_text("{% for m in messages %}")
+    with pytest.raises(MinqrError, match="the chat template is no valid Jinja"):
+        load_tokenizer(folder)
