@@ -12,6 +12,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from minqr import MinqrError, load_tokenizer
 from minqr.data.batching import tokenize_pairs
+from minqr.data.chat import rendering_note
 from minqr.data.pairs import read_pairs_file
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -256,3 +257,14 @@ def test_template_file_and_named_templates(tmp_path):
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(MinqrError, match="the chat template is no valid Jinja"):
         load_tokenizer(folder)
+
+
+def test_the_rendering_is_said(tmp_path, folders):
+    """Whether conversations went through the chat template or the HH style is said, never silent."""
+    ours, _ = folders
+    records = [*LAYOUTS["implicit"], {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi"}]
+    pairs, _ = read_pairs_file(write_records(tmp_path / "pairs.jsonl", records))
+    assert rendering_note(pairs, ours.chat_template) == "2 conversations rendered with the tokenizer's chat template"
+    assert rendering_note(pairs, None) == ('2 conversations rendered with the HH style ("\\n\\nHuman: ...\\n\\n'
+                                           'Assistant: ..."): the tokenizer has no chat template')
+    assert rendering_note(pairs[2:], ours.chat_template) is None

@@ -65,6 +65,16 @@ class ChatTemplate:
                                     tools=None, documents=None, **self.special_tokens)
 
 
+def rendering_note(pairs, template: ChatTemplate | None) -> str | None:
+    """How the conversations among `pairs` are rendered, for the user to see (None: there are none)."""
+    conversations = sum(pair.conversation is not None for pair in pairs)
+    if not conversations:
+        return None
+    how = "the tokenizer's chat template" if template is not None else \
+        "the HH style (\"\\n\\nHuman: ...\\n\\nAssistant: ...\"): the tokenizer has no chat template"
+    return f"{conversations:,} conversations rendered with {how}"
+
+
 def render_pair(pair, template: ChatTemplate | None) -> tuple:
     """((chosen text, the character where its final response starts), (the same for rejected)) of
     `pair` (minqr.data.pairs.Pair): rendered with `template` when there is one and the pair is a

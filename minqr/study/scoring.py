@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
+from minqr.data.chat import rendering_note
 from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
@@ -260,7 +261,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     }
     if options.label:
         metadata["label"] = options.label
-    notes, anchor = [], None
+    notes, anchor = [note for note in [rendering_note(pairs, tokenizer.chat_template)] if note], None
     if truth is not None and truth.is_file():
         dropped = stats.identical + stats.malformed_lines + stats.bad_fields
         if dropped:

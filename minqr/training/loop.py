@@ -31,6 +31,7 @@ from minqr import hub
 from minqr.atomic import atomic_file
 from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro_batches, tokenize_pairs,
                                  training_batches)
+from minqr.data.chat import rendering_note
 from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
@@ -260,6 +261,9 @@ class _Run:
         config = self.config
         pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
         self.say(f"{split}: {stats.summary()}")
+        note = rendering_note(pairs, self.tokenizer.chat_template)
+        if note:
+            self.say(f"{split}: {note}")
         tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
         if tokenized.num_truncated:
             share = tokenized.num_truncated / len(tokenized)
