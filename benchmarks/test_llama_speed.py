@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 import transformers
+from backbone_step import backbone_step as step
 
 from minqr.models.hf_folder import hf_tensors
 from minqr.models.llama import Llama, LlamaConfig
@@ -53,14 +54,6 @@ def setup():
     with torch.no_grad():
         reference = theirs(ids).last_hidden_state
     return {"minqr": ours, "transformers": theirs}, ids, reference
-
-
-def step(model, ids):
-    model.zero_grad(set_to_none=True)
-    out = model(ids)
-    hidden = out if isinstance(out, torch.Tensor) else out.last_hidden_state
-    hidden.pow(2).mean().backward()
-    return hidden.detach()
 
 
 @pytest.mark.parametrize("implementation", ["minqr", "transformers"])

@@ -99,6 +99,21 @@ def write_tiny_checkpoint(folder, config=None, seed=0, writer="minqr", **save_kw
     return model
 
 
+def assert_packed_rows_are_alone(model, ids, packed, shapes) -> list:
+    """Each shared-prefix row of `packed` (the model's outputs on `ids`, made by shared_prefix_batch
+    with `shapes`) equals the model run on prefix + chosen and on prefix + rejected alone; returns
+    those [(alone chosen, alone rejected)] per row."""
+    alone = []
+    for row, (p, c, r, pad) in enumerate(shapes):
+        prefix, chosen, rejected = ids[row, :p], ids[row, p:p + c], ids[row, p + c:p + c + r]
+        alone_chosen = model(torch.cat([prefix, chosen])[None])[0]
+        alone_rejected = model(torch.cat([prefix, rejected])[None])[0]
+        torch.testing.assert_close(packed[row, :p + c], alone_chosen, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[row, p + c:p + c + r], alone_rejected[p:], atol=1e-5, rtol=1e-5)
+        alone.append((alone_chosen, alone_rejected))
+    return alone
+
+
 def random_hf_llama(model_type: str = "llama", arch: str = "ForCausalLM", seed: int = 0, **config):
     """transformers' `LlamaForCausalLM`, `Qwen2Model`, ... (model_type "llama", "qwen2" or "mistral"
     and `arch`), 2 layers, hidden_size 32, 4 heads unless `config` says otherwise, in eval mode with

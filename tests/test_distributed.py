@@ -15,6 +15,27 @@ from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
 
 
+def assert_same_run(run, single) -> list:
+    """The run in folder `run` (several processes) logged and saved what the one-process run
+    `single` did, to float rounding; returns its metrics.
+
+    Step 1 runs the same weights on the same pairs: equal to float rounding. Later steps inherit
+    weights that AdamW moved by ±lr wherever a gradient coordinate is ~0 and rounding decided its
+    sign (a handful of the 40k coordinates), hence the absolute tolerance."""
+    expected, got = (read_metrics(folder / "metrics.jsonl") for folder in (single, run))
+    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
+    assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
+    for a, b in zip(got, expected):
+        for key in b:
+            if key not in TIMING_KEYS:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=2e-4), (a["step"], key)
+    weights, expected_weights = load_file(run / "model.safetensors"), load_file(single / "model.safetensors")
+    assert weights.keys() == expected_weights.keys()
+    differing = sum(int(((weights[n] - t).abs() > 1e-5).sum()) for n, t in expected_weights.items())
+    assert differing < 0.01 * sum(t.numel() for t in expected_weights.values())
+    return got
+
+
 @pytest.mark.slow  # three training runs, two of them under torchrun
 def test_torchrun_two_processes_match_one_process(tmp_path):
     inputs = write_run_inputs(tmp_path / "inputs", num_train=32)  # no dropout: masks would differ
@@ -35,19 +56,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert result.stdout.count("trained 4 steps") == 1, result.stdout
     assert result.stderr.count("step 2: eval_loss") == 1, result.stderr
 
-    expected, got = (read_metrics(run / "metrics.jsonl") for run in (single, double))
-    assert [sorted(r) for r in got] == [sorted(r) for r in expected]
-    # Step 1 runs the same weights on the same pairs: equal to float rounding. Later steps inherit
-    # weights that AdamW moved by ±lr wherever a gradient coordinate is ~0 and rounding decided its
-    # sign (a handful of the 40k coordinates), hence the absolute tolerance.
-    assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
-    for a, b in zip(got, expected):
-        for key in b:
-            if key not in TIMING_KEYS:
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=2e-4), (a["step"], key)
-    weights, expected_weights = load_file(double / "model.safetensors"), load_file(single / "model.safetensors")
-    differing = sum(int(((weights[n] - t).abs() > 1e-5).sum()) for n, t in expected_weights.items())
-    assert differing < 0.01 * sum(t.numel() for t in expected_weights.values())
+    got = assert_same_run(double, single)
     # only process 0 wrote: one line per step and evaluation, one checkpoint
     assert len(got) == 4 + 2
     assert sorted(p.name for p in double.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint"]

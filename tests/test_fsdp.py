@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import load_file
+from test_distributed import assert_same_run
 from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
 
 from minqr.training.config import TrainConfig
@@ -66,18 +66,8 @@ def test_two_sharded_processes_match_one_process_and_resume_bit_for_bit(inputs, 
     # grad-accum 2 in each process: the first micro-batch's gradients wait unreduced for the second's
     argv = as_argv(tiny_options(inputs, sharded, **OPTIONS, grad_accum=2, fsdp=True))
     torchrun(ROOT / "tools" / "train.py", argv)
-    expected, got = (read_metrics(run / "metrics.jsonl") for run in (single, sharded))
-    assert [sorted(r) for r in got] == [sorted(r) for r in expected] and len(got) == 6 + 2
-    assert got[0]["loss"] == pytest.approx(expected[0]["loss"], rel=1e-6)
-    for a, b in zip(got, expected):
-        for key in b:
-            if key not in TIMING_KEYS:
-                # as in test_distributed: AdamW's sign of a near-zero gradient coordinate may flip
-                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=2e-4), (a["step"], key)
-    weights, expected_weights = load_file(sharded / "model.safetensors"), load_file(single / "model.safetensors")
-    assert weights.keys() == expected_weights.keys()  # one ordinary Hugging Face folder, whole
-    differing = sum(int(((weights[n] - t).abs() > 1e-5).sum()) for n, t in expected_weights.items())
-    assert differing < 0.01 * sum(t.numel() for t in expected_weights.values())
+    got = assert_same_run(sharded, single)  # and one ordinary Hugging Face folder, whole
+    assert len(got) == 6 + 2
     assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == ["config.json", "shards", "state.pt"]
     assert torch.load(sharded / "checkpoint" / "state.pt", weights_only=True)["model"] is None
 

@@ -2,7 +2,8 @@
 import pytest
 import torch
 import transformers
-from factories import padded_batch, random_gpt2, shared_prefix_batch, tiny_config, transformers_twin
+from factories import (assert_packed_rows_are_alone, padded_batch, random_gpt2, shared_prefix_batch, tiny_config,
+                       transformers_twin)
 
 from minqr import GPT2, GPT2Config, MinqrError
 from minqr.models.gpt2 import attention_mask_4d
@@ -76,12 +77,8 @@ def test_shared_prefix_mask_equals_running_chosen_and_rejected_separately(shapes
     ids, mask, positions = shared_prefix_batch(shapes, seed=8, additive=additive)
     packed = model(ids, mask, positions)
     packed_loss, separate_loss = 0.0, 0.0
-    for row, (p, c, r, pad) in enumerate(shapes):
-        prefix, chosen, rejected = ids[row, :p], ids[row, p:p + c], ids[row, p + c:p + c + r]
-        alone_chosen = model(torch.cat([prefix, chosen])[None])[0]
-        alone_rejected = model(torch.cat([prefix, rejected])[None])[0]
-        torch.testing.assert_close(packed[row, :p + c], alone_chosen, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(packed[row, p + c:p + c + r], alone_rejected[p:], atol=1e-5, rtol=1e-5)
+    alone = assert_packed_rows_are_alone(model, ids, packed, shapes)
+    for row, ((p, c, r, pad), (alone_chosen, alone_rejected)) in enumerate(zip(shapes, alone)):
         # a loss on the suffixes: the packed prefix must pass on the gradient of both runs
         weights = torch.randn(c + r, model.config.n_embd)
         packed_loss = packed_loss + (packed[row, p:p + c + r] * weights).sum()

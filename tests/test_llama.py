@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 import transformers
-from factories import TINY_EOS_ID, padded_batch, random_hf_llama, shared_prefix_batch, write_tiny_checkpoint
+from factories import (TINY_EOS_ID, assert_packed_rows_are_alone, padded_batch, random_hf_llama, shared_prefix_batch,
+                       write_tiny_checkpoint)
 
 import minqr.models.hf_folder
 from minqr import GPT2, Llama, LlamaConfig, MinqrError, load_backbone, load_gpt2
@@ -138,13 +139,7 @@ def test_shared_prefix_mask_equals_running_chosen_and_rejected_separately(tmp_pa
     shapes = [(5, 4, 6, 0), (3, 7, 2, 3)]
     ids, mask, positions = shared_prefix_batch(shapes, seed=9, additive=additive)
     with torch.no_grad():
-        packed = model(ids, mask, positions)
-        for row, (p, c, r, pad) in enumerate(shapes):
-            prefix, chosen, rejected = ids[row, :p], ids[row, p:p + c], ids[row, p + c:p + c + r]
-            alone_chosen = model(torch.cat([prefix, chosen])[None])[0]
-            alone_rejected = model(torch.cat([prefix, rejected])[None])[0]
-            torch.testing.assert_close(packed[row, :p + c], alone_chosen, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(packed[row, p + c:p + c + r], alone_rejected[p:], atol=1e-5, rtol=1e-5)
+        assert_packed_rows_are_alone(model, ids, model(ids, mask, positions), shapes)
 
 
 def test_trains_compiled_as_one_graph_and_under_autocast(tmp_path):
