@@ -18,11 +18,13 @@ HH_RLHF_REPO = "Anthropic/hh-rlhf"
 # The subsets with chosen/rejected pairs (red-team-attempts, also in the repo, has another format).
 HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_RLHF_SPLITS = ("train", "test")
-# What a GPT-2 backbone needs: config, safetensors weights (one file or shards), tokenizer files.
+# What a backbone needs: config, safetensors weights (one file or shards), tokenizer files and the
+# chat template (in tokenizer_config.json, or a file of its own in newer repositories).
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
-               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"]
-# The same for a one-file model, as a command line to give the user.
-MODEL_FILES_TO_DOWNLOAD = "config.json model.safetensors tokenizer.json vocab.json merges.txt"
+               "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt"]
+# The same for a one-file model, as a command line to give the user (a sharded model needs its
+# model.safetensors.index.json and model-*.safetensors instead of model.safetensors).
+MODEL_FILES_TO_DOWNLOAD = "config.json model.safetensors tokenizer.json tokenizer_config.json vocab.json merges.txt"
 
 
 def _print_to_stderr(message: str) -> None:
@@ -52,8 +54,8 @@ def fetch_hh_rlhf(subset: str, split: str, announce=_print_to_stderr) -> Path:
 def fetch_model(name_or_path, announce=_print_to_stderr) -> Path:
     """A model folder: a local folder as it is, or a hub name (`gpt2`) downloaded or from the cache.
 
-    Only the files a GPT-2 backbone needs are fetched (MODEL_FILES), not the TensorFlow, Flax,
-    ONNX and PyTorch-pickle copies that model repositories also carry.
+    Only the files a backbone needs are fetched (MODEL_FILES), not the TensorFlow, Flax, ONNX and
+    PyTorch-pickle copies that model repositories also carry.
     """
     path = Path(name_or_path).expanduser()
     if path.is_dir():

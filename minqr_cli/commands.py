@@ -59,8 +59,9 @@ def analyze_scores(options, given):
 @config_command(ExportConfig)
 def export(options, given):
     """Export the quantile reward model --model into --out in the form asked for. --scalar: a
-    one-output GPT2ForSequenceClassification whose reward is exactly the mean of the N quantiles,
-    which transformers' AutoModelForSequenceClassification loads as it is."""
+    one-output model (GPT2ForSequenceClassification, LlamaForSequenceClassification, ...) whose
+    reward is exactly the mean of the N quantiles, which transformers'
+    AutoModelForSequenceClassification loads as it is."""
     config = ExportConfig(**options)
     folder = export_scalar(config.model, config.out, normalize=config.normalize)
     normalized = ", normalised by the reward statistics of its training" if config.normalize else ""

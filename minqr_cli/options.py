@@ -127,19 +127,22 @@ def _file_defaults(context: click.Context, path: Path, ignored_keys: set, comman
     of `command_line_only` options are passed over: a run's training_args.json records whether it
     was resumed, and repeating the run elsewhere must not resume."""
     command = context.command
-    by_name = {param.name: param for param in command.params if param.name != "config"}
+    # a key is a field's name or its option's, with dashes or underscores (n_resamples or bootstrap)
+    by_name = {name.lstrip("-").replace("-", "_"): param for param in command.params if param.name != "config"
+               for name in [param.name, *param.opts]}
     defaults = {}
     for key, value in read_config_file(path).items():
         name = str(key).replace("-", "_")
-        if name in ignored_keys or name in command_line_only:
+        if name in ignored_keys or (name in by_name and by_name[name].name in command_line_only):
             continue
         if name not in by_name:
             raise click.BadParameter(f"{path}: {key!r} is not an option of `{command.name}`; its options are "
-                                     f"{', '.join(sorted(by_name))}", param_hint="'--config'")
+                                     f"{', '.join(sorted({p.name for p in by_name.values()}))}",
+                                     param_hint="'--config'")
         if value is not None:
             try:
                 value = by_name[name].type_cast_value(context, value)
             except click.BadParameter as error:
                 raise click.BadParameter(f"{path}: {key}: {error.message}", param_hint="'--config'") from None
-        defaults[name] = value
+        defaults[by_name[name].name] = value
     return defaults

@@ -12,7 +12,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from minqr import MinqrError, load_tokenizer
 from minqr.data.batching import tokenize_pairs
-from minqr.data.chat import rendering_note
+from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import read_pairs_file
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -268,3 +268,17 @@ def test_the_rendering_is_said(tmp_path, folders):
     assert rendering_note(pairs, None) == ('2 conversations rendered with the HH style ("\\n\\nHuman: ...\\n\\n'
                                            'Assistant: ..."): the tokenizer has no chat template')
     assert rendering_note(pairs[2:], ours.chat_template) is None
+
+
+def test_an_anchor_reply_is_rendered_as_the_responses_are(tmp_path, folders, style):
+    """score --anchor-reply: the reply follows each pair's prompt in the same rendering as its
+    responses: the chat template's for conversations, the HH text for strings."""
+    ours, hf = folders
+    records = [*LAYOUTS["explicit"], {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go."}]
+    if refuses(style, records[0]["prompt"]):
+        return
+    pairs, _ = read_pairs_file(write_records(tmp_path / "pairs.jsonl", records))
+    for pair, record in zip(pairs[:2], records):
+        expected = hf.apply_chat_template(record["prompt"] + [message("assistant", "ok")], tokenize=False)
+        assert reply_text(pair, "ok", ours.chat_template) == expected
+    assert reply_text(pairs[2], " ok", ours.chat_template) == "\n\nHuman: Hi\n\nAssistant: ok"

@@ -171,3 +171,14 @@ def test_training_args_repeat_the_run_bit_for_bit(tmp_path):
     assert (again / "model.safetensors").read_bytes() == (first / "model.safetensors").read_bytes()
     args = json.loads((again / "training_args.json").read_text())
     assert {**json.loads((first / "training_args.json").read_text()), "out": str(again)} == args
+
+
+def test_config_keys_may_be_option_names(monkeypatch, tmp_path):
+    """A key is a field's name or its option's: `bootstrap` as well as `n_resamples`."""
+    calls = record(monkeypatch, "analyze")
+    for key in ("bootstrap", "n-resamples"):
+        config = tmp_path / f"{key}.yaml"
+        config.write_text(f"{key}: 7\nscores: [a.npz]\nout: r\n")
+        assert invoke("analyze", "--config", config).exit_code == 0
+    assert [kwargs["n_resamples"] for _, kwargs in calls] == [7, 7]
+    assert [args for args, _ in calls] == [(("a.npz",), "r")] * 2

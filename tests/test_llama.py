@@ -324,3 +324,31 @@ def test_a_reward_model_without_pad_or_eos_is_not_saved(tmp_path):
         model.save_pretrained(tmp_path / "reward")
     assert str(error.value) == ("the backbone's config has neither pad_token_id nor eos_token_id, and transformers "
                                 "reads a reward at the last token that is not the pad: set pad_token_id in its config")
+
+
+def test_normalizing_into_the_weights_needs_a_final_norm_with_a_bias(tmp_path):
+    """export --normalize folds the shift into GPT-2's ln_f.bias; the Llama family's RMSNorm has none."""
+    _, folder = saved(tmp_path, "llama-gqa2-llama3")
+    model = RewardModel.from_backbone(folder, head="scalar")
+    model.reward_stats = {"mean": 0.5, "std": 2.0}
+    with pytest.raises(MinqrError) as error:
+        model.normalized()
+    assert str(error.value) == ("normalize: the shift goes into the final layer norm's bias, and a Llama backbone's "
+                                "final norm has none (nor has its head): score with --normalize instead, or "
+                                "normalise the rewards with config.json's minqr.reward_mean and reward_std where you "
+                                "use them")
+
+
+def test_the_saved_pad_is_the_tokenizers(tmp_path):
+    """transformers skips config.json's pad_token_id when it pools: with the tokenizer saved beside the
+    model, that is the pad the tokenizer pads with, even where it is not the backbone's EOS."""
+    from factories import write_tiny_tokenizer
+
+    from minqr import load_tokenizer
+
+    _, folder = saved(tmp_path, "llama-gqa2-llama3")
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok", layout="tokenizer.json"))
+    model = RewardModel.from_backbone(folder, head="scalar")
+    assert tokenizer.pad_id not in (model.transformer.config.eos_token_id, model.transformer.config.pad_token_id)
+    model.save_pretrained(tmp_path / "reward", tokenizer=tokenizer)
+    assert json.loads((tmp_path / "reward" / "config.json").read_text())["pad_token_id"] == tokenizer.pad_id

@@ -381,3 +381,12 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     (tmp_path / "bad.json").write_text("not json")
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
     assert bad.exit_code == 1 and "is not a summaries.json written by tools/analyze.py" in bad.output
+
+
+def test_the_summary_says_when_two_models_cannot_be_compared():
+    """An infinite KL (--eps 0 and an empty bin) gives no sign to a difference: no winner is named."""
+    from minqr.study.report import _comparison
+
+    difference = {"model": "b", "reference": "a", "value": float("nan"), "ci_low": None, "ci_high": None}
+    line = _comparison("histogram KL", difference, {"value": float("inf")}, {"value": 1.5})
+    assert line == "By histogram KL, b and a cannot be compared: their paired difference is nan (see the tables)."

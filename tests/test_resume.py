@@ -197,6 +197,26 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
     assert "--save-every" not in result.output and "--eval-every" not in result.output  # these may change
 
 
+def test_a_run_made_before_newer_options_resumes(inputs, tmp_path, monkeypatch, straight_run):
+    """A checkpoint whose config predates options added since (dropout, fsdp, param_dtype,
+    grad_checkpoint, report_to) resumes: a missing option counts as its default there."""
+    out = tmp_path / "run"
+    options = resume_options(inputs, out)
+    train_until_checkpoint(options, 4, monkeypatch)
+    config_file = out / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    for newer in ("dropout", "fsdp", "param_dtype", "grad_checkpoint", "report_to"):
+        del config[newer]
+    config_file.write_text(json.dumps(config))
+    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    assert result.exit_code == 0, result.output
+    assert_same_run(out, straight_run)
+    # a newer option set away from its default is a change like any other
+    config_file.write_text(json.dumps(config))
+    result = CliRunner().invoke(load_cli(), [*as_argv({**options, "param_dtype": "bfloat16"}), "--resume"])
+    assert result.exit_code == 1 and "--param-dtype 'bfloat16' (the run has 'float32')" in result.output
+
+
 @pytest.mark.parametrize("damage", ["state.pt cut short", "config.json not JSON", "state.pt of another layout"])
 def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, monkeypatch, damage):
     options = resume_options(inputs, tmp_path / "run", save_every=2)

@@ -479,11 +479,11 @@ def test_normalize_applies_the_saved_reward_statistics(tmp_path, tokenizer, data
     assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
     result = CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "normal.npz"), "--normalize"])
     assert result.exit_code == 0, result.output
-    raw, normal = load_scores(tmp_path / "raw.npz"), load_scores(tmp_path / "normal.npz")
+    raw, normal = load_scores(tmp_path / "raw.npz"), np.load(tmp_path / "normal.npz")  # the numbers as stored
     for name in ("chosen", "rejected", "anchor"):
         expected = (getattr(raw, name).astype(np.float64) + 0.75) / 2.5
-        np.testing.assert_allclose(getattr(normal, name), expected, atol=1e-6, rtol=0)
-    assert normal.metadata["normalized"] == {"mean": -0.75, "std": 2.5}
+        np.testing.assert_allclose(normal[name], expected, atol=1e-6, rtol=0)
+    assert load_scores(tmp_path / "normal.npz").metadata["normalized"] == {"mean": -0.75, "std": 2.5}
     assert printed_accuracies(result.stdout)[0][2] == printed_accuracies(
         CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "again.npz")]).stdout)[0][2]
 
@@ -494,3 +494,20 @@ def test_normalize_applies_the_saved_reward_statistics(tmp_path, tokenizer, data
     assert result.exit_code == 1 and not (tmp_path / "n.npz").exists()
     assert result.output == (f"Error: normalize: {bare} has no reward statistics (config.json's minqr.reward_mean and "
                              "reward_std): training measures them on its held-out pairs, so train with --eval-data\n")
+
+
+def test_the_analysis_reads_normalized_scores_in_the_models_units(tmp_path, tokenizer, data_file):
+    """A scores file written with --normalize is read back as the model's own outputs (its
+    probabilities and coverage are in those units)."""
+    folder = tmp_path / "model"
+    random_reward_model("quantile", 5, seed=3).save_pretrained(folder, tokenizer=tokenizer,
+                                                               training_args={"max_length": MAX_LENGTH},
+                                                               reward_stats={"mean": 1.25, "std": 0.5})
+    argv = ["--model", str(folder), "--data", str(data_file)]
+    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
+    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "n.npz"), "--normalize"]).exit_code == 0
+    raw, normal = load_scores(tmp_path / "raw.npz"), load_scores(tmp_path / "n.npz")
+    np.testing.assert_allclose(normal.chosen, raw.chosen, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(normal.rejected, raw.rejected, atol=1e-5, rtol=0)
+    stored = np.load(tmp_path / "n.npz")["chosen"]  # the file itself holds the normalised numbers
+    np.testing.assert_allclose(stored, (raw.chosen - 1.25) / 0.5, atol=1e-5, rtol=0)

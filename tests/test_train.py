@@ -626,9 +626,11 @@ def test_training_a_llama_family_backbone(tmp_path, model_type):
     assert type(hf).__name__.endswith("ForSequenceClassification") and ours.shape == theirs.shape == (3, 20)
     torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
 
+    # --dropout is the family's attention dropout, recorded in the saved config
     result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))
-    assert result.exit_code == 1
-    assert result.output == f"Error: dropout 0.1: minqr's {model_type} backbone has no dropout; leave it out\n"
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "drop" / "config.json").read_text())["attention_dropout"] == 0.1
+    assert (tmp_path / "drop" / "model.safetensors").read_bytes() != (tmp_path / "run" / "model.safetensors").read_bytes()
 
 
 def test_bfloat16_parameters(inputs, tmp_path):

@@ -226,8 +226,9 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
     check_margins(pairs, "the pairs to tokenise")
-    chosen, rejected = zip(*(render_pair(pair, tokenizer.chat_template) for pair in pairs))
-    texts, marks = map(list, zip(*chosen, *rejected))
+    rendered = [render_pair(pair, tokenizer.chat_template) for pair in pairs]  # [(chosen, rejected)]
+    texts = [text for side in (0, 1) for (text, _) in (sides[side] for sides in rendered)]
+    marks = [start for side in (0, 1) for (_, start) in (sides[side] for sides in rendered)]
     for k, text in enumerate(texts):  # the readers check this; pairs made by hand may not be
         pair = pairs[k % len(pairs)]
         check_encodable(text, f"{pair.origin}: the {'chosen' if k < len(pairs) else 'rejected'} text")

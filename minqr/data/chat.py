@@ -17,6 +17,7 @@ with the template for a pair given as message lists throughout (`Pair.conversati
 otherwise (strings, and the HH-style text of pairs that mix strings and messages).
 """
 import json
+from contextlib import contextmanager
 from datetime import datetime
 
 import jinja2
@@ -81,8 +82,25 @@ def render_pair(pair, template: ChatTemplate | None) -> tuple:
     Conversation, else the pair's texts as read."""
     if template is None or pair.conversation is None:
         return tuple((getattr(pair, side), pair.response_start(side)) for side in ("chosen", "rejected"))
-    try:
+    with _naming(pair):
         return tuple(_render_side(template, pair.conversation, side) for side in ("chosen", "rejected"))
+
+
+def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
+    """The text of `reply` as the answer to `pair`'s prompt, rendered as `render_pair` renders the
+    pair (the anchor reply that scoring aligns on must read like the responses it anchors)."""
+    if template is None or pair.conversation is None:
+        return pair.chosen[: pair.response_start("chosen")] + reply
+    prompt = pair.conversation.chosen[: pair.conversation.response_turn("chosen")]
+    with _naming(pair):
+        return template.render([*prompt, {"role": "assistant", "content": reply}])
+
+
+@contextmanager
+def _naming(pair):
+    """A template's refusal of `pair`'s conversation as a MinqrError that names the pair."""
+    try:
+        yield
     except jinja2.TemplateError as error:
         raise MinqrError(f"{pair.origin}: the chat template refuses this conversation ({error}): fix the "
                          "conversation (most templates want user and assistant turns to alternate, a system "

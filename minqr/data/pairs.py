@@ -1,4 +1,4 @@
-"""Preference pairs: where they come from, how they are read, what counts as bad data.
+r"""Preference pairs: where they come from, how they are read, what counts as bad data.
 
 A preference pair is two texts, the response a human chose and the one they rejected, each with
 the dialogue that led to it. minqr reads them from:

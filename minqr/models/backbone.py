@@ -9,8 +9,9 @@ a head (GPT2LMHeadModel, LlamaForCausalLM, ...), in one safetensors file or shar
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.models.gpt2 import DROPOUTS as GPT2_DROPOUTS
 from minqr.models.gpt2 import GPT2, GPT2Config
-from minqr.models.hf_folder import load_gpt2, load_model, read_config
+from minqr.models.hf_folder import load_model, read_config
 from minqr.models.llama import Llama, LlamaConfig
 
 # model_type -> (minqr's module, its config, the start of transformers' class names: GPT2Model,
@@ -23,18 +24,19 @@ FAMILIES = {
 }
 
 
+# The config keys of each family's dropout: GPT-2's after the residual branches, on the embeddings
+# and on the attention; the Llama family's on the attention only (the released models set it to 0).
+DROPOUTS = {GPT2: GPT2_DROPOUTS, Llama: ("attention_dropout",)}
+
+
 def load_backbone(path, dtype=None, device=None, dropout: float | None = None):
     """The backbone in the Hugging Face folder `path`, in eval mode: GPT2 or Llama, by the model_type
-    of its config.json. `dtype=None` keeps the dtype stored in the file. `dropout` sets GPT-2's
-    dropout probabilities (None keeps the config's); minqr's Llama has no dropout, as the released
-    Llama-family models train without."""
+    of its config.json. `dtype=None` keeps the dtype stored in the file. `dropout` sets every
+    dropout probability the family has (DROPOUTS); None keeps the config's."""
     config = read_config(path)
     model_class, config_class, _ = family(config, path)
-    if model_class is GPT2:
-        return load_gpt2(path, dtype, device, dropout)
-    if dropout:
-        raise MinqrError(f"dropout {dropout}: minqr's {config['model_type']} backbone has no dropout; leave it out")
-    return load_model(path, model_class, config_class.from_dict(config), dtype, device)
+    overrides = {} if dropout is None else {key: dropout for key in DROPOUTS[model_class]}
+    return load_model(path, model_class, config_class.from_dict({**config, **overrides}), dtype, device)
 
 
 def family(config: dict, folder) -> tuple:

@@ -3,7 +3,8 @@ evaluators): `export_scalar("runs/quantile", "runs/quantile-scalar")`.
 
 The mean of a quantile head's N outputs is the expected reward, and since every output is a linear
 function of the same features, their mean is the linear function with the averaged row
-(`RewardModel.to_scalar`). The exported folder is a one-label GPT2ForSequenceClassification.
+(`RewardModel.to_scalar`). The exported folder is a one-label GPT2ForSequenceClassification
+(LlamaForSequenceClassification, ..., by the backbone).
 """
 from dataclasses import dataclass
 from pathlib import Path

@@ -1,8 +1,8 @@
 """GPT-2 in plain PyTorch, laid out like Hugging Face's so that its checkpoints load by name.
 
 The module names are the checkpoint's (`wte`, `wpe`, `h.{i}.ln_1`, `h.{i}.attn.c_attn`, ...,
-`ln_f`), so checkpoint.py loads a file with one loop over names. Linear layers are `nn.Linear`
-(weights `[out, in]`); checkpoint.py transposes Hugging Face's Conv1D weights (`[in, out]`) on
+`ln_f`), so hf_folder.py loads a file with one loop over names. Linear layers are `nn.Linear`
+(weights `[out, in]`); hf_folder.py transposes Hugging Face's Conv1D weights (`[in, out]`) on
 the way in and out. There is no `lm_head` module: GPT-2 ties its output layer to the token
 embedding, so `lm_logits` reads `wte.weight`.
 

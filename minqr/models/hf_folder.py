@@ -52,7 +52,7 @@ from safetensors.torch import load_file, save_file
 
 from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
-from minqr.models.gpt2 import DROPOUTS, GPT2, GPT2Config
+from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.llama import Llama
 
 
@@ -246,12 +246,9 @@ def load_model(path, model_class, config, dtype=None, device=None):
     return model.eval()
 
 
-def load_gpt2(path, dtype=None, device=None, dropout: float | None = None) -> GPT2:
-    """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (float32 for the released GPT-2s).
-    `dropout` sets every dropout probability (residual, embedding, attention); None keeps the
-    config's."""
-    overrides = {} if dropout is None else {name: dropout for name in DROPOUTS}
-    return load_model(path, GPT2, GPT2Config.from_dict({**read_config(path), **overrides}), dtype, device)
+def load_gpt2(path, dtype=None, device=None) -> GPT2:
+    """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (float32 for the released GPT-2s)."""
+    return load_model(path, GPT2, GPT2Config.from_dict(read_config(path)), dtype, device)
 
 
 def hf_tensors(model, prefix: str | None = None) -> dict:

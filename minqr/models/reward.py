@@ -249,6 +249,11 @@ class RewardModel(nn.Module):
             raise MinqrError("only a one-output (scalar) model folds its normalisation into its weights; export a "
                              "quantile model with --scalar")
         mean, std = reward_normalization(self)
+        if getattr(getattr(self.transformer, "ln_f", None), "bias", None) is None:
+            raise MinqrError(f"normalize: the shift goes into the final layer norm's bias, and a "
+                             f"{type(self.transformer).__name__} backbone's final norm has none (nor has its head): "
+                             "score with --normalize instead, or normalise the rewards with config.json's "
+                             "minqr.reward_mean and reward_std where you use them")
         model = copy.deepcopy(self)
         with torch.no_grad():
             row = model.score.weight[0].double() / std  # [n_embd]
@@ -259,13 +264,13 @@ class RewardModel(nn.Module):
 
     # ---- files ----
 
-    def hf_config(self, reward_stats: dict | None = None) -> dict:
+    def hf_config(self, reward_stats: dict | None = None, pad_id: int | None = None) -> dict:
         """The config.json of a GPT2ForSequenceClassification (LlamaForSequenceClassification, ...)
         with this head."""
         head, backbone = self.head_config, self.transformer.config.to_dict()
         # transformers' pooling finds the last token that is not the pad id. GPT-2 has no pad
         # token and pads with EOS; Llama 3 lists several EOS ids, its end of text first.
-        pad = backbone.get("pad_token_id")
+        pad = pad_id if pad_id is not None else backbone.get("pad_token_id")
         eos = backbone.get("eos_token_id")
         pad = pad if pad is not None else eos[0] if isinstance(eos, list) else eos
         if pad is None:
@@ -301,7 +306,8 @@ class RewardModel(nn.Module):
         is removed by the next save."""
         if reward_stats is not None and not {"mean", "std"} <= set(reward_stats):
             raise MinqrError(f"reward_stats needs 'mean' and 'std', got keys {sorted(reward_stats)}")
-        config = self.hf_config(reward_stats)
+        # the pad that transformers' pooling skips must be the one its tokenizer pads with
+        config = self.hf_config(reward_stats, pad_id=tokenizer.pad_id if tokenizer is not None else None)
         tensors = {**hf_tensors(self.transformer), SCORE: self.score.weight.detach().contiguous()}
         extra_files = dict(tokenizer.files()) if tokenizer is not None else {}
         if training_args is not None:

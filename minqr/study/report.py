@@ -597,6 +597,9 @@ def _comparison(measure: str, difference: dict, model: dict, reference: dict) ->
     """One sentence: which of two models separates chosen from rejected more by `measure` (the sign of
     their paired difference), their values, and whether the difference's interval excludes 0."""
     estimate = _point(difference)
+    if estimate is None or not math.isfinite(estimate):  # e.g. an infinite KL (--eps 0 and an empty bin)
+        return (f"By {measure}, {difference['model']} and {difference['reference']} cannot be compared: their "
+                f"paired difference is {_number(estimate)} (see the tables).")
     ordered = [(difference["model"], _number(_point(model))), (difference["reference"], _number(_point(reference)))]
     (first, first_value), (second, second_value) = ordered if estimate >= 0 else ordered[::-1]
     values = f"({first_value} vs {second_value})"

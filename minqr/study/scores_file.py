@@ -175,6 +175,13 @@ def load_scores(path) -> Scores:
         chosen, rejected, anchor, metadata = _read_npz(path)
     else:
         chosen, rejected, anchor, metadata = _read_jsonl(path)
+    normalized = metadata.get("normalized")
+    if isinstance(normalized, dict):
+        # `score --normalize` wrote (output - mean) / std; the analysis reads the model's own
+        # outputs, in whose units its probabilities σ(r_c - r_r) and the truth's rewards are
+        mean, std = float(normalized["mean"]), float(normalized["std"])
+        chosen, rejected = chosen * std + mean, rejected * std + mean
+        anchor = None if anchor is None else anchor * std + mean
     return Scores(chosen, rejected, metadata, source=str(path), anchor=anchor)
 
 

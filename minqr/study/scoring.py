@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
-from minqr.data.chat import rendering_note
+from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
@@ -99,14 +99,14 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     similar length share a batch; eval mode, as score_tokenized."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
-    width = model.transformer.config.n_embd if pooled else model.num_quantiles
+    width = model.transformer.config.hidden_size if pooled else model.num_quantiles
     out = np.empty((len(token_lists), width), dtype=np.float32)
     was_training = model.training
     model.to(device).eval()
     try:
         for indices in scoring_batches([len(tokens) for tokens in token_lists], batch_size):
             longest = len(token_lists[indices[0]])
-            ids = torch.full((len(indices), longest), model.transformer.config.eos_token_id, dtype=torch.long)
+            ids = torch.zeros((len(indices), longest), dtype=torch.long)  # the mask says which ids are real
             mask = torch.zeros_like(ids)
             for row, index in enumerate(indices):
                 tokens = token_lists[index]
@@ -173,7 +173,7 @@ class ScoreConfig:
                        "--subset), hh-rlhf:SUBSET, or a datasets hub name hf:NAME[:SPLIT] (the minqr[data] extra)")
     out: str = option(help="scores file to write: .npz (numpy) or .jsonl; replaced atomically")
     subset: str | None = option(None, "subset of a folder given as --data, e.g. harmless-base")
-    split: str | None = option(None, f"split of a folder or hh-rlhf:SUBSET [default: {DEFAULT_SPLIT}]")
+    split: str | None = option(None, f"split of a folder, hh-rlhf:SUBSET or hf:NAME [default: {DEFAULT_SPLIT}]")
     max_length: int | None = option(None, "tokens kept of each text, cut from the left [default: the --max-length "
                                     "the model was trained with (its training_args.json), else its number of "
                                     "positions]", low=1)
@@ -272,7 +272,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
             anchor = _score_anchors(reward_model, tokenizer, truth, len(pairs), max_length, batch_size, device, dtype)
             metadata["backbone_probe"] = backbone_probe(reward_model, tokenized, truth, batch_size, device, dtype)
     if options.anchor_reply is not None:
-        texts = [pair.chosen[: pair.response_start("chosen")] + options.anchor_reply for pair in pairs]
+        texts = [reply_text(pair, options.anchor_reply, tokenizer.chat_template) for pair in pairs]
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
                              device, dtype)
         metadata["anchor_reply"] = options.anchor_reply

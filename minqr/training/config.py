@@ -22,7 +22,7 @@ MAX_LEARNING_RATE = 1e30
 
 # Keys of a run's training_args.json that record the run rather than set it up: the file is a
 # config for `minqr train --config` all the same, and these keys are passed over there.
-RUN_FACTS = ("processes", "steps_per_epoch", "total_steps", "warmup_steps", "train_pairs", "eval_pairs",
+RUN_FACTS = ("processes", "device_used", "steps_per_epoch", "total_steps", "warmup_steps", "train_pairs", "eval_pairs",
              "model_path", "torch", "exported_from")
 
 
@@ -58,8 +58,8 @@ class TrainConfig:
     dropout: float | None = option(None, "dropout probability of the backbone, after its residual branches, on "
                                    "its embeddings and its attention [default: the checkpoint's own, 0.1 for the "
                                    "released GPT-2s; 0 is TRL's choice for reward models]")
-    model: str = option("gpt2", "backbone: a local Hugging Face GPT-2 folder, or a hub name (gpt2, "
-                        "gpt2-medium, ...) fetched through huggingface_hub")
+    model: str = option("gpt2", "backbone: a local Hugging Face folder of a GPT-2, Llama, Qwen2 or Mistral model, "
+                        "or a hub name (gpt2, Qwen/Qwen2.5-0.5B, ...) fetched through huggingface_hub")
     tokenizer: str | None = option(None, "tokenizer folder [default: the model folder]")
     # the data
     data: str = option("hh-rlhf:helpful-base", "training pairs: a .jsonl(.gz), Parquet or Arrow file, a folder "

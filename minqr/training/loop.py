@@ -457,7 +457,9 @@ class _Run:
     # -- files -------------------------------------------------------------------------------
 
     def _training_args(self) -> dict:
-        return {**asdict(self.config), "processes": self.procs.world_size, "device": str(self.procs.device),
+        """training_args.json: the options as given (so that the file is a config for `minqr train
+        --config`) and the facts of the run (config.RUN_FACTS), which a config file passes over."""
+        return {**asdict(self.config), "processes": self.procs.world_size, "device_used": str(self.procs.device),
                 "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
                 "warmup_steps": self.warmup_steps, "train_pairs": len(self.train_pairs),
                 "eval_pairs": len(self.eval_pairs) if self.eval_pairs is not None else 0,

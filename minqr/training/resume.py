@@ -182,7 +182,8 @@ def load_checkpoint(out) -> Checkpoint:
 # names the run, however it is spelt). Everything else decides the weights: a change is an error.
 # A change of device type, compute dtype or compile is allowed (a run must be able to move) but
 # changes the float rounding, and a GPU draws other dropout masks: _Run._restore warns of it.
-RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile", "report_to")
+RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile", "report_to",
+                     "grad_checkpoint")
 
 
 def check_same_options(saved: dict, given: dict, defaults: dict | None = None) -> None:
