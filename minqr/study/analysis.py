@@ -712,8 +712,13 @@ def paired_accuracy_difference(a: Scores, b: Scores, confidence: float = CONFIDE
     return {"value": value, "ci_low": max(-1.0, value - half), "ci_high": min(1.0, value + half)}
 
 
+def same_pairs(a: Scores, b: Scores) -> bool:
+    """Whether two scores files score the same pairs (same data, split and count)."""
+    return (a.num_pairs, a.metadata["data"], a.metadata["split"]) == (b.num_pairs, b.metadata["data"],
+                                                                      b.metadata["split"])
+
+
 def _check_same_pairs(a: Scores, b: Scores) -> None:
-    """A paired difference needs both models' scores on the same pairs (same data, split and count)."""
-    if (a.num_pairs, a.metadata["data"], a.metadata["split"]) != (b.num_pairs, b.metadata["data"],
-                                                                  b.metadata["split"]):
+    """A paired difference needs both models' scores on the same pairs."""
+    if not same_pairs(a, b):
         raise MinqrError(f"{a.source} and {b.source} do not score the same pairs (data, split and count must agree)")

@@ -38,8 +38,8 @@ from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
 from minqr.options import option
 from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
-                                  paired_accuracy_difference, paired_kl_difference, response_truth, spreads,
-                                  summarize, view_rows)
+                                  paired_accuracy_difference, paired_kl_difference, response_truth, same_pairs,
+                                  spreads, summarize, view_rows)
 from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
@@ -171,8 +171,7 @@ def paired_differences(all_scores: list[Scores], summaries: list[dict], workload
                 if summary["workload"] == workload]
         (reference, reference_summary), others = runs[0], runs[1:]
         for scores, summary in others:
-            if (scores.num_pairs, scores.metadata["data"], scores.metadata["split"]) == (
-                    reference.num_pairs, reference.metadata["data"], reference.metadata["split"]):
+            if same_pairs(scores, reference):
                 differences.append({"workload": workload, "model": summary["label"],
                                     "reference": reference_summary["label"],
                                     **compare(scores, reference)})
