@@ -36,8 +36,8 @@ from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
-from minqr.models.gpt2 import GPT2
 from minqr.models.backbone import load_backbone
+from minqr.models.gpt2 import GPT2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
