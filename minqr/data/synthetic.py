@@ -60,12 +60,13 @@ above, and "shifted", with other group shares (75/25), wider personal deviations
 more controversial tags (rate 0.4), to check that a result is not a property of one task.
 """
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import expit, ndtr
+from scipy.optimize import minimize_scalar
+from scipy.special import expit, ndtr, xlogy
 from tokenizers import models, pre_tokenizers, trainers
 
 from minqr.atomic import atomic_dir
@@ -292,6 +293,30 @@ def bayes_accuracy(preference_probability: np.ndarray) -> float:
     """Expected accuracy of the Bayes-optimal ranker over fresh labels of these pairs: it picks
     the likelier side, which the annotator picks with probability max(p, 1 - p)."""
     return float(np.maximum(preference_probability, 1 - preference_probability).mean())
+
+
+def spread_or_scale(task: SyntheticTask, personal_std: float, num_pairs: int = 40_000, seed: int = 0) -> dict:
+    """How far apart single-annotator labels put two tasks that differ in their spread.
+
+    The alternative is `task` with personal deviations of `personal_std` instead of its own and
+    every tag reward multiplied by the c that makes its labels likeliest to look like the truth's.
+    A wider spread inside each group flattens P(a preferred to b) much as a smaller reward scale
+    does (an average of sigmoids is close to a shallower sigmoid), so c can make up for most of
+    it. Returned: c and the Kullback-Leibler divergence, in nats per pair, from the truth's label
+    distribution to the alternative's over `num_pairs` fresh pairs; times the number of training
+    pairs, it is about how many nats of log-likelihood the whole training set has to tell the two
+    apart with (README, "Objectives")."""
+    rng = np.random.default_rng(seed)
+    a, b = (task.tag_counts(task.sample_responses(rng, num_pairs)) for _ in range(2))
+    p = task.preference_probability(a, b)
+
+    def divergence(scale: float) -> float:
+        other = replace(task, rewards=task.rewards * scale, personal_std=personal_std)
+        q = np.clip(other.preference_probability(a, b), 1e-300, 1 - 1e-16)
+        return float(np.mean(xlogy(p, p / q) + xlogy(1 - p, (1 - p) / (1 - q))))
+
+    best = minimize_scalar(divergence, bounds=(0.05, 20.0), method="bounded", options={"xatol": 1e-6})
+    return {"scale": float(best.x), "kl_per_pair": float(best.fun)}
 
 
 def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Tokenizer:
