@@ -4,9 +4,13 @@ objectives were introduced (tests/data/before_objectives.json, recorded then by 
 the same inputs: every logged loss, accuracy and learning rate, every evaluation, and a digest of
 every tensor of the saved model).
 
-Bit-for-bit comparisons hold on one kind of machine and torch build (the float rounding of the
-matrix products depends on the CPU's vector width): the file was made on this project's CPU
-machine with torch 2.13.0, and the test skips elsewhere.
+Bit-for-bit comparisons hold on one kind of machine and torch build: the float rounding of the
+matrix products depends on the CPU's vector width (the file was made with torch 2.13.0 on an AMD
+EPYC that rounds otherwise than the AVX2-only EPYC of 2026-12-02). So the numbers are compared in
+two steps: everywhere, every logged number to 1e-4 relative (float32 rounding through 12 steps
+moves them about 1e-6; a change of the loss moves them by far more); and bit for bit, with the
+saved model's digest, where every logged number comes out exactly as recorded, which says that
+the CPU rounds as the recording one did (the test says so when it skips).
 """
 import hashlib
 import json
@@ -44,8 +48,41 @@ def run_tiny_training(folder: Path, head: str, **options) -> dict:
     return {"metrics": metrics, "model_sha256": tensor_digest(out)}
 
 
-@pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0", reason="recorded with torch 2.13.0")
-@pytest.mark.parametrize("head,options", [("quantile", {"objective": "paper"}), ("scalar", {})])
-def test_runs_from_before_the_objectives_are_reproduced_bit_for_bit(tmp_path, head, options):
+RECORDED_WITH = pytest.mark.skipif(torch.__version__.split("+")[0] != "2.13.0", reason="recorded with torch 2.13.0")
+CASES = pytest.mark.parametrize("head,options", [("quantile", {"objective": "paper"}), ("scalar", {})])
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The two runs of today's minqr, each made once for both tests."""
+    made = {}
+
+    def run(head: str, options: dict) -> dict:
+        if head not in made:
+            made[head] = run_tiny_training(tmp_path_factory.mktemp(head), head, **options)
+        return made[head]
+
+    return run
+
+
+@RECORDED_WITH
+@CASES
+def test_runs_from_before_the_objectives_are_reproduced_to_float_rounding(runs, head, options):
+    recorded = json.loads(RECORDED.read_text())["runs"][head]["metrics"]
+    metrics = runs(head, options)["metrics"]
+    assert [sorted(row) for row in metrics] == [sorted(row) for row in recorded]
+    for row, expected in zip(metrics, recorded):
+        assert row == pytest.approx(expected, rel=1e-4, abs=1e-6), f"step {row['step']}"
+
+
+@RECORDED_WITH
+@CASES
+def test_runs_from_before_the_objectives_are_reproduced_bit_for_bit(runs, head, options):
     recorded = json.loads(RECORDED.read_text())["runs"][head]
-    assert run_tiny_training(tmp_path, head, **options) == recorded
+    made = runs(head, options)
+    differing = [(row, expected) for row, expected in zip(made["metrics"], recorded["metrics"]) if row != expected]
+    if differing:  # the float-rounding test above has compared them
+        row, expected = differing[0]
+        pytest.skip(f"this CPU rounds otherwise than the one that recorded {RECORDED.name}: step {row['step']} "
+                    f"logged {row} against {expected}; the bit-for-bit comparison needs that kind of CPU")
+    assert made["model_sha256"] == recorded["model_sha256"]
