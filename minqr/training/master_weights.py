@@ -10,7 +10,8 @@ bf16 weight; the forward and backward still run on bf16 weights and activations.
 
 Memory, per parameter: the bf16 weight and gradient (2 + 2 bytes), the float32 master and AdamW's
 two float32 moments (4 + 8): 16 bytes, as float32 training. While `step` runs, the masters also
-hold a float32 copy of the gradients (4 bytes more), dropped at its end.
+hold a float32 copy of the gradients (4 bytes more), dropped at its end. The gradients themselves
+are bf16 and add up in bf16 over the micro-batches of --grad-accum and over DDP's processes.
 
 With --fsdp the sharded float32 parameters are the masters and FSDP2 casts them to bf16 for the
 compute (minqr/training/distributed.py, shard_model); this class is for the unsharded model.
