@@ -1,12 +1,14 @@
 """minqr's Llama vs transformers' LlamaModel: one forward+backward of a Llama-shaped model on the CPU,
-and the peak memory of a training step with and without activation checkpointing.
+the peak memory of a training step with and without activation checkpointing, and that of AdamW
+steps with the weights in float32, in bfloat16, and in bfloat16 with float32 master weights.
 
 The shape is a small Llama (8 layers, width 512, 8 query heads over 2 key/value heads, SwiGLU 1408,
 vocabulary 32,000: 60M parameters), 4 x 128 tokens, float32, both models holding the same random
 weights (transformers with its default SDPA attention). After timing, minqr's hidden states are
 checked against transformers'. The last tests print the ratio, and the peak resident memory of a
 reward-model step at 8 x 512 tokens measured in fresh processes, with and without
-`gradient_checkpointing` (run with -s to see them).
+`gradient_checkpointing`, and at 2 x 128 tokens, where the weights, gradients and AdamW's state
+outweigh the activations, by --param-dtype and --master-weights (run with -s to see them).
 """
 import json
 import subprocess
@@ -26,6 +28,7 @@ B, T = 4, 128
 ROUNDS = 10  # a step is half a second: enough rounds for a steady median
 MEDIANS = {}  # implementation -> median seconds per step
 PEAKS = {}  # gradient checkpointing on/off -> peak resident MB
+PARAM_PEAKS = {}  # float32, bfloat16, bfloat16+master -> peak resident MB
 
 # one training step of a reward model in a fresh process; prints the process's peak resident memory
 MEMORY_STEP = """
@@ -39,6 +42,29 @@ backbone.gradient_checkpointing = sys.argv[2] == "on"
 model = RewardModel(backbone, HeadConfig.make("quantile", 10)).train()
 ids = torch.randint(32000, (8, 512))
 model(ids).mean().backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+# two AdamW steps of a reward model in a fresh process, its weights in argv[2] (with float32 masters
+# if argv[3] is "master"), as minqr/training/loop.py sets them up; prints the peak resident memory
+PARAM_DTYPE_STEPS = """
+import json, resource, sys, torch
+from minqr.models.head import HeadConfig
+from minqr.models.llama import Llama, LlamaConfig
+from minqr.models.reward import RewardModel
+from minqr.training.config import TrainConfig
+from minqr.training.optimizer import make_optimizer
+param_dtype, master_weights = sys.argv[2], sys.argv[3] == "master"
+torch.manual_seed(0)
+model = RewardModel(Llama(LlamaConfig(**json.loads(sys.argv[1]))), HeadConfig.make("quantile", 10))
+model = model.to(getattr(torch, param_dtype)).train()
+config = TrainConfig(param_dtype=param_dtype, master_weights=master_weights)
+optimizer = make_optimizer(model, config, torch.device("cpu"), master_weights=master_weights)
+ids = torch.randint(32000, (2, 128))
+for _ in range(2):
+    model(ids).float().mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 """
 
@@ -74,12 +100,29 @@ def test_peak_memory_of_a_step(checkpointing):
     PEAKS[checkpointing] = float(done.stdout.split()[-1])
 
 
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "bfloat16+master"])
+def test_peak_memory_by_parameter_dtype(mode):
+    param_dtype, _, master = mode.partition("+")
+    done = subprocess.run([sys.executable, "-c", PARAM_DTYPE_STEPS, json.dumps({"model_type": "llama", **SHAPE}),
+                           param_dtype, master or "plain"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    PARAM_PEAKS[mode] = float(done.stdout.split()[-1])
+
+
 def test_report(capsys):
-    if len(MEDIANS) < 2 or len(PEAKS) < 2:
-        pytest.skip("needs the timings and the memory measurements above (run the whole file)")
+    """What the tests above measured (those that ran)."""
+    lines = []
+    if len(MEDIANS) == 2:
+        lines.append(f"llama 60M fwd+bwd eager, medians: minqr {MEDIANS['minqr']:.3f} s, transformers "
+                     f"{MEDIANS['transformers']:.3f} s, transformers/minqr = {MEDIANS['transformers'] / MEDIANS['minqr']:.2f}x")
+    if len(PEAKS) == 2:
+        lines.append(f"peak resident memory of a reward-model step at 8x512 tokens: {PEAKS['off']:.0f} MB, with "
+                     f"gradient checkpointing {PEAKS['on']:.0f} MB ({PEAKS['off'] / PEAKS['on']:.2f}x less)")
+    if len(PARAM_PEAKS) == 3:
+        lines.append("peak resident memory of two AdamW steps at 2x128 tokens: "
+                     + ", ".join(f"{mode} {mb:.0f} MB" for mode, mb in PARAM_PEAKS.items()))
+    if not lines:
+        pytest.skip("needs the measurements above (run the whole file)")
     with capsys.disabled():
         print()
-        print(f"llama 60M fwd+bwd eager, medians: minqr {MEDIANS['minqr']:.3f} s, "
-              f"transformers {MEDIANS['transformers']:.3f} s, transformers/minqr = {MEDIANS['transformers'] / MEDIANS['minqr']:.2f}x")
-        print(f"peak resident memory of a reward-model step at 8x512 tokens: {PEAKS['off']:.0f} MB, with "
-              f"gradient checkpointing {PEAKS['on']:.0f} MB ({PEAKS['off'] / PEAKS['on']:.2f}x less)")
+        print("\n".join(lines))

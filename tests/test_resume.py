@@ -199,13 +199,13 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
 
 def test_a_run_made_before_newer_options_resumes(inputs, tmp_path, monkeypatch, straight_run):
     """A checkpoint whose config predates options added since (dropout, fsdp, param_dtype,
-    grad_checkpoint, report_to) resumes: a missing option counts as its default there."""
+    master_weights, grad_checkpoint, report_to) resumes: a missing option counts as its default there."""
     out = tmp_path / "run"
     options = resume_options(inputs, out)
     train_until_checkpoint(options, 4, monkeypatch)
     config_file = out / "checkpoint" / "config.json"
     config = json.loads(config_file.read_text())
-    for newer in ("dropout", "fsdp", "param_dtype", "grad_checkpoint", "report_to"):
+    for newer in ("dropout", "fsdp", "param_dtype", "master_weights", "grad_checkpoint", "report_to"):
         del config[newer]
     config_file.write_text(json.dumps(config))
     result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])

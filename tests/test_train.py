@@ -110,7 +110,7 @@ def test_help_lists_every_option():
                    "--head-lr-scale", "--head-weight-decay", "--center-coef", "--lm-coef",
                    "--model", "--data", "--eval-data", "--out", "--max-length", "--batch-size", "--grad-accum",
                    "--lr", "--weight-decay", "--warmup", "--epochs", "--max-steps", "--eval-every",
-                   "--save-every", "--seed", "--device", "--dtype", "--compile", "--resume",
+                   "--save-every", "--seed", "--device", "--dtype", "--param-dtype", "--master-weights", "--compile", "--resume",
                    "--no-shared-prefix", "--skip-bad", "--demo"]:
         assert option in result.output, option
 
@@ -199,27 +199,30 @@ def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_pa
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 401))
 
 
-def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"param_dtype": "bfloat16", "master_weights": True}])
+def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch, extra):
     """A step whose loss (computed before it) is finite can still leave weights that are not: here the
-    optimizer's step is made to blow one weight up at step 3. The run stops before anything is saved,
+    optimizer's step is made to blow one weight up at step 3 (with --master-weights, its float32
+    master, which the step rounds into the bf16 weight). The run stops before anything is saved,
     and the checkpoint of step 2 stays as it was."""
     real_make_optimizer = minqr.training.loop.make_optimizer
 
-    def blowing_up(model, config, device):
-        optimizer = real_make_optimizer(model, config, device)
+    def blowing_up(model, config, device, **options):
+        optimizer = real_make_optimizer(model, config, device, **options)
+        head = optimizer.param_groups[2]["params"][0]  # the head's weight, or its master
 
-        def after_step(optimizer, args, kwargs):
-            if optimizer.state[model.score.weight]["step"] == 3:
+        def before_step(optimizer, args, kwargs):
+            if optimizer.state[head].get("step") == 2:
                 with torch.no_grad():
-                    model.score.weight[0, 0] = float("inf")
+                    head[0, 0] = float("inf")
 
-        optimizer.register_step_post_hook(after_step)
+        optimizer.register_step_pre_hook(before_step)
         return optimizer
 
     monkeypatch.setattr(minqr.training.loop, "make_optimizer", blowing_up)
     out = tmp_path / "run"
     with pytest.raises(MinqrError) as stopped:
-        train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1)), progress=False)
+        train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1, **extra)), progress=False)
     assert str(stopped.value) == (
         "training diverged at step 3: the weights are not finite after the optimizer step (score.weight); "
         f"stopped. The last good checkpoint, of step 2, stays in {out / 'checkpoint'}. Lower --lr (now 0.003) "

@@ -111,6 +111,11 @@ class TrainConfig:
                               "bfloat16 halves that memory (8 bytes a parameter instead of 16) but rounds away "
                               "updates smaller than about 1/256 of a weight; the objectives still compute in "
                               "float32", ("float32", "bfloat16"))
+    master_weights: bool = option(False, "with --param-dtype bfloat16: the optimizer keeps a float32 copy of each "
+                                  "weight and steps AdamW on it; the bf16 weight is its rounding. The weights and "
+                                  "gradients stay bf16 (2 + 2 bytes), the copy and AdamW's float32 moments add "
+                                  "4 + 8: 16 bytes a parameter, as float32 training, but the matrix products and "
+                                  "activations stay bf16 and updates smaller than 1/256 of a weight are not lost")
     compile: bool = option(False, "torch.compile the backbone (faster steps after a slow first one)")
     resume: bool = option(False, "continue the run in --out from its checkpoint/: give the same "
                           "options as the first time, plus --resume", in_file=False)
@@ -168,6 +173,9 @@ class TrainConfig:
             problems.append(f"--max-steps must be at least 1 (got {self.max_steps})")
         if self.fsdp and (self.compile or self.lm_coef > 0):
             problems.append("--fsdp goes without --compile and --lm-coef for now (neither was tested sharded)")
+        if self.master_weights and self.param_dtype != "bfloat16":
+            problems.append(f"--master-weights keeps float32 copies of bfloat16 weights: it needs --param-dtype "
+                            f"bfloat16 (got {self.param_dtype}, whose weights are their own masters)")
         if self.batch_size % self.grad_accum:
             problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
         if problems:

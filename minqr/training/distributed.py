@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from minqr.device import resolve_device
@@ -90,14 +90,21 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
 
 # ---- FSDP2 ----------------------------------------------------------------------------------------
 
-def shard_model(model) -> None:
+def shard_model(model, compute_dtype: torch.dtype | None = None) -> None:
     """Shard a RewardModel in place over the process group with FSDP2: one unit per block, then the
     root. The training and evaluation enter the model through `pair_loss`, not `forward`, so that
     method is registered to gather the root's parameters (embeddings, final norm, head) as forward
-    does."""
+    does.
+
+    With `compute_dtype` (bfloat16 for --master-weights) the sharded parameters, their gradients and
+    AdamW's state stay in the model's float32 (they are the master weights); each unit gathers its
+    parameters cast to compute_dtype for the forward and backward, and the gradients are reduced and
+    kept in float32 (FSDP2's MixedPrecisionPolicy)."""
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
+        else MixedPrecisionPolicy()
     for block in model.transformer.blocks:
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "pair_loss")
 
 

@@ -46,6 +46,7 @@ from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, shard_model, start_processes,
                                         stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
+from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.objective import PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
@@ -158,10 +159,16 @@ class _Run:
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
-        self.model = model.to(procs.device, getattr(torch, config.param_dtype)).train()
-        if config.fsdp:
-            shard_model(self.model)  # before the optimizer, which must hold the sharded parameters
-        self.optimizer = make_optimizer(self.model, config, procs.device)
+        # --master-weights: float32 copies of the bf16 weights are what AdamW steps on. Sharded, they are
+        # the parameters themselves, kept float32, and FSDP2 casts them to bf16 for the compute;
+        # unsharded, the optimizer holds them (MasterWeightAdamW).
+        param_dtype = getattr(torch, config.param_dtype)
+        sharded_masters = config.fsdp and config.master_weights
+        self.model = model.to(procs.device, torch.float32 if sharded_masters else param_dtype).train()
+        if config.fsdp:  # before the optimizer, which must hold the sharded parameters
+            shard_model(self.model, compute_dtype=param_dtype if sharded_masters else None)
+        self.optimizer = make_optimizer(self.model, config, procs.device,
+                                        master_weights=config.master_weights and not config.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
         self.step, self.position = 0, DataPosition()
@@ -390,7 +397,10 @@ class _Run:
         if not math.isfinite(loss_value):
             raise self._diverged(f"the loss is {loss_value}")
         if config.max_grad_norm > 0:
-            grad_norm = float(full_value(nn.utils.clip_grad_norm_(self.model.parameters(), config.max_grad_norm)))
+            # with master weights, their float32 copies of the gradients: the norm and the scaling in float32
+            clipped = self.optimizer.float32_gradients() if isinstance(self.optimizer, MasterWeightAdamW) \
+                else self.model.parameters()
+            grad_norm = float(full_value(nn.utils.clip_grad_norm_(clipped, config.max_grad_norm)))
             if not math.isfinite(grad_norm):
                 raise self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.optimizer.param_groups[0]["lr"]
@@ -500,7 +510,7 @@ class _Run:
             if self.model.response_bag is not None:
                 whole.add_response_bag()
         whole.load_state_dict(state, assign=True)
-        return whole
+        return whole.to(getattr(torch, self.config.param_dtype))  # --master-weights: the masters' bf16 rounding
 
     def _save_model(self, model: RewardModel, final_eval: dict | None) -> None:
         reward_stats = None if final_eval is None else {

@@ -6,6 +6,7 @@ import torch
 
 from minqr.models.reward import RewardModel
 from minqr.training.config import TrainConfig
+from minqr.training.master_weights import MasterWeightAdamW
 
 
 def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -16,7 +17,10 @@ def learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> floa
     return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device,
+                   master_weights: bool = False) -> torch.optim.AdamW:
+    """AdamW over the model's parameters in three groups; with `master_weights`, on float32 copies
+    of them (minqr/training/master_weights.py)."""
     # Decay pulls weights towards 0: right for matrices, wrong for biases and layer-norm gains
     # (whose neutral value is 1), which are the 1-dimensional parameters. The head has its own
     # learning rate and decay (--head-lr-scale, --head-weight-decay): its N rows must move apart,
@@ -26,4 +30,5 @@ def make_optimizer(model: RewardModel, config: TrainConfig, device: torch.device
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
               {"params": [head], "weight_decay": config.head_weight_decay, "lr": config.lr * config.head_lr_scale}]
-    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda")
+    adamw = MasterWeightAdamW if master_weights else torch.optim.AdamW
+    return adamw(groups, lr=config.lr, fused=device.type == "cuda")
