@@ -45,7 +45,8 @@ class Objective:
     # The training settings the objective needs unless told otherwise (minqr.training.loop.TrainConfig):
     # the response bag-of-words auxiliary's weight, the head's learning rate over the backbone's,
     # and the head's weight decay (None: the backbone's).
-    training: dict = field(default_factory=lambda: {"bag_coef": 0.0, "head_lr_scale": 1.0, "head_weight_decay": None})
+    training: dict = field(default_factory=lambda: {"bag_coef": 0.0, "head_lr_scale": 1.0, "head_weight_decay": None,
+                                                    "ema_window": 0.0})
     default_outputs: int = 1  # N when none is given
 
 
@@ -53,7 +54,7 @@ class Objective:
 # where the truth is known (README, "Objectives"): the pooled state must keep every token of its
 # response (the bag-of-words auxiliary, RewardModel.response_bag_loss), and the head's rows, which
 # start apart and must move further apart, learn faster than the backbone and are not decayed.
-DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0}
+DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0, "ema_window": 1 / 3}
 # N kinds of equal weight 1/N can only put a group's share in steps of 1/N, and need several kinds
 # per group for the spread within it: 20 did what 10 could not on a task with a 75/25 split (README).
 DISTRIBUTIONAL_OUTPUTS = 20

@@ -42,6 +42,7 @@ from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
+from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, shard_model, start_processes,
                                         stop_processes)
@@ -171,6 +172,8 @@ class _Run:
                                         master_weights=config.master_weights and not config.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
+        self.average = WeightAverage(self.model, 1 - 1 / max(config.ema_window * self.total_steps, 1),
+                                     self.warmup_steps) if config.ema_window > 0 else None
         self.step, self.position = 0, DataPosition()
         self.saved_step = None  # the step of the checkpoint on disk
         # Each process draws its own dropout masks.
@@ -280,10 +283,12 @@ class _Run:
 
     def _restore(self, checkpoint) -> None:
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
-            load_shards(checkpoint.folder, self.model, self.optimizer)
+            load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:
             self.model.load_state_dict(checkpoint.model)
             self.optimizer.load_state_dict(checkpoint.optimizer)
+            if self.average:
+                self.average.load_state_dict(checkpoint.average)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.step, self.position = checkpoint.step, checkpoint.position
         self.saved_step = checkpoint.step
@@ -324,6 +329,8 @@ class _Run:
                 log.close()
         if final_eval is None and self.eval_pairs is not None:  # resumed from the final checkpoint
             final_eval = self._evaluate()
+        if self.average:  # the model to save is the average, which the last evaluation scored
+            self.average.copy_into_model()
         self._check_weights()
         model = self._whole_model()
         if procs.is_main:
@@ -405,6 +412,8 @@ class _Run:
                 raise self._diverged(f"the gradient norm is {grad_norm}")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        if self.average:
+            self.average.update(self.step + 1)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - started
@@ -422,7 +431,7 @@ class _Run:
     def _check_weights(self) -> None:
         """Before anything is saved: every weight must be finite. A finite loss does not make the
         step after it good (a learning rate of inf turns every weight into NaN)."""
-        named = list(self.model.named_parameters())
+        named = list(self.model.named_parameters()) + (self.average.named_averages() if self.average else [])
         bad_here = [float(not torch.isfinite(local(p)).all()) for _, p in named]
         # sharded (--fsdp), each process sees its shards only: all of them must agree
         bad_anywhere = self.procs.all_sum(bad_here) if self.config.fsdp else bad_here
@@ -431,10 +440,17 @@ class _Run:
             more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
             raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
 
-    @torch.no_grad()
     def _evaluate(self) -> dict:
-        """Held-out metrics over all processes; each process scores every world_size-th batch, or,
-        sharded (--fsdp), every batch, since each forward is then a collective that all take part in."""
+        """Held-out metrics of the model, or of its weight average where the run keeps one."""
+        if self.average is None:
+            return self._held_out_metrics()
+        with self.average.swapped_in():
+            return self._held_out_metrics()
+
+    @torch.no_grad()
+    def _held_out_metrics(self) -> dict:
+        """Over all processes; each process scores every world_size-th batch, or, sharded (--fsdp),
+        every batch, since each forward is then a collective that all take part in."""
         config, procs = self.config, self.procs
         self.model.eval()
         totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
@@ -486,12 +502,13 @@ class _Run:
             rng_states = [None] * self.procs.world_size
             dist.all_gather_object(rng_states, capture_rng_state())
         # sharded: every process writes its shards into the folder that process 0 is filling
-        write_shards = (lambda folder: save_shards(self.procs.broadcast(folder), self.model, self.optimizer)) \
-            if self.config.fsdp else None
+        write_shards = (lambda folder: save_shards(self.procs.broadcast(folder), self.model, self.optimizer,
+                                                   self.average)) if self.config.fsdp else None
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
-                            config=asdict(self.config), compute=self.compute, write_shards=write_shards)
+                            config=asdict(self.config), compute=self.compute,
+                            average=self.average.state_dict() if self.average else None, write_shards=write_shards)
         elif write_shards:
             write_shards(None)
         self.saved_step = self.step

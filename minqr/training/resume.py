@@ -62,6 +62,7 @@ class Checkpoint:
     rng_states: list  # one per process, indexed by rank
     config: dict
     compute: dict  # {"device": device type, "dtype": compute dtype, "compile": bool} of the run
+    average: dict | None = None  # the weight average (--ema-decay), None without one or sharded
 
 
 def capture_rng_state() -> dict:
@@ -97,7 +98,7 @@ def restore_rng_state(state: dict) -> None:
 
 def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict,
-                    compute: dict, write_shards=None) -> Path:
+                    compute: dict, average: dict | None = None, write_shards=None) -> Path:
     """Write `out/checkpoint/` atomically, replacing the previous one only once complete. With
     `write_shards` (--fsdp), the model and optimizer are not in state.pt: `write_shards(folder)`
     writes them into the new checkpoint's folder, with every process taking part (`save_shards`)."""
@@ -107,6 +108,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "position": asdict(position),
         "model": None if write_shards else model.state_dict(),
         "optimizer": None if write_shards else optimizer.state_dict(),
+        "average": None if write_shards else average,
         "scheduler": scheduler.state_dict(),
         "rng_states": rng_states,
         "compute": compute,
@@ -121,17 +123,20 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
     return folder
 
 
-def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """The model and optimizer of a sharded (FSDP2) run into folder/shards: each process writes
-    its own shards (a collective: every process calls it, with the same folder)."""
+def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None) -> None:
+    """The model, optimizer and weight average (if any) of a sharded (FSDP2) run into folder/shards:
+    each process writes its own shards (a collective: every process calls it, with the same folder)."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(folder) / SHARDS_DIR)
+    averages = {} if average is None else {"average": average.state_dict()}
+    dcp.save({"model": model_state, "optimizer": optimizer_state, **averages}, checkpoint_id=Path(folder) / SHARDS_DIR)
 
 
-def load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Undo `save_shards` into a model sharded and an optimizer made as when they were saved."""
+def load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None) -> None:
+    """Undo `save_shards` into a model sharded, an optimizer and an average made as when they were saved."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    if average is not None:
+        state["average"] = average.state_dict()  # its tensors, which dcp.load fills in place
     dcp.load(state, checkpoint_id=Path(folder) / SHARDS_DIR)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -172,6 +177,7 @@ def load_checkpoint(out) -> Checkpoint:
             folder=folder, step=state["step"], position=DataPosition(**state["position"]),
             model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
             rng_states=state["rng_states"], config=config, compute=state["compute"],
+            average=state.get("average"),  # absent from the checkpoints of runs before --ema-decay
         )
     except KeyError as e:  # a state.pt of another layout
         raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "

@@ -1,0 +1,129 @@
+"""The weight average (--ema-window, minqr/training/averaging.py): the update against the formula
+written out in float64, the swap in and out, a training run whose saved model is the average of
+the weights it went through, and the option's checks. Resuming with an average is bit-identical:
+tests/test_resume.py and tests/test_fsdp.py train the mixture head, which averages by default."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_resume import resume_options, train_until_checkpoint
+from test_train import as_argv, load_cli, tiny_options, write_run_inputs
+
+import minqr.training.loop
+from minqr import MinqrError, RewardModel
+from minqr.training.averaging import WeightAverage
+from minqr.training.config import TrainConfig
+from minqr.training.loop import train
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_run_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+def test_the_average_is_the_formula_in_float64():
+    """A copy up to start_step, then a <- d a + (1 - d) w after every step; in float32 (also for
+    bf16 weights)."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        model = torch.nn.Linear(5, 3).to(dtype)
+        decay, start = 0.8, 2
+        average = WeightAverage(model, decay, start_step=start)
+        reference = [p.detach().double().clone() for p in model.parameters()]
+        for step in range(1, 9):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.add_(torch.randn_like(p))
+            average.update(step)
+            for i, p in enumerate(model.parameters()):
+                w = p.detach().double()
+                reference[i] = w.clone() if step <= start else decay * reference[i] + (1 - decay) * w
+        assert all(a.dtype == torch.float32 for a in average.averages)
+        for got, want in zip(average.averages, reference):
+            torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_swapped_in_puts_the_average_in_and_the_weights_back():
+    torch.manual_seed(1)
+    model = torch.nn.Linear(4, 2)
+    average = WeightAverage(model, 0.5, start_step=0)
+    own = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for a in average.averages:
+            a.add_(1.0)
+    with pytest.raises(RuntimeError, match="inside"):
+        with average.swapped_in():
+            for p, a in zip(model.parameters(), average.averages):
+                assert torch.equal(p, a)
+            raise RuntimeError("inside")
+    for p, o in zip(model.parameters(), own):
+        assert torch.equal(p, o)  # bit for bit, even after an error inside
+
+
+def test_a_run_saves_the_average_of_the_weights_it_went_through(inputs, tmp_path, monkeypatch):
+    """Two runs of the same seed, with and without the average, go through the same weights (the
+    average does not feed back into training). The weights of the one without, recorded after every
+    optimizer step and averaged here in float64, are the other's saved model."""
+    steps, window, warmup = 12, 0.5, 0.1
+    recorded, real_make_optimizer = [], minqr.training.loop.make_optimizer
+
+    def recording(model, config, device, **options):
+        optimizer = real_make_optimizer(model, config, device, **options)
+        optimizer.register_step_post_hook(lambda *_: recorded.append(
+            {name: p.detach().double().clone() for name, p in model.named_parameters()}))
+        return optimizer
+
+    monkeypatch.setattr(minqr.training.loop, "make_optimizer", recording)
+    options = dict(max_steps=steps, warmup=warmup, eval_every=0, save_every=0)
+    train(TrainConfig(**tiny_options(inputs, tmp_path / "plain", ema_window=0.0, **options)), progress=False)
+    monkeypatch.setattr(minqr.training.loop, "make_optimizer", real_make_optimizer)
+    train(TrainConfig(**tiny_options(inputs, tmp_path / "averaged", ema_window=window, **options)), progress=False)
+    assert len(recorded) == steps
+
+    decay, start = 1 - 1 / (window * steps), round(warmup * steps)
+    reference = {}
+    for step, weights in enumerate(recorded, start=1):
+        reference = {name: w if step <= start else decay * reference[name] + (1 - decay) * w
+                     for name, w in weights.items()}
+    saved = dict(RewardModel.from_pretrained(tmp_path / "averaged").named_parameters())
+    plain = dict(RewardModel.from_pretrained(tmp_path / "plain").named_parameters())
+    assert set(saved) <= set(reference)  # the response-bag layer is averaged too, but not saved
+    for name, p in saved.items():
+        torch.testing.assert_close(p.detach().double(), reference[name], rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(plain[name].detach().double(), recorded[-1][name], rtol=0, atol=0, msg=name)
+    assert not torch.equal(saved["score.weight"], plain["score.weight"])
+    metrics = [json.loads(line) for line in (tmp_path / "averaged" / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite([m["eval_loss"] for m in metrics if "eval_loss" in m]).all()
+
+
+def test_defaults_and_checks(inputs, tmp_path):
+    def config(**options):
+        return TrainConfig(**tiny_options(inputs, tmp_path / "run", **options))
+
+    assert config().ema_window == pytest.approx(1 / 3)  # mixture, the default quantile objective
+    assert config(objective="independent").ema_window == pytest.approx(1 / 3)
+    assert config(objective="paper").ema_window == 0 and config(head="scalar").ema_window == 0
+    assert config(head="scalar", ema_window=0.25).ema_window == 0.25
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(MinqrError) as error:
+            config(ema_window=bad)
+        assert str(error.value) == (f"--ema-window is a fraction of the steps in [0, 1], 0 for no averaging "
+                                    f"(got {bad})")
+
+
+def test_a_run_from_before_the_average_resumes_only_without_it(inputs, tmp_path, monkeypatch):
+    """A checkpoint whose config has no ema_window was made by a minqr that did not average: resuming
+    it with the mixture's default average would change the run, and --resume says so."""
+    out = tmp_path / "run"
+    options = resume_options(inputs, out)
+    train_until_checkpoint(options, 4, monkeypatch)
+    config_file = out / "checkpoint" / "config.json"
+    config = json.loads(config_file.read_text())
+    del config["ema_window"]
+    config_file.write_text(json.dumps(config))
+    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    assert result.exit_code == 1
+    assert ("--resume: options differ from the run being resumed: --ema-window 0.3333333333333333 (the run has "
+            "0.0)") in result.output
