@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 from test_resume import resume_options, train_until_checkpoint
 from test_train import as_argv, load_cli, tiny_options, write_run_inputs
 
@@ -16,6 +17,7 @@ from minqr import MinqrError, RewardModel
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
+from minqr.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,35 @@ def test_a_run_saves_the_average_of_the_weights_it_went_through(inputs, tmp_path
     assert np.isfinite([m["eval_loss"] for m in metrics if "eval_loss" in m]).all()
 
 
+def test_evaluating_the_average_does_not_change_the_training(inputs, tmp_path):
+    """An evaluation after every step swaps the average in and the weights out again each time: the
+    run goes through the weights of a run that evaluates only at its end."""
+    for every in (0, 1):
+        train(TrainConfig(**tiny_options(inputs, tmp_path / str(every), eval_every=every, save_every=0)),
+              progress=False)
+    losses = [[m["loss"] for m in read_metrics(tmp_path / str(every) / "metrics.jsonl") if "loss" in m]
+              for every in (0, 1)]
+    assert losses[0] == losses[1]
+    saved = [load_file(tmp_path / str(every) / "model.safetensors") for every in (0, 1)]
+    assert all(torch.equal(saved[0][name], saved[1][name]) for name in saved[0])
+
+
+def test_with_master_weights_the_masters_are_averaged():
+    """The sources of the average can be other tensors than the weights (the float32 masters of bf16
+    weights); the average is swapped into the weights, rounded."""
+    model = torch.nn.Linear(3, 2).to(torch.bfloat16)
+    masters = {p: p.detach().float() + 1e-3 for p in model.parameters()}  # finer than bf16 holds
+    average = WeightAverage(model, 0.5, start_step=0, sources=masters)
+    for master in masters.values():
+        master.add_(1e-3)
+    average.update(1)
+    for p, a in zip(model.parameters(), average.averages):
+        torch.testing.assert_close(a, p.detach().float() + 1.5e-3, rtol=0, atol=1e-7)
+    with average.swapped_in():
+        for p, a in zip(model.parameters(), average.averages):
+            assert torch.equal(p, a.to(torch.bfloat16))
+
+
 def test_defaults_and_checks(inputs, tmp_path):
     def config(**options):
         return TrainConfig(**tiny_options(inputs, tmp_path / "run", **options))
@@ -106,11 +137,11 @@ def test_defaults_and_checks(inputs, tmp_path):
     assert config(objective="independent").ema_window == pytest.approx(1 / 3)
     assert config(objective="paper").ema_window == 0 and config(head="scalar").ema_window == 0
     assert config(head="scalar", ema_window=0.25).ema_window == 0.25
-    for bad in (-0.1, 1.5, float("nan")):
+    for bad in (-0.1, 0.6, float("nan")):
         with pytest.raises(MinqrError) as error:
             config(ema_window=bad)
-        assert str(error.value) == (f"--ema-window is a fraction of the steps in [0, 1], 0 for no averaging "
-                                    f"(got {bad})")
+        assert str(error.value) == (f"--ema-window is a share of the steps in [0, 0.5], 0 for no averaging (got {bad}): "
+                                    "a longer window would keep too much of the weights at the end of the warm-up")
 
 
 def test_a_run_from_before_the_average_resumes_only_without_it(inputs, tmp_path, monkeypatch):
@@ -125,5 +156,7 @@ def test_a_run_from_before_the_average_resumes_only_without_it(inputs, tmp_path,
     config_file.write_text(json.dumps(config))
     result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
     assert result.exit_code == 1
-    assert ("--resume: options differ from the run being resumed: --ema-window 0.3333333333333333 (the run has "
-            "0.0)") in result.output
+    assert ("--resume: options differ from the run being resumed: --ema-window 0.3333333333333333 (the run was "
+            "made before --ema-window existed, which is 0.0 for it: add --ema-window 0.0)") in result.output
+    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume", "--ema-window", "0"])
+    assert result.exit_code == 0, result.output

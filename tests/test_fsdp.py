@@ -17,7 +17,9 @@ from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
 
-OPTIONS = dict(max_steps=6, batch_size=8, eval_every=3, save_every=3, device="cpu")
+# evaluations between the checkpoints too: the mixture head's weight average is swapped into the
+# shards for each, and out again, which the next training step must not notice
+OPTIONS = dict(max_steps=6, batch_size=8, eval_every=2, save_every=3, device="cpu")
 # kills process 0 when it is about to write the checkpoint of step 6 (the one of step 3 is whole)
 KILLER = """
 import os, runpy, signal, sys
@@ -67,7 +69,7 @@ def test_two_sharded_processes_match_one_process_and_resume_bit_for_bit(inputs, 
     argv = as_argv(tiny_options(inputs, sharded, **OPTIONS, grad_accum=2, fsdp=True))
     torchrun(ROOT / "tools" / "train.py", argv)
     got = assert_same_run(sharded, single)  # and one ordinary Hugging Face folder, whole
-    assert len(got) == 6 + 2
+    assert len(got) == 6 + 3  # steps and evaluations
     assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == ["config.json", "shards", "state.pt"]
     assert torch.load(sharded / "checkpoint" / "state.pt", weights_only=True)["model"] is None
 

@@ -214,7 +214,8 @@ def test_a_run_made_before_newer_options_resumes(inputs, tmp_path, monkeypatch, 
     # a newer option set away from its default is a change like any other
     config_file.write_text(json.dumps(config))
     result = CliRunner().invoke(load_cli(), [*as_argv({**options, "param_dtype": "bfloat16"}), "--resume"])
-    assert result.exit_code == 1 and "--param-dtype 'bfloat16' (the run has 'float32')" in result.output
+    assert result.exit_code == 1 and ("--param-dtype 'bfloat16' (the run was made before --param-dtype existed, "
+                                      "which is 'float32' for it: add --param-dtype 'float32')") in result.output
 
 
 @pytest.mark.parametrize("damage", ["state.pt cut short", "config.json not JSON", "state.pt of another layout"])

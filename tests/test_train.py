@@ -199,13 +199,14 @@ def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_pa
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 401))
 
 
-@pytest.mark.parametrize("extra", [{}, {"param_dtype": "bfloat16", "master_weights": True}])
-def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch, extra):
+@pytest.mark.parametrize("extra,more", [({}, ""), ({"param_dtype": "bfloat16", "master_weights": True}, ""),
+                                        ({"ema_window": 0.5}, " and 1 more tensor")])
+def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch, extra, more):
     """A step whose loss (computed before it) is finite can still leave weights that are not: here the
     optimizer's step is made to blow one weight up at step 3 (with --master-weights, its float32
-    master, which the step rounds into the bf16 weight), and the weight average (the mixture head's
-    --ema-decay) takes it in. The run stops before anything is saved, and the checkpoint of step 2
-    stays as it was."""
+    master, which the step rounds into the bf16 weight; with a weight average, which takes it in, the
+    average too: 4 steps average over a window of 2 at most). The run stops before anything is saved,
+    and the checkpoint of step 2 stays as it was."""
     real_make_optimizer = minqr.training.loop.make_optimizer
 
     def blowing_up(model, config, device, **options):
@@ -225,8 +226,7 @@ def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypat
     with pytest.raises(MinqrError) as stopped:
         train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1, **extra)), progress=False)
     assert str(stopped.value) == (
-        "training diverged at step 3: the weights are not finite after the optimizer step (score.weight and 1 more "
-        "tensors); "
+        f"training diverged at step 3: the weights are not finite after the optimizer step (score.weight{more}); "
         f"stopped. The last good checkpoint, of step 2, stays in {out / 'checkpoint'}. Lower --lr (now 0.003) "
         "and train again")
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2

@@ -25,22 +25,25 @@ import torch
 class WeightAverage:
     """The exponential moving average of `model`'s trainable parameters (module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float, start_step: int):
+    def __init__(self, model: torch.nn.Module, decay: float, start_step: int, sources: dict | None = None):
+        """`sources` (optional) maps a weight to the tensor to average in its place: the float32
+        master of a bf16 weight (--master-weights), finer than the weight's rounding."""
         if not 0 <= decay < 1:
             raise ValueError(f"decay must lie in [0, 1), got {decay}")
         self.decay, self.start_step = decay, start_step
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         self.names = [name for name, _ in named]
         self.weights = [p for _, p in named]
-        self.averages = [p.detach().to(torch.float32, copy=True) for p in self.weights]
+        self.sources = [sources[p] if sources else p for p in self.weights]
+        self.averages = [s.detach().to(torch.float32, copy=True) for s in self.sources]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
         """After the optimizer step that ends step `step` (counted from 1): a copy during the
         warm-up, the moving average after it."""
         decay = self.decay if step > self.start_step else 0.0
-        for average, weight in zip(self.averages, self.weights):
-            average.lerp_(weight.detach().float(), 1 - decay)  # average + (1 - decay) (weight - average)
+        for average, source in zip(self.averages, self.sources):
+            average.lerp_(source.detach().float(), 1 - decay)  # average + (1 - decay) (source - average)
 
     @contextmanager
     def swapped_in(self):

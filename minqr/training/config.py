@@ -52,10 +52,10 @@ class TrainConfig:
     head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: 0 for mixture and "
                                              "independent, else --weight-decay]")
     ema_window: float | None = option(None, "average the weights: an exponential moving average whose time constant "
-                                      "is this fraction of the run's steps (1/3: about the last third), from the end "
-                                      "of the warm-up on, is what evaluation uses and what is saved "
-                                      "(minqr/training/averaging.py); 0: off [default: 1/3 for mixture and "
-                                      "independent, else 0]")
+                                      "is this share of the run's steps, at most 0.5, from the end of the warm-up on, "
+                                      "is what evaluation uses and what is saved (minqr/training/averaging.py; at 1/3 "
+                                      "the last third of the steps carries 63% of its weight); 0: off [default: 1/3 "
+                                      "for mixture and independent, else 0]")
     center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
                                 "expected rewards (e.g. 0.01)")
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
@@ -172,8 +172,9 @@ class TrainConfig:
                             "learning rate each step, and float32 overflows beyond")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             problems.append(f"--dropout is a probability in [0, 1) (got {self.dropout})")
-        if not 0 <= self.ema_window <= 1:
-            problems.append(f"--ema-window is a fraction of the steps in [0, 1], 0 for no averaging (got {self.ema_window})")
+        if not 0 <= self.ema_window <= 0.5:
+            problems.append(f"--ema-window is a share of the steps in [0, 0.5], 0 for no averaging (got {self.ema_window}): "
+                            "a longer window would keep too much of the weights at the end of the warm-up")
         if not 0 <= self.warmup < 1:
             problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
         if self.max_steps is not None and self.max_steps < 1:
@@ -189,10 +190,10 @@ class TrainConfig:
             raise MinqrError("; ".join(problems))
 
     @classmethod
-    def defaults(cls) -> dict:
-        """Every option's default, as a run made before the option existed had it (--resume counts a
-        missing option as this): the field's default, but ema_window 0, since those runs did not
-        average, whatever the objective."""
+    def older_run_defaults(cls) -> dict:
+        """What a run made before an option existed had for it (--resume counts a missing option as
+        this): the field's default, but ema_window 0, since those runs did not average, whatever the
+        objective."""
         return {f.name: f.default for f in fields(cls)} | {"ema_window": 0.0}
 
     def head_config(self) -> HeadConfig:

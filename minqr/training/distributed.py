@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor
 
 from minqr.device import resolve_device
@@ -106,6 +106,16 @@ def shard_model(model, compute_dtype: torch.dtype | None = None) -> None:
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     register_fsdp_forward_method(model, "pair_loss")
+
+
+def reshard(model) -> None:
+    """Drop every FSDP2 unit's gathered parameters, so that the next forward gathers the shards
+    anew. Needed after writing into the shards between forwards (the weight average swapped in for
+    an evaluation, and out again): the root unit keeps what it gathered through a forward that no
+    backward follows, and would compute with that."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

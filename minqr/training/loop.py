@@ -44,8 +44,8 @@ from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
-from minqr.training.distributed import (Processes, full_state_dict, full_value, local, shard_model, start_processes,
-                                        stop_processes)
+from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
+                                        start_processes, stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
@@ -172,8 +172,7 @@ class _Run:
                                         master_weights=config.master_weights and not config.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
-        self.average = WeightAverage(self.model, 1 - 1 / max(config.ema_window * self.total_steps, 1),
-                                     self.warmup_steps) if config.ema_window > 0 else None
+        self.average = self._weight_average()
         self.step, self.position = 0, DataPosition()
         self.saved_step = None  # the step of the checkpoint on disk
         # Each process draws its own dropout masks.
@@ -199,7 +198,7 @@ class _Run:
                                  "--save-every steps, and this one was stopped before its first): start it afresh "
                                  "with --overwrite instead of --resume")
             checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config), TrainConfig.defaults())
+            check_same_options(checkpoint.config, asdict(config), TrainConfig.older_run_defaults())
             return checkpoint
         if config.overwrite or config.demo:
             return None
@@ -281,6 +280,20 @@ class _Run:
                      f"{config.max_length}" + (TRUNCATION_WARNING if share > 0.5 else ""))
         return tokenized
 
+    def _weight_average(self) -> WeightAverage | None:
+        """--ema-window: the average's time constant is that share of the steps. With --master-weights
+        it averages the float32 masters, which keep what the bf16 weights round away."""
+        config = self.config
+        time_constant = config.ema_window * self.total_steps
+        if config.ema_window > 0 and time_constant < 2:
+            self.say(f"note: --ema-window {config.ema_window:g} of {self.total_steps} steps is less than 2 steps: "
+                     "the weights are not averaged")
+        if time_constant < 2:
+            return None
+        sources = dict(zip(self.optimizer.weights, self.optimizer.masters)) \
+            if isinstance(self.optimizer, MasterWeightAdamW) else None
+        return WeightAverage(self.model, 1 - 1 / time_constant, self.warmup_steps, sources)
+
     def _restore(self, checkpoint) -> None:
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
             load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
@@ -359,7 +372,8 @@ class _Run:
                 last = self.step == self.total_steps
                 if self.eval_pairs is not None and (last or _every(self.step, config.eval_every)):
                     final_eval = self._evaluate()
-                    self.say(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
+                    scored = " (the weight average)" if self.average else ""
+                    self.say(f"step {self.step}{scored}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
                                                                if k != "step"))
                     if log:
                         log.write(final_eval)
@@ -437,7 +451,7 @@ class _Run:
         bad_anywhere = self.procs.all_sum(bad_here) if self.config.fsdp else bad_here
         bad = [name for (name, _), count in zip(named, bad_anywhere) if count > 0]
         if bad:
-            more = f" and {len(bad) - 1} more tensors" if len(bad) > 1 else ""
+            more = f" and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
             raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
 
     def _evaluate(self) -> dict:
@@ -445,7 +459,12 @@ class _Run:
         if self.average is None:
             return self._held_out_metrics()
         with self.average.swapped_in():
-            return self._held_out_metrics()
+            if self.config.fsdp:  # the forwards must gather the average, not what a unit holds gathered
+                reshard(self.model)
+            metrics = self._held_out_metrics()
+        if self.config.fsdp:  # and the training's next forward the weights again
+            reshard(self.model)
+        return metrics
 
     @torch.no_grad()
     def _held_out_metrics(self) -> dict:

@@ -62,7 +62,7 @@ class Checkpoint:
     rng_states: list  # one per process, indexed by rank
     config: dict
     compute: dict  # {"device": device type, "dtype": compute dtype, "compile": bool} of the run
-    average: dict | None = None  # the weight average (--ema-decay), None without one or sharded
+    average: dict | None = None  # the weight average (--ema-window), None without one or sharded
 
 
 def capture_rng_state() -> dict:
@@ -177,7 +177,7 @@ def load_checkpoint(out) -> Checkpoint:
             folder=folder, step=state["step"], position=DataPosition(**state["position"]),
             model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
             rng_states=state["rng_states"], config=config, compute=state["compute"],
-            average=state.get("average"),  # absent from the checkpoints of runs before --ema-decay
+            average=state.get("average"),  # absent from the checkpoints of runs before --ema-window
         )
     except KeyError as e:  # a state.pt of another layout
         raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
@@ -196,9 +196,17 @@ def check_same_options(saved: dict, given: dict, defaults: dict | None = None) -
     """--resume: the options that decide the weights must be those the run started with. An option
     that the run's minqr did not have yet counts as its default there (`defaults`)."""
     defaults = defaults or {}
-    saved = {**{name: value for name, value in defaults.items() if name not in saved}, **saved}
-    changed = [f"--{name.replace('_', '-')} {given.get(name)!r} (the run has {saved.get(name)!r})"
-               for name in sorted(set(saved) | set(given))
+    older = {name: value for name, value in defaults.items() if name not in saved}  # options newer than the run
+    saved = {**older, **saved}
+
+    def change(name: str) -> str:
+        flag = f"--{name.replace('_', '-')}"
+        if name in older:
+            return (f"{flag} {given.get(name)!r} (the run was made before {flag} existed, which is {saved[name]!r} "
+                    f"for it: add {flag} {saved[name]!r})")
+        return f"{flag} {given.get(name)!r} (the run has {saved.get(name)!r})"
+
+    changed = [change(name) for name in sorted(set(saved) | set(given))
                if name not in RESUME_MAY_CHANGE and saved.get(name) != given.get(name)]
     if changed:
         raise MinqrError("--resume: options differ from the run being resumed: " + ", ".join(changed)
