@@ -2,13 +2,14 @@
 
 A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
 
-    state.pt      model, optimizer and scheduler state dicts, the step, the data position
+    state.pt      model, optimizer and scheduler state dicts, the weight average (--ema-window,
+                  if the run keeps one), the step, the data position
                   (epoch, and index of the next batch in that epoch's seeded order), the random
                   number generators of every process (torch, CUDA, numpy, python) and how the
                   numbers were computed (device type, compute dtype, compile). Read back with
                   `torch.load(weights_only=True)`, so it holds tensors and plain values only.
     config.json   the options of the run, which `--resume` compares with the new ones.
-    shards/       with --fsdp only: the model and optimizer state, one file per process, written
+    shards/       with --fsdp only: the model, optimizer and average state, one file per process, written
                   and read by torch.distributed.checkpoint (state.pt then holds the rest). Resume
                   with the same number of processes for a bit-identical continuation.
 
