@@ -290,8 +290,7 @@ class _Run:
                      "the weights are not averaged")
         if time_constant < 2:
             return None
-        sources = dict(zip(self.optimizer.weights, self.optimizer.masters)) \
-            if isinstance(self.optimizer, MasterWeightAdamW) else None
+        sources = self.optimizer.masters_by_weight() if isinstance(self.optimizer, MasterWeightAdamW) else None
         return WeightAverage(self.model, 1 - 1 / time_constant, self.warmup_steps, sources)
 
     def _restore(self, checkpoint) -> None:

@@ -48,6 +48,10 @@ class MasterWeightAdamW(torch.optim.AdamW):
                 master.grad = weight.grad.float()
         return self.masters
 
+    def masters_by_weight(self) -> dict:
+        """Each bf16 weight's float32 master (what a weight average should follow)."""
+        return dict(zip(self.weights, self.masters))
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """The bf16 weights' gradients; the masters hold none between steps."""
         for weight in self.weights:
