@@ -1,6 +1,6 @@
 // The autograd formula of every loss op, in C++: the forward saves the per-pair gradients that the
-// kernel computed (with compute_grad), and the backward scales them by grad_loss through
-// minqr::loss_backward, one kernel for both sides.
+// kernel computed (with compute_grad), and the backward scales them by the gradient of the reduced
+// loss through minqr::loss_backward, one kernel for both sides.
 //
 // Registered for the Autograd key rather than from Python (torch.library.register_autograd): the
 // Python formula doing the same cost 40-50 us more per forward+backward, as much as the whole
@@ -25,28 +25,33 @@ using torch::autograd::variable_list;
 
 std::tuple<at::Tensor, at::Tensor> loss_backward(const at::Tensor& grad_loss,
                                                  const at::Tensor& grad_chosen,
-                                                 const at::Tensor& grad_rejected) {
+                                                 const at::Tensor& grad_rejected,
+                                                 c10::string_view reduction) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("minqr::loss_backward", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const at::Tensor&)>();
-  return op.call(grad_loss, grad_chosen, grad_rejected);
+                                                    const at::Tensor&, c10::string_view)>();
+  return op.call(grad_loss, grad_chosen, grad_rejected, reduction);
 }
 
-// The op `kName` with schema (h_chosen, h_rejected, Hyper... hyperparameters, compute_grad).
+// The op `kName` with schema (h_chosen, h_rejected, Hyper... hyperparameters, reduction,
+// compute_grad).
 template <const char* kName, typename... Hyper>
 class LossFunction : public torch::autograd::Function<LossFunction<kName, Hyper...>> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h_chosen,
-                               const at::Tensor& h_rejected, Hyper... hyper, bool compute_grad) {
-    static const auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow(kName, "")
-            .template typed<LossOutputs(const at::Tensor&, const at::Tensor&, Hyper..., bool)>();
+                               const at::Tensor& h_rejected, Hyper... hyper,
+                               c10::string_view reduction, bool compute_grad) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow(kName, "")
+                               .template typed<LossOutputs(const at::Tensor&, const at::Tensor&,
+                                                           Hyper..., c10::string_view, bool)>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [loss, grad_chosen, grad_rejected] = op.call(h_chosen, h_rejected, hyper..., compute_grad);
+    auto [loss, grad_chosen, grad_rejected] =
+        op.call(h_chosen, h_rejected, hyper..., reduction, compute_grad);
     ctx->saved_data["compute_grad"] = compute_grad;
+    ctx->saved_data["reduction"] = std::string(reduction);
     ctx->save_for_backward({grad_chosen, grad_rejected});
     ctx->mark_non_differentiable({grad_chosen, grad_rejected});
     // Autograd gives no gradient to the two gradient outputs; materialising zeros [B, N] for
@@ -64,21 +69,23 @@ class LossFunction : public torch::autograd::Function<LossFunction<kName, Hyper.
     TORCH_CHECK(!at::GradMode::is_enabled(), kName,
                 " has no second derivative (its backward scales gradients saved by the forward); "
                 "for create_graph=True use pair_loss(..., impl='reference')");
-    // h_chosen, h_rejected, the hyper-parameters and compute_grad: gradients for the first two
-    variable_list grads(3 + sizeof...(Hyper));
+    // h_chosen, h_rejected, the hyper-parameters, reduction and compute_grad: gradients for the
+    // first two
+    variable_list grads(4 + sizeof...(Hyper));
     const at::Tensor& grad_loss = grad_outputs[0];
     if (grad_loss.defined()) {
       const variable_list saved = ctx->get_saved_variables();
-      std::tie(grads[0], grads[1]) = loss_backward(grad_loss, saved[0], saved[1]);
+      std::tie(grads[0], grads[1]) = loss_backward(grad_loss, saved[0], saved[1],
+                                                   ctx->saved_data["reduction"].toStringView());
     }
     return grads;
   }
 
   // The Autograd kernel, with the op's own signature.
   static LossOutputs apply_op(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                              Hyper... hyper, bool compute_grad) {
+                              Hyper... hyper, c10::string_view reduction, bool compute_grad) {
     const variable_list out =
-        LossFunction::apply(h_chosen, h_rejected, hyper..., compute_grad);
+        LossFunction::apply(h_chosen, h_rejected, hyper..., reduction, compute_grad);
     return {out[0], out[1], out[2]};
   }
 };

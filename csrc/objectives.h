@@ -398,4 +398,21 @@ MINQR_HD T paper_backward(T side_sign, T s, T grad_sum, const PaperConstants<T>&
   return side_sign * s * k.inv_n + k.qr_scale * grad_sum;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The reduction over pairs, backward
+
+// How loss_backward scales pair b's saved gradients: by the gradient of the op's loss with respect
+// to that pair's loss. Without a reduction, that is grad_loss[b] (stride: grad_loss's); with a
+// sum, the one value grad_loss[] for every pair (stride 0); with a mean, grad_loss[] / B, divided
+// in T as ATen's MeanBackward divides, so the gradients have the same bits as through
+// `losses.mean()` in Python.
+template <typename T>
+struct LossScale {
+  const T* grad_loss;
+  int64_t stride;
+  T divisor;
+  MINQR_HD T value(int64_t b) const { return grad_loss[b * stride] / divisor; }
+  MINQR_HD bool uniform() const { return stride == 0; }
+};
+
 }  // namespace minqr

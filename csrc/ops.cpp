@@ -66,20 +66,45 @@ void check_paper_hyperparameters(double kappa, double lam, double margin) {
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 
-void check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
-                         const at::Tensor& grad_rejected) {
+Reduction check_reduction(c10::string_view reduction, const at::Tensor& h_chosen) {
+  if (reduction == "none") return Reduction::kNone;
+  if (reduction == "sum") return Reduction::kSum;
+  TORCH_CHECK_VALUE(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '",
+                    reduction, "'");
+  TORCH_CHECK_VALUE(h_chosen.size(0) >= 1,
+                    "h_chosen must have B >= 1 pairs for reduction='mean' (the mean of no pairs is "
+                    "undefined), got shape ", h_chosen.sizes());
+  return Reduction::kMean;
+}
+
+at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction) {
+  switch (reduction) {
+    case Reduction::kMean: return losses.mean();
+    case Reduction::kSum: return losses.sum();
+    case Reduction::kNone: break;
+  }
+  return losses;
+}
+
+Reduction check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
+                              const at::Tensor& grad_rejected, c10::string_view reduction) {
+  const Reduction reduce = check_reduction(reduction, grad_chosen);
   const auto acc_dtype = grad_chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(grad_loss.dim() == 1 && grad_chosen.dim() == 2 &&
+  // [B] without a reduction, [] with one
+  const bool per_pair = reduce == Reduction::kNone;
+  TORCH_CHECK(grad_loss.dim() == (per_pair ? 1 : 0) && grad_chosen.dim() == 2 &&
                   grad_chosen.sizes() == grad_rejected.sizes() &&
-                  grad_loss.size(0) == grad_chosen.size(0) &&
+                  (!per_pair || grad_loss.size(0) == grad_chosen.size(0)) &&
                   grad_chosen.scalar_type() == grad_rejected.scalar_type() &&
                   grad_loss.scalar_type() == acc_dtype &&
                   grad_loss.device() == grad_chosen.device() &&
                   grad_chosen.device() == grad_rejected.device(),
-              "minqr::loss_backward expects grad_loss [B] in the accumulation dtype and "
-              "gradients [B, N] on its device, got ", grad_loss.sizes(), " ",
-              grad_loss.scalar_type(), ", ", grad_chosen.sizes(), " ", grad_chosen.scalar_type(),
-              ", ", grad_rejected.sizes(), " ", grad_rejected.scalar_type());
+              "minqr::loss_backward expects grad_loss ([B] for reduction='none', [] otherwise) in "
+              "the accumulation dtype and gradients [B, N] on its device, got ", grad_loss.sizes(),
+              " ", grad_loss.scalar_type(), ", ", grad_chosen.sizes(), " ",
+              grad_chosen.scalar_type(), ", ", grad_rejected.sizes(), " ",
+              grad_rejected.scalar_type(), " and reduction='", reduction, "'");
+  return reduce;
 }
 
 LossOutputs empty_loss_outputs(const at::Tensor& h_chosen, bool compute_grad) {
@@ -94,25 +119,30 @@ LossOutputs empty_loss_outputs(const at::Tensor& h_chosen, bool compute_grad) {
 
 TORCH_LIBRARY(minqr, m) {
   // One pass computes each pair's loss and, with compute_grad, the gradient of that pair's loss
-  // with respect to its own outputs; the backward (autograd.cpp) only scales those rows by
-  // grad_output, through loss_backward (cpu/objectives_cpu.cpp has the measurement that chose
-  // saving over recomputing). The formulas: objectives.h, and minqr/objectives/'s references.
+  // with respect to its own outputs; then the losses are reduced ('none' [B], 'mean' or 'sum' []).
+  // The backward (autograd.cpp) only scales those rows by the gradient of the reduced loss,
+  // through loss_backward (cpu/objectives_cpu.cpp has the measurement that chose saving over
+  // recomputing). The mean is the op's own rather than a torch.mean after it: that saved the mean's
+  // autograd node, a sixth of a forward + backward at B = 4096, N = 10 (benchmarks/RESULTS.md).
+  // The formulas: objectives.h, and minqr/objectives/'s references.
   m.def(
       "paper_loss(Tensor h_chosen, Tensor h_rejected, float kappa, float lam, float margin, "
-      "bool compute_grad) -> (Tensor loss, Tensor grad_chosen, Tensor grad_rejected)",
+      "str reduction, bool compute_grad) -> (Tensor loss, Tensor grad_chosen, Tensor grad_rejected)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "mixture_loss(Tensor h_chosen, Tensor h_rejected, bool compute_grad) -> (Tensor loss, "
-      "Tensor grad_chosen, Tensor grad_rejected)",
+      "mixture_loss(Tensor h_chosen, Tensor h_rejected, str reduction, bool compute_grad) -> "
+      "(Tensor loss, Tensor grad_chosen, Tensor grad_rejected)",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "independent_loss(Tensor h_chosen, Tensor h_rejected, bool compute_grad) -> (Tensor loss, "
-      "Tensor grad_chosen, Tensor grad_rejected)",
+      "independent_loss(Tensor h_chosen, Tensor h_rejected, str reduction, bool compute_grad) -> "
+      "(Tensor loss, Tensor grad_chosen, Tensor grad_rejected)",
       {at::Tag::pt2_compliant_tag});
-  // grad_chosen[b, :] · grad_loss[b] and grad_rejected[b, :] · grad_loss[b], multiplied in
-  // grad_loss's dtype (float32, or float64) and rounded once to the gradients' dtype.
+  // grad_chosen[b, :] · s_b and grad_rejected[b, :] · s_b, s_b the gradient of the reduced loss with
+  // respect to pair b's loss (grad_loss[b], grad_loss, or grad_loss / B: LossScale in
+  // objectives.h), multiplied in grad_loss's dtype (float32, or float64) and rounded once to the
+  // gradients' dtype.
   m.def(
-      "loss_backward(Tensor grad_loss, Tensor grad_chosen, Tensor grad_rejected) -> "
+      "loss_backward(Tensor grad_loss, Tensor grad_chosen, Tensor grad_rejected, str reduction) -> "
       "(Tensor grad_h_chosen, Tensor grad_h_rejected)",
       {at::Tag::pt2_compliant_tag});
 }

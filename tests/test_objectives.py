@@ -213,12 +213,12 @@ def assert_close(got, want, rel):
     np.testing.assert_allclose(got, want, rtol=rel, atol=rel * scale)
 
 
-def op_call(objective, hc, hr, compute_grad=True, **hyper):
+def op_call(objective, hc, hr, compute_grad=True, reduction="none", **hyper):
     """The objective's fused op called directly: (loss, grad_chosen, grad_rejected)."""
     spec = loss.OBJECTIVES[objective]
     values = {**spec.hyperparameters, **hyper}
     return getattr(torch.ops.minqr, spec.op)(hc, hr, *(float(values[k]) for k in spec.hyperparameters),
-                                            compute_grad)
+                                            reduction, compute_grad)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,6 +316,26 @@ def test_reductions_and_dtypes(impl, objective, reduction, dtype):
         assert_close(loss, want_loss, TOLERANCE[acc])
         assert_close(gc, scale * want_gc, TOLERANCE[dtype])
         assert_close(gr, scale * want_gr, TOLERANCE[dtype])
+
+
+@fused
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_op_reduction_has_the_bits_of_torch_reductions(objective, dtype):
+    """The op's own mean and sum give the bits of torch.mean / torch.sum over its per-pair losses,
+    gradients included, for any grad_output: what trained through `losses.mean()` before the
+    reduction moved into the op trains the same now (tests/test_regression.py holds the runs)."""
+    hyper = hyper_for(objective, 1)
+    hc, hr = pairs(37, 7, dtype, seed=13)
+    for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
+        for go in (1.0, -2.5):
+            grad_output = torch.tensor(go, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            got = loss_and_grads(objective, "fused", hc, hr, reduction, grad_output, **hyper)
+            a, b = (h.detach().clone().requires_grad_() for h in (hc, hr))
+            out = reduce(pair_loss(a, b, objective, "none", "fused", **hyper))
+            want = (out.detach(), *torch.autograd.grad(out, (a, b), grad_output))
+            for g, w in zip(got, want):
+                assert torch.equal(g, w), (reduction, go)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -498,10 +518,11 @@ def test_opcheck(objective):
     op = getattr(torch.ops.minqr, loss.OBJECTIVES[objective].op).default
     hyper = {"paper": [(1.0, 1.0, 1.0), (0.5, 0.0, -1.0), (2.0, 0.5, 0.0)]}.get(objective, [()] * 3)
     samples = [
-        (*pairs(5, 10, torch.float32, seed=1), *hyper[0], True),
-        (*pairs(3, 1, torch.float64, seed=2), *hyper[1], True),
-        (*[h.t().contiguous().t() for h in pairs(4, 7, seed=3)], *hyper[2], False),
-        (*pairs(6, 3, torch.bfloat16, seed=4), *hyper[0], True),
+        (*pairs(5, 10, torch.float32, seed=1), *hyper[0], "none", True),
+        (*pairs(3, 1, torch.float64, seed=2), *hyper[1], "mean", True),
+        (*[h.t().contiguous().t() for h in pairs(4, 7, seed=3)], *hyper[2], "sum", False),
+        (*pairs(6, 3, torch.bfloat16, seed=4), *hyper[0], "mean", True),
+        (*pairs(1, 2, torch.float32, seed=5), *hyper[1], "sum", True),
     ]
     for hc, hr, *rest in samples:
         hc.requires_grad_(rest[-1])
@@ -512,8 +533,10 @@ def test_opcheck(objective):
 @fused
 def test_opcheck_loss_backward():
     grad_c, grad_r = pairs(5, 7, torch.float32, seed=9)
-    for grad_loss in (torch.rand(5), torch.full((5,), 0.2), torch.ones(()).expand(5)):
-        torch.library.opcheck(torch.ops.minqr.loss_backward.default, (grad_loss, grad_c, grad_r))
+    samples = [(grad_loss, "none") for grad_loss in (torch.rand(5), torch.full((5,), 0.2), torch.ones(()).expand(5))]
+    samples += [(torch.tensor(0.7), "mean"), (torch.tensor(-1.5), "sum")]
+    for grad_loss, reduction in samples:
+        torch.library.opcheck(torch.ops.minqr.loss_backward.default, (grad_loss, grad_c, grad_r, reduction))
 
 
 @fused
@@ -661,18 +684,18 @@ def test_bad_input_same_error_everywhere(objective, hc, hr, kwargs, error, messa
             pair_loss(hc, hr, objective, **call)
         assert str(info.value) == message, impl
     # The op itself (C++ checks on CPU, the fake kernel on meta), where its schema admits the
-    # arguments: tensors and numbers, no reduction or impl.
+    # arguments: tensors, numbers and a reduction, no impl.
     spec = loss.OBJECTIVES[objective]
-    hyper = {**spec.hyperparameters, **kwargs}
+    reduction = kwargs.get("reduction", "mean")
+    hyper = {**spec.hyperparameters, **{k: v for k, v in kwargs.items() if k != "reduction"}}
     admissible = (
         ops.fused_available()
         and isinstance(hc, torch.Tensor)
-        and set(kwargs) <= set(spec.hyperparameters)
+        and set(kwargs) <= {*spec.hyperparameters, "reduction"}
         and all(isinstance(x, float) for x in hyper.values())
-        and hc.shape[0] > 0
     )
     if admissible:
-        args = (*(hyper[k] for k in spec.hyperparameters), True)
+        args = (*(hyper[k] for k in spec.hyperparameters), reduction, True)
         op = getattr(torch.ops.minqr, spec.op)
         on_meta = [(hc.to("meta"), hr.to("meta"))] if hr.device.type == "cpu" else []
         for a, b in [(hc, hr)] + on_meta:

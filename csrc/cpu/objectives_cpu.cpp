@@ -456,9 +456,9 @@ void for_each_block(const at::Tensor& h_chosen, const at::Tensor& h_rejected, Lo
 // outputs' differences per pair, each of term_work (kMinTaskWork's unit).
 template <typename Block>
 LossOutputs sigmoid_mean_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                                  bool compute_grad, int power, int64_t term_work,
-                                  int64_t scratch_rows, const Block& block) {
-  return run_loss(h_chosen, h_rejected, compute_grad,
+                                  c10::string_view reduction, bool compute_grad, int power,
+                                  int64_t term_work, int64_t scratch_rows, const Block& block) {
+  return run_loss(h_chosen, h_rejected, reduction, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
                       LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
@@ -478,9 +478,9 @@ LossOutputs sigmoid_mean_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& 
 }
 
 LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                             bool compute_grad) {
+                             c10::string_view reduction, bool compute_grad) {
   return sigmoid_mean_loss_cpu(
-      h_chosen, h_rejected, compute_grad, 1, kMixtureTermWork, 3,
+      h_chosen, h_rejected, reduction, compute_grad, 1, kMixtureTermWork, 3,
       [](const auto& rows, auto log_n, auto* scratch, auto* loss, auto with_grad) {
         using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
         mixture_block<scalar_t, decltype(log_n), decltype(with_grad)::value>(rows, log_n, scratch, loss);
@@ -488,9 +488,9 @@ LossOutputs mixture_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rej
 }
 
 LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                                 bool compute_grad) {
+                                 c10::string_view reduction, bool compute_grad) {
   return sigmoid_mean_loss_cpu(
-      h_chosen, h_rejected, compute_grad, 2, 1, 4,
+      h_chosen, h_rejected, reduction, compute_grad, 2, 1, 4,
       [](const auto& rows, auto log_n2, auto* scratch, auto* loss, auto with_grad) {
         using scalar_t = std::remove_cv_t<std::remove_pointer_t<decltype(rows.h_chosen)>>;
         independent_block<scalar_t, decltype(log_n2), decltype(with_grad)::value>(rows, log_n2, scratch, loss);
@@ -498,10 +498,11 @@ LossOutputs independent_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h
 }
 
 LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejected, double kappa,
-                           double lam, double margin, bool compute_grad) {
+                           double lam, double margin, c10::string_view reduction,
+                           bool compute_grad) {
   check_outputs(h_chosen, h_rejected);  // first, as minqr/objectives/ops.py's checks go
   check_paper_hyperparameters(kappa, lam, margin);
-  return run_loss(h_chosen, h_rejected, compute_grad,
+  return run_loss(h_chosen, h_rejected, reduction, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
                       LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
@@ -519,17 +520,17 @@ LossOutputs paper_loss_cpu(const at::Tensor& h_chosen, const at::Tensor& h_rejec
 #undef MINQR_LOSS_TYPES
 
 // ---------------------------------------------------------------------------------------------
-// loss_backward: out[b, i] = grad[b, i] · grad_loss[b], for both sides in one pass.
+// loss_backward: out[b, i] = grad[b, i] · scale.value(b), for both sides in one pass.
 
 // Rows [begin, end). With one scale for every pair (the gradient of a mean or a sum of the
 // losses, the usual case) the rows are one flat run of values; otherwise a row at a time, which
 // at N = 10 leaves most of each vector empty.
 template <typename scalar_t, typename T>
-MINQR_SIMD_CLONES void scale_rows(const T* scale, int64_t stride, bool uniform, int64_t n,
+MINQR_SIMD_CLONES void scale_rows(const LossScale<T>& scale, bool uniform, int64_t n,
                                   int64_t begin, int64_t end, const scalar_t* gc,
                                   const scalar_t* gr, scalar_t* out_c, scalar_t* out_r) {
   if (uniform) {
-    const T s = scale[0];
+    const T s = scale.value(0);
 #pragma omp simd
     for (int64_t k = begin * n; k < end * n; ++k) {
       out_c[k] = scalar_t(T(gc[k]) * s);
@@ -538,7 +539,7 @@ MINQR_SIMD_CLONES void scale_rows(const T* scale, int64_t stride, bool uniform, 
     return;
   }
   for (int64_t b = begin; b < end; ++b) {
-    const T s = scale[b * stride];
+    const T s = scale.value(b);
 #pragma omp simd
     for (int64_t k = b * n; k < (b + 1) * n; ++k) {
       out_c[k] = scalar_t(T(gc[k]) * s);
@@ -547,34 +548,35 @@ MINQR_SIMD_CLONES void scale_rows(const T* scale, int64_t stride, bool uniform, 
   }
 }
 
-// Whether grad_loss holds one value for every pair (a mean's gradient comes as B equal values;
-// a sum's as one value expanded, stride 0): one pass over them to find out.
+// Whether every pair has the same scale: with a reduction, or a per-pair grad_loss that is one
+// value expanded (stride 0) or holds B equal values (one pass over them to find out).
 template <typename T>
-bool uniform_scale(const T* scale, int64_t batch, int64_t stride) {
-  if (batch == 0 || stride == 0) return batch > 0;
+bool uniform_scale(const LossScale<T>& scale, int64_t batch) {
+  if (scale.uniform()) return true;
   int64_t differing = 0;
 #pragma omp simd reduction(+ : differing)
-  for (int64_t b = 1; b < batch; ++b) differing += scale[b * stride] != scale[0];
+  for (int64_t b = 1; b < batch; ++b) differing += scale.value(b) != scale.value(0);
   return differing == 0;
 }
 
 std::tuple<at::Tensor, at::Tensor> loss_backward_cpu(const at::Tensor& grad_loss,
                                                      const at::Tensor& grad_chosen,
-                                                     const at::Tensor& grad_rejected) {
-  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, [&](auto scalar, const at::Tensor& gc,
-                                                                      const at::Tensor& gr, at::Tensor& out_c,
-                                                                      at::Tensor& out_r) {
+                                                     const at::Tensor& grad_rejected,
+                                                     c10::string_view reduction) {
+  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, reduction, [&](auto scalar, const auto& scale,
+                                                                                 const at::Tensor& gc,
+                                                                                 const at::Tensor& gr,
+                                                                                 at::Tensor& out_c,
+                                                                                 at::Tensor& out_r) {
     using scalar_t = typename decltype(scalar)::type;
     using T = at::opmath_type<scalar_t>;
     const int64_t batch = gc.size(0);
     const int64_t n = gc.size(1);
-    const T* scale = grad_loss.const_data_ptr<T>();
-    const int64_t stride = grad_loss.stride(0);
-    const bool uniform = uniform_scale(scale, batch, stride);
+    const bool uniform = uniform_scale(scale, batch);
     // A multiplication per value: a task needs many rows to be worth a thread.
     const int64_t grain = std::max<int64_t>(1, 8 * kMinTaskWork / n);
     at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-      scale_rows<scalar_t, T>(scale, stride, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
+      scale_rows<scalar_t, T>(scale, uniform, n, begin, end, gc.const_data_ptr<scalar_t>(),
                               gr.const_data_ptr<scalar_t>(), out_c.mutable_data_ptr<scalar_t>(),
                               out_r.mutable_data_ptr<scalar_t>());
     });

@@ -321,11 +321,12 @@ void launch(LossKernel<scalar_t, Constants> kernel, const at::Tensor& hc, const 
   constexpr bool kWithGrad = decltype(with_grad)::value
 
 LossOutputs paper_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                            double kappa, double lam, double margin, bool compute_grad) {
+                            double kappa, double lam, double margin, c10::string_view reduction,
+                            bool compute_grad) {
   check_outputs(h_chosen, h_rejected);  // first, as minqr/objectives/ops.py's checks go
   check_paper_hyperparameters(kappa, lam, margin);
   const c10::cuda::CUDAGuard guard(h_chosen.device());
-  return run_loss(h_chosen, h_rejected, compute_grad,
+  return run_loss(h_chosen, h_rejected, reduction, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
                       LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
@@ -340,10 +341,10 @@ LossOutputs paper_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_reje
 // K = N^power, and rows_arrays [pairs·N] arrays in shared memory.
 template <typename KernelFor>
 LossOutputs sigmoid_mean_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                                   bool compute_grad, int power, int64_t rows_arrays,
-                                   const KernelFor& kernel_for) {
+                                   c10::string_view reduction, bool compute_grad, int power,
+                                   int64_t rows_arrays, const KernelFor& kernel_for) {
   const c10::cuda::CUDAGuard guard(h_chosen.device());
-  return run_loss(h_chosen, h_rejected, compute_grad,
+  return run_loss(h_chosen, h_rejected, reduction, compute_grad,
                   [&](auto scalar, auto with_grad, const at::Tensor& hc, const at::Tensor& hr,
                       LossOutputs& outputs) {
                     MINQR_LOSS_TYPES(scalar, with_grad);
@@ -360,16 +361,16 @@ LossOutputs sigmoid_mean_loss_cuda(const at::Tensor& h_chosen, const at::Tensor&
 }
 
 LossOutputs mixture_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                              bool compute_grad) {
-  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, compute_grad, 1, 2, [](auto scalar, auto with_grad) {
+                              c10::string_view reduction, bool compute_grad) {
+  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, reduction, compute_grad, 1, 2, [](auto scalar, auto with_grad) {
     MINQR_LOSS_TYPES(scalar, with_grad);
     return mixture_kernel<scalar_t, T, kWithGrad>;
   });
 }
 
 LossOutputs independent_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& h_rejected,
-                                  bool compute_grad) {
-  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, compute_grad, 2, 4, [](auto scalar, auto with_grad) {
+                                  c10::string_view reduction, bool compute_grad) {
+  return sigmoid_mean_loss_cuda(h_chosen, h_rejected, reduction, compute_grad, 2, 4, [](auto scalar, auto with_grad) {
     MINQR_LOSS_TYPES(scalar, with_grad);
     return independent_kernel<scalar_t, T, kWithGrad>;
   });
@@ -377,15 +378,15 @@ LossOutputs independent_loss_cuda(const at::Tensor& h_chosen, const at::Tensor& 
 
 #undef MINQR_LOSS_TYPES
 
-// loss_backward: out[b, i] = grad[b, i] · grad_loss[b], a thread per value (grid-stride).
+// loss_backward: out[b, i] = grad[b, i] · scale.value(b), a thread per value (grid-stride).
 template <typename scalar_t, typename T>
-__global__ void scale_rows_kernel(const T* __restrict__ scale, int64_t stride, int64_t n,
+__global__ void scale_rows_kernel(LossScale<T> scale, int64_t n,
                                   int64_t count, const scalar_t* __restrict__ gc,
                                   const scalar_t* __restrict__ gr, scalar_t* __restrict__ out_c,
                                   scalar_t* __restrict__ out_r) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < count;
        k += int64_t(gridDim.x) * blockDim.x) {
-    const T s = scale[(k / n) * stride];
+    const T s = scale.value(k / n);
     out_c[k] = scalar_t(T(gc[k]) * s);
     out_r[k] = scalar_t(T(gr[k]) * s);
   }
@@ -393,11 +394,14 @@ __global__ void scale_rows_kernel(const T* __restrict__ scale, int64_t stride, i
 
 std::tuple<at::Tensor, at::Tensor> loss_backward_cuda(const at::Tensor& grad_loss,
                                                       const at::Tensor& grad_chosen,
-                                                      const at::Tensor& grad_rejected) {
+                                                      const at::Tensor& grad_rejected,
+                                                      c10::string_view reduction) {
   const c10::cuda::CUDAGuard guard(grad_chosen.device());
-  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, [&](auto scalar, const at::Tensor& gc,
-                                                                      const at::Tensor& gr, at::Tensor& out_c,
-                                                                      at::Tensor& out_r) {
+  return run_loss_backward(grad_loss, grad_chosen, grad_rejected, reduction, [&](auto scalar, const auto& scale,
+                                                                                 const at::Tensor& gc,
+                                                                                 const at::Tensor& gr,
+                                                                                 at::Tensor& out_c,
+                                                                                 at::Tensor& out_r) {
     using scalar_t = typename decltype(scalar)::type;
     using T = at::opmath_type<scalar_t>;
     const int64_t count = gc.numel();
@@ -405,7 +409,7 @@ std::tuple<at::Tensor, at::Tensor> loss_backward_cuda(const at::Tensor& grad_los
     const int64_t blocks = std::min<int64_t>((count + kRows - 1) / kRows, 65536);
     scale_rows_kernel<scalar_t, T><<<static_cast<unsigned int>(blocks), kRows, 0,
                                      c10::cuda::getCurrentCUDAStream()>>>(
-        grad_loss.const_data_ptr<T>(), grad_loss.stride(0), gc.size(1), count,
+        scale, gc.size(1), count,
         gc.const_data_ptr<scalar_t>(), gr.const_data_ptr<scalar_t>(), out_c.mutable_data_ptr<scalar_t>(),
         out_r.mutable_data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

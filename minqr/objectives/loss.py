@@ -13,11 +13,10 @@ import torch
 
 from minqr.errors import MinqrError
 from minqr.objectives import ops
-from minqr.objectives.ops import check_outputs, check_paper_hyperparameters
+from minqr.objectives.ops import check_outputs, check_paper_hyperparameters, check_reduction
 from minqr.objectives.references import (bradley_terry_reference, independent_reference, mixture_reference,
                                          paper_pair_margin_change, paper_reference)
 
-REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "fused", "reference")
 
 
@@ -144,15 +143,11 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
     spec = get_objective(objective)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of 'auto', 'fused', 'reference', got {impl!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
     check_outputs(h_chosen, h_rejected)
     if objective == "bradley_terry" and h_chosen.shape[1] != 1:
         raise ValueError(f"objective 'bradley_terry' is the scalar head's, N = 1, but h_chosen has shape "
                          f"{list(h_chosen.shape)}; for N outputs use mixture, independent or paper")
-    if reduction == "mean" and h_chosen.shape[0] == 0:
-        raise ValueError("h_chosen must have B >= 1 pairs for reduction='mean' (the mean of no pairs is "
-                         f"undefined), got shape {list(h_chosen.shape)}")
+    check_reduction(reduction, h_chosen)
     hyper = {**spec.hyperparameters, **hyperparameters}
     if set(hyper) != set(spec.hyperparameters):
         raise TypeError(f"objective {objective!r} takes the hyper-parameters "
@@ -177,16 +172,20 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
         if reason is not None:
             _warn_once(reason)
             impl = "reference"
+    # paper takes the margin in its Bradley-Terry term on the means only, not in the quantile
+    # targets; neither its op nor its reference has that input, so the term is swapped per pair here
+    swap_paper_margin = pair_margin is not None and objective == "paper"
     if impl == "reference":
         losses = spec.reference(h_chosen, h_rejected, **hyper)
     else:
         compute_grad = torch.is_grad_enabled() and (h_chosen.requires_grad or h_rejected.requires_grad)
         op = getattr(torch.ops.minqr, spec.op)
+        # The op reduces, unless the pairs' losses are still to be changed here.
         losses, _, _ = op(h_chosen, h_rejected, *(float(hyper[name]) for name in spec.hyperparameters),
-                          compute_grad)
-    if pair_margin is not None and objective == "paper":
-        # paper takes the margin in its Bradley-Terry term on the means only, not in the quantile
-        # targets; neither its op nor its reference has that input, so the term is swapped here
+                          "none" if swap_paper_margin else reduction, compute_grad)
+        if not swap_paper_margin:
+            return losses
+    if swap_paper_margin:
         losses = losses + paper_pair_margin_change(h_chosen, h_rejected, pair_margin)
     if reduction == "mean":
         return losses.mean()

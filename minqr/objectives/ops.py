@@ -3,19 +3,21 @@
 Every op is declared once in C++ (csrc/ops.cpp's TORCH_LIBRARY block), with a CPU and a CUDA
 kernel, and all share one calling convention:
 
-    torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, compute_grad)
-        -> (loss [B], grad_chosen [B, N], grad_rejected [B, N])
+    torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, reduction, compute_grad)
+        -> (loss, grad_chosen [B, N], grad_rejected [B, N])
 
-    paper_loss(h_chosen, h_rejected, kappa, lam, margin, compute_grad)
-    mixture_loss(h_chosen, h_rejected, compute_grad)
-    independent_loss(h_chosen, h_rejected, compute_grad)
+    paper_loss(h_chosen, h_rejected, kappa, lam, margin, reduction, compute_grad)
+    mixture_loss(h_chosen, h_rejected, reduction, compute_grad)
+    independent_loss(h_chosen, h_rejected, reduction, compute_grad)
 
 One pass computes each pair's loss (float32, or float64 for float64 inputs) and, with
 compute_grad, the gradient of that pair's loss with respect to its own outputs (in the input
-dtype; [0]-shaped when compute_grad is false). Their backward, registered in C++
-(csrc/autograd.cpp, where a Python one cost 40-50 us more per step), scales those rows by
-grad_output through a fourth op, loss_backward(grad_loss, grad_chosen, grad_rejected): no second
-pass over the pair (csrc/cpu/ has the measurement). The formulas are in minqr/objectives/.
+dtype; [0]-shaped when compute_grad is false); then the losses are reduced: reduction 'none'
+gives them all [B], 'mean' and 'sum' one value []. Their backward, registered in C++
+(csrc/autograd.cpp, where a Python one cost 40-50 us more per step), scales those rows by the
+gradient of the reduced loss through a fourth op, loss_backward(grad_loss, grad_chosen,
+grad_rejected, reduction): no second pass over the pair (csrc/cpu/ has the measurement), and no
+autograd node for the mean. The formulas are in minqr/objectives/.
 
 This module registers the fake kernels (shapes, for torch.compile and opcheck) and holds the
 argument checks that every implementation runs (minqr.objectives's dispatch and references, the fake
@@ -35,6 +37,7 @@ except ImportError as error:  # a pure-Python install (MINQR_NO_EXT=1) or a fail
     IMPORT_ERROR = error
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
 # op -> its hyper-parameters, in argument order
 OPS = {"paper_loss": ("kappa", "lam", "margin"), "mixture_loss": (), "independent_loss": ()}
 
@@ -86,6 +89,15 @@ def check_paper_hyperparameters(kappa, lam, margin) -> None:
         raise ValueError(f"margin must be finite, got {margin:g}")
 
 
+def check_reduction(reduction, h_chosen) -> None:
+    """Raise ValueError for a reduction no loss knows, and for the mean of no pairs."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+    if reduction == "mean" and h_chosen.shape[0] == 0:
+        raise ValueError("h_chosen must have B >= 1 pairs for reduction='mean' (the mean of no pairs is "
+                         f"undefined), got shape {_shape(h_chosen)}")
+
+
 def _device_types(op: str) -> frozenset:
     if _C is None or not hasattr(torch.ops.minqr, op):
         return frozenset()
@@ -118,19 +130,21 @@ def _fake_loss(op: str):
     """The op's fake kernel: output shapes for torch.compile and opcheck, with the same checks."""
 
     def fake(h_chosen, h_rejected, *rest):
-        *hyper, compute_grad = rest
+        *hyper, reduction, compute_grad = rest
         check_outputs(h_chosen, h_rejected)
         if op == "paper_loss":
             check_paper_hyperparameters(*hyper)
+        check_reduction(reduction, h_chosen)
         acc_dtype = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
-        loss = h_chosen.new_empty(h_chosen.shape[0], dtype=acc_dtype)
+        loss_shape = h_chosen.shape[:1] if reduction == "none" else ()
+        loss = h_chosen.new_empty(loss_shape, dtype=acc_dtype)
         grad_shape = h_chosen.shape if compute_grad else (0,)
         return loss, h_chosen.new_empty(grad_shape), h_chosen.new_empty(grad_shape)
 
     return fake
 
 
-def _fake_loss_backward(grad_loss, grad_chosen, grad_rejected):
+def _fake_loss_backward(grad_loss, grad_chosen, grad_rejected, reduction):
     return torch.empty_like(grad_chosen), torch.empty_like(grad_rejected)
 
 
