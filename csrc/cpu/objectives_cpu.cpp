@@ -144,6 +144,22 @@ void bradley_terry_block(const Rows<scalar_t>& rows, T* loss) {
   }
 }
 
+// independent's factors on its direct way (below): exp(s − c_i) into c and exp(r_j − s) into r,
+// [n][kLanes] each, s = middle[w] per lane. A function of its own so that GCC may contract the
+// exp polynomial's a·b + c into FMAs (in the clones that have them), which the region below
+// forbids: these values are the same whether or not the gradients are computed. That took 13% off
+// the whole kernel at B = 4096, N = 10 (one thread, best of rounds: 0.160 against 0.183 ms).
+template <typename T>
+MINQR_SIMD_CLONES void exp_factors(int64_t n, const T* middle, T* c, T* r) {
+  for (int64_t i = 0; i < n; ++i) {
+#pragma omp simd
+    for (int64_t w = 0; w < kLanes; ++w) {
+      c[i * kLanes + w] = simd_exp(middle[w] - c[i * kLanes + w]);
+      r[i * kLanes + w] = simd_exp(r[i * kLanes + w] - middle[w]);
+    }
+  }
+}
+
 // No FMA contraction in mixture and independent, which have no earlier numbers to keep (paper
 // keeps its own): GCC fuses a·b + c where the product has no other use, and the loss then depended
 // on whether the gradients (another use) were computed.
@@ -304,13 +320,7 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
   T max_d[kLanes], E[kLanes], inv_sum[kLanes];
   const bool direct = all_within(kLanes, span, sigmoid_direct_span<T>());
   if (direct) {
-    for (int64_t i = 0; i < n; ++i) {
-#pragma omp simd
-      for (int64_t w = 0; w < kLanes; ++w) {
-        c[i * kLanes + w] = simd_exp(middle[w] - c[i * kLanes + w]);  // exp(s − c_i)
-        r[i * kLanes + w] = simd_exp(r[i * kLanes + w] - middle[w]);  // exp(r_j − s)
-      }
-    }
+    exp_factors(n, middle, c, r);  // exp(s − c_i), exp(r_j − s)
     add_terms([&](int64_t ci, int64_t rj, int64_t, T& sigma, T& q) {
       sigmoid_direct_terms(r[rj] * c[ci], sigma, q);
     });
