@@ -148,22 +148,26 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
         raise ValueError(f"objective 'bradley_terry' is the scalar head's, N = 1, but h_chosen has shape "
                          f"{list(h_chosen.shape)}; for N outputs use mixture, independent or paper")
     check_reduction(reduction, h_chosen)
-    hyper = {**spec.hyperparameters, **hyperparameters}
-    if set(hyper) != set(spec.hyperparameters):
-        raise TypeError(f"objective {objective!r} takes the hyper-parameters "
-                        f"{list(spec.hyperparameters) or 'none'}, got {sorted(hyperparameters)}")
+    hyper = spec.hyperparameters
+    if hyperparameters:
+        hyper = {**hyper, **hyperparameters}
+        if set(hyper) != set(spec.hyperparameters):
+            raise TypeError(f"objective {objective!r} takes the hyper-parameters "
+                            f"{list(spec.hyperparameters) or 'none'}, got {sorted(hyperparameters)}")
     if objective == "paper":
         check_paper_hyperparameters(hyper["kappa"], hyper["lam"], hyper["margin"])
-    if pair_margin is not None and pair_margin.shape != h_chosen.shape[:1]:
-        raise ValueError(f"pair_margin must have shape [B] = {list(h_chosen.shape[:1])}, "
-                         f"got {list(pair_margin.shape)}")
-    if pair_margin is not None and objective != "paper":
-        # Every comparison these objectives make is chosen minus rejected, so sigma(h_c,i - h_r,j - m)
-        # is their formula on the chosen outputs shifted by -m: the fused op computes it as it is, and
-        # the gradient flows back through the shift unchanged. Shifted in float32 (float64), not in
-        # a half precision that would round the margin away.
-        dtype = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
-        h_chosen = h_chosen.to(dtype) - pair_margin.to(dtype)[:, None]
+    if pair_margin is not None:
+        if pair_margin.shape != h_chosen.shape[:1]:
+            raise ValueError(f"pair_margin must have shape [B] = {list(h_chosen.shape[:1])}, "
+                             f"got {list(pair_margin.shape)}")
+        if objective != "paper":
+            # Every comparison these objectives make is chosen minus rejected, so
+            # sigma(h_c,i - h_r,j - m) is their formula on the chosen outputs shifted by -m: the
+            # fused op computes it as it is, and the gradient flows back through the shift
+            # unchanged. Shifted in float32 (float64), not in a half precision that would round the
+            # margin away.
+            dtype = torch.float64 if h_chosen.dtype == torch.float64 else torch.float32
+            h_chosen = h_chosen.to(dtype) - pair_margin.to(dtype)[:, None]
 
     if impl != "reference":
         reason = ops.fused_unavailable_reason(spec.op, h_chosen.device)
@@ -181,7 +185,7 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
         compute_grad = torch.is_grad_enabled() and (h_chosen.requires_grad or h_rejected.requires_grad)
         op = getattr(torch.ops.minqr, spec.op)
         # The op reduces, unless the pairs' losses are still to be changed here.
-        losses, _, _ = op(h_chosen, h_rejected, *(float(hyper[name]) for name in spec.hyperparameters),
+        losses, _, _ = op(h_chosen, h_rejected, *(float(value) for value in hyper.values()),
                           "none" if swap_paper_margin else reduction, compute_grad)
         if not swap_paper_margin:
             return losses
