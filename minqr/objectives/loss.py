@@ -31,7 +31,7 @@ class Objective:
     name: str
     summary: str  # one line, for --help and the report
     reference: object  # (h_chosen, h_rejected, **hyperparameters) -> per-pair losses [B]
-    op: str  # its fused op, torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, compute_grad)
+    op: str  # its fused op, torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, reduction, compute_grad)
     readout: str  # "raw": output i is the quantile at tau_i; "sorted": sorted, the outputs are the quantiles
     hyperparameters: dict = field(default_factory=dict)  # name -> default, in the op's argument order
     # How the head starts. "equal": every row the same small random vector (the outputs start
