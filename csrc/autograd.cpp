@@ -4,8 +4,9 @@
 //
 // Registered for the Autograd key rather than from Python (torch.library.register_autograd): the
 // Python formula doing the same cost 40-50 us more per forward+backward, as much as the whole
-// mixture kernel at B = 4096, N = 10 (measured: op, mean, torch.autograd.grad, one thread, best
-// of rounds: 62 against 99 us at B = 16, N = 1; 163 against 210 us at B = 4096, N = 10).
+// mixture kernel at B = 4096, N = 10 (measured when the mean was still a torch.mean after the op:
+// op, mean, torch.autograd.grad, one thread, best of rounds: 62 against 99 us at B = 16, N = 1;
+// 163 against 210 us at B = 4096, N = 10).
 // torch.compile traces through it as it does through ATen's own formulas: the forward and
 // loss_backward have fake kernels (minqr/objectives/ops.py).
 #include <ATen/core/dispatch/Dispatcher.h>

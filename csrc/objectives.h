@@ -402,16 +402,24 @@ MINQR_HD T paper_backward(T side_sign, T s, T grad_sum, const PaperConstants<T>&
 // The reduction over pairs, backward
 
 // How loss_backward scales pair b's saved gradients: by the gradient of the op's loss with respect
-// to that pair's loss. Without a reduction, that is grad_loss[b] (stride: grad_loss's); with a
-// sum, the one value grad_loss[] for every pair (stride 0); with a mean, grad_loss[] / B, divided
-// in T as ATen's MeanBackward divides, so the gradients have the same bits as through
+// to that pair's loss, the chain rule through the reduction, here because both backends use it.
+// Without a reduction, that is grad_loss[b] (stride: grad_loss's); with a sum, the one value
+// grad_loss[] for every pair (stride 0); with a mean, grad_loss[] / B, computed as ATen's
+// MeanBackward computes it on each device (a division on the CPU, a product with the reciprocal
+// 1/B rounded to T on CUDA), so that the gradients have the bits they would have through
 // `losses.mean()` in Python.
 template <typename T>
 struct LossScale {
   const T* grad_loss;
   int64_t stride;
   T divisor;
-  MINQR_HD T value(int64_t b) const { return grad_loss[b * stride] / divisor; }
+  MINQR_HD T value(int64_t b) const {
+#ifdef __CUDA_ARCH__
+    return grad_loss[b * stride] * (T(1) / divisor);
+#else
+    return grad_loss[b * stride] / divisor;
+#endif
+  }
   MINQR_HD bool uniform() const { return stride == 0; }
 };
 

@@ -66,15 +66,20 @@ void check_paper_hyperparameters(double kappa, double lam, double margin) {
   TORCH_CHECK_VALUE(std::isfinite(margin), "margin must be finite, got ", margin);
 }
 
-Reduction check_reduction(c10::string_view reduction, const at::Tensor& h_chosen) {
+Reduction parse_reduction(c10::string_view reduction) {
   if (reduction == "none") return Reduction::kNone;
   if (reduction == "sum") return Reduction::kSum;
   TORCH_CHECK_VALUE(reduction == "mean", "reduction must be one of 'mean', 'sum', 'none', got '",
                     reduction, "'");
-  TORCH_CHECK_VALUE(h_chosen.size(0) >= 1,
+  return Reduction::kMean;
+}
+
+Reduction check_reduction(c10::string_view reduction, const at::Tensor& h_chosen) {
+  const Reduction reduce = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(reduce != Reduction::kMean || h_chosen.size(0) >= 1,
                     "h_chosen must have B >= 1 pairs for reduction='mean' (the mean of no pairs is "
                     "undefined), got shape ", h_chosen.sizes());
-  return Reduction::kMean;
+  return reduce;
 }
 
 at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction) {
@@ -83,8 +88,8 @@ at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction) {
   at::Tensor total = losses.sum();
   if (reduction == Reduction::kMean) {
     // ATen's mean on the CPU is this sum divided by B, with the same bits (tests/test_objectives.py
-    // holds it to that); dividing the one value here saves the setup of an elementwise op, about
-    // 5 us at B = 4096.
+    // holds it to that); dividing the one value here saves the setup of an elementwise op, 8-11 us
+    // of a forward + backward at B = 4096 on the project's CPU.
     AT_DISPATCH_FLOATING_TYPES(total.scalar_type(), "minqr mean", [&] {
       *total.mutable_data_ptr<scalar_t>() /= scalar_t(losses.size(0));
     });
@@ -94,7 +99,7 @@ at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction) {
 
 Reduction check_loss_backward(const at::Tensor& grad_loss, const at::Tensor& grad_chosen,
                               const at::Tensor& grad_rejected, c10::string_view reduction) {
-  const Reduction reduce = check_reduction(reduction, grad_chosen);
+  const Reduction reduce = parse_reduction(reduction);
   const auto acc_dtype = grad_chosen.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   // [B] without a reduction, [] with one
   const bool per_pair = reduce == Reduction::kNone;

@@ -23,8 +23,9 @@ void check_paper_hyperparameters(double kappa, double lam, double margin);
 
 // What the op does with the pairs' losses: returns them ([B]), or their mean or sum ([]).
 enum class Reduction { kNone, kMean, kSum };
-// The reduction named "none", "mean" or "sum", for h_chosen's batch: the mean of no pairs is an
-// error.
+// The reduction named "none", "mean" or "sum".
+Reduction parse_reduction(c10::string_view reduction);
+// The same, for h_chosen's batch: the mean of no pairs is an error.
 Reduction check_reduction(c10::string_view reduction, const at::Tensor& h_chosen);
 
 // loss_backward's arguments, which only autograd.cpp passes: a mismatch is a bug there. Returns
@@ -38,9 +39,10 @@ using LossOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor>;  // loss, gr
 // or [0] when compute_grad is false). Always contiguous.
 LossOutputs empty_loss_outputs(const at::Tensor& h_chosen, bool compute_grad);
 
-// The pairs' losses [B] reduced: with ATen's own mean and sum, so that the result has the same
-// bits as `losses.mean()` in Python (the training runs recorded before the reduction moved into the
-// op are reproduced bit for bit, tests/test_regression.py).
+// The pairs' losses [B] reduced: with ATen's own sum, and its mean (on the CPU, that sum divided by
+// B), so that the result has the bits of `losses.sum()` and `losses.mean()` in Python, as when
+// the reduction came after the op (tests/test_objectives.py,
+// test_op_reduction_has_the_bits_of_torch_reductions).
 at::Tensor reduce_losses(const at::Tensor& losses, Reduction reduction);
 
 // The body every backend's op shares: checked inputs made contiguous (strided ones are copied

@@ -318,18 +318,20 @@ def test_reductions_and_dtypes(impl, objective, reduction, dtype):
         assert_close(gr, scale * want_gr, TOLERANCE[dtype])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=cuda)])
 @fused
 @pytest.mark.parametrize("objective", OBJECTIVES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_op_reduction_has_the_bits_of_torch_reductions(objective, dtype):
+def test_op_reduction_has_the_bits_of_torch_reductions(objective, dtype, device):
     """The op's own mean and sum give the bits of torch.mean / torch.sum over its per-pair losses,
-    gradients included, for any grad_output: what trained through `losses.mean()` before the
-    reduction moved into the op trains the same now (tests/test_regression.py holds the runs)."""
+    gradients included, for any grad_output and on each device: a loss reduced by the op trains
+    exactly as one reduced after it, as before the reduction moved into the op."""
     hyper = hyper_for(objective, 1)
-    hc, hr = pairs(37, 7, dtype, seed=13)
+    hc, hr = (h.to(device) for h in pairs(37, 7, dtype, seed=13))
     for reduction, reduce in (("mean", torch.mean), ("sum", torch.sum)):
         for go in (1.0, -2.5):
-            grad_output = torch.tensor(go, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+            grad_output = torch.tensor(go, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                       device=device)
             got = loss_and_grads(objective, "fused", hc, hr, reduction, grad_output, **hyper)
             a, b = (h.detach().clone().requires_grad_() for h in (hc, hr))
             out = reduce(pair_loss(a, b, objective, "none", "fused", **hyper))
@@ -669,6 +671,9 @@ BAD = [  # (objective, h_chosen, h_rejected, kwargs, error type, message)
     ("paper", _h(2, 3), _h(2, 3), {"lam": math.nan}, ValueError, "lam must be finite and >= 0, got nan"),
     ("paper", _h(2, 3), _h(2, 3), {"margin": -math.inf}, ValueError, "margin must be finite, got -inf"),
     ("paper", _h(2, 3), _h(2, 3), {"kappa": "1"}, TypeError, "kappa must be a real number, got str"),
+    # the hyper-parameters are checked before the reduction, everywhere
+    ("paper", _h(0, 3), _h(0, 3), {"kappa": -1.0}, ValueError, "kappa must be finite and > 0, got -1"),
+    ("paper", _h(2, 3), _h(2, 3), {"lam": -1.0, "reduction": "avg"}, ValueError, "lam must be finite and >= 0, got -1"),
     ("paper", _h(2, 3), _h(2, 3), {"lam": True}, TypeError, "lam must be a real number, got bool"),
     ("mixture", _h(2, 3), _h(2, 3), {"kappa": 1.0}, TypeError,
      "objective 'mixture' takes the hyper-parameters none, got ['kappa']"),
@@ -838,18 +843,25 @@ def pair_margin_by_hand(objective, hc, hr, margins, kappa=1.0, lam=1.0, margin=1
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("objective", MARGIN_OBJECTIVES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_pair_margin_against_hand_computation(impl, objective, dtype):
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_pair_margin_against_hand_computation(impl, objective, dtype, reduction):
     n = 1 if objective == "bradley_terry" else 5
     hc, hr = pairs(len(PAIR_MARGINS), n, dtype, seed=11)
     hyper = MARGIN_PAPER if objective == "paper" else {}
     margins = torch.tensor(PAIR_MARGINS, dtype=dtype)
-    want = pair_margin_by_hand(objective, hc.double().tolist(), hr.double().tolist(), PAIR_MARGINS, **hyper)
-    got = loss_and_grads(objective, impl, hc, hr, pair_margin=margins, **hyper)
+    losses, grads_c, grads_r = pair_margin_by_hand(objective, hc.double().tolist(), hr.double().tolist(),
+                                                   PAIR_MARGINS, **hyper)
+    # (paper's fused op returns the pairs' losses and pair_loss reduces them after the margin's
+    # change; the others' ops reduce the shifted pairs themselves)
+    scale = 1 / len(PAIR_MARGINS) if reduction == "mean" else 1.0
+    reduce = {"none": np.asarray, "mean": np.mean, "sum": np.sum}[reduction]
+    want = (reduce(losses), scale * np.asarray(grads_c), scale * np.asarray(grads_r))
+    got = loss_and_grads(objective, impl, hc, hr, reduction, pair_margin=margins, **hyper)
     for g, w in zip(got, want):
         assert_close(g, w, TOLERANCE[dtype])
     # the margins matter: the loss without them is another
     without = pair_loss(hc, hr, objective, "none", impl, **hyper)
-    assert not np.allclose(without.double().numpy(), want[0], rtol=1e-3)
+    assert not np.allclose(without.double().numpy(), losses, rtol=1e-3)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

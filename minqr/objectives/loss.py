@@ -147,7 +147,6 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
     if objective == "bradley_terry" and h_chosen.shape[1] != 1:
         raise ValueError(f"objective 'bradley_terry' is the scalar head's, N = 1, but h_chosen has shape "
                          f"{list(h_chosen.shape)}; for N outputs use mixture, independent or paper")
-    check_reduction(reduction, h_chosen)
     hyper = spec.hyperparameters
     if hyperparameters:
         hyper = {**hyper, **hyperparameters}
@@ -156,6 +155,7 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
                             f"{list(spec.hyperparameters) or 'none'}, got {sorted(hyperparameters)}")
     if objective == "paper":
         check_paper_hyperparameters(hyper["kappa"], hyper["lam"], hyper["margin"])
+    check_reduction(reduction, h_chosen)  # after the hyper-parameters, as the ops check
     if pair_margin is not None:
         if pair_margin.shape != h_chosen.shape[:1]:
             raise ValueError(f"pair_margin must have shape [B] = {list(h_chosen.shape[:1])}, "
@@ -179,16 +179,17 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
     # paper takes the margin in its Bradley-Terry term on the means only, not in the quantile
     # targets; neither its op nor its reference has that input, so the term is swapped per pair here
     swap_paper_margin = pair_margin is not None and objective == "paper"
-    if impl == "reference":
-        losses = spec.reference(h_chosen, h_rejected, **hyper)
-    else:
+    if impl != "reference":
+        # The op reduces its losses itself, unless they are still to be changed here.
+        op_reduction = "none" if swap_paper_margin else reduction
         compute_grad = torch.is_grad_enabled() and (h_chosen.requires_grad or h_rejected.requires_grad)
         op = getattr(torch.ops.minqr, spec.op)
-        # The op reduces, unless the pairs' losses are still to be changed here.
-        losses, _, _ = op(h_chosen, h_rejected, *(float(value) for value in hyper.values()),
-                          "none" if swap_paper_margin else reduction, compute_grad)
+        losses, _, _ = op(h_chosen, h_rejected, *(float(hyper[name]) for name in spec.hyperparameters),
+                          op_reduction, compute_grad)
         if not swap_paper_margin:
             return losses
+    else:
+        losses = spec.reference(h_chosen, h_rejected, **hyper)
     if swap_paper_margin:
         losses = losses + paper_pair_margin_change(h_chosen, h_rejected, pair_margin)
     if reduction == "mean":

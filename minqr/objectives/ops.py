@@ -92,7 +92,7 @@ def check_paper_hyperparameters(kappa, lam, margin) -> None:
 def check_reduction(reduction, h_chosen) -> None:
     """Raise ValueError for a reduction no loss knows, and for the mean of no pairs."""
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got {reduction!r}")
+        raise ValueError(f"reduction must be one of 'mean', 'sum', 'none', got '{reduction}'")
     if reduction == "mean" and h_chosen.shape[0] == 0:
         raise ValueError("h_chosen must have B >= 1 pairs for reduction='mean' (the mean of no pairs is "
                          f"undefined), got shape {_shape(h_chosen)}")
@@ -145,6 +145,10 @@ def _fake_loss(op: str):
 
 
 def _fake_loss_backward(grad_loss, grad_chosen, grad_rejected, reduction):
+    # csrc/ops.cpp's check_loss_backward: only csrc/autograd.cpp calls this op
+    if reduction not in REDUCTIONS or grad_loss.dim() != (1 if reduction == "none" else 0):
+        raise RuntimeError(f"minqr::loss_backward expects grad_loss ([B] for reduction='none', [] otherwise), "
+                           f"got shape {_shape(grad_loss)} and reduction='{reduction}'")
     return torch.empty_like(grad_chosen), torch.empty_like(grad_rejected)
 
 
