@@ -324,17 +324,53 @@ def test_band_is_exact_at_the_quantile_levels():
         torch.testing.assert_close(lower, quantiles[:, n - 1 - i], atol=1e-12, rtol=0)
 
 
-def test_reward_band_of_the_model_and_its_errors(tokenizer):
-    model = random_reward_model("quantile", 10, seed=5)
+@pytest.mark.parametrize("objective", ["mixture", "independent", "paper"])
+def test_reward_band_and_quantiles_are_relative_to_a_reference(tokenizer, objective):
+    model = random_reward_model("quantile", 10, seed=5, objective=objective)
     ids, mask = text_batch(tokenizer)
+    reference_ids, reference_mask = ids.flip(0), mask.flip(0)  # another reply per row
     with torch.no_grad():
-        reward, lower, upper = model.reward_band(ids, mask, level=0.8)
-        want = quantile_band(model(ids, mask), 0.8)
-    for got, expected in zip((reward, lower, upper), want):
-        assert torch.equal(got, expected)
+        outputs, reference = model(ids, mask).double(), model(reference_ids, reference_mask).double()
+        got = model.quantiles(ids, mask, reference=model(reference_ids, reference_mask))
+        reward, lower, upper = model.reward_band(ids, mask, level=0.8, reference=model(reference_ids, reference_mask))
+        by_group = model.quantiles(ids, mask, group=torch.zeros(len(ids), dtype=torch.long))
+        raw = model.quantiles(ids, mask, raw=True)
+        raw_band = model.reward_band(ids, mask, level=0.8, raw=True)
+    # written out: kind by kind for the mixture, sorted minus the reference's mean for the others
+    if objective == "mixture":
+        want = (outputs - reference).sort(-1).values
+        want_group = (outputs - outputs.mean(0)).sort(-1).values
+    else:
+        want = outputs.sort(-1).values - reference.mean(-1, keepdim=True)
+        want_group = outputs.sort(-1).values - outputs.sort(-1).values.mean(0).mean()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_group.double(), want_group, atol=1e-5, rtol=0)
+    for value, expected in zip((reward, lower, upper), quantile_band(want, 0.8)):
+        torch.testing.assert_close(value.double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(raw, model.head_config.quantiles(model(ids, mask).detach()))
+    for value, expected in zip(raw_band, quantile_band(model(ids, mask).detach(), 0.8)):
+        torch.testing.assert_close(value, expected)  # the mean of sorted outputs: summed in another order
+    with pytest.raises(MinqrError, match="quantiles of 10 outputs needs a reference.*raw=True"):
+        model.quantiles(ids, mask)
+    with pytest.raises(MinqrError, match="reward_band.*needs a reference|quantiles of 10 outputs needs a reference"):
+        model.reward_band(ids, mask)
+    with pytest.raises(MinqrError, match="raw=True reads the raw outputs, so it takes no reference"):
+        model.quantiles(ids, mask, reference=reference, raw=True)
     for level in (-0.1, 1.5, float("nan")):
         with pytest.raises(MinqrError, match="level"):
             quantile_band(torch.zeros(2, 3), level)
+
+
+def test_scalar_band_needs_no_reference(tokenizer):
+    model = random_reward_model("scalar", 1, seed=7)
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        reward, lower, upper = model.reward_band(ids, mask)
+        r = model(ids, mask)[:, 0]
+        relative = model.reward_band(ids, mask, reference=model(ids.flip(0), mask.flip(0)))[0]
+        want = r - model(ids.flip(0), mask.flip(0))[:, 0]
+    assert torch.equal(reward, r) and torch.equal(lower, r) and torch.equal(upper, r)
+    torch.testing.assert_close(relative, want)
 
 
 # ---- the scalar export ----

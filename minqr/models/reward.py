@@ -9,7 +9,8 @@ read at the last real token.
   pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
   responses). What the raw outputs are, how they are trained and how they become quantiles is the
   head's objective (minqr/objectives/): the model owns its loss (`pair_loss`) and its read-out
-  (`quantiles`, `reward_band`).
+  (`quantiles`, `reward_band`), which is relative to a reference reply to the same prompt
+  (minqr/distribution/statistics.py says why).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 from minqr import hub
 from minqr.data.batching import IGNORE_INDEX
-from minqr.distribution.statistics import quantile_at
+from minqr.distribution.statistics import quantile_at, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
@@ -209,16 +210,46 @@ class RewardModel(nn.Module):
 
     # ---- reading out ----
 
-    def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N] the quantiles of each text's reward at tau_i: the outputs read out as the head's
-        objective says (sorted for mixture and independent, as they are for paper and scalar)."""
-        return self.head_config.quantiles(self(input_ids, attention_mask))
+    def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  reference: torch.Tensor | None = None, group: torch.Tensor | None = None,
+                  raw: bool = False) -> torch.Tensor:
+        """[B, N] the quantiles at tau_i of each text's reward relative to a reference reply to the
+        same prompt: `reference`, that reply's raw outputs [B, N] (`model(reference_ids, mask)`), or
+        `group` [B], rows with the same id being candidates for the same prompt (the reference is
+        their mean output). See minqr.distribution.statistics for what relative means per objective.
+
+        A scalar head needs no reference (its one output is the reward). N > 1 outputs do: a
+        mixture's kinds each have a free constant, which a sort of raw outputs would mix with the
+        disagreement. raw=True reads the raw outputs out anyway (sorted for mixture and independent,
+        as they are for paper), constants included."""
+        outputs = self(input_ids, attention_mask)
+        if self._raw_readout(raw, reference, group, "quantiles"):
+            return self.head_config.quantiles(outputs)
+        return relative_outputs(outputs, reference=reference, group=group,
+                                objective=self.head_config.objective).sort(dim=-1).values
 
     def reward_band(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    level: float = 0.9) -> tuple:
+                    level: float = 0.9, *, reference: torch.Tensor | None = None, group: torch.Tensor | None = None,
+                    raw: bool = False) -> tuple:
         """(reward, lower, upper), each [B]: the expected reward and the central `level` band of the
-        reward distribution (see `quantile_band`). For a scalar head the band is the reward itself."""
-        return quantile_band(self(input_ids, attention_mask), level)  # it sorts the outputs itself
+        reward distribution (see `quantile_band`), relative to a reference reply as in `quantiles`
+        (the reward is then the expected reward minus the reference's). A scalar head needs no
+        reference, and its band is the reward itself."""
+        return quantile_band(self.quantiles(input_ids, attention_mask, reference=reference, group=group, raw=raw),
+                             level)
+
+    def _raw_readout(self, raw: bool, reference, group, what: str) -> bool:
+        """Whether to read the raw outputs out: asked for (raw), or a scalar head with no reference."""
+        if raw and (reference is not None or group is not None):
+            raise MinqrError(f"{what}: raw=True reads the raw outputs, so it takes no reference or group")
+        if raw or (self.num_quantiles == 1 and reference is None and group is None):
+            return True
+        if reference is None and group is None:
+            raise MinqrError(f"{what} of {self.num_quantiles} outputs needs a reference: reference=model(ids of a "
+                             "reply to the same prompt) or group=one prompt id per row. A mixture's kinds each have "
+                             "their own free constant, which sorted raw outputs mix with the disagreement; raw=True "
+                             "reads them out anyway")
+        return False
 
     def to_scalar(self) -> "RewardModel":
         """A one-output copy whose reward is exactly the mean of this model's quantiles: the mean of
