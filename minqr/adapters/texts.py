@@ -55,8 +55,9 @@ class TextRewards:
         if isinstance(prompt, str) and isinstance(completion, str):
             return prompt + completion
         if isinstance(prompt, str) or isinstance(completion, str):
-            raise MinqrError("a prompt and its completion must both be strings or both be lists of "
-                             f"{{'role', 'content'}} messages, got {type(prompt).__name__} and {type(completion).__name__}")
+            kinds = f"{type(prompt).__name__} and {type(completion).__name__}"
+            raise MinqrError(f"a prompt and its completion must both be strings or both be lists of "
+                             f"{{'role', 'content'}} messages, got {kinds}")
         messages = [*prompt, *completion]
         template = self.tokenizer.chat_template
         if template is not None:
@@ -91,7 +92,8 @@ class TextRewards:
         reference_outputs, group_ids = None, None
         if references is not None:
             if len(references) != len(prompts):
-                raise MinqrError(f"{len(references)} references for {len(prompts)} completions: one reply per completion")
+                raise MinqrError(f"{len(references)} references for {len(prompts)} completions: "
+                                 "one reply per completion")
             texts += [self.text(p, r) for p, r in zip(prompts, references)]
         outputs = self.outputs(texts).double()  # [M, N] or [2M, N]: the completions, then their references
         if references is not None:
