@@ -2,17 +2,14 @@
 made here (offline, CPU), with plain and conversational prompts; every reward TRL received is
 checked against the reward model's outputs on the rendered texts, the statistic computed here
 in float64 by its definition. Skipped where trl is not installed."""
-import math
-
 import pytest
 import torch
 from factories import TINY_VOCAB_SIZE, random_gpt2, tiny_config, transformers_twin, write_tiny_tokenizer
+from tiny_reward import statistic_by_definition, tiny_reward_folder
 
 from minqr import MinqrError, load_tokenizer
 from minqr.adapters.texts import TextRewards
 from minqr.adapters.trl import RewardFunction
-from minqr.models.head import HeadConfig
-from minqr.models.reward import RewardModel
 
 trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
@@ -21,19 +18,6 @@ transformers = pytest.importorskip("transformers")
 TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<assistant>{% endif %}")
 PROMPTS = ["The cat sat", "A bird flew over", "Rain fell on", "Some people say"]
-
-
-def reward_folder(folder, template=None, n=6, seed=0):
-    """A tiny mixture reward model with distinct random rows, saved with the tiny tokenizer."""
-    tokenizer = load_tokenizer(write_tiny_tokenizer(folder / "tok", layout="tokenizer.json"))
-    if template is not None:
-        from minqr.data.chat import ChatTemplate
-        tokenizer.chat_template = ChatTemplate(template, {}, "test")
-    model = RewardModel(random_gpt2(tiny_config(), seed), HeadConfig.make("quantile", n, "mixture"))
-    with torch.no_grad():
-        model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed)))
-    model.save_pretrained(folder / "rm", tokenizer=tokenizer)
-    return folder / "rm", model.eval(), tokenizer
 
 
 def policy(folder, template=None):
@@ -47,25 +31,6 @@ def policy(folder, template=None):
     model.config.vocab_size = TINY_VOCAB_SIZE
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.train(), tokenizer
-
-
-def expected(model, tokenizer, texts, groups, text):
-    """The statistic by its definition: outputs of each text, kind by kind minus its group's mean."""
-    with torch.no_grad():
-        outputs = [model(torch.tensor([tokenizer.encode(t)]))[0].double().tolist() for t in texts]
-    level = float(text.split(":")[1]) if ":" in text else None
-    values = []
-    for i, h in enumerate(outputs):
-        members = [outputs[j] for j in range(len(texts)) if groups[j] == groups[i]]
-        d = sorted(h[k] - sum(m[k] for m in members) / len(members) for k in range(len(h)))
-        n = len(d)
-        if text == "mean":
-            values.append(sum(d) / n)
-        elif text.startswith("cvar"):  # Rockafellar-Uryasev
-            values.append(max(t - sum(max(t - x, 0.0) for x in d) / (n * level) for t in d))
-        elif text == "preference":
-            values.append(sum(1 / (1 + math.exp(-x)) for x in d) / n)
-    return values
 
 
 class Recorder:
@@ -92,7 +57,7 @@ def run_grpo(tmp_path, reward, dataset, tokenizer, policy_model):
 
 @pytest.mark.parametrize("text", ["cvar:0.25", "preference"])
 def test_grpo_trains_two_steps_with_group_relative_rewards(tmp_path, text):
-    folder, model, tokenizer = reward_folder(tmp_path)
+    folder, model, tokenizer = tiny_reward_folder(tmp_path)
     policy_model, policy_tokenizer = policy(tmp_path)
     recorder = Recorder(RewardFunction(str(folder), statistic=text, dtype="float32"))
     trainer = run_grpo(tmp_path, recorder, datasets.Dataset.from_dict({"prompt": PROMPTS}), policy_tokenizer,
@@ -101,7 +66,7 @@ def test_grpo_trains_two_steps_with_group_relative_rewards(tmp_path, text):
     for prompts, completions, rewards, kwargs in recorder.calls:
         assert "log_metric" in kwargs and len(rewards) == len(prompts)
         assert all(prompts.count(p) >= 2 for p in prompts)  # TRL gave whole groups of the same prompt
-        want = expected(model, tokenizer, [p + c for p, c in zip(prompts, completions)], prompts, text)
+        want = statistic_by_definition(model, tokenizer, [p + c for p, c in zip(prompts, completions)], text, prompts)
         assert rewards == pytest.approx(want, abs=1e-5)
     logged = [entry for entry in trainer.state.log_history if "minqr/spread" in entry]
     assert logged and all(entry["minqr/spread"] > 0 for entry in logged)
@@ -110,7 +75,7 @@ def test_grpo_trains_two_steps_with_group_relative_rewards(tmp_path, text):
 
 
 def test_grpo_conversational_prompts_use_the_chat_template(tmp_path):
-    folder, model, tokenizer = reward_folder(tmp_path, template=TEMPLATE)
+    folder, model, tokenizer = tiny_reward_folder(tmp_path, template=TEMPLATE)
     policy_model, policy_tokenizer = policy(tmp_path, template=TEMPLATE)
     recorder = Recorder(RewardFunction(str(folder), statistic="mean", dtype="float32"))
     dataset = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in PROMPTS]})
@@ -120,11 +85,11 @@ def test_grpo_conversational_prompts_use_the_chat_template(tmp_path):
         assert isinstance(prompts[0], list) and completions[0][0]["role"] == "assistant"
         texts = ["".join(f"<{m['role']}>{m['content']}" for m in p + c) for p, c in zip(prompts, completions)]
         keys = [p[0]["content"] for p in prompts]
-        assert rewards == pytest.approx(expected(model, tokenizer, texts, keys, "mean"), abs=1e-5)
+        assert rewards == pytest.approx(statistic_by_definition(model, tokenizer, texts, "mean", keys), abs=1e-5)
 
 
 def test_references_other_than_the_group(tmp_path):
-    folder, model, tokenizer = reward_folder(tmp_path)
+    folder, model, tokenizer = tiny_reward_folder(tmp_path)
     prompts, completions = ["The cat sat", "The cat sat"], [" on a mat", " a bird"]
     reply = RewardFunction(str(folder), statistic="preference", reference_reply=" on a mat", dtype="float32")
     got = reply(prompts=prompts, completions=completions)
@@ -148,7 +113,7 @@ def test_references_other_than_the_group(tmp_path):
 
 
 def test_conversations_without_a_template_are_read_hh_style_with_a_warning(tmp_path):
-    folder, _, _ = reward_folder(tmp_path)
+    folder, _, _ = tiny_reward_folder(tmp_path)
     rewards = TextRewards.load(folder)
     with pytest.warns(UserWarning, match="no chat template"):
         text = rewards.text([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])
