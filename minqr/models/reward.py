@@ -20,6 +20,14 @@ The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`t
 last real token being the last one that is not the pad). The `minqr` section of its config.json
 records the head: kind, N, objective and its hyper-parameters, read-out and tau levels.
 
+The saved head of N > 1 outputs has one more row, first: the mean of the N rows, labelled
+"reward" (`mean_row` in the minqr section). transformers' logits are then [B, N + 1], the expected
+reward followed by the N raw outputs, so that every tool that reads one number from a sequence
+classifier, `logits[:, 0]` (TRL's GRPOTrainer given a model, and most others), gets the expected
+reward and never a single kind of annotator (kind 0's raw output, with its own free constant).
+Loaders that build a one-output head (TRL given a path, OpenRLHF) find N + 1 rows where they expect
+one, and refuse. from_pretrained drops the row again (after checking that it is the mean).
+
 Pooling reads the last token whose attention mask is 1, so right and left padding both work; to
 match transformers, whose pooling looks for the last token that is not the pad id, texts must not
 end in the pad token (minqr appends no EOS).
@@ -46,6 +54,7 @@ from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_conf
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
+MEAN_ROW = "mean_row"  # the minqr section's flag: score.weight's first row is the mean of the others
 TRAINING_ARGS_FILE = "training_args.json"  # the options a model was trained with, beside it
 STAGING_DIR = ".staging"  # save_pretrained's files before they are renamed into place
 
@@ -300,6 +309,8 @@ class RewardModel(nn.Module):
                              "reads a reward at the last token that is not the pad: set pad_token_id in its config")
         labels = head.labels()
         minqr = head.to_dict()
+        if head.num_quantiles > 1:  # the expected reward first, for readers of logits[:, 0]
+            labels, minqr[MEAN_ROW] = ["reward", *labels], True
         stats = reward_stats if reward_stats is not None else self.reward_stats
         if stats is not None:
             minqr["reward_mean"], minqr["reward_std"] = float(stats["mean"]), float(stats["std"])
@@ -330,7 +341,11 @@ class RewardModel(nn.Module):
             raise MinqrError(f"reward_stats needs 'mean' and 'std', got keys {sorted(reward_stats)}")
         # the pad that transformers' pooling skips must be the one its tokenizer pads with
         config = self.hf_config(reward_stats, pad_id=tokenizer.pad_id if tokenizer is not None else None)
-        tensors = {**hf_tensors(self.transformer), SCORE: self.score.weight.detach().contiguous()}
+        rows = self.score.weight.detach()  # [N, n_embd]
+        if self.num_quantiles > 1:
+            mean = rows.float().mean(0, keepdim=True).to(rows.dtype)  # [1, n_embd]
+            rows = torch.cat([mean, rows])  # [N + 1, n_embd]: the mean row first
+        tensors = {**hf_tensors(self.transformer), SCORE: rows.contiguous()}
         extra_files = dict(tokenizer.files()) if tokenizer is not None else {}
         if training_args is not None:
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
@@ -355,20 +370,36 @@ class RewardModel(nn.Module):
             model = cls(model_class(config_class.from_dict(config)), head)
         extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
                                        dtype=dtype, device=device)
-        expected = [head.num_quantiles, model.transformer.config.hidden_size]
+        mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
+        expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]
         if SCORE not in extras:
             raise MinqrError(f"{folder} has no {SCORE} (the reward head, shape {expected}): it is a plain "
                              "backbone checkpoint, not a reward model; load it with RewardModel.from_backbone")
         score = extras[SCORE]
         if list(score.shape) != expected:
+            what = f"the mean row and {head.num_quantiles}" if mean_row else str(head.num_quantiles)
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
-                             f"({head.num_quantiles} outputs of the backbone's width); the two do not belong together")
+                             f"({what} outputs of the backbone's width); the two do not belong together")
+        if mean_row:
+            score = _without_mean_row(score, folder)
         backbone = next(model.transformer.parameters())
         model.score.weight = nn.Parameter(score.to(device=backbone.device, dtype=backbone.dtype))
         stats = config.get("minqr", {})
         if "reward_mean" in stats and "reward_std" in stats:
             model.reward_stats = {"mean": stats["reward_mean"], "std": stats["reward_std"]}
         return model.eval()
+
+
+def _without_mean_row(score: torch.Tensor, folder) -> torch.Tensor:
+    """score.weight [N + 1, n_embd] as saved -> the head's N rows, once the first is checked to be
+    their mean (a file edited row by row would otherwise give transformers' readers another reward)."""
+    rows = score[1:]
+    # within a bfloat16 rounding (2^-8) of the rows' scale: a file saved in half precision passes
+    tolerance = 1e-2 * float(rows.double().abs().max())
+    if not torch.allclose(score[0].double(), rows.double().mean(0), rtol=0, atol=tolerance):
+        raise MinqrError(f"{folder}: the first row of {SCORE} is not the mean of the others, as the minqr section's "
+                         f"{MEAN_ROW} says it is: the file was edited; save the model again with minqr")
+    return rows
 
 
 def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
@@ -380,8 +411,10 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
                          "A plain GPT-2 checkpoint becomes one with RewardModel.from_backbone; a "
                          "GPT2ForSequenceClassification with one label loads as a scalar reward model")
     head = HeadConfig.from_dict(config["minqr"], str(where))
-    if head.num_quantiles != labels:
-        raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles} but the "
+    mean_row = bool(config["minqr"].get(MEAN_ROW))
+    if head.num_quantiles + mean_row != labels:
+        with_row = " and the mean row" if mean_row else ""
+        raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles}{with_row} but the "
                          f"config has {labels} labels (id2label); the file was edited inconsistently")
     return head
 
