@@ -118,3 +118,34 @@ def test_conversations_without_a_template_are_read_hh_style_with_a_warning(tmp_p
     with pytest.warns(UserWarning, match="no chat template"):
         text = rewards.text([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])
     assert text == "\n\nHuman: Hi\n\nAssistant: Yo"
+
+
+def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_path):
+    """The trap: TRL given a sequence classifier as reward_funcs reads logits[:, 0]. A saved minqr folder
+    puts the mean row first, so TRL's reward is the expected reward (what minqr's own mean gives on the
+    same completions, in the same steps), not kind 0's raw output; given the folder's path, TRL asks
+    for one label and transformers refuses the N + 1 rows."""
+    folder, model, tokenizer = tiny_reward_folder(tmp_path)
+    classifier = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    reward_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    policy_model, policy_tokenizer = policy(tmp_path)
+    ours = RewardFunction(str(folder), statistic="mean", reference=None, dtype="float32")
+    config = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                            max_completion_length=5, max_steps=2, use_cpu=True, report_to="none", logging_steps=1,
+                            save_strategy="no", bf16=False, seed=0)
+    trainer = trl.GRPOTrainer(model=policy_model, reward_funcs=[classifier, ours], args=config,
+                              train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                              processing_class=policy_tokenizer, reward_processing_classes=[reward_tokenizer, None])
+    trainer.train()
+    steps = [entry for entry in trainer.state.log_history if f"rewards/{ours.__name__}/mean" in entry]
+    assert len(steps) == 2
+    for entry in steps:
+        assert entry[f"rewards/{folder.name}/mean"] == pytest.approx(entry[f"rewards/{ours.__name__}/mean"], abs=1e-4)
+    # and a single kind would have been another reward: the comparison can tell them apart
+    with torch.no_grad():
+        outputs = model(torch.tensor([tokenizer.encode("The cat sat on a mat")]))[0]
+    assert abs(float(outputs[0] - outputs.mean())) > 1e-2
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        trl.GRPOTrainer(model=policy_model, reward_funcs=str(folder), args=config,
+                        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=policy_tokenizer)
+
