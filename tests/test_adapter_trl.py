@@ -140,7 +140,8 @@ def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_
     steps = [entry for entry in trainer.state.log_history if f"rewards/{ours.__name__}/mean" in entry]
     assert len(steps) == 2
     for entry in steps:
-        assert entry[f"rewards/{folder.name}/mean"] == pytest.approx(entry[f"rewards/{ours.__name__}/mean"], abs=1e-4)
+        theirs, mean = entry[f"rewards/{folder.name}/mean"], entry[f"rewards/{ours.__name__}/mean"]
+        assert theirs == pytest.approx(mean, abs=1e-4)
     # and a single kind would have been another reward: the comparison can tell them apart
     with torch.no_grad():
         outputs = model(torch.tensor([tokenizer.encode("The cat sat on a mat")]))[0]
