@@ -147,6 +147,6 @@ def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_
         outputs = model(torch.tensor([tokenizer.encode("The cat sat on a mat")]))[0]
     assert abs(float(outputs[0] - outputs.mean())) > 1e-2
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        trl.GRPOTrainer(model=policy_model, reward_funcs=str(folder), args=config,
-                        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}), processing_class=policy_tokenizer)
+        trl.GRPOTrainer(model=policy_model, reward_funcs=str(folder), args=config, processing_class=policy_tokenizer,
+                        train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
 
