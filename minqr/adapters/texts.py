@@ -32,7 +32,7 @@ class TextRewards:
     """A reward model, its tokenizer and the statistic it hands out."""
 
     def __init__(self, model, tokenizer, statistic: str | Statistic = "mean", max_length: int = 1024,
-                 batch_size: int = DEFAULT_BATCH_SIZE, device=None, dtype: str = "auto"):
+                 batch_size: int = DEFAULT_BATCH_SIZE, device="auto", dtype: str = "auto"):
         if max_length < 1:
             raise MinqrError(f"max_length must be at least 1 (tokens kept of each text), got {max_length}")
         self.model, self.tokenizer = model.eval(), tokenizer
