@@ -18,9 +18,10 @@ Each call logs, through TRL's `log_metric`, the mean over its completions of the
 distribution's spread (its std over the N kinds: how much the population disagrees about a
 completion), under "minqr/spread".
 
-Do not pass a minqr model folder itself as `reward_funcs`: TRL reads `logits[:, 0]` of a
-sequence classifier, which a saved minqr folder makes the expected reward, never a single kind
-(minqr/models/export.py), but which can give no risk measure.
+A minqr model loaded with transformers can also be passed as `reward_funcs`: TRL reads its
+`logits[:, 0]`, which a saved folder makes the expected reward, never a single kind (the mean row,
+minqr/models/reward.py). That is one number with no reference and no risk measure; this function
+gives any statistic.
 """
 from minqr.adapters.texts import TextRewards
 from minqr.errors import MinqrError
