@@ -45,33 +45,40 @@ class Recorder:
         return rewards
 
 
-def run_grpo(tmp_path, reward, dataset, tokenizer, policy_model):
-    config = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                            max_completion_length=5, max_steps=2, use_cpu=True, report_to="none", logging_steps=1,
-                            save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0)
-    trainer = trl.GRPOTrainer(model=policy_model, reward_funcs=reward, args=config, train_dataset=dataset,
-                              processing_class=tokenizer)
+def grpo_config(tmp_path):
+    """Two GRPO steps of 4 completions, 2 per prompt, 5 tokens each, on the CPU."""
+    return trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
+                          max_completion_length=5, max_steps=2, use_cpu=True, report_to="none", logging_steps=1,
+                          save_strategy="no", bf16=False, seed=0, dataloader_num_workers=0)
+
+
+def run_grpo(tmp_path, reward_funcs, dataset, tokenizer, policy_model, **trainer_options):
+    trainer = trl.GRPOTrainer(model=policy_model, reward_funcs=reward_funcs, args=grpo_config(tmp_path),
+                              train_dataset=dataset, processing_class=tokenizer, **trainer_options)
     trainer.train()
     return trainer
 
 
-@pytest.mark.parametrize("text", ["cvar:0.25", "preference"])
-def test_grpo_trains_two_steps_with_group_relative_rewards(tmp_path, text):
+def test_grpo_trains_two_steps_with_group_relative_rewards(tmp_path):
     folder, model, tokenizer = tiny_reward_folder(tmp_path)
     policy_model, policy_tokenizer = policy(tmp_path)
-    recorder = Recorder(RewardFunction(str(folder), statistic=text, dtype="float32"))
-    trainer = run_grpo(tmp_path, recorder, datasets.Dataset.from_dict({"prompt": PROMPTS}), policy_tokenizer,
+    texts = ["cvar:0.25", "preference"]  # two reward functions in one run, as TRL sums them
+    recorders = [Recorder(RewardFunction(str(folder), statistic=text, dtype="float32")) for text in texts]
+    trainer = run_grpo(tmp_path, recorders, datasets.Dataset.from_dict({"prompt": PROMPTS}), policy_tokenizer,
                        policy_model)
-    assert trainer.state.global_step == 2 and recorder.calls
-    for prompts, completions, rewards, kwargs in recorder.calls:
-        assert "log_metric" in kwargs and len(rewards) == len(prompts)
-        assert all(prompts.count(p) >= 2 for p in prompts)  # TRL gave whole groups of the same prompt
-        want = statistic_by_definition(model, tokenizer, [p + c for p, c in zip(prompts, completions)], text, prompts)
-        assert rewards == pytest.approx(want, abs=1e-5)
+    assert trainer.state.global_step == 2
+    for text, recorder in zip(texts, recorders):
+        assert recorder.calls
+        for prompts, completions, rewards, kwargs in recorder.calls:
+            assert "log_metric" in kwargs and len(rewards) == len(prompts)
+            assert all(prompts.count(p) >= 2 for p in prompts)  # TRL gave whole groups of the same prompt
+            texts_read = [p + c for p, c in zip(prompts, completions)]
+            assert rewards == pytest.approx(statistic_by_definition(model, tokenizer, texts_read, text, prompts),
+                                            abs=1e-5)
+        name = f"rewards/minqr_{text.replace(':', '_')}/mean"
+        assert any(name in entry for entry in trainer.state.log_history)
     logged = [entry for entry in trainer.state.log_history if "minqr/spread" in entry]
     assert logged and all(entry["minqr/spread"] > 0 for entry in logged)
-    name = f"rewards/minqr_{text.replace(':', '_')}/mean"
-    assert any(name in entry for entry in trainer.state.log_history)
 
 
 def test_grpo_conversational_prompts_use_the_chat_template(tmp_path):
@@ -130,13 +137,8 @@ def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_
     reward_tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     policy_model, policy_tokenizer = policy(tmp_path)
     ours = RewardFunction(str(folder), statistic="mean", reference=None, dtype="float32")
-    config = trl.GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=4, num_generations=2,
-                            max_completion_length=5, max_steps=2, use_cpu=True, report_to="none", logging_steps=1,
-                            save_strategy="no", bf16=False, seed=0)
-    trainer = trl.GRPOTrainer(model=policy_model, reward_funcs=[classifier, ours], args=config,
-                              train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}),
-                              processing_class=policy_tokenizer, reward_processing_classes=[reward_tokenizer, None])
-    trainer.train()
+    trainer = run_grpo(tmp_path, [classifier, ours], datasets.Dataset.from_dict({"prompt": PROMPTS}),
+                       policy_tokenizer, policy_model, reward_processing_classes=[reward_tokenizer, None])
     steps = [entry for entry in trainer.state.log_history if f"rewards/{ours.__name__}/mean" in entry]
     assert len(steps) == 2
     for entry in steps:
@@ -147,6 +149,7 @@ def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_
         outputs = model(torch.tensor([tokenizer.encode("The cat sat on a mat")]))[0]
     assert abs(float(outputs[0] - outputs.mean())) > 1e-2
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
-        trl.GRPOTrainer(model=policy_model, reward_funcs=str(folder), args=config, processing_class=policy_tokenizer,
+        trl.GRPOTrainer(model=policy_model, reward_funcs=str(folder), args=grpo_config(tmp_path),
+                        processing_class=policy_tokenizer,
                         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
 
