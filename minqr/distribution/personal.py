@@ -1,0 +1,194 @@
+"""Personal rewards: one annotator's reward, from the posterior over a mixture's kinds.
+
+A mixture head's output k is kind k's reward h_k(y), one reward function across all texts, and
+the population judges a pair by a kind drawn uniformly: P(c ≻ r) = (1/N) Σ_k σ(h_k(c) − h_k(r)).
+When the data says who gave each label, an annotator's labels are evidence of their kind. With a
+uniform prior and their labelled pairs D_a (each pair j: chosen c_j over rejected r_j),
+
+    q_a(k) ∝ Π_{j∈D_a} σ(h_k(c_j) − h_k(r_j) − m_j)       (m_j the pair margin, 0 without one)
+
+computed in log space, log q_a = Σ_j log σ(...) − logsumexp_k(the same), and their personal
+preference is the mixture's with the kinds weighted by q_a instead of 1/N:
+
+    P_a(y ≻ y') = Σ_k q_a(k) σ(h_k(y) − h_k(y'))
+
+Any other statistic relative to a reference (minqr/distribution/statistics.py) is personal in the
+same way: `statistic_values(..., weights=q_a)`. With no labels q_a is uniform and every personal
+statistic is the population's; with many, q_a concentrates on the kind that explains them.
+
+Only a mixture has kinds. A scalar head (bradley_terry, N = 1) has one kind, which every posterior
+is; independent's outputs are N draws of the population's reward and paper's its quantiles, so
+neither output k is one kind's reward across texts, and a posterior over them is refused.
+
+The posteriors of many annotators are one batched pass: the per-pair log-likelihoods [P, N] are
+summed into [A, N] by an index_add over each pair's annotator index, then normalised per row.
+
+`Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
+them) and is saved beside a model's config.json as annotators.json; a model folder without that
+file has no known annotators and loads as before.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from minqr.atomic import atomic_file, record_made
+from minqr.distribution.statistics import statistic_values
+from minqr.errors import MinqrError
+
+ANNOTATORS_FILE = "annotators.json"
+FORMAT = 1  # annotators.json's layout version
+
+
+def check_personal(objective: str, num_outputs: int) -> None:
+    """Refuse, with the reason, a head whose outputs are not several kinds (see the docstring)."""
+    if objective != "mixture":
+        why = ("a scalar head has one kind, which every annotator's posterior is: nothing personal to learn"
+               if objective == "bradley_terry" else
+               f"{objective}'s outputs are not kinds: output k is no one kind's reward across texts, so no "
+               "annotator is a weighting of them")
+        raise MinqrError(f"personal rewards need a mixture head (objective mixture, N > 1): {why}")
+    if num_outputs < 2:
+        raise MinqrError("personal rewards need a mixture of N > 1 kinds: with one kind every annotator's "
+                         "posterior is that kind, nothing personal to learn")
+
+
+def _checked_outputs(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    if not (isinstance(chosen, torch.Tensor) and isinstance(rejected, torch.Tensor) and chosen.dim() == 2
+            and chosen.shape == rejected.shape):
+        shapes = [list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (chosen, rejected)]
+        raise MinqrError(f"chosen and rejected must be raw head outputs of the same shape [P, N], got {shapes}")
+
+
+def log_likelihood_sums(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+                        pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_{j∈D_a} log σ(h_k(c_j) − h_k(r_j) − m_j) for every annotator a and kind k: [A, N], float64.
+    chosen, rejected: raw outputs [P, N]; annotator [P]: each pair's annotator index in 0..A-1;
+    pair_margin [P] or None. Sums of several batches add up to the sums of all their pairs."""
+    _checked_outputs(chosen, rejected)
+    p = chosen.shape[0]
+    if (not isinstance(annotator, torch.Tensor) or annotator.shape != (p,) or annotator.is_floating_point()
+            or annotator.dtype == torch.bool):
+        raise MinqrError(f"annotator must be an integer tensor [P] = [{p}] of annotator indices")
+    if p and (int(annotator.min()) < 0 or int(annotator.max()) >= num_annotators):
+        raise MinqrError(f"annotator indices must be in 0..{num_annotators - 1}, got "
+                         f"{int(annotator.min())}..{int(annotator.max())}")
+    margins = chosen.double() - rejected.double()  # [P, N]
+    if pair_margin is not None:
+        margins = margins - pair_margin.to(device=margins.device, dtype=torch.float64)[:, None]
+    sums = torch.zeros(num_annotators, chosen.shape[1], dtype=torch.float64, device=chosen.device)
+    return sums.index_add_(0, annotator.to(chosen.device), torch.nn.functional.logsigmoid(margins))  # [A, N]
+
+
+def normalised(log_likelihoods: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood sums [A, N] -> log-posteriors [A, N] under a uniform prior (which cancels)."""
+    return log_likelihoods - torch.logsumexp(log_likelihoods, dim=-1, keepdim=True)
+
+
+def log_posteriors(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+                   pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+    """log q_a(k) [A, N], float64, of every annotator from their labelled pairs in one pass (the
+    arguments as log_likelihood_sums'). An annotator with no pairs gets the uniform posterior."""
+    return normalised(log_likelihood_sums(chosen, rejected, annotator, num_annotators, pair_margin))
+
+
+def personal_preference(chosen: torch.Tensor, rejected: torch.Tensor, log_posterior: torch.Tensor) -> torch.Tensor:
+    """P_a(chosen ≻ rejected) = Σ_k q_a(k) σ(h_k(c) − h_k(r)), [B]: raw outputs [B, N] and each
+    row's annotator's log-posterior [B, N]."""
+    _checked_outputs(chosen, rejected)
+    return statistic_values("preference", chosen, reference=rejected, weights=log_posterior.exp())
+
+
+@dataclass(frozen=True)
+class Annotators:
+    """Named annotators and their log-posteriors over a model's kinds."""
+
+    ids: tuple  # each a str or an int, as the data gave it; no two equal
+    log_posteriors: torch.Tensor  # [A, N] float64
+    pairs: tuple  # how many labelled pairs each posterior is from
+
+    def __post_init__(self):
+        a = len(self.ids)
+        if self.log_posteriors.dim() != 2 or self.log_posteriors.shape[0] != a or len(self.pairs) != a:
+            raise MinqrError(f"annotators: {a} ids, {len(self.pairs)} pair counts and log-posteriors of shape "
+                             f"{list(self.log_posteriors.shape)} do not belong together")
+        if len(set(self.ids)) != a:
+            raise MinqrError("annotators: an id is given twice")
+
+    @property
+    def num_kinds(self) -> int:
+        return self.log_posteriors.shape[1]
+
+    def index(self, ids) -> torch.Tensor:
+        """Each id's row, [B] long, -1 for an id not known here (or None)."""
+        rows = {annotator: row for row, annotator in enumerate(self.ids)}
+        return torch.tensor([rows.get(annotator, -1) if annotator is not None else -1 for annotator in ids],
+                            dtype=torch.long)
+
+    def merged(self, other: "Annotators") -> "Annotators":
+        """These annotators with `other`'s added; an id in both takes `other`'s posterior."""
+        if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
+            raise MinqrError(f"annotators over {other.num_kinds} kinds cannot join ones over {self.num_kinds}")
+        kept = [row for row, annotator in enumerate(self.ids) if annotator not in set(other.ids)]
+        return Annotators(tuple(self.ids[r] for r in kept) + tuple(other.ids),
+                          torch.cat([self.log_posteriors[kept], other.log_posteriors.to(self.log_posteriors)]),
+                          tuple(self.pairs[r] for r in kept) + tuple(other.pairs))
+
+    def save(self, folder) -> Path:
+        """Write annotators.json into a model's folder, atomically; the folder's .minqr-made list (if
+        minqr made it) learns of the file, so that the folder stays one minqr may replace."""
+        path = Path(folder) / ANNOTATORS_FILE
+        rows = [{"id": annotator, "pairs": count, "log_posterior": values}
+                for annotator, count, values in zip(self.ids, self.pairs, self.log_posteriors.tolist())]
+        text = json.dumps({"format": FORMAT, "num_kinds": self.num_kinds, "annotators": rows}) + "\n"
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+        record_made(Path(folder), ANNOTATORS_FILE)
+        return path
+
+    @classmethod
+    def load(cls, folder, num_kinds: int | None = None) -> "Annotators | None":
+        """The annotators saved in a model's folder, None when it has no annotators.json. `num_kinds`
+        (the model's N) is checked against the file's."""
+        path = Path(folder) / ANNOTATORS_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            rows = data["annotators"]
+            ids = tuple(row["id"] for row in rows)
+            pairs = tuple(row["pairs"] for row in rows)
+            values = torch.tensor([row["log_posterior"] for row in rows], dtype=torch.float64)
+            values = values.reshape(len(rows), data["num_kinds"])  # [A, N], also for A = 0
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
+        if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
+            raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
+                             f"what this minqr writes (format {FORMAT}); fix or delete it")
+        if num_kinds is not None and values.shape[1] != num_kinds:
+            raise MinqrError(f"{path} holds posteriors over {values.shape[1]} kinds but the model has {num_kinds} "
+                             "outputs: they do not belong together; delete it and run minqr personalize")
+        if not bool(torch.isfinite(values).all()) or not bool(torch.logsumexp(values, -1).abs().le(1e-6).all()):
+            raise MinqrError(f"{path}: a log-posterior is not finite or does not sum to 1; fix or delete it")
+        return cls(ids, values, pairs)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def factorize(ids) -> tuple[tuple, torch.Tensor]:
+    """(the distinct ids in order of first appearance, each given id's index [P] long)."""
+    rows: dict = {}
+    index = [rows.setdefault(annotator, len(rows)) for annotator in ids]
+    return tuple(rows), torch.tensor(index, dtype=torch.long)
+
+
+def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, ids, pair_margin=None) -> Annotators:
+    """The Annotators of labelled pairs: raw outputs [P, N] and each pair's annotator id."""
+    distinct, index = factorize(ids)
+    values = log_posteriors(chosen, rejected, index, len(distinct), pair_margin)
+    counts = torch.bincount(index, minlength=len(distinct)).tolist()
+    return Annotators(distinct, values, tuple(counts))
+
