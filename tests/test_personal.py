@@ -10,7 +10,7 @@ import torch
 
 from minqr.atomic import MARKER, atomic_dir, check_replaceable
 from minqr.distribution.personal import (ANNOTATORS_FILE, Annotators, annotators_from_pairs, check_personal,
-                                         factorize, log_posteriors, personal_preference)
+                                         log_posteriors, personal_preference)
 from minqr.errors import MinqrError
 
 
@@ -154,5 +154,3 @@ def test_bad_arguments(generator):
         log_posteriors(h, h, torch.zeros(4), 1)
     with pytest.raises(MinqrError, match=r"in 0\.\.1"):
         log_posteriors(h, h, torch.tensor([0, 1, 2, 0]), 2)
-    distinct, index = factorize(["x", 3, "x"])
-    assert distinct == ("x", 3) and index.tolist() == [0, 1, 0]

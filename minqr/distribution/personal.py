@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from minqr.atomic import atomic_file, record_made
+from minqr.data.pairs import index_annotators
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
 
@@ -178,16 +179,10 @@ def _is_id(value) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-def factorize(ids) -> tuple[tuple, torch.Tensor]:
-    """(the distinct ids in order of first appearance, each given id's index [P] long)."""
-    rows: dict = {}
-    index = [rows.setdefault(annotator, len(rows)) for annotator in ids]
-    return tuple(rows), torch.tensor(index, dtype=torch.long)
-
-
 def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, ids, pair_margin=None) -> Annotators:
     """The Annotators of labelled pairs: raw outputs [P, N] and each pair's annotator id."""
-    distinct, index = factorize(ids)
+    distinct, index = index_annotators(ids)
+    index = torch.tensor(index, dtype=torch.long)  # [P]
     values = log_posteriors(chosen, rejected, index, len(distinct), pair_margin)
     counts = torch.bincount(index, minlength=len(distinct)).tolist()
     return Annotators(distinct, values, tuple(counts))
