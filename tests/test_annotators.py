@@ -44,7 +44,8 @@ def test_another_column_is_mapped(tmp_path):
         read_pairs_file(path, annotator_field="chosen")
 
 
-def test_hf_names_read_the_ids(tmp_path, datasets_cache):
+@pytest.mark.usefixtures("datasets_cache")  # offline, caching into tmp_path
+def test_hf_names_read_the_ids(tmp_path):
     folder = write_dataset_repository(tmp_path / "repo", {"train": labelled([3, 1, 4, 1], field="user_id")})
     pairs, _ = load_pairs(f"hf:{folder}", annotator_field="user_id")
     assert [p.annotator for p in pairs] == [3, 1, 4, 1]
