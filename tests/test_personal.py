@@ -95,7 +95,7 @@ def test_a_thousand_annotators_in_one_pass(generator, capsys):
 def test_save_and_load_round_trip(tmp_path, generator):
     ids = ["alice", 7, "bob", 0]
     chosen, rejected = torch.randn(10, 3, generator=generator), torch.randn(10, 3, generator=generator)
-    annotators = annotators_from_pairs(chosen, rejected, [ids[i % 4] for i in range(10)])
+    annotators = annotators_from_pairs(chosen, rejected, torch.arange(10) % 4, tuple(ids))
     assert annotators.ids == tuple(ids) and annotators.pairs == (3, 3, 2, 2)
     annotators.save(tmp_path)
     loaded = Annotators.load(tmp_path, num_kinds=3)

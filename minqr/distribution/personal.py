@@ -28,16 +28,18 @@ them) and is saved beside a model's config.json as annotators.json; a model fold
 file has no known annotators and loads as before.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minqr.atomic import atomic_file, record_made
-from minqr.data.pairs import index_annotators
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
 
+NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-field names): "
+          "name the person whose labels they are with --annotator")
 ANNOTATORS_FILE = "annotators.json"
 FORMAT = 1  # annotators.json's layout version
 
@@ -127,6 +129,15 @@ class Annotators:
         return torch.tensor([rows.get(annotator, -1) if annotator is not None else -1 for annotator in ids],
                             dtype=torch.long)
 
+    def resolve(self, name: str | int):
+        """The id known here that `name` gives (a command line's "7" is the integer id 7 when only
+        that is known), or None."""
+        known = set(self.ids)
+        if name in known:
+            return name
+        as_int = int(name) if isinstance(name, str) and name.strip().lstrip("-").isdigit() else None
+        return as_int if as_int in known else None
+
     def merged(self, other: "Annotators") -> "Annotators":
         """These annotators with `other`'s added; an id in both takes `other`'s posterior."""
         if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
@@ -179,11 +190,107 @@ def _is_id(value) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
-def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, ids, pair_margin=None) -> Annotators:
-    """The Annotators of labelled pairs: raw outputs [P, N] and each pair's annotator id."""
-    distinct, index = index_annotators(ids)
-    index = torch.tensor(index, dtype=torch.long)  # [P]
-    values = log_posteriors(chosen, rejected, index, len(distinct), pair_margin)
-    counts = torch.bincount(index, minlength=len(distinct)).tolist()
-    return Annotators(distinct, values, tuple(counts))
+def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, ids: tuple,
+                          pair_margin: torch.Tensor | None = None) -> Annotators:
+    """The Annotators of labelled pairs: raw outputs [P, N], each pair's annotator [P] as an index
+    into `ids` (the distinct ids, as TokenizedPairs.annotator_ids)."""
+    values = log_posteriors(chosen, rejected, annotator, len(ids), pair_margin)
+    counts = torch.bincount(annotator, minlength=len(ids)).tolist()
+    return Annotators(tuple(ids), values, tuple(counts))
 
+
+def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, annotator: str | None = None,
+                        source: str = "the pairs") -> Annotators:
+    """The Annotators of scored labelled pairs (TokenizedPairs `tokenized`, outputs [P, N] each).
+    Pairs that name no annotators are the labels of one person, `annotator`; pairs that do take
+    no `annotator`. `source` names the pairs in messages."""
+    margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
+    chosen, rejected = torch.from_numpy(chosen), torch.from_numpy(rejected)
+    if tokenized.annotators is None:
+        if annotator is None:
+            raise MinqrError(f"{source} {NO_IDS}")
+        return annotators_from_pairs(chosen, rejected, torch.zeros(len(tokenized), dtype=torch.long), (annotator,),
+                                     margins)
+    if annotator is not None:
+        raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
+                         "names the one person of pairs that name none; drop it")
+    return annotators_from_pairs(chosen, rejected, torch.tensor(tokenized.annotators, dtype=torch.long),
+                                 tokenized.annotator_ids, margins)
+
+
+# ---- scoring: the personal columns of a scores file ------------------------------------------------
+
+@dataclass
+class PersonalScores:
+    """What scoring writes for the rows of known annotators (NaN rows elsewhere); None arrays and a
+    note when the data names annotators but the head has no kinds."""
+
+    posterior: np.ndarray | None = None  # [P, N] float32, q_a(k) of each row's annotator
+    probability: np.ndarray | None = None  # [P] float32, P_a(chosen ≻ rejected)
+    # [P, 2] float32: the personal expected reward of (chosen, rejected) relative to the reference
+    reward: np.ndarray | None = None
+    reference: str = ""  # what the rewards are relative to
+    notes: list = field(default_factory=list)
+
+    def arrays(self) -> dict:
+        """The scores file's personal arrays (minqr/study/scores_file.py), none without posteriors."""
+        if self.probability is None:
+            return {}
+        return {"personal_posterior": self.posterior, "personal_probability": self.probability,
+                "personal_reward": self.reward}
+
+
+def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected: np.ndarray,
+                    anchor: np.ndarray | None = None, annotator: str | None = None,
+                    context: Annotators | None = None) -> PersonalScores | None:
+    """The personal columns of scored pairs (TokenizedPairs `tokenized`, outputs [P, N] each, of a
+    model with HeadConfig `head` saved in `folder`): rows of an annotator the model knows (its
+    annotators.json) or the `context` annotators (labelled_annotators of --context); every row
+    `annotator`'s when given. The personal rewards are relative to `anchor` ([P, N], the outputs of
+    a reference reply per pair), else to the pair's two responses (their mean, kind by kind). None
+    when nothing was asked and the data names no annotators."""
+    asked = annotator is not None or context is not None
+    if not asked and tokenized.annotators is None:
+        return None
+    try:
+        check_personal(head.objective, head.num_quantiles)
+    except MinqrError as error:
+        if asked:
+            raise
+        return PersonalScores(notes=[f"note: the data names annotators, but no personal probabilities: {error}"])
+    known = Annotators.load(folder, head.num_quantiles)
+    known = known or Annotators((), torch.zeros(0, head.num_quantiles, dtype=torch.float64), ())
+    if context is not None:
+        known = known.merged(context)
+    if annotator is not None:
+        if known.resolve(annotator) is None:
+            raise MinqrError(f"annotator {annotator!r} is not known to {folder} (its annotators.json)"
+                             + (" nor labelled in --context" if context is not None else "")
+                             + ": run minqr personalize with their labels, or give them with --context")
+        ids = [known.resolve(annotator)] * len(tokenized)
+    else:
+        ids = [tokenized.annotator_ids[i] for i in tokenized.annotators]
+    rows = known.index(ids)  # [P], -1 for an annotator not known
+    have = (rows >= 0).numpy()
+    log_q = known.log_posteriors[rows[have]]  # [P', N]
+    weights = log_q.exp()
+    result = PersonalScores(np.full(chosen.shape, np.nan, dtype=np.float32),
+                            np.full(chosen.shape[0], np.nan, dtype=np.float32),
+                            np.full((chosen.shape[0], 2), np.nan, dtype=np.float32),
+                            "the anchor reply" if anchor is not None else "the pair's mean, kind by kind")
+    c, r = torch.from_numpy(chosen[have]), torch.from_numpy(rejected[have])  # [P', N] each
+    result.posterior[have] = weights.numpy()
+    result.probability[have] = personal_preference(c, r, log_q).numpy()
+    if anchor is not None:
+        reference = torch.from_numpy(anchor[have])
+        rewards = [statistic_values("mean", side, reference=reference, weights=weights) for side in (c, r)]
+    else:
+        pair = torch.arange(len(c)).repeat(2)  # [2P'] the group of each response: its pair
+        both = statistic_values("mean", torch.cat([c, r]), group=pair, weights=weights.repeat(2, 1))  # [2P']
+        rewards = both.chunk(2)
+    result.reward[have] = torch.stack(rewards, dim=1).numpy()  # [P', 2]
+    missing = len(tokenized) - int(have.sum())
+    if missing:
+        result.notes.append(f"note: {missing:,} of {len(tokenized):,} rows are of annotators {folder} does not know: "
+                            "their personal columns are NaN (minqr personalize, or --context, gives them posteriors)")
+    return result
