@@ -4,6 +4,7 @@ known annotators (saved, given by --context, or every row as --annotator) their 
 probability and rewards, NaN elsewhere; heads without kinds refused; the CLI's exit codes."""
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -188,3 +189,42 @@ def test_cli(mixture, tmp_path):
     assert not np.isnan(load_scores(tmp_path / "s.npz").personal["personal_probability"]).any()
     result = runner.invoke(main, ["personalize", "--model", str(tmp_path / "nowhere"), "--data", str(data)])
     assert result.exit_code == 1 and "local folder" in result.output
+
+
+def test_training_saves_the_posteriors_of_its_annotators(tmp_path, capsys):
+    from test_train import tiny_options, write_run_inputs
+
+    from minqr.data.pairs import read_pairs_file
+    from minqr.models.reward import RewardModel
+    from minqr.training.config import TrainConfig
+    from minqr.training.loop import train
+
+    inputs = write_run_inputs(tmp_path / "inputs", num_train=24)
+    lines = Path(inputs["data"]).read_text().splitlines()
+    labelled = tmp_path / "labelled.jsonl"  # PRISM's column name, three people
+    labelled.write_text("".join(json.dumps({**json.loads(line), "user_id": f"u{k % 3}"}) + "\n"
+                                for k, line in enumerate(lines)))
+    out = tmp_path / "run"
+    train(TrainConfig(**tiny_options(inputs, out, data=str(labelled), annotator_field="user_id", num_quantiles=4,
+                                     max_steps=3, eval_every=0, save_every=0)), progress=False)
+    saved = Annotators.load(out, 4)
+    assert saved.ids == ("u0", "u1", "u2") and saved.pairs == (8, 8, 8)
+    model, tokenizer = RewardModel.from_pretrained(out), load_tokenizer(out)
+    pairs, _ = read_pairs_file(labelled, annotator_field="user_id")
+    chosen = torch.tensor(np.stack([alone(model, tokenizer, p.chosen, 96) for p in pairs]))
+    rejected = torch.tensor(np.stack([alone(model, tokenizer, p.rejected, 96) for p in pairs]))
+    expected = loop_log_posteriors(chosen, rejected, torch.arange(len(pairs)) % 3, 3)
+    torch.testing.assert_close(saved.log_posteriors, expected, rtol=1e-4, atol=1e-4)
+    # a run that replaces it on data without ids takes the old model's annotators with it
+    train(TrainConfig(**tiny_options(inputs, out, num_quantiles=4, max_steps=3, eval_every=0, save_every=0,
+                                     overwrite=True)), progress=False)
+    assert Annotators.load(out) is None
+    with pytest.raises(MinqrError, match="--annotator-field rater: no pair of --data has that field"):
+        train(TrainConfig(**tiny_options(inputs, tmp_path / "typo", data=str(labelled), annotator_field="rater")),
+              progress=False)
+    # a scalar head has no kinds: no posteriors, and a note that says why
+    train(TrainConfig(**tiny_options(inputs, tmp_path / "scalar", head="scalar", data=str(labelled),
+                                     annotator_field="user_id", max_steps=2, eval_every=0, save_every=0)),
+          progress=False)
+    assert Annotators.load(tmp_path / "scalar") is None
+    assert "names 3 annotators, but no posteriors are saved" in capsys.readouterr().err

@@ -126,8 +126,8 @@ class LoadStats:
 def load_pairs(source, split: str = "train", subset: str | None = None, skip_bad: bool = False,
                annotator_field: str | None = None) -> tuple[list[Pair], LoadStats]:
     """Read the pairs of `source` (a file, an hh-rlhf-like folder, `hh-rlhf:SUBSET` or `hf:NAME[:SPLIT]`).
-    `annotator_field`: the field of the annotators' ids (default "annotator", optional; a field
-    named here must be there)."""
+    `annotator_field`: the field of the annotators' ids (default "annotator"; optional: pairs
+    without it have none)."""
     return read_pairs(resolve_source(source, split, subset), skip_bad, annotator_field)
 
 
@@ -227,9 +227,6 @@ def _read_rows(rows, source: str, parse, skip_bad: bool,
     stats.pairs = len(pairs)
     if not pairs:
         raise MinqrError(f"no usable pairs in {source}: {stats.summary()}")
-    if annotator_field is not None and pairs[0].annotator is None:
-        raise MinqrError(f"{source}: no record has the field {annotator_field!r} that annotator_field "
-                         "(--annotator-field) names")
     check_margins(pairs, source)
     return pairs, stats
 

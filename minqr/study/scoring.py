@@ -302,6 +302,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         named = options.annotator if context.annotators is None else None  # the one person of a file without ids
         known = labelled_annotators(*outputs, context, named, f"--context {options.context}")
     personal = personal_scores(head, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
+    if options.annotator_field is not None and tokenized.annotators is None:
+        notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")
     if personal is not None:
         notes += personal.notes
         if personal.probability is not None:
