@@ -228,3 +228,30 @@ def test_training_saves_the_posteriors_of_its_annotators(tmp_path, capsys):
           progress=False)
     assert Annotators.load(tmp_path / "scalar") is None
     assert "names 3 annotators, but no posteriors are saved" in capsys.readouterr().err
+
+
+def test_scores_files_check_their_personal_arrays(tmp_path):
+    from minqr.study.scores_file import save_scores
+
+    chosen, rejected = np.zeros((3, 2), np.float32), np.ones((3, 2), np.float32)
+    metadata = {"model": "m", "head": "quantile", "data": "d", "split": "test", "workload": "w",
+                "taus": [0.25, 0.75], "readout": "sorted"}
+    good = {"personal_posterior": np.array([[0.5, 0.5], [np.nan, np.nan], [1.0, 0.0]], np.float32),
+            "personal_probability": np.array([0.3, np.nan, 0.2], np.float32),
+            "personal_reward": np.array([[1, -1], [np.nan, np.nan], [0.5, -0.5]], np.float32)}
+    for layout in (".npz", ".jsonl"):
+        save_scores(tmp_path / f"s{layout}", chosen, rejected, metadata, personal=good)
+        back = load_scores(tmp_path / f"s{layout}").personal
+        for name, array in good.items():
+            np.testing.assert_array_equal(back[name], array)
+    bad_rows = {**good, "personal_posterior": np.array([[0.5, 0.6], [np.nan, np.nan], [1, 0]], np.float32)}
+    for personal, words in ((bad_rows, "a posterior that sums to 1"),
+                            ({**good, "personal_reward": np.zeros((3, 3), np.float32)}, r"float \[3, 2\]"),
+                            ({"personal_probability": good["personal_probability"]}, "give all of")):
+        with pytest.raises(MinqrError, match=words):
+            save_scores(tmp_path / "bad.npz", chosen, rejected, metadata, personal=personal)
+    lines = (tmp_path / "s.jsonl").read_text().splitlines()
+    lines[2] = lines[2].replace('"personal_probability": null', '"personal_probability": "high"')
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(MinqrError, match=f"{tmp_path / 'bad.jsonl'}:3: 'personal_probability' must be a number"):
+        load_scores(tmp_path / "bad.jsonl")

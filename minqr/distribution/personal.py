@@ -25,7 +25,10 @@ summed into [A, N] by an index_add over each pair's annotator index, then normal
 
 `Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
 them) and is saved beside a model's config.json as annotators.json; a model folder without that
-file has no known annotators and loads as before.
+file has no known annotators and loads as before. `labelled_annotators` makes them from scored
+labelled pairs; `personal_scores` gives scored pairs of known annotators the personal columns of a
+scores file (minqr/study/scores_file.py). The commands are in personalize.py; docs/personal.md is
+the user's guide.
 """
 import json
 from dataclasses import dataclass, field
