@@ -110,6 +110,7 @@ def test_score_gives_known_annotators_their_personal_columns(mixture, tokenizer,
     data = write_labels(tmp_path / "test.jsonl", pairs, test_ids)
     summary = score_to_file(folder, data, tmp_path / f"s{layout}", progress=False)
     assert any("5 of 15 rows are of annotators" in note for note in summary.notes)
+    (line,) = [note for note in summary.notes if note.startswith("personal accuracy")]
     scores = load_scores(tmp_path / f"s{layout}")
     probability = scores.personal["personal_probability"]
     reward = scores.personal["personal_reward"]
@@ -124,6 +125,11 @@ def test_score_gives_known_annotators_their_personal_columns(mixture, tokenizer,
         expected = personal_expected(log_q, chosen[p].tolist(), rejected[p].tolist())
         np.testing.assert_allclose([probability[p], *reward[p]], expected, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(scores.personal["personal_posterior"][p], np.exp(log_q), rtol=1e-5, atol=1e-7)
+    known = [p for p, annotator in enumerate(test_ids) if annotator != 1000]
+    personal = np.mean([probability[p] > 0.5 for p in known])
+    population = np.mean([torch.sigmoid(chosen[p] - rejected[p]).mean() > 0.5 for p in known])
+    assert line == (f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the 10 rows of known annotators: "
+                    f"{personal:.4f}; the population's on the same rows: {population:.4f}")
 
 
 def test_a_new_person_from_context_and_every_row_as_one_annotator(mixture, tokenizer, tmp_path):

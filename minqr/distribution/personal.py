@@ -145,7 +145,8 @@ class Annotators:
         """These annotators with `other`'s added; an id in both takes `other`'s posterior."""
         if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
             raise MinqrError(f"annotators over {other.num_kinds} kinds cannot join ones over {self.num_kinds}")
-        kept = [row for row, annotator in enumerate(self.ids) if annotator not in set(other.ids)]
+        replaced = set(other.ids)
+        kept = [row for row, annotator in enumerate(self.ids) if annotator not in replaced]
         return Annotators(tuple(self.ids[r] for r in kept) + tuple(other.ids),
                           torch.cat([self.log_posteriors[kept], other.log_posteriors.to(self.log_posteriors)]),
                           tuple(self.pairs[r] for r in kept) + tuple(other.pairs))
@@ -187,6 +188,11 @@ class Annotators:
         if not bool(torch.isfinite(values).all()) or not bool(torch.logsumexp(values, -1).abs().le(1e-6).all()):
             raise MinqrError(f"{path}: a log-posterior is not finite or does not sum to 1; fix or delete it")
         return cls(ids, values, pairs)
+
+
+def _credit(probability: np.ndarray) -> np.ndarray:
+    """A pair's credit for a probability that the chosen response wins: 1 above 1/2, a tie half."""
+    return (probability > 0.5) + 0.5 * (probability == 0.5)
 
 
 def _is_id(value) -> bool:
@@ -292,6 +298,12 @@ def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected:
         both = statistic_values("mean", torch.cat([c, r]), group=pair, weights=weights.repeat(2, 1))  # [2P']
         rewards = both.chunk(2)
     result.reward[have] = torch.stack(rewards, dim=1).numpy()  # [P', 2]
+    if have.any():  # what knowing the annotator changes, on the rows where it is known
+        population = statistic_values("preference", c, reference=r)  # [P'] the mixture's P(c ≻ r)
+        personal = float(np.mean(_credit(result.probability[have])))
+        everyone = float(np.mean(_credit(population.numpy())))
+        result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows of "
+                            f"known annotators: {personal:.4f}; the population's on the same rows: {everyone:.4f}")
     missing = len(tokenized) - int(have.sum())
     if missing:
         result.notes.append(f"note: {missing:,} of {len(tokenized):,} rows are of annotators {folder} does not know: "
