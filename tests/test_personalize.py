@@ -261,3 +261,12 @@ def test_scores_files_check_their_personal_arrays(tmp_path):
     (tmp_path / "bad.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(MinqrError, match=f"{tmp_path / 'bad.jsonl'}:3: 'personal_probability' must be a number"):
         load_scores(tmp_path / "bad.jsonl")
+
+
+def test_rows_of_annotators_a_model_does_not_know(mixture, tmp_path):
+    folder, _ = mixture  # no annotators.json
+    data = write_labels(tmp_path / "test.jsonl", make_pairs(seed=8), ["p", "q", "r"] * 5)
+    summary = score_to_file(folder, data, tmp_path / "s.npz", progress=False)
+    assert any("15 of 15 rows are of annotators" in note for note in summary.notes)
+    personal = load_scores(tmp_path / "s.npz").personal
+    assert all(np.isnan(array).all() for array in personal.values()) and len(personal) == 3

@@ -282,30 +282,37 @@ def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected:
     rows = known.index(ids)  # [P], -1 for an annotator not known
     have = (rows >= 0).numpy()
     log_q = known.log_posteriors[rows[have]]  # [P', N]
-    weights = log_q.exp()
     result = PersonalScores(np.full(chosen.shape, np.nan, dtype=np.float32),
                             np.full(chosen.shape[0], np.nan, dtype=np.float32),
                             np.full((chosen.shape[0], 2), np.nan, dtype=np.float32),
                             "the anchor reply" if anchor is not None else "the pair's mean, kind by kind")
-    c, r = torch.from_numpy(chosen[have]), torch.from_numpy(rejected[have])  # [P', N] each
-    result.posterior[have] = weights.numpy()
-    result.probability[have] = personal_preference(c, r, log_q).numpy()
-    if anchor is not None:
-        reference = torch.from_numpy(anchor[have])
-        rewards = [statistic_values("mean", side, reference=reference, weights=weights) for side in (c, r)]
-    else:
-        pair = torch.arange(len(c)).repeat(2)  # [2P'] the group of each response: its pair
-        both = statistic_values("mean", torch.cat([c, r]), group=pair, weights=weights.repeat(2, 1))  # [2P']
-        rewards = both.chunk(2)
-    result.reward[have] = torch.stack(rewards, dim=1).numpy()  # [P', 2]
-    if have.any():  # what knowing the annotator changes, on the rows where it is known
-        population = statistic_values("preference", c, reference=r)  # [P'] the mixture's P(c ≻ r)
-        personal = float(np.mean(_credit(result.probability[have])))
-        everyone = float(np.mean(_credit(population.numpy())))
-        result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows of "
-                            f"known annotators: {personal:.4f}; the population's on the same rows: {everyone:.4f}")
+    if have.any():
+        _fill_known_rows(result, have, torch.from_numpy(chosen[have]), torch.from_numpy(rejected[have]), log_q,
+                         None if anchor is None else torch.from_numpy(anchor[have]))
     missing = len(tokenized) - int(have.sum())
     if missing:
         result.notes.append(f"note: {missing:,} of {len(tokenized):,} rows are of annotators {folder} does not know: "
                             "their personal columns are NaN (minqr personalize, or --context, gives them posteriors)")
     return result
+
+
+def _fill_known_rows(result: PersonalScores, have: np.ndarray, c: torch.Tensor, r: torch.Tensor, log_q: torch.Tensor,
+                     anchor: torch.Tensor | None) -> None:
+    """The rows `have` of the personal columns, from their outputs c, r [P', N], their annotators'
+    log-posteriors [P', N] and the anchor [P', N] (or None: the pair's mean is the reference); and
+    the accuracy note."""
+    weights = log_q.exp()
+    result.posterior[have] = weights.numpy()
+    result.probability[have] = personal_preference(c, r, log_q).numpy()
+    if anchor is not None:
+        rewards = [statistic_values("mean", side, reference=anchor, weights=weights) for side in (c, r)]
+    else:
+        pair = torch.arange(len(c)).repeat(2)  # [2P'] the group of each response: its pair
+        rewards = statistic_values("mean", torch.cat([c, r]), group=pair, weights=weights.repeat(2, 1)).chunk(2)
+    result.reward[have] = torch.stack(rewards, dim=1).numpy()  # [P', 2]
+    # what knowing the annotator changes, on the rows where it is known
+    population = statistic_values("preference", c, reference=r)  # [P'] the mixture's P(c ≻ r)
+    personal = float(np.mean(_credit(result.probability[have])))
+    everyone = float(np.mean(_credit(population.numpy())))
+    result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows of "
+                        f"known annotators: {personal:.4f}; the population's on the same rows: {everyone:.4f}")
