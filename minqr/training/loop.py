@@ -34,6 +34,8 @@ from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro
 from minqr.data.chat import rendering_note
 from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
+from minqr.distribution.personal import ANNOTATORS_FILE
+from minqr.distribution.personalize import annotators_of
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import load_backbone
@@ -273,7 +275,10 @@ class _Run:
     def _load_data(self, source, split: str):
         """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
         config = self.config
-        pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
+        pairs, stats = read_pairs(source, skip_bad=config.skip_bad, annotator_field=config.annotator_field)
+        if split == "train" and config.annotator_field is not None and pairs[0].annotator is None:
+            raise MinqrError(f"--annotator-field {config.annotator_field}: no pair of --data has that field, the "
+                             "annotators' ids; drop the option, or name the field the data has")
         self.say(f"{split}: {stats.summary()}")
         note = rendering_note(pairs, self.tokenizer.chat_template)
         if note:
@@ -557,6 +562,30 @@ class _Run:
             "mean": final_eval["eval_reward_mean"], "std": final_eval["eval_reward_std"]}
         model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),
                                    reward_stats=reward_stats)
+        self._save_annotators(model)
+
+    def _save_annotators(self, model: RewardModel) -> None:
+        """The posteriors of the annotators the training data names, beside the model (one scoring
+        pass over the training pairs, minqr/distribution/personalize.py); a head without kinds has
+        none, and says so. An annotators.json of the model this run replaced goes with it."""
+        stale = self.out / ANNOTATORS_FILE
+        pairs = self.train_pairs
+        if pairs.annotators is None:
+            if stale.exists():
+                stale.unlink()
+                self.say(f"removed {stale}: the annotators of the model this run replaced")
+            return
+        try:
+            annotators = annotators_of(model, pairs, source="the training pairs", batch_size=self.micro_batch_size,
+                                       shared_prefix=self.config.shared_prefix, dtype=self.config.dtype,
+                                       progress=self.progress, model_name="the trained model")
+        except MinqrError as error:  # only a mixture has kinds
+            stale.unlink(missing_ok=True)
+            self.say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "
+                     f"saved: {error}")
+            return
+        annotators.save(self.out)
+        self.say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
 
 
 def _every(step: int, interval: int) -> bool:
