@@ -171,18 +171,25 @@ class SyntheticTask:
 
     def sample_annotators(self, rng: np.random.Generator, shape) -> np.ndarray:
         """Fresh annotators from the population: [*shape, V], each one's own reward for every tag."""
+        return self.sample_pool(rng, shape)[1]
+
+    def sample_pool(self, rng: np.random.Generator, shape) -> tuple[np.ndarray, np.ndarray]:
+        """Fresh annotators with their groups: (groups [*shape] int, own tag rewards [*shape, V])."""
         group = rng.choice(len(self.groups), size=shape, p=self.group_weights)
         deviation = rng.normal(0.0, self.personal_std, size=(*np.atleast_1d(shape), len(self.tags)))
-        return self.rewards[group] + deviation
+        return group, self.rewards[group] + deviation
 
     def sample_rewards(self, rng: np.random.Generator, counts: np.ndarray, num_annotators: int) -> np.ndarray:
         """[P, V] tag counts -> [P, S] the responses' rewards for S annotators drawn afresh for each."""
         annotators = self.sample_annotators(rng, (len(counts), num_annotators))  # [P, S, V]
         return np.einsum("psv,pv->ps", annotators, counts.astype(np.float64))
 
-    def sample_labels(self, rng: np.random.Generator, counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
-        """[P] bool: does the pair's annotator (one per pair, drawn here) prefer a to b?"""
-        annotators = self.sample_annotators(rng, len(counts_a))  # [P, V]
+    def sample_labels(self, rng: np.random.Generator, counts_a: np.ndarray, counts_b: np.ndarray,
+                      annotators: np.ndarray | None = None) -> np.ndarray:
+        """[P] bool: does the pair's annotator prefer a to b? `annotators` [P, V]: each pair's
+        annotator's own tag rewards; None: one drawn afresh for each pair."""
+        if annotators is None:
+            annotators = self.sample_annotators(rng, len(counts_a))  # [P, V]
         margin = (annotators * (counts_a - counts_b)).sum(-1)  # the annotator's r(a) - r(b)
         return rng.random(len(counts_a)) < expit(margin)
 
@@ -200,12 +207,16 @@ class SyntheticTask:
 
         Given the group, r(a) - r(b) is Gaussian (tags in both responses cancel, with their
         personal deviations), so P = sum_g w_g E[sigmoid(m_g + s Z)], Z standard normal."""
+        return self.group_preference_probability(counts_a, counts_b) @ self.group_weights
+
+    def group_preference_probability(self, counts_a: np.ndarray, counts_b: np.ndarray) -> np.ndarray:
+        """[P, G] P(a preferred to b) for an annotator drawn from each group (what an oracle that
+        knows the annotator's group, not their own deviations, can know)."""
         difference = (counts_a - counts_b).astype(np.float64)  # [P, V]
         means, stds = self.group_moments(difference)  # [P, G] each
         nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
         weights = weights / weights.sum()  # the probabilists' weights sum to sqrt(2 pi)
-        per_group = expit(means[..., None] + stds[..., None] * nodes) @ weights  # [P, G]
-        return per_group @ self.group_weights
+        return expit(means[..., None] + stds[..., None] * nodes) @ weights  # [P, G]
 
     def to_dict(self) -> dict:
         return {
@@ -250,8 +261,10 @@ def render_dialogue(question: str, tags) -> str:
     return f"\n\nHuman: {question}\n\nAssistant: {' '.join(tags) or ANCHOR_REPLY}"
 
 
-def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int) -> dict:
-    """`count` labelled pairs: texts and [P, V] tag counts of the chosen and rejected responses."""
+def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int,
+                 annotators: np.ndarray | None = None) -> dict:
+    """`count` labelled pairs: texts and [P, V] tag counts of the chosen and rejected responses.
+    `annotators` [count, V]: who labels each pair (their own tag rewards); None: a fresh one each."""
     questions = [QUESTIONS[rng.integers(len(QUESTIONS))].format(VERBS[rng.integers(len(VERBS))],
                                                                 NOUNS[rng.integers(len(NOUNS))])
                  for _ in range(count)]
@@ -261,7 +274,7 @@ def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int) -> d
         while second[i] == first[i]:  # an identical pair carries no preference
             second[i] = task.sample_responses(rng, 1)[0]
     counts_a, counts_b = task.tag_counts(first), task.tag_counts(second)
-    a_wins = task.sample_labels(rng, counts_a, counts_b)
+    a_wins = task.sample_labels(rng, counts_a, counts_b, annotators)
     chosen = [f if win else s for f, s, win in zip(first, second, a_wins)]
     rejected = [s if win else f for f, s, win in zip(first, second, a_wins)]
 
@@ -336,10 +349,11 @@ def tiny_backbone(tokenizer: Tokenizer, seed: int) -> GPT2:
         return GPT2(config)
 
 
-def _write_jsonl(path: Path, chosen, rejected) -> None:
+def _write_jsonl(path: Path, chosen, rejected, annotators=None) -> None:
     with open(path, "w") as f:
-        for c, r in zip(chosen, rejected):
-            f.write(json.dumps({"chosen": c, "rejected": r}) + "\n")
+        for i, (c, r) in enumerate(zip(chosen, rejected)):
+            row = {"chosen": c, "rejected": r} | ({} if annotators is None else {"annotator": annotators[i]})
+            f.write(json.dumps(row) + "\n")
 
 
 @dataclass
@@ -352,30 +366,43 @@ class SyntheticConfig:
     num_train: int = option(40_000, "training pairs", low=1)
     num_test: int = option(1000, "held-out pairs", low=1)
     seed: int = option(0, "seed of the data, the truth samples and the tiny model")
+    labels_per_annotator: int = option(0, "K: a pool of annotators, each labelling K training pairs (rows carry "
+                                       "'annotator'), with held-out pairs of known and of new annotators "
+                                       "(minqr/data/annotator_pools.py); 0: a fresh annotator for every label",
+                                       low=0)
 
 
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
-                        num_samples: int = 256, variant: str = "demo") -> Path:
+                        num_samples: int = 256, variant: str = "demo", labels_per_annotator: int = 0) -> Path:
     """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
     atomically; a folder that holds anything minqr did not write is refused, minqr.atomic). The same arguments give the same data, truth, tokenizer and weights. `variant`
-    names one of TASK_VARIANTS."""
+    names one of TASK_VARIANTS; `labels_per_annotator` K > 0 writes the task with annotator pools
+    (minqr/data/annotator_pools.py) instead of one fresh annotator a label."""
     if num_train < 1 or num_test < 1 or num_samples < 1:
         raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
                          f"got {num_train}, {num_test} and {num_samples}")
+    if labels_per_annotator < 0:
+        raise MinqrError(f"labels_per_annotator must be at least 0 (0: no pools), got {labels_per_annotator}")
     if variant not in TASK_VARIANTS:
         raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
     task = TASK_VARIANTS[variant]
     check_replaceable(folder, "--out")  # before the minute of work below
     # independent streams, so that e.g. more truth samples leave the data unchanged
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
-    train = sample_pairs(task, data_rng, num_train)
+    pooled = {}
+    if labels_per_annotator:
+        from minqr.data.annotator_pools import pooled_task  # it builds on this module
+        pooled = pooled_task(task, data_rng, truth_rng, num_train, num_test, labels_per_annotator, num_samples)
+        train = pooled.pop("train.jsonl")[1]
+    else:
+        train = sample_pairs(task, data_rng, num_train)
     test = sample_pairs(task, data_rng, num_test)
     truth = truth_arrays(task, test, truth_rng, num_samples)
     p = truth["preference_probability"]
     summary = {
         "description": "minqr synthetic preference task (see minqr/data/synthetic.py)",
         "seed": seed, "variant": variant, "num_train": num_train, "num_test": num_test,
-        "truth_samples": num_samples,
+        "truth_samples": num_samples, "labels_per_annotator": labels_per_annotator,
         **task.to_dict(),
         # the ceiling for a reward model on test.jsonl: expected over fresh labels ...
         "bayes_accuracy": bayes_accuracy(p),
@@ -385,8 +412,14 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     }
     tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
     with atomic_dir(folder, "--out") as tmp:
-        _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"])
+        _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"], train.get("ids"))
         _write_jsonl(tmp / "test.jsonl", test["chosen"], test["rejected"])
+        for name, (kind, payload) in pooled.items():
+            if kind == "jsonl":
+                _write_jsonl(tmp / name, payload["chosen"], payload["rejected"], payload["ids"])
+            else:
+                with open(tmp / name, "wb") as f:
+                    np.savez_compressed(f, **payload)
         with open(tmp / "test_truth.npz", "wb") as f:
             np.savez_compressed(f, **truth)
         (tmp / "task.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -41,6 +41,7 @@ from minqr.options import option
 from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
                                   paired_accuracy_difference, paired_kl_difference, response_truth, same_pairs,
                                   spreads, summarize, view_rows)
+from minqr.study.personal_accuracy import personal_accuracy, personal_markdown
 from minqr.study.scores_file import Scores, load_scores
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
@@ -85,6 +86,9 @@ def analyze(paths, out_dir, **options) -> Path:
     truth = False if options.no_truth else options.truth
     summaries = [summarize(s, view=options.view, bins=options.bins, eps=options.eps, n_resamples=options.n_resamples,
                            confidence=options.confidence, seed=options.seed, truth=truth) for s in all_scores]
+    for scores, summary in zip(all_scores, summaries):  # the task with annotator pools: personal accuracy
+        if summary["coverage"]:
+            summary["personal"] = personal_accuracy(scores, summary["coverage"]["truth"])
     return write_report(out_dir, all_scores, summaries)
 
 
@@ -139,6 +143,9 @@ def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Pa
         (tmp / "summaries.json").write_text(json.dumps(_json_ready(summaries), indent=2) + "\n")
         figures = _draw_figures(tmp, all_scores, summaries, workloads)
         (tmp / "report.md").write_text(_report_markdown(summaries, table, accuracy_differences, figures))
+        personal = personal_markdown(summaries)
+        if personal:
+            (tmp / "personal.md").write_text(personal)
     return out / "report.md"
 
 

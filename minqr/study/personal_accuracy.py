@@ -1,0 +1,80 @@
+"""Personal accuracy against the synthetic task's annotators: what a model's personal rewards are
+worth on held-out pairs of known people, or of new people from a few context pairs.
+
+The held-out files of the task with annotator pools (minqr/data/annotator_pools.py) know, for every
+pair, the labelling annotator's exact P(chosen ≻ rejected), p_a, their group's, and their exact
+rewards. A ranker that picks a side is credited with its expected accuracy over fresh labels of
+that annotator: p_a for chosen, 1 − p_a for rejected, 1/2 for a tie. Four rankers are compared:
+
+    personal        the model's personal probability (the scores file's `personal_probability`)
+    population      the model's own population probability, the same for everybody
+    group oracle    the true P for the annotator's group (their own deviations unknown)
+    exact oracle    p_a itself: max(p_a, 1 − p_a), the ceiling
+
+and the fit slope: the least-squares slope of the model's personal rewards (relative to the anchor
+reply, whose true reward is 0 for everybody) on the annotator's exact rewards, both responses of
+every pair. The reward scale of the kinds is set by regularisation rather than by the labels
+(docs/personal.md), so every accuracy is reported with it.
+"""
+import numpy as np
+
+from minqr.errors import MinqrError
+from minqr.ranking import ranking_credit
+from minqr.study.analysis import affine_fit, load_truth, objective_probability
+from minqr.study.scores_file import Scores
+
+PERSONAL_TRUTH = ("annotator_probability", "annotator_group", "annotator_group_probability",
+                  "chosen_annotator_reward", "rejected_annotator_reward")
+
+
+def expected_accuracy(probability: np.ndarray, annotator_probability: np.ndarray) -> float:
+    """Mean over pairs of the credit, over fresh labels of each pair's annotator, of picking the
+    side `probability` [P] (a P(chosen ≻ rejected)) favours; annotator_probability [P] is p_a."""
+    pick = ranking_credit(probability, 0.5)  # 1: chosen, 0: rejected, 1/2: a tie
+    return float(np.mean(pick * annotator_probability + (1 - pick) * (1 - annotator_probability)))
+
+
+def personal_accuracy(scores: Scores, truth_path) -> dict | None:
+    """The four rankers' accuracies and the fit slope on the rows with a personal probability, as a
+    JSON-ready dict; None when the truth file has no annotators (a plain task's) or the scores no
+    personal arrays."""
+    arrays = load_truth(truth_path, scores.num_pairs, PERSONAL_TRUTH, optional=True)
+    if arrays is None or "personal_probability" not in scores.personal:
+        return None
+    p_a, group, group_probability, chosen_true, rejected_true = arrays
+    personal = scores.personal["personal_probability"].astype(np.float64)
+    rows = ~np.isnan(personal)
+    if not rows.any():
+        raise MinqrError(f"{scores.source}: no row has a personal probability (no annotator the model knows); score "
+                         "known annotators' pairs, or give new people's labels with --context")
+    population = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
+    own_group = group_probability[np.arange(len(group)), group.astype(int)]  # [P]
+    result = {"pairs": int(rows.sum()), "pairs_without": int((~rows).sum())}
+    for name, probability in (("personal", personal), ("population", population), ("group_oracle", own_group),
+                              ("exact_oracle", p_a)):
+        result[name] = expected_accuracy(probability[rows], p_a[rows])
+    if "personal_reward" in scores.personal:
+        predicted = scores.personal["personal_reward"][rows].astype(np.float64)  # [R, 2] chosen, rejected
+        true = np.stack([chosen_true[rows], rejected_true[rows]], axis=1)  # [R, 2]
+        result["fit_slope"], result["fit_intercept"] = affine_fit(predicted.ravel(), true.ravel())
+    return result
+
+
+def personal_markdown(summaries: list[dict]) -> str | None:
+    """A table of the personal accuracies of the analysed files that have them (analyze's
+    personal.md), or None when none has."""
+    rows = [s for s in summaries if s.get("personal")]
+    if not rows:
+        return None
+    lines = ["| workload | model | pairs | personal | population | group oracle | exact oracle | fit slope |",
+             "|---|---|---|---|---|---|---|---|"]
+    for s in rows:
+        p = s["personal"]
+        slope = f"{p['fit_slope']:.3f}" if "fit_slope" in p else "–"
+        lines.append(f"| {s['workload']} | {s['label']} | {p['pairs']} | {p['personal']:.3f} | {p['population']:.3f} "
+                     f"| {p['group_oracle']:.3f} | {p['exact_oracle']:.3f} | {slope} |")
+    return "\n".join(["# Personal accuracy", "",
+                      "Expected accuracy over fresh labels of each pair's annotator (minqr/study/personal_accuracy.py):"
+                      " the model's personal probability, its population probability, the oracle that knows the "
+                      "annotator's group, the one that knows their exact rewards; the fit slope of the personal "
+                      "rewards (relative to the anchor reply) on the annotator's exact rewards.", "", *lines, ""])
