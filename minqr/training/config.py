@@ -83,6 +83,9 @@ class TrainConfig:
     annotator_field: str | None = option(None, "the field of the annotators' ids [default: annotator]: a mixture "
                                          "model is saved with the posterior over its kinds of each annotator of "
                                          "--data (annotators.json), for personal rewards")
+    annotator_likelihood: bool = option(False, "mixture heads on data that names its annotators: after one pass "
+                                        "by the per-label objective, train by the annotator-level likelihood "
+                                        "(each annotator's labels all from one kind; minqr/training/objective.py)")
     # the optimisation
     batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps")
     grad_accum: int = option(1, "split each step's batch into this many micro-batches run one after "

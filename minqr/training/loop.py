@@ -51,7 +51,7 @@ from minqr.training.distributed import (Processes, full_state_dict, full_value, 
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
-from minqr.training.objective import PairObjective
+from minqr.training.objective import AnnotatorLikelihood, PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
                                    load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
@@ -183,11 +183,23 @@ class _Run:
             self._restore(self.checkpoint)
         if config.compile:
             self.model.transformer.compile(dynamic=True)
-        objective = PairObjective(self.model, config)
+        objective = PairObjective(self.model, config, self._annotator_likelihood())
         self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _annotator_likelihood(self) -> AnnotatorLikelihood | None:
+        """--annotator-likelihood's cache of posteriors (minqr/training/objective.py), or None."""
+        if not self.config.annotator_likelihood:
+            return None
+        if self.config.resume:
+            # the cache is not in the checkpoint: a resumed run would re-warm and differ from an uninterrupted one
+            raise MinqrError("--annotator-likelihood cannot --resume yet (its cached posteriors are not checkpointed); "
+                             "start the run afresh with --overwrite")
+        head, pairs = self.model.head_config, self.train_pairs
+        return AnnotatorLikelihood(len(pairs.annotator_ids), head.num_quantiles,
+                                   max(1, len(pairs) // self.procs.world_size), head.objective)
 
     def _check_out_folder(self):
         """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
