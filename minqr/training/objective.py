@@ -49,7 +49,8 @@ class PairObjective(nn.Module):
     docstring) and the expected rewards μ_c, μ_r `[B]` for the accuracy.
     """
 
-    def __init__(self, model: RewardModel, config: TrainConfig, annotator_likelihood: "AnnotatorLikelihood | None" = None):
+    def __init__(self, model: RewardModel, config: TrainConfig,
+                 annotator_likelihood: "AnnotatorLikelihood | None" = None):
         super().__init__()
         self.model = model
         self.config = config
