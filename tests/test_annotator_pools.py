@@ -178,3 +178,43 @@ def test_personal_accuracy_against_a_loop(tmp_path):
     assert result["exact_oracle"] == pytest.approx(np.mean(np.maximum(p_a, 1 - p_a)[~np.isnan(personal)]))
     assert result["fit_slope"] == pytest.approx(2.0, abs=1e-2)
     assert expected_accuracy(np.array([1.0]), np.array([0.8])) == pytest.approx(0.8)
+
+
+def test_within_class_spread_rho_against_scipy(tmp_path):
+    """Classes by the set of controversial tags, Spearman per class (scipy), weighted by size."""
+    from scipy.stats import spearmanr
+
+    from minqr.study.spread_classes import MIN_CLASS, within_class_spread_rho
+
+    rng = np.random.default_rng(11)
+    num, n, v, s = 80, 4, 5, 400
+    controversial = np.array([False, False, True, True, False])
+    tags = {side: (rng.random((num, v)) < 0.5).astype(np.int8) for side in ("chosen", "rejected")}
+    widths = {side: rng.uniform(0.5, 3, num) for side in tags}
+    samples = {side: rng.normal(0, 1, (num, s)) * widths[side][:, None] for side in tags}
+    truth = tmp_path / "truth.npz"
+    np.savez(truth, chosen_samples=samples["chosen"], rejected_samples=samples["rejected"],
+             chosen_tags=tags["chosen"], rejected_tags=tags["rejected"], controversial_tags=controversial)
+    taus = (2 * np.arange(n) + 1) / (2 * n)
+    noisy = {side: widths[side] + rng.normal(0, 0.7, num) for side in tags}
+    outputs = {side: np.sort(rng.normal(size=(num, n)), 1) * noisy[side][:, None] for side in tags}
+    metadata = {"model": "runs/m", "head": "quantile", "data": "data/test.jsonl", "split": "test",
+                "workload": "w", "taus": taus.tolist(), "objective": "mixture"}
+    save_scores(tmp_path / "s.npz", outputs["chosen"].astype(np.float32), outputs["rejected"].astype(np.float32),
+                metadata)
+    result = within_class_spread_rho(load_scores(tmp_path / "s.npz"), truth)
+
+    all_tags = np.concatenate([tags["chosen"], tags["rejected"]])
+    predicted = np.concatenate([outputs[side].astype(np.float32).astype(np.float64) for side in tags])
+    true = np.concatenate([samples[side] for side in tags])
+    pred_spread = predicted[:, -1] - predicted[:, 0]
+    true_spread = np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
+    rhos, sizes = [], []
+    for key in {tuple(row) for row in all_tags[:, 2:4]}:
+        members = [i for i in range(len(all_tags)) if tuple(all_tags[i, 2:4]) == key]
+        if len(members) >= MIN_CLASS:
+            rhos.append(spearmanr(pred_spread[members], true_spread[members]).statistic)
+            sizes.append(len(members))
+    assert result["classes"] == len(rhos) and result["responses"] == sum(sizes)
+    assert result["rho"] == pytest.approx(np.average(rhos, weights=sizes), abs=1e-9)
+    assert result["rho"] > 0.3  # the noisy widths follow the true ones

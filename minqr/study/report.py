@@ -14,6 +14,8 @@ writes into the folder:
     fig2_histograms_*.png      chosen vs rejected rewards with KDE curves, per model (paper Fig. 2)
     fig3_quantiles_*.png       the same for quantile 0 and quantile N-1 (paper Fig. 3)
     kl_vs_bins.png, reliability.png, accuracy_by_quantile.png, coverage.png (with a truth file)
+    personal.md                with the truth of the synthetic task with annotator pools: personal
+                               accuracy against its oracles (minqr/study/personal_accuracy.py)
 
 Every figure's title names its workloads and the labels of the models it draws.
 
@@ -43,6 +45,7 @@ from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT
                                   spreads, summarize, view_rows)
 from minqr.study.personal_accuracy import personal_accuracy, personal_markdown
 from minqr.study.scores_file import Scores, load_scores
+from minqr.study.spread_classes import within_class_spread_rho
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 
@@ -89,6 +92,7 @@ def analyze(paths, out_dir, **options) -> Path:
     for scores, summary in zip(all_scores, summaries):  # the task with annotator pools: personal accuracy
         if summary["coverage"]:
             summary["personal"] = personal_accuracy(scores, summary["coverage"]["truth"])
+            summary["spread_within_classes"] = within_class_spread_rho(scores, summary["coverage"]["truth"])
     return write_report(out_dir, all_scores, summaries)
 
 
