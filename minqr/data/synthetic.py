@@ -58,6 +58,10 @@ the anchor fixes those.
 Two variants of the task (TASK_VARIANTS, `make_synthetic_task(..., variant=...)`): "demo" as
 above, and "shifted", with other group shares (75/25), wider personal deviations (std 1.0) and
 more controversial tags (rate 0.4), to check that a result is not a property of one task.
+
+With `labels_per_annotator` K > 0 (`minqr synthetic --labels-per-annotator K`), a pool of
+annotators is drawn once and each labels K training pairs, the rows naming them; held-out pairs of
+known and of new annotators and each annotator's truth come with it (minqr/data/annotator_pools.py).
 """
 import json
 from dataclasses import dataclass, field, replace
