@@ -5,6 +5,7 @@
     minqr analyze q.npz --out report
     minqr export --model runs/demo/quantile --scalar --out runs/demo/quantile-scalar
     minqr synthetic --out runs/tasks/shifted --variant shifted
+    minqr candidates --variant shifted --out runs/tasks/shifted-candidates
     minqr objectives-table runs/objectives/*/report/summaries.json --out table.md
 
 Each subcommand's options are its config dataclass's fields (minqr_cli/options.py); every one
@@ -15,6 +16,7 @@ import sys
 import click
 
 from minqr import __version__
+from minqr.data.candidates import CandidatesConfig, make_candidate_sets
 from minqr.data.synthetic import SyntheticConfig, make_synthetic_task
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
@@ -78,6 +80,16 @@ def synthetic(options, given):
     click.echo(f"wrote the {config.variant} task into {folder}")
 
 
+@config_command(CandidatesConfig)
+def candidates(options, given):
+    """Write candidate sets of the synthetic task into --out: prompts with K candidate replies each
+    (the input of best-of-n) and each candidate's true reward distribution, for scoring a choice."""
+    config = CandidatesConfig(**options)
+    folder = make_candidate_sets(config.out, config.variant, config.num_prompts, config.num_candidates, config.seed)
+    click.echo(f"wrote {config.num_prompts} prompts of {config.num_candidates} candidates of the {config.variant} "
+               f"task into {folder}")
+
+
 @config_command(TableConfig)
 def objectives_table(options, given):
     """Write the objectives table of the analyzed SUMMARIES (summaries.json files written by analyze)
@@ -92,5 +104,5 @@ def main():
     reward over the people who judge it. `minqr COMMAND --help` explains each command."""
 
 
-for command in (train, score, analyze_scores, export, synthetic, objectives_table):
+for command in (train, score, analyze_scores, export, synthetic, candidates, objectives_table):
     main.add_command(command)
