@@ -1,0 +1,84 @@
+"""Best-of-N choices against the truth of the synthetic task's candidate sets
+(minqr/data/candidates.py): how much of what a perfect chooser gains does a model's choice gain?
+
+For each statistic s (the mean, a quantile, a lower CVaR, ...), three choosers pick one candidate per
+prompt: the model, by s of its learnt distribution (minqr best-of-n); the ORACLE, by s of the true
+distribution; and a RANDOM choice (its expectation: the average over the candidates). Each pick is
+measured in the truth: the statistic s itself (the true measure s targets), the population's mean
+reward, the worst group's mean reward and the share of annotators harmed (for whom the pick is
+worse than the reference reply, the anchor). The share of the oracle's gain that the model captures
+is
+
+    (s(model's picks) - s(random)) / (s(oracle's picks) - s(random)),  averaged over prompts,
+
+1 for a model that picks as well as the oracle in that measure, 0 for one no better than chance.
+
+The spread of a candidate's learnt distribution (its std over the kinds, relative to the reference)
+should flag where the groups disagree: the AUROC of the spread against the truth's label "the
+groups' mean rewards for this candidate differ by more than DISAGREEMENT logits".
+"""
+import numpy as np
+
+from minqr.data.candidates import true_statistic
+from minqr.distribution.statistics import parse_statistic
+from minqr.study.analysis import auroc
+
+DISAGREEMENT = 1.0  # logits between the groups' mean rewards: a candidate the groups disagree on
+
+
+def true_values(truth, statistic: str) -> np.ndarray:
+    """[Q, K] the true statistic of every candidate (relative to the anchor)."""
+    s = parse_statistic(statistic)
+    return true_statistic(s.name, s.level, truth["group_means"], truth["group_stds"], truth["group_weights"])
+
+
+def picked(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """values [Q, K], picks [Q] -> [Q] the value of each prompt's pick."""
+    return np.take_along_axis(values, picks[:, None], axis=1)[:, 0]
+
+
+def measures(truth, picks: np.ndarray | None, target: np.ndarray) -> dict:
+    """The truth's measures of picks [Q] (None: a uniformly random pick, in expectation), with
+    `target` [Q, K] the true values of the statistic the picks were made by."""
+    def of(values):
+        return float(values.mean()) if picks is None else float(picked(values, picks).mean())
+    return {"target": of(target), "mean_reward": of(truth["mean_reward"]),
+            "worst_group": of(truth["group_means"].min(-1)), "share_harmed": of(truth["share_harmed"])}
+
+
+def captured(model: dict, oracle: dict, random: dict) -> float:
+    """The share of the oracle's gain over random, in the target measure, that the model gets."""
+    return (model["target"] - random["target"]) / (oracle["target"] - random["target"])
+
+
+def compare(truth, records: list, statistics) -> dict:
+    """For each statistic: the measures of the model's picks (best-of-n's `records`), the oracle's
+    and random's, and the captured share; and `beyond_mean`, the same share measured from the
+    oracle's choice by the MEAN instead of random (what the statistic adds to the true mean's choice,
+    in its own measure; None where that choice is already the best in it, to within 1e-9)."""
+    rows = {}
+    by_mean = true_values(truth, "mean").argmax(1)
+    for statistic in statistics:
+        target = true_values(truth, statistic)
+        model = np.array([r["chosen"][statistic] for r in records])
+        oracle = target.argmax(1)  # the earliest on a tie, as best-of-n
+        rows[statistic] = {"model": measures(truth, model, target), "oracle": measures(truth, oracle, target),
+                           "random": measures(truth, None, target)}
+        row = rows[statistic]
+        row["captured"] = captured(row["model"], row["oracle"], row["random"])
+        mean_pick = measures(truth, by_mean, target)
+        row["beyond_mean"] = (captured(row["model"], row["oracle"], mean_pick)
+                              if row["oracle"]["target"] - mean_pick["target"] > 1e-9 else None)
+    return rows
+
+
+def spread_auroc(truth, records: list) -> float | None:
+    """AUROC of each candidate's learnt spread (std = mean - mean_minus_std:1, from best-of-n's
+    statistics) for the candidates the groups disagree on; None without both statistics."""
+    names = records[0]["statistics"]
+    if "mean" not in names or "mean_minus_std:1" not in names:
+        return None
+    spread = np.array([np.subtract(r["statistics"]["mean"], r["statistics"]["mean_minus_std:1"]) for r in records])
+    means = truth["group_means"]
+    disagree = (means.max(-1) - means.min(-1)) > DISAGREEMENT  # [Q, K]
+    return auroc(spread[disagree], spread[~disagree])

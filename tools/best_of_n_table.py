@@ -1,0 +1,83 @@
+"""The best-of-N evidence table (docs/best_of_n.md): choices by each statistic from trained models
+against the oracle that knows the true distribution and a random choice, on candidate sets of the
+synthetic task (minqr/study/selection.py says what is measured).
+
+    python tools/best_of_n_table.py RUNS --out table.md
+
+RUNS holds a folder per task variant (demo, shifted), each with candidates/ (minqr candidates),
+mixture/ and scalar/ (models trained on that variant); `make best-of-n` makes them all. The
+choices are made here with `minqr best-of-n` (kept as RUNS/VARIANT/MODEL-REFERENCE.jsonl, reused
+when present).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from minqr.atomic import atomic_file
+from minqr.distribution.best_of_n import DEFAULT_STATISTICS, best_of_n_to_file, parse_statistics
+from minqr.study.selection import compare, spread_auroc
+
+# (model folder, reference): the mixture relative to the anchor reply and to the group; the scalar head
+CHOOSERS = (("mixture", "reply"), ("mixture", "group"), ("scalar", "reply"))
+
+
+def choose(runs: Path, variant: str, model: str, reference: str) -> list:
+    out = runs / variant / f"{model}-{reference}.jsonl"
+    if not out.exists():
+        best_of_n_to_file(runs / variant / model, runs / variant / "candidates" / "candidates.jsonl", out,
+                          reference=reference, statistics=DEFAULT_STATISTICS)
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def table(runs: Path) -> str:
+    statistics = [str(s) for s in parse_statistics(DEFAULT_STATISTICS)]
+    lines = ["| task | chooser | statistic | captured | beyond the mean | target: chooser / oracle / random | "
+             "mean reward | worst group | share harmed |", "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for variant in ("demo", "shifted"):
+        if not (runs / variant).is_dir():
+            continue
+        truth = dict(np.load(runs / variant / "candidates" / "truth.npz"))
+        oracle_rows = None
+        for model, reference in CHOOSERS:
+            if not (runs / variant / model / "config.json").is_file():  # not trained (yet)
+                continue
+            records = choose(runs, variant, model, reference)
+            rows = compare(truth, records, statistics)
+            oracle_rows = rows
+            for statistic, row in rows.items():
+                m, o, r = row["model"], row["oracle"], row["random"]
+                beyond = "" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"
+                lines.append(f"| {variant} | {model} ({reference}) | {statistic} | {row['captured']:.1%} | {beyond} | "
+                             f"{m['target']:.3f} / {o['target']:.3f} / {r['target']:.3f} | {m['mean_reward']:.2f} | "
+                             f"{m['worst_group']:.2f} | {m['share_harmed']:.3f} |")
+            area = spread_auroc(truth, records) if model == "mixture" else None
+            if area is not None:
+                notes.append(f"{variant}, {model} ({reference}): spread AUROC for the candidates the groups "
+                             f"disagree on {area:.3f}")
+        for statistic, row in (oracle_rows or {}).items():
+            o, r = row["oracle"], row["random"]
+            lines.append(f"| {variant} | oracle | {statistic} | 100% | | {o['target']:.3f} | {o['mean_reward']:.2f} | "
+                         f"{o['worst_group']:.2f} | {o['share_harmed']:.3f} |")
+        if oracle_rows:
+            r = next(iter(oracle_rows.values()))["random"]
+            lines.append(f"| {variant} | random | | 0% | | | {r['mean_reward']:.2f} | {r['worst_group']:.2f} | "
+                         f"{r['share_harmed']:.3f} |")
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", type=Path)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    text = table(args.runs)
+    with atomic_file(args.out) as tmp:
+        tmp.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
