@@ -1,0 +1,47 @@
+"""Best-of-N choices against the truth: the captured share is 1 for the oracle's own picks, 0 in
+expectation for random picks, and the measures read the picked candidates."""
+import numpy as np
+
+from minqr.data.candidates import candidate_truth, sample_candidate_sets
+from minqr.data.synthetic import TASK_VARIANTS
+from minqr.study.selection import compare, spread_auroc, true_values
+
+STATISTICS = ["mean", "cvar:0.25", "preference"]
+
+
+def records_of(picks: dict, spread=None):
+    Q = len(next(iter(picks.values())))
+    return [{"chosen": {s: int(p[q]) for s, p in picks.items()},
+             "statistics": {} if spread is None else {"mean": np.ones_like(spread[q]), "mean_minus_std:1": 1 - spread[q]}}
+            for q in range(Q)]
+
+
+def test_oracle_and_random_picks_capture_all_and_nothing():
+    task = TASK_VARIANTS["shifted"]
+    rng = np.random.default_rng(0)
+    truth = candidate_truth(task, sample_candidate_sets(task, rng, 400, 6)["counts"])
+    oracle = {s: true_values(truth, s).argmax(1) for s in STATISTICS}
+    rows = compare(truth, records_of(oracle), STATISTICS)
+    for s in STATISTICS:
+        assert rows[s]["captured"] == 1.0
+        model = rows[s]["model"]
+        q = np.arange(400)
+        assert model["share_harmed"] == truth["share_harmed"][q, oracle[s]].mean()
+        assert model["worst_group"] == truth["group_means"][q, oracle[s]].min(-1).mean()
+    # uniformly random picks: the captured share is 0 up to sampling (a few hundredths at Q = 400)
+    shares = [compare(truth, records_of({s: rng.integers(0, 6, 400) for s in STATISTICS}), STATISTICS)
+              for _ in range(20)]
+    for s in STATISTICS:
+        assert abs(np.mean([r[s]["captured"] for r in shares])) < 0.03
+    # the mean's own picks gain nothing beyond the mean
+    assert rows["mean"]["beyond_mean"] is None or rows["mean"]["beyond_mean"] == 1.0
+
+
+def test_spread_auroc_reads_the_std_from_the_statistics():
+    task = TASK_VARIANTS["demo"]
+    truth = candidate_truth(task, sample_candidate_sets(task, np.random.default_rng(1), 50, 4)["counts"])
+    gap = truth["group_means"].max(-1) - truth["group_means"].min(-1)  # [Q, K]
+    picks = {"mean": np.zeros(50, dtype=int)}
+    assert spread_auroc(truth, records_of(picks, spread=gap)) == 1.0  # the true gap separates perfectly
+    assert spread_auroc(truth, records_of(picks, spread=-gap)) == 0.0
+    assert spread_auroc(truth, records_of(picks)) is None
