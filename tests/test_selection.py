@@ -12,7 +12,9 @@ STATISTICS = ["mean", "cvar:0.25", "preference"]
 def records_of(picks: dict, spread=None):
     Q = len(next(iter(picks.values())))
     return [{"chosen": {s: int(p[q]) for s, p in picks.items()},
-             "statistics": {} if spread is None else {"mean": np.ones_like(spread[q]), "mean_minus_std:1": 1 - spread[q]}}
+             # mean - mean_minus_std:1 is the spread that spread_auroc reads
+             "statistics": {} if spread is None else {"mean": np.ones_like(spread[q]),
+                                                      "mean_minus_std:1": 1 - spread[q]}}
             for q in range(Q)]
 
 
