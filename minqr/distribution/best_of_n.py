@@ -292,7 +292,8 @@ def _resume(partial: Path, job: dict) -> list:
             records.append(json.loads(line))
         except json.JSONDecodeError:
             break  # the torn end of an append cut short (or the empty string after the last newline)
-    if not text.endswith("\n") or len(records) != len(lines) - 2:  # a torn tail: keep the whole lines only, before appending more
+    if not text.endswith("\n") or len(records) != len(lines) - 2:
+        # a torn tail: keep only the whole lines, before more are appended
         with atomic_file(partial) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in [job, *records]))
     return records
