@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minqr import hub
+from minqr.atomic import MARKER
 from minqr.data.batching import IGNORE_INDEX
 from minqr.distribution.statistics import quantile_at
 from minqr.errors import MinqrError
@@ -307,8 +308,11 @@ class RewardModel(nn.Module):
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
         # staging folder not yet emptied, and this write replaces both
         staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
-        for name in sorted(os.listdir(staged), key=lambda n: n == "config.json"):
+        # the staging folder's marker stays until last, so that a staging folder a kill left half
+        # emptied is still one that minqr made, and the next save replaces it
+        for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
             os.replace(staged / name, folder / name)
+        (staged / MARKER).unlink()
         staged.rmdir()
         return folder
 
