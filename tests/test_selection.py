@@ -44,6 +44,13 @@ def test_spread_auroc_reads_the_std_from_the_statistics():
     truth = candidate_truth(task, sample_candidate_sets(task, np.random.default_rng(1), 50, 4)["counts"])
     gap = truth["group_means"].max(-1) - truth["group_means"].min(-1)  # [Q, K]
     picks = {"mean": np.zeros(50, dtype=int)}
-    assert spread_auroc(truth, records_of(picks, spread=gap)) == 1.0  # the true gap separates perfectly
-    assert spread_auroc(truth, records_of(picks, spread=-gap)) == 0.0
+    perfect = spread_auroc(truth, records_of(picks, spread=gap))  # the true gap separates perfectly ...
+    assert perfect["candidates"] == perfect["mean's pick"] == 1.0
+    assert spread_auroc(truth, records_of(picks, spread=-gap))["candidates"] == 0.0  # ... and backwards
+    assert perfect["shares"]["candidates"] == np.mean(gap > 1)
+    favourites = truth["group_means"].argmax(1)  # [Q, G]
+    differ = favourites[:, 0] != favourites[:, 1]
+    # a prompt's score is its largest spread: make it say exactly whether the favourites differ
+    flags = np.where(differ[:, None], np.arange(4) + 10.0, np.arange(4))
+    assert spread_auroc(truth, records_of(picks, spread=flags))["favourites"] == 1.0
     assert spread_auroc(truth, records_of(picks)) is None

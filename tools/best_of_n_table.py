@@ -53,10 +53,11 @@ def table(runs: Path) -> str:
                 lines.append(f"| {variant} | {model} ({reference}) | {statistic} | {row['captured']:.1%} | {beyond} | "
                              f"{m['target']:.3f} / {o['target']:.3f} / {r['target']:.3f} | {m['mean_reward']:.2f} | "
                              f"{m['worst_group']:.2f} | {m['share_harmed']:.3f} |")
-            area = spread_auroc(truth, records) if model == "mixture" else None
-            if area is not None:
-                notes.append(f"{variant}, {model} ({reference}): spread AUROC for the candidates the groups "
-                             f"disagree on {area:.3f}")
+            areas = spread_auroc(truth, records) if model == "mixture" else None
+            if areas is not None:
+                shares = areas.pop("shares")
+                notes.append(f"{variant}, {model} ({reference}): spread AUROC " + ", ".join(
+                    f"{what} {area:.3f} ({shares[what]:.0%} positive)" for what, area in areas.items()))
         for statistic, row in (oracle_rows or {}).items():
             o, r = row["oracle"], row["random"]
             lines.append(f"| {variant} | oracle | {statistic} | 100% | | {o['target']:.3f} | {o['mean_reward']:.2f} | "

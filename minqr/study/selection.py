@@ -14,8 +14,9 @@ is
 1 for a model that picks as well as the oracle in that measure, 0 for one no better than chance.
 
 The spread of a candidate's learnt distribution (its std over the kinds, relative to the reference)
-should flag where the groups disagree: the AUROC of the spread against the truth's label "the
-groups' mean rewards for this candidate differ by more than DISAGREEMENT logits".
+should flag where the groups disagree, a candidate the groups disagree on being one whose groups'
+mean rewards differ by more than DISAGREEMENT logits: `spread_auroc` measures it for candidates,
+for the mean's picks and for prompts.
 """
 import numpy as np
 
@@ -72,13 +73,29 @@ def compare(truth, records: list, statistics) -> dict:
     return rows
 
 
-def spread_auroc(truth, records: list) -> float | None:
-    """AUROC of each candidate's learnt spread (std = mean - mean_minus_std:1, from best-of-n's
-    statistics) for the candidates the groups disagree on; None without both statistics."""
+def spread_auroc(truth, records: list) -> dict | None:
+    """How well the learnt spread (std = mean - mean_minus_std:1, from best-of-n's statistics)
+    flags where the groups disagree, as AUROCs (None without both statistics):
+
+    candidates   every candidate, the positives those the groups disagree on;
+    mean's pick  each prompt's pick by the mean, the positives the picks the groups disagree on;
+    favourites   each prompt, scored by its candidates' largest spread, the positives the prompts
+                 whose groups' favourite candidates differ."""
     names = records[0]["statistics"]
     if "mean" not in names or "mean_minus_std:1" not in names:
         return None
-    spread = np.array([np.subtract(r["statistics"]["mean"], r["statistics"]["mean_minus_std:1"]) for r in records])
-    means = truth["group_means"]
+    spread = [np.subtract(r["statistics"]["mean"], r["statistics"]["mean_minus_std:1"]) for r in records]
+    means = truth["group_means"]  # [Q, K, G]
     disagree = (means.max(-1) - means.min(-1)) > DISAGREEMENT  # [Q, K]
-    return auroc(spread[disagree], spread[~disagree])
+    flat = np.concatenate(spread)
+    pick = np.array([r["chosen"]["mean"] for r in records])
+    at_pick = np.array([s[k] for s, k in zip(spread, pick)])
+    picked_disagree = picked(disagree, pick)
+    favourites = means.argmax(1)  # [Q, G]: each group's favourite candidate
+    differ = (favourites != favourites[:, :1]).any(-1)
+    largest = np.array([s.max() for s in spread])
+    return {"candidates": auroc(flat[disagree.ravel()], flat[~disagree.ravel()]),
+            "mean's pick": auroc(at_pick[picked_disagree], at_pick[~picked_disagree]),
+            "favourites": auroc(largest[differ], largest[~differ]),
+            "shares": {"candidates": float(disagree.mean()), "mean's pick": float(picked_disagree.mean()),
+                       "favourites": float(differ.mean())}}
