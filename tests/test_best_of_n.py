@@ -1,6 +1,12 @@
 """minqr best-of-n: the choices against statistic_values on each text scored alone, the two file
 formats, resuming after a crash, and bad input named by file and line."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +156,45 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
     assert list(read(out)[0]["chosen"]) == ["mean"]
+
+
+KILLED_JOB = """
+import sys, time
+from minqr.distribution import best_of_n
+best_of_n.CHUNK_PROMPTS = 2
+real = best_of_n._choose
+best_of_n._choose = lambda *a, **k: time.sleep(0.3) or real(*a, **k)  # slow enough to be killed mid-way
+best_of_n.best_of_n_to_file(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+@pytest.mark.slow  # a Python started and killed: a minute on a busy 2-core CPU; the crash test above is fast
+def test_a_killed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+    """SIGKILL, no clean-up at all: the lock and the partial file are left as they were."""
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=4, prompts=30))
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 2)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, progress=False)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    job = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(folder), str(data), str(out)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.poll() is None:
+            if partial_path(out).exists() and len(partial_path(out).read_text().splitlines()) >= 1 + 4:
+                break
+            time.sleep(0.05)
+        assert job.poll() is None, "the job ended before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not out.exists()
+    summary = best_of_n_to_file(folder, data, out, progress=False)
+    assert 4 <= summary.resumed_from < 30
+    assert out.read_text() == clean.read_text()
 
 
 @pytest.mark.parametrize("line,message", [
