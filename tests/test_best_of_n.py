@@ -19,7 +19,7 @@ from minqr.distribution import best_of_n
 from minqr.distribution.best_of_n import best_of_n_to_file, partial_path
 from minqr.distribution.statistics import statistic_values
 from minqr_cli.commands import main as cli
-from factories import write_tiny_tokenizer
+from factories import tiny_config, write_tiny_tokenizer
 
 STATISTICS = "mean,quantile:0.2,cvar:0.3,mean_minus_std:0.5,preference"
 MAX_LENGTH = 60
@@ -233,3 +233,28 @@ def test_bad_options_are_named(tmp_path, model, options, message):
         args[flag] = value if flag == "--statistics" else str(tmp_path / value)
     result = CliRunner().invoke(cli, ["best-of-n", *[x for pair in args.items() for x in pair]])
     assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_message_lists_are_rendered_by_the_chat_template(tmp_path):
+    """With a tokenizer that has a chat template, a candidate reads as transformers renders the
+    conversation (the real client as the reference)."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat import write_chat_tokenizer
+    tokenizer_folder = write_chat_tokenizer(tmp_path / "tok", "chatml")
+    tokenizer = load_tokenizer(tokenizer_folder)
+    network = random_reward_model("quantile", 4, seed=5, config=tiny_config(vocab_size=tokenizer.vocab_size,
+                                                                             n_positions=MAX_LENGTH))
+    folder = tmp_path / "model"
+    network.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    records = [r for r in candidate_records(seed=5, prompts=9) if isinstance(r["prompt"], list)]
+    data = write(tmp_path / "c.jsonl", records)
+    best_of_n_to_file(folder, data, tmp_path / "o.jsonl", reference="reply", statistics="cvar:0.5", progress=False)
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    for record, result in zip(records, read(tmp_path / "o.jsonl"), strict=True):
+        def scored(reply):
+            text = hf.apply_chat_template(record["prompt"] + reply, tokenize=False)
+            return torch.tensor(alone(network, tokenizer, text, MAX_LENGTH), dtype=torch.float64)
+        outputs = torch.stack([scored(c) for c in record["candidates"]])
+        reference = scored(record["reference"]).expand(len(outputs), -1)
+        expected = statistic_values("cvar:0.5", outputs, reference=reference, objective="mixture").numpy()
+        np.testing.assert_allclose(result["statistics"]["cvar:0.5"], expected, atol=2e-5)

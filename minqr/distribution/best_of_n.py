@@ -37,6 +37,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import torch
 
@@ -120,7 +121,7 @@ def _dialogue(prompt, reply, template, origin: str) -> str:
     messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
     try:
         return template.render([*prompt, *messages])
-    except Exception as error:  # jinja2's TemplateError, or a template that trips on the messages
+    except jinja2.TemplateError as error:
         raise MinqrError(f"{origin}: the chat template refuses this conversation ({error})") from None
 
 
