@@ -286,7 +286,8 @@ def _resume(partial: Path, job: dict) -> list:
         found = None
     if found != job:
         raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options "
-                         f"({found}): run that command again to finish it, or pass --overwrite to start afresh")
+                         f"or another version of the data ({found}): run that command again to finish it, or pass "
+                         "--overwrite to start afresh")
     records = []
     for line in lines[1:]:
         try:
