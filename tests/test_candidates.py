@@ -57,6 +57,25 @@ def test_truth_matches_monte_carlo(variant):
                                rewards.mean(1) - lam * rewards.std(1), atol=0.06)
 
 
+def test_truth_relative_to_the_average_candidate_matches_monte_carlo():
+    """The same annotator judges all K candidates of a prompt: their rewards are drawn together."""
+    task = TASK_VARIANTS["shifted"]
+    rng = np.random.default_rng(3)
+    counts = sample_candidate_sets(task, rng, num_prompts=2, num_candidates=5)["counts"]  # [2, 5, V]
+    truth = candidate_truth(task, counts)
+    w = task.group_weights
+    for q in range(2):
+        annotators = task.sample_annotators(rng, DRAWS)  # [S, V]
+        rewards = annotators @ counts[q].T.astype(np.float64)  # [S, K]
+        relative = rewards - rewards.mean(1, keepdims=True)
+        means, stds = truth["relative_group_means"][q], truth["relative_group_stds"][q]  # [K, G]
+        np.testing.assert_allclose(true_statistic("mean", None, means, stds, w), relative.mean(0), atol=0.03)
+        np.testing.assert_allclose(true_statistic("quantile", 0.1, means, stds, w),
+                                   np.quantile(relative, 0.1, axis=0), atol=0.06)
+        np.testing.assert_allclose(true_statistic("preference", None, means, stds, w),
+                                   (1 / (1 + np.exp(-relative))).mean(0), atol=0.005)
+
+
 def test_cvar_of_one_gaussian_in_float64():
     """A single group: CVaR_alpha of N(m, s^2) is m - s phi(z_alpha) / alpha, a closed form."""
     from scipy.stats import norm

@@ -33,20 +33,20 @@ def choose(runs: Path, variant: str, model: str, reference: str) -> list:
 
 def table(runs: Path) -> str:
     statistics = [str(s) for s in parse_statistics(DEFAULT_STATISTICS)]
-    lines = ["| task | chooser | statistic | captured | beyond the mean | target: chooser / oracle / random | "
-             "mean reward | worst group | share harmed |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | chooser (reference) | statistic | captured | beyond the mean | target: chooser / oracle / "
+             "random | mean reward | worst group | share harmed |", "|---|---|---|---|---|---|---|---|---|"]
     notes = []
     for variant in ("demo", "shifted"):
         if not (runs / variant).is_dir():
             continue
         truth = dict(np.load(runs / variant / "candidates" / "truth.npz"))
-        oracle_rows = None
+        oracles = {}
         for model, reference in CHOOSERS:
             if not (runs / variant / model / "config.json").is_file():  # not trained (yet)
                 continue
             records = choose(runs, variant, model, reference)
-            rows = compare(truth, records, statistics)
-            oracle_rows = rows
+            rows = compare(truth, records, statistics, reference)
+            oracles[reference] = rows
             for statistic, row in rows.items():
                 m, o, r = row["model"], row["oracle"], row["random"]
                 beyond = "" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"
@@ -58,13 +58,16 @@ def table(runs: Path) -> str:
                 shares = areas.pop("shares")
                 notes.append(f"{variant}, {model} ({reference}): spread AUROC " + ", ".join(
                     f"{what} {area:.3f} ({shares[what]:.0%} positive)" for what, area in areas.items()))
-        for statistic, row in (oracle_rows or {}).items():
-            o, r = row["oracle"], row["random"]
-            lines.append(f"| {variant} | oracle | {statistic} | 100% | | {o['target']:.3f} | {o['mean_reward']:.2f} | "
-                         f"{o['worst_group']:.2f} | {o['share_harmed']:.3f} |")
-        if oracle_rows:
-            r = next(iter(oracle_rows.values()))["random"]
-            lines.append(f"| {variant} | random | | 0% | | | {r['mean_reward']:.2f} | {r['worst_group']:.2f} | "
+        for reference, rows in oracles.items():
+            for statistic, row in rows.items():
+                if reference == "group" and statistic == "mean":
+                    continue  # the same picks as relative to the reply
+                o = row["oracle"]
+                lines.append(f"| {variant} | oracle ({reference}) | {statistic} | | | {o['target']:.3f} | "
+                             f"{o['mean_reward']:.2f} | {o['worst_group']:.2f} | {o['share_harmed']:.3f} |")
+        if oracles:
+            r = next(iter(next(iter(oracles.values())).values()))["random"]
+            lines.append(f"| {variant} | random | | | | | {r['mean_reward']:.2f} | {r['worst_group']:.2f} | "
                          f"{r['share_harmed']:.3f} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 

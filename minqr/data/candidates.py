@@ -13,6 +13,10 @@ mixture of Gaussians, one per annotator group, so each candidate's true statisti
     share_harmed    [Q, K]     the share of annotators for whom the reply is worse than the
                                reference, the anchor reply "ok" (reward 0 for everyone)
     preference      [Q, K]     P(reply preferred to the reference) for a random annotator
+    relative_group_means, relative_group_stds  [Q, K, G]
+                               the Gaussian of each group for the reward relative to the prompt's
+                               average candidate (the group reference of best-of-n), annotator by
+                               annotator: r(y) - (1/K) sum_k r(y_k)
 
 The reference is the anchor: its reward is 0 for every annotator, so a statistic of the reward
 relative to it is that statistic of the reward itself, and `true_statistic` computes it exactly
@@ -74,17 +78,25 @@ def candidate_truth(task: SyntheticTask, counts: np.ndarray) -> dict:
         below = np.where(stds > 0, ndtr(-means / stds), (means < 0).astype(np.float64))
     preference = task.preference_probability(flat, np.zeros_like(flat))  # against the anchor, no tags
     G = len(w)
+    # relative to the prompt's average candidate, annotator by annotator: r(y) - mean_k r(y_k) is the
+    # reward of the tag counts c(y) - mean_k c(y_k), so given the group it is Gaussian as well
+    relative = counts - counts.mean(1, keepdims=True)  # [Q, K, V]
+    relative_means, relative_stds = task.group_moments(relative.reshape(Q * K, V))  # [Q*K, G] each
     return {"mean_reward": (means @ w).reshape(Q, K), "group_means": means.reshape(Q, K, G),
             "group_stds": stds.reshape(Q, K, G), "share_harmed": (below @ w).reshape(Q, K),
-            "preference": preference.reshape(Q, K), "group_weights": w}
+            "preference": preference.reshape(Q, K), "group_weights": w,
+            "relative_group_means": relative_means.reshape(Q, K, G),
+            "relative_group_stds": relative_stds.reshape(Q, K, G)}
 
 
 def true_statistic(name: str, level: float | None, means: np.ndarray, stds: np.ndarray,
                    weights: np.ndarray) -> np.ndarray:
-    """A statistic of the reward relative to the anchor (the reward itself: the anchor's is 0) of
-    Gaussian mixtures: means, stds [..., G], weights [G] -> [...]. `name` and `level` as in
+    """A statistic of Gaussian mixtures, the distributions of a reward relative to a reference (the
+    anchor: the reward itself; or the average candidate): means, stds [..., G], weights [G] -> [...]
+    (preference: E[sigmoid(draw)], the chance that an annotator prefers the reply to the reference,
+    a draw being that annotator's reward difference). `name` and `level` as in
     minqr.distribution.statistics.Statistic: mean, quantile (tau), cvar (lower tail, alpha),
-    mean_minus_std (lambda), preference (P(reply preferred to the anchor))."""
+    mean_minus_std (lambda), preference."""
     shape = means.shape[:-1]
     means, stds = means.reshape(-1, means.shape[-1]), stds.reshape(-1, stds.shape[-1])  # [M, G]
     mean = means @ weights

@@ -11,6 +11,9 @@ is
 
     (s(model's picks) - s(random)) / (s(oracle's picks) - s(random)),  averaged over prompts,
 
+s being relative to the reference the model's choice was made against: the anchor reply, or the
+prompt's average candidate (best-of-n's group reference; the truth has both).
+
 1 for a model that picks as well as the oracle in that measure, 0 for one no better than chance.
 
 The spread of a candidate's learnt distribution (its std over the kinds, relative to the reference)
@@ -27,10 +30,13 @@ from minqr.study.analysis import auroc
 DISAGREEMENT = 1.0  # logits between the groups' mean rewards: a candidate the groups disagree on
 
 
-def true_values(truth, statistic: str) -> np.ndarray:
-    """[Q, K] the true statistic of every candidate (relative to the anchor)."""
+def true_values(truth, statistic: str, reference: str = "reply") -> np.ndarray:
+    """[Q, K] the true statistic of every candidate relative to the reference: "reply", the anchor;
+    "group", the prompt's average candidate (best-of-n's --reference)."""
     s = parse_statistic(statistic)
-    return true_statistic(s.name, s.level, truth["group_means"], truth["group_stds"], truth["group_weights"])
+    prefix = "relative_" if reference == "group" else ""
+    return true_statistic(s.name, s.level, truth[prefix + "group_means"], truth[prefix + "group_stds"],
+                          truth["group_weights"])
 
 
 def picked(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
@@ -52,15 +58,16 @@ def captured(model: dict, oracle: dict, random: dict) -> float:
     return (model["target"] - random["target"]) / (oracle["target"] - random["target"])
 
 
-def compare(truth, records: list, statistics) -> dict:
-    """For each statistic: the measures of the model's picks (best-of-n's `records`), the oracle's
-    and random's, and the captured share; and `beyond_mean`, the same share measured from the
+def compare(truth, records: list, statistics, reference: str = "reply") -> dict:
+    """For each statistic: the measures of the model's picks (best-of-n's `records`, made relative to
+    `reference`), the oracle's (by the true statistic relative to the same reference) and random's,
+    and the captured share; and `beyond_mean`, the same share measured from the
     oracle's choice by the MEAN instead of random (what the statistic adds to the true mean's choice,
     in its own measure; None where that choice is already the best in it, to within 1e-9)."""
     rows = {}
     by_mean = true_values(truth, "mean").argmax(1)
     for statistic in statistics:
-        target = true_values(truth, statistic)
+        target = true_values(truth, statistic, reference)
         model = np.array([r["chosen"][statistic] for r in records])
         oracle = target.argmax(1)  # the earliest on a tie, as best-of-n
         rows[statistic] = {"model": measures(truth, model, target), "oracle": measures(truth, oracle, target),
