@@ -1,6 +1,7 @@
 """Best-of-N choices against the truth: the captured share is 1 for the oracle's own picks, 0 in
 expectation for random picks, and the measures read the picked candidates."""
 import numpy as np
+import pytest
 
 from minqr.data.candidates import candidate_truth, sample_candidate_sets
 from minqr.data.synthetic import TASK_VARIANTS
@@ -18,12 +19,13 @@ def records_of(picks: dict, spread=None):
             for q in range(Q)]
 
 
-def test_oracle_and_random_picks_capture_all_and_nothing():
+@pytest.mark.parametrize("reference", ["reply", "group"])
+def test_oracle_and_random_picks_capture_all_and_nothing(reference):
     task = TASK_VARIANTS["shifted"]
     rng = np.random.default_rng(0)
     truth = candidate_truth(task, sample_candidate_sets(task, rng, 400, 6)["counts"])
-    oracle = {s: true_values(truth, s).argmax(1) for s in STATISTICS}
-    rows = compare(truth, records_of(oracle), STATISTICS)
+    oracle = {s: true_values(truth, s, reference).argmax(1) for s in STATISTICS}
+    rows = compare(truth, records_of(oracle), STATISTICS, reference)
     for s in STATISTICS:
         assert rows[s]["captured"] == 1.0
         model = rows[s]["model"]
@@ -31,10 +33,12 @@ def test_oracle_and_random_picks_capture_all_and_nothing():
         assert model["share_harmed"] == truth["share_harmed"][q, oracle[s]].mean()
         assert model["worst_group"] == truth["group_means"][q, oracle[s]].min(-1).mean()
     # uniformly random picks: the captured share is 0 up to sampling (a few hundredths at Q = 400)
-    shares = [compare(truth, records_of({s: rng.integers(0, 6, 400) for s in STATISTICS}), STATISTICS)
+    shares = [compare(truth, records_of({s: rng.integers(0, 6, 400) for s in STATISTICS}), STATISTICS, reference)
               for _ in range(20)]
     for s in STATISTICS:
         assert abs(np.mean([r[s]["captured"] for r in shares])) < 0.03
+    # the group's average is the same for all of a prompt's candidates: the mean picks the same
+    np.testing.assert_array_equal(true_values(truth, "mean", "group").argmax(1), true_values(truth, "mean").argmax(1))
     # the mean's own picks gain nothing beyond the mean
     assert rows["mean"]["beyond_mean"] is None or rows["mean"]["beyond_mean"] == 1.0
 
