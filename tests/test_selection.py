@@ -5,7 +5,7 @@ import pytest
 
 from minqr.data.candidates import candidate_truth, sample_candidate_sets
 from minqr.data.synthetic import TASK_VARIANTS
-from minqr.study.selection import compare, picked, spread_auroc, true_values
+from minqr.study.selection import atom_records, compare, picked, spread_auroc, true_values
 
 STATISTICS = ["mean", "cvar:0.25", "preference"]
 
@@ -60,3 +60,18 @@ def test_spread_auroc_reads_the_std_from_the_statistics():
     flags = np.where(differ[:, None], np.arange(4) + 10.0, np.arange(4))
     assert spread_auroc(truth, records_of(picks, spread=flags))["favourites"] == 1.0
     assert spread_auroc(truth, records_of(picks)) is None
+
+
+@pytest.mark.parametrize("reference", ["reply", "group"])
+def test_the_truth_in_atoms(reference):
+    """One atom is the median, whatever the statistic; many atoms pick as the oracle does."""
+    task = TASK_VARIANTS["demo"]
+    truth = candidate_truth(task, sample_candidate_sets(task, np.random.default_rng(2), 100, 5)["counts"])
+    one = atom_records(truth, ["cvar:0.25", "mean_minus_std:1"], 1, reference)
+    median = true_values(truth, "quantile:0.5", reference)
+    for statistic in ("cvar:0.25", "mean_minus_std:1"):
+        picks = np.array([r["chosen"][statistic] for r in one])
+        np.testing.assert_allclose(picked(median, picks), median.max(1), atol=1e-9)
+    many = compare(truth, atom_records(truth, STATISTICS, 100, reference), STATISTICS, reference)
+    for statistic in STATISTICS:
+        assert many[statistic]["captured"] > 0.999

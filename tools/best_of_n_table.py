@@ -17,10 +17,11 @@ import numpy as np
 
 from minqr.atomic import atomic_file
 from minqr.distribution.best_of_n import DEFAULT_STATISTICS, best_of_n_to_file, parse_statistics
-from minqr.study.selection import compare, spread_auroc
+from minqr.study.selection import atom_records, compare, spread_auroc
 
 # (model folder, reference): the mixture relative to the anchor reply and to the group; the scalar head
 CHOOSERS = (("mixture", "reply"), ("mixture", "group"), ("scalar", "reply"))
+ATOMS = 20  # the mixture head's outputs: the truth told in as many atoms is what its size allows
 
 
 def choose(runs: Path, variant: str, model: str, reference: str) -> list:
@@ -58,6 +59,14 @@ def table(runs: Path) -> str:
                 shares = areas.pop("shares")
                 notes.append(f"{variant}, {model} ({reference}): spread AUROC " + ", ".join(
                     f"{what} {area:.3f} ({shares[what]:.0%} positive)" for what, area in areas.items()))
+        for reference in oracles:
+            rows = compare(truth, atom_records(truth, statistics, ATOMS, reference), statistics, reference)
+            for statistic, row in rows.items():
+                beyond = "" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"
+                m = row["model"]
+                lines.append(f"| {variant} | truth in {ATOMS} atoms ({reference}) | {statistic} | "
+                             f"{row['captured']:.1%} | {beyond} | {m['target']:.3f} | {m['mean_reward']:.2f} | "
+                             f"{m['worst_group']:.2f} | {m['share_harmed']:.3f} |")
         for reference, rows in oracles.items():
             for statistic, row in rows.items():
                 if reference == "group" and statistic == "mean":

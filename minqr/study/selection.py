@@ -22,9 +22,12 @@ mean rewards differ by more than DISAGREEMENT logits: `spread_auroc` measures it
 for the mean's picks and for prompts.
 """
 import numpy as np
+import torch
 
 from minqr.data.candidates import true_statistic
-from minqr.distribution.statistics import parse_statistic
+from minqr.data.synthetic import mixture_quantiles
+from minqr.distribution.statistics import parse_statistic, statistic_values
+from minqr.objectives.references import quantile_levels
 from minqr.study.analysis import auroc
 
 DISAGREEMENT = 1.0  # logits between the groups' mean rewards: a candidate the groups disagree on
@@ -37,6 +40,22 @@ def true_values(truth, statistic: str, reference: str = "reply") -> np.ndarray:
     prefix = "relative_" if reference == "group" else ""
     return true_statistic(s.name, s.level, truth[prefix + "group_means"], truth[prefix + "group_stds"],
                           truth["group_weights"])
+
+
+def atom_records(truth, statistics, num_atoms: int, reference: str = "reply") -> list:
+    """The choices of a model that knew the truth but could say it only in `num_atoms` equally likely
+    atoms (its quantiles at tau_i = (2i+1)/(2N)), relative to `reference`, as best-of-n's records:
+    what a head of that many outputs loses to the oracle by its size alone."""
+    prefix = "relative_" if reference == "group" else ""
+    means, stds = truth[prefix + "group_means"], truth[prefix + "group_stds"]  # [Q, K, G]
+    Q, K, G = means.shape
+    levels = quantile_levels(num_atoms, dtype=torch.float64).numpy()
+    atoms = torch.from_numpy(mixture_quantiles(means.reshape(Q * K, G), stds.reshape(Q * K, G),
+                                               truth["group_weights"], levels))  # [Q*K, N]
+    zero = torch.zeros_like(atoms)  # the atoms are relative to the reference already
+    picks = {s: statistic_values(s, atoms, reference=zero).reshape(Q, K).argmax(1).numpy()  # [Q*K] -> [Q, K]
+             for s in statistics}
+    return [{"chosen": {s: int(p[q]) for s, p in picks.items()}} for q in range(Q)]
 
 
 def picked(values: np.ndarray, picks: np.ndarray) -> np.ndarray:
