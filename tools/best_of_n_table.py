@@ -7,7 +7,7 @@ synthetic task (minqr/study/selection.py says what is measured).
 RUNS holds a folder per task variant (demo, shifted), each with candidates/ (minqr candidates),
 mixture/ and scalar/ (models trained on that variant); `make best-of-n` makes them all. The
 choices are made here with `minqr best-of-n` (kept as RUNS/VARIANT/MODEL-REFERENCE.jsonl, reused
-when present).
+while newer than the model and the candidates).
 """
 import argparse
 import json
@@ -25,10 +25,11 @@ ATOMS = 20  # the mixture head's outputs: the truth told in as many atoms is wha
 
 
 def choose(runs: Path, variant: str, model: str, reference: str) -> list:
-    out = runs / variant / f"{model}-{reference}.jsonl"
-    if not out.exists():
-        best_of_n_to_file(runs / variant / model, runs / variant / "candidates" / "candidates.jsonl", out,
-                          reference=reference, statistics=DEFAULT_STATISTICS)
+    out, folder = runs / variant / f"{model}-{reference}.jsonl", runs / variant / model
+    data = runs / variant / "candidates" / "candidates.jsonl"
+    inputs = max(p.stat().st_mtime for p in [data, *folder.iterdir()])
+    if not out.exists() or out.stat().st_mtime < inputs:  # none yet, or made before the model or candidates
+        best_of_n_to_file(folder, data, out, reference=reference, statistics=DEFAULT_STATISTICS, overwrite=True)
     return [json.loads(line) for line in out.read_text().splitlines()]
 
 
