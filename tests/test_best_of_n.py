@@ -77,11 +77,21 @@ def read(path):
 def test_choices_are_the_argmax_of_statistic_values_on_texts_scored_alone(tmp_path, tokenizer, model, reference):
     folder, network = model
     records = candidate_records()
+    records.insert(3, {"prompt": "\n\nHuman: " + "please fix the bike now " * 20, "reference": "\n\nAssistant: ok",
+                       "candidates": ["\n\nAssistant: no", "\n\nAssistant: the garden"]})  # cut from the left
     data = write(tmp_path / "c.jsonl", records)
     out = tmp_path / "choices.jsonl"
     summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, reference=reference, progress=False)
     assert summary.num_prompts == len(records)
     written = read(out)
+    for name, share in summary.agreement.items():
+        assert share == np.mean([r["chosen"][name] == r["chosen"]["mean"] for r in written])
+    assert set(summary.agreement) == {str(best_of_n.parse_statistic(s)) for s in STATISTICS.split(",")} - {"mean"}
+    texts = [render(r["prompt"]) + render(c) for r in records for c in r["candidates"]]
+    texts += [render(r["prompt"]) + render(r["reference"]) for r in records] if reference == "reply" else []
+    long = sum(len(tokenizer.encode(t)) > MAX_LENGTH for t in texts)
+    assert long >= 2 and summary.notes == [f"note: {long:,} texts scored in this run were longer than {MAX_LENGTH} "
+                                           "tokens and cut from the left"]
     objective = network.head_config.objective
     for q, (record, result) in enumerate(zip(records, written)):
         texts = [render(record["prompt"]) + render(c) for c in record["candidates"]]

@@ -164,7 +164,7 @@ class BestOfNSummary:
     out: Path
     num_prompts: int
     resumed_from: int
-    agreement: dict  # statistic -> the share of prompts where its choice is the mean's
+    agreement: dict  # statistic but the mean -> the share of prompts where its choice is the mean's
     notes: list = field(default_factory=list)
 
     def __str__(self) -> str:
@@ -236,12 +236,14 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
             tmp.write_text(json.dumps(job) + "\n")
     device = resolve_device(config.device)
     objective = reward_model.head_config.objective
+    truncated = 0
     with open(partial, "a") as log, progress_bar(total=len(sets), initial=len(done), unit="prompt",
                                                  desc="best-of-n", disable=not progress) as bar:
         for start in range(len(done), len(sets), CHUNK_PROMPTS):
             chunk = sets[start: start + CHUNK_PROMPTS]
-            records = _choose(chunk, start, reward_model, tokenizer, max_length, config, device, statistics,
-                              objective)
+            records, cut = _choose(chunk, start, reward_model, tokenizer, max_length, config, device, statistics,
+                                   objective)
+            truncated += cut
             log.write("".join(json.dumps(r) + "\n" for r in records))
             log.flush()
             os.fsync(log.fileno())  # a chunk on disk before the next is scored: the most a kill loses
@@ -249,28 +251,34 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
             bar.update(len(chunk))
     _write_choices(out, done)
     partial.unlink()
-    mean = str(statistics[0]) if statistics[0].name == "mean" else None
-    agreement = {} if mean is None else {
-        name: float(np.mean([r["chosen"][name] == r["chosen"][mean] for r in done])) for name in done[0]["chosen"]}
-    return BestOfNSummary(out, len(done), resumed, agreement)
+    agreement = {} if "mean" not in done[0]["chosen"] else {
+        name: float(np.mean([r["chosen"][name] == r["chosen"]["mean"] for r in done]))
+        for name in done[0]["chosen"] if name != "mean"}
+    notes = [f"note: {truncated:,} texts scored in this run were longer than {max_length} tokens and cut from the "
+             "left"] if truncated else []
+    return BestOfNSummary(out, len(done), resumed, agreement, notes)
 
 
-def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device, statistics, objective) -> list:
-    """The output records of a chunk of candidate sets, the first being prompt `start`."""
+def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device, statistics,
+            objective) -> tuple[list, int]:
+    """The output records of a chunk of candidate sets, the first being prompt `start`, and how many
+    of its texts were cut to max_length."""
     texts = [text for s in chunk for text in s.texts]
     group = np.repeat(np.arange(len(chunk)), [len(s.texts) for s in chunk])  # [M] the prompt of each candidate
     if config.reference == "reply":
         texts += [s.reference for s in chunk]
-    token_lists = [ids[-max_length:] for ids in tokenizer.encode_batch(texts)]
+    encoded = tokenizer.encode_batch(texts)
+    token_lists = [ids[-max_length:] for ids in encoded]
     outputs = score_texts(model, token_lists, config.batch_size, device, config.dtype)  # [M (+ Q), N]
     if config.reference == "reply":
         candidates, references = outputs[: len(group)], outputs[len(group):][group]  # [M, N] each
         values = candidate_statistics(candidates, statistics, objective, reference=references)
     else:
         values = candidate_statistics(outputs, statistics, objective, group=group)
-    return [{"index": start + q, "origin": s.origin, "num_candidates": len(s.texts), "chosen": choices(prompt),
-             "statistics": {name: part.tolist() for name, part in prompt.items()}}
-            for q, (s, prompt) in enumerate(zip(chunk, per_prompt(values, group)))]
+    records = [{"index": start + q, "origin": s.origin, "num_candidates": len(s.texts), "chosen": choices(prompt),
+                "statistics": {name: part.tolist() for name, part in prompt.items()}}
+               for q, (s, prompt) in enumerate(zip(chunk, per_prompt(values, group)))]
+    return records, sum(len(ids) > max_length for ids in encoded)
 
 
 def _resume(partial: Path, job: dict) -> list:
