@@ -5,7 +5,9 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     models/      the networks: GPT-2, the Llama family, the reward model and its head, Hugging Face
                  folders, the tokenizer
     objectives/  what a head's N outputs mean: each objective's formula and its fused C++/CUDA op
-    data/        preference pairs: readers, batches, the synthetic task with known truth
+    data/        preference pairs: readers, batches
+    synthetic/   the synthetic task whose true reward distributions are known: data, truth, anchors,
+                 the backbone probe, the offline demo
     training/    the loop, its options, resume, processes, metrics
     study/       scoring models into scores files, the analysis against the truth, the report
 
@@ -15,7 +17,7 @@ ranking.py (how accuracy counts a pair).
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, data/synthetic.py and study/analysis.py, in that order.
+training/objective.py, training/loop.py, synthetic/task.py and study/analysis.py, in that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that
 `import minqr.study.scores_file` (the numpy side) does not import torch.

@@ -9,6 +9,8 @@ from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein
 from minqr.errors import MinqrError
 from minqr.study import analysis as A
 from minqr.study.scores_file import FORMAT, Scores
+from minqr.synthetic.probe import linear_probe
+from minqr.synthetic.truth import load_truth, response_truth
 
 SIZES = [(1, 1), (1, 5), (7, 3), (200, 300), (2000, 1500)]
 
@@ -390,7 +392,7 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     np.testing.assert_allclose(scores.quantiles("chosen", anchored=True), np.sort(kind_rewards[0], axis=1), atol=1e-5)
     np.testing.assert_array_equal(scores.quantiles("chosen", anchored=False), np.sort(scores.chosen.astype(np.float64), axis=1))
     np.testing.assert_array_equal(scores.quantiles("chosen"), scores.quantiles("chosen", anchored=True))  # the default
-    predictions, truth = A.response_truth(scores, tmp_path / "truth.npz")
+    predictions, truth = response_truth(scores, tmp_path / "truth.npz")
     assert len(predictions) == len(truth) == 2 * num_pairs - 20  # the anchor replies left out
     coverage = A.summarize(scores, n_resamples=0)["coverage"]
     assert coverage["anchored"] and not coverage["aligned_by_fit"]
@@ -432,7 +434,7 @@ def test_linear_probe_finds_what_the_features_encode():
     rng = np.random.default_rng(22)
     labels = rng.integers(0, 2, (1000, 3))
     encoded = np.hstack([labels[:, :2] @ rng.normal(size=(2, 16)), rng.normal(size=(1000, 16))])  # not label 2
-    accuracy, chance = A.linear_probe(encoded + 0.1 * rng.normal(size=encoded.shape), labels)
+    accuracy, chance = linear_probe(encoded + 0.1 * rng.normal(size=encoded.shape), labels)
     held = np.random.default_rng(0).permutation(1000)[500:]  # the probe's held-out half
     share = labels[held].mean(0)
     np.testing.assert_allclose(chance, np.maximum(share, 1 - share))
@@ -442,15 +444,15 @@ def test_linear_probe_finds_what_the_features_encode():
 def test_load_truth(tmp_path):
     path = tmp_path / "test_truth.npz"
     np.savez(path, chosen_samples=np.zeros((4, 6), np.float32), rejected_samples=np.ones((4, 6), np.float32))
-    chosen, rejected = A.load_truth(path, 4)
+    chosen, rejected = load_truth(path, 4)
     assert chosen.shape == rejected.shape == (4, 6) and rejected.min() == 1
     with pytest.raises(MinqrError, match="the scores hold 5 pairs"):
-        A.load_truth(path, 5)
+        load_truth(path, 5)
     with pytest.raises(MinqrError, match="does not exist"):
-        A.load_truth(tmp_path / "none.npz", 4)
+        load_truth(tmp_path / "none.npz", 4)
     np.savez(path, samples=np.zeros((4, 6)))
     with pytest.raises(MinqrError, match="not a minqr truth file"):
-        A.load_truth(path, 4)
+        load_truth(path, 4)
 
 
 # --- views and summarize ------------------------------------------------------------------------

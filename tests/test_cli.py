@@ -19,7 +19,7 @@ from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 
 import minqr
 import minqr_cli.commands as commands
-from minqr.data.synthetic import SyntheticConfig
+from minqr.synthetic.folder import SyntheticConfig
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig
 from minqr.study.scoring import ScoreConfig

@@ -16,6 +16,7 @@ from scipy.stats import binomtest, norm
 from minqr.study import analysis, report
 from minqr.study.report import analyze
 from minqr.study.scores_file import load_scores, save_scores
+from minqr.synthetic.truth import load_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -132,7 +133,7 @@ def test_view_and_bootstrap_options_reach_the_measures(study):
 def test_truth_option_overrides_the_metadata(study):
     folder, files = study
     np.savez(folder / "shifted_truth.npz", **{f"{side}_samples": s + 1.0 for side, s in
-                                              zip(("chosen", "rejected"), analysis.load_truth(folder / "test_truth.npz", 150))})
+                                              zip(("chosen", "rejected"), load_truth(folder / "test_truth.npz", 150))})
     summary_path = analyze([files[1]], folder / "r", n_resamples=0, truth=folder / "shifted_truth.npz").parent
     coverage = json.loads((summary_path / "summaries.json").read_text())[0]["coverage"]
     assert coverage["truth"] == str(folder / "shifted_truth.npz")

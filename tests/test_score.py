@@ -20,15 +20,16 @@ from test_data import SURROGATE_LINE, surrogate_error
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.data.pairs import Pair, load_pairs
-from minqr.data.synthetic import SyntheticTask, make_synthetic_task
 from minqr.device import autocast_dtype, resolve_device
 from minqr.models.head import HeadConfig
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
 from minqr.objectives.references import quantile_levels
-from minqr.study.analysis import load_truth
 from minqr.study.scores_file import load_scores
 from minqr.study.scoring import score_pairs, score_to_file
+from minqr.synthetic.folder import make_synthetic_task
+from minqr.synthetic.task import SyntheticTask
+from minqr.synthetic.truth import load_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 200

@@ -14,9 +14,10 @@ from scipy.special import expit
 
 from minqr import MinqrError, load_gpt2, load_tokenizer
 from minqr.data.pairs import read_pairs_file
-from minqr.data.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
-                                  make_synthetic_task, mixture_quantiles, sample_pairs, spread_or_scale)
 from minqr.objectives.references import quantile_levels
+from minqr.synthetic.folder import TINY_MODEL, make_synthetic_task
+from minqr.synthetic.task import ANCHOR_REPLY, TASK_VARIANTS, SyntheticTask, sample_pairs, spread_or_scale
+from minqr.synthetic.truth import bayes_accuracy, mixture_quantiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(num_train=300, num_test=300, num_samples=200)

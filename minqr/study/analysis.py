@@ -30,7 +30,6 @@ expected reward, mean of the N outputs; the default), `qK` (quantile k alone), `
 quantiles of every response pooled, as equally weighted samples of its reward distribution).
 """
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,8 @@ from scipy.special import expit
 from scipy.stats import gaussian_kde, norm, rankdata
 
 from minqr.errors import MinqrError
-from minqr.ranking import ranking_credit
+from minqr.ranking import negative_log_likelihood, ranking_credit
+from minqr.synthetic.truth import bayes_reference, response_truth
 from minqr.study.scores_file import Scores
 
 # The paper does not state its bins or eps. 50 bins resolve a 2,000-pair test set without leaving
@@ -351,11 +351,6 @@ def objective_probability(chosen, rejected, objective: str | None) -> np.ndarray
     return bradley_terry_probability(c, r)
 
 
-def negative_log_likelihood(prob_chosen) -> float:
-    """Mean −log P(the label) over pairs, in nats: how surprised the model is by the held-out labels."""
-    return float(-np.mean(np.log(np.clip(np.asarray(prob_chosen, dtype=np.float64), 1e-300, 1.0))))
-
-
 def calibration(prob_chosen, bins: int = CALIBRATION_BINS) -> dict:
     """Reliability of predicted preference probabilities; prob_chosen [P] = P(chosen preferred).
 
@@ -482,84 +477,9 @@ def spreads(pred_quantiles, true_samples, taus) -> tuple[np.ndarray, np.ndarray]
     return pred[:, -1] - pred[:, 0], np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
 
 
-TRUTH_HELP = "it is the test_truth.npz that minqr.data.synthetic.make_synthetic_task writes beside test.jsonl"
-
-
-def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"), optional: bool = False):
-    """Arrays of a synthetic task's truth file (test_truth.npz, written by
-    minqr.data.synthetic.make_synthetic_task, aligned with test.jsonl) as a tuple in the order of
-    `names`: by default the true reward samples, [P, S] chosen and [P, S] rejected. Arrays whose
-    first axis is the pairs must have num_pairs rows. optional: None instead of an error when the
-    file lacks one of the names (an older truth file)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if optional and not set(names) <= set(archive.files):
-                return None
-            arrays = {name: archive[name] for name in names}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with {', '.join(names)}): {error}") from None
-    for name, array in arrays.items():
-        per_pair = name.startswith(("chosen_", "rejected_", "anchor_", "preference_"))
-        if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):
-            raise MinqrError(f"{path}: {name} has shape {array.shape}, but the scores hold {num_pairs} pairs; the "
-                             "truth must belong to the data that was scored")
-    return tuple(arrays[name] for name in names)
-
-
-def linear_probe(features, labels, seed: int = 0, ridge: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
-    """Is each binary label linearly decodable from the features? ([K] held-out accuracy, [K] chance).
-
-    features [M, D], labels [M, K] in {0, 1}. Half the rows (a seeded random half) fit a ridge
-    regression of every label on the standardised features; the other half is classified by
-    whether the fit exceeds 1/2. Chance is the held-out share of the majority class: a label that
-    the features do not encode scores about that, one they encode linearly scores near 1.
-    """
-    features = np.asarray(features, dtype=np.float64)
-    labels = np.asarray(labels, dtype=np.float64)
-    order = np.random.default_rng(seed).permutation(len(features))
-    fit, held = order[: len(order) // 2], order[len(order) // 2:]
-    mean, std = features[fit].mean(0), features[fit].std(0) + 1e-8
-    design = np.hstack([(features - mean) / std, np.ones((len(features), 1))])  # [M, D + 1], an intercept
-    x = design[fit]
-    weights = np.linalg.solve(x.T @ x + ridge * np.eye(x.shape[1]), x.T @ labels[fit])  # [D + 1, K]
-    predicted = design[held] @ weights > 0.5
-    accuracy = np.mean(predicted == (labels[held] > 0.5), axis=0)
-    share = labels[held].mean(axis=0)
-    return accuracy, np.maximum(share, 1 - share)
-
-
-def bayes_reference(truth_path, num_pairs: int) -> dict | None:
-    """What the Bayes-optimal model scores on these pairs (the synthetic task knows each pair's true
-    P(chosen preferred), p): its accuracy on these labels (ties, p = 1/2, count half) and its
-    negative log-likelihood −mean log p. None for a truth file without p."""
-    arrays = load_truth(truth_path, num_pairs, ("preference_probability",), optional=True)
-    if arrays is None:
-        return None
-    (p,) = arrays
-    return {"accuracy": float(np.mean((p > 0.5) + 0.5 * (p == 0.5))), "nll": negative_log_likelihood(p)}
-
-
 def coverage_taus(scores: Scores) -> np.ndarray:
     """The levels a model's outputs are compared at: its taus, or 0.5 for a scalar (read as a median)."""
     return scores.taus if scores.num_quantiles > 1 else np.array([0.5])
-
-
-def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted quantiles [M, N] and true samples [M, S] per response: the P chosen, then the P
-    rejected. When the scores have anchor outputs, the predictions are aligned on the pair's anchor
-    (Scores.quantiles), and the responses that are the anchor reply itself (true reward 0 for
-    everyone), whose aligned outputs are 0 by construction, are left out (M < 2P)."""
-    true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
-    anchored = scores.anchor is not None
-    predictions = np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")])
-    true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
-    if anchored:  # the anchor replies among the responses are exact by construction: leave them out
-        keep = ~np.all(true == 0, axis=1)
-        predictions, true = predictions[keep], true[keep]
-    return predictions, true
 
 
 # --- everything for one scores file -----------------------------------------------------------

@@ -38,9 +38,10 @@ from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
 from minqr.options import option
 from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
-                                  paired_accuracy_difference, paired_kl_difference, response_truth, same_pairs,
-                                  spreads, summarize, view_rows)
+                                  paired_accuracy_difference, paired_kl_difference, same_pairs, spreads, summarize,
+                                  view_rows)
 from minqr.study.scores_file import Scores, load_scores
+from minqr.synthetic.truth import response_truth
 
 CHOSEN_COLOR, REJECTED_COLOR = "tab:green", "tab:red"
 
@@ -306,7 +307,7 @@ def _objective(summary: dict) -> str:
 
 
 def probe_markdown(summaries: list[dict]) -> list[str]:
-    """The backbone check of the synthetic task (minqr.study.scoring.backbone_probe), a row per model: lines
+    """The backbone check of the synthetic task (minqr.synthetic.probe), a row per model: lines
     of report.md, none when no scores file has it."""
     probed = [s for s in summaries if s.get("backbone_probe")]
     if not probed:
