@@ -134,7 +134,7 @@ class _Run:
                              f"{config.grad_accum} × {procs.world_size} processes")
         self.micro_batch_size = per_process // config.grad_accum
         self.checkpoint = self._check_out_folder()
-        self.bayes_accuracy = prepare_demo_data(config.data, procs, self.say) if config.demo else None
+        self.bayes_accuracy = prepare_demo_data(config.data, config.out, procs, self.say) if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
             self.model_path, train_file, eval_file = self._resolve_inputs()
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
@@ -201,7 +201,7 @@ class _Run:
             checkpoint = load_checkpoint(self.out)
             check_same_options(checkpoint.config, asdict(config), TrainConfig.older_run_defaults())
             return checkpoint
-        if config.overwrite or config.demo:
+        if config.overwrite:
             return None
         if checkpoint is not None:
             raise MinqrError(f"--out {self.out} already holds a run with a checkpoint: add --resume to continue "
