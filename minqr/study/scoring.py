@@ -34,7 +34,7 @@ from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.options import option
 from minqr.progress import progress_bar
-from minqr.study.analysis import pair_accuracy, quantile_accuracy
+from minqr.study.accuracy import pair_accuracy, quantile_accuracy
 from minqr.study.scores_file import save_scores
 from minqr.synthetic.anchors import score_anchors
 from minqr.synthetic.probe import backbone_probe
@@ -274,8 +274,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
             metadata["truth"] = str(truth.resolve())
             run = partial(score_texts, reward_model, batch_size=batch_size, device=device, dtype=dtype)
             anchor = score_anchors(run, tokenizer, truth, len(pairs), max_length)
-            metadata["backbone_probe"] = backbone_probe(partial(run, pooled=True), tokenized.chosen + tokenized.rejected,
-                                                        truth, len(pairs))
+            responses = tokenized.chosen + tokenized.rejected
+            metadata["backbone_probe"] = backbone_probe(partial(run, pooled=True), responses, truth, len(pairs))
     if options.anchor_reply is not None:
         texts = [reply_text(pair, options.anchor_reply, tokenizer.chat_template) for pair in pairs]
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
