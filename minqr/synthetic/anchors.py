@@ -12,11 +12,8 @@ import numpy as np
 from minqr.synthetic.truth import load_truth
 
 
-def score_anchors(score_texts, tokenizer, truth, num_pairs: int, max_length: int) -> np.ndarray | None:
+def score_anchors(score_texts, tokenizer, truth, num_pairs: int, max_length: int) -> np.ndarray:
     """[P, N] a model's outputs for each pair's anchor reply (the truth's anchor_texts, cut from the
-    left to max_length tokens); `score_texts(token_lists)` runs the model. None when the truth has
-    none (a task made before anchors existed)."""
-    arrays = load_truth(truth, num_pairs, ("anchor_texts",), optional=True)
-    if arrays is None:
-        return None
-    return score_texts([tokens[-max_length:] for tokens in tokenizer.encode_batch([str(t) for t in arrays[0]])])
+    left to max_length tokens); `score_texts(token_lists)` runs the model."""
+    (texts,) = load_truth(truth, num_pairs, ("anchor_texts",))
+    return score_texts([tokens[-max_length:] for tokens in tokenizer.encode_batch([str(t) for t in texts])])

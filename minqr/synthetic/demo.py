@@ -4,8 +4,8 @@
 
 The task is made on first use in OUT/../demo-data, with the tiny model beside it as `--model`; a
 task made by `minqr synthetic` (another variant, size or seed) and named by `--data` is used as it
-is (the demo never writes a task into a folder named for data). The demo's end line compares the held-out accuracy with the task's Bayes
-accuracy, the best any model can reach.
+is (the demo never writes a task into a folder named for data). The demo's end line compares the
+held-out accuracy with the task's Bayes accuracy, the best any model can reach.
 """
 import json
 from pathlib import Path

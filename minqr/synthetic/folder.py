@@ -45,7 +45,7 @@ from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, mixt
 TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
-TRUTH_LEVELS = quantile_levels(10, dtype=torch.float64).numpy()  # the levels of minqr's default head, N = 10
+TRUTH_LEVELS = quantile_levels(10, dtype=torch.float64).numpy()  # the levels of the paper's N = 10
 
 
 def truth_arrays(task: SyntheticTask, pairs: dict, rng: np.random.Generator, num_samples: int) -> dict:

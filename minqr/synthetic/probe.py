@@ -32,15 +32,12 @@ def linear_probe(features, labels, seed: int = 0, ridge: float = 1.0) -> tuple[n
     return accuracy, np.maximum(share, 1 - share)
 
 
-def backbone_probe(pooled_states, token_lists, truth, num_pairs: int) -> dict | None:
+def backbone_probe(pooled_states, token_lists, truth, num_pairs: int) -> dict:
     """Is each tag linearly decodable from the pooled state the head reads (linear_probe over the
     test responses)? `token_lists`: the P chosen then the P rejected responses' tokens;
-    `pooled_states(token_lists)` runs the model, [2P, D]. None when the truth has no tags."""
-    arrays = load_truth(truth, num_pairs, ("chosen_tags", "rejected_tags", "tag_names", "controversial_tags"),
-                        optional=True)
-    if arrays is None:
-        return None
-    chosen_tags, rejected_tags, names, controversial = arrays
+    `pooled_states(token_lists)` runs the model, [2P, D]."""
+    chosen_tags, rejected_tags, names, controversial = load_truth(
+        truth, num_pairs, ("chosen_tags", "rejected_tags", "tag_names", "controversial_tags"))
     accuracy, chance = linear_probe(pooled_states(token_lists), np.concatenate([chosen_tags, rejected_tags]))
     return {"tags": [str(n) for n in names], "controversial": controversial.tolist(),
             "accuracy": accuracy.tolist(), "chance": chance.tolist()}

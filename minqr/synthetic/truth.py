@@ -66,7 +66,8 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     minqr.synthetic.folder.make_synthetic_task, aligned with test.jsonl) as a tuple in the order of
     `names`: by default the true reward samples, [P, S] chosen and [P, S] rejected. Arrays whose
     first axis is the pairs must have num_pairs rows. optional: None instead of an error when the
-    file lacks one of the names (an older truth file)."""
+    file lacks one of the names (a truth file that holds only the samples, as one for other data
+    whose reward distributions are known may)."""
     path = Path(path)
     if not path.is_file():
         raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
@@ -88,7 +89,7 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
 def bayes_reference(truth_path, num_pairs: int) -> dict | None:
     """What the Bayes-optimal model scores on these pairs (the synthetic task knows each pair's true
     P(chosen preferred), p): its accuracy on these labels (ties, p = 1/2, count half) and its
-    negative log-likelihood −mean log p. None for a truth file without p."""
+    negative log-likelihood −mean log p. None for a truth file without p (only samples)."""
     arrays = load_truth(truth_path, num_pairs, ("preference_probability",), optional=True)
     if arrays is None:
         return None

@@ -6,7 +6,7 @@ With `--demo`, `demo_defaults` fills in what the offline demo needs (a tiny rand
 synthetic task, minqr/synthetic/demo.py).
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from minqr.device import DTYPES
@@ -189,13 +189,6 @@ class TrainConfig:
             problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
         if problems:
             raise MinqrError("; ".join(problems))
-
-    @classmethod
-    def older_run_defaults(cls) -> dict:
-        """What a run made before an option existed had for it (--resume counts a missing option as
-        this): the field's default, but ema_window 0, since those runs did not average, whatever the
-        objective."""
-        return {f.name: f.default for f in fields(cls)} | {"ema_window": 0.0}
 
     def head_config(self) -> HeadConfig:
         return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,

@@ -199,7 +199,7 @@ class _Run:
                                  "--save-every steps, and this one was stopped before its first): start it afresh "
                                  "with --overwrite instead of --resume")
             checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config), TrainConfig.older_run_defaults())
+            check_same_options(checkpoint.config, asdict(config))
             return checkpoint
         if config.overwrite:
             return None
