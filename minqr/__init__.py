@@ -9,15 +9,17 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     synthetic/   the synthetic task whose true reward distributions are known: data, truth, anchors,
                  the backbone probe, the offline demo
     training/    the loop, its options, resume, processes, metrics
-    study/       scoring models into scores files, the analysis against the truth, the report
+    study/       scoring models into scores files; their measures (divergences, bootstrap, accuracy,
+                 coverage) and the report (tables, figures)
 
 and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
 atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),
-ranking.py (how accuracy counts a pair).
+ranking.py (how a pair's label scores a model: accuracy's credit, log-likelihood).
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, synthetic/task.py and study/analysis.py, in that order.
+training/objective.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
+that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that
 `import minqr.study.scores_file` (the numpy side) does not import torch.
