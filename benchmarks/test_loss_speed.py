@@ -35,8 +35,9 @@ OUTPUTS = [10, 32, 64]
 IMPLS = ["fused", "eager", "compiled"]
 REFERENCE_LIMIT = {"cpu": 2**24, "cuda": 2**28}  # elements the reference may materialise per tensor
 SECONDS_PER_CELL = {"cpu": 1.0, "cuda": 0.5}  # timing budget per test, warm-up excluded
-# The performance targets: fused forward+backward at least this many times faster than the eager
-# and the compiled reference, at B = 4096, float32, every N, by the median as well as the best round.
+# The performance targets (docs/design.md#targets): fused forward+backward at least this many times
+# faster than the eager and the compiled reference, at B = 4096, float32, every N, by the median as
+# well as the best round.
 TARGET_BATCH = 4096
 TARGETS = {"cpu": {"eager": 10.0, "compiled": 2.0}, "cuda": {"eager": 20.0, "compiled": 3.0}}
 

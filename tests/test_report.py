@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from scipy.stats import binomtest, norm
 
 from factories import load_tool
-from minqr.study import analysis, figures, report
+from minqr.study import analysis, figures
 from minqr.study.bootstrap import resample_indices
 from minqr.study.divergences import histogram_kl
 from minqr.study.report import analyze

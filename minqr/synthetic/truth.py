@@ -105,7 +105,7 @@ def response_truth(scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
     construction, are left out (M < 2P)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
     anchored = scores.anchor is not None
-    predictions = np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")])
+    predictions = np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)])
     true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
     if anchored:  # the anchor replies among the responses are exact by construction: leave them out
         keep = ~np.all(true == 0, axis=1)
