@@ -1,4 +1,4 @@
-"""The synthetic task with annotator pools (minqr/data/annotator_pools.py) against what it claims:
+"""The synthetic task with annotator pools (minqr/synthetic/pools.py) against what it claims:
 labels drawn by the named annotator, the truth's probabilities against Monte Carlo and float64
 loops, the files' bookkeeping; and the personal accuracy measure (minqr/study/personal_accuracy.py)
 against a loop written out here."""
@@ -8,8 +8,9 @@ import math
 import numpy as np
 import pytest
 
-from minqr.data.annotator_pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT
-from minqr.data.synthetic import TASK_VARIANTS, make_synthetic_task
+from minqr.synthetic.folder import make_synthetic_task
+from minqr.synthetic.pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT
+from minqr.synthetic.task import TASK_VARIANTS
 from minqr.errors import MinqrError
 from minqr.study.personal_accuracy import expected_accuracy, personal_accuracy
 from minqr.study.scores_file import load_scores, save_scores

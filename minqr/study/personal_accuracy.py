@@ -1,7 +1,7 @@
 """Personal accuracy against the synthetic task's annotators: what a model's personal rewards are
 worth on held-out pairs of known people, or of new people from a few context pairs.
 
-The held-out files of the task with annotator pools (minqr/data/annotator_pools.py) know, for every
+The held-out files of the task with annotator pools (minqr/synthetic/pools.py) know, for every
 pair, the labelling annotator's exact P(chosen ≻ rejected), p_a, their group's, and their exact
 rewards. A ranker that picks a side is credited with its expected accuracy over fresh labels of
 that annotator: p_a for chosen, 1 − p_a for rejected, 1/2 for a tie. Four rankers are compared:
@@ -20,8 +20,10 @@ import numpy as np
 
 from minqr.errors import MinqrError
 from minqr.ranking import ranking_credit
-from minqr.study.analysis import affine_fit, load_truth, objective_probability
+from minqr.study.accuracy import objective_probability
+from minqr.study.coverage import affine_fit
 from minqr.study.scores_file import Scores
+from minqr.synthetic.truth import load_truth
 
 PERSONAL_TRUTH = ("annotator_probability", "annotator_group", "annotator_group_probability",
                   "chosen_annotator_reward", "rejected_annotator_reward")

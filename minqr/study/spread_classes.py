@@ -4,7 +4,7 @@ annotators, or only the split between the groups?
 On the synthetic task the spread of a response's reward has two sources: the controversial tags
 it holds (the groups disagree: a wide, often bimodal distribution) and the annotators' personal
 deviations, which widen each group's Gaussian with the number of its tags. The spread ρ over all
-responses (minqr/study/analysis.py's coverage) is carried mostly by the first. Here responses are
+responses (minqr/study/coverage.py) is carried mostly by the first. Here responses are
 put into classes by the exact set of controversial tags they hold (the same between-group split),
 the Spearman correlation of predicted with true spread is taken within each class of at least
 MIN_CLASS responses whose true spreads differ, and the classes' correlations are averaged, weighted
@@ -13,8 +13,10 @@ by their sizes. Near 0: the model's spreads carry the between-group split only.
 import numpy as np
 from scipy.stats import rankdata
 
-from minqr.study.analysis import coverage_taus, load_truth, response_truth, spreads
+from minqr.study.analysis import coverage_taus
+from minqr.study.coverage import spreads
 from minqr.study.scores_file import Scores
+from minqr.synthetic.truth import load_truth, response_truth
 
 MIN_CLASS = 10  # responses a class needs for its correlation to count
 

@@ -1,6 +1,6 @@
 """The synthetic task with annotator pools: each annotator labels K pairs, and the data says who.
 
-The plain task (minqr/data/synthetic.py) draws a fresh annotator for every label, so nothing ties
+The plain task (minqr/synthetic/task.py) draws a fresh annotator for every label, so nothing ties
 two labels to one person. Here a pool of annotators is drawn once, each one of a group with their
 own personal deviations (SyntheticTask.sample_annotators), and each labels K training pairs; the
 rows carry `annotator`. What annotator ids can buy is then measurable, because the truth knows
@@ -13,7 +13,7 @@ every annotator's group and exact tag rewards:
                            ("n0", "n1", ...), people absent from train.jsonl
     new_test.jsonl         held-out pairs of those new people
     *_truth.npz            beside known_test and new_test: the plain task's truth arrays
-                           (minqr.data.synthetic.truth_arrays) plus, per pair (PERSONAL_TRUTH),
+                           (minqr.synthetic.folder.truth_arrays) plus, per pair (PERSONAL_TRUTH),
                            the labelling annotator's group, their exact P(chosen ≻ rejected), the
                            group's P for each group (the annotator's deviations integrated out) and
                            their exact rewards of both responses (the anchor's is 0 for everyone)
@@ -28,7 +28,8 @@ measures a model's personal probabilities against them.
 """
 import numpy as np
 
-from minqr.data.synthetic import SyntheticTask, sample_pairs, truth_arrays
+from minqr.synthetic.folder import truth_arrays
+from minqr.synthetic.task import SyntheticTask, sample_pairs
 
 NEW_CONTEXT_SIZES = (1, 3, 10)  # labelled context pairs of a new person, as the analysis reports them
 NEW_HELD_OUT = 5  # held-out pairs of each new person
@@ -39,7 +40,7 @@ PERSONAL_TRUTH = ("annotator_group", "annotator_probability", "annotator_group_p
 
 def pool_pairs(task: SyntheticTask, rng: np.random.Generator, rewards: np.ndarray, owners: np.ndarray) -> dict:
     """Pairs labelled by pool members: owners [P] indices into rewards [A, V]; the pairs' dict of
-    minqr.data.synthetic.sample_pairs with "owner" [P]."""
+    minqr.synthetic.task.sample_pairs with "owner" [P]."""
     pairs = sample_pairs(task, rng, len(owners), annotators=rewards[owners])
     pairs["owner"] = owners
     return pairs
