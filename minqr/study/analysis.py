@@ -34,7 +34,9 @@ from minqr.study.coverage import coverage_summary, crossing_rate, spread_error_a
 from minqr.study.divergences import (BIN_SWEEP, DEFAULT_BINS, DEFAULT_EPS, KDE_GRID_SIZE, NotMeasurable,
                                      weighted_kde_kl, check_view, histogram_kl, histogram_kl_by_bins,
                                      js_divergence, view_rows, wasserstein_1_sd)
+from minqr.study.personal_accuracy import personal_accuracy
 from minqr.study.scores_file import Scores
+from minqr.study.spread_classes import within_class_spread_rho
 from minqr.synthetic.truth import bayes_reference, response_truth
 
 
@@ -125,6 +127,8 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         },
         "coverage": None,
         "bayes": None,
+        "spread_within_classes": None,  # with a truth: spread ρ within classes of controversial tags
+        "personal": None,  # with the truth of the task with annotator pools: personal accuracy
     }
     if truth is None:
         truth_path = scores.truth_path
@@ -143,6 +147,8 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
                                                       align and not anchored)}
         except MinqrError as error:  # a model that ranks against the truth: say so in the report, go on
             summary["coverage"] = {"truth": str(truth_path), "not_computed": str(error)}
+        summary["spread_within_classes"] = within_class_spread_rho(scores, truth_path)
+        summary["personal"] = personal_accuracy(scores, truth_path)
     return summary
 
 

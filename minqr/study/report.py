@@ -40,9 +40,8 @@ from minqr.study.analysis import paired_accuracy_difference, paired_kl_differenc
 from minqr.study.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
 from minqr.study.divergences import DEFAULT_BINS, DEFAULT_EPS, VIEWS_HELP
 from minqr.study.figures import draw_figures
-from minqr.study.personal_accuracy import personal_accuracy, personal_markdown
+from minqr.study.personal_accuracy import personal_markdown
 from minqr.study.scores_file import Scores, load_scores
-from minqr.study.spread_classes import within_class_spread_rho
 from minqr.study.tables import (COVERAGE_UNITS, MEASURE_COLUMNS, json_ready, measures_markdown, number,
                                 objective_of, objectives_table, paired_differences, probe_markdown, table1,
                                 table1_markdown, with_interval)
@@ -88,10 +87,6 @@ def analyze(paths, out_dir, **options) -> Path:
     truth = False if options.no_truth else options.truth
     summaries = [summarize(s, view=options.view, bins=options.bins, eps=options.eps, n_resamples=options.n_resamples,
                            confidence=options.confidence, seed=options.seed, truth=truth) for s in all_scores]
-    for scores, summary in zip(all_scores, summaries):  # the task with annotator pools: personal accuracy
-        if summary["coverage"]:
-            summary["personal"] = personal_accuracy(scores, summary["coverage"]["truth"])
-            summary["spread_within_classes"] = within_class_spread_rho(scores, summary["coverage"]["truth"])
     return write_report(out_dir, all_scores, summaries)
 
 

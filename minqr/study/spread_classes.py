@@ -13,7 +13,6 @@ by their sizes. Near 0: the model's spreads carry the between-group split only.
 import numpy as np
 from scipy.stats import rankdata
 
-from minqr.study.analysis import coverage_taus
 from minqr.study.coverage import spreads
 from minqr.study.scores_file import Scores
 from minqr.synthetic.truth import load_truth, response_truth
@@ -35,7 +34,7 @@ def within_class_spread_rho(scores: Scores, truth_path) -> dict | None:
     if scores.anchor is not None:  # response_truth leaves out the anchor replies (reward 0 for everyone)
         true_all = np.concatenate(load_truth(truth_path, scores.num_pairs))
         tags = tags[~np.all(true_all == 0, axis=1)]
-    predicted_spread, true_spread = spreads(predictions, true, coverage_taus(scores))
+    predicted_spread, true_spread = spreads(predictions, true, scores.taus)
     weights = 2 ** np.arange(int(controversial.sum()))
     classes = tags[:, controversial.astype(bool)] @ weights  # [M] one number per set of controversial tags
     rhos, sizes = [], []
