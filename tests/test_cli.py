@@ -122,8 +122,9 @@ def test_config_file_precedence(monkeypatch, tmp_path):
     for config in (json_file, yaml_file):
         assert invoke("synthetic", "--config", config, "--num-test", 9, "--out", "typed").exit_code == 0
         assert invoke("synthetic", "--config", config).exit_code == 0
-    typed = (("typed",), {"num_train": 5, "num_test": 9, "seed": 0, "variant": "shifted"})
-    from_file = (("from-file",), {"num_train": 5, "num_test": 1000, "seed": 0, "variant": "shifted"})
+    typed = (("typed",), {"num_train": 5, "num_test": 9, "seed": 0, "variant": "shifted", "labels_per_annotator": 0})
+    from_file = (("from-file",), {"num_train": 5, "num_test": 1000, "seed": 0, "variant": "shifted",
+                                  "labels_per_annotator": 0})
     assert calls == [typed, from_file, typed, from_file]
 
 
@@ -131,7 +132,7 @@ def test_config_values_are_checked_by_their_options(tmp_path):
     config = tmp_path / "c.json"
     cases = [
         ({"num_trian": 5}, f"Invalid value for '--config': {config}: 'num_trian' is not an option of `synthetic`; "
-                           "its options are num_test, num_train, out, seed, variant"),
+                           "its options are labels_per_annotator, num_test, num_train, out, seed, variant"),
         ({"num_train": "many"}, f"Invalid value for '--config': {config}: num_train: 'many' is not a valid integer range."),
         ({"num_train": 0}, f"Invalid value for '--config': {config}: num_train: 0 is not in the range x>=1."),
         ({"variant": "other"}, f"Invalid value for '--config': {config}: variant: 'other' is not one of 'demo', "
