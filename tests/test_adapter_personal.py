@@ -108,3 +108,21 @@ def test_grpo_passes_the_annotator_column(tmp_path):
         want = personal_by_definition(model, tokenizer, [p + c for p, c in zip(prompts, completions)], prompts,
                                       "mean", [people["alice" if a == "alice" else 3] for a in annotators])
         assert rewards == pytest.approx(want, abs=1e-5)
+
+
+def test_verl_reads_the_annotator_from_extra_info(tmp_path):
+    from minqr.adapters.verl import compute_score_batch
+
+    folder, model, tokenizer = tiny_reward_folder(tmp_path, n=N)
+    people = save_people(folder, seed=3)
+    prompts = ["The cat sat", "The cat sat", "Rain fell on", "Rain fell on"]
+    solutions = [" on a mat", " far", " the roof", " us"]
+    users = [3, "alice", None, 3]
+    infos = [{"prompt": p, "user": u} for p, u in zip(prompts, users)]
+    results = compute_score_batch(solution_strs=solutions, extra_infos=infos, model=str(folder), statistic="mean",
+                                  annotator_key="user", dtype="float32")
+    want = personal_by_definition(model, tokenizer, [p + s for p, s in zip(prompts, solutions)], prompts, "mean",
+                                  [None if u is None else people[u] for u in users])
+    assert [r["score"] for r in results] == pytest.approx(want, abs=1e-5)
+    with pytest.raises(MinqrError, match="extra_info has no 'rater' \\(reward_kwargs annotator_key\\)"):
+        compute_score_batch(solution_strs=solutions, extra_infos=infos, model=str(folder), annotator_key="rater")
