@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 from factories import write_tiny_tokenizer
-from test_data import write_lines, write_records
-from test_data_formats import LAYOUTS, WRITERS, datasets_cache, write_dataset_repository, write_parquet  # noqa: F401
+from test_pairs import write_lines, write_records
+from test_peer_formats import LAYOUTS, WRITERS, datasets_cache, write_dataset_repository, write_parquet  # noqa: F401
 
 from minqr.data.batching import tokenize_pairs
 from minqr.data.pairs import SKIP_HINT, Pair, load_pairs, read_pairs_file

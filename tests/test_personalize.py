@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 from factories import write_tiny_tokenizer
 from test_personal import loop_log_posteriors
-from test_score import MAX_LENGTH, alone, make_pairs, random_reward_model
+from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 
 from minqr import load_tokenizer
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators
