@@ -196,6 +196,17 @@ class ScoreConfig:
                              "the same map for every output, so quantiles stay quantiles")
 
 
+def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int:
+    """The tokens kept of each text (cut from the left): `max_length`, else the --max-length the
+    model in `folder` was trained with (its training_args.json), else its number of positions."""
+    positions = model.transformer.config.max_positions
+    if max_length is None:
+        max_length = min(training_args(folder).get("max_length", positions), positions)
+    if max_length > positions:
+        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    return max_length
+
+
 @holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
 def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSummary:
     """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
@@ -226,12 +237,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
         mean, std = reward_normalization(reward_model, folder)
-    positions = reward_model.transformer.config.max_positions
-    max_length = options.max_length
-    if max_length is None:
-        max_length = min(training_args(folder).get("max_length", positions), positions)
-    if max_length > positions:
-        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    max_length = text_length_limit(reward_model, folder, options.max_length)
     source = resolve_source(data, split or DEFAULT_SPLIT, subset)
     pairs, stats = read_pairs(source, skip_bad=options.skip_bad)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)

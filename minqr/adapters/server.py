@@ -1,0 +1,293 @@
+"""`minqr serve`: a reward model behind HTTP, for RL trainers that ask a server for rewards
+(OpenRLHF's remote reward model; the protocol is in minqr/adapters/openrlhf.py).
+
+    minqr serve --model runs/demo/mixture --statistic cvar:0.25 --reference-reply " OK." --port 5000
+    # OpenRLHF: --reward.remote_url http://127.0.0.1:5000/get_reward
+
+    POST /get_reward  {"query": [...], "prompts": [...]}  ->  {"rewards": [...], "scores": [...], "extra_logs": {...}}
+    GET  /health      ->  {"status": "ok", "model": ..., "statistic": ..., ...}
+
+Each query's reward is one statistic of the distribution the model gives it (minqr/distribution/
+statistics.py): the mean, or a risk-aware one (a quantile, the lower tail's CVaR, mean - λ·std,
+the preference probability over a reference). All but the mean need a reference for the prompt
+(a mixture head's kinds each have a free constant that only a reference cancels): either a fixed
+reply, `--reference-reply TEXT`, scored as the reply to each query's prompt (the text is prompt +
+TEXT), or `--group`, the queries of one request that share a prompt (GRPO's G samples, sent
+together), each relative to their group's mean output.
+
+How it serves: connections are handled by threads (the standard library's ThreadingHTTPServer);
+each request is parsed, checked and tokenised in its own thread, then its texts join the queue of
+one worker thread that owns the model (minqr/adapters/batcher.py), so that requests arriving
+together share a forward pass. Texts are cut from the left to the model's length, as `minqr score`
+cuts them. A bad request gets a 4xx JSON answer `{"error": "..."}` and the server carries on;
+SIGTERM or Ctrl-C stops accepting, answers the requests already received, and exits 0.
+"""
+import functools
+import json
+import signal
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import torch
+
+from minqr.adapters.batcher import DynamicBatcher
+from minqr.adapters.openrlhf import HEALTH_PATH, REWARD_PATH, BadRequest, parse_request, reward_response
+from minqr.device import DTYPES, resolve_device
+from minqr.distribution.statistics import Statistic, parse_statistic, statistic_values
+from minqr.errors import MinqrError
+from minqr.models.reward import load_reward_model
+from minqr.options import option
+from minqr.study.scoring import score_texts, text_length_limit
+
+IDLE_TIMEOUT_S = 120.0  # a connection that sends nothing for this long is closed (a stalled client holds a thread)
+
+
+@dataclass
+class ServeConfig:
+    """The options of `minqr serve`."""
+
+    model: str = option(help="reward model folder (train's --out), or a hub name")
+    statistic: str = option("mean", help="each query's reward: mean, quantile:TAU, cvar:ALPHA (the lower tail), "
+                            "mean_minus_std:LAMBDA or preference (P(query's response beats the reference)); all but "
+                            "mean need --reference-reply or --group")
+    reference_reply: str | None = option(None, "the reference: this text scored as the reply to each query's "
+                                         "prompt (prompt + TEXT); rewards are relative to it, kind by kind")
+    group: bool = option(False, "the reference: the mean output of the queries of the same request with the same "
+                         "prompt (send a prompt's G samples in one request)")
+    host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = option(5000, "port to listen on (0: any free one, printed at start)", low=0, high=65535)
+    max_batch: int = option(32, "texts a forward pass at most: concurrent requests are batched up to this", low=1)
+    max_length: int | None = option(None, "tokens kept of each text, cut from the left [default: the --max-length "
+                                    "the model was trained with, else its number of positions]", low=1)
+    max_request_bytes: int = option(16 << 20, "largest request body accepted (a larger one gets 413)", low=1)
+    device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
+    dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
+
+
+class RewardService:
+    """The model, its tokenizer and the statistic: request bodies in, answers out (thread-safe)."""
+
+    def __init__(self, config: ServeConfig):
+        if config.reference_reply is not None and config.group:
+            raise MinqrError("--reference-reply and --group are two references: give one")
+        if config.reference_reply is not None and not config.reference_reply.strip():
+            raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
+        self.config = config
+        self.statistic = parse_statistic(config.statistic)
+        self.model, self.tokenizer, self.folder = load_reward_model(config.model)
+        self.max_length = text_length_limit(self.model, self.folder, config.max_length)
+        self.objective = self.model.head_config.objective
+        self._check_statistic()
+        device = resolve_device(config.device)
+        self.model.to(device)
+        score = functools.partial(score_texts, self.model, batch_size=config.max_batch, device=device,
+                                  dtype=config.dtype)
+        self.batcher = DynamicBatcher(score, config.max_batch)
+
+    @property
+    def needs_prompts(self) -> bool:
+        return self.config.reference_reply is not None or self.config.group
+
+    def _check_statistic(self) -> None:
+        """Compute the statistic once on zeros, with the reference as configured, so that a statistic
+        that needs a reference the server was not given stops it at start, not at every request."""
+        zeros = torch.zeros(2, self.model.num_quantiles, dtype=torch.float64)  # [2, N]: two samples of one prompt
+        self._values(zeros, zeros if self.config.reference_reply is not None else None, ["", ""])
+
+    def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts) -> dict:
+        """{"rewards": [M], "expected_reward": [M]} of outputs [M, N] (reference [M, N] or None)."""
+        group = None
+        if self.config.group:
+            ids = {}
+            group = torch.tensor([ids.setdefault(prompt, len(ids)) for prompt in prompts])  # [M] a prompt's id
+            alone = (torch.bincount(group) == 1).nonzero().flatten().tolist()
+            if alone:
+                raise BadRequest(f"--group: the prompt of 'query'[{prompts.index(list(ids)[alone[0]])}] has no other "
+                                 "query in this request, and a reward relative to its group is then 0 whatever the "
+                                 "response: send a prompt's samples in one request, or serve with --reference-reply")
+        values = {}
+        for name, statistic in (("rewards", self.statistic), ("expected_reward", Statistic("mean", None))):
+            values[name] = statistic_values(statistic, outputs, reference=reference, group=group,
+                                            objective=self.objective).tolist()
+        return values
+
+    def answer(self, body: bytes) -> dict:
+        """The JSON answer to a POST body; BadRequest for a body that is not a request."""
+        request = parse_request(body, self.needs_prompts)
+        texts = list(request.queries)
+        if self.config.reference_reply is not None:
+            texts += [prompt + self.config.reference_reply for prompt in request.prompts]
+        token_lists = [tokens[-self.max_length:] for tokens in self.tokenizer.encode_batch(texts)]
+        for i, tokens in enumerate(token_lists[: len(request.queries)]):
+            if not tokens:
+                raise BadRequest(f"'query'[{i}] has no tokens: a reward is read at a text's last token")
+        outputs = torch.from_numpy(self.batcher.submit(token_lists).result()).double()  # [M or 2M, N]
+        if not torch.isfinite(outputs).all():
+            raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs: its weights are broken")
+        m = len(request.queries)
+        reference = outputs[m:] if self.config.reference_reply is not None else None  # [M, N]
+        values = self._values(outputs[:m], reference, request.prompts)
+        extra = {} if self.statistic.name == "mean" else {"expected_reward": values["expected_reward"]}
+        return reward_response(values["rewards"], extra)
+
+    def health(self) -> dict:
+        head = self.model.head_config
+        return {"status": "ok", "model": str(self.folder), "statistic": self.config.statistic,
+                "reference": ("group" if self.config.group else self.config.reference_reply),
+                "head": head.kind, "objective": head.objective, "num_outputs": head.num_quantiles,
+                "max_batch": self.config.max_batch, "max_length": self.max_length}
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's next request reuses its connection
+    timeout = IDLE_TIMEOUT_S
+    server: "RewardServer"
+
+    def setup(self):
+        super().setup()
+        self.server.track(self, idle=True)
+
+    def finish(self):
+        self.server.untrack(self)
+        super().finish()
+
+    def handle_one_request(self):
+        self.server.track(self, idle=True)
+        if self.server.closing:
+            self.close_connection = True
+            return
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:  # the request line is in: from here on this connection is busy
+        self.server.track(self, idle=False)
+        return super().parse_request()
+
+    def log_message(self, format, *args):  # no access log: a trainer sends thousands of requests a minute
+        pass
+
+    def send_json(self, status: int, payload: dict) -> None:
+        body = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if self.server.closing or status >= 400:
+            # after an error the rest of the stream cannot be trusted (e.g. an unread body)
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, ...)
+        self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
+
+    def do_GET(self):
+        if self.path.split("?")[0] == HEALTH_PATH:
+            self.send_json(200, self.server.service.health())
+        else:
+            self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH} or GET {HEALTH_PATH}"})
+
+    def do_POST(self):
+        if self.path.split("?")[0] != REWARD_PATH:
+            return self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH}"})
+        length, limit = self.headers.get("Content-Length"), self.server.service.config.max_request_bytes
+        if length is None:
+            return self.send_json(411, {"error": "the request has no Content-Length"})
+        if not length.isdigit():
+            return self.send_json(400, {"error": f"Content-Length {length!r} is not a number"})
+        if int(length) > limit:
+            return self.send_json(413, {"error": f"the body has {int(length):,} bytes, more than the server's "
+                                                 f"limit of {limit:,} (--max-request-bytes): send fewer queries"})
+        try:
+            body = self.rfile.read(int(length))
+        except OSError:  # the client went away or stalled past the timeout
+            self.close_connection = True
+            return
+        if len(body) < int(length):
+            return self.send_json(400, {"error": f"the body ended after {len(body)} of {length} bytes"})
+        try:
+            answer = self.server.service.answer(body)
+        except BadRequest as error:
+            return self.send_json(error.status, {"error": str(error)})
+        except Exception as error:  # the model failed: the client hears why, the server lives on
+            print(f"minqr serve: error answering a request: {error!r}", file=sys.stderr, flush=True)
+            return self.send_json(500, {"error": f"the server failed to score the request: {error}"})
+        self.send_json(200, answer)
+
+
+class RewardServer(ThreadingHTTPServer):
+    """The HTTP server: one thread a connection, around a RewardService. `stop()` (from any thread but
+    the one in serve_forever) stops accepting, lets the requests received be answered, and closes
+    idle connections; `serve_forever` then returns and `close()` waits for the last answers."""
+
+    daemon_threads = False  # server_close() joins the connection threads: in-flight requests finish
+    allow_reuse_address = True
+
+    def __init__(self, service: RewardService, host: str, port: int):
+        self.service = service
+        self.closing = False
+        self._connections = {}  # handler -> True while it waits for a request
+        self._lock = threading.Lock()
+        try:
+            super().__init__((host, port), _Handler)
+        except OSError as error:
+            raise MinqrError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error})") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def track(self, handler, idle: bool) -> None:
+        with self._lock:
+            self._connections[handler] = idle
+
+    def untrack(self, handler) -> None:
+        with self._lock:
+            self._connections.pop(handler, None)
+
+    def stop(self) -> None:
+        self.closing = True
+        self.shutdown()  # the accept loop ends
+        with self._lock:
+            idle = [handler for handler, waiting in self._connections.items() if waiting]
+        for handler in idle:  # a connection waiting for its next request reads end-of-stream and closes
+            try:
+                handler.connection.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self.server_close()  # joins the connection threads
+        self.service.close()
+
+
+def serve(config: ServeConfig, ready=functools.partial(print, flush=True)) -> None:
+    """Load the model and serve until SIGTERM or SIGINT (Ctrl-C), then answer the requests already
+    received and return. `ready(message)` is called once the server listens (the message holds its URL)."""
+    service = RewardService(config)
+    try:
+        server = RewardServer(service, config.host, config.port)
+    except MinqrError:
+        service.close()
+        raise
+
+    def stop(signum, frame):  # shutdown() waits for serve_forever, which runs in this very thread
+        threading.Thread(target=server.stop, name="minqr-stop").start()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        reference = ("each request's group mean" if config.group else
+                     f"the reply {config.reference_reply!r}" if config.reference_reply is not None else "none")
+        ready(f"serving {service.folder} at {server.url}{REWARD_PATH} (statistic {config.statistic}, reference "
+              f"{reference}, {service.model.num_quantiles} outputs); health at {server.url}{HEALTH_PATH}")
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        server.close()
