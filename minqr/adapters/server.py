@@ -114,8 +114,9 @@ class RewardService:
                                             objective=self.objective).tolist()
         return values
 
-    def answer(self, body: bytes) -> dict:
-        """The JSON answer to a POST body; BadRequest for a body that is not a request."""
+    def prepare(self, body: bytes) -> tuple:
+        """(request, token lists to score) of a POST body; BadRequest for a body that is not a request.
+        The token lists are the queries', then (with --reference-reply) their references'."""
         request = parse_request(body, self.needs_prompts)
         texts = list(request.queries)
         if self.config.reference_reply is not None:
@@ -124,7 +125,11 @@ class RewardService:
         for i, tokens in enumerate(token_lists[: len(request.queries)]):
             if not tokens:
                 raise BadRequest(f"'query'[{i}] has no tokens: a reward is read at a text's last token")
-        outputs = torch.from_numpy(self.batcher.submit(token_lists).result()).double()  # [M or 2M, N]
+        return request, token_lists
+
+    def finish(self, request, outputs) -> dict:
+        """The JSON answer to `request` from the outputs [len(token lists), N] of its token lists."""
+        outputs = torch.from_numpy(outputs).double()  # [M or 2M, N]
         if not torch.isfinite(outputs).all():
             raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs: its weights are broken")
         m = len(request.queries)
@@ -133,12 +138,18 @@ class RewardService:
         extra = {} if self.statistic.name == "mean" else {"expected_reward": values["expected_reward"]}
         return reward_response(values["rewards"], extra)
 
+    def answer(self, body: bytes) -> dict:
+        """The JSON answer to a POST body (blocks until its forward is done); BadRequest for a bad one."""
+        request, token_lists = self.prepare(body)
+        return self.finish(request, self.batcher.submit(token_lists).result())
+
     def health(self) -> dict:
         head = self.model.head_config
         return {"status": "ok", "model": str(self.folder), "statistic": self.config.statistic,
                 "reference": ("group" if self.config.group else self.config.reference_reply),
                 "head": head.kind, "objective": head.objective, "num_outputs": head.num_quantiles,
-                "max_batch": self.config.max_batch, "max_length": self.max_length}
+                "max_batch": self.config.max_batch, "max_length": self.max_length,
+                "forwards": self.batcher.forwards, "texts_scored": self.batcher.texts_scored}
 
     def close(self) -> None:
         self.batcher.close()
@@ -146,7 +157,12 @@ class RewardService:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request reuses its connection
+    # an answer to a request line too bad to parse still starts with a status line (HTTP/0.9 has none)
+    default_request_version = "HTTP/1.0"
     timeout = IDLE_TIMEOUT_S
+    # TCP_NODELAY: an answer's headers and body go out as two writes, and Nagle's algorithm would hold
+    # the body until the client's delayed ACK of the headers, 40 ms later
+    disable_nagle_algorithm = True
     server: "RewardServer"
 
     def setup(self):
