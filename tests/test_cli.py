@@ -19,6 +19,7 @@ from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 
 import minqr
 import minqr_cli.commands as commands
+from minqr.adapters.server import ServeConfig
 from minqr.data.synthetic import SyntheticConfig
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig
@@ -26,7 +27,7 @@ from minqr.study.scoring import ScoreConfig
 from minqr.training.config import RUN_FACTS, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
-            "synthetic": SyntheticConfig, "objectives-table": TableConfig}
+            "synthetic": SyntheticConfig, "objectives-table": TableConfig, "serve": ServeConfig}
 
 
 def invoke(*argv):
@@ -77,7 +78,7 @@ def test_options_are_the_config_fields(name):
 
 @pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
                                         ("export", "export"), ("synthetic", "synthetic"),
-                                        ("objectives_table", "objectives-table")])
+                                        ("objectives_table", "objectives-table"), ("serve", "serve")])
 def test_tools_are_the_same_commands(tool, name):
     spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
     module = importlib.util.module_from_spec(spec)
