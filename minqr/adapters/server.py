@@ -22,6 +22,7 @@ together share a forward pass. Texts are cut from the left to the model's length
 cuts them. A bad request gets a 4xx JSON answer `{"error": "..."}` and the server carries on;
 SIGTERM or Ctrl-C stops accepting, answers the requests already received, and exits 0.
 """
+import collections
 import functools
 import json
 import signal
@@ -97,27 +98,32 @@ class RewardService:
         zeros = torch.zeros(2, self.model.num_quantiles, dtype=torch.float64)  # [2, N]: two samples of one prompt
         self._values(zeros, zeros if self.config.reference_reply is not None else None, ["", ""])
 
-    def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts) -> dict:
-        """{"rewards": [M], "expected_reward": [M]} of outputs [M, N] (reference [M, N] or None)."""
+    def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts) -> tuple:
+        """(rewards [M], extra logs {name: [M]}) of outputs [M, N] (reference [M, N] or None): for a
+        statistic other than the mean, the expected reward beside it, relative to the same reference."""
         group = None
         if self.config.group:
             ids = {}
             group = torch.tensor([ids.setdefault(prompt, len(ids)) for prompt in prompts])  # [M] a prompt's id
-            alone = (torch.bincount(group) == 1).nonzero().flatten().tolist()
-            if alone:
-                raise BadRequest(f"--group: the prompt of 'query'[{prompts.index(list(ids)[alone[0]])}] has no other "
-                                 "query in this request, and a reward relative to its group is then 0 whatever the "
-                                 "response: send a prompt's samples in one request, or serve with --reference-reply")
-        values = {}
-        for name, statistic in (("rewards", self.statistic), ("expected_reward", Statistic("mean", None))):
-            values[name] = statistic_values(statistic, outputs, reference=reference, group=group,
-                                            objective=self.objective).tolist()
-        return values
+        statistics = {"rewards": self.statistic}
+        if self.statistic.name != "mean":
+            statistics["expected_reward"] = Statistic("mean")
+        values = {name: statistic_values(statistic, outputs, reference=reference, group=group,
+                                         objective=self.objective).tolist() for name, statistic in statistics.items()}
+        rewards = values.pop("rewards")
+        return rewards, values
 
     def prepare(self, body: bytes) -> tuple:
         """(request, token lists to score) of a POST body; BadRequest for a body that is not a request.
         The token lists are the queries', then (with --reference-reply) their references'."""
         request = parse_request(body, self.needs_prompts)
+        if self.config.group:
+            counts = collections.Counter(request.prompts)
+            alone = next((i for i, prompt in enumerate(request.prompts) if counts[prompt] == 1), None)
+            if alone is not None:
+                raise BadRequest(f"--group: the prompt of 'query'[{alone}] has no other query in this request, and a "
+                                 "reward relative to its group is then 0 whatever the response: send a prompt's "
+                                 "samples in one request, or serve with --reference-reply")
         texts = list(request.queries)
         if self.config.reference_reply is not None:
             texts += [prompt + self.config.reference_reply for prompt in request.prompts]
@@ -134,9 +140,7 @@ class RewardService:
             raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs: its weights are broken")
         m = len(request.queries)
         reference = outputs[m:] if self.config.reference_reply is not None else None  # [M, N]
-        values = self._values(outputs[:m], reference, request.prompts)
-        extra = {} if self.statistic.name == "mean" else {"expected_reward": values["expected_reward"]}
-        return reward_response(values["rewards"], extra)
+        return reward_response(*self._values(outputs[:m], reference, request.prompts))
 
     def answer(self, body: bytes) -> dict:
         """The JSON answer to a POST body (blocks until its forward is done); BadRequest for a bad one."""
