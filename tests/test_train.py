@@ -352,7 +352,7 @@ def score_pairs(model, tokenizer, path, max_length):
 # ---- the objective of a step, written out --------------------------------------------------
 
 def quantile_loss_float64(q_c: np.ndarray, q_r: np.ndarray, kappa: float, lam: float, margin: float) -> np.ndarray:
-    """DESIGN.md's loss for one pair at a time, in float64 loops: [N], [N] -> scalar."""
+    """The paper loss (docs/design.md#paper-loss) for one pair at a time, in float64 loops: [N], [N] -> scalar."""
     n = len(q_c)
     tau = (2 * np.arange(n) + 1) / (2 * n)
     pair_term = np.logaddexp(0.0, -(q_c.mean() - q_r.mean()))
