@@ -58,18 +58,22 @@ MALFORMED = [
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """(model folder, scores [2P, N] of the test pairs' chosen then rejected texts, the texts, score's pairs/s)."""
+    """(root folder: the task and the model, the test pairs' chosen then rejected texts)."""
     root = tmp_path_factory.mktemp("serve")
     task = make_synthetic_task(root / "task", num_train=2000, num_test=NUM_PAIRS, num_samples=8)
     torch.manual_seed(0)
     model = RewardModel.from_backbone(task / "model", num_quantiles=10, objective="mixture")
     model.save_pretrained(root / "model", tokenizer=load_tokenizer(task / "model"))
-    summary = score_to_file(root / "model", task, root / "scores.npz", progress=False)
-    scores = load_scores(root / "scores.npz")
     lines = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
-    texts = [line["chosen"] for line in lines] + [line["rejected"] for line in lines]
-    outputs = np.concatenate([scores.chosen, scores.rejected])  # [2P, N]
-    return root / "model", outputs, texts, NUM_PAIRS / summary.seconds
+    return root, [line["chosen"] for line in lines] + [line["rejected"] for line in lines]
+
+
+def score_rate(root: Path, name: str) -> tuple:
+    """`minqr score` on the task's test pairs: (outputs [2P, N] of the chosen then rejected texts,
+    pairs/s). Measured right before each load, so that both see the same machine."""
+    summary = score_to_file(root / "model", root / "task", root / f"{name}.npz", progress=False)
+    scores = load_scores(root / f"{name}.npz")
+    return np.concatenate([scores.chosen, scores.rejected]), NUM_PAIRS / summary.seconds
 
 
 def start_server(model: Path):
@@ -148,8 +152,9 @@ def run_load(address, texts, per_request: int) -> dict:
 
 @pytest.mark.parametrize("per_request", [1, 16])
 def test_serve_keeps_up_with_score(demo, per_request):
-    model, outputs, texts, score_rate = demo
-    process, address = start_server(model)
+    root, texts = demo
+    process, address = start_server(root / "model")
+    outputs, rate_of_score = score_rate(root, f"scores-{per_request}")
     try:
         load = run_load(address, texts, per_request)
         connection = http.client.HTTPConnection(*address, timeout=30)
@@ -170,5 +175,6 @@ def test_serve_keeps_up_with_score(demo, per_request):
     rate = len(texts) / 2 / load["seconds"]
     p50, p99 = np.percentile(load["latencies"], [50, 99]) * 1e3
     print(f"\nserve, {CLIENTS} clients, {per_request} queries a request: {rate:,.0f} pairs/s against score's "
-          f"{score_rate:,.0f} ({rate / score_rate:.2f}x, target {TARGET}); latency p50 {p50:.1f} ms, p99 {p99:.1f} ms; "
-          f"{len(load['answers'])} good requests answered, malformed ones refused, healthy, SIGTERM -> exit 0")
+          f"{rate_of_score:,.0f} ({rate / rate_of_score:.2f}x, target {TARGET}); latency p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms; {len(load['answers'])} good requests answered, malformed ones refused, healthy, "
+          "SIGTERM -> exit 0")

@@ -196,6 +196,17 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(folder):
         assert status == 200 and health["status"] == "ok" and health["num_outputs"] == N
 
 
+def test_a_model_that_gives_nan_fails_the_request_with_500_not_the_server(tmp_path, folder):
+    model = RewardModel.from_pretrained(folder)
+    with torch.no_grad():
+        model.score.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path / "broken", tokenizer=load_tokenizer(folder))
+    with running(tmp_path / "broken") as server:
+        status, answer = get_reward(server, {"query": ["\n\nHuman: hi"]})
+        assert status == 500 and "NaN" in answer["error"]
+        assert request(server, "GET", "/health")[0] == 200
+
+
 def test_concurrent_clients_get_their_own_answers(folder, alone):
     rounds, clients = 4, 8
     work = {(c, r): queries_and_prompts(seed=100 * c + r, count=1 + (c + r) % 5) for c in range(clients)
