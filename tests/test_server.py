@@ -2,6 +2,7 @@
 computed in the test from the model run on each text alone; malformed requests get 4xx JSON and the
 server stays alive; concurrent clients get their own answers; the dynamic batcher's batches; SIGTERM
 stops a real `minqr serve` process after answering the request in flight."""
+import asyncio
 import contextlib
 import functools
 import http.client
@@ -135,6 +136,30 @@ def test_the_mean_needs_no_reference_nor_prompts(folder, alone):
         status, answer = get_reward(server, {"query": queries})
     assert status == 200 and answer["extra_logs"] == {}
     np.testing.assert_allclose(answer["rewards"], alone(queries).mean(-1).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_openrlhfs_own_client_gets_the_rewards(folder, alone):
+    """The code OpenRLHF (0.11) runs to ask a remote reward model, where it imports: it needs the
+    openrlhf package without its dependencies (`pip install --no-deps openrlhf`) and aiohttp and
+    pylatexenc beside it; elsewhere this test skips."""
+    agent = pytest.importorskip("openrlhf.utils.agent", reason="OpenRLHF's client (openrlhf.utils.agent) is absent")
+    queries, prompts = queries_and_prompts(seed=9, count=4)
+    with running(folder, statistic="cvar:0.5", reference_reply=REPLY) as server:
+        executor = agent.SingleTurnAgentExecutor(f"{server.url}/get_reward")
+        together = asyncio.run(executor._fetch_rewards_via_http(queries, prompts, [None] * len(queries)))
+        # as a rollout asks: one query a request, many at once
+        async def one_each():
+            return await asyncio.gather(*[executor._fetch_rewards_via_http([q], [p], [None])
+                                          for q, p in zip(queries, prompts)])
+        alone_each = asyncio.run(one_each())
+    outputs, reference = alone(queries), alone([p + REPLY for p in prompts])
+    expected = statistic_values("cvar:0.5", outputs, reference=reference).numpy()
+    mean = statistic_values("mean", outputs, reference=reference).numpy()
+    (answer,) = together
+    np.testing.assert_allclose(answer["rewards"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answer["scores"], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answer["extra_logs"]["expected_reward"], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose([a["rewards"] for (a,) in alone_each], expected[:, None], rtol=1e-5, atol=1e-5)
 
 
 def raw(server, data: bytes, close_after_send=False) -> bytes:
