@@ -55,7 +55,7 @@ class ServeConfig:
                             "mean_minus_std:LAMBDA or preference (P(query's response beats the reference)); all but "
                             "mean need --reference-reply or --group")
     reference_reply: str | None = option(None, "the reference: this text scored as the reply to each query's "
-                                         "prompt (prompt + TEXT); rewards are relative to it, kind by kind")
+                                         "prompt (prompt + TEXT); rewards are relative to it")
     group: bool = option(False, "the reference: the mean output of the queries of the same request with the same "
                          "prompt (send a prompt's G samples in one request)")
     host: str = option("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
