@@ -138,6 +138,22 @@ def test_the_mean_needs_no_reference_nor_prompts(folder, alone):
     np.testing.assert_allclose(answer["rewards"], alone(queries).mean(-1).numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_a_scalar_heads_preference_is_the_sigmoid_of_the_reward_difference(tmp_path, folder):
+    model = RewardModel(random_gpt2(tiny_config(n_positions=64), seed=5), HeadConfig.make("scalar"))
+    model.save_pretrained(tmp_path / "scalar", tokenizer=load_tokenizer(folder),
+                          training_args={"max_length": MAX_LENGTH})
+    queries, prompts = queries_and_prompts(seed=11, count=6)
+    with running(tmp_path / "scalar", statistic="preference", reference_reply=REPLY) as server:
+        status, answer = get_reward(server, {"query": queries, "prompts": prompts})
+    assert status == 200, answer
+    tokenizer = load_tokenizer(folder)
+    with torch.no_grad():
+        reward = [model(torch.tensor([tokenizer.encode(t)[-MAX_LENGTH:]]))[0, 0].item() for t in queries]
+        reference = [model(torch.tensor([tokenizer.encode(p + REPLY)[-MAX_LENGTH:]]))[0, 0].item() for p in prompts]
+    expected = [1 / (1 + np.exp(r0 - r)) for r, r0 in zip(reward, reference)]
+    np.testing.assert_allclose(answer["rewards"], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_openrlhfs_own_client_gets_the_rewards(folder, alone):
     """The code OpenRLHF (0.11) runs to ask a remote reward model, where it imports: it needs the
     openrlhf package without its dependencies (`pip install --no-deps openrlhf`) and aiohttp and
