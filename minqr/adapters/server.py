@@ -77,11 +77,18 @@ class RewardService:
         if config.reference_reply is not None and not config.reference_reply.strip():
             raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
         self.config = config
-        self.statistic = parse_statistic(config.statistic)
+        try:
+            self.statistic = parse_statistic(config.statistic)
+        except MinqrError as error:
+            raise MinqrError(f"--statistic: {error}") from None
         self.model, self.tokenizer, self.folder = load_reward_model(config.model)
         self.max_length = text_length_limit(self.model, self.folder, config.max_length)
         self.objective = self.model.head_config.objective
-        self._check_statistic()
+        try:
+            self._check_statistic()
+        except MinqrError as error:
+            raise MinqrError(f"--statistic {config.statistic}: {error}. Serve with --reference-reply TEXT or "
+                             "--group") from None
         device = resolve_device(config.device)
         self.model.to(device)
         score = functools.partial(score_texts, self.model, batch_size=config.max_batch, device=device,
