@@ -130,6 +130,16 @@ def test_rewards_are_the_statistic_of_the_models_outputs(folder, alone, statisti
                                                                objective="mixture").numpy(), atol=1e-3)
 
 
+def test_a_prompts_reference_is_scored_once_across_requests(folder, alone):
+    queries, prompts = queries_and_prompts(seed=21, count=8)
+    expected = statistic_values("cvar:0.3", alone(queries), reference=alone([p + REPLY for p in prompts])).numpy()
+    with running(folder, statistic="cvar:0.3", reference_reply=REPLY) as server:
+        got = [get_reward(server, {"query": [q], "prompts": [p]})[1]["rewards"][0] for q, p in zip(queries, prompts)]
+        scored = server.service.batcher.texts_scored
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert scored == len(queries) + len(set(prompts)) < 2 * len(queries)  # one request at a time: no dedup
+
+
 def test_the_mean_needs_no_reference_nor_prompts(folder, alone):
     queries, _ = queries_and_prompts(seed=0, count=5)
     with running(folder) as server:

@@ -35,7 +35,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from minqr.adapters.batcher import DynamicBatcher
-from minqr.adapters.openrlhf import HEALTH_PATH, REWARD_PATH, BadRequest, parse_request, reward_response
+from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, RewardRequest, parse_request,
+                                     reward_response)
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import Statistic, parse_statistic, statistic_values
 from minqr.errors import MinqrError
@@ -43,6 +44,7 @@ from minqr.models.reward import load_reward_model
 from minqr.options import option
 from minqr.study.scoring import score_texts, text_length_limit
 
+REFERENCE_CACHE_SIZE = 4096  # prompts whose reference outputs (--reference-reply) are kept
 IDLE_TIMEOUT_S = 120.0  # a connection that sends nothing for this long is closed (a stalled client holds a thread)
 
 
@@ -66,6 +68,17 @@ class ServeConfig:
     max_request_bytes: int = option(16 << 20, "largest request body accepted (a larger one gets 413)", low=1)
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
+
+
+@dataclass
+class Scoring:
+    """One request on its way through the server: its texts as token lists (its queries', then the
+    references of the prompts not in the cache), and the cached references of the others."""
+
+    request: RewardRequest
+    token_lists: list
+    cached: dict  # prompt -> reference outputs [N], float64
+    missing: list  # the prompts whose references follow the queries in token_lists, in that order
 
 
 class RewardService:
@@ -94,6 +107,10 @@ class RewardService:
         score = functools.partial(score_texts, self.model, batch_size=config.max_batch, device=device,
                                   dtype=config.dtype)
         self.batcher = DynamicBatcher(score, config.max_batch)
+        # the model never changes while it serves, so a prompt's reference is scored once while its
+        # samples arrive, request after request
+        self._references = collections.OrderedDict()  # prompt -> reference outputs [N], the latest last
+        self._references_lock = threading.Lock()
 
     @property
     def needs_prompts(self) -> bool:
@@ -120,9 +137,8 @@ class RewardService:
         rewards = values.pop("rewards")
         return rewards, values
 
-    def prepare(self, body: bytes) -> tuple:
-        """(request, token lists to score) of a POST body; BadRequest for a body that is not a request.
-        The token lists are the queries', then (with --reference-reply) their references'."""
+    def prepare(self, body: bytes) -> "Scoring":
+        """What a POST body asks to score; BadRequest for a body that is not a request."""
         request = parse_request(body, self.needs_prompts)
         if self.config.group:
             counts = collections.Counter(request.prompts)
@@ -131,28 +147,45 @@ class RewardService:
                 raise BadRequest(f"--group: the prompt of 'query'[{alone}] has no other query in this request, and a "
                                  "reward relative to its group is then 0 whatever the response: send a prompt's "
                                  "samples in one request, or serve with --reference-reply")
-        texts = list(request.queries)
+        texts, cached, missing = list(request.queries), {}, []
         if self.config.reference_reply is not None:
-            texts += [prompt + self.config.reference_reply for prompt in request.prompts]
+            with self._references_lock:
+                cached = {prompt: self._references[prompt] for prompt in request.prompts if prompt in self._references}
+            missing = list(dict.fromkeys(prompt for prompt in request.prompts if prompt not in cached))
+            texts += [prompt + self.config.reference_reply for prompt in missing]
         token_lists = [tokens[-self.max_length:] for tokens in self.tokenizer.encode_batch(texts)]
         for i, tokens in enumerate(token_lists[: len(request.queries)]):
             if not tokens:
                 raise BadRequest(f"'query'[{i}] has no tokens: a reward is read at a text's last token")
-        return request, token_lists
+        return Scoring(request, token_lists, cached, missing)
 
-    def finish(self, request, outputs) -> dict:
-        """The JSON answer to `request` from the outputs [len(token lists), N] of its token lists."""
-        outputs = torch.from_numpy(outputs).double()  # [M or 2M, N]
+    def finish(self, scoring: "Scoring", outputs) -> dict:
+        """The JSON answer from the outputs [len(token lists), N] of the scoring's token lists."""
+        outputs = torch.from_numpy(outputs).double()  # [M + references scored, N]
         if not torch.isfinite(outputs).all():
             raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs: its weights are broken")
-        m = len(request.queries)
-        reference = outputs[m:] if self.config.reference_reply is not None else None  # [M, N]
+        request, m = scoring.request, len(scoring.request.queries)
+        reference = None
+        if self.config.reference_reply is not None:
+            fresh = dict(zip(scoring.missing, outputs[m:]))  # prompt -> its reference's outputs [N]
+            self._remember(fresh)
+            known = {**scoring.cached, **fresh}
+            reference = torch.stack([known[prompt] for prompt in request.prompts])  # [M, N]
         return reward_response(*self._values(outputs[:m], reference, request.prompts))
+
+    def _remember(self, references: dict) -> None:
+        """Keep the reference outputs of the latest REFERENCE_CACHE_SIZE prompts."""
+        with self._references_lock:
+            for prompt, row in references.items():
+                self._references[prompt] = row
+                self._references.move_to_end(prompt)
+            while len(self._references) > REFERENCE_CACHE_SIZE:
+                self._references.popitem(last=False)
 
     def answer(self, body: bytes) -> dict:
         """The JSON answer to a POST body (blocks until its forward is done); BadRequest for a bad one."""
-        request, token_lists = self.prepare(body)
-        return self.finish(request, self.batcher.submit(token_lists).result())
+        scoring = self.prepare(body)
+        return self.finish(scoring, self.batcher.submit(scoring.token_lists).result())
 
     def health(self) -> dict:
         head = self.model.head_config
