@@ -3,6 +3,7 @@ computed in the test from the model run on each text alone; malformed requests g
 server stays alive; concurrent clients get their own answers; the dynamic batcher's batches; SIGTERM
 stops a real `minqr serve` process after answering the request in flight."""
 import asyncio
+import collections
 import contextlib
 import functools
 import http.client
@@ -283,6 +284,26 @@ def test_concurrent_clients_get_their_own_answers(folder, alone):
         expected = statistic_values("quantile:0.5", alone(queries), reference=alone([p + REPLY for p in prompts]))
         np.testing.assert_allclose(answers[key], expected.numpy(), rtol=1e-5, atol=1e-5, err_msg=str(key))
     print(f"{len(work)} requests in {forwards} forwards")
+
+
+def test_a_burst_of_new_connections_is_answered_every_one(folder):
+    """OpenRLHF opens a new connection for every request, a rollout's worth at once: the server's
+    backlog of connections not yet accepted must hold them (the standard library's default is 5)."""
+    clients, statuses = 96, []
+    start = threading.Barrier(clients)
+    with running(folder) as server:
+        def client():
+            start.wait()
+            try:
+                statuses.append(get_reward(server, {"query": ["\n\nHuman: hi\n\nAssistant: hello"]})[0])
+            except OSError as error:
+                statuses.append(repr(error))
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert statuses == [200] * clients, collections.Counter(map(str, statuses))
 
 
 def test_the_batcher_scores_what_queued_during_a_forward_in_one_forward():
