@@ -278,12 +278,10 @@ def test_concurrent_clients_get_their_own_answers(folder, alone):
             thread.start()
         for thread in threads:
             thread.join(timeout=120)
-        forwards = server.service.batcher.forwards
     assert set(answers) == set(work)
     for key, (queries, prompts) in work.items():
         expected = statistic_values("quantile:0.5", alone(queries), reference=alone([p + REPLY for p in prompts]))
         np.testing.assert_allclose(answers[key], expected.numpy(), rtol=1e-5, atol=1e-5, err_msg=str(key))
-    print(f"{len(work)} requests in {forwards} forwards")
 
 
 def test_a_burst_of_new_connections_is_answered_every_one(folder):
