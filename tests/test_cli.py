@@ -20,14 +20,17 @@ from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 import minqr
 import minqr_cli.commands as commands
 from minqr.adapters.server import ServeConfig
+from minqr.data.candidates import CandidatesConfig
 from minqr.data.synthetic import SyntheticConfig
+from minqr.distribution.best_of_n import BestOfNConfig
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig
 from minqr.study.scoring import ScoreConfig
 from minqr.training.config import RUN_FACTS, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
-            "synthetic": SyntheticConfig, "objectives-table": TableConfig, "serve": ServeConfig}
+            "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
+            "best-of-n": BestOfNConfig, "serve": ServeConfig}
 
 
 def invoke(*argv):
@@ -78,7 +81,8 @@ def test_options_are_the_config_fields(name):
 
 @pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
                                         ("export", "export"), ("synthetic", "synthetic"),
-                                        ("objectives_table", "objectives-table"), ("serve", "serve")])
+                                        ("objectives_table", "objectives-table"), ("candidates", "candidates"),
+                                        ("best_of_n", "best-of-n"), ("serve", "serve")])
 def test_tools_are_the_same_commands(tool, name):
     spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
     module = importlib.util.module_from_spec(spec)
