@@ -250,8 +250,8 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(folder):
 
 def test_a_model_that_gives_nan_fails_the_request_with_500_not_the_server(tmp_path, folder):
     model = RewardModel.from_pretrained(folder)
-    with torch.no_grad():
-        model.score.weight[0, 0] = float("nan")
+    with torch.no_grad():  # the backbone's last norm: every output NaN, the head as saved
+        model.transformer.ln_f.weight[0] = float("nan")
     model.save_pretrained(tmp_path / "broken", tokenizer=load_tokenizer(folder))
     with running(tmp_path / "broken") as server:
         status, answer = get_reward(server, {"query": ["\n\nHuman: hi"]})
