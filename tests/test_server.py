@@ -122,11 +122,16 @@ def test_rewards_are_the_statistic_of_the_models_outputs(folder, alone, statisti
     expected = statistic_values(parse_statistic(statistic), outputs, **where, objective="mixture")
     np.testing.assert_allclose(answer["rewards"], expected.numpy(), rtol=1e-5, atol=1e-5)
     assert answer["scores"] == answer["rewards"]
-    mean = statistic_values("mean", outputs, **where, objective="mixture")
-    if statistic != "mean":
-        np.testing.assert_allclose(answer["extra_logs"]["expected_reward"], mean.numpy(), rtol=1e-5, atol=1e-5)
-    # the statistic is relative: the reference moved by a constant per kind leaves it unchanged, and
-    # the test's expectation is not one that any reference would meet
+    # the extra logs, written out: the outputs relative to the reference, kind by kind (a mixture's)
+    if reference == "reply":
+        relative = outputs - where["reference"]
+    else:
+        relative = torch.stack([outputs[i] - outputs[[j for j in range(len(prompts)) if prompts[j] == prompts[i]]]
+                                .mean(0) for i in range(len(prompts))])
+    np.testing.assert_allclose(answer["extra_logs"]["mean"], relative.mean(-1).numpy(), rtol=1e-5, atol=1e-5)
+    spread = ((relative - relative.mean(-1, keepdim=True)) ** 2).mean(-1).sqrt()
+    np.testing.assert_allclose(answer["extra_logs"]["spread"], spread.numpy(), rtol=1e-5, atol=1e-5)
+    # the answer depends on the reference: another one would not meet the expectation
     assert not np.allclose(answer["rewards"], statistic_values(statistic, outputs, reference=outputs.roll(1, 0),
                                                                objective="mixture").numpy(), atol=1e-3)
 
@@ -145,7 +150,7 @@ def test_the_mean_needs_no_reference_nor_prompts(folder, alone):
     queries, _ = queries_and_prompts(seed=0, count=5)
     with running(folder) as server:
         status, answer = get_reward(server, {"query": queries})
-    assert status == 200 and answer["extra_logs"] == {}
+    assert status == 200 and answer["extra_logs"] == {"mean": answer["rewards"]}  # no spread without a reference
     np.testing.assert_allclose(answer["rewards"], alone(queries).mean(-1).numpy(), rtol=1e-5, atol=1e-5)
 
 
@@ -185,7 +190,7 @@ def test_openrlhfs_own_client_gets_the_rewards(folder, alone):
     (answer,) = together
     np.testing.assert_allclose(answer["rewards"], expected, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(answer["scores"], expected, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(answer["extra_logs"]["expected_reward"], mean, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(answer["extra_logs"]["mean"], mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose([a["rewards"] for (a,) in alone_each], expected[:, None], rtol=1e-5, atol=1e-5)
 
 

@@ -38,7 +38,7 @@ from minqr.adapters.batcher import DynamicBatcher
 from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, RewardRequest, parse_request,
                                      reward_response)
 from minqr.device import DTYPES, resolve_device
-from minqr.distribution.statistics import Statistic, parse_statistic, statistic_values
+from minqr.distribution.statistics import parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
 from minqr.options import option
@@ -123,19 +123,18 @@ class RewardService:
         self._values(zeros, zeros if self.config.reference_reply is not None else None, ["", ""])
 
     def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts) -> tuple:
-        """(rewards [M], extra logs {name: [M]}) of outputs [M, N] (reference [M, N] or None): for a
-        statistic other than the mean, the expected reward beside it, relative to the same reference."""
+        """(rewards [M], extra logs) of outputs [M, N] (reference [M, N] or None). The extra logs are
+        those of minqr's verl adapter: "mean", the expected reward, and, where there is a reference,
+        "spread", the std over the N relative outputs (without one the kinds' constants are in it)."""
         group = None
         if self.config.group:
             ids = {}
             group = torch.tensor([ids.setdefault(prompt, len(ids)) for prompt in prompts])  # [M] a prompt's id
-        statistics = {"rewards": self.statistic}
-        if self.statistic.name != "mean":
-            statistics["expected_reward"] = Statistic("mean")
-        values = {name: statistic_values(statistic, outputs, reference=reference, group=group,
-                                         objective=self.objective).tolist() for name, statistic in statistics.items()}
-        rewards = values.pop("rewards")
-        return rewards, values
+        values = statistic_values(self.statistic, outputs, reference=reference, group=group, objective=self.objective)
+        if reference is None and group is None:
+            return values.tolist(), {"mean": values.tolist()}  # the mean itself, or at N = 1 the one reward
+        relative = relative_outputs(outputs, reference=reference, group=group, objective=self.objective)  # [M, N]
+        return values.tolist(), {"mean": relative.mean(-1).tolist(), "spread": relative.std(-1, correction=0).tolist()}
 
     def prepare(self, body: bytes) -> "Scoring":
         """What a POST body asks to score; BadRequest for a body that is not a request."""
