@@ -33,7 +33,7 @@ import pytest
 import torch
 
 from minqr import load_tokenizer
-from minqr.data.synthetic import make_synthetic_task
+from minqr.synthetic.folder import make_synthetic_task
 from minqr.models.reward import RewardModel
 from minqr.study.scoring import score_to_file
 from minqr.study.scores_file import load_scores

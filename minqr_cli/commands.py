@@ -20,12 +20,12 @@ import click
 from minqr import __version__
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.server import serve as serve_rewards
-from minqr.data.candidates import CandidatesConfig, make_candidate_sets
-from minqr.data.synthetic import SyntheticConfig, make_synthetic_task
 from minqr.distribution.best_of_n import BestOfNConfig, best_of_n_to_file
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
 from minqr.study.scoring import ScoreConfig, score_to_file
+from minqr.synthetic.candidates import CandidatesConfig, make_candidate_sets
+from minqr.synthetic.folder import SyntheticConfig, make_synthetic_task
 from minqr.training.config import RUN_FACTS, TrainConfig
 from minqr.training.interrupt import TrainingInterrupted
 from minqr.training.loop import train as train_model

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from minqr.data.candidates import candidate_truth, make_candidate_sets, sample_candidate_sets, true_statistic
-from minqr.data.synthetic import TASK_VARIANTS, render_dialogue
+from minqr.synthetic.candidates import candidate_truth, make_candidate_sets, sample_candidate_sets, true_statistic
+from minqr.synthetic.task import TASK_VARIANTS, render_dialogue
 from minqr.errors import MinqrError
 
 DRAWS = 400_000  # annotators a candidate: Monte-Carlo error about 0.01 on shares, 0.03 on rewards

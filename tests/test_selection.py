@@ -3,8 +3,8 @@ expectation for random picks, and the measures read the picked candidates."""
 import numpy as np
 import pytest
 
-from minqr.data.candidates import candidate_truth, sample_candidate_sets
-from minqr.data.synthetic import TASK_VARIANTS
+from minqr.synthetic.candidates import candidate_truth, sample_candidate_sets
+from minqr.synthetic.task import TASK_VARIANTS
 from minqr.study.selection import atom_records, compare, picked, spread_auroc, true_values
 
 STATISTICS = ["mean", "cvar:0.25", "preference"]

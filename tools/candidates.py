@@ -1,4 +1,4 @@
-"""Write candidate sets of the synthetic task (minqr/data/candidates.py) into a folder: prompts with
+"""Write candidate sets of the synthetic task (minqr/synthetic/candidates.py) into a folder: prompts with
 K candidate replies each, the input of best-of-n, and each candidate's true reward distribution.
 
     python tools/candidates.py --variant shifted --out runs/tasks/shifted-candidates

@@ -1,5 +1,5 @@
 """Best-of-N choices against the truth of the synthetic task's candidate sets
-(minqr/data/candidates.py): how much of what a perfect chooser gains does a model's choice gain?
+(minqr/synthetic/candidates.py): how much of what a perfect chooser gains does a model's choice gain?
 
 For each statistic s (the mean, a quantile, a lower CVaR, ...), three choosers pick one candidate per
 prompt: the model, by s of its learnt distribution (minqr best-of-n); the ORACLE, by s of the true
@@ -24,8 +24,8 @@ for the mean's picks and for prompts.
 import numpy as np
 import torch
 
-from minqr.data.candidates import true_statistic
-from minqr.data.synthetic import mixture_quantiles
+from minqr.synthetic.candidates import true_statistic
+from minqr.synthetic.truth import mixture_quantiles
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.objectives.references import quantile_levels
 from minqr.study.analysis import auroc

@@ -4,7 +4,7 @@ really thinks of it.
 
 Best-of-N picks one of K replies to a prompt by some statistic of its reward (the mean, a low
 quantile, a lower-tail CVaR, ...). On real data nobody knows which pick was best; on the synthetic
-task (minqr/data/synthetic.py) the reward of a reply over the population of annotators is a known
+task (minqr/synthetic/task.py) the reward of a reply over the population of annotators is a known
 mixture of Gaussians, one per annotator group, so each candidate's true statistics can be computed:
 
     mean_reward     [Q, K]     the population's mean reward
@@ -40,8 +40,9 @@ from scipy.special import expit, ndtr
 from scipy.stats import norm
 
 from minqr.atomic import atomic_dir
-from minqr.data.synthetic import (ANCHOR_REPLY, GAUSS_HERMITE_NODES, QUESTIONS, TASK_VARIANTS, VERBS, NOUNS,
-                                  SyntheticTask, mixture_quantiles)
+from minqr.synthetic.task import (ANCHOR_REPLY, GAUSS_HERMITE_NODES, NOUNS, QUESTIONS, TASK_VARIANTS, VERBS,
+                                  SyntheticTask)
+from minqr.synthetic.truth import mixture_quantiles
 from minqr.errors import MinqrError
 from minqr.options import option
 
@@ -154,7 +155,7 @@ def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, 
     sets = sample_candidate_sets(task, np.random.default_rng([seed, CANDIDATE_STREAM]), num_prompts, num_candidates)
     truth = candidate_truth(task, sets["counts"])
     truth |= {"candidate_tags": sets["counts"], "tag_names": np.array(task.tags)}
-    summary = {"description": "minqr candidate sets on the synthetic task (see minqr/data/candidates.py)",
+    summary = {"description": "minqr candidate sets on the synthetic task (see minqr/synthetic/candidates.py)",
                "variant": variant, "num_prompts": num_prompts, "num_candidates": num_candidates, "seed": seed,
                "reference": ANCHOR_REPLY, **task.to_dict()}
     with atomic_dir(folder) as tmp:
