@@ -14,7 +14,7 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     distribution/  statistics of a reward distribution relative to a reference reply (mean, quantile,
                  CVaR, mean - lambda std, preference)
     adapters/    the distribution where RL trainers read one number: TRL's reward function, verl's
-                 compute_score
+                 compute_score, `minqr serve` (an HTTP reward server, OpenRLHF's protocol)
 
 and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
 atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),
