@@ -27,7 +27,7 @@ import warnings
 import torch
 
 from minqr.data.pairs import render
-from minqr.distribution.personal import Annotators, check_personal
+from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
@@ -88,19 +88,7 @@ class TextRewards:
 
     def weights(self, annotators: list) -> torch.Tensor:
         """[M, N] float64: each text's annotator's posterior over the kinds (uniform for None)."""
-        head = self.model.head_config
-        check_personal(head.objective, head.num_quantiles)
-        known = self.annotators
-        resolved = [None if name is None or known is None else known.resolve(name) for name in annotators]
-        unknown = [name for name, found in zip(annotators, resolved) if name is not None and found is None]
-        if unknown:
-            raise MinqrError(f"annotator {unknown[0]!r} is not known to the reward model (its annotators.json): "
-                             "run minqr personalize with their labelled pairs first")
-        weights = torch.full((len(annotators), head.num_quantiles), 1.0 / head.num_quantiles, dtype=torch.float64)
-        rows = [k for k, found in enumerate(resolved) if found is not None]
-        if rows:
-            weights[rows] = known.log_posteriors[known.index([resolved[k] for k in rows])].exp()
-        return weights
+        return posterior_weights(self.annotators, self.model.head_config, annotators)
 
     def statistic_values(self, prompts: list, completions: list, *, group: list | None = None,
                          references: list | None = None, annotators: list | None = None) -> tuple:
