@@ -15,7 +15,7 @@ ranking.py (how accuracy counts a pair).
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, data/synthetic.py and study/analysis.py, in that order.
+training/loss.py, training/loop.py, data/synthetic.py and study/analysis.py, in that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that
 `import minqr.study.scores_file` (the numpy side) does not import torch.

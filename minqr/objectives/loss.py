@@ -51,7 +51,7 @@ class Objective:
 
 # What made the N outputs of a mixture follow the annotators' disagreement on the synthetic task,
 # where the truth is known (README, "Objectives"): the pooled state must keep every token of its
-# response (the bag-of-words auxiliary, RewardModel.response_bag_loss), and the head's rows, which
+# response (the bag-of-words auxiliary, minqr.training.loss.ResponseBag), and the head's rows, which
 # start apart and must move further apart, learn faster than the backbone and are not decayed.
 DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0, "ema_window": 1 / 3}
 # N kinds of equal weight 1/N can only put a group's share in steps of 1/N, and need several kinds

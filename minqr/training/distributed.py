@@ -2,7 +2,7 @@
 
 Under `torchrun` each process takes its slice of every global batch (minqr/data/batching.py,
 `process_micro_batches`), the gradients are averaged over the processes, and the step is the one a
-single process computes on the whole batch (minqr/training/objective.py says why the arithmetic
+single process computes on the whole batch (minqr/training/loss.py says why the arithmetic
 is the same). nccl on GPU, gloo on CPU. Only process 0 writes files and prints.
 
 Two ways to spread the model:

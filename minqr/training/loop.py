@@ -6,7 +6,7 @@
 One optimizer step sees `batch_size` pairs (the global batch: all processes and all gradient
 accumulation steps together). The pairs of a step have similar lengths (length-grouped batches in
 a seeded order, minqr/data/batching.py) and, by default, each pair runs as one shared-prefix row.
-What a step minimises is minqr/training/objective.py's; the options are minqr/training/config.py's;
+What a step minimises is minqr/training/loss.py's; the options are minqr/training/config.py's;
 processes are minqr/training/distributed.py's.
 
 The run folder (`--out`) ends up holding the trained reward model (config.json, model.safetensors,
@@ -19,7 +19,7 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -47,9 +47,9 @@ from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
+from minqr.training.loss import ResponseBag, StepLoss, held_out_loss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
-from minqr.training.objective import PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
                                    load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
@@ -142,7 +142,7 @@ class _Run:
         model = RewardModel(load_backbone(self.model_path, dropout=config.dropout), config.head_config())
         model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
-            model.add_response_bag()
+            ResponseBag.attach(model)
         if config.max_length > model.transformer.config.max_positions:
             raise MinqrError(f"--max-length {config.max_length} is more than the model's "
                              f"{model.transformer.config.max_positions} positions: lower it")
@@ -181,7 +181,7 @@ class _Run:
             self._restore(self.checkpoint)
         if config.compile:
             self.model.transformer.compile(dynamic=True)
-        objective = PairObjective(self.model, config)
+        objective = StepLoss(self.model, config.bag_coef, config.center_coef, config.lm_coef)
         self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
@@ -244,7 +244,7 @@ class _Run:
         config, head = self.config, model.head_config
         backbone = sum(p.numel() for p in model.transformer.parameters())
         name = "GPT-2" if isinstance(model.transformer, GPT2) else model.transformer.config.model_type
-        bag = "" if model.response_bag is None else (
+        bag = "" if not config.bag_coef > 0 else (
             f" + {sum(p.numel() for p in model.response_bag.parameters()) / 1e6:.1f}M of the response-bag layer "
             "(training only)")
         return (f"plan: {self.total_steps:,} steps of {config.batch_size} pairs "
@@ -392,10 +392,13 @@ class _Run:
         micro_batches = [self.train_pairs.batch(ix, config.shared_prefix).to(procs.device)
                          for ix in process_micro_batches(pair_indices, procs.rank, self.micro_batch_size,
                                                          config.grad_accum)]
-        lm_tokens = 0.0
+        # What each process's loss is the mean over: its share of the step's pairs and LM target tokens.
+        # DistributedDataParallel averages the processes' gradients, which makes it the step's mean.
+        pairs, lm_tokens = config.batch_size // procs.world_size, 1.0
         if config.lm_coef > 0:
             (lm_tokens,) = procs.all_sum([sum(float((b.chosen_lm_labels != IGNORE_INDEX).sum())
                                               for b in micro_batches)])
+            lm_tokens = max(lm_tokens, 1.0) / procs.world_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
         right = torch.zeros((), dtype=torch.float64, device=procs.device)
         for k, batch in enumerate(micro_batches):
@@ -405,14 +408,15 @@ class _Run:
                 self.model.set_requires_gradient_sync(last)
             with nullcontext() if last or procs.world_size == 1 or config.fsdp else self.objective.no_sync():
                 with autocast(procs.device, self.autocast_dtype):
-                    loss, mu_chosen, mu_rejected = self.objective(batch, config.batch_size, max(lm_tokens, 1.0))
-                (loss * procs.world_size).backward()
+                    loss, mu_chosen, mu_rejected = self.objective(batch, pairs, lm_tokens)
+                loss.backward()
             loss_sum += loss.detach()
             right += ranking_credit(mu_chosen, mu_rejected).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
         # the processes agree on a Ctrl-C here, so that all of them stop after the same step
         loss_value, right_value, real_tokens, interrupted = procs.all_sum(
             [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
+        loss_value /= procs.world_size  # the processes' means, summed
         self.interrupt.agreed = interrupted > 0
         if not math.isfinite(loss_value):
             raise self._diverged(f"the loss is {loss_value}")
@@ -475,15 +479,9 @@ class _Run:
         share, shares = (0, 1) if config.fsdp else (procs.rank, procs.world_size)
         for pair_indices in evaluation_batches(self.eval_pairs.row_widths(config.shared_prefix), self.micro_batch_size,
                                                share, shares):
-            # Held-out metrics leave the data's pair margins out: eval_loss is then the negative
-            # log-likelihood of the labels under the model (P(chosen) = σ(r_c − r_r) for
-            # bradley_terry), comparable between runs and data sets with margins and without; a
-            # margin is a training device that asks for a wider gap, not part of the model.
-            batch = replace(self.eval_pairs.batch(pair_indices, config.shared_prefix), pair_margins=None)
-            batch = batch.to(procs.device)
+            batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
             with autocast(procs.device, self.autocast_dtype):
-                # the objective alone: for all but paper, the held-out negative log-likelihood of the labels
-                loss, r_chosen, r_rejected = self.model.pair_loss(batch, "sum")  # float32 [B, N] outputs
+                loss, r_chosen, r_rejected = held_out_loss(self.model, batch)  # float32 [B, N] outputs
             mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
             rewards = torch.cat([mu_chosen, mu_rejected]).double()
             totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
@@ -542,8 +540,8 @@ class _Run:
         with torch.device("meta"):  # no memory, no init: the gathered tensors become the weights
             backbone = self.model.transformer
             whole = RewardModel(type(backbone)(backbone.config), self.model.head_config)
-            if self.model.response_bag is not None:
-                whole.add_response_bag()
+            if self.config.bag_coef > 0:
+                ResponseBag.attach(whole)
         whole.load_state_dict(state, assign=True)
         return whole.to(getattr(torch, self.config.param_dtype))  # --master-weights: the masters' bf16 rounding
 
