@@ -30,6 +30,7 @@ from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
+from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.options import option
 from minqr.progress import progress_bar
@@ -230,8 +231,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     max_length = options.max_length
     if max_length is None:
         max_length = min(training_args(folder).get("max_length", positions), positions)
-    if max_length > positions:
-        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    check_max_length(reward_model.transformer, max_length)
     source = resolve_source(data, split or DEFAULT_SPLIT, subset)
     pairs, stats = read_pairs(source, skip_bad=options.skip_bad)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)

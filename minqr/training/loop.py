@@ -36,7 +36,7 @@ from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
-from minqr.models.backbone import load_backbone
+from minqr.models.backbone import check_max_length, load_backbone
 from minqr.models.gpt2 import GPT2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
@@ -127,11 +127,7 @@ class _Run:
             raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
                              "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
                              "--fsdp")
-        per_process = config.batch_size // procs.world_size
-        if per_process * procs.world_size != config.batch_size or per_process % config.grad_accum:
-            raise MinqrError(f"--batch-size {config.batch_size} must be a multiple of --grad-accum "
-                             f"{config.grad_accum} × {procs.world_size} processes")
-        self.micro_batch_size = per_process // config.grad_accum
+        self.micro_batch_size = config.micro_batch_size(procs.world_size)
         self.checkpoint = self._check_out_folder()
         self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
@@ -143,9 +139,7 @@ class _Run:
         model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
             ResponseBag.attach(model)
-        if config.max_length > model.transformer.config.max_positions:
-            raise MinqrError(f"--max-length {config.max_length} is more than the model's "
-                             f"{model.transformer.config.max_positions} positions: lower it")
+        check_max_length(model.transformer, config.max_length, "--max-length")
         if config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
             raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
                              f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
