@@ -102,15 +102,18 @@ def train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     try:
         # one run at a time in a run folder (minqr/lock.py); under torchrun process 0 holds it for all
         with hold_output(config.out, "--out", say=say) if procs.is_main else nullcontext():
-            summary = _Run(config, procs, progress).run()
+            summary = TrainingRun(config, procs, progress).run()
         finished = True
         return summary
     finally:
         stop_processes(procs, finished)
 
 
-class _Run:
-    """One training run: set up in __init__, then `run()`. Attributes are the run's state."""
+class TrainingRun:
+    """One training run: checked and assembled in __init__, then `run()`. Attributes are the run's
+    state. What can be refused is refused as early as it can be known: the options and the out
+    folder first (`_check_setup`), then the model (a broken --model fails in a second,
+    `_check_model`), and the data, which takes longest to read and tokenise, last (`_check_data`)."""
 
     def __init__(self, config: TrainConfig, procs: Processes, progress: bool):
         self.config, self.procs, self.progress = config, procs, progress
@@ -121,14 +124,7 @@ class _Run:
         # what decides the float rounding without being an option of the run (see _restore)
         self.compute = {"device": procs.device.type, "dtype": str(self.autocast_dtype).removeprefix("torch."),
                         "compile": config.compile}
-        # The cheap checks come first, then the model (a broken --model fails in a second), and the
-        # data, which takes longest to read and tokenise, last.
-        if config.fsdp and procs.world_size == 1:
-            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
-                             "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
-                             "--fsdp")
-        self.micro_batch_size = config.micro_batch_size(procs.world_size)
-        self.checkpoint = self._check_out_folder()
+        self.micro_batch_size, self.checkpoint = self._check_setup()
         self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
             self.model_path, train_file, eval_file = self._resolve_inputs()
@@ -139,18 +135,11 @@ class _Run:
         model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
             ResponseBag.attach(model)
-        check_max_length(model.transformer, config.max_length, "--max-length")
-        if config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
-            raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
-                             f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
+        self._check_model(model)
 
         self.train_pairs = self._load_data(train_file, "train")
         self.eval_pairs = self._load_data(eval_file, "test") if eval_file is not None else None
-        # Only full batches: every step then has the same global batch, however it is divided up.
-        self.steps_per_epoch = len(self.train_pairs) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise MinqrError(f"--batch-size {config.batch_size} is more than the {len(self.train_pairs)} "
-                             f"training pairs: lower it")
+        self.steps_per_epoch = self._check_data()
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
@@ -180,6 +169,31 @@ class _Run:
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _check_setup(self) -> tuple:
+        """(pairs of a micro-batch, the checkpoint to resume or None): what the options and the out
+        folder allow with this many processes."""
+        if self.config.fsdp and self.procs.world_size == 1:
+            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
+                             "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
+                             "--fsdp")
+        return self.config.micro_batch_size(self.procs.world_size), self._check_out_folder()
+
+    def _check_model(self, model: RewardModel) -> None:
+        """What the options ask of the backbone: positions for --max-length, an LM head for --lm-coef."""
+        check_max_length(model.transformer, self.config.max_length, "--max-length")
+        if self.config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
+            raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
+                             f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
+
+    def _check_data(self) -> int:
+        """The steps of an epoch: only full batches, so that every step has the same global batch,
+        however it is divided up."""
+        steps_per_epoch = len(self.train_pairs) // self.config.batch_size
+        if steps_per_epoch == 0:
+            raise MinqrError(f"--batch-size {self.config.batch_size} is more than the {len(self.train_pairs)} "
+                             f"training pairs: lower it")
+        return steps_per_epoch
 
     def _check_out_folder(self):
         """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
