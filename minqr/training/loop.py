@@ -22,15 +22,13 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from minqr import hub
 from minqr.atomic import atomic_file
-from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro_batches, tokenize_pairs,
-                                 training_batches)
+from minqr.data.batching import IGNORE_INDEX, process_micro_batches, tokenize_pairs, training_batches
 from minqr.data.chat import rendering_note
 from minqr.data.pairs import names_one_split, read_pairs, resolve_source
 from minqr.device import autocast, autocast_dtype
@@ -47,7 +45,8 @@ from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
-from minqr.training.loss import ResponseBag, StepLoss, held_out_loss
+from minqr.training.evaluation import held_out_metrics
+from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
@@ -467,42 +466,21 @@ class TrainingRun:
 
     def _evaluate(self) -> dict:
         """Held-out metrics of the model, or of its weight average where the run keeps one."""
-        if self.average is None:
-            return self._held_out_metrics()
-        with self.average.swapped_in():
-            if self.config.fsdp:  # the forwards must gather the average, not what a unit holds gathered
-                reshard(self.model)
-            metrics = self._held_out_metrics()
-        if self.config.fsdp:  # and the training's next forward the weights again
-            reshard(self.model)
-        return metrics
+        config = self.config
 
-    @torch.no_grad()
-    def _held_out_metrics(self) -> dict:
-        """Over all processes; each process scores every world_size-th batch, or, sharded (--fsdp),
-        every batch, since each forward is then a collective that all take part in."""
-        config, procs = self.config, self.procs
-        self.model.eval()
-        totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
-        share, shares = (0, 1) if config.fsdp else (procs.rank, procs.world_size)
-        for pair_indices in evaluation_batches(self.eval_pairs.row_widths(config.shared_prefix), self.micro_batch_size,
-                                               share, shares):
-            batch = self.eval_pairs.batch(pair_indices, config.shared_prefix).to(procs.device)
-            with autocast(procs.device, self.autocast_dtype):
-                loss, r_chosen, r_rejected = held_out_loss(self.model, batch)  # float32 [B, N] outputs
-            mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
-            rewards = torch.cat([mu_chosen, mu_rejected]).double()
-            totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
-                       (rewards ** 2).sum().item(), (mu_chosen - mu_rejected).sum().item()]
-        loss, right, reward_sum, reward_square_sum, margin_sum = totals.tolist() if config.fsdp else \
-            procs.all_sum(totals.tolist())
-        self.model.train()
-        pairs = len(self.eval_pairs)
-        mean = reward_sum / (2 * pairs)
-        return {"step": self.step, "eval_loss": loss / pairs, "eval_accuracy": right / pairs,
-                "eval_reward_mean": mean,
-                "eval_reward_std": math.sqrt(max(reward_square_sum / (2 * pairs) - mean ** 2, 0.0)),
-                "eval_margin": margin_sum / pairs}
+        def metrics():
+            return {"step": self.step, **held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size,
+                                                          config.shared_prefix, self.procs, self.autocast_dtype,
+                                                          sharded=config.fsdp)}
+        if self.average is None:
+            return metrics()
+        with self.average.swapped_in():
+            if config.fsdp:  # the forwards must gather the average, not what a unit holds gathered
+                reshard(self.model)
+            result = metrics()
+        if config.fsdp:  # and the training's next forward the weights again
+            reshard(self.model)
+        return result
 
     # -- files -------------------------------------------------------------------------------
 

@@ -107,12 +107,3 @@ class StepLoss(nn.Module):
             loss = loss + self.lm_coef * token_sum / lm_tokens
         return loss, mu_chosen.detach(), mu_rejected.detach()
 
-
-def held_out_loss(model: RewardModel, batch) -> tuple:
-    """(the head's objective summed over the batch's pairs, r_chosen [B, N], r_rejected [B, N]), in
-    float32: the objective alone, for evaluation. For all but paper it is the negative
-    log-likelihood of the labels (P(chosen) = σ(r_c − r_r) for bradley_terry). The batch's pair
-    margins are left out: a margin is a training device that asks for a wider gap, not part of the
-    model, and without it eval_loss compares between runs and data sets with margins and without."""
-    r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
-    return model.head_config.loss(r_chosen, r_rejected, reduction="sum"), r_chosen, r_rejected
