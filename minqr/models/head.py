@@ -60,7 +60,7 @@ class HeadConfig:
                             "preference data can resolve, at a cost that grows as N²)")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        elif (self.kind == "scalar") != (self.objective == "bradley_terry"):
+        elif (self.kind == "scalar") != OBJECTIVES[self.objective].one_output:
             problems.append(f"the {self.kind} head cannot be trained by {self.objective} "
                             "(bradley_terry is the scalar head's objective, and only its)")
         elif self.kind == "scalar" and n != 1:

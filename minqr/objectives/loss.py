@@ -4,8 +4,8 @@
 reference, its fused C++/CUDA op (minqr/objectives/ops.py, csrc/), its hyper-parameters and their
 check, how many outputs it takes, where it takes a pair's margin, how its outputs are read out (raw
 or sorted), how its head starts, what it is at N = 1, and the training settings it needs unless
-told otherwise. Nothing outside the registry asks which objective it is. `pair_loss` dispatches to the fused op where
-minqr._C has one for the device, else to the reference, with a warning.
+told otherwise: nothing outside the registry asks which objective it is. `pair_loss` dispatches to
+the fused op where minqr._C has one for the device, else to the reference, with a warning.
 """
 import warnings
 from dataclasses import dataclass, field
@@ -62,12 +62,12 @@ class Objective:
     head_init: str = "equal"
     at_one_output: str = ""  # what the objective is at N = 1
     training: TrainingDefaults = TrainingDefaults()
+    default_outputs: int = 1  # N when none is given
 
     def check(self, hyperparameters: dict) -> None:
         """Raise TypeError/ValueError for values of its hyper-parameters [name -> value] it does not accept."""
         if self.check_hyperparameters is not None:
             self.check_hyperparameters(*[hyperparameters[name] for name in self.hyperparameters])
-    default_outputs: int = 1  # N when none is given
 
 
 # What made the N outputs of a mixture follow the annotators' disagreement on the synthetic task,

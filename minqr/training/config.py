@@ -45,8 +45,9 @@ class TrainConfig:
                                   "minus m [default: 1.0]")
     bag_coef: float | None = option(None, "weight of the response bag-of-words auxiliary: the pooled state of "
                                     "each response predicts which tokens the response holds "
-                                    "(minqr/training/loss.py, ResponseBag), so that it keeps what annotators disagree "
-                                    "about; its layer is not saved [default: 5 for mixture and independent, else 0]", low=0)
+                                    "(minqr/training/loss.py, ResponseBag), so that it keeps what annotators "
+                                    "disagree about; its layer is not saved [default: 5 for mixture and "
+                                    "independent, else 0]", low=0)
     head_lr_scale: float | None = option(None, "the head's learning rate is --lr times this [default: 2.5 for "
                                          "mixture and independent, else 1]", low=0, low_open=True, high=math.inf,
                                          high_open=True, out_of_range="must be positive and finite (got {value})")

@@ -173,9 +173,9 @@ class TrainingRun:
         """(pairs of a micro-batch, the checkpoint to resume or None): what the options and the out
         folder allow with this many processes."""
         if self.config.fsdp and self.procs.world_size == 1:
-            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
-                             "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
-                             "--fsdp")
+            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one "
+                             "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
+                             "2, or drop --fsdp")
         return self.config.micro_batch_size(self.procs.world_size), self._check_out_folder()
 
     def _check_model(self, model: RewardModel) -> None:
