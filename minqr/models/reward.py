@@ -151,15 +151,17 @@ class RewardModel(nn.Module):
 
         With `return_hidden`, also the hidden states [R, T, n_embd], for a language-model loss on
         the chosen response (`self.transformer.lm_logits(hidden)`, targets `batch.chosen_lm_labels`)."""
-        hidden, pooled_chosen, pooled_rejected = self.pooled_pairs(batch)
-        r_chosen, r_rejected = self.score(pooled_chosen), self.score(pooled_rejected)
+        hidden, _, _, r_chosen, r_rejected = self.pair_states(batch)
         return (r_chosen, r_rejected, hidden) if return_hidden else (r_chosen, r_rejected)
 
-    def pooled_pairs(self, batch) -> tuple:
-        """A PairBatch -> (hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd]):
-        the states the head reads, and all the backbone's last hidden states (for what training adds)."""
+    def pair_states(self, batch) -> tuple:
+        """A PairBatch -> (hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd],
+        r_chosen [B, N], r_rejected [B, N]): the raw outputs with the states they were read from, all
+        in one call (sharded, the call that gathers the head: minqr/training/distributed.py)."""
         hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
-        return hidden, hidden[batch.chosen_rows, batch.chosen_cols], hidden[batch.rejected_rows, batch.rejected_cols]
+        pooled_chosen = hidden[batch.chosen_rows, batch.chosen_cols]  # [B, n_embd]
+        pooled_rejected = hidden[batch.rejected_rows, batch.rejected_cols]
+        return hidden, pooled_chosen, pooled_rejected, self.score(pooled_chosen), self.score(pooled_rejected)
 
     # ---- reading out ----
 

@@ -86,9 +86,10 @@ class StepLoss(nn.Module):
         mean over `pairs` pairs and `lm_tokens` LM target tokens (this process's share of the step:
         the micro-batches' parts add up to it); the expected rewards, detached, for the accuracy."""
         model = self.model
-        hidden, pooled_chosen, pooled_rejected = model.pooled_pairs(batch)  # [R, T, n_embd], [B, n_embd] x 2
+        # hidden [R, T, n_embd], pooled [B, n_embd] each, the head's outputs [B, N] each
+        hidden, pooled_chosen, pooled_rejected, r_chosen, r_rejected = model.pair_states(batch)
         # The objectives compute in float32 whatever the backbone's autocast dtype.
-        r_chosen, r_rejected = model.score(pooled_chosen).float(), model.score(pooled_rejected).float()  # [B, N]
+        r_chosen, r_rejected = r_chosen.float(), r_rejected.float()
         mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
 
         # What the head is trained by: its objective, with the data's pair margins if it gave them.
