@@ -44,8 +44,8 @@ from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
-from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.evaluation import held_out_metrics
+from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
@@ -466,21 +466,15 @@ class TrainingRun:
 
     def _evaluate(self) -> dict:
         """Held-out metrics of the model, or of its weight average where the run keeps one."""
-        config = self.config
-
-        def metrics():
-            return {"step": self.step, **held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size,
-                                                          config.shared_prefix, self.procs, self.autocast_dtype,
-                                                          sharded=config.fsdp)}
-        if self.average is None:
-            return metrics()
-        with self.average.swapped_in():
-            if config.fsdp:  # the forwards must gather the average, not what a unit holds gathered
+        config, average = self.config, self.average
+        with average.swapped_in() if average else nullcontext():
+            if config.fsdp and average:  # the forwards must gather the average, not what a unit holds gathered
                 reshard(self.model)
-            result = metrics()
-        if config.fsdp:  # and the training's next forward the weights again
+            metrics = held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size, config.shared_prefix,
+                                       self.procs, self.autocast_dtype, sharded=config.fsdp)
+        if config.fsdp and average:  # and the training's next forward the weights again
             reshard(self.model)
-        return result
+        return {"step": self.step, **metrics}
 
     # -- files -------------------------------------------------------------------------------
 
