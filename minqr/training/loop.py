@@ -26,11 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minqr import hub
 from minqr.atomic import atomic_file
-from minqr.data.batching import IGNORE_INDEX, process_micro_batches, tokenize_pairs, training_batches
-from minqr.data.chat import rendering_note
-from minqr.data.pairs import names_one_split, read_pairs, resolve_source
+from minqr.data.batching import IGNORE_INDEX, process_micro_batches, training_batches
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
@@ -45,6 +42,7 @@ from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.evaluation import held_out_metrics
+from minqr.training.inputs import load_pairs, resolve_inputs
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
@@ -53,9 +51,6 @@ from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
                                    load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
                                    save_checkpoint, save_shards)
-
-TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
-                      "raise --max-length if the model's positions allow")
 
 
 class TrainingDiverged(MinqrError):
@@ -126,7 +121,7 @@ class TrainingRun:
         self.micro_batch_size, self.checkpoint = self._check_setup()
         self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
-            self.model_path, train_file, eval_file = self._resolve_inputs()
+            self.model_path, train_file, eval_file = resolve_inputs(config, self.say)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
@@ -136,8 +131,8 @@ class TrainingRun:
             ResponseBag.attach(model)
         self._check_model(model)
 
-        self.train_pairs = self._load_data(train_file, "train")
-        self.eval_pairs = self._load_data(eval_file, "test") if eval_file is not None else None
+        self.train_pairs = load_pairs(train_file, "train", self.tokenizer, config, self.say)
+        self.eval_pairs = load_pairs(eval_file, "test", self.tokenizer, config, self.say) if eval_file else None
         self.steps_per_epoch = self._check_data()
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
@@ -217,35 +212,6 @@ class TrainingRun:
                              "add --overwrite to start afresh, or choose another --out")
         return None
 
-    def _resolve_inputs(self) -> tuple:
-        """(model folder, training data file, held-out data file or None): local paths, hub names
-        fetched. Every input that cannot be had is named, all in one message."""
-        config = self.config
-
-        def data_file(source, split):
-            subset = None if Path(source).expanduser().is_file() else config.subset
-            return resolve_source(source, split, subset)
-
-        # a file, or hf:NAME:SPLIT, has no test split beside it to evaluate on unless --eval-data names one
-        eval_source = config.eval_data or (None if names_one_split(config.data) else config.data)
-        eval_option = "--eval-data" if config.eval_data else "--data (its test split)"
-        wanted = [("--model", lambda: hub.fetch_model(config.model)),
-                  ("--data", lambda: data_file(config.data, "train")),
-                  (eval_option, (lambda: data_file(eval_source, "test")) if eval_source else lambda: None)]
-        found, problems = [], []
-        for option, fetch in wanted:
-            try:
-                found.append(fetch())
-            except MinqrError as error:
-                problems.append(f"{option}: {error}")
-        if len(problems) == 1:
-            raise MinqrError(problems[0])
-        if problems:
-            raise MinqrError(f"{len(problems)} inputs cannot be had:\n  " + "\n  ".join(problems))
-        if eval_source is None:
-            self.say("no held-out data (--eval-data): no evaluation, and no reward mean/std for the saved config")
-        return tuple(found)
-
     def _plan(self, model: RewardModel) -> str:
         """One line of what the run will cost, printed before it starts."""
         config, head = self.config, model.head_config
@@ -271,21 +237,6 @@ class TrainingRun:
                 self.say(f"demo: generating the synthetic task in {folder}")
                 make_synthetic_task(folder, seed=0)
         return json.loads(task_file.read_text())["bayes_accuracy"]
-
-    def _load_data(self, source, split: str):
-        """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
-        config = self.config
-        pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
-        self.say(f"{split}: {stats.summary()}")
-        note = rendering_note(pairs, self.tokenizer.chat_template)
-        if note:
-            self.say(f"{split}: {note}")
-        tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
-        if tokenized.num_truncated:
-            share = tokenized.num_truncated / len(tokenized)
-            self.say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "
-                     f"{config.max_length}" + (TRUNCATION_WARNING if share > 0.5 else ""))
-        return tokenized
 
     def _weight_average(self) -> WeightAverage | None:
         """--ema-window: the average's time constant is that share of the steps. With --master-weights
