@@ -22,7 +22,7 @@ ranking.py (how a pair's label scores a model: accuracy's credit, log-likelihood
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
+training/loss.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
 that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that

@@ -32,6 +32,7 @@ from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.distribution.personal import check_personal, labelled_annotators, personal_scores
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
+from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.options import option
 from minqr.progress import progress_bar
@@ -217,8 +218,7 @@ def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int
     positions = model.transformer.config.max_positions
     if max_length is None:
         max_length = min(training_args(folder).get("max_length", positions), positions)
-    if max_length > positions:
-        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    check_max_length(model.transformer, max_length)
     return max_length
 
 
