@@ -5,6 +5,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,3 +155,15 @@ def test_bad_arguments(generator):
         log_posteriors(h, h, torch.zeros(4), 1)
     with pytest.raises(MinqrError, match=r"in 0\.\.1"):
         log_posteriors(h, h, torch.tensor([0, 1, 2, 0]), 2)
+
+
+def test_personal_preference_is_a_probability_in_float32():
+    """Float32 posteriors sum to 1 only within rounding; a sure preference must still read at most 1
+    (scores files refuse more)."""
+    rng = np.random.default_rng(0)
+    n = 20
+    log_q = torch.log_softmax(torch.tensor(rng.normal(0, 3, (500, n))), -1).float()
+    chosen = torch.full((500, n), 40.0)
+    rejected = torch.full((500, n), -40.0)
+    p = personal_preference(chosen, rejected, log_q)
+    assert bool((p <= 1).all()) and bool((p >= 0).all())

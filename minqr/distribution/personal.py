@@ -103,7 +103,8 @@ def personal_preference(chosen: torch.Tensor, rejected: torch.Tensor, log_poster
     """P_a(chosen ≻ rejected) = Σ_k q_a(k) σ(h_k(c) − h_k(r)), [B]: raw outputs [B, N] and each
     row's annotator's log-posterior [B, N]."""
     _checked_outputs(chosen, rejected)
-    return statistic_values("preference", chosen, reference=rejected, weights=log_posterior.exp())
+    # float32 weights sum to 1 only within rounding, so the sum can pass 1 by an ulp: clamp it back
+    return statistic_values("preference", chosen, reference=rejected, weights=log_posterior.exp()).clamp(0.0, 1.0)
 
 
 @dataclass(frozen=True)
