@@ -94,8 +94,8 @@ class RewardModel(nn.Module):
     def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
                       dtype=None, device=None, **hyperparameters) -> "RewardModel":
         """Pretrained weights from a Hugging Face folder (minqr.load_backbone) and a new head.
-        Defaults (HeadConfig.make): quantile head N = 10 with minqr.objectives.loss.DEFAULT_OBJECTIVE; scalar
-        head N = 1, bradley_terry."""
+        Defaults (HeadConfig.make): quantile head with minqr.objectives.loss.DEFAULT_OBJECTIVE and its
+        default N (20 for mixture and independent, 10 for paper); scalar head N = 1, bradley_terry."""
         head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
         return cls(load_backbone(path, dtype=dtype, device=device), head_config)
 
