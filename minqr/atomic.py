@@ -15,14 +15,27 @@ threads, or jobs that do not take minqr.lock), so every temporary is named after
 `.<name>.tmp-<pid>@<host>.<random>`, and only those of this host whose process no longer runs are
 removed. A temporary from another host, or from a pid that was reused, is left alone: a leak is
 recoverable, a deleted live temporary is not. The same holds for the `<name>.old-*` copies below.
+
+A write that fails (disk full, read-only file system, no permission, a file-size limit) is one
+MinqrError, "cannot write PATH: no space left on device; ...", whichever library failed: Python's
+OSError, torch.save's "[enforce fail at inline_container.cc]" (which carries no errno: the free
+space of the file system tells), safetensors' SafetensorError, torch.distributed.checkpoint's
+CheckpointException (`writing`). It leaves nothing half-made: the temporary is removed, and so
+are the folders that the write created for it. Other errors are bugs and keep their traceback.
 """
 import contextlib
+import errno
 import glob
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError
+
+from minqr.errors import MinqrError
 
 # mkstemp/mkdtemp create private paths (0600/0700) on purpose; what we publish should have the
 # permissions of an ordinary file or folder, as the user's umask sets them.
@@ -31,7 +44,11 @@ os.umask(_UMASK)
 
 
 def _publish_mode(path: Path) -> None:
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    """Give `path`, and everything in it if it is a folder, the modes the umask gives new files and
+    folders: some writers (safetensors) create their files private (0600)."""
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
 def _fsync(path: Path) -> None:
@@ -84,8 +101,7 @@ def abandoned(path, kind: str = "tmp") -> list[Path]:
 
 
 def _prepare(path: Path) -> None:
-    """Create the parent folder and remove temporaries that a killed writer of `path` left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Remove temporaries that a killed writer of `path` left."""
     for stale in abandoned(path):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -93,41 +109,124 @@ def _prepare(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+# ---- failed writes ---------------------------------------------------------------------------------
+
+# errno of a failed write -> what the user can do about it; any other errno is not a write's failure
+_WRITE_FIXES = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check the folder's permissions or write elsewhere",
+    errno.EPERM: "check the folder's permissions or write elsewhere",
+    errno.EFBIG: "a limit on the size of files (ulimit -f, or the file system's) stops it: write elsewhere",
+    errno.EIO: "the device failed: check the disk",
+}
+NEARLY_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk is what is full
+
+
+def _problem(error: BaseException, path: Path) -> str | None:
+    """Why a write under `path` failed, as a user reads it; None when `error` is no write's failure."""
+    if isinstance(error, OSError) and error.errno in _WRITE_FIXES:
+        code = error.errno
+    elif isinstance(error, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(found.group(1))  # safetensors' writer is Rust: its io::Error's errno is in the text
+    elif isinstance(getattr(error, "failures", None), dict):  # torch.distributed.checkpoint's, per rank
+        causes = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        return next((p for cause in causes if (p := _problem(cause, path))), None)
+    elif isinstance(error, RuntimeError) and "inline_container.cc" in str(error) and "Reader" not in str(error):
+        code = errno.ENOSPC if _free_bytes(path) < NEARLY_FULL_BYTES else errno.EIO  # torch.save's writer
+    else:
+        return None
+    return f"{os.strerror(code).lower()}; {_WRITE_FIXES[code]}" if code in _WRITE_FIXES else None
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize if stat.f_favail else 0  # no inode left is full too
+
+
+def missing_folders(folder) -> list[Path]:
+    """`folder` and those of its ancestors that do not exist, deepest first: the folders that
+    making it makes, for `remove_empty` to undo."""
+    missing, folder = [], Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first) that are empty; one with anything in it stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+@contextlib.contextmanager
+def writing(path, note: str = ""):
+    """Create `path`'s folder if needed and run the block, which writes `path`. A write that fails
+    (see the module docstring) is a MinqrError naming `path` (plus `note`), and the folders made here
+    that the failure left empty are removed; other errors go through as they are."""
+    path = Path(path)
+    made = missing_folders(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as error:
+        remove_empty(made)
+        problem = _problem(error, path)
+        if problem is None:
+            raise
+        raise MinqrError(f"cannot write {path}: {problem}{note}") from None
+
+
+UNCHANGED = " (nothing was changed there)"  # an atomic write that failed left the old version whole
+
+
+# ---- the atomic writes ------------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temporary path; on success it becomes `path` in one rename."""
     path = Path(path)
-    _prepare(path)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _publish_mode(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path, UNCHANGED):
+        _prepare(path)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _publish_mode(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
 def atomic_dir(path):
     """Yield a temporary directory; on success it replaces the directory `path`."""
     path = Path(path)
-    _prepare(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _publish_mode(tmp)
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path, UNCHANGED):
+        _prepare(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _publish_mode(tmp)
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+            _fsync(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
