@@ -127,17 +127,28 @@ NEARLY_FULL_BYTES = 1 << 20  # less free than this after a failed write: the dis
 def _problem(error: BaseException, path: Path) -> str | None:
     """Why a write under `path` failed, as a user reads it; None when `error` is no write's failure."""
     if isinstance(error, OSError) and error.errno in _WRITE_FIXES:
-        code = error.errno
-    elif isinstance(error, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        return _say(error.errno)
+    if isinstance(error, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(error))):
         code = int(found.group(1))  # safetensors' writer is Rust: its io::Error's errno is in the text
-    elif isinstance(getattr(error, "failures", None), dict):  # torch.distributed.checkpoint's, per rank
+        return _say(code) if code in _WRITE_FIXES else None
+    if isinstance(getattr(error, "failures", None), dict):  # torch.distributed.checkpoint's, per rank
         causes = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
         return next((p for cause in causes if (p := _problem(cause, path))), None)
-    elif isinstance(error, RuntimeError) and "inline_container.cc" in str(error) and "Reader" not in str(error):
-        code = errno.ENOSPC if _free_bytes(path) < NEARLY_FULL_BYTES else errno.EIO  # torch.save's writer
-    else:
-        return None
-    return f"{os.strerror(code).lower()}; {_WRITE_FIXES[code]}" if code in _WRITE_FIXES else None
+    if isinstance(error, RuntimeError) and "inline_container.cc" in str(error) and "Reader" not in str(error):
+        # torch.save's writer names the cause of a failed open ("open file failed with strerror: ..."),
+        # but not of a failed write, even into a Python file: then the free space on the disk tells
+        said = str(error).rpartition("strerror: ")[2].strip()
+        if (code := next((c for c in _WRITE_FIXES if os.strerror(c) == said), None)) is not None:
+            return _say(code)
+        if _free_bytes(path) < NEARLY_FULL_BYTES:
+            return _say(errno.ENOSPC)
+        return (f"the write failed ({str(error).strip()}); check the disk, its free space and the limits "
+                "on file sizes (ulimit -f)")
+    return None
+
+
+def _say(code: int) -> str:
+    return f"{os.strerror(code).lower()}; {_WRITE_FIXES[code]}"
 
 
 def _free_bytes(path: Path) -> int:
@@ -167,11 +178,21 @@ def remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
 
 
+class WriteFailed(MinqrError):
+    """A write that failed: "cannot write PATH: PROBLEM", PROBLEM as `_problem` says it."""
+
+    def __init__(self, path: Path, problem: str, note: str = ""):
+        super().__init__(f"cannot write {path}: {problem}{note}")
+        self.problem = problem
+
+
 @contextlib.contextmanager
 def writing(path, note: str = ""):
     """Create `path`'s folder if needed and run the block, which writes `path`. A write that fails
-    (see the module docstring) is a MinqrError naming `path` (plus `note`), and the folders made here
-    that the failure left empty are removed; other errors go through as they are."""
+    (see the module docstring) is a WriteFailed naming `path` (plus `note`), and the folders made here
+    that the failure left empty are removed; other errors go through as they are. Nested, the
+    outermost names its path: a write into a temporary folder is reported as one of what the user
+    asked for."""
     path = Path(path)
     made = missing_folders(path.parent)
     try:
@@ -179,10 +200,10 @@ def writing(path, note: str = ""):
         yield
     except BaseException as error:
         remove_empty(made)
-        problem = _problem(error, path)
+        problem = error.problem if isinstance(error, WriteFailed) else _problem(error, path)
         if problem is None:
             raise
-        raise MinqrError(f"cannot write {path}: {problem}{note}") from None
+        raise WriteFailed(path, problem, note) from None
 
 
 UNCHANGED = " (nothing was changed there)"  # an atomic write that failed left the old version whole

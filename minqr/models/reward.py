@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minqr import hub
+from minqr.atomic import UNCHANGED, writing
 from minqr.data.batching import IGNORE_INDEX
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
@@ -314,8 +315,9 @@ class RewardModel(nn.Module):
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
         folder = Path(folder)
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
-        # staging folder not yet emptied, and this write replaces both
-        staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
+        # staging folder not yet emptied, and this write replaces both. A failed write names `folder`.
+        with writing(folder, UNCHANGED):
+            staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
         for name in sorted(os.listdir(staged), key=lambda n: n == "config.json"):
             os.replace(staged / name, folder / name)
         staged.rmdir()
