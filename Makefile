@@ -33,9 +33,10 @@ test: $(INSTALLED)
 test-slow: $(INSTALLED)
 	$(PY) -m pytest tests -m slow
 
+# (--overwrite: a second `make demo` replaces the first's runs, as the target's own outputs)
 demo: $(INSTALLED)
-	$(PY) tools/train.py --demo --head scalar --out $(DEMO)/scalar
-	$(PY) tools/train.py --demo --head quantile --out $(DEMO)/quantile
+	$(PY) tools/train.py --demo --head scalar --overwrite --out $(DEMO)/scalar
+	$(PY) tools/train.py --demo --head quantile --overwrite --out $(DEMO)/quantile
 	$(PY) tools/score.py --model $(DEMO)/scalar --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/scalar.npz
 	$(PY) tools/score.py --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
 	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --out $(DEMO)/report

@@ -286,3 +286,18 @@ def test_the_command_writes_a_variant(tmp_path):
     assert len(read_jsonl(out / "train.jsonl")) == 40
     refused = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "other"])
     assert refused.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in refused.output
+    # a task minqr made is replaced by the next one; once a user adds to it, or in a folder of the
+    # user's, the command refuses and deletes nothing
+    small = ["--num-train", "20", "--num-test", "10"]
+    assert CliRunner().invoke(module.main, ["--out", str(out), *small]).exit_code == 0
+    assert json.loads((out / "task.json").read_text())["variant"] == "demo"
+    (out / "keep.txt").write_text("mine")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keep.txt").write_text("mine")
+    for folder, reason in [(out, "holds files that minqr did not write there (keep.txt)"),
+                           (home, "is a folder that minqr did not make (it holds keep.txt)")]:
+        refused = CliRunner().invoke(module.main, ["--out", str(folder), *small])
+        assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {folder} {reason}")
+        assert (folder / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in home.iterdir()) == ["keep.txt"]

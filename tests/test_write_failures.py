@@ -83,8 +83,8 @@ def test_a_full_disk_is_one_message_and_leaves_the_old_version(tmp_path, monkeyp
     if kind == "file":
         old.write_text("previous")
     else:
-        old.mkdir()
-        (old / "model.bin").write_text("previous")
+        with atomic_dir(old) as tmp:  # a folder minqr made: one it may replace
+            (tmp / "model.bin").write_text("previous")
     before = listing(tmp_path)
     for target in (old, tmp_path / "new" / "sub" / "out"):
         with pytest.raises(MinqrError) as caught:
