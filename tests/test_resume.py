@@ -235,7 +235,8 @@ def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, 
         problem = f"{folder / 'config.json'} is not valid JSON (Expecting value: line 1 column 10 (char 9)): {start_afresh}"
     else:
         torch.save({"model": {}}, folder / "state.pt")
-        problem = f"{folder / 'state.pt'} is not a checkpoint of this minqr (it has no 'step'); {start_afresh}"
+        problem = (f"{folder / 'state.pt'} is not a checkpoint this run can continue from: it has no step, position, "
+                   f"scheduler, rng_states, compute; {start_afresh}")
     result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
     assert result.exit_code == 1
     assert result.output == f"Error: --resume: {problem}\n"

@@ -41,8 +41,8 @@ from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_config, read_json, read_tensors,
-                                    write_hf_folder)
+from minqr.models.hf_folder import (check_blocks, hf_tensors, load_backbone_tensors, read_config, read_json,
+                                    read_tensors, write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
@@ -325,10 +325,11 @@ class RewardModel(nn.Module):
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
         model_class, config_class, _ = family(config, folder)
+        backbone_config, tensors = config_class.from_dict(config), read_tensors(folder)
+        check_blocks(model_class, backbone_config, tensors, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(model_class(config_class.from_dict(config)), head)
-        extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
-                                       dtype=dtype, device=device)
+            model = cls(model_class(backbone_config), head)
+        extras = load_backbone_tensors(model.transformer, tensors, extra_allowed=(SCORE,), dtype=dtype, device=device)
         expected = [head.num_quantiles, model.transformer.config.hidden_size]
         if SCORE not in extras:
             raise MinqrError(f"{folder} has no {SCORE} (the reward head, shape {expected}): it is a plain "

@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import read_json, read_torch_file
+from minqr.training.checkpoint_check import layout_problems, run_problems, shard_problems
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -159,7 +160,12 @@ def remove_checkpoints(out) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+START_AFRESH = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
+
+
 def load_checkpoint(out) -> Checkpoint:
+    """The checkpoint of run `out`, its state.pt's fields checked on their own (checkpoint_check.py);
+    `check_resumable` checks them against the run that resumes."""
     folder = find_checkpoint(out)
     if folder is None:
         raise MinqrError(
@@ -167,22 +173,32 @@ def load_checkpoint(out) -> Checkpoint:
             "(checkpoints are written every --save-every steps); run the command without --resume"
         )
     state_file = folder / STATE_FILE
-    start_afresh = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
     try:
-        state = read_torch_file(state_file, fix=start_afresh, foreign_fix=start_afresh)
-        config = read_json(folder / CONFIG_FILE, fix=start_afresh)
+        state = read_torch_file(state_file, fix=START_AFRESH, foreign_fix=START_AFRESH)
+        config = read_json(folder / CONFIG_FILE, fix=START_AFRESH)
     except MinqrError as e:
         raise MinqrError(f"--resume: {e}") from None
-    try:
-        return Checkpoint(
-            folder=folder, step=state["step"], position=DataPosition(**state["position"]),
-            model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
-            rng_states=state["rng_states"], config=config, compute=state["compute"],
-            average=state.get("average"),  # absent from the checkpoints of runs before --ema-window
-        )
-    except KeyError as e:  # a state.pt of another layout
-        raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
-                         f"{start_afresh}") from None
+    _refuse(state_file, layout_problems(state))
+    return Checkpoint(
+        folder=folder, step=state["step"], position=DataPosition(**state["position"]),
+        model=state.get("model"), optimizer=state.get("optimizer"), scheduler=state["scheduler"],
+        rng_states=state["rng_states"], config=config, compute=state["compute"],
+        average=state.get("average"),  # absent from the checkpoints of runs before --ema-window
+    )
+
+
+def check_resumable(checkpoint: Checkpoint, **run) -> None:
+    """Refuse a checkpoint that the run about to resume cannot continue from: `run` holds its model,
+    optimizer, scheduler, average, steps_per_epoch and total_steps (checkpoint_check.run_problems)."""
+    _refuse(checkpoint.folder / STATE_FILE, run_problems(checkpoint, **run))
+    if checkpoint.model is None:
+        _refuse(checkpoint.folder / SHARDS_DIR, shard_problems(checkpoint.folder / SHARDS_DIR))
+
+
+def _refuse(path: Path, problems: list[str]) -> None:
+    if problems:
+        raise MinqrError(f"--resume: {path} is not a checkpoint this run can continue from: {'; '.join(problems)}; "
+                         f"{START_AFRESH}")
 
 
 # What --resume may change: where and how fast the run computes, and how often it reports (--out
