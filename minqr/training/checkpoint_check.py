@@ -145,6 +145,18 @@ def _tensor_problems(found: dict, expected: dict, where: str) -> list[str]:
         + ([f"{where} has unexpected {', '.join(unexpected)}"] if unexpected else []) + wrong
 
 
+def _like(value, mine) -> bool:
+    """Is a saved hyper-parameter of the kind of the run's own: a finite number for a number, a
+    bool or None for a flag (torch saves some flags as None), numbers alike for a tuple (betas)."""
+    if isinstance(mine, bool) or mine is None:
+        return value is None or isinstance(value, bool)
+    if isinstance(mine, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(mine, (tuple, list)):
+        return isinstance(value, (tuple, list)) and len(value) == len(mine) and all(map(_like, value, mine))
+    return type(value) is type(mine)
+
+
 def _optimizer_problems(saved: dict, optimizer) -> list[str]:
     """AdamW's saved state against the optimizer made for this run: its groups hold as many
     parameters, every number is a finite number, and every moment has its parameter's shape."""
@@ -158,12 +170,9 @@ def _optimizer_problems(saved: dict, optimizer) -> list[str]:
             for g, mine in zip(groups, optimizer.param_groups)):
         problems.append(f"optimizer.param_groups do not hold the run's {len(params)} parameters in "
                         f"{len(optimizer.param_groups)} groups")
-    for index, group in enumerate(groups if not problems else []):
-        for key, value in group.items():
-            numbers = value if isinstance(value, (tuple, list)) and key != "params" else [value]
-            if key != "params" and not all(v is None or isinstance(v, (bool, str)) or
-                                           (isinstance(v, (int, float)) and math.isfinite(v)) for v in numbers):
-                problems.append(f"optimizer.param_groups[{index}].{key} is {value!r}")
+    for index, (group, mine) in enumerate(zip(groups, optimizer.param_groups) if not problems else []):
+        problems += [f"optimizer.param_groups[{index}].{key} is {value!r}" for key, value in group.items()
+                     if key in mine and key != "params" and not _like(value, mine[key])]
     for index, moments in state.items():
         if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(moments, dict)):
             problems.append(f"optimizer.state has an entry {index!r} for no parameter")
@@ -185,18 +194,21 @@ INDEX_FILE = ".metadata"  # torch.distributed.checkpoint's index of the shards
 
 
 class _IndexUnpickler(pickle.Unpickler):
-    """Builds the classes of a shards index (torch.distributed.checkpoint.metadata and the storage
-    info of its file system writer) and the torch and Python values they hold; nothing else."""
+    """Builds the classes of a shards index (those that torch.distributed.checkpoint defines for it)
+    and the torch and Python values they hold; nothing else."""
 
-    ALLOWED = {("torch", "Size"), ("torch", "dtype"), ("torch", "layout"), ("torch", "memory_format"),
-               ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-               ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+    MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.filesystem")
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+               ("collections", "OrderedDict")}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or module == "torch.distributed.checkpoint.metadata":
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout,
-                                                                        torch.memory_format)):
+        if module in self.MODULES:  # only a class defined there, not whatever that module imports
+            found = super().find_class(module, name)
+            if isinstance(found, type) and found.__module__ == module:
+                return found
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is no part of a shards index")
 
