@@ -159,6 +159,7 @@ def _say(code: int) -> str:
 
 
 def _free_bytes(path: Path) -> int:
+    """The bytes free to this user on the file system of `path` (or of its nearest existing folder)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     try:
@@ -235,7 +236,6 @@ def atomic_file(path):
             _fsync(path.parent)
         finally:
             tmp.unlink(missing_ok=True)
-
 
 
 MARKER = ".minqr-made"  # in every folder atomic_dir writes: what it wrote (see the module docstring)
