@@ -25,6 +25,7 @@ from minqr.models.reward import RewardModel
 from minqr.training.checkpoint_check import read_shard_index, shard_problems
 from minqr.training.resume import load_shards, save_shards
 
+NOW = "of the data as it is now"
 START_AFRESH = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
 
 
@@ -61,10 +62,10 @@ def edit(state: dict, damage: str) -> str:
     model, optimizer = state["model"], state["optimizer"]
     if damage == "data position past the epoch":  # for ever "resuming at step 2", training nothing
         state["position"]["batch"] = 10**9
-        return "position.batch 1000000000 is past the end of an epoch, which has 3 batches"
+        return f"position.batch 1000000000 is past the end of an epoch, which has 3 batches {NOW}"
     if damage == "data position elsewhere":
         state["position"] = {"epoch": 1, "batch": 1}
-        return "position (epoch 1, batch 1) is not where step 2 leaves the data (3 batches an epoch)"
+        return f"position (epoch 1, batch 1) is not where step 2 leaves the data (3 batches an epoch {NOW})"
     if damage == "step a string":
         state["step"] = "x"
         return "step is 'x', not a whole number >= 0"
@@ -74,7 +75,8 @@ def edit(state: dict, damage: str) -> str:
     if damage == "step past the end":
         state["step"] = 10**6
         return ("step 1000000 is past the run's last step, 8; position (epoch 0, batch 2) is not where step "
-                "1000000 leaves the data (3 batches an epoch); scheduler.last_epoch is 2, not the step 1000000")
+                f"1000000 leaves the data (3 batches an epoch {NOW}); scheduler.last_epoch is 2, not the step "
+                "1000000")
     if damage == "a tensor missing":
         del model["transformer.h.1.ln_2.bias"]
         return "model is missing transformer.h.1.ln_2.bias"

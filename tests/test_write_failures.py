@@ -27,6 +27,7 @@ import minqr_cli.commands as commands
 from minqr.atomic import atomic_dir, atomic_file
 from minqr.errors import MinqrError
 from minqr.models.export import export_scalar
+from minqr.training.metrics import MetricsLog, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = "no space left on device; free some space or write elsewhere"
@@ -242,3 +243,19 @@ def test_torch_save_refused_at_open_says_why(tmp_path):
             raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: "
                                f"{os.strerror(errno.EROFS)}")
     assert listing(tmp_path) == {}
+
+
+def test_the_training_log_on_a_full_disk_is_one_message(tmp_path):
+    """metrics.jsonl is appended line by line (not atomically): a line that cannot be written says
+    so, naming the file, and the lines before it stay whole."""
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 0.5})
+    log.file.close()
+    whole = (tmp_path / "metrics.jsonl").read_text()
+    log.file = open(to_dev_full(tmp_path / "full.jsonl"), "a")  # the same appends, onto a full disk
+    log.path = tmp_path / "full.jsonl"
+    with pytest.raises(MinqrError, match=f"^cannot write {tmp_path / 'full.jsonl'}: {FULL}$"):
+        log.write({"step": 2, "loss": 0.4})
+    with pytest.raises(MinqrError, match=f"^cannot write {tmp_path / 'full.jsonl'}: {FULL}$"):
+        log.close()  # what the buffer still holds cannot be written either
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 0.5}] and whole.endswith("\n")

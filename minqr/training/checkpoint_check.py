@@ -116,11 +116,13 @@ def run_problems(checkpoint, *, model, optimizer, scheduler, average, steps_per_
     problems = []
     if step > total_steps:
         problems.append(f"step {step} is past the run's last step, {total_steps}")
+    now = "of the data as it is now"  # a data file changed since the run began gives another count
     if batch >= steps_per_epoch:
-        problems.append(f"position.batch {batch} is past the end of an epoch, which has {steps_per_epoch} batches")
+        problems.append(f"position.batch {batch} is past the end of an epoch, which has {steps_per_epoch} batches "
+                        f"{now}")
     elif epoch * steps_per_epoch + batch != step:
         problems.append(f"position (epoch {epoch}, batch {batch}) is not where step {step} leaves the data "
-                        f"({steps_per_epoch} batches an epoch)")
+                        f"({steps_per_epoch} batches an epoch {now})")
     last_epoch = checkpoint.scheduler.get("last_epoch")
     if last_epoch != step or isinstance(last_epoch, bool):
         problems.append(f"scheduler.last_epoch is {last_epoch!r}, not the step {step}")
