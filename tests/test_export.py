@@ -84,7 +84,8 @@ def test_export_is_the_mean_of_the_quantiles_and_transformers_loads_it(tmp_path,
 @pytest.mark.parametrize("exported", [False, True], ids=["quantile folder", "scalar export"])
 def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported):
     """transformers.pipeline("text-classification") on a saved folder, texts of different lengths in one
-    padded batch: the quantile folder's scores are its N raw outputs, the scalar export's its one reward,
+    padded batch: the quantile folder's scores are its expected reward then its N raw outputs, the scalar
+    export's its one reward,
     the mean of the quantiles; the reference runs minqr's RewardModel on one text at a time (no padding).
     The pipeline batches only with a pad token: the saved tokenizer_config.json names EOS (Tokenizer.files)."""
     source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=3)
@@ -103,21 +104,22 @@ def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported
     quantile_model = RewardModel.from_pretrained(source, dtype=torch.float64)
     with torch.no_grad():
         outputs = torch.cat([quantile_model(torch.tensor([tokenizer.encode(text)])) for text in texts])  # [B, 6]
-    expected = outputs.mean(-1, keepdim=True) if exported else outputs
+    # the quantile folder's first label is the expected reward (its mean row), then the N outputs
+    expected = outputs.mean(-1, keepdim=True) if exported else torch.cat([outputs.mean(-1, keepdim=True), outputs], 1)
     assert expected.std() > 0.1  # rewards that differ from text to text: the comparison means something
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
 
 
 def test_the_readme_reward_function_for_trl(tmp_path, tokenizer):
-    """README's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
+    """docs/guide.md's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
     the left): each completion's expected reward, the mean of the outputs of the text alone."""
     source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=5)
     model = RewardModel.from_pretrained(source)
-    max_length = 160  # the tiny model's positions (README: train's --max-length)
+    max_length = 160  # the tiny model's positions (docs/guide.md: train's --max-length)
     prompts = [SENTENCES[0].split("Assistant:")[0] + "Assistant:"] * 2 + [SENTENCES[3] * 8]  # the last one too long
     completions = [" The capital of France is Paris.", " Paris!", " Waves roll in."]
 
-    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in README.md
+    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in docs/guide.md
         texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
         token_lists = [ids[-max_length:] for ids in tokenizer.encode_batch(texts)]
         return score_texts(model, token_lists).mean(axis=1).tolist()

@@ -152,7 +152,7 @@ def test_spread_or_scale_against_quadrature():
 
 
 def test_labels_barely_tell_a_wider_spread_from_a_larger_scale():
-    """README, "Objectives": on `shifted`, personal deviations 1.5 times as wide with rewards
+    """docs/objectives.md#spread-or-scale: on `shifted`, personal deviations 1.5 times as wide with rewards
     rescaled are about 3 nats away from the truth over the 40,000 training pairs, while no personal
     deviations at all are about 27 nats away; with the task's own spread, c = 1 and nothing. (The
     divergence per pair is estimated here on 10,000 pairs, for speed.)"""

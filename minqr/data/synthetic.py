@@ -305,7 +305,7 @@ def spread_or_scale(task: SyntheticTask, personal_std: float, num_pairs: int = 4
     it. Returned: c and the Kullback-Leibler divergence, in nats per pair, from the truth's label
     distribution to the alternative's over `num_pairs` fresh pairs; times the number of training
     pairs, it is about how many nats of log-likelihood the whole training set has to tell the two
-    apart with (README, "Objectives")."""
+    apart with (docs/objectives.md#spread-or-scale)."""
     rng = np.random.default_rng(seed)
     a, b = (task.tag_counts(task.sample_responses(rng, num_pairs)) for _ in range(2))
     p = task.preference_probability(a, b)

@@ -258,7 +258,7 @@ def measures_markdown(summaries: list[dict]) -> str:
     return "\n".join(lines + ([""] + missing if missing else []))
 
 
-# The study of the objectives (README, "Objectives"): per workload and objective, over seeds. Each
+# The study of the objectives (docs/objectives.md): per workload and objective, over seeds. Each
 # column: its title and the number it takes from a summary (None where it does not apply).
 OBJECTIVE_COLUMNS = (
     ("accuracy − Bayes", lambda s: s["accuracy"]["value"] - s["bayes"]["accuracy"] if s["bayes"] else None),

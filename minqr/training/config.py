@@ -215,7 +215,7 @@ def demo_defaults(head: str, out=None, data=None) -> dict:
     folder of `data` (e.g. another variant, made by tools/synthetic.py). A model trained from
     scratch takes a far larger learning rate than a pretrained one being fine-tuned. 3,000 steps
     (96,000 pairs, 2.4 epochs) take one to two minutes on a 2-core CPU: that many were needed for
-    the quantile head's N outputs to follow the annotators' disagreement (README)."""
+    the quantile head's N outputs to follow the annotators' disagreement (docs/objectives.md)."""
     out = Path(out or Path("runs") / "demo" / head)
     data = Path(data).parent if data else demo_task_folder(out)
     return dict(out=str(out), model=str(data / "model"), data=str(data / "train.jsonl"),
