@@ -7,7 +7,7 @@ import json
 import pytest
 import transformers
 from factories import SENTENCES
-from test_data import write_records
+from test_pairs import write_records
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minqr import MinqrError, load_tokenizer

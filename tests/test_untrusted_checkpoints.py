@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import random_gpt2, tiny_config
+from factories import load_tool, random_gpt2, tiny_config
 from test_resume import resume_options, train_until_checkpoint
-from test_train import as_argv, load_cli, write_run_inputs
+from test_train import as_argv, write_run_inputs
 
 from minqr.errors import MinqrError
 from minqr.models.backbone import load_backbone
@@ -113,7 +113,7 @@ def test_an_edited_state_pt_is_one_message_that_names_the_key(checkpointed, tmp_
     problem = edit(state, damage)
     torch.save(state, state_file)
     with within(120):
-        result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+        result = CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
     *said, last = result.output.splitlines()  # what was said of the data before: the checks need its size
     assert last == (f"Error: --resume: {state_file} is not a checkpoint this run can continue from: {problem}; "

@@ -43,7 +43,8 @@ def layout_problems(state) -> list[str]:
     """What is wrong with state.pt's fields on their own (empty: nothing)."""
     if not isinstance(state, dict):
         return [f"it holds a {type(state).__name__}, not the dict of a checkpoint"]
-    missing = [key for key in ("step", "position", "scheduler", "rng_states", "compute") if key not in state]
+    missing = [key for key in ("step", "position", "model", "optimizer", "average", "scheduler", "rng_states",
+                               "compute") if key not in state]
     if missing:
         return [f"it has no {', '.join(missing)}"]
     problems = []
