@@ -108,8 +108,7 @@ def _rng_problems(rng) -> list[str]:
     return problems
 
 
-def run_problems(checkpoint, *, model, optimizer, scheduler, average, steps_per_epoch: int,
-                 total_steps: int) -> list[str]:
+def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int, total_steps: int) -> list[str]:
     """What keeps the resuming run from continuing from `checkpoint` (a resume.Checkpoint, whose
     state.pt had no layout problems; the model, optimizer and average are not in it when sharded:
     see shard_problems)."""

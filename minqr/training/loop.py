@@ -284,8 +284,8 @@ class _Run:
 
     def _restore(self, checkpoint) -> None:
         # a checkpoint is untrusted input: checked against this run before any of it is used
-        check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        average=self.average, steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+        check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
+                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
             load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:

@@ -217,7 +217,7 @@ def load_checkpoint(out) -> Checkpoint:
 
 def check_resumable(checkpoint: Checkpoint, **run) -> None:
     """Refuse a checkpoint that the run about to resume cannot continue from: `run` holds its model,
-    optimizer, scheduler, average, steps_per_epoch and total_steps (checkpoint_check.run_problems)."""
+    optimizer, average, steps_per_epoch and total_steps (checkpoint_check.run_problems)."""
     _refuse(checkpoint.folder / STATE_FILE, run_problems(checkpoint, **run))
     if checkpoint.model is None:
         _refuse(checkpoint.folder / SHARDS_DIR, shard_problems(checkpoint.folder / SHARDS_DIR))
