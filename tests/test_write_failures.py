@@ -190,6 +190,7 @@ print(json.dumps(done))
 SIZE_LIMIT = "file too large; a limit on the size of files (ulimit -f, or the file system's) stops it"
 
 
+@pytest.mark.slow  # a Python started that runs ten commands: about 20 s on a busy 2-core CPU
 def test_every_command_says_which_output_it_cannot_write(tmp_path):
     """One real process runs each command twice: with room, then with a file-size limit below its
     output's size, so that the kernel refuses a write past it (EFBIG) in whichever library writes."""
