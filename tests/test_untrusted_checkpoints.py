@@ -124,24 +124,24 @@ def test_an_edited_state_pt_is_one_message_that_names_the_key(checkpointed, tmp_
 # ---- the shards of --fsdp ------------------------------------------------------------------------
 
 @pytest.fixture
-def shards(tmp_path):
-    """The shards of a tiny model and its AdamW state, as a --fsdp run writes them (one process);
-    the model's tensors are kept in SAVED."""
+def saved_shards(tmp_path):
+    """(folder, tensors): the shards of a tiny model and its AdamW state, as a --fsdp run writes them
+    (in one process), and the model's tensors."""
     model = RewardModel(random_gpt2(), HeadConfig.make("quantile", 4))
     optimizer = torch.optim.AdamW(model.parameters())
     model(torch.ones(1, 3, dtype=torch.long)).sum().backward()
     optimizer.step()
     with pytest.warns(UserWarning):  # no process group: saved as one process
         save_shards(tmp_path, model, optimizer)
-    SAVED.clear()
-    SAVED.update({name: t.clone() for name, t in model.state_dict().items()})
-    return tmp_path / "shards"
+    return tmp_path / "shards", {name: t.clone() for name, t in model.state_dict().items()}
 
 
-SAVED = {}
+# loading without a process group, dcp says it assumes one process
+one_process = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def test_shards_cut_short_or_missing_are_named(shards):
+def test_shards_cut_short_or_missing_are_named(saved_shards):
+    shards, _ = saved_shards
     assert shard_problems(shards) == []
     files = sorted(shards.glob("*.distcp"))
     size = files[0].stat().st_size
@@ -162,13 +162,15 @@ def fresh():
     return model, optimizer
 
 
-def test_shards_load_back_and_a_damaged_one_is_one_message(shards):
+@one_process
+def test_shards_load_back_and_a_damaged_one_is_one_message(saved_shards):
     """load_shards reads the shards with minqr's reader and planner (no pickle runs code): the same
     values come back; a shard file cut short is a MinqrError naming the shards' folder."""
+    shards, saved = saved_shards
     model, optimizer = fresh()
     load_shards(shards.parent, model, optimizer)
-    assert model.state_dict().keys() == SAVED.keys()
-    assert all(torch.equal(t, SAVED[name]) for name, t in model.state_dict().items())
+    assert model.state_dict().keys() == saved.keys()
+    assert all(torch.equal(t, saved[name]) for name, t in model.state_dict().items())
     assert optimizer.param_groups[0]["lr"] == 1e-3  # AdamW's default, as saved
     shard = sorted(shards.glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:100])
@@ -176,7 +178,9 @@ def test_shards_load_back_and_a_damaged_one_is_one_message(shards):
         load_shards(shards.parent, *fresh())
 
 
-def test_the_shards_index_is_read_without_running_code(shards, tmp_path):
+@one_process
+def test_the_shards_index_is_read_without_running_code(saved_shards, tmp_path):
+    shards, _ = saved_shards
     assert read_shard_index(shards).storage_data  # the real index reads
     marker = tmp_path / "ran"
 
