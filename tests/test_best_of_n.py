@@ -169,34 +169,27 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
 
 
 def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):
-    """The third chunk's append finds the disk full (/dev/full): one message naming the progress
-    file, the chunks before it stay, and the job run again finishes to the same file."""
+    """The progress file's appends find the disk full (they go to /dev/full): one message naming the
+    file, what it held stays whole, and the job run again finishes to the same file."""
     folder, _ = model
     data = write(tmp_path / "c.jsonl", candidate_records(seed=2, prompts=11))
     monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
     clean = tmp_path / "clean.jsonl"
     best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
     out = tmp_path / "out.jsonl"
-    real_choose, calls = best_of_n._choose, []
 
-    def full_on_third(*args, **kwargs):  # the disk fills while the third chunk is scored
-        calls.append(args[1])
-        if len(calls) == 3:
-            os.replace(partial_path(out), tmp_path / "kept.jsonl")
-            partial_path(out).symlink_to("/dev/full")
-        return real_choose(*args, **kwargs)
+    def appends_to_a_full_disk(path, mode="r", *args, **kwargs):
+        return open("/dev/full" if mode == "a" else path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(best_of_n, "_choose", full_on_third)
-    with pytest.raises(MinqrError) as caught:
-        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(best_of_n, "open", appends_to_a_full_disk, raising=False)
+        with pytest.raises(MinqrError) as caught:
+            best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     assert str(caught.value) == (f"cannot write {partial_path(out)}: no space left on device; free some space or "
                                  "write elsewhere")
-    partial_path(out).unlink()
-    os.replace(tmp_path / "kept.jsonl", partial_path(out))
-    assert len(read(partial_path(out))) == 1 + 6  # the job line and the two chunks appended before
-    monkeypatch.setattr(best_of_n, "_choose", real_choose)
-    best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
-    assert out.read_text() == clean.read_text()
+    assert len(read(partial_path(out))) == 1  # the job line, whole
+    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert summary.resumed_from == 0 and out.read_text() == clean.read_text()
 
 
 KILLED_JOB = """
