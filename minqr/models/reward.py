@@ -42,14 +42,14 @@ import torch
 import torch.nn as nn
 
 from minqr import hub
-from minqr.atomic import MARKER
+from minqr.atomic import MARKER, UNCHANGED, writing
 from minqr.distribution.statistics import quantile_band, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_config, read_json, read_tensors,
-                                    write_hf_folder)
+from minqr.models.hf_folder import (check_blocks, hf_tensors, load_backbone_tensors, read_config, read_json,
+                                    read_tensors, write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
@@ -281,8 +281,9 @@ class RewardModel(nn.Module):
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
         folder = Path(folder)
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
-        # staging folder not yet emptied, and this write replaces both
-        staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
+        # staging folder not yet emptied, and this write replaces both. A failed write names `folder`.
+        with writing(folder, UNCHANGED):
+            staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
         # the staging folder's marker stays until last, so that a staging folder a kill left half
         # emptied is still one that minqr made, and the next save replaces it
         for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
@@ -299,10 +300,11 @@ class RewardModel(nn.Module):
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
         model_class, config_class, _ = family(config, folder)
+        backbone_config, tensors = config_class.from_dict(config), read_tensors(folder)
+        check_blocks(model_class, backbone_config, tensors, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(model_class(config_class.from_dict(config)), head)
-        extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
-                                       dtype=dtype, device=device)
+            model = cls(model_class(backbone_config), head)
+        extras = load_backbone_tensors(model.transformer, tensors, extra_allowed=(SCORE,), dtype=dtype, device=device)
         mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
         expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]
         if SCORE not in extras:
