@@ -51,9 +51,9 @@ from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
-from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
-                                   load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
-                                   save_checkpoint, save_shards)
+from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, check_same_options,
+                                   find_checkpoint, load_checkpoint, load_shards, remove_checkpoints,
+                                   restore_rng_state, save_checkpoint, save_shards)
 
 
 class TrainingDiverged(MinqrError):
@@ -244,6 +244,9 @@ class TrainingRun:
         return WeightAverage(self.model, 1 - 1 / time_constant, self.warmup_steps, sources)
 
     def _restore(self, checkpoint) -> None:
+        # a checkpoint is untrusted input: checked against this run before any of it is used
+        check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
+                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
             load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:
