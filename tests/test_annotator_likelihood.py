@@ -1,4 +1,4 @@
-"""The annotator-level likelihood (minqr/training/objective.py's AnnotatorLikelihood) against the
+"""The annotator-level likelihood (minqr/training/loss.py's AnnotatorLikelihood) against the
 float64 formula written out here: with the posterior cached from a pass over the same outputs, the
 per-pair terms have the exact gradient of Σ_a −log Σ_k (1/N) Π_{j∈D_a} σ(h_k(c_j) − h_k(r_j) − m_j)."""
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from minqr.errors import MinqrError
-from minqr.training.objective import AnnotatorLikelihood
+from minqr.training.loss import AnnotatorLikelihood
 
 
 def written_out(chosen, rejected, annotators, margins, num_annotators):

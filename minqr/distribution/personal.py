@@ -200,6 +200,23 @@ def _is_id(value) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
 
+def posterior_weights(known: Annotators | None, head, names: list) -> torch.Tensor:
+    """[M, N] float64: the posterior over the kinds of each named annotator, known to a model with
+    HeadConfig `head` (`known`: its annotators.json, or None), 1/N for a None (the population). A
+    head without kinds, or a name the model does not know, is a MinqrError."""
+    check_personal(head.objective, head.num_quantiles)
+    resolved = [None if name is None or known is None else known.resolve(name) for name in names]
+    unknown = [name for name, found in zip(names, resolved) if name is not None and found is None]
+    if unknown:
+        raise MinqrError(f"annotator {unknown[0]!r} is not known to the reward model (its annotators.json): "
+                         "run minqr personalize with their labelled pairs first")
+    weights = torch.full((len(names), head.num_quantiles), 1.0 / head.num_quantiles, dtype=torch.float64)
+    rows = [k for k, found in enumerate(resolved) if found is not None]
+    if rows:
+        weights[rows] = known.log_posteriors[known.index([resolved[k] for k in rows])].exp()
+    return weights
+
+
 def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, ids: tuple,
                           pair_margin: torch.Tensor | None = None) -> Annotators:
     """The Annotators of labelled pairs: raw outputs [P, N], each pair's annotator [P] as an index

@@ -8,9 +8,9 @@ read at the last real token.
   read out as its quantiles at tau_i = (2i+1)/(2N) (N = 10: 0.05, 0.15, ..., 0.95): q_0 is the
   pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
   responses). What the raw outputs are, how they are trained and how they become quantiles is the
-  head's objective (minqr/objectives/): the model owns its loss (`pair_loss`) and its read-out
-  (`quantiles`, `reward_band`), which is relative to a reference reply to the same prompt
-  (minqr/distribution/statistics.py says why).
+  head's objective (minqr/objectives/): the model owns its read-out (`quantiles`, `reward_band`),
+  which is relative to a reference reply to the same prompt (minqr/distribution/statistics.py says
+  why); what it is trained by is the training's (minqr/training/loss.py).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
@@ -40,18 +40,16 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minqr import hub
-from minqr.atomic import MARKER
-from minqr.data.batching import IGNORE_INDEX
+from minqr.atomic import MARKER, UNCHANGED, writing
 from minqr.distribution.statistics import quantile_band, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_config, read_json, read_tensors,
-                                    write_hf_folder)
+from minqr.models.hf_folder import (check_blocks, hf_tensors, load_backbone_tensors, read_config, read_json,
+                                    read_tensors, write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
@@ -84,9 +82,6 @@ class RewardModel(nn.Module):
         # mean and std of the expected reward on held-out data, for users who normalise rewards;
         # set by training, saved in config.json
         self.reward_stats = None
-        # Training only: a linear map n_embd -> vocabulary (add_response_bag), not part of the
-        # saved model.
-        self.response_bag = None
         head.init_weight(self.score.weight)
 
     @classmethod
@@ -99,8 +94,8 @@ class RewardModel(nn.Module):
     def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
                       dtype=None, device=None, **hyperparameters) -> "RewardModel":
         """Pretrained weights from a Hugging Face folder (minqr.load_backbone) and a new head.
-        Defaults (HeadConfig.make): quantile head N = 10 with minqr.objectives.loss.DEFAULT_OBJECTIVE; scalar
-        head N = 1, bradley_terry."""
+        Defaults (HeadConfig.make): quantile head with minqr.objectives.loss.DEFAULT_OBJECTIVE and its
+        default N (20 for mixture and independent, 10 for paper); scalar head N = 1, bradley_terry."""
         head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
         return cls(load_backbone(path, dtype=dtype, device=device), head_config)
 
@@ -140,65 +135,17 @@ class RewardModel(nn.Module):
 
         With `return_hidden`, also the hidden states [R, T, n_embd], for a language-model loss on
         the chosen response (`self.transformer.lm_logits(hidden)`, targets `batch.chosen_lm_labels`)."""
-        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
-        r_chosen, r_rejected = self.score(pooled_chosen), self.score(pooled_rejected)
+        hidden, _, _, r_chosen, r_rejected = self.pair_states(batch)
         return (r_chosen, r_rejected, hidden) if return_hidden else (r_chosen, r_rejected)
 
-    def _pooled_pairs(self, batch) -> tuple:
-        """(hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd])."""
+    def pair_states(self, batch) -> tuple:
+        """A PairBatch -> (hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd],
+        r_chosen [B, N], r_rejected [B, N]): the raw outputs with the states they were read from, all
+        in one call (sharded, the call that gathers the head: minqr/training/distributed.py)."""
         hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
-        return hidden, hidden[batch.chosen_rows, batch.chosen_cols], hidden[batch.rejected_rows, batch.rejected_cols]
-
-    def pair_loss(self, batch, reduction: str = "mean", bag_coef: float = 0.0, return_hidden: bool = False):
-        """The model's loss on a PairBatch: (loss, r_chosen [B, N], r_rejected [B, N][, hidden]).
-
-        loss = the head's objective (minqr.objectives; with the batch's pair margins, if the data gave
-        them) + bag_coef x the response bag-of-words auxiliary
-        (response_bag_loss; needs add_response_bag), per pair, then reduced ('mean', 'sum', 'none').
-        The objective runs in float32 whatever the autocast dtype of the backbone."""
-        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
-        r_chosen, r_rejected = self.score(pooled_chosen).float(), self.score(pooled_rejected).float()  # [B, N]
-        loss = self.head_config.loss(r_chosen, r_rejected, reduction="none", pair_margin=batch.pair_margins)
-        if bag_coef > 0:
-            pooled = torch.cat([pooled_chosen, pooled_rejected])  # [2B, n_embd]
-            loss = loss + bag_coef * self.response_bag_loss(pooled, batch.response_ids)
-        loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
-        return (loss, r_chosen, r_rejected, hidden) if return_hidden else (loss, r_chosen, r_rejected)
-
-    # ---- the response bag-of-words auxiliary ----
-
-    def add_response_bag(self) -> None:
-        """Give the model the auxiliary layer of response_bag_loss (training only; never saved)."""
-        config, weight = self.transformer.config, self.score.weight
-        self.response_bag = nn.Linear(config.hidden_size, config.vocab_size, device=weight.device, dtype=weight.dtype)
-
-    def response_bag_loss(self, pooled: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
-        """How well each pooled state predicts WHICH tokens its own response holds, per pair [B].
-
-        Why: a head can only spread the outputs of a response on what its pooled (last-token) state
-        encodes. Trained on preference labels alone, a small backbone keeps only what moves the
-        expected reward; what annotators disagree about averages out of that, so the state forgets
-        it, and the N outputs have nothing to separate on (measured on the synthetic task: the tags
-        that split the annotators were not linearly decodable from the state). Asking the state to
-        name its response's tokens keeps them all.
-
-        pooled [2B, n_embd] (the B chosen then the B rejected states), response_ids [2B, L] (the
-        response tokens, IGNORE_INDEX padding). Per response, a multi-label logistic loss over the
-        vocabulary against the set of its tokens, balanced: the mean over the response's tokens plus
-        the mean over all other tokens, so that its size does not grow with the vocabulary (a 50k
-        vocabulary and the demo's few hundred tokens take the same coefficient). A pair's loss is
-        its chosen plus its rejected response's."""
-        logits = self.response_bag(pooled).float()  # [2B, V]
-        vocab = logits.shape[1]
-        present = torch.zeros(logits.shape[0], vocab + 1, device=logits.device)  # a last column for the padding
-        present.scatter_(1, response_ids.masked_fill(response_ids == IGNORE_INDEX, vocab), 1.0)
-        present = present[:, :vocab]  # [2B, V]: 1 where the token is in the response
-        per_token = F.binary_cross_entropy_with_logits(logits, present, reduction="none")  # [2B, V]
-        count = present.sum(1)
-        per_response = ((per_token * present).sum(1) / count.clamp(min=1)
-                        + (per_token * (1 - present)).sum(1) / (vocab - count).clamp(min=1))  # [2B]
-        chosen, rejected = per_response.chunk(2)
-        return chosen + rejected
+        pooled_chosen = hidden[batch.chosen_rows, batch.chosen_cols]  # [B, n_embd]
+        pooled_rejected = hidden[batch.rejected_rows, batch.rejected_cols]
+        return hidden, pooled_chosen, pooled_rejected, self.score(pooled_chosen), self.score(pooled_rejected)
 
     # ---- reading out ----
 
@@ -334,8 +281,9 @@ class RewardModel(nn.Module):
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
         folder = Path(folder)
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
-        # staging folder not yet emptied, and this write replaces both
-        staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
+        # staging folder not yet emptied, and this write replaces both. A failed write names `folder`.
+        with writing(folder, UNCHANGED):
+            staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
         # the staging folder's marker stays until last, so that a staging folder a kill left half
         # emptied is still one that minqr made, and the next save replaces it
         for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
@@ -352,10 +300,11 @@ class RewardModel(nn.Module):
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
         model_class, config_class, _ = family(config, folder)
+        backbone_config, tensors = config_class.from_dict(config), read_tensors(folder)
+        check_blocks(model_class, backbone_config, tensors, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(model_class(config_class.from_dict(config)), head)
-        extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
-                                       dtype=dtype, device=device)
+            model = cls(model_class(backbone_config), head)
+        extras = load_backbone_tensors(model.transformer, tensors, extra_allowed=(SCORE,), dtype=dtype, device=device)
         mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
         expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]
         if SCORE not in extras:
@@ -366,6 +315,9 @@ class RewardModel(nn.Module):
             what = f"the mean row and {head.num_quantiles}" if mean_row else str(head.num_quantiles)
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
                              f"({what} outputs of the backbone's width); the two do not belong together")
+        if not torch.isfinite(score).all():
+            raise MinqrError(f"{folder}: {SCORE} holds values that are not finite (NaN or infinity): the file is "
+                             "damaged or was saved from a run that diverged; use an earlier checkpoint")
         if mean_row:
             score = _without_mean_row(score, folder)
         backbone = next(model.transformer.parameters())
@@ -397,7 +349,12 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
                          "A plain GPT-2 checkpoint becomes one with RewardModel.from_backbone; a "
                          "GPT2ForSequenceClassification with one label loads as a scalar reward model")
     head = HeadConfig.from_dict(config["minqr"], str(where))
-    mean_row = bool(config["minqr"].get(MEAN_ROW))
+    mean_row = config["minqr"].get(MEAN_ROW, False)
+    if mean_row is not (head.num_quantiles > 1):
+        raise MinqrError(f"{where}: the minqr section's {MEAN_ROW} is {mean_row!r}, but a head of "
+                         f"{head.num_quantiles} output{'s' if head.num_quantiles > 1 else ''} is saved "
+                         f"{'with' if head.num_quantiles > 1 else 'without'} the mean row first; re-save the model "
+                         "with minqr")
     if head.num_quantiles + mean_row != labels:
         with_row = " and the mean row" if mean_row else ""
         raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles}{with_row} but the "

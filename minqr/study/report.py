@@ -60,7 +60,8 @@ class AnalyzeConfig:
     eps: float = option(DEFAULT_EPS, "added to every bin's count before normalising (keeps log 0 away)", low=0)
     n_resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples of the pairs for the bias corrections and "
                               "intervals (0: plug-in values only)", low=0, flag="--bootstrap")
-    confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, open_range=True)
+    confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, low_open=True,
+                               high_open=True)
     seed: int = option(0, "seed of the bootstrap resamples")
     truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
                                "coverage [default: the truth named in each file's metadata, if any]")
