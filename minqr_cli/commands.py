@@ -92,7 +92,8 @@ def synthetic(options, given):
     truth that score and analyze find, a tokenizer and a tiny random GPT-2 to train from."""
     config = SyntheticConfig(**options)
     folder = make_synthetic_task(config.out, num_train=config.num_train, num_test=config.num_test,
-                                 seed=config.seed, variant=config.variant)
+                                 seed=config.seed, variant=config.variant,
+                                 labels_per_annotator=config.labels_per_annotator)
     click.echo(f"wrote the {config.variant} task into {folder}")
 
 
