@@ -31,6 +31,7 @@ from datetime import datetime
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 WAIT_FOR_DESCRIPTION_S = 2.0  # a holder writes its description right after locking
 DESCRIPTION_KEYS = ("pid", "host", "command", "since")
@@ -53,7 +54,7 @@ def _description() -> dict:
 
 def _read_description(fd: int) -> dict | None:
     try:
-        holder = json.loads(os.pread(fd, 1 << 16, 0).decode())
+        holder = loads(os.pread(fd, 1 << 16, 0).decode())
     except ValueError:  # empty (the holder has not written it yet) or torn
         return None
     return holder if isinstance(holder, dict) and set(DESCRIPTION_KEYS) <= set(holder) else None

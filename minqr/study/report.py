@@ -36,7 +36,8 @@ from minqr import __version__
 from minqr.atomic import atomic_dir, atomic_file
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.options import option
+from minqr.options import option, seed_option
+from minqr.reading import loads
 from minqr.study.analysis import (CONFIDENCE, DEFAULT_BINS, DEFAULT_EPS, DEFAULT_RESAMPLES, VIEWS_HELP, coverage_taus,
                                   paired_accuracy_difference, paired_kl_difference, response_truth, same_pairs,
                                   spreads, summarize, view_rows)
@@ -58,7 +59,7 @@ class AnalyzeConfig:
     n_resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples of the pairs for the bias corrections and "
                               "intervals (0: plug-in values only)", low=0, flag="--bootstrap")
     confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, open_range=True)
-    seed: int = option(0, "seed of the bootstrap resamples")
+    seed: int = seed_option("seed of the bootstrap resamples")
     truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
                                "coverage [default: the truth named in each file's metadata, if any]")
     no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
@@ -101,7 +102,7 @@ def write_objectives_table(paths, out) -> Path:
     rows = []
     for path in paths:
         try:
-            rows += json.loads(Path(path).read_text())
+            rows += loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py ({error})") from None
     with atomic_file(Path(out)) as tmp:

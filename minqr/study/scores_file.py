@@ -47,6 +47,7 @@ import numpy as np
 from minqr import __version__
 from minqr.atomic import atomic_file
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 FORMAT = "minqr-scores/1"
 FORMAT_FAMILY = "minqr-scores/"
@@ -232,7 +233,7 @@ def _read_jsonl(path: Path):
     rows = {"chosen": [], "rejected": [], **({"anchor": []} if with_anchor else {})}
     for number, line in enumerate(lines[1:], start=2):
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as error:
             raise MinqrError(f"{path}:{number}: not JSON ({error})") from None
         for side, row in rows.items():
@@ -251,7 +252,7 @@ def _read_jsonl(path: Path):
 
 def _parse_metadata(text: str, where: str) -> dict:
     try:
-        metadata = json.loads(text)
+        metadata = loads(text)
     except json.JSONDecodeError:
         metadata = None
     if not isinstance(metadata, dict) or not str(metadata.get("format", "")).startswith(FORMAT_FAMILY):

@@ -13,7 +13,7 @@ from minqr.device import DTYPES
 from minqr.errors import MinqrError
 from minqr.models.head import HEAD_KINDS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
-from minqr.options import option
+from minqr.options import option, option_problems, seed_option
 from minqr.training.metrics import REPORT_TO, check_report_to
 
 # The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
@@ -93,7 +93,7 @@ class TrainConfig:
     epochs: int = option(1, "passes over the training pairs")
     max_steps: int | None = option(None, "stop after this many optimizer steps [default: --epochs "
                                    "passes]; more steps than the epochs hold repeat the data")
-    seed: int = option(0, "seed of the head's initialisation, the data order and dropout")
+    seed: int = seed_option("seed of the head's initialisation, the data order and dropout")
     # the run
     out: str | None = option(None, "run folder: the trained model, metrics.jsonl, curves.png, "
                              "checkpoint/ [default: runs/HEAD, or runs/demo/HEAD with --demo]")
@@ -130,6 +130,9 @@ class TrainConfig:
                         "with a tiny random GPT-2 and train on it; other options override its defaults")
 
     def __post_init__(self):
+        problems = option_problems(self)  # what the command line refuses, for configs built in Python
+        if problems:
+            raise MinqrError("; ".join(problems))
         # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
         # N = 10 and the default objective; kappa, lam and margin belong to the paper objective
         try:

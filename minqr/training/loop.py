@@ -42,6 +42,7 @@ from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
+from minqr.reading import loads
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
@@ -263,7 +264,7 @@ class _Run:
             if not task_file.is_file():
                 self.say(f"demo: generating the synthetic task in {folder}")
                 make_synthetic_task(folder, seed=0)
-        return json.loads(task_file.read_text())["bayes_accuracy"]
+        return loads(task_file.read_text())["bayes_accuracy"]
 
     def _load_data(self, source, split: str):
         """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
