@@ -30,7 +30,6 @@ expected reward, mean of the N outputs; the default), `qK` (quantile k alone), `
 quantiles of every response pooled, as equally weighted samples of its reward distribution).
 """
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from scipy.stats import gaussian_kde, norm, rankdata
 
 from minqr.errors import MinqrError
 from minqr.ranking import ranking_credit
+from minqr.reading import read_npz
 from minqr.study.scores_file import Scores
 
 # The paper does not state its bins or eps. 50 bins resolve a 2,000-pair test set without leaving
@@ -494,13 +494,14 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     path = Path(path)
     if not path.is_file():
         raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if optional and not set(names) <= set(archive.files):
-                return None
-            arrays = {name: archive[name] for name in names}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with {', '.join(names)}): {error}") from None
+    what = f"a minqr truth file (test_truth.npz with {', '.join(names)})"
+    archive = read_npz(path, what)
+    if optional and not set(names) <= set(archive):
+        return None
+    missing = [name for name in names if name not in archive]
+    if missing:
+        raise MinqrError(f"{path} is not {what}: it has no {', '.join(missing)}")
+    arrays = {name: archive[name] for name in names}
     for name, array in arrays.items():
         per_pair = name.startswith(("chosen_", "rejected_", "anchor_", "preference_"))
         if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):
