@@ -654,3 +654,21 @@ def test_bfloat16_parameters(inputs, tmp_path):
         assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}
     assert runs["bfloat16"] == pytest.approx(runs["float32"], rel=2e-2)
     assert runs["bfloat16"] != runs["float32"]  # it did compute in bfloat16
+
+
+def test_deep_json_is_a_bad_line_and_a_mistyped_model_path_names_its_folder(inputs, tmp_path, monkeypatch):
+    lines = Path(inputs["data"]).read_text().splitlines()
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n".join(lines[:4] + ['{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"] + lines[4:]) + "\n")
+    options = tiny_options(inputs, tmp_path / "run", data=str(deep), max_steps=2)
+    result = CliRunner().invoke(load_cli(), as_argv(options))
+    assert result.exit_code == 1, result.output
+    assert f"Error: {deep}:5: malformed JSON (nested deeper than 100 levels at column 111)" in result.output
+    result = CliRunner().invoke(load_cli(), as_argv(options) + ["--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "40 pairs from" in result.output and "skipped 1 malformed lines" in result.output
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    result = CliRunner().invoke(load_cli(), as_argv({**options, "model": "runs/dmeo/quantile", "out": "new"}))
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: --model: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output
