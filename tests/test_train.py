@@ -672,3 +672,28 @@ def test_deep_json_is_a_bad_line_and_a_mistyped_model_path_names_its_folder(inpu
     result = CliRunner().invoke(load_cli(), as_argv({**options, "model": "runs/dmeo/quantile", "out": "new"}))
     assert result.exit_code == 1 and result.output.startswith(
         "Error: --model: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output
+
+
+def test_rendering_is_said_once_done_and_a_refusing_template_is_blamed(inputs, tmp_path):
+    """"N conversations rendered with the tokenizer's chat template" comes after the rendering: a
+    template that fails on the first pair stops the run before that line is printed."""
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(inputs["tokenizer"], tokenizer)
+    (tokenizer / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}{{ 1 / (messages | length - 2) }}")
+    turns = [{"role": "user", "content": "Hi"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"chosen": turns + [{"role": "assistant", "content": f"Hello {k}."}],
+                                        "rejected": turns + [{"role": "assistant", "content": "Go."}]}) + "\n"
+                            for k in range(16)))
+    options = tiny_options(inputs, tmp_path / "run", tokenizer=str(tokenizer), data=str(data), eval_data=str(data),
+                           max_steps=1)
+    result = CliRunner().invoke(load_cli(), as_argv(options))
+    assert result.exit_code == 1
+    assert "rendered with" not in result.output
+    assert f"Error: {data}:1: the chat template of {tokenizer} refuses this conversation (ZeroDivisionError: " \
+           "division by zero). The template decides this" in result.output, result.output
+    (tokenizer / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
+    result = CliRunner().invoke(load_cli(), as_argv(options))
+    assert result.exit_code == 0, result.output
+    assert "train: 16 conversations rendered with the tokenizer's chat template" in result.output

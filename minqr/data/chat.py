@@ -21,10 +21,9 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minqr.data.pairs import Conversation
+from minqr.data.template_limits import BoundedEnvironment
 from minqr.errors import MinqrError
 
 
@@ -46,24 +45,32 @@ class ChatTemplate:
     """A chat template (Jinja source) and the special tokens it may write, {name: token string}."""
 
     def __init__(self, source: str, special_tokens: dict, where: str):
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        environment.filters["tojson"] = _tojson
-        environment.globals["raise_exception"] = _raise_exception
-        environment.globals["strftime_now"] = _strftime_now
+        self.environment = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.environment.filters["tojson"] = _tojson
+        self.environment.globals["raise_exception"] = _raise_exception
+        self.environment.globals["strftime_now"] = _strftime_now
         try:
-            self.template = environment.from_string(source)
+            self.template = self.environment.template(source)
         except jinja2.TemplateSyntaxError as error:
             raise MinqrError(f"{where}: the chat template is no valid Jinja ({error.message}, line {error.lineno} "
                              "of the template): fix it, or remove it to use the texts as they are") from None
         self.source = source
         self.special_tokens = dict(special_tokens)
+        self.where = where
 
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         """The conversation `messages` as text; with `add_generation_prompt`, followed by what opens
-        the assistant's next turn. A template that refuses the conversation raises
-        jinja2.TemplateError (render_pair says which pair)."""
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    tools=None, documents=None, **self.special_tokens)
+        the assistant's next turn. Whatever the template raises (its own refusal, a jinja2.TemplateError;
+        an error of its code; RenderLimitExceeded past the bounds of minqr/data/template_limits.py)
+        goes through (render_pair says which pair)."""
+        budget = self.environment.budget
+        budget.start()
+        parts = []
+        for part in self.template.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                           tools=None, documents=None, **self.special_tokens):
+            budget.count(part)
+            parts.append(part)
+        return "".join(parts)
 
 
 def rendering_note(pairs, template: ChatTemplate | None) -> str | None:
@@ -82,8 +89,14 @@ def render_pair(pair, template: ChatTemplate | None) -> tuple:
     Conversation, else the pair's texts as read."""
     if template is None or pair.conversation is None:
         return tuple((getattr(pair, side), pair.response_start(side)) for side in ("chosen", "rejected"))
-    with _naming(pair):
-        return tuple(_render_side(template, pair.conversation, side) for side in ("chosen", "rejected"))
+    with _naming(pair, template):
+        chosen, rejected = (_render_side(template, pair.conversation, side) for side in ("chosen", "rejected"))
+    if chosen[0] == rejected[0]:  # the conversations differ (readers drop identical ones): the template lost it
+        raise MinqrError(f"{pair.origin}: the chat template of {template.where} renders the chosen and the rejected "
+                         "conversation as the same text, so the pair would teach nothing (does the template leave "
+                         "out the final response, or cut it short?): fix the template, or remove it to use the "
+                         "texts as they are")
+    return chosen, rejected
 
 
 def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
@@ -92,19 +105,24 @@ def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
     if template is None or pair.conversation is None:
         return pair.chosen[: pair.response_start("chosen")] + reply
     prompt = pair.conversation.chosen[: pair.conversation.response_turn("chosen")]
-    with _naming(pair):
+    with _naming(pair, template):
         return template.render([*prompt, {"role": "assistant", "content": reply}])
 
 
 @contextmanager
-def _naming(pair):
-    """A template's refusal of `pair`'s conversation as a MinqrError that names the pair."""
+def _naming(pair, template: ChatTemplate):
+    """Whatever the template raises while rendering `pair`'s conversation, as one MinqrError that
+    names the pair and the template: a refusal by raise_exception (a jinja2.TemplateError), an error
+    in the template's code (OverflowError, ZeroDivisionError, RecursionError, MemoryError, ...) or a
+    bound of minqr/data/template_limits.py."""
     try:
         yield
-    except jinja2.TemplateError as error:
-        raise MinqrError(f"{pair.origin}: the chat template refuses this conversation ({error}): fix the "
-                         "conversation (most templates want user and assistant turns to alternate, a system "
-                         "message first), or remove the pair") from None
+    except Exception as error:  # the template is code from a model folder: any exception is its refusal
+        what = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+        raise MinqrError(f"{pair.origin}: the chat template of {template.where} refuses this conversation ({what}). "
+                         "The template decides this: if it names a rule that the conversation breaks (most "
+                         "templates want user and assistant turns to alternate, a system message first), fix or "
+                         "remove the pair; else fix the template, or remove it to use the texts as they are") from None
 
 
 def _render_side(template: ChatTemplate, conversation: Conversation, side: str) -> tuple:

@@ -271,10 +271,10 @@ class _Run:
         config = self.config
         pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
         self.say(f"{split}: {stats.summary()}")
-        note = rendering_note(pairs, self.tokenizer.chat_template)
-        if note:
-            self.say(f"{split}: {note}")
         tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
+        note = rendering_note(pairs, self.tokenizer.chat_template)
+        if note:  # once they are: a template that refuses a conversation has stopped the run by now
+            self.say(f"{split}: {note}")
         if tokenized.num_truncated:
             share = tokenized.num_truncated / len(tokenized)
             self.say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "
