@@ -21,7 +21,7 @@ TORCH_INDEX ?=
 DEMO := runs/demo
 STUDY := runs/study
 OBJECTIVES := runs/objectives
-# the real pairs in ../shared/data (MANIFEST.md): the objectives study runs on them too where they are
+# the real pairs in ../shared/data: the objectives study runs on them too where they are
 HH_PAIRS := ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 GPT2_TOKENIZER := ../shared/data/gpt2-tokenizer
 
@@ -33,16 +33,17 @@ test: $(INSTALLED)
 test-slow: $(INSTALLED)
 	$(PY) -m pytest tests -m slow
 
+# (--overwrite: a second `make demo` replaces the first's runs, as the target's own outputs)
 demo: $(INSTALLED)
-	$(PY) tools/train.py --demo --head scalar --out $(DEMO)/scalar
-	$(PY) tools/train.py --demo --head quantile --out $(DEMO)/quantile
+	$(PY) tools/train.py --demo --head scalar --overwrite --out $(DEMO)/scalar
+	$(PY) tools/train.py --demo --head quantile --overwrite --out $(DEMO)/quantile
 	$(PY) tools/score.py --model $(DEMO)/scalar --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/scalar.npz
 	$(PY) tools/score.py --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
 	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --out $(DEMO)/report
 
 # Train the scalar head, the paper's quantile head and the mixture head on helpful-base and
 # harmless-base (GPT-2 124M, one epoch each), score the test splits and analyse: the paper's Table 1
-# and figures in $(STUDY)/report. See README for the cost.
+# and figures in $(STUDY)/report. See docs/guide.md#study for the cost.
 study: $(INSTALLED)
 	set -e; for subset in helpful-base harmless-base; do for head in scalar paper mixture; do \
 	  case $$head in scalar) options="--head scalar";; *) options="--objective $$head";; esac; \
@@ -52,11 +53,11 @@ study: $(INSTALLED)
 	done; done
 	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-paper.npz $(STUDY)/*-mixture.npz --out $(STUDY)/report
 
-# The study of the objectives (README, "Objectives"): on each variant of the synthetic task, each
+# The study of the objectives (docs/objectives.md): on each variant of the synthetic task, each
 # objective (the scalar head, paper, mixture, independent) trained with 3 seeds through train.py,
 # score.py and analyze.py; the same objectives on 1,850 real HH-RLHF pairs (462 held out) where
 # ../shared/data has them; then one table over all, runs/objectives/table.md (docs/objectives/ keeps
-# the copy the README quotes). About an hour and a half on a 2-core CPU.
+# the copy docs/objectives.md quotes). About an hour and a half on a 2-core CPU.
 objectives: $(INSTALLED)
 	set -e; for variant in demo shifted; do \
 	  $(PY) tools/synthetic.py --variant $$variant --out $(OBJECTIVES)/$$variant/task; \

@@ -1,4 +1,4 @@
-"""Summaries printed after the benchmarks: the losses' speed ratios and targets (DESIGN.md)."""
+"""Summaries printed after the benchmarks: the losses' speed ratios and targets (docs/design.md#targets)."""
 import collections
 import platform
 
@@ -7,7 +7,7 @@ import torch
 
 _LOSS_SPEED = collections.defaultdict(dict)  # (objective, device, dtype, B, N) -> {impl: (median, best) seconds}
 
-# DESIGN.md, "Performance targets": fused forward+backward against the eager and compiled
+# docs/design.md#targets: fused forward+backward against the eager and compiled
 # reference at B=4096, float32, N = 10, 32 and 64, by the median as well as the best round, and
 # the GPU bandwidth floor at the largest B.
 CPU_TARGET = {"eager": 10.0, "compiled": 2.0}

@@ -3,7 +3,7 @@ reference and torch.compile of it, on CPU and (when present) CUDA. `pytest bench
 
 Each cell (objective, device, dtype, B, N) is a pytest-benchmark group of up to three tests (fused,
 eager, compiled), each timing minqr.pair_loss then torch.autograd.grad; the median and best ratios,
-the targets of DESIGN.md and, on the GPU, the bandwidth against the floor are printed at the end
+the targets of docs/design.md#targets and, on the GPU, the bandwidth against the floor are printed at the end
 (benchmarks/conftest.py). Test ids read like `mixture-cpu-float32-B4096-N10-fused`, so
 `-k "B4096 and float32"` selects the target cells; MINQR_BENCH_QUICK=1 runs only those. Every timed
 result is then checked against the float64 reference.

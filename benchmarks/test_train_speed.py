@@ -9,7 +9,7 @@ gradient clipping, over the same 256 pairs drawn from ../shared/data (16 steps o
 - the usual recipe: transformers' GPT2Model (its default SDPA attention) + a linear head, batches
   in random order, chosen and rejected as separate sequences padded to the longest.
 
-Setup (tokenising, loading) and saving are outside both timings. DESIGN.md's target: at least
+Setup (tokenising, loading) and saving are outside both timings. docs/design.md#targets: at least
 1.4x the pairs per second. `pytest benchmarks/test_train_speed.py` prints pairs/s, the ratio and
 the tokens each side computed. About a minute on a 2-core CPU.
 """

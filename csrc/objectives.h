@@ -1,6 +1,6 @@
 // The per-pair math of every objective, written once for the CPU kernels (cpu/objectives_cpu.cpp)
 // and the CUDA kernels (cuda/objectives_cuda.cu). Each objective mirrors its PyTorch reference in
-// minqr/objectives/, which is the formula as ../shared/DESIGN.md states it; per pair, with outputs h_c,
+// minqr/objectives/, which is the formula as docs/design.md#objectives states it; per pair, with outputs h_c,
 // h_r of shape [N]:
 //
 //   bradley_terry (N = 1)  L = softplus(−d), d = h_c − h_r              ∂L/∂h_c = −σ(−d) = −∂L/∂h_r
@@ -329,7 +329,7 @@ MINQR_HD T sigmoid_mean_backward(T q, T inv_sum) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// paper: Bradley–Terry on the means plus the quantile-Huber term towards the partner (DESIGN.md):
+// paper: Bradley–Terry on the means plus the quantile-Huber term towards the partner (docs/design.md#paper-loss):
 //
 //   d = μ_c − μ_r                      L_pair = softplus(−d)
 //   u_ij = (q_r[j] + m) − q_c[i]       v_ij = (q_c[j] − m) − q_r[i]      (targets detached)

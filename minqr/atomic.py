@@ -15,14 +15,23 @@ threads, or jobs that do not take minqr.lock), so every temporary is named after
 `.<name>.tmp-<pid>@<host>.<random>`, and only those of this host whose process no longer runs are
 removed. A temporary from another host, or from a pid that was reused, is left alone: a leak is
 recoverable, a deleted live temporary is not. The same holds for the `<name>.old-*` copies below.
+
+Replacing a folder deletes what it held, so a folder is replaced only when minqr made it and no
+one has added to it since: every folder written here carries a marker, `.minqr-made`, listing what
+was written. A folder that holds anything else (a user's `--out ~`, a data folder with their own
+files beside a task) is refused before a byte is written, with what it holds named. An empty folder
+is taken as it is: it holds nothing to lose.
 """
 import contextlib
 import glob
+import json
 import os
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+from minqr.errors import MinqrError
 
 # mkstemp/mkdtemp create private paths (0600/0700) on purpose; what we publish should have the
 # permissions of an ordinary file or folder, as the user's umask sets them.
@@ -111,17 +120,61 @@ def atomic_file(path):
         tmp.unlink(missing_ok=True)
 
 
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a temporary directory; on success it replaces the directory `path`."""
+MARKER = ".minqr-made"  # in every folder atomic_dir writes: what it wrote (see the module docstring)
+
+
+def _contents(folder: Path) -> list[str]:
+    """Every file and folder under `folder`, as sorted relative paths, the marker left out."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER or p.parent != folder)
+
+
+def check_replaceable(path, option: str = "out") -> None:
+    """Refuse (MinqrError) unless folder `path` may be replaced as a whole: it does not exist, is
+    empty, or holds exactly what minqr wrote there (its marker's list). `option` names the setting
+    that chose the folder, for the message. Call it before long work, so that a refusal comes first."""
     path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise MinqrError(f"{option} {path} is a file, not a folder: minqr writes a folder there and will not "
+                         "replace the file; choose another path")
+    held = _contents(path)
+    if not held:
+        return
+    try:
+        made = json.loads((path / MARKER).read_text())["contents"]
+    except (OSError, ValueError, KeyError, TypeError):
+        made = None
+    if made is None:
+        raise MinqrError(f"{option} {path} is a folder that minqr did not make (it holds {_some(held)}): minqr "
+                         "replaces a folder as a whole, so it writes only into a new or empty folder or one it "
+                         "made itself; choose another path")
+    added = sorted(set(held) - set(made))
+    if added:
+        raise MinqrError(f"{option} {path} holds files that minqr did not write there ({_some(added)}): "
+                         "replacing the folder would delete them; move them out or choose another path")
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+@contextlib.contextmanager
+def atomic_dir(path, option: str = "out"):
+    """Yield a temporary directory; on success it replaces the directory `path`. A folder minqr did
+    not make, or has had files added, is refused first (`check_replaceable`; `option` names it)."""
+    path = Path(path)
+    check_replaceable(path, option)
     _prepare(path)
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
     try:
         yield tmp
+        (tmp / MARKER).write_text(json.dumps({"contents": _contents(tmp)}) + "\n")
         _fsync_tree(tmp)
         _publish_mode(tmp)
         if path.exists():
+            check_replaceable(path, option)  # again: the folder may have changed while we wrote
             old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)

@@ -38,8 +38,9 @@ DESCRIPTION_KEYS = ("pid", "host", "command", "since")
 
 
 def lock_path(path) -> Path:
-    """The lock file of output `path`: `.<name>.lock` in the same folder."""
-    path = Path(path).absolute()
+    """The lock file of output `path`: `.<name>.lock` in the same folder, after following symbolic
+    links (an alias of a run folder is that folder: its jobs must meet at one lock)."""
+    path = Path(path).resolve()
     return path.parent / f".{path.name}.lock"
 
 

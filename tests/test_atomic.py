@@ -1,5 +1,6 @@
 """Atomic writes: all or nothing, published with ordinary permissions, and the clean-up of what a
 killed writer left never touches what a live one is writing (real processes)."""
+import json
 import os
 import signal
 import socket
@@ -9,7 +10,8 @@ import sys
 import pytest
 from factories import ended_writer
 
-from minqr.atomic import atomic_dir, atomic_file
+from minqr.atomic import MARKER, atomic_dir, atomic_file
+from minqr.errors import MinqrError
 
 
 def _umask():
@@ -41,21 +43,78 @@ def test_atomic_file_keeps_old_file_when_writer_fails(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_atomic_dir_replaces_whole_folder(tmp_path):
+def test_atomic_dir_replaces_a_folder_it_made_as_a_whole(tmp_path):
     target = tmp_path / "checkpoint"
-    target.mkdir()
-    (target / "stale.bin").write_text("stale")
+    with atomic_dir(target) as tmp:
+        (tmp / "stale.bin").write_text("stale")
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / "part.bin").write_text("stale")
+    assert json.loads((target / MARKER).read_text()) == {"contents": ["stale.bin", "sub", "sub/part.bin"]}
     with atomic_dir(target) as tmp:
         (tmp / "model.safetensors").write_text("new")
-    assert sorted(p.name for p in target.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "model.safetensors"]
     assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
 
 
+def test_atomic_dir_takes_a_new_or_empty_folder(tmp_path):
+    for target in (tmp_path / "new" / "deeper", tmp_path / "empty"):
+        if target.name == "empty":
+            target.mkdir()
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("a")
+        assert (target / "a").read_text() == "a"
+
+
+@pytest.mark.parametrize("case", ["user folder", "user file added", "user file added deep", "a file"])
+def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
+    """A folder of the user's (no marker), or one minqr made that a user added to, is refused
+    before anything is written, with what it holds named; nothing in it changes."""
+    target = tmp_path / "out"
+    if case == "a file":
+        target.write_text("mine")
+        expected = f"--data {target} is a file, not a folder: minqr writes a folder there and will not replace " \
+                   "the file; choose another path"
+    elif case == "user folder":
+        target.mkdir()
+        for name in ("keep.txt", "b", "c", "d", "e", "f"):
+            (target / name).write_text("mine")
+        expected = f"--data {target} is a folder that minqr did not make (it holds b, c, d, e, f and 1 more): " \
+                   "minqr replaces a folder as a whole, so it writes only into a new or empty folder or one it " \
+                   "made itself; choose another path"
+    else:
+        with atomic_dir(target) as tmp:
+            (tmp / "model").mkdir()
+            (tmp / "model" / "config.json").write_text("{}")
+        added = "model/notes.txt" if case.endswith("deep") else "notes.txt"
+        (target / added).write_text("mine")
+        expected = f"--data {target} holds files that minqr did not write there ({added}): replacing the " \
+                   "folder would delete them; move them out or choose another path"
+    before = sorted((str(p), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
+    with pytest.raises(MinqrError) as error:
+        with atomic_dir(target, "--data") as tmp:
+            raise AssertionError("refused before the block runs")
+    assert str(error.value) == expected
+    assert sorted((str(p), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
+
+
+def test_atomic_dir_checks_again_after_writing(tmp_path):
+    """A file the user drops into the folder while the new copy is being written is not lost."""
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a").write_text("a")
+    with pytest.raises(MinqrError, match="notes.txt"):
+        with atomic_dir(target) as tmp:
+            (tmp / "a").write_text("new")
+            (target / "notes.txt").write_text("mine")
+    assert (target / "notes.txt").read_text() == "mine" and (target / "a").read_text() == "a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_atomic_dir_keeps_old_folder_when_writer_fails(tmp_path):
     target = tmp_path / "checkpoint"
-    target.mkdir()
-    (target / "model.safetensors").write_text("good")
+    with atomic_dir(target) as tmp:
+        (tmp / "model.safetensors").write_text("good")
     with pytest.raises(RuntimeError):
         with atomic_dir(target) as tmp:
             (tmp / "model.safetensors").write_text("torn")

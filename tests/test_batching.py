@@ -1,5 +1,5 @@
 """Tokenising, batching and the two layouts of PairBatch, checked against masks, positions and
-labels built here with plain loops from the rules in DESIGN.md, on fresh random token lists; and
+labels built here with plain loops from the rules in docs/design.md, on fresh random token lists; and
 the padding and shared-prefix savings measured on the real HH-RLHF pairs."""
 import os
 import random

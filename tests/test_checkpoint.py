@@ -8,6 +8,7 @@ import transformers
 from factories import random_gpt2, tiny_config, transformers_twin, write_tiny_checkpoint
 
 from minqr import MinqrError, load_gpt2, save_gpt2
+from minqr.atomic import MARKER
 from minqr.models.gpt2 import GPT2
 from minqr.models.hf_folder import DAMAGED, hf_tensors, load_backbone_tensors, read_tensors, write_hf_folder
 
@@ -174,7 +175,8 @@ def test_write_hf_folder_replaces_the_folder_atomically(tmp_path):
     write_hf_folder(tmp_path / "out", CONFIG.to_dict(), hf_tensors(model),
                     extra_files={"notes.txt": "hello", "blob.bin": b"\x00\x01"})
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == ["blob.bin", "config.json", "model.safetensors", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "blob.bin", "config.json", "model.safetensors",
+                                                      "notes.txt"]
     assert (out / "notes.txt").read_text() == "hello" and (out / "blob.bin").read_bytes() == b"\x00\x01"
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary or old copies left
     assert_same_weights(load_gpt2(out), model)

@@ -109,15 +109,15 @@ def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported
 
 
 def test_the_readme_reward_function_for_trl(tmp_path, tokenizer):
-    """README's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
+    """docs/guide.md's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
     the left): each completion's expected reward, the mean of the outputs of the text alone."""
     source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=5)
     model = RewardModel.from_pretrained(source)
-    max_length = 160  # the tiny model's positions (README: train's --max-length)
+    max_length = 160  # the tiny model's positions (docs/guide.md: train's --max-length)
     prompts = [SENTENCES[0].split("Assistant:")[0] + "Assistant:"] * 2 + [SENTENCES[3] * 8]  # the last one too long
     completions = [" The capital of France is Paris.", " Paris!", " Waves roll in."]
 
-    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in README.md
+    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in docs/guide.md
         texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
         token_lists = [ids[-max_length:] for ids in tokenizer.encode_batch(texts)]
         return score_texts(model, token_lists).mean(axis=1).tolist()

@@ -137,14 +137,44 @@ def load_tool(name):
     return module.main
 
 
+@pytest.mark.parametrize("alias", [False, True])
 @pytest.mark.parametrize("tool, argv", [
     ("score", ["--model", "m", "--data", "d.jsonl", "--out", "{out}"]),
     ("export", ["--model", "m", "--scalar", "--out", "{out}"]),
     ("analyze", ["s.npz", "--out", "{out}"]),
 ])
-def test_score_export_and_analyze_hold_their_out(tmp_path, tool, argv):
+def test_score_export_and_analyze_hold_their_out(tmp_path, tool, argv, alias):
+    """Each tool holds its output's lock; a symbolic link to the output is the same output."""
     out = tmp_path / "output"
+    given = out
+    if alias:  # the output (made by the holder's job) reached through a link in another folder
+        out.mkdir()
+        (tmp_path / "links").mkdir()
+        given = tmp_path / "links" / "alias"
+        given.symlink_to(out)
     with holder_process(out):
-        result = CliRunner().invoke(load_tool(tool), [a.format(out=out) for a in argv])
+        result = CliRunner().invoke(load_tool(tool), [a.format(out=given) for a in argv])
         assert result.exit_code == 1
-        assert result.output == f"Error: {refusal('out', out, holder_description(out))}\n"
+        assert result.output == f"Error: {refusal('out', given, holder_description(out))}\n"
+
+
+def test_a_link_to_a_running_run_is_refused(tmp_path):
+    """A training run in a real process holds run/; a second run given a link to it, or a link to
+    its parent folder, is refused and the first run's files stay as they were."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    out = tmp_path / "runs" / "run"
+    (tmp_path / "alias").symlink_to(out, target_is_directory=True)
+    (tmp_path / "parent").symlink_to(tmp_path / "runs", target_is_directory=True)
+    argv = as_argv(tiny_options(inputs, out, max_steps=100_000, eval_every=0, save_every=0))
+    first = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *argv],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        holder = wait_for_lock(out, first)
+        for given in (tmp_path / "alias", tmp_path / "parent" / "run"):
+            result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, given, max_steps=2, overwrite=True)))
+            assert result.exit_code == 1
+            assert result.output == f"Error: {refusal('--out', given, holder)}\n"
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=60)

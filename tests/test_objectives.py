@@ -1,5 +1,5 @@
 """Every objective's loss: the fused ops and the PyTorch references against the spec
-(../shared/DESIGN.md, "The loss" and "Objectives"; minqr/objectives/).
+(docs/design.md#objectives and #paper-loss; minqr/objectives/).
 
 The oracles are written here, independent of minqr: `*_loops` spell each formula out with Python
 floats (per pair, per i, per j, gradients included), and `*_numpy` vectorise the same formulas in
@@ -75,8 +75,9 @@ def independent_loops(hc, hr):
 
 
 def paper_loops(qc, qr, kappa=1.0, lam=1.0, margin=1.0, qc_target=None, qr_target=None):
-    """DESIGN.md's loss and gradients. The targets default to the inputs; passing them separately
-    lets a finite difference move the predictions alone, which is what "targets detached" means."""
+    """The paper loss and gradients (docs/design.md#paper-loss). The targets default to the inputs;
+    passing them separately lets a finite difference move the predictions alone, which is what
+    "targets detached" means."""
     qc_target = qc if qc_target is None else qc_target
     qr_target = qr if qr_target is None else qr_target
     n = len(qc[0])
@@ -255,7 +256,7 @@ def test_oracle_gradients_are_derivatives(objective):
 
 
 def test_paper_gradient_formula_is_the_derivative_with_detached_targets():
-    """DESIGN's gradient formula = finite differences of L moving the predictions only."""
+    """The paper gradient formula (docs/design.md#paper-loss) = finite differences of L moving the predictions only."""
     qc, qr = pairs(2, 5, seed=3)
     qc, qr = qc.tolist(), qr.tolist()
     kappa, lam, margin = 0.7, 1.3, 0.4

@@ -152,7 +152,7 @@ def test_spread_or_scale_against_quadrature():
 
 
 def test_labels_barely_tell_a_wider_spread_from_a_larger_scale():
-    """README, "Objectives": on `shifted`, personal deviations 1.5 times as wide with rewards
+    """docs/objectives.md#spread-or-scale: on `shifted`, personal deviations 1.5 times as wide with rewards
     rescaled are about 3 nats away from the truth over the 40,000 training pairs, while no personal
     deviations at all are about 27 nats away; with the task's own spread, c = 1 and nothing. (The
     divergence per pair is estimated here on 10,000 pairs, for speed.)"""
@@ -286,3 +286,18 @@ def test_the_command_writes_a_variant(tmp_path):
     assert len(read_jsonl(out / "train.jsonl")) == 40
     refused = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "other"])
     assert refused.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in refused.output
+    # a task minqr made is replaced by the next one; once a user adds to it, or in a folder of the
+    # user's, the command refuses and deletes nothing
+    small = ["--num-train", "20", "--num-test", "10"]
+    assert CliRunner().invoke(module.main, ["--out", str(out), *small]).exit_code == 0
+    assert json.loads((out / "task.json").read_text())["variant"] == "demo"
+    (out / "keep.txt").write_text("mine")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "keep.txt").write_text("mine")
+    for folder, reason in [(out, "holds files that minqr did not write there (keep.txt)"),
+                           (home, "is a folder that minqr did not make (it holds keep.txt)")]:
+        refused = CliRunner().invoke(module.main, ["--out", str(folder), *small])
+        assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {folder} {reason}")
+        assert (folder / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in home.iterdir()) == ["keep.txt"]

@@ -28,6 +28,7 @@ from test_data import SURROGATE_LINE, surrogate_error
 
 import minqr.training.loop
 import minqr.training.metrics
+from minqr.data.synthetic import make_synthetic_task
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
@@ -351,7 +352,7 @@ def score_pairs(model, tokenizer, path, max_length):
 # ---- the objective of a step, written out --------------------------------------------------
 
 def quantile_loss_float64(q_c: np.ndarray, q_r: np.ndarray, kappa: float, lam: float, margin: float) -> np.ndarray:
-    """DESIGN.md's loss for one pair at a time, in float64 loops: [N], [N] -> scalar."""
+    """The paper loss (docs/design.md#paper-loss) for one pair at a time, in float64 loops: [N], [N] -> scalar."""
     n = len(q_c)
     tau = (2 * np.arange(n) + 1) / (2 * n)
     pair_term = np.logaddexp(0.0, -(q_c.mean() - q_r.mean()))
@@ -508,11 +509,49 @@ def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     final = read_metrics(out / "metrics.jsonl")[-1]
     assert final["step"] == args["max_steps"] and 0.8 <= final["eval_accuracy"] <= bayes + 0.03
     # a second demo reuses the task, takes the options given over the demo's, and replaces its run
+    # only when told to
     stamp = (data / "train.jsonl").stat().st_mtime_ns
-    result = CliRunner().invoke(load_cli(), ["--demo", "--out", str(out), "--max-steps", "2", "--eval-every", "0"])
+    again = ["--demo", "--out", str(out), "--max-steps", "2", "--eval-every", "0"]
+    result = CliRunner().invoke(load_cli(), again)
+    assert result.exit_code == 1 and "already holds a run with a checkpoint" in result.output
+    result = CliRunner().invoke(load_cli(), [*again, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (data / "train.jsonl").stat().st_mtime_ns == stamp
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 2]  # 2 steps, the final evaluation
+
+
+def test_the_demo_never_writes_into_a_folder_named_for_data(tmp_path):
+    """--demo --data DIR/mine.jsonl where DIR holds no synthetic task: refused, and every file in DIR
+    stays (the demo makes its task only in its own folder, OUT/../demo-data)."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "mine.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n')
+    (folder / "notes.txt").write_text("mine")
+    out = tmp_path / "runs" / "run"
+    result = CliRunner().invoke(load_cli(), ["--demo", "--data", str(folder / "mine.jsonl"), "--out", str(out)])
+    assert result.exit_code == 1
+    assert result.output == (
+        f"Error: --demo --data {folder / 'mine.jsonl'}: its folder holds no synthetic task (task.json), and --demo "
+        "makes its task only in a folder of its own, never in one named for data. Make a task there with "
+        f"`minqr synthetic --out {folder}`, or leave out --data (the demo then makes its task in "
+        f"{tmp_path / 'runs' / 'demo-data'})\n")
+    assert sorted(p.name for p in folder.iterdir()) == ["mine.jsonl", "notes.txt"]
+    assert (folder / "notes.txt").read_text() == "mine"
+
+
+def test_a_demo_does_not_replace_a_run_without_overwrite(tmp_path):
+    """A repeat of a run into the same --out is refused, with --demo as without it."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    out = tmp_path / "run"
+    assert CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, out, max_steps=2))).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    task = make_synthetic_task(tmp_path / "task", num_train=40, num_test=30)
+    result = CliRunner().invoke(load_cli(), ["--demo", "--data", str(task / "train.jsonl"), "--out", str(out),
+                                             "--max-steps", "3"])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: --out {out} already holds a run with a checkpoint: add --resume to continue "
+                             "it, --overwrite to start afresh, or choose another --out\n")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("data", [None, "hh-rlhf:harmless-base", "train.jsonl"])

@@ -1,7 +1,7 @@
 """From text pairs to model inputs: tokenising, length-grouped batches, and the two layouts of a
 batch of preference pairs.
 
-A reward is read at the last real token of a text (DESIGN.md, "Pooling"), so a text is tokenised
+A reward is read at the last real token of a text (docs/design.md#training-step), so a text is tokenised
 as it is (no EOS appended) and, when too long, cut from the LEFT: the final responses, the part
 that differs between chosen and rejected, survive.
 

@@ -69,7 +69,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, ndtr, xlogy
 from tokenizers import models, pre_tokenizers, trainers
 
-from minqr.atomic import atomic_dir
+from minqr.atomic import atomic_dir, check_replaceable
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2
@@ -305,7 +305,7 @@ def spread_or_scale(task: SyntheticTask, personal_std: float, num_pairs: int = 4
     it. Returned: c and the Kullback-Leibler divergence, in nats per pair, from the truth's label
     distribution to the alternative's over `num_pairs` fresh pairs; times the number of training
     pairs, it is about how many nats of log-likelihood the whole training set has to tell the two
-    apart with (README, "Objectives")."""
+    apart with (docs/objectives.md#spread-or-scale)."""
     rng = np.random.default_rng(seed)
     a, b = (task.tag_counts(task.sample_responses(rng, num_pairs)) for _ in range(2))
     p = task.preference_probability(a, b)
@@ -357,7 +357,7 @@ class SyntheticConfig:
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
                         num_samples: int = 256, variant: str = "demo") -> Path:
     """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
-    atomically). The same arguments give the same data, truth, tokenizer and weights. `variant`
+    atomically; a folder that holds anything minqr did not write is refused, minqr.atomic). The same arguments give the same data, truth, tokenizer and weights. `variant`
     names one of TASK_VARIANTS."""
     if num_train < 1 or num_test < 1 or num_samples < 1:
         raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
@@ -365,6 +365,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     if variant not in TASK_VARIANTS:
         raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
     task = TASK_VARIANTS[variant]
+    check_replaceable(folder, "--out")  # before the minute of work below
     # independent streams, so that e.g. more truth samples leave the data unchanged
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     train = sample_pairs(task, data_rng, num_train)
@@ -383,7 +384,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
         "model": TINY_MODEL,
     }
     tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "--out") as tmp:
         _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"])
         _write_jsonl(tmp / "test.jsonl", test["chosen"], test["rejected"])
         with open(tmp / "test_truth.npz", "wb") as f:

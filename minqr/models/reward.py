@@ -34,7 +34,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minqr import hub
+from minqr.atomic import MARKER
 from minqr.data.batching import IGNORE_INDEX
+from minqr.distribution.statistics import quantile_at
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
@@ -69,18 +71,8 @@ def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
     """
     if not 0 <= level <= 1:
         raise MinqrError(f"level must lie in [0, 1] (e.g. 0.9 for the 5%-95% band), got {level}")
-    n = quantiles.shape[-1]
     ordered = quantiles.sort(dim=-1).values
-
-    def quantile_at(tau: float) -> torch.Tensor:
-        # tau_i = (2i+1)/(2N), so tau sits at fractional index tau*N - 1/2 of the levels
-        position = min(max(tau * n - 0.5, 0.0), n - 1.0)
-        below = min(int(position), max(n - 2, 0))
-        weight = position - below
-        upper_neighbour = ordered[..., min(below + 1, n - 1)]
-        return ordered[..., below] * (1 - weight) + upper_neighbour * weight
-
-    return quantiles.mean(-1), quantile_at((1 - level) / 2), quantile_at((1 + level) / 2)
+    return quantiles.mean(-1), quantile_at(ordered, (1 - level) / 2), quantile_at(ordered, (1 + level) / 2)
 
 
 class RewardModel(nn.Module):
@@ -316,8 +308,11 @@ class RewardModel(nn.Module):
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
         # staging folder not yet emptied, and this write replaces both
         staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
-        for name in sorted(os.listdir(staged), key=lambda n: n == "config.json"):
+        # the staging folder's marker stays until last, so that a staging folder a kill left half
+        # emptied is still one that minqr made, and the next save replaces it
+        for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
             os.replace(staged / name, folder / name)
+        (staged / MARKER).unlink()
         staged.rmdir()
         return folder
 

@@ -50,12 +50,12 @@ class Objective:
 
 
 # What made the N outputs of a mixture follow the annotators' disagreement on the synthetic task,
-# where the truth is known (README, "Objectives"): the pooled state must keep every token of its
+# where the truth is known (docs/objectives.md#what-it-took): the pooled state must keep every token of its
 # response (the bag-of-words auxiliary, RewardModel.response_bag_loss), and the head's rows, which
 # start apart and must move further apart, learn faster than the backbone and are not decayed.
 DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0, "ema_window": 1 / 3}
 # N kinds of equal weight 1/N can only put a group's share in steps of 1/N, and need several kinds
-# per group for the spread within it: 20 did what 10 could not on a task with a 75/25 split (README).
+# per group for the spread within it: 20 did what 10 could not on a task with a 75/25 split (docs/objectives.md).
 DISTRIBUTIONAL_OUTPUTS = 20
 
 OBJECTIVES = {
@@ -81,7 +81,7 @@ OBJECTIVES = {
     )
 }
 # The objective of `--head quantile` when none is named: the one that recovered the synthetic
-# task's true reward distributions best through the whole pipeline (README, "Objectives").
+# task's true reward distributions best through the whole pipeline (docs/objectives.md#study).
 DEFAULT_OBJECTIVE = "mixture"
 # At most this many outputs. Neighbouring levels are then 1/256 (0.4%) apart, finer than any
 # preference data set resolves (a quantile needs many annotators on each side of it), and the N²

@@ -32,7 +32,7 @@ The objectives, per pair (outputs [N]; batches are [B, N] and the loss is per pa
   Sorted at read-out as well. It does not tie the outputs of two responses to a kind, so it cannot
   tell "the same people disagree" from "different people disagree".
 
-- `paper`: the seed paper's loss, kept to reproduce it (../shared/DESIGN.md, "The loss"): output i
+- `paper`: the seed paper's loss, kept to reproduce it (docs/design.md#paper-loss): output i
   is the quantile at tau_i directly (read out raw), trained by Bradley-Terry on the means plus a
   quantile-Huber term whose targets are the PARTNER's quantiles shifted by a margin m:
 
@@ -41,7 +41,7 @@ The objectives, per pair (outputs [N]; batches are [B, N] and the loss is per pa
       rho_tau(u) = |tau - 1{u<0}| * H_kappa(u) / kappa,  H_kappa the Huber function
 
   Measured on the synthetic task, where the truth is known, it ranks well but its spread does not
-  follow the annotators' disagreement (README, "Objectives"): partner-quantiles +- m are not
+  follow the annotators' disagreement (docs/objectives.md#paper): partner-quantiles +- m are not
   samples of the response's own reward, which is what makes QR-DQN's targets identify a
   distribution.
 

@@ -18,7 +18,8 @@ writes into the folder:
 Every figure's title names its workloads and the labels of the models it draws.
 
 The folder is written as a whole (minqr.atomic.atomic_dir): a reader sees the previous report or
-the new one, never a mix. An existing folder is replaced only if it holds a report (report.md).
+the new one, never a mix. An existing folder is replaced only if minqr made it and nothing was
+added since (minqr.atomic.check_replaceable): an earlier report, not a folder of the user's.
 In the JSON, null marks a measure that does not apply (a scalar head has no quantiles) or a
 value that is not finite; a measure the scores cannot give (a model whose rewards are all equal
 has no density) is n/a in the tables, with its reason under them and in report.md.
@@ -33,7 +34,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from minqr import __version__
-from minqr.atomic import atomic_dir, atomic_file
+from minqr.atomic import atomic_dir, atomic_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
 from minqr.options import option, seed_option
@@ -79,7 +80,7 @@ def analyze(paths, out_dir, **options) -> Path:
     options = AnalyzeConfig(scores=tuple(paths), out=out_dir, **options)
     if not paths:
         raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
-    _check_out(Path(out_dir))  # before the measuring, which takes a while
+    check_replaceable(out_dir, "--out")  # before the measuring, which takes a while
     all_scores = [load_scores(path) for path in paths]
     _check_cells_unique(all_scores)
     truth = False if options.no_truth else options.truth
@@ -121,16 +122,9 @@ def _check_cells_unique(all_scores: list[Scores]) -> None:
         seen[cell] = scores.source
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "report.md").is_file())):
-        raise MinqrError(f"--out {out} exists and holds no report.md: the report replaces its folder as a whole, "
-                         "so it only overwrites an earlier report; choose a new folder")
-
-
 def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Path:
     """Write tables, figures and report.md for the already summarised scores into `out_dir`."""
     out = Path(out_dir)
-    _check_out(out)
     workloads = list(dict.fromkeys(s["workload"] for s in summaries))
     models = list(dict.fromkeys(s["label"] for s in summaries))
     table = table1(summaries, workloads, models)
@@ -139,7 +133,7 @@ def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Pa
                                               lambda a, b: paired_kl_difference(a, b, **options))
     accuracy_differences = paired_differences(all_scores, summaries, workloads,
                                               lambda a, b: paired_accuracy_difference(a, b, options["confidence"]))
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "--out") as tmp:
         (tmp / "table1.json").write_text(json.dumps(_json_ready(table), indent=2) + "\n")
         (tmp / "table1.md").write_text(table1_markdown(table) + "\n")
         (tmp / "measures.md").write_text(measures_markdown(summaries) + "\n")
@@ -265,7 +259,7 @@ def measures_markdown(summaries: list[dict]) -> str:
     return "\n".join(lines + ([""] + missing if missing else []))
 
 
-# The study of the objectives (README, "Objectives"): per workload and objective, over seeds. Each
+# The study of the objectives (docs/objectives.md): per workload and objective, over seeds. Each
 # column: its title and the number it takes from a summary (None where it does not apply).
 OBJECTIVE_COLUMNS = (
     ("accuracy − Bayes", lambda s: s["accuracy"]["value"] - s["bayes"]["accuracy"] if s["bayes"] else None),

@@ -1,11 +1,11 @@
 """An exponential moving average of the weights (`--ema-window`), the model that is evaluated and saved.
 
 Why: a mixture head's N kinds are each learnt from about 1/N of the labels, along directions the
-labels barely constrain (README, "Objectives": a wider spread within a group and a larger reward
+labels barely constrain (docs/objectives.md#spread-or-scale: a wider spread within a group and a larger reward
 scale label pairs almost alike). The last iterate of stochastic training sits somewhere in that
 flat valley, moved by the last batches; the average of the iterates sits nearer its middle.
 Measured on the synthetic task (mixture, 3,000 steps, a window of 1/3): the coverage error fell on
-all six runs (README, "Objectives").
+all six runs (docs/objectives.md#what-it-took).
 
 The average starts as a copy of the weights and follows them from the end of the warm-up on:
     average <- decay · average + (1 − decay) · weights        after every optimizer step,

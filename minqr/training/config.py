@@ -218,9 +218,15 @@ def demo_defaults(head: str, out=None, data=None) -> dict:
     folder of `data` (e.g. another variant, made by tools/synthetic.py). A model trained from
     scratch takes a far larger learning rate than a pretrained one being fine-tuned. 3,000 steps
     (96,000 pairs, 2.4 epochs) take one to two minutes on a 2-core CPU: that many were needed for
-    the quantile head's N outputs to follow the annotators' disagreement (README)."""
+    the quantile head's N outputs to follow the annotators' disagreement (docs/objectives.md)."""
     out = Path(out or Path("runs") / "demo" / head)
-    data = Path(data).parent if data else out.parent / "demo-data"
+    data = Path(data).parent if data else demo_task_folder(out)
     return dict(out=str(out), model=str(data / "model"), data=str(data / "train.jsonl"),
                 eval_data=str(data / "test.jsonl"), max_length=128, batch_size=32, lr=2e-3, warmup=0.05,
                 weight_decay=0.01, max_steps=3000, eval_every=1000, save_every=1000)
+
+
+def demo_task_folder(out) -> Path:
+    """Where the demo run `out` makes its synthetic task when --data names none: the only folder
+    --demo ever writes a task into (a folder the user named for data is theirs)."""
+    return Path(out).parent / "demo-data"

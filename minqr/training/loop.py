@@ -44,7 +44,7 @@ from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
 from minqr.reading import loads
 from minqr.training.averaging import WeightAverage
-from minqr.training.config import TrainConfig
+from minqr.training.config import TrainConfig, demo_task_folder
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
@@ -201,7 +201,7 @@ class _Run:
             checkpoint = load_checkpoint(self.out)
             check_same_options(checkpoint.config, asdict(config), TrainConfig.older_run_defaults())
             return checkpoint
-        if config.overwrite or config.demo:
+        if config.overwrite:
             return None
         if checkpoint is not None:
             raise MinqrError(f"--out {self.out} already holds a run with a checkpoint: add --resume to continue "
@@ -260,6 +260,11 @@ class _Run:
 
         folder = Path(self.config.data).parent
         task_file = folder / "task.json"
+        if not task_file.is_file() and folder.resolve() != demo_task_folder(self.config.out).resolve():
+            raise MinqrError(f"--demo --data {self.config.data}: its folder holds no synthetic task (task.json), and "
+                             "--demo makes its task only in a folder of its own, never in one named for data. "
+                             f"Make a task there with `minqr synthetic --out {folder}`, or leave out --data "
+                             f"(the demo then makes its task in {demo_task_folder(self.config.out)})")
         with self.procs.main_first():
             if not task_file.is_file():
                 self.say(f"demo: generating the synthetic task in {folder}")

@@ -1,0 +1,248 @@
+"""One number out of a reward distribution: the expected reward, a quantile, the lower-tail CVaR,
+mean − λ·std, or the population's preference P(y ≻ y0), each relative to a reference reply.
+
+Why relative. A reward model learns from pairs, and a pair only shows a difference of rewards, so
+each reward is known up to a constant that the data never fixes. A scalar head has one such
+constant; it cancels in any ranking. A mixture head has one **per kind**: output k is kind k's
+reward h_k(y), and adding c_k to every text's output k leaves the loss unchanged for any c_1..c_N.
+Sorting the raw outputs of one text therefore mixes those arbitrary constants with the kinds'
+disagreement, and its "quantiles", CVaR or band mean nothing. The differences to a reference reply
+y0 to the same prompt do:
+
+    d_k(y) = h_k(y) − h_k(y0)        kind by kind; the constants cancel
+
+and their distribution over the kinds (N atoms of weight 1/N) is the population's reward of y
+relative to y0. Every statistic below is a statistic of that distribution, so it is invariant to
+per-kind constants, and comparable across prompts (each prompt has its own reference).
+
+The reference. Either a reply given per prompt (`reference`: the raw outputs [B, N] of, say, the
+SFT model's answer or a fixed refusal, row by row), or the `group` of candidates for the same prompt
+(`group`: an id per row; rows with the same id answer the same prompt). A group's reference is its
+mean output, kind by kind: GRPO samples several completions per prompt, and then needs no extra
+reply. A group of one is its own reference (every difference 0, preference 0.5).
+
+What relative means for each objective (the head's objective says what its outputs are):
+
+- mixture (and N = 1: bradley_terry, a mixture of one kind): output k is kind k's reward, with its
+  own free constant, so the reference is subtracted kind by kind, as above.
+- independent, paper: the outputs are not tied to kinds. independent's outputs are N equally likely
+  draws of the reward (its loss compares every output of one reply with every output of the other),
+  paper's are the quantiles at tau_i; either way the loss is invariant only to one constant shared
+  by all outputs. Their relative outputs are the text's quantiles (its sorted outputs) minus the
+  reference's mean reward (the mean of its outputs; a group's reference averages its members'
+  sorted outputs, i.e. their quantile functions). Subtracting a reference's whole vector would
+  couple the two distributions kind by kind, which these objectives never learnt.
+
+The statistics of the relative distribution d (N atoms of weight 1/N):
+
+- mean: (1/N) Σ_k d_k, the expected reward relative to the reference. Without a reference it is
+  the expected reward itself (the mean of the raw outputs, as `export --scalar` gives): its only
+  free constant is one shared by all texts, which no ranking or RL advantage sees.
+- quantile:τ: the quantile function at τ, read as minqr reads a head everywhere: linear through
+  the points (tau_i, d_(i)) of the sorted atoms at tau_i = (2i+1)/(2N), flat beyond the outermost.
+- cvar:α: the lower-tail conditional value at risk, the mean reward of the worst-off share α of
+  the population, (1/α)∫_0^α q(u) du of the N atoms (the atom at the boundary counted in part).
+  α = 1 is the mean; α → 0 the worst kind.
+- mean_minus_std:λ: mean − λ·std, the std of the N atoms (divided by N, a population's).
+- preference: the probability that a judge drawn from the population prefers y to y0, in the
+  objective's own pair model: mixture (1/N) Σ_k σ(d_k), the mixture's likelihood; independent
+  (1/N²) Σ_ij σ(h_i(y) − h_j(y0)); paper σ(mean(y) − mean(y0)), its Bradley-Terry term. Bounded in
+  (0, 1), comparable across prompts; always needs a reference.
+
+With N = 1 every statistic but preference is the reward difference r(y) − r(y0) (the raw reward
+without a reference), and preference is σ(r(y) − r(y0)). With N > 1 every statistic but the mean
+needs a reference: without one this module raises a MinqrError rather than sort raw outputs.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from minqr.errors import MinqrError
+from minqr.objectives.loss import OBJECTIVES
+
+STATISTICS = ("mean", "quantile", "cvar", "mean_minus_std", "preference")
+# the statistics that take a level, with its meaning and its range, for messages
+LEVELS = {"quantile": "tau in [0, 1]", "cvar": "alpha in (0, 1]", "mean_minus_std": "lambda >= 0"}
+EXAMPLES = "mean, quantile:0.1, cvar:0.25, mean_minus_std:1.0, preference"
+OBJECTIVES_BY_KIND = ("mixture", "bradley_terry")  # objectives whose output k is kind k's reward
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """A statistic of the relative reward distribution: its name and level (None for mean and
+    preference). `str()` gives it back as text, "quantile:0.1"."""
+
+    name: str
+    level: float | None = None
+
+    def __post_init__(self):
+        if self.name not in STATISTICS:
+            raise MinqrError(f"unknown statistic {self.name!r}: choose one of {EXAMPLES}")
+        if self.name not in LEVELS:
+            if self.level is not None:
+                raise MinqrError(f"statistic {self.name} takes no level, got {self.level}")
+            return
+        if self.level is None:
+            raise MinqrError(f"statistic {self.name} needs a level ({LEVELS[self.name]}), e.g. {self.name}:0.25")
+        level = self.level
+        ok = (isinstance(level, (int, float)) and not isinstance(level, bool) and math.isfinite(level)
+              and {"quantile": 0 <= level <= 1, "cvar": 0 < level <= 1, "mean_minus_std": level >= 0}[self.name])
+        if not ok:
+            raise MinqrError(f"statistic {self.name}: the level must be {LEVELS[self.name]}, got {level!r}")
+        object.__setattr__(self, "level", float(level))
+
+    def __str__(self) -> str:
+        return self.name if self.level is None else f"{self.name}:{self.level:g}"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether it means anything without a reference at N > 1 (the mean does)."""
+        return self.name != "mean"
+
+
+def parse_statistic(text: str) -> Statistic:
+    """"mean", "quantile:0.1", "cvar:0.25", "mean_minus_std:1.0", "preference" -> a Statistic."""
+    name, colon, level = str(text).strip().partition(":")
+    if name not in STATISTICS:
+        raise MinqrError(f"unknown statistic {text!r}: choose one of {EXAMPLES}")
+    if not colon:
+        return Statistic(name)
+    try:
+        value = float(level)
+    except ValueError:
+        takes = LEVELS.get(name, "no level")
+        raise MinqrError(f"statistic {text!r}: {level!r} is not a number ({name} takes {takes}); "
+                         f"choose one of {EXAMPLES}") from None
+    return Statistic(name, value)
+
+
+def _check(outputs: torch.Tensor, reference, group) -> None:
+    if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2 or outputs.shape[1] < 1:
+        shape = list(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+        raise MinqrError(f"outputs must be a [B, N] tensor of raw head outputs, got {shape}")
+    if reference is not None and group is not None:
+        raise MinqrError("give a reference reply's outputs or a group per row, not both")
+    if reference is not None and (not isinstance(reference, torch.Tensor) or reference.shape != outputs.shape):
+        shape = list(reference.shape) if isinstance(reference, torch.Tensor) else type(reference).__name__
+        raise MinqrError(f"reference must be the raw outputs of a reference reply per row, shape "
+                         f"{list(outputs.shape)} like outputs, got {shape}")
+    if group is not None and (not isinstance(group, torch.Tensor) or group.shape != outputs.shape[:1]
+                              or group.is_floating_point() or group.is_complex()):
+        shape = f"{group.dtype} {list(group.shape)}" if isinstance(group, torch.Tensor) else type(group).__name__
+        raise MinqrError(f"group must be an integer tensor [B] = {list(outputs.shape[:1])} (one prompt id per row), "
+                         f"got {shape}")
+
+
+def _compute_dtype(outputs: torch.Tensor) -> torch.dtype:
+    # float64 stays float64; half precisions are widened, since differences of close rewards round away
+    return torch.float64 if outputs.dtype == torch.float64 else torch.float32
+
+
+def _group_mean(values: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """values [B, N], group [B] -> [B, N]: each row replaced by the mean of the rows of its group."""
+    _, index = torch.unique(group, return_inverse=True)  # [B], groups numbered 0..G-1
+    count = torch.bincount(index).to(values.dtype)  # [G]
+    sums = torch.zeros(count.shape[0], values.shape[1], dtype=values.dtype, device=values.device)
+    sums.index_add_(0, index, values)  # [G, N]
+    return (sums / count[:, None])[index]
+
+
+def _reference_rows(outputs, reference, group, by_kind: bool) -> torch.Tensor:
+    """The reference for each row [B, N] in the compute dtype: per kind (by_kind) or as quantiles."""
+    dtype = _compute_dtype(outputs)
+    if group is not None:
+        values = outputs.to(dtype) if by_kind else outputs.to(dtype).sort(dim=-1).values
+        return _group_mean(values, group.to(outputs.device))
+    reference = reference.to(device=outputs.device, dtype=dtype)
+    return reference if by_kind else reference.sort(dim=-1).values
+
+
+def _require_reference(reference, group, what: str) -> None:
+    if reference is None and group is None:
+        raise MinqrError(f"{what} needs a reference: the raw outputs of a reply to the same prompt (reference=...) "
+                         "or the group of candidates for the same prompt (group=...). A mixture's kinds each have "
+                         "their own free constant, so a spread of raw outputs mixes those constants with the "
+                         "population's disagreement")
+
+
+def relative_outputs(outputs: torch.Tensor, *, reference: torch.Tensor | None = None,
+                     group: torch.Tensor | None = None, objective: str = "mixture") -> torch.Tensor:
+    """Raw outputs [B, N] -> the reward distribution relative to the reference, [B, N] atoms.
+
+    mixture (bradley_terry): h_k(y) − h_k(y0) kind by kind, y0 the row's reference reply or its
+    group's mean output. independent, paper: the sorted outputs minus the reference's mean reward.
+    Exactly one of `reference` ([B, N] raw outputs) and `group` ([B] ids) must be given."""
+    _check(outputs, reference, group)
+    _require_reference(reference, group, "a relative reward distribution")
+    _check_objective(objective)
+    by_kind = objective in OBJECTIVES_BY_KIND
+    ref = _reference_rows(outputs, reference, group, by_kind)  # [B, N]
+    values = outputs.to(_compute_dtype(outputs))
+    if by_kind:
+        return values - ref
+    return values.sort(dim=-1).values - ref.mean(-1, keepdim=True)  # [B, N] - [B, 1]
+
+
+def _check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise MinqrError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+
+
+def quantile_at(ordered: torch.Tensor, tau: float) -> torch.Tensor:
+    """Sorted atoms [..., N] -> [...] the quantile function at tau: linear through (tau_i, q_i),
+    tau_i = (2i+1)/(2N), flat beyond tau_0 and tau_{N-1} (nothing is said about the tails)."""
+    n = ordered.shape[-1]
+    # tau_i = (2i+1)/(2N), so tau sits at fractional index tau*N - 1/2 of the levels
+    position = min(max(tau * n - 0.5, 0.0), n - 1.0)
+    below = min(int(position), max(n - 2, 0))
+    weight = position - below
+    return ordered[..., below] * (1 - weight) + ordered[..., min(below + 1, n - 1)] * weight
+
+
+def lower_cvar(ordered: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Sorted atoms [..., N] of weight 1/N -> [...] the mean of the lowest share alpha of the mass."""
+    n = ordered.shape[-1]
+    # each atom's mass inside [0, alpha]: 1/N for the atoms wholly below, the rest for the one across
+    starts = torch.arange(n, dtype=ordered.dtype, device=ordered.device) / n  # [N]
+    mass = (alpha - starts).clamp(0.0, 1.0 / n)  # [N]
+    return (ordered * mass).sum(-1) / alpha
+
+
+def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tensor | None = None,
+                     group: torch.Tensor | None = None, objective: str = "mixture") -> torch.Tensor:
+    """The statistic (a Statistic or its text) of each row's reward distribution, [B], relative to
+    the reference (see the module's docstring). Raw outputs [B, N]; `reference` [B, N] or `group`
+    [B], or neither for the mean (and, at N = 1, for any statistic but preference)."""
+    statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
+    _check(outputs, reference, group)
+    _check_objective(objective)
+    n = outputs.shape[1]
+    dtype = _compute_dtype(outputs)
+    if reference is None and group is None:
+        if statistic.name == "preference" or (n > 1 and statistic.needs_reference):
+            _require_reference(None, None, f"statistic {statistic}" + (f" of {n} outputs" if n > 1 else ""))
+        return outputs.to(dtype).mean(-1)  # N = 1: the reward; N > 1: the expected reward
+    if statistic.name == "preference":
+        return _preference(outputs, reference, group, objective)
+    relative = relative_outputs(outputs, reference=reference, group=group, objective=objective)  # [B, N]
+    if statistic.name == "mean":
+        return relative.mean(-1)
+    if statistic.name == "mean_minus_std":
+        return relative.mean(-1) - statistic.level * relative.std(-1, correction=0)
+    ordered = relative.sort(dim=-1).values
+    if statistic.name == "quantile":
+        return quantile_at(ordered, statistic.level)
+    return lower_cvar(ordered, statistic.level)
+
+
+def _preference(outputs, reference, group, objective) -> torch.Tensor:
+    """P(y ≻ y0) [B] in the objective's own pair model."""
+    values = outputs.to(_compute_dtype(outputs))
+    if objective in OBJECTIVES_BY_KIND:
+        ref = _reference_rows(outputs, reference, group, by_kind=True)
+        return torch.sigmoid(values - ref).mean(-1)
+    ref = _reference_rows(outputs, reference, group, by_kind=False)  # [B, N] the reference's quantiles
+    if objective == "paper":
+        return torch.sigmoid(values.mean(-1) - ref.mean(-1))
+    return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every

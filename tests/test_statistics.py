@@ -1,0 +1,219 @@
+"""minqr.distribution.statistics against float64 computations written out here, row by row, with
+Python floats: each statistic by its definition (the CVaR by Rockafellar and Uryasev's formula, not
+by the module's atom masses; the quantile by numpy.interp), on fresh random outputs."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
+from minqr.errors import MinqrError
+
+OBJECTIVES = ("mixture", "independent", "paper")
+TEXTS = ("mean", "quantile:0.1", "quantile:0.5", "quantile:0", "quantile:1", "cvar:0.25", "cvar:0.07",
+         "cvar:1", "mean_minus_std:1.0", "mean_minus_std:0.3", "preference")
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def reference_rows(outputs, reference, group, objective):
+    """Per row, the reference vector as Python floats: kind by kind (mixture) or as quantiles."""
+    rows = outputs.tolist()
+    by_kind = objective == "mixture"
+    if reference is not None:
+        return [r if by_kind else sorted(r) for r in reference.tolist()]
+    ids = group.tolist()
+    result = []
+    for i in range(len(rows)):
+        members = [rows[j] if by_kind else sorted(rows[j]) for j in range(len(rows)) if ids[j] == ids[i]]
+        result.append([sum(m[k] for m in members) / len(members) for k in range(len(rows[i]))])
+    return result
+
+
+def atoms(h, r, objective):
+    if objective == "mixture":
+        return [a - b for a, b in zip(h, r)]
+    mean_r = sum(r) / len(r)
+    return [a - mean_r for a in sorted(h)]
+
+
+def cvar_rockafellar_uryasev(values, alpha):
+    """CVaR_alpha = max over t of t - E[(t - X)^+] / alpha, the max being at an atom."""
+    n = len(values)
+    return max(t - sum(max(t - x, 0.0) for x in values) / (n * alpha) for t in values)
+
+
+def expected(text, outputs, reference=None, group=None, objective="mixture"):
+    """The statistic of each row, by its definition, in float64 Python."""
+    stat = parse_statistic(text)
+    ref_rows = reference_rows(outputs.double(), reference.double() if reference is not None else None, group,
+                              objective)
+    result = []
+    for h, r in zip(outputs.double().tolist(), ref_rows):
+        n = len(h)
+        if stat.name == "preference":
+            if objective == "mixture":
+                value = sum(sigmoid(a - b) for a, b in zip(h, r)) / n
+            elif objective == "paper":
+                value = sigmoid(sum(h) / n - sum(r) / n)
+            else:
+                value = sum(sigmoid(a - b) for a in h for b in r) / n ** 2
+            result.append(value)
+            continue
+        d = atoms(h, r, objective)
+        mean = sum(d) / n
+        if stat.name == "mean":
+            value = mean
+        elif stat.name == "mean_minus_std":
+            value = mean - stat.level * math.sqrt(sum((x - mean) ** 2 for x in d) / n)
+        elif stat.name == "quantile":
+            value = float(np.interp(stat.level, [(2 * i + 1) / (2 * n) for i in range(n)], sorted(d)))
+        else:
+            value = cvar_rockafellar_uryasev(d, stat.level)
+        result.append(value)
+    return torch.tensor(result, dtype=torch.float64)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("n", [1, 2, 7, 20])
+def test_against_the_definition_with_a_reference_per_row(text, objective, n, generator):
+    outputs = torch.randn(6, n, generator=generator, dtype=torch.float64) * 3
+    reference = torch.randn(6, n, generator=generator, dtype=torch.float64) * 3
+    got = statistic_values(text, outputs, reference=reference, objective=objective)
+    assert got.shape == (6,) and got.dtype == torch.float64
+    torch.testing.assert_close(got, expected(text, outputs, reference=reference, objective=objective),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+@pytest.mark.parametrize("text", TEXTS)
+def test_against_the_definition_with_groups(text, objective, generator):
+    outputs = torch.randn(9, 5, generator=generator, dtype=torch.float64)
+    group = torch.tensor([7, 3, 7, 100, 3, 3, 7, -2, -2])  # unsorted, not contiguous, one group of one
+    got = statistic_values(text, outputs, group=group, objective=objective)
+    torch.testing.assert_close(got, expected(text, outputs, group=group, objective=objective), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_mixture_is_invariant_to_per_kind_constants(text, generator):
+    outputs = torch.randn(8, 10, generator=generator, dtype=torch.float64)
+    reference = torch.randn(8, 10, generator=generator, dtype=torch.float64)
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    constants = torch.randn(10, generator=generator, dtype=torch.float64) * 5  # c_k, one per kind
+    for kwargs, shifted in (({"reference": reference}, {"reference": reference + constants}),
+                            ({"group": group}, {"group": group})):
+        before = statistic_values(text, outputs, **kwargs)
+        after = statistic_values(text, outputs + constants, **shifted)
+        torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+    # and the constants do change what raw outputs say: the invariance is not vacuous
+    if text.startswith("quantile:0.1"):
+        raw = outputs.sort(-1).values[:, 1]
+        assert not torch.allclose((outputs + constants).sort(-1).values[:, 1] - raw, torch.zeros_like(raw), atol=1e-3)
+
+
+@pytest.mark.parametrize("objective", ["independent", "paper"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_draw_objectives_are_invariant_to_one_shared_constant(text, objective, generator):
+    outputs = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    reference = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    before = statistic_values(text, outputs, reference=reference, objective=objective)
+    after = statistic_values(text, outputs + 4.25, reference=reference + 4.25, objective=objective)
+    torch.testing.assert_close(after, before, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES + ("bradley_terry",))
+def test_one_output_is_the_reward_difference(objective, generator):
+    r = torch.randn(7, 1, generator=generator, dtype=torch.float64)
+    r0 = torch.randn(7, 1, generator=generator, dtype=torch.float64)
+    for text in TEXTS:
+        got = statistic_values(text, r, reference=r0, objective=objective)
+        want = torch.sigmoid(r - r0)[:, 0] if text == "preference" else (r - r0)[:, 0]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+        if text != "preference":  # a scalar reward needs no reference: it is the reward
+            torch.testing.assert_close(statistic_values(text, r, objective=objective), r[:, 0])
+
+
+def test_relative_outputs(generator):
+    h = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    h0 = torch.randn(4, 3, generator=generator, dtype=torch.float64)
+    torch.testing.assert_close(relative_outputs(h, reference=h0), h - h0)
+    torch.testing.assert_close(relative_outputs(h, reference=h0, objective="independent"),
+                               h.sort(-1).values - h0.mean(-1, keepdim=True))
+    group = torch.tensor([1, 1, 2, 2])
+    want = torch.cat([h[:2] - h[:2].mean(0), h[2:] - h[2:].mean(0)])
+    torch.testing.assert_close(relative_outputs(h, group=group), want)
+    alone = relative_outputs(h, group=torch.arange(4))  # each its own group: nothing relative
+    assert torch.equal(alone, torch.zeros_like(h))
+    assert statistic_values("preference", h, group=torch.arange(4)).eq(0.5).all()
+
+
+def test_special_levels_agree_with_plain_statistics(generator):
+    h = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    h0 = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    d = h - h0
+    torch.testing.assert_close(statistic_values("cvar:1", h, reference=h0), d.mean(-1))
+    torch.testing.assert_close(statistic_values("cvar:0.125", h, reference=h0), d.min(-1).values)  # one atom of 8
+    torch.testing.assert_close(statistic_values("quantile:0", h, reference=h0), d.min(-1).values)
+    torch.testing.assert_close(statistic_values("quantile:1", h, reference=h0), d.max(-1).values)
+    torch.testing.assert_close(statistic_values("mean_minus_std:0", h, reference=h0), d.mean(-1))
+    # the mean without a reference is the expected reward, as export --scalar gives it
+    torch.testing.assert_close(statistic_values("mean", h), h.mean(-1))
+
+
+def test_dtypes():
+    h = torch.randn(3, 4).half()
+    h0 = torch.randn(3, 4).half()
+    got = statistic_values("cvar:0.5", h, reference=h0)
+    assert got.dtype == torch.float32  # half precision is widened, not rounded
+    torch.testing.assert_close(got, expected("cvar:0.5", h, reference=h0).float())
+    assert statistic_values("mean", h.double(), reference=h0.double()).dtype == torch.float64
+
+
+def test_parse_statistic():
+    assert parse_statistic("mean") == Statistic("mean")
+    assert parse_statistic(" quantile:0.1") == Statistic("quantile", 0.1)
+    assert parse_statistic("cvar:1") == Statistic("cvar", 1.0)
+    assert parse_statistic("mean_minus_std:1.0").level == 1.0
+    assert str(parse_statistic("cvar:0.25")) == "cvar:0.25" and str(Statistic("preference")) == "preference"
+    for bad, words in [("median", "mean, quantile:0.1"), ("quantile", "needs a level"), ("quantile:x", "not a number"),
+                       ("quantile:1.5", "tau in [0, 1]"), ("cvar:0", "alpha in (0, 1]"), ("cvar:nan", "alpha"),
+                       ("mean_minus_std:-1", "lambda >= 0"), ("mean:0.5", "takes no level"), ("", "choose one of"),
+                       ("preference:1", "takes no level")]:
+        with pytest.raises(MinqrError, match=None) as error:
+            parse_statistic(bad)
+        assert words in str(error.value), (bad, str(error.value))
+        assert repr(bad) in str(error.value) or bad.partition(":")[0] in str(error.value)
+
+
+def test_bad_input_is_a_clear_error(generator):
+    h = torch.randn(4, 3, generator=generator)
+    for text in ("quantile:0.1", "cvar:0.25", "mean_minus_std:1", "preference"):
+        with pytest.raises(MinqrError, match="needs a reference"):
+            statistic_values(text, h)
+    with pytest.raises(MinqrError, match="needs a reference"):
+        statistic_values("preference", h[:, :1])  # even a scalar reward has no preference without a y0
+    with pytest.raises(MinqrError, match="needs a reference"):
+        relative_outputs(h)
+    with pytest.raises(MinqrError, match="not both"):
+        statistic_values("mean", h, reference=h, group=torch.zeros(4, dtype=torch.long))
+    with pytest.raises(MinqrError, match="shape"):
+        statistic_values("mean", h, reference=h[:, :2])
+    with pytest.raises(MinqrError, match="integer tensor"):
+        statistic_values("mean", h, group=torch.zeros(4))
+    with pytest.raises(MinqrError, match="integer tensor"):
+        statistic_values("mean", h, group=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(MinqrError, match=r"\[B, N\]"):
+        statistic_values("mean", h[0])
+    with pytest.raises(MinqrError, match="objective must be one of"):
+        statistic_values("mean", h, reference=h, objective="bogus")
+    with pytest.raises(MinqrError, match="unknown statistic"):
+        Statistic("median")
