@@ -27,6 +27,7 @@ from click.core import ParameterSource
 
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.reading import loads
+from minqr_cli.exits import MinqrCommand
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -35,7 +36,8 @@ def config_command(config_class, name: str | None = None, ignored_keys=()):
     """Decorator: `function(options, given)` becomes a click command whose options are
     `config_class`'s fields and --config. `options` holds every field's value, `given` only those
     the user set (on the command line or in the file). A MinqrError becomes "Error: ..." and exit
-    status 1 (2 for a MinqrUsageError, as for any other misuse of the options). `name`: the
+    status 1 (2 for a MinqrUsageError, as for any other misuse of the options); Ctrl-C, status 130
+    (minqr_cli/exits.py). `name`: the
     command's name [default: the function's, with dashes for underscores]. `ignored_keys` may
     appear in a config file without being options (a run's training_args.json records facts such as
     its number of processes)."""
@@ -55,9 +57,9 @@ def config_command(config_class, name: str | None = None, ignored_keys=()):
             except MinqrError as error:
                 raise click.ClickException(str(error)) from None
 
-        return click.Command(name or function.__name__.replace("_", "-"), callback=callback,
-                             params=[_config_option(set(ignored_keys), command_line_only), *params],
-                             help=function.__doc__, context_settings=CONTEXT)
+        return MinqrCommand(name or function.__name__.replace("_", "-"), callback=callback,
+                            params=[_config_option(set(ignored_keys), command_line_only), *params],
+                            help=function.__doc__, context_settings=CONTEXT)
     return decorate
 
 

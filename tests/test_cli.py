@@ -10,8 +10,10 @@ import importlib.util
 import json
 import math
 import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -268,3 +270,58 @@ def test_a_deeply_nested_config_file_is_a_usage_error(tmp_path):
         result = invoke("train", "--config", config)
         assert result.exit_code == 2 and f"Invalid value for '--config': {config}" in result.output, result.output
         assert "nested" in result.output and "Traceback" not in result.output
+
+
+# ---- how a command ends (minqr_cli/exits.py) ---------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="watches the process's open files in /proc")
+def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
+    """A real SIGINT while train reads its data (before training, whose Ctrl-C test_train covers):
+    status 130, the shell's 128 + SIGINT, and one line; not click's "Aborted!" and status 1."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    line = Path(inputs["data"]).read_text().splitlines()[0]
+    data = tmp_path / "many.jsonl"
+    data.write_text((line + "\n") * 200_000)  # seconds of reading
+    options = tiny_options(inputs, tmp_path / "run", data=str(data))
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(options)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(Path(f"/proc/{process.pid}/fd/{fd}").resolve() == data.resolve()
+                      for fd in _open_fds(process.pid)):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the data file was not opened within 2 minutes"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1] == "Stopped: interrupted (Ctrl-C)", stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _open_fds(pid: int) -> list:
+    try:
+        return [entry.name for entry in Path(f"/proc/{pid}/fd").iterdir()]
+    except OSError:  # the process ended, or is between two states
+        return []
+
+
+def test_under_torchrun_process_0_alone_prints_an_error_of_the_options(monkeypatch, tmp_path):
+    """Every process of a torchrun job parses the same options: a mistake in them is printed by
+    process 0 only, and every process exits with its status (other errors: every process)."""
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": 3.7}')
+    cases = [(["train", "--lr", "nan"], 2, "'nan' is not a finite number"),
+             (["train", "--config", config], 2, "seed: '3.7' is not a valid integer"),
+             (["train", "--warmup", "5"], 1, "--warmup is a fraction of the steps")]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        for argv, status, message in cases:
+            result = invoke(*argv)
+            assert result.exit_code == status, result.output
+            assert (message in result.output) == (rank == "0"), (rank, result.output)
+    result = invoke("export", "--model", tmp_path, "--out", tmp_path / "x")  # not an error of the options
+    assert result.exit_code == 1 and "nothing to export" in result.output
