@@ -736,3 +736,21 @@ def test_rendering_is_said_once_done_and_a_refusing_template_is_blamed(inputs, t
     result = CliRunner().invoke(load_cli(), as_argv(options))
     assert result.exit_code == 0, result.output
     assert "train: 16 conversations rendered with the tokenizer's chat template" in result.output
+
+
+@pytest.mark.parametrize("cause", ["bag_coef", "margin"])
+def test_a_divergence_names_a_huge_weight_or_margin_rather_than_the_learning_rate(inputs, tmp_path, cause):
+    options = tiny_options(inputs, tmp_path / "run", max_steps=4, save_every=100, head="scalar")
+    if cause == "bag_coef":
+        options["bag_coef"], expected = 1e38, "The likely cause: --bag-coef 1e+38, far too large: lower it"
+    else:
+        data = tmp_path / "margins.jsonl"
+        records = [json.loads(line) for line in Path(inputs["data"]).read_text().splitlines()]
+        data.write_text("".join(json.dumps({**r, "margin": 1e38 if k % 2 else 1.0}) + "\n"
+                                for k, r in enumerate(records)))
+        options["data"], options["eval_data"] = str(data), str(data)
+        expected = "The likely cause: the data's pair margins (up to 1e+38; rewards are of order 1), far too large"
+    result = CliRunner().invoke(load_cli(), as_argv(options))
+    assert result.exit_code == 1, result.output
+    assert "training diverged at step" in result.output and expected in result.output, result.output
+    assert "Lower --lr" not in result.output

@@ -58,6 +58,9 @@ from minqr.training.resume import (DataPosition, capture_rng_state, check_same_o
 
 TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
                       "raise --max-length if the model's positions allow")
+# A loss weight or pair margin beyond this is what a divergence is blamed on rather than --lr: rewards
+# are of order 1, and AdamW's steps do not grow with a weight, so only absurd ones overflow float32.
+HUGE_WEIGHT = 1e6
 
 
 class TrainingDiverged(MinqrError):
@@ -445,7 +448,20 @@ class _Run:
         else:
             kept = f"The last good checkpoint, of step {self.saved_step}, stays in {self.out / 'checkpoint'}"
         return TrainingDiverged(f"training diverged at step {step or self.step + 1}: {what}; stopped. {kept}. "
-                                f"Lower --lr (now {self.config.lr:g}) and train again")
+                                f"{self._likely_cause()}")
+
+    def _likely_cause(self) -> str:
+        """What to change: a loss weight or a data margin far beyond any useful one, else the learning rate."""
+        config, margins = self.config, self.train_pairs.pair_margins or [0.0]
+        huge = [f"--{name.replace('_', '-')} {getattr(config, name):g}"
+                for name in ("bag_coef", "center_coef", "lm_coef") if getattr(config, name) > HUGE_WEIGHT]
+        largest = max(margins, key=abs)
+        if abs(largest) > HUGE_WEIGHT:
+            huge.append(f"the data's pair margins (up to {largest:g}; rewards are of order 1)")
+        if huge:
+            them = "them" if len(huge) > 1 else "it"
+            return f"The likely cause: {' and '.join(huge)}, far too large: lower {them} and train again"
+        return f"Lower --lr (now {config.lr:g}) and train again"
 
     def _check_weights(self) -> None:
         """Before anything is saved: every weight must be finite. A finite loss does not make the
