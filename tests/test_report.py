@@ -3,6 +3,7 @@ and a clear message with a non-zero exit for every kind of bad input."""
 import importlib.util
 import json
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -282,13 +283,23 @@ def write_npz(path, **arrays):
                                                            "num_quantiles": 2, "minqr_version": "0"})))],
      "differ in shape"),
     (lambda d, f: [f[1], f[1]], "same table cell"),
+    # once "Aborted!" (numpy's EOFError) and numpy's advice to load with allow_pickle
+    (lambda d, f: [write_bytes(d / "empty.npz", b"")], "empty.npz is empty (0 bytes), not a minqr scores file"),
+    (lambda d, f: [write_bytes(d / "pickle.npz", pickle.dumps({"chosen": 1}))], "pickle.npz is not a .npz archive"),
+    (lambda d, f: [write_npz(d / "objects.npz", chosen=np.zeros((3, 2)), metadata=np.array({"a": 1}, dtype=object))],
+     "'metadata' is malformed or holds Python objects, which only pickle could read (minqr never unpickles"),
 ])
 def test_bad_input_fails_clearly(study, make, message):
     folder, files = study
     result = run([*make(folder, files), "--out", folder / "out"])
     assert result.exit_code == 1
     assert message in result.output and "Error:" in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "Aborted!" not in result.output and "allow_pickle" not in result.output
+
+
+def write_bytes(path, content: bytes):
+    path.write_bytes(content)
+    return path
 
 
 def test_quantile_view_of_a_scalar_model(study):
