@@ -19,17 +19,17 @@ HH_RLHF_REPO = "Anthropic/hh-rlhf"
 # The subsets with chosen/rejected pairs (red-team-attempts, also in the repo, has another format).
 HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_RLHF_SPLITS = ("train", "test")
+# What the hub takes as a model's name: NAME or OWNER/NAME of ASCII letters, digits, "_", "-" and "."
+# ("-" and "." neither first nor last; huggingface_hub also refuses ".." and "--"). Anything else
+# (./x, /x, ~/x, runs/demo/x) can only be a local path.
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]*\w)?"
+HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
 # What a backbone needs: config, safetensors weights (one file or shards), tokenizer files and the
 # chat template (in tokenizer_config.json, or a file of its own in newer repositories).
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "vocab.json", "merges.txt"]
 # The same for a one-file model, as a command line to give the user (a sharded model needs its
 # model.safetensors.index.json and model-*.safetensors instead of model.safetensors).
-# What the hub takes as a model's name: NAME or OWNER/NAME of ASCII letters, digits, "_", "-" and "."
-# ("-" and "." neither first nor last; huggingface_hub also refuses ".." and "--"). Anything else
-# (./x, /x, ~/x, runs/demo/x) can only be a local path.
-_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]*\w)?"
-HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
 MODEL_FILES_TO_DOWNLOAD = "config.json model.safetensors tokenizer.json tokenizer_config.json vocab.json merges.txt"
 
 

@@ -37,8 +37,8 @@ def config_command(config_class, name: str | None = None, ignored_keys=()):
     `config_class`'s fields and --config. `options` holds every field's value, `given` only those
     the user set (on the command line or in the file). A MinqrError becomes "Error: ..." and exit
     status 1 (2 for a MinqrUsageError, as for any other misuse of the options); Ctrl-C, status 130
-    (minqr_cli/exits.py). `name`: the
-    command's name [default: the function's, with dashes for underscores]. `ignored_keys` may
+    (minqr_cli/exits.py). `name`: the command's name [default: the function's, with dashes for
+    underscores]. `ignored_keys` may
     appear in a config file without being options (a run's training_args.json records facts such as
     its number of processes)."""
     def decorate(function):
