@@ -200,9 +200,8 @@ class ScoreConfig:
         if self.anchor_reply is not None and not self.anchor_reply.strip():
             raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, "
                              "e.g. ' OK.'")
-        out = Path(self.out)
-        if out.suffix not in (".npz", ".jsonl") or out.is_dir():
-            raise MinqrError(f"out {out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
+        if Path(self.out).suffix not in (".npz", ".jsonl"):
+            raise MinqrError(f"out {self.out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
         if self.split is not None and Path(self.data).expanduser().is_file():
             raise MinqrError(f"split {self.split!r} picks a file in a folder, but {self.data} is a file; drop the "
                              "split")
@@ -233,6 +232,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
 
 def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     model, data, out = options.model, options.data, Path(options.out)
+    if out.is_dir():
+        raise MinqrError(f"out {out} is a folder; a scores file's name ends in .npz (numpy arrays) or .jsonl")
     split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
