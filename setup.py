@@ -81,7 +81,8 @@ setup(
         # Parquet and Arrow files and `hf:` data sets (minqr/data/tables.py); JSON lines need neither
         "data": ["pyarrow", "datasets"],
         "tensorboard": ["tensorboard"],  # --report-to tensorboard
-        "test": ["pytest", "pytest-benchmark", "transformers", "pyarrow", "datasets", "tensorboard"],
+        # minqr.adapters.trl's RewardFunction needs nothing more; its test runs TRL's GRPOTrainer
+        "test": ["pytest", "pytest-benchmark", "transformers", "pyarrow", "datasets", "tensorboard", "trl"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

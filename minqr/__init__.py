@@ -8,6 +8,10 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     data/        preference pairs: readers, batches, the synthetic task with known truth
     training/    the loop, its options, resume, processes, metrics
     study/       scoring models into scores files, the analysis against the truth, the report
+    distribution/  statistics of a reward distribution relative to a reference reply (mean, quantile,
+                 CVaR, mean - lambda std, preference)
+    adapters/    the distribution where RL trainers read one number: TRL's reward function, verl's
+                 compute_score
 
 and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
 atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),

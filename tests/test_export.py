@@ -84,7 +84,8 @@ def test_export_is_the_mean_of_the_quantiles_and_transformers_loads_it(tmp_path,
 @pytest.mark.parametrize("exported", [False, True], ids=["quantile folder", "scalar export"])
 def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported):
     """transformers.pipeline("text-classification") on a saved folder, texts of different lengths in one
-    padded batch: the quantile folder's scores are its N raw outputs, the scalar export's its one reward,
+    padded batch: the quantile folder's scores are its expected reward then its N raw outputs, the scalar
+    export's its one reward,
     the mean of the quantiles; the reference runs minqr's RewardModel on one text at a time (no padding).
     The pipeline batches only with a pad token: the saved tokenizer_config.json names EOS (Tokenizer.files)."""
     source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=3)
@@ -103,7 +104,8 @@ def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported
     quantile_model = RewardModel.from_pretrained(source, dtype=torch.float64)
     with torch.no_grad():
         outputs = torch.cat([quantile_model(torch.tensor([tokenizer.encode(text)])) for text in texts])  # [B, 6]
-    expected = outputs.mean(-1, keepdim=True) if exported else outputs
+    # the quantile folder's first label is the expected reward (its mean row), then the N outputs
+    expected = outputs.mean(-1, keepdim=True) if exported else torch.cat([outputs.mean(-1, keepdim=True), outputs], 1)
     assert expected.std() > 0.1  # rewards that differ from text to text: the comparison means something
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
 

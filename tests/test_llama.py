@@ -97,7 +97,9 @@ def test_loads_every_layout(tmp_path, layout):
         assert len(list(folder.glob("model-*.safetensors"))) > 2 and not (folder / "model.safetensors").exists()
     if layout == "old-rotary-buffers":  # checkpoints of transformers < 4.31 stored the frequencies
         names.update({f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.ones(4) for i in range(3)})
-        write_hf_folder(folder, json.loads((folder / "config.json").read_text()), names)
+        # a new folder: minqr replaces only folders it made (minqr.atomic), not transformers' own
+        config = json.loads((folder / "config.json").read_text())
+        folder = write_hf_folder(folder.with_name("old-rotary"), config, names)
     same_weights(load_backbone(folder), hf)
 
 
@@ -205,7 +207,7 @@ def test_bad_checkpoints_name_every_tensor(tmp_path, broken):
         tensors["model.layers.2.self_attn.k_proj.weight"] = torch.zeros(16, 32)  # 2 key/value heads, not 1
     if broken == "qwen2 weights, llama config":
         config["model_type"] = "llama"
-    write_hf_folder(folder, config, tensors)
+    folder = write_hf_folder(folder.with_name("broken"), config, tensors)  # minqr replaces only its own folders
     expected = {
         "missing": "missing: layers.1.mlp.up_proj.weight",
         "unexpected": "unexpected: model.layers.0.self_attn.q_norm.weight",
@@ -313,8 +315,8 @@ def test_reward_model_round_trips_through_transformers_sequence_classification(t
         ours = model(ids, mask)
         theirs = hf(ids, attention_mask=mask).logits
         assert torch.equal(loaded(ids, mask), ours)
-    assert ours.shape == theirs.shape == (len(ids), 5)
-    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    assert theirs.shape == (len(ids), 6)  # the mean row first, for readers of logits[:, 0]
+    torch.testing.assert_close(torch.cat([ours.mean(-1, keepdim=True), ours], dim=1), theirs, atol=1e-4, rtol=1e-4)
 
 
 def test_a_reward_model_without_pad_or_eos_is_not_saved(tmp_path):

@@ -69,8 +69,10 @@ def test_saved_folder_loads_in_transformers_with_equal_outputs(tmp_path, tokeniz
     with torch.no_grad():
         ours = model(ids, mask)
         theirs = hf(ids, attention_mask=mask).logits
-    assert ours.shape == theirs.shape == (len(ids), n)
-    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    # N > 1: the expected reward first (what readers of logits[:, 0] take), then the N outputs
+    expected = ours if n == 1 else torch.cat([ours.mean(-1, keepdim=True), ours], dim=1)
+    assert theirs.shape == expected.shape == (len(ids), n + (n > 1))
+    torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=1e-5)
     # and the tokenizer saved beside it is the same tokenizer
     assert load_tokenizer(tmp_path).encode_batch(SENTENCES) == tokenizer.encode_batch(SENTENCES)
 
@@ -98,7 +100,7 @@ def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForSequenceClassification"]
     assert config["model_type"] == "gpt2"
-    assert config["num_labels"] == n == len(config["id2label"])
+    assert config["num_labels"] == n + (n > 1) == len(config["id2label"])  # the mean row's label too
     assert {int(i): label for i, label in config["id2label"].items()} == {i: label for label, i in config["label2id"].items()}
     assert config["pad_token_id"] == TINY_EOS_ID == tokenizer.eos_id
     minqr = config["minqr"]
@@ -106,11 +108,16 @@ def test_config_and_tensors_in_the_saved_folder(tmp_path, tokenizer, kind, n):
     assert minqr["quantile_levels"] == pytest.approx([(2 * i + 1) / (2 * n) for i in range(n)], abs=1e-15)
     assert (minqr["objective"], minqr["readout"]) == (("bradley_terry", "raw") if kind == "scalar" else ("mixture", "sorted"))
     assert not {"kappa", "lam", "margin"} & set(minqr)  # the paper objective's alone
-    assert list(config["label2id"]) == (["reward"] if kind == "scalar" else [f"kind{i}" for i in range(n)])
+    kinds = [] if kind == "scalar" else [f"kind{i}" for i in range(n)]
+    assert list(config["label2id"]) == ["reward", *kinds]
+    assert minqr.get("mean_row", False) == (kind != "scalar")
     assert (minqr["reward_mean"], minqr["reward_std"]) == (-1.0, 3.0)
     tensors = load_file(tmp_path / "model.safetensors")
-    assert tensors["score.weight"].shape == (n, tiny_config().n_embd)
-    assert torch.equal(tensors["score.weight"], model.score.weight)
+    rows = tensors["score.weight"]
+    assert rows.shape == (n + (n > 1), tiny_config().n_embd)
+    assert torch.equal(rows[-n:], model.score.weight)
+    if n > 1:
+        torch.testing.assert_close(rows[0], model.score.weight.mean(0))
     assert "score.bias" not in tensors
     assert all(name.startswith("transformer.") for name in tensors if name != "score.weight")
     assert json.loads((tmp_path / "training_args.json").read_text()) == args
@@ -124,8 +131,40 @@ def test_the_paper_objective_records_its_hyperparameters_and_raw_quantiles(tmp_p
     minqr = config["minqr"]
     assert (minqr["objective"], minqr["readout"]) == ("paper", "raw")
     assert (minqr["kappa"], minqr["lam"], minqr["margin"]) == (0.5, 1.0, 2.0)
-    assert list(config["label2id"]) == ["q0", "q1", "q2"]
+    assert list(config["label2id"]) == ["reward", "q0", "q1", "q2"]
     assert RewardModel.from_pretrained(tmp_path).head_config == model.head_config
+
+
+def without_the_mean_row(folder) -> dict:
+    """Make a saved folder as minqr wrote it before the mean row (N labels, N rows); its config."""
+    config = json.loads((folder / "config.json").read_text())
+    if config["minqr"].pop("mean_row", False):
+        tensors = load_file(folder / "model.safetensors")
+        tensors["score.weight"] = tensors["score.weight"][1:].contiguous()
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        labels = list(config["label2id"])[1:]
+        config["id2label"] = {str(i): label for i, label in enumerate(labels)}
+        config["label2id"] = {label: i for i, label in enumerate(labels)}
+        config["num_labels"] = len(labels)
+    (folder / "config.json").write_text(json.dumps(config))
+    return config
+
+
+def test_folders_saved_before_the_mean_row_load_as_they_are(tmp_path, tokenizer):
+    model = random_reward_model("quantile", 5, seed=9)
+    model.save_pretrained(tmp_path)
+    without_the_mean_row(tmp_path)
+    loaded = RewardModel.from_pretrained(tmp_path)
+    assert loaded.head_config == model.head_config and torch.equal(loaded.score.weight, model.score.weight)
+
+
+def test_an_edited_mean_row_is_named(tmp_path):
+    saved(tmp_path, n=4)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["score.weight"][0] += 1.0
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MinqrError, match="first row of score.weight is not the mean of the others"):
+        RewardModel.from_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize("kind,objective", [("quantile", "paper"), ("scalar", "bradley_terry")])
@@ -135,11 +174,13 @@ def test_models_saved_before_objectives_load_with_the_objective_they_were_traine
     n = 1 if kind == "scalar" else 4
     model = RewardModel(random_gpt2(CONFIG), HeadConfig.make(kind, n, objective))
     model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = without_the_mean_row(tmp_path)
     config["minqr"] = {"head": kind, "num_quantiles": n, "kappa": 1.0, "lam": 0.0 if kind == "scalar" else 0.5,
                        "margin": 1.0, "quantile_levels": model.head_config.levels}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    head = RewardModel.from_pretrained(tmp_path).head_config
+    loaded = RewardModel.from_pretrained(tmp_path)
+    head = loaded.head_config
+    assert torch.equal(loaded.score.weight, model.score.weight)
     assert (head.kind, head.num_quantiles, head.objective) == (kind, n, objective)
     assert head.hyperparameters == ({} if kind == "scalar" else {"kappa": 1.0, "lam": 0.5, "margin": 1.0})
 
@@ -324,17 +365,53 @@ def test_band_is_exact_at_the_quantile_levels():
         torch.testing.assert_close(lower, quantiles[:, n - 1 - i], atol=1e-12, rtol=0)
 
 
-def test_reward_band_of_the_model_and_its_errors(tokenizer):
-    model = random_reward_model("quantile", 10, seed=5)
+@pytest.mark.parametrize("objective", ["mixture", "independent", "paper"])
+def test_reward_band_and_quantiles_are_relative_to_a_reference(tokenizer, objective):
+    model = random_reward_model("quantile", 10, seed=5, objective=objective)
     ids, mask = text_batch(tokenizer)
+    reference_ids, reference_mask = ids.flip(0), mask.flip(0)  # another reply per row
     with torch.no_grad():
-        reward, lower, upper = model.reward_band(ids, mask, level=0.8)
-        want = quantile_band(model(ids, mask), 0.8)
-    for got, expected in zip((reward, lower, upper), want):
-        assert torch.equal(got, expected)
+        outputs, reference = model(ids, mask).double(), model(reference_ids, reference_mask).double()
+        got = model.quantiles(ids, mask, reference=model(reference_ids, reference_mask))
+        reward, lower, upper = model.reward_band(ids, mask, level=0.8, reference=model(reference_ids, reference_mask))
+        by_group = model.quantiles(ids, mask, group=torch.zeros(len(ids), dtype=torch.long))
+        raw = model.quantiles(ids, mask, raw=True)
+        raw_band = model.reward_band(ids, mask, level=0.8, raw=True)
+    # written out: kind by kind for the mixture, sorted minus the reference's mean for the others
+    if objective == "mixture":
+        want = (outputs - reference).sort(-1).values
+        want_group = (outputs - outputs.mean(0)).sort(-1).values
+    else:
+        want = outputs.sort(-1).values - reference.mean(-1, keepdim=True)
+        want_group = outputs.sort(-1).values - outputs.sort(-1).values.mean(0).mean()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(by_group.double(), want_group, atol=1e-5, rtol=0)
+    for value, expected in zip((reward, lower, upper), quantile_band(want, 0.8)):
+        torch.testing.assert_close(value.double(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(raw, model.head_config.quantiles(model(ids, mask).detach()))
+    for value, expected in zip(raw_band, quantile_band(model(ids, mask).detach(), 0.8)):
+        torch.testing.assert_close(value, expected)  # the mean of sorted outputs: summed in another order
+    with pytest.raises(MinqrError, match="quantiles of 10 outputs needs a reference.*raw=True"):
+        model.quantiles(ids, mask)
+    with pytest.raises(MinqrError, match="reward_band.*needs a reference|quantiles of 10 outputs needs a reference"):
+        model.reward_band(ids, mask)
+    with pytest.raises(MinqrError, match="raw=True reads the raw outputs, so it takes no reference"):
+        model.quantiles(ids, mask, reference=reference, raw=True)
     for level in (-0.1, 1.5, float("nan")):
         with pytest.raises(MinqrError, match="level"):
             quantile_band(torch.zeros(2, 3), level)
+
+
+def test_scalar_band_needs_no_reference(tokenizer):
+    model = random_reward_model("scalar", 1, seed=7)
+    ids, mask = text_batch(tokenizer)
+    with torch.no_grad():
+        reward, lower, upper = model.reward_band(ids, mask)
+        r = model(ids, mask)[:, 0]
+        relative = model.reward_band(ids, mask, reference=model(ids.flip(0), mask.flip(0)))[0]
+        want = r - model(ids.flip(0), mask.flip(0))[:, 0]
+    assert torch.equal(reward, r) and torch.equal(lower, r) and torch.equal(upper, r)
+    torch.testing.assert_close(relative, want)
 
 
 # ---- the scalar export ----
@@ -439,9 +516,9 @@ def test_missing_score_is_named(tmp_path):
 def test_misshaped_score_is_named(tmp_path):
     saved(tmp_path, n=4)
     tensors = load_file(tmp_path / "model.safetensors")
-    tensors["score.weight"] = torch.zeros(5, 32)
+    tensors["score.weight"] = torch.zeros(4, 32)  # the 4 rows without the mean row
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(MinqrError, match=r"score\.weight is \[5, 32\].*\[4, 32\]"):
+    with pytest.raises(MinqrError, match=r"score\.weight is \[4, 32\].*\[5, 32\] \(the mean row and 4 outputs"):
         RewardModel.from_pretrained(tmp_path)
 
 
@@ -450,7 +527,7 @@ def test_inconsistent_config_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["minqr"]["num_quantiles"] = 3
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(MinqrError, match="num_quantiles=3.*4 labels"):
+    with pytest.raises(MinqrError, match="num_quantiles=3 and the mean row but the config has 5 labels"):
         RewardModel.from_pretrained(tmp_path)
     del config["minqr"]["kappa"]
     (tmp_path / "config.json").write_text(json.dumps(config))

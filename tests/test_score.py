@@ -237,7 +237,8 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
     def accuracy(c, r):
         return np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0)), axis=0)
 
-    c, r = scores.quantiles("chosen"), scores.quantiles("rejected")  # the default objective's: sorted outputs
+    # the default objective's sorted raw outputs (no anchor here), as score's per-quantile accuracy reads them
+    c, r = scores.quantiles("chosen", anchored=False), scores.quantiles("rejected", anchored=False)
     assert scores.readout == "sorted" and np.array_equal(c, np.sort(scores.chosen.astype(np.float64), axis=1))
     mean, per_quantile = printed_accuracies(result.stdout)
     assert mean and int(mean[1]) == 7 and mean[2] == f"{accuracy(c.mean(1), r.mean(1)):.4f}"

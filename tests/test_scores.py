@@ -62,6 +62,16 @@ def test_anchor_outputs_and_readout_round_trip(tmp_path, suffix):
     assert plain.anchor is None and plain.readout == "raw"
     with pytest.raises(MinqrError, match="no anchor outputs to align on"):
         plain.quantiles("chosen", anchored=True)
+    # without an anchor, N > 1 raw quantiles are read out only when asked for by name
+    with pytest.raises(MinqrError, match="no reference to read the chosen quantiles relative to.*--anchor-reply"):
+        plain.quantiles("chosen")
+    np.testing.assert_array_equal(plain.quantiles("chosen", anchored=False), chosen.astype(np.float32))
+    # with one, the default reads kind by kind relative to it, for the readout "sorted"
+    want = np.sort(chosen.astype(np.float32).astype(np.float64) - anchor.astype(np.float32), axis=1)
+    np.testing.assert_allclose(scores.quantiles("chosen"), want, atol=1e-12)
+    scalar = load_scores(save_scores(tmp_path / f"w{suffix}", chosen[:, :1], rejected[:, :1],
+                                     metadata(n=1) | {"head": "scalar", "taus": None}))
+    np.testing.assert_array_equal(scalar.quantiles("chosen"), chosen[:, :1].astype(np.float32))  # its reward
 
 
 def test_npz_needs_no_pickle_and_overwrites(tmp_path):

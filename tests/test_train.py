@@ -667,8 +667,9 @@ def test_training_a_llama_family_backbone(tmp_path, model_type):
         ours = RewardModel.from_pretrained(tmp_path / "run")(ids, mask)
         hf = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run").eval()
         theirs = hf(ids, attention_mask=mask).logits
-    assert type(hf).__name__.endswith("ForSequenceClassification") and ours.shape == theirs.shape == (3, 20)
-    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert type(hf).__name__.endswith("ForSequenceClassification") and theirs.shape == (3, 21)
+    with_mean = torch.cat([ours.mean(-1, keepdim=True), ours], dim=1)  # the mean row first
+    torch.testing.assert_close(theirs, with_mean, atol=1e-4, rtol=1e-4)
 
     # --dropout is the family's attention dropout, recorded in the saved config
     result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))

@@ -6,8 +6,9 @@
 N quantiles (the head's rows averaged: the mean of N linear maps of the same features), with the
 tokenizer and training_args.json; transformers' AutoModelForSequenceClassification loads it as it
 is. It is the only export for now, so it must be asked for by name; a scalar model is refused (it
-is already one). For the quantiles themselves, load the quantile folder: its logits are the N
-quantiles, and minqr.models.reward.quantile_band turns them into (reward, lower, upper).
+is already one). The quantile folder itself also gives one number where one is read: its first
+logit is the expected reward, followed by the N raw outputs. For the distribution, relative to a
+reference reply, use RewardModel.reward_band or minqr.distribution.statistics (docs/distribution.md).
 This is `minqr export` as a script (minqr_cli/commands.py).
 """
 from minqr_cli.commands import export as main

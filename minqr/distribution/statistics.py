@@ -200,6 +200,24 @@ def quantile_at(ordered: torch.Tensor, tau: float) -> torch.Tensor:
     return ordered[..., below] * (1 - weight) + ordered[..., min(below + 1, n - 1)] * weight
 
 
+def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
+    """[B, N] quantiles at tau_i = (2i+1)/(2N) -> (reward, lower, upper), each [B].
+
+    reward is the mean of the quantiles, the expected reward. lower and upper are the quantile
+    function at (1 - level)/2 and (1 + level)/2, read off the piecewise-linear curve through the
+    points (tau_i, q_i); beyond the outermost levels tau_0 and tau_{N-1} it is flat (the model says
+    nothing about the tails, and extrapolating would invent them), so a level of at least
+    1 - 1/N gives the band [min q, max q], and N = 1 gives lower = upper = reward. The quantiles
+    are sorted first (a model may output crossing quantiles; sorting is the monotone
+    rearrangement, which leaves the mean unchanged). The mean can lie outside a narrow band of
+    a skewed distribution.
+    """
+    if not 0 <= level <= 1:
+        raise MinqrError(f"level must lie in [0, 1] (e.g. 0.9 for the 5%-95% band), got {level}")
+    ordered = quantiles.sort(dim=-1).values
+    return quantiles.mean(-1), quantile_at(ordered, (1 - level) / 2), quantile_at(ordered, (1 + level) / 2)
+
+
 def lower_cvar(ordered: torch.Tensor, alpha: float) -> torch.Tensor:
     """Sorted atoms [..., N] of weight 1/N -> [...] the mean of the lowest share alpha of the mass."""
     n = ordered.shape[-1]

@@ -9,7 +9,8 @@ read at the last real token.
   pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
   responses). What the raw outputs are, how they are trained and how they become quantiles is the
   head's objective (minqr/objectives/): the model owns its loss (`pair_loss`) and its read-out
-  (`quantiles`, `reward_band`).
+  (`quantiles`, `reward_band`), which is relative to a reference reply to the same prompt
+  (minqr/distribution/statistics.py says why).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
@@ -18,6 +19,14 @@ The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`t
 `RewardModel(...)` on the same right-padded token ids (pad = the config's pad token, else EOS; the
 last real token being the last one that is not the pad). The `minqr` section of its config.json
 records the head: kind, N, objective and its hyper-parameters, read-out and tau levels.
+
+The saved head of N > 1 outputs has one more row, first: the mean of the N rows, labelled
+"reward" (`mean_row` in the minqr section). transformers' logits are then [B, N + 1], the expected
+reward followed by the N raw outputs, so that every tool that reads one number from a sequence
+classifier, `logits[:, 0]` (TRL's GRPOTrainer given a model, and most others), gets the expected
+reward and never a single kind of annotator (kind 0's raw output, with its own free constant).
+Loaders that build a one-output head (TRL given a path, OpenRLHF) find N + 1 rows where they expect
+one, and refuse. from_pretrained drops the row again (after checking that it is the mean).
 
 Pooling reads the last token whose attention mask is 1, so right and left padding both work; to
 match transformers, whose pooling looks for the last token that is not the pad id, texts must not
@@ -36,7 +45,7 @@ import torch.nn.functional as F
 from minqr import hub
 from minqr.atomic import MARKER
 from minqr.data.batching import IGNORE_INDEX
-from minqr.distribution.statistics import quantile_at
+from minqr.distribution.statistics import quantile_band, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
@@ -46,6 +55,7 @@ from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_conf
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
+MEAN_ROW = "mean_row"  # the minqr section's flag: score.weight's first row is the mean of the others
 TRAINING_ARGS_FILE = "training_args.json"  # the options a model was trained with, beside it
 STAGING_DIR = ".staging"  # save_pretrained's files before they are renamed into place
 
@@ -55,24 +65,6 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     left padding alike)."""
     columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
     return (columns * attention_mask.long()).argmax(-1)
-
-
-def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
-    """[B, N] quantiles at tau_i = (2i+1)/(2N) -> (reward, lower, upper), each [B].
-
-    reward is the mean of the quantiles, the expected reward. lower and upper are the quantile
-    function at (1 - level)/2 and (1 + level)/2, read off the piecewise-linear curve through the
-    points (tau_i, q_i); beyond the outermost levels tau_0 and tau_{N-1} it is flat (the model says
-    nothing about the tails, and extrapolating would invent them), so a level of at least
-    1 - 1/N gives the band [min q, max q], and N = 1 gives lower = upper = reward. The quantiles
-    are sorted first (a model may output crossing quantiles; sorting is the monotone
-    rearrangement, which leaves the mean unchanged). The mean can lie outside a narrow band of
-    a skewed distribution.
-    """
-    if not 0 <= level <= 1:
-        raise MinqrError(f"level must lie in [0, 1] (e.g. 0.9 for the 5%-95% band), got {level}")
-    ordered = quantiles.sort(dim=-1).values
-    return quantiles.mean(-1), quantile_at(ordered, (1 - level) / 2), quantile_at(ordered, (1 + level) / 2)
 
 
 class RewardModel(nn.Module):
@@ -210,16 +202,46 @@ class RewardModel(nn.Module):
 
     # ---- reading out ----
 
-    def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, N] the quantiles of each text's reward at tau_i: the outputs read out as the head's
-        objective says (sorted for mixture and independent, as they are for paper and scalar)."""
-        return self.head_config.quantiles(self(input_ids, attention_mask))
+    def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                  reference: torch.Tensor | None = None, group: torch.Tensor | None = None,
+                  raw: bool = False) -> torch.Tensor:
+        """[B, N] the quantiles at tau_i of each text's reward relative to a reference reply to the
+        same prompt: `reference`, that reply's raw outputs [B, N] (`model(reference_ids, mask)`), or
+        `group` [B], rows with the same id being candidates for the same prompt (the reference is
+        their mean output). See minqr.distribution.statistics for what relative means per objective.
+
+        A scalar head needs no reference (its one output is the reward). N > 1 outputs do: a
+        mixture's kinds each have a free constant, which a sort of raw outputs would mix with the
+        disagreement. raw=True reads the raw outputs out anyway (sorted for mixture and independent,
+        as they are for paper), constants included."""
+        outputs = self(input_ids, attention_mask)
+        if self._raw_readout(raw, reference, group, "quantiles"):
+            return self.head_config.quantiles(outputs)
+        return relative_outputs(outputs, reference=reference, group=group,
+                                objective=self.head_config.objective).sort(dim=-1).values
 
     def reward_band(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                    level: float = 0.9) -> tuple:
+                    level: float = 0.9, *, reference: torch.Tensor | None = None, group: torch.Tensor | None = None,
+                    raw: bool = False) -> tuple:
         """(reward, lower, upper), each [B]: the expected reward and the central `level` band of the
-        reward distribution (see `quantile_band`). For a scalar head the band is the reward itself."""
-        return quantile_band(self(input_ids, attention_mask), level)  # it sorts the outputs itself
+        reward distribution (see `quantile_band`), relative to a reference reply as in `quantiles`
+        (the reward is then the expected reward minus the reference's). A scalar head needs no
+        reference, and its band is the reward itself."""
+        return quantile_band(self.quantiles(input_ids, attention_mask, reference=reference, group=group, raw=raw),
+                             level)
+
+    def _raw_readout(self, raw: bool, reference, group, what: str) -> bool:
+        """Whether to read the raw outputs out: asked for (raw), or a scalar head with no reference."""
+        if raw and (reference is not None or group is not None):
+            raise MinqrError(f"{what}: raw=True reads the raw outputs, so it takes no reference or group")
+        if raw or (self.num_quantiles == 1 and reference is None and group is None):
+            return True
+        if reference is None and group is None:
+            raise MinqrError(f"{what} of {self.num_quantiles} outputs needs a reference: reference=model(ids of a "
+                             "reply to the same prompt) or group=one prompt id per row. A mixture's kinds each have "
+                             "their own free constant, which sorted raw outputs mix with the disagreement; raw=True "
+                             "reads them out anyway")
+        return False
 
     def to_scalar(self) -> "RewardModel":
         """A one-output copy whose reward is exactly the mean of this model's quantiles: the mean of
@@ -270,6 +292,8 @@ class RewardModel(nn.Module):
                              "reads a reward at the last token that is not the pad: set pad_token_id in its config")
         labels = head.labels()
         minqr = head.to_dict()
+        if head.num_quantiles > 1:  # the expected reward first, for readers of logits[:, 0]
+            labels, minqr[MEAN_ROW] = ["reward", *labels], True
         stats = reward_stats if reward_stats is not None else self.reward_stats
         if stats is not None:
             minqr["reward_mean"], minqr["reward_std"] = float(stats["mean"]), float(stats["std"])
@@ -300,7 +324,11 @@ class RewardModel(nn.Module):
             raise MinqrError(f"reward_stats needs 'mean' and 'std', got keys {sorted(reward_stats)}")
         # the pad that transformers' pooling skips must be the one its tokenizer pads with
         config = self.hf_config(reward_stats, pad_id=tokenizer.pad_id if tokenizer is not None else None)
-        tensors = {**hf_tensors(self.transformer), SCORE: self.score.weight.detach().contiguous()}
+        rows = self.score.weight.detach()  # [N, n_embd]
+        if self.num_quantiles > 1:
+            mean = rows.float().mean(0, keepdim=True).to(rows.dtype)  # [1, n_embd]
+            rows = torch.cat([mean, rows])  # [N + 1, n_embd]: the mean row first
+        tensors = {**hf_tensors(self.transformer), SCORE: rows.contiguous()}
         extra_files = dict(tokenizer.files()) if tokenizer is not None else {}
         if training_args is not None:
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
@@ -328,20 +356,36 @@ class RewardModel(nn.Module):
             model = cls(model_class(config_class.from_dict(config)), head)
         extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
                                        dtype=dtype, device=device)
-        expected = [head.num_quantiles, model.transformer.config.hidden_size]
+        mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
+        expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]
         if SCORE not in extras:
             raise MinqrError(f"{folder} has no {SCORE} (the reward head, shape {expected}): it is a plain "
                              "backbone checkpoint, not a reward model; load it with RewardModel.from_backbone")
         score = extras[SCORE]
         if list(score.shape) != expected:
+            what = f"the mean row and {head.num_quantiles}" if mean_row else str(head.num_quantiles)
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
-                             f"({head.num_quantiles} outputs of the backbone's width); the two do not belong together")
+                             f"({what} outputs of the backbone's width); the two do not belong together")
+        if mean_row:
+            score = _without_mean_row(score, folder)
         backbone = next(model.transformer.parameters())
         model.score.weight = nn.Parameter(score.to(device=backbone.device, dtype=backbone.dtype))
         stats = config.get("minqr", {})
         if "reward_mean" in stats and "reward_std" in stats:
             model.reward_stats = {"mean": stats["reward_mean"], "std": stats["reward_std"]}
         return model.eval()
+
+
+def _without_mean_row(score: torch.Tensor, folder) -> torch.Tensor:
+    """score.weight [N + 1, n_embd] as saved -> the head's N rows, once the first is checked to be
+    their mean (a file edited row by row would otherwise give transformers' readers another reward)."""
+    rows = score[1:]
+    # within a bfloat16 rounding (2^-8) of the rows' scale: a file saved in half precision passes
+    tolerance = 1e-2 * float(rows.double().abs().max())
+    if not torch.allclose(score[0].double(), rows.double().mean(0), rtol=0, atol=tolerance):
+        raise MinqrError(f"{folder}: the first row of {SCORE} is not the mean of the others, as the minqr section's "
+                         f"{MEAN_ROW} says it is: the file was edited; save the model again with minqr")
+    return rows
 
 
 def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
@@ -353,8 +397,10 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
                          "A plain GPT-2 checkpoint becomes one with RewardModel.from_backbone; a "
                          "GPT2ForSequenceClassification with one label loads as a scalar reward model")
     head = HeadConfig.from_dict(config["minqr"], str(where))
-    if head.num_quantiles != labels:
-        raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles} but the "
+    mean_row = bool(config["minqr"].get(MEAN_ROW))
+    if head.num_quantiles + mean_row != labels:
+        with_row = " and the mean row" if mean_row else ""
+        raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles}{with_row} but the "
                          f"config has {labels} labels (id2label); the file was edited inconsistently")
     return head
 

@@ -555,7 +555,7 @@ def response_truth(scores: Scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
     everyone), whose aligned outputs are 0 by construction, are left out (M < 2P)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
     anchored = scores.anchor is not None
-    predictions = np.concatenate([scores.quantiles("chosen"), scores.quantiles("rejected")])
+    predictions = np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)])
     true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
     if anchored:  # the anchor replies among the responses are exact by construction: leave them out
         keep = ~np.all(true == 0, axis=1)
@@ -580,9 +580,11 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     """
     where = scores.source
     view = check_view(view, scores.num_quantiles, where)
-    # the quantiles (aligned on the anchor where there is one) for everything about the distribution;
-    # the raw outputs, whose mean is the model's expected reward, for the `mean` view
-    chosen, rejected = scores.quantiles("chosen"), scores.quantiles("rejected")  # [P, N] float64
+    # the quantiles (aligned on the anchor where there is one, raw otherwise, as the summary's
+    # "quantiles_relative_to" says) for everything about the distribution; the raw outputs, whose
+    # mean is the model's expected reward, for the `mean` view
+    anchored = scores.anchor is not None
+    chosen, rejected = scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)  # [P, N] float64
     raw_chosen, raw_rejected = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
     chosen_rows = view_rows(raw_chosen if view == "mean" else chosen, view)  # [P, K]
     rejected_rows = view_rows(raw_rejected if view == "mean" else rejected, view)
@@ -619,6 +621,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "backbone_probe": scores.metadata.get("backbone_probe"),
         "num_quantiles": scores.num_quantiles, "taus": None if scores.taus is None else scores.taus.tolist(),
         "workload": scores.workload, "data": scores.metadata["data"], "split": scores.metadata["split"],
+        "quantiles_relative_to": "the pair's anchor reply" if anchored else None,
         "num_pairs": scores.num_pairs, "view": view, "bins": bins, "eps": eps, "n_resamples": n_resamples,
         "confidence": confidence, "seed": seed,
         "histogram_kl": divergence(lambda p, q: histogram_kl(p, q, bins, eps)),
@@ -654,7 +657,6 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         summary["bayes"] = bayes_reference(truth_path, scores.num_pairs)
         predictions, true_samples = response_truth(scores, truth_path)
         # aligned on the anchor when the scores have one; by the affine fit otherwise
-        anchored = scores.anchor is not None
         try:
             summary["coverage"] = {"truth": str(truth_path), "anchored": anchored,
                                    **coverage_summary(predictions, true_samples, coverage_taus(scores),

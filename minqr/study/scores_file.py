@@ -95,18 +95,25 @@ class Scores:
         """[P, N] float64: the `side` ("chosen" or "rejected") responses' outputs read out as
         quantiles (sorted, for the readout "sorted"; the mean is unchanged).
 
-        anchored (default: whenever the scores have anchor outputs): first subtract what the model
-        gives the pair's anchor reply: output by output for the readout "sorted" (each kind of
-        annotator has its own free constant, minqr/objectives/), the anchor's mean otherwise (one
-        constant for the whole head). The quantiles are then those of the reward relative to the
-        anchor's, which for the synthetic task's anchor (worth 0 to everyone) is the reward itself."""
+        anchored: subtract what the model gives the pair's anchor reply, a reference reply to the
+        same prompt (the synthetic task's, or `score --anchor-reply`'s): output by output for the
+        readout "sorted" (each kind of annotator has its own free constant, minqr/objectives/), the
+        anchor's mean otherwise (one constant for the whole head). The quantiles are then those of
+        the reward relative to the anchor's, which for the synthetic task's anchor (worth 0 to
+        everyone) is the reward itself. anchored=False reads the raw outputs, constants included.
+        The default is anchored when the scores have anchor outputs; without them, N > 1 outputs
+        need anchored=False said explicitly (a scalar head's one output needs no anchor)."""
         outputs = getattr(self, side).astype(np.float64)
         if anchored is None:
             anchored = self.anchor is not None
+            if not anchored and self.num_quantiles > 1:
+                raise MinqrError(f"{self.source}: no anchor outputs, so no reference to read the {side} quantiles "
+                                 "relative to: score with --anchor-reply TEXT (a reply to every prompt), or read "
+                                 "the raw outputs with anchored=False (each kind's free constant included)")
         if anchored:
             if self.anchor is None:
-                raise MinqrError(f"{self.source}: no anchor outputs to align on (only the synthetic task's "
-                                 "scores have them)")
+                raise MinqrError(f"{self.source}: no anchor outputs to align on: score with --anchor-reply TEXT (the "
+                                 "synthetic task's scores have them already)")
             anchor = self.anchor.astype(np.float64)
             outputs = outputs - (anchor if self.readout == "sorted" else anchor.mean(axis=1, keepdims=True))
         return np.sort(outputs, axis=1) if self.readout == "sorted" else outputs

@@ -1,0 +1,117 @@
+"""A reward model ready to give RL trainers one number per (prompt, completion): the text it reads,
+its raw outputs, and a statistic of its reward distribution relative to a reference.
+
+    rewards = TextRewards.load("runs/mixture", statistic="cvar:0.25")
+    values, relative = rewards.statistic(prompts, completions, group=prompts)   # [M], [M, N]
+
+The text. A prompt and its completion are either strings, read as prompt + completion (as TRL and
+minqr's data do), or lists of {"role", "content"} messages (TRL's conversational format), rendered
+with the reward model's chat template as minqr renders conversations in training
+(minqr/data/chat.py); a model whose tokenizer has no template was trained on the HH-style text of
+message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a warning. Texts
+longer than `max_length` tokens are cut from the left, as in training: the completion survives.
+
+The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
+whose equal values mark completions of the same prompt (the prompt itself will do), or
+`references`, a reply per text whose outputs are the reference. Neither: the mean is the expected
+reward itself; any other statistic of N > 1 outputs is refused.
+"""
+import json
+import warnings
+
+import torch
+
+from minqr.data.pairs import render
+from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
+from minqr.errors import MinqrError
+from minqr.models.reward import load_reward_model
+from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
+
+
+class TextRewards:
+    """A reward model, its tokenizer and the statistic it hands out."""
+
+    def __init__(self, model, tokenizer, statistic: str | Statistic = "mean", max_length: int = 1024,
+                 batch_size: int = DEFAULT_BATCH_SIZE, device="auto", dtype: str = "auto"):
+        if max_length < 1:
+            raise MinqrError(f"max_length must be at least 1 (tokens kept of each text), got {max_length}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
+        self.max_length, self.batch_size, self.device, self.dtype = max_length, batch_size, device, dtype
+        self._warned_hh = False
+
+    @classmethod
+    def load(cls, folder, **options) -> "TextRewards":
+        """From a folder `RewardModel.save_pretrained` wrote (or a hub name); options as __init__."""
+        model, tokenizer, _ = load_reward_model(folder)
+        return cls(model, tokenizer, **options)
+
+    @property
+    def objective(self) -> str:
+        return self.model.head_config.objective
+
+    def text(self, prompt, completion) -> str:
+        """What the model reads for one (prompt, completion): strings joined, or messages rendered."""
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return prompt + completion
+        if isinstance(prompt, str) or isinstance(completion, str):
+            kinds = f"{type(prompt).__name__} and {type(completion).__name__}"
+            raise MinqrError(f"a prompt and its completion must both be strings or both be lists of "
+                             f"{{'role', 'content'}} messages, got {kinds}")
+        messages = [*prompt, *completion]
+        template = self.tokenizer.chat_template
+        if template is not None:
+            return template.render(messages)
+        if not self._warned_hh:
+            self._warned_hh = True
+            warnings.warn("the reward model's tokenizer has no chat template: conversations are read in the HH "
+                          "style ('\\n\\nHuman: ...\\n\\nAssistant: ...'), as minqr trained it on message lists",
+                          stacklevel=3)
+        return render(messages)
+
+    @torch.inference_mode()
+    def outputs(self, texts: list) -> torch.Tensor:
+        """[M, N] float32 raw outputs for M texts (each cut from the left to max_length tokens)."""
+        token_lists = [ids[-self.max_length:] for ids in self.tokenizer.encode_batch(texts)]
+        empty = [i for i, ids in enumerate(token_lists) if not ids]
+        if empty:
+            raise MinqrError(f"texts {empty[:5]} are empty, so they have no last token to read a reward at")
+        return torch.from_numpy(score_texts(self.model, token_lists, self.batch_size, self.device, self.dtype))
+
+    def statistic_values(self, prompts: list, completions: list, *, group: list | None = None,
+                         references: list | None = None) -> tuple:
+        """(values [M] float64, relative outputs [M, N] or None): the statistic of each completion's
+        reward distribution, relative to its group (equal keys: the same prompt) or to its reference
+        reply (a completion of the same prompt, in the completions' format); and the distribution
+        itself, relative, when there is a reference (None without one)."""
+        if len(prompts) != len(completions):
+            raise MinqrError(f"{len(prompts)} prompts but {len(completions)} completions: one prompt per completion")
+        if group is not None and references is not None:
+            raise MinqrError("give a group or references, not both")
+        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
+        reference_outputs, group_ids = None, None
+        if references is not None:
+            if len(references) != len(prompts):
+                raise MinqrError(f"{len(references)} references for {len(prompts)} completions: "
+                                 "one reply per completion")
+            texts += [self.text(p, r) for p, r in zip(prompts, references)]
+        outputs = self.outputs(texts).double()  # [M, N] or [2M, N]: the completions, then their references
+        if references is not None:
+            outputs, reference_outputs = outputs[:len(prompts)], outputs[len(prompts):]
+        if group is not None:
+            if len(group) != len(prompts):
+                raise MinqrError(f"{len(group)} group keys for {len(prompts)} completions: one key per completion")
+            group_ids = torch.tensor(_key_ids(group))
+        values = statistic_values(self.statistic, outputs, reference=reference_outputs, group=group_ids,
+                                  objective=self.objective)
+        relative = None
+        if reference_outputs is not None or group_ids is not None:
+            relative = relative_outputs(outputs, reference=reference_outputs, group=group_ids, objective=self.objective)
+        return values, relative
+
+
+def _key_ids(keys: list) -> list[int]:
+    """One integer per key, equal for equal keys (strings, or message lists compared as JSON)."""
+    ids = {}
+    return [ids.setdefault(key if isinstance(key, str) else json.dumps(key, sort_keys=True), len(ids)) for key in keys]
+

@@ -1,0 +1,105 @@
+"""A minqr reward model as verl's custom reward function: point verl at this file.
+
+verl loads a reward function from a file path and calls it with keywords, adding the config's
+`reward_kwargs` (here: which model, which statistic, where the prompt is):
+
+    reward:
+      custom_reward_function:
+        path: /path/to/minqr/adapters/verl.py     # python -c "import minqr.adapters.verl as v; print(v.__file__)"
+        name: compute_score                        # or compute_score_batch, with reward_manager: batch
+        reward_kwargs: {model: runs/mixture, statistic: "cvar:0.25", reference_key: sft_answer}
+
+- `compute_score(data_source, solution_str, ground_truth, extra_info, **reward_kwargs)`, as verl's
+  per-sample ("naive") reward manager calls it, returns {"score": the statistic, "mean": the
+  expected reward, "spread": the std over the kinds} for one response; verl trains on "score" and
+  logs the others. A single response has no group, so a statistic other than the mean needs a
+  reference reply per prompt: `reference_key` (an extra_info field, e.g. the SFT model's answer) or
+  `reference_reply` (one text for all prompts, e.g. a refusal).
+- `compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)`,
+  as verl's "batch" reward manager calls it, returns that dict for each response; without a
+  reference reply, the reference is the group of responses to the same prompt in the batch.
+
+verl passes `solution_str`, the response alone; the prompt comes from `extra_info[prompt_key]`
+(default "prompt"), a string, or a list of messages (TRL's and verl's chat format) rendered with the
+reward model's chat template together with the response as the assistant's message. Put it there
+when preparing the data set. `ground_truth` and `data_source` are not used. "spread" is logged only
+where there is a reference (without one the kinds' free constants would be in it).
+
+The reward model is loaded once per process and option set, on the first call.
+"""
+from minqr.adapters.texts import TextRewards
+from minqr.errors import MinqrError
+
+# what verl's reward managers may add to the keywords, which this function does not use
+VERL_KEYWORDS = ("reward_router_address", "reward_model_tokenizer")
+_LOADED = {}  # (model, statistic, max_length, batch_size, device, dtype) -> TextRewards
+
+
+def compute_score(data_source=None, solution_str: str = "", ground_truth=None, extra_info: dict | None = None,
+                  **reward_kwargs) -> dict:
+    """One response's reward dict {"score", "mean"[, "spread"]} (see the module docstring)."""
+    return _reward_dicts([solution_str], [extra_info], per_sample=True, **reward_kwargs)[0]
+
+
+def compute_score_batch(data_sources=None, solution_strs=(), ground_truths=None, extra_infos=None,
+                        **reward_kwargs) -> list[dict]:
+    """Every response's reward dict, in order (see the module docstring)."""
+    solutions = list(solution_strs)
+    return _reward_dicts(solutions, list(extra_infos) if extra_infos is not None else [None] * len(solutions),
+                         per_sample=False, **reward_kwargs)
+
+
+def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | None = None, statistic: str = "mean",
+                  prompt_key: str = "prompt", reference_key: str | None = None, reference_reply=None,
+                  max_length: int = 1024, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
+                  **others) -> list[dict]:
+    unknown = sorted(set(others) - set(VERL_KEYWORDS))
+    if unknown:
+        raise MinqrError(f"reward_kwargs: unknown option {', '.join(unknown)}; minqr's verl reward takes model, "
+                         "statistic, prompt_key, reference_key, reference_reply, max_length, batch_size, device, dtype")
+    if model is None:
+        raise MinqrError("reward_kwargs: model is missing: the reward model folder (reward_kwargs: {model: DIR})")
+    if reference_key is not None and reference_reply is not None:
+        raise MinqrError("reward_kwargs: give reference_key or reference_reply, not both")
+    key = (str(model), str(statistic), max_length, batch_size, device, dtype)
+    if key not in _LOADED:
+        _LOADED[key] = TextRewards.load(model, statistic=statistic, max_length=max_length, batch_size=batch_size,
+                                        device=device, dtype=dtype)
+    rewards = _LOADED[key]
+    prompts = [_field(info, prompt_key, "prompt_key", i) for i, info in enumerate(infos)]
+    completions = [_as_reply(prompt, text) for prompt, text in zip(prompts, solutions)]
+    if reference_key is not None:
+        references = [_as_reply(p, _field(info, reference_key, "reference_key", i))
+                      for i, (p, info) in enumerate(zip(prompts, infos))]
+        kwargs = {"references": references}
+    elif reference_reply is not None:
+        kwargs = {"references": [_as_reply(p, reference_reply) for p in prompts]}
+    elif per_sample and rewards.statistic.needs_reference and rewards.model.num_quantiles > 1:
+        raise MinqrError(f"statistic {rewards.statistic} needs a reference, and compute_score sees one response "
+                         "at a time: set reward_kwargs reference_key (an extra_info field with a reference reply "
+                         "per prompt) or reference_reply, or use compute_score_batch with reward_manager batch "
+                         "(the reference is then the group of responses to the same prompt)")
+    else:
+        kwargs = {"group": prompts} if not per_sample else {}
+    values, relative = rewards.statistic_values(prompts, completions, **kwargs)
+    # without a reference the statistic is the mean itself (or, at N = 1, the one reward)
+    means = relative.mean(-1) if relative is not None else values
+    results = [{"score": float(v), "mean": float(m)} for v, m in zip(values, means)]
+    if relative is not None:
+        for result, row in zip(results, relative):
+            result["spread"] = float(row.std(correction=0))
+    return results
+
+
+def _field(info, key: str, option: str, index: int):
+    if not isinstance(info, dict) or key not in info:
+        has = ", ".join(sorted(info)) if isinstance(info, dict) else "no extra_info"
+        raise MinqrError(f"response {index}: extra_info has no {key!r} (reward_kwargs {option}); it has {has}. "
+                         f"Put the {'prompt' if option == 'prompt_key' else 'reference reply'} there when you "
+                         "prepare the data set")
+    return info[key]
+
+
+def _as_reply(prompt, text):
+    """A response text in the prompt's format: a string, or the assistant's message after messages."""
+    return [{"role": "assistant", "content": text}] if not isinstance(prompt, str) and isinstance(text, str) else text
