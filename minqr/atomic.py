@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 # mkstemp/mkdtemp create private paths (0600/0700) on purpose; what we publish should have the
 # permissions of an ordinary file or folder, as the user's umask sets them.
@@ -142,7 +143,7 @@ def check_replaceable(path, option: str = "out") -> None:
     if not held:
         return
     try:
-        made = json.loads((path / MARKER).read_text())["contents"]
+        made = loads((path / MARKER).read_text())["contents"]
     except (OSError, ValueError, KeyError, TypeError):
         made = None
     if made is None:
