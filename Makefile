@@ -25,7 +25,7 @@ OBJECTIVES := runs/objectives
 HH_PAIRS := ../shared/data/hh-rlhf/harmless-base/test.jsonl.gz
 GPT2_TOKENIZER := ../shared/data/gpt2-tokenizer
 
-.PHONY: test test-slow demo bench study objectives clean
+.PHONY: test test-slow demo bench study objectives best-of-n clean
 
 test: $(INSTALLED)
 	$(PY) -m pytest tests -m "not slow"
@@ -88,6 +88,23 @@ objectives: $(INSTALLED)
 	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --out $(OBJECTIVES)/hh/report; \
 	fi
 	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --out $(OBJECTIVES)/table.md
+
+# The best-of-N evidence (docs/best_of_n.md): on the demo and shifted tasks, a mixture model and a
+# scalar head (one seed each), candidate sets (1,000 prompts of 8), their choices by each statistic
+# against the oracle that knows the true distribution; the table in $(BEST_OF_N)/table.md. About
+# ten minutes on a 2-core CPU.
+BEST_OF_N := runs/best-of-n
+best-of-n: $(INSTALLED)
+	set -e; for variant in demo shifted; do \
+	  $(PY) tools/synthetic.py --variant $$variant --out $(BEST_OF_N)/$$variant/task; \
+	  $(PY) tools/candidates.py --variant $$variant --out $(BEST_OF_N)/$$variant/candidates; \
+	  for head in mixture scalar; do \
+	    case $$head in scalar) options="--head scalar";; *) options="--objective mixture";; esac; \
+	    $(PY) tools/train.py --demo $$options --data $(BEST_OF_N)/$$variant/task/train.jsonl --overwrite \
+	      --out $(BEST_OF_N)/$$variant/$$head; \
+	  done; \
+	done
+	$(PY) tools/best_of_n_table.py $(BEST_OF_N) --out $(BEST_OF_N)/table.md
 
 bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks

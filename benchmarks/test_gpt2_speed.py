@@ -3,8 +3,8 @@
 4 x 128 tokens, float32, eager and torch.compile'd, both models holding the same random weights
 (transformers with its default SDPA attention). A step takes 1-2 s on a 2-core CPU and each
 compile a minute or two, so the rounds are few. After timing, each variant's output is checked
-against transformers' eager one. The last test prints the speed ratios (run with -s to see them
-as they come; they are also in pytest-benchmark's table, group "gpt2-124M").
+against transformers' eager one. The speed ratios are printed after the run (benchmarks/conftest.py;
+the times are also in pytest-benchmark's table, group "gpt2-124M").
 """
 import pytest
 import torch
@@ -35,7 +35,7 @@ def setup():
 
 @pytest.mark.parametrize("mode", ["eager", "compiled"])
 @pytest.mark.parametrize("implementation", ["minqr", "transformers"])
-def test_forward_backward_124m(benchmark, setup, implementation, mode):
+def test_forward_backward_124m(benchmark, report, setup, implementation, mode):
     models, ids, reference = setup
     model = models[implementation]
     if mode == "compiled":
@@ -46,15 +46,10 @@ def test_forward_backward_124m(benchmark, setup, implementation, mode):
     hidden = benchmark.pedantic(step, args=(model, ids), rounds=ROUNDS, iterations=1, warmup_rounds=1)
     MEANS[implementation, mode] = benchmark.stats.stats.mean
     torch.testing.assert_close(hidden, reference, atol=1e-3, rtol=1e-3)
-
-
-def test_report_ratios(capsys):
-    if len(MEANS) < 4:
-        pytest.skip("needs the four timings above (run the whole file)")
-    with capsys.disabled():
-        print()
-        for mode in ("eager", "compiled"):
-            ours, theirs = MEANS["minqr", mode], MEANS["transformers", mode]
-            print(f"gpt2-124M fwd+bwd {mode}: minqr {ours:.3f} s, transformers {theirs:.3f} s, "
-                  f"transformers/minqr = {theirs / ours:.2f}x")
-        print(f"minqr compiled vs transformers eager: {MEANS['transformers', 'eager'] / MEANS['minqr', 'compiled']:.2f}x")
+    for key in [m for m in ("eager", "compiled") if ("minqr", m) in MEANS and ("transformers", m) in MEANS]:
+        ours, theirs = MEANS["minqr", key], MEANS["transformers", key]
+        report("gpt2-124M fwd+bwd, CPU, 4x128 tokens, means", key, f"{key}: minqr {ours:.3f} s, transformers "
+               f"{theirs:.3f} s, transformers/minqr = {theirs / ours:.2f}x")
+    if ("minqr", "compiled") in MEANS and ("transformers", "eager") in MEANS:
+        report("gpt2-124M fwd+bwd, CPU, 4x128 tokens, means", "across", "minqr compiled vs transformers eager: "
+               f"{MEANS['transformers', 'eager'] / MEANS['minqr', 'compiled']:.2f}x")

@@ -5,10 +5,10 @@ steps with the weights in float32, in bfloat16, and in bfloat16 with float32 mas
 The shape is a small Llama (8 layers, width 512, 8 query heads over 2 key/value heads, SwiGLU 1408,
 vocabulary 32,000: 60M parameters), 4 x 128 tokens, float32, both models holding the same random
 weights (transformers with its default SDPA attention). After timing, minqr's hidden states are
-checked against transformers'. The last tests print the ratio, and the peak resident memory of a
-reward-model step at 8 x 512 tokens measured in fresh processes, with and without
-`gradient_checkpointing`, and at 2 x 128 tokens, where the weights, gradients and AdamW's state
-outweigh the activations, by --param-dtype and --master-weights (run with -s to see them).
+checked against transformers'. The ratio is printed after the run (benchmarks/conftest.py), and so
+are the peak resident memory of a reward-model step at 8 x 512 tokens measured in fresh processes,
+with and without `gradient_checkpointing`, and at 2 x 128 tokens, where the weights, gradients and
+AdamW's state outweigh the activations, by --param-dtype and --master-weights.
 """
 import json
 import subprocess
@@ -29,6 +29,7 @@ ROUNDS = 10  # a step is half a second: enough rounds for a steady median
 MEDIANS = {}  # implementation -> median seconds per step
 PEAKS = {}  # gradient checkpointing on/off -> peak resident MB
 PARAM_PEAKS = {}  # float32, bfloat16, bfloat16+master -> peak resident MB
+SECTION = "llama 60M, CPU"  # of the report after the run (benchmarks/conftest.py)
 
 # one training step of a reward model in a fresh process; prints the process's peak resident memory
 MEMORY_STEP = """
@@ -83,46 +84,38 @@ def setup():
 
 
 @pytest.mark.parametrize("implementation", ["minqr", "transformers"])
-def test_forward_backward_llama(benchmark, setup, implementation):
+def test_forward_backward_llama(benchmark, report, setup, implementation):
     models, ids, reference = setup
     benchmark.group = "llama 60M fwd+bwd, CPU, 4x128 tokens"
     hidden = benchmark.pedantic(step, args=(models[implementation], ids), rounds=ROUNDS, iterations=1,
                                 warmup_rounds=1)
     MEDIANS[implementation] = benchmark.stats.stats.median
     torch.testing.assert_close(hidden, reference, atol=1e-3, rtol=1e-3)
+    if len(MEDIANS) == 2:
+        ours, theirs = MEDIANS["minqr"], MEDIANS["transformers"]
+        report(SECTION, "speed", f"fwd+bwd eager, 4x128 tokens, medians: minqr {ours:.3f} s, transformers "
+               f"{theirs:.3f} s, transformers/minqr = {theirs / ours:.2f}x")
 
 
 @pytest.mark.parametrize("checkpointing", ["off", "on"])
-def test_peak_memory_of_a_step(checkpointing):
+def test_peak_memory_of_a_step(report, checkpointing):
     done = subprocess.run([sys.executable, "-c", MEMORY_STEP, json.dumps({"model_type": "llama", **SHAPE}),
                            checkpointing], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     PEAKS[checkpointing] = float(done.stdout.split()[-1])
+    if len(PEAKS) == 2:
+        report(SECTION, "checkpointing", f"peak resident memory of a reward-model step at 8x512 tokens: "
+               f"{PEAKS['off']:.0f} MB, with gradient checkpointing {PEAKS['on']:.0f} MB "
+               f"({PEAKS['off'] / PEAKS['on']:.2f}x less)")
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "bfloat16+master"])
-def test_peak_memory_by_parameter_dtype(mode):
+def test_peak_memory_by_parameter_dtype(report, mode):
     param_dtype, _, master = mode.partition("+")
     done = subprocess.run([sys.executable, "-c", PARAM_DTYPE_STEPS, json.dumps({"model_type": "llama", **SHAPE}),
                            param_dtype, master or "plain"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     PARAM_PEAKS[mode] = float(done.stdout.split()[-1])
-
-
-def test_report(capsys):
-    """What the tests above measured (those that ran)."""
-    lines = []
-    if len(MEDIANS) == 2:
-        lines.append(f"llama 60M fwd+bwd eager, medians: minqr {MEDIANS['minqr']:.3f} s, transformers "
-                     f"{MEDIANS['transformers']:.3f} s, transformers/minqr = {MEDIANS['transformers'] / MEDIANS['minqr']:.2f}x")
-    if len(PEAKS) == 2:
-        lines.append(f"peak resident memory of a reward-model step at 8x512 tokens: {PEAKS['off']:.0f} MB, with "
-                     f"gradient checkpointing {PEAKS['on']:.0f} MB ({PEAKS['off'] / PEAKS['on']:.2f}x less)")
     if len(PARAM_PEAKS) == 3:
-        lines.append("peak resident memory of two AdamW steps at 2x128 tokens: "
-                     + ", ".join(f"{mode} {mb:.0f} MB" for mode, mb in PARAM_PEAKS.items()))
-    if not lines:
-        pytest.skip("needs the measurements above (run the whole file)")
-    with capsys.disabled():
-        print()
-        print("\n".join(lines))
+        report(SECTION, "dtypes", "peak resident memory of two AdamW steps at 2x128 tokens: "
+               + ", ".join(f"{mode} {mb:.0f} MB" for mode, mb in PARAM_PEAKS.items()))

@@ -5,9 +5,12 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     models/      the networks: GPT-2, the Llama family, the reward model and its head, Hugging Face
                  folders, the tokenizer
     objectives/  what a head's N outputs mean: each objective's formula and its fused C++/CUDA op
-    data/        preference pairs: readers, batches, the synthetic task with known truth
+    data/        preference pairs: readers, batches
+    synthetic/   the synthetic task whose true reward distributions are known: data, truth, anchors,
+                 the backbone probe, the offline demo
     training/    the loop, its options, resume, processes, metrics
-    study/       scoring models into scores files, the analysis against the truth, the report
+    study/       scoring models into scores files; their measures (divergences, bootstrap, accuracy,
+                 coverage) and the report (tables, figures)
     distribution/  statistics of a reward distribution relative to a reference reply (mean, quantile,
                  CVaR, mean - lambda std, preference)
     adapters/    the distribution where RL trainers read one number: TRL's reward function, verl's
@@ -15,11 +18,12 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
 
 and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
 atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),
-ranking.py (how accuracy counts a pair).
+ranking.py (how a pair's label scores a model: accuracy's credit, log-likelihood).
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, data/synthetic.py and study/analysis.py, in that order.
+training/objective.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
+that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that
 `import minqr.study.scores_file` (the numpy side) does not import torch.

@@ -5,6 +5,8 @@
     minqr analyze q.npz --out report
     minqr export --model runs/demo/quantile --scalar --out runs/demo/quantile-scalar
     minqr synthetic --out runs/tasks/shifted --variant shifted
+    minqr candidates --variant shifted --out runs/tasks/shifted-candidates
+    minqr best-of-n --model runs/demo/quantile --data runs/tasks/shifted-candidates/candidates.jsonl --out c.jsonl
     minqr objectives-table runs/objectives/*/report/summaries.json --out table.md
 
 Each subcommand's options are its config dataclass's fields (minqr_cli/options.py); every one
@@ -15,11 +17,13 @@ import sys
 import click
 
 from minqr import __version__
-from minqr.data.synthetic import SyntheticConfig, make_synthetic_task
+from minqr.distribution.best_of_n import BestOfNConfig, best_of_n_to_file
 from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
 from minqr.study.scoring import ScoreConfig, score_to_file
+from minqr.synthetic.candidates import CandidatesConfig, make_candidate_sets
+from minqr.synthetic.folder import SyntheticConfig, make_synthetic_task
 from minqr.training.config import RUN_FACTS, TrainConfig
 from minqr.training.interrupt import TrainingInterrupted
 from minqr.training.loop import train as train_model
@@ -84,6 +88,25 @@ def synthetic(options, given):
     click.echo(f"wrote the {config.variant} task into {folder}")
 
 
+@config_command(CandidatesConfig)
+def candidates(options, given):
+    """Write candidate sets of the synthetic task into --out: prompts with K candidate replies each
+    (the input of best-of-n) and each candidate's true reward distribution, for scoring a choice."""
+    config = CandidatesConfig(**options)
+    folder = make_candidate_sets(config.out, config.variant, config.num_prompts, config.num_candidates, config.seed)
+    click.echo(f"wrote {config.num_prompts} prompts of {config.num_candidates} candidates of the {config.variant} "
+               f"task into {folder}")
+
+
+@config_command(BestOfNConfig, name="best-of-n")
+def best_of_n(options, given):
+    """Choose among each prompt's candidates in --data (JSON lines or Parquet records {prompt, candidates,
+    reference}) by each --statistics of the reward distribution that --model gives them, relative to the
+    group of candidates or a reference reply, and write the choices and every candidate's statistics to --out.
+    Run again after a crash, the same command resumes."""
+    click.echo(str(best_of_n_to_file(**options)))
+
+
 @config_command(TableConfig)
 def objectives_table(options, given):
     """Write the objectives table of the analyzed SUMMARIES (summaries.json files written by analyze)
@@ -98,5 +121,5 @@ def main():
     reward over the people who judge it. `minqr COMMAND --help` explains each command."""
 
 
-for command in (train, score, analyze_scores, export, synthetic, objectives_table):
+for command in (train, score, analyze_scores, export, synthetic, candidates, best_of_n, objectives_table):
     main.add_command(command)

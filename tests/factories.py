@@ -25,8 +25,10 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
                                                      training code's [B, 1, T, T] pattern and positions
     ended_writer() -> str                            `pid@host` of a process that has ended, as the
                                                      temporaries of a killed writer name it (minqr.atomic)
+    load_tool(name) -> click.Command                 tools/NAME.py's command (tools/ is not a package)
 """
 import copy
+import importlib.util
 import json
 import socket
 import subprocess
@@ -39,6 +41,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import hf_tensors, save_gpt2
 from minqr.models.tokenizer import EOS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_VOCAB_SIZE = 320  # >= the tiny tokenizer's vocabulary, so its ids fit tiny models
 TINY_EOS_ID = 300  # the tiny tokenizer's EOS (its last id)
@@ -200,3 +204,11 @@ def ended_writer() -> str:
     process = subprocess.Popen([sys.executable, "-c", "pass"])
     process.wait()
     return f"{process.pid}@{socket.gethostname()}"
+
+
+def load_tool(name: str):
+    """tools/NAME.py's click command, `main` (tools/ is not a package, so it is loaded by path)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main

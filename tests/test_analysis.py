@@ -1,4 +1,5 @@
-"""The measures of minqr.study.analysis against scipy, brute force, or the formula written out."""
+"""The measures of minqr.study (analysis, divergences, bootstrap, accuracy, coverage) and the
+synthetic truth's readers against scipy, brute force, or the formula written out."""
 import math
 
 import numpy as np
@@ -7,8 +8,11 @@ from scipy.spatial.distance import jensenshannon
 from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein_distance
 
 from minqr.errors import MinqrError
-from minqr.study import analysis as A
+from minqr.ranking import negative_log_likelihood
+from minqr.study import accuracy as R, analysis as A, bootstrap as B, coverage as C, divergences as D
 from minqr.study.scores_file import FORMAT, Scores
+from minqr.synthetic.probe import linear_probe
+from minqr.synthetic.truth import load_truth, response_truth
 
 SIZES = [(1, 1), (1, 5), (7, 3), (200, 300), (2000, 1500)]
 
@@ -46,45 +50,45 @@ def test_histogram_kl_and_js_against_scipy(sizes, bins, eps):
     rng = np.random.default_rng(hash((sizes, bins)) % 2**32)
     p, q = rng.normal(0.4, 1.0, sizes[0]), rng.standard_t(4, sizes[1])
     p_counts, q_counts = reference_histograms(p, q, bins, eps)
-    assert A.histogram_kl(p, q, bins, eps) == pytest.approx(entropy(p_counts, q_counts), rel=1e-10, abs=1e-12)
+    assert D.histogram_kl(p, q, bins, eps) == pytest.approx(entropy(p_counts, q_counts), rel=1e-10, abs=1e-12)
     js = jensenshannon(p_counts, q_counts) ** 2  # scipy gives the distance, in nats by default
-    assert A.js_divergence(p, q, bins, eps) == pytest.approx(js, rel=1e-8, abs=1e-12)
-    assert 0 <= A.js_divergence(p, q, bins, eps) <= math.log(2) + 1e-12
+    assert D.js_divergence(p, q, bins, eps) == pytest.approx(js, rel=1e-8, abs=1e-12)
+    assert 0 <= D.js_divergence(p, q, bins, eps) <= math.log(2) + 1e-12
 
 
 def test_histogram_kl_edge_cases():
     x = np.random.default_rng(0).normal(size=300)
-    assert A.histogram_kl(x, x) == 0.0 and A.js_divergence(x, x) == pytest.approx(0.0, abs=1e-15)
-    assert A.histogram_kl([2.0, 2.0], [2.0], eps=0) == 0.0  # one value everywhere: one non-empty bin
-    assert A.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == math.inf  # empty Q bin under P mass
-    assert A.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == entropy([1, 1], [0, 2])
+    assert D.histogram_kl(x, x) == 0.0 and D.js_divergence(x, x) == pytest.approx(0.0, abs=1e-15)
+    assert D.histogram_kl([2.0, 2.0], [2.0], eps=0) == 0.0  # one value everywhere: one non-empty bin
+    assert D.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == math.inf  # empty Q bin under P mass
+    assert D.histogram_kl([0.0, 1.0], [1.0, 1.0], bins=2, eps=0) == entropy([1, 1], [0, 2])
     # the bin edges follow the pooled range, so an increasing affine map changes nothing
     y = np.random.default_rng(1).normal(0.3, 1.2, size=400)
-    assert A.histogram_kl(2.5 * x - 1, 2.5 * y - 1) == pytest.approx(A.histogram_kl(x, y), rel=1e-9)
+    assert D.histogram_kl(2.5 * x - 1, 2.5 * y - 1) == pytest.approx(D.histogram_kl(x, y), rel=1e-9)
     with pytest.raises(MinqrError, match="at least one value"):
-        A.histogram_kl([], [1.0])
+        D.histogram_kl([], [1.0])
     with pytest.raises(MinqrError, match="bins >= 1"):
-        A.histogram_kl(x, y, bins=0)
+        D.histogram_kl(x, y, bins=0)
 
 
 def test_kl_by_bins_is_histogram_kl_at_each_count():
     rng = np.random.default_rng(2)
     p, q = rng.normal(size=500), rng.normal(0.5, 1, size=400)
-    sweep = A.histogram_kl_by_bins(p, q, (3, 30, 300), eps=1e-8)
-    assert sweep.tolist() == [A.histogram_kl(p, q, b, 1e-8) for b in (3, 30, 300)]
+    sweep = D.histogram_kl_by_bins(p, q, (3, 30, 300), eps=1e-8)
+    assert sweep.tolist() == [D.histogram_kl(p, q, b, 1e-8) for b in (3, 30, 300)]
 
 
 @pytest.mark.parametrize("sizes", SIZES)
 def test_wasserstein_against_scipy(sizes):
     rng = np.random.default_rng(sizes[0] * 7 + sizes[1])
     p, q = rng.normal(size=sizes[0]), rng.exponential(size=sizes[1])
-    assert A.wasserstein_1(p, q) == pytest.approx(wasserstein_distance(p, q), rel=1e-10, abs=1e-12)
+    assert D.wasserstein_1(p, q) == pytest.approx(wasserstein_distance(p, q), rel=1e-10, abs=1e-12)
     ties_p, ties_q = rng.integers(0, 4, sizes[0]).astype(float), rng.integers(0, 4, sizes[1]).astype(float)
-    assert A.wasserstein_1(ties_p, ties_q) == pytest.approx(wasserstein_distance(ties_p, ties_q), abs=1e-12)
+    assert D.wasserstein_1(ties_p, ties_q) == pytest.approx(wasserstein_distance(ties_p, ties_q), abs=1e-12)
     spread = np.std(np.concatenate([p, q]))
-    assert A.wasserstein_1_sd(p, q) == pytest.approx(wasserstein_distance(p, q) / spread, rel=1e-10)
-    assert A.wasserstein_1_sd(3 * p + 5, 3 * q + 5) == pytest.approx(A.wasserstein_1_sd(p, q), rel=1e-9)
-    assert A.wasserstein_1_sd([1.0, 1.0], [1.0]) == 0.0
+    assert D.wasserstein_1_sd(p, q) == pytest.approx(wasserstein_distance(p, q) / spread, rel=1e-10)
+    assert D.wasserstein_1_sd(3 * p + 5, 3 * q + 5) == pytest.approx(D.wasserstein_1_sd(p, q), rel=1e-9)
+    assert D.wasserstein_1_sd([1.0, 1.0], [1.0]) == 0.0
 
 
 @pytest.mark.parametrize("sizes", [(5, 9), (300, 200)])
@@ -96,23 +100,23 @@ def test_kde_kl_against_scipy_kde(sizes):
     grid = np.linspace(min(p.min(), q.min()) - reach, max(p.max(), q.max()) + reach, 512)
     density_p, density_q = kde_p(grid), kde_q(grid)
     expected = np.trapezoid(density_p * np.log(density_p / density_q), grid)
-    assert A.kde_kl(p, q) == pytest.approx(expected, rel=1e-8)
+    assert D.kde_kl(p, q) == pytest.approx(expected, rel=1e-8)
 
 
 def test_kde_kl_finds_the_gaussian_kl():
     rng = np.random.default_rng(3)
     p, q = rng.normal(0.0, 1.0, 6000), rng.normal(1.0, 1.0, 6000)
-    assert A.kde_kl(p, q) == pytest.approx(0.5, abs=0.06)  # KL(N(0,1) || N(1,1)) = 1/2
-    with pytest.raises(A.NotMeasurable, match="the 5 chosen rewards all equal 1, and a density estimate needs"):
-        A.kde_kl(np.ones(5), q)
+    assert D.kde_kl(p, q) == pytest.approx(0.5, abs=0.06)  # KL(N(0,1) || N(1,1)) = 1/2
+    with pytest.raises(D.NotMeasurable, match="the 5 chosen rewards all equal 1, and a density estimate needs"):
+        D.kde_kl(np.ones(5), q)
 
 
-def test_weighted_kde_kl_is_the_weighted_density_written_out():
+def testweighted_kde_kl_is_the_weighted_density_written_out():
     """The bootstrap's path: rows of K values sharing a weight, many weightings in one product."""
     rng = np.random.default_rng(4)
     p_rows, q_rows = rng.normal(0.3, 1, (40, 3)), rng.normal(0, 1, (40, 3))
     weights = rng.integers(0, 3, (4, 40)).astype(float)
-    got = A._weighted_kde_kl(p_rows, q_rows, weights, weights, 256)
+    got = D.weighted_kde_kl(p_rows, q_rows, weights, weights, 256)
     h_p = math.sqrt(gaussian_kde(p_rows.ravel()).covariance[0, 0])
     h_q = math.sqrt(gaussian_kde(q_rows.ravel()).covariance[0, 0])
     reach = 4 * max(h_p, h_q)
@@ -125,8 +129,8 @@ def test_weighted_kde_kl_is_the_weighted_density_written_out():
         assert got[b] == pytest.approx(np.trapezoid(dp * np.log(dp / dq), grid), rel=1e-9)
     # all weights one: the plain kde_kl of the pooled values
     ones = np.ones((1, 40))
-    assert A._weighted_kde_kl(p_rows, q_rows, ones, ones, 512)[0] == pytest.approx(
-        A.kde_kl(p_rows.ravel(), q_rows.ravel()), rel=1e-10)
+    assert D.weighted_kde_kl(p_rows, q_rows, ones, ones, 512)[0] == pytest.approx(
+        D.kde_kl(p_rows.ravel(), q_rows.ravel()), rel=1e-10)
 
 
 # --- bootstrap ----------------------------------------------------------------------------------
@@ -138,7 +142,7 @@ def test_bootstrap_estimate_is_the_bias_corrected_value_with_a_basic_interval():
     def statistic(c, r):
         return np.mean(c - r)
 
-    result = A.bootstrap(statistic, c, r, n_resamples=200, seed=9, bounds=A.ANY_REAL)
+    result = B.bootstrap(statistic, c, r, n_resamples=200, seed=9, bounds=B.ANY_REAL)
     indices = np.random.default_rng(9).integers(0, 50, size=(200, 50))
     values = np.array([statistic(c[i], r[i]) for i in indices])
     low, high = np.percentile(values, [2.5, 97.5])
@@ -149,16 +153,16 @@ def test_bootstrap_estimate_is_the_bias_corrected_value_with_a_basic_interval():
 
 @pytest.mark.parametrize("value, resampled, bounds, expected", [
     # JS 0.019 whose resamples sit higher still: all of it is bias; the truth lies in [0, 0.011]
-    (0.019, np.linspace(0.027, 0.063, 101), A.JS_RANGE, (0.0, 0.0, 0.0101)),
+    (0.019, np.linspace(0.027, 0.063, 101), B.JS_RANGE, (0.0, 0.0, 0.0101)),
     # near JS's ceiling ln 2: the interval stops there
-    (0.69, np.linspace(0.66, 0.70, 101), A.JS_RANGE, (0.70, 0.681, math.log(2))),
+    (0.69, np.linspace(0.66, 0.70, 101), B.JS_RANGE, (0.70, 0.681, math.log(2))),
     # the resamples all above 2·value: the clipped interval is [0, 0], still holding the corrected 0
-    (0.1, np.linspace(0.3, 0.4, 101), A.NON_NEGATIVE, (0.0, 0.0, 0.0)),
+    (0.1, np.linspace(0.3, 0.4, 101), B.NON_NEGATIVE, (0.0, 0.0, 0.0)),
     # a model whose resamples cannot vary (all rewards equal): a point
-    (0.0, np.zeros(50), A.NON_NEGATIVE, (0.0, 0.0, 0.0)),
+    (0.0, np.zeros(50), B.NON_NEGATIVE, (0.0, 0.0, 0.0)),
 ])
 def test_bootstrap_estimates_stay_in_the_range_and_hold_the_corrected_value(value, resampled, bounds, expected):
-    result = A.bootstrap_estimate(value, resampled, bounds=bounds)
+    result = B.bootstrap_estimate(value, resampled, bounds=bounds)
     corrected, low, high = expected
     assert result["value"] == value and result["corrected"] == pytest.approx(min(corrected, bounds[1]), abs=1e-4)
     assert (result["ci_low"], result["ci_high"]) == pytest.approx((low, high), abs=1e-4)
@@ -167,7 +171,7 @@ def test_bootstrap_estimates_stay_in_the_range_and_hold_the_corrected_value(valu
 
 def test_bootstrap_estimate_without_resamples_or_with_an_infinite_value():
     for value, resampled in [(0.3, []), (math.inf, [1.0, 2.0]), (0.3, [0.2, math.inf])]:
-        assert A.bootstrap_estimate(value, resampled) == {"value": value, "corrected": None, "ci_low": None,
+        assert B.bootstrap_estimate(value, resampled) == {"value": value, "corrected": None, "ci_low": None,
                                                           "ci_high": None, "bootstrap_mean": None}
 
 
@@ -181,7 +185,7 @@ def interval_coverage(measure, truth, bounds, shift, pairs, replicates, resample
         c, r = rng.normal(shift, 1, pairs), rng.normal(0, 1, pairs)
         indices = rng.integers(0, pairs, size=(resamples, pairs))
         resampled = [measure(c[i], r[i]) for i in indices]
-        result = A.bootstrap_estimate(measure(c, r), resampled, bounds=bounds)
+        result = B.bootstrap_estimate(measure(c, r), resampled, bounds=bounds)
         hits += result["ci_low"] <= truth <= result["ci_high"]
         percentile_hits += bool(np.percentile(resampled, 2.5) <= truth <= np.percentile(resampled, 97.5))
         plug_in.append(result["value"])
@@ -191,7 +195,7 @@ def interval_coverage(measure, truth, bounds, shift, pairs, replicates, resample
 
 def test_the_interval_covers_the_true_kl_which_the_plug_in_overshoots():
     """KL(N(0.5, 1) || N(0, 1)) = 0.125; the plug-in histogram KL of 2,000 pairs is about 0.24."""
-    coverage, percentile, plug_in, corrected = interval_coverage(A.histogram_kl, 0.125, A.NON_NEGATIVE, 0.5, 2000,
+    coverage, percentile, plug_in, corrected = interval_coverage(D.histogram_kl, 0.125, B.NON_NEGATIVE, 0.5, 2000,
                                                                  replicates=40, resamples=100, seed=15)
     assert coverage >= 0.85 and percentile <= 0.1
     assert plug_in > 0.2 and abs(corrected - 0.125) < abs(plug_in - 0.125) / 2
@@ -212,12 +216,12 @@ def gaussian_js(shift: float) -> float:
 @pytest.mark.parametrize("name, shift", [("kl", 0.5), ("js", 0.5), ("w1", 0.5), ("kl", 0.0), ("js", 0.0)])
 def test_interval_coverage_is_near_nominal_by_simulation(name, shift):
     """200 replicates of 2,000 pairs, 200 resamples each (about 20 s a case): the 95% intervals hold
-    the true value in at least 85% of them (measured 90-100%; see A.bootstrap_estimate). W1 at
+    the true value in at least 85% of them (measured 90-100%; see B.bootstrap_estimate). W1 at
     shift 0 is left out: the truth 0 sits on its boundary, and its coverage is about 0.8."""
     measure, truth, bounds = {
-        "kl": (A.histogram_kl, shift ** 2 / 2, A.NON_NEGATIVE),
-        "js": (A.js_divergence, gaussian_js(shift), A.JS_RANGE),
-        "w1": (A.wasserstein_1_sd, shift / math.sqrt(1 + shift ** 2 / 4), A.NON_NEGATIVE),  # W1 / sd of the mixture
+        "kl": (D.histogram_kl, shift ** 2 / 2, B.NON_NEGATIVE),
+        "js": (D.js_divergence, gaussian_js(shift), B.JS_RANGE),
+        "w1": (D.wasserstein_1_sd, shift / math.sqrt(1 + shift ** 2 / 4), B.NON_NEGATIVE),  # W1 / sd of the mixture
     }[name]
     coverage, _, _, _ = interval_coverage(measure, truth, bounds, shift, 2000, replicates=200, resamples=200, seed=21)
     assert coverage >= 0.85
@@ -228,13 +232,13 @@ def test_bootstrap_holds_the_estimate_and_shrinks_with_n():
     for n in (100, 10_000):
         rng = np.random.default_rng(n)
         c, r = rng.normal(0.5, 1, n), rng.normal(0, 1, n)
-        for statistic in (lambda c, r: A.pair_accuracy(c, r), A.wasserstein_1):
-            result = A.bootstrap(statistic, c, r, n_resamples=200, seed=1)
+        for statistic in (lambda c, r: R.pair_accuracy(c, r), D.wasserstein_1):
+            result = B.bootstrap(statistic, c, r, n_resamples=200, seed=1)
             assert result["ci_low"] <= result["corrected"] <= result["ci_high"]
             assert result["ci_low"] <= statistic(c, r) <= result["ci_high"]  # nearly unbiased: the plug-in too
         widths.append(result["ci_high"] - result["ci_low"])  # W1's
         # the interval of a mean difference matches normal theory: width ≈ 2 · 1.96 · sqrt(2/n)
-        result = A.bootstrap(lambda c, r: np.mean(c - r), c, r, n_resamples=400, seed=2, bounds=A.ANY_REAL)
+        result = B.bootstrap(lambda c, r: np.mean(c - r), c, r, n_resamples=400, seed=2, bounds=B.ANY_REAL)
         assert result["ci_high"] - result["ci_low"] == pytest.approx(2 * 1.96 * math.sqrt(2 / n), rel=0.2)
     assert widths[1] < widths[0] / 5  # 100x the pairs: about 10x narrower
 
@@ -242,43 +246,43 @@ def test_bootstrap_holds_the_estimate_and_shrinks_with_n():
 # --- ranking ------------------------------------------------------------------------------------
 
 def test_pair_accuracy_counts_ties_half():
-    assert A.pair_accuracy([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0]) == (1 + 0.5 + 0 + 1) / 4
+    assert R.pair_accuracy([1.0, 2.0, 3.0, 5.0], [0.0, 2.0, 4.0, 1.0]) == (1 + 0.5 + 0 + 1) / 4
     rng = np.random.default_rng(6)
     c, r = rng.integers(0, 5, 300), rng.integers(0, 5, 300)
     expected = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(c, r)) / 300
-    assert A.pair_accuracy(c, r) == pytest.approx(expected)
+    assert R.pair_accuracy(c, r) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("successes, trials", [(0, 10), (3, 10), (10, 10), (1, 1), (620, 1000), (7, 2312)])
 def test_wilson_against_scipy(successes, trials):
     expected = binomtest(successes, trials).proportion_ci(0.95, method="wilson")
-    assert A.wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert R.wilson_interval(successes, trials) == pytest.approx((expected.low, expected.high), abs=1e-12)
     expected = binomtest(successes, trials).proportion_ci(0.8, method="wilson")
-    assert A.wilson_interval(successes, trials, 0.8) == pytest.approx((expected.low, expected.high), abs=1e-12)
+    assert R.wilson_interval(successes, trials, 0.8) == pytest.approx((expected.low, expected.high), abs=1e-12)
 
 
 @pytest.mark.parametrize("n", [1, 2, 7])
 def test_quantile_accuracy_ranks_by_each_quantile(n):
     chosen, rejected = quantile_outputs(60, n, seed=n)
-    expected = [A.pair_accuracy(chosen[:, k], rejected[:, k]) for k in range(n)]
-    np.testing.assert_allclose(A.quantile_accuracy(chosen, rejected), expected)
+    expected = [R.pair_accuracy(chosen[:, k], rejected[:, k]) for k in range(n)]
+    np.testing.assert_allclose(R.quantile_accuracy(chosen, rejected), expected)
     # constructed: chosen wins on q0 only, loses on q1, ties on q2
-    assert A.quantile_accuracy([[1.0, 1.0, 2.0]], [[0.0, 3.0, 2.0]]).tolist() == [1.0, 0.0, 0.5]
+    assert R.quantile_accuracy([[1.0, 1.0, 2.0]], [[0.0, 3.0, 2.0]]).tolist() == [1.0, 0.0, 0.5]
 
 
 def test_preference_probabilities():
     chosen, rejected = quantile_outputs(30, 4, seed=7)
     expected = 1 / (1 + np.exp(-(chosen.mean(axis=1) - rejected.mean(axis=1))))
-    np.testing.assert_allclose(A.bradley_terry_probability(chosen, rejected), expected, rtol=1e-12)
+    np.testing.assert_allclose(R.bradley_terry_probability(chosen, rejected), expected, rtol=1e-12)
     brute = [np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in c for b in r]) for c, r in zip(chosen, rejected)]
-    np.testing.assert_allclose(A.distributional_probability(chosen, rejected), brute)
-    assert A.distributional_probability([[0.0, 2.0]], [[1.0, 2.0]])[0] == (0 + 0 + 1 + 0.5) / 4
+    np.testing.assert_allclose(R.distributional_probability(chosen, rejected), brute)
+    assert R.distributional_probability([[0.0, 2.0]], [[1.0, 2.0]])[0] == (0 + 0 + 1 + 0.5) / 4
 
 
 def test_calibration_against_a_direct_loop():
     rng = np.random.default_rng(8)
     prob = np.concatenate([rng.uniform(size=500), [0.0, 1.0, 0.5, 0.1]])  # bin edges included
-    result = A.calibration(prob, bins=10)
+    result = R.calibration(prob, bins=10)
     points = [(p, 1.0) for p in prob] + [(1 - p, 0.0) for p in prob]
     ece, curve = 0.0, []
     for b in range(10):
@@ -295,19 +299,19 @@ def test_calibration_against_a_direct_loop():
     # perfectly calibrated predictions: outcomes drawn with the predicted probability
     p = rng.uniform(size=200_000)
     won = rng.uniform(size=p.size) < p
-    assert A.calibration(np.where(won, p, 1 - p))["ece"] < 0.01
+    assert R.calibration(np.where(won, p, 1 - p))["ece"] < 0.01
 
 
 # --- quantile diagnostics -----------------------------------------------------------------------
 
 def test_crossing_rate():
     rows = [[0.0, 1.0, 2.0], [0.0, 0.0, 0.0], [1.0, 0.5, 2.0], [0.0, 2.0, 1.9]]
-    assert A.crossing_rate(rows) == 0.5
-    assert A.crossing_rate([[3.0], [1.0]]) == 0.0  # one quantile never crosses
+    assert C.crossing_rate(rows) == 0.5
+    assert C.crossing_rate([[3.0], [1.0]]) == 0.0  # one quantile never crosses
     rng = np.random.default_rng(9)
     random_rows = rng.normal(size=(400, 5)).cumsum(axis=1)
     expected = np.mean([any(b < a for a, b in zip(row, row[1:])) for row in random_rows])
-    assert A.crossing_rate(random_rows) == expected
+    assert C.crossing_rate(random_rows) == expected
 
 
 @pytest.mark.parametrize("sizes", [(1, 1), (3, 8), (150, 90)])
@@ -316,20 +320,20 @@ def test_auroc_against_brute_force(sizes):
     for positive, negative in ((rng.normal(0.3, 1, sizes[0]), rng.normal(0, 1, sizes[1])),
                                (rng.integers(0, 3, sizes[0]), rng.integers(0, 3, sizes[1]))):  # ties
         brute = np.mean([1.0 if a > b else 0.5 if a == b else 0.0 for a in positive for b in negative])
-        assert A.auroc(positive, negative) == pytest.approx(brute, abs=1e-12)
-    assert math.isnan(A.auroc([], [1.0]))
+        assert C.auroc(positive, negative) == pytest.approx(brute, abs=1e-12)
+    assert math.isnan(C.auroc([], [1.0]))
 
 
 def test_spread_error_auroc():
     # two pairs ranked wrongly (chosen mean below rejected) with wide quantiles, three right and narrow
     chosen = np.array([[0.0, 4.0], [1.0, 5.0], [2.0, 2.1], [3.0, 3.2], [1.0, 1.1]])
     rejected = np.array([[2.0, 6.0], [3.0, 7.0], [0.0, 0.1], [1.0, 1.2], [0.0, 0.1]])
-    assert A.spread_error_auroc(chosen, rejected) == 1.0
-    assert A.spread_error_auroc(rejected, chosen) == 0.0  # now the narrow pairs are the wrong ones
+    assert C.spread_error_auroc(chosen, rejected) == 1.0
+    assert C.spread_error_auroc(rejected, chosen) == 0.0  # now the narrow pairs are the wrong ones
     c, r = quantile_outputs(200, 5, seed=10)
     spread = (c[:, -1] - c[:, 0] + r[:, -1] - r[:, 0]) / 2
     margin = c.mean(1) - r.mean(1)
-    assert A.spread_error_auroc(c, r) == pytest.approx(A.auroc(spread[margin < 0], spread[margin > 0]))
+    assert C.spread_error_auroc(c, r) == pytest.approx(C.auroc(spread[margin < 0], spread[margin > 0]))
 
 
 # --- coverage -----------------------------------------------------------------------------------
@@ -338,9 +342,9 @@ def test_quantile_coverage_against_a_direct_count():
     rng = np.random.default_rng(11)
     pred, true = np.sort(rng.normal(size=(6, 3)), axis=1), rng.normal(size=(6, 17))
     expected = [sum(true[m, s] < pred[m, k] for m in range(6) for s in range(17)) / (6 * 17) for k in range(3)]
-    np.testing.assert_allclose(A.quantile_coverage(pred, true), expected)
+    np.testing.assert_allclose(C.quantile_coverage(pred, true), expected)
     # strictly below: a true value equal to the predicted quantile is not covered
-    assert A.quantile_coverage([[1.0, 2.0]], [[1.0, 1.5, 2.0, 3.0]]).tolist() == [0.0, 0.5]
+    assert C.quantile_coverage([[1.0, 2.0]], [[1.0, 1.5, 2.0, 3.0]]).tolist() == [0.0, 0.5]
 
 
 def test_coverage_of_true_quantiles_in_other_units():
@@ -353,21 +357,21 @@ def test_coverage_of_true_quantiles_in_other_units():
     true = centre + width * rng.normal(size=(num, 2000))
     exact = centre + width * np.array([np.quantile(rng.normal(size=200_000), taus)])  # N(c, w²) quantiles
     pred = 0.3 * exact + 5.0
-    aligned = A.coverage_summary(pred, true, taus)
+    aligned = C.coverage_summary(pred, true, taus)
     assert aligned["slope"] == pytest.approx(0.3, rel=0.05) and aligned["intercept"] == pytest.approx(5, abs=0.1)
     assert aligned["mean_abs_error"] < 0.02
-    np.testing.assert_allclose(aligned["coverage"], A.quantile_coverage(pred, 0.3 * true + 5.0), atol=0.01)
-    assert A.coverage_summary(pred, true, taus, align=False)["mean_abs_error"] > 0.3
+    np.testing.assert_allclose(aligned["coverage"], C.quantile_coverage(pred, 0.3 * true + 5.0), atol=0.01)
+    assert C.coverage_summary(pred, true, taus, align=False)["mean_abs_error"] > 0.3
     pred_spread = pred[:, -1] - pred[:, 0]
     true_spread = np.quantile(true, taus[-1], axis=1) - np.quantile(true, taus[0], axis=1)
     assert aligned["spread_spearman"] == pytest.approx(spearmanr(pred_spread, true_spread).statistic, abs=1e-12)
     assert aligned["spread_spearman"] > 0.95
-    scalar = A.coverage_summary(pred.mean(axis=1, keepdims=True), true, [0.5])
+    scalar = C.coverage_summary(pred.mean(axis=1, keepdims=True), true, [0.5])
     assert scalar["spread_spearman"] is None and scalar["mean_abs_error"] < 0.05
     with pytest.raises(MinqrError, match="mean rewards fall as the true means rise"):
-        A.coverage_summary(-pred, true, taus)
+        C.coverage_summary(-pred, true, taus)
     with pytest.raises(MinqrError, match="one tau per quantile"):
-        A.coverage_summary(pred, true, taus[:3])
+        C.coverage_summary(pred, true, taus[:3])
 
 
 def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
@@ -390,7 +394,7 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     np.testing.assert_allclose(scores.quantiles("chosen", anchored=True), np.sort(kind_rewards[0], axis=1), atol=1e-5)
     np.testing.assert_array_equal(scores.quantiles("chosen", anchored=False), np.sort(scores.chosen.astype(np.float64), axis=1))
     np.testing.assert_array_equal(scores.quantiles("chosen"), scores.quantiles("chosen", anchored=True))  # the default
-    predictions, truth = A.response_truth(scores, tmp_path / "truth.npz")
+    predictions, truth = response_truth(scores, tmp_path / "truth.npz")
     assert len(predictions) == len(truth) == 2 * num_pairs - 20  # the anchor replies left out
     coverage = A.summarize(scores, n_resamples=0)["coverage"]
     assert coverage["anchored"] and not coverage["aligned_by_fit"]
@@ -398,7 +402,7 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     # each kind holds 1/K of the annotators: exact at the midpoints, up to the sampling of 400 of them
     assert coverage["mean_abs_error"] < 0.02 and coverage["spread_spearman"] > 0.99
     assert coverage["slope"] == pytest.approx(1.0, abs=0.01) and coverage["intercept"] == pytest.approx(0.0, abs=0.02)
-    unaligned = A.coverage_summary(np.concatenate([scores.quantiles("chosen", False), scores.quantiles("rejected", False)]),
+    unaligned = C.coverage_summary(np.concatenate([scores.quantiles("chosen", False), scores.quantiles("rejected", False)]),
                                    true.reshape(-1, samples), taus)
     assert unaligned["spread_spearman"] < 0.8
 
@@ -415,7 +419,7 @@ def test_the_objective_probability_is_the_likelihood_the_objective_trains(object
     rng = np.random.default_rng(23)
     n = 1 if objective == "bradley_terry" else 5
     chosen, rejected = rng.normal(0, 3, (2, 40, n))
-    p = A.objective_probability(chosen, rejected, objective)
+    p = R.objective_probability(chosen, rejected, objective)
     loops = {"mixture": [np.mean([1 / (1 + np.exp(-(c[i] - r[i]))) for i in range(n)]) for c, r in zip(chosen, rejected)],
              "independent": [np.mean([1 / (1 + np.exp(-(a - b))) for a in c for b in r]) for c, r in zip(chosen, rejected)]}
     expected = loops.get(objective, 1 / (1 + np.exp(-(chosen.mean(1) - rejected.mean(1)))))
@@ -425,14 +429,14 @@ def test_the_objective_probability_is_the_likelihood_the_objective_trains(object
     if trained["objective"] == "bradley_terry":
         trained.pop("lam", None)
     loss = pair_loss(torch.tensor(chosen), torch.tensor(rejected), impl="reference", **trained)
-    assert A.negative_log_likelihood(p) == pytest.approx(loss.item(), rel=1e-10)
+    assert negative_log_likelihood(p) == pytest.approx(loss.item(), rel=1e-10)
 
 
 def test_linear_probe_finds_what_the_features_encode():
     rng = np.random.default_rng(22)
     labels = rng.integers(0, 2, (1000, 3))
     encoded = np.hstack([labels[:, :2] @ rng.normal(size=(2, 16)), rng.normal(size=(1000, 16))])  # not label 2
-    accuracy, chance = A.linear_probe(encoded + 0.1 * rng.normal(size=encoded.shape), labels)
+    accuracy, chance = linear_probe(encoded + 0.1 * rng.normal(size=encoded.shape), labels)
     held = np.random.default_rng(0).permutation(1000)[500:]  # the probe's held-out half
     share = labels[held].mean(0)
     np.testing.assert_allclose(chance, np.maximum(share, 1 - share))
@@ -442,44 +446,44 @@ def test_linear_probe_finds_what_the_features_encode():
 def test_load_truth(tmp_path):
     path = tmp_path / "test_truth.npz"
     np.savez(path, chosen_samples=np.zeros((4, 6), np.float32), rejected_samples=np.ones((4, 6), np.float32))
-    chosen, rejected = A.load_truth(path, 4)
+    chosen, rejected = load_truth(path, 4)
     assert chosen.shape == rejected.shape == (4, 6) and rejected.min() == 1
     with pytest.raises(MinqrError, match="the scores hold 5 pairs"):
-        A.load_truth(path, 5)
+        load_truth(path, 5)
     with pytest.raises(MinqrError, match="does not exist"):
-        A.load_truth(tmp_path / "none.npz", 4)
+        load_truth(tmp_path / "none.npz", 4)
     np.savez(path, samples=np.zeros((4, 6)))
     with pytest.raises(MinqrError, match="not a minqr truth file"):
-        A.load_truth(path, 4)
+        load_truth(path, 4)
 
 
 # --- views and summarize ------------------------------------------------------------------------
 
 def test_views():
     outputs = np.arange(12.0).reshape(4, 3)
-    np.testing.assert_array_equal(A.view_rows(outputs, "mean"), outputs.mean(axis=1, keepdims=True))
-    np.testing.assert_array_equal(A.view_rows(outputs, "q2"), outputs[:, 2:])
-    np.testing.assert_array_equal(A.view_rows(outputs, "all"), outputs)
-    np.testing.assert_array_equal(A.view_rows(outputs[:, :1], "all"), outputs[:, :1])
+    np.testing.assert_array_equal(D.view_rows(outputs, "mean"), outputs.mean(axis=1, keepdims=True))
+    np.testing.assert_array_equal(D.view_rows(outputs, "q2"), outputs[:, 2:])
+    np.testing.assert_array_equal(D.view_rows(outputs, "all"), outputs)
+    np.testing.assert_array_equal(D.view_rows(outputs[:, :1], "all"), outputs[:, :1])
     with pytest.raises(MinqrError, match="view 'q0' needs a quantile model.*N=1.*scalar"):
-        A.check_view("q0", 1, "scalar.npz")
+        D.check_view("q0", 1, "scalar.npz")
     with pytest.raises(MinqrError, match="out of range.*q0 ... q9"):
-        A.check_view("q10", 10)
+        D.check_view("q10", 10)
     with pytest.raises(MinqrError, match="unknown view 'median'"):
-        A.check_view("median", 10)
+        D.check_view("median", 10)
 
 
 def test_paired_kl_difference():
     (c_a, r_a), (c_b, r_b) = quantile_outputs(150, 3, seed=16, shift=1.0), quantile_outputs(150, 3, seed=17, shift=0.3)
     a, b = scores_of(c_a, r_a), scores_of(c_b, r_b)
-    rows = [A.view_rows(x, "q2") for x in (a.chosen, b.chosen, a.rejected, b.rejected)]
+    rows = [D.view_rows(x, "q2") for x in (a.chosen, b.chosen, a.rejected, b.rejected)]
 
     def difference(ca, cb, ra, rb):
-        return A.histogram_kl(ca, ra, 20) - A.histogram_kl(cb, rb, 20)
+        return D.histogram_kl(ca, ra, 20) - D.histogram_kl(cb, rb, 20)
 
     result = A.paired_kl_difference(a, b, view="q2", bins=20, n_resamples=40, seed=5)
     assert result["value"] == difference(*rows) > 0
-    assert result == A.bootstrap(difference, *rows, n_resamples=40, seed=5, bounds=A.ANY_REAL)
+    assert result == B.bootstrap(difference, *rows, n_resamples=40, seed=5, bounds=B.ANY_REAL)
     with pytest.raises(MinqrError, match="do not score the same pairs"):
         A.paired_kl_difference(a, scores_of(c_b[:100], r_b[:100]))
     with pytest.raises(MinqrError, match="do not score the same pairs"):
@@ -491,20 +495,20 @@ def test_summarize_matches_the_functions(view):
     scores = scores_of(*quantile_outputs(120, 5, seed=13))
     chosen, rejected = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)  # as stored
     summary = A.summarize(scores, view=view, bins=20, eps=1e-6, n_resamples=30, seed=3)
-    c, r = A.view_rows(chosen, view).ravel(), A.view_rows(rejected, view).ravel()
-    assert summary["histogram_kl"]["value"] == A.histogram_kl(c, r, 20, 1e-6)
-    assert summary["js_divergence"]["value"] == A.js_divergence(c, r, 20, 1e-6)
-    assert summary["wasserstein_1_sd"]["value"] == A.wasserstein_1_sd(c, r)
-    assert summary["kde_kl"]["value"] == pytest.approx(A.kde_kl(c, r), rel=1e-10)
-    assert summary["kl_by_bins"]["kl"] == A.histogram_kl_by_bins(c, r, A.BIN_SWEEP, 1e-6).tolist()
-    assert summary["accuracy"]["value"] == A.pair_accuracy(chosen.mean(1), rejected.mean(1))
-    assert summary["quantile_accuracy"] == A.quantile_accuracy(chosen, rejected).tolist()
+    c, r = D.view_rows(chosen, view).ravel(), D.view_rows(rejected, view).ravel()
+    assert summary["histogram_kl"]["value"] == D.histogram_kl(c, r, 20, 1e-6)
+    assert summary["js_divergence"]["value"] == D.js_divergence(c, r, 20, 1e-6)
+    assert summary["wasserstein_1_sd"]["value"] == D.wasserstein_1_sd(c, r)
+    assert summary["kde_kl"]["value"] == pytest.approx(D.kde_kl(c, r), rel=1e-10)
+    assert summary["kl_by_bins"]["kl"] == D.histogram_kl_by_bins(c, r, D.BIN_SWEEP, 1e-6).tolist()
+    assert summary["accuracy"]["value"] == R.pair_accuracy(chosen.mean(1), rejected.mean(1))
+    assert summary["quantile_accuracy"] == R.quantile_accuracy(chosen, rejected).tolist()
     assert summary["crossing_rate"] == 0.0
-    assert summary["spread_auroc"]["value"] == A.spread_error_auroc(chosen, rejected)
-    assert summary["calibration"]["bradley_terry"] == A.calibration(A.bradley_terry_probability(chosen, rejected))
+    assert summary["spread_auroc"]["value"] == C.spread_error_auroc(chosen, rejected)
+    assert summary["calibration"]["bradley_terry"] == R.calibration(R.bradley_terry_probability(chosen, rejected))
     # the same resamples for every measure: W1's is the bootstrap with the same seed
-    assert summary["wasserstein_1_sd"] == A.bootstrap(lambda a, b: A.wasserstein_1_sd(a.ravel(), b.ravel()),
-                                                      A.view_rows(chosen, view), A.view_rows(rejected, view),
+    assert summary["wasserstein_1_sd"] == B.bootstrap(lambda a, b: D.wasserstein_1_sd(a.ravel(), b.ravel()),
+                                                      D.view_rows(chosen, view), D.view_rows(rejected, view),
                                                       n_resamples=30, seed=3)
     for name in ("histogram_kl", "js_divergence", "wasserstein_1_sd", "kde_kl", "spread_auroc"):
         assert 0 <= summary[name]["ci_low"] <= summary[name]["corrected"] <= summary[name]["ci_high"]
@@ -524,7 +528,7 @@ def test_summarize_scalar_and_truth(tmp_path):
     assert summary["calibration"]["distributional"] is None and summary["histogram_kl"]["ci_low"] is None
     coverage = summary["coverage"]
     assert coverage["taus"] == [0.5] and coverage["slope"] == pytest.approx(2.0)
-    expected = A.quantile_coverage(predicted.reshape(160, 1), 2 * true.reshape(160, 50) + 1)
+    expected = C.quantile_coverage(predicted.reshape(160, 1), 2 * true.reshape(160, 50) + 1)
     assert coverage["coverage"] == pytest.approx(expected.tolist())
     with pytest.raises(MinqrError, match="needs a quantile model"):
         A.summarize(scalar, view="q0")
@@ -555,7 +559,7 @@ def test_summarize_small_cases(num_pairs, n):
     summary = A.summarize(scores_of(chosen, rejected, head=head), view="all", n_resamples=5)
     scores = scores_of(chosen, rejected, head=head)
     assert summary["num_pairs"] == num_pairs
-    assert summary["accuracy"]["value"] == A.pair_accuracy(scores.chosen.mean(1), scores.rejected.mean(1))
+    assert summary["accuracy"]["value"] == R.pair_accuracy(scores.chosen.mean(1), scores.rejected.mean(1))
     assert (summary["quantile_accuracy"] is None) == (n == 1)
 
 

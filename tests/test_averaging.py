@@ -7,10 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
-from test_resume import resume_options, train_until_checkpoint
-from test_train import as_argv, load_cli, tiny_options, write_run_inputs
+from test_train import tiny_options, write_run_inputs
 
 import minqr.training.loop
 from minqr import MinqrError, RewardModel
@@ -144,21 +142,3 @@ def test_defaults_and_checks(inputs, tmp_path):
                                     "a longer window would keep too much of the weights at the end of the warm-up")
     with pytest.raises(MinqrError, match=r"^--ema-window must be a finite number \(got nan\)$"):
         config(ema_window=float("nan"))  # as every float option (minqr.options.option_problems)
-
-
-def test_a_run_from_before_the_average_resumes_only_without_it(inputs, tmp_path, monkeypatch):
-    """A checkpoint whose config has no ema_window was made by a minqr that did not average: resuming
-    it with the mixture's default average would change the run, and --resume says so."""
-    out = tmp_path / "run"
-    options = resume_options(inputs, out)
-    train_until_checkpoint(options, 4, monkeypatch)
-    config_file = out / "checkpoint" / "config.json"
-    config = json.loads(config_file.read_text())
-    del config["ema_window"]
-    config_file.write_text(json.dumps(config))
-    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
-    assert result.exit_code == 1
-    assert ("--resume: options differ from the run being resumed: --ema-window 0.3333333333333333 (the run was "
-            "made before --ema-window existed, which is 0.0 for it: add --ema-window 0.0)") in result.output
-    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume", "--ema-window", "0"])
-    assert result.exit_code == 0, result.output

@@ -8,12 +8,12 @@ import time
 import pytest
 import transformers
 from factories import SENTENCES
-from test_data import write_records
+from test_pairs import write_records
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from minqr import MinqrError, load_tokenizer
 from minqr.data.batching import tokenize_pairs
-from minqr.data import template_limits
+from minqr.models import template_limits
 from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import read_pairs_file
 
@@ -207,7 +207,7 @@ BROKEN_TEMPLATES = {
     "include": ("{% include 'other.jinja' %}", "TypeError: no loader for this environment specified"),
     "import": ("{% import 'macros.jinja' as m %}", "TypeError: no loader for this environment specified"),
     "division": ("{{ messages | length / 0 }}", "ZeroDivisionError: division by zero"),
-    # the bounds of minqr/data/template_limits.py, made small here (2 s, 100,000 characters)
+    # the bounds of minqr/models/template_limits.py, made small here (2 s, 100,000 characters)
     "endless loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
                       "RenderLimitExceeded: rendering took more than 2 s (a loop that does not end?)"),
     "endless output": ("{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}",

@@ -1,12 +1,11 @@
 """The command line (minqr_cli): one `minqr` command, every subcommand's options derived from its
 config dataclass, config files, and tools/*.py as the same commands.
 
-The jobs themselves are tested through their commands in test_train, test_score, test_report,
+The jobs themselves are tested through their commands in test_train, test_scoring, test_report,
 test_export and test_synthetic; here the library functions are replaced by recorders where only
 what the command line passes them matters.
 """
 import dataclasses
-import importlib.util
 import json
 import math
 import re
@@ -19,19 +18,23 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_train import ROOT, as_argv, tiny_options, write_run_inputs
+from factories import ROOT, load_tool
+from test_train import as_argv, tiny_options, write_run_inputs
 
 import minqr
 import minqr_cli.commands as commands
-from minqr.data.synthetic import SyntheticConfig
+from minqr.distribution.best_of_n import BestOfNConfig
 from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig
 from minqr.study.scoring import ScoreConfig
+from minqr.synthetic.candidates import CandidatesConfig
+from minqr.synthetic.folder import SyntheticConfig
 from minqr.training.config import RUN_FACTS, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
-            "synthetic": SyntheticConfig, "objectives-table": TableConfig}
+            "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
+            "best-of-n": BestOfNConfig}
 
 
 def invoke(*argv):
@@ -82,12 +85,10 @@ def test_options_are_the_config_fields(name):
 
 @pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
                                         ("export", "export"), ("synthetic", "synthetic"),
-                                        ("objectives_table", "objectives-table")])
+                                        ("objectives_table", "objectives-table"), ("candidates", "candidates"),
+                                        ("best_of_n", "best-of-n")])
 def test_tools_are_the_same_commands(tool, name):
-    spec = importlib.util.spec_from_file_location(f"{tool}_tool", ROOT / "tools" / f"{tool}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert module.main is commands.main.commands[name]
+    assert load_tool(tool) is commands.main.commands[name]
 
 
 def test_ranges_choices_and_renamed_flags(monkeypatch):

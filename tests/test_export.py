@@ -1,7 +1,6 @@
 """The scalar export: its one output is the mean of the quantile model's outputs (float64 reference),
 transformers loads it with the same numbers (also through its text-classification pipeline, as peers
 read a reward model), the files around the weights carry over, bad input."""
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,7 +10,7 @@ import pytest
 import torch
 import transformers
 from click.testing import CliRunner
-from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
+from factories import SENTENCES, load_tool, random_gpt2, tiny_config, write_tiny_tokenizer
 
 from minqr import load_tokenizer
 from minqr.data.pairs import Pair
@@ -21,13 +20,6 @@ from minqr.study.scoring import score_pairs, score_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ARGS = {"max_length": 48, "lr": 1e-5, "head": "quantile"}
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("export_cli", ROOT / "tools" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +50,7 @@ def text_batch(tokenizer):
 
 
 def export(model, out, *extra):
-    return CliRunner().invoke(load_cli(), ["--model", str(model), "--scalar", "--out", str(out), *extra])
+    return CliRunner().invoke(load_tool("export"), ["--model", str(model), "--scalar", "--out", str(out), *extra])
 
 
 @pytest.mark.parametrize("n", [10, 7, 1])
@@ -179,7 +171,7 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
          [f"no such model folder: '{tmp_path}/runs/dmeo/quantile' ({tmp_path}/runs does not exist;"]),
     ]
     for argv, words in cases:
-        result = CliRunner().invoke(load_cli(), argv)
+        result = CliRunner().invoke(load_tool("export"), argv)
         assert result.exit_code == 1 and result.output.startswith("Error: "), (argv, result.output)
         for word in words:
             assert word in result.output, (argv, result.output)

@@ -10,12 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from factories import load_tool
 from test_distributed import assert_same_run
-from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
+from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
+
+TRAIN = load_tool("train")  # tools/train.py's command
 
 # evaluations between the checkpoints too: the mixture head's weight average is swapped into the
 # shards for each, and out again, which the next training step must not notice
@@ -50,11 +53,11 @@ def inputs(tmp_path_factory):
 
 
 def test_fsdp_needs_torchrun(inputs, tmp_path):
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", fsdp=True)))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run", fsdp=True)))
     assert result.exit_code == 1 and result.output == (
         "Error: --fsdp shards the model over the processes that torchrun starts, and this is one process: run it as "
         "torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop --fsdp\n")
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", fsdp=True, compile=True)))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run", fsdp=True, compile=True)))
     assert result.exit_code == 1
     assert result.output == "Error: --fsdp goes without --compile and --lm-coef for now (neither was tested sharded)\n"
 

@@ -3,7 +3,6 @@ refuses a second job with its description, a holder killed by SIGKILL leaves a l
 job takes over, and the tools (train, score, export, analyze) hold the lock of their --out.
 """
 import contextlib
-import importlib.util
 import json
 import shlex
 import signal
@@ -14,10 +13,13 @@ import time
 
 import pytest
 from click.testing import CliRunner
-from test_train import ROOT, as_argv, load_cli, tiny_options, write_run_inputs
+from factories import load_tool
+from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 
 from minqr.errors import MinqrError
 from minqr.lock import hold_output, lock_path
+
+TRAIN = load_tool("train")  # tools/train.py's command
 
 HOLDER = """
 import sys
@@ -118,23 +120,16 @@ def test_two_training_runs_into_one_out_folder(tmp_path):
     try:
         holder = wait_for_lock(out, first)
         assert holder["pid"] == first.pid and holder["command"] == shlex.join(command)
-        result = CliRunner().invoke(load_cli(), argv)
+        result = CliRunner().invoke(TRAIN, argv)
         assert result.exit_code == 1
         assert result.output == f"Error: {refusal('--out', out, holder)}\n"
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, out, max_steps=2, overwrite=True)))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, out, max_steps=2, overwrite=True)))
     assert result.exit_code == 0, result.output
     assert takeover("--out", out, holder) + "\n" in result.output
     assert not lock_path(out).exists()
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 @pytest.mark.parametrize("alias", [False, True])
@@ -171,7 +166,7 @@ def test_a_link_to_a_running_run_is_refused(tmp_path):
     try:
         holder = wait_for_lock(out, first)
         for given in (tmp_path / "alias", tmp_path / "parent" / "run"):
-            result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, given, max_steps=2, overwrite=True)))
+            result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, given, max_steps=2, overwrite=True)))
             assert result.exit_code == 1
             assert result.output == f"Error: {refusal('--out', given, holder)}\n"
         assert first.poll() is None  # the first run goes on

@@ -9,9 +9,10 @@ import torch
 import torch.distributed.checkpoint as dcp
 from click.testing import CliRunner
 from safetensors.torch import load_file
+from factories import load_tool
 from test_fsdp import torchrun
 from test_resume import assert_same_run, resume_options, train_until_checkpoint
-from test_train import ROOT, as_argv, load_cli, tiny_options, write_run_inputs
+from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 
 from minqr.models.backbone import load_backbone
 from minqr.models.reward import RewardModel
@@ -20,6 +21,8 @@ from minqr.training.loop import train
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.optimizer import make_optimizer
 from minqr.training.resume import load_checkpoint
+
+TRAIN = load_tool("train")  # tools/train.py's command
 
 BETAS, EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults
 
@@ -116,7 +119,7 @@ def inputs(tmp_path_factory):
 
 
 def test_the_option_needs_bfloat16_parameters(inputs, tmp_path):
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", master_weights=True)))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run", master_weights=True)))
     assert result.exit_code == 1 and result.output == (
         "Error: --master-weights keeps float32 copies of bfloat16 weights: it needs --param-dtype bfloat16 "
         "(got float32, whose weights are their own masters)\n")

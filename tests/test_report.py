@@ -1,6 +1,5 @@
 """tools/analyze.py end to end: a report whose files are valid and whose numbers are the library's,
 and a clear message with a non-zero exit for every kind of bad input."""
-import importlib.util
 import json
 import math
 import pickle
@@ -14,20 +13,17 @@ import pytest
 from click.testing import CliRunner
 from scipy.stats import binomtest, norm
 
-from minqr.study import analysis, report
+from factories import load_tool
+from minqr.study import analysis, figures
+from minqr.study.bootstrap import resample_indices
+from minqr.study.divergences import histogram_kl
 from minqr.study.report import analyze
 from minqr.study.scores_file import load_scores, save_scores
+from minqr.synthetic.truth import load_truth
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 RESAMPLES = 20
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("analyze_cli", ROOT / "tools" / "analyze.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def metadata(head, n, workload, **extra):
@@ -58,7 +54,7 @@ def study(tmp_path):
 
 
 def run(args):
-    return CliRunner().invoke(load_cli(), [str(a) for a in args])
+    return CliRunner().invoke(load_tool("analyze"), [str(a) for a in args])
 
 
 def test_report_files_and_numbers(study):
@@ -138,7 +134,7 @@ def test_view_and_bootstrap_options_reach_the_measures(study):
 def test_truth_option_overrides_the_metadata(study):
     folder, files = study
     np.savez(folder / "shifted_truth.npz", **{f"{side}_samples": s + 1.0 for side, s in
-                                              zip(("chosen", "rejected"), analysis.load_truth(folder / "test_truth.npz", 150))})
+                                              zip(("chosen", "rejected"), load_truth(folder / "test_truth.npz", 150))})
     summary_path = analyze([files[1]], folder / "r", n_resamples=0, truth=folder / "shifted_truth.npz").parent
     coverage = json.loads((summary_path / "summaries.json").read_text())[0]["coverage"]
     assert coverage["truth"] == str(folder / "shifted_truth.npz")
@@ -162,8 +158,8 @@ def expected_comparison(path_model, path_reference, seed):
     credit = [(c > r) + 0.5 * (c == r) for c, r in rewards]  # [P] each
     per_pair = credit[0] - credit[1]
     half = norm.ppf(0.975) * per_pair.std(ddof=1) / math.sqrt(len(per_pair))
-    indices = analysis.resample_indices(len(per_pair), RESAMPLES, seed)
-    kl = np.array([[analysis.histogram_kl(c[i], r[i], 50) for i in [slice(None), *indices]] for c, r in rewards])
+    indices = resample_indices(len(per_pair), RESAMPLES, seed)
+    kl = np.array([[histogram_kl(c[i], r[i], 50) for i in [slice(None), *indices]] for c, r in rewards])
     difference = kl[0] - kl[1]  # [1 + B]: the plug-in value, then every resample
     difference_corrected = 2 * difference[0] - difference[1:].mean()
     high, low = 2 * difference[0] - np.percentile(difference[1:], [2.5, 97.5])
@@ -244,13 +240,13 @@ def test_summary_of_a_model_compared_with_none(tmp_path):
 def test_figure_titles_name_the_workloads_and_models(study, monkeypatch):
     folder, files = study
     titles = {}
-    save = report._save
+    save = figures._save
 
     def recording_save(fig, path, *args):
         save(fig, path, *args)
         titles[path.name] = fig.get_suptitle()
 
-    monkeypatch.setattr(report, "_save", recording_save)
+    monkeypatch.setattr(figures, "_save", recording_save)
     assert run([*files, "--out", folder / "report", "--bootstrap", 0]).exit_code == 0
     both, quantile = "synthetic test: scalar, quantile N=6", "other data: quantile N=6"
     expected = {"fig2_histograms_1_synthetic-test.png": [both], "fig2_histograms_2_other-data.png": [quantile],
@@ -264,7 +260,7 @@ def test_figure_titles_name_the_workloads_and_models(study, monkeypatch):
 
 def test_a_long_list_of_models_wraps_between_labels():
     labels = [f"mixture seed {seed}" for seed in range(12)]
-    title = report._figure_title("Reliability", {"demo test": labels}, width=60)
+    title = figures._figure_title("Reliability", {"demo test": labels}, width=60)
     lines = title.splitlines()
     assert lines[0] == "Reliability" and len(lines) > 3 and all(len(line) <= 60 for line in lines)
     assert " ".join(lines[1:]) == "demo test: " + ", ".join(labels)  # every label whole, in order
@@ -362,13 +358,6 @@ def test_a_collapsed_model_is_reported_beside_the_others(study):
                "rightly (ties left out), and the AUROC compares the spreads of both kinds"]
     assert measures.endswith("\n".join(reasons) + "\n")
     assert "\n".join(reasons) in (out / "report.md").read_text()
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def summary_row(workload, objective, accuracy, coverage=None, bayes=None):

@@ -15,9 +15,9 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import ended_writer
+from factories import ended_writer, load_tool
 from safetensors.torch import load_file
-from test_train import ROOT, TIMING_KEYS, as_argv, load_cli, tiny_options, write_run_inputs
+from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
 import minqr.training.loop
 from minqr.training.config import TrainConfig
@@ -113,7 +113,7 @@ def test_kill_9_during_training_then_resume(inputs, straight_run, tmp_path):
     assert process.returncode == -signal.SIGKILL
     killed_at = load_checkpoint(out).step
     assert 2 <= killed_at < STEPS
-    result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, out, save_every=2)), "--resume"])
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(resume_options(inputs, out, save_every=2)), "--resume"])
     assert result.exit_code == 0, result.output
     assert_same_run(out, straight_run)
 
@@ -148,7 +148,7 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(inputs, str
     assert len(leftovers) == 1  # the torn write, which nothing could remove
     checkpoint = load_checkpoint(out)
     assert checkpoint.step == 4 and checkpoint.folder == out / "checkpoint"
-    result = CliRunner().invoke(load_cli(), [*argv, "--resume"])
+    result = CliRunner().invoke(load_tool("train"), [*argv, "--resume"])
     assert result.exit_code == 0, result.output
     assert_same_run(out, straight_run)
     # the next save of the checkpoint removed the torn write
@@ -191,31 +191,28 @@ def test_resume_refuses_changed_options_and_names_them(inputs, tmp_path):
     options = resume_options(inputs, out, max_steps=3, eval_every=0)
     train(TrainConfig(**options), progress=False)
     changed = {**options, "lr": 1e-4, "head": "scalar", "save_every": 1, "eval_every": 2}
-    result = CliRunner().invoke(load_cli(), [*as_argv(changed), "--resume"])
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(changed), "--resume"])
     assert result.exit_code == 1
     assert "--lr 0.0001" in result.output and "--head 'scalar'" in result.output
     assert "--save-every" not in result.output and "--eval-every" not in result.output  # these may change
 
 
-def test_a_run_made_before_newer_options_resumes(inputs, tmp_path, monkeypatch, straight_run):
-    """A checkpoint whose config predates options added since (dropout, fsdp, param_dtype,
-    master_weights, grad_checkpoint, report_to) resumes: a missing option counts as its default there."""
+def test_a_run_made_before_newer_options_is_refused(inputs, tmp_path, monkeypatch):
+    """A checkpoint whose config lacks options added since (here --ema-window and --param-dtype) was
+    made by a minqr without them: --resume refuses it and names them (no compatibility path)."""
     out = tmp_path / "run"
     options = resume_options(inputs, out)
     train_until_checkpoint(options, 4, monkeypatch)
     config_file = out / "checkpoint" / "config.json"
     config = json.loads(config_file.read_text())
-    for newer in ("dropout", "fsdp", "param_dtype", "master_weights", "grad_checkpoint", "report_to"):
+    for newer in ("ema_window", "param_dtype"):
         del config[newer]
     config_file.write_text(json.dumps(config))
-    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
-    assert result.exit_code == 0, result.output
-    assert_same_run(out, straight_run)
-    # a newer option set away from its default is a change like any other
-    config_file.write_text(json.dumps(config))
-    result = CliRunner().invoke(load_cli(), [*as_argv({**options, "param_dtype": "bfloat16"}), "--resume"])
-    assert result.exit_code == 1 and ("--param-dtype 'bfloat16' (the run was made before --param-dtype existed, "
-                                      "which is 'float32' for it: add --param-dtype 'float32')") in result.output
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"])
+    assert result.exit_code == 1
+    assert result.output == ("Error: --resume: the run being resumed was made by a minqr without --ema-window, "
+                             "--param-dtype (its checkpoint has no value for them): start it afresh with "
+                             "--overwrite instead of --resume\n")
 
 
 @pytest.mark.parametrize("damage", ["state.pt cut short", "config.json not JSON", "state.pt of another layout"])
@@ -233,12 +230,12 @@ def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, 
     else:
         torch.save({"model": {}}, folder / "state.pt")
         problem = f"{folder / 'state.pt'} is not a checkpoint of this minqr (it has no 'step'); {start_afresh}"
-    result = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"])
     assert result.exit_code == 1
     assert result.output == f"Error: --resume: {problem}\n"
 
 
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):
-    result = CliRunner().invoke(load_cli(), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
     assert result.exit_code == 1
     assert "holds no checkpoint to continue from" in result.output and "--overwrite instead of --resume" in result.output

@@ -18,7 +18,7 @@ from minqr.data.batching import collate_pairs
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel, quantile_band
 from minqr.ranking import ranking_credit
-from minqr.study.analysis import pair_accuracy
+from minqr.study.accuracy import pair_accuracy
 
 HEADS = [("scalar", 1), ("quantile", 10), ("quantile", 7)]
 CONFIG = tiny_config(n_positions=160)  # room for the long text of text_batch
@@ -168,9 +168,10 @@ def test_an_edited_mean_row_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("kind,objective", [("quantile", "paper"), ("scalar", "bradley_terry")])
-def test_models_saved_before_objectives_load_with_the_objective_they_were_trained_by(tmp_path, kind, objective):
-    """Before objectives, the minqr section had head, num_quantiles, kappa, lam, margin and the levels:
-    a quantile head was trained by the paper loss, a scalar head by Bradley-Terry (paper with lam 0)."""
+def test_models_saved_before_objectives_are_refused(tmp_path, kind, objective):
+    """Before objectives, the minqr section had head, num_quantiles, kappa, lam, margin and the levels.
+    Such a model is no longer read as paper (quantile) or bradley_terry (scalar): the error names the
+    missing key and says what to do (CHANGELOG.md)."""
     n = 1 if kind == "scalar" else 4
     model = RewardModel(random_gpt2(CONFIG), HeadConfig.make(kind, n, objective))
     model.save_pretrained(tmp_path)
@@ -178,11 +179,16 @@ def test_models_saved_before_objectives_load_with_the_objective_they_were_traine
     config["minqr"] = {"head": kind, "num_quantiles": n, "kappa": 1.0, "lam": 0.0 if kind == "scalar" else 0.5,
                        "margin": 1.0, "quantile_levels": model.head_config.levels}
     (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError) as error:
+        RewardModel.from_pretrained(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'config.json'}: the minqr section lacks objective; re-save the model "
+                                "with minqr")
+    config["minqr"]["objective"] = objective  # the same section with its objective loads
+    (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = RewardModel.from_pretrained(tmp_path)
     head = loaded.head_config
     assert torch.equal(loaded.score.weight, model.score.weight)
     assert (head.kind, head.num_quantiles, head.objective) == (kind, n, objective)
-    assert head.hyperparameters == ({} if kind == "scalar" else {"kappa": 1.0, "lam": 0.5, "margin": 1.0})
 
 
 def test_save_keeps_other_files_and_replaces_the_model(tmp_path):

@@ -1,6 +1,5 @@
 """The synthetic task: its files, its determinism, and its truth against the generator itself
 (Monte Carlo over simulated annotators) and against scipy."""
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,11 +11,13 @@ from click.testing import CliRunner
 from scipy import integrate, stats
 from scipy.special import expit
 
+from factories import load_tool
 from minqr import MinqrError, load_gpt2, load_tokenizer
 from minqr.data.pairs import read_pairs_file
-from minqr.data.synthetic import (ANCHOR_REPLY, TASK_VARIANTS, TINY_MODEL, SyntheticTask, bayes_accuracy,
-                                  make_synthetic_task, mixture_quantiles, sample_pairs, spread_or_scale)
 from minqr.objectives.references import quantile_levels
+from minqr.synthetic.folder import TINY_MODEL, make_synthetic_task
+from minqr.synthetic.task import ANCHOR_REPLY, TASK_VARIANTS, SyntheticTask, sample_pairs, spread_or_scale
+from minqr.synthetic.truth import bayes_accuracy, mixture_quantiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(num_train=300, num_test=300, num_samples=200)
@@ -273,23 +274,21 @@ def test_bad_sizes(tmp_path):
 
 
 def test_the_command_writes_a_variant(tmp_path):
-    spec = importlib.util.spec_from_file_location("synthetic_cli", ROOT / "tools" / "synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    command = load_tool("synthetic")
     out = tmp_path / "shifted"
-    result = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "shifted", "--num-train", "40",
-                                              "--num-test", "30", "--seed", "3"])
+    result = CliRunner().invoke(command, ["--out", str(out), "--variant", "shifted", "--num-train", "40",
+                                          "--num-test", "30", "--seed", "3"])
     assert result.exit_code == 0, result.output
     assert result.output == f"wrote the shifted task into {out}\n"
     summary = json.loads((out / "task.json").read_text())
     assert (summary["variant"], summary["num_train"], summary["num_test"], summary["seed"]) == ("shifted", 40, 30, 3)
     assert len(read_jsonl(out / "train.jsonl")) == 40
-    refused = CliRunner().invoke(module.main, ["--out", str(out), "--variant", "other"])
+    refused = CliRunner().invoke(command, ["--out", str(out), "--variant", "other"])
     assert refused.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in refused.output
     # a task minqr made is replaced by the next one; once a user adds to it, or in a folder of the
     # user's, the command refuses and deletes nothing
     small = ["--num-train", "20", "--num-test", "10"]
-    assert CliRunner().invoke(module.main, ["--out", str(out), *small]).exit_code == 0
+    assert CliRunner().invoke(command, ["--out", str(out), *small]).exit_code == 0
     assert json.loads((out / "task.json").read_text())["variant"] == "demo"
     (out / "keep.txt").write_text("mine")
     home = tmp_path / "home"
@@ -297,7 +296,7 @@ def test_the_command_writes_a_variant(tmp_path):
     (home / "keep.txt").write_text("mine")
     for folder, reason in [(out, "holds files that minqr did not write there (keep.txt)"),
                            (home, "is a folder that minqr did not make (it holds keep.txt)")]:
-        refused = CliRunner().invoke(module.main, ["--out", str(folder), *small])
+        refused = CliRunner().invoke(command, ["--out", str(folder), *small])
         assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {folder} {reason}")
         assert (folder / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in home.iterdir()) == ["keep.txt"]

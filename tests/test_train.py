@@ -6,7 +6,6 @@ Every run uses a tiny random GPT-2 (2 layers, 32 wide) written into a temporary 
 takes a second or two.
 """
 import gzip
-import importlib.util
 import json
 import math
 import shutil
@@ -23,12 +22,12 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from factories import tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
-from test_data import SURROGATE_LINE, surrogate_error
+from factories import load_tool, tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from test_pairs import SURROGATE_LINE, surrogate_error
 
 import minqr.training.loop
 import minqr.training.metrics
-from minqr.data.synthetic import make_synthetic_task
+from minqr.synthetic.folder import make_synthetic_task
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
@@ -36,6 +35,8 @@ from minqr.models.tokenizer import load_tokenizer
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
+
+TRAIN = load_tool("train")  # tools/train.py's command
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMING_KEYS = ("tokens_per_s", "pairs_per_s")
@@ -47,14 +48,6 @@ QUESTIONS = ["What is the capital of France?", "How do I bake bread at home?",
 LIKED = [" Of course! The capital of France is Paris.", " Sure, mix flour, water and yeast.",
          " Happy to help: waves roll in."]
 DISLIKED = [" No.", " I'd rather not.", " Go away, fox."]
-
-
-def load_cli():
-    """tools/train.py's click command (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("train_cli", ROOT / "tools" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def write_pairs(path: Path, count: int, seed: int) -> Path:
@@ -105,7 +98,7 @@ def inputs(tmp_path_factory):
 # ---- the command line ------------------------------------------------------------------------
 
 def test_help_lists_every_option():
-    result = CliRunner().invoke(load_cli(), ["--help"])
+    result = CliRunner().invoke(TRAIN, ["--help"])
     assert result.exit_code == 0, result.output
     for option in ["--head", "--num-quantiles", "--objective", "--kappa", "--lam", "--margin", "--bag-coef",
                    "--head-lr-scale", "--head-weight-decay", "--center-coef", "--lm-coef",
@@ -136,7 +129,7 @@ def test_help_lists_every_option():
     (["--dropout", "1"], 1, ["--dropout is a probability in [0, 1) (got 1.0)"]),
 ])
 def test_bad_options_are_named(inputs, tmp_path, argv, exit_code, words):
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run")) + argv)
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run")) + argv)
     assert result.exit_code == exit_code, result.output
     for word in words:
         assert word in result.output
@@ -160,16 +153,16 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, t
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 0.7}\n')  # what such a run leaves
     argv = as_argv(tiny_options(inputs, out, max_steps=2))
-    fresh = CliRunner().invoke(load_cli(), argv)
+    fresh = CliRunner().invoke(TRAIN, argv)
     assert fresh.exit_code == 1
     assert fresh.output == (f"Error: --out {out} already holds a run that saved no checkpoint (nothing to resume): "
                             "add --overwrite to start afresh, or choose another --out\n")
-    resumed = CliRunner().invoke(load_cli(), [*argv, "--resume"])
+    resumed = CliRunner().invoke(TRAIN, [*argv, "--resume"])
     assert resumed.exit_code == 1
     assert resumed.output == (f"Error: --resume: {out} holds no checkpoint to continue from (a run saves one every "
                               "--save-every steps, and this one was stopped before its first): start it afresh "
                               "with --overwrite instead of --resume\n")
-    assert CliRunner().invoke(load_cli(), [*argv, "--overwrite"]).exit_code == 0
+    assert CliRunner().invoke(TRAIN, [*argv, "--overwrite"]).exit_code == 0
 
 
 def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path):
@@ -195,7 +188,7 @@ def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_pa
     assert stderr.rstrip().endswith(f"Stopped: interrupted at step {stopped_at} of 400; its checkpoint is in "
                                     f"{out / 'checkpoint'}: continue with the same command plus --resume")
     assert "Ctrl-C: stopping after this step" in stderr
-    resumed = CliRunner().invoke(load_cli(), [*as_argv(options), "--resume"])
+    resumed = CliRunner().invoke(TRAIN, [*as_argv(options), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 401))
 
@@ -239,14 +232,14 @@ def test_cheap_checks_come_before_the_data_is_read(inputs, tmp_path):
     file is read (this one would fail at its first line)."""
     broken = tmp_path / "broken.jsonl"
     broken.write_text("not json\n")
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", data=str(broken),
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run", data=str(broken),
                                                                  max_length=500)))
     assert result.exit_code == 1
     assert result.output == "Error: --max-length 500 is more than the model's 128 positions: lower it\n"
 
 
 def test_every_missing_input_is_named_in_one_message(tmp_path, offline_hub):
-    result = CliRunner().invoke(load_cli(), ["--model", "gpt2", "--data", "hh-rlhf:helpful-base",
+    result = CliRunner().invoke(TRAIN, ["--model", "gpt2", "--data", "hh-rlhf:helpful-base",
                                              "--out", str(tmp_path / "run")])
     assert result.exit_code == 1
     lines = result.output.splitlines()
@@ -257,7 +250,7 @@ def test_every_missing_input_is_named_in_one_message(tmp_path, offline_hub):
 
 
 def test_the_plan_and_heavy_truncation_are_said_before_training(inputs, tmp_path):
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "run", max_length=4,
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "run", max_length=4,
                                                                  max_steps=2)))
     assert result.exit_code == 0, result.output
     assert ("plan: 2 steps of 8 pairs (0.40 epochs of 40 pairs); GPT-2 of 0.0M parameters + 0.0M of the "
@@ -272,9 +265,9 @@ def test_a_lone_surrogate_is_bad_data_with_its_line(inputs, tmp_path):
     lines = Path(inputs["data"]).read_text().splitlines()
     data.write_text("\n".join(lines[:4] + [SURROGATE_LINE] + lines[4:]) + "\n")
     argv = as_argv(tiny_options({**inputs, "data": str(data)}, tmp_path / "run", max_steps=2))
-    result = CliRunner().invoke(load_cli(), argv)
+    result = CliRunner().invoke(TRAIN, argv)
     assert result.exit_code == 1 and result.output == surrogate_error(data, 5)
-    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    result = CliRunner().invoke(TRAIN, argv + ["--skip-bad"])
     assert result.exit_code == 0, result.output
     assert f"train: {len(lines)} pairs from {data}; dropped 0 identical, skipped 0 malformed lines and 1 with bad " \
            f"fields (first: {surrogate_error(data, 5)[7:].partition('. Fix')[0]})" in result.output
@@ -285,7 +278,7 @@ def test_a_damaged_backbone_is_one_line_that_names_the_file(inputs, tmp_path):
     shutil.copytree(inputs["model"], model)
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1])  # the last byte lost in a copy
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options({**inputs, "model": str(model)}, tmp_path / "run")))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options({**inputs, "model": str(model)}, tmp_path / "run")))
     assert result.exit_code == 1
     assert result.output.endswith(f"Error: {weights}: cut short at {weights.stat().st_size:,} bytes: 1 of its 28 tensors end "
                              f"beyond that, the first transformer.wte.weight; {DAMAGED}\n")
@@ -297,7 +290,7 @@ def test_a_damaged_backbone_is_one_line_that_names_the_file(inputs, tmp_path):
 def test_training_run_writes_a_reward_model_that_learnt(inputs, tmp_path, head):
     out = tmp_path / head
     options = tiny_options(inputs, out, head=head, max_steps=20, eval_every=10, save_every=10)
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 0, result.output
     assert "held-out pair accuracy" in result.output and str(out) in result.output
 
@@ -482,7 +475,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(inputs
     out = tmp_path / "run"
     # an absurd learning rate: the first update throws the weights to ~1e30, the next loss is NaN
     options = tiny_options(inputs, out, lr=1e30, head_lr_scale=1.0, warmup=0.0, save_every=1)
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 1
     assert "diverged at step 2" in result.output and "nan" in result.output
     assert "checkpoint, of step 1" in result.output and "--lr" in result.output
@@ -499,7 +492,7 @@ def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     """The whole default demo of the quantile head (10-30 s): held-out accuracy of at least 0.8,
     printed beside the task's Bayes-optimal accuracy."""
     out = tmp_path / "demo" / "quantile"
-    result = CliRunner().invoke(load_cli(), ["--demo", "--out", str(out)])
+    result = CliRunner().invoke(TRAIN, ["--demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = tmp_path / "demo" / "demo-data"
     bayes = json.loads((data / "task.json").read_text())["bayes_accuracy"]
@@ -512,9 +505,9 @@ def test_demo_runs_offline_and_reaches_80_percent(tmp_path):
     # only when told to
     stamp = (data / "train.jsonl").stat().st_mtime_ns
     again = ["--demo", "--out", str(out), "--max-steps", "2", "--eval-every", "0"]
-    result = CliRunner().invoke(load_cli(), again)
+    result = CliRunner().invoke(TRAIN, again)
     assert result.exit_code == 1 and "already holds a run with a checkpoint" in result.output
-    result = CliRunner().invoke(load_cli(), [*again, "--overwrite"])
+    result = CliRunner().invoke(TRAIN, [*again, "--overwrite"])
     assert result.exit_code == 0, result.output
     assert (data / "train.jsonl").stat().st_mtime_ns == stamp
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 2]  # 2 steps, the final evaluation
@@ -528,7 +521,7 @@ def test_the_demo_never_writes_into_a_folder_named_for_data(tmp_path):
     (folder / "mine.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n')
     (folder / "notes.txt").write_text("mine")
     out = tmp_path / "runs" / "run"
-    result = CliRunner().invoke(load_cli(), ["--demo", "--data", str(folder / "mine.jsonl"), "--out", str(out)])
+    result = CliRunner().invoke(TRAIN, ["--demo", "--data", str(folder / "mine.jsonl"), "--out", str(out)])
     assert result.exit_code == 1
     assert result.output == (
         f"Error: --demo --data {folder / 'mine.jsonl'}: its folder holds no synthetic task (task.json), and --demo "
@@ -543,10 +536,10 @@ def test_a_demo_does_not_replace_a_run_without_overwrite(tmp_path):
     """A repeat of a run into the same --out is refused, with --demo as without it."""
     inputs = write_run_inputs(tmp_path / "inputs")
     out = tmp_path / "run"
-    assert CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, out, max_steps=2))).exit_code == 0
+    assert CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, out, max_steps=2))).exit_code == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     task = make_synthetic_task(tmp_path / "task", num_train=40, num_test=30)
-    result = CliRunner().invoke(load_cli(), ["--demo", "--data", str(task / "train.jsonl"), "--out", str(out),
+    result = CliRunner().invoke(TRAIN, ["--demo", "--data", str(task / "train.jsonl"), "--out", str(out),
                                              "--max-steps", "3"])
     assert result.exit_code == 1
     assert result.output == (f"Error: --out {out} already holds a run with a checkpoint: add --resume to continue "
@@ -586,7 +579,7 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(inputs, tmp_path, monkeypatch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, out, max_steps=6, eval_every=3,
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, out, max_steps=6, eval_every=3,
                                                                  report_to="tensorboard")))
     assert result.exit_code == 0, result.output
     events = EventAccumulator(str(out / "tensorboard")).Reload()
@@ -604,7 +597,7 @@ def test_tensorboard_logs_what_metrics_jsonl_holds(inputs, tmp_path, monkeypatch
         np.testing.assert_allclose([v for _, v in logged], [v for _, v in points], rtol=1e-6, err_msg=tag)
 
     monkeypatch.setattr(minqr.training.metrics.importlib.util, "find_spec", lambda name: None)
-    result = CliRunner().invoke(load_cli(), as_argv(tiny_options(inputs, tmp_path / "other", report_to="tensorboard")))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options(inputs, tmp_path / "other", report_to="tensorboard")))
     assert result.exit_code == 1 and result.output == (
         "Error: --report-to tensorboard needs the tensorboard package, an optional extra of minqr: "
         "pip install 'minqr[tensorboard]' (or pip install tensorboard)\n")
@@ -648,10 +641,10 @@ def test_training_a_llama_family_backbone(tmp_path, model_type):
     random_hf_llama(model_type, max_position_embeddings=128, num_key_value_heads=2, eos_token_id=eos,
                     pad_token_id=eos, bos_token_id=eos).save_pretrained(tmp_path / "llama")
     options = tiny_options({**inputs, "model": str(tmp_path / "llama")}, tmp_path / "run", max_steps=3)
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 0, result.output
     assert f"{model_type} of 0.0M parameters" in result.output
-    result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "again"), "grad_checkpoint": True}))
+    result = CliRunner().invoke(TRAIN, as_argv({**options, "out": str(tmp_path / "again"), "grad_checkpoint": True}))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (tmp_path / "again" / "model.safetensors").read_bytes()
 
@@ -672,7 +665,7 @@ def test_training_a_llama_family_backbone(tmp_path, model_type):
     torch.testing.assert_close(theirs, with_mean, atol=1e-4, rtol=1e-4)
 
     # --dropout is the family's attention dropout, recorded in the saved config
-    result = CliRunner().invoke(load_cli(), as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))
+    result = CliRunner().invoke(TRAIN, as_argv({**options, "out": str(tmp_path / "drop"), "dropout": 0.1}))
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "drop" / "config.json").read_text())["attention_dropout"] == 0.1
     assert (tmp_path / "drop" / "model.safetensors").read_bytes() != (tmp_path / "run" / "model.safetensors").read_bytes()
@@ -701,15 +694,15 @@ def test_deep_json_is_a_bad_line_and_a_mistyped_model_path_names_its_folder(inpu
     deep = tmp_path / "deep.jsonl"
     deep.write_text("\n".join(lines[:4] + ['{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"] + lines[4:]) + "\n")
     options = tiny_options(inputs, tmp_path / "run", data=str(deep), max_steps=2)
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 1, result.output
     assert f"Error: {deep}:5: malformed JSON (nested deeper than 100 levels at column 111)" in result.output
-    result = CliRunner().invoke(load_cli(), as_argv(options) + ["--skip-bad"])
+    result = CliRunner().invoke(TRAIN, as_argv(options) + ["--skip-bad"])
     assert result.exit_code == 0, result.output
     assert "40 pairs from" in result.output and "skipped 1 malformed lines" in result.output
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    result = CliRunner().invoke(load_cli(), as_argv({**options, "model": "runs/dmeo/quantile", "out": "new"}))
+    result = CliRunner().invoke(TRAIN, as_argv({**options, "model": "runs/dmeo/quantile", "out": "new"}))
     assert result.exit_code == 1 and result.output.startswith(
         "Error: --model: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output
 
@@ -728,13 +721,13 @@ def test_rendering_is_said_once_done_and_a_refusing_template_is_blamed(inputs, t
                             for k in range(16)))
     options = tiny_options(inputs, tmp_path / "run", tokenizer=str(tokenizer), data=str(data), eval_data=str(data),
                            max_steps=1)
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 1
     assert "rendered with" not in result.output
     assert f"Error: {data}:1: the chat template of {tokenizer} refuses this conversation (ZeroDivisionError: " \
            "division by zero). The template decides this" in result.output, result.output
     (tokenizer / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 0, result.output
     assert "train: 16 conversations rendered with the tokenizer's chat template" in result.output
 
@@ -751,7 +744,7 @@ def test_a_divergence_names_a_huge_weight_or_margin_rather_than_the_learning_rat
                                 for k, r in enumerate(records)))
         options["data"], options["eval_data"] = str(data), str(data)
         expected = "The likely cause: the data's pair margins (up to 1e+38; rewards are of order 1), far too large"
-    result = CliRunner().invoke(load_cli(), as_argv(options))
+    result = CliRunner().invoke(TRAIN, as_argv(options))
     assert result.exit_code == 1, result.output
     assert "training diverged at step" in result.output and expected in result.output, result.output
     assert "Lower --lr" not in result.output

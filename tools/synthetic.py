@@ -1,4 +1,4 @@
-"""Write a synthetic preference task with known reward distributions (minqr/data/synthetic.py) into a folder.
+"""Write a synthetic preference task with known reward distributions (minqr/synthetic/) into a folder.
 
     python tools/synthetic.py --out runs/tasks/shifted --variant shifted
     python tools/train.py --model runs/tasks/shifted/model --data runs/tasks/shifted/train.jsonl \

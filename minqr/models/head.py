@@ -122,13 +122,11 @@ class HeadConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str) -> "HeadConfig":
-        """From config.json's minqr section. Models saved before objectives existed have none: their
-        quantile heads were trained by `paper` (its kappa, lam, margin are in the section), their
-        scalar heads by bradley_terry (paper with lam = 0, the same function)."""
-        missing = [k for k in ("head", "num_quantiles") if k not in d]
+        """From config.json's minqr section (to_dict's keys)."""
+        missing = [k for k in ("head", "num_quantiles", "objective") if k not in d]
         if missing:
             raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}; re-save the model with minqr")
-        objective = d.get("objective") or ("bradley_terry" if d["head"] == "scalar" else "paper")
+        objective = d["objective"]
         names = OBJECTIVES[objective].hyperparameters if objective in OBJECTIVES else {}
         missing = [k for k in names if k not in d]
         if missing:

@@ -27,8 +27,8 @@ from tokenizers import AddedToken, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
 from minqr.atomic import atomic_file
-from minqr.data.chat import ChatTemplate
 from minqr.errors import MinqrError
+from minqr.models.chat_template import ChatTemplate
 from minqr.models.hf_folder import DAMAGED, read_json
 
 EOS = "<|endoftext|>"  # GPT-2's end of text, and the pad token of its reward models
@@ -48,7 +48,7 @@ class Tokenizer:
 
     eos_token and pad_token (None: EOS) are token strings the backend must have; `config` is the
     tokenizer_config.json that `files` writes back (None: GPT-2's); `chat_template`, a
-    minqr.data.chat.ChatTemplate or None."""
+    minqr.models.chat_template.ChatTemplate or None."""
 
     def __init__(self, backend: tokenizers.Tokenizer, eos_token: str = EOS, pad_token: str | None = None,
                  config: dict | None = None, chat_template: ChatTemplate | None = None):

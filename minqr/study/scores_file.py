@@ -125,7 +125,7 @@ class Scores:
     @property
     def label(self) -> str:
         """The model's name in tables and legends."""
-        kind = self.metadata.get("objective") or "quantile"  # files from before objectives: "quantile"
+        kind = self.metadata.get("objective") or "quantile"  # the objective is optional in the format
         default = "scalar" if self.head == "scalar" else f"{kind} N={self.num_quantiles}"
         return self.metadata.get("label") or default
 

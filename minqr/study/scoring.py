@@ -17,6 +17,7 @@ pass dtype="float32" for full precision.
 
 """
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +34,14 @@ from minqr.lock import hold_output
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.options import option
 from minqr.progress import progress_bar
-from minqr.study.analysis import linear_probe, load_truth, pair_accuracy, quantile_accuracy
+from minqr.study.accuracy import pair_accuracy, quantile_accuracy
 from minqr.study.scores_file import save_scores
+from minqr.synthetic.anchors import score_anchors
+from minqr.synthetic.probe import backbone_probe
+from minqr.synthetic.truth import truth_beside
 
 DEFAULT_BATCH_SIZE = 16  # pairs a batch
 DEFAULT_SPLIT = "test"
-TRUTH_SUFFIX = "_truth.npz"  # the synthetic task's truth for DATA/test.jsonl is DATA/test_truth.npz
 
 
 # ---- scoring -------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     else:
         # test.jsonl -> "test", test.jsonl.gz -> "test": for a folder this is the split it was read for
         data_file, split_name, data_set = source, source.name.split(".")[0], source.parent.name
-        truth = source.parent / (split_name + TRUTH_SUFFIX)
+        truth = truth_beside(source)
     compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
     metadata = {
         "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
@@ -281,8 +284,10 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
                          "so its rows no longer line up with the pairs")
         else:
             metadata["truth"] = str(truth.resolve())
-            anchor = _score_anchors(reward_model, tokenizer, truth, len(pairs), max_length, batch_size, device, dtype)
-            metadata["backbone_probe"] = backbone_probe(reward_model, tokenized, truth, batch_size, device, dtype)
+            run = partial(score_texts, reward_model, batch_size=batch_size, device=device, dtype=dtype)
+            anchor = score_anchors(run, tokenizer, truth, len(pairs), max_length)
+            responses = tokenized.chosen + tokenized.rejected
+            metadata["backbone_probe"] = backbone_probe(partial(run, pooled=True), responses, truth, len(pairs))
     if options.anchor_reply is not None:
         texts = [reply_text(pair, options.anchor_reply, tokenizer.chat_template) for pair in pairs]
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
@@ -300,32 +305,3 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         max_length=max_length, taus=metadata["taus"], accuracy=pair_accuracy(mean_chosen, mean_rejected),
         quantile_accuracy=quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist(),
         seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
-
-
-def _score_anchors(model, tokenizer, truth: Path, num_pairs: int, max_length: int, batch_size: int, device,
-                   dtype) -> np.ndarray | None:
-    """[P, N] the outputs for each pair's anchor reply (the truth's anchor_texts), or None when the
-    truth has none (a task made before anchors existed)."""
-    arrays = load_truth(truth, num_pairs, ("anchor_texts",), optional=True)
-    if arrays is None:
-        return None
-    token_lists = [tokens[-max_length:] for tokens in tokenizer.encode_batch([str(t) for t in arrays[0]])]
-    return score_texts(model, token_lists, batch_size, device, dtype)
-
-
-def backbone_probe(model: RewardModel, tokenized: TokenizedPairs, truth: Path, batch_size: int = DEFAULT_BATCH_SIZE,
-                   device=None, dtype: str = "auto") -> dict | None:
-    """A cheap check of the backbone on the synthetic task: is each tag linearly decodable from the
-    pooled state the head reads (analysis.linear_probe over the test responses)? A head can only
-    spread the outputs of a response on what that state encodes, so a controversial tag at chance
-    here means the quantile head cannot learn the disagreement it causes. None when the truth has
-    no tags."""
-    arrays = load_truth(truth, len(tokenized), ("chosen_tags", "rejected_tags", "tag_names", "controversial_tags"),
-                        optional=True)
-    if arrays is None:
-        return None
-    chosen_tags, rejected_tags, names, controversial = arrays
-    states = score_texts(model, tokenized.chosen + tokenized.rejected, batch_size, device, dtype, pooled=True)
-    accuracy, chance = linear_probe(states, np.concatenate([chosen_tags, rejected_tags]))
-    return {"tags": [str(n) for n in names], "controversial": controversial.tolist(),
-            "accuracy": accuracy.tolist(), "chance": chance.tolist()}

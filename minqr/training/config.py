@@ -3,10 +3,10 @@ that run before any work. `minqr train` (and tools/train.py) builds its command-
 these fields (minqr_cli/options.py), so the options, their defaults and their `--help` live here only.
 
 With `--demo`, `demo_defaults` fills in what the offline demo needs (a tiny random GPT-2 on the
-synthetic task, minqr/data/synthetic.py).
+synthetic task, minqr/synthetic/demo.py).
 """
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from minqr.device import DTYPES
@@ -14,6 +14,7 @@ from minqr.errors import MinqrError
 from minqr.models.head import HEAD_KINDS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
 from minqr.options import option, option_problems, seed_option
+from minqr.synthetic.demo import demo_defaults
 from minqr.training.metrics import REPORT_TO, check_report_to
 
 # The largest learning rate accepted: AdamW's first step moves a weight by about 3 x lr / 0.1 (its
@@ -126,7 +127,7 @@ class TrainConfig:
                           "options as the first time, plus --resume", in_file=False)
     overwrite: bool = option(False, "start afresh even if --out already holds a run (its files are "
                              "replaced)", in_file=False)
-    demo: bool = option(False, "offline demo: generate a synthetic preference task (minqr.data.synthetic) "
+    demo: bool = option(False, "offline demo: generate a synthetic preference task (minqr.synthetic) "
                         "with a tiny random GPT-2 and train on it; other options override its defaults")
 
     def __post_init__(self):
@@ -192,13 +193,6 @@ class TrainConfig:
         if problems:
             raise MinqrError("; ".join(problems))
 
-    @classmethod
-    def older_run_defaults(cls) -> dict:
-        """What a run made before an option existed had for it (--resume counts a missing option as
-        this): the field's default, but ema_window 0, since those runs did not average, whatever the
-        objective."""
-        return {f.name: f.default for f in fields(cls)} | {"ema_window": 0.0}
-
     def head_config(self) -> HeadConfig:
         return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,
                                margin=self.margin)
@@ -210,23 +204,3 @@ class TrainConfig:
         if given.get("demo"):
             given = {**demo_defaults(given.get("head", "quantile"), given.get("out"), given.get("data")), **given}
         return cls(**given)
-
-
-def demo_defaults(head: str, out=None, data=None) -> dict:
-    """The demo: a tiny random-init GPT-2 on the synthetic task in OUT/../demo-data (made by
-    minqr.data.synthetic on first use, 40,000 training pairs; its texts are a few dozen tokens), or in the
-    folder of `data` (e.g. another variant, made by tools/synthetic.py). A model trained from
-    scratch takes a far larger learning rate than a pretrained one being fine-tuned. 3,000 steps
-    (96,000 pairs, 2.4 epochs) take one to two minutes on a 2-core CPU: that many were needed for
-    the quantile head's N outputs to follow the annotators' disagreement (docs/objectives.md)."""
-    out = Path(out or Path("runs") / "demo" / head)
-    data = Path(data).parent if data else demo_task_folder(out)
-    return dict(out=str(out), model=str(data / "model"), data=str(data / "train.jsonl"),
-                eval_data=str(data / "test.jsonl"), max_length=128, batch_size=32, lr=2e-3, warmup=0.05,
-                weight_decay=0.01, max_steps=3000, eval_every=1000, save_every=1000)
-
-
-def demo_task_folder(out) -> Path:
-    """Where the demo run `out` makes its synthetic task when --data names none: the only folder
-    --demo ever writes a task into (a folder the user named for data is theirs)."""
-    return Path(out).parent / "demo-data"

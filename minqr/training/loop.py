@@ -42,9 +42,9 @@ from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
 from minqr.ranking import ranking_credit
-from minqr.reading import loads
+from minqr.synthetic.demo import prepare_demo_data
 from minqr.training.averaging import WeightAverage
-from minqr.training.config import TrainConfig, demo_task_folder
+from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
@@ -137,7 +137,7 @@ class _Run:
                              f"{config.grad_accum} × {procs.world_size} processes")
         self.micro_batch_size = per_process // config.grad_accum
         self.checkpoint = self._check_out_folder()
-        self.bayes_accuracy = self._prepare_demo_data() if config.demo else None
+        self.bayes_accuracy = prepare_demo_data(config.data, config.out, procs, self.say) if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
             self.model_path, train_file, eval_file = self._resolve_inputs()
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
@@ -202,7 +202,7 @@ class _Run:
                                  "--save-every steps, and this one was stopped before its first): start it afresh "
                                  "with --overwrite instead of --resume")
             checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config), TrainConfig.older_run_defaults())
+            check_same_options(checkpoint.config, asdict(config))
             return checkpoint
         if config.overwrite:
             return None
@@ -256,23 +256,6 @@ class _Run:
                 f"{len(self.train_pairs):,} pairs); {name} of {backbone / 1e6:.1f}M parameters{bag}; head of "
                 f"{head.num_quantiles} outputs trained by {head.objective}; on {self.procs.device} "
                 f"x {self.procs.world_size} process{'es' if self.procs.world_size > 1 else ''}")
-
-    def _prepare_demo_data(self) -> float:
-        """Make the synthetic task on first use (process 0; the others wait); its Bayes accuracy."""
-        from minqr.data.synthetic import make_synthetic_task
-
-        folder = Path(self.config.data).parent
-        task_file = folder / "task.json"
-        if not task_file.is_file() and folder.resolve() != demo_task_folder(self.config.out).resolve():
-            raise MinqrError(f"--demo --data {self.config.data}: its folder holds no synthetic task (task.json), and "
-                             "--demo makes its task only in a folder of its own, never in one named for data. "
-                             f"Make a task there with `minqr synthetic --out {folder}`, or leave out --data "
-                             f"(the demo then makes its task in {demo_task_folder(self.config.out)})")
-        with self.procs.main_first():
-            if not task_file.is_file():
-                self.say(f"demo: generating the synthetic task in {folder}")
-                make_synthetic_task(folder, seed=0)
-        return loads(task_file.read_text())["bayes_accuracy"]
 
     def _load_data(self, source, split: str):
         """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""

@@ -178,7 +178,7 @@ def load_checkpoint(out) -> Checkpoint:
             folder=folder, step=state["step"], position=DataPosition(**state["position"]),
             model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
             rng_states=state["rng_states"], config=config, compute=state["compute"],
-            average=state.get("average"),  # absent from the checkpoints of runs before --ema-window
+            average=state["average"],
         )
     except KeyError as e:  # a state.pt of another layout
         raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
@@ -193,19 +193,16 @@ RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "
                      "grad_checkpoint")
 
 
-def check_same_options(saved: dict, given: dict, defaults: dict | None = None) -> None:
-    """--resume: the options that decide the weights must be those the run started with. An option
-    that the run's minqr did not have yet counts as its default there (`defaults`)."""
-    defaults = defaults or {}
-    older = {name: value for name, value in defaults.items() if name not in saved}  # options newer than the run
-    saved = {**older, **saved}
+def check_same_options(saved: dict, given: dict) -> None:
+    """--resume: the options that decide the weights must be those the run started with. A run
+    whose checkpoint lacks an option was made by a minqr without it, and is not resumed."""
+    newer = [f"--{name.replace('_', '-')}" for name in sorted(set(given) - set(saved)) if name not in RESUME_MAY_CHANGE]
+    if newer:
+        raise MinqrError(f"--resume: the run being resumed was made by a minqr without {', '.join(newer)} (its "
+                         "checkpoint has no value for them): start it afresh with --overwrite instead of --resume")
 
     def change(name: str) -> str:
-        flag = f"--{name.replace('_', '-')}"
-        if name in older:
-            return (f"{flag} {given.get(name)!r} (the run was made before {flag} existed, which is {saved[name]!r} "
-                    f"for it: add {flag} {saved[name]!r})")
-        return f"{flag} {given.get(name)!r} (the run has {saved.get(name)!r})"
+        return f"--{name.replace('_', '-')} {given.get(name)!r} (the run has {saved.get(name)!r})"
 
     changed = [change(name) for name in sorted(set(saved) | set(given))
                if name not in RESUME_MAY_CHANGE and saved.get(name) != given.get(name)]

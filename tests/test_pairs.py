@@ -172,7 +172,7 @@ BAD_LINES = [
 ]
 
 
-# What the train and score tools must say of a lone surrogate (tests in test_train.py, test_score.py)
+# What the train and score tools must say of a lone surrogate (tests in test_train.py, test_scoring.py)
 SURROGATE_LINE = '{"chosen": "a \\ud83d b", "rejected": "c"}'
 
 

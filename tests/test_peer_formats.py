@@ -1,7 +1,7 @@
 """The formats peers keep preference data in (TRL's layouts in JSON lines, Parquet, Arrow, `datasets`
 splits) read into the same Pairs, the pair margin column, and the messages for what is missing.
 
-JSON lines are the reference format (tests/test_data.py); every other format must give the same
+JSON lines are the reference format (tests/test_pairs.py); every other format must give the same
 Pairs from the same records, only their origins ("FILE:row N" instead of "FILE:LINE") differ.
 Tests that need pyarrow or datasets (the extra minqr[data]) skip with a reason without them.
 """
@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from factories import random_gpt2, write_tiny_tokenizer
-from test_data import write_lines, write_records
+from test_pairs import write_lines, write_records
 
 from minqr.data.batching import collate_pairs, tokenize_pairs
 from minqr.data.pairs import SKIP_HINT, Pair, load_pairs, names_one_split, read_pairs_file

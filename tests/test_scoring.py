@@ -1,7 +1,6 @@
 """Scoring: the arrays against the model run on each text alone (both layouts, any batch size, the
 data's order), the CLI's printed accuracies against the written file, the metadata, and bad input."""
 import gzip
-import importlib.util
 import json
 import re
 import shutil
@@ -14,32 +13,28 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
-from test_data import SURROGATE_LINE, surrogate_error
+from factories import SENTENCES, load_tool, random_gpt2, tiny_config, write_tiny_tokenizer
+from test_pairs import SURROGATE_LINE, surrogate_error
 
 import minqr
 from minqr import MinqrError, load_tokenizer, save_gpt2
 from minqr.data.pairs import Pair, load_pairs
-from minqr.data.synthetic import SyntheticTask, make_synthetic_task
 from minqr.device import autocast_dtype, resolve_device
 from minqr.models.head import HeadConfig
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
 from minqr.objectives.references import quantile_levels
-from minqr.study.analysis import load_truth
 from minqr.study.scores_file import load_scores
 from minqr.study.scoring import score_pairs, score_to_file
+from minqr.synthetic.folder import make_synthetic_task
+from minqr.synthetic.task import SyntheticTask
+from minqr.synthetic.truth import load_truth
+
+SCORE = load_tool("score")  # tools/score.py's command
 
 ROOT = Path(__file__).resolve().parents[1]
 POSITIONS = 200
 MAX_LENGTH = 100  # below the longest text (142 tokens): one pair is cut from the left
-
-
-def load_cli():
-    spec = importlib.util.spec_from_file_location("score_cli", ROOT / "tools" / "score.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def random_reward_model(kind="quantile", n=10, seed=0, config=None):
@@ -203,7 +198,7 @@ def printed_accuracies(output):
 
 def test_an_anchor_reply_is_scored_as_the_reply_to_each_prompt(tmp_path, tokenizer, quantile_folder, data_file):
     out = tmp_path / "anchored.npz"
-    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file), "--out", str(out),
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file), "--out", str(out),
                                              "--anchor-reply", " I see."])
     assert result.exit_code == 0, result.output
     scores = load_scores(out)
@@ -216,14 +211,14 @@ def test_an_anchor_reply_is_scored_as_the_reply_to_each_prompt(tmp_path, tokeniz
     assert scores.metadata["anchor_reply"] == " I see."
     # the quantiles are read relative to it: each kind minus its output for the anchor, then sorted
     np.testing.assert_allclose(scores.quantiles("chosen"), np.sort(scores.chosen - scores.anchor, axis=1), atol=1e-6)
-    empty = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file), "--out",
+    empty = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file), "--out",
                                             str(tmp_path / "e.npz"), "--anchor-reply", " "])
     assert empty.exit_code == 1 and "anchor_reply (--anchor-reply) is empty" in empty.output
 
 
 def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, quantile_folder, data_file):
     out = tmp_path / "scores.npz"
-    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file),
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file),
                                              "--out", str(out), "--batch-size", "3"])
     assert result.exit_code == 0, result.output
     scores = load_scores(out)
@@ -253,7 +248,7 @@ def test_scalar_model_prints_one_accuracy(tmp_path, tokenizer, data_file):
     folder = tmp_path / "scalar"
     random_reward_model("scalar", 1, seed=5).save_pretrained(folder, tokenizer=tokenizer)
     out = tmp_path / "scores.jsonl"
-    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file), "--out", str(out),
+    result = CliRunner().invoke(SCORE, ["--model", str(folder), "--data", str(data_file), "--out", str(out),
                                              "--max-length", str(MAX_LENGTH)])
     assert result.exit_code == 0, result.output
     scores = load_scores(out)
@@ -271,7 +266,7 @@ def test_metadata_of_a_folder_split_and_the_options(tmp_path, quantile_folder):
     argv = ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"), "--subset", "harmless-base",
             "--out", str(out), "--max-length", "32", "--batch-size", "4", "--no-shared-prefix",
             "--device", "cpu", "--dtype", "float32"]
-    result = CliRunner().invoke(load_cli(), argv)
+    result = CliRunner().invoke(SCORE, argv)
     assert result.exit_code == 0, result.output
     meta = load_scores(out).metadata
     assert meta["model"] == str(quantile_folder) and meta["head"] == "quantile" and meta["num_quantiles"] == 7
@@ -286,7 +281,7 @@ def test_metadata_of_a_folder_split_and_the_options(tmp_path, quantile_folder):
     longest = [max(map(len, tokenizer.encode_batch([p.chosen, p.rejected]))) for p in pairs]
     assert meta["num_truncated"] == sum(length > 32 for length in longest)
     # the defaults: max_length from training_args.json; --workload and --label are written as given
-    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"),
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"),
                                              "--subset", "harmless-base", "--out", str(out),
                                              "--workload", "Harmless", "--label", "QR N=7"])
     assert result.exit_code == 0, result.output
@@ -353,7 +348,7 @@ def broken_folder(tmp_path, tokenizer, quantile_folder, what):
 def test_bad_model_folder_is_a_clear_error(tmp_path, tokenizer, quantile_folder, data_file, what, words):
     folder = broken_folder(tmp_path, tokenizer, quantile_folder, what)
     out = tmp_path / "scores.npz"
-    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file), "--out", str(out)])
+    result = CliRunner().invoke(SCORE, ["--model", str(folder), "--data", str(data_file), "--out", str(out)])
     assert result.exit_code == 1 and result.output.startswith("Error: ")
     for word in words:
         assert word in result.output, result.output
@@ -369,7 +364,7 @@ def test_a_damaged_model_file_is_one_line_that_names_it(tmp_path, quantile_folde
     problem = {"model.safetensors": ": not a safetensors file, or cut short: its 1,000 bytes do not hold the header "
                                     "it announces;",
                "tokenizer.json": " cannot be read as a tokenizer (EOF while parsing a string at line 1 column 1000):"}
-    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+    result = CliRunner().invoke(SCORE, ["--model", str(folder), "--data", str(data_file),
                                              "--out", str(tmp_path / "scores.npz")])
     assert result.exit_code == 1
     tokenizer_hint = (". A reward model folder carries its tokenizer (tools/train.py saves it there); copy the tokenizer's "
@@ -381,7 +376,7 @@ def test_damaged_training_args_are_one_line_that_names_them(tmp_path, quantile_f
     folder = tmp_path / "model"
     shutil.copytree(quantile_folder, folder)
     (folder / "training_args.json").write_bytes(b"\x80 not text")
-    result = CliRunner().invoke(load_cli(), ["--model", str(folder), "--data", str(data_file),
+    result = CliRunner().invoke(SCORE, ["--model", str(folder), "--data", str(data_file),
                                              "--out", str(tmp_path / "scores.npz")])
     assert result.exit_code == 1
     assert result.output == (f"Error: {folder / 'training_args.json'} is not valid JSON ('utf-8' codec can't decode "
@@ -406,13 +401,13 @@ def test_bad_data_and_options_are_clear_errors(tmp_path, quantile_folder, data_f
     for argv, words in cases:
         if "--out" not in argv:
             argv = argv + ["--out", str(out)]
-        result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder)] + argv)
+        result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder)] + argv)
         assert result.exit_code == 1 and result.output.startswith("Error: "), (argv, result.output)
         for word in words:
             assert word in result.output, (argv, result.output)
         assert "Traceback" not in result.output and not out.exists()
     # --skip-bad scores the good lines and says what it skipped
-    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(bad), "--out", str(out),
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(bad), "--out", str(out),
                                              "--skip-bad"])
     assert result.exit_code == 0 and "skipped 1 malformed lines" in result.stdout
     assert load_scores(out).num_pairs == len(lines)
@@ -424,9 +419,9 @@ def test_a_lone_surrogate_is_bad_data_with_its_line(tmp_path, quantile_folder, d
     lines = data_file.read_text().splitlines()
     bad.write_text("\n".join(lines[:1] + [SURROGATE_LINE] + lines[1:]) + "\n")
     argv = ["--model", str(quantile_folder), "--data", str(bad), "--out", str(tmp_path / "scores.npz")]
-    result = CliRunner().invoke(load_cli(), argv)
+    result = CliRunner().invoke(SCORE, argv)
     assert result.exit_code == 1 and result.output == surrogate_error(bad, 2)
-    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    result = CliRunner().invoke(SCORE, argv + ["--skip-bad"])
     assert result.exit_code == 0 and "skipped 0 malformed lines and 1 with bad fields" in result.output
     assert load_scores(tmp_path / "scores.npz").num_pairs == len(lines)
 
@@ -444,9 +439,9 @@ def test_a_model_that_gives_nan_is_called_broken_at_its_first_batch(tmp_path, to
     forward_pairs = RewardModel.forward_pairs
     monkeypatch.setattr(RewardModel, "forward_pairs", lambda self, batch: calls.append(1) or forward_pairs(self, batch))
     argv = ["--model", str(folder), "--data", str(data_file), "--out", str(out)]
-    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "2"])
+    result = CliRunner().invoke(SCORE, argv + ["--batch-size", "2"])
     assert result.exit_code == 1 and len(calls) == 1 and not out.exists()
-    result = CliRunner().invoke(load_cli(), argv + ["--batch-size", "100"])  # one batch: pair 0 is the first
+    result = CliRunner().invoke(SCORE, argv + ["--batch-size", "100"])  # one batch: pair 0 is the first
     assert result.output.endswith(f"Error: the reward model {folder} is broken: it gives NaN rewards (first for pair 0 of "
                              "the data; scoring stopped at that batch, nothing was written). Its weights hold NaN or "
                              "inf: train it again (with a lower --lr?), or score another model\n")
@@ -477,8 +472,8 @@ def test_normalize_applies_the_saved_reward_statistics(tmp_path, tokenizer, data
                                                                training_args={"max_length": MAX_LENGTH},
                                                                reward_stats={"mean": -0.75, "std": 2.5})
     argv = ["--model", str(folder), "--data", str(data_file), "--anchor-reply", " I see."]
-    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
-    result = CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "normal.npz"), "--normalize"])
+    assert CliRunner().invoke(SCORE, [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
+    result = CliRunner().invoke(SCORE, [*argv, "--out", str(tmp_path / "normal.npz"), "--normalize"])
     assert result.exit_code == 0, result.output
     raw, normal = load_scores(tmp_path / "raw.npz"), np.load(tmp_path / "normal.npz")  # the numbers as stored
     for name in ("chosen", "rejected", "anchor"):
@@ -486,11 +481,11 @@ def test_normalize_applies_the_saved_reward_statistics(tmp_path, tokenizer, data
         np.testing.assert_allclose(normal[name], expected, atol=1e-6, rtol=0)
     assert load_scores(tmp_path / "normal.npz").metadata["normalized"] == {"mean": -0.75, "std": 2.5}
     assert printed_accuracies(result.stdout)[0][2] == printed_accuracies(
-        CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "again.npz")]).stdout)[0][2]
+        CliRunner().invoke(SCORE, [*argv, "--out", str(tmp_path / "again.npz")]).stdout)[0][2]
 
     bare = tmp_path / "bare"
     random_reward_model("quantile", 5, seed=2).save_pretrained(bare, tokenizer=tokenizer)
-    result = CliRunner().invoke(load_cli(), ["--model", str(bare), "--data", str(data_file), "--out",
+    result = CliRunner().invoke(SCORE, ["--model", str(bare), "--data", str(data_file), "--out",
                                              str(tmp_path / "n.npz"), "--normalize"])
     assert result.exit_code == 1 and not (tmp_path / "n.npz").exists()
     assert result.output == (f"Error: normalize: {bare} has no reward statistics (config.json's minqr.reward_mean and "
@@ -505,8 +500,8 @@ def test_the_analysis_reads_normalized_scores_in_the_models_units(tmp_path, toke
                                                                training_args={"max_length": MAX_LENGTH},
                                                                reward_stats={"mean": 1.25, "std": 0.5})
     argv = ["--model", str(folder), "--data", str(data_file)]
-    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
-    assert CliRunner().invoke(load_cli(), [*argv, "--out", str(tmp_path / "n.npz"), "--normalize"]).exit_code == 0
+    assert CliRunner().invoke(SCORE, [*argv, "--out", str(tmp_path / "raw.npz")]).exit_code == 0
+    assert CliRunner().invoke(SCORE, [*argv, "--out", str(tmp_path / "n.npz"), "--normalize"]).exit_code == 0
     raw, normal = load_scores(tmp_path / "raw.npz"), load_scores(tmp_path / "n.npz")
     np.testing.assert_allclose(normal.chosen, raw.chosen, atol=1e-5, rtol=0)
     np.testing.assert_allclose(normal.rejected, raw.rejected, atol=1e-5, rtol=0)
@@ -517,7 +512,7 @@ def test_the_analysis_reads_normalized_scores_in_the_models_units(tmp_path, toke
 def test_refusals_that_need_nothing_read_make_no_folder(tmp_path, quantile_folder, data_file):
     """A bad --out name is refused before the lock beside --out is made, so no folder appears."""
     out = tmp_path / "new" / "sub" / "x.txt"
-    result = CliRunner().invoke(load_cli(), ["--model", str(quantile_folder), "--data", str(data_file),
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file),
                                              "--out", str(out)])
     assert result.exit_code == 1 and f"out {out}: a scores file's name ends in .npz" in result.output
     assert not (tmp_path / "new").exists()
@@ -528,15 +523,15 @@ def test_deep_json_and_a_mistyped_model_path_are_one_line_errors(tmp_path, quant
     deep = tmp_path / "deep.jsonl"
     deep.write_text("\n".join(lines[:2] + ['{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"] + lines[2:]) + "\n")
     argv = ["--model", str(quantile_folder), "--data", str(deep), "--out", str(tmp_path / "s.npz")]
-    result = CliRunner().invoke(load_cli(), argv)
+    result = CliRunner().invoke(SCORE, argv)
     assert result.exit_code == 1, result.output
     assert result.output.startswith(f"Error: {deep}:3: malformed JSON (nested deeper than 100 levels at column 111)")
-    result = CliRunner().invoke(load_cli(), argv + ["--skip-bad"])
+    result = CliRunner().invoke(SCORE, argv + ["--skip-bad"])
     assert result.exit_code == 0 and "skipped 1 malformed lines" in result.output, result.output
     assert load_scores(tmp_path / "s.npz").num_pairs == len(lines)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
-    result = CliRunner().invoke(load_cli(), ["--model", "runs/dmeo/quantile", "--data", str(data_file),
+    result = CliRunner().invoke(SCORE, ["--model", "runs/dmeo/quantile", "--data", str(data_file),
                                              "--out", "s.npz"])
     assert result.exit_code == 1 and result.output.startswith(
         "Error: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output

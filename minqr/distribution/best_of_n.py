@@ -1,0 +1,320 @@
+"""Best-of-N: of K candidate replies to a prompt, pick the one a statistic of its reward
+distribution ranks first, and keep every candidate's statistics.
+
+    summary = best_of_n_to_file("runs/demo/mixture", "candidates.jsonl", "choices.jsonl",
+                                statistics="mean,cvar:0.25,preference")
+
+The input is a file of prompts, one a record (JSON lines, plain or gzipped, or Parquet/Arrow):
+
+    {"prompt": "\\n\\nHuman: ...", "candidates": ["\\n\\nAssistant: ...", ...], "reference": "..."}
+
+each field a string, or a list of {"role", "content"} messages; a candidate's text is the prompt's
+followed by the candidate's (rendered with the tokenizer's chat template when it has one and the
+prompt is a message list). `reference` is needed only with reference="reply".
+
+Which reference. A statistic other than the mean means something only relative to a reference reply
+to the same prompt (minqr/distribution/statistics.py): reference="group" (the default) reads each
+candidate relative to the mean output of the prompt's candidates, kind by kind, and needs no extra
+reply; reference="reply" reads it relative to the record's own `reference` (an SFT model's answer, a
+fixed refusal). The mean picks the same candidate either way.
+
+The output has a record per prompt, in the input's order, the same fields in JSON lines or Parquet:
+
+    {"index": q, "origin": "FILE:LINE", "num_candidates": K,
+     "chosen": {"mean": k, "cvar:0.25": k', ...}, "statistics": {"mean": [K values], ...}}
+
+A tie goes to the earliest candidate.
+
+Resuming. A job's progress is appended, a chunk of prompts at a time, to `.<out's name>.partial`
+beside the output, under the output's lock (minqr/lock.py); its first line records what the job was
+asked (model, data, statistics, reference, max_length, dtype). The same command after a crash or a
+kill goes on from the last whole chunk, and the output appears at the end, written atomically, when
+the partial file is removed. A different command finds the partial file and stops: --overwrite
+starts afresh. An existing output is never replaced without --overwrite.
+"""
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+import numpy as np
+import torch
+
+from minqr.atomic import atomic_file
+from minqr.data import tables
+from minqr.data.pairs import _checked_text, _json_lines, render
+from minqr.device import DTYPES, resolve_device
+from minqr.distribution.statistics import parse_statistic, statistic_values
+from minqr.errors import MinqrError
+from minqr.lock import holds_output
+from minqr.models.reward import load_reward_model, training_args
+from minqr.options import option
+from minqr.progress import progress_bar
+from minqr.reading import loads
+from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
+
+FIELDS = ("prompt", "candidates", "reference")
+REFERENCES = ("group", "reply")
+DEFAULT_STATISTICS = "mean,quantile:0.1,cvar:0.25,mean_minus_std:1.0,preference"
+CHUNK_PROMPTS = 64  # prompts scored between two appends to the partial file: what a kill can cost
+
+
+@dataclass(frozen=True)
+class CandidateSet:
+    """One prompt's candidates as the texts the model reads, and where the record came from."""
+
+    origin: str
+    texts: tuple  # [K] prompt + candidate
+    reference: str | None  # prompt + reference reply, if the record has one
+
+
+def read_candidate_sets(path, need_reference: bool = False, template=None) -> list[CandidateSet]:
+    """Every record of a candidate file (module docstring); bad records are a MinqrError naming the
+    file and line (or row)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise MinqrError(f"data {path}: no such file (a JSON-lines, Parquet or Arrow file of prompts with candidates)")
+    file_format = tables.columnar_format(path)
+    rows = tables.file_rows(path, file_format, FIELDS) if file_format else \
+        ((origin, _json_record(raw, origin)) for origin, raw in _json_lines(path))
+    sets = [_candidate_set(record, origin, need_reference, template) for origin, record in rows]
+    if not sets:
+        raise MinqrError(f"data {path} holds no prompts")
+    return sets
+
+
+def _json_record(raw: bytes, origin: str) -> dict:
+    try:
+        record = loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise MinqrError(f"{origin}: not a JSON object ({error})") from None
+    if not isinstance(record, dict):
+        raise MinqrError(f"{origin}: expected a JSON object with prompt and candidates, got {type(record).__name__}")
+    return record
+
+
+def _candidate_set(record: dict, origin: str, need_reference: bool, template) -> CandidateSet:
+    if "prompt" not in record or record["prompt"] is None:
+        raise MinqrError(f"{origin}: missing field 'prompt'")
+    candidates = record.get("candidates")
+    if not isinstance(candidates, (list, tuple)) or not candidates:
+        raise MinqrError(f"{origin}: field 'candidates' must be a non-empty list of replies, got {candidates!r:.60}")
+    reference = record.get("reference")
+    if need_reference and reference is None:
+        raise MinqrError(f"{origin}: missing field 'reference', which reference=reply (--reference reply) reads "
+                         "each candidate against; give one, or use the group of candidates (--reference group)")
+    prompt = record["prompt"]
+    _checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
+    for k, reply in enumerate(candidates):
+        _checked_text(reply, f"candidates[{k}]", origin)
+    if need_reference:
+        _checked_text(reference, "reference", origin)
+    texts = tuple(_dialogue(prompt, reply, template, origin) for reply in candidates)
+    return CandidateSet(origin, texts, _dialogue(prompt, reference, template, origin) if need_reference else None)
+
+
+def _dialogue(prompt, reply, template, origin: str) -> str:
+    """The text the model reads: with a chat template and a message-list prompt, the conversation
+    rendered by it; else the HH-style prompt followed by the reply."""
+    if template is None or not isinstance(prompt, list):
+        return render(prompt) + render(reply)
+    messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
+    try:
+        return template.render([*prompt, *messages])
+    except jinja2.TemplateError as error:
+        raise MinqrError(f"{origin}: the chat template refuses this conversation ({error})") from None
+
+
+def parse_statistics(text: str) -> list:
+    """"mean,cvar:0.25" -> their Statistics, in order, without repeats."""
+    statistics = []
+    for part in str(text).split(","):
+        statistic = parse_statistic(part)
+        if statistic not in statistics:
+            statistics.append(statistic)
+    return statistics
+
+
+def candidate_statistics(outputs: np.ndarray, statistics, objective: str, reference: np.ndarray | None = None,
+                         group: np.ndarray | None = None) -> dict:
+    """Raw outputs [M, N] of the candidates of several prompts -> {str(statistic): [M] float64},
+    relative to `reference` [M, N] (each candidate's reference reply) or within `group` [M] (the
+    prompt of each candidate)."""
+    values = torch.from_numpy(outputs.astype(np.float64))
+    ref = None if reference is None else torch.from_numpy(reference.astype(np.float64))
+    ids = None if group is None else torch.from_numpy(group)
+    return {str(s): statistic_values(s, values, reference=ref, group=ids, objective=objective).numpy()
+            for s in statistics}
+
+
+def per_prompt(values: dict, group: np.ndarray) -> list:
+    """{statistic: [M]} and the prompt of each candidate [M] (prompts in order, candidates adjacent)
+    -> per prompt {statistic: [K] its candidates' values}."""
+    bounds = np.flatnonzero(np.diff(group)) + 1
+    return [dict(zip(values, parts)) for parts in zip(*(np.split(v, bounds) for v in values.values()))]
+
+
+def choices(prompt_values: dict) -> dict:
+    """{statistic: [K]} of one prompt -> {statistic: the index of its best candidate}, the earliest on a tie."""
+    return {name: int(np.argmax(values)) for name, values in prompt_values.items()}
+
+
+@dataclass
+class BestOfNSummary:
+    out: Path
+    num_prompts: int
+    resumed_from: int
+    agreement: dict  # statistic but the mean -> the share of prompts where its choice is the mean's
+    notes: list = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"chose among the candidates of {self.num_prompts:,} prompts"
+                 + (f" (resumed after {self.resumed_from:,})" if self.resumed_from else "")]
+        lines += [f"  {name:<22} picks the mean's choice for {share:.1%} of prompts"
+                  for name, share in self.agreement.items()]
+        return "\n".join(lines + self.notes + [f"wrote {self.out}"])
+
+
+@dataclass
+class BestOfNConfig:
+    """The options of `minqr best-of-n` (best_of_n_to_file)."""
+
+    model: str = option(help="reward model folder (train's --out), or a hub name")
+    data: str = option(help="prompts with candidates: a JSON-lines (.gz), Parquet or Arrow file of records "
+                       "{prompt, candidates: [...], reference}")
+    out: str = option(help="choices to write: .jsonl or .parquet (a record per prompt)")
+    statistics: str = option(DEFAULT_STATISTICS, "statistics to choose by, comma-separated: mean, quantile:TAU, "
+                             "cvar:ALPHA, mean_minus_std:LAMBDA, preference")
+    reference: str = option("group", "what each candidate's reward is read relative to: group, the mean of the "
+                            "prompt's candidates kind by kind; reply, the record's own reference reply", REFERENCES)
+    max_length: int | None = option(None, "tokens kept of each text, cut from the left [default: the --max-length "
+                                    "the model was trained with, else its number of positions]", low=1)
+    batch_size: int = option(DEFAULT_BATCH_SIZE, "texts a batch", low=1)
+    device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
+    dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
+    overwrite: bool = option(False, "replace --out if it exists, and drop an unfinished job's progress", in_file=False)
+
+
+def partial_path(out) -> Path:
+    out = Path(out)
+    return out.parent / f".{out.name}.partial"
+
+
+@holds_output("out")
+def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> BestOfNSummary:
+    """Choose a candidate per prompt of `data` by each statistic, with the reward model in `model`,
+    and write the choices and every candidate's statistics to `out` (module docstring). `options`
+    are BestOfNConfig's other fields."""
+    config = BestOfNConfig(model=model, data=data, out=out, **options)
+    out = Path(out)
+    if out.suffix not in (".jsonl", ".parquet") or out.is_dir():
+        raise MinqrError(f"out {out}: the choices file's name ends in .jsonl or .parquet")
+    if out.exists() and not config.overwrite:
+        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
+    statistics = parse_statistics(config.statistics)
+    reward_model, tokenizer, folder = load_reward_model(model)
+    positions = reward_model.transformer.config.max_positions
+    max_length = config.max_length or min(training_args(folder).get("max_length", positions), positions)
+    if max_length > positions:
+        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    by_reply = config.reference == "reply"
+    sets = read_candidate_sets(data, need_reference=by_reply, template=tokenizer.chat_template)
+    data_path = Path(data).expanduser().resolve()
+    job = {"minqr": "best-of-n", "model": str(Path(folder).resolve()), "data": str(data_path),
+           "data_bytes": data_path.stat().st_size, "data_mtime_ns": data_path.stat().st_mtime_ns,
+           "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
+           "dtype": config.dtype}
+    partial = partial_path(out)
+    if config.overwrite:
+        partial.unlink(missing_ok=True)
+    done = _resume(partial, job)
+    if len(done) > len(sets):
+        raise MinqrError(f"{partial} records more prompts than {data} holds: pass --overwrite to start afresh")
+    resumed = len(done)
+    if not done:
+        with atomic_file(partial) as tmp:  # the job line, then records are appended
+            tmp.write_text(json.dumps(job) + "\n")
+    device = resolve_device(config.device)
+    objective = reward_model.head_config.objective
+    truncated = 0
+    with open(partial, "a") as log, progress_bar(total=len(sets), initial=len(done), unit="prompt",
+                                                 desc="best-of-n", disable=not progress) as bar:
+        for start in range(len(done), len(sets), CHUNK_PROMPTS):
+            chunk = sets[start: start + CHUNK_PROMPTS]
+            records, cut = _choose(chunk, start, reward_model, tokenizer, max_length, config, device, statistics,
+                                   objective)
+            truncated += cut
+            log.write("".join(json.dumps(r) + "\n" for r in records))
+            log.flush()
+            os.fsync(log.fileno())  # a chunk on disk before the next is scored: the most a kill loses
+            done += records
+            bar.update(len(chunk))
+    _write_choices(out, done)
+    partial.unlink()
+    agreement = {} if "mean" not in done[0]["chosen"] else {
+        name: float(np.mean([r["chosen"][name] == r["chosen"]["mean"] for r in done]))
+        for name in done[0]["chosen"] if name != "mean"}
+    notes = [f"note: {truncated:,} texts scored in this run were longer than {max_length} tokens and cut from the "
+             "left"] if truncated else []
+    return BestOfNSummary(out, len(done), resumed, agreement, notes)
+
+
+def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device, statistics,
+            objective) -> tuple[list, int]:
+    """The output records of a chunk of candidate sets, the first being prompt `start`, and how many
+    of its texts were cut to max_length."""
+    texts = [text for s in chunk for text in s.texts]
+    group = np.repeat(np.arange(len(chunk)), [len(s.texts) for s in chunk])  # [M] the prompt of each candidate
+    if config.reference == "reply":
+        texts += [s.reference for s in chunk]
+    encoded = tokenizer.encode_batch(texts)
+    token_lists = [ids[-max_length:] for ids in encoded]
+    outputs = score_texts(model, token_lists, config.batch_size, device, config.dtype)  # [M (+ Q), N]
+    if config.reference == "reply":
+        candidates, references = outputs[: len(group)], outputs[len(group):][group]  # [M, N] each
+        values = candidate_statistics(candidates, statistics, objective, reference=references)
+    else:
+        values = candidate_statistics(outputs, statistics, objective, group=group)
+    records = [{"index": start + q, "origin": s.origin, "num_candidates": len(s.texts), "chosen": choices(prompt),
+                "statistics": {name: part.tolist() for name, part in prompt.items()}}
+               for q, (s, prompt) in enumerate(zip(chunk, per_prompt(values, group)))]
+    return records, sum(len(ids) > max_length for ids in encoded)
+
+
+def _resume(partial: Path, job: dict) -> list:
+    """The records an unfinished job with the same `job` line left in `partial` ([] if none); a torn
+    last line (a kill mid-append) is dropped. Another job's partial file: a MinqrError."""
+    if not partial.exists():
+        return []
+    text = partial.read_text()
+    lines = text.split("\n")
+    try:
+        found = loads(lines[0])
+    except json.JSONDecodeError:
+        found = None
+    if found != job:
+        raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options "
+                         f"or another version of the data ({found}): run that command again to finish it, or pass "
+                         "--overwrite to start afresh")
+    records = []
+    for line in lines[1:]:
+        try:
+            records.append(loads(line))
+        except json.JSONDecodeError:
+            break  # the torn end of an append cut short (or the empty string after the last newline)
+    if not text.endswith("\n") or len(records) != len(lines) - 2:
+        # a torn tail: keep only the whole lines, before more are appended
+        with atomic_file(partial) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in [job, *records]))
+    return records
+
+
+def _write_choices(out: Path, records: list) -> None:
+    with atomic_file(out) as tmp:
+        if out.suffix == ".jsonl":
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+            return
+        pa = tables.require("pyarrow", f"writing {out} (Parquet)")
+        parquet = tables.require("pyarrow.parquet", f"writing {out} (Parquet)")
+        parquet.write_table(pa.Table.from_pylist(records), tmp)

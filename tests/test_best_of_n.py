@@ -1,0 +1,270 @@
+"""minqr best-of-n: the choices against statistic_values on each text scored alone, the two file
+formats, resuming after a crash, and bad input named by file and line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from test_score import alone, random_reward_model
+
+from minqr import MinqrError, load_tokenizer
+from minqr.distribution import best_of_n
+from minqr.distribution.best_of_n import best_of_n_to_file, partial_path
+from minqr.distribution.statistics import statistic_values
+from minqr_cli.commands import main as cli
+from factories import tiny_config, write_tiny_tokenizer
+
+STATISTICS = "mean,quantile:0.2,cvar:0.3,mean_minus_std:0.5,preference"
+MAX_LENGTH = 60
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    return load_tokenizer(write_tiny_tokenizer(tmp_path_factory.mktemp("tok"), layout="tokenizer.json"))
+
+
+@pytest.fixture(scope="module", params=[("quantile", 6), ("scalar", 1)])
+def model(request, tmp_path_factory, tokenizer):
+    kind, n = request.param
+    folder = tmp_path_factory.mktemp(kind)
+    network = random_reward_model(kind, n, seed=3)
+    network.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    return folder, network
+
+
+def candidate_records(seed=0, prompts=7):
+    """Prompts of 1 to 5 candidates, strings and message lists, each with a reference reply."""
+    rng = np.random.default_rng(seed)
+    words = ["fix", "the", "bike", "garden", "joke", "clear", "polite", "rude", "now", "please"]
+    records = []
+    for q in range(prompts):
+        def reply():
+            return " ".join(rng.choice(words, size=rng.integers(1, 6)))
+        candidates = [f"\n\nAssistant: {reply()}" for _ in range(rng.integers(1, 6))]
+        record = {"prompt": f"\n\nHuman: how do I {reply()}?", "candidates": candidates,
+                  "reference": "\n\nAssistant: ok"}
+        if q % 3 == 2:  # the same as messages
+            record = {"prompt": [{"role": "user", "content": f"how do I {reply()}?"}],
+                      "candidates": [[{"role": "assistant", "content": reply()}] for _ in candidates],
+                      "reference": [{"role": "assistant", "content": "ok"}]}
+        records.append(record)
+    return records
+
+
+def render(value):
+    if isinstance(value, str):
+        return value
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in value)
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("reference", ["group", "reply"])
+def test_choices_are_the_argmax_of_statistic_values_on_texts_scored_alone(tmp_path, tokenizer, model, reference):
+    folder, network = model
+    records = candidate_records()
+    records.insert(3, {"prompt": "\n\nHuman: " + "please fix the bike now " * 20, "reference": "\n\nAssistant: ok",
+                       "candidates": ["\n\nAssistant: no", "\n\nAssistant: the garden"]})  # cut from the left
+    data = write(tmp_path / "c.jsonl", records)
+    out = tmp_path / "choices.jsonl"
+    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, reference=reference, progress=False)
+    assert summary.num_prompts == len(records)
+    written = read(out)
+    for name, share in summary.agreement.items():
+        assert share == np.mean([r["chosen"][name] == r["chosen"]["mean"] for r in written])
+    assert set(summary.agreement) == {str(best_of_n.parse_statistic(s)) for s in STATISTICS.split(",")} - {"mean"}
+    texts = [render(r["prompt"]) + render(c) for r in records for c in r["candidates"]]
+    texts += [render(r["prompt"]) + render(r["reference"]) for r in records] if reference == "reply" else []
+    long = sum(len(tokenizer.encode(t)) > MAX_LENGTH for t in texts)
+    assert long >= 2 and summary.notes == [f"note: {long:,} texts scored in this run were longer than {MAX_LENGTH} "
+                                           "tokens and cut from the left"]
+    objective = network.head_config.objective
+    for q, (record, result) in enumerate(zip(records, written)):
+        texts = [render(record["prompt"]) + render(c) for c in record["candidates"]]
+        outputs = torch.tensor(np.array([alone(network, tokenizer, t, MAX_LENGTH) for t in texts]), dtype=torch.float64)
+        K = len(texts)
+        if reference == "group":
+            given = {"group": torch.zeros(K, dtype=torch.long)}
+        else:
+            ref = alone(network, tokenizer, render(record["prompt"]) + render(record["reference"]), MAX_LENGTH)
+            given = {"reference": torch.tensor(ref, dtype=torch.float64).expand(K, -1)}
+        assert result["index"] == q and result["origin"] == f"{data}:{q + 1}" and result["num_candidates"] == K
+        for statistic in STATISTICS.split(","):
+            expected = statistic_values(statistic, outputs, objective=objective, **given).numpy()
+            name = str(best_of_n.parse_statistic(statistic))
+            np.testing.assert_allclose(result["statistics"][name], expected, atol=2e-5)
+            # the pick is the best candidate (within float32 scoring's noise of it) and the earliest of ties
+            values = np.array(result["statistics"][name])
+            assert result["chosen"][name] == int(np.argmax(values))
+            assert expected[result["chosen"][name]] >= expected.max() - 4e-5
+
+
+def test_parquet_in_and_out_give_the_json_lines_records(tmp_path, model):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder, _ = model
+    records = [r for r in candidate_records(seed=1) if isinstance(r["prompt"], str)]  # one column type each
+    data = write(tmp_path / "c.jsonl", records)
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "c.parquet")
+    best_of_n_to_file(folder, data, tmp_path / "a.jsonl", statistics=STATISTICS, progress=False)
+    best_of_n_to_file(folder, tmp_path / "c.parquet", tmp_path / "b.parquet", statistics=STATISTICS, progress=False)
+    from_json, from_parquet = read(tmp_path / "a.jsonl"), pq.read_table(tmp_path / "b.parquet").to_pylist()
+    for a, b in zip(from_json, from_parquet, strict=True):
+        assert a["chosen"] == b["chosen"] and a["index"] == b["index"]
+        for name in a["statistics"]:
+            np.testing.assert_allclose(a["statistics"][name], b["statistics"][name], atol=1e-6)
+
+
+def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=2, prompts=11))
+    # chunks batch the texts, and float32 sums depend a little on the batch: the same chunks both times
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
+
+    out = tmp_path / "out.jsonl"
+    real_choose, calls = best_of_n._choose, []
+
+    def crash_on_third(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while scoring the third chunk
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(best_of_n, "_choose", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert not out.exists() and len(read(partial_path(out))) == 1 + 6  # the job line and two chunks
+    with open(partial_path(out), "a") as f:
+        f.write('{"index": 6, "origin": "torn')  # and a kill half-way through an append
+    monkeypatch.setattr(best_of_n, "_choose", real_choose)
+    # another job's options do not pick up this progress
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
+        best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
+    calls.clear()
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
+    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert calls == [6, 9] and summary.resumed_from == 6  # only what was not on disk was scored again
+    assert out.read_text() == clean.read_text()
+    assert not partial_path(out).exists()
+    with pytest.raises(MinqrError, match="exists: pass --overwrite"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
+    assert list(read(out)[0]["chosen"]) == ["mean"]
+
+
+KILLED_JOB = """
+import sys, time
+from minqr.distribution import best_of_n
+best_of_n.CHUNK_PROMPTS = 2
+real = best_of_n._choose
+best_of_n._choose = lambda *a, **k: time.sleep(0.3) or real(*a, **k)  # slow enough to be killed mid-way
+best_of_n.best_of_n_to_file(sys.argv[1], sys.argv[2], sys.argv[3], progress=False)
+"""
+
+
+@pytest.mark.slow  # a Python started and killed: a minute on a busy 2-core CPU; the crash test above is fast
+def test_a_killed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+    """SIGKILL, no clean-up at all: the lock and the partial file are left as they were."""
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=4, prompts=30))
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 2)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, progress=False)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), *sys.path])}
+    job = subprocess.Popen([sys.executable, "-c", KILLED_JOB, str(folder), str(data), str(out)], env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and job.poll() is None:
+            if partial_path(out).exists() and len(partial_path(out).read_text().splitlines()) >= 1 + 4:
+                break
+            time.sleep(0.05)
+        assert job.poll() is None, "the job ended before it could be killed"
+        job.send_signal(signal.SIGKILL)
+        job.wait()
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert not out.exists()
+    summary = best_of_n_to_file(folder, data, out, progress=False)
+    assert 4 <= summary.resumed_from < 30
+    assert out.read_text() == clean.read_text()
+
+
+@pytest.mark.parametrize("line,message", [
+    ('{"prompt": "a", "candidates": ["b"], "reference": "c"', "not a JSON object"),
+    ('["a"]', "expected a JSON object with prompt and candidates"),
+    ('{"candidates": ["b"], "reference": "c"}', "missing field 'prompt'"),
+    ('{"prompt": "a", "candidates": [], "reference": "c"}', "'candidates' must be a non-empty list"),
+    ('{"prompt": "a", "candidates": "b", "reference": "c"}', "'candidates' must be a non-empty list"),
+    ('{"prompt": "a", "candidates": ["b", 3], "reference": "c"}', "field 'candidates[1]' must be a string"),
+    ('{"prompt": "a", "candidates": ["b", " "], "reference": "c"}', "field 'candidates[1]' is empty"),
+    ('{"prompt": "a", "candidates": ["b"]}', "missing field 'reference'"),
+])
+def test_bad_input_is_named_by_file_and_line(tmp_path, model, line, message):
+    folder, _ = model
+    good = json.dumps({"prompt": "a", "candidates": ["b"], "reference": "c"})
+    data = tmp_path / "c.jsonl"
+    data.write_text(f"{good}\n\n{good}\n{line}\n")
+    result = CliRunner().invoke(cli, ["best-of-n", "--model", str(folder), "--data", str(data), "--out",
+                                      str(tmp_path / "o.jsonl"), "--reference", "reply"])
+    assert result.exit_code == 1
+    assert f"{data}:4: " in result.output and message in result.output, result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--statistics", "mean,cvar:2"], "the level must be alpha in (0, 1]"),
+    (["--statistics", "median"], "unknown statistic 'median'"),
+    (["--out", "x.csv"], "ends in .jsonl or .parquet"),
+    (["--data", "missing.jsonl"], "no such file"),
+])
+def test_bad_options_are_named(tmp_path, model, options, message):
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(prompts=2))
+    args = {"--model": str(folder), "--data": str(data), "--out": str(tmp_path / "o.jsonl")}
+    for flag, value in zip(options[::2], options[1::2]):
+        args[flag] = value if flag == "--statistics" else str(tmp_path / value)
+    result = CliRunner().invoke(cli, ["best-of-n", *[x for pair in args.items() for x in pair]])
+    assert result.exit_code == 1 and message in result.output, result.output
+
+
+def test_message_lists_are_rendered_by_the_chat_template(tmp_path):
+    """With a tokenizer that has a chat template, a candidate reads as transformers renders the
+    conversation (the real client as the reference)."""
+    transformers = pytest.importorskip("transformers")
+    from test_chat import write_chat_tokenizer
+    tokenizer_folder = write_chat_tokenizer(tmp_path / "tok", "chatml")
+    tokenizer = load_tokenizer(tokenizer_folder)
+    network = random_reward_model("quantile", 4, seed=5, config=tiny_config(vocab_size=tokenizer.vocab_size,
+                                                                             n_positions=MAX_LENGTH))
+    folder = tmp_path / "model"
+    network.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    records = [r for r in candidate_records(seed=5, prompts=9) if isinstance(r["prompt"], list)]
+    data = write(tmp_path / "c.jsonl", records)
+    best_of_n_to_file(folder, data, tmp_path / "o.jsonl", reference="reply", statistics="cvar:0.5", progress=False)
+    hf = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
+    for record, result in zip(records, read(tmp_path / "o.jsonl"), strict=True):
+        def scored(reply):
+            text = hf.apply_chat_template(record["prompt"] + reply, tokenize=False)
+            return torch.tensor(alone(network, tokenizer, text, MAX_LENGTH), dtype=torch.float64)
+        outputs = torch.stack([scored(c) for c in record["candidates"]])
+        reference = scored(record["reference"]).expand(len(outputs), -1)
+        expected = statistic_values("cvar:0.5", outputs, reference=reference, objective="mixture").numpy()
+        np.testing.assert_allclose(result["statistics"]["cvar:0.5"], expected, atol=2e-5)

@@ -1,0 +1,11 @@
+"""Choose among each prompt's candidate replies by statistics of their reward distributions
+(minqr/distribution/best_of_n.py).
+
+    python tools/best_of_n.py --model runs/demo/quantile --data candidates.jsonl --out choices.jsonl
+
+This is `minqr best-of-n` as a script (minqr_cli/commands.py).
+"""
+from minqr_cli.commands import best_of_n as main
+
+if __name__ == "__main__":
+    main()
