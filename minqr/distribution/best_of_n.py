@@ -37,12 +37,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import torch
 
 from minqr.atomic import atomic_file
 from minqr.data import tables
+from minqr.data.chat import refusals_named
 from minqr.data.pairs import _checked_text, _json_lines, render
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
@@ -120,10 +120,8 @@ def _dialogue(prompt, reply, template, origin: str) -> str:
     if template is None or not isinstance(prompt, list):
         return render(prompt) + render(reply)
     messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
-    try:
+    with refusals_named(origin, template):
         return template.render([*prompt, *messages])
-    except jinja2.TemplateError as error:
-        raise MinqrError(f"{origin}: the chat template refuses this conversation ({error})") from None
 
 
 def parse_statistics(text: str) -> list:
