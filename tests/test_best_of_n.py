@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from test_score import alone, random_reward_model
+from test_scoring import alone, random_reward_model
 
 from minqr import MinqrError, load_tokenizer
 from minqr.distribution import best_of_n
