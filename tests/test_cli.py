@@ -8,6 +8,7 @@ what the command line passes them matters.
 import dataclasses
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -288,8 +289,7 @@ def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not any(Path(f"/proc/{process.pid}/fd/{fd}").resolve() == data.resolve()
-                      for fd in _open_fds(process.pid)):
+        while str(data.resolve()) not in _open_files(process.pid):
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the data file was not opened within 2 minutes"
             time.sleep(0.005)
@@ -303,11 +303,18 @@ def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def _open_fds(pid: int) -> list:
+def _open_files(pid: int) -> set:
+    """The paths of the files process `pid` holds open (those that close meanwhile left out)."""
+    paths = set()
     try:
-        return [entry.name for entry in Path(f"/proc/{pid}/fd").iterdir()]
-    except OSError:  # the process ended, or is between two states
-        return []
+        for entry in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                paths.add(os.readlink(entry))
+            except OSError:  # closed since the listing
+                pass
+    except OSError:  # the process ended
+        pass
+    return paths
 
 
 def test_under_torchrun_process_0_alone_prints_an_error_of_the_options(monkeypatch, tmp_path):
