@@ -28,7 +28,7 @@ from minqr.synthetic.candidates import true_statistic
 from minqr.synthetic.truth import mixture_quantiles
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.objectives.references import quantile_levels
-from minqr.study.analysis import auroc
+from minqr.study.coverage import auroc
 
 DISAGREEMENT = 1.0  # logits between the groups' mean rewards: a candidate the groups disagree on
 
