@@ -3,6 +3,7 @@ and a clear message with a non-zero exit for every kind of bad input."""
 import json
 import math
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from click.testing import CliRunner
 from scipy.stats import binomtest, norm
 
 from factories import load_tool
+from minqr.errors import MinqrError
 from minqr.study import analysis, figures
 from minqr.study.bootstrap import resample_indices
 from minqr.study.divergences import histogram_kl
@@ -395,3 +397,14 @@ def test_the_summary_says_when_two_models_cannot_be_compared():
     difference = {"model": "b", "reference": "a", "value": float("nan"), "ci_low": None, "ci_high": None}
     line = _comparison("histogram KL", difference, {"value": float("inf")}, {"value": 1.5})
     assert line == "By histogram KL, b and a cannot be compared: their paired difference is nan (see the tables)."
+
+
+def test_options_of_an_analysis_called_from_python_are_checked_as_the_command_line(study):
+    """`analyze --eps nan` once reported KL 0.000 and exit 0: NaN passes `eps >= 0`. The command line
+    refuses it (test_cli), and so does the library."""
+    folder, files = study
+    for options, message in [({"eps": math.nan}, "--eps must be a finite number (got nan)"),
+                             ({"confidence": 1.0}, "--confidence must be less than 1 (got 1.0)"),
+                             ({"seed": -1}, "--seed must be at least 0 (got -1)")]:
+        with pytest.raises(MinqrError, match=re.escape(message)):
+            analyze(files[:1], folder / "out", **options)

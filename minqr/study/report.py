@@ -33,7 +33,7 @@ from minqr import __version__
 from minqr.atomic import atomic_dir, atomic_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.options import option, seed_option
+from minqr.options import option, option_problems, seed_option
 from minqr.reading import loads
 from minqr.study.analysis import paired_accuracy_difference, paired_kl_difference, summarize
 from minqr.study.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
@@ -67,6 +67,9 @@ class AnalyzeConfig:
     def __post_init__(self):
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
+        problems = option_problems(self)  # what the command line refuses, for analyses called from Python
+        if problems:
+            raise MinqrError("; ".join(problems))
 
 
 @holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
