@@ -14,7 +14,7 @@ The package is laid out by concept (each sub-package's __init__ says what lives 
     distribution/  statistics of a reward distribution relative to a reference reply (mean, quantile,
                  CVaR, mean - lambda std, preference)
     adapters/    the distribution where RL trainers read one number: TRL's reward function, verl's
-                 compute_score
+                 compute_score, `minqr serve` (an HTTP reward server, OpenRLHF's protocol)
 
 and, beside them, what every part uses: errors.py (MinqrError, the one error users see),
 atomic.py (atomic writes), lock.py (one job per output), progress.py, device.py, hub.py (hub names),
@@ -22,7 +22,7 @@ ranking.py (how a pair's label scores a model: accuracy's credit, log-likelihood
 
 To learn distributional reward modelling, read models/gpt2.py, objectives/references.py (the
 formulas), objectives/loss.py, models/head.py, models/reward.py, data/batching.py,
-training/objective.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
+training/loss.py, training/loop.py, synthetic/task.py, synthetic/truth.py and study/analysis.py, in
 that order.
 
 The names below are importable from `minqr` itself. They load on first use, so that

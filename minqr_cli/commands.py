@@ -8,6 +8,7 @@
     minqr candidates --variant shifted --out runs/tasks/shifted-candidates
     minqr best-of-n --model runs/demo/quantile --data runs/tasks/shifted-candidates/candidates.jsonl --out c.jsonl
     minqr objectives-table runs/objectives/*/report/summaries.json --out table.md
+    minqr serve --model runs/demo/mixture --statistic cvar:0.25 --group --port 5000
 
 Each subcommand's options are its config dataclass's fields (minqr_cli/options.py); every one
 also takes --config FILE. A subcommand parses, calls one library function, and prints its summary.
@@ -17,6 +18,8 @@ import sys
 import click
 
 from minqr import __version__
+from minqr.adapters.server import ServeConfig
+from minqr.adapters.server import serve as serve_rewards
 from minqr.distribution.best_of_n import BestOfNConfig, best_of_n_to_file
 from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig, export_scalar
@@ -114,6 +117,17 @@ def objectives_table(options, given):
     click.echo(f"wrote {write_objectives_table(options['summaries'], options['out'])}")
 
 
+@config_command(ServeConfig)
+def serve(options, given):
+    """Serve the reward model --model over HTTP: POST /get_reward with OpenRLHF's remote reward JSON
+    ({"query": [...], "prompts": [...]}) answers {"rewards": [...]}, each query's --statistic of its
+    reward distribution (relative to --reference-reply or to its --group for all but the mean);
+    GET /health. Requests that arrive together are scored in one forward pass. Runs until SIGTERM
+    or Ctrl-C, then answers the requests it has received and exits 0."""
+    serve_rewards(ServeConfig(**options), ready=click.echo)
+    click.echo("stopped")
+
+
 @click.group("minqr", cls=MinqrGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", "-V", prog_name="minqr")
 def main():
@@ -121,5 +135,5 @@ def main():
     reward over the people who judge it. `minqr COMMAND --help` explains each command."""
 
 
-for command in (train, score, analyze_scores, export, synthetic, candidates, best_of_n, objectives_table):
+for command in (train, score, analyze_scores, export, synthetic, candidates, best_of_n, objectives_table, serve):
     main.add_command(command)

@@ -26,6 +26,7 @@ import yaml
 from click.core import ParameterSource
 
 from minqr.errors import MinqrError, MinqrUsageError
+from minqr.options import option_name
 from minqr.reading import loads
 from minqr_cli.exits import MinqrCommand
 
@@ -71,7 +72,7 @@ def _parameter(f, hint) -> click.Parameter:
     required = f.default is MISSING
     if meta["argument"]:
         return click.Argument([f.name], nargs=-1 if many else 1, required=required, type=_click_type(meta, kind))
-    name = meta["flag"] or "--" + f.name.replace("_", "-")
+    name = option_name(f)
     if kind is bool:
         if f.default:  # a field that defaults to True is switched off with --no-NAME (e.g. --no-shared-prefix)
             return click.Option([f"{name}/--no-{name[2:]}", f.name], default=True, show_default=True, help=meta["help"])
@@ -111,9 +112,11 @@ class FiniteFloatRange(_Finite, click.FloatRange):
 def _click_type(meta: dict, kind):
     if meta["choices"]:
         return click.Choice(meta["choices"])
-    if meta["low"] is not None or meta["high"] is not None:
+    # A range with its own error (`out_of_range`) is the library's to check (minqr.options.check_options):
+    # its message says why the range is what it is, and click's would not.
+    if (meta["low"] is not None or meta["high"] is not None) and not meta["out_of_range"]:
         bounded = click.IntRange if kind is int else FiniteFloatRange
-        return bounded(meta["low"], meta["high"], min_open=meta["open_range"], max_open=meta["open_range"])
+        return bounded(meta["low"], meta["high"], min_open=meta["low_open"], max_open=meta["high_open"])
     return FiniteFloat() if kind is float else kind
 
 

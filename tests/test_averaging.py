@@ -141,4 +141,4 @@ def test_defaults_and_checks(inputs, tmp_path):
         assert str(error.value) == (f"--ema-window is a share of the steps in [0, 0.5], 0 for no averaging (got {bad}): "
                                     "a longer window would keep too much of the weights at the end of the warm-up")
     with pytest.raises(MinqrError, match=r"^--ema-window must be a finite number \(got nan\)$"):
-        config(ema_window=float("nan"))  # as every float option (minqr.options.option_problems)
+        config(ema_window=float("nan"))  # as every float option (minqr.options.check_options)

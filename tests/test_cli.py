@@ -24,6 +24,7 @@ from test_train import as_argv, tiny_options, write_run_inputs
 
 import minqr
 import minqr_cli.commands as commands
+from minqr.adapters.server import ServeConfig
 from minqr.distribution.best_of_n import BestOfNConfig
 from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig
@@ -35,7 +36,7 @@ from minqr.training.config import RUN_FACTS, TrainConfig
 
 COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
             "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
-            "best-of-n": BestOfNConfig}
+            "best-of-n": BestOfNConfig, "serve": ServeConfig}
 
 
 def invoke(*argv):
@@ -87,7 +88,7 @@ def test_options_are_the_config_fields(name):
 @pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
                                         ("export", "export"), ("synthetic", "synthetic"),
                                         ("objectives_table", "objectives-table"), ("candidates", "candidates"),
-                                        ("best_of_n", "best-of-n")])
+                                        ("best_of_n", "best-of-n"), ("serve", "serve")])
 def test_tools_are_the_same_commands(tool, name):
     assert load_tool(tool) is commands.main.commands[name]
 

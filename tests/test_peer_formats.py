@@ -22,7 +22,7 @@ from minqr.models.reward import RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.objectives.loss import pair_loss
 from minqr.training.config import TrainConfig
-from minqr.training.objective import PairObjective
+from minqr.training.loss import StepLoss
 
 EXTRA_MESSAGE = ("needs {module}, which is not installed: install minqr's optional extra for data files, "
                  "pip install 'minqr[data]' (pyarrow and datasets)")
@@ -304,8 +304,9 @@ def test_margins_reach_the_training_objective(head, objective):
     tokens = [[5, 6, 7], [5, 6, 9, 10]], [[5, 6, 8], [5, 11]]
     margins = [1.5, -0.5]
     batch = collate_pairs(*tokens, pad_id=0, pair_margins=margins)
-    loss, mu_chosen, mu_rejected = PairObjective(model, config)(batch, pairs_in_step=4, lm_tokens_in_step=1.0)
-    _, r_chosen, r_rejected = model.pair_loss(batch, "none")
+    loss, mu_chosen, mu_rejected = StepLoss(model, config.bag_coef, config.center_coef, config.lm_coef)(
+        batch, pairs=4, lm_tokens=1.0)
+    r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))
     hyper = config.head_config().hyperparameters
     want = pair_loss(r_chosen, r_rejected, config.objective, "sum", pair_margin=torch.tensor(margins), **hyper) / 4
     without = pair_loss(r_chosen, r_rejected, config.objective, "sum", **hyper) / 4

@@ -25,7 +25,7 @@ from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
 from minqr.objectives.references import quantile_levels
 from minqr.study.scores_file import load_scores
-from minqr.study.scoring import score_pairs, score_to_file
+from minqr.study.scoring import score_pairs, score_texts, score_to_file
 from minqr.synthetic.folder import make_synthetic_task
 from minqr.synthetic.task import SyntheticTask
 from minqr.synthetic.truth import load_truth
@@ -507,6 +507,20 @@ def test_the_analysis_reads_normalized_scores_in_the_models_units(tmp_path, toke
     np.testing.assert_allclose(normal.rejected, raw.rejected, atol=1e-5, rtol=0)
     stored = np.load(tmp_path / "n.npz")["chosen"]  # the file itself holds the normalised numbers
     np.testing.assert_allclose(stored, (raw.chosen - 1.25) / 0.5, atol=1e-5, rtol=0)
+
+
+def test_score_texts_scores_in_eval_mode_and_gives_the_mode_back(tokenizer):
+    """With dropout, a forward in training mode gives other numbers: score_texts must switch to eval
+    mode when the model is training, and leave a model in eval mode as it is."""
+    model = RewardModel(random_gpt2(tiny_config(n_positions=POSITIONS, resid_pdrop=0.5), seed=4),
+                        HeadConfig.make("quantile", 3))
+    texts = [pair.chosen for pair in make_pairs(seed=2)]
+    expected = np.stack([alone(model.eval(), tokenizer, text, MAX_LENGTH) for text in texts])  # [M, 3]
+    token_lists = [tokenizer.encode(text)[-MAX_LENGTH:] for text in texts]
+    for training in (True, False):
+        model.train(training)
+        np.testing.assert_allclose(score_texts(model, token_lists, batch_size=4), expected, atol=1e-5, rtol=1e-5)
+        assert all(module.training == training for module in model.modules())
 
 
 def test_refusals_that_need_nothing_read_make_no_folder(tmp_path, quantile_folder, data_file):

@@ -33,6 +33,7 @@ from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.training.config import TrainConfig
+from minqr.training.loss import ResponseBag
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
 
@@ -404,7 +405,7 @@ def test_first_step_loss_is_the_objective(inputs, tmp_path, overrides):
                                       objective=config.objective, kappa=config.kappa, lam=config.lam,
                                       margin=config.margin)
     if config.bag_coef:
-        model.add_response_bag()
+        ResponseBag.attach(model)
     tokenizer = load_tokenizer(config.tokenizer)
     pair_losses, centring, lm_token_losses, right = [], [], [], 0
     with torch.no_grad():

@@ -6,6 +6,7 @@ load_backbone, which picks the family by config.json's model_type; tokenizer.py 
 or any tokenizer.json through `tokenizers`, with its EOS, pad and chat template (chat_template.py,
 the Jinja set-up that renders a conversation as transformers does); head.py is the
 reward head as saved with a model (N outputs, its objective); reward.py is RewardModel, a backbone
-+ the head, which owns its loss and saves as transformers' GPT2ForSequenceClassification
-(LlamaForSequenceClassification, ...); export.py writes a quantile model as a one-output one.
++ the head, which returns its outputs (training's loss is minqr/training/loss.py's) and saves as
+transformers' GPT2ForSequenceClassification (LlamaForSequenceClassification, ...); export.py
+writes a quantile model as a one-output one.
 """

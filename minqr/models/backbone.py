@@ -47,3 +47,11 @@ def family(config: dict, folder) -> tuple:
         raise MinqrError(f"{Path(folder) / 'config.json'} has model_type {model_type!r}, which minqr does not "
                          f"implement: supported are {', '.join(FAMILIES)}")
     return FAMILIES[model_type]
+
+
+def check_max_length(backbone, max_length: int, name: str = "max_length") -> None:
+    """A MinqrError, naming the option `name`, when texts of `max_length` tokens would not fit the
+    backbone's positions."""
+    positions = backbone.config.max_positions
+    if max_length > positions:
+        raise MinqrError(f"{name} {max_length} is more than the model's {positions} positions: lower it")

@@ -30,13 +30,14 @@ class HeadConfig:
     kind: str = "quantile"
     num_quantiles: int = DISTRIBUTIONAL_OUTPUTS
     objective: str = DEFAULT_OBJECTIVE
-    hyperparameters: dict = field(default_factory=dict)  # the objective's, all of them (check_hyperparameters)
+    # the objective's: those given, completed with its defaults and checked on construction
+    hyperparameters: dict = field(default_factory=dict)
 
     @classmethod
     def make(cls, kind: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
              **hyperparameters) -> "HeadConfig":
         """Fill in the kind's defaults (quantile: DEFAULT_OBJECTIVE and its default N; scalar: N = 1
-        and bradley_terry) and the objective's hyper-parameters, and check them all."""
+        and bradley_terry); the construction completes and checks the rest."""
         if kind not in HEAD_KINDS:
             raise MinqrError(f"head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
         if kind == "scalar":
@@ -44,10 +45,10 @@ class HeadConfig:
                 raise MinqrError(f"the scalar head has one output trained by bradley_terry, but got "
                                  f"num_quantiles={num_quantiles}, objective={objective}: drop them or use "
                                  "head='quantile'")
-            return cls("scalar", 1, "bradley_terry", check_hyperparameters("bradley_terry", hyperparameters))
+            return cls("scalar", 1, "bradley_terry", hyperparameters)
         objective = objective or DEFAULT_OBJECTIVE
         n = get_objective(objective).default_outputs if num_quantiles is None else num_quantiles
-        return cls("quantile", n, objective, check_hyperparameters(objective, hyperparameters))
+        return cls("quantile", n, objective, hyperparameters)
 
     def __post_init__(self):
         problems = []
@@ -59,14 +60,14 @@ class HeadConfig:
                             "preference data can resolve, at a cost that grows as N²)")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        elif (self.kind == "scalar") != (self.objective == "bradley_terry"):
+        elif (self.kind == "scalar") != OBJECTIVES[self.objective].one_output:
             problems.append(f"the {self.kind} head cannot be trained by {self.objective} "
                             "(bradley_terry is the scalar head's objective, and only its)")
         elif self.kind == "scalar" and n != 1:
             problems.append(f"the scalar head has num_quantiles=1, not {n}")
         else:
-            try:
-                check_hyperparameters(self.objective, self.hyperparameters)
+            try:  # frozen: the one place the hyper-parameters are completed and checked
+                object.__setattr__(self, "hyperparameters", check_hyperparameters(self.objective, self.hyperparameters))
             except MinqrError as error:
                 problems.append(str(error))
         if problems:
@@ -133,8 +134,7 @@ class HeadConfig:
             raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}, a hyper-parameter of its "
                              f"objective {objective}; re-save the model with minqr")
         try:
-            return cls(d["head"], d["num_quantiles"], objective,
-                       check_hyperparameters(objective, {k: d.get(k) for k in names}))
+            return cls(d["head"], d["num_quantiles"], objective, {k: d[k] for k in names})
         except MinqrError as e:
             raise MinqrError(f"{where}: {e}") from None
 

@@ -8,9 +8,9 @@ read at the last real token.
   read out as its quantiles at tau_i = (2i+1)/(2N) (N = 10: 0.05, 0.15, ..., 0.95): q_0 is the
   pessimistic end, q_{N-1} the optimistic one, and their mean is the expected reward (what ranks
   responses). What the raw outputs are, how they are trained and how they become quantiles is the
-  head's objective (minqr/objectives/): the model owns its loss (`pair_loss`) and its read-out
-  (`quantiles`, `reward_band`), which is relative to a reference reply to the same prompt
-  (minqr/distribution/statistics.py says why).
+  head's objective (minqr/objectives/): the model owns its read-out (`quantiles`, `reward_band`),
+  which is relative to a reference reply to the same prompt (minqr/distribution/statistics.py says
+  why); what it is trained by is the training's (minqr/training/loss.py).
 
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
@@ -40,11 +40,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from minqr import hub
 from minqr.atomic import MARKER
-from minqr.data.batching import IGNORE_INDEX
 from minqr.distribution.statistics import quantile_band, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
@@ -84,9 +82,6 @@ class RewardModel(nn.Module):
         # mean and std of the expected reward on held-out data, for users who normalise rewards;
         # set by training, saved in config.json
         self.reward_stats = None
-        # Training only: a linear map n_embd -> vocabulary (add_response_bag), not part of the
-        # saved model.
-        self.response_bag = None
         head.init_weight(self.score.weight)
 
     @classmethod
@@ -140,65 +135,17 @@ class RewardModel(nn.Module):
 
         With `return_hidden`, also the hidden states [R, T, n_embd], for a language-model loss on
         the chosen response (`self.transformer.lm_logits(hidden)`, targets `batch.chosen_lm_labels`)."""
-        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
-        r_chosen, r_rejected = self.score(pooled_chosen), self.score(pooled_rejected)
+        hidden, _, _, r_chosen, r_rejected = self.pair_states(batch)
         return (r_chosen, r_rejected, hidden) if return_hidden else (r_chosen, r_rejected)
 
-    def _pooled_pairs(self, batch) -> tuple:
-        """(hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd])."""
+    def pair_states(self, batch) -> tuple:
+        """A PairBatch -> (hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd],
+        r_chosen [B, N], r_rejected [B, N]): the raw outputs with the states they were read from, all
+        in one call (sharded, the call that gathers the head: minqr/training/distributed.py)."""
         hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
-        return hidden, hidden[batch.chosen_rows, batch.chosen_cols], hidden[batch.rejected_rows, batch.rejected_cols]
-
-    def pair_loss(self, batch, reduction: str = "mean", bag_coef: float = 0.0, return_hidden: bool = False):
-        """The model's loss on a PairBatch: (loss, r_chosen [B, N], r_rejected [B, N][, hidden]).
-
-        loss = the head's objective (minqr.objectives; with the batch's pair margins, if the data gave
-        them) + bag_coef x the response bag-of-words auxiliary
-        (response_bag_loss; needs add_response_bag), per pair, then reduced ('mean', 'sum', 'none').
-        The objective runs in float32 whatever the autocast dtype of the backbone."""
-        hidden, pooled_chosen, pooled_rejected = self._pooled_pairs(batch)
-        r_chosen, r_rejected = self.score(pooled_chosen).float(), self.score(pooled_rejected).float()  # [B, N]
-        loss = self.head_config.loss(r_chosen, r_rejected, reduction="none", pair_margin=batch.pair_margins)
-        if bag_coef > 0:
-            pooled = torch.cat([pooled_chosen, pooled_rejected])  # [2B, n_embd]
-            loss = loss + bag_coef * self.response_bag_loss(pooled, batch.response_ids)
-        loss = loss.mean() if reduction == "mean" else loss.sum() if reduction == "sum" else loss
-        return (loss, r_chosen, r_rejected, hidden) if return_hidden else (loss, r_chosen, r_rejected)
-
-    # ---- the response bag-of-words auxiliary ----
-
-    def add_response_bag(self) -> None:
-        """Give the model the auxiliary layer of response_bag_loss (training only; never saved)."""
-        config, weight = self.transformer.config, self.score.weight
-        self.response_bag = nn.Linear(config.hidden_size, config.vocab_size, device=weight.device, dtype=weight.dtype)
-
-    def response_bag_loss(self, pooled: torch.Tensor, response_ids: torch.Tensor) -> torch.Tensor:
-        """How well each pooled state predicts WHICH tokens its own response holds, per pair [B].
-
-        Why: a head can only spread the outputs of a response on what its pooled (last-token) state
-        encodes. Trained on preference labels alone, a small backbone keeps only what moves the
-        expected reward; what annotators disagree about averages out of that, so the state forgets
-        it, and the N outputs have nothing to separate on (measured on the synthetic task: the tags
-        that split the annotators were not linearly decodable from the state). Asking the state to
-        name its response's tokens keeps them all.
-
-        pooled [2B, n_embd] (the B chosen then the B rejected states), response_ids [2B, L] (the
-        response tokens, IGNORE_INDEX padding). Per response, a multi-label logistic loss over the
-        vocabulary against the set of its tokens, balanced: the mean over the response's tokens plus
-        the mean over all other tokens, so that its size does not grow with the vocabulary (a 50k
-        vocabulary and the demo's few hundred tokens take the same coefficient). A pair's loss is
-        its chosen plus its rejected response's."""
-        logits = self.response_bag(pooled).float()  # [2B, V]
-        vocab = logits.shape[1]
-        present = torch.zeros(logits.shape[0], vocab + 1, device=logits.device)  # a last column for the padding
-        present.scatter_(1, response_ids.masked_fill(response_ids == IGNORE_INDEX, vocab), 1.0)
-        present = present[:, :vocab]  # [2B, V]: 1 where the token is in the response
-        per_token = F.binary_cross_entropy_with_logits(logits, present, reduction="none")  # [2B, V]
-        count = present.sum(1)
-        per_response = ((per_token * present).sum(1) / count.clamp(min=1)
-                        + (per_token * (1 - present)).sum(1) / (vocab - count).clamp(min=1))  # [2B]
-        chosen, rejected = per_response.chunk(2)
-        return chosen + rejected
+        pooled_chosen = hidden[batch.chosen_rows, batch.chosen_cols]  # [B, n_embd]
+        pooled_rejected = hidden[batch.rejected_rows, batch.rejected_cols]
+        return hidden, pooled_chosen, pooled_rejected, self.score(pooled_chosen), self.score(pooled_rejected)
 
     # ---- reading out ----
 

@@ -2,9 +2,10 @@
 
 `OBJECTIVES` holds, for every objective (their formulas: minqr/objectives/references.py): its
 reference, its fused C++/CUDA op (minqr/objectives/ops.py, csrc/), its hyper-parameters and their
-checks, how its outputs are read out (raw or sorted), how its head starts, what it is at N = 1, and
-the training settings it needs unless told otherwise. `pair_loss` dispatches to the fused op where
-minqr._C has one for the device, else to the reference, with a warning.
+check, how many outputs it takes, where it takes a pair's margin, how its outputs are read out (raw
+or sorted), how its head starts, what it is at N = 1, and the training settings it needs unless
+told otherwise: nothing outside the registry asks which objective it is. `pair_loss` dispatches to
+the fused op where minqr._C has one for the device, else to the reference, with a warning.
 """
 import warnings
 from dataclasses import dataclass, field
@@ -25,6 +26,18 @@ IMPLS = ("auto", "fused", "reference")
 
 
 @dataclass(frozen=True)
+class TrainingDefaults:
+    """The training settings an objective needs unless told otherwise (TrainConfig's fields of the
+    same names): the response bag-of-words auxiliary's weight, the head's learning rate over the
+    backbone's, the head's weight decay (None: the backbone's) and the weight average's window."""
+
+    bag_coef: float = 0.0
+    head_lr_scale: float = 1.0
+    head_weight_decay: float | None = None
+    ema_window: float = 0.0
+
+
+@dataclass(frozen=True)
 class Objective:
     """What minqr knows about one objective."""
 
@@ -34,26 +47,34 @@ class Objective:
     op: str  # its fused op, torch.ops.minqr.<op>(h_chosen, h_rejected, *hyperparameters, reduction, compute_grad)
     readout: str  # "raw": output i is the quantile at tau_i; "sorted": sorted, the outputs are the quantiles
     hyperparameters: dict = field(default_factory=dict)  # name -> default, in the op's argument order
+    # (*hyperparameters) -> None, or TypeError/ValueError naming the one it does not accept; the op's own check
+    check_hyperparameters: object = None
+    one_output: bool = False  # it is defined for N = 1 only (the scalar head's)
+    # Where it takes a pair's margin m. "shift": every comparison is chosen minus rejected, so it is
+    # the objective on h_c - m. "means": in the Bradley-Terry term on the means only (paper), not in
+    # its quantile targets, so the term is swapped per pair.
+    pair_margin: str = "shift"
     # How the head starts. "equal": every row the same small random vector (the outputs start
     # equal, so quantiles do not cross, and the quantile term spreads them in the order of their
     # levels). "independent": N independent random rows of std 1/sqrt(n_embd): identical rows
     # are a symmetric saddle of the mixture (every kind gets the same gradient, forever), so its
     # kinds must start apart.
     head_init: str = "equal"
-    one_output: str = ""  # what the objective is at N = 1
-    # The training settings the objective needs unless told otherwise (minqr.training.loop.TrainConfig):
-    # the response bag-of-words auxiliary's weight, the head's learning rate over the backbone's,
-    # and the head's weight decay (None: the backbone's).
-    training: dict = field(default_factory=lambda: {"bag_coef": 0.0, "head_lr_scale": 1.0, "head_weight_decay": None,
-                                                    "ema_window": 0.0})
+    at_one_output: str = ""  # what the objective is at N = 1
+    training: TrainingDefaults = TrainingDefaults()
     default_outputs: int = 1  # N when none is given
+
+    def check(self, hyperparameters: dict) -> None:
+        """Raise TypeError/ValueError for values of its hyper-parameters [name -> value] it does not accept."""
+        if self.check_hyperparameters is not None:
+            self.check_hyperparameters(*[hyperparameters[name] for name in self.hyperparameters])
 
 
 # What made the N outputs of a mixture follow the annotators' disagreement on the synthetic task,
-# where the truth is known (docs/objectives.md#what-it-took): the pooled state must keep every token of its
-# response (the bag-of-words auxiliary, RewardModel.response_bag_loss), and the head's rows, which
+# where the truth is known (docs/objectives.md#what-it-took): the pooled state must keep every token of
+# its response (the bag-of-words auxiliary, minqr.training.loss.ResponseBag), and the head's rows, which
 # start apart and must move further apart, learn faster than the backbone and are not decayed.
-DISTRIBUTIONAL_TRAINING = {"bag_coef": 5.0, "head_lr_scale": 2.5, "head_weight_decay": 0.0, "ema_window": 1 / 3}
+DISTRIBUTIONAL_TRAINING = TrainingDefaults(bag_coef=5.0, head_lr_scale=2.5, head_weight_decay=0.0, ema_window=1 / 3)
 # N kinds of equal weight 1/N can only put a group's share in steps of 1/N, and need several kinds
 # per group for the spread within it: 20 did what 10 could not on a task with a 75/25 split (docs/objectives.md).
 DISTRIBUTIONAL_OUTPUTS = 20
@@ -61,22 +82,22 @@ DISTRIBUTIONAL_OUTPUTS = 20
 OBJECTIVES = {
     objective.name: objective for objective in (
         Objective("bradley_terry", "the scalar head: -log sigma(r_c - r_r)", bradley_terry_reference,
-                  op="mixture_loss", readout="raw", one_output="itself (it has N = 1 only)"),
+                  op="mixture_loss", readout="raw", one_output=True, at_one_output="itself (it has N = 1 only)"),
         Objective("mixture", "N kinds of annotator, output i is kind i's reward: "
                   "-log mean_i sigma(h_c,i - h_r,i); quantiles = the sorted outputs", mixture_reference,
                   op="mixture_loss", readout="sorted", head_init="independent",
-                  one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING,
+                  at_one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING,
                   default_outputs=DISTRIBUTIONAL_OUTPUTS),
         Objective("independent", "independent draws of the two rewards: -log mean_ij sigma(h_c,i - h_r,j); "
                   "quantiles = the sorted outputs", independent_reference,
                   op="independent_loss", readout="sorted", head_init="independent",
-                  one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING,
+                  at_one_output="bradley_terry, exactly", training=DISTRIBUTIONAL_TRAINING,
                   default_outputs=DISTRIBUTIONAL_OUTPUTS),
         Objective("paper", "the seed paper: Bradley-Terry on the means + quantile-Huber towards the "
                   "partner's quantiles +- margin; output i is the quantile at tau_i", paper_reference,
                   op="paper_loss", readout="raw", hyperparameters={"kappa": 1.0, "lam": 1.0, "margin": 1.0},
-                  default_outputs=10,
-                  one_output="bradley_terry + lam x a median regression towards the partner +- margin; "
+                  check_hyperparameters=check_paper_hyperparameters, pair_margin="means", default_outputs=10,
+                  at_one_output="bradley_terry + lam x a median regression towards the partner +- margin; "
                              "bradley_terry exactly when lam = 0"),
     )
 }
@@ -91,8 +112,8 @@ MAX_QUANTILES = 256
 
 def objectives_help() -> str:
     """What each objective of a quantile head is, for the command line's --help."""
-    return "; ".join(f"{o.name}: {o.summary} (at N = 1: {o.one_output})" for o in OBJECTIVES.values()
-                     if o.name != "bradley_terry")
+    return "; ".join(f"{o.name}: {o.summary} (at N = 1: {o.at_one_output})" for o in OBJECTIVES.values()
+                     if not o.one_output)
 
 
 def get_objective(name: str) -> Objective:
@@ -111,11 +132,10 @@ def check_hyperparameters(objective: str, given: dict) -> dict:
         has = ", ".join(spec.hyperparameters) or "none"
         raise MinqrError(f"objective {objective!r} has no hyper-parameter {', '.join(foreign)} (it has: {has})")
     values = {**spec.hyperparameters, **given}
-    if objective == "paper":
-        try:
-            check_paper_hyperparameters(values["kappa"], values["lam"], values["margin"])
-        except (TypeError, ValueError) as error:
-            raise MinqrError(str(error)) from None
+    try:
+        spec.check(values)
+    except (TypeError, ValueError) as error:
+        raise MinqrError(str(error)) from None
     return {name: float(value) for name, value in values.items()}
 
 
@@ -144,8 +164,8 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of 'auto', 'fused', 'reference', got {impl!r}")
     check_outputs(h_chosen, h_rejected)
-    if objective == "bradley_terry" and h_chosen.shape[1] != 1:
-        raise ValueError(f"objective 'bradley_terry' is the scalar head's, N = 1, but h_chosen has shape "
+    if spec.one_output and h_chosen.shape[1] != 1:
+        raise ValueError(f"objective {objective!r} is the scalar head's, N = 1, but h_chosen has shape "
                          f"{list(h_chosen.shape)}; for N outputs use mixture, independent or paper")
     hyper = spec.hyperparameters
     if hyperparameters:
@@ -153,14 +173,13 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
         if set(hyper) != set(spec.hyperparameters):
             raise TypeError(f"objective {objective!r} takes the hyper-parameters "
                             f"{list(spec.hyperparameters) or 'none'}, got {sorted(hyperparameters)}")
-    if objective == "paper":
-        check_paper_hyperparameters(hyper["kappa"], hyper["lam"], hyper["margin"])
+    spec.check(hyper)
     check_reduction(reduction, h_chosen)  # after the hyper-parameters, as the ops check
     if pair_margin is not None:
         if pair_margin.shape != h_chosen.shape[:1]:
             raise ValueError(f"pair_margin must have shape [B] = {list(h_chosen.shape[:1])}, "
                              f"got {list(pair_margin.shape)}")
-        if objective != "paper":
+        if spec.pair_margin == "shift":
             # Every comparison these objectives make is chosen minus rejected, so
             # sigma(h_c,i - h_r,j - m) is their formula on the chosen outputs shifted by -m: the
             # fused op computes it as it is, and the gradient flows back through the shift
@@ -178,7 +197,7 @@ def pair_loss(h_chosen: torch.Tensor, h_rejected: torch.Tensor, objective: str =
             impl = "reference"
     # paper takes the margin in its Bradley-Terry term on the means only, not in the quantile
     # targets; neither its op nor its reference has that input, so the term is swapped per pair here
-    swap_paper_margin = pair_margin is not None and objective == "paper"
+    swap_paper_margin = pair_margin is not None and spec.pair_margin == "means"
     if impl != "reference":
         # The op reduces its losses itself, unless they are still to be changed here.
         op_reduction = "none" if swap_paper_margin else reduction

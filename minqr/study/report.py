@@ -33,7 +33,7 @@ from minqr import __version__
 from minqr.atomic import atomic_dir, atomic_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.options import option, option_problems, seed_option
+from minqr.options import check_options, option, seed_option
 from minqr.reading import loads
 from minqr.study.analysis import paired_accuracy_difference, paired_kl_difference, summarize
 from minqr.study.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
@@ -58,7 +58,8 @@ class AnalyzeConfig:
     eps: float = option(DEFAULT_EPS, "added to every bin's count before normalising (keeps log 0 away)", low=0)
     n_resamples: int = option(DEFAULT_RESAMPLES, "bootstrap resamples of the pairs for the bias corrections and "
                               "intervals (0: plug-in values only)", low=0, flag="--bootstrap")
-    confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, open_range=True)
+    confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, low_open=True,
+                               high_open=True)
     seed: int = seed_option("seed of the bootstrap resamples")
     truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
                                "coverage [default: the truth named in each file's metadata, if any]")
@@ -67,9 +68,7 @@ class AnalyzeConfig:
     def __post_init__(self):
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
-        problems = option_problems(self)  # what the command line refuses, for analyses called from Python
-        if problems:
-            raise MinqrError("; ".join(problems))
+        check_options(self)  # what the command line refuses, for analyses called from Python
 
 
 @holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)

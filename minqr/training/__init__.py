@@ -1,6 +1,7 @@
 """Training a reward model. loop.py is the run, `train(config)`, readable top to bottom;
-config.py holds TrainConfig (every option, its default and its help); objective.py the objective
-of a step; optimizer.py AdamW and the schedule; distributed.py the processes under torchrun;
-resume.py the checkpoint that `--resume` continues from bit for bit; interrupt.py Ctrl-C;
-metrics.py metrics.jsonl and curves.png.
+config.py holds TrainConfig (every option, its default, its help and its range); loss.py the whole
+loss of a step; inputs.py the model and data the options name; evaluation.py the held-out metrics;
+optimizer.py AdamW and the schedule; distributed.py the processes under torchrun; resume.py the
+checkpoint that `--resume` continues from bit for bit; interrupt.py Ctrl-C; metrics.py
+metrics.jsonl and curves.png.
 """

@@ -13,7 +13,7 @@ from minqr.device import DTYPES
 from minqr.errors import MinqrError
 from minqr.models.head import HEAD_KINDS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
-from minqr.options import option, option_problems, seed_option
+from minqr.options import check_options, option, seed_option
 from minqr.synthetic.demo import demo_defaults
 from minqr.training.metrics import REPORT_TO, check_report_to
 
@@ -46,24 +46,30 @@ class TrainConfig:
                                   "minus m [default: 1.0]")
     bag_coef: float | None = option(None, "weight of the response bag-of-words auxiliary: the pooled state of "
                                     "each response predicts which tokens the response holds "
-                                    "(RewardModel.response_bag_loss), so that it keeps what annotators disagree "
-                                    "about; its layer is not saved [default: 5 for mixture and independent, else 0]")
+                                    "(minqr/training/loss.py, ResponseBag), so that it keeps what annotators "
+                                    "disagree about; its layer is not saved [default: 5 for mixture and "
+                                    "independent, else 0]", low=0)
     head_lr_scale: float | None = option(None, "the head's learning rate is --lr times this [default: 2.5 for "
-                                         "mixture and independent, else 1]")
+                                         "mixture and independent, else 1]", low=0, low_open=True, high=math.inf,
+                                         high_open=True, out_of_range="must be positive and finite (got {value})")
     head_weight_decay: float | None = option(None, "AdamW weight decay of the head [default: 0 for mixture and "
-                                             "independent, else --weight-decay]")
+                                             "independent, else --weight-decay]", low=0)
     ema_window: float | None = option(None, "average the weights: an exponential moving average whose time constant "
                                       "is this share of the run's steps, at most 0.5, from the end of the warm-up on, "
                                       "is what evaluation uses and what is saved (minqr/training/averaging.py; at 1/3 "
                                       "the last third of the steps carries 63% of its weight); 0: off [default: 1/3 "
-                                      "for mixture and independent, else 0]")
+                                      "for mixture and independent, else 0]", low=0, high=0.5,
+                                      out_of_range="is a share of the steps in {range}, 0 for no averaging (got "
+                                      "{value}): a longer window would keep too much of the weights at the end of "
+                                      "the warm-up")
     center_coef: float = option(0.0, "weight of TRL's reward-centring term, mean((μ_c + μ_r)²) on the "
-                                "expected rewards (e.g. 0.01)")
+                                "expected rewards (e.g. 0.01)", low=0)
     lm_coef: float = option(0.0, "weight of MOSS-RLHF's language-model loss, the mean next-token "
-                            "cross-entropy on the chosen response tokens")
+                            "cross-entropy on the chosen response tokens", low=0)
     dropout: float | None = option(None, "dropout probability of the backbone, after its residual branches, on "
                                    "its embeddings and its attention [default: the checkpoint's own, 0.1 for the "
-                                   "released GPT-2s; 0 is TRL's choice for reward models]")
+                                   "released GPT-2s; 0 is TRL's choice for reward models]", low=0, high=1,
+                                   high_open=True, out_of_range="is a probability in {range} (got {value})")
     model: str = option("gpt2", "backbone: a local Hugging Face folder of a GPT-2, Llama, Qwen2 or Mistral model, "
                         "or a hub name (gpt2, Qwen/Qwen2.5-0.5B, ...) fetched through huggingface_hub")
     tokenizer: str | None = option(None, "tokenizer folder [default: the model folder]")
@@ -77,23 +83,26 @@ class TrainConfig:
                                    "of --data when it is a folder, hh-rlhf:SUBSET or hf:NAME; none for a file "
                                    "or hf:NAME:SPLIT]")
     max_length: int = option(512, "tokens kept of each text, cut from the left so that the final "
-                             "responses survive")
+                             "responses survive", low=1)
     shared_prefix: bool = option(True, "run the common prefix of a pair's two texts once (same rewards "
                                  "and gradients as two separate sequences, fewer tokens)")
     skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
     # the optimisation
-    batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps")
+    batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps", low=1)
     grad_accum: int = option(1, "split each step's batch into this many micro-batches run one after "
-                             "the other (less memory, same result)")
-    lr: float = option(1e-5, "peak learning rate of AdamW")
+                             "the other (less memory, same result)", low=1)
+    lr: float = option(1e-5, "peak learning rate of AdamW", low=0, low_open=True, high=MAX_LEARNING_RATE,
+                       out_of_range="must be positive and at most {high:g} (got {value}): AdamW moves a weight by "
+                       "about the learning rate each step, and float32 overflows beyond")
     weight_decay: float = option(0.01, "AdamW weight decay, on weight matrices only (not on biases "
-                                 "and layer-norm gains)")
+                                 "and layer-norm gains)", low=0)
     warmup: float = option(0.05, "fraction of the steps spent warming the learning rate up linearly; "
-                           "it then decays to 0 along a cosine")
-    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)")
-    epochs: int = option(1, "passes over the training pairs")
+                           "it then decays to 0 along a cosine", low=0, high=1, high_open=True,
+                           out_of_range="is a fraction of the steps, in {range} (got {value})")
+    max_grad_norm: float = option(1.0, "clip the gradient norm to this (0: no clipping)", low=0)
+    epochs: int = option(1, "passes over the training pairs", low=1)
     max_steps: int | None = option(None, "stop after this many optimizer steps [default: --epochs "
-                                   "passes]; more steps than the epochs hold repeat the data")
+                                   "passes]; more steps than the epochs hold repeat the data", low=1)
     seed: int = seed_option("seed of the head's initialisation, the data order and dropout")
     # the run
     out: str | None = option(None, "run folder: the trained model, metrics.jsonl, curves.png, "
@@ -101,8 +110,8 @@ class TrainConfig:
     report_to: str = option("none", "also log the metrics to: tensorboard (event files in OUT/tensorboard/; needs "
                             "the optional extra minqr[tensorboard]); metrics.jsonl is always written", REPORT_TO)
     eval_every: int = option(200, "evaluate on the held-out pairs every this many steps (0: only at "
-                             "the end)")
-    save_every: int = option(200, "write checkpoint/ every this many steps (0: only at the end)")
+                             "the end)", low=0)
+    save_every: int = option(200, "write checkpoint/ every this many steps (0: only at the end)", low=0)
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU (under torchrun "
                          "each process its own), else cpu")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU (the weights stay "
@@ -131,9 +140,6 @@ class TrainConfig:
                         "with a tiny random GPT-2 and train on it; other options override its defaults")
 
     def __post_init__(self):
-        problems = option_problems(self)  # what the command line refuses, for configs built in Python
-        if problems:
-            raise MinqrError("; ".join(problems))
         # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
         # N = 10 and the default objective; kappa, lam and margin belong to the paper objective
         try:
@@ -142,11 +148,13 @@ class TrainConfig:
             raise MinqrError(f"options --head, --num-quantiles, --objective, --kappa, --lam, --margin: {error}") from None
         self.num_quantiles, self.objective = head.num_quantiles, head.objective
         self.kappa, self.lam, self.margin = (head.hyperparameters.get(name) for name in ("kappa", "lam", "margin"))
-        for name, default in head.spec.training.items():  # what the objective needs unless told otherwise
-            if getattr(self, name) is None:
-                setattr(self, name, default)
+        defaults = head.spec.training  # what the objective needs unless told otherwise
+        self.bag_coef = defaults.bag_coef if self.bag_coef is None else self.bag_coef
+        self.head_lr_scale = defaults.head_lr_scale if self.head_lr_scale is None else self.head_lr_scale
+        self.ema_window = defaults.ema_window if self.ema_window is None else self.ema_window
         if self.head_weight_decay is None:
-            self.head_weight_decay = self.weight_decay
+            self.head_weight_decay = self.weight_decay if defaults.head_weight_decay is None else \
+                defaults.head_weight_decay
         self.out = self.out or str(Path("runs") / self.head)
         if self.demo and Path(self.data).parent == Path("."):
             # the demo generates its task in the folder of `data`; a hub name such as the default
@@ -155,43 +163,30 @@ class TrainConfig:
                              f"{self.data!r} names none: leave --data out (in Python, build the config with "
                              "TrainConfig.from_options(demo=True, ...), which fills in the demo's data, model "
                              "and other options), or give --data FOLDER/train.jsonl")
+        check_options(self)  # every range and choice the fields declare
         check_report_to(self.report_to)
-        if self.dtype not in DTYPES:
-            raise MinqrError(f"--dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        problems = [f"--{name.replace('_', '-')} must be at least {low} (got {getattr(self, name)})"
-                    for name, low in (("max_length", 1), ("batch_size", 1),
-                                      ("grad_accum", 1), ("epochs", 1), ("eval_every", 0), ("save_every", 0))
-                    if getattr(self, name) < low]
-        problems += [f"--{name.replace('_', '-')} must be non-negative (got {getattr(self, name)})"
-                     for name in ("center_coef", "lm_coef", "bag_coef", "weight_decay", "max_grad_norm")
-                     if not getattr(self, name) >= 0]  # `not >=` also catches NaN
-        if not self.head_weight_decay >= 0:
-            problems.append(f"--head-weight-decay must be non-negative (got {self.head_weight_decay})")
-        if not 0 < self.head_lr_scale < math.inf:
-            problems.append(f"--head-lr-scale must be positive and finite (got {self.head_lr_scale})")
-            self.head_lr_scale = 1.0  # so that the --lr check below says nothing about it
-        if not 0 < self.lr * self.head_lr_scale <= MAX_LEARNING_RATE or not 0 < self.lr <= MAX_LEARNING_RATE:
-            problems.append(f"--lr must be positive and at most {MAX_LEARNING_RATE:g} (got {self.lr}, and "
-                            f"{self.lr * self.head_lr_scale:g} for the head): AdamW moves a weight by about the "
-                            "learning rate each step, and float32 overflows beyond")
-        if self.dropout is not None and not 0 <= self.dropout < 1:
-            problems.append(f"--dropout is a probability in [0, 1) (got {self.dropout})")
-        if not 0 <= self.ema_window <= 0.5:
-            problems.append(f"--ema-window is a share of the steps in [0, 0.5], 0 for no averaging (got {self.ema_window}): "
-                            "a longer window would keep too much of the weights at the end of the warm-up")
-        if not 0 <= self.warmup < 1:
-            problems.append(f"--warmup is a fraction of the steps, in [0, 1) (got {self.warmup})")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append(f"--max-steps must be at least 1 (got {self.max_steps})")
+        # what no single option's range says: how options go together
+        problems = []
+        if not self.lr * self.head_lr_scale <= MAX_LEARNING_RATE:
+            problems.append(f"--lr {self.lr:g} times --head-lr-scale {self.head_lr_scale:g} is the head's learning "
+                            f"rate, and must be at most {MAX_LEARNING_RATE:g}")
         if self.fsdp and (self.compile or self.lm_coef > 0):
             problems.append("--fsdp goes without --compile and --lm-coef for now (neither was tested sharded)")
         if self.master_weights and self.param_dtype != "bfloat16":
             problems.append(f"--master-weights keeps float32 copies of bfloat16 weights: it needs --param-dtype "
                             f"bfloat16 (got {self.param_dtype}, whose weights are their own masters)")
-        if self.batch_size % self.grad_accum:
-            problems.append(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}")
         if problems:
             raise MinqrError("; ".join(problems))
+        self.micro_batch_size(processes=1)
+
+    def micro_batch_size(self, processes: int) -> int:
+        """The pairs of one micro-batch when `processes` share each step: --batch-size over the
+        processes and --grad-accum, which must divide it."""
+        per_process = self.batch_size // processes
+        if per_process * processes != self.batch_size or per_process % self.grad_accum:
+            raise MinqrError(f"--batch-size {self.batch_size} must be a multiple of --grad-accum {self.grad_accum}"
+                             + (f" × {processes} processes" if processes > 1 else ""))
+        return per_process // self.grad_accum
 
     def head_config(self) -> HeadConfig:
         return HeadConfig.make(self.head, self.num_quantiles, self.objective, kappa=self.kappa, lam=self.lam,

@@ -2,7 +2,7 @@
 
 Under `torchrun` each process takes its slice of every global batch (minqr/data/batching.py,
 `process_micro_batches`), the gradients are averaged over the processes, and the step is the one a
-single process computes on the whole batch (minqr/training/objective.py says why the arithmetic
+single process computes on the whole batch (minqr/training/loss.py says why the arithmetic
 is the same). nccl on GPU, gloo on CPU. Only process 0 writes files and prints.
 
 Two ways to spread the model:
@@ -92,9 +92,10 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
 
 def shard_model(model, compute_dtype: torch.dtype | None = None) -> None:
     """Shard a RewardModel in place over the process group with FSDP2: one unit per block, then the
-    root. The training and evaluation enter the model through `pair_loss`, not `forward`, so that
+    root. The training and evaluation enter the model through `pair_states`, not `forward`, so that
     method is registered to gather the root's parameters (embeddings, final norm, head) as forward
-    does.
+    does. The training's response-bag layer (minqr/training/loss.py), which is called outside the
+    model's methods, is a unit of its own, gathered when it is called.
 
     With `compute_dtype` (bfloat16 for --master-weights) the sharded parameters, their gradients and
     AdamW's state stay in the model's float32 (they are the master weights); each unit gathers its
@@ -104,8 +105,10 @@ def shard_model(model, compute_dtype: torch.dtype | None = None) -> None:
         else MixedPrecisionPolicy()
     for block in model.transformer.blocks:
         fully_shard(block, mp_policy=policy)
+    if getattr(model, "response_bag", None) is not None:
+        fully_shard(model.response_bag, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
-    register_fsdp_forward_method(model, "pair_loss")
+    register_fsdp_forward_method(model, "pair_states")
 
 
 def reshard(model) -> None:

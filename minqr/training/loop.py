@@ -6,7 +6,7 @@
 One optimizer step sees `batch_size` pairs (the global batch: all processes and all gradient
 accumulation steps together). The pairs of a step have similar lengths (length-grouped batches in
 a seeded order, minqr/data/batching.py) and, by default, each pair runs as one shared-prefix row.
-What a step minimises is minqr/training/objective.py's; the options are minqr/training/config.py's;
+What a step minimises is minqr/training/loss.py's; the options are minqr/training/config.py's;
 processes are minqr/training/distributed.py's.
 
 The run folder (`--out`) ends up holding the trained reward model (config.json, model.safetensors,
@@ -19,24 +19,19 @@ import json
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minqr import hub
 from minqr.atomic import atomic_file
-from minqr.data.batching import (IGNORE_INDEX, evaluation_batches, process_micro_batches, tokenize_pairs,
-                                 training_batches)
-from minqr.data.chat import rendering_note
-from minqr.data.pairs import names_one_split, read_pairs, resolve_source
+from minqr.data.batching import IGNORE_INDEX, process_micro_batches, training_batches
 from minqr.device import autocast, autocast_dtype
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
-from minqr.models.backbone import load_backbone
+from minqr.models.backbone import check_max_length, load_backbone
 from minqr.models.gpt2 import GPT2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
@@ -47,17 +42,17 @@ from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
                                         start_processes, stop_processes)
+from minqr.training.evaluation import held_out_metrics
+from minqr.training.inputs import load_pairs, resolve_inputs
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
+from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
-from minqr.training.objective import PairObjective
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
                                    load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
                                    save_checkpoint, save_shards)
 
-TRUNCATION_WARNING = (". Warning: most texts lose their beginning, and what a response answers may be cut away; "
-                      "raise --max-length if the model's positions allow")
 # A loss weight or pair margin beyond this is what a divergence is blamed on rather than --lr: rewards
 # are of order 1, and AdamW's steps do not grow with a weight, so only absurd ones overflow float32.
 HUGE_WEIGHT = 1e6
@@ -106,15 +101,18 @@ def train(config: TrainConfig, progress: bool = True) -> TrainSummary:
     try:
         # one run at a time in a run folder (minqr/lock.py); under torchrun process 0 holds it for all
         with hold_output(config.out, "--out", say=say) if procs.is_main else nullcontext():
-            summary = _Run(config, procs, progress).run()
+            summary = TrainingRun(config, procs, progress).run()
         finished = True
         return summary
     finally:
         stop_processes(procs, finished)
 
 
-class _Run:
-    """One training run: set up in __init__, then `run()`. Attributes are the run's state."""
+class TrainingRun:
+    """One training run: checked and assembled in __init__, then `run()`. Attributes are the run's
+    state. What can be refused is refused as early as it can be known: the options and the out
+    folder first (`_check_setup`), then the model (a broken --model fails in a second,
+    `_check_model`), and the data, which takes longest to read and tokenise, last (`_check_data`)."""
 
     def __init__(self, config: TrainConfig, procs: Processes, progress: bool):
         self.config, self.procs, self.progress = config, procs, progress
@@ -125,42 +123,22 @@ class _Run:
         # what decides the float rounding without being an option of the run (see _restore)
         self.compute = {"device": procs.device.type, "dtype": str(self.autocast_dtype).removeprefix("torch."),
                         "compile": config.compile}
-        # The cheap checks come first, then the model (a broken --model fails in a second), and the
-        # data, which takes longest to read and tokenise, last.
-        if config.fsdp and procs.world_size == 1:
-            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one process: "
-                             "run it as torchrun --nproc_per_node N tools/train.py ... with N of at least 2, or drop "
-                             "--fsdp")
-        per_process = config.batch_size // procs.world_size
-        if per_process * procs.world_size != config.batch_size or per_process % config.grad_accum:
-            raise MinqrError(f"--batch-size {config.batch_size} must be a multiple of --grad-accum "
-                             f"{config.grad_accum} × {procs.world_size} processes")
-        self.micro_batch_size = per_process // config.grad_accum
-        self.checkpoint = self._check_out_folder()
+        self.micro_batch_size, self.checkpoint = self._check_setup()
         self.bayes_accuracy = prepare_demo_data(config.data, config.out, procs, self.say) if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
-            self.model_path, train_file, eval_file = self._resolve_inputs()
+            self.model_path, train_file, eval_file = resolve_inputs(config, self.say)
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
         model = RewardModel(load_backbone(self.model_path, dropout=config.dropout), config.head_config())
         model.transformer.gradient_checkpointing = config.grad_checkpoint
         if config.bag_coef > 0:
-            model.add_response_bag()
-        if config.max_length > model.transformer.config.max_positions:
-            raise MinqrError(f"--max-length {config.max_length} is more than the model's "
-                             f"{model.transformer.config.max_positions} positions: lower it")
-        if config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
-            raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
-                             f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
+            ResponseBag.attach(model)
+        self._check_model(model)
 
-        self.train_pairs = self._load_data(train_file, "train")
-        self.eval_pairs = self._load_data(eval_file, "test") if eval_file is not None else None
-        # Only full batches: every step then has the same global batch, however it is divided up.
-        self.steps_per_epoch = len(self.train_pairs) // config.batch_size
-        if self.steps_per_epoch == 0:
-            raise MinqrError(f"--batch-size {config.batch_size} is more than the {len(self.train_pairs)} "
-                             f"training pairs: lower it")
+        self.train_pairs = load_pairs(train_file, "train", self.tokenizer, config, self.say)
+        self.eval_pairs = load_pairs(eval_file, "test", self.tokenizer, config, self.say) if eval_file else None
+        self.steps_per_epoch = self._check_data()
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
@@ -185,11 +163,36 @@ class _Run:
             self._restore(self.checkpoint)
         if config.compile:
             self.model.transformer.compile(dynamic=True)
-        objective = PairObjective(self.model, config)
+        objective = StepLoss(self.model, config.bag_coef, config.center_coef, config.lm_coef)
         self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _check_setup(self) -> tuple:
+        """(pairs of a micro-batch, the checkpoint to resume or None): what the options and the out
+        folder allow with this many processes."""
+        if self.config.fsdp and self.procs.world_size == 1:
+            raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one "
+                             "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
+                             "2, or drop --fsdp")
+        return self.config.micro_batch_size(self.procs.world_size), self._check_out_folder()
+
+    def _check_model(self, model: RewardModel) -> None:
+        """What the options ask of the backbone: positions for --max-length, an LM head for --lm-coef."""
+        check_max_length(model.transformer, self.config.max_length, "--max-length")
+        if self.config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
+            raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
+                             f"{type(model.transformer).__name__} does not have; leave --lm-coef out")
+
+    def _check_data(self) -> int:
+        """The steps of an epoch: only full batches, so that every step has the same global batch,
+        however it is divided up."""
+        steps_per_epoch = len(self.train_pairs) // self.config.batch_size
+        if steps_per_epoch == 0:
+            raise MinqrError(f"--batch-size {self.config.batch_size} is more than the {len(self.train_pairs)} "
+                             f"training pairs: lower it")
+        return steps_per_epoch
 
     def _check_out_folder(self):
         """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
@@ -214,41 +217,12 @@ class _Run:
                              "add --overwrite to start afresh, or choose another --out")
         return None
 
-    def _resolve_inputs(self) -> tuple:
-        """(model folder, training data file, held-out data file or None): local paths, hub names
-        fetched. Every input that cannot be had is named, all in one message."""
-        config = self.config
-
-        def data_file(source, split):
-            subset = None if Path(source).expanduser().is_file() else config.subset
-            return resolve_source(source, split, subset)
-
-        # a file, or hf:NAME:SPLIT, has no test split beside it to evaluate on unless --eval-data names one
-        eval_source = config.eval_data or (None if names_one_split(config.data) else config.data)
-        eval_option = "--eval-data" if config.eval_data else "--data (its test split)"
-        wanted = [("--model", lambda: hub.fetch_model(config.model)),
-                  ("--data", lambda: data_file(config.data, "train")),
-                  (eval_option, (lambda: data_file(eval_source, "test")) if eval_source else lambda: None)]
-        found, problems = [], []
-        for option, fetch in wanted:
-            try:
-                found.append(fetch())
-            except MinqrError as error:
-                problems.append(f"{option}: {error}")
-        if len(problems) == 1:
-            raise MinqrError(problems[0])
-        if problems:
-            raise MinqrError(f"{len(problems)} inputs cannot be had:\n  " + "\n  ".join(problems))
-        if eval_source is None:
-            self.say("no held-out data (--eval-data): no evaluation, and no reward mean/std for the saved config")
-        return tuple(found)
-
     def _plan(self, model: RewardModel) -> str:
         """One line of what the run will cost, printed before it starts."""
         config, head = self.config, model.head_config
         backbone = sum(p.numel() for p in model.transformer.parameters())
         name = "GPT-2" if isinstance(model.transformer, GPT2) else model.transformer.config.model_type
-        bag = "" if model.response_bag is None else (
+        bag = "" if not config.bag_coef > 0 else (
             f" + {sum(p.numel() for p in model.response_bag.parameters()) / 1e6:.1f}M of the response-bag layer "
             "(training only)")
         return (f"plan: {self.total_steps:,} steps of {config.batch_size} pairs "
@@ -257,20 +231,6 @@ class _Run:
                 f"{head.num_quantiles} outputs trained by {head.objective}; on {self.procs.device} "
                 f"x {self.procs.world_size} process{'es' if self.procs.world_size > 1 else ''}")
 
-    def _load_data(self, source, split: str):
-        """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
-        config = self.config
-        pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
-        self.say(f"{split}: {stats.summary()}")
-        tokenized = tokenize_pairs(pairs, self.tokenizer, config.max_length)
-        note = rendering_note(pairs, self.tokenizer.chat_template)
-        if note:  # once they are: a template that refuses a conversation has stopped the run by now
-            self.say(f"{split}: {note}")
-        if tokenized.num_truncated:
-            share = tokenized.num_truncated / len(tokenized)
-            self.say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "
-                     f"{config.max_length}" + (TRUNCATION_WARNING if share > 0.5 else ""))
-        return tokenized
 
     def _weight_average(self) -> WeightAverage | None:
         """--ema-window: the average's time constant is that share of the steps. With --master-weights
@@ -384,10 +344,13 @@ class _Run:
         micro_batches = [self.train_pairs.batch(ix, config.shared_prefix).to(procs.device)
                          for ix in process_micro_batches(pair_indices, procs.rank, self.micro_batch_size,
                                                          config.grad_accum)]
-        lm_tokens = 0.0
+        # What each process's loss is the mean over: its share of the step's pairs and LM target tokens.
+        # DistributedDataParallel averages the processes' gradients, which makes it the step's mean.
+        pairs, lm_tokens = config.batch_size // procs.world_size, 1.0
         if config.lm_coef > 0:
             (lm_tokens,) = procs.all_sum([sum(float((b.chosen_lm_labels != IGNORE_INDEX).sum())
                                               for b in micro_batches)])
+            lm_tokens = max(lm_tokens, 1.0) / procs.world_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
         right = torch.zeros((), dtype=torch.float64, device=procs.device)
         for k, batch in enumerate(micro_batches):
@@ -397,14 +360,15 @@ class _Run:
                 self.model.set_requires_gradient_sync(last)
             with nullcontext() if last or procs.world_size == 1 or config.fsdp else self.objective.no_sync():
                 with autocast(procs.device, self.autocast_dtype):
-                    loss, mu_chosen, mu_rejected = self.objective(batch, config.batch_size, max(lm_tokens, 1.0))
-                (loss * procs.world_size).backward()
+                    loss, mu_chosen, mu_rejected = self.objective(batch, pairs, lm_tokens)
+                loss.backward()
             loss_sum += loss.detach()
             right += ranking_credit(mu_chosen, mu_rejected).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
         # the processes agree on a Ctrl-C here, so that all of them stop after the same step
         loss_value, right_value, real_tokens, interrupted = procs.all_sum(
             [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
+        loss_value /= procs.world_size  # the processes' means, summed
         self.interrupt.agreed = interrupted > 0
         if not math.isfinite(loss_value):
             raise self._diverged(f"the loss is {loss_value}")
@@ -460,48 +424,15 @@ class _Run:
 
     def _evaluate(self) -> dict:
         """Held-out metrics of the model, or of its weight average where the run keeps one."""
-        if self.average is None:
-            return self._held_out_metrics()
-        with self.average.swapped_in():
-            if self.config.fsdp:  # the forwards must gather the average, not what a unit holds gathered
+        config, average = self.config, self.average
+        with average.swapped_in() if average else nullcontext():
+            if config.fsdp and average:  # the forwards must gather the average, not what a unit holds gathered
                 reshard(self.model)
-            metrics = self._held_out_metrics()
-        if self.config.fsdp:  # and the training's next forward the weights again
+            metrics = held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size, config.shared_prefix,
+                                       self.procs, self.autocast_dtype, sharded=config.fsdp)
+        if config.fsdp and average:  # and the training's next forward the weights again
             reshard(self.model)
-        return metrics
-
-    @torch.no_grad()
-    def _held_out_metrics(self) -> dict:
-        """Over all processes; each process scores every world_size-th batch, or, sharded (--fsdp),
-        every batch, since each forward is then a collective that all take part in."""
-        config, procs = self.config, self.procs
-        self.model.eval()
-        totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
-        share, shares = (0, 1) if config.fsdp else (procs.rank, procs.world_size)
-        for pair_indices in evaluation_batches(self.eval_pairs.row_widths(config.shared_prefix), self.micro_batch_size,
-                                               share, shares):
-            # Held-out metrics leave the data's pair margins out: eval_loss is then the negative
-            # log-likelihood of the labels under the model (P(chosen) = σ(r_c − r_r) for
-            # bradley_terry), comparable between runs and data sets with margins and without; a
-            # margin is a training device that asks for a wider gap, not part of the model.
-            batch = replace(self.eval_pairs.batch(pair_indices, config.shared_prefix), pair_margins=None)
-            batch = batch.to(procs.device)
-            with autocast(procs.device, self.autocast_dtype):
-                # the objective alone: for all but paper, the held-out negative log-likelihood of the labels
-                loss, r_chosen, r_rejected = self.model.pair_loss(batch, "sum")  # float32 [B, N] outputs
-            mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
-            rewards = torch.cat([mu_chosen, mu_rejected]).double()
-            totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
-                       (rewards ** 2).sum().item(), (mu_chosen - mu_rejected).sum().item()]
-        loss, right, reward_sum, reward_square_sum, margin_sum = totals.tolist() if config.fsdp else \
-            procs.all_sum(totals.tolist())
-        self.model.train()
-        pairs = len(self.eval_pairs)
-        mean = reward_sum / (2 * pairs)
-        return {"step": self.step, "eval_loss": loss / pairs, "eval_accuracy": right / pairs,
-                "eval_reward_mean": mean,
-                "eval_reward_std": math.sqrt(max(reward_square_sum / (2 * pairs) - mean ** 2, 0.0)),
-                "eval_margin": margin_sum / pairs}
+        return {"step": self.step, **metrics}
 
     # -- files -------------------------------------------------------------------------------
 
@@ -547,8 +478,8 @@ class _Run:
         with torch.device("meta"):  # no memory, no init: the gathered tensors become the weights
             backbone = self.model.transformer
             whole = RewardModel(type(backbone)(backbone.config), self.model.head_config)
-            if self.model.response_bag is not None:
-                whole.add_response_bag()
+            if self.config.bag_coef > 0:
+                ResponseBag.attach(whole)
         whole.load_state_dict(state, assign=True)
         return whole.to(getattr(torch, self.config.param_dtype))  # --master-weights: the masters' bf16 rounding
 

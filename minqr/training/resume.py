@@ -188,7 +188,7 @@ def load_checkpoint(out) -> Checkpoint:
 # What --resume may change: where and how fast the run computes, and how often it reports (--out
 # names the run, however it is spelt). Everything else decides the weights: a change is an error.
 # A change of device type, compute dtype or compile is allowed (a run must be able to move) but
-# changes the float rounding, and a GPU draws other dropout masks: _Run._restore warns of it.
+# changes the float rounding, and a GPU draws other dropout masks: TrainingRun._restore warns of it.
 RESUME_MAY_CHANGE = ("out", "resume", "overwrite", "eval_every", "save_every", "device", "compile", "report_to",
                      "grad_checkpoint")
 

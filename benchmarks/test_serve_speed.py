@@ -1,0 +1,184 @@
+"""`minqr serve` under load: 8 concurrent clients against `minqr score`'s pairs/s on the same texts.
+
+The demo's model (the synthetic task's tiny GPT-2, a mixture head of N = 10, random weights: speed
+does not depend on training) and the task's test pairs. `minqr score` scores them in-process; then
+`minqr serve --statistic mean` runs as a real process, and 8 client threads, each on its own
+keep-alive connection, send every pair's two texts as OpenRLHF would: one query a request (what
+OpenRLHF sends since its rollouts became per sample), and again in micro-batches of 16 queries (what
+its older versions sent); then 64 clients at one query a request, closer to OpenRLHF's real load
+(a rollout's samples at once), to show the batches filling. A tenth of the requests are malformed
+(bad JSON, wrong types, missing keys, an empty query, a body over the size limit): each must get its
+4xx JSON answer. Every good answer is checked against the scores (the mean of the query's outputs; float32, batched
+differently, so to 1e-4), the server must still be healthy at the end, and SIGTERM must stop it
+with exit status 0.
+
+Printed: pairs/s of score and of the server (good queries / 2 over the wall time of the load),
+their ratio (target: at least 0.8 with 8 clients), the latency of good requests, p50 and p99, and
+the texts a forward pass held on average.
+"""
+import http.client
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minqr import load_tokenizer
+from minqr.synthetic.folder import make_synthetic_task
+from minqr.models.reward import RewardModel
+from minqr.study.scoring import score_to_file
+from minqr.study.scores_file import load_scores
+
+NUM_PAIRS = 1000
+CLIENTS = 8  # the target's load; 64 as well, to show that more concurrent requests fill the batches
+MALFORMED_EVERY = 10  # one request in ten is malformed
+MAX_REQUEST_BYTES = 4096  # small, so that one malformed request can be too long
+TARGET = 0.8
+START_TIMEOUT_S = 120.0
+LOAD_TIMEOUT_S = 300.0
+
+MALFORMED = [
+    (b"{not json", 400),
+    (b"[1, 2]", 400),
+    (json.dumps({"prompts": ["a"]}).encode(), 400),
+    (json.dumps({"query": "one text, not a list"}).encode(), 400),
+    (json.dumps({"query": [1, 2]}).encode(), 400),
+    (json.dumps({"query": []}).encode(), 400),
+    (json.dumps({"query": [""]}).encode(), 400),
+    (json.dumps({"query": ["x" * MAX_REQUEST_BYTES]}).encode(), 413),
+]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(root folder: the task and the model, the test pairs' chosen then rejected texts)."""
+    root = tmp_path_factory.mktemp("serve")
+    task = make_synthetic_task(root / "task", num_train=2000, num_test=NUM_PAIRS, num_samples=8)
+    torch.manual_seed(0)
+    model = RewardModel.from_backbone(task / "model", num_quantiles=10, objective="mixture")
+    model.save_pretrained(root / "model", tokenizer=load_tokenizer(task / "model"))
+    lines = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
+    return root, [line["chosen"] for line in lines] + [line["rejected"] for line in lines]
+
+
+def score_rate(root: Path, name: str) -> tuple:
+    """`minqr score` on the task's test pairs: (outputs [2P, N] of the chosen then rejected texts,
+    pairs/s). Measured right before each load, so that both see the same machine."""
+    summary = score_to_file(root / "model", root / "task", root / f"{name}.npz", progress=False)
+    scores = load_scores(root / f"{name}.npz")
+    return np.concatenate([scores.chosen, scores.rejected]), NUM_PAIRS / summary.seconds
+
+
+def start_server(model: Path):
+    """A `minqr serve` process on a free port: (process, (host, port))."""
+    command = [sys.executable, "-c", "from minqr_cli.commands import main; main()", "serve", "--model", str(model),
+               "--statistic", "mean", "--port", "0", "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=1.0)
+        except queue.Empty:
+            assert process.poll() is None, "minqr serve exited before it listened"
+            continue
+        found = re.search(r"http://([\d.]+):(\d+)/", line)
+        if found:
+            return process, (found[1], int(found[2]))
+    process.kill()
+    raise AssertionError("minqr serve did not listen within the timeout")
+
+
+def post(connection: http.client.HTTPConnection, body: bytes) -> tuple:
+    """(status, parsed JSON answer) of one POST /get_reward."""
+    connection.request("POST", "/get_reward", body=body, headers={"Content-Type": "application/json"})
+    response = connection.getresponse()
+    return response.status, json.loads(response.read())
+
+
+def run_load(address, texts, per_request: int, clients: int = CLIENTS) -> dict:
+    """`clients` threads send `texts` in requests of `per_request` queries, malformed ones mixed in.
+    Returns {index of the first text of a request: its rewards}, latencies, wall time and failures."""
+    work = queue.Queue()
+    for number, start in enumerate(range(0, len(texts), per_request)):
+        if number % MALFORMED_EVERY == MALFORMED_EVERY - 1:
+            work.put(("bad", MALFORMED[(number // MALFORMED_EVERY) % len(MALFORMED)]))
+        work.put(("good", start))
+    answers, latencies, failures = {}, [], []
+    deadline = time.monotonic() + LOAD_TIMEOUT_S
+
+    def client():
+        connection = http.client.HTTPConnection(*address, timeout=60)
+        while time.monotonic() < deadline:
+            try:
+                kind, item = work.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "bad":
+                body, expected = item
+                status, answer = post(connection, body)
+                if status != expected or "error" not in answer:
+                    failures.append(f"malformed {body[:40]!r}: {status} {answer}")
+                connection.close()  # the server closes after an error; the next request opens a new one
+                continue
+            queries = texts[item: item + per_request]
+            began = time.perf_counter()
+            status, answer = post(connection, json.dumps({"query": queries, "prompts": [""] * len(queries)}).encode())
+            latencies.append(time.perf_counter() - began)
+            if status != 200:
+                failures.append(f"good request {item}: {status} {answer}")
+            else:
+                answers[item] = answer["rewards"]
+        connection.close()
+
+    began = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"answers": answers, "latencies": np.array(latencies), "seconds": time.perf_counter() - began,
+            "failures": failures, "left": work.qsize()}
+
+
+@pytest.mark.parametrize("per_request, clients", [(1, CLIENTS), (16, CLIENTS), (1, 64)])
+def test_serve_keeps_up_with_score(demo, per_request, clients):
+    root, texts = demo
+    process, address = start_server(root / "model")
+    outputs, rate_of_score = score_rate(root, f"scores-{per_request}")
+    try:
+        load = run_load(address, texts, per_request, clients)
+        connection = http.client.HTTPConnection(*address, timeout=30)
+        connection.request("GET", "/health")
+        health = connection.getresponse()
+        health = json.loads(health.read())
+        assert health["status"] == "ok"
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=60)
+    assert code == 0, f"minqr serve exited with {code} after SIGTERM"
+    assert not load["failures"], load["failures"][:5]
+    assert load["left"] == 0, f"{load['left']} requests were not sent within {LOAD_TIMEOUT_S} s"
+    got = np.full(len(texts), np.nan)
+    for start, rewards in load["answers"].items():
+        got[start: start + len(rewards)] = rewards
+    np.testing.assert_allclose(got, outputs.astype(np.float64).mean(axis=1), rtol=1e-4, atol=1e-4)
+    rate = len(texts) / 2 / load["seconds"]
+    p50, p99 = np.percentile(load["latencies"], [50, 99]) * 1e3
+    print(f"\nserve, {clients} clients, {per_request} queries a request: {rate:,.0f} pairs/s against score's "
+          f"{rate_of_score:,.0f} ({rate / rate_of_score:.2f}x, target {TARGET}); latency p50 {p50:.1f} ms, "
+          f"p99 {p99:.1f} ms; {health['texts_scored'] / health['forwards']:.1f} texts a forward; "
+          f"{len(load['answers'])} good requests answered, malformed ones refused, healthy, "
+          "SIGTERM -> exit 0")

@@ -1,0 +1,52 @@
+"""Held-out metrics of a reward model during training, over all processes:
+
+    eval_loss          the head's objective alone, per pair (for all but paper, the negative
+                       log-likelihood of the held-out labels)
+    eval_accuracy      the share of pairs whose chosen response gets the larger expected reward
+                       (a tie counts half: minqr/ranking.py)
+    eval_reward_mean   the mean and the standard deviation of the expected reward over every
+    eval_reward_std    held-out response (saved with the model, for users who normalise rewards)
+    eval_margin        the mean of μ_c − μ_r
+
+The data's pair margins are left out: a margin is a training device that asks for a wider gap, not
+part of the model, and without it eval_loss compares between runs and data sets with margins and
+without.
+"""
+import math
+
+import numpy as np
+import torch
+
+from minqr.data.batching import TokenizedPairs, evaluation_batches
+from minqr.device import autocast
+from minqr.models.reward import RewardModel
+from minqr.ranking import ranking_credit
+from minqr.training.distributed import Processes
+
+
+@torch.no_grad()
+def held_out_metrics(model: RewardModel, pairs: TokenizedPairs, batch_size: int, shared_prefix: bool,
+                     procs: Processes, autocast_dtype, sharded: bool = False) -> dict:
+    """The metrics above of `model` on `pairs`, in batches of `batch_size` pairs. Each process scores
+    every world_size-th batch, or, `sharded` (--fsdp), every batch, since each forward is then a
+    collective that all take part in. The model is left in training mode."""
+    model.eval()
+    totals = np.zeros(5)  # loss, right, reward sum, reward square sum, margin sum
+    share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
+    for pair_indices in evaluation_batches(pairs.row_widths(shared_prefix), batch_size, share, shares):
+        batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
+        with autocast(procs.device, autocast_dtype):
+            r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
+            loss = model.head_config.loss(r_chosen, r_rejected, reduction="sum")  # no pair margins
+        mu_chosen, mu_rejected = r_chosen.mean(-1), r_rejected.mean(-1)  # [B]
+        rewards = torch.cat([mu_chosen, mu_rejected]).double()  # [2B]
+        totals += [loss.item(), ranking_credit(mu_chosen, mu_rejected).sum().item(), rewards.sum().item(),
+                   (rewards ** 2).sum().item(), (mu_chosen - mu_rejected).sum().item()]
+    loss, right, reward_sum, reward_square_sum, margin_sum = totals.tolist() if sharded else \
+        procs.all_sum(totals.tolist())
+    model.train()
+    count = len(pairs)
+    mean = reward_sum / (2 * count)
+    return {"eval_loss": loss / count, "eval_accuracy": right / count, "eval_reward_mean": mean,
+            "eval_reward_std": math.sqrt(max(reward_square_sum / (2 * count) - mean ** 2, 0.0)),
+            "eval_margin": margin_sum / count}
