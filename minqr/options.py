@@ -61,9 +61,13 @@ def in_range(value, meta: dict) -> bool:
 
 def range_text(meta: dict) -> str:
     """[0, 1), (0, inf), ...: the range an option's declaration gives."""
-    low = "-inf" if meta["low"] is None else f"{meta['low']:g}"
-    high = "inf" if meta["high"] is None else f"{meta['high']:g}"
+    low = "-inf" if meta["low"] is None else _number(meta["low"])
+    high = "inf" if meta["high"] is None else _number(meta["high"])
     return f"{'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+
+
+def _number(bound) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"  # a seed's 4294967295, not 4.29497e+09
 
 
 def check_options(config) -> None:

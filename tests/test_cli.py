@@ -259,8 +259,8 @@ def test_seeds_and_floats_are_checked_before_anything_runs(monkeypatch, argv, wo
 def test_configs_built_in_python_are_checked_as_the_command_line(tmp_path):
     for options, message in [({"center_coef": math.inf}, "--center-coef must be a finite number (got inf)"),
                              ({"lr": math.nan}, "--lr must be a finite number (got nan)"),
-                             ({"seed": -1}, "--seed must be at least 0 (got -1)"),
-                             ({"seed": 2**64}, "--seed must be at most 4294967295")]:
+                             ({"seed": -1}, "--seed must be in [0, 4294967295] (got -1)"),
+                             ({"seed": 2**64}, "--seed must be in [0, 4294967295] (got 18446744073709551616)")]:
         with pytest.raises(MinqrError, match=re.escape(message)):
             TrainConfig(**options)
 

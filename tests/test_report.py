@@ -404,7 +404,7 @@ def test_options_of_an_analysis_called_from_python_are_checked_as_the_command_li
     refuses it (test_cli), and so does the library."""
     folder, files = study
     for options, message in [({"eps": math.nan}, "--eps must be a finite number (got nan)"),
-                             ({"confidence": 1.0}, "--confidence must be less than 1 (got 1.0)"),
-                             ({"seed": -1}, "--seed must be at least 0 (got -1)")]:
+                             ({"confidence": 1.0}, "--confidence must be in (0, 1) (got 1.0)"),
+                             ({"seed": -1}, "--seed must be in [0, 4294967295] (got -1)")]:
         with pytest.raises(MinqrError, match=re.escape(message)):
             analyze(files[:1], folder / "out", **options)
