@@ -21,15 +21,26 @@ one has added to it since: every folder written here carries a marker, `.minqr-m
 was written. A folder that holds anything else (a user's `--out ~`, a data folder with their own
 files beside a task) is refused before a byte is written, with what it holds named. An empty folder
 is taken as it is: it holds nothing to lose.
+
+A write that fails (disk full, read-only file system, no permission, a file-size limit) is one
+MinqrError, "cannot write PATH: no space left on device; ...", whichever library failed: Python's
+OSError, torch.save's "[enforce fail at inline_container.cc]" (which carries no errno: the free
+space of the file system tells), safetensors' SafetensorError, torch.distributed.checkpoint's
+CheckpointException (`writing`). It leaves nothing half-made: the temporary is removed, and so
+are the folders that the write created for it. Other errors are bugs and keep their traceback.
 """
 import contextlib
+import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from minqr.errors import MinqrError
 from minqr.reading import loads
@@ -41,7 +52,11 @@ os.umask(_UMASK)
 
 
 def _publish_mode(path: Path) -> None:
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+    """Give `path`, and everything in it if it is a folder, the modes the umask gives new files and
+    folders: some writers (safetensors) create their files private (0600)."""
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            p.chmod((0o777 if p.is_dir() else 0o666) & ~_UMASK)
 
 
 def _fsync(path: Path) -> None:
@@ -94,8 +109,7 @@ def abandoned(path, kind: str = "tmp") -> list[Path]:
 
 
 def _prepare(path: Path) -> None:
-    """Create the parent folder and remove temporaries that a killed writer of `path` left."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Remove temporaries that a killed writer of `path` left."""
     for stale in abandoned(path):
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
@@ -103,22 +117,126 @@ def _prepare(path: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
+# ---- failed writes ---------------------------------------------------------------------------------
+
+# errno of a failed write -> what the user can do about it; any other errno is not a write's failure
+_WRITE_FIXES = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write elsewhere",
+    errno.EACCES: "check the folder's permissions or write elsewhere",
+    errno.EPERM: "check the folder's permissions or write elsewhere",
+    errno.EFBIG: "a limit on the size of files (ulimit -f, or the file system's) stops it: write elsewhere",
+    errno.EIO: "the device failed: check the disk",
+}
+NEARLY_FULL_BYTES = 1 << 20  # less free than this after a failed write: the disk is what is full
+
+
+def _problem(error: BaseException, path: Path) -> str | None:
+    """Why a write under `path` failed, as a user reads it; None when `error` is no write's failure."""
+    if isinstance(error, OSError) and error.errno in _WRITE_FIXES:
+        return _say(error.errno)
+    if isinstance(error, SafetensorError) and (found := re.search(r"\(os error (\d+)\)", str(error))):
+        code = int(found.group(1))  # safetensors' writer is Rust: its io::Error's errno is in the text
+        return _say(code) if code in _WRITE_FIXES else None
+    if isinstance(getattr(error, "failures", None), dict):  # torch.distributed.checkpoint's, per rank
+        causes = [f[0] if isinstance(f, tuple) else f for f in error.failures.values()]
+        return next((p for cause in causes if (p := _problem(cause, path))), None)
+    if isinstance(error, RuntimeError) and "inline_container.cc" in str(error) and "Reader" not in str(error):
+        # torch.save's writer names the cause of a failed open ("open file failed with strerror: ..."),
+        # but not of a failed write, even into a Python file: then the free space on the disk tells
+        said = str(error).rpartition("strerror: ")[2].strip()
+        if (code := next((c for c in _WRITE_FIXES if os.strerror(c) == said), None)) is not None:
+            return _say(code)
+        if _free_bytes(path) < NEARLY_FULL_BYTES:
+            return _say(errno.ENOSPC)
+        return (f"the write failed ({str(error).strip()}); check the disk, its free space and the limits "
+                "on file sizes (ulimit -f)")
+    return None
+
+
+def _say(code: int) -> str:
+    return f"{os.strerror(code).lower()}; {_WRITE_FIXES[code]}"
+
+
+def _free_bytes(path: Path) -> int:
+    """The bytes free to this user on the file system of `path` (or of its nearest existing folder)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return 0
+    return stat.f_bavail * stat.f_frsize if stat.f_favail else 0  # no inode left is full too
+
+
+def missing_folders(folder) -> list[Path]:
+    """`folder` and those of its ancestors that do not exist, deepest first: the folders that
+    making it makes, for `remove_empty` to undo."""
+    missing, folder = [], Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove those of `folders` (deepest first) that are empty; one with anything in it stays."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+class WriteFailed(MinqrError):
+    """A write that failed: "cannot write PATH: PROBLEM", PROBLEM as `_problem` says it."""
+
+    def __init__(self, path: Path, problem: str, note: str = ""):
+        super().__init__(f"cannot write {path}: {problem}{note}")
+        self.problem = problem
+
+
+@contextlib.contextmanager
+def writing(path, note: str = ""):
+    """Create `path`'s folder if needed and run the block, which writes `path`. A write that fails
+    (see the module docstring) is a WriteFailed naming `path` (plus `note`), and the folders made here
+    that the failure left empty are removed; other errors go through as they are. Nested, the
+    outermost names its path: a write into a temporary folder is reported as one of what the user
+    asked for."""
+    path = Path(path)
+    made = missing_folders(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException as error:
+        remove_empty(made)
+        problem = error.problem if isinstance(error, WriteFailed) else _problem(error, path)
+        if problem is None:
+            raise
+        raise WriteFailed(path, problem, note) from None
+
+
+UNCHANGED = " (nothing was changed there)"  # an atomic write that failed left the old version whole
+
+
+# ---- the atomic writes ------------------------------------------------------------------------------
+
 @contextlib.contextmanager
 def atomic_file(path):
     """Yield a temporary path; on success it becomes `path` in one rename."""
     path = Path(path)
-    _prepare(path)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        _publish_mode(tmp)
-        os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with writing(path, UNCHANGED):
+        _prepare(path)
+        fd, tmp = tempfile.mkstemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp)
+        try:
+            yield tmp
+            _fsync_tree(tmp)
+            _publish_mode(tmp)
+            os.replace(tmp, path)
+            _fsync(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 MARKER = ".minqr-made"  # in every folder atomic_dir writes: what it wrote (see the module docstring)
@@ -167,21 +285,22 @@ def atomic_dir(path, option: str = "out"):
     not make, or has had files added, is refused first (`check_replaceable`; `option` names it)."""
     path = Path(path)
     check_replaceable(path, option)
-    _prepare(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
-    try:
-        yield tmp
-        (tmp / MARKER).write_text(json.dumps({"contents": _contents(tmp)}) + "\n")
-        _fsync_tree(tmp)
-        _publish_mode(tmp)
-        if path.exists():
-            check_replaceable(path, option)  # again: the folder may have changed while we wrote
-            old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
-            os.replace(path, old / path.name)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
-        _fsync(path.parent)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with writing(path, UNCHANGED):
+        _prepare(path)
+        tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
+        try:
+            yield tmp
+            (tmp / MARKER).write_text(json.dumps({"contents": _contents(tmp)}) + "\n")
+            _fsync_tree(tmp)
+            _publish_mode(tmp)
+            if path.exists():
+                check_replaceable(path, option)  # again: the folder may have changed while we wrote
+                old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
+                os.replace(path, old / path.name)
+                os.replace(tmp, path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, path)
+            _fsync(path.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)

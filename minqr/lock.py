@@ -30,6 +30,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from minqr.atomic import missing_folders, remove_empty, writing
 from minqr.errors import MinqrError
 from minqr.reading import loads
 
@@ -74,28 +75,31 @@ def hold_output(path, option: str = "out", say=_say):
     setting the user gave, e.g. "--out"). A lock left by a killed job is taken over, and `say`
     tells whose it was."""
     lock = lock_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    made = missing_folders(lock.parent)  # _acquire makes them
     fd = _acquire(lock, f"{option} {path}")
     try:
         left_behind = _read_description(fd)
         if left_behind:
             say(f"note: {option} {path}: its lock file was left behind by {_describe(left_behind)}, which no "
                 "longer runs (killed?); taking the lock over")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (json.dumps(_description()) + "\n").encode(), 0)
+        with writing(lock):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_description()) + "\n").encode(), 0)
         yield
     finally:
         lock.unlink(missing_ok=True)  # before the unlock: see the module docstring
         os.close(fd)
+        remove_empty(made)  # a job that failed before writing its output leaves no folder behind
 
 
 def _acquire(lock: Path, what: str) -> int:
     """An open descriptor of `lock` that holds its flock (see the module docstring)."""
     while True:
         try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as error:
-            raise MinqrError(f"{what}: cannot open its lock file ({error}); check the folder's permissions") from None
+            with writing(lock):  # makes its folder; a full disk, a read-only file system...: a write's message
+                fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:  # any other reason
+            raise MinqrError(f"{what}: cannot open its lock file ({error})") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -8,10 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from factories import ended_writer
+import torch
+from factories import ended_writer, random_gpt2
+from safetensors.torch import save_file
 
 from minqr.atomic import MARKER, atomic_dir, atomic_file
 from minqr.errors import MinqrError
+from minqr.models.head import HeadConfig
+from minqr.models.reward import RewardModel
 
 
 def _umask():
@@ -183,3 +187,22 @@ def test_the_temporary_of_a_writer_killed_by_sigkill_is_removed(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "writer").write_text("next")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_every_file_of_a_published_folder_has_the_umask_mode(tmp_path):
+    """safetensors creates its files private (0600): a model folder must be readable as any other
+    file the user makes, the model's weights as its config (RewardModel.save_pretrained moves them
+    out of an atomic_dir's folder into the run's)."""
+    model = RewardModel(random_gpt2(), HeadConfig.make("quantile", 4))
+    run = tmp_path / "run"
+    run.mkdir()
+    model.save_pretrained(run, training_args={"lr": 1e-3})
+    with atomic_dir(tmp_path / "folder") as tmp:
+        save_file({"a": torch.zeros(3)}, tmp / "model.safetensors")
+        (tmp / "sub").mkdir(mode=0o700)
+        (tmp / "sub" / "private").write_text("x")
+        (tmp / "sub" / "private").chmod(0o600)
+    assert oct((run / "model.safetensors").stat().st_mode & 0o777) != "0o600"
+    for path in [*run.iterdir(), *(tmp_path / "folder").rglob("*")]:
+        expected = (0o777 if path.is_dir() else 0o666) & ~_umask()
+        assert path.stat().st_mode & 0o777 == expected, path

@@ -168,6 +168,30 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     assert list(read(out)[0]["chosen"]) == ["mean"]
 
 
+def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):
+    """The progress file's appends find the disk full (they go to /dev/full): one message naming the
+    file, what it held stays whole, and the job run again finishes to the same file."""
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=2, prompts=11))
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
+    out = tmp_path / "out.jsonl"
+
+    def appends_to_a_full_disk(path, mode="r", *args, **kwargs):
+        return open("/dev/full" if mode == "a" else path, mode, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(best_of_n, "open", appends_to_a_full_disk, raising=False)
+        with pytest.raises(MinqrError) as caught:
+            best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert str(caught.value) == (f"cannot write {partial_path(out)}: no space left on device; free some space or "
+                                 "write elsewhere")
+    assert len(read(partial_path(out))) == 1  # the job line, whole
+    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert summary.resumed_from == 0 and out.read_text() == clean.read_text()
+
+
 KILLED_JOB = """
 import sys, time
 from minqr.distribution import best_of_n

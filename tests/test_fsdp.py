@@ -14,6 +14,7 @@ from factories import load_tool
 from test_distributed import assert_same_run
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
+from minqr.atomic import MARKER
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
@@ -73,7 +74,7 @@ def test_two_sharded_processes_match_one_process_and_resume_bit_for_bit(inputs, 
     torchrun(ROOT / "tools" / "train.py", argv)
     got = assert_same_run(sharded, single)  # and one ordinary Hugging Face folder, whole
     assert len(got) == 6 + 3  # steps and evaluations
-    assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == ["config.json", "shards", "state.pt"]
+    assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == [MARKER, "config.json", "shards", "state.pt"]
     assert torch.load(sharded / "checkpoint" / "state.pt", weights_only=True)["model"] is None
 
     killed = tmp_path / "killed"

@@ -393,17 +393,20 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(folder, alone):
         idle.request("GET", "/health")
         assert idle.getresponse().read()
         # many texts, a forward each: the answer takes a while, and SIGTERM comes before it
-        queries, _ = queries_and_prompts(seed=5, count=1000)
-        busy = http.client.HTTPConnection(*address, timeout=60)
+        queries, _ = queries_and_prompts(seed=5, count=4000)
+        busy = http.client.HTTPConnection(*address, timeout=120)
         busy.request("POST", "/get_reward", json.dumps({"query": queries}))
-        time.sleep(0.1)  # the server has read the request
+        time.sleep(0.05)  # the server has read the request
         assert not select.select([busy.sock], [], [], 0)[0], "answered before SIGTERM: make the request larger"
         process.send_signal(signal.SIGTERM)
         response = busy.getresponse()
         assert response.status == 200
-        rewards = json.loads(response.read())["rewards"]
-        np.testing.assert_allclose(rewards, alone(queries).mean(-1).numpy(), rtol=1e-5, atol=1e-5)
-        assert process.wait(timeout=60) == 0
+        rewards = np.array(json.loads(response.read())["rewards"])
+        assert rewards.shape == (len(queries),)
+        checked = np.random.default_rng(0).choice(len(queries), 200, replace=False)  # the reference is slow
+        np.testing.assert_allclose(rewards[checked], alone([queries[i] for i in checked]).mean(-1).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        assert process.wait(timeout=120) == 0
         idle.close()
     finally:
         if process.poll() is None:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.atomic import atomic_file
+from minqr.atomic import atomic_file, writing
 from minqr.data import tables
 from minqr.data.chat import refusals_named
 from minqr.data.pairs import _checked_text, _json_lines, render
@@ -236,8 +236,10 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     device = resolve_device(config.device)
     objective = reward_model.head_config.objective
     truncated = 0
-    with open(partial, "a") as log, progress_bar(total=len(sets), initial=len(done), unit="prompt",
-                                                 desc="best-of-n", disable=not progress) as bar:
+    # writing: a full disk is one message naming the file, and the chunks appended before stay whole
+    with writing(partial), open(partial, "a") as log, progress_bar(total=len(sets), initial=len(done),
+                                                                   unit="prompt", desc="best-of-n",
+                                                                   disable=not progress) as bar:
         for start in range(len(done), len(sets), CHUNK_PROMPTS):
             chunk = sets[start: start + CHUNK_PROMPTS]
             records, cut = _choose(chunk, start, reward_model, tokenizer, max_length, config, device, statistics,

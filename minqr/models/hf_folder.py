@@ -21,6 +21,7 @@ The pieces, from high to low level (the reward model reuses the low-level ones f
     load_gpt2(path, dtype=None, device=None) -> GPT2   (any family: minqr.load_backbone, backbone.py)
     save_gpt2(model, path) -> Path
     load_model(path, model_class, config, dtype=None, device=None) -> the backbone, in eval mode
+    check_blocks(model_class, config, tensors, folder)  # config.json's number of blocks is the files'
     read_config(folder) -> dict                          # config.json as it is
     read_tensors(folder) -> dict[str, Tensor]            # every tensor, under the file's names
     load_backbone_tensors(model, tensors, extra_allowed=(), dtype=None, device=None) -> dict
@@ -42,6 +43,7 @@ conversions make new tensors.
 import json
 import math
 import pickle
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,18 +66,19 @@ class Layout:
     family: str  # its name in messages
     prefix: str  # before the backbone's names in the files of a model with a head
     sizes: tuple  # the config fields that a message about wrong tensors quotes
+    layers: tuple  # (the config field of the number of blocks, the blocks' module name in the files)
     transposed: tuple = ()  # name endings of weights stored [in, out], the transpose of nn.Linear's
     ignored: tuple = ()  # name endings of tensors in the files that are no weights of the backbone
 
 
 LAYOUTS = {
-    GPT2: Layout("GPT-2", "transformer.", ("n_layer", "n_embd", "vocab_size", "n_positions"),
+    GPT2: Layout("GPT-2", "transformer.", ("n_layer", "n_embd", "vocab_size", "n_positions"), ("n_layer", "h"),
                  transposed=("c_attn.weight", "c_proj.weight", "c_fc.weight"),  # Conv1D
                  # causal-mask buffers (but "c_attn.bias" is a weight: keep the dot), the tied output layer
                  ignored=(".attn.bias", ".attn.masked_bias", "lm_head.weight")),
     Llama: Layout("the Llama family", "model.",
                   ("model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                   "head_dim", "intermediate_size", "vocab_size"),
+                   "head_dim", "intermediate_size", "vocab_size"), ("num_hidden_layers", "layers"),
                   ignored=(".rotary_emb.inv_freq", "lm_head.weight")),  # see the docstring
 }
 DAMAGED = "the file is damaged or incomplete (a download or copy cut short?): download or save it again"
@@ -238,12 +241,27 @@ def load_backbone_tensors(model, tensors: dict, extra_allowed=(), dtype=None, de
     return extras
 
 
+def check_blocks(model_class, config, tensors: dict, folder) -> None:
+    """Before a model is built from config.json: it has as many blocks as the weights hold. A config
+    is untrusted input, and building is the one cost it sets that no weight bounds (n_layer = 10**7
+    builds ten million modules, even on the meta device, before any shape is compared)."""
+    field, module = LAYOUTS[model_class].layers
+    found = {int(m.group(1)) for name in tensors if (m := re.search(rf"(?:^|\.){module}\.(\d+)\.", name))}
+    said = getattr(config, field)
+    if said != len(found):
+        raise MinqrError(f"{Path(folder) / 'config.json'} says {field}={said}, but the weights in {folder} hold "
+                         f"{len(found)} blocks ({module}.0 ... {module}.{max(found, default=-1)}): the config does not "
+                         "belong to these weights")
+
+
 def load_model(path, model_class, config, dtype=None, device=None):
     """The weights of the Hugging Face folder `path` in a new `model_class(config)` (GPT2, Llama), in
     eval mode (as `from_pretrained` returns it). `dtype=None` keeps the dtype stored in the file."""
+    tensors = read_tensors(path)
+    check_blocks(model_class, config, tensors, path)
     with torch.device("meta"):
         model = model_class(config)
-    load_backbone_tensors(model, read_tensors(path), dtype=dtype, device=device)
+    load_backbone_tensors(model, tensors, dtype=dtype, device=device)
     return model.eval()
 
 

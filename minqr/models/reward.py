@@ -42,14 +42,14 @@ import torch
 import torch.nn as nn
 
 from minqr import hub
-from minqr.atomic import MARKER
+from minqr.atomic import MARKER, UNCHANGED, writing
 from minqr.distribution.statistics import quantile_band, relative_outputs
 from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (hf_tensors, load_backbone_tensors, read_config, read_json, read_tensors,
-                                    write_hf_folder)
+from minqr.models.hf_folder import (check_blocks, hf_tensors, load_backbone_tensors, read_config, read_json,
+                                    read_tensors, write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
@@ -94,8 +94,8 @@ class RewardModel(nn.Module):
     def from_backbone(cls, path, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
                       dtype=None, device=None, **hyperparameters) -> "RewardModel":
         """Pretrained weights from a Hugging Face folder (minqr.load_backbone) and a new head.
-        Defaults (HeadConfig.make): quantile head N = 10 with minqr.objectives.loss.DEFAULT_OBJECTIVE; scalar
-        head N = 1, bradley_terry."""
+        Defaults (HeadConfig.make): quantile head with minqr.objectives.loss.DEFAULT_OBJECTIVE and its
+        default N (20 for mixture and independent, 10 for paper); scalar head N = 1, bradley_terry."""
         head_config = HeadConfig.make(head, num_quantiles, objective, **hyperparameters)
         return cls(load_backbone(path, dtype=dtype, device=device), head_config)
 
@@ -281,8 +281,9 @@ class RewardModel(nn.Module):
             extra_files[TRAINING_ARGS_FILE] = json.dumps(training_args, indent=2, default=str) + "\n"
         folder = Path(folder)
         # write_hf_folder goes through atomic_dir: a killed save leaves its temporary sibling, or a
-        # staging folder not yet emptied, and this write replaces both
-        staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
+        # staging folder not yet emptied, and this write replaces both. A failed write names `folder`.
+        with writing(folder, UNCHANGED):
+            staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
         # the staging folder's marker stays until last, so that a staging folder a kill left half
         # emptied is still one that minqr made, and the next save replaces it
         for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
@@ -299,10 +300,11 @@ class RewardModel(nn.Module):
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
         model_class, config_class, _ = family(config, folder)
+        backbone_config, tensors = config_class.from_dict(config), read_tensors(folder)
+        check_blocks(model_class, backbone_config, tensors, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(model_class(config_class.from_dict(config)), head)
-        extras = load_backbone_tensors(model.transformer, read_tensors(folder), extra_allowed=(SCORE,),
-                                       dtype=dtype, device=device)
+            model = cls(model_class(backbone_config), head)
+        extras = load_backbone_tensors(model.transformer, tensors, extra_allowed=(SCORE,), dtype=dtype, device=device)
         mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
         expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]
         if SCORE not in extras:
@@ -313,6 +315,9 @@ class RewardModel(nn.Module):
             what = f"the mean row and {head.num_quantiles}" if mean_row else str(head.num_quantiles)
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
                              f"({what} outputs of the backbone's width); the two do not belong together")
+        if not torch.isfinite(score).all():
+            raise MinqrError(f"{folder}: {SCORE} holds values that are not finite (NaN or infinity): the file is "
+                             "damaged or was saved from a run that diverged; use an earlier checkpoint")
         if mean_row:
             score = _without_mean_row(score, folder)
         backbone = next(model.transformer.parameters())
@@ -344,7 +349,12 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
                          "A plain GPT-2 checkpoint becomes one with RewardModel.from_backbone; a "
                          "GPT2ForSequenceClassification with one label loads as a scalar reward model")
     head = HeadConfig.from_dict(config["minqr"], str(where))
-    mean_row = bool(config["minqr"].get(MEAN_ROW))
+    mean_row = config["minqr"].get(MEAN_ROW, False)
+    if mean_row is not (head.num_quantiles > 1):
+        raise MinqrError(f"{where}: the minqr section's {MEAN_ROW} is {mean_row!r}, but a head of "
+                         f"{head.num_quantiles} output{'s' if head.num_quantiles > 1 else ''} is saved "
+                         f"{'with' if head.num_quantiles > 1 else 'without'} the mean row first; re-save the model "
+                         "with minqr")
     if head.num_quantiles + mean_row != labels:
         with_row = " and the mean row" if mean_row else ""
         raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles}{with_row} but the "

@@ -141,7 +141,8 @@ class TrainConfig:
 
     def __post_init__(self):
         # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
-        # N = 10 and the default objective; kappa, lam and margin belong to the paper objective
+        # the default objective and that objective's N (20 for mixture and independent, 10 for paper);
+        # kappa, lam and margin belong to the paper objective
         try:
             head = self.head_config()
         except MinqrError as error:

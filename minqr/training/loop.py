@@ -49,9 +49,9 @@ from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
-from minqr.training.resume import (DataPosition, capture_rng_state, check_same_options, find_checkpoint,
-                                   load_checkpoint, load_shards, remove_checkpoints, restore_rng_state,
-                                   save_checkpoint, save_shards)
+from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, check_same_options,
+                                   find_checkpoint, load_checkpoint, load_shards, remove_checkpoints,
+                                   restore_rng_state, save_checkpoint, save_shards)
 
 # A loss weight or pair margin beyond this is what a divergence is blamed on rather than --lr: rewards
 # are of order 1, and AdamW's steps do not grow with a weight, so only absurd ones overflow float32.
@@ -246,6 +246,9 @@ class TrainingRun:
         return WeightAverage(self.model, 1 - 1 / time_constant, self.warmup_steps, sources)
 
     def _restore(self, checkpoint) -> None:
+        # a checkpoint is untrusted input: checked against this run before any of it is used
+        check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
+                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
             load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:

@@ -32,7 +32,7 @@ import json
 import shutil
 from pathlib import Path
 
-from minqr.atomic import atomic_file
+from minqr.atomic import atomic_file, writing
 from minqr.errors import MinqrError
 from minqr.reading import loads
 
@@ -73,7 +73,8 @@ class MetricsLog:
         kept = [] if resume_step is None else [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         with atomic_file(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self.file = open(self.path, "a")
+        with writing(self.path):
+            self.file = open(self.path, "a")
         self.tensorboard = None
         events = self.path.parent / TENSORBOARD_DIR
         if resume_step is None and events.is_dir():
@@ -84,8 +85,9 @@ class MetricsLog:
             self.tensorboard = SummaryWriter(events, purge_step=None if resume_step is None else resume_step + 1)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        with writing(self.path):  # a full disk: one clean message (the lines before it stay whole)
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step":  # eval_loss -> eval/loss, loss -> train/loss
@@ -94,7 +96,8 @@ class MetricsLog:
             self.tensorboard.flush()
 
     def close(self) -> None:
-        self.file.close()
+        with writing(self.path):  # what the buffer still holds is written now
+            self.file.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
 

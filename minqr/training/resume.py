@@ -30,16 +30,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import read_json, read_torch_file
+from minqr.training.checkpoint_check import layout_problems, read_shard_index, run_problems, shard_problems
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.json"
 SHARDS_DIR = "shards"
+START_AFRESH = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
 
 
 @dataclass
@@ -132,13 +136,41 @@ def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Opt
     dcp.save({"model": model_state, "optimizer": optimizer_state, **averages}, checkpoint_id=Path(folder) / SHARDS_DIR)
 
 
+class _ShardReader(dcp.FileSystemReader):
+    """torch.distributed.checkpoint's reader, but its index is read without running code (it is a
+    pickle: checkpoint_check.read_shard_index)."""
+
+    def read_metadata(self, *args, **kwargs):
+        metadata = read_shard_index(Path(self.path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _ShardPlanner(dcp.DefaultLoadPlanner):
+    """The default plan, but the values stored as pickles (AdamW's hyper-parameters) are read with
+    torch.load(weights_only=True) first, which refuses any that would run code."""
+
+    def load_bytes(self, read_item, value) -> None:
+        torch.load(value, weights_only=True)
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
 def load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None) -> None:
-    """Undo `save_shards` into a model sharded, an optimizer and an average made as when they were saved."""
+    """Undo `save_shards` into a model sharded, an optimizer and an average made as when they were
+    saved. What cannot be read is a MinqrError that names the shards' folder."""
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     if average is not None:
         state["average"] = average.state_dict()  # its tensors, which dcp.load fills in place
-    dcp.load(state, checkpoint_id=Path(folder) / SHARDS_DIR)
+    shards = Path(folder) / SHARDS_DIR
+    try:
+        dcp.load(state, storage_reader=_ShardReader(shards), planner=_ShardPlanner())
+    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise MinqrError(f"--resume: the shards in {shards} cannot be read ({detail}); {START_AFRESH}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -160,6 +192,8 @@ def remove_checkpoints(out) -> None:
 
 
 def load_checkpoint(out) -> Checkpoint:
+    """The checkpoint of run `out`, its state.pt's fields checked on their own (checkpoint_check.py);
+    `check_resumable` checks them against the run that resumes."""
     folder = find_checkpoint(out)
     if folder is None:
         raise MinqrError(
@@ -167,22 +201,32 @@ def load_checkpoint(out) -> Checkpoint:
             "(checkpoints are written every --save-every steps); run the command without --resume"
         )
     state_file = folder / STATE_FILE
-    start_afresh = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"
     try:
-        state = read_torch_file(state_file, fix=start_afresh, foreign_fix=start_afresh)
-        config = read_json(folder / CONFIG_FILE, fix=start_afresh)
+        state = read_torch_file(state_file, fix=START_AFRESH, foreign_fix=START_AFRESH)
+        config = read_json(folder / CONFIG_FILE, fix=START_AFRESH)
     except MinqrError as e:
         raise MinqrError(f"--resume: {e}") from None
-    try:
-        return Checkpoint(
-            folder=folder, step=state["step"], position=DataPosition(**state["position"]),
-            model=state["model"], optimizer=state["optimizer"], scheduler=state["scheduler"],
-            rng_states=state["rng_states"], config=config, compute=state["compute"],
-            average=state["average"],
-        )
-    except KeyError as e:  # a state.pt of another layout
-        raise MinqrError(f"--resume: {state_file} is not a checkpoint of this minqr (it has no {e}); "
-                         f"{start_afresh}") from None
+    _refuse(state_file, layout_problems(state))
+    return Checkpoint(
+        folder=folder, step=state["step"], position=DataPosition(**state["position"]),
+        model=state.get("model"), optimizer=state.get("optimizer"), scheduler=state["scheduler"],
+        rng_states=state["rng_states"], config=config, compute=state["compute"],
+        average=state["average"],
+    )
+
+
+def check_resumable(checkpoint: Checkpoint, **run) -> None:
+    """Refuse a checkpoint that the run about to resume cannot continue from: `run` holds its model,
+    optimizer, average, steps_per_epoch and total_steps (checkpoint_check.run_problems)."""
+    _refuse(checkpoint.folder / STATE_FILE, run_problems(checkpoint, **run))
+    if checkpoint.model is None:
+        _refuse(checkpoint.folder / SHARDS_DIR, shard_problems(checkpoint.folder / SHARDS_DIR))
+
+
+def _refuse(path: Path, problems: list[str]) -> None:
+    if problems:
+        raise MinqrError(f"--resume: {path} is not a checkpoint this run can continue from: {'; '.join(problems)}; "
+                         f"{START_AFRESH}")
 
 
 # What --resume may change: where and how fast the run computes, and how often it reports (--out
