@@ -29,6 +29,8 @@ import torch.nn as nn
 from minqr.atomic import atomic_file
 from minqr.data.batching import IGNORE_INDEX, process_micro_batches, training_batches
 from minqr.device import autocast, autocast_dtype
+from minqr.distribution.personal import ANNOTATORS_FILE
+from minqr.distribution.personalize import annotators_of
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length, load_backbone
@@ -491,6 +493,30 @@ class TrainingRun:
             "mean": final_eval["eval_reward_mean"], "std": final_eval["eval_reward_std"]}
         model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),
                                    reward_stats=reward_stats)
+        self._save_annotators(model)
+
+    def _save_annotators(self, model: RewardModel) -> None:
+        """The posteriors of the annotators the training data names, beside the model (one scoring
+        pass over the training pairs, minqr/distribution/personalize.py); a head without kinds has
+        none, and says so. An annotators.json of the model this run replaced goes with it."""
+        stale = self.out / ANNOTATORS_FILE
+        pairs = self.train_pairs
+        if pairs.annotators is None:
+            if stale.exists():
+                stale.unlink()
+                self.say(f"removed {stale}: the annotators of the model this run replaced")
+            return
+        try:
+            annotators = annotators_of(model, pairs, source="the training pairs", batch_size=self.micro_batch_size,
+                                       shared_prefix=self.config.shared_prefix, dtype=self.config.dtype,
+                                       progress=self.progress, model_name="the trained model")
+        except MinqrError as error:  # only a mixture has kinds
+            stale.unlink(missing_ok=True)
+            self.say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "
+                     f"saved: {error}")
+            return
+        annotators.save(self.out)
+        self.say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
 
 
 def _every(step: int, interval: int) -> bool:
