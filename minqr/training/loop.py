@@ -55,6 +55,10 @@ from minqr.training.resume import (DataPosition, capture_rng_state, check_resuma
                                    find_checkpoint, load_checkpoint, load_shards, remove_checkpoints,
                                    restore_rng_state, save_checkpoint, save_shards)
 
+# A loss weight or pair margin beyond this is what a divergence is blamed on rather than --lr: rewards
+# are of order 1, and AdamW's steps do not grow with a weight, so only absurd ones overflow float32.
+HUGE_WEIGHT = 1e6
+
 
 class TrainingDiverged(MinqrError):
     """The loss, the gradient or the weights became NaN or infinite: training stopped, the last
@@ -409,7 +413,20 @@ class TrainingRun:
         else:
             kept = f"The last good checkpoint, of step {self.saved_step}, stays in {self.out / 'checkpoint'}"
         return TrainingDiverged(f"training diverged at step {step or self.step + 1}: {what}; stopped. {kept}. "
-                                f"Lower --lr (now {self.config.lr:g}) and train again")
+                                f"{self._likely_cause()}")
+
+    def _likely_cause(self) -> str:
+        """What to change: a loss weight or a data margin far beyond any useful one, else the learning rate."""
+        config, margins = self.config, self.train_pairs.pair_margins or [0.0]
+        huge = [f"--{name.replace('_', '-')} {getattr(config, name):g}"
+                for name in ("bag_coef", "center_coef", "lm_coef") if getattr(config, name) > HUGE_WEIGHT]
+        largest = max(margins, key=abs)
+        if abs(largest) > HUGE_WEIGHT:
+            huge.append(f"the data's pair margins (up to {largest:g}; rewards are of order 1)")
+        if huge:
+            them = "them" if len(huge) > 1 else "it"
+            return f"The likely cause: {' and '.join(huge)}, far too large: lower {them} and train again"
+        return f"Lower --lr (now {config.lr:g}) and train again"
 
     def _check_weights(self) -> None:
         """Before anything is saved: every weight must be finite. A finite loss does not make the
