@@ -20,7 +20,7 @@ import click
 from minqr import __version__
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.server import serve as serve_rewards
-from minqr.distribution.best_of_n import BestOfNConfig, best_of_n_to_file
+from minqr.adapters.best_of_n import BestOfNConfig, best_of_n_to_file
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
 from minqr.study.scoring import ScoreConfig, score_to_file
