@@ -59,13 +59,12 @@ from dataclasses import dataclass
 import torch
 
 from minqr.errors import MinqrError
-from minqr.objectives.loss import OBJECTIVES
+from minqr.objectives.pair_models import DRAWS, KINDS, pair_model
 
 STATISTICS = ("mean", "quantile", "cvar", "mean_minus_std", "preference")
 # the statistics that take a level, with its meaning and its range, for messages
 LEVELS = {"quantile": "tau in [0, 1]", "cvar": "alpha in (0, 1]", "mean_minus_std": "lambda >= 0"}
 EXAMPLES = "mean, quantile:0.1, cvar:0.25, mean_minus_std:1.0, preference"
-OBJECTIVES_BY_KIND = ("mixture", "bradley_terry")  # objectives whose output k is kind k's reward
 
 
 @dataclass(frozen=True)
@@ -175,18 +174,12 @@ def relative_outputs(outputs: torch.Tensor, *, reference: torch.Tensor | None = 
     Exactly one of `reference` ([B, N] raw outputs) and `group` ([B] ids) must be given."""
     _check(outputs, reference, group)
     _require_reference(reference, group, "a relative reward distribution")
-    _check_objective(objective)
-    by_kind = objective in OBJECTIVES_BY_KIND
+    by_kind = pair_model(objective) == KINDS  # output k is kind k's reward, with its own constant
     ref = _reference_rows(outputs, reference, group, by_kind)  # [B, N]
     values = outputs.to(_compute_dtype(outputs))
     if by_kind:
         return values - ref
     return values.sort(dim=-1).values - ref.mean(-1, keepdim=True)  # [B, N] - [B, 1]
-
-
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise MinqrError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
 
 
 def quantile_at(ordered: torch.Tensor, tau: float) -> torch.Tensor:
@@ -234,7 +227,7 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     [B], or neither for the mean (and, at N = 1, for any statistic but preference)."""
     statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
     _check(outputs, reference, group)
-    _check_objective(objective)
+    model = pair_model(objective)
     n = outputs.shape[1]
     dtype = _compute_dtype(outputs)
     if reference is None and group is None:
@@ -242,7 +235,7 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
             _require_reference(None, None, f"statistic {statistic}" + (f" of {n} outputs" if n > 1 else ""))
         return outputs.to(dtype).mean(-1)  # N = 1: the reward; N > 1: the expected reward
     if statistic.name == "preference":
-        return _preference(outputs, reference, group, objective)
+        return _preference(outputs, reference, group, model)
     relative = relative_outputs(outputs, reference=reference, group=group, objective=objective)  # [B, N]
     if statistic.name == "mean":
         return relative.mean(-1)
@@ -254,13 +247,13 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     return lower_cvar(ordered, statistic.level)
 
 
-def _preference(outputs, reference, group, objective) -> torch.Tensor:
-    """P(y ≻ y0) [B] in the objective's own pair model."""
+def _preference(outputs, reference, group, model: str) -> torch.Tensor:
+    """P(y ≻ y0) [B] in the objective's own pair model (minqr/objectives/pair_models.py)."""
     values = outputs.to(_compute_dtype(outputs))
-    if objective in OBJECTIVES_BY_KIND:
+    if model == KINDS:
         ref = _reference_rows(outputs, reference, group, by_kind=True)
         return torch.sigmoid(values - ref).mean(-1)
     ref = _reference_rows(outputs, reference, group, by_kind=False)  # [B, N] the reference's quantiles
-    if objective == "paper":
-        return torch.sigmoid(values.mean(-1) - ref.mean(-1))
-    return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every
+    if model == DRAWS:
+        return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every
+    return torch.sigmoid(values.mean(-1) - ref.mean(-1))  # "means"
