@@ -41,7 +41,7 @@ from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.study.scoring import score_texts, text_length_limit
 
 REFERENCE_CACHE_SIZE = 4096  # prompts whose reference outputs (--reference-reply) are kept
@@ -69,6 +69,13 @@ class ServeConfig:
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
 
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
+        if self.reference_reply is not None and self.group:
+            raise MinqrError("--reference-reply and --group are two references: give one")
+        if self.reference_reply is not None and not self.reference_reply.strip():
+            raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
+
 
 @dataclass
 class Scoring:
@@ -85,10 +92,6 @@ class RewardService:
     """The model, its tokenizer and the statistic: request bodies in, answers out (thread-safe)."""
 
     def __init__(self, config: ServeConfig):
-        if config.reference_reply is not None and config.group:
-            raise MinqrError("--reference-reply and --group are two references: give one")
-        if config.reference_reply is not None and not config.reference_reply.strip():
-            raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
         self.config = config
         try:
             self.statistic = parse_statistic(config.statistic)

@@ -33,7 +33,7 @@ from minqr import __version__
 from minqr.atomic import atomic_dir, atomic_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.study.analysis import paired_accuracy_difference, paired_kl_difference, summarize
 from minqr.study.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
 from minqr.study.divergences import DEFAULT_BINS, DEFAULT_EPS, VIEWS_HELP
@@ -65,6 +65,7 @@ class AnalyzeConfig:
     no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
 
     def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
 

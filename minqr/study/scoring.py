@@ -33,7 +33,7 @@ from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.study.accuracy import pair_accuracy, quantile_accuracy
 from minqr.study.scores_file import save_scores
@@ -203,6 +203,9 @@ class ScoreConfig:
     normalize: bool = option(False, "write (output - mean) / std: the mean and std of the expected reward that "
                              "training measured on its held-out pairs (config.json's reward_mean, reward_std); "
                              "the same map for every output, so quantiles stay quantiles")
+
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
 
 
 def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int:

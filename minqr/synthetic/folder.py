@@ -37,7 +37,7 @@ from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2
 from minqr.models.tokenizer import Tokenizer, byte_level_bpe
 from minqr.objectives.references import quantile_levels
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.synthetic.task import TASK_VARIANTS, SyntheticTask, sample_pairs
 from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, mixture_quantiles
 
@@ -100,17 +100,18 @@ class SyntheticConfig:
     num_test: int = option(1000, "held-out pairs", low=1)
     seed: int = option(0, "seed of the data, the truth samples and the tiny model")
 
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
+
 
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
                         num_samples: int = 256, variant: str = "demo") -> Path:
     """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
     atomically; a folder that holds anything minqr did not write is refused, minqr.atomic). The same
     arguments give the same data, truth, tokenizer and weights. `variant` names one of TASK_VARIANTS."""
-    if num_train < 1 or num_test < 1 or num_samples < 1:
-        raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
-                         f"got {num_train}, {num_test} and {num_samples}")
-    if variant not in TASK_VARIANTS:
-        raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
+    SyntheticConfig(out=str(folder), variant=variant, num_train=num_train, num_test=num_test, seed=seed)  # checks
+    if num_samples < 1:
+        raise MinqrError(f"num_samples must be at least 1, got {num_samples}")
     task = TASK_VARIANTS[variant]
     check_replaceable(folder, "--out")  # before the minute of work below
     # independent streams, so that e.g. more truth samples leave the data unchanged
