@@ -150,12 +150,27 @@ def without_the_mean_row(folder) -> dict:
     return config
 
 
-def test_folders_saved_before_the_mean_row_load_as_they_are(tmp_path, tokenizer):
+def test_a_folder_without_the_mean_row_is_refused(tmp_path, tokenizer):
+    """A head of N > 1 outputs is saved with the expected reward as its first row; a folder without it
+    (e.g. edited to drop it) would give transformers' readers one kind's output, so it is refused."""
     model = random_reward_model("quantile", 5, seed=9)
     model.save_pretrained(tmp_path)
     without_the_mean_row(tmp_path)
-    loaded = RewardModel.from_pretrained(tmp_path)
-    assert loaded.head_config == model.head_config and torch.equal(loaded.score.weight, model.score.weight)
+    with pytest.raises(MinqrError) as error:
+        RewardModel.from_pretrained(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'config.json'}: the minqr section's mean_row is False, but a head of "
+                                "5 outputs is saved with the mean row first; re-save the model with minqr")
+
+
+def test_a_head_that_is_not_finite_is_named(tmp_path):
+    saved(tmp_path, n=4)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["score.weight"][2, 0] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(MinqrError) as error:
+        RewardModel.from_pretrained(tmp_path)
+    assert str(error.value) == (f"{tmp_path}: score.weight holds values that are not finite (NaN or infinity): the "
+                                "file is damaged or was saved from a run that diverged; use an earlier checkpoint")
 
 
 def test_an_edited_mean_row_is_named(tmp_path):
@@ -175,9 +190,11 @@ def test_models_saved_before_objectives_are_refused(tmp_path, kind, objective):
     n = 1 if kind == "scalar" else 4
     model = RewardModel(random_gpt2(CONFIG), HeadConfig.make(kind, n, objective))
     model.save_pretrained(tmp_path)
-    config = without_the_mean_row(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
     config["minqr"] = {"head": kind, "num_quantiles": n, "kappa": 1.0, "lam": 0.0 if kind == "scalar" else 0.5,
                        "margin": 1.0, "quantile_levels": model.head_config.levels}
+    if n > 1:
+        config["minqr"]["mean_row"] = True
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(MinqrError) as error:
         RewardModel.from_pretrained(tmp_path)

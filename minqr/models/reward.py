@@ -315,6 +315,9 @@ class RewardModel(nn.Module):
             what = f"the mean row and {head.num_quantiles}" if mean_row else str(head.num_quantiles)
             raise MinqrError(f"{folder}: {SCORE} is {list(score.shape)}, but config.json says {expected} "
                              f"({what} outputs of the backbone's width); the two do not belong together")
+        if not torch.isfinite(score).all():
+            raise MinqrError(f"{folder}: {SCORE} holds values that are not finite (NaN or infinity): the file is "
+                             "damaged or was saved from a run that diverged; use an earlier checkpoint")
         if mean_row:
             score = _without_mean_row(score, folder)
         backbone = next(model.transformer.parameters())
@@ -346,7 +349,12 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
                          "A plain GPT-2 checkpoint becomes one with RewardModel.from_backbone; a "
                          "GPT2ForSequenceClassification with one label loads as a scalar reward model")
     head = HeadConfig.from_dict(config["minqr"], str(where))
-    mean_row = bool(config["minqr"].get(MEAN_ROW))
+    mean_row = config["minqr"].get(MEAN_ROW, False)
+    if mean_row is not (head.num_quantiles > 1):
+        raise MinqrError(f"{where}: the minqr section's {MEAN_ROW} is {mean_row!r}, but a head of "
+                         f"{head.num_quantiles} output{'s' if head.num_quantiles > 1 else ''} is saved "
+                         f"{'with' if head.num_quantiles > 1 else 'without'} the mean row first; re-save the model "
+                         "with minqr")
     if head.num_quantiles + mean_row != labels:
         with_row = " and the mean row" if mean_row else ""
         raise MinqrError(f"{where}: the minqr section says num_quantiles={head.num_quantiles}{with_row} but the "
