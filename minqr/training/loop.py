@@ -16,7 +16,6 @@ AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`,
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -40,8 +39,9 @@ from minqr.ranking import ranking_credit
 from minqr.synthetic.demo import prepare_demo_data
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
-from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
+from minqr.training.distributed import (Processes, full_state_dict, full_value, reshard, shard_model,
                                         start_processes, stop_processes)
+from minqr.training.divergence import DivergenceCheck
 from minqr.training.evaluation import held_out_metrics
 from minqr.training.inputs import load_pairs, resolve_inputs
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
@@ -49,15 +49,8 @@ from minqr.training.loss import ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
-from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, check_same_options,
-                                   find_checkpoint, load_checkpoint, load_shards, remove_checkpoints,
-                                   restore_rng_state, save_checkpoint, save_shards)
-
-
-class TrainingDiverged(MinqrError):
-    """The loss, the gradient or the weights became NaN or infinite: training stopped, the last
-    good checkpoint stays."""
-
+from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, checkpoint_to_resume,
+                                   load_shards, remove_checkpoints, restore_rng_state, save_checkpoint, save_shards)
 
 
 @dataclass
@@ -152,7 +145,7 @@ class TrainingRun:
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
         self.average = self._weight_average()
         self.step, self.position = 0, DataPosition()
-        self.saved_step = None  # the step of the checkpoint on disk
+        self.divergence = DivergenceCheck(self.out, config.lr, procs, sharded=config.fsdp)
         # Each process draws its own dropout masks.
         torch.manual_seed(config.seed + 1 + procs.rank)
         if self.checkpoint is not None:
@@ -172,7 +165,9 @@ class TrainingRun:
             raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one "
                              "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
                              "2, or drop --fsdp")
-        return self.config.micro_batch_size(self.procs.world_size), self._check_out_folder()
+        config = self.config
+        checkpoint = checkpoint_to_resume(self.out, asdict(config), resume=config.resume, overwrite=config.overwrite)
+        return config.micro_batch_size(self.procs.world_size), checkpoint
 
     def _check_model(self, model: RewardModel) -> None:
         """What the options ask of the backbone: positions for --max-length, an LM head for --lm-coef."""
@@ -189,29 +184,6 @@ class TrainingRun:
             raise MinqrError(f"--batch-size {self.config.batch_size} is more than the {len(self.train_pairs)} "
                              f"training pairs: lower it")
         return steps_per_epoch
-
-    def _check_out_folder(self):
-        """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
-        Each refusal says what the folder holds and the one option that gets out."""
-        config = self.config
-        checkpoint = find_checkpoint(self.out)
-        if config.resume:
-            if checkpoint is None:
-                raise MinqrError(f"--resume: {self.out} holds no checkpoint to continue from (a run saves one every "
-                                 "--save-every steps, and this one was stopped before its first): start it afresh "
-                                 "with --overwrite instead of --resume")
-            checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config))
-            return checkpoint
-        if config.overwrite:
-            return None
-        if checkpoint is not None:
-            raise MinqrError(f"--out {self.out} already holds a run with a checkpoint: add --resume to continue "
-                             "it, --overwrite to start afresh, or choose another --out")
-        if (self.out / METRICS_FILE).exists():
-            raise MinqrError(f"--out {self.out} already holds a run that saved no checkpoint (nothing to resume): "
-                             "add --overwrite to start afresh, or choose another --out")
-        return None
 
     def _plan(self, model: RewardModel) -> str:
         """One line of what the run will cost, printed before it starts."""
@@ -254,7 +226,7 @@ class TrainingRun:
                 self.average.load_state_dict(checkpoint.average)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.step, self.position = checkpoint.step, checkpoint.position
-        self.saved_step = checkpoint.step
+        self.divergence.saved_step = checkpoint.step
         rng_states = checkpoint.rng_states
         if len(rng_states) != self.procs.world_size:
             self.say(f"warning: the checkpoint was written by {len(rng_states)} processes and this run has "
@@ -369,15 +341,13 @@ class TrainingRun:
             [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
         loss_value /= procs.world_size  # the processes' means, summed
         self.interrupt.agreed = interrupted > 0
-        if not math.isfinite(loss_value):
-            raise self._diverged(f"the loss is {loss_value}")
+        self.divergence.check_value("the loss", loss_value, self.step + 1)
         if config.max_grad_norm > 0:
             # with master weights, their float32 copies of the gradients: the norm and the scaling in float32
             clipped = self.optimizer.float32_gradients() if isinstance(self.optimizer, MasterWeightAdamW) \
                 else self.model.parameters()
             grad_norm = float(full_value(nn.utils.clip_grad_norm_(clipped, config.max_grad_norm)))
-            if not math.isfinite(grad_norm):
-                raise self._diverged(f"the gradient norm is {grad_norm}")
+            self.divergence.check_value("the gradient norm", grad_norm, self.step + 1)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.average:
@@ -388,25 +358,10 @@ class TrainingRun:
         return {"step": self.step + 1, "loss": loss_value, "accuracy": right_value / config.batch_size,
                 "lr": lr, "tokens_per_s": real_tokens / seconds, "pairs_per_s": config.batch_size / seconds}
 
-    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
-        if self.saved_step is None:
-            kept = "No checkpoint was saved before it"
-        else:
-            kept = f"The last good checkpoint, of step {self.saved_step}, stays in {self.out / 'checkpoint'}"
-        return TrainingDiverged(f"training diverged at step {step or self.step + 1}: {what}; stopped. {kept}. "
-                                f"Lower --lr (now {self.config.lr:g}) and train again")
-
     def _check_weights(self) -> None:
-        """Before anything is saved: every weight must be finite. A finite loss does not make the
-        step after it good (a learning rate of inf turns every weight into NaN)."""
+        """Before anything is saved: every weight, and the weight average, must be finite."""
         named = list(self.model.named_parameters()) + (self.average.named_averages() if self.average else [])
-        bad_here = [float(not torch.isfinite(local(p)).all()) for _, p in named]
-        # sharded (--fsdp), each process sees its shards only: all of them must agree
-        bad_anywhere = self.procs.all_sum(bad_here) if self.config.fsdp else bad_here
-        bad = [name for (name, _), count in zip(named, bad_anywhere) if count > 0]
-        if bad:
-            more = f" and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
-            raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
+        self.divergence.check_weights(named, self.step)
 
     def _evaluate(self) -> dict:
         """Held-out metrics of the model, or of its weight average where the run keeps one."""
@@ -451,7 +406,7 @@ class TrainingRun:
                             average=self.average.state_dict() if self.average else None, write_shards=write_shards)
         elif write_shards:
             write_shards(None)
-        self.saved_step = self.step
+        self.divergence.saved_step = self.step
 
     def _whole_model(self) -> RewardModel | None:
         """The model to save: the model itself, or, sharded (--fsdp), an unsharded copy gathered on
