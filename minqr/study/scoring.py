@@ -33,6 +33,7 @@ from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
+from minqr.objectives.pair_models import KINDS
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.study.accuracy import pair_accuracy, quantile_accuracy
@@ -149,15 +150,17 @@ class ScoreSummary:
     num_truncated: int
     max_length: int
     taus: list | None  # the quantile levels, None for a scalar head
+    num_outputs: int
     accuracy: float  # ranking by the mean of the outputs; a tie counts half
-    quantile_accuracy: list  # [N] ranking by output k alone
+    # [N] ranking by quantile k alone (per_quantile_accuracy); None where the quantiles mean nothing
+    quantile_accuracy: list | None
     seconds: float
     device: str
     dtype: str
     notes: list = field(default_factory=list)
 
     def __str__(self) -> str:
-        n = len(self.quantile_accuracy)
+        n = self.num_outputs
         lines = [
             self.data_line,
             f"scored {self.num_pairs:,} pairs in {self.seconds:.1f} s ({self.num_pairs / self.seconds:,.1f} pairs/s) "
@@ -166,7 +169,7 @@ class ScoreSummary:
             f"pair accuracy (on the mean of the {n} outputs): {self.accuracy:.4f}" if n > 1
             else f"pair accuracy: {self.accuracy:.4f}",
         ]
-        if self.taus is not None:
+        if self.taus is not None and self.quantile_accuracy is not None:
             lines.append("per-quantile accuracy (ranking by quantile k alone):")
             lines += [f"  q{k:<3} tau={tau:.3f}  {acc:.4f}"
                       for k, (tau, acc) in enumerate(zip(self.taus, self.quantile_accuracy))]
@@ -302,8 +305,26 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
+    per_quantile = per_quantile_accuracy(head, chosen, rejected, anchor)
+    if per_quantile is None:
+        notes.append(f"note: no per-quantile accuracy: the {head.objective} head's {head.num_quantiles} outputs are "
+                     "its kinds' rewards, each with its own free constant, so its quantiles mean something only "
+                     "relative to a reference reply: score with --anchor-reply TEXT for them")
     return ScoreSummary(
         out=out, data_line=stats.summary(), num_pairs=len(pairs), num_truncated=tokenized.num_truncated,
-        max_length=max_length, taus=metadata["taus"], accuracy=pair_accuracy(mean_chosen, mean_rejected),
-        quantile_accuracy=quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist(),
+        max_length=max_length, taus=metadata["taus"], num_outputs=head.num_quantiles,
+        accuracy=pair_accuracy(mean_chosen, mean_rejected), quantile_accuracy=per_quantile,
         seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
+
+
+def per_quantile_accuracy(head, chosen, rejected, anchor) -> list | None:
+    """[N] pair accuracy ranking by quantile k alone, from outputs [P, N], of quantiles that mean
+    something. A head whose outputs are its kinds' rewards (pair model "kinds", N > 1) has a free
+    constant per kind, so sorting its raw outputs mixes those constants into every quantile: its
+    quantiles are read relative to the pair's anchor reply [P, N], kind by kind, and without an
+    anchor there are none (None). Other heads' outputs share one constant, which cancels within a pair."""
+    if head.num_quantiles > 1 and head.spec.pair_model == KINDS:
+        if anchor is None:
+            return None
+        chosen, rejected = chosen - anchor, rejected - anchor
+    return quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist()
