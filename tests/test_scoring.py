@@ -37,10 +37,10 @@ POSITIONS = 200
 MAX_LENGTH = 100  # below the longest text (142 tokens): one pair is cut from the left
 
 
-def random_reward_model(kind="quantile", n=10, seed=0, config=None, objective=None):
+def random_reward_model(head="quantile", n=10, seed=0, config=None, objective=None):
     """A tiny RewardModel with every tensor random, the head's rows distinct (so outputs differ)."""
     model = RewardModel(random_gpt2(config or tiny_config(n_positions=POSITIONS), seed),
-                        HeadConfig.make(kind, n, objective))
+                        HeadConfig.make(head, n, objective))
     with torch.no_grad():
         model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed)))
     return model.eval()

@@ -190,10 +190,11 @@ class RewardService:
         return self.finish(scoring, self.batcher.submit(scoring.token_lists).result())
 
     def health(self) -> dict:
-        head = self.model.head_config
+        head_config = self.model.head_config
         return {"status": "ok", "model": str(self.folder), "statistic": self.config.statistic,
                 "reference": ("group" if self.config.group else self.config.reference_reply),
-                "head": head.kind, "objective": head.objective, "num_outputs": head.num_quantiles,
+                "head": head_config.head, "objective": head_config.objective,
+                "num_outputs": head_config.num_quantiles,
                 "max_batch": self.config.max_batch, "max_length": self.max_length,
                 "forwards": self.batcher.forwards, "texts_scored": self.batcher.texts_scored}
 

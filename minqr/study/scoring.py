@@ -262,7 +262,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
                                        progress, model_name=f"the reward model {folder}")
     seconds = time.perf_counter() - started
 
-    head = reward_model.head_config
+    head_config = reward_model.head_config
     if isinstance(source, HubSplit):
         data_file, split_name, data_set, truth = source.label, source.split, source.name, None
     else:
@@ -271,8 +271,9 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         truth = truth_beside(source)
     compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
     metadata = {
-        "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
-        "readout": head.readout, "taus": head.levels if head.kind == "quantile" else None,
+        "model": str(model), "model_path": str(folder), "head": head_config.head,
+        "objective": head_config.objective, "readout": head_config.readout,
+        "taus": head_config.levels if head_config.head == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
         "workload": options.workload or f"{data_set} {split_name}",
         "options": {"max_length": max_length, "shared_prefix": options.shared_prefix, "batch_size": batch_size,
@@ -305,26 +306,27 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     save_scores(out, chosen, rejected, metadata, anchor=anchor)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
-    per_quantile = per_quantile_accuracy(head, chosen, rejected, anchor)
+    per_quantile = per_quantile_accuracy(head_config, chosen, rejected, anchor)
     if per_quantile is None:
-        notes.append(f"note: no per-quantile accuracy: the {head.objective} head's {head.num_quantiles} outputs are "
-                     "its kinds' rewards, each with its own free constant, so its quantiles mean something only "
-                     "relative to a reference reply: score with --anchor-reply TEXT for them")
+        notes.append(f"note: no per-quantile accuracy: the {head_config.objective} head's "
+                     f"{head_config.num_quantiles} outputs are its kinds' rewards, each with its own free "
+                     "constant, so its quantiles mean something only relative to a reference reply: score with "
+                     "--anchor-reply TEXT for them")
     return ScoreSummary(
         out=out, data_line=stats.summary(), num_pairs=len(pairs), num_truncated=tokenized.num_truncated,
-        max_length=max_length, taus=metadata["taus"], num_outputs=head.num_quantiles,
+        max_length=max_length, taus=metadata["taus"], num_outputs=head_config.num_quantiles,
         accuracy=pair_accuracy(mean_chosen, mean_rejected), quantile_accuracy=per_quantile,
         seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
 
 
-def per_quantile_accuracy(head, chosen, rejected, anchor) -> list | None:
+def per_quantile_accuracy(head_config, chosen, rejected, anchor) -> list | None:
     """[N] pair accuracy ranking by quantile k alone, from outputs [P, N], of quantiles that mean
     something. A head whose outputs are its kinds' rewards (pair model "kinds", N > 1) has a free
     constant per kind, so sorting its raw outputs mixes those constants into every quantile: its
     quantiles are read relative to the pair's anchor reply [P, N], kind by kind, and without an
     anchor there are none (None). Other heads' outputs share one constant, which cancels within a pair."""
-    if head.num_quantiles > 1 and head.spec.pair_model == KINDS:
+    if head_config.num_quantiles > 1 and head_config.spec.pair_model == KINDS:
         if anchor is None:
             return None
         chosen, rejected = chosen - anchor, rejected - anchor
-    return quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist()
+    return quantile_accuracy(head_config.quantiles(chosen), head_config.quantiles(rejected)).tolist()
