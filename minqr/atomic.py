@@ -303,3 +303,16 @@ def atomic_dir(path, option: str = "out"):
             _fsync(path.parent)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def record_made(folder: Path, name: str) -> None:
+    """Add `name`, a file just written into `folder`, to the folder's marker if minqr made the
+    folder (nothing otherwise), so that the folder stays one that minqr may replace as a whole."""
+    marker = Path(folder) / MARKER
+    try:
+        made = json.loads(marker.read_text())["contents"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if name not in made:
+        with atomic_file(marker) as tmp:
+            tmp.write_text(json.dumps({"contents": sorted([*made, name])}) + "\n")

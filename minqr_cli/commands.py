@@ -4,6 +4,7 @@
     minqr score --model runs/demo/quantile --data runs/demo/demo-data/test.jsonl --out q.npz
     minqr analyze q.npz --out report
     minqr export --model runs/demo/quantile --scalar --out runs/demo/quantile-scalar
+    minqr personalize --model runs/m --data labels.jsonl
     minqr synthetic --out runs/tasks/shifted --variant shifted
     minqr candidates --variant shifted --out runs/tasks/shifted-candidates
     minqr best-of-n --model runs/demo/quantile --data runs/tasks/shifted-candidates/candidates.jsonl --out c.jsonl
@@ -21,6 +22,7 @@ from minqr import __version__
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.server import serve as serve_rewards
 from minqr.adapters.best_of_n import BestOfNConfig, best_of_n_to_file
+from minqr.study.personalize import PersonalizeConfig, personalize as personalize_model
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
 from minqr.study.scoring import ScoreConfig, score_to_file
@@ -74,6 +76,15 @@ def export(options, given):
     folder = export_scalar(config.model, config.out, normalize=config.normalize)
     normalized = ", normalised by the reward statistics of its training" if config.normalize else ""
     click.echo(f"wrote {folder}: a one-output model whose reward is the mean of {config.model}'s outputs{normalized}")
+
+
+@config_command(PersonalizeConfig)
+def personalize(options, given):
+    """Compute the posterior over a mixture model's kinds of every annotator of --data (their
+    labelled pairs; a file that names no annotators is one person's, --annotator) and save them with
+    the model (annotators.json), so that score gives those annotators' rows their personal
+    probability and rewards."""
+    click.echo(str(personalize_model(**options)))
 
 
 @config_command(SyntheticConfig)
@@ -130,5 +141,6 @@ def main():
     reward over the people who judge it. `minqr COMMAND --help` explains each command."""
 
 
-for command in (train, score, analyze_scores, export, synthetic, candidates, best_of_n, objectives_table, serve):
+for command in (train, score, analyze_scores, export, personalize, synthetic, candidates, best_of_n,
+                objectives_table, serve):
     main.add_command(command)

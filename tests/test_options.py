@@ -12,6 +12,7 @@ from minqr.adapters.best_of_n import BestOfNConfig
 from minqr.adapters.server import ServeConfig
 from minqr.errors import MinqrError
 from minqr.options import check_options, option
+from minqr.study.personalize import PersonalizeConfig
 from minqr.study.report import AnalyzeConfig
 from minqr.study.scoring import ScoreConfig
 from minqr.synthetic.candidates import CandidatesConfig
@@ -112,6 +113,7 @@ COMMAND_CASES = [
     (ServeConfig, dict(model="m"), "max_batch", 0, "--max-batch must be at least 1 (got 0)"),
     (CandidatesConfig, dict(out="c"), "num_candidates", 1, "--num-candidates must be in [2, 64] (got 1)"),
     (CandidatesConfig, dict(out="c"), "num_candidates", 65, "--num-candidates must be in [2, 64] (got 65)"),
+    (PersonalizeConfig, dict(model="m", data="d"), "batch_size", 0, "--batch-size must be at least 1 (got 0)"),
 ]
 
 

@@ -217,3 +217,80 @@ def test_bad_input_is_a_clear_error(generator):
         statistic_values("mean", h, reference=h, objective="bogus")
     with pytest.raises(MinqrError, match="unknown statistic"):
         Statistic("median")
+
+
+def weighted_expected(text, outputs, reference, weights):
+    """A mixture's statistic with the kinds weighted, by its definition, in float64 Python: the
+    quantile as the window mean of the step quantile function, interval by interval, the CVaR by
+    Rockafellar and Uryasev's formula max_t t - E_w[(t - X)^+] / alpha."""
+    stat = parse_statistic(text)
+    result = []
+    n = outputs.shape[1]
+    for h, r, w in zip(outputs.double().tolist(), reference.double().tolist(), weights.double().tolist()):
+        d = [a - b for a, b in zip(h, r)]
+        mean = sum(x * q for x, q in zip(d, w))
+        if stat.name == "preference":
+            value = sum(q * sigmoid(x) for x, q in zip(d, w))
+        elif stat.name == "mean":
+            value = mean
+        elif stat.name == "mean_minus_std":
+            value = mean - stat.level * math.sqrt(sum(q * (x - mean) ** 2 for x, q in zip(d, w)))
+        elif stat.name == "quantile":
+            # the mean of the step quantile function over tau +- 1/(2N), the window kept inside [0, 1]
+            centre = min(max(stat.level, 0.5 / n), 1 - 0.5 / n)
+            low, high = centre - 0.5 / n, centre + 0.5 / n
+            pairs = sorted(zip(d, w))
+            pieces, start = [], 0.0
+            for x, q in pairs:
+                pieces.append((start, start + q, x))
+                start += q
+            value = sum(x * max(min(b, high) - max(a, low), 0.0) for a, b, x in pieces) * n
+        else:
+            value = max(t - sum(q * max(t - x, 0.0) for x, q in zip(d, w)) / stat.level for t in d)
+        result.append(value)
+    return torch.tensor(result, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("n", [1, 2, 7, 20])
+def test_weighted_kinds_against_the_definition(text, n, generator):
+    outputs = torch.randn(6, n, generator=generator, dtype=torch.float64) * 3
+    reference = torch.randn(6, n, generator=generator, dtype=torch.float64) * 3
+    weights = torch.rand(6, n, generator=generator, dtype=torch.float64) ** 3  # some kinds nearly weightless
+    weights[0, 0] = 0.0 if n > 1 else 1.0  # a kind of no weight at all
+    weights = weights / weights.sum(-1, keepdim=True)
+    got = statistic_values(text, outputs, reference=reference, weights=weights)
+    torch.testing.assert_close(got, weighted_expected(text, outputs, reference, weights), rtol=1e-12, atol=1e-12)
+    # equal weights are the population's statistic, [N] weights broadcast over the rows
+    equal = statistic_values(text, outputs, reference=reference, weights=torch.full((n,), 1 / n, dtype=torch.float64))
+    torch.testing.assert_close(equal, statistic_values(text, outputs, reference=reference), rtol=1e-12, atol=1e-12)
+    # all the weight on kind 0: that kind's own reward difference (its preference sigma of it)
+    one = torch.zeros(n, dtype=torch.float64)
+    one[0] = 1.0
+    got = statistic_values(text, outputs, reference=reference, weights=one)
+    kind = outputs[:, 0] - reference[:, 0]
+    torch.testing.assert_close(got, torch.sigmoid(kind) if text == "preference" else kind, rtol=1e-12, atol=1e-12)
+
+
+def test_weighted_kinds_with_groups_and_without_a_reference(generator):
+    outputs = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    weights = torch.softmax(torch.randn(5, 4, generator=generator, dtype=torch.float64), -1)
+    group = torch.tensor([1, 1, 2, 2, 2])
+    reference = torch.stack([outputs[group == g].mean(0) for g in group.tolist()])
+    for text in TEXTS:
+        torch.testing.assert_close(statistic_values(text, outputs, group=group, weights=weights),
+                                   weighted_expected(text, outputs, reference, weights), rtol=1e-12, atol=1e-12)
+    # without a reference the mean is the person's expected reward
+    torch.testing.assert_close(statistic_values("mean", outputs, weights=weights), (outputs * weights).sum(-1))
+
+
+def test_weights_are_checked(generator):
+    h = torch.randn(4, 3, generator=generator)
+    fine = torch.full((3,), 1 / 3)
+    for objective in ("independent", "paper"):
+        with pytest.raises(MinqrError, match="not kinds"):
+            statistic_values("mean", h, reference=h, objective=objective, weights=fine)
+    for bad in (torch.full((2,), 0.5), torch.full((4, 2), 0.5), torch.tensor([0.5, 0.6, -0.1]),
+                torch.tensor([0.5, 0.5, 0.5]), torch.tensor([float("nan"), 0.5, 0.5]), [1 / 3] * 3):
+        with pytest.raises(MinqrError, match="weights"):
+            statistic_values("mean", h, reference=h, weights=bad)

@@ -15,6 +15,9 @@ sample, many at once; older ones sent a micro-batch of queries. The answer is re
 `rewards[i]` is query i's reward (what the advantages are computed from), `scores[i]` what dynamic
 filtering reads (falling back to `rewards`), and each `extra_logs` entry one more number per query
 to log. A request that is not this shape gets a 4xx answer `{"error": "..."}` saying what is wrong.
+
+minqr adds one optional key, `"annotators": [id or null, ...]`, one per query: whose reward it is
+(docs/personal.md), null for the population.
 """
 import json
 from dataclasses import dataclass
@@ -37,6 +40,7 @@ class BadRequest(MinqrError):
 class RewardRequest:
     queries: list  # [M] str: prompt + response
     prompts: list | None  # [M] str, each the start of its query; None when the request sent none
+    annotators: list | None = None  # [M] str, int or None: whose reward; None when the request names nobody
 
 
 def _texts(data: dict, key: str) -> list:
@@ -78,7 +82,15 @@ def parse_request(body: bytes, needs_prompts: bool) -> RewardRequest:
     elif needs_prompts:
         raise BadRequest("the body has no 'prompts': this server's rewards are relative to a reference for each "
                          "prompt, so it needs each query's prompt")
-    return RewardRequest(queries, prompts)
+    annotators = data.get("annotators")
+    if annotators is not None:
+        if not isinstance(annotators, list) or len(annotators) != len(queries):
+            raise BadRequest(f"'annotators' must be a list of {len(queries)} ids (strings, integers or null), one a "
+                             "query")
+        for i, name in enumerate(annotators):
+            if not (name is None or isinstance(name, str) or (isinstance(name, int) and not isinstance(name, bool))):
+                raise BadRequest(f"'annotators'[{i}] must be a string, an integer or null, got {type(name).__name__}")
+    return RewardRequest(queries, prompts, annotators)
 
 
 def reward_response(rewards: list, extra_logs: dict) -> dict:

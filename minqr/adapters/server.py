@@ -21,6 +21,11 @@ one worker thread that owns the model (minqr/adapters/batcher.py), so that reque
 together share a forward pass. Texts are cut from the left to the model's length, as `minqr score`
 cuts them. A bad request gets a 4xx JSON answer `{"error": "..."}` and the server carries on;
 SIGTERM or Ctrl-C stops accepting, answers the requests already received, and exits 0.
+
+Whose reward: the population's, unless `--annotator ID` serves one person's (the statistic with the
+mixture's kinds weighted by their posterior saved with the model, minqr personalize), or a request
+names one per query in its `annotators` list (null: the population). An annotator the model does not
+know stops the server at start, or gets the request a 400.
 """
 import collections
 import functools
@@ -38,6 +43,7 @@ from minqr.adapters.batcher import DynamicBatcher
 from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, RewardRequest, parse_request,
                                      reward_response)
 from minqr.device import DTYPES, resolve_device
+from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
@@ -68,6 +74,8 @@ class ServeConfig:
     max_request_bytes: int = option(16 << 20, "largest request body accepted (a larger one gets 413)", low=1)
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
+    annotator: str | None = option(None, "serve this annotator's reward (one the model knows: minqr personalize), "
+                                   "the kinds weighted by their posterior; a request's 'annotators' list wins")
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
@@ -86,6 +94,7 @@ class Scoring:
     token_lists: list
     cached: dict  # prompt -> reference outputs [N], float64
     missing: list  # the prompts whose references follow the queries in token_lists, in that order
+    weights: torch.Tensor | None = None  # [M, N] whose reward each query's is (None: the population's)
 
 
 class RewardService:
@@ -100,6 +109,12 @@ class RewardService:
         self.model, self.tokenizer, self.folder = load_reward_model(config.model)
         self.max_length = text_length_limit(self.model, self.folder, config.max_length)
         self.objective = self.model.head_config.objective
+        self.annotators = Annotators.load(self.folder, self.model.num_quantiles)
+        if config.annotator is not None:
+            try:
+                posterior_weights(self.annotators, self.model.head_config, [config.annotator])
+            except MinqrError as error:
+                raise MinqrError(f"--annotator {config.annotator}: {error}") from None
         try:
             self._check_statistic()
         except MinqrError as error:
@@ -125,15 +140,18 @@ class RewardService:
         zeros = torch.zeros(2, self.model.num_quantiles, dtype=torch.float64)  # [2, N]: two samples of one prompt
         self._values(zeros, zeros if self.config.reference_reply is not None else None, ["", ""])
 
-    def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts) -> tuple:
-        """(rewards [M], extra logs) of outputs [M, N] (reference [M, N] or None). The extra logs are
+    def _values(self, outputs: torch.Tensor, reference: torch.Tensor | None, prompts,
+                weights: torch.Tensor | None = None) -> tuple:
+        """(rewards [M], extra logs) of outputs [M, N] (reference [M, N] or None; `weights` [M, N]:
+        whose reward, None for the population's). The extra logs are
         those of minqr's verl adapter: "mean", the expected reward, and, where there is a reference,
         "spread", the std over the N relative outputs (without one the kinds' constants are in it)."""
         group = None
         if self.config.group:
             ids = {}
             group = torch.tensor([ids.setdefault(prompt, len(ids)) for prompt in prompts])  # [M] a prompt's id
-        values = statistic_values(self.statistic, outputs, reference=reference, group=group, objective=self.objective)
+        values = statistic_values(self.statistic, outputs, reference=reference, group=group, objective=self.objective,
+                                  weights=weights)
         if reference is None and group is None:
             return values.tolist(), {"mean": values.tolist()}  # the mean itself, or at N = 1 the one reward
         relative = relative_outputs(outputs, reference=reference, group=group, objective=self.objective)  # [M, N]
@@ -159,7 +177,19 @@ class RewardService:
         for i, tokens in enumerate(token_lists[: len(request.queries)]):
             if not tokens:
                 raise BadRequest(f"'query'[{i}] has no tokens: a reward is read at a text's last token")
-        return Scoring(request, token_lists, cached, missing)
+        return Scoring(request, token_lists, cached, missing, self._weights(request))
+
+    def _weights(self, request: RewardRequest) -> torch.Tensor | None:
+        """[M, N] whose reward each query's is: the request's annotators, else --annotator's, else None."""
+        names = request.annotators
+        if names is None and self.config.annotator is not None:
+            names = [self.config.annotator] * len(request.queries)
+        if names is None:
+            return None
+        try:
+            return posterior_weights(self.annotators, self.model.head_config, names)
+        except MinqrError as error:
+            raise BadRequest(f"'annotators': {error}") from None
 
     def finish(self, scoring: "Scoring", outputs) -> dict:
         """The JSON answer from the outputs [len(token lists), N] of the scoring's token lists."""
@@ -173,7 +203,7 @@ class RewardService:
             self._remember(fresh)
             known = {**scoring.cached, **fresh}
             reference = torch.stack([known[prompt] for prompt in request.prompts])  # [M, N]
-        return reward_response(*self._values(outputs[:m], reference, request.prompts))
+        return reward_response(*self._values(outputs[:m], reference, request.prompts, scoring.weights))
 
     def _remember(self, references: dict) -> None:
         """Keep the reference outputs of the latest REFERENCE_CACHE_SIZE prompts."""
@@ -195,7 +225,8 @@ class RewardService:
                 "reference": ("group" if self.config.group else self.config.reference_reply),
                 "head": head_config.head, "objective": head_config.objective,
                 "num_outputs": head_config.num_quantiles,
-                "max_batch": self.config.max_batch, "max_length": self.max_length,
+                "max_batch": self.config.max_batch, "max_length": self.max_length, "annotator": self.config.annotator,
+                "known_annotators": 0 if self.annotators is None else len(self.annotators.ids),
                 "forwards": self.batcher.forwards, "texts_scored": self.batcher.texts_scored}
 
     def close(self) -> None:

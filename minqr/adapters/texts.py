@@ -15,6 +15,11 @@ The reference (minqr/distribution/statistics.py says why one is needed): `group`
 whose equal values mark completions of the same prompt (the prompt itself will do), or
 `references`, a reply per text whose outputs are the reference. Neither: the mean is the expected
 reward itself; any other statistic of N > 1 outputs is refused.
+
+Whose reward: by default the population's. `annotators`, one id per text, asks for each named
+person's instead: the statistic with the mixture's kinds weighted by that person's posterior
+(minqr/distribution/personal.py), from the annotators.json saved with the model; None in the list
+is the population. An id the model does not know is refused.
 """
 import json
 import warnings
@@ -22,6 +27,7 @@ import warnings
 import torch
 
 from minqr.data.pairs import render
+from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
@@ -32,7 +38,9 @@ class TextRewards:
     """A reward model, its tokenizer and the statistic it hands out."""
 
     def __init__(self, model, tokenizer, statistic: str | Statistic = "mean", max_length: int = 1024,
-                 batch_size: int = DEFAULT_BATCH_SIZE, device="auto", dtype: str = "auto"):
+                 batch_size: int = DEFAULT_BATCH_SIZE, device="auto", dtype: str = "auto",
+                 annotators: Annotators | None = None):
+        self.annotators = annotators  # the posteriors saved with the model (None: it has none)
         if max_length < 1:
             raise MinqrError(f"max_length must be at least 1 (tokens kept of each text), got {max_length}")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -43,8 +51,8 @@ class TextRewards:
     @classmethod
     def load(cls, folder, **options) -> "TextRewards":
         """From a folder `RewardModel.save_pretrained` wrote (or a hub name); options as __init__."""
-        model, tokenizer, _ = load_reward_model(folder)
-        return cls(model, tokenizer, **options)
+        model, tokenizer, path = load_reward_model(folder)
+        return cls(model, tokenizer, annotators=Annotators.load(path, model.num_quantiles), **options)
 
     @property
     def objective(self) -> str:
@@ -78,12 +86,17 @@ class TextRewards:
             raise MinqrError(f"texts {empty[:5]} are empty, so they have no last token to read a reward at")
         return torch.from_numpy(score_texts(self.model, token_lists, self.batch_size, self.device, self.dtype))
 
+    def weights(self, annotators: list) -> torch.Tensor:
+        """[M, N] float64: each text's annotator's posterior over the kinds (uniform for None)."""
+        return posterior_weights(self.annotators, self.model.head_config, annotators)
+
     def statistic_values(self, prompts: list, completions: list, *, group: list | None = None,
-                         references: list | None = None) -> tuple:
+                         references: list | None = None, annotators: list | None = None) -> tuple:
         """(values [M] float64, relative outputs [M, N] or None): the statistic of each completion's
         reward distribution, relative to its group (equal keys: the same prompt) or to its reference
         reply (a completion of the same prompt, in the completions' format); and the distribution
-        itself, relative, when there is a reference (None without one)."""
+        itself, relative, when there is a reference (None without one). `annotators`: one id per
+        completion (None: the population), whose personal statistic it is."""
         if len(prompts) != len(completions):
             raise MinqrError(f"{len(prompts)} prompts but {len(completions)} completions: one prompt per completion")
         if group is not None and references is not None:
@@ -102,8 +115,12 @@ class TextRewards:
             if len(group) != len(prompts):
                 raise MinqrError(f"{len(group)} group keys for {len(prompts)} completions: one key per completion")
             group_ids = torch.tensor(_key_ids(group))
+        if annotators is not None and len(annotators) != len(prompts):
+            raise MinqrError(f"{len(annotators)} annotators for {len(prompts)} completions: one id (or None) per "
+                             "completion")
+        weights = None if annotators is None else self.weights(annotators)
         values = statistic_values(self.statistic, outputs, reference=reference_outputs, group=group_ids,
-                                  objective=self.objective)
+                                  objective=self.objective, weights=weights)
         relative = None
         if reference_outputs is not None or group_ids is not None:
             relative = relative_outputs(outputs, reference=reference_outputs, group=group_ids, objective=self.objective)

@@ -18,6 +18,11 @@ Each call logs, through TRL's `log_metric`, the mean over its completions of the
 distribution's spread (its std over the N kinds: how much the population disagrees about a
 completion), under "minqr/spread".
 
+Whose reward: the population's by default. `annotator` gives one person's reward for every
+completion, `annotator_column` a data set column naming each prompt's person: the statistic with
+the mixture's kinds weighted by that person's posterior, saved with the model (minqr personalize;
+docs/personal.md). A null in the column is the population.
+
 A minqr model loaded with transformers can also be passed as `reward_funcs`: TRL reads its
 `logits[:, 0]`, which a saved folder makes the expected reward, never a single kind (the mean row,
 minqr/models/reward.py). That is one number with no reference and no risk measure; this function
@@ -34,11 +39,13 @@ class RewardFunction:
 
     model: a reward model folder (or a `TextRewards`); statistic: "mean", "quantile:0.1",
     "cvar:0.25", "mean_minus_std:1.0" or "preference"; reference: "group" (the default), or None
-    (only for "mean"); reference_column / reference_reply: a reference reply per prompt instead.
+    (only for "mean"); reference_column / reference_reply: a reference reply per prompt instead;
+    annotator / annotator_column: whose personal reward (one id, or a column of ids).
     Further keywords (max_length, batch_size, device, dtype) go to TextRewards."""
 
     def __init__(self, model, statistic: str = "mean", reference: str | None = GROUP,
-                 reference_column: str | None = None, reference_reply=None, **options):
+                 reference_column: str | None = None, reference_reply=None, annotator=None,
+                 annotator_column: str | None = None, **options):
         self.rewards = model if isinstance(model, TextRewards) else TextRewards.load(model, statistic=statistic,
                                                                                      **options)
         if isinstance(model, TextRewards) and (options or statistic != "mean"):
@@ -52,6 +59,11 @@ class RewardFunction:
                              f"or reference_reply), got {reference!r}")
         self.reference = given[0] if given else reference
         self.reference_column, self.reference_reply = reference_column, reference_reply
+        if annotator is not None and annotator_column is not None:
+            raise MinqrError("give annotator or annotator_column, not both")
+        self.annotator, self.annotator_column = annotator, annotator_column
+        if annotator is not None:
+            self.rewards.weights([annotator])  # an annotator the model does not know is refused now, not mid-run
         # TRL names a reward function's log columns after __name__
         self.__name__ = f"minqr_{self.rewards.statistic}".replace(":", "_")
 
@@ -66,6 +78,13 @@ class RewardFunction:
             kwargs["references"] = columns[self.reference_column]
         elif self.reference == "reference_reply":
             kwargs["references"] = [self.reference_reply] * len(prompts)
+        if self.annotator_column is not None:
+            if self.annotator_column not in columns:
+                raise MinqrError(f"annotator_column={self.annotator_column!r}: the data set has no such column "
+                                 f"(TRL passed {', '.join(sorted(columns)) or 'none'})")
+            kwargs["annotators"] = list(columns[self.annotator_column])
+        elif self.annotator is not None:
+            kwargs["annotators"] = [self.annotator] * len(prompts)
         values, relative = self.rewards.statistic_values(prompts, completions, **kwargs)
         if log_metric is not None and relative is not None:
             log_metric("minqr/spread", float(relative.std(-1, correction=0).mean()))

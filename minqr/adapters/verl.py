@@ -25,6 +25,10 @@ reward model's chat template together with the response as the assistant's messa
 when preparing the data set. `ground_truth` and `data_source` are not used. "spread" is logged only
 where there is a reference (without one the kinds' free constants would be in it).
 
+`annotator_key` names an extra_info field holding each prompt's annotator (null: the population):
+"score" is then that person's statistic, the mixture's kinds weighted by their posterior saved with
+the model (minqr personalize; docs/personal.md).
+
 The reward model is loaded once per process and option set, on the first call.
 """
 from minqr.adapters.texts import TextRewards
@@ -33,6 +37,7 @@ from minqr.errors import MinqrError
 # what verl's reward managers may add to the keywords, which this function does not use
 VERL_KEYWORDS = ("reward_router_address", "reward_model_tokenizer")
 _LOADED = {}  # (model, statistic, max_length, batch_size, device, dtype) -> TextRewards
+WHAT = {"prompt_key": "prompt", "reference_key": "reference reply", "annotator_key": "annotator's id (or null)"}
 
 
 def compute_score(data_source=None, solution_str: str = "", ground_truth=None, extra_info: dict | None = None,
@@ -51,12 +56,13 @@ def compute_score_batch(data_sources=None, solution_strs=(), ground_truths=None,
 
 def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | None = None, statistic: str = "mean",
                   prompt_key: str = "prompt", reference_key: str | None = None, reference_reply=None,
-                  max_length: int = 1024, batch_size: int = 16, device: str = "auto", dtype: str = "auto",
-                  **others) -> list[dict]:
+                  annotator_key: str | None = None, max_length: int = 1024, batch_size: int = 16,
+                  device: str = "auto", dtype: str = "auto", **others) -> list[dict]:
     unknown = sorted(set(others) - set(VERL_KEYWORDS))
     if unknown:
         raise MinqrError(f"reward_kwargs: unknown option {', '.join(unknown)}; minqr's verl reward takes model, "
-                         "statistic, prompt_key, reference_key, reference_reply, max_length, batch_size, device, dtype")
+                         "statistic, prompt_key, reference_key, reference_reply, annotator_key, max_length, "
+                         "batch_size, device, dtype")
     if model is None:
         raise MinqrError("reward_kwargs: model is missing: the reward model folder (reward_kwargs: {model: DIR})")
     if reference_key is not None and reference_reply is not None:
@@ -81,6 +87,8 @@ def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | N
                          "(the reference is then the group of responses to the same prompt)")
     else:
         kwargs = {"group": prompts} if not per_sample else {}
+    if annotator_key is not None:
+        kwargs["annotators"] = [_field(info, annotator_key, "annotator_key", i) for i, info in enumerate(infos)]
     values, relative = rewards.statistic_values(prompts, completions, **kwargs)
     # without a reference the statistic is the mean itself (or, at N = 1, the one reward)
     means = relative.mean(-1) if relative is not None else values
@@ -95,7 +103,7 @@ def _field(info, key: str, option: str, index: int):
     if not isinstance(info, dict) or key not in info:
         has = ", ".join(sorted(info)) if isinstance(info, dict) else "no extra_info"
         raise MinqrError(f"response {index}: extra_info has no {key!r} (reward_kwargs {option}); it has {has}. "
-                         f"Put the {'prompt' if option == 'prompt_key' else 'reference reply'} there when you "
+                         f"Put the {WHAT[option]} there when you "
                          "prepare the data set")
     return info[key]
 

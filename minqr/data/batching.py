@@ -20,7 +20,9 @@ One batch type, `PairBatch`, serves both layouts so that the model has one code 
 
 In both layouts the reward of pair i is read at `(chosen_rows[i], chosen_cols[i])` and
 `(rejected_rows[i], rejected_cols[i])`. When the data gives pair margins (minqr/data/pairs.py), a
-batch carries them to the objective (`pair_margins`).
+batch carries them to the objective (`pair_margins`); when it says who labelled each pair, a batch
+carries each pair's annotator as an index into the data's distinct ids (`annotators`,
+`TokenizedPairs.annotator_ids`), for what learns or reads personal rewards.
 """
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from minqr.data.chat import render_pair
-from minqr.data.pairs import check_encodable, check_margins
+from minqr.data.pairs import check_annotators, check_encodable, check_margins, index_annotators
 from minqr.errors import MinqrError
 
 # Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
@@ -73,6 +75,9 @@ class PairBatch:
     # [B] float32: pair i's margin, what the pairwise term subtracts (-log sigma(r_c - r_r - m));
     # None when the data gives none
     pair_margins: torch.Tensor | None = None
+    # [B] int64: pair i's annotator, an index into the data's distinct ids
+    # (TokenizedPairs.annotator_ids); None when the data names no annotators
+    annotators: torch.Tensor | None = None
 
     @property
     def shared_prefix(self) -> bool:
@@ -93,11 +98,12 @@ class PairBatch:
 
 def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[int]], pad_id: int,
                   shared_prefix: bool = True, response_starts: tuple | None = None,
-                  pair_margins: Sequence[float] | None = None) -> PairBatch:
+                  pair_margins: Sequence[float] | None = None, annotators: Sequence[int] | None = None) -> PairBatch:
     """Lay out B pairs of token lists (each at least one token long) as one PairBatch.
 
     response_starts: ([B] chosen, [B] rejected) the index of each text's first response token
-    (default: 0, the whole text is the response). pair_margins: [B] the pairs' margins, or None."""
+    (default: 0, the whole text is the response). pair_margins: [B] the pairs' margins, or None.
+    annotators: [B] each pair's annotator index, or None."""
     if len(chosen) != len(rejected) or not chosen:
         raise MinqrError(f"collate_pairs needs as many chosen as rejected lists, at least one "
                          f"(got {len(chosen)} and {len(rejected)})")
@@ -157,6 +163,7 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
         chosen_lm_labels=labels, response_ids=response_ids, num_pairs=num_pairs,
         num_real_tokens=num_real_tokens, num_padded_tokens=num_rows * width,
         pair_margins=None if pair_margins is None else torch.tensor(pair_margins, dtype=torch.float32),
+        annotators=None if annotators is None else torch.tensor(annotators, dtype=torch.long),
     )
 
 
@@ -187,6 +194,8 @@ class TokenizedPairs:
     chosen_response: list | None = None
     rejected_response: list | None = None
     pair_margins: list | None = None  # [P] floats, each pair's margin; None: the data gives none
+    annotators: list | None = None  # [P] ints, each pair's index into annotator_ids; None: no ids
+    annotator_ids: tuple = ()  # the data's distinct annotator ids (str or int), in order of first appearance
 
     def __len__(self) -> int:
         return len(self.chosen)
@@ -211,14 +220,16 @@ class TokenizedPairs:
         if self.chosen_response is not None:
             starts = ([self.chosen_response[i] for i in indices], [self.rejected_response[i] for i in indices])
         margins = None if self.pair_margins is None else [self.pair_margins[i] for i in indices]
+        annotators = None if self.annotators is None else [self.annotators[i] for i in indices]
         return collate_pairs([self.chosen[i] for i in indices], [self.rejected[i] for i in indices],
-                             self.pad_id, shared_prefix, starts, margins)
+                             self.pad_id, shared_prefix, starts, margins, annotators)
 
 
 def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
-    """Tokenise `pairs` (Pairs: `chosen`, `rejected`, `origin`, `response_start`, `pair_margin`) with
-    the model's tokenizer (one `encode_batch` call, the fast parallel path), keeping the last
-    `max_length` tokens, and their margins when they have them (every pair or none: check_margins).
+    """Tokenise `pairs` (Pairs: `chosen`, `rejected`, `origin`, `response_start`, `pair_margin`,
+    `annotator`) with the model's tokenizer (one `encode_batch` call, the fast parallel path),
+    keeping the last `max_length` tokens, and their margins and annotators when they have them
+    (every pair or none: check_margins, check_annotators).
 
     A text that tokenises to nothing is an error naming its pair: a reward is read at a last
     token, and dropping such pairs silently would change the data set behind the user's back.
@@ -226,6 +237,7 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
     if max_length < 1:
         raise MinqrError(f"max_length must be at least 1 (got {max_length})")
     check_margins(pairs, "the pairs to tokenise")
+    check_annotators(pairs, "the pairs to tokenise")
     rendered = [render_pair(pair, tokenizer.chat_template) for pair in pairs]  # [(chosen, rejected)]
     texts = [text for side in (0, 1) for (text, _) in (sides[side] for sides in rendered)]
     marks = [start for side in (0, 1) for (_, start) in (sides[side] for sides in rendered)]
@@ -245,8 +257,11 @@ def tokenize_pairs(pairs, tokenizer, max_length: int) -> TokenizedPairs:
         ids[k], starts[k] = tokens[cut:], max(starts[k] - cut, 0)
     num = len(pairs)
     margins = [pair.pair_margin for pair in pairs]
+    annotator_ids, annotators = index_annotators([pair.annotator for pair in pairs])
+    if not pairs or pairs[0].annotator is None:  # none has one (check_annotators)
+        annotator_ids, annotators = (), None
     return TokenizedPairs(ids[:num], ids[num:], tokenizer.pad_id, max_length, num_truncated,
-                          starts[:num], starts[num:], None if None in margins else margins)
+                          starts[:num], starts[num:], None if None in margins else margins, annotators, annotator_ids)
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:

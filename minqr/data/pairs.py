@@ -28,6 +28,11 @@ Every format gives records with the same fields, in the layouts of TRL's prefere
     as in TRL (-log sigma(r_c - r_r - margin)) and OpenRLHF. In code it is the PAIR margin, not to
     be confused with the `paper` objective's hyper-parameter `margin`. Either every pair of a source
     has one, or none does.
+  - an optional `annotator`, a string or an integer: who gave the label (PRISM's `user_id`, say;
+    `annotator_field` reads another column as it). A pair labelled by several people is several
+    rows, one a label. Either every pair of a source has an id, or none has, and a source's ids are
+    all strings or all integers: a missing id or a 7 among "7"s is far likelier a join gone wrong
+    than an anonymous label. The ids let minqr/distribution/personal.py learn each person's kind.
 
 Bad data is an error that names the file and line (JSON lines, "FILE:LINE", from 1) or row
 (tables, "FILE:row N", from 0 as `dataset[N]` counts), or, with `skip_bad=True`, is skipped and
@@ -40,7 +45,7 @@ import gzip
 import json
 import sys
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from minqr import hub
@@ -54,6 +59,7 @@ HH_PREFIX = "hh-rlhf"
 _MISSING = object()  # a field absent from the record (None is a value: JSON null)
 # The fields a record may have; tables are read for these columns only.
 FIELDS = ("prompt", "chosen", "rejected", "margin")
+ANNOTATOR_FIELD = "annotator"  # the field of an annotator's id, unless annotator_field names another
 SKIP_HINT = "Fix the line, or pass skip_bad=True (--skip-bad) to skip bad lines and count them."
 
 
@@ -87,6 +93,9 @@ class Pair:
     # renders instead of the texts above (minqr/data/chat.py). Pairs compare by their texts, as
     # before conversations were kept: the messages are the same content, structured.
     conversation: Conversation | None = field(default=None, compare=False)
+    # who gave the label: a str or an int, as the data gave it; None: the data says not. Two rows
+    # of one pair by two people are the same pair, labelled twice
+    annotator: str | int | None = field(default=None, compare=False)
 
     def response_start(self, side: str) -> int:
         """Where the `side` ("chosen" or "rejected") text's final response starts, in characters:
@@ -114,10 +123,12 @@ class LoadStats:
         return line + (f" (first: {self.first_skipped})" if self.first_skipped else "")
 
 
-def load_pairs(source, split: str = "train", subset: str | None = None,
-               skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
-    """Read the pairs of `source` (a file, an hh-rlhf-like folder, `hh-rlhf:SUBSET` or `hf:NAME[:SPLIT]`)."""
-    return read_pairs(resolve_source(source, split, subset), skip_bad)
+def load_pairs(source, split: str = "train", subset: str | None = None, skip_bad: bool = False,
+               annotator_field: str | None = None) -> tuple[list[Pair], LoadStats]:
+    """Read the pairs of `source` (a file, an hh-rlhf-like folder, `hh-rlhf:SUBSET` or `hf:NAME[:SPLIT]`).
+    `annotator_field`: the field of the annotators' ids (default "annotator"; optional: pairs
+    without it have none)."""
+    return read_pairs(resolve_source(source, split, subset), skip_bad, annotator_field)
 
 
 def resolve_source(source, split: str = "train", subset: str | None = None) -> Path | HubSplit:
@@ -162,28 +173,41 @@ def names_one_split(source) -> bool:
     return hub_name[1] is not None if hub_name is not None else Path(source).expanduser().is_file()
 
 
-def read_pairs(source: Path | HubSplit, skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
+def read_pairs(source: Path | HubSplit, skip_bad: bool = False,
+               annotator_field: str | None = None) -> tuple[list[Pair], LoadStats]:
     """Read the pairs of a source as resolve_source gives it: a file, or a loaded `hf:` split."""
     if isinstance(source, HubSplit):
-        return _read_rows(tables.hub_rows(source, FIELDS), source.label, _table_record, skip_bad)
-    return read_pairs_file(source, skip_bad)
+        rows = tables.hub_rows(source, _fields(annotator_field))
+        return _read_rows(rows, source.label, _table_record, skip_bad, annotator_field)
+    return read_pairs_file(source, skip_bad, annotator_field)
 
 
-def read_pairs_file(path, skip_bad: bool = False) -> tuple[list[Pair], LoadStats]:
+def read_pairs_file(path, skip_bad: bool = False, annotator_field: str | None = None) -> tuple[list[Pair], LoadStats]:
     """Read one file: Parquet or Arrow (tables.MAGIC), else JSON lines, plain or gzipped; each
     recognised by its content, not its name."""
     path = Path(path)
     file_format = tables.columnar_format(path)
     if file_format is None:
-        return _read_rows(_json_lines(path), str(path), _parse_line, skip_bad)
-    return _read_rows(tables.file_rows(path, file_format, FIELDS), str(path), _table_record, skip_bad)
+        return _read_rows(_json_lines(path), str(path), _parse_line, skip_bad, annotator_field)
+    rows = tables.file_rows(path, file_format, _fields(annotator_field))
+    return _read_rows(rows, str(path), _table_record, skip_bad, annotator_field)
 
 
-def _read_rows(rows, source: str, parse, skip_bad: bool) -> tuple[list[Pair], LoadStats]:
+def _fields(annotator_field: str | None) -> tuple:
+    """The fields a record is read for: FIELDS and the annotator's."""
+    if annotator_field is not None and (annotator_field in FIELDS or not annotator_field):
+        raise MinqrError(f"annotator_field (--annotator-field) {annotator_field!r} must name a field of its own, "
+                         f"not one of {', '.join(FIELDS)}")
+    return (*FIELDS, annotator_field or ANNOTATOR_FIELD)
+
+
+def _read_rows(rows, source: str, parse, skip_bad: bool,
+               annotator_field: str | None = None) -> tuple[list[Pair], LoadStats]:
     """The pairs of `rows`, (origin, raw) each, where `parse(raw, origin)` gives the record: what
     every format shares, from the record to the Pair, and the counts of what was dropped."""
     stats = LoadStats(source=source)
     pairs = []
+    field_name = _fields(annotator_field)[-1]
     for origin, raw in rows:
         try:
             record = parse(raw, origin)
@@ -191,7 +215,7 @@ def _read_rows(rows, source: str, parse, skip_bad: bool) -> tuple[list[Pair], Lo
             _skip_or_raise(error, skip_bad, stats, "malformed_lines")
             continue
         try:
-            pair = _pair_from_record(record, origin)
+            pair = _pair_from_record(record, origin, field_name)
         except MinqrError as error:
             _skip_or_raise(error, skip_bad, stats, "bad_fields")
             continue
@@ -199,6 +223,7 @@ def _read_rows(rows, source: str, parse, skip_bad: bool) -> tuple[list[Pair], Lo
             stats.identical += 1
             continue
         pairs.append(pair)
+    pairs = _with_consistent_annotators(pairs, field_name, skip_bad, stats)
     stats.pairs = len(pairs)
     if not pairs:
         raise MinqrError(f"no usable pairs in {source}: {stats.summary()}")
@@ -247,8 +272,14 @@ def _parse_line(raw: bytes, origin: str) -> dict:
     return record
 
 
-def _pair_from_record(record: dict, origin: str) -> Pair:
+def _pair_from_record(record: dict, origin: str, annotator_field: str = ANNOTATOR_FIELD) -> Pair:
     """The Pair of one record, whatever the format it came from (module docstring: the layouts)."""
+    return replace(_texts_from_record(record, origin), annotator=_checked_annotator(record.get(annotator_field),
+                                                                                    annotator_field, origin))
+
+
+def _texts_from_record(record: dict, origin: str) -> Pair:
+    """The Pair of one record's texts and margin."""
     prompt = record.get("prompt")
     prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
     chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin, opens=prompt is None)
@@ -285,6 +316,50 @@ def _checked_margin(value, origin: str) -> float | None:
         raise MinqrError(f"{origin}: field 'margin' must be a finite number (how much the chosen response should "
                          f"beat the rejected one by), not {value!r:.40} ({type(value).__name__})")
     return float(value)
+
+
+def _checked_annotator(value, field_name: str, origin: str) -> str | int | None:
+    """An annotator's id: a non-empty string or an integer; None (absent, or null) for none."""
+    if value is None or (isinstance(value, str) and value.strip()):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    what = "an empty string" if isinstance(value, str) else f"{value!r:.40} ({type(value).__name__})"
+    raise MinqrError(f"{origin}: field {field_name!r} must be an annotator's id, a non-empty string or an integer, "
+                     f"not {what}")
+
+
+def _with_consistent_annotators(pairs: list, field_name: str, skip_bad: bool, stats: LoadStats) -> list:
+    """The pairs, if every one has an id of one type (str or int) or none has one; otherwise the
+    first that breaks the rule is an error, or with skip_bad every such pair is skipped and counted."""
+    first = next((pair for pair in pairs if pair.annotator is not None), None)
+    if first is None:
+        return pairs
+    kind = type(first.annotator)
+    kept = []
+    for pair in pairs:
+        if isinstance(pair.annotator, kind):
+            kept.append(pair)
+            continue
+        what = ("has no annotator id" if pair.annotator is None else
+                f"has the {type(pair.annotator).__name__} id {pair.annotator!r:.40}")
+        error = MinqrError(f"{pair.origin}: field {field_name!r}: this pair {what}, but {first.origin} has the "
+                           f"{kind.__name__} id {first.annotator!r:.40}; give every pair an id, all strings or all "
+                           "integers")
+        _skip_or_raise(error, skip_bad, stats, "bad_fields")
+    return kept
+
+
+def check_annotators(pairs: list, source: str) -> None:
+    """Every pair has an annotator id, all of one type, or none has one (pairs made by hand)."""
+    _with_consistent_annotators(pairs, ANNOTATOR_FIELD, False, LoadStats(source))
+
+
+def index_annotators(ids) -> tuple[tuple, list]:
+    """(the distinct ids in order of first appearance, each given id's index into them)."""
+    rows: dict = {}
+    index = [rows.setdefault(annotator, len(rows)) for annotator in ids]
+    return tuple(rows), index
 
 
 def check_margins(pairs: list, source: str) -> None:

@@ -52,6 +52,14 @@ The statistics of the relative distribution d (N atoms of weight 1/N):
 With N = 1 every statistic but preference is the reward difference r(y) − r(y0) (the raw reward
 without a reference), and preference is σ(r(y) − r(y0)). With N > 1 every statistic but the mean
 needs a reference: without one this module raises a MinqrError rather than sort raw outputs.
+
+Weighted kinds (`weights`, a mixture's only). The population weighs its N kinds equally; one
+person is a posterior q over the kinds (minqr/distribution/personal.py), and their statistic is the
+same statistic of the same atoms d_k with weight q_k instead of 1/N: mean Σ q_k d_k, std
+√(Σ q_k (d_k − mean)²), preference Σ q_k σ(d_k), the lower CVaR of the masses q_(i) in sorted
+order, and the quantile at τ the mean of the step quantile function over [τ − 1/(2N), τ + 1/(2N)]
+(the window kept inside [0, 1]), which at q = 1/N is exactly the line through the tau_i above.
+independent's and paper's outputs are not kinds, so weighting them is refused.
 """
 import math
 from dataclasses import dataclass
@@ -182,9 +190,12 @@ def relative_outputs(outputs: torch.Tensor, *, reference: torch.Tensor | None = 
     return values.sort(dim=-1).values - ref.mean(-1, keepdim=True)  # [B, N] - [B, 1]
 
 
-def quantile_at(ordered: torch.Tensor, tau: float) -> torch.Tensor:
+def quantile_at(ordered: torch.Tensor, tau: float, masses: torch.Tensor | None = None) -> torch.Tensor:
     """Sorted atoms [..., N] -> [...] the quantile function at tau: linear through (tau_i, q_i),
-    tau_i = (2i+1)/(2N), flat beyond tau_0 and tau_{N-1} (nothing is said about the tails)."""
+    tau_i = (2i+1)/(2N), flat beyond tau_0 and tau_{N-1} (nothing is said about the tails).
+    `masses` [..., N], the atoms' weights in the same order (see _weighted_quantile_at)."""
+    if masses is not None:
+        return _weighted_quantile_at(ordered, tau, masses)
     n = ordered.shape[-1]
     # tau_i = (2i+1)/(2N), so tau sits at fractional index tau*N - 1/2 of the levels
     position = min(max(tau * n - 0.5, 0.0), n - 1.0)
@@ -211,32 +222,75 @@ def quantile_band(quantiles: torch.Tensor, level: float = 0.9) -> tuple:
     return quantiles.mean(-1), quantile_at(ordered, (1 - level) / 2), quantile_at(ordered, (1 + level) / 2)
 
 
-def lower_cvar(ordered: torch.Tensor, alpha: float) -> torch.Tensor:
-    """Sorted atoms [..., N] of weight 1/N -> [...] the mean of the lowest share alpha of the mass."""
+def _weighted_quantile_at(ordered: torch.Tensor, tau: float, masses: torch.Tensor) -> torch.Tensor:
+    """quantile_at for atoms of unequal mass: the mean of the step quantile function over the window
+    of width 1/N centred on tau, the window kept inside [0, 1] (so flat beyond tau_0 and tau_{N-1}).
+    At equal masses 1/N this is the line through the tau_i; unlike a line through the midpoints of
+    unequal masses, an atom of little mass moves it little (a person all of one kind has that
+    kind's value at every tau)."""
     n = ordered.shape[-1]
-    # each atom's mass inside [0, alpha]: 1/N for the atoms wholly below, the rest for the one across
-    starts = torch.arange(n, dtype=ordered.dtype, device=ordered.device) / n  # [N]
-    mass = (alpha - starts).clamp(0.0, 1.0 / n)  # [N]
-    return (ordered * mass).sum(-1) / alpha
+    centre = min(max(tau, 0.5 / n), 1.0 - 0.5 / n)
+    inside = _mass_below(masses, centre + 0.5 / n) - _mass_below(masses, centre - 0.5 / n)  # [..., N]
+    return (ordered * inside).sum(-1) * n
+
+
+def _mass_below(masses: torch.Tensor, level: float) -> torch.Tensor:
+    """Each sorted atom's share of the mass in [0, level], [..., N]."""
+    starts = masses.cumsum(-1) - masses  # [..., N] the mass before atom i
+    return torch.minimum((level - starts).clamp(min=0.0), masses)
+
+
+def lower_cvar(ordered: torch.Tensor, alpha: float, masses: torch.Tensor | None = None) -> torch.Tensor:
+    """Sorted atoms [..., N] of weight 1/N (or `masses` [..., N], in the same order) -> [...] the
+    mean of the lowest share alpha of the mass."""
+    if masses is None:
+        masses = torch.full_like(ordered, 1.0 / ordered.shape[-1])
+    # each atom's mass inside [0, alpha]: all of it for the atoms wholly below, the rest for the one across
+    return (ordered * _mass_below(masses, alpha)).sum(-1) / alpha
+
+
+def _checked_weights(weights, outputs: torch.Tensor, objective: str) -> torch.Tensor:
+    """The weights as [B, N] in the compute dtype, or a MinqrError that says what is wrong."""
+    if pair_model(objective) != KINDS:
+        raise MinqrError(f"weights over the kinds need a mixture head: {objective}'s outputs are not kinds "
+                         "(output k is no one kind's reward across texts), so no person is a weighting of them")
+    if not isinstance(weights, torch.Tensor) or weights.shape not in (outputs.shape, outputs.shape[1:]):
+        shape = list(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise MinqrError(f"weights must be [B, N] = {list(outputs.shape)} or [N] = {list(outputs.shape[1:])} "
+                         f"(a distribution over the kinds), got {shape}")
+    weights = weights.to(device=outputs.device, dtype=_compute_dtype(outputs)).expand(outputs.shape)  # [B, N]
+    tolerance = 1e-4 if weights.dtype == torch.float32 else 1e-9
+    if not (torch.isfinite(weights).all() and (weights >= 0).all()
+            and ((weights.sum(-1) - 1).abs() <= tolerance).all()):
+        raise MinqrError("weights must be finite, non-negative and sum to 1 over the kinds in every row")
+    return weights
 
 
 def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tensor | None = None,
-                     group: torch.Tensor | None = None, objective: str = "mixture") -> torch.Tensor:
+                     group: torch.Tensor | None = None, objective: str = "mixture",
+                     weights: torch.Tensor | None = None) -> torch.Tensor:
     """The statistic (a Statistic or its text) of each row's reward distribution, [B], relative to
     the reference (see the module's docstring). Raw outputs [B, N]; `reference` [B, N] or `group`
-    [B], or neither for the mean (and, at N = 1, for any statistic but preference)."""
+    [B], or neither for the mean (and, at N = 1, for any statistic but preference). `weights`
+    [B, N] or [N]: the kinds' weights (a person's posterior) in place of 1/N, a mixture's only."""
     statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
     _check(outputs, reference, group)
     model = pair_model(objective)
+    if weights is not None:
+        weights = _checked_weights(weights, outputs, objective)
     n = outputs.shape[1]
     dtype = _compute_dtype(outputs)
     if reference is None and group is None:
         if statistic.name == "preference" or (n > 1 and statistic.needs_reference):
             _require_reference(None, None, f"statistic {statistic}" + (f" of {n} outputs" if n > 1 else ""))
-        return outputs.to(dtype).mean(-1)  # N = 1: the reward; N > 1: the expected reward
+        values = outputs.to(dtype)
+        # N = 1: the reward; N > 1: the expected reward (the person's, weighted)
+        return values.mean(-1) if weights is None else (values * weights).sum(-1)
     if statistic.name == "preference":
-        return _preference(outputs, reference, group, model)
+        return _preference(outputs, reference, group, model, weights)
     relative = relative_outputs(outputs, reference=reference, group=group, objective=objective)  # [B, N]
+    if weights is not None:
+        return _weighted_statistic(statistic, relative, weights)
     if statistic.name == "mean":
         return relative.mean(-1)
     if statistic.name == "mean_minus_std":
@@ -247,12 +301,29 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     return lower_cvar(ordered, statistic.level)
 
 
-def _preference(outputs, reference, group, model: str) -> torch.Tensor:
-    """P(y ≻ y0) [B] in the objective's own pair model (minqr/objectives/pair_models.py)."""
+def _weighted_statistic(statistic: Statistic, relative: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The statistic of atoms `relative` [B, N] of masses `weights` [B, N] (not preference)."""
+    mean = (relative * weights).sum(-1)  # [B]
+    if statistic.name == "mean":
+        return mean
+    if statistic.name == "mean_minus_std":
+        spread = ((relative - mean[:, None]) ** 2 * weights).sum(-1).sqrt()
+        return mean - statistic.level * spread
+    ordered, order = relative.sort(dim=-1)
+    masses = weights.gather(-1, order)  # [B, N] each sorted atom's mass
+    if statistic.name == "quantile":
+        return quantile_at(ordered, statistic.level, masses)
+    return lower_cvar(ordered, statistic.level, masses)
+
+
+def _preference(outputs, reference, group, model: str, weights=None) -> torch.Tensor:
+    """P(y ≻ y0) [B] in the objective's own pair model (minqr/objectives/pair_models.py); a
+    mixture's kinds weighted by `weights`."""
     values = outputs.to(_compute_dtype(outputs))
     if model == KINDS:
         ref = _reference_rows(outputs, reference, group, by_kind=True)
-        return torch.sigmoid(values - ref).mean(-1)
+        chances = torch.sigmoid(values - ref)  # [B, N]
+        return chances.mean(-1) if weights is None else (chances * weights).sum(-1)
     ref = _reference_rows(outputs, reference, group, by_kind=False)  # [B, N] the reference's quantiles
     if model == DRAWS:
         return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every

@@ -8,9 +8,13 @@ Two layouts, picked by the file name:
   the N quantiles q_0 <= ... <= q_{N-1}), optionally `anchor` [P, N] (the outputs for the pair's
   anchor, a reply whose true reward is 0 for everyone: the synthetic task has one), and
   `metadata`, a JSON string (numpy string array, so no pickle is ever needed to read it).
+  When the rows have annotators the model knows (minqr/distribution/personal.py), also the personal
+  arrays, NaN in the rows of no known annotator: `personal_probability` [P], their P(chosen ≻
+  rejected); `personal_posterior` [P, N], their posterior over the kinds; `personal_reward` [P, 2],
+  their expected reward of (chosen, rejected) relative to the metadata's `personal_reference`.
 - `.jsonl`: the metadata object on the first line, then one line a pair,
-  {"chosen": [N numbers], "rejected": [N numbers]} (and "anchor": [N numbers]), for tools that do
-  not read numpy.
+  {"chosen": [N numbers], "rejected": [N numbers]} (and "anchor": [N numbers], and each personal
+  array's row, null for NaN), for tools that do not read numpy.
 
 Row p of both arrays is pair p of the data file, in the file's order (so that a truth file or a
 second model's scores line up pair by pair).
@@ -39,7 +43,7 @@ Other keys are kept as they are.
 """
 import json
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +58,8 @@ HEADS = ("scalar", "quantile")
 READOUTS = ("raw", "sorted")  # minqr/objectives/'s Objective.readout
 WRITER_KEYS = ("model", "head", "data", "split", "workload")
 HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.study.scores_file.save_scores)"
+# the personal arrays (module docstring) and the shape of each row: N values, one, or (chosen, rejected)
+PERSONAL = {"personal_posterior": "N", "personal_probability": None, "personal_reward": 2}
 
 
 @dataclass
@@ -65,6 +71,7 @@ class Scores:
     metadata: dict
     source: str = "scores"  # where it came from, for messages: the file path when read from disk
     anchor: np.ndarray | None = None  # [P, N] float32: the outputs for each pair's anchor reply, if any
+    personal: dict = field(default_factory=dict)  # the PERSONAL arrays, float32, when the rows have annotators
 
     def __post_init__(self):
         _check(self)
@@ -140,9 +147,9 @@ class Scores:
         return Path(self.source).parent / path
 
 
-def save_scores(path, chosen, rejected, metadata: dict, anchor=None) -> Path:
-    """Write `chosen` and `rejected` ([P, N]), `anchor` ([P, N], optional) and `metadata` to `path`
-    (.npz or .jsonl), atomically."""
+def save_scores(path, chosen, rejected, metadata: dict, anchor=None, personal: dict | None = None) -> Path:
+    """Write `chosen` and `rejected` ([P, N]), `anchor` ([P, N], optional), the `personal` arrays
+    (PERSONAL's, optional) and `metadata` to `path` (.npz or .jsonl), atomically."""
     path = Path(path)
     layout = _layout(path)
     chosen, rejected = np.asarray(chosen), np.asarray(rejected)  # Scores checks them and makes them float32
@@ -153,7 +160,8 @@ def save_scores(path, chosen, rejected, metadata: dict, anchor=None) -> Path:
     metadata["format"] = FORMAT
     metadata.setdefault("num_quantiles", chosen.shape[-1] if chosen.ndim else 0)
     metadata.setdefault("minqr_version", __version__)
-    scores = Scores(chosen, rejected, metadata, source=str(path), anchor=anchor)
+    personal = {name: np.asarray(array) for name, array in (personal or {}).items()}
+    scores = Scores(chosen, rejected, metadata, source=str(path), anchor=anchor, personal=personal)
     try:
         metadata_json = json.dumps(metadata)
     except TypeError as error:  # a Path, a numpy number, ...: the file must read back without minqr
@@ -163,13 +171,17 @@ def save_scores(path, chosen, rejected, metadata: dict, anchor=None) -> Path:
             anchors = {} if scores.anchor is None else {"anchor": scores.anchor}
             with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
                 np.savez(f, chosen=scores.chosen, rejected=scores.rejected, metadata=np.array(metadata_json),
-                         **anchors)
+                         **anchors, **scores.personal)
         else:
             with open(tmp, "w") as f:
                 f.write(metadata_json + "\n")
                 anchors = [None] * scores.num_pairs if scores.anchor is None else scores.anchor.tolist()
-                for c, r, a in zip(scores.chosen.tolist(), scores.rejected.tolist(), anchors):
-                    f.write(json.dumps({"chosen": c, "rejected": r} | ({} if a is None else {"anchor": a})) + "\n")
+                # JSON has no NaN: a row without a value is null
+                personal = {name: [None if np.isnan(row).any() else row.tolist() for row in array]
+                            for name, array in scores.personal.items()}
+                for p, (c, r, a) in enumerate(zip(scores.chosen.tolist(), scores.rejected.tolist(), anchors)):
+                    extra = ({} if a is None else {"anchor": a}) | {name: rows[p] for name, rows in personal.items()}
+                    f.write(json.dumps({"chosen": c, "rejected": r} | extra) + "\n")
     return path
 
 
@@ -179,9 +191,9 @@ def load_scores(path) -> Scores:
     if not path.is_file():
         raise MinqrError(f"scores file {path} does not exist; {HOW_TO_MAKE}")
     if _layout(path) == "npz":
-        chosen, rejected, anchor, metadata = _read_npz(path)
+        chosen, rejected, anchor, metadata, personal = _read_npz(path)
     else:
-        chosen, rejected, anchor, metadata = _read_jsonl(path)
+        chosen, rejected, anchor, metadata, personal = _read_jsonl(path)
     normalized = metadata.get("normalized")
     if isinstance(normalized, dict):
         # `score --normalize` wrote (output - mean) / std; the analysis reads the model's own
@@ -189,7 +201,9 @@ def load_scores(path) -> Scores:
         mean, std = float(normalized["mean"]), float(normalized["std"])
         chosen, rejected = chosen * std + mean, rejected * std + mean
         anchor = None if anchor is None else anchor * std + mean
-    return Scores(chosen, rejected, metadata, source=str(path), anchor=anchor)
+        if "personal_reward" in personal:  # differences of rewards: no shift
+            personal["personal_reward"] = personal["personal_reward"] * std
+    return Scores(chosen, rejected, metadata, source=str(path), anchor=anchor, personal=personal)
 
 
 def _layout(path: Path) -> str:
@@ -224,9 +238,11 @@ def _read_npz(path: Path):
                 raise MinqrError(f"{path}: scores file without a {name!r} array; {HOW_TO_MAKE}")
         try:
             anchor = archive["anchor"] if "anchor" in names else None
-            return archive["chosen"], archive["rejected"], anchor, metadata
+            personal = {name: archive[name] for name in PERSONAL if name in names}
+            return archive["chosen"], archive["rejected"], anchor, metadata, personal
         except ValueError:
-            raise MinqrError(f"{path}: 'chosen', 'rejected' or 'anchor' is an object array; scores are numbers") from None
+            raise MinqrError(f"{path}: 'chosen', 'rejected', 'anchor' or a personal array is an object array; scores "
+                             "are numbers") from None
 
 
 def _read_jsonl(path: Path):
@@ -237,6 +253,7 @@ def _read_jsonl(path: Path):
     metadata = _parse_metadata(lines[0], f"{path}:1")
     with_anchor = len(lines) > 1 and '"anchor"' in lines[1]
     rows = {"chosen": [], "rejected": [], **({"anchor": []} if with_anchor else {})}
+    personal = {name: [] for name in PERSONAL if len(lines) > 1 and f'"{name}"' in lines[1]}
     for number, line in enumerate(lines[1:], start=2):
         try:
             record = json.loads(line)
@@ -247,13 +264,33 @@ def _read_jsonl(path: Path):
             if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
                 raise MinqrError(f"{path}:{number}: {side!r} must be a list of numbers, one per output")
             row.append(values)
+        for name, row in personal.items():
+            row.append(_personal_row(record.get(name, _ABSENT), name, len(rows["chosen"][-1]), f"{path}:{number}"))
     if not rows["chosen"]:
         raise MinqrError(f"{path}: no pairs after the metadata line; score at least one pair")
     widths = {len(values) for side in rows.values() for values in side}
     if len(widths) > 1:
         raise MinqrError(f"{path}: pairs have different numbers of outputs ({sorted(widths)}); every line needs N")
     arrays = {side: np.array(row, dtype=np.float32) for side, row in rows.items()}
-    return arrays["chosen"], arrays["rejected"], arrays.get("anchor"), metadata
+    personal = {name: np.array(row, dtype=np.float32) for name, row in personal.items()}
+    return arrays["chosen"], arrays["rejected"], arrays.get("anchor"), metadata, personal
+
+
+_ABSENT = object()  # a line without a personal array that the first line has
+
+
+def _personal_row(value, name: str, n: int, where: str):
+    """One line's row of a personal array, NaN for null: a number, or a list of N (or 2) numbers."""
+    width = {"N": n, None: None, 2: 2}[PERSONAL[name]]
+    if value is None:
+        return float("nan") if width is None else [float("nan")] * width
+    ok = (isinstance(value, (int, float)) if width is None else
+          isinstance(value, list) and len(value) == width and all(isinstance(v, (int, float)) for v in value))
+    if not ok or isinstance(value, bool):
+        shape = "a number" if width is None else f"a list of {width} numbers"
+        shown = "nothing" if value is _ABSENT else repr(value)[:60]
+        raise MinqrError(f"{where}: {name!r} must be {shape} or null (no known annotator), got {shown}")
+    return value
 
 
 def _parse_metadata(text: str, where: str) -> dict:
@@ -301,6 +338,7 @@ def _check(scores: Scores) -> None:
         if bad.any():
             raise MinqrError(f"{where}: {name!r} holds NaN or inf in {bad.sum()} pairs (first: pair "
                              f"{int(np.argmax(bad))}); the model diverged or the scoring broke: score again")
+    _check_personal(scores)
     if metadata["num_quantiles"] != n:
         raise MinqrError(f"{where}: metadata num_quantiles={metadata['num_quantiles']} but the arrays hold "
                          f"N={n} outputs per response")
@@ -324,3 +362,30 @@ def _check(scores: Scores) -> None:
             raise MinqrError(f"{where}: metadata {key} must be a non-empty string, got {metadata[key]!r}")
     if not isinstance(metadata.get("options", {}), dict):
         raise MinqrError(f"{where}: metadata options must be a dict of the scoring options")
+
+
+def _check_personal(scores: Scores) -> None:
+    """The personal arrays' shapes and values: NaN rows together, posteriors that sum to 1."""
+    where, (num_pairs, n) = scores.source, scores.chosen.shape
+    if scores.personal and set(scores.personal) != set(PERSONAL):
+        raise MinqrError(f"{where}: personal arrays {sorted(scores.personal)}: give all of {', '.join(PERSONAL)} "
+                         "or none")
+    for name, width in PERSONAL.items():
+        if name not in scores.personal:
+            continue
+        array = np.asarray(scores.personal[name])
+        shape = (num_pairs,) if width is None else (num_pairs, n if width == "N" else width)
+        if array.shape != shape or array.dtype.kind != "f":
+            raise MinqrError(f"{where}: {name!r} must be float [{', '.join(map(str, shape))}], got {array.dtype} "
+                             f"{list(array.shape)}")
+        scores.personal[name] = array.astype(np.float32, copy=False)
+    if not scores.personal:
+        return
+    posterior, probability = scores.personal["personal_posterior"], scores.personal["personal_probability"]
+    known = ~np.isnan(probability)
+    rows = posterior[known]
+    if not (np.isnan(posterior[~known]).all() and np.isnan(scores.personal["personal_reward"][~known]).all()
+            and np.isfinite(rows).all() and (rows >= 0).all() and np.allclose(rows.sum(1), 1, atol=1e-4)
+            and ((probability[known] >= 0) & (probability[known] <= 1)).all()):
+        raise MinqrError(f"{where}: the personal arrays must hold, in the rows of a known annotator (a number in "
+                         "'personal_probability', from 0 to 1), a posterior that sums to 1, and NaN in the others")

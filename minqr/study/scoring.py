@@ -26,9 +26,10 @@ import torch
 
 from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
 from minqr.data.chat import rendering_note, reply_text
-from minqr.data.pairs import names_one_split, read_pairs, resolve_source
+from minqr.data.pairs import load_pairs, names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
+from minqr.distribution.personal import check_personal, labelled_annotators, personal_scores
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.backbone import check_max_length
@@ -206,6 +207,12 @@ class ScoreConfig:
     normalize: bool = option(False, "write (output - mean) / std: the mean and std of the expected reward that "
                              "training measured on its held-out pairs (config.json's reward_mean, reward_std); "
                              "the same map for every output, so quantiles stay quantiles")
+    annotator_field: str | None = option(None, "the field of the annotators' ids in --data and --context [default: "
+                                         "annotator]; rows of annotators the model knows get personal columns")
+    annotator: str | None = option(None, "score every row as this annotator's (one the model knows, or the person "
+                                   "whose labels --context holds): personal probability and rewards")
+    context: str | None = option(None, "labelled pairs of people the model does not know (a file; its pairs name "
+                                 "their annotators, or are all --annotator's): their posteriors, for this scoring")
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
@@ -253,8 +260,13 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         mean, std = reward_normalization(reward_model, folder)
     max_length = text_length_limit(reward_model, folder, options.max_length)
     source = resolve_source(data, split or DEFAULT_SPLIT, subset)
-    pairs, stats = read_pairs(source, skip_bad=options.skip_bad)
+    pairs, stats = read_pairs(source, skip_bad=options.skip_bad, annotator_field=options.annotator_field)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)
+    context = None
+    if options.context is not None:
+        context_pairs, _ = load_pairs(options.context, skip_bad=options.skip_bad,
+                                      annotator_field=options.annotator_field)
+        context = tokenize_pairs(context_pairs, tokenizer, max_length)
 
     device = resolve_device(options.device)
     started = time.perf_counter()
@@ -299,11 +311,27 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
         anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
                              device, dtype)
         metadata["anchor_reply"] = options.anchor_reply
+    known = None
+    if context is not None:  # the posteriors of the people it labels, from one more scoring pass
+        check_personal(head_config.objective, head_config.num_quantiles)
+        outputs = score_tokenized(reward_model, context, batch_size, options.shared_prefix, device, dtype, progress,
+                                  model_name=f"the reward model {folder}")
+        named = options.annotator if context.annotators is None else None  # the one person of a file without ids
+        known = labelled_annotators(*outputs, context, named, f"--context {options.context}")
+    personal = personal_scores(head_config, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
+    if options.annotator_field is not None and tokenized.annotators is None:
+        notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")
+    if personal is not None:
+        notes += personal.notes
+        if personal.probability is not None:
+            metadata["personal_reference"] = personal.reference
     if options.normalize:
         chosen, rejected = (chosen - mean) / std, (rejected - mean) / std
         anchor = None if anchor is None else (anchor - mean) / std
+        if personal is not None and personal.reward is not None:  # differences of rewards: no shift
+            personal.reward = personal.reward / std
         metadata["normalized"] = {"mean": mean, "std": std}
-    save_scores(out, chosen, rejected, metadata, anchor=anchor)
+    save_scores(out, chosen, rejected, metadata, anchor=anchor, personal=personal.arrays() if personal else None)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
     per_quantile = per_quantile_accuracy(head_config, chosen, rejected, anchor)

@@ -87,6 +87,9 @@ class TrainConfig:
     shared_prefix: bool = option(True, "run the common prefix of a pair's two texts once (same rewards "
                                  "and gradients as two separate sequences, fewer tokens)")
     skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
+    annotator_field: str | None = option(None, "the field of the annotators' ids [default: annotator]: a mixture "
+                                         "model is saved with the posterior over its kinds of each annotator of "
+                                         "--data (annotators.json), for personal rewards")
     # the optimisation
     batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps", low=1)
     grad_accum: int = option(1, "split each step's batch into this many micro-batches run one after "

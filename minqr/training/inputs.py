@@ -48,7 +48,10 @@ def resolve_inputs(config: TrainConfig, say) -> tuple:
 
 def load_pairs(source, split: str, tokenizer, config: TrainConfig, say) -> TokenizedPairs:
     """Read and tokenise one data source (a file or an hf: split); say what was dropped and what was cut."""
-    pairs, stats = read_pairs(source, skip_bad=config.skip_bad)
+    pairs, stats = read_pairs(source, skip_bad=config.skip_bad, annotator_field=config.annotator_field)
+    if split == "train" and config.annotator_field is not None and pairs[0].annotator is None:
+        raise MinqrError(f"--annotator-field {config.annotator_field}: no pair of --data has that field, the "
+                         "annotators' ids; drop the option, or name the field the data has")
     say(f"{split}: {stats.summary()}")
     note = rendering_note(pairs, tokenizer.chat_template)
     if note:

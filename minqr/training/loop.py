@@ -35,6 +35,7 @@ from minqr.models.gpt2 import GPT2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
+from minqr.study.personalize import save_annotators
 from minqr.ranking import ranking_credit
 from minqr.synthetic.demo import prepare_demo_data
 from minqr.training.averaging import WeightAverage
@@ -429,6 +430,14 @@ class TrainingRun:
             "mean": final_eval["eval_reward_mean"], "std": final_eval["eval_reward_std"]}
         model.save_pretrained(self.out, tokenizer=self.tokenizer, training_args=self._training_args(),
                                    reward_stats=reward_stats)
+        self._save_annotators(model)
+
+    def _save_annotators(self, model: RewardModel) -> None:
+        """The posteriors of the annotators the training data names, beside the model (one scoring
+        pass over the training pairs, minqr/study/personalize.py)."""
+        save_annotators(model, self.train_pairs, self.out, self.say, batch_size=self.micro_batch_size,
+                        shared_prefix=self.config.shared_prefix, dtype=self.config.dtype, progress=self.progress,
+                        model_name="the trained model")
 
 
 def _every(step: int, interval: int) -> bool:

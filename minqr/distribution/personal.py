@@ -1,0 +1,336 @@
+"""Personal rewards: one annotator's reward, from the posterior over a mixture's kinds.
+
+A mixture head's output k is kind k's reward h_k(y), one reward function across all texts, and
+the population judges a pair by a kind drawn uniformly: P(c ≻ r) = (1/N) Σ_k σ(h_k(c) − h_k(r)).
+When the data says who gave each label, an annotator's labels are evidence of their kind. With a
+uniform prior and their labelled pairs D_a (each pair j: chosen c_j over rejected r_j),
+
+    q_a(k) ∝ Π_{j∈D_a} σ(h_k(c_j) − h_k(r_j) − m_j)       (m_j the pair margin, 0 without one)
+
+computed in log space, log q_a = Σ_j log σ(...) − logsumexp_k(the same), and their personal
+preference is the mixture's with the kinds weighted by q_a instead of 1/N:
+
+    P_a(y ≻ y') = Σ_k q_a(k) σ(h_k(y) − h_k(y'))
+
+Any other statistic relative to a reference (minqr/distribution/statistics.py) is personal in the
+same way: `statistic_values(..., weights=q_a)`. With no labels q_a is uniform and every personal
+statistic is the population's; with many, q_a concentrates on the kind that explains them.
+
+Only a mixture has kinds. A scalar head (bradley_terry, N = 1) has one kind, which every posterior
+is; independent's outputs are N draws of the population's reward and paper's its quantiles, so
+neither output k is one kind's reward across texts, and a posterior over them is refused.
+
+The posteriors of many annotators are one batched pass: the per-pair log-likelihoods [P, N] are
+summed into [A, N] by an index_add over each pair's annotator index, then normalised per row.
+
+`Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
+them) and is saved beside a model's config.json as annotators.json; a model folder without that
+file has no known annotators and loads as before. `labelled_annotators` makes them from scored
+labelled pairs; `personal_scores` gives scored pairs of known annotators the personal columns of a
+scores file (minqr/study/scores_file.py). The commands are in minqr/study/personalize.py;
+docs/personal.md is the user's guide.
+"""
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minqr.atomic import atomic_file, record_made
+from minqr.distribution.statistics import statistic_values
+from minqr.errors import MinqrError
+from minqr.objectives.pair_models import KINDS, pair_model
+
+NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-field names): "
+          "name the person whose labels they are with --annotator")
+ANNOTATORS_FILE = "annotators.json"
+FORMAT = 1  # annotators.json's layout version
+
+
+def check_personal(objective: str, num_outputs: int) -> None:
+    """Refuse, with the reason, a head whose outputs are not several kinds (see the docstring)."""
+    if pair_model(objective) != KINDS:
+        raise MinqrError(f"personal rewards need a mixture head (objective mixture, N > 1): {objective}'s outputs "
+                         "are not kinds: output k is no one kind's reward across texts, so no annotator is a "
+                         "weighting of them")
+    if num_outputs < 2:
+        raise MinqrError("personal rewards need a mixture head (objective mixture, N > 1): with one kind (a "
+                         "scalar head's, or a mixture of one) every annotator's posterior is that kind, nothing "
+                         "personal to learn")
+
+
+def _checked_outputs(chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+    if not (isinstance(chosen, torch.Tensor) and isinstance(rejected, torch.Tensor) and chosen.dim() == 2
+            and chosen.shape == rejected.shape):
+        shapes = [list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in (chosen, rejected)]
+        raise MinqrError(f"chosen and rejected must be raw head outputs of the same shape [P, N], got {shapes}")
+
+
+def log_likelihood_sums(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+                        pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_{j∈D_a} log σ(h_k(c_j) − h_k(r_j) − m_j) for every annotator a and kind k: [A, N], float64.
+    chosen, rejected: raw outputs [P, N]; annotator [P]: each pair's annotator index in 0..A-1;
+    pair_margin [P] or None. Sums of several batches add up to the sums of all their pairs."""
+    _checked_outputs(chosen, rejected)
+    p = chosen.shape[0]
+    if (not isinstance(annotator, torch.Tensor) or annotator.shape != (p,) or annotator.is_floating_point()
+            or annotator.dtype == torch.bool):
+        raise MinqrError(f"annotator must be an integer tensor [P] = [{p}] of annotator indices")
+    if p and (int(annotator.min()) < 0 or int(annotator.max()) >= num_annotators):
+        raise MinqrError(f"annotator indices must be in 0..{num_annotators - 1}, got "
+                         f"{int(annotator.min())}..{int(annotator.max())}")
+    margins = chosen.double() - rejected.double()  # [P, N]
+    if pair_margin is not None:
+        margins = margins - pair_margin.to(device=margins.device, dtype=torch.float64)[:, None]
+    sums = torch.zeros(num_annotators, chosen.shape[1], dtype=torch.float64, device=chosen.device)
+    return sums.index_add_(0, annotator.to(chosen.device), torch.nn.functional.logsigmoid(margins))  # [A, N]
+
+
+def normalised(log_likelihoods: torch.Tensor) -> torch.Tensor:
+    """Log-likelihood sums [A, N] -> log-posteriors [A, N] under a uniform prior (which cancels)."""
+    return log_likelihoods - torch.logsumexp(log_likelihoods, dim=-1, keepdim=True)
+
+
+def log_posteriors(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+                   pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+    """log q_a(k) [A, N], float64, of every annotator from their labelled pairs in one pass (the
+    arguments as log_likelihood_sums'). An annotator with no pairs gets the uniform posterior."""
+    return normalised(log_likelihood_sums(chosen, rejected, annotator, num_annotators, pair_margin))
+
+
+def personal_preference(chosen: torch.Tensor, rejected: torch.Tensor, log_posterior: torch.Tensor) -> torch.Tensor:
+    """P_a(chosen ≻ rejected) = Σ_k q_a(k) σ(h_k(c) − h_k(r)), [B]: raw outputs [B, N] and each
+    row's annotator's log-posterior [B, N]."""
+    _checked_outputs(chosen, rejected)
+    # float32 weights sum to 1 only within rounding, so the sum can pass 1 by an ulp: clamp it back
+    return statistic_values("preference", chosen, reference=rejected, weights=log_posterior.exp()).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class Annotators:
+    """Named annotators and their log-posteriors over a model's kinds."""
+
+    ids: tuple  # each a str or an int, as the data gave it; no two equal
+    log_posteriors: torch.Tensor  # [A, N] float64
+    pairs: tuple  # how many labelled pairs each posterior is from
+
+    def __post_init__(self):
+        a = len(self.ids)
+        if self.log_posteriors.dim() != 2 or self.log_posteriors.shape[0] != a or len(self.pairs) != a:
+            raise MinqrError(f"annotators: {a} ids, {len(self.pairs)} pair counts and log-posteriors of shape "
+                             f"{list(self.log_posteriors.shape)} do not belong together")
+        if len(set(self.ids)) != a:
+            raise MinqrError("annotators: an id is given twice")
+
+    @property
+    def num_kinds(self) -> int:
+        return self.log_posteriors.shape[1]
+
+    def index(self, ids) -> torch.Tensor:
+        """Each id's row, [B] long, -1 for an id not known here (or None)."""
+        rows = {annotator: row for row, annotator in enumerate(self.ids)}
+        return torch.tensor([rows.get(annotator, -1) if annotator is not None else -1 for annotator in ids],
+                            dtype=torch.long)
+
+    def resolve(self, name: str | int):
+        """The id known here that `name` gives (a command line's "7" is the integer id 7 when only
+        that is known), or None."""
+        known = set(self.ids)
+        if name in known:
+            return name
+        as_int = int(name) if isinstance(name, str) and name.strip().lstrip("-").isdigit() else None
+        return as_int if as_int in known else None
+
+    def merged(self, other: "Annotators") -> "Annotators":
+        """These annotators with `other`'s added; an id in both takes `other`'s posterior."""
+        if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
+            raise MinqrError(f"annotators over {other.num_kinds} kinds cannot join ones over {self.num_kinds}")
+        replaced = set(other.ids)
+        kept = [row for row, annotator in enumerate(self.ids) if annotator not in replaced]
+        return Annotators(tuple(self.ids[r] for r in kept) + tuple(other.ids),
+                          torch.cat([self.log_posteriors[kept], other.log_posteriors.to(self.log_posteriors)]),
+                          tuple(self.pairs[r] for r in kept) + tuple(other.pairs))
+
+    def save(self, folder) -> Path:
+        """Write annotators.json into a model's folder, atomically; the folder's .minqr-made list (if
+        minqr made it) learns of the file, so that the folder stays one minqr may replace."""
+        path = Path(folder) / ANNOTATORS_FILE
+        rows = [{"id": annotator, "pairs": count, "log_posterior": values}
+                for annotator, count, values in zip(self.ids, self.pairs, self.log_posteriors.tolist())]
+        text = json.dumps({"format": FORMAT, "num_kinds": self.num_kinds, "annotators": rows}) + "\n"
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+        record_made(Path(folder), ANNOTATORS_FILE)
+        return path
+
+    @classmethod
+    def load(cls, folder, num_kinds: int | None = None) -> "Annotators | None":
+        """The annotators saved in a model's folder, None when it has no annotators.json. `num_kinds`
+        (the model's N) is checked against the file's."""
+        path = Path(folder) / ANNOTATORS_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            rows = data["annotators"]
+            ids = tuple(row["id"] for row in rows)
+            pairs = tuple(row["pairs"] for row in rows)
+            values = torch.tensor([row["log_posterior"] for row in rows], dtype=torch.float64)
+            values = values.reshape(len(rows), data["num_kinds"])  # [A, N], also for A = 0
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+            raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
+        if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
+            raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
+                             f"what this minqr writes (format {FORMAT}); fix or delete it")
+        if num_kinds is not None and values.shape[1] != num_kinds:
+            raise MinqrError(f"{path} holds posteriors over {values.shape[1]} kinds but the model has {num_kinds} "
+                             "outputs: they do not belong together; delete it and run minqr personalize")
+        if not bool(torch.isfinite(values).all()) or not bool(torch.logsumexp(values, -1).abs().le(1e-6).all()):
+            raise MinqrError(f"{path}: a log-posterior is not finite or does not sum to 1; fix or delete it")
+        return cls(ids, values, pairs)
+
+
+def _credit(probability: np.ndarray) -> np.ndarray:
+    """A pair's credit for a probability that the chosen response wins: 1 above 1/2, a tie half."""
+    return (probability > 0.5) + 0.5 * (probability == 0.5)
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def posterior_weights(known: Annotators | None, head, names: list) -> torch.Tensor:
+    """[M, N] float64: the posterior over the kinds of each named annotator, known to a model with
+    HeadConfig `head` (`known`: its annotators.json, or None), 1/N for a None (the population). A
+    head without kinds, or a name the model does not know, is a MinqrError."""
+    check_personal(head.objective, head.num_quantiles)
+    resolved = [None if name is None or known is None else known.resolve(name) for name in names]
+    unknown = [name for name, found in zip(names, resolved) if name is not None and found is None]
+    if unknown:
+        raise MinqrError(f"annotator {unknown[0]!r} is not known to the reward model (its annotators.json): "
+                         "run minqr personalize with their labelled pairs first")
+    weights = torch.full((len(names), head.num_quantiles), 1.0 / head.num_quantiles, dtype=torch.float64)
+    rows = [k for k, found in enumerate(resolved) if found is not None]
+    if rows:
+        weights[rows] = known.log_posteriors[known.index([resolved[k] for k in rows])].exp()
+    return weights
+
+
+def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, ids: tuple,
+                          pair_margin: torch.Tensor | None = None) -> Annotators:
+    """The Annotators of labelled pairs: raw outputs [P, N], each pair's annotator [P] as an index
+    into `ids` (the distinct ids, as TokenizedPairs.annotator_ids)."""
+    values = log_posteriors(chosen, rejected, annotator, len(ids), pair_margin)
+    counts = torch.bincount(annotator, minlength=len(ids)).tolist()
+    return Annotators(tuple(ids), values, tuple(counts))
+
+
+def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, annotator: str | None = None,
+                        source: str = "the pairs") -> Annotators:
+    """The Annotators of scored labelled pairs (TokenizedPairs `tokenized`, outputs [P, N] each).
+    Pairs that name no annotators are the labels of one person, `annotator`; pairs that do take
+    no `annotator`. `source` names the pairs in messages."""
+    margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
+    chosen, rejected = torch.from_numpy(chosen), torch.from_numpy(rejected)
+    if tokenized.annotators is None:
+        if annotator is None:
+            raise MinqrError(f"{source} {NO_IDS}")
+        return annotators_from_pairs(chosen, rejected, torch.zeros(len(tokenized), dtype=torch.long), (annotator,),
+                                     margins)
+    if annotator is not None:
+        raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
+                         "names the one person of pairs that name none; drop it")
+    return annotators_from_pairs(chosen, rejected, torch.tensor(tokenized.annotators, dtype=torch.long),
+                                 tokenized.annotator_ids, margins)
+
+
+# ---- scoring: the personal columns of a scores file ------------------------------------------------
+
+@dataclass
+class PersonalScores:
+    """What scoring writes for the rows of known annotators (NaN rows elsewhere); None arrays and a
+    note when the data names annotators but the head has no kinds."""
+
+    posterior: np.ndarray | None = None  # [P, N] float32, q_a(k) of each row's annotator
+    probability: np.ndarray | None = None  # [P] float32, P_a(chosen ≻ rejected)
+    # [P, 2] float32: the personal expected reward of (chosen, rejected) relative to the reference
+    reward: np.ndarray | None = None
+    reference: str = ""  # what the rewards are relative to
+    notes: list = field(default_factory=list)
+
+    def arrays(self) -> dict:
+        """The scores file's personal arrays (minqr/study/scores_file.py), none without posteriors."""
+        if self.probability is None:
+            return {}
+        return {"personal_posterior": self.posterior, "personal_probability": self.probability,
+                "personal_reward": self.reward}
+
+
+def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected: np.ndarray,
+                    anchor: np.ndarray | None = None, annotator: str | None = None,
+                    context: Annotators | None = None) -> PersonalScores | None:
+    """The personal columns of scored pairs (TokenizedPairs `tokenized`, outputs [P, N] each, of a
+    model with HeadConfig `head` saved in `folder`): rows of an annotator the model knows (its
+    annotators.json) or the `context` annotators (labelled_annotators of --context); every row
+    `annotator`'s when given. The personal rewards are relative to `anchor` ([P, N], the outputs of
+    a reference reply per pair), else to the pair's two responses (their mean, kind by kind). None
+    when nothing was asked and the data names no annotators."""
+    asked = annotator is not None or context is not None
+    if not asked and tokenized.annotators is None:
+        return None
+    try:
+        check_personal(head.objective, head.num_quantiles)
+    except MinqrError as error:
+        if asked:
+            raise
+        return PersonalScores(notes=[f"note: the data names annotators, but no personal probabilities: {error}"])
+    known = Annotators.load(folder, head.num_quantiles)
+    known = known or Annotators((), torch.zeros(0, head.num_quantiles, dtype=torch.float64), ())
+    if context is not None:
+        known = known.merged(context)
+    if annotator is not None:
+        if known.resolve(annotator) is None:
+            raise MinqrError(f"annotator {annotator!r} is not known to {folder} (its annotators.json)"
+                             + (" nor labelled in --context" if context is not None else "")
+                             + ": run minqr personalize with their labels, or give them with --context")
+        ids = [known.resolve(annotator)] * len(tokenized)
+    else:
+        ids = [tokenized.annotator_ids[i] for i in tokenized.annotators]
+    rows = known.index(ids)  # [P], -1 for an annotator not known
+    have = (rows >= 0).numpy()
+    log_q = known.log_posteriors[rows[have]]  # [P', N]
+    result = PersonalScores(np.full(chosen.shape, np.nan, dtype=np.float32),
+                            np.full(chosen.shape[0], np.nan, dtype=np.float32),
+                            np.full((chosen.shape[0], 2), np.nan, dtype=np.float32),
+                            "the anchor reply" if anchor is not None else "the pair's mean, kind by kind")
+    if have.any():
+        _fill_known_rows(result, have, torch.from_numpy(chosen[have]), torch.from_numpy(rejected[have]), log_q,
+                         None if anchor is None else torch.from_numpy(anchor[have]))
+    missing = len(tokenized) - int(have.sum())
+    if missing:
+        result.notes.append(f"note: {missing:,} of {len(tokenized):,} rows are of annotators {folder} does not know: "
+                            "their personal columns are NaN (minqr personalize, or --context, gives them posteriors)")
+    return result
+
+
+def _fill_known_rows(result: PersonalScores, have: np.ndarray, c: torch.Tensor, r: torch.Tensor, log_q: torch.Tensor,
+                     anchor: torch.Tensor | None) -> None:
+    """The rows `have` of the personal columns, from their outputs c, r [P', N], their annotators'
+    log-posteriors [P', N] and the anchor [P', N] (or None: the pair's mean is the reference); and
+    the accuracy note."""
+    weights = log_q.exp()
+    result.posterior[have] = weights.numpy()
+    result.probability[have] = personal_preference(c, r, log_q).numpy()
+    if anchor is not None:
+        rewards = [statistic_values("mean", side, reference=anchor, weights=weights) for side in (c, r)]
+    else:
+        pair = torch.arange(len(c)).repeat(2)  # [2P'] the group of each response: its pair
+        rewards = statistic_values("mean", torch.cat([c, r]), group=pair, weights=weights.repeat(2, 1)).chunk(2)
+    result.reward[have] = torch.stack(rewards, dim=1).numpy()  # [P', 2]
+    # what knowing the annotator changes, on the rows where it is known
+    population = statistic_values("preference", c, reference=r)  # [P'] the mixture's P(c ≻ r)
+    personal = float(np.mean(_credit(result.probability[have])))
+    everyone = float(np.mean(_credit(population.numpy())))
+    result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows of "
+                        f"known annotators: {personal:.4f}; the population's on the same rows: {everyone:.4f}")

@@ -1,0 +1,169 @@
+"""minqr.distribution.personal against float64 posteriors written out here with Python floats,
+annotator by annotator and pair by pair; the batched pass against that loop; the saved file's
+round trip; the heads that have no kinds refused."""
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from minqr.atomic import MARKER, atomic_dir, check_replaceable
+from minqr.distribution.personal import (ANNOTATORS_FILE, Annotators, annotators_from_pairs, check_personal,
+                                         log_posteriors, personal_preference)
+from minqr.errors import MinqrError
+
+
+def log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def loop_log_posteriors(chosen, rejected, annotator, num_annotators, margin=None):
+    """log q_a(k) by the definition: for each annotator, for each kind, the sum over their pairs of
+    log sigma(h_k(c) - h_k(r) - m), then minus the log of the sum over kinds of its exponential."""
+    c, r, ids = chosen.double().tolist(), rejected.double().tolist(), annotator.tolist()
+    m = [0.0] * len(ids) if margin is None else margin.double().tolist()
+    n = len(c[0])
+    result = []
+    for a in range(num_annotators):
+        sums = [sum(log_sigmoid(c[j][k] - r[j][k] - m[j]) for j in range(len(ids)) if ids[j] == a)
+                for k in range(n)]
+        top = max(sums)
+        total = top + math.log(sum(math.exp(s - top) for s in sums))
+        result.append([s - total for s in sums])
+    return torch.tensor(result, dtype=torch.float64)
+
+
+@pytest.fixture
+def generator():
+    return torch.Generator().manual_seed(torch.seed() % 2**31)
+
+
+@pytest.mark.parametrize("n", [2, 5, 20])
+@pytest.mark.parametrize("with_margin", [False, True])
+def test_posteriors_against_the_loop(n, with_margin, generator):
+    p, a = 60, 7  # annotator 6 labels nothing: the uniform posterior
+    chosen = torch.randn(p, n, generator=generator) * 3
+    rejected = torch.randn(p, n, generator=generator) * 3
+    annotator = torch.randint(0, a - 1, (p,), generator=generator)
+    margin = torch.rand(p, generator=generator) if with_margin else None
+    got = log_posteriors(chosen, rejected, annotator, a, margin)
+    assert got.shape == (a, n) and got.dtype == torch.float64
+    torch.testing.assert_close(got, loop_log_posteriors(chosen, rejected, annotator, a, margin),
+                               rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got[a - 1], torch.full((n,), -math.log(n), dtype=torch.float64))
+
+
+def test_posterior_finds_the_kind_that_gave_the_labels(generator):
+    # 4 kinds that disagree; an annotator of kind 2 labels 40 pairs by that kind's rewards
+    chosen, rejected = torch.randn(40, 4, generator=generator) * 2, torch.randn(40, 4, generator=generator) * 2
+    flip = torch.rand(40, generator=generator) > torch.sigmoid(chosen[:, 2] - rejected[:, 2])
+    chosen[flip], rejected[flip] = rejected[flip].clone(), chosen[flip].clone()
+    q = log_posteriors(chosen, rejected, torch.zeros(40, dtype=torch.long), 1).exp()[0]
+    assert int(q.argmax()) == 2
+
+
+def test_personal_preference_against_the_loop(generator):
+    b, n = 9, 6
+    chosen, rejected = torch.randn(b, n, generator=generator), torch.randn(b, n, generator=generator)
+    log_q = torch.log_softmax(torch.randn(b, n, generator=generator, dtype=torch.float64) * 2, -1)
+    expected = [sum(math.exp(log_q[i, k].item()) / (1 + math.exp(-(chosen[i, k].item() - rejected[i, k].item())))
+                    for k in range(n)) for i in range(b)]
+    torch.testing.assert_close(personal_preference(chosen, rejected, log_q),
+                               torch.tensor(expected, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+
+
+def test_a_thousand_annotators_in_one_pass(generator, capsys):
+    """1,000 annotators x 100 pairs each: the batched pass equals the loop on a sample of them, and
+    its time is printed (pytest -s)."""
+    a, k, n = 1000, 100, 20
+    annotator = torch.arange(a).repeat_interleave(k)[torch.randperm(a * k, generator=generator)]  # [A*K] shuffled
+    chosen, rejected = torch.randn(a * k, n, generator=generator), torch.randn(a * k, n, generator=generator)
+    start = time.perf_counter()
+    got = log_posteriors(chosen, rejected, annotator, a)
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\nposteriors of {a:,} annotators x {k} pairs, N = {n}: {seconds * 1000:.1f} ms")
+    sample = [0, 17, 999]
+    rows = torch.isin(annotator, torch.tensor(sample))
+    index = torch.tensor([sample.index(i) for i in annotator[rows].tolist()])
+    torch.testing.assert_close(got[sample], loop_log_posteriors(chosen[rows], rejected[rows], index, len(sample)),
+                               rtol=1e-10, atol=1e-10)
+    assert seconds < 5.0  # a loop in Python per annotator and pair takes minutes
+
+
+def test_save_and_load_round_trip(tmp_path, generator):
+    ids = ["alice", 7, "bob", 0]
+    chosen, rejected = torch.randn(10, 3, generator=generator), torch.randn(10, 3, generator=generator)
+    annotators = annotators_from_pairs(chosen, rejected, torch.arange(10) % 4, tuple(ids))
+    assert annotators.ids == tuple(ids) and annotators.pairs == (3, 3, 2, 2)
+    annotators.save(tmp_path)
+    loaded = Annotators.load(tmp_path, num_kinds=3)
+    assert loaded.ids == annotators.ids and loaded.pairs == annotators.pairs
+    assert torch.equal(loaded.log_posteriors, annotators.log_posteriors)  # exactly: JSON keeps a float64
+    assert loaded.index(["bob", 7, "7", None, "carol"]).tolist() == [2, 1, -1, -1, -1]
+    assert Annotators.load(tmp_path / "nothing") is None  # a model without the file loads as before
+    with pytest.raises(MinqrError, match="3 kinds but the model has 5"):
+        Annotators.load(tmp_path, num_kinds=5)
+
+
+def test_merged_replaces_the_same_ids(generator):
+    one = Annotators(("a", "b"), torch.log_softmax(torch.randn(2, 3, generator=generator, dtype=torch.float64), -1),
+                     (4, 5))
+    two = Annotators(("b", 3), torch.log_softmax(torch.randn(2, 3, generator=generator, dtype=torch.float64), -1),
+                     (1, 2))
+    both = one.merged(two)
+    assert both.ids == ("a", "b", 3) and both.pairs == (4, 1, 2)
+    assert torch.equal(both.log_posteriors, torch.cat([one.log_posteriors[:1], two.log_posteriors]))
+
+
+def test_saving_into_a_folder_minqr_made_keeps_it_replaceable(tmp_path):
+    folder = tmp_path / "model"
+    with atomic_dir(folder) as staged:
+        (staged / "config.json").write_text("{}")
+    Annotators(("a",), torch.zeros(1, 1, dtype=torch.float64), (1,)).save(folder)
+    assert ANNOTATORS_FILE in json.loads((folder / MARKER).read_text())["contents"]
+    check_replaceable(folder)  # no MinqrError: minqr wrote everything there
+
+
+def test_bad_files_are_refused(tmp_path):
+    path = tmp_path / ANNOTATORS_FILE
+    for text in ("not json", '{"annotators": []}', '{"format": 1, "num_kinds": 2, "annotators": [{"id": 1.5, '
+                 '"pairs": 1, "log_posterior": [-0.6931471805599453, -0.6931471805599453]}]}',
+                 '{"format": 1, "num_kinds": 2, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0, 0]}]}',
+                 '{"format": 1, "num_kinds": 2, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0]}]}'):
+        path.write_text(text)
+        with pytest.raises(MinqrError, match=ANNOTATORS_FILE):
+            Annotators.load(tmp_path)
+
+
+def test_heads_without_kinds_are_refused():
+    check_personal("mixture", 4)
+    for objective, why in (("bradley_terry", "one kind"), ("independent", "not kinds"), ("paper", "not kinds")):
+        with pytest.raises(MinqrError, match=why):
+            check_personal(objective, 1 if objective == "bradley_terry" else 8)
+    with pytest.raises(MinqrError, match="N > 1"):
+        check_personal("mixture", 1)
+
+
+def test_bad_arguments(generator):
+    h = torch.randn(4, 3, generator=generator)
+    with pytest.raises(MinqrError, match="same shape"):
+        log_posteriors(h, h[:, :2], torch.zeros(4, dtype=torch.long), 1)
+    with pytest.raises(MinqrError, match="integer tensor"):
+        log_posteriors(h, h, torch.zeros(4), 1)
+    with pytest.raises(MinqrError, match=r"in 0\.\.1"):
+        log_posteriors(h, h, torch.tensor([0, 1, 2, 0]), 2)
+
+
+def test_personal_preference_is_a_probability_in_float32():
+    """Float32 posteriors sum to 1 only within rounding; a sure preference must still read at most 1
+    (scores files refuse more)."""
+    rng = np.random.default_rng(0)
+    n = 20
+    log_q = torch.log_softmax(torch.tensor(rng.normal(0, 3, (500, n))), -1).float()
+    chosen = torch.full((500, n), 40.0)
+    rejected = torch.full((500, n), -40.0)
+    p = personal_preference(chosen, rejected, log_q)
+    assert bool((p <= 1).all()) and bool((p >= 0).all())
