@@ -43,6 +43,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 # mkstemp/mkdtemp create private paths (0600/0700) on purpose; what we publish should have the
 # permissions of an ordinary file or folder, as the user's umask sets them.
@@ -260,7 +261,7 @@ def check_replaceable(path, option: str = "out") -> None:
     if not held:
         return
     try:
-        made = json.loads((path / MARKER).read_text())["contents"]
+        made = loads((path / MARKER).read_text())["contents"]
     except (OSError, ValueError, KeyError, TypeError):
         made = None
     if made is None:
@@ -310,7 +311,7 @@ def record_made(folder: Path, name: str) -> None:
     folder (nothing otherwise), so that the folder stays one that minqr may replace as a whole."""
     marker = Path(folder) / MARKER
     try:
-        made = json.loads(marker.read_text())["contents"]
+        made = loads(marker.read_text())["contents"]
     except (OSError, ValueError, KeyError, TypeError):
         return
     if name not in made:

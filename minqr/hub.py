@@ -5,6 +5,7 @@ dependency of `tokenizers`): first from the local cache (HF_HOME, no network), t
 downloading, which is announced. When the hub cannot be reached (no network, or HF_HUB_OFFLINE=1)
 the result is one MinqrError that says what to download and where to put it.
 """
+import re
 import sys
 from pathlib import Path
 
@@ -18,6 +19,11 @@ HH_RLHF_REPO = "Anthropic/hh-rlhf"
 # The subsets with chosen/rejected pairs (red-team-attempts, also in the repo, has another format).
 HH_RLHF_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
 HH_RLHF_SPLITS = ("train", "test")
+# What the hub takes as a model's name: NAME or OWNER/NAME of ASCII letters, digits, "_", "-" and "."
+# ("-" and "." neither first nor last; huggingface_hub also refuses ".." and "--"). Anything else
+# (./x, /x, ~/x, runs/demo/x) can only be a local path.
+_HUB_PART = r"[A-Za-z0-9_](?:[\w.-]*\w)?"
+HUB_ID = re.compile(rf"(?:{_HUB_PART}/)?{_HUB_PART}", re.ASCII)
 # What a backbone needs: config, safetensors weights (one file or shards), tokenizer files and the
 # chat template (in tokenizer_config.json, or a file of its own in newer repositories).
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
@@ -63,11 +69,13 @@ def fetch_model(name_or_path, announce=_print_to_stderr) -> Path:
     if path.exists():
         raise MinqrError(f"model {name_or_path!r} is a file; a model is a folder (config.json, "
                          "model.safetensors, tokenizer files) or a hub name such as gpt2")
-    if str(name_or_path).startswith((".", "/", "~")) or (path.parent != Path(".") and path.parent.is_dir()):
-        # looks like a local path (a hub id's owner is not a folder here): a typo, not a download
-        raise MinqrError(f"no such model folder: {name_or_path!r} (a model is a folder with "
-                         "config.json and model.safetensors, or a hub name such as gpt2)")
     name = str(name_or_path)
+    hub_like = HUB_ID.fullmatch(name) and ".." not in name and "--" not in name
+    if not hub_like or (path.parent != Path(".") and path.parent.is_dir()):
+        # a local path (a hub id's owner is not a folder here): a typo, never a download
+        missing = next(p for p in [*reversed(path.parents), path] if not p.exists())
+        raise MinqrError(f"no such model folder: {name!r} ({missing} does not exist; a model is a folder with "
+                         "config.json and model.safetensors, or a hub name such as gpt2 or Qwen/Qwen2.5-0.5B)")
     offline_help = (
         f"on a machine online run `hf download {name} {MODEL_FILES_TO_DOWNLOAD} "
         f"--local-dir DIR`, copy DIR here and pass --model DIR; or run the same command once on a "

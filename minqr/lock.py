@@ -32,6 +32,7 @@ from pathlib import Path
 
 from minqr.atomic import missing_folders, remove_empty, writing
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 WAIT_FOR_DESCRIPTION_S = 2.0  # a holder writes its description right after locking
 DESCRIPTION_KEYS = ("pid", "host", "command", "since")
@@ -55,7 +56,7 @@ def _description() -> dict:
 
 def _read_description(fd: int) -> dict | None:
     try:
-        holder = json.loads(os.pread(fd, 1 << 16, 0).decode())
+        holder = loads(os.pread(fd, 1 << 16, 0).decode())
     except ValueError:  # empty (the holder has not written it yet) or torn
         return None
     return holder if isinstance(holder, dict) and set(DESCRIPTION_KEYS) <= set(holder) else None

@@ -14,11 +14,18 @@ files (`--resume` says what to do this time, not how the run is set up).
 A config checks its values against these declarations with `check_options(self)` in its
 `__post_init__`, so that a config built in Python is held to the same ranges as the command line.
 Where a range needs saying why it is what it is, `out_of_range` words the error: the command line
-then leaves that option's range to the library, whose message carries the reason.
+then leaves that option's range to the library, whose message carries the reason. A float option
+is a finite number whatever its range (NaN would pass any unbounded option, and an infinite weight
+or margin only turns the loss into NaN later), on the command line and in `check_options` alike.
 """
+import math
 from dataclasses import MISSING, field, fields
 
 from minqr.errors import MinqrError
+
+# The seeds every command takes: numpy and torch refuse negative seeds, torch those beyond 64 bits (and
+# training also seeds seed + 1 + rank); 32 bits is what every seeding API takes.
+MAX_SEED = 2**32 - 1
 
 
 def option(default=MISSING, help: str = "", choices=None, *, low=None, high=None, low_open: bool = False,
@@ -32,6 +39,11 @@ def option(default=MISSING, help: str = "", choices=None, *, low=None, high=None
         "help": help, "choices": tuple(choices) if choices else None, "low": low, "high": high,
         "low_open": low_open, "high_open": high_open, "out_of_range": out_of_range, "flag": flag,
         "argument": argument, "in_file": in_file})
+
+
+def seed_option(help: str):
+    """The `seed` field of a command: 0 by default, from 0 to MAX_SEED."""
+    return option(0, help, low=0, high=MAX_SEED)
 
 
 def option_name(f) -> str:
@@ -49,9 +61,13 @@ def in_range(value, meta: dict) -> bool:
 
 def range_text(meta: dict) -> str:
     """[0, 1), (0, inf), ...: the range an option's declaration gives."""
-    low = "-inf" if meta["low"] is None else f"{meta['low']:g}"
-    high = "inf" if meta["high"] is None else f"{meta['high']:g}"
+    low = "-inf" if meta["low"] is None else _number(meta["low"])
+    high = "inf" if meta["high"] is None else _number(meta["high"])
     return f"{'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
+
+
+def _number(bound) -> str:
+    return str(bound) if isinstance(bound, int) else f"{bound:g}"  # a seed's 4294967295, not 4.29497e+09
 
 
 def check_options(config) -> None:
@@ -62,7 +78,9 @@ def check_options(config) -> None:
         value, meta = getattr(config, f.name), f.metadata
         if value is None or "choices" not in meta:
             continue
-        if meta["choices"] and value not in meta["choices"]:
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{option_name(f)} must be a finite number (got {value})")
+        elif meta["choices"] and value not in meta["choices"]:
             problems.append(f"{option_name(f)} must be one of {', '.join(meta['choices'])}, not {value!r}")
         elif (meta["low"] is not None or meta["high"] is not None) and not in_range(value, meta):
             if meta["out_of_range"]:

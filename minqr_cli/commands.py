@@ -22,6 +22,7 @@ from minqr import __version__
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.server import serve as serve_rewards
 from minqr.adapters.best_of_n import BestOfNConfig, best_of_n_to_file
+from minqr.errors import MinqrError
 from minqr.study.personalize import PersonalizeConfig, personalize as personalize_model
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
@@ -31,6 +32,7 @@ from minqr.synthetic.folder import SyntheticConfig, make_synthetic_task
 from minqr.training.config import RUN_FACTS, TrainConfig
 from minqr.training.interrupt import TrainingInterrupted
 from minqr.training.loop import train as train_model
+from minqr_cli.exits import INTERRUPTED, MinqrGroup, OptionsError
 from minqr_cli.options import CONTEXT, config_command
 
 
@@ -39,10 +41,14 @@ def train(options, given):
     """Train a scalar or quantile (distributional) reward model on preference pairs."""
     try:
         # only the options the user gave: --demo fills the others with its own defaults
-        summary = train_model(TrainConfig.from_options(**given))
+        config = TrainConfig.from_options(**given)
+    except MinqrError as error:  # the same in every process: under torchrun, process 0 says it
+        raise OptionsError(str(error)) from None
+    try:
+        summary = train_model(config)
     except TrainingInterrupted as error:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
         click.echo(f"Stopped: {error}", err=True)
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
     if summary.rank == 0:  # under torchrun, once
         click.echo(str(summary))
 
@@ -134,7 +140,7 @@ def serve(options, given):
     click.echo("stopped")
 
 
-@click.group("minqr", context_settings=CONTEXT)
+@click.group("minqr", cls=MinqrGroup, context_settings=CONTEXT)
 @click.version_option(__version__, "--version", "-V", prog_name="minqr")
 def main():
     """minqr: train and study reward models whose N outputs are the distribution of a response's

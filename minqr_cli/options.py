@@ -15,6 +15,7 @@ defaults (click's `default_map`). Each value is converted and checked by its opt
 and an error names the file and the key.
 """
 import json
+import math
 import types
 import typing
 from dataclasses import MISSING, fields
@@ -26,6 +27,8 @@ from click.core import ParameterSource
 
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.options import option_name
+from minqr.reading import loads
+from minqr_cli.exits import MinqrCommand
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -34,8 +37,9 @@ def config_command(config_class, name: str | None = None, ignored_keys=()):
     """Decorator: `function(options, given)` becomes a click command whose options are
     `config_class`'s fields and --config. `options` holds every field's value, `given` only those
     the user set (on the command line or in the file). A MinqrError becomes "Error: ..." and exit
-    status 1 (2 for a MinqrUsageError, as for any other misuse of the options). `name`: the
-    command's name [default: the function's, with dashes for underscores]. `ignored_keys` may
+    status 1 (2 for a MinqrUsageError, as for any other misuse of the options); Ctrl-C, status 130
+    (minqr_cli/exits.py). `name`: the command's name [default: the function's, with dashes for
+    underscores]. `ignored_keys` may
     appear in a config file without being options (a run's training_args.json records facts such as
     its number of processes)."""
     def decorate(function):
@@ -54,9 +58,9 @@ def config_command(config_class, name: str | None = None, ignored_keys=()):
             except MinqrError as error:
                 raise click.ClickException(str(error)) from None
 
-        return click.Command(name or function.__name__.replace("_", "-"), callback=callback,
-                             params=[_config_option(set(ignored_keys), command_line_only), *params],
-                             help=function.__doc__, context_settings=CONTEXT)
+        return MinqrCommand(name or function.__name__.replace("_", "-"), callback=callback,
+                            params=[_config_option(set(ignored_keys), command_line_only), *params],
+                            help=function.__doc__, context_settings=CONTEXT)
     return decorate
 
 
@@ -87,15 +91,33 @@ def _value_type(hint):
     return hint
 
 
+class _Finite:
+    """A float type that refuses NaN and the infinities (NaN passes click's range checks)."""
+
+    def convert(self, value, param, context):
+        number = super().convert(value, param, context)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, context)
+        return number
+
+
+class FiniteFloat(_Finite, click.types.FloatParamType):
+    pass
+
+
+class FiniteFloatRange(_Finite, click.FloatRange):
+    pass
+
+
 def _click_type(meta: dict, kind):
     if meta["choices"]:
         return click.Choice(meta["choices"])
     # A range with its own error (`out_of_range`) is the library's to check (minqr.options.check_options):
     # its message says why the range is what it is, and click's would not.
     if (meta["low"] is not None or meta["high"] is not None) and not meta["out_of_range"]:
-        bounded = click.IntRange if kind is int else click.FloatRange
+        bounded = click.IntRange if kind is int else FiniteFloatRange
         return bounded(meta["low"], meta["high"], min_open=meta["low_open"], max_open=meta["high_open"])
-    return kind
+    return FiniteFloat() if kind is float else kind
 
 
 # -- config files ---------------------------------------------------------------------------------
@@ -115,7 +137,9 @@ def read_config_file(path: Path) -> dict:
     """The mapping in a .json, .yaml or .yml file (JSON for any other name)."""
     try:
         text = path.read_text(encoding="utf-8")
-        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else loads(text)
+    except RecursionError:  # YAML nested too deep for its parser (JSON is bounded by minqr.reading)
+        raise click.BadParameter(f"{path} is nested too deep to be a config file", param_hint="'--config'") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
         raise click.BadParameter(f"{path} is not a readable {'YAML' if path.suffix in ('.yaml', '.yml') else 'JSON'} "
                                  f"file: {error}", param_hint="'--config'") from None
@@ -144,8 +168,32 @@ def _file_defaults(context: click.Context, path: Path, ignored_keys: set, comman
                                      param_hint="'--config'")
         if value is not None:
             try:
-                value = by_name[name].type_cast_value(context, value)
+                value = by_name[name].type_cast_value(context, _as_typed(by_name[name], value))
             except click.BadParameter as error:
                 raise click.BadParameter(f"{path}: {key}: {error.message}", param_hint="'--config'") from None
         defaults[by_name[name].name] = value
     return defaults
+
+
+def _as_typed(param: click.Parameter, value):
+    """A config file's value as the command line would have typed it, so that the option's own type
+    converts and checks it as it does the command line's: a number as its text (`seed: 3.7` is
+    "3.7", no integer), true/false for a flag only, a list for an option of several values only."""
+    if getattr(param, "is_flag", False):
+        if not isinstance(value, bool):
+            raise click.BadParameter(f"{value!r} is not true or false (a switch).")
+        return value
+    several = param.nargs != 1 or getattr(param, "multiple", False)
+    if several and isinstance(value, str):
+        return (value,)
+    if several and isinstance(value, list):
+        return tuple(_as_typed_one(item) for item in value)
+    if several:
+        raise click.BadParameter(f"{value!r} is not a list of values.")
+    return _as_typed_one(value)
+
+
+def _as_typed_one(value) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise click.BadParameter(f"expects one value, not a {type(value).__name__} ({value!r:.60}).")
+    return str(value)

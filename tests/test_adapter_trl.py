@@ -153,3 +153,13 @@ def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_
                         processing_class=policy_tokenizer,
                         train_dataset=datasets.Dataset.from_dict({"prompt": PROMPTS}))
 
+
+
+def test_a_template_that_fails_is_one_error_naming_it(tmp_path):
+    """The chat template of the reward model is code from its folder: whatever it raises is one
+    MinqrError naming the template (minqr/data/chat.py), here as in training and scoring."""
+    folder, _, _ = tiny_reward_folder(tmp_path, template="{{ messages[0]['content'] }}{{ 1 / 0 }}")
+    rewards = TextRewards.load(folder)
+    with pytest.raises(MinqrError, match=r"a prompt and completion: the chat template of .* refuses this conversation "
+                                         r"\(ZeroDivisionError: division by zero\)"):
+        rewards.text([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])

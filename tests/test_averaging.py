@@ -135,8 +135,10 @@ def test_defaults_and_checks(inputs, tmp_path):
     assert config(objective="independent").ema_window == pytest.approx(1 / 3)
     assert config(objective="paper").ema_window == 0 and config(head="scalar").ema_window == 0
     assert config(head="scalar", ema_window=0.25).ema_window == 0.25
-    for bad in (-0.1, 0.6, float("nan")):
+    for bad in (-0.1, 0.6):
         with pytest.raises(MinqrError) as error:
             config(ema_window=bad)
         assert str(error.value) == (f"--ema-window is a share of the steps in [0, 0.5], 0 for no averaging (got {bad}): "
                                     "a longer window would keep too much of the weights at the end of the warm-up")
+    with pytest.raises(MinqrError, match=r"^--ema-window must be a finite number \(got nan\)$"):
+        config(ema_window=float("nan"))  # as every float option (minqr.options.check_options)

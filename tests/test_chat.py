@@ -3,6 +3,7 @@
 Qwen2 (ChatML), Mistral-instruct and Zephyr; the response starts and shared prefixes of rendered
 pairs; what a refusing template, a missing EOS and HH-style strings give."""
 import json
+import time
 
 import pytest
 import transformers
@@ -12,6 +13,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 
 from minqr import MinqrError, load_tokenizer
 from minqr.data.batching import tokenize_pairs
+from minqr.models import template_limits
 from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import read_pairs_file
 
@@ -191,9 +193,67 @@ def test_a_refusing_template_names_the_pair(tmp_path):
     with pytest.raises(MinqrError) as caught:
         tokenize_pairs(pairs, ours, max_length=100)
     assert str(caught.value) == (
-        f"{path}:2: the chat template refuses this conversation (Conversation roles must alternate "
-        "user/assistant/user/assistant/...): fix the conversation (most templates want user and assistant turns to "
-        "alternate, a system message first), or remove the pair")
+        f"{path}:2: the chat template of {tmp_path / 'mistral'} refuses this conversation (Conversation roles must "
+        "alternate user/assistant/user/assistant/...). " + TEMPLATE_DECIDES)
+
+
+TEMPLATE_DECIDES = ("The template decides this: if it names a rule that the conversation breaks (most templates want "
+                    "user and assistant turns to alternate, a system message first), fix or remove the pair; else fix "
+                    "the template, or remove it to use the texts as they are")
+# templates that fail in their own code, and the error each raises in Jinja's sandbox
+BROKEN_TEMPLATES = {
+    "huge range": ("{% for i in range(10**9) %}{% endfor %}", "OverflowError: Range too big"),
+    "recursive macro": ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", "RecursionError: maximum recursion"),
+    "include": ("{% include 'other.jinja' %}", "TypeError: no loader for this environment specified"),
+    "import": ("{% import 'macros.jinja' as m %}", "TypeError: no loader for this environment specified"),
+    "division": ("{{ messages | length / 0 }}", "ZeroDivisionError: division by zero"),
+    # the bounds of minqr/models/template_limits.py, made small here (2 s, 100,000 characters)
+    "endless loops": ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+                      "RenderLimitExceeded: rendering took more than 2 s (a loop that does not end?)"),
+    "endless output": ("{% for i in range(100000) %}{{ messages[0]['content'] }}{% endfor %}",
+                       "RenderLimitExceeded: it writes more than 100,000 characters"),
+    "huge string": ("{{ 'x' * 10**10 }}", "RenderLimitExceeded: it makes a value of 10,000,000,000 items"),
+    "doubling": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
+                 "RenderLimitExceeded: it makes a value of 131,072 items"),
+    "huge power": ("{{ 10 ** (10 ** 12) }}", "RenderLimitExceeded: it makes a value of 1,000,000,000,000 digits"),
+}
+
+
+@pytest.mark.parametrize("name", BROKEN_TEMPLATES)
+def test_whatever_a_template_raises_is_its_refusal_named_with_the_template(tmp_path, name, monkeypatch):
+    """Every exception of a template's code, and every bound on its time and output, is the same
+    one-line refusal naming the pair and the template (it used to be a traceback, or a hang)."""
+    source, error = BROKEN_TEMPLATES[name]
+    monkeypatch.setattr(template_limits, "RENDER_SECONDS", 2.0)
+    monkeypatch.setattr(template_limits, "MAX_RENDERED_CHARS", 100_000)
+    folder = write_chat_tokenizer(tmp_path / "tok", "chatml")
+    (folder / "chat_template.jinja").write_text(source)
+    ours = load_tokenizer(folder)
+    path = write_records(tmp_path / "pairs.jsonl", LAYOUTS["implicit"])
+    pairs, _ = read_pairs_file(path)
+    started = time.monotonic()
+    with pytest.raises(MinqrError) as caught:
+        tokenize_pairs(pairs, ours, max_length=100)
+    assert time.monotonic() - started < 30
+    message = str(caught.value)
+    assert message.startswith(f"{path}:1: the chat template of {folder} refuses this conversation ({error}"), message
+    assert message.endswith(TEMPLATE_DECIDES)
+
+
+def test_a_template_that_drops_the_response_is_refused(tmp_path):
+    """A template that leaves the final response out renders chosen and rejected alike: refused after
+    rendering, not trained on at accuracy 0.5."""
+    folder = write_chat_tokenizer(tmp_path / "tok", "chatml")
+    (folder / "chat_template.jinja").write_text(
+        "{% for message in messages %}{% if message['role'] == 'user' %}{{ message['content'] }}{% endif %}"
+        "{% endfor %}")
+    path = write_records(tmp_path / "pairs.jsonl", LAYOUTS["implicit"])
+    pairs, _ = read_pairs_file(path)
+    assert all(pair.chosen != pair.rejected for pair in pairs)
+    with pytest.raises(MinqrError) as caught:
+        tokenize_pairs(pairs, load_tokenizer(folder), max_length=100)
+    assert str(caught.value).startswith(f"{path}:1: the chat template of {folder} renders the chosen and the "
+                                        "rejected conversation as the same text")
 
 
 def test_eos_and_pad_from_the_config_files(tmp_path):

@@ -7,20 +7,26 @@ what the command line passes them matters.
 """
 import dataclasses
 import json
+import math
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from factories import load_tool
+from factories import ROOT, load_tool
 from test_train import as_argv, tiny_options, write_run_inputs
 
 import minqr
 import minqr_cli.commands as commands
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.best_of_n import BestOfNConfig
+from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig
 from minqr.study.scoring import ScoreConfig
@@ -184,3 +190,147 @@ def test_config_keys_may_be_option_names(monkeypatch, tmp_path):
         assert invoke("analyze", "--config", config).exit_code == 0
     assert [kwargs["n_resamples"] for _, kwargs in calls] == [7, 7]
     assert [args for args, _ in calls] == [(("a.npz",), "r")] * 2
+
+
+def test_config_file_values_are_converted_as_the_command_line_converts_them(tmp_path):
+    """A file's value is what the command line would have typed: no float truncated into an integer,
+    no true counted as 1, one value for a one-value option, true/false for a switch only."""
+    config = tmp_path / "c.yaml"
+    cases = [
+        ("seed: 3.7", "seed: '3.7' is not a valid integer range"),
+        ("epochs: true", "epochs: expects one value, not a bool (True)"),
+        ("lr: [1, 2]", "lr: expects one value, not a list ([1, 2])"),
+        ("lr: {a: 1}", "lr: expects one value, not a dict"),
+        ("grad_checkpoint: 2", "grad_checkpoint: 2 is not true or false (a switch)"),
+        ("lr: .nan", "lr: 'nan' is not a finite number"),
+        ("center_coef: .inf", "center_coef: 'inf' is not a finite number"),
+        ("seed: 99999999999999999999", "seed: 99999999999999999999 is not in the range 0<=x<=4294967295"),
+    ]
+    for line, message in cases:
+        config.write_text(line + "\n")
+        result = invoke("train", "--config", config)
+        assert result.exit_code == 2, result.output
+        assert f"Invalid value for '--config': {config}: {message}" in " ".join(result.output.split()), result.output
+    # what the command line would take, a file takes: numbers as YAML or JSON writes them
+    calls = []
+    for text in ("seed: 3\nlr: 1e-5\nmax_steps: 4\ngrad_checkpoint: true\nhead: scalar\n",
+                 json.dumps({"seed": 3, "lr": 1e-05, "max_steps": 4, "grad_checkpoint": True, "head": "scalar"})):
+        config.write_text(text)
+        with pytest.MonkeyPatch.context() as patch:
+            calls = record(patch, "train_model", returns=types.SimpleNamespace(rank=1))
+            assert invoke("train", "--config", config).exit_code == 0
+        ((given,), _), = calls
+        assert (given.seed, given.lr, given.max_steps, given.grad_checkpoint) == (3, 1e-5, 4, True)
+
+
+def test_analyze_scores_may_be_one_name_or_a_list_in_a_file(monkeypatch, tmp_path):
+    calls = record(monkeypatch, "analyze")
+    config = tmp_path / "c.yaml"
+    for scores in ("a.npz", "[a.npz]"):
+        config.write_text(f"scores: {scores}\nout: r\n")
+        assert invoke("analyze", "--config", config).exit_code == 0
+    config.write_text("scores: 3\nout: r\n")
+    result = invoke("analyze", "--config", config)
+    assert result.exit_code == 2 and "scores: 3 is not a list of values" in result.output
+    assert [args for args, _ in calls] == [(("a.npz",), "r")] * 2
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--seed", "-1"], ["'--seed'", "-1 is not in the range 0<=x<=4294967295"]),
+    (["train", "--seed", "99999999999999999999"], ["'--seed'", "is not in the range 0<=x<=4294967295"]),
+    (["synthetic", "--out", "x", "--seed", "-1"], ["'--seed'", "0<=x<=4294967295"]),
+    (["analyze", "a.npz", "--out", "r", "--seed", "4294967296"], ["'--seed'", "0<=x<=4294967295"]),
+    (["analyze", "a.npz", "--out", "r", "--eps", "nan"], ["'--eps'", "'nan' is not a finite number"]),
+    (["analyze", "a.npz", "--out", "r", "--confidence", "nan"], ["'--confidence'", "'nan' is not a finite number"]),
+    (["train", "--lr", "nan"], ["'--lr'", "'nan' is not a finite number"]),
+    (["train", "--center-coef", "inf"], ["'--center-coef'", "'inf' is not a finite number"]),
+    (["train", "--margin", "-inf"], ["'--margin'", "'-inf' is not a finite number"]),
+    (["train", "--bag-coef", "NaN"], ["'--bag-coef'", "'NaN' is not a finite number"]),
+])
+def test_seeds_and_floats_are_checked_before_anything_runs(monkeypatch, argv, words):
+    """Every seed has one range, every float option refuses NaN and the infinities: usage errors
+    (status 2) before the job starts (the job here is a recorder that must not be called)."""
+    calls = [record(monkeypatch, name) for name in ("train_model", "make_synthetic_task", "analyze")]
+    result = invoke(*argv)
+    assert result.exit_code == 2 and all(word in result.output for word in words), result.output
+    assert calls == [[], [], []]
+
+
+def test_configs_built_in_python_are_checked_as_the_command_line(tmp_path):
+    for options, message in [({"center_coef": math.inf}, "--center-coef must be a finite number (got inf)"),
+                             ({"lr": math.nan}, "--lr must be a finite number (got nan)"),
+                             ({"seed": -1}, "--seed must be in [0, 4294967295] (got -1)"),
+                             ({"seed": 2**64}, "--seed must be in [0, 4294967295] (got 18446744073709551616)")]:
+        with pytest.raises(MinqrError, match=re.escape(message)):
+            TrainConfig(**options)
+
+
+def test_a_deeply_nested_config_file_is_a_usage_error(tmp_path):
+    for name, text in (("c.json", '{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+                       ("c.yaml", "seed: " + "[" * 100_000 + "]" * 100_000 + "\n")):
+        config = tmp_path / name
+        config.write_text(text)
+        result = invoke("train", "--config", config)
+        assert result.exit_code == 2 and f"Invalid value for '--config': {config}" in result.output, result.output
+        assert "nested" in result.output and "Traceback" not in result.output
+
+
+# ---- how a command ends (minqr_cli/exits.py) ---------------------------------------------------
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="watches the process's open files in /proc")
+def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
+    """A real SIGINT while train reads its data (before training, whose Ctrl-C test_train covers):
+    status 130, the shell's 128 + SIGINT, and one line; not click's "Aborted!" and status 1."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    line = Path(inputs["data"]).read_text().splitlines()[0]
+    data = tmp_path / "many.jsonl"
+    data.write_text((line + "\n") * 200_000)  # seconds of reading
+    options = tiny_options(inputs, tmp_path / "run", data=str(data))
+    process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(options)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while str(data.resolve()) not in _open_files(process.pid):
+            assert process.poll() is None, process.communicate()
+            assert time.monotonic() < deadline, "the data file was not opened within 2 minutes"
+            time.sleep(0.005)
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, (stdout, stderr)
+    assert stderr.strip().splitlines()[-1] == "Stopped: interrupted (Ctrl-C)", stderr
+    assert "Aborted!" not in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _open_files(pid: int) -> set:
+    """The paths of the files process `pid` holds open (those that close meanwhile left out)."""
+    paths = set()
+    try:
+        for entry in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                paths.add(os.readlink(entry))
+            except OSError:  # closed since the listing
+                pass
+    except OSError:  # the process ended
+        pass
+    return paths
+
+
+def test_under_torchrun_process_0_alone_prints_an_error_of_the_options(monkeypatch, tmp_path):
+    """Every process of a torchrun job parses the same options: a mistake in them is printed by
+    process 0 only, and every process exits with its status (other errors: every process)."""
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": 3.7}')
+    cases = [(["train", "--lr", "nan"], 2, "'nan' is not a finite number"),
+             (["train", "--config", config], 2, "seed: '3.7' is not a valid integer"),
+             (["train", "--warmup", "5"], 1, "--warmup is a fraction of the steps")]
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        for argv, status, message in cases:
+            result = invoke(*argv)
+            assert result.exit_code == status, result.output
+            assert (message in result.output) == (rank == "0"), (rank, result.output)
+    result = invoke("export", "--model", tmp_path, "--out", tmp_path / "x")  # not an error of the options
+    assert result.exit_code == 1 and "nothing to export" in result.output

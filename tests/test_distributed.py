@@ -60,3 +60,20 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     # only process 0 wrote: one line per step and evaluation, one checkpoint
     assert len(got) == 4 + 2
     assert sorted(p.name for p in double.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint"]
+
+
+@pytest.mark.slow  # two torchrun jobs of two processes (test_cli covers the rule with RANK set by hand)
+def test_under_torchrun_an_error_of_the_options_is_printed_once(tmp_path):
+    """Every process checks the same options; process 0 alone says what is wrong, and the job
+    fails. (torchrun then prints its own ChildFailedError traceback, which no child can prevent
+    while it exits non-zero.)"""
+    config = tmp_path / "c.json"
+    config.write_text('{"seed": 3.7}')
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv, message in [(["--warmup", "5"], "Error: --warmup is a fraction of the steps, in [0, 1) (got 5.0)"),
+                          (["--config", str(config)], "seed: '3.7' is not a valid integer")]:
+        result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(ROOT / "tools" / "train.py"), *argv],
+                                capture_output=True, text=True, env=environment, timeout=300)
+        assert result.returncode != 0
+        assert (result.stdout + result.stderr).count(message) == 1, result.stdout + result.stderr

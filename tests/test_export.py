@@ -166,6 +166,9 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
         (["--model", str(scalar), "--scalar", "--out", str(out)], ["already a scalar reward model"]),
         (["--model", str(source), "--scalar", "--out", str(source)], ["is the model folder itself"]),
         (["--model", str(no_weights), "--scalar", "--out", str(out)], ["no weights in", "model.safetensors"]),
+        # a typo in a middle folder: a path, never a hub id (it used to reach huggingface_hub's id check)
+        (["--model", str(tmp_path / "runs" / "dmeo" / "quantile"), "--scalar", "--out", str(out)],
+         [f"no such model folder: '{tmp_path}/runs/dmeo/quantile' ({tmp_path}/runs does not exist;"]),
     ]
     for argv, words in cases:
         result = CliRunner().invoke(load_tool("export"), argv)

@@ -3,6 +3,7 @@ that says what to download and where. No test here reaches the network: the hub 
 mode with an empty (or hand-made) cache in a temporary folder."""
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,21 @@ def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, offline_hub, mon
     # an owner/name hub id whose owner is no local folder still goes to the hub (here: offline)
     with pytest.raises(MinqrError, match="not a local folder"):
         hub.fetch_model("openai-community/gpt2", announce=pytest.fail)
+
+
+def test_a_typo_in_a_middle_folder_names_the_folder_that_is_missing(tmp_path, offline_hub, monkeypatch):
+    """runs/dmeo/quantile has two slashes: no hub id has, so it is a path, and the error names the
+    first folder on it that does not exist (it used to reach huggingface_hub's id check)."""
+    (tmp_path / "runs" / "demo" / "quantile").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    for typo, missing in [("runs/dmeo/quantile", "runs/dmeo"), ("runz/demo/quantile", "runz"),
+                          (f"{tmp_path}/runs/dmeo/quantile", f"{tmp_path}/runs/dmeo"),
+                          ("./dmeo/quantile", "dmeo"), ("runs/demo/quantile/", None), ("my model", "my model"),
+                          ("-gpt2", "-gpt2"), ("a..b", "a..b"), ("runs\\demo", "runs\\demo")]:
+        if missing is None:  # a trailing slash on a folder that exists is that folder
+            assert hub.fetch_model(typo) == Path("runs/demo/quantile")
+            continue
+        with pytest.raises(MinqrError) as caught:
+            hub.fetch_model(typo, announce=pytest.fail)
+        assert str(caught.value).startswith(f"no such model folder: {typo!r} ({missing} does not exist;"), \
+            str(caught.value)

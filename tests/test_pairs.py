@@ -145,6 +145,11 @@ BAD_LINES = [
     (b'{"chosen": "\xff\xfe", "rejected": "b"}', "malformed_lines", ["not UTF-8"]),
     ('["chosen", "rejected"]', "malformed_lines", ["expected a JSON object", "list"]),
     ("17", "malformed_lines", ["expected a JSON object", "int"]),
+    # nesting that Python's JSON parser recursed on until a RecursionError
+    ('{"chosen": ' + "[" * 100_000 + "]" * 100_000 + ', "rejected": "b"}', "malformed_lines",
+     ["malformed JSON (nested deeper than 100 levels at column 111)"]),
+    ('{"chosen": "a", "rejected": ' + '{"x": ' * 5000 + "1" + "}" * 5000 + "}", "malformed_lines",
+     ["malformed JSON (nested deeper than 100 levels at column"]),
     (json.dumps({"rejected": "b"}), "bad_fields", ["missing field 'chosen'"]),
     (json.dumps({"chosen": "a"}), "bad_fields", ["missing field 'rejected'"]),
     (json.dumps({"chosen": 3, "rejected": "b"}), "bad_fields", ["'chosen' must be a string", "int"]),

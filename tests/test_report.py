@@ -2,6 +2,8 @@
 and a clear message with a non-zero exit for every kind of bad input."""
 import json
 import math
+import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from click.testing import CliRunner
 from scipy.stats import binomtest, norm
 
 from factories import load_tool
+from minqr.errors import MinqrError
 from minqr.study import analysis, figures
 from minqr.study.bootstrap import resample_indices
 from minqr.study.divergences import histogram_kl
@@ -278,13 +281,23 @@ def write_npz(path, **arrays):
                                                            "num_quantiles": 2, "minqr_version": "0"})))],
      "differ in shape"),
     (lambda d, f: [f[1], f[1]], "same table cell"),
+    # once "Aborted!" (numpy's EOFError) and numpy's advice to load with allow_pickle
+    (lambda d, f: [write_bytes(d / "empty.npz", b"")], "empty.npz is empty (0 bytes), not a minqr scores file"),
+    (lambda d, f: [write_bytes(d / "pickle.npz", pickle.dumps({"chosen": 1}))], "pickle.npz is not a .npz archive"),
+    (lambda d, f: [write_npz(d / "objects.npz", chosen=np.zeros((3, 2)), metadata=np.array({"a": 1}, dtype=object))],
+     "'metadata' is malformed or holds Python objects, which only pickle could read (minqr never unpickles"),
 ])
 def test_bad_input_fails_clearly(study, make, message):
     folder, files = study
     result = run([*make(folder, files), "--out", folder / "out"])
     assert result.exit_code == 1
     assert message in result.output and "Error:" in result.output
-    assert "Traceback" not in result.output
+    assert "Traceback" not in result.output and "Aborted!" not in result.output and "allow_pickle" not in result.output
+
+
+def write_bytes(path, content: bytes):
+    path.write_bytes(content)
+    return path
 
 
 def test_quantile_view_of_a_scalar_model(study):
@@ -384,3 +397,14 @@ def test_the_summary_says_when_two_models_cannot_be_compared():
     difference = {"model": "b", "reference": "a", "value": float("nan"), "ci_low": None, "ci_high": None}
     line = _comparison("histogram KL", difference, {"value": float("inf")}, {"value": 1.5})
     assert line == "By histogram KL, b and a cannot be compared: their paired difference is nan (see the tables)."
+
+
+def test_options_of_an_analysis_called_from_python_are_checked_as_the_command_line(study):
+    """`analyze --eps nan` once reported KL 0.000 and exit 0: NaN passes `eps >= 0`. The command line
+    refuses it (test_cli), and so does the library."""
+    folder, files = study
+    for options, message in [({"eps": math.nan}, "--eps must be a finite number (got nan)"),
+                             ({"confidence": 1.0}, "--confidence must be in (0, 1) (got 1.0)"),
+                             ({"seed": -1}, "--seed must be in [0, 4294967295] (got -1)")]:
+        with pytest.raises(MinqrError, match=re.escape(message)):
+            analyze(files[:1], folder / "out", **options)

@@ -107,7 +107,7 @@ def test_foreign_npz_files(tmp_path):
         load_scores(other)
     garbage = tmp_path / "garbage.npz"
     garbage.write_bytes(b"definitely not a zip archive")
-    with pytest.raises(MinqrError, match="not a minqr scores file.*numpy cannot read"):
+    with pytest.raises(MinqrError, match="is not a .npz archive .* so not a minqr scores file"):
         load_scores(garbage)
     plain_array = tmp_path / "array.npz"
     with open(plain_array, "wb") as f:
@@ -191,6 +191,8 @@ def test_bad_jsonl(tmp_path):
         "a missing side": (lines[:2] + ['{"chosen": [1.0, 2.0]}'], r"s\.jsonl:3: 'rejected' must be a list"),
         "uneven widths": (lines[:2] + ['{"chosen": [1.0], "rejected": [1.0]}'], r"different numbers of outputs"),
         "no pairs": (lines[:1], r"no pairs after the metadata line"),
+        "deep nesting": (lines[:2] + ['{"chosen": ' + "[" * 100_000], r"s\.jsonl:3: not JSON \(nested deeper than 100"),
+        "deep metadata": (["[" * 100_000] + lines[1:], r"s\.jsonl:1: not a minqr scores file"),
         "no metadata": (lines[1:], r"s\.jsonl:1: not a minqr scores file"),
         "nothing": ([], r"empty, not a minqr scores file"),
     }

@@ -546,3 +546,31 @@ def test_score_texts_scores_in_eval_mode_and_gives_the_mode_back(tokenizer):
         model.train(training)
         np.testing.assert_allclose(score_texts(model, token_lists, batch_size=4), expected, atol=1e-5, rtol=1e-5)
         assert all(module.training == training for module in model.modules())
+
+
+def test_refusals_that_need_nothing_read_make_no_folder(tmp_path, quantile_folder, data_file):
+    """A bad --out name is refused before the lock beside --out is made, so no folder appears."""
+    out = tmp_path / "new" / "sub" / "x.txt"
+    result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file),
+                                             "--out", str(out)])
+    assert result.exit_code == 1 and f"out {out}: a scores file's name ends in .npz" in result.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_deep_json_and_a_mistyped_model_path_are_one_line_errors(tmp_path, quantile_folder, data_file, monkeypatch):
+    lines = data_file.read_text().splitlines()
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n".join(lines[:2] + ['{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"] + lines[2:]) + "\n")
+    argv = ["--model", str(quantile_folder), "--data", str(deep), "--out", str(tmp_path / "s.npz")]
+    result = CliRunner().invoke(SCORE, argv)
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"Error: {deep}:3: malformed JSON (nested deeper than 100 levels at column 111)")
+    result = CliRunner().invoke(SCORE, argv + ["--skip-bad"])
+    assert result.exit_code == 0 and "skipped 1 malformed lines" in result.output, result.output
+    assert load_scores(tmp_path / "s.npz").num_pairs == len(lines)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    result = CliRunner().invoke(SCORE, ["--model", "runs/dmeo/quantile", "--data", str(data_file),
+                                             "--out", "s.npz"])
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output

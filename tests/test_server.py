@@ -210,6 +210,7 @@ BAD_BODIES = [
     (b"{not json", "not JSON"),
     (b"\xff\xfe", "not JSON"),
     (b"[1, 2]", "JSON object"),
+    (b'{"query": ' + b"[" * 1500, "not JSON (nested deeper than 100 levels"),  # once a RecursionError
     (b'{"prompts": ["a"]}', "no 'query'"),
     (b'{"query": "a text"}', "list of strings"),
     (b'{"query": [1]}', "must be a string"),

@@ -113,8 +113,8 @@ def test_help_lists_every_option():
 @pytest.mark.parametrize("argv, exit_code, words", [
     (["--head", "medium"], 2, ["--head", "medium"]),
     (["--lr", "-1"], 1, ["--lr"]),
-    (["--lr", "nan"], 1, ["--lr"]),
-    (["--lr", "inf"], 1, ["--lr must be positive and at most 1e+30 (got inf"]),
+    (["--lr", "nan"], 2, ["'--lr'", "'nan' is not a finite number"]),
+    (["--lr", "inf"], 2, ["'--lr'", "'inf' is not a finite number"]),
     (["--lr", "1e39"], 1, ["--lr must be positive and at most 1e+30 (got 1e+39"]),
     (["--num-quantiles", "100000"], 1, ["--num-quantiles", "num_quantiles=100000 must be an integer from 1 to 256"]),
     (["--warmup", "5"], 1, ["--warmup", "fraction"]),
@@ -688,3 +688,64 @@ def test_bfloat16_parameters(inputs, tmp_path):
         assert {t.dtype for t in weights.values()} == {getattr(torch, dtype)}
     assert runs["bfloat16"] == pytest.approx(runs["float32"], rel=2e-2)
     assert runs["bfloat16"] != runs["float32"]  # it did compute in bfloat16
+
+
+def test_deep_json_is_a_bad_line_and_a_mistyped_model_path_names_its_folder(inputs, tmp_path, monkeypatch):
+    lines = Path(inputs["data"]).read_text().splitlines()
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("\n".join(lines[:4] + ['{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"] + lines[4:]) + "\n")
+    options = tiny_options(inputs, tmp_path / "run", data=str(deep), max_steps=2)
+    result = CliRunner().invoke(TRAIN, as_argv(options))
+    assert result.exit_code == 1, result.output
+    assert f"Error: {deep}:5: malformed JSON (nested deeper than 100 levels at column 111)" in result.output
+    result = CliRunner().invoke(TRAIN, as_argv(options) + ["--skip-bad"])
+    assert result.exit_code == 0, result.output
+    assert "40 pairs from" in result.output and "skipped 1 malformed lines" in result.output
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    result = CliRunner().invoke(TRAIN, as_argv({**options, "model": "runs/dmeo/quantile", "out": "new"}))
+    assert result.exit_code == 1 and result.output.startswith(
+        "Error: --model: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output
+
+
+def test_rendering_is_said_once_done_and_a_refusing_template_is_blamed(inputs, tmp_path):
+    """"N conversations rendered with the tokenizer's chat template" comes after the rendering: a
+    template that fails on the first pair stops the run before that line is printed."""
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(inputs["tokenizer"], tokenizer)
+    (tokenizer / "chat_template.jinja").write_text(
+        "{% for message in messages %}{{ message['content'] }}{% endfor %}{{ 1 / (messages | length - 2) }}")
+    turns = [{"role": "user", "content": "Hi"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"chosen": turns + [{"role": "assistant", "content": f"Hello {k}."}],
+                                        "rejected": turns + [{"role": "assistant", "content": "Go."}]}) + "\n"
+                            for k in range(16)))
+    options = tiny_options(inputs, tmp_path / "run", tokenizer=str(tokenizer), data=str(data), eval_data=str(data),
+                           max_steps=1)
+    result = CliRunner().invoke(TRAIN, as_argv(options))
+    assert result.exit_code == 1
+    assert "rendered with" not in result.output
+    assert f"Error: {data}:1: the chat template of {tokenizer} refuses this conversation (ZeroDivisionError: " \
+           "division by zero). The template decides this" in result.output, result.output
+    (tokenizer / "chat_template.jinja").write_text("{% for message in messages %}{{ message['content'] }}{% endfor %}")
+    result = CliRunner().invoke(TRAIN, as_argv(options))
+    assert result.exit_code == 0, result.output
+    assert "train: 16 conversations rendered with the tokenizer's chat template" in result.output
+
+
+@pytest.mark.parametrize("cause", ["bag_coef", "margin"])
+def test_a_divergence_names_a_huge_weight_or_margin_rather_than_the_learning_rate(inputs, tmp_path, cause):
+    options = tiny_options(inputs, tmp_path / "run", max_steps=4, save_every=100, head="scalar")
+    if cause == "bag_coef":
+        options["bag_coef"], expected = 1e38, "The likely cause: --bag-coef 1e+38, far too large: lower it"
+    else:
+        data = tmp_path / "margins.jsonl"
+        records = [json.loads(line) for line in Path(inputs["data"]).read_text().splitlines()]
+        data.write_text("".join(json.dumps({**r, "margin": 1e38 if k % 2 else 1.0}) + "\n"
+                                for k, r in enumerate(records)))
+        options["data"], options["eval_data"] = str(data), str(data)
+        expected = "The likely cause: the data's pair margins (up to 1e+38; rewards are of order 1), far too large"
+    result = CliRunner().invoke(TRAIN, as_argv(options))
+    assert result.exit_code == 1, result.output
+    assert "training diverged at step" in result.output and expected in result.output, result.output
+    assert "Lower --lr" not in result.output

@@ -37,12 +37,12 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jinja2
 import numpy as np
 import torch
 
 from minqr.atomic import atomic_file, writing
 from minqr.data import tables
+from minqr.data.chat import refusals_named
 from minqr.data.pairs import _checked_text, _json_lines, render
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
@@ -51,6 +51,7 @@ from minqr.lock import holds_output
 from minqr.models.reward import load_reward_model, training_args
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
+from minqr.reading import loads
 from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
 
 FIELDS = ("prompt", "candidates", "reference")
@@ -85,7 +86,7 @@ def read_candidate_sets(path, need_reference: bool = False, template=None) -> li
 
 def _json_record(raw: bytes, origin: str) -> dict:
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MinqrError(f"{origin}: not a JSON object ({error})") from None
     if not isinstance(record, dict):
@@ -119,10 +120,8 @@ def _dialogue(prompt, reply, template, origin: str) -> str:
     if template is None or not isinstance(prompt, list):
         return render(prompt) + render(reply)
     messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
-    try:
+    with refusals_named(origin, template):
         return template.render([*prompt, *messages])
-    except jinja2.TemplateError as error:
-        raise MinqrError(f"{origin}: the chat template refuses this conversation ({error})") from None
 
 
 def parse_statistics(text: str) -> list:
@@ -294,7 +293,7 @@ def _resume(partial: Path, job: dict) -> list:
     text = partial.read_text()
     lines = text.split("\n")
     try:
-        found = json.loads(lines[0])
+        found = loads(lines[0])
     except json.JSONDecodeError:
         found = None
     if found != job:
@@ -304,7 +303,7 @@ def _resume(partial: Path, job: dict) -> list:
     records = []
     for line in lines[1:]:
         try:
-            records.append(json.loads(line))
+            records.append(loads(line))
         except json.JSONDecodeError:
             break  # the torn end of an append cut short (or the empty string after the last newline)
     if not text.endswith("\n") or len(records) != len(lines) - 2:

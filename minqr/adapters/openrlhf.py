@@ -23,6 +23,7 @@ import json
 from dataclasses import dataclass
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 REWARD_PATH = "/get_reward"
 HEALTH_PATH = "/health"
@@ -57,7 +58,7 @@ def parse_request(body: bytes, needs_prompts: bool) -> RewardRequest:
     """The texts of a POST body; BadRequest (400) for anything but the JSON above. `needs_prompts`:
     the reward is relative to a reference for the prompt, so the prompts must be there."""
     try:
-        data = json.loads(body)
+        data = loads(body)  # bounded depth: a deeply nested body is a 400 like any malformed one
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise BadRequest(f"the body is not JSON ({error})") from None
     if not isinstance(data, dict):

@@ -26,6 +26,7 @@ import warnings
 
 import torch
 
+from minqr.data.chat import refusals_named
 from minqr.data.pairs import render
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
@@ -69,7 +70,8 @@ class TextRewards:
         messages = [*prompt, *completion]
         template = self.tokenizer.chat_template
         if template is not None:
-            return template.render(messages)
+            with refusals_named("a prompt and completion", template):
+                return template.render(messages)
         if not self._warned_hh:
             self._warned_hh = True
             warnings.warn("the reward model's tokenizer has no chat template: conversations are read in the HH "

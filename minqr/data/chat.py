@@ -31,8 +31,14 @@ def render_pair(pair, template: ChatTemplate | None) -> tuple:
     Conversation, else the pair's texts as read."""
     if template is None or pair.conversation is None:
         return tuple((getattr(pair, side), pair.response_start(side)) for side in ("chosen", "rejected"))
-    with _naming(pair):
-        return tuple(_render_side(template, pair.conversation, side) for side in ("chosen", "rejected"))
+    with refusals_named(pair.origin, template):
+        chosen, rejected = (_render_side(template, pair.conversation, side) for side in ("chosen", "rejected"))
+    if chosen[0] == rejected[0]:  # the conversations differ (readers drop identical ones): the template lost it
+        raise MinqrError(f"{pair.origin}: the chat template of {template.where} renders the chosen and the rejected "
+                         "conversation as the same text, so the pair would teach nothing (does the template leave "
+                         "out the final response, or cut it short?): fix the template, or remove it to use the "
+                         "texts as they are")
+    return chosen, rejected
 
 
 def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
@@ -41,19 +47,24 @@ def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
     if template is None or pair.conversation is None:
         return pair.chosen[: pair.response_start("chosen")] + reply
     prompt = pair.conversation.chosen[: pair.conversation.response_turn("chosen")]
-    with _naming(pair):
+    with refusals_named(pair.origin, template):
         return template.render([*prompt, {"role": "assistant", "content": reply}])
 
 
 @contextmanager
-def _naming(pair):
-    """A template's refusal of `pair`'s conversation as a MinqrError that names the pair."""
+def refusals_named(origin: str, template: ChatTemplate):
+    """Whatever `template` raises while it renders the conversation of `origin` (a pair's "FILE:LINE"),
+    as one MinqrError that names both: a refusal by raise_exception (a jinja2.TemplateError), an error
+    in the template's code (OverflowError, ZeroDivisionError, RecursionError, MemoryError, ...) or a
+    bound of minqr/models/template_limits.py."""
     try:
         yield
-    except jinja2.TemplateError as error:
-        raise MinqrError(f"{pair.origin}: the chat template refuses this conversation ({error}): fix the "
-                         "conversation (most templates want user and assistant turns to alternate, a system "
-                         "message first), or remove the pair") from None
+    except Exception as error:  # the template is code from a model folder: any exception is its refusal
+        what = str(error) if isinstance(error, jinja2.TemplateError) else f"{type(error).__name__}: {error}"
+        raise MinqrError(f"{origin}: the chat template of {template.where} refuses this conversation ({what}). "
+                         "The template decides this: if it names a rule that the conversation breaks (most "
+                         "templates want user and assistant turns to alternate, a system message first), fix or "
+                         "remove the pair; else fix the template, or remove it to use the texts as they are") from None
 
 
 def _render_side(template: ChatTemplate, conversation: Conversation, side: str) -> tuple:

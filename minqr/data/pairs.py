@@ -52,6 +52,7 @@ from minqr import hub
 from minqr.data import tables
 from minqr.data.tables import HubSplit
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 SPEAKERS = {"user": "Human", "human": "Human", "assistant": "Assistant"}
 ASSISTANT_TURN = "\n\nAssistant:"
@@ -262,7 +263,7 @@ def _table_record(row: dict, origin: str) -> dict:
 
 def _parse_line(raw: bytes, origin: str) -> dict:
     try:
-        record = json.loads(raw.decode("utf-8"))
+        record = loads(raw.decode("utf-8"))
     except UnicodeDecodeError as error:
         raise MinqrError(f"{origin}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     except json.JSONDecodeError as error:

@@ -41,6 +41,7 @@ from minqr.atomic import atomic_file, record_made
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
 from minqr.objectives.pair_models import KINDS, pair_model
+from minqr.reading import loads
 
 NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-field names): "
           "name the person whose labels they are with --annotator")
@@ -172,7 +173,7 @@ class Annotators:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
+            data = loads(path.read_text())
             rows = data["annotators"]
             ids = tuple(row["id"] for row in rows)
             pairs = tuple(row["pairs"] for row in rows)

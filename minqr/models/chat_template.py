@@ -17,10 +17,9 @@ import json
 from datetime import datetime
 
 import jinja2
-from jinja2.ext import loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from minqr.errors import MinqrError
+from minqr.models.template_limits import BoundedEnvironment
 
 
 def _raise_exception(message):
@@ -41,21 +40,29 @@ class ChatTemplate:
     """A chat template (Jinja source) and the special tokens it may write, {name: token string}."""
 
     def __init__(self, source: str, special_tokens: dict, where: str):
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-        environment.filters["tojson"] = _tojson
-        environment.globals["raise_exception"] = _raise_exception
-        environment.globals["strftime_now"] = _strftime_now
+        self.environment = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        self.environment.filters["tojson"] = _tojson
+        self.environment.globals["raise_exception"] = _raise_exception
+        self.environment.globals["strftime_now"] = _strftime_now
         try:
-            self.template = environment.from_string(source)
+            self.template = self.environment.template(source)
         except jinja2.TemplateSyntaxError as error:
             raise MinqrError(f"{where}: the chat template is no valid Jinja ({error.message}, line {error.lineno} "
                              "of the template): fix it, or remove it to use the texts as they are") from None
         self.source = source
         self.special_tokens = dict(special_tokens)
+        self.where = where
 
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         """The conversation `messages` as text; with `add_generation_prompt`, followed by what opens
-        the assistant's next turn. A template that refuses the conversation raises
-        jinja2.TemplateError (render_pair says which pair)."""
-        return self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                    tools=None, documents=None, **self.special_tokens)
+        the assistant's next turn. Whatever the template raises (its own refusal, a jinja2.TemplateError;
+        an error of its code; RenderLimitExceeded past the bounds of minqr/models/template_limits.py)
+        goes through (minqr/data/chat.py's refusals_named says which pair)."""
+        budget = self.environment.budget
+        budget.start()
+        parts = []
+        for part in self.template.generate(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                           tools=None, documents=None, **self.special_tokens):
+            budget.count(part)
+            parts.append(part)
+        return "".join(parts)

@@ -56,6 +56,7 @@ from minqr.atomic import atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.llama import Llama
+from minqr.reading import loads
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def read_json(path, fix: str = DAMAGED) -> dict:
     """The JSON object in file `path`; anything else is a MinqrError that names the file and `fix`."""
     path = Path(path)
     try:
-        value = json.loads(path.read_bytes())
+        value = loads(path.read_bytes())
     except OSError as e:
         raise MinqrError(f"{path} cannot be read ({e.strerror})") from None
     except ValueError as e:  # not JSON, or not UTF-8 text
@@ -159,7 +160,7 @@ def _safetensors_problem(path: Path, error: Exception) -> str:
         if size < 8 or 8 + header_size > size:
             return f"not a safetensors file, or cut short: its {size:,} bytes do not hold the header it announces"
         try:
-            header = json.loads(f.read(header_size))
+            header = loads(f.read(header_size))
             tensors = {name: (t["dtype"], t["shape"], *t["data_offsets"]) for name, t in header.items()
                        if name != "__metadata__"}
         except (ValueError, TypeError, KeyError, AttributeError):

@@ -33,7 +33,8 @@ from minqr import __version__
 from minqr.atomic import atomic_dir, atomic_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
-from minqr.options import check_options, option
+from minqr.options import check_options, option, seed_option
+from minqr.reading import loads
 from minqr.study.analysis import paired_accuracy_difference, paired_kl_difference, summarize
 from minqr.study.bootstrap import CONFIDENCE, DEFAULT_RESAMPLES
 from minqr.study.divergences import DEFAULT_BINS, DEFAULT_EPS, VIEWS_HELP
@@ -59,7 +60,7 @@ class AnalyzeConfig:
                               "intervals (0: plug-in values only)", low=0, flag="--bootstrap")
     confidence: float = option(CONFIDENCE, "confidence level of every interval", low=0, high=1, low_open=True,
                                high_open=True)
-    seed: int = option(0, "seed of the bootstrap resamples")
+    seed: int = seed_option("seed of the bootstrap resamples")
     truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
                                "coverage [default: the truth named in each file's metadata, if any]")
     no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
@@ -68,6 +69,7 @@ class AnalyzeConfig:
         check_options(self)  # every range and choice the fields declare
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
+        check_options(self)  # what the command line refuses, for analyses called from Python
 
 
 @holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
@@ -103,7 +105,7 @@ def write_objectives_table(paths, out) -> Path:
     rows = []
     for path in paths:
         try:
-            rows += json.loads(Path(path).read_text())
+            rows += loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py ({error})") from None
     with atomic_file(Path(out)) as tmp:

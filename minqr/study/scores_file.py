@@ -42,7 +42,6 @@ Metadata keys (the writer gives the first group, save_scores fills in the second
 Other keys are kept as they are.
 """
 import json
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +50,7 @@ import numpy as np
 from minqr import __version__
 from minqr.atomic import atomic_file
 from minqr.errors import MinqrError
+from minqr.reading import loads, read_npz
 
 FORMAT = "minqr-scores/1"
 FORMAT_FAMILY = "minqr-scores/"
@@ -216,33 +216,19 @@ def _layout(path: Path) -> str:
 
 def _read_npz(path: Path):
     not_ours = f"{path} is not a minqr scores file"
-    try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
-        raise MinqrError(f"{not_ours}: numpy cannot read it as .npz ({error}); {HOW_TO_MAKE}") from None
-    if not isinstance(archive, np.lib.npyio.NpzFile):  # a .npy file under a .npz name: one bare array
-        raise MinqrError(f"{not_ours}: it holds one bare array, not named arrays; {HOW_TO_MAKE}")
-    with archive:
-        names = sorted(archive.files)
-        if "metadata" not in names:
-            raise MinqrError(f"{not_ours}: it holds {', '.join(names) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
-        try:
-            metadata = archive["metadata"]
-        except ValueError:  # an object array, which only pickle could read
-            raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}") from None
-        if metadata.dtype.kind != "U" or metadata.ndim != 0:
-            raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}")
-        metadata = _parse_metadata(str(metadata), f"{path}: metadata")
-        for name in ("chosen", "rejected"):
-            if name not in names:
-                raise MinqrError(f"{path}: scores file without a {name!r} array; {HOW_TO_MAKE}")
-        try:
-            anchor = archive["anchor"] if "anchor" in names else None
-            personal = {name: archive[name] for name in PERSONAL if name in names}
-            return archive["chosen"], archive["rejected"], anchor, metadata, personal
-        except ValueError:
-            raise MinqrError(f"{path}: 'chosen', 'rejected', 'anchor' or a personal array is an object array; scores "
-                             "are numbers") from None
+    arrays = read_npz(path, f"a minqr scores file; {HOW_TO_MAKE}")
+    names = sorted(arrays)
+    if "metadata" not in names:
+        raise MinqrError(f"{not_ours}: it holds {', '.join(names) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
+    metadata = arrays["metadata"]
+    if metadata.dtype.kind != "U" or metadata.ndim != 0:
+        raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}")
+    metadata = _parse_metadata(str(metadata), f"{path}: metadata")
+    for name in ("chosen", "rejected"):
+        if name not in names:
+            raise MinqrError(f"{path}: scores file without a {name!r} array; {HOW_TO_MAKE}")
+    personal = {name: arrays[name] for name in PERSONAL if name in names}
+    return arrays["chosen"], arrays["rejected"], arrays.get("anchor"), metadata, personal
 
 
 def _read_jsonl(path: Path):
@@ -256,7 +242,7 @@ def _read_jsonl(path: Path):
     personal = {name: [] for name in PERSONAL if len(lines) > 1 and f'"{name}"' in lines[1]}
     for number, line in enumerate(lines[1:], start=2):
         try:
-            record = json.loads(line)
+            record = loads(line)
         except json.JSONDecodeError as error:
             raise MinqrError(f"{path}:{number}: not JSON ({error})") from None
         for side, row in rows.items():
@@ -295,7 +281,7 @@ def _personal_row(value, name: str, n: int, where: str):
 
 def _parse_metadata(text: str, where: str) -> dict:
     try:
-        metadata = json.loads(text)
+        metadata = loads(text)
     except json.JSONDecodeError:
         metadata = None
     if not isinstance(metadata, dict) or not str(metadata.get("format", "")).startswith(FORMAT_FAMILY):

@@ -31,7 +31,7 @@ from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.distribution.personal import check_personal, labelled_annotators, personal_scores
 from minqr.errors import MinqrError
-from minqr.lock import holds_output
+from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
 from minqr.objectives.pair_models import KINDS
@@ -215,7 +215,19 @@ class ScoreConfig:
                                  "their annotators, or are all --annotator's): their posteriors, for this scoring")
 
     def __post_init__(self):
-        check_options(self)  # every range and choice the fields declare
+        """The checks that need nothing read, made before the lock beside --out makes any folder."""
+        check_options(self)
+        if self.anchor_reply is not None and not self.anchor_reply.strip():
+            raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, "
+                             "e.g. ' OK.'")
+        if Path(self.out).suffix not in (".npz", ".jsonl"):
+            raise MinqrError(f"out {self.out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
+        if self.split is not None and Path(self.data).expanduser().is_file():
+            raise MinqrError(f"split {self.split!r} picks a file in a folder, but {self.data} is a file; drop the "
+                             "split")
+        if self.split is not None and names_one_split(self.data):
+            raise MinqrError(f"split {self.split!r} was given, but {self.data} names its split itself; drop one "
+                             "of them")
 
 
 def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int:
@@ -228,7 +240,6 @@ def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int
     return max_length
 
 
-@holds_output("out")  # one job at a time writes a scores file (minqr/lock.py)
 def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSummary:
     """Score the pairs of `data` with the reward model in folder `model` and write them to `out`
     (.npz or .jsonl, atomically) with the metadata that minqr/study/analysis.py reads. `options`
@@ -245,16 +256,15 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
     it, the synthetic task's anchor replies are, where its truth file lies beside the data.
     """
     options = ScoreConfig(model=model, data=data, out=out, **options)
+    with hold_output(out):  # one job at a time writes a scores file (minqr/lock.py)
+        return _score_to_file(options, progress)
+
+
+def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
+    model, data, out = options.model, options.data, Path(options.out)
+    if out.is_dir():
+        raise MinqrError(f"out {out} is a folder; a scores file's name ends in .npz (numpy arrays) or .jsonl")
     split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
-    if options.anchor_reply is not None and not options.anchor_reply.strip():
-        raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, e.g. ' OK.'")
-    out = Path(out)
-    if out.suffix not in (".npz", ".jsonl") or out.is_dir():
-        raise MinqrError(f"out {out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
-    if split is not None and Path(data).expanduser().is_file():
-        raise MinqrError(f"split {split!r} picks a file in a folder, but {data} is a file; drop the split")
-    if split is not None and names_one_split(data):
-        raise MinqrError(f"split {split!r} was given, but {data} names its split itself; drop one of them")
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
         mean, std = reward_normalization(reward_model, folder)

@@ -44,7 +44,7 @@ from minqr.synthetic.task import (ANCHOR_REPLY, GAUSS_HERMITE_NODES, NOUNS, QUES
                                   SyntheticTask)
 from minqr.synthetic.truth import mixture_quantiles
 from minqr.errors import MinqrError
-from minqr.options import check_options, option
+from minqr.options import check_options, option, seed_option
 
 CANDIDATE_STREAM = 2  # the seed's stream for candidate sets (0 and 1 are the task's data and truth)
 
@@ -139,7 +139,7 @@ class CandidatesConfig:
     variant: str = option("demo", "the synthetic task (minqr synthetic's --variant)", TASK_VARIANTS)
     num_prompts: int = option(1000, "prompts", low=1)
     num_candidates: int = option(8, "candidate replies to each prompt", low=2, high=64)
-    seed: int = option(0, "seed of the prompts and candidates")
+    seed: int = seed_option("seed of the prompts and candidates")
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare

@@ -7,10 +7,10 @@ task made by `minqr synthetic` (another variant, size or seed) and named by `--d
 is (the demo never writes a task into a folder named for data). The demo's end line compares the
 held-out accuracy with the task's Bayes accuracy, the best any model can reach.
 """
-import json
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 from minqr.synthetic.folder import make_synthetic_task
 
 
@@ -49,4 +49,4 @@ def prepare_demo_data(data, out, procs, say) -> float:
         if not task_file.is_file():
             say(f"demo: generating the synthetic task in {folder}")
             make_synthetic_task(folder, seed=0)
-    return json.loads(task_file.read_text())["bayes_accuracy"]
+    return loads(task_file.read_text())["bayes_accuracy"]

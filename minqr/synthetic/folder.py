@@ -37,7 +37,7 @@ from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2
 from minqr.models.tokenizer import Tokenizer, byte_level_bpe
 from minqr.objectives.references import quantile_levels
-from minqr.options import check_options, option
+from minqr.options import check_options, option, seed_option
 from minqr.synthetic.task import TASK_VARIANTS, SyntheticTask, sample_pairs
 from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, mixture_quantiles
 
@@ -98,7 +98,7 @@ class SyntheticConfig:
                           "personal deviations and more controversial tags", TASK_VARIANTS)
     num_train: int = option(40_000, "training pairs", low=1)
     num_test: int = option(1000, "held-out pairs", low=1)
-    seed: int = option(0, "seed of the data, the truth samples and the tiny model")
+    seed: int = seed_option("seed of the data, the truth samples and the tiny model")
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare

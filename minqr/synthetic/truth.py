@@ -8,7 +8,6 @@ quantiles at the levels of minqr's default head, samples from it and each pair's
 preferred). Its arrays are listed, and made, in minqr/synthetic/folder.py. This module reads
 them back, and needs numpy only (the analysis imports it).
 """
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from scipy.special import ndtr
 
 from minqr.errors import MinqrError
 from minqr.ranking import negative_log_likelihood
+from minqr.reading import read_npz
 
 TRUTH_SUFFIX = "_truth.npz"  # the truth for DATA/test.jsonl is DATA/test_truth.npz (truth_beside)
 TRUTH_HELP = "it is the test_truth.npz that minqr.synthetic.folder.make_synthetic_task writes beside test.jsonl"
@@ -71,13 +71,14 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     path = Path(path)
     if not path.is_file():
         raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if optional and not set(names) <= set(archive.files):
-                return None
-            arrays = {name: archive[name] for name in names}
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as error:
-        raise MinqrError(f"{path} is not a minqr truth file (test_truth.npz with {', '.join(names)}): {error}") from None
+    what = f"a minqr truth file (test_truth.npz with {', '.join(names)})"
+    archive = read_npz(path, what)
+    if optional and not set(names) <= set(archive):
+        return None
+    missing = [name for name in names if name not in archive]
+    if missing:
+        raise MinqrError(f"{path} is not {what}: it has no {', '.join(missing)}")
+    arrays = {name: archive[name] for name in names}
     for name, array in arrays.items():
         per_pair = name.startswith(("chosen_", "rejected_", "anchor_", "preference_"))
         if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):

@@ -13,7 +13,7 @@ from minqr.device import DTYPES
 from minqr.errors import MinqrError
 from minqr.models.head import HEADS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
-from minqr.options import check_options, option
+from minqr.options import check_options, option, seed_option
 from minqr.synthetic.demo import demo_defaults
 from minqr.training.metrics import REPORT_TO, check_report_to
 
@@ -106,7 +106,7 @@ class TrainConfig:
     epochs: int = option(1, "passes over the training pairs", low=1)
     max_steps: int | None = option(None, "stop after this many optimizer steps [default: --epochs "
                                    "passes]; more steps than the epochs hold repeat the data", low=1)
-    seed: int = option(0, "seed of the head's initialisation, the data order and dropout")
+    seed: int = seed_option("seed of the head's initialisation, the data order and dropout")
     # the run
     out: str | None = option(None, "run folder: the trained model, metrics.jsonl, curves.png, "
                              "checkpoint/ [default: runs/HEAD, or runs/demo/HEAD with --demo]")

@@ -53,10 +53,10 @@ def load_pairs(source, split: str, tokenizer, config: TrainConfig, say) -> Token
         raise MinqrError(f"--annotator-field {config.annotator_field}: no pair of --data has that field, the "
                          "annotators' ids; drop the option, or name the field the data has")
     say(f"{split}: {stats.summary()}")
-    note = rendering_note(pairs, tokenizer.chat_template)
-    if note:
-        say(f"{split}: {note}")
     tokenized = tokenize_pairs(pairs, tokenizer, config.max_length)
+    note = rendering_note(pairs, tokenizer.chat_template)
+    if note:  # once they are: a template that refuses a conversation has stopped the run by now
+        say(f"{split}: {note}")
     if tokenized.num_truncated:
         share = tokenized.num_truncated / len(tokenized)
         say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "

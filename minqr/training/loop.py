@@ -146,7 +146,7 @@ class TrainingRun:
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
         self.average = self._weight_average()
         self.step, self.position = 0, DataPosition()
-        self.divergence = DivergenceCheck(self.out, config.lr, procs, sharded=config.fsdp)
+        self.divergence = DivergenceCheck(self.out, config, self.train_pairs.pair_margins, procs)
         # Each process draws its own dropout masks.
         torch.manual_seed(config.seed + 1 + procs.rank)
         if self.checkpoint is not None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from minqr.atomic import atomic_file, writing
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
@@ -56,7 +57,7 @@ def read_metrics(path) -> list[dict]:
     records = []
     for line in path.read_text().splitlines():
         try:
-            records.append(json.loads(line))
+            records.append(loads(line))
         except json.JSONDecodeError:
             continue  # only a line cut by a kill is malformed: the file is written by this module
     return records

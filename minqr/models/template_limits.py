@@ -1,0 +1,100 @@
+"""A Jinja sandbox that bounds how long a template renders and how much it writes.
+
+A chat template comes with a model folder, and Jinja's sandbox keeps it from reaching Python's
+internals, but not from running for ever or filling memory: `range` is capped at 100,000 items,
+yet two nested loops over it are 10^10 iterations, and `"x" * 10**10` is a 10 GB string. minqr
+renders thousands of conversations, so one such template would hang training without a word.
+
+`BoundedEnvironment` gives every rendering a budget (`start`): a deadline and a number of
+characters. The deadline is checked at every iteration of every `{% for %}` loop (each loop's
+iterable is wrapped when the template is compiled) and every call the template makes (macros
+included); the characters bound what the template writes (`RenderBudget.count`) and every `+`,
+`*` and `**` it computes, before they are computed. Past either bound, `RenderLimitExceeded`.
+"""
+import math
+import time
+
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# per rendering of one conversation: real templates take milliseconds and write a few times the
+# conversation's text; these bounds are for templates gone wrong
+RENDER_SECONDS = 10.0
+MAX_RENDERED_CHARS = 16_000_000
+
+
+class RenderLimitExceeded(RuntimeError):
+    pass
+
+
+class RenderBudget(Extension):
+    """The budget of the rendering under way; an extension so that compiled templates can reach
+    `guard` by a name no template can shadow."""
+
+    def __init__(self, environment):
+        super().__init__(environment)
+        self.seconds, self.chars = RENDER_SECONDS, MAX_RENDERED_CHARS
+        self.deadline, self.written = math.inf, 0
+
+    def start(self) -> None:
+        self.deadline, self.written = time.monotonic() + self.seconds, 0
+
+    def check_time(self) -> None:
+        if time.monotonic() > self.deadline:
+            raise RenderLimitExceeded(f"rendering took more than {self.seconds:g} s (a loop that does not end?)")
+
+    def check_size(self, size: int, unit: str = "items") -> None:
+        if size > self.chars:
+            raise RenderLimitExceeded(f"it makes a value of {size:,} {unit}, more than {self.chars:,}")
+
+    def count(self, text: str) -> None:
+        """`text` was written: the output so far must stay within the bound, and the time too."""
+        self.written += len(text)
+        if self.written > self.chars:
+            raise RenderLimitExceeded(f"it writes more than {self.chars:,} characters")
+        self.check_time()
+
+    def guard(self, iterable):
+        """What a `{% for %}` loop iterates over instead of `iterable`: the same items, each after a
+        look at the clock."""
+        for item in iterable:
+            self.check_time()
+            yield item
+
+
+class BoundedEnvironment(ImmutableSandboxedEnvironment):
+    """transformers' sandbox for chat templates (minqr/data/chat.py sets it up as transformers
+    does), with a RenderBudget of RENDER_SECONDS and MAX_RENDERED_CHARS (as they are when it is
+    made): `template(source)` compiles `source` with every loop guarded, `budget.start()` opens a rendering."""
+
+    intercepted_binops = frozenset(["+", "*", "**"])
+
+    def __init__(self, **options):
+        super().__init__(extensions=[loopcontrols, RenderBudget], **options)
+        self.budget = self.extensions[RenderBudget.identifier]
+
+    def template(self, source: str):
+        """The compiled template of `source` (a jinja2.TemplateSyntaxError if it is no valid Jinja)."""
+        tree = self.parse(source)
+        for loop in tree.find_all(nodes.For):
+            loop.iter = nodes.Call(self.budget.attr("guard", lineno=loop.lineno), [loop.iter], [], None, None,
+                                   lineno=loop.lineno)
+        return self.from_string(tree)
+
+    def call(self, context, function, *args, **kwargs):
+        self.budget.check_time()
+        return super().call(context, function, *args, **kwargs)
+
+    def call_binop(self, context, operator: str, left, right):
+        sized = (str, list, tuple)
+        if operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+            self.budget.check_size(len(left) + len(right))
+        elif operator == "*" and isinstance(left, sized) and isinstance(right, int):
+            self.budget.check_size(len(left) * right)
+        elif operator == "*" and isinstance(right, sized) and isinstance(left, int):
+            self.budget.check_size(len(right) * left)
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            # an integer of that many digits is the size that matters (10**10**9 never ends)
+            self.budget.check_size(math.ceil(right * math.log10(abs(left))), "digits")
+        return super().call_binop(context, operator, left, right)

@@ -1,0 +1,86 @@
+"""Reading files whose content minqr does not control: JSON of bounded depth, and .npz archives
+without pickle.
+
+Every JSON that minqr reads (data lines, scores files, config files, model folders, metrics, locks)
+goes through `loads`. Python's parser recurses once a nesting level, so a line of 100,000 `[`
+ends in a RecursionError, far from the file and line at fault. `loads` refuses anything nested
+deeper than MAX_JSON_DEPTH levels (real records nest a handful: a list of messages, each a
+mapping) with a `json.JSONDecodeError`, the error every caller already turns into "FILE:LINE:
+malformed JSON" (and that `--skip-bad` skips).
+
+`read_npz` gives every array of a .npz file, or a MinqrError naming the file: never numpy's own
+message, which suggests loading an untrusted file with `allow_pickle`, the way to run its code.
+"""
+import json
+import re
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from minqr.errors import MinqrError
+
+MAX_JSON_DEPTH = 100
+# a JSON string (its escapes included) or one bracket: the tokens that decide the depth
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+ZIP_MAGIC = b"PK\x03\x04"
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def loads(text: str | bytes):
+    """json.loads, refusing nesting deeper than MAX_JSON_DEPTH with a json.JSONDecodeError at the
+    first bracket too deep (bytes must be UTF-8: a UnicodeDecodeError otherwise, as json.loads)."""
+    if isinstance(text, (bytes, bytearray)):
+        text = text.decode("utf-8")
+    too_deep = _first_too_deep(text)
+    if too_deep is not None:
+        raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", text, too_deep)
+    try:
+        return json.loads(text)
+    except RecursionError:  # a caller already deep in its own stack: still an error about the text
+        raise json.JSONDecodeError("nested too deep to parse", text, 0) from None
+
+
+def _first_too_deep(text: str) -> int | None:
+    """The position of the first bracket deeper than MAX_JSON_DEPTH, None if there is none."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:  # most texts: no scan needed
+        return None
+    depth = 0
+    for token in _STRING_OR_BRACKET.finditer(text):
+        bracket = token.group()
+        if bracket in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return token.start()
+        elif bracket in "]}":
+            depth -= 1
+    return None
+
+
+def read_npz(path, what: str) -> dict:
+    """{name: array} of every array in the .npz file `path`. `what` says what the file should be
+    (e.g. "a minqr scores file") in the error, which names the path and never suggests pickle."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+    except OSError as error:
+        raise MinqrError(f"{path} cannot be read ({error.strerror}): it should be {what}") from None
+    if not head:
+        raise MinqrError(f"{path} is empty (0 bytes), not {what}: was it cut short?")
+    if head.startswith(NPY_MAGIC):
+        raise MinqrError(f"{path} is a .npy file (one bare array), not {what}, a .npz archive of named arrays")
+    if not head.startswith(ZIP_MAGIC):
+        raise MinqrError(f"{path} is not a .npz archive (a zip file), so not {what}")
+    arrays, name = {}, None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for name in archive.files:
+                arrays[name] = archive[name]
+    except ValueError:  # numpy's refusal of a pickled (object) array, or a malformed member
+        raise MinqrError(f"{path}: its array {name!r} is malformed or holds Python objects, which only pickle "
+                         f"could read (minqr never unpickles a file); it is not {what}") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise MinqrError(f"{path} is a damaged .npz archive ({type(error).__name__}: {error}), not {what}") from None
+    return arrays

@@ -1,0 +1,89 @@
+"""minqr.reading: JSON of bounded depth and .npz archives read without pickle. The readers that use
+them (data, scores, config files) are tested with their modules; here the two functions, against
+json.loads and a depth counted by a recursive walk of what json.loads returns."""
+import json
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from minqr.errors import MinqrError
+from minqr.reading import MAX_JSON_DEPTH, loads, read_npz
+
+
+def depth(value) -> int:
+    """Nesting depth of a parsed JSON value: 0 for a scalar, 1 for [] or {}."""
+    if isinstance(value, list):
+        return 1 + max((depth(item) for item in value), default=0)
+    if isinstance(value, dict):
+        return 1 + max((depth(item) for item in value.values()), default=0)
+    return 0
+
+
+def random_json(rng: random.Random, levels: int):
+    """A random JSON value exactly `levels` deep, with strings full of brackets, quotes and escapes."""
+    if levels == 0:
+        return rng.choice([rng.random(), rng.randint(-9, 9), None, True, "".join(
+            rng.choice('[]{}"\\ab\n') for _ in range(rng.randint(0, 12)))])
+    inner = [random_json(rng, levels - 1)] + [random_json(rng, rng.randint(0, min(levels - 1, 2))) for _ in range(2)]
+    rng.shuffle(inner)
+    if rng.random() < 0.5:
+        return inner
+    return {f"k{k}]{{\"": item for k, item in enumerate(inner)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_loads_is_json_loads_up_to_the_bound_and_refuses_beyond(seed):
+    rng = random.Random(seed)
+    for levels in (0, 1, 7, MAX_JSON_DEPTH - 1, MAX_JSON_DEPTH):
+        text = json.dumps(random_json(rng, levels), indent=rng.choice([None, 1]))
+        assert depth(json.loads(text)) == levels
+        assert loads(text) == json.loads(text) and loads(text.encode()) == json.loads(text)
+    text = json.dumps(random_json(rng, MAX_JSON_DEPTH + 1))
+    with pytest.raises(json.JSONDecodeError, match=f"nested deeper than {MAX_JSON_DEPTH} levels"):
+        loads(text)
+
+
+def test_a_hundred_thousand_brackets_are_a_decode_error_at_the_first_too_deep():
+    text = '{"chosen": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(RecursionError):
+        json.loads(text)  # what minqr read before: a RecursionError far from the file
+    with pytest.raises(json.JSONDecodeError) as caught:
+        loads(text)
+    assert caught.value.pos == len('{"chosen": ') + MAX_JSON_DEPTH - 1 and caught.value.lineno == 1
+    # brackets inside strings are text, not nesting
+    assert loads(json.dumps({"chosen": "[" * 100_000, "rejected": '\\"{' * 1000})) == \
+        {"chosen": "[" * 100_000, "rejected": '\\"{' * 1000}
+
+
+def test_read_npz_gives_every_array(tmp_path):
+    arrays = {"chosen": np.random.default_rng(0).normal(size=(3, 2)), "metadata": np.array('{"a": 1}')}
+    np.savez(tmp_path / "s.npz", **arrays)
+    read = read_npz(tmp_path / "s.npz", "a scores file")
+    assert sorted(read) == sorted(arrays) and all(np.array_equal(read[k], arrays[k]) for k in arrays)
+
+
+def test_bad_npz_files_are_named_and_pickle_is_never_suggested(tmp_path):
+    good = tmp_path / "good.npz"
+    np.savez(good, chosen=np.zeros((40, 30)))
+    cases = {
+        "empty.npz": (b"", "is empty (0 bytes)"),
+        "text.npz": (b"definitely not a zip archive", "is not a .npz archive"),
+        "pickle.npz": (pickle.dumps({"chosen": [1.0]}), "is not a .npz archive"),
+        "cut.npz": (good.read_bytes()[:200], "damaged .npz archive"),
+    }
+    with open(tmp_path / "array.npy", "wb") as f:
+        np.save(f, np.zeros(3))
+    cases["array.npz"] = ((tmp_path / "array.npy").read_bytes(), "is a .npy file")
+    np.savez(tmp_path / "objects.npz", chosen=np.zeros(2), metadata=np.array({"a": 1}, dtype=object))
+    cases["objects.npz"] = ((tmp_path / "objects.npz").read_bytes(), "'metadata' is malformed or holds Python objects")
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(MinqrError) as caught:
+            read_npz(path, "a scores file")
+        assert str(path) in str(caught.value) and message in str(caught.value), name
+        assert "allow_pickle" not in str(caught.value) and "not a scores file" in str(caught.value), str(caught.value)
+    with pytest.raises(MinqrError, match="cannot be read"):
+        read_npz(tmp_path / "none.npz", "a scores file")
