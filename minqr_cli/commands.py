@@ -21,9 +21,9 @@ import click
 from minqr import __version__
 from minqr.adapters.server import ServeConfig
 from minqr.adapters.server import serve as serve_rewards
-from minqr.distribution.best_of_n import BestOfNConfig, best_of_n_to_file
-from minqr.distribution.personalize import PersonalizeConfig, personalize as personalize_model
+from minqr.adapters.best_of_n import BestOfNConfig, best_of_n_to_file
 from minqr.errors import MinqrError
+from minqr.study.personalize import PersonalizeConfig, personalize as personalize_model
 from minqr.models.export import ExportConfig, export_scalar
 from minqr.study.report import AnalyzeConfig, TableConfig, analyze, write_objectives_table
 from minqr.study.scoring import ScoreConfig, score_to_file
@@ -57,7 +57,8 @@ def train(options, given):
 def score(options, given):
     """Score every preference pair of --data with the reward model --model into the scores file
     --out: each response's N outputs, for analyze. Prints the pair accuracy (ranking by the mean of
-    the outputs) and, for a quantile head, the accuracy of ranking by each quantile alone."""
+    the outputs) and, for a quantile head, the accuracy of ranking by each quantile alone (a mixture's
+    quantiles relative to --anchor-reply, without which they mean nothing and are not printed)."""
     click.echo(str(score_to_file(**options)))
 
 

@@ -117,3 +117,13 @@ def test_training_warm_starts_by_the_per_label_objective_then_changes(tmp_path):
     assert not torch.allclose(head_after(6, "a6", annotator_likelihood=True), head_after(6, "l6"))
     with pytest.raises(MinqrError, match="--annotator-likelihood: personal rewards need a mixture head"):
         head_after(2, "scalar", head="scalar", num_quantiles=1, annotator_likelihood=True)
+
+
+def test_for_run_is_off_by_default_and_refuses_resume():
+    from types import SimpleNamespace
+
+    head = SimpleNamespace(num_quantiles=4, objective="mixture")
+    pairs = SimpleNamespace(annotator_ids=("a", "b"))
+    assert AnnotatorLikelihood.for_run(SimpleNamespace(annotator_likelihood=False, resume=False), head, pairs, 1) is None
+    with pytest.raises(MinqrError, match="cannot --resume yet"):
+        AnnotatorLikelihood.for_run(SimpleNamespace(annotator_likelihood=True, resume=True), head, pairs, 1)

@@ -121,7 +121,7 @@ def test_given_annotators_label_with_their_own_probability():
 
 
 def test_bad_labels_per_annotator(tmp_path):
-    with pytest.raises(MinqrError, match="labels_per_annotator"):
+    with pytest.raises(MinqrError, match=r"--labels-per-annotator must be at least 0 \(got -1\)"):
         make_synthetic_task(tmp_path / "x", num_train=10, num_test=5, labels_per_annotator=-1)
 
 

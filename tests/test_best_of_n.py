@@ -15,8 +15,8 @@ from click.testing import CliRunner
 from test_scoring import alone, random_reward_model
 
 from minqr import MinqrError, load_tokenizer
-from minqr.distribution import best_of_n
-from minqr.distribution.best_of_n import best_of_n_to_file, partial_path
+from minqr.adapters import best_of_n
+from minqr.adapters.best_of_n import best_of_n_to_file, partial_path
 from minqr.distribution.statistics import statistic_values
 from minqr_cli.commands import main as cli
 from factories import tiny_config, write_tiny_tokenizer
@@ -194,7 +194,7 @@ def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path
 
 KILLED_JOB = """
 import sys, time
-from minqr.distribution import best_of_n
+from minqr.adapters import best_of_n
 best_of_n.CHUNK_PROMPTS = 2
 real = best_of_n._choose
 best_of_n._choose = lambda *a, **k: time.sleep(0.3) or real(*a, **k)  # slow enough to be killed mid-way

@@ -25,7 +25,7 @@ from test_train import as_argv, tiny_options, write_run_inputs
 import minqr
 import minqr_cli.commands as commands
 from minqr.adapters.server import ServeConfig
-from minqr.distribution.best_of_n import BestOfNConfig
+from minqr.adapters.best_of_n import BestOfNConfig
 from minqr.errors import MinqrError
 from minqr.models.export import ExportConfig
 from minqr.study.report import AnalyzeConfig, TableConfig

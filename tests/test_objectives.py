@@ -879,3 +879,20 @@ def test_pair_margin_shape_is_checked():
     hc, hr = pairs(3, 4)
     with pytest.raises(ValueError, match=r"^pair_margin must have shape \[B\] = \[3\], got \[3, 1\]$"):
         pair_loss(hc, hr, "mixture", pair_margin=torch.zeros(3, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("objective", sorted(loss.OBJECTIVES))
+def test_the_pair_model_is_the_likelihood_the_objective_trains(objective):
+    """Each objective's pair model (minqr/objectives/pair_models.py), read by the statistics'
+    preference P(y ≻ y0), is the likelihood its loss maximises: loss = −log P(chosen ≻ rejected)
+    (paper's with lam = 0, its Bradley-Terry term alone)."""
+    from minqr.distribution.statistics import statistic_values
+
+    spec = loss.OBJECTIVES[objective]
+    assert spec.pair_model in ("kinds", "draws", "means")
+    n = 1 if spec.one_output else 6
+    chosen, rejected = torch.randn(2, 16, n, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
+    hyper = {"lam": 0.0} if "lam" in spec.hyperparameters else {}
+    per_pair = pair_loss(chosen, rejected, objective=objective, reduction="none", impl="reference", **hyper)
+    preference = statistic_values("preference", chosen, reference=rejected, objective=objective)
+    torch.testing.assert_close(-torch.log(preference), per_pair, rtol=1e-10, atol=1e-12)

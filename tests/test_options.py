@@ -8,8 +8,15 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from minqr.adapters.best_of_n import BestOfNConfig
+from minqr.adapters.server import ServeConfig
 from minqr.errors import MinqrError
 from minqr.options import check_options, option
+from minqr.study.personalize import PersonalizeConfig
+from minqr.study.report import AnalyzeConfig
+from minqr.study.scoring import ScoreConfig
+from minqr.synthetic.candidates import CandidatesConfig
+from minqr.synthetic.folder import SyntheticConfig
 from minqr_cli.options import config_command
 
 
@@ -88,3 +95,34 @@ def test_a_range_with_its_own_reason_is_left_to_the_library():
         """A probe."""
     result = CliRunner().invoke(plain, ["--value", "2"])
     assert result.exit_code == 2 and "2.0 is not in the range 0<=x<=1" in result.output
+
+
+# each command's config: its required fields, and an out-of-range value with the message it must give
+COMMAND_CASES = [
+    (ScoreConfig, dict(model="m", data="d", out="o.npz"), "batch_size", 0, "--batch-size must be at least 1 (got 0)"),
+    (ScoreConfig, dict(model="m", data="d", out="o.npz"), "dtype", "fp8",
+     "--dtype must be one of auto, float32, bfloat16, not 'fp8'"),
+    (AnalyzeConfig, dict(scores=("s.npz",), out="r"), "confidence", 1.0, "--confidence must be in (0, 1) (got 1.0)"),
+    (AnalyzeConfig, dict(scores=("s.npz",), out="r"), "n_resamples", -1, "--bootstrap must be at least 0 (got -1)"),
+    (SyntheticConfig, dict(out="t"), "num_test", 0, "--num-test must be at least 1 (got 0)"),
+    (SyntheticConfig, dict(out="t"), "variant", "other", "--variant must be one of demo, shifted, not 'other'"),
+    (BestOfNConfig, dict(model="m", data="d", out="o.jsonl"), "reference", "prompt",
+     "--reference must be one of group, reply, not 'prompt'"),
+    (BestOfNConfig, dict(model="m", data="d", out="o.jsonl"), "max_length", 0, "--max-length must be at least 1 (got 0)"),
+    (ServeConfig, dict(model="m"), "port", 65536, "--port must be in [0, 65535] (got 65536)"),
+    (ServeConfig, dict(model="m"), "max_batch", 0, "--max-batch must be at least 1 (got 0)"),
+    (CandidatesConfig, dict(out="c"), "num_candidates", 1, "--num-candidates must be in [2, 64] (got 1)"),
+    (CandidatesConfig, dict(out="c"), "num_candidates", 65, "--num-candidates must be in [2, 64] (got 65)"),
+    (PersonalizeConfig, dict(model="m", data="d"), "batch_size", 0, "--batch-size must be at least 1 (got 0)"),
+]
+
+
+@pytest.mark.parametrize("config, required, name, value, message", COMMAND_CASES,
+                         ids=[f"{case[0].__name__}-{case[2]}={case[3]}" for case in COMMAND_CASES])
+def test_every_command_config_holds_python_to_its_ranges(config, required, name, value, message):
+    """A config built in Python (not through click) checks the ranges and choices its options
+    declare, as the command line does; the same config with an in-range value is accepted."""
+    with pytest.raises(MinqrError) as error:
+        config(**required, **{name: value})
+    assert str(error.value) == message
+    config(**required)  # the defaults lie in range

@@ -16,7 +16,7 @@ from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 
 from minqr import load_tokenizer
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators
-from minqr.distribution.personalize import personalize
+from minqr.study.personalize import personalize
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
 from minqr.study.scores_file import load_scores

@@ -205,7 +205,7 @@ def test_models_saved_before_objectives_are_refused(tmp_path, kind, objective):
     loaded = RewardModel.from_pretrained(tmp_path)
     head = loaded.head_config
     assert torch.equal(loaded.score.weight, model.score.weight)
-    assert (head.kind, head.num_quantiles, head.objective) == (kind, n, objective)
+    assert (head.head, head.num_quantiles, head.objective) == (kind, n, objective)
 
 
 def test_save_keeps_other_files_and_replaces_the_model(tmp_path):
@@ -491,10 +491,10 @@ def test_the_mixture_kinds_start_apart():
 
 
 @pytest.mark.parametrize("kwargs,words", [
-    (dict(kind="scalar", num_quantiles=10), "scalar head"),
-    (dict(kind="scalar", objective="mixture"), "scalar head"),
-    (dict(kind="scalar", lam=1.0), "objective 'bradley_terry' has no hyper-parameter lam"),
-    (dict(kind="distributional"), "head must be one of"),
+    (dict(head="scalar", num_quantiles=10), "scalar head"),
+    (dict(head="scalar", objective="mixture"), "scalar head"),
+    (dict(head="scalar", lam=1.0), "objective 'bradley_terry' has no hyper-parameter lam"),
+    (dict(head="distributional"), "head must be one of"),
     (dict(num_quantiles=0), "num_quantiles"),
     (dict(objective="bradley_terry"), "quantile head cannot be trained by bradley_terry"),
     (dict(objective="median"), "objective must be one of bradley_terry, mixture, independent, paper"),
@@ -571,7 +571,7 @@ def test_one_label_classifier_of_another_tool_loads_as_a_scalar_head(tmp_path, t
         hf.score.weight.normal_()
     hf.save_pretrained(tmp_path)
     model = RewardModel.from_pretrained(tmp_path)
-    assert model.head_config.kind == "scalar"
+    assert model.head_config.head == "scalar"
     ids, mask = text_batch(tokenizer)
     with torch.no_grad():
         torch.testing.assert_close(model(ids, mask), hf(ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)

@@ -3,8 +3,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from minqr import __version__
+from minqr.distribution.statistics import relative_outputs
 from minqr.errors import MinqrError
 from minqr.study.scores_file import FORMAT, Scores, load_scores, save_scores
 
@@ -69,6 +71,16 @@ def test_anchor_outputs_and_readout_round_trip(tmp_path, suffix):
     # with one, the default reads kind by kind relative to it, for the readout "sorted"
     want = np.sort(chosen.astype(np.float32).astype(np.float64) - anchor.astype(np.float32), axis=1)
     np.testing.assert_allclose(scores.quantiles("chosen"), want, atol=1e-12)
+    # independent's outputs are draws, not kinds: the anchor's mean is subtracted, as the statistics do
+    draws = load_scores(save_scores(tmp_path / f"d{suffix}", chosen, rejected,
+                                    metadata(n=3, readout="sorted", objective="independent"), anchor=anchor))
+    reference = anchor.astype(np.float32).astype(np.float64).mean(axis=1, keepdims=True)
+    want = np.sort(chosen.astype(np.float32).astype(np.float64), axis=1) - reference
+    np.testing.assert_allclose(draws.quantiles("chosen"), want, atol=1e-12)
+    relative = relative_outputs(torch.tensor(chosen.astype(np.float32), dtype=torch.float64),
+                                reference=torch.tensor(anchor.astype(np.float32), dtype=torch.float64),
+                                objective="independent")
+    np.testing.assert_allclose(draws.quantiles("chosen"), relative.numpy(), atol=1e-12)
     scalar = load_scores(save_scores(tmp_path / f"w{suffix}", chosen[:, :1], rejected[:, :1],
                                      metadata(n=1) | {"head": "scalar", "taus": None}))
     np.testing.assert_array_equal(scalar.quantiles("chosen"), chosen[:, :1].astype(np.float32))  # its reward

@@ -37,9 +37,10 @@ POSITIONS = 200
 MAX_LENGTH = 100  # below the longest text (142 tokens): one pair is cut from the left
 
 
-def random_reward_model(kind="quantile", n=10, seed=0, config=None):
+def random_reward_model(head="quantile", n=10, seed=0, config=None, objective=None):
     """A tiny RewardModel with every tensor random, the head's rows distinct (so outputs differ)."""
-    model = RewardModel(random_gpt2(config or tiny_config(n_positions=POSITIONS), seed), HeadConfig.make(kind, n))
+    model = RewardModel(random_gpt2(config or tiny_config(n_positions=POSITIONS), seed),
+                        HeadConfig.make(head, n, objective))
     with torch.no_grad():
         model.score.weight.copy_(torch.randn(model.score.weight.shape, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
@@ -211,6 +212,12 @@ def test_an_anchor_reply_is_scored_as_the_reply_to_each_prompt(tmp_path, tokeniz
     assert scores.metadata["anchor_reply"] == " I see."
     # the quantiles are read relative to it: each kind minus its output for the anchor, then sorted
     np.testing.assert_allclose(scores.quantiles("chosen"), np.sort(scores.chosen - scores.anchor, axis=1), atol=1e-6)
+    # and so is the per-quantile accuracy score prints (recomputed here from the file's raw arrays)
+    c, r = (np.sort(getattr(scores, side).astype(np.float64) - scores.anchor, axis=1) for side in ("chosen", "rejected"))
+    _, per_quantile = printed_accuracies(result.stdout)
+    assert [a for _, _, a in per_quantile] == [f"{a:.4f}" for a in win_share(c, r)]
+    raw = win_share(np.sort(scores.chosen, axis=1), np.sort(scores.rejected, axis=1))
+    assert [f"{a:.4f}" for a in raw] != [a for _, _, a in per_quantile]  # the anchor changes what is printed
     empty = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file), "--out",
                                             str(tmp_path / "e.npz"), "--anchor-reply", " "])
     assert empty.exit_code == 1 and "anchor_reply (--anchor-reply) is empty" in empty.output
@@ -228,20 +235,38 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
     expected = np.stack([alone(model, tokenizer, p.chosen, MAX_LENGTH) for p in pairs])
     np.testing.assert_allclose(scores.chosen, expected, atol=1e-5, rtol=1e-5)
 
-    # recomputed from the file: a win is 1, a tie 1/2
-    def accuracy(c, r):
-        return np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0)), axis=0)
-
-    # the default objective's sorted raw outputs (no anchor here), as score's per-quantile accuracy reads them
-    c, r = scores.quantiles("chosen", anchored=False), scores.quantiles("rejected", anchored=False)
-    assert scores.readout == "sorted" and np.array_equal(c, np.sort(scores.chosen.astype(np.float64), axis=1))
+    # the mean of the outputs, recomputed from the file
+    c, r = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
     mean, per_quantile = printed_accuracies(result.stdout)
-    assert mean and int(mean[1]) == 7 and mean[2] == f"{accuracy(c.mean(1), r.mean(1)):.4f}"
-    levels = quantile_levels(7, dtype=torch.float64).numpy()
-    assert [int(k) for k, _, _ in per_quantile] == list(range(7))
+    assert mean and int(mean[1]) == 7 and mean[2] == f"{win_share(c.mean(1), r.mean(1)):.4f}"
+    # a mixture's sorted raw outputs mix its kinds' free constants into every quantile: without an
+    # anchor reply none is printed, and the note says why and what to do
+    assert scores.readout == "sorted" and scores.anchor is None and per_quantile == []
+    assert "free constant" in result.stdout and "--anchor-reply" in result.stdout
+
+
+def test_a_paper_head_prints_the_accuracy_of_each_raw_quantile(tmp_path, tokenizer, data_file):
+    """paper's outputs share one free constant, which cancels within a pair: its per-quantile
+    accuracy ranks output k of the two responses as they are, with no anchor needed."""
+    folder = tmp_path / "paper"
+    random_reward_model("quantile", 5, seed=3, objective="paper").save_pretrained(
+        folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
+    out = tmp_path / "scores.npz"
+    result = CliRunner().invoke(SCORE, ["--model", str(folder), "--data", str(data_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    scores = load_scores(out)
+    assert scores.readout == "raw" and scores.anchor is None
+    mean, per_quantile = printed_accuracies(result.stdout)
+    levels = quantile_levels(5, dtype=torch.float64).numpy()
+    assert [int(k) for k, _, _ in per_quantile] == list(range(5))
     assert [t for _, t, _ in per_quantile] == [f"{t:.3f}" for t in levels]
-    assert [a for _, _, a in per_quantile] == [f"{a:.4f}" for a in accuracy(c, r)]
+    assert [a for _, _, a in per_quantile] == [f"{a:.4f}" for a in win_share(scores.chosen, scores.rejected)]
     assert len({a for _, _, a in per_quantile}) > 1  # the quantiles rank differently: the check means something
+
+
+def win_share(c, r):
+    """Pair accuracy recomputed from the file: a win is 1, a tie 1/2 (per column for [P, N])."""
+    return np.mean(np.where(c > r, 1.0, np.where(c == r, 0.5, 0.0)), axis=0)
 
 
 def test_scalar_model_prints_one_accuracy(tmp_path, tokenizer, data_file):

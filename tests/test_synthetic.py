@@ -268,8 +268,11 @@ def test_bad_task_parameters(kwargs, words):
 
 
 def test_bad_sizes(tmp_path):
-    with pytest.raises(MinqrError, match="num_train"):
+    # checked by SyntheticConfig's declared ranges, which name the option as the command line spells it
+    with pytest.raises(MinqrError, match="--num-train must be at least 1"):
         make_synthetic_task(tmp_path / "x", num_train=0)
+    with pytest.raises(MinqrError, match="num_samples must be at least 1"):
+        make_synthetic_task(tmp_path / "x", num_samples=0)
     assert not (tmp_path / "x").exists()
 
 

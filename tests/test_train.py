@@ -314,7 +314,7 @@ def test_training_run_writes_a_reward_model_that_learnt(inputs, tmp_path, head):
     # The saved model is the trained one: scoring the held-out pairs afresh, one text at a time,
     # gives the accuracy and reward statistics of the last evaluation.
     model = RewardModel.from_pretrained(out)
-    assert model.head_config.kind == head and model.num_quantiles == (1 if head == "scalar" else 20)
+    assert model.head_config.head == head and model.num_quantiles == (1 if head == "scalar" else 20)
     tokenizer = load_tokenizer(out)
     chosen, rejected = score_pairs(model, tokenizer, options["eval_data"], options["max_length"])
     mu_chosen, mu_rejected = chosen.mean(-1), rejected.mean(-1)

@@ -1,5 +1,5 @@
 """Choose among each prompt's candidate replies by statistics of their reward distributions
-(minqr/distribution/best_of_n.py).
+(minqr/adapters/best_of_n.py).
 
     python tools/best_of_n.py --model runs/demo/quantile --data candidates.jsonl --out choices.jsonl
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from minqr.atomic import atomic_file
-from minqr.distribution.best_of_n import DEFAULT_STATISTICS, best_of_n_to_file, parse_statistics
+from minqr.adapters.best_of_n import DEFAULT_STATISTICS, best_of_n_to_file, parse_statistics
 from minqr.study.selection import atom_records, compare, spread_auroc
 
 # (model folder, reference): the mixture relative to the anchor reply and to the group; the scalar head

@@ -47,7 +47,7 @@ from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.study.scoring import score_texts, text_length_limit
 
 REFERENCE_CACHE_SIZE = 4096  # prompts whose reference outputs (--reference-reply) are kept
@@ -77,6 +77,13 @@ class ServeConfig:
     annotator: str | None = option(None, "serve this annotator's reward (one the model knows: minqr personalize), "
                                    "the kinds weighted by their posterior; a request's 'annotators' list wins")
 
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
+        if self.reference_reply is not None and self.group:
+            raise MinqrError("--reference-reply and --group are two references: give one")
+        if self.reference_reply is not None and not self.reference_reply.strip():
+            raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
+
 
 @dataclass
 class Scoring:
@@ -94,10 +101,6 @@ class RewardService:
     """The model, its tokenizer and the statistic: request bodies in, answers out (thread-safe)."""
 
     def __init__(self, config: ServeConfig):
-        if config.reference_reply is not None and config.group:
-            raise MinqrError("--reference-reply and --group are two references: give one")
-        if config.reference_reply is not None and not config.reference_reply.strip():
-            raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
         self.config = config
         try:
             self.statistic = parse_statistic(config.statistic)
@@ -217,10 +220,11 @@ class RewardService:
         return self.finish(scoring, self.batcher.submit(scoring.token_lists).result())
 
     def health(self) -> dict:
-        head = self.model.head_config
+        head_config = self.model.head_config
         return {"status": "ok", "model": str(self.folder), "statistic": self.config.statistic,
                 "reference": ("group" if self.config.group else self.config.reference_reply),
-                "head": head.kind, "objective": head.objective, "num_outputs": head.num_quantiles,
+                "head": head_config.head, "objective": head_config.objective,
+                "num_outputs": head_config.num_quantiles,
                 "max_batch": self.config.max_batch, "max_length": self.max_length, "annotator": self.config.annotator,
                 "known_annotators": 0 if self.annotators is None else len(self.annotators.ids),
                 "forwards": self.batcher.forwards, "texts_scored": self.batcher.texts_scored}

@@ -1,2 +1,3 @@
-"""What a learnt reward distribution is used for: statistics of it relative to a reference reply
-(statistics.py), which the RL adapters (minqr/adapters/) and best-of-N selection read."""
+"""The math of a learnt reward distribution, free of models and data: statistics of it relative to
+a reference reply (statistics.py), which the model's read-out (minqr/models/reward.py), the study,
+the RL adapters and best-of-N selection (minqr/adapters/) all read."""

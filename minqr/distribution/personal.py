@@ -27,8 +27,8 @@ summed into [A, N] by an index_add over each pair's annotator index, then normal
 them) and is saved beside a model's config.json as annotators.json; a model folder without that
 file has no known annotators and loads as before. `labelled_annotators` makes them from scored
 labelled pairs; `personal_scores` gives scored pairs of known annotators the personal columns of a
-scores file (minqr/study/scores_file.py). The commands are in personalize.py; docs/personal.md is
-the user's guide.
+scores file (minqr/study/scores_file.py). The commands are in minqr/study/personalize.py;
+docs/personal.md is the user's guide.
 """
 import json
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ import torch
 from minqr.atomic import atomic_file, record_made
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
+from minqr.objectives.pair_models import KINDS, pair_model
 from minqr.reading import loads
 
 NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-field names): "
@@ -50,15 +51,14 @@ FORMAT = 1  # annotators.json's layout version
 
 def check_personal(objective: str, num_outputs: int) -> None:
     """Refuse, with the reason, a head whose outputs are not several kinds (see the docstring)."""
-    if objective != "mixture":
-        why = ("a scalar head has one kind, which every annotator's posterior is: nothing personal to learn"
-               if objective == "bradley_terry" else
-               f"{objective}'s outputs are not kinds: output k is no one kind's reward across texts, so no "
-               "annotator is a weighting of them")
-        raise MinqrError(f"personal rewards need a mixture head (objective mixture, N > 1): {why}")
+    if pair_model(objective) != KINDS:
+        raise MinqrError(f"personal rewards need a mixture head (objective mixture, N > 1): {objective}'s outputs "
+                         "are not kinds: output k is no one kind's reward across texts, so no annotator is a "
+                         "weighting of them")
     if num_outputs < 2:
-        raise MinqrError("personal rewards need a mixture of N > 1 kinds: with one kind every annotator's "
-                         "posterior is that kind, nothing personal to learn")
+        raise MinqrError("personal rewards need a mixture head (objective mixture, N > 1): with one kind (a "
+                         "scalar head's, or a mixture of one) every annotator's posterior is that kind, nothing "
+                         "personal to learn")
 
 
 def _checked_outputs(chosen: torch.Tensor, rejected: torch.Tensor) -> None:

@@ -67,13 +67,12 @@ from dataclasses import dataclass
 import torch
 
 from minqr.errors import MinqrError
-from minqr.objectives.loss import OBJECTIVES
+from minqr.objectives.pair_models import DRAWS, KINDS, pair_model
 
 STATISTICS = ("mean", "quantile", "cvar", "mean_minus_std", "preference")
 # the statistics that take a level, with its meaning and its range, for messages
 LEVELS = {"quantile": "tau in [0, 1]", "cvar": "alpha in (0, 1]", "mean_minus_std": "lambda >= 0"}
 EXAMPLES = "mean, quantile:0.1, cvar:0.25, mean_minus_std:1.0, preference"
-OBJECTIVES_BY_KIND = ("mixture", "bradley_terry")  # objectives whose output k is kind k's reward
 
 
 @dataclass(frozen=True)
@@ -183,18 +182,12 @@ def relative_outputs(outputs: torch.Tensor, *, reference: torch.Tensor | None = 
     Exactly one of `reference` ([B, N] raw outputs) and `group` ([B] ids) must be given."""
     _check(outputs, reference, group)
     _require_reference(reference, group, "a relative reward distribution")
-    _check_objective(objective)
-    by_kind = objective in OBJECTIVES_BY_KIND
+    by_kind = pair_model(objective) == KINDS  # output k is kind k's reward, with its own constant
     ref = _reference_rows(outputs, reference, group, by_kind)  # [B, N]
     values = outputs.to(_compute_dtype(outputs))
     if by_kind:
         return values - ref
     return values.sort(dim=-1).values - ref.mean(-1, keepdim=True)  # [B, N] - [B, 1]
-
-
-def _check_objective(objective: str) -> None:
-    if objective not in OBJECTIVES:
-        raise MinqrError(f"objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
 
 
 def quantile_at(ordered: torch.Tensor, tau: float, masses: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,7 +251,7 @@ def lower_cvar(ordered: torch.Tensor, alpha: float, masses: torch.Tensor | None 
 
 def _checked_weights(weights, outputs: torch.Tensor, objective: str) -> torch.Tensor:
     """The weights as [B, N] in the compute dtype, or a MinqrError that says what is wrong."""
-    if objective not in OBJECTIVES_BY_KIND:
+    if pair_model(objective) != KINDS:
         raise MinqrError(f"weights over the kinds need a mixture head: {objective}'s outputs are not kinds "
                          "(output k is no one kind's reward across texts), so no person is a weighting of them")
     if not isinstance(weights, torch.Tensor) or weights.shape not in (outputs.shape, outputs.shape[1:]):
@@ -282,7 +275,7 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     [B, N] or [N]: the kinds' weights (a person's posterior) in place of 1/N, a mixture's only."""
     statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
     _check(outputs, reference, group)
-    _check_objective(objective)
+    model = pair_model(objective)
     if weights is not None:
         weights = _checked_weights(weights, outputs, objective)
     n = outputs.shape[1]
@@ -294,7 +287,7 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
         # N = 1: the reward; N > 1: the expected reward (the person's, weighted)
         return values.mean(-1) if weights is None else (values * weights).sum(-1)
     if statistic.name == "preference":
-        return _preference(outputs, reference, group, objective, weights)
+        return _preference(outputs, reference, group, model, weights)
     relative = relative_outputs(outputs, reference=reference, group=group, objective=objective)  # [B, N]
     if weights is not None:
         return _weighted_statistic(statistic, relative, weights)
@@ -323,14 +316,15 @@ def _weighted_statistic(statistic: Statistic, relative: torch.Tensor, weights: t
     return lower_cvar(ordered, statistic.level, masses)
 
 
-def _preference(outputs, reference, group, objective, weights=None) -> torch.Tensor:
-    """P(y ≻ y0) [B] in the objective's own pair model (a mixture's kinds weighted by `weights`)."""
+def _preference(outputs, reference, group, model: str, weights=None) -> torch.Tensor:
+    """P(y ≻ y0) [B] in the objective's own pair model (minqr/objectives/pair_models.py); a
+    mixture's kinds weighted by `weights`."""
     values = outputs.to(_compute_dtype(outputs))
-    if objective in OBJECTIVES_BY_KIND:
+    if model == KINDS:
         ref = _reference_rows(outputs, reference, group, by_kind=True)
         chances = torch.sigmoid(values - ref)  # [B, N]
         return chances.mean(-1) if weights is None else (chances * weights).sum(-1)
     ref = _reference_rows(outputs, reference, group, by_kind=False)  # [B, N] the reference's quantiles
-    if objective == "paper":
-        return torch.sigmoid(values.mean(-1) - ref.mean(-1))
-    return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every
+    if model == DRAWS:
+        return torch.sigmoid(values[:, :, None] - ref[:, None, :]).mean((-2, -1))  # [B, N, N] every draw against every
+    return torch.sigmoid(values.mean(-1) - ref.mean(-1))  # "means"

@@ -46,15 +46,16 @@ def export_scalar(model, out, normalize: bool = False) -> Path:
         raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
                          "quantile model; choose another folder")
     reward_model, tokenizer, folder = load_reward_model(folder)
-    head = reward_model.head_config
-    if head.kind == "scalar" and not normalize:
+    head_config = reward_model.head_config
+    if head_config.head == "scalar" and not normalize:
         raise MinqrError(f"{folder} is already a scalar reward model (one output): use it as it is; the "
                          "scalar export turns a quantile model into one")
-    scalar = reward_model.to_scalar() if head.kind == "quantile" else reward_model
+    scalar = reward_model.to_scalar() if head_config.head == "quantile" else reward_model
     export = "scalar: the reward is the mean of the quantiles (score.weight is their rows averaged)"
     if normalize:
         mean, std = reward_normalization(reward_model, folder)
         scalar = scalar.normalized()
         export += f"; normalized: (reward - {mean!r}) / {std!r}, the shift folded into ln_f.bias"
-    args = {**training_args(folder), "exported_from": {"model": str(model), "head": head.to_dict(), "export": export}}
+    exported_from = {"model": str(model), "head": head_config.to_dict(), "export": export}
+    args = {**training_args(folder), "exported_from": exported_from}
     return scalar.save_pretrained(out, tokenizer=tokenizer, training_args=args)

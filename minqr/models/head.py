@@ -1,5 +1,6 @@
-"""The reward head as saved with a model: its kind, N outputs, its objective and that objective's
-hyper-parameters (config.json's `minqr` section), how it starts and how its outputs are read out.
+"""The reward head as saved with a model: which head it is (scalar or quantile), N outputs, its
+objective and that objective's hyper-parameters (config.json's `minqr` section), how it starts and
+how its outputs are read out.
 
 A reward model reads a response's pooled (last-token) state x and puts out N numbers, h = W x with
 W of shape [N, n_embd]. The objective (minqr/objectives/) says what those numbers are; it is part
@@ -16,7 +17,7 @@ from minqr.objectives.loss import (DEFAULT_OBJECTIVE, DISTRIBUTIONAL_OUTPUTS, MA
                                    check_hyperparameters, get_objective, pair_loss)
 from minqr.objectives.references import quantile_levels
 
-HEAD_KINDS = ("scalar", "quantile")
+HEADS = ("scalar", "quantile")
 # The head's rows when they start "equal": on unit-scale features (a fresh ln_f) every output then
 # starts near 0 with std ~0.1, so the first pairwise losses are near log 2 and no large gradient
 # reaches a pretrained backbone, yet the backbone gets a gradient from the first step.
@@ -25,22 +26,24 @@ EQUAL_INIT_SCALE = 0.1
 
 @dataclass(frozen=True)
 class HeadConfig:
-    """What the head is: its kind, N outputs, its objective and that objective's hyper-parameters."""
+    """What the head is: scalar or quantile (`head`, as config.json's `minqr` section and --head say;
+    a mixture's annotator kinds are its outputs), N outputs, its objective and that objective's
+    hyper-parameters."""
 
-    kind: str = "quantile"
+    head: str = "quantile"
     num_quantiles: int = DISTRIBUTIONAL_OUTPUTS
     objective: str = DEFAULT_OBJECTIVE
     # the objective's: those given, completed with its defaults and checked on construction
     hyperparameters: dict = field(default_factory=dict)
 
     @classmethod
-    def make(cls, kind: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
+    def make(cls, head: str = "quantile", num_quantiles: int | None = None, objective: str | None = None,
              **hyperparameters) -> "HeadConfig":
-        """Fill in the kind's defaults (quantile: DEFAULT_OBJECTIVE and its default N; scalar: N = 1
+        """Fill in the head's defaults (quantile: DEFAULT_OBJECTIVE and its default N; scalar: N = 1
         and bradley_terry); the construction completes and checks the rest."""
-        if kind not in HEAD_KINDS:
-            raise MinqrError(f"head must be one of {', '.join(HEAD_KINDS)}, not {kind!r}")
-        if kind == "scalar":
+        if head not in HEADS:
+            raise MinqrError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+        if head == "scalar":
             if num_quantiles not in (None, 1) or objective not in (None, "bradley_terry"):
                 raise MinqrError(f"the scalar head has one output trained by bradley_terry, but got "
                                  f"num_quantiles={num_quantiles}, objective={objective}: drop them or use "
@@ -52,18 +55,18 @@ class HeadConfig:
 
     def __post_init__(self):
         problems = []
-        if self.kind not in HEAD_KINDS:
-            problems.append(f"head={self.kind!r} is not one of {', '.join(HEAD_KINDS)}")
+        if self.head not in HEADS:
+            problems.append(f"head={self.head!r} is not one of {', '.join(HEADS)}")
         n = self.num_quantiles
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_QUANTILES:
             problems.append(f"num_quantiles={n!r} must be an integer from 1 to {MAX_QUANTILES} (more levels than "
                             "preference data can resolve, at a cost that grows as N²)")
         if self.objective not in OBJECTIVES:
             problems.append(f"objective={self.objective!r} is not one of {', '.join(OBJECTIVES)}")
-        elif (self.kind == "scalar") != OBJECTIVES[self.objective].one_output:
-            problems.append(f"the {self.kind} head cannot be trained by {self.objective} "
+        elif (self.head == "scalar") != OBJECTIVES[self.objective].one_output:
+            problems.append(f"the {self.head} head cannot be trained by {self.objective} "
                             "(bradley_terry is the scalar head's objective, and only its)")
-        elif self.kind == "scalar" and n != 1:
+        elif self.head == "scalar" and n != 1:
             problems.append(f"the scalar head has num_quantiles=1, not {n}")
         else:
             try:  # frozen: the one place the hyper-parameters are completed and checked
@@ -89,7 +92,7 @@ class HeadConfig:
     def labels(self) -> list:
         """Names of the outputs in config.json's id2label: "reward"; "q0" ... for outputs that are
         quantiles as they are (paper); "kind0" ... for outputs that are sorted into quantiles."""
-        if self.kind == "scalar":
+        if self.head == "scalar":
             return ["reward"]
         prefix = "q" if self.readout == "raw" else "kind"
         return [f"{prefix}{i}" for i in range(self.num_quantiles)]
@@ -118,7 +121,7 @@ class HeadConfig:
             weight.copy_(torch.randn(weight.shape, dtype=weight.dtype, device=weight.device) / math.sqrt(n_embd))
 
     def to_dict(self) -> dict:
-        return {"head": self.kind, "num_quantiles": self.num_quantiles, "objective": self.objective,
+        return {"head": self.head, "num_quantiles": self.num_quantiles, "objective": self.objective,
                 **self.hyperparameters, "readout": self.readout, "quantile_levels": self.levels}
 
     @classmethod

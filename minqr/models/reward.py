@@ -206,7 +206,7 @@ class RewardModel(nn.Module):
         has no bias on its head, so the shift goes into the final layer norm's bias, along the
         head's row w: the pooled state h becomes h - (mean / std) w / |w|², and w·h moves by
         -mean / std. ln_f feeds nothing but the head in a sequence classifier."""
-        if self.head_config.kind != "scalar":
+        if self.head_config.head != "scalar":
             raise MinqrError("only a one-output (scalar) model folds its normalisation into its weights; export a "
                              "quantile model with --scalar")
         mean, std = reward_normalization(self)

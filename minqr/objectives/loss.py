@@ -3,8 +3,9 @@
 `OBJECTIVES` holds, for every objective (their formulas: minqr/objectives/references.py): its
 reference, its fused C++/CUDA op (minqr/objectives/ops.py, csrc/), its hyper-parameters and their
 check, how many outputs it takes, where it takes a pair's margin, how its outputs are read out (raw
-or sorted), how its head starts, what it is at N = 1, and the training settings it needs unless
-told otherwise: nothing outside the registry asks which objective it is. `pair_loss` dispatches to
+or sorted), its pair model (its likelihood, pair_models.py), how its head starts, what it is at
+N = 1, and the training settings it needs unless told otherwise: nothing outside the registry asks
+which objective it is. `pair_loss` dispatches to
 the fused op where minqr._C has one for the device, else to the reference, with a warning.
 """
 import warnings
@@ -15,6 +16,7 @@ import torch
 from minqr.errors import MinqrError
 from minqr.objectives import ops
 from minqr.objectives.ops import check_outputs, check_paper_hyperparameters, check_reduction
+from minqr.objectives.pair_models import PAIR_MODELS
 from minqr.objectives.references import (bradley_terry_reference, independent_reference, mixture_reference,
                                          paper_pair_margin_change, paper_reference)
 
@@ -64,6 +66,12 @@ class Objective:
     training: TrainingDefaults = TrainingDefaults()
     default_outputs: int = 1  # N when none is given
 
+    @property
+    def pair_model(self) -> str:
+        """What its outputs are in a pair, and so its likelihood P(y ≻ y'): "kinds", "draws" or "means"
+        (minqr/objectives/pair_models.py, which holds it without torch for the numpy side)."""
+        return PAIR_MODELS[self.name]
+
     def check(self, hyperparameters: dict) -> None:
         """Raise TypeError/ValueError for values of its hyper-parameters [name -> value] it does not accept."""
         if self.check_hyperparameters is not None:
@@ -101,6 +109,7 @@ OBJECTIVES = {
                              "bradley_terry exactly when lam = 0"),
     )
 }
+assert set(OBJECTIVES) == set(PAIR_MODELS), "every objective names its pair model in pair_models.py"
 # The objective of `--head quantile` when none is named: the one that recovered the synthetic
 # task's true reward distributions best through the whole pipeline (docs/objectives.md#study).
 DEFAULT_OBJECTIVE = "mixture"

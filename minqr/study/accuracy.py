@@ -9,6 +9,7 @@ import numpy as np
 from scipy.special import expit
 from scipy.stats import norm
 
+from minqr.objectives.pair_models import DRAWS, KINDS, MEANS, pair_model
 from minqr.ranking import ranking_credit
 from minqr.study.bootstrap import CONFIDENCE
 
@@ -61,16 +62,16 @@ def distributional_probability(chosen, rejected) -> np.ndarray:
 
 
 def objective_probability(chosen, rejected, objective: str | None) -> np.ndarray:
-    """[P] P(chosen preferred) as the model's own objective defines it (minqr/objectives/), from the raw
-    outputs [P, N] (kind i in column i): the likelihood it was trained to maximise.
-
-    mixture: (1/N) Σ_i σ(h_c,i − h_r,i), one kind of annotator labelling; independent:
-    (1/N²) Σ_ij σ(h_c,i − h_r,j); bradley_terry and paper (and a scores file that names no objective,
-    None): σ(μ_c − μ_r) on the means."""
+    """[P] P(chosen preferred) as the model's own objective defines it, from the raw outputs [P, N]
+    (kind i in column i): the likelihood it was trained to maximise, by its pair model
+    (minqr/objectives/pair_models.py). "kinds": (1/N) Σ_i σ(h_c,i − h_r,i), one kind of annotator
+    labelling; "draws": (1/N²) Σ_ij σ(h_c,i − h_r,j); "means", and a scores file that names no
+    objective (None): σ(μ_c − μ_r) on the means."""
     c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
-    if objective == "mixture":
+    model = MEANS if objective is None else pair_model(objective)
+    if model == KINDS:
         return expit(c - r).mean(axis=1)
-    if objective == "independent":
+    if model == DRAWS:
         return expit(c[:, :, None] - r[:, None, :]).mean(axis=(1, 2))
     return bradley_terry_probability(c, r)
 

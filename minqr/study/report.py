@@ -69,6 +69,7 @@ class AnalyzeConfig:
     no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
 
     def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
         check_options(self)  # what the command line refuses, for analyses called from Python

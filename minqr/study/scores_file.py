@@ -50,6 +50,7 @@ import numpy as np
 from minqr import __version__
 from minqr.atomic import atomic_file
 from minqr.errors import MinqrError
+from minqr.objectives.pair_models import KINDS, pair_model
 from minqr.reading import loads, read_npz
 
 FORMAT = "minqr-scores/1"
@@ -103,9 +104,10 @@ class Scores:
         quantiles (sorted, for the readout "sorted"; the mean is unchanged).
 
         anchored: subtract what the model gives the pair's anchor reply, a reference reply to the
-        same prompt (the synthetic task's, or `score --anchor-reply`'s): output by output for the
-        readout "sorted" (each kind of annotator has its own free constant, minqr/objectives/), the
-        anchor's mean otherwise (one constant for the whole head). The quantiles are then those of
+        same prompt (the synthetic task's, or `score --anchor-reply`'s): output by output for a head
+        whose outputs are kinds of annotator (each kind has its own free constant; the pair model
+        "kinds", minqr/objectives/pair_models.py), the anchor's mean otherwise (one constant for the
+        whole head), as minqr/distribution/statistics.py reads a reference. The quantiles are then those of
         the reward relative to the anchor's, which for the synthetic task's anchor (worth 0 to
         everyone) is the reward itself. anchored=False reads the raw outputs, constants included.
         The default is anchored when the scores have anchor outputs; without them, N > 1 outputs
@@ -122,7 +124,10 @@ class Scores:
                 raise MinqrError(f"{self.source}: no anchor outputs to align on: score with --anchor-reply TEXT (the "
                                  "synthetic task's scores have them already)")
             anchor = self.anchor.astype(np.float64)
-            outputs = outputs - (anchor if self.readout == "sorted" else anchor.mean(axis=1, keepdims=True))
+            # the objective is optional in the format: without it, a sorted read-out is a mixture's
+            objective = self.metadata.get("objective") or ("mixture" if self.readout == "sorted" else "paper")
+            by_kind = pair_model(objective) == KINDS
+            outputs = outputs - (anchor if by_kind else anchor.mean(axis=1, keepdims=True))
         return np.sort(outputs, axis=1) if self.readout == "sorted" else outputs
 
     @property

@@ -34,6 +34,7 @@ from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length
 from minqr.models.reward import RewardModel, load_reward_model, reward_normalization, training_args
+from minqr.objectives.pair_models import KINDS
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.study.accuracy import pair_accuracy, quantile_accuracy
@@ -150,15 +151,17 @@ class ScoreSummary:
     num_truncated: int
     max_length: int
     taus: list | None  # the quantile levels, None for a scalar head
+    num_outputs: int
     accuracy: float  # ranking by the mean of the outputs; a tie counts half
-    quantile_accuracy: list  # [N] ranking by output k alone
+    # [N] ranking by quantile k alone (per_quantile_accuracy); None where the quantiles mean nothing
+    quantile_accuracy: list | None
     seconds: float
     device: str
     dtype: str
     notes: list = field(default_factory=list)
 
     def __str__(self) -> str:
-        n = len(self.quantile_accuracy)
+        n = self.num_outputs
         lines = [
             self.data_line,
             f"scored {self.num_pairs:,} pairs in {self.seconds:.1f} s ({self.num_pairs / self.seconds:,.1f} pairs/s) "
@@ -167,7 +170,7 @@ class ScoreSummary:
             f"pair accuracy (on the mean of the {n} outputs): {self.accuracy:.4f}" if n > 1
             else f"pair accuracy: {self.accuracy:.4f}",
         ]
-        if self.taus is not None:
+        if self.taus is not None and self.quantile_accuracy is not None:
             lines.append("per-quantile accuracy (ranking by quantile k alone):")
             lines += [f"  q{k:<3} tau={tau:.3f}  {acc:.4f}"
                       for k, (tau, acc) in enumerate(zip(self.taus, self.quantile_accuracy))]
@@ -281,7 +284,7 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
                                        progress, model_name=f"the reward model {folder}")
     seconds = time.perf_counter() - started
 
-    head = reward_model.head_config
+    head_config = reward_model.head_config
     if isinstance(source, HubSplit):
         data_file, split_name, data_set, truth = source.label, source.split, source.name, None
     else:
@@ -290,8 +293,9 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         truth = truth_beside(source)
     compute_dtype = str(autocast_dtype(dtype, device)).removeprefix("torch.")
     metadata = {
-        "model": str(model), "model_path": str(folder), "head": head.kind, "objective": head.objective,
-        "readout": head.readout, "taus": head.levels if head.kind == "quantile" else None,
+        "model": str(model), "model_path": str(folder), "head": head_config.head,
+        "objective": head_config.objective, "readout": head_config.readout,
+        "taus": head_config.levels if head_config.head == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
         "workload": options.workload or f"{data_set} {split_name}",
         "options": {"max_length": max_length, "shared_prefix": options.shared_prefix, "batch_size": batch_size,
@@ -319,12 +323,12 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         metadata["anchor_reply"] = options.anchor_reply
     known = None
     if context is not None:  # the posteriors of the people it labels, from one more scoring pass
-        check_personal(head.objective, head.num_quantiles)
+        check_personal(head_config.objective, head_config.num_quantiles)
         outputs = score_tokenized(reward_model, context, batch_size, options.shared_prefix, device, dtype, progress,
                                   model_name=f"the reward model {folder}")
         named = options.annotator if context.annotators is None else None  # the one person of a file without ids
         known = labelled_annotators(*outputs, context, named, f"--context {options.context}")
-    personal = personal_scores(head, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
+    personal = personal_scores(head_config, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
     if options.annotator_field is not None and tokenized.annotators is None:
         notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")
     if personal is not None:
@@ -340,8 +344,27 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     save_scores(out, chosen, rejected, metadata, anchor=anchor, personal=personal.arrays() if personal else None)
 
     mean_chosen, mean_rejected = chosen.mean(axis=1, dtype=np.float64), rejected.mean(axis=1, dtype=np.float64)
+    per_quantile = per_quantile_accuracy(head_config, chosen, rejected, anchor)
+    if per_quantile is None:
+        notes.append(f"note: no per-quantile accuracy: the {head_config.objective} head's "
+                     f"{head_config.num_quantiles} outputs are its kinds' rewards, each with its own free "
+                     "constant, so its quantiles mean something only relative to a reference reply: score with "
+                     "--anchor-reply TEXT for them")
     return ScoreSummary(
         out=out, data_line=stats.summary(), num_pairs=len(pairs), num_truncated=tokenized.num_truncated,
-        max_length=max_length, taus=metadata["taus"], accuracy=pair_accuracy(mean_chosen, mean_rejected),
-        quantile_accuracy=quantile_accuracy(head.quantiles(chosen), head.quantiles(rejected)).tolist(),
+        max_length=max_length, taus=metadata["taus"], num_outputs=head_config.num_quantiles,
+        accuracy=pair_accuracy(mean_chosen, mean_rejected), quantile_accuracy=per_quantile,
         seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
+
+
+def per_quantile_accuracy(head_config, chosen, rejected, anchor) -> list | None:
+    """[N] pair accuracy ranking by quantile k alone, from outputs [P, N], of quantiles that mean
+    something. A head whose outputs are its kinds' rewards (pair model "kinds", N > 1) has a free
+    constant per kind, so sorting its raw outputs mixes those constants into every quantile: its
+    quantiles are read relative to the pair's anchor reply [P, N], kind by kind, and without an
+    anchor there are none (None). Other heads' outputs share one constant, which cancels within a pair."""
+    if head_config.num_quantiles > 1 and head_config.spec.pair_model == KINDS:
+        if anchor is None:
+            return None
+        chosen, rejected = chosen - anchor, rejected - anchor
+    return quantile_accuracy(head_config.quantiles(chosen), head_config.quantiles(rejected)).tolist()

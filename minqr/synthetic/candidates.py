@@ -44,7 +44,7 @@ from minqr.synthetic.task import (ANCHOR_REPLY, GAUSS_HERMITE_NODES, NOUNS, QUES
                                   SyntheticTask)
 from minqr.synthetic.truth import mixture_quantiles
 from minqr.errors import MinqrError
-from minqr.options import option, seed_option
+from minqr.options import check_options, option, seed_option
 
 CANDIDATE_STREAM = 2  # the seed's stream for candidate sets (0 and 1 are the task's data and truth)
 
@@ -141,16 +141,16 @@ class CandidatesConfig:
     num_candidates: int = option(8, "candidate replies to each prompt", low=2, high=64)
     seed: int = seed_option("seed of the prompts and candidates")
 
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
+
 
 def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, num_candidates: int = 8,
                         seed: int = 0) -> Path:
     """Write candidate sets of the task `variant` and their truth into `folder` (atomically; the same
     arguments give the same files)."""
-    if variant not in TASK_VARIANTS:
-        raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
-    if num_prompts < 1 or num_candidates < 2:
-        raise MinqrError(f"num_prompts must be at least 1 and num_candidates at least 2, got {num_prompts} and "
-                         f"{num_candidates}")
+    CandidatesConfig(out=str(folder), variant=variant, num_prompts=num_prompts, num_candidates=num_candidates,
+                     seed=seed)  # checks the ranges
     task = TASK_VARIANTS[variant]
     sets = sample_candidate_sets(task, np.random.default_rng([seed, CANDIDATE_STREAM]), num_prompts, num_candidates)
     truth = candidate_truth(task, sets["counts"])

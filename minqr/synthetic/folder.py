@@ -37,7 +37,7 @@ from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2
 from minqr.models.tokenizer import Tokenizer, byte_level_bpe
 from minqr.objectives.references import quantile_levels
-from minqr.options import option, seed_option
+from minqr.options import check_options, option, seed_option
 from minqr.synthetic.task import TASK_VARIANTS, SyntheticTask, sample_pairs
 from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, mixture_quantiles
 
@@ -105,6 +105,9 @@ class SyntheticConfig:
                                        "(minqr/synthetic/pools.py); 0: a fresh annotator for every label",
                                        low=0)
 
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
+
 
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
                         num_samples: int = 256, variant: str = "demo", labels_per_annotator: int = 0) -> Path:
@@ -113,13 +116,10 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     arguments give the same data, truth, tokenizer and weights. `variant` names one of TASK_VARIANTS;
     `labels_per_annotator` K > 0 writes the task with annotator pools (minqr/synthetic/pools.py)
     instead of one fresh annotator a label."""
-    if num_train < 1 or num_test < 1 or num_samples < 1:
-        raise MinqrError(f"num_train, num_test and num_samples must be at least 1, "
-                         f"got {num_train}, {num_test} and {num_samples}")
-    if labels_per_annotator < 0:
-        raise MinqrError(f"labels_per_annotator must be at least 0 (0: no pools), got {labels_per_annotator}")
-    if variant not in TASK_VARIANTS:
-        raise MinqrError(f"variant must be one of {', '.join(TASK_VARIANTS)}, not {variant!r}")
+    SyntheticConfig(out=str(folder), variant=variant, num_train=num_train, num_test=num_test, seed=seed,
+                    labels_per_annotator=labels_per_annotator)  # checks
+    if num_samples < 1:
+        raise MinqrError(f"num_samples must be at least 1, got {num_samples}")
     task = TASK_VARIANTS[variant]
     check_replaceable(folder, "--out")  # before the minute of work below
     # independent streams, so that e.g. more truth samples leave the data unchanged

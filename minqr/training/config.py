@@ -11,7 +11,7 @@ from pathlib import Path
 
 from minqr.device import DTYPES
 from minqr.errors import MinqrError
-from minqr.models.head import HEAD_KINDS, HeadConfig
+from minqr.models.head import HEADS, HeadConfig
 from minqr.objectives.loss import OBJECTIVES, objectives_help
 from minqr.options import check_options, option, seed_option
 from minqr.synthetic.demo import demo_defaults
@@ -33,7 +33,7 @@ class TrainConfig:
 
     # the model and its loss
     head: str = option("quantile", "reward head: 'quantile' (N quantiles of the reward, the distributional "
-                       "head) or 'scalar' (one reward, the Bradley-Terry baseline)", HEAD_KINDS)
+                       "head) or 'scalar' (one reward, the Bradley-Terry baseline)", HEADS)
     num_quantiles: int | None = option(None, "number of outputs N of the quantile head [default: 20 for mixture "
                                        "and independent, 10 (the paper's) for paper; the scalar head has 1]")
     objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/objectives/): "

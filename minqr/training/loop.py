@@ -16,7 +16,6 @@ AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`,
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
 import json
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -29,8 +28,6 @@ import torch.nn as nn
 from minqr.atomic import atomic_file
 from minqr.data.batching import IGNORE_INDEX, process_micro_batches, training_batches
 from minqr.device import autocast, autocast_dtype
-from minqr.distribution.personal import ANNOTATORS_FILE
-from minqr.distribution.personalize import annotators_of
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length, load_backbone
@@ -38,12 +35,14 @@ from minqr.models.gpt2 import GPT2
 from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
+from minqr.study.personalize import save_annotators
 from minqr.ranking import ranking_credit
 from minqr.synthetic.demo import prepare_demo_data
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
-from minqr.training.distributed import (Processes, full_state_dict, full_value, local, reshard, shard_model,
+from minqr.training.distributed import (Processes, full_state_dict, full_value, reshard, shard_model,
                                         start_processes, stop_processes)
+from minqr.training.divergence import DivergenceCheck
 from minqr.training.evaluation import held_out_metrics
 from minqr.training.inputs import load_pairs, resolve_inputs
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
@@ -51,19 +50,8 @@ from minqr.training.loss import AnnotatorLikelihood, ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
-from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, check_same_options,
-                                   find_checkpoint, load_checkpoint, load_shards, remove_checkpoints,
-                                   restore_rng_state, save_checkpoint, save_shards)
-
-# A loss weight or pair margin beyond this is what a divergence is blamed on rather than --lr: rewards
-# are of order 1, and AdamW's steps do not grow with a weight, so only absurd ones overflow float32.
-HUGE_WEIGHT = 1e6
-
-
-class TrainingDiverged(MinqrError):
-    """The loss, the gradient or the weights became NaN or infinite: training stopped, the last
-    good checkpoint stays."""
-
+from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, checkpoint_to_resume,
+                                   load_shards, remove_checkpoints, restore_rng_state, save_checkpoint, save_shards)
 
 
 @dataclass
@@ -158,7 +146,7 @@ class TrainingRun:
             self.optimizer, lambda s: learning_rate_factor(s, self.warmup_steps, self.total_steps))
         self.average = self._weight_average()
         self.step, self.position = 0, DataPosition()
-        self.saved_step = None  # the step of the checkpoint on disk
+        self.divergence = DivergenceCheck(self.out, config, self.train_pairs.pair_margins, procs)
         # Each process draws its own dropout masks.
         torch.manual_seed(config.seed + 1 + procs.rank)
         if self.checkpoint is not None:
@@ -166,23 +154,12 @@ class TrainingRun:
         if config.compile:
             self.model.transformer.compile(dynamic=True)
         objective = StepLoss(self.model, config.bag_coef, config.center_coef, config.lm_coef,
-                             self._annotator_likelihood())
+                             AnnotatorLikelihood.for_run(config, self.model.head_config, self.train_pairs,
+                                                         self.procs.world_size))
         self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
     # -- set-up ------------------------------------------------------------------------------
-
-    def _annotator_likelihood(self) -> AnnotatorLikelihood | None:
-        """--annotator-likelihood's cache of posteriors (minqr/training/loss.py), or None."""
-        if not self.config.annotator_likelihood:
-            return None
-        if self.config.resume:
-            # the cache is not in the checkpoint: a resumed run would re-warm and differ from an uninterrupted one
-            raise MinqrError("--annotator-likelihood cannot --resume yet (its cached posteriors are not checkpointed); "
-                             "start the run afresh with --overwrite")
-        head, pairs = self.model.head_config, self.train_pairs
-        return AnnotatorLikelihood(len(pairs.annotator_ids), head.num_quantiles,
-                                   max(1, len(pairs) // self.procs.world_size), head.objective)
 
     def _check_setup(self) -> tuple:
         """(pairs of a micro-batch, the checkpoint to resume or None): what the options and the out
@@ -191,7 +168,9 @@ class TrainingRun:
             raise MinqrError("--fsdp shards the model over the processes that torchrun starts, and this is one "
                              "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
                              "2, or drop --fsdp")
-        return self.config.micro_batch_size(self.procs.world_size), self._check_out_folder()
+        config = self.config
+        checkpoint = checkpoint_to_resume(self.out, asdict(config), resume=config.resume, overwrite=config.overwrite)
+        return config.micro_batch_size(self.procs.world_size), checkpoint
 
     def _check_model(self, model: RewardModel) -> None:
         """What the options ask of the backbone: positions for --max-length, an LM head for --lm-coef."""
@@ -208,29 +187,6 @@ class TrainingRun:
             raise MinqrError(f"--batch-size {self.config.batch_size} is more than the {len(self.train_pairs)} "
                              f"training pairs: lower it")
         return steps_per_epoch
-
-    def _check_out_folder(self):
-        """The checkpoint to resume from (None for a new run); refuse to clobber a run by mistake.
-        Each refusal says what the folder holds and the one option that gets out."""
-        config = self.config
-        checkpoint = find_checkpoint(self.out)
-        if config.resume:
-            if checkpoint is None:
-                raise MinqrError(f"--resume: {self.out} holds no checkpoint to continue from (a run saves one every "
-                                 "--save-every steps, and this one was stopped before its first): start it afresh "
-                                 "with --overwrite instead of --resume")
-            checkpoint = load_checkpoint(self.out)
-            check_same_options(checkpoint.config, asdict(config))
-            return checkpoint
-        if config.overwrite:
-            return None
-        if checkpoint is not None:
-            raise MinqrError(f"--out {self.out} already holds a run with a checkpoint: add --resume to continue "
-                             "it, --overwrite to start afresh, or choose another --out")
-        if (self.out / METRICS_FILE).exists():
-            raise MinqrError(f"--out {self.out} already holds a run that saved no checkpoint (nothing to resume): "
-                             "add --overwrite to start afresh, or choose another --out")
-        return None
 
     def _plan(self, model: RewardModel) -> str:
         """One line of what the run will cost, printed before it starts."""
@@ -273,7 +229,7 @@ class TrainingRun:
                 self.average.load_state_dict(checkpoint.average)
         self.scheduler.load_state_dict(checkpoint.scheduler)
         self.step, self.position = checkpoint.step, checkpoint.position
-        self.saved_step = checkpoint.step
+        self.divergence.saved_step = checkpoint.step
         rng_states = checkpoint.rng_states
         if len(rng_states) != self.procs.world_size:
             self.say(f"warning: the checkpoint was written by {len(rng_states)} processes and this run has "
@@ -388,15 +344,13 @@ class TrainingRun:
             [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
         loss_value /= procs.world_size  # the processes' means, summed
         self.interrupt.agreed = interrupted > 0
-        if not math.isfinite(loss_value):
-            raise self._diverged(f"the loss is {loss_value}")
+        self.divergence.check_value("the loss", loss_value, self.step + 1)
         if config.max_grad_norm > 0:
             # with master weights, their float32 copies of the gradients: the norm and the scaling in float32
             clipped = self.optimizer.float32_gradients() if isinstance(self.optimizer, MasterWeightAdamW) \
                 else self.model.parameters()
             grad_norm = float(full_value(nn.utils.clip_grad_norm_(clipped, config.max_grad_norm)))
-            if not math.isfinite(grad_norm):
-                raise self._diverged(f"the gradient norm is {grad_norm}")
+            self.divergence.check_value("the gradient norm", grad_norm, self.step + 1)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         if self.average:
@@ -407,38 +361,10 @@ class TrainingRun:
         return {"step": self.step + 1, "loss": loss_value, "accuracy": right_value / config.batch_size,
                 "lr": lr, "tokens_per_s": real_tokens / seconds, "pairs_per_s": config.batch_size / seconds}
 
-    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
-        if self.saved_step is None:
-            kept = "No checkpoint was saved before it"
-        else:
-            kept = f"The last good checkpoint, of step {self.saved_step}, stays in {self.out / 'checkpoint'}"
-        return TrainingDiverged(f"training diverged at step {step or self.step + 1}: {what}; stopped. {kept}. "
-                                f"{self._likely_cause()}")
-
-    def _likely_cause(self) -> str:
-        """What to change: a loss weight or a data margin far beyond any useful one, else the learning rate."""
-        config, margins = self.config, self.train_pairs.pair_margins or [0.0]
-        huge = [f"--{name.replace('_', '-')} {getattr(config, name):g}"
-                for name in ("bag_coef", "center_coef", "lm_coef") if getattr(config, name) > HUGE_WEIGHT]
-        largest = max(margins, key=abs)
-        if abs(largest) > HUGE_WEIGHT:
-            huge.append(f"the data's pair margins (up to {largest:g}; rewards are of order 1)")
-        if huge:
-            them = "them" if len(huge) > 1 else "it"
-            return f"The likely cause: {' and '.join(huge)}, far too large: lower {them} and train again"
-        return f"Lower --lr (now {config.lr:g}) and train again"
-
     def _check_weights(self) -> None:
-        """Before anything is saved: every weight must be finite. A finite loss does not make the
-        step after it good (a learning rate of inf turns every weight into NaN)."""
+        """Before anything is saved: every weight, and the weight average, must be finite."""
         named = list(self.model.named_parameters()) + (self.average.named_averages() if self.average else [])
-        bad_here = [float(not torch.isfinite(local(p)).all()) for _, p in named]
-        # sharded (--fsdp), each process sees its shards only: all of them must agree
-        bad_anywhere = self.procs.all_sum(bad_here) if self.config.fsdp else bad_here
-        bad = [name for (name, _), count in zip(named, bad_anywhere) if count > 0]
-        if bad:
-            more = f" and {len(bad) - 1} more tensor{'s' if len(bad) > 2 else ''}" if len(bad) > 1 else ""
-            raise self._diverged(f"the weights are not finite after the optimizer step ({bad[0]}{more})", self.step)
+        self.divergence.check_weights(named, self.step)
 
     def _evaluate(self) -> dict:
         """Held-out metrics of the model, or of its weight average where the run keeps one."""
@@ -483,7 +409,7 @@ class TrainingRun:
                             average=self.average.state_dict() if self.average else None, write_shards=write_shards)
         elif write_shards:
             write_shards(None)
-        self.saved_step = self.step
+        self.divergence.saved_step = self.step
 
     def _whole_model(self) -> RewardModel | None:
         """The model to save: the model itself, or, sharded (--fsdp), an unsharded copy gathered on
@@ -510,26 +436,10 @@ class TrainingRun:
 
     def _save_annotators(self, model: RewardModel) -> None:
         """The posteriors of the annotators the training data names, beside the model (one scoring
-        pass over the training pairs, minqr/distribution/personalize.py); a head without kinds has
-        none, and says so. An annotators.json of the model this run replaced goes with it."""
-        stale = self.out / ANNOTATORS_FILE
-        pairs = self.train_pairs
-        if pairs.annotators is None:
-            if stale.exists():
-                stale.unlink()
-                self.say(f"removed {stale}: the annotators of the model this run replaced")
-            return
-        try:
-            annotators = annotators_of(model, pairs, source="the training pairs", batch_size=self.micro_batch_size,
-                                       shared_prefix=self.config.shared_prefix, dtype=self.config.dtype,
-                                       progress=self.progress, model_name="the trained model")
-        except MinqrError as error:  # only a mixture has kinds
-            stale.unlink(missing_ok=True)
-            self.say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "
-                     f"saved: {error}")
-            return
-        annotators.save(self.out)
-        self.say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
+        pass over the training pairs, minqr/study/personalize.py)."""
+        save_annotators(model, self.train_pairs, self.out, self.say, batch_size=self.micro_batch_size,
+                        shared_prefix=self.config.shared_prefix, dtype=self.config.dtype, progress=self.progress,
+                        model_name="the trained model")
 
 
 def _every(step: int, interval: int) -> bool:

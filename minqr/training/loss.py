@@ -153,6 +153,18 @@ class AnnotatorLikelihood:
         self.seen = 0
         self.log_posterior = None  # [A, N] log q_a from the last pass; None during the warm start
 
+    @classmethod
+    def for_run(cls, config, head, pairs, world_size: int) -> "AnnotatorLikelihood | None":
+        """The cache of a training run (TrainConfig `config`, the model's HeadConfig `head`, the
+        TokenizedPairs of --data), or None without --annotator-likelihood."""
+        if not config.annotator_likelihood:
+            return None
+        if config.resume:
+            # the cache is not in the checkpoint: a resumed run would re-warm and differ from an uninterrupted one
+            raise MinqrError("--annotator-likelihood cannot --resume yet (its cached posteriors are not checkpointed); "
+                             "start the run afresh with --overwrite")
+        return cls(len(pairs.annotator_ids), head.num_quantiles, max(1, len(pairs) // world_size), head.objective)
+
     def __call__(self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, annotators: torch.Tensor,
                  pair_margin: torch.Tensor | None) -> torch.Tensor | None:
         """Raw outputs [B, N] each, annotator indices [B], margins [B] or None -> per-pair terms [B]

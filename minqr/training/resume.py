@@ -38,6 +38,7 @@ from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import read_json, read_torch_file
 from minqr.training.checkpoint_check import layout_problems, read_shard_index, run_problems, shard_problems
+from minqr.training.metrics import METRICS_FILE
 
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.pt"
@@ -189,6 +190,31 @@ def remove_checkpoints(out) -> None:
     out = Path(out)
     for folder in [out / CHECKPOINT_DIR, *out.glob(f"{CHECKPOINT_DIR}.old-*")]:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -> Checkpoint | None:
+    """The checkpoint a run in folder `out` with `options` (TrainConfig's, as a dict) continues from,
+    or None for a new run; a run is never clobbered by mistake. Each refusal says what the folder
+    holds and the one option that gets out."""
+    out = Path(out)
+    checkpoint = find_checkpoint(out)
+    if resume:
+        if checkpoint is None:
+            raise MinqrError(f"--resume: {out} holds no checkpoint to continue from (a run saves one every "
+                             "--save-every steps, and this one was stopped before its first): start it afresh "
+                             "with --overwrite instead of --resume")
+        checkpoint = load_checkpoint(out)
+        check_same_options(checkpoint.config, options)
+        return checkpoint
+    if overwrite:
+        return None
+    if checkpoint is not None:
+        raise MinqrError(f"--out {out} already holds a run with a checkpoint: add --resume to continue "
+                         "it, --overwrite to start afresh, or choose another --out")
+    if (out / METRICS_FILE).exists():
+        raise MinqrError(f"--out {out} already holds a run that saved no checkpoint (nothing to resume): "
+                         "add --overwrite to start afresh, or choose another --out")
+    return None
 
 
 def load_checkpoint(out) -> Checkpoint:

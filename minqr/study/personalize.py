@@ -21,11 +21,11 @@ from pathlib import Path
 from minqr.data.batching import TokenizedPairs, tokenize_pairs
 from minqr.data.pairs import load_pairs
 from minqr.device import DTYPES
-from minqr.distribution.personal import Annotators, check_personal, labelled_annotators
+from minqr.distribution.personal import ANNOTATORS_FILE, Annotators, check_personal, labelled_annotators
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_tokenized, text_length_limit
 
 
@@ -37,6 +37,28 @@ def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str 
     check_personal(head.objective, head.num_quantiles)
     chosen, rejected = score_tokenized(model, tokenized, **scoring)  # [P, N] each
     return labelled_annotators(chosen, rejected, tokenized, annotator, source)
+
+
+def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say, **scoring) -> None:
+    """After training: the posteriors of the annotators the training pairs name, saved beside the
+    model in `folder` (`scoring`: score_tokenized's options); pairs that name none, or a head
+    without kinds, leave no annotators.json (one of the model the run replaced goes with it), and
+    `say` tells which."""
+    stale = folder / ANNOTATORS_FILE
+    if pairs.annotators is None:
+        if stale.exists():
+            stale.unlink()
+            say(f"removed {stale}: the annotators of the model this run replaced")
+        return
+    try:
+        annotators = annotators_of(model, pairs, source="the training pairs", **scoring)
+    except MinqrError as error:  # only a mixture has kinds
+        stale.unlink(missing_ok=True)
+        say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "
+            f"saved: {error}")
+        return
+    annotators.save(folder)
+    say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
 
 
 @dataclass
@@ -58,6 +80,9 @@ class PersonalizeConfig:
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
     skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
     overwrite: bool = option(False, "replace the saved posteriors of annotators the model already knows")
+
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
 
 
 @dataclass

@@ -49,7 +49,7 @@ from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import load_reward_model, training_args
-from minqr.options import option
+from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.reading import loads
 from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
@@ -192,6 +192,9 @@ class BestOfNConfig:
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
     overwrite: bool = option(False, "replace --out if it exists, and drop an unfinished job's progress", in_file=False)
+
+    def __post_init__(self):
+        check_options(self)  # every range and choice the fields declare
 
 
 def partial_path(out) -> Path:
