@@ -303,3 +303,16 @@ def test_the_command_writes_a_variant(tmp_path):
         assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {folder} {reason}")
         assert (folder / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in home.iterdir()) == ["keep.txt"]
+
+
+def test_the_truths_levels_are_the_papers_and_the_truth_needs_no_torch():
+    """test_truth.npz's quantile levels are quantile_levels(10), written in numpy so that reading a
+    truth (the analysis) never imports torch."""
+    import subprocess
+    import sys
+
+    from minqr.objectives.references import quantile_levels
+    from minqr.synthetic.truth import TRUTH_LEVELS
+    np.testing.assert_array_equal(TRUTH_LEVELS, quantile_levels(10, dtype=torch.float64).numpy())
+    code = "import sys, minqr.synthetic.truth; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -36,35 +36,15 @@ from minqr.errors import MinqrError
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.hf_folder import save_gpt2
 from minqr.models.tokenizer import Tokenizer, byte_level_bpe
-from minqr.objectives.references import quantile_levels
 from minqr.options import check_options, option, seed_option
-from minqr.synthetic.task import TASK_VARIANTS, SyntheticTask, sample_pairs
-from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, mixture_quantiles
+from minqr.synthetic.pools import pooled_task
+from minqr.synthetic.task import TASK_VARIANTS, sample_pairs
+from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, truth_arrays
 
 # The demo's backbone: small enough to train in seconds on a 2-core CPU, deep enough to add up tags.
 TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
-TRUTH_LEVELS = quantile_levels(10, dtype=torch.float64).numpy()  # the levels of the paper's N = 10
-
-
-def truth_arrays(task: SyntheticTask, pairs: dict, rng: np.random.Generator, num_samples: int) -> dict:
-    """The true reward distributions of the pairs' responses (the test_truth.npz arrays)."""
-    arrays = {"group_weights": task.group_weights, "quantile_levels": TRUTH_LEVELS,
-              "anchor_texts": np.array(pairs["anchors"]), "tag_names": np.array(task.tags),
-              "controversial_tags": task.controversial}
-    for side in ("chosen", "rejected"):
-        counts = pairs[f"{side}_tags"]
-        means, stds = task.group_moments(counts)
-        arrays[f"{side}_tags"] = counts
-        arrays[f"{side}_group_means"] = means
-        arrays[f"{side}_group_stds"] = stds
-        arrays[f"{side}_quantiles"] = mixture_quantiles(means, stds, task.group_weights, TRUTH_LEVELS)
-        arrays[f"{side}_samples"] = task.sample_rewards(rng, counts, num_samples).astype(np.float32)
-    arrays["preference_probability"] = task.preference_probability(pairs["chosen_tags"], pairs["rejected_tags"])
-    return arrays
-
-
 def train_tokenizer(texts, vocab_size: int = TOKENIZER_VOCAB_SIZE) -> Tokenizer:
     """A GPT-2-style byte-level BPE trained on `texts`, with <|endoftext|> as its last id."""
     # vocab_size - 1 learnt tokens, then EOS as the last id, as in GPT-2
@@ -126,7 +106,6 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     pooled = {}
     if labels_per_annotator:
-        from minqr.synthetic.pools import pooled_task  # it builds on this module's truth_arrays
         pooled = pooled_task(task, data_rng, truth_rng, num_train, num_test, labels_per_annotator, num_samples)
         train = pooled.pop("train.jsonl")[1]
     else:

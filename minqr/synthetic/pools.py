@@ -13,7 +13,7 @@ every annotator's group and exact tag rewards:
                            ("n0", "n1", ...), people absent from train.jsonl
     new_test.jsonl         held-out pairs of those new people
     *_truth.npz            beside known_test and new_test: the plain task's truth arrays
-                           (minqr.synthetic.folder.truth_arrays) plus, per pair (PERSONAL_TRUTH),
+                           (minqr.synthetic.truth.truth_arrays) plus, per pair (PERSONAL_TRUTH),
                            the labelling annotator's group, their exact P(chosen ≻ rejected), the
                            group's P for each group (the annotator's deviations integrated out) and
                            their exact rewards of both responses (the anchor's is 0 for everyone)
@@ -28,8 +28,8 @@ measures a model's personal probabilities against them.
 """
 import numpy as np
 
-from minqr.synthetic.folder import truth_arrays
 from minqr.synthetic.task import SyntheticTask, sample_pairs
+from minqr.synthetic.truth import truth_arrays
 
 NEW_CONTEXT_SIZES = (1, 3, 10)  # labelled context pairs of a new person, as the analysis reports them
 NEW_HELD_OUT = 5  # held-out pairs of each new person

@@ -16,6 +16,7 @@ from scipy.special import ndtr
 from minqr.errors import MinqrError
 from minqr.ranking import negative_log_likelihood
 from minqr.reading import read_npz
+from minqr.synthetic.task import SyntheticTask
 
 TRUTH_SUFFIX = "_truth.npz"  # the truth for DATA/test.jsonl is DATA/test_truth.npz (truth_beside)
 TRUTH_HELP = "it is the test_truth.npz that minqr.synthetic.folder.make_synthetic_task writes beside test.jsonl"
@@ -112,3 +113,24 @@ def response_truth(scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
         keep = ~np.all(true == 0, axis=1)
         predictions, true = predictions[keep], true[keep]
     return predictions, true
+
+
+# the levels of the paper's N = 10, tau_i = (2i+1)/(2N) (minqr/objectives/references.py: quantile_levels)
+TRUTH_LEVELS = (2 * np.arange(10, dtype=np.float64) + 1) / 20
+
+
+def truth_arrays(task: SyntheticTask, pairs: dict, rng: np.random.Generator, num_samples: int) -> dict:
+    """The true reward distributions of the pairs' responses (the test_truth.npz arrays)."""
+    arrays = {"group_weights": task.group_weights, "quantile_levels": TRUTH_LEVELS,
+              "anchor_texts": np.array(pairs["anchors"]), "tag_names": np.array(task.tags),
+              "controversial_tags": task.controversial}
+    for side in ("chosen", "rejected"):
+        counts = pairs[f"{side}_tags"]
+        means, stds = task.group_moments(counts)
+        arrays[f"{side}_tags"] = counts
+        arrays[f"{side}_group_means"] = means
+        arrays[f"{side}_group_stds"] = stds
+        arrays[f"{side}_quantiles"] = mixture_quantiles(means, stds, task.group_weights, TRUTH_LEVELS)
+        arrays[f"{side}_samples"] = task.sample_rewards(rng, counts, num_samples).astype(np.float32)
+    arrays["preference_probability"] = task.preference_probability(pairs["chosen_tags"], pairs["rejected_tags"])
+    return arrays
