@@ -37,8 +37,8 @@ test-slow: $(INSTALLED)
 demo: $(INSTALLED)
 	$(PY) tools/train.py --demo --head scalar --overwrite --out $(DEMO)/scalar
 	$(PY) tools/train.py --demo --head quantile --overwrite --out $(DEMO)/quantile
-	$(PY) tools/score.py --model $(DEMO)/scalar --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/scalar.npz
-	$(PY) tools/score.py --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
+	$(PY) tools/score.py --overwrite --model $(DEMO)/scalar --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/scalar.npz
+	$(PY) tools/score.py --overwrite --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
 	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --out $(DEMO)/report
 
 # Train the scalar head, the paper's quantile head and the mixture head on helpful-base and
@@ -48,7 +48,7 @@ study: $(INSTALLED)
 	set -e; for subset in helpful-base harmless-base; do for head in scalar paper mixture; do \
 	  case $$head in scalar) options="--head scalar";; *) options="--objective $$head";; esac; \
 	  $(PY) tools/train.py $$options --data hh-rlhf:$$subset --out $(STUDY)/$$subset-$$head; \
-	  $(PY) tools/score.py --model $(STUDY)/$$subset-$$head --data hh-rlhf:$$subset --split test \
+	  $(PY) tools/score.py --overwrite --model $(STUDY)/$$subset-$$head --data hh-rlhf:$$subset --split test \
 	    --out $(STUDY)/$$subset-$$head.npz; \
 	done; done
 	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-paper.npz $(STUDY)/*-mixture.npz --out $(STUDY)/report
@@ -65,7 +65,7 @@ objectives: $(INSTALLED)
 	    case $$objective in scalar) head="--head scalar";; *) head="--objective $$objective";; esac; \
 	    $(PY) tools/train.py --demo $$head --data $(OBJECTIVES)/$$variant/task/train.jsonl --seed $$seed \
 	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed; \
-	    $(PY) tools/score.py --model $(OBJECTIVES)/$$variant/$$objective-$$seed \
+	    $(PY) tools/score.py --overwrite --model $(OBJECTIVES)/$$variant/$$objective-$$seed \
 	      --data $(OBJECTIVES)/$$variant/task/test.jsonl --workload $$variant --label "$$objective seed $$seed" \
 	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed.npz; \
 	  done; done; \
@@ -82,7 +82,7 @@ objectives: $(INSTALLED)
 	    $(PY) tools/train.py $$head --model $(OBJECTIVES)/hh/model --tokenizer $(GPT2_TOKENIZER) \
 	      --data $(OBJECTIVES)/hh/train.jsonl --eval-data $(OBJECTIVES)/hh/test.jsonl --max-length 256 --epochs 2 \
 	      --lr 1e-3 --batch-size 16 --overwrite --out $(OBJECTIVES)/hh/$$objective; \
-	    $(PY) tools/score.py --model $(OBJECTIVES)/hh/$$objective --data $(OBJECTIVES)/hh/test.jsonl \
+	    $(PY) tools/score.py --overwrite --model $(OBJECTIVES)/hh/$$objective --data $(OBJECTIVES)/hh/test.jsonl \
 	      --workload "harmless-base held-out 462" --label $$objective --out $(OBJECTIVES)/hh/$$objective.npz; \
 	  done; \
 	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --out $(OBJECTIVES)/hh/report; \

@@ -174,9 +174,9 @@ def test_heads_without_kinds(tmp_path, tokenizer):
         with pytest.raises(MinqrError, match="personal rewards need a mixture head"):
             score_to_file(folder, data, tmp_path / "x.npz", annotator="a", progress=False)
         # ids in the data but nothing asked: the scores, and a note why there are no personal columns
-        summary = score_to_file(folder, data, tmp_path / "s.npz", progress=False)
+        summary = score_to_file(folder, data, folder.with_suffix(".npz"), progress=False)
         assert any("no personal probabilities" in note for note in summary.notes)
-        assert load_scores(tmp_path / "s.npz").personal == {}
+        assert load_scores(folder.with_suffix(".npz")).personal == {}
         assert not (folder / ANNOTATORS_FILE).exists()
 
 

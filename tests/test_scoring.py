@@ -244,6 +244,15 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
     assert scores.readout == "sorted" and scores.anchor is None and per_quantile == []
     assert "free constant" in result.stdout and "--anchor-reply" in result.stdout
 
+    # the file is the user's now: a second job replaces it only with --overwrite
+    before = out.read_bytes()
+    again = ["--model", str(quantile_folder), "--data", str(data_file), "--out", str(out), "--batch-size", "2"]
+    result = CliRunner().invoke(SCORE, again)
+    assert result.exit_code == 1
+    assert result.output == f"Error: out {out} exists: pass --overwrite to replace it, or choose another path\n"
+    assert out.read_bytes() == before
+    assert CliRunner().invoke(SCORE, [*again, "--overwrite"]).exit_code == 0
+
 
 def test_a_paper_head_prints_the_accuracy_of_each_raw_quantile(tmp_path, tokenizer, data_file):
     """paper's outputs share one free constant, which cancels within a pair: its per-quantile
@@ -307,7 +316,7 @@ def test_metadata_of_a_folder_split_and_the_options(tmp_path, quantile_folder):
     assert meta["num_truncated"] == sum(length > 32 for length in longest)
     # the defaults: max_length from training_args.json; --workload and --label are written as given
     result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(tmp_path / "hh"),
-                                             "--subset", "harmless-base", "--out", str(out),
+                                             "--subset", "harmless-base", "--out", str(out), "--overwrite",
                                              "--workload", "Harmless", "--label", "QR N=7"])
     assert result.exit_code == 0, result.output
     scores = load_scores(out)
@@ -571,6 +580,6 @@ def test_deep_json_and_a_mistyped_model_path_are_one_line_errors(tmp_path, quant
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs" / "demo").mkdir(parents=True)
     result = CliRunner().invoke(SCORE, ["--model", "runs/dmeo/quantile", "--data", str(data_file),
-                                             "--out", "s.npz"])
+                                             "--out", "t.npz"])
     assert result.exit_code == 1 and result.output.startswith(
         "Error: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output

@@ -213,6 +213,7 @@ class ScoreConfig:
                                    "whose labels --context holds): personal probability and rewards")
     context: str | None = option(None, "labelled pairs of people the model does not know (a file; its pairs name "
                                  "their annotators, or are all --annotator's): their posteriors, for this scoring")
+    overwrite: bool = option(False, "replace --out if it exists", in_file=False)
 
     def __post_init__(self):
         """The checks that need nothing read, made before the lock beside --out makes any folder."""
@@ -264,6 +265,8 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     model, data, out = options.model, options.data, Path(options.out)
     if out.is_dir():
         raise MinqrError(f"out {out} is a folder; a scores file's name ends in .npz (numpy arrays) or .jsonl")
+    if out.exists() and not options.overwrite:
+        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
     split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
