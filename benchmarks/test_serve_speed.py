@@ -1,16 +1,17 @@
 """`minqr serve` under load: 8 concurrent clients against `minqr score`'s pairs/s on the same texts.
 
-The demo's model (the synthetic task's tiny GPT-2, a mixture head of N = 10, random weights: speed
-does not depend on training) and the task's test pairs. `minqr score` scores them in-process; then
-`minqr serve --statistic mean` runs as a real process, and 8 client threads, each on its own
-keep-alive connection, send every pair's two texts as OpenRLHF would: one query a request (what
-OpenRLHF sends since its rollouts became per sample), and again in micro-batches of 16 queries (what
-its older versions sent); then 64 clients at one query a request, closer to OpenRLHF's real load
-(a rollout's samples at once), to show the batches filling. A tenth of the requests are malformed
-(bad JSON, wrong types, missing keys, an empty query, a body over the size limit): each must get its
-4xx JSON answer. Every good answer is checked against the scores (the mean of the query's outputs; float32, batched
-differently, so to 1e-4), the server must still be healthy at the end, and SIGTERM must stop it
-with exit status 0.
+Two models, both mixture heads of N = 10 with random weights (speed does not depend on training):
+the demo's tiny GPT-2 and one of GPT-2 small's shape (MODELS below), on the synthetic task's test
+pairs. `minqr score` scores them in-process; then `minqr serve --statistic mean` runs as a real
+process, and 8 client threads, each on its own keep-alive connection, send every pair's two texts
+as OpenRLHF would, a prompt's two samples one after the other: one query a request (what OpenRLHF
+sends since its rollouts became per sample), and again in micro-batches of 16 queries (what its
+older versions sent); then, on the demo's model, 64 clients at one query a request, closer to
+OpenRLHF's real load (a rollout's samples at once), to show the batches filling. A tenth of the
+requests are malformed (bad JSON, wrong types, missing keys, an empty query, a body over the size
+limit): each must get its 4xx JSON answer. Every good answer is checked against the scores (the
+mean of the query's outputs; float32, batched differently, so to 1e-4), the server must still be
+healthy at the end, and SIGTERM must stop it with exit status 0.
 
 Printed: pairs/s of score and of the server (good queries / 2 over the wall time of the load),
 their ratio (target: at least 0.8 with 8 clients), the latency of good requests, p50 and p99, and
@@ -34,6 +35,7 @@ import torch
 
 from minqr import load_tokenizer
 from minqr.synthetic.folder import make_synthetic_task
+from minqr.models.gpt2 import GPT2Config
 from minqr.models.reward import RewardModel
 from minqr.study.scoring import score_to_file
 from minqr.study.scores_file import load_scores
@@ -58,24 +60,43 @@ MALFORMED = [
 ]
 
 
+# the two models served: the demo's (2 blocks of width 64: a forward of 32 texts costs about as
+# much as the HTTP work of two requests) and one of GPT-2 small's shape (12 blocks of width 768, the
+# smallest reward model in real use), both random (speed does not depend on training), and the
+# pairs each is timed on (fewer for the larger one, whose forward is about 200 times dearer)
+MODELS = {"demo": (None, NUM_PAIRS),
+          "gpt2-small": (dict(n_positions=128, n_embd=768, n_layer=12, n_head=12), 200)}
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """(root folder: the task and the model, the test pairs' chosen then rejected texts)."""
+    """(root folder: the task and the models, the test pairs' texts: pair p's chosen at 2p, its
+    rejected at 2p + 1, as an RL trainer sends a prompt's samples together)."""
     root = tmp_path_factory.mktemp("serve")
     task = make_synthetic_task(root / "task", num_train=2000, num_test=NUM_PAIRS, num_samples=8)
-    torch.manual_seed(0)
-    model = RewardModel.from_backbone(task / "model", num_quantiles=10, objective="mixture")
-    model.save_pretrained(root / "model", tokenizer=load_tokenizer(task / "model"))
-    lines = [json.loads(line) for line in (task / "test.jsonl").read_text().splitlines()]
-    return root, [line["chosen"] for line in lines] + [line["rejected"] for line in lines]
+    tokenizer = load_tokenizer(task / "model")
+    lines = (task / "test.jsonl").read_text().splitlines()
+    for name, (shape, num_pairs) in MODELS.items():
+        torch.manual_seed(0)
+        if shape is None:
+            model = RewardModel.from_backbone(task / "model", num_quantiles=10, objective="mixture")
+        else:
+            config = GPT2Config(vocab_size=tokenizer.vocab_size, **shape)
+            model = RewardModel.from_config(config, num_quantiles=10, objective="mixture")
+        model.save_pretrained(root / name, tokenizer=tokenizer)
+        (root / f"{name}.jsonl").write_text("\n".join(lines[:num_pairs]) + "\n")
+    lines = [json.loads(line) for line in lines]
+    return root, [text for line in lines for text in (line["chosen"], line["rejected"])]
 
 
-def score_rate(root: Path, name: str) -> tuple:
-    """`minqr score` on the task's test pairs: (outputs [2P, N] of the chosen then rejected texts,
-    pairs/s). Measured right before each load, so that both see the same machine."""
-    summary = score_to_file(root / "model", root / "task", root / f"{name}.npz", progress=False)
+def score_rate(root: Path, model: str, name: str) -> tuple:
+    """`minqr score` of `model` on its test pairs: (outputs [2P, N], pair p's chosen at row 2p, its
+    rejected at 2p + 1; pairs/s). Measured right before each load, so that both see the same machine."""
+    num_pairs = MODELS[model][1]
+    summary = score_to_file(root / model, root / f"{model}.jsonl", root / f"{name}.npz", progress=False)
     scores = load_scores(root / f"{name}.npz")
-    return np.concatenate([scores.chosen, scores.rejected]), NUM_PAIRS / summary.seconds
+    outputs = np.stack([scores.chosen, scores.rejected], axis=1)  # [P, 2, N]
+    return outputs.reshape(2 * num_pairs, -1), num_pairs / summary.seconds  # [2P, N]
 
 
 def start_server(model: Path):
@@ -152,11 +173,13 @@ def run_load(address, texts, per_request: int, clients: int = CLIENTS) -> dict:
             "failures": failures, "left": work.qsize()}
 
 
-@pytest.mark.parametrize("per_request, clients", [(1, CLIENTS), (16, CLIENTS), (1, 64)])
-def test_serve_keeps_up_with_score(demo, per_request, clients):
+@pytest.mark.parametrize("model, per_request, clients", [("demo", 1, CLIENTS), ("demo", 16, CLIENTS), ("demo", 1, 64),
+                                                       ("gpt2-small", 1, CLIENTS), ("gpt2-small", 16, CLIENTS)])
+def test_serve_keeps_up_with_score(demo, model, per_request, clients):
     root, texts = demo
-    process, address = start_server(root / "model")
-    outputs, rate_of_score = score_rate(root, f"scores-{per_request}")
+    texts = texts[: 2 * MODELS[model][1]]
+    process, address = start_server(root / model)
+    outputs, rate_of_score = score_rate(root, model, f"scores-{model}-{clients}x{per_request}")
     try:
         load = run_load(address, texts, per_request, clients)
         connection = http.client.HTTPConnection(*address, timeout=30)
@@ -177,7 +200,7 @@ def test_serve_keeps_up_with_score(demo, per_request, clients):
     np.testing.assert_allclose(got, outputs.astype(np.float64).mean(axis=1), rtol=1e-4, atol=1e-4)
     rate = len(texts) / 2 / load["seconds"]
     p50, p99 = np.percentile(load["latencies"], [50, 99]) * 1e3
-    print(f"\nserve, {clients} clients, {per_request} queries a request: {rate:,.0f} pairs/s against score's "
+    print(f"\nserve {model}, {clients} clients, {per_request} queries a request: {rate:,.0f} pairs/s against score's "
           f"{rate_of_score:,.0f} ({rate / rate_of_score:.2f}x, target {TARGET}); latency p50 {p50:.1f} ms, "
           f"p99 {p99:.1f} ms; {health['texts_scored'] / health['forwards']:.1f} texts a forward; "
           f"{len(load['answers'])} good requests answered, malformed ones refused, healthy, "

@@ -1,5 +1,6 @@
-"""Tokenising, batching and the two layouts of PairBatch, checked against masks, positions and
-labels built here with plain loops from the rules in docs/design.md, on fresh random token lists; and
+"""Tokenising, batching, the two layouts of PairBatch and the packed single texts of TextBatch,
+checked against masks, positions and labels built here with plain loops from the rules in
+docs/design.md, and against each text run alone, on fresh random token lists; and
 the padding and shared-prefix savings measured on the real HH-RLHF pairs."""
 import os
 import random
@@ -11,11 +12,15 @@ import torch
 from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
 from factories import random_gpt2, tiny_config
 
-from minqr.data.batching import (IGNORE_INDEX, TokenizedPairs, collate_pairs, evaluation_batches,
-                                 length_grouped_batches, padding_efficiency, process_micro_batches, random_batches,
-                                 scoring_batches, shared_prefix_length, tokenize_pairs, training_batches)
+from minqr.data.batching import (IGNORE_INDEX, MAX_TEXTS_A_ROW, TokenizedPairs, collate_pairs, collate_texts,
+                                 evaluation_batches, group_width, length_grouped_batches, padding_efficiency,
+                                 prefix_groups, process_micro_batches, random_batches, scoring_batches,
+                                 shared_prefix_length, text_batches, tokenize_pairs, training_batches)
 from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
+from minqr.models.head import HeadConfig
+from minqr.models.llama import Llama, LlamaConfig
+from minqr.models.reward import RewardModel
 from minqr.models.tokenizer import load_tokenizer
 
 PAD_ID = 999
@@ -422,3 +427,121 @@ def test_scoring_batches_go_widest_first_and_keep_the_data_order_on_ties():
     batches = scoring_batches(widths, 2)
     assert [b.tolist() for b in batches] == [[1, 2], [4, 6], [0, 5], [3]]
     assert sorted(np.concatenate(batches).tolist()) == list(range(len(widths)))
+
+
+# ------------------------------------------------------------ single texts sharing prefixes
+
+def random_texts(rng: random.Random, num_prompts: int) -> list:
+    """Token lists as an RL trainer sends them: a few samples of each prompt (long prompt, short
+    replies), with duplicates, a sample that is a prefix of another, texts sharing only a short
+    start, and one-token texts."""
+    texts = []
+    for _ in range(num_prompts):
+        prompt = [rng.randrange(50) for _ in range(rng.randint(1, 14))]
+        for _ in range(rng.randint(1, 11)):
+            kind = rng.choice(["reply", "reply", "reply", "duplicate", "cut", "stranger"])
+            if kind == "duplicate" and texts:
+                texts.append(list(texts[-1]))
+            elif kind == "cut" and texts:
+                texts.append(texts[-1][: rng.randint(1, len(texts[-1]))])
+            elif kind == "stranger":
+                texts.append(prompt[:2] + [rng.randrange(50) for _ in range(rng.randint(0, 20))])
+            else:
+                texts.append(prompt + [rng.randrange(50) for _ in range(rng.randint(0, 6))])
+    rng.shuffle(texts)
+    return texts
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("max_texts", [1, 3, MAX_TEXTS_A_ROW])
+def test_prefix_groups_keep_the_rules(seed, max_texts):
+    texts = random_texts(random.Random(seed), 12)
+    groups = prefix_groups(texts, max_texts)
+    assert sorted(i for members, _ in groups for i in members) == list(range(len(texts)))  # each text once
+    for members, prefix in groups:
+        assert 1 <= len(members) <= max_texts
+        if len(members) == 1:
+            assert prefix == 0
+            continue
+        # the prefix is the members' common one, capped so that each keeps a token of its own
+        common = min(len(texts[i]) for i in members)
+        for i in members:
+            common = min(common, loop_common(texts[members[0]], texts[i]))
+        assert prefix == min(common, min(len(texts[i]) for i in members) - 1) >= 1
+        assert all(2 * prefix >= len(texts[i]) for i in members)  # at least half of every member
+
+
+def loop_common(a, b) -> int:
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def test_prefix_groups_put_a_prompts_samples_together():
+    prompt = list(range(30))
+    samples = [prompt + [100 + k, 200 + k] for k in range(2 * MAX_TEXTS_A_ROW)]
+    alone = [[7, 8, 9], [300] + prompt]  # shares nothing with them
+    groups = prefix_groups(samples + alone)
+    sizes = sorted(len(members) for members, _ in groups)
+    assert sizes == [1, 1, MAX_TEXTS_A_ROW, MAX_TEXTS_A_ROW]
+    assert all(prefix == 30 for members, prefix in groups if len(members) > 1)
+
+
+def text_context(batch, row: int, col: int):
+    """(position, token) of every key the query at (row, col) attends to, by position."""
+    keys = batch.attention_mask[row, 0, col].nonzero().flatten().tolist()
+    return sorted((int(batch.position_ids[row, k]), int(batch.input_ids[row, k])) for k in keys), keys
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_packed_text_sees_exactly_its_own_tokens(seed):
+    # what makes a TextBatch exact: each token of text i attends to the tokens before it in text i,
+    # at their own positions, and to nothing else (not the other samples, not the other groups)
+    texts = random_texts(random.Random(seed), 8)
+    groups = prefix_groups(texts)
+    batch = collate_texts(texts, groups, pad_id=PAD_ID)
+    assert sorted(batch.indices) == list(range(len(texts)))
+    assert batch.input_ids.shape[1] == max(group_width(texts, group) for group in groups)
+    assert batch.input_ids.shape[0] <= len(groups)  # groups share rows where they fit
+    for k, i in enumerate(batch.indices):
+        tokens, row = texts[i], int(batch.rows[k])
+        seen, keys = text_context(batch, row, int(batch.cols[k]))
+        assert seen == [(s, tokens[s]) for s in range(len(tokens))]  # the last token sees the whole text
+        for key in keys:  # and every token of it sees its own start
+            position = int(batch.position_ids[row, key])
+            assert text_context(batch, row, key)[0] == [(s, tokens[s]) for s in range(position + 1)]
+    real = sum(group_width(texts, group) for group in groups)
+    assert int((batch.input_ids != PAD_ID).sum()) <= real  # pads are pads (a token may equal PAD_ID: none here)
+    assert batch.attention_mask.any(dim=-1).all()  # no query attends to nothing (SDPA would give NaN)
+
+
+@pytest.mark.parametrize("batch_size", [1, 4, 32])
+def test_text_batches_hold_each_group_once_and_at_most_batch_size_texts(batch_size):
+    texts = random_texts(random.Random(3), 10)
+    groups = prefix_groups(texts, max_texts=min(MAX_TEXTS_A_ROW, batch_size))
+    batches = text_batches(texts, groups, batch_size)
+    assert sorted(sorted(m) for b in batches for m, _ in b) == sorted(sorted(m) for m, _ in groups)
+    assert all(0 < sum(len(m) for m, _ in b) <= batch_size for b in batches)
+    widths = [max(group_width(texts, g) for g in b) for b in batches]
+    assert widths == sorted(widths, reverse=True)  # widest first
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_packed_texts_give_each_text_alone(family):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        backbone = random_gpt2(tiny_config(n_positions=64))
+    else:
+        backbone = Llama(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, eos_token_id=60))
+    model = RewardModel(backbone, HeadConfig.make("quantile", 3, "mixture")).eval()
+    texts = random_texts(random.Random(5), 6)
+    batch = collate_texts(texts, prefix_groups(texts))
+    with torch.no_grad():
+        packed = model.forward_texts(batch)  # [M, 3], in batch.indices' order
+        states = model.forward_texts(batch, pooled=True)  # [M, n_embd]
+        for k, i in enumerate(batch.indices):
+            ids = torch.tensor([texts[i]])  # [1, L]: the text by itself
+            torch.testing.assert_close(packed[k], model(ids)[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(states[k], model.pooled(ids)[0], atol=1e-5, rtol=1e-5)

@@ -548,12 +548,15 @@ def test_score_texts_scores_in_eval_mode_and_gives_the_mode_back(tokenizer):
     mode when the model is training, and leave a model in eval mode as it is."""
     model = RewardModel(random_gpt2(tiny_config(n_positions=POSITIONS, resid_pdrop=0.5), seed=4),
                         HeadConfig.make("quantile", 3))
-    texts = [pair.chosen for pair in make_pairs(seed=2)]
+    pairs = make_pairs(seed=2)
+    texts = [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs]  # a pair's two share a prompt
     expected = np.stack([alone(model.eval(), tokenizer, text, MAX_LENGTH) for text in texts])  # [M, 3]
     token_lists = [tokenizer.encode(text)[-MAX_LENGTH:] for text in texts]
     for training in (True, False):
         model.train(training)
-        np.testing.assert_allclose(score_texts(model, token_lists, batch_size=4), expected, atol=1e-5, rtol=1e-5)
+        for shared_prefix in (True, False):
+            np.testing.assert_allclose(score_texts(model, token_lists, batch_size=4, shared_prefix=shared_prefix),
+                                       expected, atol=1e-5, rtol=1e-5)
         assert all(module.training == training for module in model.modules())
 
 

@@ -1,5 +1,5 @@
-"""From text pairs to model inputs: tokenising, length-grouped batches, and the two layouts of a
-batch of preference pairs.
+"""From text pairs to model inputs: tokenising, length-grouped batches, the two layouts of a
+batch of preference pairs, and the layout of single texts that share prefixes.
 
 A reward is read at the last real token of a text (docs/design.md#training-step), so a text is tokenised
 as it is (no EOS appended) and, when too long, cut from the LEFT: the final responses, the part
@@ -23,6 +23,14 @@ In both layouts the reward of pair i is read at `(chosen_rows[i], chosen_cols[i]
 batch carries them to the objective (`pair_margins`); when it says who labelled each pair, a batch
 carries each pair's annotator as an index into the data's distinct ids (`annotators`,
 `TokenizedPairs.annotator_ids`), for what learns or reads personal rewards.
+
+Single texts (scoring a list of texts, serving an RL trainer's samples) use the same trick through
+`TextBatch`: texts that share a long token prefix (the G samples of one prompt, a candidate set, a
+prompt and its reference reply) form a group `[prefix, suffix 1, suffix 2, ...]`, each suffix
+attending to the prefix and to itself, its positions restarting where the prefix ends; a text with
+no such neighbour is a group of its own. Groups are packed side by side into rows as wide as the
+widest group (a group sees only itself), so that a batch is nearly all real tokens. Text i is read
+at `(rows[i], cols[i])`.
 """
 from dataclasses import dataclass, fields, replace
 from typing import Sequence
@@ -37,18 +45,25 @@ from minqr.errors import MinqrError
 # Cross-entropy's conventional "no target" label (torch.nn.functional.cross_entropy ignore_index).
 IGNORE_INDEX = -100
 
-# Segment of each column of a shared-prefix row; pads form a segment of their own.
-PREFIX, CHOSEN, REJECTED, PAD = 0, 1, 2, 3
+# Segment of each column of a shared-prefix row; pads form a segment of their own. A row of single
+# texts (TextBatch) numbers its texts' segments 1, 2, 3, ... after the prefix.
+PAD, PREFIX, CHOSEN, REJECTED = -1, 0, 1, 2
+# Texts a TextBatch row holds at most: each one more saves its prefix again, but widens the row,
+# and attention grows with the square of a row's width.
+MAX_TEXTS_A_ROW = 8
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """The number of leading tokens two texts have in common."""
+    width = min(len(a), len(b))
+    differs = np.flatnonzero(np.asarray(a[:width]) != np.asarray(b[:width]))
+    return int(differs[0]) if differs.size else width
 
 
 def shared_prefix_length(chosen: Sequence[int], rejected: Sequence[int]) -> int:
     """Length of the common token prefix, capped so that each side keeps at least one token of its
     own (a reward needs a last token, and one response may be a prefix of the other)."""
-    limit = min(len(chosen), len(rejected)) - 1
-    if limit <= 0:
-        return 0
-    differs = np.flatnonzero(np.asarray(chosen[:limit]) != np.asarray(rejected[:limit]))
-    return int(differs[0]) if differs.size else limit
+    return max(min(common_prefix_length(chosen, rejected), len(chosen) - 1, len(rejected) - 1), 0)
 
 
 @dataclass
@@ -167,15 +182,18 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
     )
 
 
-def _shared_prefix_mask(segments: torch.Tensor) -> torch.Tensor:
+def _shared_prefix_mask(segments: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """bool [R, 1, T, T] from the segment of every column [R, T]: causal, and a key is visible if it
-    is in the prefix or in the query's own segment. A pad attends only to itself, because a row
-    with nothing to attend to makes scaled_dot_product_attention return NaN."""
+    is in the prefix or in the query's own segment; with `groups` [R, T] (a row packing several
+    groups), only within the query's group. A pad attends only to itself, because a row with
+    nothing to attend to makes scaled_dot_product_attention return NaN."""
     width = segments.shape[1]
     query = segments[:, :, None]  # [R, T, 1]
     key = segments[:, None, :]  # [R, 1, T]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
     visible = causal & (query != PAD) & ((key == PREFIX) | (key == query))  # [R, T, T]
+    if groups is not None:
+        visible &= groups[:, :, None] == groups[:, None, :]
     visible |= torch.eye(width, dtype=torch.bool)
     return visible[:, None]  # [R, 1, T, T]
 
@@ -331,6 +349,109 @@ def scoring_batches(widths: Sequence[int], batch_size: int) -> list:
     order = np.argsort(-np.asarray(widths), kind="stable")
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
+
+# ---- single texts ----------------------------------------------------------------------------
+
+def prefix_groups(token_lists: Sequence[Sequence[int]], max_texts: int = MAX_TEXTS_A_ROW) -> list:
+    """Texts that share a token prefix: a list of (indices, prefix length), one a row of a
+    TextBatch. A text joins its lexicographic neighbour's group while the group's common prefix is
+    at least half of every member (sharing less saves little and widens the row), the group holds
+    fewer than `max_texts`, and every member keeps at least one token of its own (its reward is read
+    at its last token; a text may be a prefix of another, or equal to it). A text alone: prefix 0."""
+    # sorted lexicographically, texts with a common prefix are neighbours, and a group's common
+    # prefix is the smallest one between neighbours
+    order = sorted(range(len(token_lists)), key=lambda i: list(token_lists[i]))
+    groups = []
+    for i in order:
+        tokens = token_lists[i]
+        if groups:
+            members, prefix = groups[-1]
+            last = token_lists[members[-1]]
+            shared = min(common_prefix_length(last, tokens), len(last) - 1, len(tokens) - 1)
+            if len(members) > 1:
+                shared = min(shared, prefix)
+            longest = max(len(tokens), max(len(token_lists[m]) for m in members))
+            if len(members) < max_texts and shared >= 1 and 2 * shared >= longest:
+                groups[-1] = (members + [i], shared)
+                continue
+        groups.append(([i], 0))
+    return groups
+
+
+def group_width(token_lists: Sequence[Sequence[int]], group: tuple) -> int:
+    """The width of a group's row: its prefix once, then every member's own tokens."""
+    members, prefix = group
+    return prefix + sum(len(token_lists[i]) - prefix for i in members)
+
+
+def text_batches(token_lists: Sequence[Sequence[int]], groups: list, batch_size: int) -> list:
+    """Groups into batches of at most `batch_size` texts (a group is never split; one larger than
+    that goes alone), widest row first as scoring_batches orders pairs."""
+    order = sorted(groups, key=lambda group: -group_width(token_lists, group))  # stable: ties keep their order
+    batches, size = [], batch_size
+    for group in order:
+        if size + len(group[0]) > batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(group)
+        size += len(group[0])
+    return batches
+
+
+@dataclass
+class TextBatch:
+    """M single texts in R rows of T columns: groups of texts sharing a prefix, packed (module doc)."""
+
+    input_ids: torch.Tensor  # [R, T] int64
+    position_ids: torch.Tensor  # [R, T] int64 (pads: 0)
+    attention_mask: torch.Tensor  # bool [R, 1, T, T], True = attend
+    rows: torch.Tensor  # [M] int64: text i is read at (rows[i], cols[i]), its last token
+    cols: torch.Tensor  # [M]
+    indices: list  # [M] the position of text i in the caller's list
+
+    def to(self, device) -> "TextBatch":
+        return replace(self, **{name: getattr(self, name).to(device) for name in
+                                ("input_ids", "position_ids", "attention_mask", "rows", "cols")})
+
+
+def collate_texts(token_lists: Sequence[Sequence[int]], groups: list, pad_id: int = 0) -> TextBatch:
+    """Lay out groups of texts (prefix_groups' (indices, prefix length); every text at least one
+    token) as one TextBatch: each group [prefix, each member's tokens after it], packed first-fit,
+    widest first, into rows as wide as the widest group."""
+    widths = [group_width(token_lists, group) for group in groups]
+    width = max(widths)
+    placed, room = [], []  # (group, row, column it starts at); free columns left in each row
+    for g in sorted(range(len(groups)), key=lambda g: -widths[g]):
+        row = next((r for r, free in enumerate(room) if free >= widths[g]), len(room))
+        if row == len(room):
+            room.append(width)
+        placed.append((g, row, width - room[row]))
+        room[row] -= widths[g]
+    input_ids = np.full((len(room), width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((len(room), width), dtype=np.int64)
+    segments = np.full((len(room), width), PAD, dtype=np.int64)
+    group_of = np.full((len(room), width), -1, dtype=np.int64)  # each column's group: groups sharing a row stay apart
+    rows, cols, indices = [], [], []
+    for g, row, start in placed:
+        members, prefix = groups[g]
+        group_of[row, start: start + widths[g]] = g
+        input_ids[row, start: start + prefix] = token_lists[members[0]][:prefix]
+        position_ids[row, start: start + prefix] = np.arange(prefix)
+        segments[row, start: start + prefix] = PREFIX
+        start += prefix
+        for segment, i in enumerate(members, start=1):
+            own = token_lists[i][prefix:]
+            end = start + len(own)
+            input_ids[row, start:end] = own
+            position_ids[row, start:end] = np.arange(prefix, len(token_lists[i]))
+            segments[row, start:end] = segment
+            rows.append(row)
+            cols.append(end - 1)
+            indices.append(i)
+            start = end
+    mask = _shared_prefix_mask(torch.from_numpy(segments), torch.from_numpy(group_of))
+    return TextBatch(input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
+                     attention_mask=mask, rows=torch.tensor(rows), cols=torch.tensor(cols), indices=indices)
 
 def padding_efficiency(tokenized: TokenizedPairs, batches: Sequence[Sequence[int]],
                        shared_prefix: bool = True) -> float:

@@ -147,6 +147,14 @@ class RewardModel(nn.Module):
         pooled_rejected = hidden[batch.rejected_rows, batch.rejected_cols]
         return hidden, pooled_chosen, pooled_rejected, self.score(pooled_chosen), self.score(pooled_rejected)
 
+    def forward_texts(self, batch, pooled: bool = False) -> torch.Tensor:
+        """A `minqr.data.batching.TextBatch` -> the raw outputs [M, N] of its M texts, in the batch's
+        text order (texts sharing a prefix row run it once); with `pooled`, the states the head
+        reads instead, [M, n_embd]."""
+        hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
+        states = hidden[batch.rows, batch.cols]  # [M, n_embd], each text's last token
+        return states if pooled else self.score(states)
+
     # ---- reading out ----
 
     def quantiles(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

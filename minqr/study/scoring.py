@@ -10,7 +10,9 @@ data's order, so that a truth file or a second model's scores line up pair by pa
 
 Speed: pairs are batched by width, widest first, so that little of a batch is padding (and a
 batch too big for memory fails at once, not at the end); a pair's two dialogues share their
-prefix, which is run once (minqr/data/batching.py); no autograd graph is kept (`torch.inference_mode`).
+prefix, which is run once (minqr/data/batching.py); so do single texts (`score_texts`, what the server,
+the adapters and best-of-N call) that share most of their tokens, a prompt's samples; no autograd
+graph is kept (`torch.inference_mode`).
 One thing is an approximation, and only by default on a GPU: the matrix products run in bfloat16
 (autocast; the weights stay float32), which rounds the outputs to about three significant digits;
 pass dtype="float32" for full precision.
@@ -24,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.data.batching import TokenizedPairs, scoring_batches, tokenize_pairs
+from minqr.data.batching import (MAX_TEXTS_A_ROW, TokenizedPairs, collate_texts, prefix_groups,
+                                 scoring_batches, text_batches, tokenize_pairs)
 from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import load_pairs, names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
@@ -99,10 +102,12 @@ def _check_finite(chosen: np.ndarray, rejected: np.ndarray, indices, model_name:
 
 @torch.inference_mode()
 def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
-                dtype: str = "auto", pooled: bool = False) -> np.ndarray:
+                dtype: str = "auto", pooled: bool = False, shared_prefix: bool = True) -> np.ndarray:
     """The model's raw outputs [M, N] for M single texts given as token lists (each at least one
-    token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. Texts of
-    similar length share a batch; eval mode, as score_tokenized."""
+    token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. At most
+    `batch_size` texts a forward; texts that share a long prefix (a prompt's samples, a prompt and
+    its reference reply) run it once (minqr/data/batching.py, TextBatch), unless `shared_prefix` is
+    False; rows of similar width share a batch; eval mode, as score_tokenized."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
     width = model.transformer.config.hidden_size if pooled else model.num_quantiles
@@ -115,15 +120,16 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
         model.to(device)
     if switch:
         model.eval()
+    if shared_prefix:
+        groups = prefix_groups(token_lists, max_texts=min(MAX_TEXTS_A_ROW, batch_size))
+    else:
+        groups = [([i], 0) for i in range(len(token_lists))]
     try:
-        for indices in scoring_batches([len(tokens) for tokens in token_lists], batch_size):
-            rows = [list(token_lists[index]) for index in indices]
-            longest = len(rows[0])
-            ids = torch.tensor([tokens + [0] * (longest - len(tokens)) for tokens in rows])  # [B, T]
-            mask = torch.tensor([[1] * len(tokens) + [0] * (longest - len(tokens)) for tokens in rows])  # [B, T]
+        for groups_of_batch in text_batches(token_lists, groups, batch_size):
+            batch = collate_texts(token_lists, groups_of_batch).to(device)
             with autocast(device, compute_dtype):
-                values = (model.pooled if pooled else model)(ids.to(device), mask.to(device))
-            out[indices] = values.float().cpu().numpy()
+                values = model.forward_texts(batch, pooled=pooled)  # [M', N] or [M', n_embd]
+            out[batch.indices] = values.float().cpu().numpy()
     finally:
         if switch:
             model.train(was_training)
