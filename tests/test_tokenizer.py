@@ -25,6 +25,11 @@ def test_every_layout_gives_the_same_tokenizer(tmp_path):
         assert [tok.decode(ids) for ids in expected] == texts  # byte-level: every text round-trips
         assert tok.encode("x<|endoftext|>") == tok.encode("x") + [tok.eos_id]  # special, and nothing added
 
+        for max_length in (1, 3, 10_000):  # cut from the left: the last max_length tokens of each
+            assert tok.encode_batch(texts, max_length) == [tok.encode(t)[len(tok.encode(t)) - max_length:]
+                                                           if len(tok.encode(t)) > max_length else tok.encode(t)
+                                                           for t in texts]
+
 
 def test_save_writes_a_folder_both_minqr_and_transformers_load(tmp_path):
     tok = load_tokenizer(write_tiny_tokenizer(tmp_path / "src"))

@@ -173,7 +173,7 @@ class RewardService:
                 cached = {prompt: self._references[prompt] for prompt in request.prompts if prompt in self._references}
             missing = list(dict.fromkeys(prompt for prompt in request.prompts if prompt not in cached))
             texts += [prompt + self.config.reference_reply for prompt in missing]
-        token_lists = [tokens[-self.max_length:] for tokens in self.tokenizer.encode_batch(texts)]
+        token_lists = self.tokenizer.encode_batch(texts, self.max_length)
         for i, tokens in enumerate(token_lists[: len(request.queries)]):
             if not tokens:
                 raise BadRequest(f"'query'[{i}] has no tokens: a reward is read at a text's last token")

@@ -82,7 +82,7 @@ class TextRewards:
     @torch.inference_mode()
     def outputs(self, texts: list) -> torch.Tensor:
         """[M, N] float32 raw outputs for M texts (each cut from the left to max_length tokens)."""
-        token_lists = [ids[-self.max_length:] for ids in self.tokenizer.encode_batch(texts)]
+        token_lists = self.tokenizer.encode_batch(texts, self.max_length)
         empty = [i for i, ids in enumerate(token_lists) if not ids]
         if empty:
             raise MinqrError(f"texts {empty[:5]} are empty, so they have no last token to read a reward at")

@@ -72,9 +72,12 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts) -> list[list[int]]:
+    def encode_batch(self, texts, max_length: int | None = None) -> list[list[int]]:
+        """Ids of each text; with `max_length`, cut from the left to that many tokens, as minqr reads
+        a text: the end, where the reply and its reward are, survives."""
         # the fast batch path skips the offsets that encode_batch would compute and throw away
-        return [e.ids for e in self.backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+        encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        return [e.ids if max_length is None else e.ids[-max_length:] for e in encodings]
 
     def encode_batch_marked(self, texts, marks) -> tuple[list[list[int]], list[int]]:
         """Ids of each text, and for each the index of the token that holds character `marks[k]`

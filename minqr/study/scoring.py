@@ -327,8 +327,7 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
             metadata["backbone_probe"] = backbone_probe(partial(run, pooled=True), responses, truth, len(pairs))
     if options.anchor_reply is not None:
         texts = [reply_text(pair, options.anchor_reply, tokenizer.chat_template) for pair in pairs]
-        anchor = score_texts(reward_model, [ids[-max_length:] for ids in tokenizer.encode_batch(texts)], batch_size,
-                             device, dtype)
+        anchor = score_texts(reward_model, tokenizer.encode_batch(texts, max_length), batch_size, device, dtype)
         metadata["anchor_reply"] = options.anchor_reply
     known = None
     if context is not None:  # the posteriors of the people it labels, from one more scoring pass

@@ -16,4 +16,4 @@ def score_anchors(score_texts, tokenizer, truth, num_pairs: int, max_length: int
     """[P, N] a model's outputs for each pair's anchor reply (the truth's anchor_texts, cut from the
     left to max_length tokens); `score_texts(token_lists)` runs the model."""
     (texts,) = load_truth(truth, num_pairs, ("anchor_texts",))
-    return score_texts([tokens[-max_length:] for tokens in tokenizer.encode_batch([str(t) for t in texts])])
+    return score_texts(tokenizer.encode_batch([str(t) for t in texts], max_length))
