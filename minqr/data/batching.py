@@ -353,8 +353,8 @@ def scoring_batches(widths: Sequence[int], batch_size: int) -> list:
 # ---- single texts ----------------------------------------------------------------------------
 
 def prefix_groups(token_lists: Sequence[Sequence[int]], max_texts: int = MAX_TEXTS_A_ROW) -> list:
-    """Texts that share a token prefix: a list of (indices, prefix length), one a row of a
-    TextBatch. A text joins its lexicographic neighbour's group while the group's common prefix is
+    """Texts that share a token prefix: a list of (indices, prefix length), each group laid out
+    [prefix, each member's own tokens] in a TextBatch row. A text joins its lexicographic neighbour's group while the group's common prefix is
     at least half of every member (sharing less saves little and widens the row), the group holds
     fewer than `max_texts`, and every member keeps at least one token of its own (its reward is read
     at its last token; a text may be a prefix of another, or equal to it). A text alone: prefix 0."""
@@ -379,7 +379,7 @@ def prefix_groups(token_lists: Sequence[Sequence[int]], max_texts: int = MAX_TEX
 
 
 def group_width(token_lists: Sequence[Sequence[int]], group: tuple) -> int:
-    """The width of a group's row: its prefix once, then every member's own tokens."""
+    """The columns a group takes in a row: its prefix once, then every member's own tokens."""
     members, prefix = group
     return prefix + sum(len(token_lists[i]) - prefix for i in members)
 
@@ -388,9 +388,9 @@ def text_batches(token_lists: Sequence[Sequence[int]], groups: list, batch_size:
     """Groups into batches of at most `batch_size` texts (a group is never split; one larger than
     that goes alone), widest row first as scoring_batches orders pairs."""
     order = sorted(groups, key=lambda group: -group_width(token_lists, group))  # stable: ties keep their order
-    batches, size = [], batch_size
+    batches, size = [], 0
     for group in order:
-        if size + len(group[0]) > batch_size:
+        if not batches or size + len(group[0]) > batch_size:  # the first batch, or this one is full
             batches.append([])
             size = 0
         batches[-1].append(group)
