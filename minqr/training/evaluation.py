@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-from minqr.data.batching import TokenizedPairs, evaluation_batches
+from minqr.data.batching import TokenizedPairs, evaluation_batches, scoring_batches
 from minqr.device import autocast
 from minqr.distribution.personal import Annotators, log_likelihood_sums, normalised
 from minqr.models.reward import RewardModel
@@ -79,7 +79,8 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
     model.eval()
     sums = torch.zeros(len(pairs.annotator_ids), model.num_quantiles, dtype=torch.float64, device=procs.device)
     share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
-    for pair_indices in evaluation_batches(pairs.row_widths(shared_prefix), batch_size, share, shares):
+    # scoring's order (widest first, widths sorted: the least padding), each process every shares-th batch
+    for pair_indices in scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]:
         batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
         with autocast(procs.device, autocast_dtype):
             r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
