@@ -11,7 +11,8 @@ processes are minqr/training/distributed.py's.
 
 The run folder (`--out`) ends up holding the trained reward model (config.json, model.safetensors,
 tokenizer files: what `RewardModel.from_pretrained` and transformers'
-AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`, `curves.png` and
+AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`, `curves.png`,
+`annotators.json` and `eval_annotators.json` when the data names annotators (docs/personal.md), and
 `checkpoint/`, from which `--resume` continues an interrupted run to the weights an uninterrupted
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
