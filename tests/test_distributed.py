@@ -1,18 +1,38 @@
 """Several processes (torchrun, DistributedDataParallel over gloo on CPU): each takes its slice of
 every global batch, and the step is the one a single process computes on the whole batch, so the
-logged losses, accuracies and held-out metrics equal a one-process run's up to float rounding.
+logged losses, accuracies and held-out metrics equal a one-process run's up to float rounding. The
+data names its annotators, so the personal held-out metrics (summed over the processes) and the
+posteriors of annotators.json (a pass shared over them) are compared too.
 """
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
+from minqr.distribution.personal import Annotators
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
+from minqr.training.personal_metrics import PERSONAL_EVAL_FILE
+
+
+def with_annotators(inputs: dict, folder) -> dict:
+    """The run inputs with annotator ids: the training pairs of three people, the held-out ones of
+    two of them and of one stranger (8 held-out pairs each of the 24)."""
+    labelled = dict(inputs)
+    for key, ids in (("data", ["u0", "u1", "u2"]), ("eval_data", ["u0", "u1", "stranger"])):
+        lines = open(inputs[key]).read().splitlines()
+        path = os.path.join(folder, f"{key}-labelled.jsonl")
+        with open(path, "w") as f:
+            f.writelines(json.dumps({**json.loads(line), "annotator": ids[k % 3]}) + "\n"
+                         for k, line in enumerate(lines))
+        labelled[key] = path
+    return labelled
 
 
 def assert_same_run(run, single) -> list:
@@ -33,12 +53,26 @@ def assert_same_run(run, single) -> list:
     assert weights.keys() == expected_weights.keys()
     differing = sum(int(((weights[n] - t).abs() > 1e-5).sum()) for n, t in expected_weights.items())
     assert differing < 0.01 * sum(t.numel() for t in expected_weights.values())
+    # the posteriors of the training annotators and the final evaluation's per-annotator figures
+    expected_annotators = Annotators.load(single)
+    if expected_annotators is not None:
+        annotators = Annotators.load(run)
+        assert annotators.ids == expected_annotators.ids and annotators.pairs == expected_annotators.pairs
+        torch.testing.assert_close(annotators.log_posteriors, expected_annotators.log_posteriors, rtol=1e-4,
+                                   atol=1e-4)
+    if (single / PERSONAL_EVAL_FILE).exists():
+        expected_rows, rows = (json.loads((folder / PERSONAL_EVAL_FILE).read_text())["annotators"]
+                               for folder in (single, run))
+        assert [row["id"] for row in rows] == [row["id"] for row in expected_rows]
+        for row, expected_row in zip(rows, expected_rows):
+            assert row == {**expected_row, "personal_accuracy": pytest.approx(expected_row["personal_accuracy"]),
+                           "population_accuracy": pytest.approx(expected_row["population_accuracy"])}
     return got
 
 
 @pytest.mark.slow  # three training runs, two of them under torchrun
 def test_torchrun_two_processes_match_one_process(tmp_path):
-    inputs = write_run_inputs(tmp_path / "inputs", num_train=32)  # no dropout: masks would differ
+    inputs = with_annotators(write_run_inputs(tmp_path / "inputs", num_train=32), tmp_path)  # no dropout
     options = dict(max_steps=4, batch_size=8, eval_every=2, save_every=2, device="cpu")
 
     single = tmp_path / "single"
@@ -57,6 +91,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert result.stderr.count("step 2: eval_loss") == 1, result.stderr
 
     got = assert_same_run(double, single)
+    assert "eval_personal_accuracy" in got[-1] and (double / PERSONAL_EVAL_FILE).exists()
     # only process 0 wrote: one line per step and evaluation, one checkpoint
     assert len(got) == 4 + 2
     assert sorted(p.name for p in double.iterdir() if p.name.startswith(("checkpoint", ".checkpoint"))) == ["checkpoint"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import load_tool
-from test_distributed import assert_same_run
+from test_distributed import assert_same_run, with_annotators
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
 from minqr.atomic import MARKER
@@ -50,7 +50,9 @@ def torchrun(script: Path, argv: list, check: bool = True) -> subprocess.Complet
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    return write_run_inputs(tmp_path_factory.mktemp("inputs"), num_train=32)  # no dropout: masks would differ
+    # no dropout: masks would differ; annotator ids: the personal metrics, computed in every process
+    folder = tmp_path_factory.mktemp("inputs")
+    return with_annotators(write_run_inputs(folder, num_train=32), folder)
 
 
 def test_fsdp_needs_torchrun(inputs, tmp_path):
@@ -74,6 +76,7 @@ def test_two_sharded_processes_match_one_process_and_resume_bit_for_bit(inputs, 
     torchrun(ROOT / "tools" / "train.py", argv)
     got = assert_same_run(sharded, single)  # and one ordinary Hugging Face folder, whole
     assert len(got) == 6 + 3  # steps and evaluations
+    assert "eval_personal_accuracy" in got[-1]  # the held-out pairs name annotators: scored by every process
     assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == [MARKER, "config.json", "shards", "state.pt"]
     assert torch.load(sharded / "checkpoint" / "state.pt", weights_only=True)["model"] is None
 

@@ -39,9 +39,11 @@ def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str 
     return labelled_annotators(chosen, rejected, tokenized, annotator, source)
 
 
-def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say, **scoring) -> None:
+def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say,
+                    annotators: Annotators | None = None, **scoring) -> None:
     """After training: the posteriors of the annotators the training pairs name, saved beside the
-    model in `folder` (`scoring`: score_tokenized's options); pairs that name none, or a head
+    model in `folder`: `annotators` when the run computed them already (its final evaluation),
+    else from a scoring pass (`scoring`: score_tokenized's options); pairs that name none, or a head
     without kinds, leave no annotators.json (one of the model the run replaced goes with it), and
     `say` tells which."""
     stale = folder / ANNOTATORS_FILE
@@ -51,7 +53,8 @@ def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say
             say(f"removed {stale}: the annotators of the model this run replaced")
         return
     try:
-        annotators = annotators_of(model, pairs, source="the training pairs", **scoring)
+        if annotators is None:
+            annotators = annotators_of(model, pairs, source="the training pairs", **scoring)
     except MinqrError as error:  # only a mixture has kinds
         stale.unlink(missing_ok=True)
         say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "

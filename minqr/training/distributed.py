@@ -64,6 +64,14 @@ class Processes:
         dist.all_reduce(t)
         return t.tolist()
 
+    def all_sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over the processes (a new tensor where it was; the tensor itself in one process)."""
+        if self.world_size == 1:
+            return tensor
+        summed = tensor.to(self.device, copy=True)
+        dist.all_reduce(summed)
+        return summed.to(tensor.device)
+
 
 def start_processes(device_option: str) -> Processes:
     """Join the process group when launched by torchrun (it sets WORLD_SIZE, RANK, LOCAL_RANK)."""

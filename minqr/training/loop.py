@@ -11,7 +11,8 @@ processes are minqr/training/distributed.py's.
 
 The run folder (`--out`) ends up holding the trained reward model (config.json, model.safetensors,
 tokenizer files: what `RewardModel.from_pretrained` and transformers'
-AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`, `curves.png` and
+AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`, `curves.png`,
+`annotators.json` and `eval_annotators.json` when the data names annotators (docs/personal.md), and
 `checkpoint/`, from which `--resume` continues an interrupted run to the weights an uninterrupted
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
@@ -43,13 +44,14 @@ from minqr.training.config import TrainConfig
 from minqr.training.distributed import (Processes, full_state_dict, full_value, reshard, shard_model,
                                         start_processes, stop_processes)
 from minqr.training.divergence import DivergenceCheck
-from minqr.training.evaluation import held_out_metrics
+from minqr.training.evaluation import held_out_metrics, training_posteriors
 from minqr.training.inputs import load_pairs, resolve_inputs
 from minqr.training.interrupt import Interrupt, TrainingInterrupted
 from minqr.training.loss import AnnotatorLikelihood, ResponseBag, StepLoss
 from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
+from minqr.training.personal_metrics import PERSONAL_EVAL_FILE, PersonalEvaluation
 from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, checkpoint_to_resume,
                                    load_shards, remove_checkpoints, restore_rng_state, save_checkpoint, save_shards)
 
@@ -129,6 +131,10 @@ class TrainingRun:
         self.train_pairs = load_pairs(train_file, "train", self.tokenizer, config, self.say)
         self.eval_pairs = load_pairs(eval_file, "test", self.tokenizer, config, self.say) if eval_file else None
         self.steps_per_epoch = self._check_data()
+        # held-out pairs that name their annotators: personal metrics too (minqr/training/personal_metrics.py)
+        self.personal = PersonalEvaluation.for_run(self.train_pairs, self.eval_pairs, model.head_config, self.say,
+                                                   cached=config.annotator_likelihood)
+        self.final_annotators = None  # the final evaluation's posteriors of the training annotators
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
@@ -153,9 +159,10 @@ class TrainingRun:
             self._restore(self.checkpoint)
         if config.compile:
             self.model.transformer.compile(dynamic=True)
+        self.annotator_likelihood = AnnotatorLikelihood.for_run(config, self.model.head_config, self.train_pairs,
+                                                                self.procs.world_size)
         objective = StepLoss(self.model, config.bag_coef, config.center_coef, config.lm_coef,
-                             AnnotatorLikelihood.for_run(config, self.model.head_config, self.train_pairs,
-                                                         self.procs.world_size))
+                             self.annotator_likelihood)
         self.objective = objective if procs.world_size == 1 or config.fsdp else nn.parallel.DistributedDataParallel(
             objective, device_ids=[procs.device.index] if procs.device.type == "cuda" else None)
 
@@ -266,13 +273,14 @@ class TrainingRun:
             if log:
                 log.close()
         if final_eval is None and self.eval_pairs is not None:  # resumed from the final checkpoint
-            final_eval = self._evaluate()
+            final_eval = self._evaluate(final=True)
         if self.average:  # the model to save is the average, which the last evaluation scored
             self.average.copy_into_model()
         self._check_weights()
         model = self._whole_model()
         if procs.is_main:
             self._save_model(model, final_eval)
+            self._write_personal(final_eval)
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / CURVES_FILE)
         return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy,
                             rank=procs.rank)
@@ -296,10 +304,11 @@ class TrainingRun:
                     log.write(record)
                 last = self.step == self.total_steps
                 if self.eval_pairs is not None and (last or _every(self.step, config.eval_every)):
-                    final_eval = self._evaluate()
+                    final_eval = self._evaluate(final=last)
                     scored = " (the weight average)" if self.average else ""
-                    self.say(f"step {self.step}{scored}: " + ", ".join(f"{k} {v:.4f}" for k, v in final_eval.items()
-                                                               if k != "step"))
+                    self.say(f"step {self.step}{scored}: " + ", ".join(
+                        f"{k} {v}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in final_eval.items()
+                        if k != "step"))
                     if log:
                         log.write(final_eval)
                 if last or _every(self.step, config.save_every) or self.interrupt.agreed:
@@ -366,17 +375,38 @@ class TrainingRun:
         named = list(self.model.named_parameters()) + (self.average.named_averages() if self.average else [])
         self.divergence.check_weights(named, self.step)
 
-    def _evaluate(self) -> dict:
-        """Held-out metrics of the model, or of its weight average where the run keeps one."""
+    def _evaluate(self, final: bool = False) -> dict:
+        """Held-out metrics of the model, or of its weight average where the run keeps one; `final`:
+        the run's last evaluation, of the weights it saves."""
         config, average = self.config, self.average
         with average.swapped_in() if average else nullcontext():
             if config.fsdp and average:  # the forwards must gather the average, not what a unit holds gathered
                 reshard(self.model)
+            log_posteriors = self._held_out_posteriors(final)
             metrics = held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size, config.shared_prefix,
-                                       self.procs, self.autocast_dtype, sharded=config.fsdp)
+                                       self.procs, self.autocast_dtype, sharded=config.fsdp,
+                                       personal=self.personal, log_posteriors=log_posteriors)
         if config.fsdp and average:  # and the training's next forward the weights again
             reshard(self.model)
         return {"step": self.step, **metrics}
+
+    def _held_out_posteriors(self, final: bool):
+        """The held-out annotators' log-posteriors [A, N] for the personal metrics, or None for none
+        at this evaluation. The final evaluation's come from a pass of the weights it scores over the
+        training pairs, which annotators.json is then saved from (no second pass); earlier ones use
+        the annotator-level likelihood's cache once it has one, since a pass at each evaluation
+        costs a scoring of most of the training pairs (docs/personal.md)."""
+        if self.personal is None:
+            return None
+        if final:
+            if self.train_pairs.annotators is None:  # nobody is known: everyone is the population
+                return self.personal.log_posteriors(None)
+            self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
+                                                        self.config.shared_prefix, self.procs, self.autocast_dtype,
+                                                        sharded=self.config.fsdp)
+            return self.personal.log_posteriors(self.final_annotators.log_posteriors)
+        cache = self.annotator_likelihood.log_posterior if self.annotator_likelihood is not None else None
+        return None if cache is None else self.personal.log_posteriors(cache)
 
     # -- files -------------------------------------------------------------------------------
 
@@ -437,9 +467,21 @@ class TrainingRun:
     def _save_annotators(self, model: RewardModel) -> None:
         """The posteriors of the annotators the training data names, beside the model (one scoring
         pass over the training pairs, minqr/study/personalize.py)."""
-        save_annotators(model, self.train_pairs, self.out, self.say, batch_size=self.micro_batch_size,
-                        shared_prefix=self.config.shared_prefix, dtype=self.config.dtype, progress=self.progress,
-                        model_name="the trained model")
+        save_annotators(model, self.train_pairs, self.out, self.say, annotators=self.final_annotators,
+                        batch_size=self.micro_batch_size, shared_prefix=self.config.shared_prefix,
+                        dtype=self.config.dtype, progress=self.progress, model_name="the trained model")
+
+    def _write_personal(self, final_eval: dict | None) -> None:
+        """The final evaluation's per-annotator figures in eval_annotators.json, and a line of them;
+        a run without them removes the file of a run it replaced."""
+        path = self.out / PERSONAL_EVAL_FILE
+        if self.personal is None or final_eval is None or self.personal.tallied is None:
+            if path.exists():
+                path.unlink()
+                self.say(f"removed {path}: the personal metrics of the run this one replaced")
+            return
+        self.personal.write(self.out, final_eval)
+        self.say(self.personal.summary(final_eval) + f"; per annotator in {path}")
 
 
 def _every(step: int, interval: int) -> bool:

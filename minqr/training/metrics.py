@@ -18,6 +18,8 @@ Every evaluation on the held-out pairs (all of them, with the weights after `ste
     eval_reward_mean   mean and standard deviation of the expected reward over all held-out
     eval_reward_std    responses, chosen and rejected; the last evaluation's go into config.json
     eval_margin        mean over pairs of expected reward chosen minus rejected
+    eval_personal_...  when the held-out pairs name their annotators and the head is a mixture:
+                       the personal metrics of minqr/training/personal_metrics.py
 
 Lines are appended and flushed as they come, so a killed run keeps its log up to the kill (its
 last line may be torn). A resumed run first cuts the log back to the checkpoint's step: the steps
