@@ -63,9 +63,11 @@ MALFORMED = [
 # the two models served: the demo's (2 blocks of width 64: a forward of 32 texts costs about as
 # much as the HTTP work of two requests) and one of GPT-2 small's shape (12 blocks of width 768, the
 # smallest reward model in real use), both random (speed does not depend on training), and the
-# pairs each is timed on (fewer for the larger one, whose forward is about 200 times dearer)
-MODELS = {"demo": (None, NUM_PAIRS),
-          "gpt2-small": (dict(n_positions=128, n_embd=768, n_layer=12, n_head=12), 200)}
+# pairs each is timed on (fewer for the larger one, whose forward is about 200 times dearer), and
+# the rounds of score-then-load, the best of each reported (a round of the demo's takes a second or
+# less, and this 2-core machine's rate varies by a fifth from one to the next)
+MODELS = {"demo": (None, NUM_PAIRS, 3),
+          "gpt2-small": (dict(n_positions=128, n_embd=768, n_layer=12, n_head=12), 200, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def demo(tmp_path_factory):
     task = make_synthetic_task(root / "task", num_train=2000, num_test=NUM_PAIRS, num_samples=8)
     tokenizer = load_tokenizer(task / "model")
     lines = (task / "test.jsonl").read_text().splitlines()
-    for name, (shape, num_pairs) in MODELS.items():
+    for name, (shape, num_pairs, _) in MODELS.items():
         torch.manual_seed(0)
         if shape is None:
             model = RewardModel.from_backbone(task / "model", num_quantiles=10, objective="mixture")
@@ -179,9 +181,12 @@ def test_serve_keeps_up_with_score(demo, model, per_request, clients):
     root, texts = demo
     texts = texts[: 2 * MODELS[model][1]]
     process, address = start_server(root / model)
-    outputs, rate_of_score = score_rate(root, model, f"scores-{model}-{clients}x{per_request}")
     try:
-        load = run_load(address, texts, per_request, clients)
+        rates, loads = [], []
+        for attempt in range(MODELS[model][2]):  # score, then the same texts through the server, side by side
+            outputs, rate = score_rate(root, model, f"scores-{model}-{clients}x{per_request}-{attempt}")
+            rates.append(rate)
+            loads.append(run_load(address, texts, per_request, clients))
         connection = http.client.HTTPConnection(*address, timeout=30)
         connection.request("GET", "/health")
         health = connection.getresponse()
@@ -192,12 +197,14 @@ def test_serve_keeps_up_with_score(demo, model, per_request, clients):
         process.send_signal(signal.SIGTERM)
         code = process.wait(timeout=60)
     assert code == 0, f"minqr serve exited with {code} after SIGTERM"
-    assert not load["failures"], load["failures"][:5]
-    assert load["left"] == 0, f"{load['left']} requests were not sent within {LOAD_TIMEOUT_S} s"
-    got = np.full(len(texts), np.nan)
-    for start, rewards in load["answers"].items():
-        got[start: start + len(rewards)] = rewards
-    np.testing.assert_allclose(got, outputs.astype(np.float64).mean(axis=1), rtol=1e-4, atol=1e-4)
+    for load in loads:
+        assert not load["failures"], load["failures"][:5]
+        assert load["left"] == 0, f"{load['left']} requests were not sent within {LOAD_TIMEOUT_S} s"
+        got = np.full(len(texts), np.nan)
+        for start, rewards in load["answers"].items():
+            got[start: start + len(rewards)] = rewards
+        np.testing.assert_allclose(got, outputs.astype(np.float64).mean(axis=1), rtol=1e-4, atol=1e-4)
+    load, rate_of_score = min(loads, key=lambda load: load["seconds"]), max(rates)  # the best of each
     rate = len(texts) / 2 / load["seconds"]
     p50, p99 = np.percentile(load["latencies"], [50, 99]) * 1e3
     print(f"\nserve {model}, {clients} clients, {per_request} queries a request: {rate:,.0f} pairs/s against score's "
