@@ -13,8 +13,8 @@ from conftest import GPT2_TOKENIZER_DIR, HH_HARMLESS_TEST, _require
 from factories import random_gpt2, tiny_config
 
 from minqr.data.batching import (IGNORE_INDEX, MAX_TEXTS_A_ROW, TokenizedPairs, collate_pairs, collate_texts,
-                                 evaluation_batches, group_width, length_grouped_batches, padding_efficiency,
-                                 prefix_groups, process_micro_batches, random_batches, scoring_batches,
+                                 evaluation_batches, group_width, length_grouped_batches, pack_rows,
+                                 padding_efficiency, prefix_groups, process_micro_batches, random_batches, scoring_batches,
                                  shared_prefix_length, text_batches, tokenize_pairs, training_batches)
 from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
@@ -502,7 +502,8 @@ def test_every_packed_text_sees_exactly_its_own_tokens(seed):
     groups = prefix_groups(texts)
     batch = collate_texts(texts, groups, pad_id=PAD_ID)
     assert sorted(batch.indices) == list(range(len(texts)))
-    assert batch.input_ids.shape[1] == max(group_width(texts, group) for group in groups)
+    widest = max(group_width(texts, group) for group in groups)
+    assert widest <= batch.input_ids.shape[1] <= 2 * widest
     assert batch.input_ids.shape[0] <= len(groups)  # groups share rows where they fit
     for k, i in enumerate(batch.indices):
         tokens, row = texts[i], int(batch.rows[k])
@@ -545,3 +546,30 @@ def test_packed_texts_give_each_text_alone(family):
             ids = torch.tensor([texts[i]])  # [1, L]: the text by itself
             torch.testing.assert_close(packed[k], model(ids)[0], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(states[k], model.pooled(ids)[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pack_rows_places_every_group_once_apart_and_computes_no_more_than_the_widest_width(seed):
+    rng = random.Random(seed)
+    widths = [rng.randint(1, 40) for _ in range(rng.randint(1, 30))]
+    width, placed, num_rows = pack_rows(widths)
+    assert sorted(g for g, _, _ in placed) == list(range(len(widths)))
+    taken = [[False] * width for _ in range(num_rows)]
+    for g, row, start in placed:  # inside its row, overlapping no other group
+        assert 0 <= start and start + widths[g] <= width and 0 <= row < num_rows
+        assert not any(taken[row][start: start + widths[g]])
+        taken[row][start: start + widths[g]] = [True] * widths[g]
+    assert all(any(row) for row in taken)  # no empty row
+    # never more columns than first fit into rows of the widest group's width, written out here
+    free = []
+    for w in sorted(widths, reverse=True):
+        row = next((r for r, room in enumerate(free) if room >= w), None)
+        if row is None:
+            free.append(max(widths))
+            row = len(free) - 1
+        free[row] -= w
+    assert num_rows * width <= len(free) * max(widths)
+
+def test_pack_rows_widens_the_rows_when_groups_a_bit_over_half_the_widest_would_fill_one_each():
+    width, _, num_rows = pack_rows([26, 26, 26, 26, 50])
+    assert (width, num_rows) == (52, 3)  # [50], [26, 26], [26, 26]: 156 columns, not 5 x 50 = 250

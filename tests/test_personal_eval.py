@@ -70,9 +70,9 @@ def assert_metrics(got: dict, expected: dict):
         assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
 
 
-def outputs_alone(model, tokenizer, pairs, max_length):
-    chosen = torch.tensor(np.stack([alone(model, tokenizer, p.chosen, max_length) for p in pairs]))
-    rejected = torch.tensor(np.stack([alone(model, tokenizer, p.rejected, max_length) for p in pairs]))
+def outputs_alone(model, text_tokenizer, pairs, max_length):
+    chosen = torch.tensor(np.stack([alone(model, text_tokenizer, p.chosen, max_length) for p in pairs]))
+    rejected = torch.tensor(np.stack([alone(model, text_tokenizer, p.rejected, max_length) for p in pairs]))
     return chosen, rejected  # [P, N] each
 
 
@@ -181,14 +181,14 @@ def test_training_reports_personal_metrics(tmp_path, capsys):
     assert [set(r) for r in evaluations[:-1]] == [EVAL_KEYS]
     final = evaluations[-1]
 
-    model, tokenizer = RewardModel.from_pretrained(out), load_tokenizer(out)
+    model, saved_tokenizer = RewardModel.from_pretrained(out), load_tokenizer(out)
     train_pairs, _ = read_pairs_file(train_data)
     held_pairs, _ = read_pairs_file(held_data)
-    chosen, rejected = outputs_alone(model, tokenizer, train_pairs, 96)
+    chosen, rejected = outputs_alone(model, saved_tokenizer, train_pairs, 96)
     log_q = loop_log_posteriors(chosen, rejected, torch.arange(len(train_pairs)) % 3, 3)
     torch.testing.assert_close(Annotators.load(out, 4).log_posteriors, log_q, rtol=1e-4, atol=1e-4)
     expected, per, personal_p, population_p = expected_metrics(
-        *outputs_alone(model, tokenizer, held_pairs, 96), [p.annotator for p in held_pairs],
+        *outputs_alone(model, saved_tokenizer, held_pairs, 96), [p.annotator for p in held_pairs],
         {f"u{k}": log_q[k].tolist() for k in range(3)}, 4)
     assert min(abs(p - 0.5) for p in personal_p + population_p) > 1e-5
     assert set(final) == EVAL_KEYS | set(expected)

@@ -414,23 +414,40 @@ class TextBatch:
                                 ("input_ids", "position_ids", "attention_mask", "rows", "cols")})
 
 
+def pack_rows(widths: Sequence[int]) -> tuple:
+    """Place groups of these widths side by side in rows: (row width, [(group, row, first column)],
+    rows). First fit, widest first, into the row width that computes the fewest columns in all (rows
+    x width) among a few: the widest group's, or wide enough for two groups to share a row (the
+    widest with another, or two of a kind: a group a bit wider than half the widest would otherwise
+    leave a row half empty); the narrower on a tie (attention grows with the square of a row's width)."""
+    widest = max(widths)
+    kinds = sorted(set(widths), reverse=True)[:4]  # the widest few: the ones that leave rows half empty
+    candidates = sorted({widest} | {widest + w for w in kinds} | {2 * w for w in kinds if 2 * w >= widest})
+    order = sorted(range(len(widths)), key=lambda g: -widths[g])
+    best = None
+    for width in candidates:
+        placed, room = [], []  # (group, row, first column); free columns left in each row
+        for g in order:
+            row = next((r for r, free in enumerate(room) if free >= widths[g]), len(room))
+            if row == len(room):
+                room.append(width)
+            placed.append((g, row, width - room[row]))
+            room[row] -= widths[g]
+        if best is None or len(room) * width < best[2] * best[0]:
+            best = (width, placed, len(room))
+    return best
+
+
 def collate_texts(token_lists: Sequence[Sequence[int]], groups: list, pad_id: int = 0) -> TextBatch:
     """Lay out groups of texts (prefix_groups' (indices, prefix length); every text at least one
-    token) as one TextBatch: each group [prefix, each member's tokens after it], packed first-fit,
-    widest first, into rows as wide as the widest group."""
+    token) as one TextBatch: each group [prefix, each member's tokens after it], packed into rows
+    (pack_rows)."""
     widths = [group_width(token_lists, group) for group in groups]
-    width = max(widths)
-    placed, room = [], []  # (group, row, column it starts at); free columns left in each row
-    for g in sorted(range(len(groups)), key=lambda g: -widths[g]):
-        row = next((r for r, free in enumerate(room) if free >= widths[g]), len(room))
-        if row == len(room):
-            room.append(width)
-        placed.append((g, row, width - room[row]))
-        room[row] -= widths[g]
-    input_ids = np.full((len(room), width), pad_id, dtype=np.int64)
-    position_ids = np.zeros((len(room), width), dtype=np.int64)
-    segments = np.full((len(room), width), PAD, dtype=np.int64)
-    group_of = np.full((len(room), width), -1, dtype=np.int64)  # each column's group: groups sharing a row stay apart
+    width, placed, num_rows = pack_rows(widths)
+    input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
+    position_ids = np.zeros((num_rows, width), dtype=np.int64)
+    segments = np.full((num_rows, width), PAD, dtype=np.int64)
+    group_of = np.full((num_rows, width), -1, dtype=np.int64)  # each column's group: groups sharing a row stay apart
     rows, cols, indices = [], [], []
     for g, row, start in placed:
         members, prefix = groups[g]
