@@ -6,8 +6,8 @@ pairs. `minqr score` scores them in-process; then `minqr serve --statistic mean`
 process, and 8 client threads, each on its own keep-alive connection, send every pair's two texts
 as OpenRLHF would, a prompt's two samples one after the other: one query a request (what OpenRLHF
 sends since its rollouts became per sample), and again in micro-batches of 16 queries (what its
-older versions sent); then, on the demo's model, 64 clients at one query a request, closer to
-OpenRLHF's real load (a rollout's samples at once), to show the batches filling. A tenth of the
+older versions sent); then 64 clients at one query a request, closer to OpenRLHF's real load (a
+rollout's samples at once), to show the batches filling. A tenth of the
 requests are malformed (bad JSON, wrong types, missing keys, an empty query, a body over the size
 limit): each must get its 4xx JSON answer. Every good answer is checked against the scores (the
 mean of the query's outputs; float32, batched differently, so to 1e-4), the server must still be
@@ -176,7 +176,8 @@ def run_load(address, texts, per_request: int, clients: int = CLIENTS) -> dict:
 
 
 @pytest.mark.parametrize("model, per_request, clients", [("demo", 1, CLIENTS), ("demo", 16, CLIENTS), ("demo", 1, 64),
-                                                       ("gpt2-small", 1, CLIENTS), ("gpt2-small", 16, CLIENTS)])
+                                                       ("gpt2-small", 1, CLIENTS), ("gpt2-small", 16, CLIENTS),
+                                                       ("gpt2-small", 1, 64)])
 def test_serve_keeps_up_with_score(demo, model, per_request, clients):
     root, texts = demo
     texts = texts[: 2 * MODELS[model][1]]
