@@ -14,8 +14,9 @@ from factories import random_gpt2, tiny_config
 
 from minqr.data.batching import (IGNORE_INDEX, MAX_TEXTS_A_ROW, TokenizedPairs, collate_pairs, collate_texts,
                                  evaluation_batches, group_width, length_grouped_batches, pack_rows,
-                                 padding_efficiency, prefix_groups, process_micro_batches, random_batches, scoring_batches,
-                                 shared_prefix_length, text_batches, tokenize_pairs, training_batches)
+                                 padding_efficiency, prefix_groups, process_micro_batches, random_batches,
+                                 scoring_batches, shared_prefix_length, text_batches, tokenize_pairs,
+                                 training_batches)
 from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
@@ -573,3 +574,8 @@ def test_pack_rows_places_every_group_once_apart_and_computes_no_more_than_the_w
 def test_pack_rows_widens_the_rows_when_groups_a_bit_over_half_the_widest_would_fill_one_each():
     width, _, num_rows = pack_rows([26, 26, 26, 26, 50])
     assert (width, num_rows) == (52, 3)  # [50], [26, 26], [26, 26]: 156 columns, not 5 x 50 = 250
+    # a row of W columns costs W (6 d + W): short texts share a row, long ones keep it narrow, where
+    # attention over a doubled row would cost more than the padding it saves
+    assert pack_rows([30, 50], model_width=64)[:2] == (80, [(1, 0, 0), (0, 0, 50)])
+    assert pack_rows([3000, 5000], model_width=64)[0] == 5000
+    assert pack_rows([3000, 5000], model_width=768)[0] == 5000

@@ -354,10 +354,11 @@ def scoring_batches(widths: Sequence[int], batch_size: int) -> list:
 
 def prefix_groups(token_lists: Sequence[Sequence[int]], max_texts: int = MAX_TEXTS_A_ROW) -> list:
     """Texts that share a token prefix: a list of (indices, prefix length), each group laid out
-    [prefix, each member's own tokens] in a TextBatch row. A text joins its lexicographic neighbour's group while the group's common prefix is
-    at least half of every member (sharing less saves little and widens the row), the group holds
-    fewer than `max_texts`, and every member keeps at least one token of its own (its reward is read
-    at its last token; a text may be a prefix of another, or equal to it). A text alone: prefix 0."""
+    [prefix, each member's own tokens] in a TextBatch row. A text joins its lexicographic
+    neighbour's group while the group's common prefix is at least half of every member (sharing
+    less saves little and widens the row), the group holds fewer than `max_texts`, and every member
+    keeps at least one token of its own (its reward is read at its last token; a text may be a
+    prefix of another, or equal to it). A text alone: prefix 0."""
     # sorted lexicographically, texts with a common prefix are neighbours, and a group's common
     # prefix is the smallest one between neighbours
     order = sorted(range(len(token_lists)), key=lambda i: list(token_lists[i]))
@@ -414,12 +415,14 @@ class TextBatch:
                                 ("input_ids", "position_ids", "attention_mask", "rows", "cols")})
 
 
-def pack_rows(widths: Sequence[int]) -> tuple:
+def pack_rows(widths: Sequence[int], model_width: int = 768) -> tuple:
     """Place groups of these widths side by side in rows: (row width, [(group, row, first column)],
-    rows). First fit, widest first, into the row width that computes the fewest columns in all (rows
-    x width) among a few: the widest group's, or wide enough for two groups to share a row (the
-    widest with another, or two of a kind: a group a bit wider than half the widest would otherwise
-    leave a row half empty); the narrower on a tie (attention grows with the square of a row's width)."""
+    rows). First fit, widest first, into the row width that costs least among a few: the widest
+    group's, or wide enough for two groups to share a row (the widest with another, or two of a
+    kind: a group a bit wider than half the widest would otherwise leave a row half empty). A row of
+    width W costs, per layer and up to a constant, W x (6 x model_width + W): the linear layers'
+    work on each column and attention's over the row (24 d^2 and 4 W d multiply-adds a column), so
+    short texts pack tight and long ones keep their rows narrow."""
     widest = max(widths)
     kinds = sorted(set(widths), reverse=True)[:4]  # the widest few: the ones that leave rows half empty
     candidates = sorted({widest} | {widest + w for w in kinds} | {2 * w for w in kinds if 2 * w >= widest})
@@ -433,17 +436,19 @@ def pack_rows(widths: Sequence[int]) -> tuple:
                 room.append(width)
             placed.append((g, row, width - room[row]))
             room[row] -= widths[g]
-        if best is None or len(room) * width < best[2] * best[0]:
-            best = (width, placed, len(room))
-    return best
+        cost = len(room) * width * (6 * model_width + width)
+        if best is None or cost < best[0]:  # a tie keeps the narrower
+            best = (cost, width, placed, len(room))
+    return best[1:]
 
 
-def collate_texts(token_lists: Sequence[Sequence[int]], groups: list, pad_id: int = 0) -> TextBatch:
+def collate_texts(token_lists: Sequence[Sequence[int]], groups: list, pad_id: int = 0,
+                  model_width: int = 768) -> TextBatch:
     """Lay out groups of texts (prefix_groups' (indices, prefix length); every text at least one
     token) as one TextBatch: each group [prefix, each member's tokens after it], packed into rows
-    (pack_rows)."""
+    (pack_rows; `model_width`, the model's hidden size, weighs attention against the rest)."""
     widths = [group_width(token_lists, group) for group in groups]
-    width, placed, num_rows = pack_rows(widths)
+    width, placed, num_rows = pack_rows(widths, model_width)
     input_ids = np.full((num_rows, width), pad_id, dtype=np.int64)
     position_ids = np.zeros((num_rows, width), dtype=np.int64)
     segments = np.full((num_rows, width), PAD, dtype=np.int64)

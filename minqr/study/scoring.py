@@ -110,7 +110,8 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     False; rows of similar width share a batch; eval mode, as score_tokenized."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
-    width = model.transformer.config.hidden_size if pooled else model.num_quantiles
+    model_width = model.transformer.config.hidden_size
+    width = model_width if pooled else model.num_quantiles
     out = np.empty((len(token_lists), width), dtype=np.float32)
     # a server calls this for every batch: moving the model or switching its mode only when needed
     # saves milliseconds a call (Module.to and .eval walk every submodule)
@@ -126,7 +127,7 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
         groups = [([i], 0) for i in range(len(token_lists))]
     try:
         for groups_of_batch in text_batches(token_lists, groups, batch_size):
-            batch = collate_texts(token_lists, groups_of_batch).to(device)
+            batch = collate_texts(token_lists, groups_of_batch, model_width=model_width).to(device)
             with autocast(device, compute_dtype):
                 values = model.forward_texts(batch, pooled=pooled)  # [M', N] or [M', n_embd]
             out[batch.indices] = values.float().cpu().numpy()
