@@ -18,9 +18,10 @@ together), each relative to their group's mean output.
 How it serves: connections are handled by threads (the standard library's ThreadingHTTPServer);
 each request is parsed, checked and tokenised in its own thread, then its texts join the queue of
 one worker thread that owns the model (minqr/adapters/batcher.py), so that requests arriving
-together share a forward pass, and samples of one prompt in it share the prompt's tokens (run once). Texts are cut from the left to the model's length, as `minqr score`
-cuts them. A bad request gets a 4xx JSON answer `{"error": "..."}` and the server carries on;
-SIGTERM or Ctrl-C stops accepting, answers the requests already received, and exits 0.
+together share a forward pass, and the samples of one prompt in it run the prompt once. Texts are
+cut from the left to the model's length, as `minqr score` cuts them. A bad request gets a 4xx JSON
+answer `{"error": "..."}` and the server carries on; SIGTERM or Ctrl-C stops accepting, answers the
+requests already received, and exits 0.
 
 Whose reward: the population's, unless `--annotator ID` serves one person's (the statistic with the
 mixture's kinds weighted by their posterior saved with the model, minqr personalize), or a request

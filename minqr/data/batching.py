@@ -28,8 +28,8 @@ Single texts (scoring a list of texts, serving an RL trainer's samples) use the 
 `TextBatch`: texts that share a long token prefix (the G samples of one prompt, a candidate set, a
 prompt and its reference reply) form a group `[prefix, suffix 1, suffix 2, ...]`, each suffix
 attending to the prefix and to itself, its positions restarting where the prefix ends; a text with
-no such neighbour is a group of its own. Groups are packed side by side into rows as wide as the
-widest group (a group sees only itself), so that a batch is nearly all real tokens. Text i is read
+no such neighbour is a group of its own. Groups are packed side by side into rows (a group sees
+only itself; `pack_rows` picks the row width), so that a batch is nearly all real tokens. Text i is read
 at `(rows[i], cols[i])`.
 """
 from dataclasses import dataclass, fields, replace
@@ -474,6 +474,7 @@ def collate_texts(token_lists: Sequence[Sequence[int]], groups: list, pad_id: in
     mask = _shared_prefix_mask(torch.from_numpy(segments), torch.from_numpy(group_of))
     return TextBatch(input_ids=torch.from_numpy(input_ids), position_ids=torch.from_numpy(position_ids),
                      attention_mask=mask, rows=torch.tensor(rows), cols=torch.tensor(cols), indices=indices)
+
 
 def padding_efficiency(tokenized: TokenizedPairs, batches: Sequence[Sequence[int]],
                        shared_prefix: bool = True) -> float:
