@@ -71,12 +71,14 @@ def assert_same_run(run, single) -> list:
 
 
 @pytest.mark.slow  # three training runs, two of them under torchrun
-def test_torchrun_two_processes_match_one_process(tmp_path):
+def test_torchrun_two_processes_match_one_process(tmp_path, capsys):
     inputs = with_annotators(write_run_inputs(tmp_path / "inputs", num_train=32), tmp_path)  # no dropout
     options = dict(max_steps=4, batch_size=8, eval_every=2, save_every=2, device="cpu")
 
     single = tmp_path / "single"
     train(TrainConfig(**tiny_options(inputs, single, **options)), progress=False)
+    # where the training labels put the scale: a search whose every step sums over the processes
+    scale_line = next(line for line in capsys.readouterr().err.splitlines() if "are likeliest at" in line)
 
     double = tmp_path / "double"
     # grad-accum 2 in each process exercises DDP's no_sync on the first micro-batch
@@ -90,6 +92,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert result.stdout.count("trained 4 steps") == 1, result.stdout
     assert result.stderr.count("step 2: eval_loss") == 1, result.stderr
 
+    assert result.stderr.count(scale_line) == 1, result.stderr
     got = assert_same_run(double, single)
     assert "eval_personal_accuracy" in got[-1] and (double / PERSONAL_EVAL_FILE).exists()
     # only process 0 wrote: one line per step and evaluation, one checkpoint

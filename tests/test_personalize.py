@@ -16,6 +16,7 @@ from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 
 from minqr import load_tokenizer
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators
+from minqr.distribution.scale import fit_scale
 from minqr.study.personalize import personalize
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
@@ -74,6 +75,8 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     index = torch.tensor([("ann", "bob", "cy").index(a) for a in ids])
     expected = loop_log_posteriors(chosen, rejected, index, 3, torch.tensor(margins))
     torch.testing.assert_close(saved.log_posteriors, expected, rtol=1e-4, atol=1e-4)
+    fit = fit_scale(chosen.double() - rejected.double(), index, 3, torch.tensor(margins, dtype=torch.float64))
+    assert str(summary).endswith("\n" + fit.describe("the 15 pairs"))
 
     # the same annotators again: refused without --overwrite, nothing changed
     with pytest.raises(MinqrError, match="already holds the posteriors of 3 annotators .*--overwrite"):
@@ -83,7 +86,7 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     alone_file = write_labels(tmp_path / "dee.jsonl", pairs[:4], [None] * 4)
     with pytest.raises(MinqrError, match="names no annotators"):
         personalize(folder, alone_file, progress=False)
-    personalize(folder, alone_file, annotator="dee", progress=False)
+    assert personalize(folder, alone_file, annotator="dee", progress=False).scale is None  # one person: no fit
     both = Annotators.load(folder, N)
     assert both.ids == ("ann", "bob", "cy", "dee")
     torch.testing.assert_close(both.log_posteriors[3:], loop_log_posteriors(chosen[:4], rejected[:4],
@@ -221,6 +224,9 @@ def test_training_saves_the_posteriors_of_its_annotators(tmp_path, capsys):
     rejected = torch.tensor(np.stack([alone(model, tokenizer, p.rejected, 96) for p in pairs]))
     expected = loop_log_posteriors(chosen, rejected, torch.arange(len(pairs)) % 3, 3)
     torch.testing.assert_close(saved.log_posteriors, expected, rtol=1e-4, atol=1e-4)
+    # and where the labels put the kinds' scale, from the same outputs (tests/test_scale.py checks the fit)
+    fit = fit_scale(chosen.double() - rejected.double(), torch.arange(len(pairs)) % 3, 3)
+    assert fit.describe("the training pairs") in capsys.readouterr().err
     # a run that replaces it on data without ids takes the old model's annotators with it
     train(TrainConfig(**tiny_options(inputs, out, num_quantiles=4, max_steps=3, eval_every=0, save_every=0,
                                      overwrite=True)), progress=False)

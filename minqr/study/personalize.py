@@ -22,6 +22,7 @@ from minqr.data.batching import TokenizedPairs, tokenize_pairs
 from minqr.data.pairs import load_pairs
 from minqr.device import DTYPES
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators, check_personal, labelled_annotators
+from minqr.distribution.scale import ScaleFit
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model
@@ -62,6 +63,8 @@ def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say
         return
     annotators.save(folder)
     say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
+    if annotators.scale is not None:
+        say(annotators.scale.describe("the training pairs"))
 
 
 @dataclass
@@ -95,10 +98,12 @@ class PersonalizeSummary:
     added: int
     replaced: int
     known: int
+    scale: ScaleFit | None = None  # where the data's labels put the kinds' scale; None for one person's few
 
     def __str__(self) -> str:
-        return (f"{self.data_line}\nposteriors of {self.added:,} new and {self.replaced:,} known annotators; the model "
+        text = (f"{self.data_line}\nposteriors of {self.added:,} new and {self.replaced:,} known annotators; the model "
                 f"knows {self.known:,}: wrote {self.folder / 'annotators.json'}")
+        return text if self.scale is None else text + "\n" + self.scale.describe(f"the {self.scale.pairs:,} pairs")
 
 
 @holds_output("model", "--model")  # nobody else writes the model folder meanwhile (a training run holds it)
@@ -126,7 +131,8 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
                          f"{replaced[0]!r}): pass --overwrite to replace them with these")
     merged = new if known is None else known.merged(new)
     merged.save(folder)
-    return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids))
+    return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
+                              new.scale)
 
 
 # ---- scoring: the personal columns of a scores file ------------------------------------------------

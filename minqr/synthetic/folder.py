@@ -104,9 +104,10 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     check_replaceable(folder, "--out")  # before the minute of work below
     # independent streams, so that e.g. more truth samples leave the data unchanged
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
-    pooled = {}
+    pooled, pooled_facts = {}, {}
     if labels_per_annotator:
-        pooled = pooled_task(task, data_rng, truth_rng, num_train, num_test, labels_per_annotator, num_samples)
+        pooled, pooled_facts = pooled_task(task, data_rng, truth_rng, num_train, num_test, labels_per_annotator,
+                                           num_samples)
         train = pooled.pop("train.jsonl")[1]
     else:
         train = sample_pairs(task, data_rng, num_train)
@@ -123,6 +124,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
         # ... and on the labels test.jsonl actually holds (the chosen side is the likelier one)
         "bayes_accuracy_on_labels": bayes_accuracy_on_labels(p),
         "model": TINY_MODEL,
+        **pooled_facts,
     }
     tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
     with atomic_dir(folder, "--out") as tmp:

@@ -18,6 +18,9 @@ every annotator's group and exact tag rewards:
                            group's P for each group (the annotator's deviations integrated out) and
                            their exact rewards of both responses (the anchor's is 0 for everyone)
     annotators_truth.npz   every annotator's id, group and exact tag rewards [A, V]
+    task.json              adds group_rewards_scale: the scale c* at which the groups' exact rewards,
+                           as a mixture's kinds, fit train.jsonl best, per label and annotator-level
+                           (below 1: the annotators' own deviations; docs/personal.md)
 
 Three rankers bound what a personal reward can do on a held-out pair of annotator a: the
 population's (one answer for everybody), the group oracle (knows a's group, picks the likelier side
@@ -27,7 +30,9 @@ Their accuracies are expected over fresh labels of a (pick chosen: credit p_a; t
 measures a model's personal probabilities against them.
 """
 import numpy as np
+import torch
 
+from minqr.distribution.scale import fit_scale
 from minqr.synthetic.task import SyntheticTask, sample_pairs
 from minqr.synthetic.truth import truth_arrays
 
@@ -58,10 +63,24 @@ def personal_truth(task: SyntheticTask, pairs: dict, groups: np.ndarray, rewards
             "chosen_annotator_reward": chosen, "rejected_annotator_reward": rejected}
 
 
+def group_rewards_scale(task: SyntheticTask, pairs: dict, groups: np.ndarray) -> dict:
+    """Where each likelihood puts the scale of a model whose kinds are the groups' exact rewards,
+    weighted by the groups' shares, on pool-labelled `pairs` (groups [A]: each annotator's group):
+    {"per_label": c*, "annotator_level": c*} (minqr/distribution/scale.py). Below 1 by as much as
+    the annotators' own deviations from their group weigh: to a kind they are label noise."""
+    differences = (pairs["chosen_tags"] - pairs["rejected_tags"]) @ task.rewards.T  # [P, G]
+    owners = torch.as_tensor(pairs["owner"], dtype=torch.long)
+    fit = fit_scale(torch.as_tensor(differences, dtype=torch.float64), owners, len(groups),
+                    weights=torch.as_tensor(task.group_weights))
+    return {"per_label": round(fit.per_label, 4), "annotator_level": round(fit.annotator_level, 4)}
+
+
 def pooled_task(task: SyntheticTask, data_rng: np.random.Generator, truth_rng: np.random.Generator,
-                num_train: int, num_test: int, per_annotator: int, num_samples: int) -> dict:
-    """Everything the pooled task's folder holds beyond the plain task's test split: name -> (kind,
-    payload), kind "jsonl" (the pairs' dict with "ids") or "npz" (arrays). num_train // per_annotator
+                num_train: int, num_test: int, per_annotator: int, num_samples: int) -> tuple:
+    """(files, facts): everything the pooled task's folder holds beyond the plain task's test split,
+    name -> (kind, payload), kind "jsonl" (the pairs' dict with "ids") or "npz" (arrays); and what
+    task.json adds, the scale the groups' rewards take on the training pairs (group_rewards_scale).
+    num_train // per_annotator
     known annotators label the training pairs; num_test held-out pairs go to random known
     annotators; max(1, num_test // NEW_HELD_OUT) new people get max(NEW_CONTEXT_SIZES) context pairs
     and NEW_HELD_OUT held-out pairs each."""
@@ -92,4 +111,4 @@ def pooled_task(task: SyntheticTask, data_rng: np.random.Generator, truth_rng: n
     for name, pairs in (("known_test", known_test), ("new_test", new_test)):
         files[f"{name}_truth.npz"] = ("npz", {**truth_arrays(task, pairs, truth_rng, num_samples),
                                               **personal_truth(task, pairs, groups, rewards)})
-    return files
+    return files, {"group_rewards_scale": group_rewards_scale(task, train, groups)}

@@ -25,6 +25,7 @@ import torch
 from minqr.data.batching import TokenizedPairs, evaluation_batches, scoring_batches
 from minqr.device import autocast
 from minqr.distribution.personal import Annotators, log_likelihood_sums, normalised
+from minqr.distribution.scale import fit_scale
 from minqr.models.reward import RewardModel
 from minqr.ranking import ranking_credit
 from minqr.training.distributed import Processes
@@ -74,19 +75,29 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
                         procs: Processes, autocast_dtype, sharded: bool = False) -> Annotators:
     """The posteriors of the annotators of the training `pairs` (they name them) from one pass of
     `model` in eval mode, shared over the processes as held_out_metrics shares its batches; every
-    process gets them all. The pairs' margins count, as in annotators.json
-    (minqr/distribution/personal.py)."""
+    process gets them all, and where the labels put the kinds' scale (minqr/distribution/scale.py).
+    The pairs' margins count, as in annotators.json (minqr/distribution/personal.py)."""
     model.eval()
-    sums = torch.zeros(len(pairs.annotator_ids), model.num_quantiles, dtype=torch.float64, device=procs.device)
     share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
+    chosen, rejected, annotators, margins = [], [], [], []  # this process's pairs: [B, N], [B, N], [B], [B] a batch
     # scoring's order (widest first, widths sorted: the least padding), each process every shares-th batch
     for pair_indices in scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]:
         batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
         with autocast(procs.device, autocast_dtype):
             r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
-        sums += log_likelihood_sums(r_chosen, r_rejected, batch.annotators, len(sums), batch.pair_margins)
-    if not sharded:
-        sums = procs.all_sum_tensor(sums)
+        chosen.append(r_chosen.cpu())
+        rejected.append(r_rejected.cpu())
+        annotators.append(batch.annotators.cpu())
+        if batch.pair_margins is not None:
+            margins.append(batch.pair_margins.cpu())
     model.train()
-    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=len(sums)).tolist()
-    return Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts))
+    num_kinds, count = model.num_quantiles, len(pairs.annotator_ids)
+    chosen, rejected = (torch.cat(outputs) if outputs else torch.zeros(0, num_kinds) for outputs in (chosen, rejected))
+    annotators = torch.cat(annotators) if annotators else torch.zeros(0, dtype=torch.long)
+    margins = torch.cat(margins) if margins else None
+    all_sum = None if sharded else procs.all_sum_tensor
+    sums = log_likelihood_sums(chosen, rejected, annotators, count, margins)  # [A, N], this process's pairs
+    sums = sums if all_sum is None else all_sum(sums)
+    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=count).tolist()
+    return Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts),
+                      scale=fit_scale(chosen.double() - rejected.double(), annotators, count, margins, all_sum))

@@ -1,0 +1,117 @@
+"""Where a mixture's likelihood puts the reward scale: the factor c* by which every kind's margin
+would have to be multiplied for labelled pairs to be likeliest.
+
+A Bradley–Terry reward's scale is fixed by the labels: a margin of d logits means the chosen side
+wins with probability σ(d). Scale every kind's margin h_k(c_j) − h_k(r_j) of pair j by c (the pair
+margin m_j of the data stays what it is) and ask which c the labels like best, under either of the
+mixture's likelihoods (minqr/training/loss.py):
+
+    per label         NLL(c) = −Σ_j log (1/N) Σ_k σ(c·d_jk − m_j)
+    annotator-level   NLL(c) = −Σ_a log (1/N) Σ_k Π_{j∈D_a} σ(c·d_jk − m_j)
+
+c* = argmin_c NLL(c). On the pairs a model was trained on, c* = 1 means its scale converged under
+that likelihood; above 1 the run stopped while the scale was still growing (each step moves the
+head's weights by about the learning rate, so the steps and --head-lr-scale bound how far the
+scale can get); below 1 it overshot. On the synthetic task the truth says where a likelihood puts
+the scale by itself: with the groups' exact rewards as the kinds, an annotator's own deviations
+from their group look to a kind like label noise, and a likelihood answers noise with a smaller
+scale, c* < 1 (docs/personal.md measures both).
+
+The search: the NLL on a grid of scales spaced evenly in log c over SCALE_RANGE, then a golden-
+section search in log c between the best grid point's neighbours. Each NLL is one pass over the
+margins; `all_sum` sums the partial sums of several processes (training's pass is sharded), so
+every process finds the same c*.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+SCALE_RANGE = (0.05, 20.0)  # c* is searched in here; an answer at an end means "this far or further"
+GRID_POINTS = 17  # the coarse grid: neighbouring scales differ by a factor of about 1.45
+TOLERANCE = 1e-3  # the golden-section search stops when its bracket is this narrow in log c (0.1%)
+
+
+@dataclass(frozen=True)
+class ScaleFit:
+    """c* of labelled pairs under each likelihood, and how many pairs and annotators it is from."""
+
+    per_label: float
+    annotator_level: float
+    pairs: int
+    annotators: int
+
+    def describe(self, whose: str) -> str:
+        """One line for a log: `whose` names the pairs ("the training pairs")."""
+        def factor(value):
+            low, high = SCALE_RANGE
+            return f"{value:.2f}x" if low < value < high else (f"at most {low:g}x" if value <= low else f"at least {high:g}x")
+        return (f"{whose} are likeliest at {factor(self.annotator_level)} the model's reward scale by the "
+                f"annotator-level likelihood and at {factor(self.per_label)} per label (1: the scale converged; "
+                "above: it was still growing; below: it overshot; docs/personal.md)")
+
+
+def scale_nll(differences: torch.Tensor, scale: float, annotator: torch.Tensor | None = None,
+              num_annotators: int = 0, pair_margin: torch.Tensor | None = None, all_sum=None,
+              weights: torch.Tensor | None = None) -> float:
+    """The module docstring's NLL(scale), summed over the pairs (and processes): `differences` [P, N]
+    are h_k(c_j) − h_k(r_j); `annotator` [P] indices in 0..num_annotators-1 for the annotator-level
+    likelihood, None for the per-label one; pair_margin [P] or None; `weights` [N] the kinds' shares
+    of the population (None: 1/N each, a mixture head's)."""
+    margins = scale * differences.double()  # [P, N]
+    if pair_margin is not None:
+        margins = margins - pair_margin.to(margins.device, torch.float64)[:, None]
+    log_sigma = F.logsigmoid(margins)  # [P, N]
+    n = differences.shape[1]
+    log_w = torch.full((n,), -math.log(n), dtype=torch.float64) if weights is None else weights.double().log()
+    log_w = log_w.to(differences.device)  # [N]
+    if annotator is None:
+        total = -torch.logsumexp(log_sigma + log_w, dim=-1).sum()
+        total = all_sum(total) if all_sum is not None else total
+    else:  # an annotator's pairs multiply within each kind, then the kinds are averaged
+        sums = torch.zeros(num_annotators, differences.shape[1], dtype=torch.float64, device=differences.device)
+        sums.index_add_(0, annotator.to(differences.device), log_sigma)  # [A, N]
+        sums = all_sum(sums) if all_sum is not None else sums
+        total = -torch.logsumexp(sums + log_w, dim=-1).sum()
+    return float(total)
+
+
+def optimal_scale(differences: torch.Tensor, annotator: torch.Tensor | None = None, num_annotators: int = 0,
+                  pair_margin: torch.Tensor | None = None, all_sum=None, weights: torch.Tensor | None = None) -> float:
+    """c* of the module docstring within SCALE_RANGE (arguments as scale_nll's)."""
+    def nll(log_scale):
+        return scale_nll(differences, math.exp(log_scale), annotator, num_annotators, pair_margin, all_sum, weights)
+
+    low, high = (math.log(end) for end in SCALE_RANGE)
+    grid = [low + (high - low) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+    values = [nll(x) for x in grid]
+    best = min(range(GRID_POINTS), key=values.__getitem__)
+    if best in (0, GRID_POINTS - 1):  # at an end of the range: as far as the search goes
+        return SCALE_RANGE[0] if best == 0 else SCALE_RANGE[1]
+    a, b = grid[best - 1], grid[best + 1]
+    ratio = (math.sqrt(5) - 1) / 2  # golden section: each step keeps this share of the bracket
+    x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
+    f1, f2 = nll(x1), nll(x2)
+    while b - a > TOLERANCE:
+        if f1 <= f2:
+            b, x2, f2 = x2, x1, f1
+            x1 = b - ratio * (b - a)
+            f1 = nll(x1)
+        else:
+            a, x1, f1 = x1, x2, f2
+            x2 = a + ratio * (b - a)
+            f2 = nll(x2)
+    return math.exp((a + b) / 2)
+
+
+def fit_scale(differences: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+              pair_margin: torch.Tensor | None = None, all_sum=None, weights: torch.Tensor | None = None) -> ScaleFit:
+    """The ScaleFit of labelled pairs: differences [P, N] (this process's pairs), each pair's
+    annotator [P], pair margins [P] or None; `all_sum` and `weights` as scale_nll's."""
+    pairs = torch.tensor(float(len(differences)), dtype=torch.float64)
+    pairs = int(all_sum(pairs)) if all_sum is not None else int(pairs)
+    return ScaleFit(per_label=optimal_scale(differences, None, 0, pair_margin, all_sum, weights),
+                    annotator_level=optimal_scale(differences, annotator, num_annotators, pair_margin, all_sum,
+                                                  weights),
+                    pairs=pairs, annotators=num_annotators)
