@@ -115,8 +115,13 @@ def test_references_other_than_the_group(tmp_path):
         RewardFunction(str(folder), reference_column="a", reference_reply="b")
     with pytest.raises(MinqrError, match="unknown statistic"):
         RewardFunction(str(folder), statistic="median")
-    with pytest.raises(MinqrError, match="both be strings or both be lists"):
-        RewardFunction(str(folder))(prompts=["a", "a"], completions=[[{"role": "assistant", "content": "b"}], "c"])
+    # a string mixed with messages is read as training reads such a pair: the HH text of the messages
+    mixed = RewardFunction(str(folder), statistic="mean", reference=None, dtype="float32")
+    with pytest.warns(UserWarning, match="no chat template"):
+        got = mixed(prompts=["The cat"], completions=[[{"role": "assistant", "content": "sat"}]])
+    with torch.no_grad():
+        want = model(torch.tensor([tokenizer.encode("The cat\n\nAssistant: sat")]))[0].mean().item()
+    assert got == pytest.approx([want], abs=1e-5)
 
 
 def test_conversations_without_a_template_are_read_hh_style_with_a_warning(tmp_path):

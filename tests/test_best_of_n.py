@@ -90,8 +90,11 @@ def test_choices_are_the_argmax_of_statistic_values_on_texts_scored_alone(tmp_pa
     texts = [render(r["prompt"]) + render(c) for r in records for c in r["candidates"]]
     texts += [render(r["prompt"]) + render(r["reference"]) for r in records] if reference == "reply" else []
     long = sum(len(tokenizer.encode(t)) > MAX_LENGTH for t in texts)
-    assert long >= 2 and summary.notes == [f"note: {long:,} texts scored in this run were longer than {MAX_LENGTH} "
-                                           "tokens and cut from the left"]
+    messages = sum(isinstance(r["prompt"], list) for r in records)  # the tokenizer has no chat template
+    assert long >= 2 and messages >= 2 and summary.notes == [
+        f"note: {long:,} texts scored in this run were longer than {MAX_LENGTH} tokens and cut from the left",
+        f"note: the message lists of {messages:,} prompts were read in the HH style (\"\\n\\nHuman: ...\\n\\n"
+        "Assistant: ...\"), as training reads them: the model's tokenizer has no chat template"]
     objective = network.head_config.objective
     for q, (record, result) in enumerate(zip(records, written)):
         texts = [render(record["prompt"]) + render(c) for c in record["candidates"]]
@@ -281,12 +284,19 @@ def test_message_lists_are_rendered_by_the_chat_template(tmp_path):
     folder = tmp_path / "model"
     network.save_pretrained(folder, tokenizer=tokenizer, training_args={"max_length": MAX_LENGTH})
     records = [r for r in candidate_records(seed=5, prompts=9) if isinstance(r["prompt"], list)]
+    # messages mixed with strings read as training reads such a pair: the HH text, and the summary says so
+    records.append({**records[0], "candidates": ["\n\nAssistant: fix it", "\n\nAssistant: no"]})
     data = write(tmp_path / "c.jsonl", records)
-    best_of_n_to_file(folder, data, tmp_path / "o.jsonl", reference="reply", statistics="cvar:0.5", progress=False)
+    summary = best_of_n_to_file(folder, data, tmp_path / "o.jsonl", reference="reply", statistics="cvar:0.5",
+                                progress=False)
+    assert summary.notes == ['note: the message lists of 1 prompts were read in the HH style ("\\n\\nHuman: ...'
+                             '\\n\\nAssistant: ..."), as training reads them: some mix strings with message lists']
     hf = transformers.AutoTokenizer.from_pretrained(tokenizer_folder)
     for record, result in zip(records, read(tmp_path / "o.jsonl"), strict=True):
         def scored(reply):
-            text = hf.apply_chat_template(record["prompt"] + reply, tokenize=False)
+            mixed = isinstance(record["candidates"][0], str)  # the whole record, as training reads a pair
+            text = render(record["prompt"]) + render(reply) if mixed else \
+                hf.apply_chat_template(record["prompt"] + reply, tokenize=False)
             return torch.tensor(alone(network, tokenizer, text, MAX_LENGTH), dtype=torch.float64)
         outputs = torch.stack([scored(c) for c in record["candidates"]])
         reference = scored(record["reference"]).expand(len(outputs), -1)

@@ -8,9 +8,10 @@ The input is a file of prompts, one a record (JSON lines, plain or gzipped, or P
 
     {"prompt": "\\n\\nHuman: ...", "candidates": ["\\n\\nAssistant: ...", ...], "reference": "..."}
 
-each field a string, or a list of {"role", "content"} messages; a candidate's text is the prompt's
-followed by the candidate's (rendered with the tokenizer's chat template when it has one and the
-prompt is a message list). `reference` is needed only with reference="reply".
+each field a string, or a list of {"role", "content"} messages; a candidate's text is the prompt
+followed by the candidate, as training reads a pair (minqr.data.chat.prompt_reply_text): a record of
+message lists throughout is rendered with the tokenizer's chat template when it has one, any other
+in the HH style, which the summary notes. `reference` is needed only with reference="reply".
 
 Which reference. A statistic other than the mean means something only relative to a reference reply
 to the same prompt (minqr/distribution/statistics.py): reference="group" (the default) reads each
@@ -42,8 +43,8 @@ import torch
 
 from minqr.atomic import atomic_file, writing
 from minqr.data import tables
-from minqr.data.chat import refusals_named
-from minqr.data.pairs import _checked_text, _json_lines, render
+from minqr.data.chat import prompt_reply_text
+from minqr.data.pairs import _checked_text, _json_lines
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.errors import MinqrError
@@ -67,6 +68,7 @@ class CandidateSet:
     origin: str
     texts: tuple  # [K] prompt + candidate
     reference: str | None  # prompt + reference reply, if the record has one
+    hh_messages: bool = False  # messages read in the HH style (no chat template, or mixed with strings)
 
 
 def read_candidate_sets(path, need_reference: bool = False, template=None) -> list[CandidateSet]:
@@ -110,18 +112,15 @@ def _candidate_set(record: dict, origin: str, need_reference: bool, template) ->
         _checked_text(reply, f"candidates[{k}]", origin)
     if need_reference:
         _checked_text(reference, "reference", origin)
-    texts = tuple(_dialogue(prompt, reply, template, origin) for reply in candidates)
-    return CandidateSet(origin, texts, _dialogue(prompt, reference, template, origin) if need_reference else None)
-
-
-def _dialogue(prompt, reply, template, origin: str) -> str:
-    """The text the model reads: with a chat template and a message-list prompt, the conversation
-    rendered by it; else the HH-style prompt followed by the reply."""
-    if template is None or not isinstance(prompt, list):
-        return render(prompt) + render(reply)
-    messages = reply if isinstance(reply, list) else [{"role": "assistant", "content": reply}]
-    with refusals_named(origin, template):
-        return template.render([*prompt, *messages])
+    # as training reads a pair: the template only for a record of message lists throughout, so that a
+    # candidate and its reference are never read in two renderings
+    fields = [prompt, *candidates, *([reference] if need_reference else [])]
+    templated = template is not None and all(isinstance(value, list) for value in fields)
+    rendering = template if templated else None
+    texts = tuple(prompt_reply_text(prompt, reply, rendering, origin) for reply in candidates)
+    reference_text = prompt_reply_text(prompt, reference, rendering, origin) if need_reference else None
+    return CandidateSet(origin, texts, reference_text,
+                        hh_messages=not templated and any(isinstance(value, list) for value in fields))
 
 
 def parse_statistics(text: str) -> list:
@@ -260,6 +259,12 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
         for name in done[0]["chosen"] if name != "mean"}
     notes = [f"note: {truncated:,} texts scored in this run were longer than {max_length} tokens and cut from the "
              "left"] if truncated else []
+    hh = sum(candidate_set.hh_messages for candidate_set in sets)
+    if hh:
+        why = "the model's tokenizer has no chat template" if tokenizer.chat_template is None else \
+            "some mix strings with message lists"
+        notes.append(f"note: the message lists of {hh:,} prompts were read in the HH style (\"\\n\\nHuman: ...\\n\\n"
+                     f"Assistant: ...\"), as training reads them: {why}")
     return BestOfNSummary(out, len(done), resumed, agreement, notes)
 
 

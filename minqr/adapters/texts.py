@@ -7,8 +7,9 @@ its raw outputs, and a statistic of its reward distribution relative to a refere
 The text. A prompt and its completion are either strings, read as prompt + completion (as TRL and
 minqr's data do), or lists of {"role", "content"} messages (TRL's conversational format), rendered
 with the reward model's chat template as minqr renders conversations in training
-(minqr/data/chat.py); a model whose tokenizer has no template was trained on the HH-style text of
-message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a warning. Texts
+(minqr/data/chat.py, prompt_reply_text); a model whose tokenizer has no template was trained on the
+HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a
+warning, as it is for a string mixed with messages (as training reads such a pair). Texts
 longer than `max_length` tokens are cut from the left, as in training: the completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
@@ -26,8 +27,7 @@ import warnings
 
 import torch
 
-from minqr.data.chat import refusals_named
-from minqr.data.pairs import render
+from minqr.data.chat import prompt_reply_text
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
@@ -60,24 +60,16 @@ class TextRewards:
         return self.model.head_config.objective
 
     def text(self, prompt, completion) -> str:
-        """What the model reads for one (prompt, completion): strings joined, or messages rendered."""
-        if isinstance(prompt, str) and isinstance(completion, str):
-            return prompt + completion
-        if isinstance(prompt, str) or isinstance(completion, str):
-            kinds = f"{type(prompt).__name__} and {type(completion).__name__}"
-            raise MinqrError(f"a prompt and its completion must both be strings or both be lists of "
-                             f"{{'role', 'content'}} messages, got {kinds}")
-        messages = [*prompt, *completion]
+        """What the model reads for one (prompt, completion): as training reads a pair's side
+        (minqr.data.chat.prompt_reply_text), with a warning the first time messages are read in the
+        HH style for want of a chat template."""
         template = self.tokenizer.chat_template
-        if template is not None:
-            with refusals_named("a prompt and completion", template):
-                return template.render(messages)
-        if not self._warned_hh:
+        if template is None and not self._warned_hh and (isinstance(prompt, list) or isinstance(completion, list)):
             self._warned_hh = True
             warnings.warn("the reward model's tokenizer has no chat template: conversations are read in the HH "
                           "style ('\\n\\nHuman: ...\\n\\nAssistant: ...'), as minqr trained it on message lists",
                           stacklevel=3)
-        return render(messages)
+        return prompt_reply_text(prompt, completion, template, "a prompt and completion")
 
     @torch.inference_mode()
     def outputs(self, texts: list) -> torch.Tensor:

@@ -5,12 +5,14 @@ tokenizer carries).
 `render_pair` gives the two texts of a preference pair and where their final responses start:
 with the template for a pair given as message lists throughout (`Pair.conversation`), as they are
 otherwise (strings, and the HH-style text of pairs that mix strings and messages).
+`prompt_reply_text` is the same rule for one prompt and one reply, what the reward functions and
+best-of-N read, so that a model reads at use what it was trained on.
 """
 from contextlib import contextmanager
 
 import jinja2
 
-from minqr.data.pairs import Conversation
+from minqr.data.pairs import Conversation, render
 from minqr.errors import MinqrError
 from minqr.models.chat_template import ChatTemplate
 
@@ -49,6 +51,17 @@ def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
     prompt = pair.conversation.chosen[: pair.conversation.response_turn("chosen")]
     with refusals_named(pair.origin, template):
         return template.render([*prompt, {"role": "assistant", "content": reply}])
+
+
+def prompt_reply_text(prompt, reply, template: ChatTemplate | None, origin: str) -> str:
+    """The text of `reply` answering `prompt`, each a string or a list of {"role", "content"}
+    messages, rendered as training renders one side of a pair: message lists throughout are a
+    conversation, rendered by `template` when there is one; anything else is the HH-style text of
+    its parts (strings as they are). `origin` names the input in a template's refusal."""
+    if template is not None and isinstance(prompt, list) and isinstance(reply, list):
+        with refusals_named(origin, template):
+            return template.render([*prompt, *reply])
+    return render(prompt) + render(reply)
 
 
 @contextmanager
