@@ -15,6 +15,7 @@ from test_distributed import assert_same_run, with_annotators
 from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_inputs
 
 from minqr.atomic import MARKER
+from minqr.distribution.personal import Annotators
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
@@ -79,6 +80,13 @@ def test_two_sharded_processes_match_one_process_and_resume_bit_for_bit(inputs, 
     assert "eval_personal_accuracy" in got[-1]  # the held-out pairs name annotators: scored by every process
     assert sorted(p.name for p in (sharded / "checkpoint").iterdir()) == [MARKER, "config.json", "shards", "state.pt"]
     assert torch.load(sharded / "checkpoint" / "state.pt", weights_only=True)["model"] is None
+    # held-out pairs without ids: annotators.json comes from the pass after the last step, sharded
+    plain_eval, unlabelled = tmp_path / "plain-eval", str(Path(inputs["model"]).parent / "test.jsonl")
+    torchrun(ROOT / "tools" / "train.py", as_argv(tiny_options({**inputs, "eval_data": unlabelled}, plain_eval,
+                                                               **OPTIONS, fsdp=True)))
+    expected, annotators = Annotators.load(single), Annotators.load(plain_eval)
+    assert annotators.ids == expected.ids and annotators.pairs == expected.pairs
+    torch.testing.assert_close(annotators.log_posteriors, expected.log_posteriors, rtol=1e-4, atol=1e-4)
 
     killed = tmp_path / "killed"
     killer = tmp_path / "killer.py"

@@ -50,6 +50,11 @@ ANNOTATORS_FILE = "annotators.json"
 FORMAT = 1  # annotators.json's layout version
 
 
+def has_kinds(objective: str, num_outputs: int) -> bool:
+    """Whether a head's outputs are several kinds, which a posterior weighs (check_personal says why not)."""
+    return pair_model(objective) == KINDS and num_outputs >= 2
+
+
 def check_personal(objective: str, num_outputs: int) -> None:
     """Refuse, with the reason, a head whose outputs are not several kinds (see the docstring)."""
     if pair_model(objective) != KINDS:

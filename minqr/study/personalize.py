@@ -41,21 +41,20 @@ def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str 
 
 
 def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say,
-                    annotators: Annotators | None = None, **scoring) -> None:
-    """After training: the posteriors of the annotators the training pairs name, saved beside the
-    model in `folder`: `annotators` when the run computed them already (its final evaluation),
-    else from a scoring pass (`scoring`: score_tokenized's options); pairs that name none, or a head
-    without kinds, leave no annotators.json (one of the model the run replaced goes with it), and
-    `say` tells which."""
+                    annotators: Annotators | None) -> None:
+    """After training: the posteriors of the annotators the training pairs name (`annotators`, from
+    the run's pass over them; None for a head without kinds), saved beside the model in `folder`.
+    Pairs that name none, or a head without kinds, leave no annotators.json (one of the model the
+    run replaced goes with it), and `say` tells which."""
     stale = folder / ANNOTATORS_FILE
     if pairs.annotators is None:
         if stale.exists():
             stale.unlink()
             say(f"removed {stale}: the annotators of the model this run replaced")
         return
+    head = model.head_config
     try:
-        if annotators is None:
-            annotators = annotators_of(model, pairs, source="the training pairs", **scoring)
+        check_personal(head.objective, head.num_quantiles)
     except MinqrError as error:  # only a mixture has kinds
         stale.unlink(missing_ok=True)
         say(f"note: the training data names {len(pairs.annotator_ids):,} annotators, but no posteriors are "

@@ -9,9 +9,10 @@
     eval_margin        the mean of μ_c − μ_r
 
 When the held-out pairs name their annotators and the head is a mixture, the personal metrics of
-minqr/training/personal_metrics.py join them (`personal`: the tally of this evaluation), and
+minqr/training/personal_metrics.py join them (`personal`: the tally of this evaluation).
 `training_posteriors` is the pass over the training pairs that gives the final evaluation its
-posteriors.
+posteriors and annotators.json its content (the loop runs it after the last step when no
+evaluation did).
 
 The data's pair margins are left out: a margin is a training device that asks for a wider gap, not
 part of the model, and without it eval_loss compares between runs and data sets with margins and
@@ -27,6 +28,7 @@ from minqr.device import autocast
 from minqr.distribution.personal import Annotators, log_likelihood_sums, normalised
 from minqr.distribution.scale import fit_scale
 from minqr.models.reward import RewardModel
+from minqr.progress import progress_bar
 from minqr.ranking import ranking_credit
 from minqr.training.distributed import Processes
 from minqr.training.personal_metrics import PersonalEvaluation
@@ -72,16 +74,19 @@ def held_out_metrics(model: RewardModel, pairs: TokenizedPairs, batch_size: int,
 
 @torch.no_grad()
 def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: int, shared_prefix: bool,
-                        procs: Processes, autocast_dtype, sharded: bool = False) -> Annotators:
+                        procs: Processes, autocast_dtype, sharded: bool = False, progress: bool = False) -> Annotators:
     """The posteriors of the annotators of the training `pairs` (they name them) from one pass of
     `model` in eval mode, shared over the processes as held_out_metrics shares its batches; every
     process gets them all, and where the labels put the kinds' scale (minqr/distribution/scale.py).
-    The pairs' margins count, as in annotators.json (minqr/distribution/personal.py)."""
+    The pairs' margins count, as in annotators.json (minqr/distribution/personal.py). `progress`:
+    a bar on process 0."""
     model.eval()
     share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
     chosen, rejected, annotators, margins = [], [], [], []  # this process's pairs: [B, N], [B, N], [B], [B] a batch
     # scoring's order (widest first, widths sorted: the least padding), each process every shares-th batch
-    for pair_indices in scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]:
+    batches = scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]
+    for pair_indices in progress_bar(iterable=batches, desc="annotators", unit="batch",
+                                     disable=not (progress and procs.is_main)):
         batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
         with autocast(procs.device, autocast_dtype):
             r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each

@@ -29,6 +29,7 @@ import torch.nn as nn
 from minqr.atomic import atomic_file
 from minqr.data.batching import IGNORE_INDEX, process_micro_batches, training_batches
 from minqr.device import autocast, autocast_dtype
+from minqr.distribution.personal import has_kinds
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length, load_backbone
@@ -277,6 +278,7 @@ class TrainingRun:
         if self.average:  # the model to save is the average, which the last evaluation scored
             self.average.copy_into_model()
         self._check_weights()
+        self._training_annotators()
         model = self._whole_model()
         if procs.is_main:
             self._save_model(model, final_eval)
@@ -403,7 +405,7 @@ class TrainingRun:
                 return self.personal.log_posteriors(None)
             self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
                                                         self.config.shared_prefix, self.procs, self.autocast_dtype,
-                                                        sharded=self.config.fsdp)
+                                                        sharded=self.config.fsdp, progress=self.progress)
             return self.personal.log_posteriors(self.final_annotators.log_posteriors)
         cache = self.annotator_likelihood.log_posterior if self.annotator_likelihood is not None else None
         return None if cache is None else self.personal.log_posteriors(cache)
@@ -464,12 +466,24 @@ class TrainingRun:
                                    reward_stats=reward_stats)
         self._save_annotators(model)
 
+    def _training_annotators(self) -> None:
+        """The posteriors of the annotators the training data names, of the weights to be saved: the
+        final evaluation's pass made them when it scored personal metrics, else one pass now, shared
+        over the processes like it (every process must call this). None for a head without kinds."""
+        head = self.model.head_config
+        if self.final_annotators is not None or self.train_pairs.annotators is None or \
+                not has_kinds(head.objective, head.num_quantiles):
+            return
+        if self.config.fsdp:  # the forwards must gather the saved weights, not what a unit holds gathered
+            reshard(self.model)
+        self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
+                                                    self.config.shared_prefix, self.procs, self.autocast_dtype,
+                                                    sharded=self.config.fsdp, progress=self.progress)
+
     def _save_annotators(self, model: RewardModel) -> None:
-        """The posteriors of the annotators the training data names, beside the model (one scoring
-        pass over the training pairs, minqr/study/personalize.py)."""
-        save_annotators(model, self.train_pairs, self.out, self.say, annotators=self.final_annotators,
-                        batch_size=self.micro_batch_size, shared_prefix=self.config.shared_prefix,
-                        dtype=self.config.dtype, progress=self.progress, model_name="the trained model")
+        """The posteriors of the annotators the training data names, beside the model
+        (minqr/study/personalize.py)."""
+        save_annotators(model, self.train_pairs, self.out, self.say, self.final_annotators)
 
     def _write_personal(self, final_eval: dict | None) -> None:
         """The final evaluation's per-annotator figures in eval_annotators.json, and a line of them;
