@@ -128,8 +128,22 @@ def test_conversations_without_a_template_are_read_hh_style_with_a_warning(tmp_p
     folder, _, _ = tiny_reward_folder(tmp_path)
     rewards = TextRewards.load(folder)
     with pytest.warns(UserWarning, match="no chat template"):
-        text = rewards.text([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])
+        text, = rewards.texts([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])
     assert text == "\n\nHuman: Hi\n\nAssistant: Yo"
+
+
+def test_a_completion_and_its_reference_are_read_in_one_rendering(tmp_path):
+    """With a chat template, message lists throughout go through it; a string reference among them
+    makes the completion and the reference both HH text (as training reads such a pair), never one
+    of each, and a warning says so."""
+    folder, _, _ = tiny_reward_folder(tmp_path, template="{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                                         "{% endfor %}")
+    rewards = TextRewards.load(folder)
+    prompt, completion = [{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}]
+    assert rewards.texts(prompt, completion, [{"role": "assistant", "content": "No."}]) == [
+        "<user>Hi<assistant>Yo", "<user>Hi<assistant>No."]
+    with pytest.warns(UserWarning, match="a string is mixed with message lists"):
+        assert rewards.texts(prompt, completion, " No.") == ["\n\nHuman: Hi\n\nAssistant: Yo", "\n\nHuman: Hi No."]
 
 
 def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_path):
@@ -167,4 +181,4 @@ def test_a_template_that_fails_is_one_error_naming_it(tmp_path):
     rewards = TextRewards.load(folder)
     with pytest.raises(MinqrError, match=r"a prompt and completion: the chat template of .* refuses this conversation "
                                          r"\(ZeroDivisionError: division by zero\)"):
-        rewards.text([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])
+        rewards.texts([{"role": "user", "content": "Hi"}], [{"role": "assistant", "content": "Yo"}])

@@ -7,7 +7,9 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from minqr.distribution.scale import fit_scale
 from minqr.synthetic.folder import make_synthetic_task
 from minqr.synthetic.pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT
 from minqr.synthetic.task import TASK_VARIANTS
@@ -54,6 +56,15 @@ def test_every_known_annotator_labels_k_pairs_and_new_people_are_apart(folder):
             assert [r for r in contexts[k] if r["annotator"] == person] == longest[:k]
     summary = json.loads((folder / "task.json").read_text())
     assert summary["labels_per_annotator"] == K
+    # the truth's own scale, from the training file as written: the groups' rewards as the kinds
+    task, pool = TASK_VARIANTS["shifted"], np.load(folder / "annotators_truth.npz")
+    row_of = {name: i for i, name in enumerate(pool["ids"])}
+    differences = torch.tensor(np.array([tag_counts(r["chosen"], task.tags) - tag_counts(r["rejected"], task.tags)
+                                         for r in train]) @ task.rewards.T)  # [P, G]
+    owners = torch.tensor([row_of[r["annotator"]] for r in train])
+    fit = fit_scale(differences, owners, len(pool["ids"]), weights=torch.tensor(task.group_weights))
+    assert summary["group_rewards_scale"] == {"per_label": pytest.approx(fit.per_label, abs=1e-4),
+                                              "annotator_level": pytest.approx(fit.annotator_level, abs=1e-4)}
 
 
 def test_the_truth_is_each_annotators_own_rewards(folder):

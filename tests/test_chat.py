@@ -14,7 +14,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from minqr import MinqrError, load_tokenizer
 from minqr.data.batching import tokenize_pairs
 from minqr.models import template_limits
-from minqr.data.chat import prompt_reply_text, rendering_note, reply_text
+from minqr.data.chat import prompt_reply_texts, rendering_note, reply_text
 from minqr.data.pairs import read_pairs_file
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -344,25 +344,27 @@ def test_an_anchor_reply_is_rendered_as_the_responses_are(tmp_path, folders, sty
     assert reply_text(pairs[2], " ok", ours.chat_template) == "\n\nHuman: Hi\n\nAssistant: ok"
 
 
-def test_a_prompt_and_a_reply_read_as_training_reads_a_pair(tmp_path, folders, style):
-    """prompt_reply_text (the reward functions', best-of-N's) gives each side of a pair the text that
-    training's reading of the same record gives it: the template's for message lists throughout
-    (transformers' apply_chat_template), the HH text when strings and messages mix, strings as they
-    are; without a template, the HH text of every message list."""
+def test_a_prompt_and_its_replies_read_as_training_reads_a_pair(tmp_path, folders, style):
+    """prompt_reply_texts (the reward functions', best-of-N's) gives a pair's two sides the texts that
+    training's reading of the same record gives them: the template's for message lists throughout
+    (transformers' apply_chat_template), the HH text of both sides as soon as a string is among
+    them, strings as they are; without a template, the HH text of every message list."""
     ours, hf = folders
     prompt, reply, other = TURNS[:1], [message("assistant", "Blue.")], [message("assistant", "Red.")]
     records = [{"prompt": prompt, "chosen": reply, "rejected": other},
                {"prompt": "\n\nHuman: What colour is the sky?", "chosen": reply, "rejected": other},
                {"prompt": prompt, "chosen": "\n\nAssistant: Blue.", "rejected": "\n\nAssistant: Red."},
+               {"prompt": prompt, "chosen": reply, "rejected": "\n\nAssistant: Red."},
                {"prompt": "\n\nHuman: Hi", "chosen": "\n\nAssistant: Blue.", "rejected": "\n\nAssistant: Red."}]
     pairs, _ = read_pairs_file(write_records(tmp_path / "pairs.jsonl", records))
     tokenized = tokenize_pairs(pairs, ours, max_length=1000)
     for i, record in enumerate(records):
-        for side, ids in (("chosen", tokenized.chosen[i]), ("rejected", tokenized.rejected[i])):
-            text = prompt_reply_text(record["prompt"], record[side], ours.chat_template, "test")
-            assert ours.encode(text) == ids  # what training tokenised
-            if i == 0:
-                assert text == hf.apply_chat_template(record["prompt"] + record[side], tokenize=False)
-    assert prompt_reply_text(records[1]["prompt"], reply, ours.chat_template, "test") == \
-        "\n\nHuman: What colour is the sky?\n\nAssistant: Blue."
-    assert prompt_reply_text(prompt, reply, None, "test") == "\n\nHuman: What colour is the sky?\n\nAssistant: Blue."
+        texts, hh = prompt_reply_texts(record["prompt"], [record["chosen"], record["rejected"]], ours.chat_template,
+                                       "test")
+        assert [ours.encode(text) for text in texts] == [tokenized.chosen[i], tokenized.rejected[i]]  # training's
+        assert hh == (0 < i < 4)
+        if i == 0:
+            assert texts == [hf.apply_chat_template(prompt + side, tokenize=False) for side in (reply, other)]
+    assert prompt_reply_texts(prompt, [reply], None, "test") == (
+        ["\n\nHuman: What colour is the sky?\n\nAssistant: Blue."], True)
+    assert prompt_reply_texts("a", ["b", "c"], ours.chat_template, "test") == (["ab", "ac"], False)

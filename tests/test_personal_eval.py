@@ -19,6 +19,7 @@ from test_train import EVAL_KEYS, tiny_options, write_run_inputs
 from minqr.data.batching import tokenize_pairs
 from minqr.data.pairs import read_pairs_file
 from minqr.distribution.personal import Annotators
+from minqr.distribution.scale import fit_scale
 from minqr.models.reward import RewardModel
 from minqr.models.tokenizer import load_tokenizer
 from minqr.training.config import TrainConfig
@@ -93,12 +94,16 @@ def test_personal_metrics_of_a_random_model(tokenizer, tmp_path):  # noqa: F811 
     procs = Processes(0, 1, torch.device("cpu"))
 
     # the training annotators' posteriors: the pass over the training pairs, with their margins
-    known = training_posteriors(model, train_tokens, 4, True, procs, torch.float32)
+    known, scale = training_posteriors(model, train_tokens, 4, True, procs, torch.float32)
     assert known.ids == ("a", "b", "c") and known.pairs == (10, 10, 10)
     chosen, rejected = outputs_alone(model, tokenizer, train_pairs, MAX_LENGTH)
-    log_q = loop_log_posteriors(chosen, rejected, torch.arange(30) % 3, 3,
-                                torch.tensor([p.pair_margin for p in train_pairs]))
+    margins = torch.tensor([p.pair_margin for p in train_pairs])
+    log_q = loop_log_posteriors(chosen, rejected, torch.arange(30) % 3, 3, margins)
     torch.testing.assert_close(known.log_posteriors, log_q, rtol=1e-5, atol=1e-5)
+    # and where the same labels put the scale (the search itself: tests/test_scale.py)
+    expected = fit_scale(chosen.double() - rejected.double(), torch.arange(30) % 3, 3, margins.double())
+    assert scale.per_label == pytest.approx(expected.per_label, rel=2e-3)
+    assert scale.annotator_level == pytest.approx(expected.annotator_level, rel=2e-3)
 
     personal = PersonalEvaluation(held_tokens.annotator_ids, train_tokens.annotator_ids, list(known.pairs), n)
     assert personal.known.tolist() == [annotator != "new" for annotator in held_tokens.annotator_ids]

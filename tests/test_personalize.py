@@ -76,7 +76,7 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     expected = loop_log_posteriors(chosen, rejected, index, 3, torch.tensor(margins))
     torch.testing.assert_close(saved.log_posteriors, expected, rtol=1e-4, atol=1e-4)
     fit = fit_scale(chosen.double() - rejected.double(), index, 3, torch.tensor(margins, dtype=torch.float64))
-    assert str(summary).endswith("\n" + fit.describe("the 15 pairs"))
+    assert str(summary).endswith("\n" + fit.describe("the 15 pairs", trained_on=False))
 
     # the same annotators again: refused without --overwrite, nothing changed
     with pytest.raises(MinqrError, match="already holds the posteriors of 3 annotators .*--overwrite"):

@@ -9,7 +9,7 @@ The input is a file of prompts, one a record (JSON lines, plain or gzipped, or P
     {"prompt": "\\n\\nHuman: ...", "candidates": ["\\n\\nAssistant: ...", ...], "reference": "..."}
 
 each field a string, or a list of {"role", "content"} messages; a candidate's text is the prompt
-followed by the candidate, as training reads a pair (minqr.data.chat.prompt_reply_text): a record of
+followed by the candidate, as training reads a pair (minqr.data.chat.prompt_reply_texts): a record of
 message lists throughout is rendered with the tokenizer's chat template when it has one, any other
 in the HH style, which the summary notes. `reference` is needed only with reference="reply".
 
@@ -43,7 +43,7 @@ import torch
 
 from minqr.atomic import atomic_file, writing
 from minqr.data import tables
-from minqr.data.chat import prompt_reply_text
+from minqr.data.chat import prompt_reply_texts
 from minqr.data.pairs import _checked_text, _json_lines
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
@@ -112,15 +112,10 @@ def _candidate_set(record: dict, origin: str, need_reference: bool, template) ->
         _checked_text(reply, f"candidates[{k}]", origin)
     if need_reference:
         _checked_text(reference, "reference", origin)
-    # as training reads a pair: the template only for a record of message lists throughout, so that a
-    # candidate and its reference are never read in two renderings
-    fields = [prompt, *candidates, *([reference] if need_reference else [])]
-    templated = template is not None and all(isinstance(value, list) for value in fields)
-    rendering = template if templated else None
-    texts = tuple(prompt_reply_text(prompt, reply, rendering, origin) for reply in candidates)
-    reference_text = prompt_reply_text(prompt, reference, rendering, origin) if need_reference else None
-    return CandidateSet(origin, texts, reference_text,
-                        hh_messages=not templated and any(isinstance(value, list) for value in fields))
+    replies = [*candidates, *([reference] if need_reference else [])]
+    texts, hh = prompt_reply_texts(prompt, replies, template, origin)  # candidates and reference alike
+    return CandidateSet(origin, tuple(texts[:len(candidates)]), texts[-1] if need_reference else None,
+                        hh_messages=hh)
 
 
 def parse_statistics(text: str) -> list:

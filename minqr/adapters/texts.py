@@ -7,10 +7,12 @@ its raw outputs, and a statistic of its reward distribution relative to a refere
 The text. A prompt and its completion are either strings, read as prompt + completion (as TRL and
 minqr's data do), or lists of {"role", "content"} messages (TRL's conversational format), rendered
 with the reward model's chat template as minqr renders conversations in training
-(minqr/data/chat.py, prompt_reply_text); a model whose tokenizer has no template was trained on the
+(minqr/data/chat.py, prompt_reply_texts); a model whose tokenizer has no template was trained on the
 HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a
-warning, as it is for a string mixed with messages (as training reads such a pair). Texts
-longer than `max_length` tokens are cut from the left, as in training: the completion survives.
+warning, as it is when a string meets message lists among a completion, its prompt and its
+reference (training reads such a pair so: a completion and its reference are always read in one
+rendering). Texts longer than `max_length` tokens are cut from the left, as in training: the
+completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
 whose equal values mark completions of the same prompt (the prompt itself will do), or
@@ -27,7 +29,7 @@ import warnings
 
 import torch
 
-from minqr.data.chat import prompt_reply_text
+from minqr.data.chat import prompt_reply_texts
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
 from minqr.errors import MinqrError
@@ -59,17 +61,19 @@ class TextRewards:
     def objective(self) -> str:
         return self.model.head_config.objective
 
-    def text(self, prompt, completion) -> str:
-        """What the model reads for one (prompt, completion): as training reads a pair's side
-        (minqr.data.chat.prompt_reply_text), with a warning the first time messages are read in the
-        HH style for want of a chat template."""
+    def texts(self, prompt, *replies) -> list:
+        """What the model reads for each of `replies` to one prompt, in one rendering, as training reads
+        a pair (minqr.data.chat.prompt_reply_texts), with a warning the first time messages are read
+        in the HH style."""
         template = self.tokenizer.chat_template
-        if template is None and not self._warned_hh and (isinstance(prompt, list) or isinstance(completion, list)):
+        texts, hh = prompt_reply_texts(prompt, replies, template, "a prompt and completion")
+        if hh and not self._warned_hh:
             self._warned_hh = True
-            warnings.warn("the reward model's tokenizer has no chat template: conversations are read in the HH "
-                          "style ('\\n\\nHuman: ...\\n\\nAssistant: ...'), as minqr trained it on message lists",
-                          stacklevel=3)
-        return prompt_reply_text(prompt, completion, template, "a prompt and completion")
+            why = "the reward model's tokenizer has no chat template" if template is None else \
+                "a string is mixed with message lists (a completion, its prompt or its reference)"
+            warnings.warn(f"conversations are read in the HH style ('\\n\\nHuman: ...\\n\\nAssistant: ...'), as "
+                          f"minqr trains on such pairs: {why}", stacklevel=3)
+        return texts
 
     @torch.inference_mode()
     def outputs(self, texts: list) -> torch.Tensor:
@@ -95,13 +99,13 @@ class TextRewards:
             raise MinqrError(f"{len(prompts)} prompts but {len(completions)} completions: one prompt per completion")
         if group is not None and references is not None:
             raise MinqrError("give a group or references, not both")
-        texts = [self.text(p, c) for p, c in zip(prompts, completions)]
         reference_outputs, group_ids = None, None
-        if references is not None:
-            if len(references) != len(prompts):
-                raise MinqrError(f"{len(references)} references for {len(prompts)} completions: "
-                                 "one reply per completion")
-            texts += [self.text(p, r) for p, r in zip(prompts, references)]
+        if references is not None and len(references) != len(prompts):
+            raise MinqrError(f"{len(references)} references for {len(prompts)} completions: one reply per completion")
+        # a completion and its reference in one rendering: [completion's text, reference's text] each
+        rows = [self.texts(p, c) if references is None else self.texts(p, c, references[i])
+                for i, (p, c) in enumerate(zip(prompts, completions))]
+        texts = [row[0] for row in rows] + ([row[1] for row in rows] if references is not None else [])
         outputs = self.outputs(texts).double()  # [M, N] or [2M, N]: the completions, then their references
         if references is not None:
             outputs, reference_outputs = outputs[:len(prompts)], outputs[len(prompts):]

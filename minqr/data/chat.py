@@ -5,7 +5,7 @@ tokenizer carries).
 `render_pair` gives the two texts of a preference pair and where their final responses start:
 with the template for a pair given as message lists throughout (`Pair.conversation`), as they are
 otherwise (strings, and the HH-style text of pairs that mix strings and messages).
-`prompt_reply_text` is the same rule for one prompt and one reply, what the reward functions and
+`prompt_reply_texts` is the same rule for one prompt and its replies, what the reward functions and
 best-of-N read, so that a model reads at use what it was trained on.
 """
 from contextlib import contextmanager
@@ -53,15 +53,18 @@ def reply_text(pair, reply: str, template: ChatTemplate | None) -> str:
         return template.render([*prompt, {"role": "assistant", "content": reply}])
 
 
-def prompt_reply_text(prompt, reply, template: ChatTemplate | None, origin: str) -> str:
-    """The text of `reply` answering `prompt`, each a string or a list of {"role", "content"}
-    messages, rendered as training renders one side of a pair: message lists throughout are a
-    conversation, rendered by `template` when there is one; anything else is the HH-style text of
-    its parts (strings as they are). `origin` names the input in a template's refusal."""
-    if template is not None and isinstance(prompt, list) and isinstance(reply, list):
+def prompt_reply_texts(prompt, replies, template: ChatTemplate | None, origin: str) -> tuple[list, bool]:
+    """(texts, hh): the text of each of `replies` answering `prompt`, each a string or a list of
+    {"role", "content"} messages, all in one rendering, as training reads a pair: with `template`
+    only when the prompt and every reply are message lists; else the HH-style text of each part
+    (strings as they are). `hh`: whether messages were read in the HH style, for the caller to say.
+    One rendering, so that a reply and the reference it is read against are never rendered apart.
+    `origin` names the input in a template's refusal."""
+    values = (prompt, *replies)
+    if template is not None and all(isinstance(value, list) for value in values):
         with refusals_named(origin, template):
-            return template.render([*prompt, *reply])
-    return render(prompt) + render(reply)
+            return [template.render([*prompt, *reply]) for reply in replies], False
+    return [render(prompt) + render(reply) for reply in replies], any(isinstance(value, list) for value in values)
 
 
 @contextmanager

@@ -31,14 +31,13 @@ scores file (minqr/study/scores_file.py). The commands are in minqr/study/person
 docs/personal.md is the user's guide.
 """
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minqr.atomic import atomic_file, record_made
-from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
 from minqr.objectives.pair_models import KINDS, pair_model
@@ -121,9 +120,6 @@ class Annotators:
     ids: tuple  # each a str or an int, as the data gave it; no two equal
     log_posteriors: torch.Tensor  # [A, N] float64
     pairs: tuple  # how many labelled pairs each posterior is from
-    # where the labels the posteriors are from put the kinds' scale (minqr/distribution/scale.py); not
-    # saved: it describes the pass that made them, for its log line
-    scale: ScaleFit | None = field(default=None, compare=False)
 
     def __post_init__(self):
         a = len(self.ids)
@@ -251,9 +247,8 @@ def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, ann
     if annotator is not None:
         raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
                          "names the one person of pairs that name none; drop it")
-    indices = torch.tensor(tokenized.annotators, dtype=torch.long)
-    made = annotators_from_pairs(chosen, rejected, indices, tokenized.annotator_ids, margins)
-    return replace(made, scale=fit_scale(chosen - rejected, indices, len(tokenized.annotator_ids), margins))
+    return annotators_from_pairs(chosen, rejected, torch.tensor(tokenized.annotators, dtype=torch.long),
+                                 tokenized.annotator_ids, margins)
 
 
 # ---- scoring: the personal columns of a scores file ------------------------------------------------

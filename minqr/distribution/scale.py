@@ -19,8 +19,8 @@ scale, c* < 1 (docs/personal.md measures both).
 
 The search: the NLL on a grid of scales spaced evenly in log c over SCALE_RANGE, then a golden-
 section search in log c between the best grid point's neighbours. Each NLL is one pass over the
-margins; `all_sum` sums the partial sums of several processes (training's pass is sharded), so
-every process finds the same c*.
+margins; `all_sum` sums the partial sums of several processes (training's pass is split over
+them), so every process makes the same calls of it and finds the same c*.
 """
 import math
 from dataclasses import dataclass
@@ -30,26 +30,29 @@ import torch.nn.functional as F
 
 SCALE_RANGE = (0.05, 20.0)  # c* is searched in here; an answer at an end means "this far or further"
 GRID_POINTS = 17  # the coarse grid: neighbouring scales differ by a factor of about 1.45
-TOLERANCE = 1e-3  # the golden-section search stops when its bracket is this narrow in log c (0.1%)
+TOLERANCE = 1e-3  # the golden-section search narrows its bracket to this, in log c (0.1%)
 
 
 @dataclass(frozen=True)
 class ScaleFit:
-    """c* of labelled pairs under each likelihood, and how many pairs and annotators it is from."""
+    """c* of labelled pairs under each likelihood (NaN: the labels do not depend on the scale)."""
 
     per_label: float
     annotator_level: float
-    pairs: int
-    annotators: int
 
-    def describe(self, whose: str) -> str:
-        """One line for a log: `whose` names the pairs ("the training pairs")."""
+    def describe(self, whose: str, trained_on: bool = True) -> str:
+        """One line for a log; `whose` names the pairs ("the training pairs"), `trained_on` whether the
+        model was trained on them (only then does c* say whether its scale settled)."""
         def factor(value):
             low, high = SCALE_RANGE
-            return f"{value:.2f}x" if low < value < high else (f"at most {low:g}x" if value <= low else f"at least {high:g}x")
-        return (f"{whose} are likeliest at {factor(self.annotator_level)} the model's reward scale by the "
-                f"annotator-level likelihood and at {factor(self.per_label)} per label (1: the scale converged; "
-                "above: it was still growing; below: it overshot; docs/personal.md)")
+            if math.isnan(value):
+                return "any number (the labels do not depend on the scale)"
+            return f"{value:.2f}" if low < value < high else (f"{low:g} or less" if value <= low else f"{high:g} or more")
+        reading = ("1: the scale settled; above: it was still growing; below: it overshot" if trained_on else
+                   "1: these labels agree with the model's scale; above: they would have it surer; below: less sure")
+        return (f"{whose} are likeliest with the kinds' margins times {factor(self.annotator_level)} by the "
+                f"annotator-level likelihood and times {factor(self.per_label)} per label ({reading}; "
+                "docs/personal.md)")
 
 
 def scale_nll(differences: torch.Tensor, scale: float, annotator: torch.Tensor | None = None,
@@ -79,21 +82,25 @@ def scale_nll(differences: torch.Tensor, scale: float, annotator: torch.Tensor |
 
 def optimal_scale(differences: torch.Tensor, annotator: torch.Tensor | None = None, num_annotators: int = 0,
                   pair_margin: torch.Tensor | None = None, all_sum=None, weights: torch.Tensor | None = None) -> float:
-    """c* of the module docstring within SCALE_RANGE (arguments as scale_nll's)."""
+    """c* of the module docstring within SCALE_RANGE, an end of it when the likelihood is best there,
+    NaN when it is flat (arguments as scale_nll's). Every process makes the same calls of all_sum:
+    the number of search steps is fixed in advance, never drawn from the values."""
     def nll(log_scale):
         return scale_nll(differences, math.exp(log_scale), annotator, num_annotators, pair_margin, all_sum, weights)
 
     low, high = (math.log(end) for end in SCALE_RANGE)
-    grid = [low + (high - low) * i / (GRID_POINTS - 1) for i in range(GRID_POINTS)]
+    step = (high - low) / (GRID_POINTS - 1)
+    grid = [low + step * i for i in range(GRID_POINTS)]
     values = [nll(x) for x in grid]
+    if max(values) - min(values) <= 1e-12 * (1.0 + abs(min(values))):
+        return math.nan
     best = min(range(GRID_POINTS), key=values.__getitem__)
-    if best in (0, GRID_POINTS - 1):  # at an end of the range: as far as the search goes
-        return SCALE_RANGE[0] if best == 0 else SCALE_RANGE[1]
-    a, b = grid[best - 1], grid[best + 1]
+    a, b = grid[max(best - 1, 0)], grid[min(best + 1, GRID_POINTS - 1)]  # the minimum lies in here
     ratio = (math.sqrt(5) - 1) / 2  # golden section: each step keeps this share of the bracket
+    steps = math.ceil(math.log(TOLERANCE / (2 * step)) / math.log(ratio))  # the same count whatever the values
     x1, x2 = b - ratio * (b - a), a + ratio * (b - a)
     f1, f2 = nll(x1), nll(x2)
-    while b - a > TOLERANCE:
+    for _ in range(steps):
         if f1 <= f2:
             b, x2, f2 = x2, x1, f1
             x1 = b - ratio * (b - a)
@@ -102,16 +109,16 @@ def optimal_scale(differences: torch.Tensor, annotator: torch.Tensor | None = No
             a, x1, f1 = x1, x2, f2
             x2 = a + ratio * (b - a)
             f2 = nll(x2)
-    return math.exp((a + b) / 2)
+    found = (a + b) / 2
+    if found - low < TOLERANCE or high - found < TOLERANCE:  # at an end: as far as the search goes
+        return SCALE_RANGE[0] if found - low < TOLERANCE else SCALE_RANGE[1]
+    return math.exp(found)
 
 
 def fit_scale(differences: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
               pair_margin: torch.Tensor | None = None, all_sum=None, weights: torch.Tensor | None = None) -> ScaleFit:
     """The ScaleFit of labelled pairs: differences [P, N] (this process's pairs), each pair's
     annotator [P], pair margins [P] or None; `all_sum` and `weights` as scale_nll's."""
-    pairs = torch.tensor(float(len(differences)), dtype=torch.float64)
-    pairs = int(all_sum(pairs)) if all_sum is not None else int(pairs)
     return ScaleFit(per_label=optimal_scale(differences, None, 0, pair_margin, all_sum, weights),
                     annotator_level=optimal_scale(differences, annotator, num_annotators, pair_margin, all_sum,
-                                                  weights),
-                    pairs=pairs, annotators=num_annotators)
+                                                  weights))

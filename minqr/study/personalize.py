@@ -18,11 +18,13 @@ named by --annotator.
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from minqr.data.batching import TokenizedPairs, tokenize_pairs
 from minqr.data.pairs import load_pairs
 from minqr.device import DTYPES
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators, check_personal, labelled_annotators
-from minqr.distribution.scale import ScaleFit
+from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import RewardModel, load_reward_model
@@ -31,19 +33,28 @@ from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_tokenized, text_length
 
 
 def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str | None = None,
-                  source: str = "the pairs", **scoring) -> Annotators:
-    """The posteriors of the annotators of labelled pairs, from one scoring pass of `model`
-    (`scoring`: score_tokenized's options); `annotator` as labelled_annotators takes it."""
+                  source: str = "the pairs", **scoring) -> tuple[Annotators, ScaleFit | None]:
+    """(posteriors, scale): the posteriors of the annotators of labelled pairs, from one scoring pass
+    of `model` (`scoring`: score_tokenized's options), `annotator` as labelled_annotators takes it;
+    and where the labels put the kinds' scale (minqr/distribution/scale.py) when they name their
+    annotators, else None."""
     head = model.head_config
     check_personal(head.objective, head.num_quantiles)
     chosen, rejected = score_tokenized(model, tokenized, **scoring)  # [P, N] each
-    return labelled_annotators(chosen, rejected, tokenized, annotator, source)
+    annotators = labelled_annotators(chosen, rejected, tokenized, annotator, source)
+    if tokenized.annotators is None:
+        return annotators, None
+    margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
+    differences = torch.from_numpy(chosen).double() - torch.from_numpy(rejected).double()  # [P, N]
+    return annotators, fit_scale(differences, torch.tensor(tokenized.annotators, dtype=torch.long),
+                                 len(tokenized.annotator_ids), margins)
 
 
 def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say,
-                    annotators: Annotators | None) -> None:
+                    annotators: Annotators | None, scale: ScaleFit | None) -> None:
     """After training: the posteriors of the annotators the training pairs name (`annotators`, from
-    the run's pass over them; None for a head without kinds), saved beside the model in `folder`.
+    the run's pass over them; None for a head without kinds), saved beside the model in `folder`,
+    and a line of where their labels put the scale.
     Pairs that name none, or a head without kinds, leave no annotators.json (one of the model the
     run replaced goes with it), and `say` tells which."""
     stale = folder / ANNOTATORS_FILE
@@ -62,8 +73,7 @@ def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say
         return
     annotators.save(folder)
     say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
-    if annotators.scale is not None:
-        say(annotators.scale.describe("the training pairs"))
+    say(scale.describe("the training pairs"))
 
 
 @dataclass
@@ -97,12 +107,14 @@ class PersonalizeSummary:
     added: int
     replaced: int
     known: int
-    scale: ScaleFit | None = None  # where the data's labels put the kinds' scale; None for one person's few
+    pairs: int = 0  # labelled pairs read
+    scale: ScaleFit | None = None  # where the data's labels put the kinds' scale; None for one person's
 
     def __str__(self) -> str:
         text = (f"{self.data_line}\nposteriors of {self.added:,} new and {self.replaced:,} known annotators; the model "
                 f"knows {self.known:,}: wrote {self.folder / 'annotators.json'}")
-        return text if self.scale is None else text + "\n" + self.scale.describe(f"the {self.scale.pairs:,} pairs")
+        return text if self.scale is None else text + "\n" + self.scale.describe(f"the {self.pairs:,} pairs",
+                                                                                 trained_on=False)
 
 
 @holds_output("model", "--model")  # nobody else writes the model folder meanwhile (a training run holds it)
@@ -121,9 +133,9 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     pairs, stats = load_pairs(data, config.split, config.subset, config.skip_bad, config.annotator_field)
     tokenized = tokenize_pairs(pairs, tokenizer, text_length_limit(reward_model, folder, config.max_length))
     known = Annotators.load(folder, head.num_quantiles)
-    new = annotators_of(reward_model, tokenized, config.annotator, str(data), batch_size=config.batch_size,
-                        device=config.device, dtype=config.dtype, progress=progress,
-                        model_name=f"the reward model {folder}")
+    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data), batch_size=config.batch_size,
+                               device=config.device, dtype=config.dtype, progress=progress,
+                               model_name=f"the reward model {folder}")
     replaced = [annotator for annotator in new.ids if known is not None and annotator in set(known.ids)]
     if replaced and not config.overwrite:
         raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} annotators of {data} (the first: "
@@ -131,7 +143,7 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     merged = new if known is None else known.merged(new)
     merged.save(folder)
     return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
-                              new.scale)
+                              len(tokenized), scale)
 
 
 # ---- scoring: the personal columns of a scores file ------------------------------------------------

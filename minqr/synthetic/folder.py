@@ -16,7 +16,8 @@ Files written:
         tag_names, controversial_tags        [V] str, bool   the tags, and which split the groups
         anchor_texts                         [P] str         the anchor reply to each test pair's
                                                              question, whose reward is 0 for all
-    task.json                 the task's parameters, the tag table, the Bayes accuracy
+    task.json                 the task's parameters, the tag table, the Bayes accuracy (with annotator
+                              pools also group_rewards_scale: minqr/synthetic/pools.py)
     tokenizer/                a byte-level BPE trained on train.jsonl (minqr.load_tokenizer reads it)
     model/                    a tiny random GPT-2 (2 layers, 64 wide) with that tokenizer inside:
                               the `--model` of the offline demo

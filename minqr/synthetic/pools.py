@@ -80,10 +80,9 @@ def pooled_task(task: SyntheticTask, data_rng: np.random.Generator, truth_rng: n
     """(files, facts): everything the pooled task's folder holds beyond the plain task's test split,
     name -> (kind, payload), kind "jsonl" (the pairs' dict with "ids") or "npz" (arrays); and what
     task.json adds, the scale the groups' rewards take on the training pairs (group_rewards_scale).
-    num_train // per_annotator
-    known annotators label the training pairs; num_test held-out pairs go to random known
-    annotators; max(1, num_test // NEW_HELD_OUT) new people get max(NEW_CONTEXT_SIZES) context pairs
-    and NEW_HELD_OUT held-out pairs each."""
+    num_train // per_annotator known annotators label the training pairs; num_test held-out pairs go
+    to random known annotators; max(1, num_test // NEW_HELD_OUT) new people get
+    max(NEW_CONTEXT_SIZES) context pairs and NEW_HELD_OUT held-out pairs each."""
     num_known = max(1, num_train // per_annotator)
     num_new = max(1, num_test // NEW_HELD_OUT)
     groups, rewards = task.sample_pool(data_rng, num_known + num_new)

@@ -26,7 +26,7 @@ import torch
 from minqr.data.batching import TokenizedPairs, evaluation_batches, scoring_batches
 from minqr.device import autocast
 from minqr.distribution.personal import Annotators, log_likelihood_sums, normalised
-from minqr.distribution.scale import fit_scale
+from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.models.reward import RewardModel
 from minqr.progress import progress_bar
 from minqr.ranking import ranking_credit
@@ -74,15 +74,17 @@ def held_out_metrics(model: RewardModel, pairs: TokenizedPairs, batch_size: int,
 
 @torch.no_grad()
 def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: int, shared_prefix: bool,
-                        procs: Processes, autocast_dtype, sharded: bool = False, progress: bool = False) -> Annotators:
-    """The posteriors of the annotators of the training `pairs` (they name them) from one pass of
-    `model` in eval mode, shared over the processes as held_out_metrics shares its batches; every
-    process gets them all, and where the labels put the kinds' scale (minqr/distribution/scale.py).
-    The pairs' margins count, as in annotators.json (minqr/distribution/personal.py). `progress`:
-    a bar on process 0."""
+                        procs: Processes, autocast_dtype, sharded: bool = False,
+                        progress: bool = False) -> tuple[Annotators, ScaleFit]:
+    """(posteriors, scale): the posteriors of the annotators of the training `pairs` (they name them)
+    from one pass of `model` in eval mode, shared over the processes as held_out_metrics shares its
+    batches, and where the same labels put the kinds' scale (minqr/distribution/scale.py); every
+    process gets both. The pairs' margins count, as in annotators.json
+    (minqr/distribution/personal.py). `progress`: a bar on process 0."""
     model.eval()
+    sums = torch.zeros(len(pairs.annotator_ids), model.num_quantiles, dtype=torch.float64, device=procs.device)
+    differences, annotators, margins = [], [], []  # this process's pairs, for the scale: [B, N], [B], [B] a batch
     share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
-    chosen, rejected, annotators, margins = [], [], [], []  # this process's pairs: [B, N], [B, N], [B], [B] a batch
     # scoring's order (widest first, widths sorted: the least padding), each process every shares-th batch
     batches = scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]
     for pair_indices in progress_bar(iterable=batches, desc="annotators", unit="batch",
@@ -90,19 +92,19 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
         batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
         with autocast(procs.device, autocast_dtype):
             r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
-        chosen.append(r_chosen.cpu())
-        rejected.append(r_rejected.cpu())
-        annotators.append(batch.annotators.cpu())
+        sums += log_likelihood_sums(r_chosen, r_rejected, batch.annotators, len(sums), batch.pair_margins)
+        differences.append(r_chosen - r_rejected)
+        annotators.append(batch.annotators)
         if batch.pair_margins is not None:
-            margins.append(batch.pair_margins.cpu())
+            margins.append(batch.pair_margins)
     model.train()
-    num_kinds, count = model.num_quantiles, len(pairs.annotator_ids)
-    chosen, rejected = (torch.cat(outputs) if outputs else torch.zeros(0, num_kinds) for outputs in (chosen, rejected))
-    annotators = torch.cat(annotators) if annotators else torch.zeros(0, dtype=torch.long)
-    margins = torch.cat(margins) if margins else None
     all_sum = None if sharded else procs.all_sum_tensor
-    sums = log_likelihood_sums(chosen, rejected, annotators, count, margins)  # [A, N], this process's pairs
-    sums = sums if all_sum is None else all_sum(sums)
-    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=count).tolist()
-    return Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts),
-                      scale=fit_scale(chosen.double() - rejected.double(), annotators, count, margins, all_sum))
+    if all_sum is not None:
+        sums = all_sum(sums)
+    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=len(sums)).tolist()
+    posteriors = Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts))
+    empty = torch.zeros(0, model.num_quantiles, device=procs.device)
+    scale = fit_scale(torch.cat(differences) if differences else empty,
+                      torch.cat(annotators) if annotators else torch.zeros(0, dtype=torch.long, device=procs.device),
+                      len(sums), torch.cat(margins) if margins else None, all_sum)
+    return posteriors, scale

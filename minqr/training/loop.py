@@ -135,7 +135,8 @@ class TrainingRun:
         # held-out pairs that name their annotators: personal metrics too (minqr/training/personal_metrics.py)
         self.personal = PersonalEvaluation.for_run(self.train_pairs, self.eval_pairs, model.head_config, self.say,
                                                    cached=config.annotator_likelihood)
-        self.final_annotators = None  # the final evaluation's posteriors of the training annotators
+        # (posteriors, scale) of the training annotators from the saved weights (_training_annotators)
+        self.final_annotators = None
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
@@ -406,7 +407,7 @@ class TrainingRun:
             self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
                                                         self.config.shared_prefix, self.procs, self.autocast_dtype,
                                                         sharded=self.config.fsdp, progress=self.progress)
-            return self.personal.log_posteriors(self.final_annotators.log_posteriors)
+            return self.personal.log_posteriors(self.final_annotators[0].log_posteriors)
         cache = self.annotator_likelihood.log_posterior if self.annotator_likelihood is not None else None
         return None if cache is None else self.personal.log_posteriors(cache)
 
@@ -467,9 +468,10 @@ class TrainingRun:
         self._save_annotators(model)
 
     def _training_annotators(self) -> None:
-        """The posteriors of the annotators the training data names, of the weights to be saved: the
-        final evaluation's pass made them when it scored personal metrics, else one pass now, shared
-        over the processes like it (every process must call this). None for a head without kinds."""
+        """The posteriors of the annotators the training data names, and where their labels put the
+        scale, of the weights to be saved: the final evaluation's pass made them when it scored
+        personal metrics, else one pass now, shared over the processes like it (every process must
+        call this). A head without kinds has none."""
         head = self.model.head_config
         if self.final_annotators is not None or self.train_pairs.annotators is None or \
                 not has_kinds(head.objective, head.num_quantiles):
@@ -483,7 +485,8 @@ class TrainingRun:
     def _save_annotators(self, model: RewardModel) -> None:
         """The posteriors of the annotators the training data names, beside the model
         (minqr/study/personalize.py)."""
-        save_annotators(model, self.train_pairs, self.out, self.say, self.final_annotators)
+        annotators, scale = self.final_annotators or (None, None)
+        save_annotators(model, self.train_pairs, self.out, self.say, annotators, scale)
 
     def _write_personal(self, final_eval: dict | None) -> None:
         """The final evaluation's per-annotator figures in eval_annotators.json, and a line of them;
