@@ -78,7 +78,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path, capsys):
     single = tmp_path / "single"
     train(TrainConfig(**tiny_options(inputs, single, **options)), progress=False)
     # where the training labels put the scale: a search whose every step sums over the processes
-    scale_line = next(line for line in capsys.readouterr().err.splitlines() if "are likeliest at" in line)
+    scale_line = next(line for line in capsys.readouterr().err.splitlines() if "are likeliest with" in line)
 
     double = tmp_path / "double"
     # grad-accum 2 in each process exercises DDP's no_sync on the first micro-batch
