@@ -92,8 +92,7 @@ def optimal_scale(differences: torch.Tensor, annotator: torch.Tensor | None = No
     step = (high - low) / (GRID_POINTS - 1)
     grid = [low + step * i for i in range(GRID_POINTS)]
     values = [nll(x) for x in grid]
-    if max(values) - min(values) <= 1e-12 * (1.0 + abs(min(values))):
-        return math.nan
+    flat = max(values) - min(values) <= 1e-12 * (1.0 + abs(min(values)))  # decided after the search's calls
     best = min(range(GRID_POINTS), key=values.__getitem__)
     a, b = grid[max(best - 1, 0)], grid[min(best + 1, GRID_POINTS - 1)]  # the minimum lies in here
     ratio = (math.sqrt(5) - 1) / 2  # golden section: each step keeps this share of the bracket
@@ -110,6 +109,8 @@ def optimal_scale(differences: torch.Tensor, annotator: torch.Tensor | None = No
             x2 = a + ratio * (b - a)
             f2 = nll(x2)
     found = (a + b) / 2
+    if flat:
+        return math.nan
     if found - low < TOLERANCE or high - found < TOLERANCE:  # at an end: as far as the search goes
         return SCALE_RANGE[0] if found - low < TOLERANCE else SCALE_RANGE[1]
     return math.exp(found)
