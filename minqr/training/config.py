@@ -92,7 +92,9 @@ class TrainConfig:
                                          "--data (annotators.json), for personal rewards")
     annotator_likelihood: bool = option(False, "mixture heads on data that names its annotators: after one pass "
                                         "by the per-label objective, train by the annotator-level likelihood "
-                                        "(each annotator's labels all from one kind; minqr/training/loss.py)")
+                                        "(each annotator's labels all from one kind; minqr/training/loss.py); its "
+                                        "scale settles slowly: a line at the end of training says whether it did "
+                                        "(docs/personal.md)")
     # the optimisation
     batch_size: int = option(32, "pairs per optimizer step, over all processes and accumulation steps", low=1)
     grad_accum: int = option(1, "split each step's batch into this many micro-batches run one after "
