@@ -135,8 +135,9 @@ class TrainingRun:
         # held-out pairs that name their annotators: personal metrics too (minqr/training/personal_metrics.py)
         self.personal = PersonalEvaluation.for_run(self.train_pairs, self.eval_pairs, model.head_config, self.say,
                                                    cached=config.annotator_likelihood)
-        # (posteriors, scale) of the training annotators from the saved weights (_training_annotators)
-        self.final_annotators = None
+        # the training annotators' posteriors from the saved weights, and where their labels put the
+        # scale (_training_annotators)
+        self.final_annotators, self.final_scale = None, None
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
         self.warmup_steps = round(config.warmup * self.total_steps)
         self.say(self._plan(model))
@@ -404,10 +405,10 @@ class TrainingRun:
         if final:
             if self.train_pairs.annotators is None:  # nobody is known: everyone is the population
                 return self.personal.log_posteriors(None)
-            self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
-                                                        self.config.shared_prefix, self.procs, self.autocast_dtype,
-                                                        sharded=self.config.fsdp, progress=self.progress)
-            return self.personal.log_posteriors(self.final_annotators[0].log_posteriors)
+            self.final_annotators, self.final_scale = training_posteriors(
+                self.model, self.train_pairs, self.micro_batch_size, self.config.shared_prefix, self.procs,
+                self.autocast_dtype, sharded=self.config.fsdp, progress=self.progress)
+            return self.personal.log_posteriors(self.final_annotators.log_posteriors)
         cache = self.annotator_likelihood.log_posterior if self.annotator_likelihood is not None else None
         return None if cache is None else self.personal.log_posteriors(cache)
 
@@ -478,15 +479,14 @@ class TrainingRun:
             return
         if self.config.fsdp:  # the forwards must gather the saved weights, not what a unit holds gathered
             reshard(self.model)
-        self.final_annotators = training_posteriors(self.model, self.train_pairs, self.micro_batch_size,
-                                                    self.config.shared_prefix, self.procs, self.autocast_dtype,
-                                                    sharded=self.config.fsdp, progress=self.progress)
+        self.final_annotators, self.final_scale = training_posteriors(
+            self.model, self.train_pairs, self.micro_batch_size, self.config.shared_prefix, self.procs,
+            self.autocast_dtype, sharded=self.config.fsdp, progress=self.progress)
 
     def _save_annotators(self, model: RewardModel) -> None:
         """The posteriors of the annotators the training data names, beside the model
         (minqr/study/personalize.py)."""
-        annotators, scale = self.final_annotators or (None, None)
-        save_annotators(model, self.train_pairs, self.out, self.say, annotators, scale)
+        save_annotators(model, self.train_pairs, self.out, self.say, self.final_annotators, self.final_scale)
 
     def _write_personal(self, final_eval: dict | None) -> None:
         """The final evaluation's per-annotator figures in eval_annotators.json, and a line of them;
