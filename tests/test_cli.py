@@ -6,6 +6,7 @@ test_export and test_synthetic; here the library functions are replaced by recor
 what the command line passes them matters.
 """
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -43,14 +44,16 @@ def invoke(*argv):
     return CliRunner().invoke(commands.main, [str(a) for a in argv])
 
 
-def record(monkeypatch, name, returns="done"):
-    """Replace commands.NAME (a library function) by a recorder of its arguments."""
+def record(monkeypatch, target, returns="done"):
+    """Replace a library function that a command calls, "MODULE.NAME" (NAME as minqr_cli/commands/MODULE.py
+    names it), by a recorder of its arguments."""
     calls = []
 
     def recorder(*args, **kwargs):
         calls.append((args, kwargs))
         return returns
-    monkeypatch.setattr(commands, name, recorder)
+    module, name = target.split(".")
+    monkeypatch.setattr(importlib.import_module(f"minqr_cli.commands.{module}"), name, recorder)
     return calls
 
 
@@ -59,6 +62,26 @@ def record(monkeypatch, name, returns="done"):
 def test_version():
     result = invoke("--version")
     assert result.exit_code == 0 and result.output == f"minqr, version {minqr.__version__}\n"
+
+
+def test_every_subcommand_loads_under_its_name_and_the_help_lists_it_unloaded():
+    """The group's table names each subcommand's module: each loads as a command of that name, and
+    `minqr --help` lists them all, with the table's lines, without importing one (nor torch)."""
+    for name, (_, summary) in commands.COMMANDS.items():
+        command = commands.main.get_command(None, name)
+        assert command.name == name and command.help, name
+    assert commands.main.get_command(None, "trian") is None
+    result = invoke("trian")
+    assert result.exit_code == 2 and "No such command 'trian'" in result.output
+    program = ("import sys; from minqr_cli.commands import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+               "print(sorted(m for m in sys.modules if m.startswith('minqr_cli.commands.') or m == 'torch'))")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env={**os.environ,
+                          "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    listing, loaded = done.stdout.rsplit("\n", 2)[:2]
+    assert loaded == "[]"
+    for name, (_, summary) in commands.COMMANDS.items():
+        assert re.search(rf"^  {re.escape(name)} +{re.escape(summary)}$", listing, re.MULTILINE), (name, listing)
 
 
 def test_console_script_is_installed():
@@ -75,7 +98,7 @@ def test_console_script_is_installed():
 @pytest.mark.parametrize("name", COMMANDS)
 def test_options_are_the_config_fields(name):
     """Every field is an option (or the argument), under its name, and nothing else but --config."""
-    command = commands.main.commands[name]
+    command = commands.main.get_command(None, name)
     params = {param.name for param in command.params}
     assert params == {f.name for f in dataclasses.fields(COMMANDS[name])} | {"config"}
     for f in dataclasses.fields(COMMANDS[name]):
@@ -90,11 +113,11 @@ def test_options_are_the_config_fields(name):
                                         ("objectives_table", "objectives-table"), ("candidates", "candidates"),
                                         ("best_of_n", "best-of-n"), ("serve", "serve")])
 def test_tools_are_the_same_commands(tool, name):
-    assert load_tool(tool) is commands.main.commands[name]
+    assert load_tool(tool) is commands.main.get_command(None, name)
 
 
 def test_ranges_choices_and_renamed_flags(monkeypatch):
-    calls = record(monkeypatch, "analyze")
+    calls = record(monkeypatch, "analyze.analyze")
     assert invoke("analyze", "a.npz", "b.npz", "--out", "r", "--bootstrap", 7, "--confidence", 0.9).exit_code == 0
     assert calls == [((("a.npz", "b.npz"), "r"), {"view": "mean", "bins": 50, "eps": 1e-10, "n_resamples": 7,
                                                    "confidence": 0.9, "seed": 0, "truth": None, "no_truth": False})]
@@ -121,7 +144,7 @@ def test_usage_errors_exit_2_library_errors_exit_1(monkeypatch, tmp_path):
 
 def test_config_file_precedence(monkeypatch, tmp_path):
     """The command line over the file, the file over the defaults; dashes or underscores; YAML or JSON."""
-    calls = record(monkeypatch, "make_synthetic_task")
+    calls = record(monkeypatch, "synthetic.make_synthetic_task")
     json_file = tmp_path / "task.json"
     json_file.write_text(json.dumps({"num-train": 5, "variant": "shifted", "out": "from-file"}))
     yaml_file = tmp_path / "task.yaml"
@@ -160,7 +183,7 @@ def test_config_values_are_checked_by_their_options(tmp_path):
 def test_run_facts_and_command_line_only_options_in_a_file(monkeypatch, tmp_path):
     """training_args.json's facts are passed over; so are --resume and --overwrite (what to do this
     time, not how the run is set up): repeating a resumed run elsewhere starts afresh."""
-    calls = record(monkeypatch, "train_model", returns=types.SimpleNamespace(rank=1))  # rank 1 prints nothing
+    calls = record(monkeypatch, "train.train_model", returns=types.SimpleNamespace(rank=1))  # rank 1 prints nothing
     config = tmp_path / "training_args.json"
     config.write_text(json.dumps({"head": "scalar", "out": str(tmp_path / "run"), "resume": True, "overwrite": True,
                                   **{fact: 1 for fact in RUN_FACTS}}))
@@ -184,7 +207,7 @@ def test_training_args_repeat_the_run_bit_for_bit(tmp_path):
 
 def test_config_keys_may_be_option_names(monkeypatch, tmp_path):
     """A key is a field's name or its option's: `bootstrap` as well as `n_resamples`."""
-    calls = record(monkeypatch, "analyze")
+    calls = record(monkeypatch, "analyze.analyze")
     for key in ("bootstrap", "n-resamples"):
         config = tmp_path / f"{key}.yaml"
         config.write_text(f"{key}: 7\nscores: [a.npz]\nout: r\n")
@@ -218,14 +241,14 @@ def test_config_file_values_are_converted_as_the_command_line_converts_them(tmp_
                  json.dumps({"seed": 3, "lr": 1e-05, "max_steps": 4, "grad_checkpoint": True, "head": "scalar"})):
         config.write_text(text)
         with pytest.MonkeyPatch.context() as patch:
-            calls = record(patch, "train_model", returns=types.SimpleNamespace(rank=1))
+            calls = record(patch, "train.train_model", returns=types.SimpleNamespace(rank=1))
             assert invoke("train", "--config", config).exit_code == 0
         ((given,), _), = calls
         assert (given.seed, given.lr, given.max_steps, given.grad_checkpoint) == (3, 1e-5, 4, True)
 
 
 def test_analyze_scores_may_be_one_name_or_a_list_in_a_file(monkeypatch, tmp_path):
-    calls = record(monkeypatch, "analyze")
+    calls = record(monkeypatch, "analyze.analyze")
     config = tmp_path / "c.yaml"
     for scores in ("a.npz", "[a.npz]"):
         config.write_text(f"scores: {scores}\nout: r\n")
@@ -251,7 +274,8 @@ def test_analyze_scores_may_be_one_name_or_a_list_in_a_file(monkeypatch, tmp_pat
 def test_seeds_and_floats_are_checked_before_anything_runs(monkeypatch, argv, words):
     """Every seed has one range, every float option refuses NaN and the infinities: usage errors
     (status 2) before the job starts (the job here is a recorder that must not be called)."""
-    calls = [record(monkeypatch, name) for name in ("train_model", "make_synthetic_task", "analyze")]
+    calls = [record(monkeypatch, target)
+             for target in ("train.train_model", "synthetic.make_synthetic_task", "analyze.analyze")]
     result = invoke(*argv)
     assert result.exit_code == 2 and all(word in result.output for word in words), result.output
     assert calls == [[], [], []]

@@ -7,7 +7,7 @@
 Prints the path of report.md. This is `minqr analyze` as a script: its options are AnalyzeConfig's
 fields; the measures are minqr.study.analysis's, the report minqr.study.report's.
 """
-from minqr_cli.commands import analyze_scores as main
+from minqr_cli.commands.analyze import analyze_scores as main
 
 if __name__ == "__main__":
     main()

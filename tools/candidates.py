@@ -3,9 +3,9 @@ K candidate replies each, the input of best-of-n, and each candidate's true rewa
 
     python tools/candidates.py --variant shifted --out runs/tasks/shifted-candidates
 
-This is `minqr candidates` as a script (minqr_cli/commands.py).
+This is `minqr candidates` as a script (minqr_cli/commands/).
 """
-from minqr_cli.commands import candidates as main
+from minqr_cli.commands.candidates import candidates as main
 
 if __name__ == "__main__":
     main()

@@ -9,9 +9,9 @@ is. It is the only export for now, so it must be asked for by name; a scalar mod
 is already one). The quantile folder itself also gives one number where one is read: its first
 logit is the expected reward, followed by the N raw outputs. For the distribution, relative to a
 reference reply, use RewardModel.reward_band or minqr.distribution.statistics (docs/distribution.md).
-This is `minqr export` as a script (minqr_cli/commands.py).
+This is `minqr export` as a script (minqr_cli/commands/).
 """
-from minqr_cli.commands import export as main
+from minqr_cli.commands.export import export as main
 
 if __name__ == "__main__":
     main()

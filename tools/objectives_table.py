@@ -6,9 +6,9 @@ Reads the summaries.json that tools/analyze.py writes (one or several reports) a
 of minqr.study.report.objectives_table: accuracy and held-out NLL against the Bayes-optimal model,
 coverage error and spread ρ against the known truth, ECE, spread AUROC and the paper's histogram KL.
 `make objectives` runs the whole study that fills it.
-This is `minqr objectives-table` as a script (minqr_cli/commands.py).
+This is `minqr objectives-table` as a script (minqr_cli/commands/).
 """
-from minqr_cli.commands import objectives_table as main
+from minqr_cli.commands.objectives_table import objectives_table as main
 
 if __name__ == "__main__":
     main()

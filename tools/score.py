@@ -8,7 +8,7 @@ Prints the pair accuracy (ranking by the mean of the outputs) and, for a quantil
 accuracy of ranking by each quantile alone. This is `minqr score` as a script: its options are
 ScoreConfig's fields and the work is minqr.study.scoring's; tools/analyze.py reads the file.
 """
-from minqr_cli.commands import score as main
+from minqr_cli.commands.score import score as main
 
 if __name__ == "__main__":
     main()

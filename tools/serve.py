@@ -5,7 +5,7 @@
 This is `minqr serve` as a script: its options are ServeConfig's fields and the work is
 minqr.adapters.server's; docs/serve.md says how to point a trainer at it.
 """
-from minqr_cli.commands import serve as main
+from minqr_cli.commands.serve import serve as main
 
 if __name__ == "__main__":
     main()

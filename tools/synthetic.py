@@ -7,9 +7,9 @@
 `tools/train.py --demo` makes the "demo" variant by itself; this is for the other variants, other
 sizes and other seeds. The folder holds the data, the truth that score.py and analyze.py find, a
 tokenizer and a tiny random GPT-2 to train from.
-This is `minqr synthetic` as a script (minqr_cli/commands.py).
+This is `minqr synthetic` as a script (minqr_cli/commands/).
 """
-from minqr_cli.commands import synthetic as main
+from minqr_cli.commands.synthetic import synthetic as main
 
 if __name__ == "__main__":
     main()

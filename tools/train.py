@@ -8,7 +8,7 @@
 This is `minqr train` as a script (so that torchrun can start it); its options are the fields of
 TrainConfig (minqr/training/config.py), turned into a command line by minqr_cli.
 """
-from minqr_cli.commands import train as main
+from minqr_cli.commands.train import train as main
 
 if __name__ == "__main__":
     main()

@@ -6,8 +6,7 @@ read it, their negative log-likelihood (minqr/ranking.py) and their calibration.
 import math
 
 import numpy as np
-from scipy.special import expit
-from scipy.stats import norm
+from scipy.special import expit, ndtri
 
 from minqr.objectives.pair_models import DRAWS, KINDS, MEANS, pair_model
 from minqr.ranking import ranking_credit
@@ -28,7 +27,7 @@ def wilson_interval(successes: float, trials: int, confidence: float = CONFIDENC
     centre = (p̂ + z²/2n) / (1 + z²/n), half-width = z·sqrt(p̂(1−p̂)/n + z²/4n²) / (1 + z²/n):
     unlike p̂ ± z·se it stays inside [0, 1] and keeps its coverage near 0 and 1.
     """
-    z = norm.ppf(0.5 + confidence / 2)
+    z = ndtri(0.5 + confidence / 2)  # the standard normal quantile
     share = successes / trials
     denominator = 1 + z * z / trials
     centre = (share + z * z / (2 * trials)) / denominator
