@@ -302,6 +302,7 @@ def test_a_deeply_nested_config_file_is_a_usage_error(tmp_path):
 
 # ---- how a command ends (minqr_cli/exits.py) ---------------------------------------------------
 
+@pytest.mark.slow  # a real process started and signalled: about 4 s of CPU
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="watches the process's open files in /proc")
 def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
     """A real SIGINT while train reads its data (before training, whose Ctrl-C test_train covers):

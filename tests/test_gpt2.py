@@ -101,6 +101,7 @@ def test_dropout_is_active_in_train_mode_only(pdrop):
     assert not torch.allclose(trained, evaluated, atol=1e-3)
 
 
+@pytest.mark.slow  # torch.compile of two graphs: about 4 s of CPU
 def test_compiles_as_one_graph_with_and_without_masks():
     model = random_gpt2(seed=11)
     ids, mask = padded_batch(model.config, "left", seed=12)

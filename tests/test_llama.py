@@ -144,6 +144,7 @@ def test_shared_prefix_mask_equals_running_chosen_and_rejected_separately(tmp_pa
         assert_packed_rows_are_alone(model, ids, model(ids, mask, positions), shapes)
 
 
+@pytest.mark.slow  # torch.compile and training: about 3.5 s of CPU
 def test_trains_compiled_as_one_graph_and_under_autocast(tmp_path):
     _, folder = saved(tmp_path, "qwen2-gqa2-tied")
     model = load_backbone(folder).train()

@@ -99,6 +99,7 @@ def test_resumed_run_equals_the_uninterrupted_one(inputs, straight_run, tmp_path
     assert "bit-identical" not in capsys.readouterr().err  # computed as before: no warning
 
 
+@pytest.mark.slow  # a real process trained, killed and resumed: about 4 s of CPU
 def test_kill_9_during_training_then_resume(inputs, straight_run, tmp_path):
     out = tmp_path / "run"
     argv = [sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(resume_options(inputs, out, save_every=2))]
@@ -141,6 +142,7 @@ runpy.run_path({train_py!r}, run_name="__main__")
 """
 
 
+@pytest.mark.slow  # real processes killed while they save: about 4 s of CPU
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(inputs, straight_run, tmp_path):
     out = tmp_path / "run"
     argv = as_argv(resume_options(inputs, out))  # checkpoints at steps 4 and 8: the kill hits the second

@@ -377,6 +377,7 @@ def test_the_command_line_says_what_is_wrong(folder, tmp_path):
     assert result.exit_code == 1 and f"--port {port}" in result.output
 
 
+@pytest.mark.slow  # a real server process started and stopped: about 3.5 s of CPU
 def test_sigterm_answers_the_request_in_flight_then_exits_0(folder, alone):
     command = [sys.executable, "-c", "from minqr_cli.commands import main; main()", "serve", "--model", str(folder),
                "--port", "0", "--max-batch", "1"]

@@ -166,6 +166,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, t
     assert CliRunner().invoke(TRAIN, [*argv, "--overwrite"]).exit_code == 0
 
 
+@pytest.mark.slow  # a real process trained, signalled and resumed: about 5 s of CPU
 def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path):
     """A real SIGINT to a real process: the step in progress is finished and checkpointed, the exit
     code is 130 (128 + SIGINT), and --resume continues to the end from exactly there."""
