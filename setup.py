@@ -63,7 +63,7 @@ setup(
     name="minqr",
     version="0.1.0",
     description="Small, fast, readable toolkit for RLHF reward models with quantile (distributional) heads",
-    packages=find_packages(include=["minqr", "minqr.*", "minqr_cli"]),
+    packages=find_packages(include=["minqr", "minqr.*", "minqr_cli", "minqr_cli.*"]),
     entry_points={"console_scripts": ["minqr=minqr_cli.commands:main"]},
     python_requires=">=3.10",
     install_requires=[

@@ -5,6 +5,7 @@ The jobs themselves are tested through their commands in test_train, test_scorin
 test_export and test_synthetic; here the library functions are replaced by recorders where only
 what the command line passes them matters.
 """
+import ast
 import dataclasses
 import importlib
 import json
@@ -19,6 +20,7 @@ import types
 from pathlib import Path
 
 import pytest
+import setuptools
 from click.testing import CliRunner
 from factories import ROOT, load_tool
 from test_train import as_argv, tiny_options, write_run_inputs
@@ -35,7 +37,7 @@ from minqr.synthetic.candidates import CandidatesConfig
 from minqr.synthetic.folder import SyntheticConfig
 from minqr.training.config import RUN_FACTS, TrainConfig
 
-COMMANDS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
+CONFIGS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
             "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
             "best-of-n": BestOfNConfig, "serve": ServeConfig}
 
@@ -67,12 +69,12 @@ def test_version():
 def test_every_subcommand_loads_under_its_name_and_the_help_lists_it_unloaded():
     """The group's table names each subcommand's module: each loads as a command of that name, and
     `minqr --help` lists them all, with the table's lines, without importing one (nor torch)."""
-    for name, (_, summary) in commands.COMMANDS.items():
+    for name in commands.COMMANDS:
         command = commands.main.get_command(None, name)
         assert command.name == name and command.help, name
     assert commands.main.get_command(None, "trian") is None
     result = invoke("trian")
-    assert result.exit_code == 2 and "No such command 'trian'" in result.output
+    assert result.exit_code == 2 and "No such command 'trian'. Did you mean 'train'?" in result.output
     program = ("import sys; from minqr_cli.commands import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
                "print(sorted(m for m in sys.modules if m.startswith('minqr_cli.commands.') or m == 'torch'))")
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env={**os.environ,
@@ -82,6 +84,19 @@ def test_every_subcommand_loads_under_its_name_and_the_help_lists_it_unloaded():
     assert loaded == "[]"
     for name, (_, summary) in commands.COMMANDS.items():
         assert re.search(rf"^  {re.escape(name)} +{re.escape(summary)}$", listing, re.MULTILINE), (name, listing)
+
+
+def test_every_package_folder_is_in_the_distribution():
+    """setup.py's find_packages patterns take every folder of minqr and minqr_cli that holds an
+    __init__.py: a wheel would lack one they miss (minqr_cli.commands, say), which the editable
+    install that the tests run in does not show."""
+    call = next(node for node in ast.walk(ast.parse((ROOT / "setup.py").read_text()))
+                if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "find_packages")
+    include = ast.literal_eval(next(k.value for k in call.keywords if k.arg == "include"))
+    folders = {".".join(init.parent.relative_to(ROOT).parts)
+               for top in ("minqr", "minqr_cli") for init in (ROOT / top).rglob("__init__.py")}
+    assert "minqr_cli.commands" in folders
+    assert folders <= set(setuptools.find_packages(where=str(ROOT), include=include))
 
 
 def test_console_script_is_installed():
@@ -95,13 +110,13 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and "--anchor-reply" in done.stdout
 
 
-@pytest.mark.parametrize("name", COMMANDS)
+@pytest.mark.parametrize("name", CONFIGS)
 def test_options_are_the_config_fields(name):
     """Every field is an option (or the argument), under its name, and nothing else but --config."""
     command = commands.main.get_command(None, name)
     params = {param.name for param in command.params}
-    assert params == {f.name for f in dataclasses.fields(COMMANDS[name])} | {"config"}
-    for f in dataclasses.fields(COMMANDS[name]):
+    assert params == {f.name for f in dataclasses.fields(CONFIGS[name])} | {"config"}
+    for f in dataclasses.fields(CONFIGS[name]):
         (param,) = [p for p in command.params if p.name == f.name]
         assert param.required == (f.default is dataclasses.MISSING), f.name
         if f.default is not dataclasses.MISSING:

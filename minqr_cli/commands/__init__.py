@@ -29,14 +29,14 @@ from minqr_cli.options import CONTEXT
 
 # name -> (its module here and the click command in it, the line `minqr --help` shows)
 COMMANDS = {
-    "train": ("train:train", "Train a reward model, scalar or distributional, on preference pairs."),
-    "score": ("score:score", "Score preference pairs with a reward model into a scores file."),
-    "analyze": ("analyze:analyze_scores", "Compare reward models' scores files: tables, figures, coverage."),
-    "export": ("export:export", "Export a model as a one-output model that transformers loads."),
+    "train": ("train:train", "Train a reward model, scalar or distributional."),
+    "score": ("score:score", "Score preference pairs into a scores file."),
+    "analyze": ("analyze:analyze_scores", "Report how far apart models put chosen and rejected."),
+    "export": ("export:export", "Export a quantile model's mean as a transformers model."),
     "personalize": ("personalize:personalize", "Save annotators' posteriors over a mixture's kinds."),
-    "synthetic": ("synthetic:synthetic", "Write a synthetic task whose reward distributions are known."),
-    "candidates": ("candidates:candidates", "Write the synthetic task's candidate sets, with their truth."),
-    "best-of-n": ("best_of_n:best_of_n", "Choose each prompt's best candidate by statistics of its reward."),
+    "synthetic": ("synthetic:synthetic", "Write a synthetic task with known reward distributions."),
+    "candidates": ("candidates:candidates", "Write the synthetic task's candidate sets and their truth."),
+    "best-of-n": ("best_of_n:best_of_n", "Choose each prompt's candidate by its reward's statistics."),
     "objectives-table": ("objectives_table:objectives_table", "Tabulate analyzed summaries, averaged over seeds."),
     "serve": ("serve:serve", "Serve rewards over HTTP (OpenRLHF's remote reward model)."),
 }
@@ -53,6 +53,13 @@ class LazyGroup(MinqrGroup):
             return None
         module, command = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(f"{__name__}.{module}"), command)
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.exceptions.NoSuchCommand:  # click suggests from the commands loaded: none here
+            raise click.exceptions.NoSuchCommand(click.utils.make_str(args[0]), possibilities=COMMANDS,
+                                                 ctx=ctx) from None
 
     def format_commands(self, ctx, formatter):  # the table's lines: no subcommand is imported for --help
         with formatter.section("Commands"):
