@@ -38,8 +38,8 @@ from minqr.synthetic.folder import SyntheticConfig
 from minqr.training.config import RUN_FACTS, TrainConfig
 
 CONFIGS = {"train": TrainConfig, "score": ScoreConfig, "analyze": AnalyzeConfig, "export": ExportConfig,
-            "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
-            "best-of-n": BestOfNConfig, "serve": ServeConfig}
+           "synthetic": SyntheticConfig, "objectives-table": TableConfig, "candidates": CandidatesConfig,
+           "best-of-n": BestOfNConfig, "serve": ServeConfig}
 
 
 def invoke(*argv):
