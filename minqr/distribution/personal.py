@@ -79,18 +79,25 @@ def log_likelihood_sums(chosen: torch.Tensor, rejected: torch.Tensor, annotator:
     chosen, rejected: raw outputs [P, N]; annotator [P]: each pair's annotator index in 0..A-1;
     pair_margin [P] or None. Sums of several batches add up to the sums of all their pairs."""
     _checked_outputs(chosen, rejected)
-    p = chosen.shape[0]
+    return kind_margin_sums(chosen.double() - rejected.double(), annotator, num_annotators, pair_margin)
+
+
+def kind_margin_sums(differences: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
+                     pair_margin: torch.Tensor | None = None) -> torch.Tensor:
+    """log_likelihood_sums from the kinds' margins: differences [P, N] = h_k(c_j) − h_k(r_j) (or a
+    multiple of them: minqr/distribution/scale.py tries several), the rest as there. [A, N], float64."""
+    p = differences.shape[0]
     if (not isinstance(annotator, torch.Tensor) or annotator.shape != (p,) or annotator.is_floating_point()
             or annotator.dtype == torch.bool):
         raise MinqrError(f"annotator must be an integer tensor [P] = [{p}] of annotator indices")
     if p and (int(annotator.min()) < 0 or int(annotator.max()) >= num_annotators):
         raise MinqrError(f"annotator indices must be in 0..{num_annotators - 1}, got "
                          f"{int(annotator.min())}..{int(annotator.max())}")
-    margins = chosen.double() - rejected.double()  # [P, N]
+    margins = differences.double()  # [P, N]
     if pair_margin is not None:
         margins = margins - pair_margin.to(device=margins.device, dtype=torch.float64)[:, None]
-    sums = torch.zeros(num_annotators, chosen.shape[1], dtype=torch.float64, device=chosen.device)
-    return sums.index_add_(0, annotator.to(chosen.device), torch.nn.functional.logsigmoid(margins))  # [A, N]
+    sums = torch.zeros(num_annotators, differences.shape[1], dtype=torch.float64, device=differences.device)
+    return sums.index_add_(0, annotator.to(differences.device), torch.nn.functional.logsigmoid(margins))  # [A, N]
 
 
 def normalised(log_likelihoods: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from minqr.distribution.personal import kind_margin_sums
+
 SCALE_RANGE = (0.05, 20.0)  # c* is searched in here; an answer at an end means "this far or further"
 GRID_POINTS = 17  # the coarse grid: neighbouring scales differ by a factor of about 1.45
 TOLERANCE = 1e-3  # the golden-section search narrows its bracket to this, in log c (0.1%)
@@ -62,19 +64,17 @@ def scale_nll(differences: torch.Tensor, scale: float, annotator: torch.Tensor |
     are h_k(c_j) − h_k(r_j); `annotator` [P] indices in 0..num_annotators-1 for the annotator-level
     likelihood, None for the per-label one; pair_margin [P] or None; `weights` [N] the kinds' shares
     of the population (None: 1/N each, a mixture head's)."""
-    margins = scale * differences.double()  # [P, N]
-    if pair_margin is not None:
-        margins = margins - pair_margin.to(margins.device, torch.float64)[:, None]
-    log_sigma = F.logsigmoid(margins)  # [P, N]
     n = differences.shape[1]
     log_w = torch.full((n,), -math.log(n), dtype=torch.float64) if weights is None else weights.double().log()
     log_w = log_w.to(differences.device)  # [N]
     if annotator is None:
-        total = -torch.logsumexp(log_sigma + log_w, dim=-1).sum()
+        margins = scale * differences.double()  # [P, N]
+        if pair_margin is not None:
+            margins = margins - pair_margin.to(margins.device, torch.float64)[:, None]
+        total = -torch.logsumexp(F.logsigmoid(margins) + log_w, dim=-1).sum()
         total = all_sum(total) if all_sum is not None else total
-    else:  # an annotator's pairs multiply within each kind, then the kinds are averaged
-        sums = torch.zeros(num_annotators, differences.shape[1], dtype=torch.float64, device=differences.device)
-        sums.index_add_(0, annotator.to(differences.device), log_sigma)  # [A, N]
+    else:  # an annotator's pairs multiply within each kind (the posteriors' sums), then the kinds are averaged
+        sums = kind_margin_sums(scale * differences.double(), annotator, num_annotators, pair_margin)  # [A, N]
         sums = all_sum(sums) if all_sum is not None else sums
         total = -torch.logsumexp(sums + log_w, dim=-1).sum()
     return float(total)
