@@ -23,7 +23,7 @@ from minqr.models.hf_folder import save_gpt2
 from minqr.models.llama import Llama, LlamaConfig
 from minqr.models.reward import RewardModel
 from minqr.training.checkpoint_check import read_shard_index, shard_problems
-from minqr.training.resume import load_shards, save_shards
+from minqr.training.sharding import load_shards, save_shards
 
 NOW = "of the data as it is now"
 START_AFRESH = "the checkpoint is damaged: start the run afresh with --overwrite instead of --resume"

@@ -141,7 +141,7 @@ class RewardModel(nn.Module):
     def pair_states(self, batch) -> tuple:
         """A PairBatch -> (hidden [R, T, n_embd], pooled chosen [B, n_embd], pooled rejected [B, n_embd],
         r_chosen [B, N], r_rejected [B, N]): the raw outputs with the states they were read from, all
-        in one call (sharded, the call that gathers the head: minqr/training/distributed.py)."""
+        in one call (sharded, the call that gathers the head: minqr/training/sharding.py)."""
         hidden = self.transformer(batch.input_ids, batch.attention_mask, batch.position_ids)  # [R, T, n_embd]
         pooled_chosen = hidden[batch.chosen_rows, batch.chosen_cols]  # [B, n_embd]
         pooled_rejected = hidden[batch.rejected_rows, batch.rejected_cols]

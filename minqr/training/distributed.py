@@ -8,8 +8,8 @@ is the same). nccl on GPU, gloo on CPU. Only process 0 writes files and prints.
 Two ways to spread the model:
 - DistributedDataParallel (the default): every process holds the whole model and optimizer state;
   the gradients are all-reduced.
-- FSDP2 (`--fsdp`, `shard_model`): each process holds 1/world_size of every parameter, gradient
-  and AdamW state. A block's parameters are gathered just before its forward and its backward and
+- FSDP2 (`--fsdp`, minqr/training/sharding.py): each process holds 1/world_size of every
+  parameter, gradient and AdamW state. A block's parameters are gathered just before its forward and its backward and
   freed after; its gradients are reduce-scattered. One unit per transformer block, the rest
   (embeddings, final norm, head) in the root unit. That makes every forward a collective: all
   processes must run the same number of them (the evaluation runs every held-out batch on every
@@ -21,9 +21,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-from torch.distributed.tensor import DTensor
 
 from minqr.device import resolve_device
 
@@ -96,49 +93,16 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
         dist.destroy_process_group()
 
 
-# ---- FSDP2 ----------------------------------------------------------------------------------------
-
-def shard_model(model, compute_dtype: torch.dtype | None = None) -> None:
-    """Shard a RewardModel in place over the process group with FSDP2: one unit per block, then the
-    root. The training and evaluation enter the model through `pair_states`, not `forward`, so that
-    method is registered to gather the root's parameters (embeddings, final norm, head) as forward
-    does. The training's response-bag layer (minqr/training/loss.py), which is called outside the
-    model's methods, is a unit of its own, gathered when it is called.
-
-    With `compute_dtype` (bfloat16 for --master-weights) the sharded parameters, their gradients and
-    AdamW's state stay in the model's float32 (they are the master weights); each unit gathers its
-    parameters cast to compute_dtype for the forward and backward, and the gradients are reduced and
-    kept in float32 (FSDP2's MixedPrecisionPolicy)."""
-    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype \
-        else MixedPrecisionPolicy()
-    for block in model.transformer.blocks:
-        fully_shard(block, mp_policy=policy)
-    if getattr(model, "response_bag", None) is not None:
-        fully_shard(model.response_bag, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
-    register_fsdp_forward_method(model, "pair_states")
-
-
-def reshard(model) -> None:
-    """Drop every FSDP2 unit's gathered parameters, so that the next forward gathers the shards
-    anew. Needed after writing into the shards between forwards (the weight average swapped in for
-    an evaluation, and out again): the root unit keeps what it gathered through a forward that no
-    backward follows, and would compute with that."""
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.reshard()
-
+# ---- tensors that may be sharded -------------------------------------------------------------------
+# A DTensor (an FSDP2 parameter or its gradient) is recognised by its methods, not its class: importing
+# torch.distributed.tensor costs half a second at every start, and only --fsdp runs make one
+# (minqr/training/sharding.py).
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded) tensor."""
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def full_value(tensor: torch.Tensor) -> torch.Tensor:
     """The whole value of a (possibly sharded) tensor, in every process (a collective for a DTensor)."""
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def full_state_dict(model) -> dict:
-    """The model's whole state dict on process 0's CPU (and {} in the others); a collective."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

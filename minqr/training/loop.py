@@ -16,6 +16,7 @@ AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`,
 `checkpoint/`, from which `--resume` continues an interrupted run to the weights an uninterrupted
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
+import importlib
 import json
 import time
 from contextlib import nullcontext
@@ -42,8 +43,7 @@ from minqr.ranking import ranking_credit
 from minqr.synthetic.demo import prepare_demo_data
 from minqr.training.averaging import WeightAverage
 from minqr.training.config import TrainConfig
-from minqr.training.distributed import (Processes, full_state_dict, full_value, reshard, shard_model,
-                                        start_processes, stop_processes)
+from minqr.training.distributed import Processes, full_value, start_processes, stop_processes
 from minqr.training.divergence import DivergenceCheck
 from minqr.training.evaluation import held_out_metrics, training_posteriors
 from minqr.training.inputs import load_pairs, resolve_inputs
@@ -54,7 +54,7 @@ from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_c
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.personal_metrics import PERSONAL_EVAL_FILE, PersonalEvaluation
 from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, checkpoint_to_resume,
-                                   load_shards, remove_checkpoints, restore_rng_state, save_checkpoint, save_shards)
+                                   remove_checkpoints, restore_rng_state, save_checkpoint)
 
 
 @dataclass
@@ -147,8 +147,10 @@ class TrainingRun:
         param_dtype = getattr(torch, config.param_dtype)
         sharded_masters = config.fsdp and config.master_weights
         self.model = model.to(procs.device, torch.float32 if sharded_masters else param_dtype).train()
+        # FSDP2 and its sharded checkpoints, imported by --fsdp runs only (a second at every start otherwise)
+        self.sharding = importlib.import_module("minqr.training.sharding") if config.fsdp else None
         if config.fsdp:  # before the optimizer, which must hold the sharded parameters
-            shard_model(self.model, compute_dtype=param_dtype if sharded_masters else None)
+            self.sharding.shard_model(self.model, compute_dtype=param_dtype if sharded_masters else None)
         self.optimizer = make_optimizer(self.model, config, procs.device,
                                         master_weights=config.master_weights and not config.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,7 +233,7 @@ class TrainingRun:
         check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
-            load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
+            self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:
             self.model.load_state_dict(checkpoint.model)
             self.optimizer.load_state_dict(checkpoint.optimizer)
@@ -385,13 +387,13 @@ class TrainingRun:
         config, average = self.config, self.average
         with average.swapped_in() if average else nullcontext():
             if config.fsdp and average:  # the forwards must gather the average, not what a unit holds gathered
-                reshard(self.model)
+                self.sharding.reshard(self.model)
             log_posteriors = self._held_out_posteriors(final)
             metrics = held_out_metrics(self.model, self.eval_pairs, self.micro_batch_size, config.shared_prefix,
                                        self.procs, self.autocast_dtype, sharded=config.fsdp,
                                        personal=self.personal, log_posteriors=log_posteriors)
         if config.fsdp and average:  # and the training's next forward the weights again
-            reshard(self.model)
+            self.sharding.reshard(self.model)
         return {"step": self.step, **metrics}
 
     def _held_out_posteriors(self, final: bool):
@@ -433,9 +435,10 @@ class TrainingRun:
         if self.procs.world_size > 1:
             rng_states = [None] * self.procs.world_size
             dist.all_gather_object(rng_states, capture_rng_state())
-        # sharded: every process writes its shards into the folder that process 0 is filling
-        write_shards = (lambda folder: save_shards(self.procs.broadcast(folder), self.model, self.optimizer,
-                                                   self.average)) if self.config.fsdp else None
+        write_shards = None
+        if self.config.fsdp:  # every process writes its shards into the folder that process 0 is filling
+            def write_shards(folder):
+                self.sharding.save_shards(self.procs.broadcast(folder), self.model, self.optimizer, self.average)
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
@@ -450,7 +453,7 @@ class TrainingRun:
         process 0's CPU (None in the others; every process must call this)."""
         if not self.config.fsdp:
             return self.model
-        state = full_state_dict(self.model)
+        state = self.sharding.full_state_dict(self.model)
         if not self.procs.is_main:
             return None
         with torch.device("meta"):  # no memory, no init: the gathered tensors become the weights
@@ -478,7 +481,7 @@ class TrainingRun:
                 not has_kinds(head.objective, head.num_quantiles):
             return
         if self.config.fsdp:  # the forwards must gather the saved weights, not what a unit holds gathered
-            reshard(self.model)
+            self.sharding.reshard(self.model)
         self.final_annotators, self.final_scale = training_posteriors(
             self.model, self.train_pairs, self.micro_batch_size, self.config.shared_prefix, self.procs,
             self.autocast_dtype, sharded=self.config.fsdp, progress=self.progress)

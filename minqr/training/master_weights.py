@@ -14,7 +14,7 @@ hold a float32 copy of the gradients (4 bytes more), dropped at its end. The gra
 are bf16 and add up in bf16 over the micro-batches of --grad-accum and over DDP's processes.
 
 With --fsdp the sharded float32 parameters are the masters and FSDP2 casts them to bf16 for the
-compute (minqr/training/distributed.py, shard_model); this class is for the unsharded model.
+compute (minqr/training/sharding.py, shard_model); this class is for the unsharded model.
 """
 import torch
 

@@ -29,15 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import StorageMeta
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import read_json, read_torch_file
-from minqr.training.checkpoint_check import layout_problems, read_shard_index, run_problems, shard_problems
+from minqr.training.checkpoint_check import layout_problems, run_problems, shard_problems
 from minqr.training.metrics import METRICS_FILE
 
 CHECKPOINT_DIR = "checkpoint"
@@ -62,7 +58,7 @@ class Checkpoint:
     folder: Path
     step: int
     position: DataPosition
-    model: dict | None  # None for a sharded (--fsdp) checkpoint: see load_shards
+    model: dict | None  # None for a sharded (--fsdp) checkpoint: minqr/training/sharding.py
     optimizer: dict | None
     scheduler: dict
     rng_states: list  # one per process, indexed by rank
@@ -127,52 +123,6 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
     for stale in abandoned(folder, "old"):  # left by an earlier interrupted save
         shutil.rmtree(stale, ignore_errors=True)
     return folder
-
-
-def save_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None) -> None:
-    """The model, optimizer and weight average (if any) of a sharded (FSDP2) run into folder/shards:
-    each process writes its own shards (a collective: every process calls it, with the same folder)."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    averages = {} if average is None else {"average": average.state_dict()}
-    dcp.save({"model": model_state, "optimizer": optimizer_state, **averages}, checkpoint_id=Path(folder) / SHARDS_DIR)
-
-
-class _ShardReader(dcp.FileSystemReader):
-    """torch.distributed.checkpoint's reader, but its index is read without running code (it is a
-    pickle: checkpoint_check.read_shard_index)."""
-
-    def read_metadata(self, *args, **kwargs):
-        metadata = read_shard_index(Path(self.path))
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class _ShardPlanner(dcp.DefaultLoadPlanner):
-    """The default plan, but the values stored as pickles (AdamW's hyper-parameters) are read with
-    torch.load(weights_only=True) first, which refuses any that would run code."""
-
-    def load_bytes(self, read_item, value) -> None:
-        torch.load(value, weights_only=True)
-        value.seek(0)
-        super().load_bytes(read_item, value)
-
-
-def load_shards(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, average=None) -> None:
-    """Undo `save_shards` into a model sharded, an optimizer and an average made as when they were
-    saved. What cannot be read is a MinqrError that names the shards' folder."""
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
-    if average is not None:
-        state["average"] = average.state_dict()  # its tensors, which dcp.load fills in place
-    shards = Path(folder) / SHARDS_DIR
-    try:
-        dcp.load(state, storage_reader=_ShardReader(shards), planner=_ShardPlanner())
-    except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
-        detail = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise MinqrError(f"--resume: the shards in {shards} cannot be read ({detail}); {START_AFRESH}") from None
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
 def find_checkpoint(out) -> Path | None:
