@@ -93,6 +93,9 @@ def edit(state: dict, damage: str) -> str:
     if damage == "a generator state cut":
         state["rng_states"][0]["numpy"]["keys"] = state["rng_states"][0]["numpy"]["keys"][:10]
         return "rng_states[0].numpy is not the state of numpy's MT19937 generator"
+    if damage == "sharded, in a run without --fsdp":  # as a --fsdp run's state.pt, its config.json left as it was
+        state["model"] = state["optimizer"] = state["average"] = None
+        return "model and optimizer are None, as a --fsdp run's (in shards/), and this run is not --fsdp"
     if damage == "position not a dict":
         state["position"] = [0, 2]
         return "position is [0, 2], not {'epoch': ..., 'batch': ...}"
@@ -101,7 +104,8 @@ def edit(state: dict, damage: str) -> str:
 
 DAMAGES = ["data position past the epoch", "data position elsewhere", "step a string", "step negative",
            "step past the end", "a tensor missing", "a tensor of another shape", "a moment of another shape",
-           "a learning rate that is no number", "a generator state cut", "position not a dict"]
+           "a learning rate that is no number", "a generator state cut", "sharded, in a run without --fsdp",
+           "position not a dict"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)

@@ -108,12 +108,17 @@ def _rng_problems(rng) -> list[str]:
     return problems
 
 
-def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int, total_steps: int) -> list[str]:
+def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int, total_steps: int,
+                 sharded: bool) -> list[str]:
     """What keeps the resuming run from continuing from `checkpoint` (a resume.Checkpoint, whose
     state.pt had no layout problems; the model, optimizer and average are not in it when sharded:
-    see shard_problems)."""
+    see shard_problems). `sharded`: whether the resuming run is (--fsdp)."""
     step, (epoch, batch) = checkpoint.step, (checkpoint.position.epoch, checkpoint.position.batch)
     problems = []
+    if (checkpoint.model is None) != sharded:  # config.json agreed (--fsdp cannot change): state.pt does not
+        problems.append("model and optimizer are None, as a --fsdp run's (in shards/), and this run is not --fsdp"
+                        if checkpoint.model is None else
+                        "model and optimizer are in it, as a run's without --fsdp, and this run is --fsdp")
     if step > total_steps:
         problems.append(f"step {step} is past the run's last step, {total_steps}")
     now = "of the data as it is now"  # a data file changed since the run began gives another count
@@ -126,7 +131,7 @@ def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int,
     last_epoch = checkpoint.scheduler.get("last_epoch")
     if last_epoch != step or isinstance(last_epoch, bool):
         problems.append(f"scheduler.last_epoch is {last_epoch!r}, not the step {step}")
-    if checkpoint.model is not None:
+    if checkpoint.model is not None and not sharded:
         problems += _tensor_problems(checkpoint.model, model.state_dict(), "model")
         problems += _optimizer_problems(checkpoint.optimizer, optimizer)
         if average is not None:

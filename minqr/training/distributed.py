@@ -9,11 +9,12 @@ Two ways to spread the model:
 - DistributedDataParallel (the default): every process holds the whole model and optimizer state;
   the gradients are all-reduced.
 - FSDP2 (`--fsdp`, minqr/training/sharding.py): each process holds 1/world_size of every
-  parameter, gradient and AdamW state. A block's parameters are gathered just before its forward and its backward and
-  freed after; its gradients are reduce-scattered. One unit per transformer block, the rest
-  (embeddings, final norm, head) in the root unit. That makes every forward a collective: all
-  processes must run the same number of them (the evaluation runs every held-out batch on every
-  process for that reason), and the checkpoint is written in shards (torch.distributed.checkpoint).
+  parameter, gradient and AdamW state. A block's parameters are gathered just before its forward
+  and its backward and freed after; its gradients are reduce-scattered. One unit per transformer
+  block, the rest (embeddings, final norm, head) in the root unit. That makes every forward a
+  collective: all processes must run the same number of them (the evaluation runs every held-out
+  batch on every process for that reason), and the checkpoint is written in shards
+  (torch.distributed.checkpoint).
 """
 import os
 from contextlib import contextmanager
@@ -95,8 +96,8 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
 
 # ---- tensors that may be sharded -------------------------------------------------------------------
 # A DTensor (an FSDP2 parameter or its gradient) is recognised by its methods, not its class: importing
-# torch.distributed.tensor costs half a second at every start, and only --fsdp runs make one
-# (minqr/training/sharding.py).
+# torch.distributed.tensor would cost most of the 0.75 s that --fsdp runs pay (minqr/training/sharding.py)
+# at every start, and only they make one.
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This process's part of a (possibly sharded) tensor."""

@@ -16,7 +16,6 @@ AutoModelForSequenceClassification load), `training_args.json`, `metrics.jsonl`,
 `checkpoint/`, from which `--resume` continues an interrupted run to the weights an uninterrupted
 one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
-import importlib
 import json
 import time
 from contextlib import nullcontext
@@ -147,10 +146,11 @@ class TrainingRun:
         param_dtype = getattr(torch, config.param_dtype)
         sharded_masters = config.fsdp and config.master_weights
         self.model = model.to(procs.device, torch.float32 if sharded_masters else param_dtype).train()
-        # FSDP2 and its sharded checkpoints, imported by --fsdp runs only (a second at every start otherwise)
-        self.sharding = importlib.import_module("minqr.training.sharding") if config.fsdp else None
+        self.sharding = None  # FSDP2 and its sharded checkpoints: --fsdp runs only import them (0.75 s)
         if config.fsdp:  # before the optimizer, which must hold the sharded parameters
-            self.sharding.shard_model(self.model, compute_dtype=param_dtype if sharded_masters else None)
+            from minqr.training import sharding
+            self.sharding = sharding
+            sharding.shard_model(self.model, compute_dtype=param_dtype if sharded_masters else None)
         self.optimizer = make_optimizer(self.model, config, procs.device,
                                         master_weights=config.master_weights and not config.fsdp)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -231,7 +231,8 @@ class TrainingRun:
     def _restore(self, checkpoint) -> None:
         # a checkpoint is untrusted input: checked against this run before any of it is used
         check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
-                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps)
+                        steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
+                        sharded=self.config.fsdp)
         if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
             self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         else:

@@ -103,7 +103,8 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
                     compute: dict, average: dict | None = None, write_shards=None) -> Path:
     """Write `out/checkpoint/` atomically, replacing the previous one only once complete. With
     `write_shards` (--fsdp), the model and optimizer are not in state.pt: `write_shards(folder)`
-    writes them into the new checkpoint's folder, with every process taking part (`save_shards`)."""
+    writes them into the new checkpoint's folder, with every process taking part
+    (minqr/training/sharding.py's save_shards)."""
     folder = Path(out) / CHECKPOINT_DIR
     state = {
         "step": step,
@@ -193,7 +194,7 @@ def load_checkpoint(out) -> Checkpoint:
 
 def check_resumable(checkpoint: Checkpoint, **run) -> None:
     """Refuse a checkpoint that the run about to resume cannot continue from: `run` holds its model,
-    optimizer, average, steps_per_epoch and total_steps (checkpoint_check.run_problems)."""
+    optimizer, average, steps_per_epoch, total_steps and whether it is sharded (checkpoint_check.run_problems)."""
     _refuse(checkpoint.folder / STATE_FILE, run_problems(checkpoint, **run))
     if checkpoint.model is None:
         _refuse(checkpoint.folder / SHARDS_DIR, shard_problems(checkpoint.folder / SHARDS_DIR))
