@@ -25,7 +25,7 @@ import torch
 
 from minqr.data.batching import TokenizedPairs, evaluation_batches, scoring_batches
 from minqr.device import autocast
-from minqr.distribution.personal import Annotators, log_likelihood_sums, normalised
+from minqr.distribution.personal import Annotators, kind_margin_sums, normalised
 from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.models.reward import RewardModel
 from minqr.progress import progress_bar
@@ -82,8 +82,7 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
     process gets both. The pairs' margins count, as in annotators.json
     (minqr/distribution/personal.py). `progress`: a bar on process 0."""
     model.eval()
-    sums = torch.zeros(len(pairs.annotator_ids), model.num_quantiles, dtype=torch.float64, device=procs.device)
-    differences, annotators, margins = [], [], []  # this process's pairs, for the scale: [B, N], [B], [B] a batch
+    differences, annotators, margins = [], [], []  # this process's pairs: [B, N], [B], [B] a batch
     share, shares = (0, 1) if sharded else (procs.rank, procs.world_size)
     # scoring's order (widest first, widths sorted: the least padding), each process every shares-th batch
     batches = scoring_batches(pairs.row_widths(shared_prefix), batch_size)[share::shares]
@@ -92,19 +91,20 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
         batch = pairs.batch(pair_indices, shared_prefix).to(procs.device)
         with autocast(procs.device, autocast_dtype):
             r_chosen, r_rejected = (r.float() for r in model.forward_pairs(batch))  # [B, N] each
-        sums += log_likelihood_sums(r_chosen, r_rejected, batch.annotators, len(sums), batch.pair_margins)
-        differences.append(r_chosen - r_rejected)
+        differences.append(r_chosen.double() - r_rejected.double())  # [B, N], as log_likelihood_sums takes them
         annotators.append(batch.annotators)
         if batch.pair_margins is not None:
             margins.append(batch.pair_margins)
     model.train()
+    num_annotators = len(pairs.annotator_ids)
+    empty = torch.zeros(0, model.num_quantiles, dtype=torch.float64, device=procs.device)  # a process without pairs
+    differences = torch.cat(differences) if differences else empty
+    annotators = torch.cat(annotators) if annotators else torch.zeros(0, dtype=torch.long, device=procs.device)
+    margins = torch.cat(margins) if margins else None
     all_sum = None if sharded else procs.all_sum_tensor
+    sums = kind_margin_sums(differences, annotators, num_annotators, margins)  # [A, N], this process's pairs
     if all_sum is not None:
         sums = all_sum(sums)
-    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=len(sums)).tolist()
+    counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=num_annotators).tolist()
     posteriors = Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts))
-    empty = torch.zeros(0, model.num_quantiles, device=procs.device)
-    scale = fit_scale(torch.cat(differences) if differences else empty,
-                      torch.cat(annotators) if annotators else torch.zeros(0, dtype=torch.long, device=procs.device),
-                      len(sums), torch.cat(margins) if margins else None, all_sum)
-    return posteriors, scale
+    return posteriors, fit_scale(differences, annotators, num_annotators, margins, all_sum)
