@@ -30,6 +30,7 @@ tests/ on sys.path). Everything is made here, offline, in well under a second.
 import copy
 import importlib.util
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -198,6 +199,13 @@ def shared_prefix_batch(shapes, vocab_size=320, seed=0, additive=False):
     if additive:
         mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
     return ids, mask, positions
+
+
+def sigint_at_default() -> None:
+    """A child process's preexec_fn: SIGINT at its default, so that Python in the child takes
+    Ctrl-C whatever this process inherited (a shell ignores SIGINT for a script's background jobs,
+    and a child of one would keep ignoring it, minqr/training/interrupt.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def ended_writer() -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import setuptools
 from click.testing import CliRunner
-from factories import ROOT, load_tool
+from factories import ROOT, load_tool, sigint_at_default
 from test_train import as_argv, tiny_options, write_run_inputs
 
 import minqr
@@ -328,7 +328,7 @@ def test_ctrl_c_while_a_command_starts_exits_130(tmp_path):
     data.write_text((line + "\n") * 200_000)  # seconds of reading
     options = tiny_options(inputs, tmp_path / "run", data=str(data))
     process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(options)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_at_default)
     try:
         deadline = time.monotonic() + 120
         while str(data.resolve()) not in _open_files(process.pid):

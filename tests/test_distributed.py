@@ -6,8 +6,11 @@ posteriors of annotators.json (a pass shared over them) are compared too.
 """
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +118,36 @@ def test_under_torchrun_an_error_of_the_options_is_printed_once(tmp_path):
                                 capture_output=True, text=True, env=environment, timeout=300)
         assert result.returncode != 0
         assert (result.stdout + result.stderr).count(message) == 1, result.stdout + result.stderr
+
+
+@pytest.mark.slow  # a torchrun job of two processes, signalled
+def test_under_torchrun_one_process_signalled_stops_both_after_the_same_step(tmp_path):
+    """SIGTERM to one of the two processes (as a scheduler that kills one node's job would): the
+    processes agree on it in the step's sum, so both finish that step, process 0 saves it and the
+    job ends with the log and the checkpoint at the same step."""
+    inputs = write_run_inputs(tmp_path / "inputs")
+    out = tmp_path / "run"
+    argv = as_argv(tiny_options(inputs, out, max_steps=150, save_every=1000, eval_every=1000, device="cpu"))
+    job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(ROOT / "tools" / "train.py"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "no steps within 2 minutes"
+            time.sleep(0.05)
+        workers = [int(pid) for task in Path(f"/proc/{job.pid}/task").iterdir()
+                   for pid in (task / "children").read_text().split()]
+        assert len(workers) == 2, workers
+        os.kill(max(workers), signal.SIGTERM)  # one of them, whichever rank it is
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode != 0  # torchrun reports its workers' non-zero exits (143) as a failure
+    stopped_at = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
+    assert 3 <= stopped_at < 150
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 1))
+    assert stderr.count("SIGTERM: stopping after this step") == 1, stderr
+    assert stderr.count(f"Stopped: interrupted at step {stopped_at} of 150") >= 1, stderr
+    assert stderr.count("exitcode  : 143") == 2, stderr  # both exit as the signalled one does

@@ -22,12 +22,14 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from factories import load_tool, tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
+from factories import load_tool, sigint_at_default, tiny_config, write_tiny_checkpoint, write_tiny_tokenizer
 from test_pairs import SURROGATE_LINE, surrogate_error
 
+import minqr.training.interrupt
 import minqr.training.loop
 import minqr.training.metrics
 from minqr.synthetic.folder import make_synthetic_task
+from minqr.training.interrupt import Interrupt
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
@@ -166,35 +168,79 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, t
     assert CliRunner().invoke(TRAIN, [*argv, "--overwrite"]).exit_code == 0
 
 
-@pytest.mark.slow  # a real process trained, signalled and resumed: about 5 s of CPU
-def test_ctrl_c_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path):
-    """A real SIGINT to a real process: the step in progress is finished and checkpointed, the exit
-    code is 130 (128 + SIGINT), and --resume continues to the end from exactly there."""
+@pytest.mark.slow  # a real process trained, signalled and resumed: about 5 s of CPU each
+@pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
+def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path, sig, name):
+    """A real SIGINT (Ctrl-C) or SIGTERM (kill, a job scheduler) to a real process: the step in
+    progress is finished and checkpointed, the exit code is the shell's for the signal (130 =
+    128 + SIGINT, 143 = 128 + SIGTERM), and --resume continues to the end from exactly there."""
     out = tmp_path / "run"
     # the signal comes after at least three steps, while the process may take a few more before it
     # arrives (a busy machine); --resume then trains the rest in this process
     options = tiny_options(inputs, out, max_steps=150, save_every=1000, eval_every=1000)
     process = subprocess.Popen([sys.executable, str(ROOT / "tools" / "train.py"), *as_argv(options)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint_at_default)
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.jsonl").is_file() or len(read_metrics(out / "metrics.jsonl")) < 3:
             assert process.poll() is None, process.stderr.read()
             assert time.monotonic() < deadline, "no steps within 2 minutes"
             time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(sig)
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + sig, stderr
     stopped_at = torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"]
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 1))
     assert stderr.rstrip().endswith(f"Stopped: interrupted at step {stopped_at} of 150; its checkpoint is in "
                                     f"{out / 'checkpoint'}: continue with the same command plus --resume")
-    assert "Ctrl-C: stopping after this step" in stderr
+    assert f"{name}: stopping after this step" in stderr
     resumed = CliRunner().invoke(TRAIN, [*as_argv(options), "--resume"])
     assert resumed.exit_code == 0, resumed.output
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 151))
+
+
+def test_the_interrupt_takes_both_signals_and_leaves_an_ignored_sigint_ignored(monkeypatch):
+    """In one process (the real process's end is the slow test above, torchrun's in
+    test_distributed): the first signal is recorded and the run goes on, a second Ctrl-C raises
+    KeyboardInterrupt, the handlers before are back afterwards; the processes' summed flags decide
+    the signal they stop for and its status (SIGTERM over Ctrl-C); and a SIGINT ignored from the
+    start (a script's background job) is left ignored while SIGTERM is still taken."""
+    said = []
+    monkeypatch.setattr(minqr.training.interrupt, "say", said.append)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    interrupt = Interrupt()
+    with interrupt:
+        assert interrupt.flags() == [0.0, 0.0]
+        signal.raise_signal(signal.SIGINT)
+        assert interrupt.received == signal.SIGINT and interrupt.flags() == [1.0, 0.0]
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert said == ["Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
+                    "losing the steps since the last checkpoint)"]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    for summed, agreed in [([0.0, 0.0], None), ([1.0, 0.0], signal.SIGINT), ([0.0, 2.0], signal.SIGTERM),
+                           ([1.0, 1.0], signal.SIGTERM)]:
+        interrupt.agree(summed)
+        assert interrupt.agreed == agreed
+        if agreed is not None:
+            assert interrupt.status == 128 + agreed
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        interrupt = Interrupt()
+        with interrupt:
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            signal.raise_signal(signal.SIGINT)
+            assert interrupt.received is None
+            signal.raise_signal(signal.SIGTERM)
+            assert interrupt.received == signal.SIGTERM and interrupt.flags() == [0.0, 1.0]
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])
+    assert said[1] == ("SIGTERM: stopping after this step and saving a checkpoint (a second SIGTERM stops it at once, "
+                       "losing the steps since the last checkpoint)")
 
 
 @pytest.mark.parametrize("extra,more", [({}, ""), ({"param_dtype": "bfloat16", "master_weights": True}, ""),

@@ -378,7 +378,9 @@ def serve(config: ServeConfig, ready=functools.partial(print, flush=True)) -> No
     def stop(signum, frame):  # shutdown() waits for serve_forever, which runs in this very thread
         threading.Thread(target=server.stop, name="minqr-stop").start()
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # SIGINT ignored from the start (a background job of a script, nohup) stays ignored, as in training
+    signals = [sig for sig in (signal.SIGTERM, signal.SIGINT) if signal.getsignal(sig) != signal.SIG_IGN]
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
     try:
         reference = ("each request's group mean" if config.group else
                      f"the reply {config.reference_reply!r}" if config.reference_reply is not None else "none")

@@ -4,5 +4,5 @@ loss of a step; inputs.py the model and data the options name; evaluation.py the
 optimizer.py AdamW and the schedule; distributed.py the processes under torchrun; sharding.py
 FSDP2 (--fsdp) and its sharded checkpoints; resume.py the checkpoint that `--resume` continues from
 bit for bit (and whether an out folder holds one); divergence.py the stop on a NaN or infinite loss,
-gradient or weight; interrupt.py Ctrl-C; metrics.py metrics.jsonl and curves.png.
+gradient or weight; interrupt.py Ctrl-C and SIGTERM; metrics.py metrics.jsonl and curves.png.
 """

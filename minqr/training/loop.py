@@ -318,12 +318,13 @@ class TrainingRun:
                         if k != "step"))
                     if log:
                         log.write(final_eval)
-                if last or _every(self.step, config.save_every) or self.interrupt.agreed:
+                if last or _every(self.step, config.save_every) or self.interrupt.agreed is not None:
                     self._save_checkpoint()
-                if self.interrupt.agreed:  # Ctrl-C: the step is finished and saved; stop here
+                if self.interrupt.agreed is not None:  # Ctrl-C or SIGTERM: the step is finished and saved; stop here
                     raise TrainingInterrupted(
                         f"interrupted at step {self.step} of {self.total_steps}; its checkpoint is in "
-                        f"{self.out / 'checkpoint'}: continue with the same command plus --resume")
+                        f"{self.out / 'checkpoint'}: continue with the same command plus --resume",
+                        self.interrupt.status)
                 if last:
                     break
         return final_eval
@@ -355,11 +356,11 @@ class TrainingRun:
             loss_sum += loss.detach()
             right += ranking_credit(mu_chosen, mu_rejected).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
-        # the processes agree on a Ctrl-C here, so that all of them stop after the same step
-        loss_value, right_value, real_tokens, interrupted = procs.all_sum(
-            [loss_sum.item(), right.item(), real_tokens, float(self.interrupt.requested)])
+        # the processes agree on a Ctrl-C or SIGTERM here, so that all of them stop after the same step
+        loss_value, right_value, real_tokens, *signals = procs.all_sum(
+            [loss_sum.item(), right.item(), real_tokens, *self.interrupt.flags()])
         loss_value /= procs.world_size  # the processes' means, summed
-        self.interrupt.agreed = interrupted > 0
+        self.interrupt.agree(signals)
         self.divergence.check_value("the loss", loss_value, self.step + 1)
         if config.max_grad_norm > 0:
             # with master weights, their float32 copies of the gradients: the norm and the scaling in float32

@@ -7,7 +7,7 @@ from minqr.errors import MinqrError
 from minqr.training.config import RUN_FACTS, TrainConfig
 from minqr.training.interrupt import TrainingInterrupted
 from minqr.training.loop import train as train_model
-from minqr_cli.exits import INTERRUPTED, OptionsError
+from minqr_cli.exits import OptionsError
 from minqr_cli.options import config_command
 
 
@@ -21,8 +21,8 @@ def train(options, given):
         raise OptionsError(str(error)) from None
     try:
         summary = train_model(config)
-    except TrainingInterrupted as error:  # Ctrl-C: the shell's convention for SIGINT, 128 + 2
+    except TrainingInterrupted as error:  # the shell's status for the signal: 128 + 2 (Ctrl-C), 128 + 15 (SIGTERM)
         click.echo(f"Stopped: {error}", err=True)
-        sys.exit(INTERRUPTED)
+        sys.exit(error.status)
     if summary.rank == 0:  # under torchrun, once
         click.echo(str(summary))
