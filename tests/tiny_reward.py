@@ -2,6 +2,7 @@
 their definitions in float64 Python, for the adapters' tests (`from tiny_reward import ...`).
 
     tiny_reward_folder(folder, template=None, n=6, seed=0) -> (path, model, tokenizer)
+    outputs_one_by_one(model, tokenizer, texts) -> [[N floats] a text]
     statistic_by_definition(model, tokenizer, texts, text, groups=None, reference_texts=None) -> list[float]
 """
 import math
@@ -28,7 +29,8 @@ def tiny_reward_folder(folder, template=None, n=6, seed=0):
     return folder / "rm", model.eval(), tokenizer
 
 
-def _outputs(model, tokenizer, texts):
+def outputs_one_by_one(model, tokenizer, texts):
+    """Each text's raw outputs [N] as a list of floats, the model run on the text alone (no padding)."""
     with torch.no_grad():
         return [model(torch.tensor([tokenizer.encode(t)]))[0].double().tolist() for t in texts]
 
@@ -36,9 +38,9 @@ def _outputs(model, tokenizer, texts):
 def statistic_by_definition(model, tokenizer, texts, text, groups=None, reference_texts=None):
     """"mean", "cvar:ALPHA" or "preference" of each text's outputs, kind by kind relative to its
     reference text's outputs, or to the mean outputs of the texts with the same group key."""
-    outputs = _outputs(model, tokenizer, texts)
+    outputs = outputs_one_by_one(model, tokenizer, texts)
     if reference_texts is not None:
-        references = _outputs(model, tokenizer, reference_texts)
+        references = outputs_one_by_one(model, tokenizer, reference_texts)
     else:
         references = []
         for i in range(len(texts)):
