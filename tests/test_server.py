@@ -27,7 +27,7 @@ from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
 
 from minqr import MinqrError, load_tokenizer
 from minqr.adapters.batcher import DynamicBatcher
-from minqr.adapters.server import RewardServer, RewardService, ServeConfig
+from minqr.adapters.server import RewardServer, RewardService, ServeConfig, serve
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
@@ -417,3 +417,24 @@ def test_sigterm_answers_the_request_in_flight_then_exits_0(folder, alone):
     while not lines.empty():
         output.append(lines.get())
     assert "stopped\n" in output and not any("Traceback" in line for line in output), output
+
+
+def test_an_ignored_sigint_stays_ignored_and_sigterm_still_stops_the_server(folder):
+    """In this process: a server started with SIGINT ignored (a script's background job) leaves it
+    ignored while it serves, takes SIGTERM, and restores both handlers when it stops."""
+    before = signal.getsignal(signal.SIGTERM)
+    seen = {}
+
+    def ready(message):  # the server listens: look at the handlers, then ask it to stop
+        seen.update(sigint=signal.getsignal(signal.SIGINT), sigterm=signal.getsignal(signal.SIGTERM))
+        signal.raise_signal(signal.SIGINT)  # ignored: the server goes on
+        signal.raise_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        serve(ServeConfig(model=str(folder), port=0), ready=ready)
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen["sigint"] == signal.SIG_IGN and callable(seen["sigterm"]) and seen["sigterm"] != before
+    assert signal.getsignal(signal.SIGTERM) == before
