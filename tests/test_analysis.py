@@ -394,8 +394,9 @@ def test_anchored_coverage_of_a_mixture_with_a_free_constant_per_kind(tmp_path):
     np.testing.assert_allclose(scores.quantiles("chosen", anchored=True), np.sort(kind_rewards[0], axis=1), atol=1e-5)
     np.testing.assert_array_equal(scores.quantiles("chosen", anchored=False), np.sort(scores.chosen.astype(np.float64), axis=1))
     np.testing.assert_array_equal(scores.quantiles("chosen"), scores.quantiles("chosen", anchored=True))  # the default
-    predictions, truth = response_truth(scores, tmp_path / "truth.npz")
-    assert len(predictions) == len(truth) == 2 * num_pairs - 20  # the anchor replies left out
+    predictions, truth, kept = response_truth(scores, tmp_path / "truth.npz")
+    assert len(predictions) == len(truth) == 2 * num_pairs - 20 == kept.sum()  # the anchor replies left out
+    np.testing.assert_array_equal(kept, ~np.all(true.reshape(2 * num_pairs, -1) == 0, axis=1))
     coverage = A.summarize(scores, n_resamples=0)["coverage"]
     assert coverage["anchored"] and not coverage["aligned_by_fit"]
     taus = (2 * np.arange(kinds) + 1) / (2 * kinds)
@@ -488,6 +489,55 @@ def test_paired_kl_difference():
         A.paired_kl_difference(a, scores_of(c_b[:100], r_b[:100]))
     with pytest.raises(MinqrError, match="do not score the same pairs"):
         A.paired_kl_difference(a, scores_of(c_b, r_b, split="train"))
+
+
+def kinds_with_constants(seed: int, shift: float, num_pairs: int = 200, kinds: int = 4):
+    """A mixture's scores: kind k's reward plus a free constant c_k in column k, with the anchor's
+    outputs (the constants themselves: the anchor is worth 0 to every kind); sorted read-out."""
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(0, 1, (2, num_pairs, kinds)) + np.array([shift, 0.0])[:, None, None]  # [2, P, K]
+    constants = np.array([5.0, -3.0, 10.0, 0.0])[:kinds]
+    scores = scores_of(*(rewards + constants).astype(np.float32), readout="sorted", objective="mixture")
+    scores.anchor = np.broadcast_to(constants, (num_pairs, kinds)).astype(np.float32)
+    return scores, np.sort(rewards, axis=-1)  # the scores, and their quantiles relative to the anchor [2, P, K]
+
+
+@pytest.mark.parametrize("view", ["q0", "q3", "all"])
+def test_a_mixtures_views_read_its_quantiles_relative_to_the_anchor_everywhere(view, tmp_path):
+    """Table 1's divergences, the paired difference and the figures all take a quantile view from
+    the quantiles aligned on the anchor (not from the raw outputs, whose column k is kind k with its
+    free constant), so the paired difference is exactly the difference of the two summaries' values."""
+    (a, truth_a), (b, truth_b) = kinds_with_constants(31, 1.0), kinds_with_constants(32, 0.3)
+    summaries = [A.summarize(s, view=view, bins=20, n_resamples=0) for s in (a, b)]
+    for summary, quantiles in zip(summaries, (truth_a, truth_b)):
+        c, r = D.view_rows(quantiles[0], view).ravel(), D.view_rows(quantiles[1], view).ravel()
+        assert summary["histogram_kl"]["value"] == pytest.approx(D.histogram_kl(c, r, 20), rel=1e-9)
+    difference = A.paired_kl_difference(a, b, view=view, bins=20, n_resamples=0)["value"]
+    assert difference == pytest.approx(summaries[0]["histogram_kl"]["value"] - summaries[1]["histogram_kl"]["value"])
+    np.testing.assert_allclose(A.scores_view(a, "chosen", view), D.view_rows(truth_a[0], view), atol=1e-5)
+    np.testing.assert_array_equal(A.scores_view(a, "chosen", "mean"), D.view_rows(a.chosen, "mean"))  # raw mean
+
+
+def test_a_mixtures_quantile_measures_without_an_anchor_are_not_taken(tmp_path):
+    """Without anchor outputs a mixture's sorted outputs mix the kinds' constants into the
+    distribution: a quantile view is refused, and the quantile measures are not taken (the mean's
+    are, as ever)."""
+    scores, _ = kinds_with_constants(33, 1.0)
+    scores.anchor = None
+    with pytest.raises(MinqrError, match="view 'q0' reads the quantiles, and the quantiles of a head whose outputs are "
+                                         "kinds of annotator mean something only relative to a reference reply"):
+        A.summarize(scores, view="q0", n_resamples=0)
+    summary = A.summarize(scores, n_resamples=0)
+    assert summary["quantile_accuracy"] is None and summary["calibration"]["distributional"] is None
+    assert summary["spread_auroc"]["value"] is None and "no anchor outputs" in summary["spread_auroc"]["not_measured"]
+    assert summary["accuracy"]["value"] > 0.6 and summary["histogram_kl"]["value"] > 0
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "truth.npz", chosen_samples=rng.normal(size=(200, 50)), rejected_samples=rng.normal(size=(200, 50)))
+    coverage = A.summarize(scores, n_resamples=0, truth=tmp_path / "truth.npz")["coverage"]
+    assert "no anchor outputs" in coverage["not_computed"]
+    # a head whose outputs are quantiles needs no anchor
+    paper = scores_of(*quantile_outputs(120, 4, seed=34), objective="paper")
+    assert A.summarize(paper, view="q0", n_resamples=0)["quantile_accuracy"] is not None
 
 
 @pytest.mark.parametrize("view", ["mean", "q0", "q4", "all"])

@@ -14,7 +14,7 @@ from minqr.synthetic.folder import make_synthetic_task
 from minqr.synthetic.pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT
 from minqr.synthetic.task import TASK_VARIANTS
 from minqr.errors import MinqrError
-from minqr.study.personal_accuracy import expected_accuracy, personal_accuracy
+from minqr.study.personal_accuracy import expected_accuracy, personal_accuracy, personal_markdown
 from minqr.study.scores_file import load_scores, save_scores
 
 K = 4
@@ -160,7 +160,8 @@ def test_personal_accuracy_against_a_loop(tmp_path):
     reward = np.stack([2 * true_c + 0.1, 2 * true_r + 0.1], 1) + rng.normal(0, 1e-3, (num, 2))
     chosen, rejected = rng.normal(size=(num, n)), rng.normal(size=(num, n))
     metadata = {"model": "runs/m", "head": "quantile", "data": "data/test.jsonl", "split": "test",
-                "workload": "known", "taus": ((2 * np.arange(n) + 1) / (2 * n)).tolist(), "objective": "mixture"}
+                "workload": "known", "taus": ((2 * np.arange(n) + 1) / (2 * n)).tolist(), "objective": "mixture",
+                "personal_reference": "the anchor reply"}
     save_scores(tmp_path / "s.npz", chosen.astype(np.float32), rejected.astype(np.float32), metadata,
                 personal={"personal_probability": personal.astype(np.float32),
                           "personal_posterior": np.where(np.isnan(personal)[:, None], np.nan, 1 / n) * np.ones(n),
@@ -190,6 +191,18 @@ def test_personal_accuracy_against_a_loop(tmp_path):
     assert result["exact_oracle"] == pytest.approx(np.mean(np.maximum(p_a, 1 - p_a)[~np.isnan(personal)]))
     assert result["fit_slope"] == pytest.approx(2.0, abs=1e-2)
     assert expected_accuracy(np.array([1.0]), np.array([0.8])) == pytest.approx(0.8)
+    # rewards relative to something else than the anchor (worth 0, as the truth's are): no fit slope
+    metadata["personal_reference"] = "the pair's mean, kind by kind"
+    save_scores(tmp_path / "other.npz", chosen.astype(np.float32), rejected.astype(np.float32), metadata,
+                personal=scores.personal)
+    assert "fit_slope" not in personal_accuracy(load_scores(tmp_path / "other.npz"), truth)
+    # no row of a known annotator (new people scored without --context): not measured, and analyze goes on
+    save_scores(tmp_path / "none.npz", chosen.astype(np.float32), rejected.astype(np.float32), metadata,
+                personal={name: np.full_like(array, np.nan) for name, array in scores.personal.items()})
+    unmeasured = personal_accuracy(load_scores(tmp_path / "none.npz"), truth)
+    assert unmeasured["value"] is None and "score known annotators' pairs" in unmeasured["not_measured"]
+    markdown = personal_markdown([{"workload": "new", "label": "m", "personal": unmeasured}])
+    assert "| new | m | 0 | not measured: no row has a personal probability" in markdown
 
 
 def test_within_class_spread_rho_against_scipy(tmp_path):

@@ -260,6 +260,10 @@ def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, ann
 
 # ---- scoring: the personal columns of a scores file ------------------------------------------------
 
+# what personal rewards are relative to when the pairs have an anchor reply (a scores file's personal_reference)
+ANCHOR_REFERENCE = "the anchor reply"
+
+
 @dataclass
 class PersonalScores:
     """What scoring writes for the rows of known annotators (NaN rows elsewhere); None arrays and a
@@ -316,7 +320,7 @@ def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected:
     result = PersonalScores(np.full(chosen.shape, np.nan, dtype=np.float32),
                             np.full(chosen.shape[0], np.nan, dtype=np.float32),
                             np.full((chosen.shape[0], 2), np.nan, dtype=np.float32),
-                            "the anchor reply" if anchor is not None else "the pair's mean, kind by kind")
+                            ANCHOR_REFERENCE if anchor is not None else "the pair's mean, kind by kind")
     if have.any():
         _fill_known_rows(result, have, torch.from_numpy(chosen[have]), torch.from_numpy(rejected[have]), log_q,
                          None if anchor is None else torch.from_numpy(anchor[have]))

@@ -45,6 +45,21 @@ def coverage_taus(scores: Scores) -> np.ndarray:
     return scores.taus if scores.num_quantiles > 1 else np.array([0.5])
 
 
+def scores_view(scores: Scores, side: str, view: str) -> np.ndarray:
+    """[P, K] float64: the rewards a view takes from the `side` ("chosen" or "rejected") responses
+    (divergences.view_rows): for `mean` the mean of the raw outputs, the model's expected reward;
+    for a quantile or `all` the quantiles, relative to the anchor where there is one. Without one, a
+    mixture's quantiles would mix its kinds' free constants into the distribution: refused."""
+    view = check_view(view, scores.num_quantiles, scores.source)
+    if view == "mean":
+        return view_rows(scores.chosen if side == "chosen" else scores.rejected, view)
+    if scores.anchor is None and scores.has_kinds:
+        raise MinqrError(f"{scores.source}: view {view!r} reads the quantiles, and the quantiles of a head whose "
+                         "outputs are kinds of annotator mean something only relative to a reference reply (each "
+                         "kind has a free constant): score with --anchor-reply TEXT, or use the view mean")
+    return view_rows(scores.quantiles(side, scores.anchor is not None), view)
+
+
 # --- everything for one scores file -----------------------------------------------------------
 
 def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps: float = DEFAULT_EPS,
@@ -68,10 +83,15 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
     anchored = scores.anchor is not None
     chosen, rejected = scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)  # [P, N] float64
     raw_chosen, raw_rejected = scores.chosen.astype(np.float64), scores.rejected.astype(np.float64)
-    chosen_rows = view_rows(raw_chosen if view == "mean" else chosen, view)  # [P, K]
-    rejected_rows = view_rows(raw_rejected if view == "mean" else rejected, view)
+    chosen_rows, rejected_rows = scores_view(scores, "chosen", view), scores_view(scores, "rejected", view)  # [P, K]
     indices = resample_indices(scores.num_pairs, n_resamples, seed)  # [B, P]
     quantile_head = scores.num_quantiles > 1
+    # a mixture's quantiles without an anchor mix its kinds' free constants into the distribution:
+    # the measures of the distribution are not taken (score refuses its per-quantile accuracy too)
+    unanchored_kinds = scores.has_kinds and not anchored
+    why_not = ("the outputs are kinds of annotator, whose quantiles mean something only relative to a reference reply, "
+               "and these scores have no anchor outputs (score with --anchor-reply TEXT)")
+    quantiles_read = quantile_head and not unanchored_kinds
 
     def with_interval(statistic, *arrays, bounds=NON_NEGATIVE) -> dict:
         resampled = [statistic(*(a[i] for a in arrays)) for i in indices]
@@ -87,6 +107,8 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         return bootstrap_estimate(values[0], values[1:], confidence)
 
     def spread_estimate() -> dict:
+        if unanchored_kinds:
+            raise NotMeasurable(why_not)
         margin = chosen.mean(axis=1) - rejected.mean(axis=1)
         wrong, right = int(np.sum(margin < 0)), int(np.sum(margin > 0))
         if not (wrong and right):
@@ -113,7 +135,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "kl_by_bins": {"bins": list(BIN_SWEEP),
                        "kl": histogram_kl_by_bins(chosen_rows, rejected_rows, BIN_SWEEP, eps).tolist()},
         "accuracy": {"value": accuracy, "ci_low": accuracy_low, "ci_high": accuracy_high},
-        "quantile_accuracy": quantile_accuracy(chosen, rejected).tolist() if quantile_head else None,
+        "quantile_accuracy": quantile_accuracy(chosen, rejected).tolist() if quantiles_read else None,
         # outputs sorted at read-out cannot cross; for raw quantiles, how often they do
         "crossing_rate": crossing_rate(np.concatenate([chosen, rejected]))
         if quantile_head and scores.readout == "raw" else None,
@@ -123,7 +145,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         "calibration": {
             "objective": calibration(own_probability),
             "bradley_terry": calibration(bradley_terry_probability(raw_chosen, raw_rejected)),
-            "distributional": calibration(distributional_probability(chosen, rejected)) if quantile_head else None,
+            "distributional": calibration(distributional_probability(chosen, rejected)) if quantiles_read else None,
         },
         "coverage": None,
         "bayes": None,
@@ -139,15 +161,18 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         truth_path = Path(truth) if truth is not False else None
     if truth_path is not None:
         summary["bayes"] = bayes_reference(truth_path, scores.num_pairs)
-        predictions, true_samples = response_truth(scores, truth_path)
-        # aligned on the anchor when the scores have one; by the affine fit otherwise
-        try:
-            summary["coverage"] = {"truth": str(truth_path), "anchored": anchored,
-                                   **coverage_summary(predictions, true_samples, coverage_taus(scores),
-                                                      align and not anchored)}
-        except MinqrError as error:  # a model that ranks against the truth: say so in the report, go on
-            summary["coverage"] = {"truth": str(truth_path), "not_computed": str(error)}
-        summary["spread_within_classes"] = within_class_spread_rho(scores, truth_path)
+        if unanchored_kinds:
+            summary["coverage"] = {"truth": str(truth_path), "not_computed": why_not}
+        else:
+            predictions, true_samples, _ = response_truth(scores, truth_path)
+            # aligned on the anchor when the scores have one; by the affine fit otherwise
+            try:
+                summary["coverage"] = {"truth": str(truth_path), "anchored": anchored,
+                                       **coverage_summary(predictions, true_samples, coverage_taus(scores),
+                                                          align and not anchored)}
+            except MinqrError as error:  # a model that ranks against the truth: say so in the report, go on
+                summary["coverage"] = {"truth": str(truth_path), "not_computed": str(error)}
+            summary["spread_within_classes"] = within_class_spread_rho(scores, truth_path)
         summary["personal"] = personal_accuracy(scores, truth_path)
     return summary
 
@@ -170,8 +195,8 @@ def paired_kl_difference(a: Scores, b: Scores, view: str = "mean", bins: int = D
     resample here draws one set of pairs for both models, which cancels what the pairs share.
     """
     _check_same_pairs(a, b)
-    rows = [view_rows(s.chosen, check_view(view, s.num_quantiles, s.source)) for s in (a, b)]
-    rows += [view_rows(s.rejected, view) for s in (a, b)]  # [P, K] each: a chosen, b chosen, a rejected, b rejected
+    # [P, K] each, as summarize reads them: a chosen, b chosen, a rejected, b rejected
+    rows = [scores_view(s, side, view) for side in ("chosen", "rejected") for s in (a, b)]
 
     def difference(chosen_a, chosen_b, rejected_a, rejected_b):
         return (histogram_kl(chosen_a.ravel(), rejected_a.ravel(), bins, eps)

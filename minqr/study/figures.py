@@ -9,9 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minqr.study.analysis import coverage_taus
+from minqr.study.analysis import coverage_taus, scores_view
 from minqr.study.coverage import spreads
-from minqr.study.divergences import view_rows
 from minqr.study.tables import coverage_of
 from minqr.synthetic.truth import response_truth
 
@@ -33,7 +32,7 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
         name = f"fig2_histograms_{number}_{_slug(workload)}.png"
         _histogram_figure(out / name, f"Rewards of chosen and rejected responses (view {view})",
                           _labels({workload: runs}),
-                          [(summary["label"], view_rows(scores.chosen, view), view_rows(scores.rejected, view),
+                          [(summary["label"], scores_view(scores, "chosen", view), scores_view(scores, "rejected", view),
                             summary["histogram_kl"]["value"]) for scores, summary in runs], bins, f"reward ({view})")
         figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
                               "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
@@ -43,8 +42,8 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
             panels = []
             for scores, summary in quantile_runs:
                 for k in (0, scores.num_quantiles - 1):
-                    panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})", scores.chosen[:, k:k + 1],
-                                   scores.rejected[:, k:k + 1], None))
+                    panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})", scores_view(scores, "chosen", f"q{k}"),
+                                   scores_view(scores, "rejected", f"q{k}"), None))
             _histogram_figure(out / name, "Lowest and highest quantile, chosen vs rejected",
                               _labels({workload: quantile_runs}), panels, bins, "reward", columns=2)
             figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "
@@ -201,7 +200,7 @@ def _coverage_figure(path: Path, with_truth: dict, colors: dict) -> None:
             coverage_ax.plot(coverage["taus"], coverage["coverage"], "o-", markersize=4, color=color,
                              label=f"{summary['label']} error={coverage['mean_abs_error']:.3f}")
             if scores.num_quantiles > 1:
-                pred, true = response_truth(scores, coverage["truth"])
+                pred, true, _ = response_truth(scores, coverage["truth"])
                 pred_spread, true_spread = spreads(pred, true, coverage_taus(scores))
                 spread_ax.scatter(true_spread, pred_spread, s=4, alpha=0.4, color=color,
                                   label=f"{summary['label']} ρ={coverage['spread_spearman']:.3f}")

@@ -18,7 +18,7 @@ every pair. The reward scale of the kinds is set by regularisation rather than b
 """
 import numpy as np
 
-from minqr.errors import MinqrError
+from minqr.distribution.personal import ANCHOR_REFERENCE
 from minqr.ranking import ranking_credit
 from minqr.study.accuracy import objective_probability
 from minqr.study.coverage import affine_fit
@@ -39,7 +39,8 @@ def expected_accuracy(probability: np.ndarray, annotator_probability: np.ndarray
 def personal_accuracy(scores: Scores, truth_path) -> dict | None:
     """The four rankers' accuracies and the fit slope on the rows with a personal probability, as a
     JSON-ready dict; None when the truth file has no annotators (a plain task's) or the scores no
-    personal arrays."""
+    personal arrays; {"value": None, "not_measured": why} when no row has one (new people scored
+    without their context pairs), so that the other files' analysis goes on."""
     arrays = load_truth(truth_path, scores.num_pairs, PERSONAL_TRUTH, optional=True)
     if arrays is None or "personal_probability" not in scores.personal:
         return None
@@ -47,15 +48,16 @@ def personal_accuracy(scores: Scores, truth_path) -> dict | None:
     personal = scores.personal["personal_probability"].astype(np.float64)
     rows = ~np.isnan(personal)
     if not rows.any():
-        raise MinqrError(f"{scores.source}: no row has a personal probability (no annotator the model knows); score "
-                         "known annotators' pairs, or give new people's labels with --context")
+        return {"value": None, "not_measured": "no row has a personal probability (no annotator the model knows): "
+                                               "score known annotators' pairs, or new people's with --context"}
     population = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
     own_group = group_probability[np.arange(len(group)), group.astype(int)]  # [P]
     result = {"pairs": int(rows.sum()), "pairs_without": int((~rows).sum())}
     for name, probability in (("personal", personal), ("population", population), ("group_oracle", own_group),
                               ("exact_oracle", p_a)):
         result[name] = expected_accuracy(probability[rows], p_a[rows])
-    if "personal_reward" in scores.personal:
+    # the truth's rewards are relative to the anchor reply (worth 0): so must the personal rewards be
+    if "personal_reward" in scores.personal and scores.metadata.get("personal_reference") == ANCHOR_REFERENCE:
         predicted = scores.personal["personal_reward"][rows].astype(np.float64)  # [R, 2] chosen, rejected
         true = np.stack([chosen_true[rows], rejected_true[rows]], axis=1)  # [R, 2]
         result["fit_slope"], result["fit_intercept"] = affine_fit(predicted.ravel(), true.ravel())
@@ -65,11 +67,15 @@ def personal_accuracy(scores: Scores, truth_path) -> dict | None:
 def personal_markdown(summaries: list[dict]) -> str | None:
     """A table of the personal accuracies of the analysed files that have them (analyze's
     personal.md), or None when none has."""
-    rows = [s for s in summaries if s.get("personal")]
-    if not rows:
+    rows = [s for s in summaries if s.get("personal") and "not_measured" not in s["personal"]]
+    unmeasured = [s for s in summaries if s.get("personal") and "not_measured" in s["personal"]]
+    if not rows and not unmeasured:
         return None
     lines = ["| workload | model | pairs | personal | population | group oracle | exact oracle | fit slope |",
              "|---|---|---|---|---|---|---|---|"]
+    for s in unmeasured:
+        lines.append(f"| {s['workload']} | {s['label']} | 0 | not measured: {s['personal']['not_measured']} "
+                     "| | | | |")
     for s in rows:
         p = s["personal"]
         slope = f"{p['fit_slope']:.3f}" if "fit_slope" in p else "–"

@@ -124,11 +124,17 @@ class Scores:
                 raise MinqrError(f"{self.source}: no anchor outputs to align on: score with --anchor-reply TEXT (the "
                                  "synthetic task's scores have them already)")
             anchor = self.anchor.astype(np.float64)
-            # the objective is optional in the format: without it, a sorted read-out is a mixture's
-            objective = self.metadata.get("objective") or ("mixture" if self.readout == "sorted" else "paper")
-            by_kind = pair_model(objective) == KINDS
-            outputs = outputs - (anchor if by_kind else anchor.mean(axis=1, keepdims=True))
+            outputs = outputs - (anchor if self.has_kinds else anchor.mean(axis=1, keepdims=True))
         return np.sort(outputs, axis=1) if self.readout == "sorted" else outputs
+
+    @property
+    def has_kinds(self) -> bool:
+        """Whether the outputs are kinds of annotator, each with a free constant of its own (the pair
+        model "kinds", minqr/objectives/pair_models.py), whose quantiles mean something only relative
+        to a reference. The objective is optional in the format: without it, a sorted read-out is a
+        mixture's."""
+        objective = self.metadata.get("objective") or ("mixture" if self.readout == "sorted" else "paper")
+        return self.num_quantiles > 1 and pair_model(objective) == KINDS
 
     @property
     def workload(self) -> str:

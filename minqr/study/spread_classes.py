@@ -29,11 +29,8 @@ def within_class_spread_rho(scores: Scores, truth_path) -> dict | None:
     if arrays is None or scores.num_quantiles < 2:
         return None
     chosen_tags, rejected_tags, controversial = arrays
-    predictions, true = response_truth(scores, truth_path)
-    tags = np.concatenate([chosen_tags, rejected_tags]).astype(bool)  # [2P, V], the responses in response_truth's order
-    if scores.anchor is not None:  # response_truth leaves out the anchor replies (reward 0 for everyone)
-        true_all = np.concatenate(load_truth(truth_path, scores.num_pairs))
-        tags = tags[~np.all(true_all == 0, axis=1)]
+    predictions, true, kept = response_truth(scores, truth_path)
+    tags = np.concatenate([chosen_tags, rejected_tags]).astype(bool)[kept]  # [M, V], the responses of response_truth
     predicted_spread, true_spread = spreads(predictions, true, scores.taus)
     weights = 2 ** np.arange(int(controversial.sum()))
     classes = tags[:, controversial.astype(bool)] @ weights  # [M] one number per set of controversial tags

@@ -99,20 +99,19 @@ def bayes_reference(truth_path, num_pairs: int) -> dict | None:
     return {"accuracy": bayes_accuracy_on_labels(p), "nll": negative_log_likelihood(p)}
 
 
-def response_truth(scores, truth_path) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted quantiles [M, N] and true samples [M, S] per response of `scores` (a
-    minqr.study.scores_file.Scores): the P chosen, then the P rejected. When the scores have anchor
-    outputs, the predictions are aligned on the pair's anchor (Scores.quantiles), and the responses
-    that are the anchor reply itself (true reward 0 for everyone), whose aligned outputs are 0 by
-    construction, are left out (M < 2P)."""
+def response_truth(scores, truth_path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted quantiles [M, N], true samples [M, S] per response of `scores` (a
+    minqr.study.scores_file.Scores): the P chosen, then the P rejected; and which of those 2P
+    responses they are, [2P] bool. When the scores have anchor outputs, the predictions are aligned
+    on the pair's anchor (Scores.quantiles), and the responses that are the anchor reply itself
+    (true reward 0 for everyone), whose aligned outputs are 0 by construction, are left out (M < 2P)."""
     true_chosen, true_rejected = load_truth(truth_path, scores.num_pairs)
     anchored = scores.anchor is not None
     predictions = np.concatenate([scores.quantiles("chosen", anchored), scores.quantiles("rejected", anchored)])
     true = np.concatenate([true_chosen, true_rejected]).astype(np.float64)
-    if anchored:  # the anchor replies among the responses are exact by construction: leave them out
-        keep = ~np.all(true == 0, axis=1)
-        predictions, true = predictions[keep], true[keep]
-    return predictions, true
+    # the anchor replies among the responses are exact by construction: leave them out
+    kept = ~np.all(true == 0, axis=1) if anchored else np.ones(len(true), dtype=bool)
+    return predictions[kept], true[kept], kept
 
 
 # the levels of the paper's N = 10, tau_i = (2i+1)/(2N) (minqr/objectives/references.py: quantile_levels)
