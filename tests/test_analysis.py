@@ -9,7 +9,7 @@ from scipy.stats import binomtest, entropy, gaussian_kde, spearmanr, wasserstein
 
 from minqr.errors import MinqrError
 from minqr.ranking import negative_log_likelihood
-from minqr.study import accuracy as R, analysis as A, bootstrap as B, coverage as C, divergences as D
+from minqr.study import accuracy as R, analysis as A, bootstrap as B, coverage as C, divergences as D, tables as T
 from minqr.study.scores_file import FORMAT, Scores
 from minqr.synthetic.probe import linear_probe
 from minqr.synthetic.truth import load_truth, response_truth
@@ -170,9 +170,13 @@ def test_bootstrap_estimates_stay_in_the_range_and_hold_the_corrected_value(valu
 
 
 def test_bootstrap_estimate_without_resamples_or_with_an_infinite_value():
-    for value, resampled in [(0.3, []), (math.inf, [1.0, 2.0]), (0.3, [0.2, math.inf])]:
-        assert B.bootstrap_estimate(value, resampled) == {"value": value, "corrected": None, "ci_low": None,
-                                                          "ci_high": None, "bootstrap_mean": None}
+    none = {"corrected": None, "ci_low": None, "ci_high": None, "bootstrap_mean": None}
+    assert B.bootstrap_estimate(0.3, []) == {"value": 0.3, **none}
+    assert B.bootstrap_estimate(math.inf, [1.0, 2.0]) == {"value": math.inf, **none,
+                                                          "no_interval": "the value itself is not finite"}
+    assert B.bootstrap_estimate(0.3, [0.2, math.inf, math.nan]) == {
+        "value": 0.3, **none, "no_interval": "2 of 3 resamples gave no finite value"}
+    assert T.with_interval(B.bootstrap_estimate(0.3, [0.2, math.nan])) == "0.300 (no interval)"
 
 
 def interval_coverage(measure, truth, bounds, shift, pairs, replicates, resamples, seed):

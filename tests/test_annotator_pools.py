@@ -11,7 +11,7 @@ import torch
 
 from minqr.distribution.scale import fit_scale
 from minqr.synthetic.folder import make_synthetic_task
-from minqr.synthetic.pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT
+from minqr.synthetic.pools import NEW_CONTEXT_SIZES, NEW_HELD_OUT, pooled_task
 from minqr.synthetic.task import TASK_VARIANTS
 from minqr.errors import MinqrError
 from minqr.study.personal_accuracy import expected_accuracy, personal_accuracy, personal_markdown
@@ -243,3 +243,12 @@ def test_within_class_spread_rho_against_scipy(tmp_path):
     assert result["classes"] == len(rhos) and result["responses"] == sum(sizes)
     assert result["rho"] == pytest.approx(np.average(rhos, weights=sizes), abs=1e-9)
     assert result["rho"] > 0.3  # the noisy widths follow the true ones
+
+
+def test_every_training_pair_is_labelled_when_k_does_not_divide_the_pairs():
+    """num_train = 10 with K = 3: four annotators, three labels each and the last one the tenth
+    (not 9 pairs, three annotators, and a task.json that says 10)."""
+    files, _ = pooled_task(TASK_VARIANTS["demo"], np.random.default_rng(0), np.random.default_rng(1), num_train=10,
+                           num_test=10, per_annotator=3, num_samples=4)
+    train = files["train.jsonl"][1]
+    assert train["ids"] == ["a0"] * 3 + ["a1"] * 3 + ["a2"] * 3 + ["a3"]

@@ -47,12 +47,19 @@ def bootstrap_estimate(value: float, resampled, confidence: float = CONFIDENCE, 
       truth sits on the boundary, where its bias is as large as its spread).
 
     Returns {"value", "corrected", "ci_low", "ci_high", "bootstrap_mean"}; all but "value" None when
-    there are no resamples or a value is not finite (an infinite KDE KL, say).
+    there are no resamples or a value is not finite (an infinite KDE KL, or a spread AUROC on a
+    resample that drew no wrongly ranked pair), and then "no_interval" says which. Dropping the
+    resamples without a value would condition the interval on them: it is not given instead.
     """
     resampled = np.asarray(resampled, dtype=np.float64)
     estimate = {"value": float(value), "corrected": None, "ci_low": None, "ci_high": None, "bootstrap_mean": None}
-    if not resampled.size or not (np.isfinite(value) and np.isfinite(resampled).all()):
+    if not resampled.size:
         return estimate
+    if not np.isfinite(value):
+        return {**estimate, "no_interval": "the value itself is not finite"}
+    if not np.isfinite(resampled).all():
+        missing = int((~np.isfinite(resampled)).sum())
+        return {**estimate, "no_interval": f"{missing} of {resampled.size} resamples gave no finite value"}
     low, high = bounds
     tail = (1 - confidence) / 2 * 100
     q_low, q_high = np.percentile(resampled, [tail, 100 - tail])

@@ -195,7 +195,8 @@ def number(value) -> str:
 
 
 def with_interval(estimate) -> str:
-    """`value`, `value [low, high]` (Wilson), or `plug-in → corrected [low, high]` (bootstrap_estimate)."""
+    """`value`, `value [low, high]` (Wilson), `plug-in → corrected [low, high]` (bootstrap_estimate),
+    or `value (no interval)` where the resamples gave none (the summary's "no_interval" says why)."""
     if estimate is None:
         return "–"
     if "not_measured" in estimate:
@@ -205,6 +206,8 @@ def with_interval(estimate) -> str:
         text += f" → {number(estimate['corrected'])}"
     if estimate.get("ci_low") is not None:
         text += f" [{number(estimate['ci_low'])}, {number(estimate['ci_high'])}]"
+    elif estimate.get("no_interval"):
+        text += " (no interval)"
     return text
 
 

@@ -103,7 +103,9 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
         raise MinqrError(f"num_samples must be at least 1, got {num_samples}")
     task = TASK_VARIANTS[variant]
     check_replaceable(folder, "--out")  # before the minute of work below
-    # independent streams, so that e.g. more truth samples leave the data unchanged
+    # independent streams for the data and the truth, so that e.g. more truth samples leave the data
+    # unchanged; within the data's stream the test pairs come after the training pairs, so another
+    # num_train (or annotator pools) draws another test set
     data_rng, truth_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     pooled, pooled_facts = {}, {}
     if labels_per_annotator:

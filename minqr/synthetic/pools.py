@@ -7,7 +7,7 @@ rows carry `annotator`. What annotator ids can buy is then measurable, because t
 every annotator's group and exact tag rewards:
 
     train.jsonl            num_train pairs, K per known annotator ("a0", "a1", ...), with `annotator`
-    test.jsonl             the population's held-out pairs, as in the plain task (no ids)
+    test.jsonl             the population's held-out pairs, drawn as the plain task draws them (no ids)
     known_test.jsonl       held-out pairs of known annotators (their ids), each pair a fresh draw
     new_context_{k}.jsonl  for k in NEW_CONTEXT_SIZES: the first k labelled pairs of each new person
                            ("n0", "n1", ...), people absent from train.jsonl
@@ -80,10 +80,11 @@ def pooled_task(task: SyntheticTask, data_rng: np.random.Generator, truth_rng: n
     """(files, facts): everything the pooled task's folder holds beyond the plain task's test split,
     name -> (kind, payload), kind "jsonl" (the pairs' dict with "ids") or "npz" (arrays); and what
     task.json adds, the scale the groups' rewards take on the training pairs (group_rewards_scale).
-    num_train // per_annotator known annotators label the training pairs; num_test held-out pairs go
+    ceil(num_train / per_annotator) known annotators label the training pairs, per_annotator each (the
+    last one the rest); num_test held-out pairs go
     to random known annotators; max(1, num_test // NEW_HELD_OUT) new people get
     max(NEW_CONTEXT_SIZES) context pairs and NEW_HELD_OUT held-out pairs each."""
-    num_known = max(1, num_train // per_annotator)
+    num_known = -(-num_train // per_annotator)  # ceil: every training pair has an annotator
     num_new = max(1, num_test // NEW_HELD_OUT)
     groups, rewards = task.sample_pool(data_rng, num_known + num_new)
     ids = np.array([f"a{i}" for i in range(num_known)] + [f"n{i}" for i in range(num_new)])
@@ -94,7 +95,7 @@ def pooled_task(task: SyntheticTask, data_rng: np.random.Generator, truth_rng: n
         pairs["ids"] = ids[owners].tolist()
         return pairs
 
-    train = labelled(np.repeat(known, per_annotator)[:num_train])
+    train = labelled(np.arange(num_train) // per_annotator)  # [num_train] annotator 0's K pairs, then 1's, ...
     known_test = labelled(data_rng.choice(known, size=num_test))
     context = labelled(np.repeat(new, max(NEW_CONTEXT_SIZES)))  # person by person, in order
     new_test = labelled(np.repeat(new, NEW_HELD_OUT))
