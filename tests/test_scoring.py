@@ -355,6 +355,11 @@ def test_synthetic_task_scores_name_their_truth(tmp_path):
     summary = score_to_file(tmp_path / "model", tmp_path / "edited", tmp_path / "edited.npz", progress=False)
     assert "truth" not in load_scores(tmp_path / "edited.npz").metadata
     assert "not recorded as the truth" in str(summary) and "1 lines" in str(summary)
+    # an anchor reply of the user's replaces the task's (worth 0), which the truth is relative to
+    summary = score_to_file(tmp_path / "model", task, tmp_path / "own_anchor.npz", progress=False, anchor_reply=" OK.")
+    own = load_scores(tmp_path / "own_anchor.npz")
+    assert "truth" not in own.metadata and own.metadata["anchor_reply"] == " OK." and own.anchor is not None
+    assert "--anchor-reply replaces the task's own anchor reply" in str(summary)
 
 
 # ---- bad input: one clear line, exit 1, no file ----

@@ -43,6 +43,10 @@ def test_oracle_and_random_picks_capture_all_and_nothing(reference):
     np.testing.assert_allclose(picked(mean, true_values(truth, "mean", "group").argmax(1)), mean.max(1), atol=1e-9)
     # the mean's own picks gain nothing beyond the mean
     assert rows["mean"]["beyond_mean"] is None or rows["mean"]["beyond_mean"] == 1.0
+    # candidates all alike in the truth (one prompt, the same reply twice): no gain to capture
+    alike = {name: values[:1, [0, 0]] for name, values in truth.items() if getattr(values, "ndim", 0) >= 2}
+    same = compare({**truth, **alike}, records_of({s: np.array([1]) for s in STATISTICS}), STATISTICS, reference)
+    assert all(same[s]["captured"] is None and same[s]["beyond_mean"] is None for s in STATISTICS)
 
 
 def test_spread_auroc_reads_the_std_from_the_statistics():

@@ -51,8 +51,9 @@ def table(runs: Path) -> str:
             oracles[reference] = rows
             for statistic, row in rows.items():
                 m, o, r = row["model"], row["oracle"], row["random"]
-                beyond = "" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"
-                lines.append(f"| {variant} | {model} ({reference}) | {statistic} | {row['captured']:.1%} | {beyond} | "
+                beyond, share = (("" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"),
+                                 ("–" if row["captured"] is None else f"{row['captured']:.1%}"))
+                lines.append(f"| {variant} | {model} ({reference}) | {statistic} | {share} | {beyond} | "
                              f"{m['target']:.3f} / {o['target']:.3f} / {r['target']:.3f} | {m['mean_reward']:.2f} | "
                              f"{m['worst_group']:.2f} | {m['share_harmed']:.3f} |")
             areas = spread_auroc(truth, records) if model == "mixture" else None
@@ -63,10 +64,11 @@ def table(runs: Path) -> str:
         for reference in oracles:
             rows = compare(truth, atom_records(truth, statistics, ATOMS, reference), statistics, reference)
             for statistic, row in rows.items():
-                beyond = "" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"
+                beyond, share = (("" if row["beyond_mean"] is None else f"{row['beyond_mean']:.1%}"),
+                                 ("–" if row["captured"] is None else f"{row['captured']:.1%}"))
                 m = row["model"]
                 lines.append(f"| {variant} | truth in {ATOMS} atoms ({reference}) | {statistic} | "
-                             f"{row['captured']:.1%} | {beyond} | {m['target']:.3f} | {m['mean_reward']:.2f} | "
+                             f"{share} | {beyond} | {m['target']:.3f} | {m['mean_reward']:.2f} | "
                              f"{m['worst_group']:.2f} | {m['share_harmed']:.3f} |")
         for reference, rows in oracles.items():
             for statistic, row in rows.items():

@@ -317,7 +317,11 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     notes, anchor = [note for note in [rendering_note(pairs, tokenizer.chat_template)] if note], None
     if truth is not None and truth.is_file():
         dropped = stats.identical + stats.malformed_lines + stats.bad_fields
-        if dropped:
+        if options.anchor_reply is not None:  # the truth is relative to the task's anchor reply, worth 0
+            notes.append(f"note: {truth} not recorded as the truth: --anchor-reply replaces the task's own anchor "
+                         "reply (worth 0 to everyone), which the truth's rewards are relative to; score without "
+                         "--anchor-reply to compare with the truth")
+        elif dropped:
             notes.append(f"note: {truth} not recorded as the truth: {dropped} lines of {data_file} were dropped, "
                          "so its rows no longer line up with the pairs")
         else:

@@ -72,9 +72,11 @@ def measures(truth, picks: np.ndarray | None, target: np.ndarray) -> dict:
             "worst_group": of(truth["group_means"].min(-1)), "share_harmed": of(truth["share_harmed"])}
 
 
-def captured(model: dict, oracle: dict, random: dict) -> float:
-    """The share of the oracle's gain over random, in the target measure, that the model gets."""
-    return (model["target"] - random["target"]) / (oracle["target"] - random["target"])
+def captured(model: dict, oracle: dict, random: dict) -> float | None:
+    """The share of the oracle's gain over random, in the target measure, that the model gets; None
+    where the oracle gains nothing (every prompt's candidates equal in that measure, to within 1e-9)."""
+    gain = oracle["target"] - random["target"]
+    return (model["target"] - random["target"]) / gain if gain > 1e-9 else None
 
 
 def compare(truth, records: list, statistics, reference: str = "reply") -> dict:
@@ -94,8 +96,7 @@ def compare(truth, records: list, statistics, reference: str = "reply") -> dict:
         row = rows[statistic]
         row["captured"] = captured(row["model"], row["oracle"], row["random"])
         mean_pick = measures(truth, by_mean, target)
-        row["beyond_mean"] = (captured(row["model"], row["oracle"], mean_pick)
-                              if row["oracle"]["target"] - mean_pick["target"] > 1e-9 else None)
+        row["beyond_mean"] = captured(row["model"], row["oracle"], mean_pick)
     return rows
 
 
