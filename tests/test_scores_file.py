@@ -180,6 +180,10 @@ def test_bad_arrays(tmp_path, make, message):
     (lambda m: m.update(num_quantiles=5), r"num_quantiles=5 but the arrays hold N=3"),
     (lambda m: m.update(format="minqr-scores/0"), r"save_scores writes minqr-scores/1"),
     (lambda m: m.update(options={"max_length": np.int64(64)}), r"only JSON values"),
+    (lambda m: m.update(objective="foo"), r"metadata objective='foo'; it must be one of bradley_terry, mixture"),
+    (lambda m: m.update(objective=["mixture"]), r"metadata objective=\['mixture'\]; it must be one of"),
+    (lambda m: m.update(truth=5), r"metadata truth must be a non-empty string, got 5"),
+    (lambda m: m.update(label=7), r"metadata label must be a non-empty string, got 7"),
 ])
 def test_bad_metadata(tmp_path, change, message):
     meta = metadata(n=3)
@@ -207,8 +211,25 @@ def test_bad_jsonl(tmp_path):
         "deep metadata": (["[" * 100_000] + lines[1:], r"s\.jsonl:1: not a minqr scores file"),
         "no metadata": (lines[1:], r"s\.jsonl:1: not a minqr scores file"),
         "nothing": ([], r"empty, not a minqr scores file"),
+        "a boolean output": (lines[:2] + ['{"chosen": [true, 2.0], "rejected": [1.0, 2.0]}'],
+                             r"s\.jsonl:3: 'chosen' must be a list of numbers"),
+        "not an object": (lines[:2] + ['[1, 2]'], r"s\.jsonl:3: a pair's line is a JSON object"),
+        "an anchor from line 3 on": (lines[:2] + ['{"chosen": [1.0, 2.0], "rejected": [1.0, 2.0], "anchor": [0, 0]}'],
+                                     r"s\.jsonl:3: this pair has an 'anchor' but the first pair \(line 2\) has none"),
+        "a personal array from line 3 on": (lines[:2] + ['{"chosen": [1.0, 2.0], "rejected": [1.0, 2.0], '
+                                                         '"personal_probability": 0.5}'],
+                                            r"s\.jsonl:3: this pair has 'personal_probability' but the first pair"),
     }
     for name, (content, message) in cases.items():
         path.write_text("\n".join(content) + "\n")
         with pytest.raises(MinqrError, match=message):
             load_scores(path)
+
+
+@pytest.mark.parametrize("normalized", [{"mean": 1}, {"mean": "abc", "std": 1}, {"mean": 0, "std": 0},
+                                        {"mean": 0, "std": -2}, {"mean": 0, "std": float("nan")}, [0, 1], "x"])
+def test_a_bad_normalization_is_refused_by_name(tmp_path, normalized):
+    """`normalized` is what score --normalize divided by; a damaged one would rescale every output."""
+    path = save_scores(tmp_path / "s.jsonl", *random_outputs(2, 3), {**metadata(n=3), "normalized": normalized})
+    with pytest.raises(MinqrError, match=r"s\.jsonl: metadata normalized must be \{\"mean\": number, \"std\": number > 0\}"):
+        load_scores(path)

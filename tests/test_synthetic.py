@@ -17,7 +17,7 @@ from minqr.data.pairs import read_pairs_file
 from minqr.objectives.references import quantile_levels
 from minqr.synthetic.folder import TINY_MODEL, make_synthetic_task
 from minqr.synthetic.task import ANCHOR_REPLY, TASK_VARIANTS, SyntheticTask, sample_pairs, spread_or_scale
-from minqr.synthetic.truth import bayes_accuracy, mixture_quantiles
+from minqr.synthetic.truth import TRUTH_ARRAYS, bayes_accuracy, load_truth, mixture_quantiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = dict(num_train=300, num_test=300, num_samples=200)
@@ -316,3 +316,40 @@ def test_the_truths_levels_are_the_papers_and_the_truth_needs_no_torch():
     np.testing.assert_array_equal(TRUTH_LEVELS, quantile_levels(10, dtype=torch.float64).numpy())
     code = "import sys, minqr.synthetic.truth; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_every_array_of_a_written_truth_passes_its_check(folder):
+    """The checks of load_truth (TRUTH_ARRAYS) describe what make_synthetic_task writes."""
+    with np.load(folder / "test_truth.npz") as arrays:
+        names = [name for name in arrays.files if name in TRUTH_ARRAYS]
+    assert {"chosen_samples", "chosen_tags", "controversial_tags", "anchor_texts", "preference_probability"} <= set(names)
+    assert len(load_truth(folder / "test_truth.npz", SIZES["num_test"], tuple(names))) == len(names)
+
+
+@pytest.mark.parametrize("change, names, message", [
+    (lambda t: t.update(chosen_samples=t["chosen_samples"][:, 0]), ("chosen_samples", "rejected_samples"),
+     r"chosen_samples is float\d+ of shape \(\d+,\), but a truth file's chosen_samples is numbers of shape \[P, S\]"),
+    (lambda t: t.update(rejected_samples=t["rejected_samples"][:, :3]), ("chosen_samples", "rejected_samples"),
+     r"chosen_samples has S = \d+, rejected_samples has S = 3: they must agree"),
+    (lambda t: t.update(chosen_samples=t["chosen_samples"].astype(str)), ("chosen_samples", "rejected_samples"),
+     r"chosen_samples is <U\d+ of shape"),
+    (lambda t: t.update(controversial_tags=t["controversial_tags"][:-1]), ("chosen_tags", "controversial_tags"),
+     r"chosen_tags has V = \d+, controversial_tags has V = \d+: they must agree"),
+    (lambda t: t.update(preference_probability=t["preference_probability"][:5]), ("preference_probability",),
+     r"preference_probability has shape \(5,\), but the scores hold \d+ pairs"),
+])
+def test_a_damaged_truth_file_is_refused_by_name(folder, truth, tmp_path, change, names, message):
+    damaged = dict(truth)
+    change(damaged)
+    np.savez(tmp_path / "t.npz", **damaged)
+    with pytest.raises(MinqrError, match=message):
+        load_truth(tmp_path / "t.npz", SIZES["num_test"], names)
+
+
+def test_annotator_groups_must_index_the_groups(tmp_path):
+    p = 4
+    arrays = dict(annotator_probability=np.full(p, 0.5), annotator_group=np.array([0, 1, 2, 1]),
+                  annotator_group_probability=np.full((p, 2), 0.5))
+    np.savez(tmp_path / "t.npz", **arrays)
+    with pytest.raises(MinqrError, match=r"annotator_group must hold group indices 0 \.\.\. 1"):
+        load_truth(tmp_path / "t.npz", p, tuple(arrays))

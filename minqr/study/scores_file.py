@@ -50,7 +50,7 @@ import numpy as np
 from minqr import __version__
 from minqr.atomic import atomic_file
 from minqr.errors import MinqrError
-from minqr.objectives.pair_models import KINDS, pair_model
+from minqr.objectives.pair_models import KINDS, PAIR_MODELS, pair_model
 from minqr.reading import loads, read_npz
 
 FORMAT = "minqr-scores/1"
@@ -206,15 +206,25 @@ def load_scores(path) -> Scores:
     else:
         chosen, rejected, anchor, metadata, personal = _read_jsonl(path)
     normalized = metadata.get("normalized")
-    if isinstance(normalized, dict):
+    if normalized is not None:
         # `score --normalize` wrote (output - mean) / std; the analysis reads the model's own
         # outputs, in whose units its probabilities σ(r_c - r_r) and the truth's rewards are
-        mean, std = float(normalized["mean"]), float(normalized["std"])
+        mean, std = _normalization(normalized, path)
         chosen, rejected = chosen * std + mean, rejected * std + mean
         anchor = None if anchor is None else anchor * std + mean
         if "personal_reward" in personal:  # differences of rewards: no shift
             personal["personal_reward"] = personal["personal_reward"] * std
     return Scores(chosen, rejected, metadata, source=str(path), anchor=anchor, personal=personal)
+
+
+def _normalization(normalized, path: Path) -> tuple[float, float]:
+    """(mean, std) of the metadata's `normalized`: a dict of two finite numbers, std > 0."""
+    values = [normalized.get(key) for key in ("mean", "std")] if isinstance(normalized, dict) else [None]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values) or \
+            values[1] <= 0:
+        raise MinqrError(f"{path}: metadata normalized must be {{\"mean\": number, \"std\": number > 0}} (what score "
+                         f"--normalize divided by), got {normalized!r}")
+    return float(values[0]), float(values[1])
 
 
 def _layout(path: Path) -> str:
@@ -248,17 +258,28 @@ def _read_jsonl(path: Path):
     if not lines:
         raise MinqrError(f"{path} is empty, not a minqr scores file; {HOW_TO_MAKE}")
     metadata = _parse_metadata(lines[0], f"{path}:1")
-    with_anchor = len(lines) > 1 and '"anchor"' in lines[1]
-    rows = {"chosen": [], "rejected": [], **({"anchor": []} if with_anchor else {})}
-    personal = {name: [] for name in PERSONAL if len(lines) > 1 and f'"{name}"' in lines[1]}
+    rows, personal = {"chosen": [], "rejected": []}, {}
     for number, line in enumerate(lines[1:], start=2):
         try:
             record = loads(line)
         except json.JSONDecodeError as error:
             raise MinqrError(f"{path}:{number}: not JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise MinqrError(f"{path}:{number}: a pair's line is a JSON object, {{\"chosen\": [...], \"rejected\": [...]}}")
+        if number == 2:  # the first pair says which optional arrays the file has; every pair has them
+            rows.update({"anchor": []} if "anchor" in record else {})
+            personal = {name: [] for name in PERSONAL if name in record}
+        elif "anchor" in record and "anchor" not in rows:
+            raise MinqrError(f"{path}:{number}: this pair has an 'anchor' but the first pair (line 2) has none; "
+                             "a file's pairs all have one or none")
+        unknown_personal = [name for name in PERSONAL if name in record and name not in personal]
+        if unknown_personal:
+            raise MinqrError(f"{path}:{number}: this pair has {unknown_personal[0]!r} but the first pair (line 2) "
+                             "has none; a file's pairs all have the personal arrays or none (null in a row without)")
         for side, row in rows.items():
-            values = record.get(side) if isinstance(record, dict) else None
-            if not isinstance(values, list) or not all(isinstance(v, (int, float)) for v in values):
+            values = record.get(side)
+            if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                       for v in values):
                 raise MinqrError(f"{path}:{number}: {side!r} must be a list of numbers, one per output")
             row.append(values)
         for name, row in personal.items():
@@ -351,7 +372,7 @@ def _check(scores: Scores) -> None:
     elif not (isinstance(taus, list) and len(taus) == n and all(isinstance(t, (int, float)) and 0 < t < 1 for t in taus)
               and all(a < b for a, b in zip(taus, taus[1:]))):
         raise MinqrError(f"{where}: metadata taus must list the N={n} increasing quantile levels in (0, 1) "
-                         f"of the quantile head (minqr.objectives.loss.quantile_levels(N)), got {taus!r}")
+                         f"of the quantile head (minqr.objectives.references.quantile_levels(N)), got {taus!r}")
     if metadata.get("readout", "raw") not in READOUTS:
         raise MinqrError(f"{where}: metadata readout={metadata['readout']!r}; it must be one of {', '.join(READOUTS)}")
     for key in ("workload", "model", "data", "split"):
@@ -359,6 +380,13 @@ def _check(scores: Scores) -> None:
             raise MinqrError(f"{where}: metadata {key} must be a non-empty string, got {metadata[key]!r}")
     if not isinstance(metadata.get("options", {}), dict):
         raise MinqrError(f"{where}: metadata options must be a dict of the scoring options")
+    for key in ("label", "truth"):
+        if key in metadata and not (isinstance(metadata[key], str) and metadata[key]):
+            raise MinqrError(f"{where}: metadata {key} must be a non-empty string, got {metadata[key]!r}")
+    objective = metadata.get("objective")
+    if objective is not None and (not isinstance(objective, str) or objective not in PAIR_MODELS):
+        raise MinqrError(f"{where}: metadata objective={objective!r}; it must be one of {', '.join(PAIR_MODELS)} "
+                         "(or absent)")
 
 
 def _check_personal(scores: Scores) -> None:

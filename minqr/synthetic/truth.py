@@ -81,11 +81,43 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
         raise MinqrError(f"{path} is not {what}: it has no {', '.join(missing)}")
     arrays = {name: archive[name] for name in names}
     for name, array in arrays.items():
-        per_pair = name.startswith(("chosen_", "rejected_", "anchor_", "preference_"))
-        if per_pair and (array.ndim < 1 or array.shape[0] != num_pairs):
+        dims, kinds = TRUTH_ARRAYS.get(name, (None, None))
+        if dims is not None and (array.ndim != len(dims) or array.dtype.kind not in kinds):
+            raise MinqrError(f"{path}: {name} is {array.dtype} of shape {array.shape}, but a truth file's {name} is "
+                             f"{'numbers' if 'f' in kinds else 'strings'} of shape [{', '.join(dims)}]; {TRUTH_HELP}")
+        if dims is not None and dims[0] == "P" and array.shape[0] != num_pairs:
             raise MinqrError(f"{path}: {name} has shape {array.shape}, but the scores hold {num_pairs} pairs; the "
                              "truth must belong to the data that was scored")
+    _check_together(arrays, path)
     return tuple(arrays[name] for name in names)
+
+
+# what load_truth checks of a truth file's arrays: their axes (P: the pairs) and dtype kinds
+NUMBERS, STRINGS = "biuf", "US"
+TRUTH_ARRAYS = {
+    "chosen_samples": (("P", "S"), NUMBERS), "rejected_samples": (("P", "S"), NUMBERS),
+    "preference_probability": (("P",), NUMBERS), "anchor_texts": (("P",), STRINGS),
+    "chosen_tags": (("P", "V"), NUMBERS), "rejected_tags": (("P", "V"), NUMBERS),
+    "controversial_tags": (("V",), NUMBERS), "tag_names": (("V",), STRINGS),
+    "annotator_probability": (("P",), NUMBERS), "annotator_group": (("P",), NUMBERS),
+    "annotator_group_probability": (("P", "G"), NUMBERS),
+    "chosen_annotator_reward": (("P",), NUMBERS), "rejected_annotator_reward": (("P",), NUMBERS),
+}
+
+
+def _check_together(arrays: dict, path: Path) -> None:
+    """The axes that arrays of one truth file share (S, V, G) agree, and group indices are < G."""
+    for axis in ("S", "V", "G"):
+        sizes = {name: array.shape[TRUTH_ARRAYS[name][0].index(axis)] for name, array in arrays.items()
+                 if name in TRUTH_ARRAYS and axis in TRUTH_ARRAYS[name][0]}
+        if len(set(sizes.values())) > 1:
+            raise MinqrError(f"{path}: {', '.join(f'{n} has {axis} = {k}' for n, k in sizes.items())}: they must "
+                             f"agree; {TRUTH_HELP}")
+    if "annotator_group" in arrays and "annotator_group_probability" in arrays:
+        group, groups = arrays["annotator_group"], arrays["annotator_group_probability"].shape[1]
+        if len(group) and not ((group >= 0) & (group < groups) & (group == np.round(group))).all():
+            raise MinqrError(f"{path}: annotator_group must hold group indices 0 ... {groups - 1} (the columns of "
+                             f"annotator_group_probability); {TRUTH_HELP}")
 
 
 def bayes_reference(truth_path, num_pairs: int) -> dict | None:
