@@ -388,6 +388,12 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     (tmp_path / "bad.json").write_text("not json")
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
     assert bad.exit_code == 1 and "is not a summaries.json written by tools/analyze.py" in bad.output
+    for content, words in [({"a": 1}, "(a list of summaries, one a scores file; this holds a dict)"),
+                           ([rows[0], {"head": "quantile"}], "summary 1 is not one that tools/analyze.py writes (at "
+                                                             "KeyError('workload'))")]:
+        (tmp_path / "bad.json").write_text(json.dumps(content))
+        bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
+        assert bad.exit_code == 1 and words in bad.output and "Traceback" not in bad.output, bad.output
 
 
 def test_the_summary_says_when_two_models_cannot_be_compared():

@@ -582,6 +582,22 @@ def test_the_demo_never_writes_into_a_folder_named_for_data(tmp_path):
     assert (folder / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("content, why", [('{"variant": "demo"}', "it has no bayes_accuracy, a number"),
+                                          ("{not json", "Expecting property name")])
+def test_the_demo_refuses_a_task_json_it_cannot_read(tmp_path, content, why):
+    """A folder whose task.json is not a synthetic task's (a candidates folder's has no Bayes
+    accuracy, a damaged one is no JSON): one line naming the file, no traceback."""
+    folder = tmp_path / "task"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text('{"chosen": "a", "rejected": "b"}\n')
+    (folder / "task.json").write_text(content)
+    result = CliRunner().invoke(TRAIN, ["--demo", "--data", str(folder / "train.jsonl"), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: --demo: {folder / 'task.json'} is not the task.json of a synthetic task ("), result.output
+    assert why in result.output and result.output.endswith(
+        f"make the task again with `minqr synthetic --out {folder}`, or leave out --data\n")
+
+
 def test_a_demo_does_not_replace_a_run_without_overwrite(tmp_path):
     """A repeat of a run into the same --out is refused, with --demo as without it."""
     inputs = write_run_inputs(tmp_path / "inputs")

@@ -108,9 +108,19 @@ def write_objectives_table(paths, out) -> Path:
     rows = []
     for path in paths:
         try:
-            rows += loads(Path(path).read_text())
+            summaries = loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
             raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py ({error})") from None
+        if not isinstance(summaries, list):
+            raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py (a list of summaries, one "
+                             f"a scores file; this holds a {type(summaries).__name__})")
+        for index, summary in enumerate(summaries):
+            try:  # the row alone: what it lacks is named here, not deep in the table
+                objectives_table([summary])
+            except (KeyError, TypeError, AttributeError) as error:
+                raise MinqrError(f"{path}: summary {index} is not one that tools/analyze.py writes (at {error!r}); "
+                                 "analyze the scores again") from None
+        rows += summaries
     with atomic_file(Path(out)) as tmp:
         tmp.write_text(objectives_table(rows) + "\n")
     return Path(out)

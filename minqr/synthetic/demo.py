@@ -7,6 +7,7 @@ task made by `minqr synthetic` (another variant, size or seed) and named by `--d
 is (the demo never writes a task into a folder named for data). The demo's end line compares the
 held-out accuracy with the task's Bayes accuracy, the best any model can reach.
 """
+import json
 from pathlib import Path
 
 from minqr.errors import MinqrError
@@ -49,4 +50,13 @@ def prepare_demo_data(data, out, procs, say) -> float:
         if not task_file.is_file():
             say(f"demo: generating the synthetic task in {folder}")
             make_synthetic_task(folder, seed=0)
-    return loads(task_file.read_text())["bayes_accuracy"]
+    try:
+        facts = loads(task_file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        facts = error
+    accuracy = facts.get("bayes_accuracy") if isinstance(facts, dict) else None
+    if not isinstance(accuracy, (int, float)) or isinstance(accuracy, bool):
+        why = facts if isinstance(facts, Exception) else "it has no bayes_accuracy, a number"
+        raise MinqrError(f"--demo: {task_file} is not the task.json of a synthetic task ({why}); make the task "
+                         f"again with `minqr synthetic --out {folder}`, or leave out --data")
+    return float(accuracy)
