@@ -94,7 +94,8 @@ def coverage_summary(pred_quantiles, true_samples, taus, align: bool = True) -> 
                          f"predictions {pred.shape}, truth {true.shape}, {taus.size} taus")
     slope, intercept = affine_fit(pred.mean(axis=1), true.mean(axis=1))
     if slope <= 0:
-        raise MinqrError(f"coverage: the model's mean rewards fall as the true means rise (fit slope {slope:.3g}); "
+        trend = "fall as the true means rise" if slope < 0 else "do not rise with the true means"
+        raise MinqrError(f"coverage: the model's mean rewards {trend} (fit slope {slope:.3g}); "
                          "the model has not learnt the task, so its quantiles cannot be compared with the truth")
     coverage = quantile_coverage(pred, slope * true + intercept if align else true)
     spread_correlation = None

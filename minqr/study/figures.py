@@ -32,8 +32,9 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
         name = f"fig2_histograms_{number}_{_slug(workload)}.png"
         _histogram_figure(out / name, f"Rewards of chosen and rejected responses (view {view})",
                           _labels({workload: runs}),
-                          [(summary["label"], scores_view(scores, "chosen", view), scores_view(scores, "rejected", view),
-                            summary["histogram_kl"]["value"]) for scores, summary in runs], bins, f"reward ({view})")
+                          [(summary["label"], scores_view(scores, "chosen", view),
+                            scores_view(scores, "rejected", view), summary["histogram_kl"]["value"])
+                           for scores, summary in runs], bins, f"reward ({view})")
         figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
                               "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
         quantile_runs = [(scores, summary) for scores, summary in runs if scores.num_quantiles > 1]
@@ -42,8 +43,8 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
             panels = []
             for scores, summary in quantile_runs:
                 for k in (0, scores.num_quantiles - 1):
-                    panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})", scores_view(scores, "chosen", f"q{k}"),
-                                   scores_view(scores, "rejected", f"q{k}"), None))
+                    panels.append((f"{summary['label']}: q{k} (τ={scores.taus[k]:.3g})",
+                                   scores_view(scores, "chosen", f"q{k}"), scores_view(scores, "rejected", f"q{k}"), None))
             _histogram_figure(out / name, "Lowest and highest quantile, chosen vs rejected",
                               _labels({workload: quantile_runs}), panels, bins, "reward", columns=2)
             figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "

@@ -23,10 +23,7 @@ from minqr.ranking import ranking_credit
 from minqr.study.accuracy import objective_probability
 from minqr.study.coverage import affine_fit
 from minqr.study.scores_file import Scores
-from minqr.synthetic.truth import load_truth
-
-PERSONAL_TRUTH = ("annotator_probability", "annotator_group", "annotator_group_probability",
-                  "chosen_annotator_reward", "rejected_annotator_reward")
+from minqr.synthetic.truth import PERSONAL_TRUTH, load_truth
 
 
 def expected_accuracy(probability: np.ndarray, annotator_probability: np.ndarray) -> float:

@@ -144,7 +144,3 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     merged.save(folder)
     return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
                               len(tokenized), scale)
-
-
-# ---- scoring: the personal columns of a scores file ------------------------------------------------
-

@@ -72,7 +72,6 @@ class AnalyzeConfig:
         check_options(self)  # every range and choice the fields declare
         if self.truth and self.no_truth:
             raise MinqrUsageError("--truth and --no-truth contradict each other; give one")
-        check_options(self)  # what the command line refuses, for analyses called from Python
 
 
 @holds_output("out_dir")  # one job at a time writes a report folder (minqr/lock.py)
@@ -262,7 +261,7 @@ def _report_markdown(summaries: list[dict], table: dict, accuracy_differences: l
         "interval that covers the truth can. An interval that starts at 0 says these pairs cannot tell the "
         "separation from none. In simulations with a known truth the interval covered it at about its nominal "
         "rate with 2,000 pairs; with a few hundred the correction leaves part of the bias and covers less often "
-        "(minqr/study/analysis.py, bootstrap_estimate). JS, W1, the KDE KL and the spread AUROC below read the same "
+        "(minqr/study/bootstrap.py, bootstrap_estimate). JS, W1, the KDE KL and the spread AUROC below read the same "
         "way. The paired differences compare each model with the first column on the same pairs (one resample "
         "of the pairs for both), which two overlapping intervals cannot do.", "",
         "## Other measures", "",

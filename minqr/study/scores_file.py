@@ -265,7 +265,8 @@ def _read_jsonl(path: Path):
         except json.JSONDecodeError as error:
             raise MinqrError(f"{path}:{number}: not JSON ({error})") from None
         if not isinstance(record, dict):
-            raise MinqrError(f"{path}:{number}: a pair's line is a JSON object, {{\"chosen\": [...], \"rejected\": [...]}}")
+            raise MinqrError(f"{path}:{number}: a pair's line is a JSON object, "
+                             '{"chosen": [...], "rejected": [...]}')
         if number == 2:  # the first pair says which optional arrays the file has; every pair has them
             rows.update({"anchor": []} if "anchor" in record else {})
             personal = {name: [] for name in PERSONAL if name in record}

@@ -75,8 +75,9 @@ MEASURE_COLUMNS = (
     Measure("nll", "held-out NLL",
             lambda s: number(s["nll"]) + (f" (Bayes {s['bayes']['nll']:.3f})" if s["bayes"] else ""),
             "Held-out NLL: −mean log P(label) with P the model's own P(chosen preferred), the likelihood its "
-            "objective trains (the mixture: the mean over kinds of σ(h_c,i − h_r,i); Bradley-Terry and paper: "
-            "σ(μc − μr)); on the synthetic task the Bayes-optimal model's NLL is given beside it."),
+            "objective trains (the mixture: the mean over kinds of σ(h_c,i − h_r,i); independent: the mean over all "
+            "N² draws of σ(h_c,i − h_r,j); Bradley-Terry and paper: σ(μc − μr)); on the synthetic task the "
+            "Bayes-optimal model's NLL is given beside it."),
     Measure("ece", "ECE (objective)", lambda s: number(s["calibration"]["objective"]["ece"]),
             "ECE (objective): the calibration of that P, expected calibration error on 10 equal-width bins, each "
             "pair scored in both orders."),

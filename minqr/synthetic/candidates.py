@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.special import expit, ndtr
+from scipy.special import ndtr
 from scipy.stats import norm
 
 from minqr.atomic import atomic_dir
-from minqr.synthetic.task import (ANCHOR_REPLY, GAUSS_HERMITE_NODES, NOUNS, QUESTIONS, TASK_VARIANTS, VERBS,
-                                  SyntheticTask)
+from minqr.synthetic.task import (ANCHOR_REPLY, TASK_VARIANTS, SyntheticTask, expected_sigmoid, render_reply,
+                                  sample_questions)
 from minqr.synthetic.truth import mixture_quantiles
 from minqr.errors import MinqrError
 from minqr.options import check_options, option, seed_option
@@ -53,9 +53,7 @@ def sample_candidate_sets(task: SyntheticTask, rng: np.random.Generator, num_pro
                           num_candidates: int) -> dict:
     """Q prompts and K distinct candidate replies to each: {"questions": [Q] str, "replies": [Q][K]
     lists of tag indices, "counts": [Q, K, V] int8 tag counts}."""
-    questions = [QUESTIONS[rng.integers(len(QUESTIONS))].format(VERBS[rng.integers(len(VERBS))],
-                                                                NOUNS[rng.integers(len(NOUNS))])
-                 for _ in range(num_prompts)]
+    questions = sample_questions(rng, num_prompts)
     replies = []
     for _ in range(num_prompts):
         chosen = []
@@ -111,9 +109,7 @@ def true_statistic(name: str, level: float | None, means: np.ndarray, stds: np.n
         variance = (stds ** 2 + means ** 2) @ weights - mean ** 2
         value = mean - level * np.sqrt(np.maximum(variance, 0.0))
     elif name == "preference":  # sum_g w_g E[sigmoid(m_g + s_g Z)], Z standard normal
-        nodes, node_weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
-        node_weights = node_weights / node_weights.sum()
-        value = (expit(means[..., None] + stds[..., None] * nodes) @ node_weights) @ weights
+        value = expected_sigmoid(means, stds) @ weights
     else:
         raise MinqrError(f"no true statistic {name!r}: mean, quantile, cvar, mean_minus_std or preference")
     return value.reshape(shape)
@@ -162,15 +158,10 @@ def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, 
         with open(tmp / "candidates.jsonl", "w") as f:
             for question, replies in zip(sets["questions"], sets["replies"]):
                 record = {"prompt": f"\n\nHuman: {question}",
-                          "candidates": [_reply(task, reply) for reply in replies],
-                          "reference": _reply(task, [])}
+                          "candidates": [render_reply([task.tags[t] for t in reply]) for reply in replies],
+                          "reference": render_reply([])}
                 f.write(json.dumps(record) + "\n")
         with open(tmp / "truth.npz", "wb") as f:
             np.savez_compressed(f, **truth)
         (tmp / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
     return Path(folder)
-
-
-def _reply(task: SyntheticTask, tags) -> str:
-    """The reply's text, as render_dialogue writes it after the question."""
-    return f"\n\nAssistant: {' '.join(task.tags[t] for t in tags) or ANCHOR_REPLY}"

@@ -22,7 +22,9 @@ Files written:
     model/                    a tiny random GPT-2 (2 layers, 64 wide) with that tokenizer inside:
                               the `--model` of the offline demo
 
-Rewards are in logit units (a difference of 1 is odds e:1), so a model trained by a
+Rewards are in logit units (a difference of 1 is odds e:1), so a model trained by a Bradley-Terry
+likelihood learns them in the same units: only the additive constants are free, and the anchor
+fixes those.
 """
 import json
 from dataclasses import dataclass

@@ -13,7 +13,7 @@ every annotator's group and exact tag rewards:
                            ("n0", "n1", ...), people absent from train.jsonl
     new_test.jsonl         held-out pairs of those new people
     *_truth.npz            beside known_test and new_test: the plain task's truth arrays
-                           (minqr.synthetic.truth.truth_arrays) plus, per pair (PERSONAL_TRUTH),
+                           (minqr.synthetic.truth.truth_arrays) plus, per pair (truth.PERSONAL_TRUTH),
                            the labelling annotator's group, their exact P(chosen ≻ rejected), the
                            group's P for each group (the annotator's deviations integrated out) and
                            their exact rewards of both responses (the anchor's is 0 for everyone)
@@ -38,9 +38,6 @@ from minqr.synthetic.truth import truth_arrays
 
 NEW_CONTEXT_SIZES = (1, 3, 10)  # labelled context pairs of a new person, as the analysis reports them
 NEW_HELD_OUT = 5  # held-out pairs of each new person
-# the per-pair arrays a held-out file's truth adds to the plain task's (module docstring)
-PERSONAL_TRUTH = ("annotator_group", "annotator_probability", "annotator_group_probability",
-                  "chosen_annotator_reward", "rejected_annotator_reward")
 
 
 def pool_pairs(task: SyntheticTask, rng: np.random.Generator, rewards: np.ndarray, owners: np.ndarray) -> dict:
@@ -52,7 +49,7 @@ def pool_pairs(task: SyntheticTask, rng: np.random.Generator, rewards: np.ndarra
 
 
 def personal_truth(task: SyntheticTask, pairs: dict, groups: np.ndarray, rewards: np.ndarray) -> dict:
-    """The PERSONAL_TRUTH arrays of pairs labelled by pool members (pairs["owner"] indexes groups, rewards)."""
+    """The truth.PERSONAL_TRUTH arrays of pairs labelled by pool members (pairs["owner"] indexes groups, rewards)."""
     owner = pairs["owner"]
     chosen = (rewards[owner] * pairs["chosen_tags"]).sum(-1)  # [P] the annotator's own rewards
     rejected = (rewards[owner] * pairs["rejected_tags"]).sum(-1)

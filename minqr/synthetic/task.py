@@ -30,13 +30,8 @@ The Bayes-optimal ranker knows P(a preferred to b) exactly and picks the likelie
 accuracy on the test pairs (`task.json`, about 0.87 for the defaults) is the ceiling any reward
 model can reach on them, and a learnt model should get within a few points of it.
 
-Files written by `make_synthetic_task(folder)`:
-
 The truth of a pair (its exact reward distributions) is minqr/synthetic/truth.py's; the files a
 task folder holds are minqr/synthetic/folder.py's.
-
-Bradley-Terry likelihood learns them in the same units: only the additive constants are free, and
-the anchor fixes those.
 
 Two variants of the task (TASK_VARIANTS, `make_synthetic_task(..., variant=...)`): "demo" as
 above, and "shifted", with other group shares (75/25), wider personal deviations (std 1.0) and
@@ -185,10 +180,7 @@ class SyntheticTask:
         """[P, G] P(a preferred to b) for an annotator drawn from each group (what an oracle that
         knows the annotator's group, not their own deviations, can know)."""
         difference = (counts_a - counts_b).astype(np.float64)  # [P, V]
-        means, stds = self.group_moments(difference)  # [P, G] each
-        nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
-        weights = weights / weights.sum()  # the probabilists' weights sum to sqrt(2 pi)
-        return expit(means[..., None] + stds[..., None] * nodes) @ weights  # [P, G]
+        return expected_sigmoid(*self.group_moments(difference))  # [P, G]
 
     def to_dict(self) -> dict:
         return {
@@ -210,17 +202,33 @@ TASK_VARIANTS = {
 }
 
 
+def expected_sigmoid(means: np.ndarray, stds: np.ndarray) -> np.ndarray:
+    """E[sigmoid(m + s Z)], Z standard normal, elementwise (Gauss-Hermite quadrature)."""
+    nodes, weights = np.polynomial.hermite_e.hermegauss(GAUSS_HERMITE_NODES)
+    weights = weights / weights.sum()  # the probabilists' weights sum to sqrt(2 pi)
+    return expit(means[..., None] + stds[..., None] * nodes) @ weights
+
+
+def sample_questions(rng: np.random.Generator, count: int) -> list[str]:
+    """`count` questions, each a template of QUESTIONS filled with a verb and a noun."""
+    return [QUESTIONS[rng.integers(len(QUESTIONS))].format(VERBS[rng.integers(len(VERBS))],
+                                                           NOUNS[rng.integers(len(NOUNS))]) for _ in range(count)]
+
+
+def render_reply(tags) -> str:
+    """A reply's text, as it follows the question: its tags' words, or the anchor reply for none."""
+    return f"\n\nAssistant: {' '.join(tags) or ANCHOR_REPLY}"
+
+
 def render_dialogue(question: str, tags) -> str:
-    return f"\n\nHuman: {question}\n\nAssistant: {' '.join(tags) or ANCHOR_REPLY}"
+    return f"\n\nHuman: {question}" + render_reply(tags)
 
 
 def sample_pairs(task: SyntheticTask, rng: np.random.Generator, count: int,
                  annotators: np.ndarray | None = None) -> dict:
     """`count` labelled pairs: texts and [P, V] tag counts of the chosen and rejected responses.
     `annotators` [count, V]: who labels each pair (their own tag rewards); None: a fresh one each."""
-    questions = [QUESTIONS[rng.integers(len(QUESTIONS))].format(VERBS[rng.integers(len(VERBS))],
-                                                                NOUNS[rng.integers(len(NOUNS))])
-                 for _ in range(count)]
+    questions = sample_questions(rng, count)
     first = task.sample_responses(rng, count)
     second = task.sample_responses(rng, count)
     for i in range(count):

@@ -4,7 +4,7 @@ scoring's anchors and backbone probe).
 
 Given its group, a response's reward is Gaussian, so for a random annotator it is a mixture of one
 Gaussian per group (minqr/synthetic/task.py); the file holds that mixture's parameters, its exact
-quantiles at the levels of minqr's default head, samples from it and each pair's exact P(chosen
+quantiles at the paper's N = 10 levels (TRUTH_LEVELS), samples from it and each pair's exact P(chosen
 preferred). Its arrays are listed, and made, in minqr/synthetic/folder.py. This module reads
 them back, and needs numpy only (the analysis imports it).
 """
@@ -92,6 +92,10 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     return tuple(arrays[name] for name in names)
 
 
+# the per-pair arrays that a held-out file's truth adds to the plain task's in the task with
+# annotator pools (minqr/synthetic/pools.py), in the order personal_accuracy reads them
+PERSONAL_TRUTH = ("annotator_probability", "annotator_group", "annotator_group_probability",
+                  "chosen_annotator_reward", "rejected_annotator_reward")
 # what load_truth checks of a truth file's arrays: their axes (P: the pairs) and dtype kinds
 NUMBERS, STRINGS = "biuf", "US"
 TRUTH_ARRAYS = {
