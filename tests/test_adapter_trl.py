@@ -109,8 +109,19 @@ def test_references_other_than_the_group(tmp_path):
     with torch.no_grad():
         want = [model(torch.tensor([tokenizer.encode(p + c)]))[0].mean().item() for p, c in zip(prompts, completions)]
     assert raw_mean(prompts=prompts, completions=completions) == pytest.approx(want, abs=1e-5)
-    with pytest.raises(MinqrError, match="needs a reference"):
-        RewardFunction(str(folder), statistic="cvar:0.25", reference=None)(prompts=prompts, completions=completions)
+    with pytest.raises(MinqrError, match=r"statistic cvar:0.25 needs a reference \(reference='group'"):
+        RewardFunction(str(folder), statistic="cvar:0.25", reference=None)  # at once, not at TRL's first call
+    # a group of one is its own reference: refused, not a constant reward
+    with pytest.raises(MinqrError, match="completion 2 is the only one of its prompt in this call"):
+        RewardFunction(str(folder), statistic="preference")(prompts=[*prompts, "Hi"], completions=[*completions, " yo"])
+    # max_length: the model's positions (64) when it was not trained by minqr train: a long text is cut
+    long = RewardFunction(str(folder), statistic="mean", reference=None, dtype="float32")
+    assert long.rewards.max_length == model.transformer.config.n_positions
+    ids = tokenizer.encode("The cat sat" + " on a mat" * 40)
+    assert len(ids) > 64
+    with torch.no_grad():
+        want = model(torch.tensor([ids[-64:]]))[0].mean().item()
+    assert long(prompts=["The cat sat"], completions=[" on a mat" * 40]) == pytest.approx([want], abs=1e-5)
     with pytest.raises(MinqrError, match="not both"):
         RewardFunction(str(folder), reference_column="a", reference_reply="b")
     with pytest.raises(MinqrError, match="unknown statistic"):

@@ -113,6 +113,12 @@ def test_bad_configuration_is_a_clear_error(folder):
         call(extra_info={"prompt": "x"}, model=path, reference_key="a", reference_reply="b")
     # what verl's managers may add is accepted
     assert "score" in call(extra_info={"prompt": "x"}, model=path, reward_router_address=None)
+    batch = partial(minqr.adapters.verl.compute_score_batch, data_sources=["d"] * 3, ground_truths=[None] * 3,
+                    model=path, statistic="cvar:0.25")
+    with pytest.raises(MinqrError, match="3 solution_strs but 2 extra_infos"):
+        batch(solution_strs=[" a", " b", " c"], extra_infos=[{"prompt": "x"}] * 2)
+    with pytest.raises(MinqrError, match="completion 2 is the only one of its prompt in this call"):
+        batch(solution_strs=[" a", " b", " c"], extra_infos=[{"prompt": "x"}, {"prompt": "x"}, {"prompt": "y"}])
 
 
 def test_verl_own_loader_loads_it(folder):

@@ -159,6 +159,13 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     # another job's options do not pick up this progress
     with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
         best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
+    # nor does a model retrained into the same folder (its weights file changed)
+    weights = next(Path(folder).glob("*.safetensors"))
+    before = weights.stat()
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     calls.clear()
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
     summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
+from minqr.distribution.statistics import (Statistic, lone_member, mean_and_spread, parse_statistic, relative_outputs,
+                                           statistic_values)
 from minqr.errors import MinqrError
 
 OBJECTIVES = ("mixture", "independent", "paper")
@@ -184,6 +185,14 @@ def test_parse_statistic():
     assert parse_statistic("cvar:1") == Statistic("cvar", 1.0)
     assert parse_statistic("mean_minus_std:1.0").level == 1.0
     assert str(parse_statistic("cvar:0.25")) == "cvar:0.25" and str(Statistic("preference")) == "preference"
+    assert str(parse_statistic("mean_minus_std:1.0")) == "mean_minus_std:1"
+    # two levels that the short form would print alike keep their names apart (best-of-N's columns)
+    names = [str(parse_statistic(f"quantile:{level}")) for level in ("0.1234567", "0.1234568")]
+    assert names == ["quantile:0.1234567", "quantile:0.1234568"]
+    assert [parse_statistic(name) for name in names] == [Statistic("quantile", 0.1234567), Statistic("quantile", 0.1234568)]
+    # which need a reference: all but the mean at N > 1, and the preference at any N
+    assert [Statistic(n).needs_reference(1) for n in ("mean", "preference")] == [False, True]
+    assert parse_statistic("quantile:0.1").needs_reference(1) is False and parse_statistic("cvar:0.5").needs_reference(4)
     for bad, words in [("median", "mean, quantile:0.1"), ("quantile", "needs a level"), ("quantile:x", "not a number"),
                        ("quantile:1.5", "tau in [0, 1]"), ("cvar:0", "alpha in (0, 1]"), ("cvar:nan", "alpha"),
                        ("mean_minus_std:-1", "lambda >= 0"), ("mean:0.5", "takes no level"), ("", "choose one of"),
@@ -294,3 +303,24 @@ def test_weights_are_checked(generator):
                 torch.tensor([0.5, 0.5, 0.5]), torch.tensor([float("nan"), 0.5, 0.5]), [1 / 3] * 3):
         with pytest.raises(MinqrError, match="weights"):
             statistic_values("mean", h, reference=h, weights=bad)
+
+
+def test_mean_and_spread_against_a_loop(generator):
+    """The weighted mean and standard deviation of atoms, written out; 1/N without weights."""
+    relative = torch.randn(5, 4, generator=generator, dtype=torch.float64)
+    weights = torch.rand(5, 4, generator=generator, dtype=torch.float64)
+    weights /= weights.sum(-1, keepdim=True)
+    for w in (None, weights):
+        mean, spread = mean_and_spread(relative, w)
+        for b in range(5):
+            masses = [0.25] * 4 if w is None else w[b].tolist()
+            m = sum(x * q for x, q in zip(relative[b].tolist(), masses))
+            assert mean[b].item() == pytest.approx(m)
+            assert spread[b].item() == pytest.approx(math.sqrt(sum(q * (x - m) ** 2 for x, q in zip(relative[b].tolist(),
+                                                                                                   masses))))
+
+
+def test_lone_member():
+    assert lone_member(torch.tensor([0, 0, 1, 1])) is None
+    assert lone_member(torch.tensor([3, 5, 3, 7, 5])) == 3
+    assert lone_member(torch.tensor([9])) == 0

@@ -45,15 +45,15 @@ from minqr.atomic import atomic_file, writing
 from minqr.data import tables
 from minqr.data.chat import prompt_reply_texts
 from minqr.data.pairs import _checked_text, _json_lines
-from minqr.device import DTYPES, resolve_device
+from minqr.device import DTYPES, autocast_dtype, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.models.reward import load_reward_model, training_args
+from minqr.models.reward import load_reward_model
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.reading import loads
-from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
+from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts, text_length_limit
 
 FIELDS = ("prompt", "candidates", "reference")
 REFERENCES = ("group", "reply")
@@ -209,17 +209,17 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
         raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
     statistics = parse_statistics(config.statistics)
     reward_model, tokenizer, folder = load_reward_model(model)
-    positions = reward_model.transformer.config.max_positions
-    max_length = config.max_length or min(training_args(folder).get("max_length", positions), positions)
-    if max_length > positions:
-        raise MinqrError(f"max_length {max_length} is more than the model's {positions} positions: lower it")
+    max_length = text_length_limit(reward_model, folder, config.max_length)
     by_reply = config.reference == "reply"
     sets = read_candidate_sets(data, need_reference=by_reply, template=tokenizer.chat_template)
     data_path = Path(data).expanduser().resolve()
-    job = {"minqr": "best-of-n", "model": str(Path(folder).resolve()), "data": str(data_path),
-           "data_bytes": data_path.stat().st_size, "data_mtime_ns": data_path.stat().st_mtime_ns,
+    device = resolve_device(config.device)
+    # what decides the scores: a resumed job must match in all of it, the model's files (a model
+    # retrained into the same folder) and the precision actually used ("auto" differs by device) included
+    job = {"minqr": "best-of-n", "model": str(Path(folder).resolve()), "model_files": _model_files(folder),
+           "data": str(data_path), "data_bytes": data_path.stat().st_size, "data_mtime_ns": data_path.stat().st_mtime_ns,
            "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
-           "dtype": config.dtype}
+           "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
     partial = partial_path(out)
     if config.overwrite:
         partial.unlink(missing_ok=True)
@@ -230,7 +230,6 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     if not done:
         with atomic_file(partial) as tmp:  # the job line, then records are appended
             tmp.write_text(json.dumps(job) + "\n")
-    device = resolve_device(config.device)
     objective = reward_model.head_config.objective
     truncated = 0
     # writing: a full disk is one message naming the file, and the chunks appended before stay whole
@@ -285,6 +284,15 @@ def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device
     return records, sum(len(ids) > max_length for ids in encoded)
 
 
+def _model_files(folder) -> dict:
+    """{name: [bytes, mtime_ns]} of the files of a model folder that decide its scores: its config,
+    weights and tokenizer."""
+    folder = Path(folder)
+    names = sorted({p.name for pattern in ("config.json", "*.safetensors", "*.bin", "tokenizer*.json")
+                    for p in folder.glob(pattern) if p.is_file()})
+    return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
+
+
 def _resume(partial: Path, job: dict) -> list:
     """The records an unfinished job with the same `job` line left in `partial` ([] if none); a torn
     last line (a kill mid-append) is dropped. Another job's partial file: a MinqrError."""
@@ -297,8 +305,9 @@ def _resume(partial: Path, job: dict) -> list:
     except json.JSONDecodeError:
         found = None
     if found != job:
-        raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options "
-                         f"or another version of the data ({found}): run that command again to finish it, or pass "
+        raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options, "
+                         f"another version of the data or of the model, or another precision ({found}): run that "
+                         "command again to finish it, or pass "
                          "--overwrite to start afresh")
     records = []
     for line in lines[1:]:

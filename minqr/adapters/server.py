@@ -45,7 +45,9 @@ from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, Rewar
                                      reward_response)
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.personal import Annotators, posterior_weights
-from minqr.distribution.statistics import parse_statistic, relative_outputs, statistic_values
+from minqr.adapters.texts import key_ids
+from minqr.distribution.statistics import (lone_member, mean_and_spread, parse_statistic, relative_outputs,
+                                           statistic_values)
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
 from minqr.options import check_options, option
@@ -147,26 +149,23 @@ class RewardService:
         whose reward, None for the population's). The extra logs are
         those of minqr's verl adapter: "mean", the expected reward, and, where there is a reference,
         "spread", the std over the N relative outputs (without one the kinds' constants are in it)."""
-        group = None
-        if self.config.group:
-            ids = {}
-            group = torch.tensor([ids.setdefault(prompt, len(ids)) for prompt in prompts])  # [M] a prompt's id
+        group = key_ids(prompts) if self.config.group else None  # [M] a prompt's id
         values = statistic_values(self.statistic, outputs, reference=reference, group=group, objective=self.objective,
                                   weights=weights)
         if reference is None and group is None:
             return values.tolist(), {"mean": values.tolist()}  # the mean itself, or at N = 1 the one reward
         relative = relative_outputs(outputs, reference=reference, group=group, objective=self.objective)  # [M, N]
-        return values.tolist(), {"mean": relative.mean(-1).tolist(), "spread": relative.std(-1, correction=0).tolist()}
+        mean, spread = mean_and_spread(relative, weights)  # the person's, where the reward is a person's
+        return values.tolist(), {"mean": mean.tolist(), "spread": spread.tolist()}
 
     def prepare(self, body: bytes) -> "Scoring":
         """What a POST body asks to score; BadRequest for a body that is not a request."""
         request = parse_request(body, self.needs_prompts)
         if self.config.group:
-            counts = collections.Counter(request.prompts)
-            alone = next((i for i, prompt in enumerate(request.prompts) if counts[prompt] == 1), None)
+            alone = lone_member(key_ids(request.prompts))
             if alone is not None:
-                raise BadRequest(f"--group: the prompt of 'query'[{alone}] has no other query in this request, and a "
-                                 "reward relative to its group is then 0 whatever the response: send a prompt's "
+                raise BadRequest(f"--group: the prompt of 'query'[{alone}] has no other query in this request, so its "
+                                 "group reference is itself and its reward says nothing of it: send a prompt's "
                                  "samples in one request, or serve with --reference-reply")
         texts, cached, missing = list(request.queries), {}, []
         if self.config.reference_reply is not None:
@@ -194,9 +193,7 @@ class RewardService:
 
     def finish(self, scoring: "Scoring", outputs) -> dict:
         """The JSON answer from the outputs [len(token lists), N] of the scoring's token lists."""
-        outputs = torch.from_numpy(outputs).double()  # [M + references scored, N]
-        if not torch.isfinite(outputs).all():
-            raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs: its weights are broken")
+        outputs = torch.from_numpy(outputs).double()  # [M + references scored, N], finite (score_texts checks)
         request, m = scoring.request, len(scoring.request.queries)
         reference = None
         if self.config.reference_reply is not None:

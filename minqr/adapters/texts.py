@@ -2,7 +2,7 @@
 its raw outputs, and a statistic of its reward distribution relative to a reference.
 
     rewards = TextRewards.load("runs/mixture", statistic="cvar:0.25")
-    values, relative = rewards.statistic(prompts, completions, group=prompts)   # [M], [M, N]
+    values, mean, spread = rewards.statistic_values(prompts, completions, group=prompts)   # [M] each
 
 The text. A prompt and its completion are either strings, read as prompt + completion (as TRL and
 minqr's data do), or lists of {"role", "content"} messages (TRL's conversational format), rendered
@@ -11,13 +11,16 @@ with the reward model's chat template as minqr renders conversations in training
 HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a
 warning, as it is when a string meets message lists among a completion, its prompt and its
 reference (training reads such a pair so: a completion and its reference are always read in one
-rendering). Texts longer than `max_length` tokens are cut from the left, as in training: the
-completion survives.
+rendering). Texts longer than `max_length` tokens (default: the --max-length the model was trained
+with, else its number of positions) are cut from the left, as in training: the completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
 whose equal values mark completions of the same prompt (the prompt itself will do), or
 `references`, a reply per text whose outputs are the reference. Neither: the mean is the expected
-reward itself; any other statistic of N > 1 outputs is refused.
+reward itself; any other statistic of N > 1 outputs is refused. A group needs two texts or more in
+the call: relative to itself a lone completion is worth 0 whatever it says, so it is refused (TRL
+on several GPUs hands each process its share of the completions, which can split a prompt's group:
+there give a reference reply instead).
 
 Whose reward: by default the population's. `annotators`, one id per text, asks for each named
 person's instead: the statistic with the mixture's kinds weighted by that person's posterior
@@ -31,31 +34,34 @@ import torch
 
 from minqr.data.chat import prompt_reply_texts
 from minqr.distribution.personal import Annotators, posterior_weights
-from minqr.distribution.statistics import Statistic, parse_statistic, relative_outputs, statistic_values
+from minqr.distribution.statistics import (Statistic, lone_member, mean_and_spread, parse_statistic,
+                                           relative_outputs, statistic_values)
 from minqr.errors import MinqrError
 from minqr.models.reward import load_reward_model
-from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts
+from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_texts, text_length_limit
 
 
 class TextRewards:
     """A reward model, its tokenizer and the statistic it hands out."""
 
-    def __init__(self, model, tokenizer, statistic: str | Statistic = "mean", max_length: int = 1024,
+    def __init__(self, model, tokenizer, statistic: str | Statistic = "mean", max_length: int | None = None,
                  batch_size: int = DEFAULT_BATCH_SIZE, device="auto", dtype: str = "auto",
-                 annotators: Annotators | None = None):
+                 annotators: Annotators | None = None, folder=None):
         self.annotators = annotators  # the posteriors saved with the model (None: it has none)
-        if max_length < 1:
+        if max_length is not None and max_length < 1:
             raise MinqrError(f"max_length must be at least 1 (tokens kept of each text), got {max_length}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.statistic = statistic if isinstance(statistic, Statistic) else parse_statistic(statistic)
-        self.max_length, self.batch_size, self.device, self.dtype = max_length, batch_size, device, dtype
+        # `folder`: where the model was loaded from, whose training_args.json says its --max-length
+        self.max_length = text_length_limit(model, folder, max_length)
+        self.batch_size, self.device, self.dtype = batch_size, device, dtype
         self._warned_hh = False
 
     @classmethod
     def load(cls, folder, **options) -> "TextRewards":
         """From a folder `RewardModel.save_pretrained` wrote (or a hub name); options as __init__."""
         model, tokenizer, path = load_reward_model(folder)
-        return cls(model, tokenizer, annotators=Annotators.load(path, model.num_quantiles), **options)
+        return cls(model, tokenizer, annotators=Annotators.load(path, model.num_quantiles), folder=path, **options)
 
     @property
     def objective(self) -> str:
@@ -90,11 +96,11 @@ class TextRewards:
 
     def statistic_values(self, prompts: list, completions: list, *, group: list | None = None,
                          references: list | None = None, annotators: list | None = None) -> tuple:
-        """(values [M] float64, relative outputs [M, N] or None): the statistic of each completion's
-        reward distribution, relative to its group (equal keys: the same prompt) or to its reference
-        reply (a completion of the same prompt, in the completions' format); and the distribution
-        itself, relative, when there is a reference (None without one). `annotators`: one id per
-        completion (None: the population), whose personal statistic it is."""
+        """(values, mean, spread), each [M] float64: the statistic of each completion's reward
+        distribution relative to its group (equal keys: the same prompt) or to its reference reply (a
+        completion of the same prompt, in the completions' format), and that relative distribution's
+        mean and standard deviation (None, None without a reference). `annotators`: one id per
+        completion (None: the population), whose personal statistic, mean and spread they are."""
         if len(prompts) != len(completions):
             raise MinqrError(f"{len(prompts)} prompts but {len(completions)} completions: one prompt per completion")
         if group is not None and references is not None:
@@ -112,21 +118,27 @@ class TextRewards:
         if group is not None:
             if len(group) != len(prompts):
                 raise MinqrError(f"{len(group)} group keys for {len(prompts)} completions: one key per completion")
-            group_ids = torch.tensor(_key_ids(group))
+            group_ids = key_ids(group)
+            alone = lone_member(group_ids)
+            if alone is not None:
+                raise MinqrError(f"completion {alone} is the only one of its prompt in this call, so its group reference "
+                                 "is itself and its reward says nothing of it: give a prompt's completions together "
+                                 "(TRL on several GPUs may split them: use a reference reply there)")
         if annotators is not None and len(annotators) != len(prompts):
             raise MinqrError(f"{len(annotators)} annotators for {len(prompts)} completions: one id (or None) per "
                              "completion")
         weights = None if annotators is None else self.weights(annotators)
         values = statistic_values(self.statistic, outputs, reference=reference_outputs, group=group_ids,
                                   objective=self.objective, weights=weights)
-        relative = None
-        if reference_outputs is not None or group_ids is not None:
-            relative = relative_outputs(outputs, reference=reference_outputs, group=group_ids, objective=self.objective)
-        return values, relative
+        if reference_outputs is None and group_ids is None:
+            return values, None, None
+        relative = relative_outputs(outputs, reference=reference_outputs, group=group_ids, objective=self.objective)
+        return values, *mean_and_spread(relative, weights)
 
 
-def _key_ids(keys: list) -> list[int]:
-    """One integer per key, equal for equal keys (strings, or message lists compared as JSON)."""
+def key_ids(keys: list) -> torch.Tensor:
+    """[M] one integer per key, equal for equal keys (strings, or message lists compared as JSON)."""
     ids = {}
-    return [ids.setdefault(key if isinstance(key, str) else json.dumps(key, sort_keys=True), len(ids)) for key in keys]
+    return torch.tensor([ids.setdefault(key if isinstance(key, str) else json.dumps(key, sort_keys=True), len(ids))
+                         for key in keys], dtype=torch.long)
 

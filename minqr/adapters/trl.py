@@ -58,6 +58,9 @@ class RewardFunction:
             raise MinqrError(f"reference must be 'group' or None (a reply per prompt comes from reference_column "
                              f"or reference_reply), got {reference!r}")
         self.reference = given[0] if given else reference
+        if self.reference is None and self.rewards.statistic.needs_reference(self.rewards.model.num_quantiles):
+            raise MinqrError(f"statistic {self.rewards.statistic} needs a reference (reference='group', "
+                             "reference_column or reference_reply); only the mean means something without one")
         self.reference_column, self.reference_reply = reference_column, reference_reply
         if annotator is not None and annotator_column is not None:
             raise MinqrError("give annotator or annotator_column, not both")
@@ -85,7 +88,7 @@ class RewardFunction:
             kwargs["annotators"] = list(columns[self.annotator_column])
         elif self.annotator is not None:
             kwargs["annotators"] = [self.annotator] * len(prompts)
-        values, relative = self.rewards.statistic_values(prompts, completions, **kwargs)
-        if log_metric is not None and relative is not None:
-            log_metric("minqr/spread", float(relative.std(-1, correction=0).mean()))
+        values, _, spread = self.rewards.statistic_values(prompts, completions, **kwargs)
+        if log_metric is not None and spread is not None:
+            log_metric("minqr/spread", float(spread.mean()))
         return values.tolist()

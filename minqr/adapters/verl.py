@@ -50,13 +50,16 @@ def compute_score_batch(data_sources=None, solution_strs=(), ground_truths=None,
                         **reward_kwargs) -> list[dict]:
     """Every response's reward dict, in order (see the module docstring)."""
     solutions = list(solution_strs)
-    return _reward_dicts(solutions, list(extra_infos) if extra_infos is not None else [None] * len(solutions),
-                         per_sample=False, **reward_kwargs)
+    infos = list(extra_infos) if extra_infos is not None else [None] * len(solutions)
+    if len(infos) != len(solutions):
+        raise MinqrError(f"{len(solutions)} solution_strs but {len(infos)} extra_infos: verl passes one extra_info "
+                         "per response")
+    return _reward_dicts(solutions, infos, per_sample=False, **reward_kwargs)
 
 
 def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | None = None, statistic: str = "mean",
                   prompt_key: str = "prompt", reference_key: str | None = None, reference_reply=None,
-                  annotator_key: str | None = None, max_length: int = 1024, batch_size: int = 16,
+                  annotator_key: str | None = None, max_length: int | None = None, batch_size: int = 16,
                   device: str = "auto", dtype: str = "auto", **others) -> list[dict]:
     unknown = sorted(set(others) - set(VERL_KEYWORDS))
     if unknown:
@@ -80,7 +83,7 @@ def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | N
         kwargs = {"references": references}
     elif reference_reply is not None:
         kwargs = {"references": [_as_reply(p, reference_reply) for p in prompts]}
-    elif per_sample and rewards.statistic.needs_reference and rewards.model.num_quantiles > 1:
+    elif per_sample and rewards.statistic.needs_reference(rewards.model.num_quantiles):
         raise MinqrError(f"statistic {rewards.statistic} needs a reference, and compute_score sees one response "
                          "at a time: set reward_kwargs reference_key (an extra_info field with a reference reply "
                          "per prompt) or reference_reply, or use compute_score_batch with reward_manager batch "
@@ -89,13 +92,12 @@ def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | N
         kwargs = {"group": prompts} if not per_sample else {}
     if annotator_key is not None:
         kwargs["annotators"] = [_field(info, annotator_key, "annotator_key", i) for i, info in enumerate(infos)]
-    values, relative = rewards.statistic_values(prompts, completions, **kwargs)
+    values, means, spreads = rewards.statistic_values(prompts, completions, **kwargs)
     # without a reference the statistic is the mean itself (or, at N = 1, the one reward)
-    means = relative.mean(-1) if relative is not None else values
-    results = [{"score": float(v), "mean": float(m)} for v, m in zip(values, means)]
-    if relative is not None:
-        for result, row in zip(results, relative):
-            result["spread"] = float(row.std(correction=0))
+    results = [{"score": float(v), "mean": float(m)} for v, m in zip(values, values if means is None else means)]
+    if spreads is not None:
+        for result, spread in zip(results, spreads):
+            result["spread"] = float(spread)
     return results
 
 

@@ -19,7 +19,8 @@ The reference. Either a reply given per prompt (`reference`: the raw outputs [B,
 SFT model's answer or a fixed refusal, row by row), or the `group` of candidates for the same prompt
 (`group`: an id per row; rows with the same id answer the same prompt). A group's reference is its
 mean output, kind by kind: GRPO samples several completions per prompt, and then needs no extra
-reply. A group of one is its own reference (every difference 0, preference 0.5).
+reply. A group of one is its own reference: for a mixture every difference is 0 (preference 0.5)
+whatever the reply says, so the adapters and the server refuse one (`lone_member`).
 
 What relative means for each objective (the head's objective says what its outputs are):
 
@@ -100,12 +101,16 @@ class Statistic:
         object.__setattr__(self, "level", float(level))
 
     def __str__(self) -> str:
-        return self.name if self.level is None else f"{self.name}:{self.level:g}"
+        if self.level is None:
+            return self.name
+        short = f"{self.level:g}"  # "1", "0.25"; in full where that would name another level
+        return f"{self.name}:{short if float(short) == self.level else repr(self.level)}"
 
-    @property
-    def needs_reference(self) -> bool:
-        """Whether it means anything without a reference at N > 1 (the mean does)."""
-        return self.name != "mean"
+    def needs_reference(self, num_outputs: int) -> bool:
+        """Whether it needs a reference for a head of `num_outputs` outputs: every statistic but the
+        mean at N > 1 (the kinds' constants), and the preference at any N (a probability of beating
+        something)."""
+        return self.name == "preference" or (num_outputs > 1 and self.name != "mean")
 
 
 def parse_statistic(text: str) -> Statistic:
@@ -281,7 +286,7 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     n = outputs.shape[1]
     dtype = _compute_dtype(outputs)
     if reference is None and group is None:
-        if statistic.name == "preference" or (n > 1 and statistic.needs_reference):
+        if statistic.needs_reference(n):
             _require_reference(None, None, f"statistic {statistic}" + (f" of {n} outputs" if n > 1 else ""))
         values = outputs.to(dtype)
         # N = 1: the reward; N > 1: the expected reward (the person's, weighted)
@@ -291,24 +296,39 @@ def statistic_values(statistic, outputs: torch.Tensor, *, reference: torch.Tenso
     relative = relative_outputs(outputs, reference=reference, group=group, objective=objective)  # [B, N]
     if weights is not None:
         return _weighted_statistic(statistic, relative, weights)
-    if statistic.name == "mean":
-        return relative.mean(-1)
-    if statistic.name == "mean_minus_std":
-        return relative.mean(-1) - statistic.level * relative.std(-1, correction=0)
+    if statistic.name in ("mean", "mean_minus_std"):
+        mean, spread = mean_and_spread(relative)
+        return mean if statistic.name == "mean" else mean - statistic.level * spread
     ordered = relative.sort(dim=-1).values
     if statistic.name == "quantile":
         return quantile_at(ordered, statistic.level)
     return lower_cvar(ordered, statistic.level)
 
 
+def mean_and_spread(relative: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """([B], [B]): the mean and the standard deviation of each row's relative reward distribution,
+    atoms `relative` [B, N] of masses `weights` [B, N] (a person's posterior) or 1/N: what the
+    adapters log beside a reward (the spread: how much the judges disagree about the reply)."""
+    if weights is None:
+        return relative.mean(-1), relative.std(-1, correction=0)
+    mean = (relative * weights).sum(-1)  # [B]
+    return mean, ((relative - mean[:, None]) ** 2 * weights).sum(-1).sqrt()
+
+
+def lone_member(group: torch.Tensor) -> int | None:
+    """The first row of `group` [B] (an id per row) whose group has no other row, or None. A lone
+    reply is its own reference: a mixture's is worth 0 whatever it says, another head's keeps only
+    its own spread. Callers refuse it."""
+    _, inverse, counts = torch.unique(group, return_inverse=True, return_counts=True)
+    alone = (counts[inverse] == 1).nonzero()
+    return int(alone[0]) if len(alone) else None
+
+
 def _weighted_statistic(statistic: Statistic, relative: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The statistic of atoms `relative` [B, N] of masses `weights` [B, N] (not preference)."""
-    mean = (relative * weights).sum(-1)  # [B]
-    if statistic.name == "mean":
-        return mean
-    if statistic.name == "mean_minus_std":
-        spread = ((relative - mean[:, None]) ** 2 * weights).sum(-1).sqrt()
-        return mean - statistic.level * spread
+    if statistic.name in ("mean", "mean_minus_std"):
+        mean, spread = mean_and_spread(relative, weights)
+        return mean if statistic.name == "mean" else mean - statistic.level * spread
     ordered, order = relative.sort(dim=-1)
     masses = weights.gather(-1, order)  # [B, N] each sorted atom's mass
     if statistic.name == "quantile":

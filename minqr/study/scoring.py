@@ -107,7 +107,8 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. At most
     `batch_size` texts a forward; texts that share a long prefix (a prompt's samples, a prompt and
     its reference reply) run it once (minqr/data/batching.py, TextBatch), unless `shared_prefix` is
-    False; rows of similar width share a batch; eval mode, as score_tokenized."""
+    False; rows of similar width share a batch; eval mode, as score_tokenized. Outputs that are not
+    finite are a MinqrError."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
     model_width = model.transformer.config.hidden_size
@@ -134,6 +135,11 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     finally:
         if switch:
             model.train(was_training)
+    broken = ~np.isfinite(out).all(axis=1)
+    if broken.any():  # every caller (the server, the adapters, best-of-n, the anchors) stops here
+        raise MinqrError(f"the reward model gives NaN or infinite outputs for {int(broken.sum())} of {len(out)} texts "
+                         f"(the first: text {int(np.argmax(broken))}): its weights are broken, or the precision "
+                         "overflows (try dtype float32)")
     return out
 
 
@@ -240,10 +246,12 @@ class ScoreConfig:
 
 def text_length_limit(model: RewardModel, folder, max_length: int | None) -> int:
     """The tokens kept of each text (cut from the left): `max_length`, else the --max-length the
-    model in `folder` was trained with (its training_args.json), else its number of positions."""
+    model in `folder` was trained with (its training_args.json; no folder: none), else its number
+    of positions."""
     positions = model.transformer.config.max_positions
     if max_length is None:
-        max_length = min(training_args(folder).get("max_length", positions), positions)
+        trained = training_args(folder).get("max_length", positions) if folder is not None else positions
+        max_length = min(trained, positions)
     check_max_length(model.transformer, max_length)
     return max_length
 
