@@ -103,6 +103,11 @@ def test_save_and_load_round_trip(tmp_path, generator):
     assert loaded.ids == annotators.ids and loaded.pairs == annotators.pairs
     assert torch.equal(loaded.log_posteriors, annotators.log_posteriors)  # exactly: JSON keeps a float64
     assert loaded.index(["bob", 7, "7", None, "carol"]).tolist() == [2, 1, -1, -1, -1]
+    # a command line's "7" is the id 7; what only looks numeric to str.isdigit() is no id, and no crash
+    assert [loaded.resolve(name) for name in ("7", " 7 ", "bob", "--7", "²", "-0", "carol")] == [7, 7, "bob", None,
+                                                                                                None, 0, None]
+    with pytest.raises(MinqrError, match=r"annotator \['u1'\]: an annotator's id is a string or an integer"):
+        loaded.resolve(["u1"])
     assert Annotators.load(tmp_path / "nothing") is None  # a model without the file loads as before
     with pytest.raises(MinqrError, match="3 kinds but the model has 5"):
         Annotators.load(tmp_path, num_kinds=5)
@@ -132,7 +137,10 @@ def test_bad_files_are_refused(tmp_path):
     for text in ("not json", '{"annotators": []}', '{"format": 1, "num_kinds": 2, "annotators": [{"id": 1.5, '
                  '"pairs": 1, "log_posterior": [-0.6931471805599453, -0.6931471805599453]}]}',
                  '{"format": 1, "num_kinds": 2, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0, 0]}]}',
-                 '{"format": 1, "num_kinds": 2, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0]}]}'):
+                 '{"format": 1, "num_kinds": 2, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0]}]}',
+                 '{"format": 1, "num_kinds": true, "annotators": [{"id": "a", "pairs": 1, "log_posterior": [0]}]}',
+                 '{"format": 1, "num_kinds": 1, "annotators": [{"id": "a", "pairs": "lots", "log_posterior": [0]}]}',
+                 '{"format": 1, "num_kinds": 1, "annotators": [{"id": "a", "pairs": -5, "log_posterior": [0]}]}'):
         path.write_text(text)
         with pytest.raises(MinqrError, match=ANNOTATORS_FILE):
             Annotators.load(tmp_path)

@@ -236,9 +236,15 @@ def test_bad_requests_get_4xx_json_and_the_server_lives_on(folder):
         assert request(server, "POST", "/health", b"{}")[0] == 404
         status, answer = request(server, "PUT", "/get_reward", b"{}")
         assert status == 501 and "error" in answer
+        status, answer = request(server, "GET", "/get_reward")
+        assert status == 405 and answer["error"] == "/get_reward takes POST, with the queries in a JSON body"
         # by hand: no Content-Length, a Content-Length that is no number, a body cut short, garbage
         for data, status_line in [(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
                                   (b"POST /get_reward HTTP/1.1\r\nContent-Length: -3\r\n\r\n", b"400"),
+                                  # a digit to str.isdigit(), not to int(): "²" in latin-1
+                                  (b"POST /get_reward HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n", b"400"),
+                                  (b"POST /get_reward HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 5\r\n\r\n{}",
+                                   b"400"),
                                   (b"POST /get_reward HTTP/1.1\r\nContent-Length: 50\r\n\r\n{}", b"400"),
                                   (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", b"414"),
                                   (b"GET /health HTTP/2.0\r\n\r\n", b"505")]:

@@ -31,6 +31,7 @@ know stops the server at start, or gets the request a 400.
 import collections
 import functools
 import json
+import re
 import signal
 import socket
 import sys
@@ -272,25 +273,34 @@ class _Handler(BaseHTTPRequestHandler):
             # after an error the rest of the stream cannot be trusted (e.g. an unread body)
             self.send_header("Connection", "close")
             self.close_connection = True
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.end_headers()
+            self.wfile.write(body)
+        except OSError:  # the client hung up before its answer (a trainer's timeout): nothing to tell it
+            self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, ...)
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def do_GET(self):
-        if self.path.split("?")[0] == HEALTH_PATH:
+        path = self.path.split("?")[0]
+        if path == HEALTH_PATH:
             self.send_json(200, self.server.service.health())
+        elif path == REWARD_PATH:
+            self.send_json(405, {"error": f"{REWARD_PATH} takes POST, with the queries in a JSON body"})
         else:
             self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH} or GET {HEALTH_PATH}"})
 
     def do_POST(self):
         if self.path.split("?")[0] != REWARD_PATH:
             return self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH}"})
-        length, limit = self.headers.get("Content-Length"), self.server.service.config.max_request_bytes
-        if length is None:
+        lengths, limit = self.headers.get_all("Content-Length") or [], self.server.service.config.max_request_bytes
+        if not lengths:
             return self.send_json(411, {"error": "the request has no Content-Length"})
-        if not length.isdigit():
+        if len(set(lengths)) > 1:
+            return self.send_json(400, {"error": f"the request has {len(lengths)} Content-Length headers that differ"})
+        length = lengths[0].strip()
+        if not re.fullmatch(r"[0-9]+", length):  # ASCII digits: str.isdigit() takes "²", which int() refuses
             return self.send_json(400, {"error": f"Content-Length {length!r} is not a number"})
         if int(length) > limit:
             return self.send_json(413, {"error": f"the body has {int(length):,} bytes, more than the server's "

@@ -31,6 +31,7 @@ scores file (minqr/study/scores_file.py). The commands are in minqr/study/person
 docs/personal.md is the user's guide.
 """
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,10 +150,13 @@ class Annotators:
     def resolve(self, name: str | int):
         """The id known here that `name` gives (a command line's "7" is the integer id 7 when only
         that is known), or None."""
+        if not _is_id(name):
+            raise MinqrError(f"annotator {name!r}: an annotator's id is a string or an integer")
         known = set(self.ids)
         if name in known:
             return name
-        as_int = int(name) if isinstance(name, str) and name.strip().lstrip("-").isdigit() else None
+        # ASCII digits: str.isdigit() also takes "²", which int() refuses
+        as_int = int(name) if isinstance(name, str) and re.fullmatch(r"\s*-?[0-9]+\s*", name) else None
         return as_int if as_int in known else None
 
     def merged(self, other: "Annotators") -> "Annotators":
@@ -190,12 +194,17 @@ class Annotators:
             ids = tuple(row["id"] for row in rows)
             pairs = tuple(row["pairs"] for row in rows)
             values = torch.tensor([row["log_posterior"] for row in rows], dtype=torch.float64)
-            values = values.reshape(len(rows), data["num_kinds"])  # [A, N], also for A = 0
+            kinds = data["num_kinds"]
+            if not (isinstance(kinds, int) and not isinstance(kinds, bool) and kinds >= 1):
+                raise ValueError(f"num_kinds {kinds!r} is not a number of kinds")
+            values = values.reshape(len(rows), kinds)  # [A, N], also for A = 0
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
             raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
         if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
             raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
                              f"what this minqr writes (format {FORMAT}); fix or delete it")
+        if not all(_is_id(count) and not isinstance(count, str) and count >= 0 for count in pairs):
+            raise MinqrError(f"{path}: an annotator's \"pairs\" is not a count of labelled pairs; fix or delete it")
         if num_kinds is not None and values.shape[1] != num_kinds:
             raise MinqrError(f"{path} holds posteriors over {values.shape[1]} kinds but the model has {num_kinds} "
                              "outputs: they do not belong together; delete it and run minqr personalize")
