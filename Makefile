@@ -47,7 +47,7 @@ demo: $(INSTALLED)
 study: $(INSTALLED)
 	set -e; for subset in helpful-base harmless-base; do for head in scalar paper mixture; do \
 	  case $$head in scalar) options="--head scalar";; *) options="--objective $$head";; esac; \
-	  $(PY) tools/train.py $$options --data hh-rlhf:$$subset --out $(STUDY)/$$subset-$$head; \
+	  $(PY) tools/train.py --overwrite $$options --data hh-rlhf:$$subset --out $(STUDY)/$$subset-$$head; \
 	  $(PY) tools/score.py --overwrite --model $(STUDY)/$$subset-$$head --data hh-rlhf:$$subset --split test \
 	    --out $(STUDY)/$$subset-$$head.npz; \
 	done; done
@@ -63,7 +63,7 @@ objectives: $(INSTALLED)
 	  $(PY) tools/synthetic.py --variant $$variant --out $(OBJECTIVES)/$$variant/task; \
 	  for seed in 0 1 2; do for objective in scalar paper mixture independent; do \
 	    case $$objective in scalar) head="--head scalar";; *) head="--objective $$objective";; esac; \
-	    $(PY) tools/train.py --demo $$head --data $(OBJECTIVES)/$$variant/task/train.jsonl --seed $$seed \
+	    $(PY) tools/train.py --overwrite --demo $$head --data $(OBJECTIVES)/$$variant/task/train.jsonl --seed $$seed \
 	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed; \
 	    $(PY) tools/score.py --overwrite --model $(OBJECTIVES)/$$variant/$$objective-$$seed \
 	      --data $(OBJECTIVES)/$$variant/task/test.jsonl --workload $$variant --label "$$objective seed $$seed" \
@@ -87,7 +87,7 @@ objectives: $(INSTALLED)
 	  done; \
 	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --out $(OBJECTIVES)/hh/report; \
 	fi
-	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --out $(OBJECTIVES)/table.md
+	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --overwrite --out $(OBJECTIVES)/table.md
 
 # The best-of-N evidence (docs/best_of_n.md): on the demo and shifted tasks, a mixture model and a
 # scalar head (one seed each), candidate sets (1,000 prompts of 8), their choices by each statistic

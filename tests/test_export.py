@@ -16,7 +16,7 @@ from minqr import load_tokenizer
 from minqr.data.pairs import Pair
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
-from minqr.study.scoring import score_pairs, score_texts
+from minqr.study.scoring import score_pairs
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINING_ARGS = {"max_length": 48, "lr": 1e-5, "head": "quantile"}
@@ -102,28 +102,6 @@ def test_transformers_pipeline_gives_minqr_rewards(tmp_path, tokenizer, exported
     torch.testing.assert_close(theirs, expected, atol=1e-5, rtol=0)
 
 
-def test_the_readme_reward_function_for_trl(tmp_path, tokenizer):
-    """docs/guide.md's reward function for TRL's GRPOTrainer (minqr's score_texts on prompt + completion, cut from
-    the left): each completion's expected reward, the mean of the outputs of the text alone."""
-    source = save_model(tmp_path / "quantile", tokenizer, n=6, seed=5)
-    model = RewardModel.from_pretrained(source)
-    max_length = 160  # the tiny model's positions (docs/guide.md: train's --max-length)
-    prompts = [SENTENCES[0].split("Assistant:")[0] + "Assistant:"] * 2 + [SENTENCES[3] * 8]  # the last one too long
-    completions = [" The capital of France is Paris.", " Paris!", " Waves roll in."]
-
-    def minqr_reward(prompts, completions, **kwargs) -> list[float]:  # as in docs/guide.md
-        texts = [prompt + completion for prompt, completion in zip(prompts, completions)]
-        token_lists = [ids[-max_length:] for ids in tokenizer.encode_batch(texts)]
-        return score_texts(model, token_lists).mean(axis=1).tolist()
-
-    reference = RewardModel.from_pretrained(source, dtype=torch.float64)
-    with torch.no_grad():
-        expected = [reference(torch.tensor([tokenizer.encode(p + c)[-max_length:]])).mean().item()
-                    for p, c in zip(prompts, completions)]
-    assert len(tokenizer.encode(prompts[2])) > max_length and np.std(expected) > 0.1
-    np.testing.assert_allclose(minqr_reward(prompts, completions), expected, atol=1e-5, rtol=0)
-
-
 def test_files_around_the_weights_carry_over(tmp_path, tokenizer):
     source = save_model(tmp_path / "quantile", tokenizer)
     (tmp_path / "scalar").mkdir()
@@ -177,6 +155,31 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
             assert word in result.output, (argv, result.output)
         assert "Traceback" not in result.output and not out.exists()
     assert RewardModel.from_pretrained(source).num_quantiles == 10  # the source is untouched
+
+
+def test_an_export_writes_only_into_a_new_folder_or_over_an_earlier_export(tmp_path, tokenizer):
+    """An earlier export is replaced with --overwrite only; a training run (its checkpoint and log would
+    sit beside a model they do not belong to) and a folder of the user's files never, and they stay
+    as they were."""
+    source = save_model(tmp_path / "quantile", tokenizer)
+    export = load_tool("export")
+    out = tmp_path / "out"
+    assert CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(out)]).exit_code == 0
+    again = CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(out)])
+    assert again.exit_code == 1 and again.output == (f"Error: out {out} holds an earlier export: pass --overwrite to "
+                                                     "replace it, or choose another folder\n")
+    assert CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(out), "--overwrite"]).exit_code == 0
+    run = save_model(tmp_path / "run", tokenizer)
+    (run / "training_args.json").write_text('{"max_length": 64}')
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    for folder, what in ((run, "a training run"), (mine, "model files that minqr did not write (config.json)")):
+        before = {p.name: p.read_bytes() for p in folder.iterdir()}
+        result = CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(folder), "--overwrite"])
+        assert result.exit_code == 1 and result.output == (
+            f"Error: out {folder} holds {what}, which the export would write over: choose another folder\n")
+        assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
 @pytest.mark.parametrize("kind, n", [("quantile", 10), ("scalar", 1)])

@@ -385,6 +385,11 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
                         "0.050 [0.050, 0.050] | 0.030 [0.020, 0.040] | 0.850 [0.800, 0.900] | 0.020 [0.020, 0.020] | "
                         "0.600 [0.600, 0.600] | 1.500 [1.500, 1.500] |")
     assert lines[3] == "| hh | mixture | 10 | 1 | – | 0.600 | – | – | – | 0.020 | 0.600 | 1.500 |"
+    again = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "s0.json"), "--out", str(out)])
+    assert again.exit_code == 1 and again.output == (f"Error: out {out} exists: pass --overwrite to replace it, or "
+                                                     "choose another path\n")
+    assert lines == out.read_text().splitlines()  # the table stays as it was
+    out = tmp_path / "other.md"
     (tmp_path / "bad.json").write_text("not json")
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
     assert bad.exit_code == 1 and "is not a summaries.json written by tools/analyze.py" in bad.output

@@ -244,7 +244,8 @@ def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, 
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):
     result = CliRunner().invoke(load_tool("train"), [*as_argv(resume_options(inputs, tmp_path / "run")), "--resume"])
     assert result.exit_code == 1
-    assert "holds no checkpoint to continue from" in result.output and "--overwrite instead of --resume" in result.output
+    assert result.output == (f"Error: --resume: {tmp_path / 'run'} holds no run to continue: drop --resume to start "
+                             "one\n")
 
 
 def test_a_full_disk_at_a_checkpoint_is_one_message_and_the_run_resumes_bit_for_bit(inputs, straight_run, tmp_path,

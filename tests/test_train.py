@@ -168,6 +168,47 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, t
     assert CliRunner().invoke(TRAIN, [*argv, "--overwrite"]).exit_code == 0
 
 
+def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
+    """The --model folder itself, or a folder with model files of the user's (a downloaded
+    checkpoint): refused, with --overwrite too, before any work, and every file stays as it was. A
+    folder that holds a model minqr wrote (a run's or an export's) needs --overwrite; other files
+    (notes) are left alone beside a run."""
+    argv = as_argv(tiny_options(inputs, tmp_path / "unused", max_steps=2))
+    def with_out(out, *extra):
+        given = list(argv)
+        given[given.index("--out") + 1] = str(out)
+        return CliRunner().invoke(TRAIN, [*given, *extra])
+    model = Path(inputs["model"])
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    for extra in ((), ("--overwrite",)):
+        result = with_out(model, *extra)
+        assert result.exit_code == 1 and result.output == (
+            f"Error: --out {model} is the --model folder itself: training would write over the model it starts "
+            "from; choose another --out\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text('{"mine": 1}')
+    (mine / "notes.txt").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        result = with_out(mine, *extra)
+        assert result.exit_code == 1 and result.output == (
+            f"Error: --out {mine} holds model files that are not a minqr run's (config.json): training would write "
+            "its model over them; choose another folder\n")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+    assert (mine / "config.json").read_text() == '{"mine": 1}' and (mine / "notes.txt").read_text() == "mine"
+    # a model minqr wrote, without a log or checkpoint (an export, or a run's folder cleaned up): --overwrite
+    run = tmp_path / "run"
+    assert with_out(run).exit_code == 0
+    for name in ("metrics.jsonl", "checkpoint", "curves.png"):
+        path = run / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    result = with_out(run)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: --out {run} already holds a reward model (a run): add --overwrite to replace it, or choose another "
+        "--out\n")
+    assert with_out(run, "--overwrite").exit_code == 0
+
+
 @pytest.mark.slow  # a real process trained, signalled and resumed: about 5 s of CPU each
 @pytest.mark.parametrize("sig, name", [(signal.SIGINT, "Ctrl-C"), (signal.SIGTERM, "SIGTERM")])
 def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_path, sig, name):

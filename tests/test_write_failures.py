@@ -214,7 +214,7 @@ def test_every_command_says_which_output_it_cannot_write(tmp_path):
          SIZE_LIMIT),  # the figures (30 to 50 kB)
         (100_000, ["export", "--model", r, "--scalar", "--out", tmp_path / "new" / "scalar"],
          tmp_path / "new" / "scalar", SIZE_LIMIT),
-        (100_000, ["export", "--model", r, "--scalar", "--out", tmp_path / "scalar"],
+        (100_000, ["export", "--model", r, "--scalar", "--out", tmp_path / "scalar", "--overwrite"],
          tmp_path / "scalar", SIZE_LIMIT),  # replaces the one made with room: it stays as it was
     ]
     runs = prepared + [[limit, argv] for limit, argv, _, _ in limited]

@@ -12,7 +12,8 @@ from pathlib import Path
 from minqr import hub
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
-from minqr.models.reward import load_reward_model, reward_normalization, training_args
+from minqr.models.reward import (load_reward_model, model_files_in, model_folder_kind, reward_normalization,
+                                 training_args)
 from minqr.options import option
 
 
@@ -22,8 +23,10 @@ class ExportConfig:
     asked for by name."""
 
     model: str = option(help="quantile reward model folder (train's --out), or a hub name")
-    out: str = option(help="folder to write the exported model into (its model files are replaced)")
+    out: str = option(help="folder to write the exported model into: a new or empty one, or an earlier export "
+                      "(with --overwrite)")
     scalar: bool = option(False, "export as a one-output model: the mean of the quantiles")
+    overwrite: bool = option(False, "replace the model files of an earlier export in --out")
     normalize: bool = option(False, "the exported reward is (reward - mean) / std, with the mean and std of the "
                              "expected reward that training measured on its held-out pairs (folded into the weights)")
 
@@ -34,17 +37,24 @@ class ExportConfig:
 
 
 @holds_output("out")
-def export_scalar(model, out, normalize: bool = False) -> Path:
+def export_scalar(model, out, normalize: bool = False, overwrite: bool = False) -> Path:
     """Write the quantile reward model in folder `model` to folder `out` as a one-output model whose
     reward is exactly the mean of the quantiles, with its tokenizer, and its training_args.json
     plus an `exported_from` entry. With `normalize`, the reward is (that mean - m) / s, m and s the
     statistics training measured (RewardModel.normalized). A scalar model is refused, as it is
-    already what this makes, unless it is to be normalised."""
+    already what this makes, unless it is to be normalised. `out` must be new or empty, or hold an
+    earlier export (replaced with `overwrite`): a training run or the user's files are never written over."""
     folder = hub.fetch_model(model)
     out = Path(out)
     if out.exists() and out.resolve() == folder.resolve():
         raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
                          "quantile model; choose another folder")
+    kind = model_folder_kind(out)
+    if kind == "export" and not overwrite:
+        raise MinqrError(f"out {out} holds an earlier export: pass --overwrite to replace it, or choose another folder")
+    if kind in ("run", "other"):
+        what = "a training run" if kind == "run" else f"model files that minqr did not write ({', '.join(model_files_in(out))})"
+        raise MinqrError(f"out {out} holds {what}, which the export would write over: choose another folder")
     reward_model, tokenizer, folder = load_reward_model(folder)
     head_config = reward_model.head_config
     if head_config.head == "scalar" and not normalize:

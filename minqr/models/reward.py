@@ -370,6 +370,29 @@ def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
     return head
 
 
+def model_folder_kind(folder) -> str:
+    """What a folder that a command would save a model into (save_pretrained: config.json, the
+    weights, the tokenizer's files, training_args.json) holds: "new" (none of those files, so
+    nothing there is written over), "run" (a training run: its training_args.json), "export" (minqr
+    export's: training_args.json with "exported_from"), or "other": model files that minqr did not
+    write (a downloaded checkpoint, say), which no command may replace."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return "other" if folder.exists() else "new"
+    if not model_files_in(folder):
+        return "new"
+    if not (folder / TRAINING_ARGS_FILE).is_file():
+        return "other"
+    return "export" if "exported_from" in training_args(folder) else "run"
+
+
+def model_files_in(folder: Path) -> list[str]:
+    """The files in `folder` that saving a model there would write over (weights of any name included)."""
+    saved = {"config.json", TRAINING_ARGS_FILE, "tokenizer.json", "tokenizer_config.json"}
+    return sorted(p.name for p in Path(folder).iterdir()
+                  if p.name in saved or p.suffix in (".safetensors", ".bin"))
+
+
 def training_args(folder: Path) -> dict:
     """The training_args.json that tools/train.py saves beside a model ({} when there is none)."""
     path = Path(folder) / TRAINING_ARGS_FILE

@@ -98,12 +98,15 @@ class TableConfig:
     """The options of the objectives table (`minqr objectives-table`)."""
 
     summaries: tuple[str, ...] = option(help="summaries.json files written by analyze", argument=True)
-    out: str = option(help="markdown file to write")
+    out: str = option(help="markdown file to write (a new one, or with --overwrite)")
+    overwrite: bool = option(False, "replace --out if it exists")
 
 
-def write_objectives_table(paths, out) -> Path:
+def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
     """Write `objectives_table` of the rows of every summaries.json in `paths` into the markdown
-    file `out` (atomically)."""
+    file `out` (atomically; an existing one only with `overwrite`)."""
+    if Path(out).exists() and not overwrite:
+        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
     rows = []
     for path in paths:
         try:

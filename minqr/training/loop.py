@@ -181,6 +181,9 @@ class TrainingRun:
                              "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
                              "2, or drop --fsdp")
         config = self.config
+        if Path(config.model).exists() and Path(config.model).resolve() == self.out.resolve():
+            raise MinqrError(f"--out {self.out} is the --model folder itself: training would write over the model it "
+                             "starts from; choose another --out")
         checkpoint = checkpoint_to_resume(self.out, asdict(config), resume=config.resume, overwrite=config.overwrite)
         return config.micro_batch_size(self.procs.world_size), checkpoint
 

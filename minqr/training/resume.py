@@ -33,6 +33,7 @@ import torch
 from minqr.atomic import abandoned, atomic_dir
 from minqr.errors import MinqrError
 from minqr.models.hf_folder import read_json, read_torch_file
+from minqr.models.reward import model_files_in, model_folder_kind
 from minqr.training.checkpoint_check import layout_problems, run_problems, shard_problems
 from minqr.training.metrics import METRICS_FILE
 
@@ -148,8 +149,17 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
     or None for a new run; a run is never clobbered by mistake. Each refusal says what the folder
     holds and the one option that gets out."""
     out = Path(out)
+    kind = model_folder_kind(out)
+    if find_checkpoint(out) is not None or (out / METRICS_FILE).exists():
+        kind = "run"  # whatever else is there: a run's log or checkpoint (a run stopped before it saved a model)
+    if kind == "other":  # not even --overwrite: the files are the user's
+        files = ", ".join(model_files_in(out)) if out.is_dir() else out.name
+        raise MinqrError(f"--out {out} holds model files that are not a minqr run's ({files}): training would "
+                         "write its model over them; choose another folder")
     checkpoint = find_checkpoint(out)
     if resume:
+        if kind == "new":
+            raise MinqrError(f"--resume: {out} holds no run to continue: drop --resume to start one")
         if checkpoint is None:
             raise MinqrError(f"--resume: {out} holds no checkpoint to continue from (a run saves one every "
                              "--save-every steps, and this one was stopped before its first): start it afresh "
@@ -165,6 +175,9 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
     if (out / METRICS_FILE).exists():
         raise MinqrError(f"--out {out} already holds a run that saved no checkpoint (nothing to resume): "
                          "add --overwrite to start afresh, or choose another --out")
+    if kind != "new":
+        raise MinqrError(f"--out {out} already holds a reward model ({'an export' if kind == 'export' else 'a run'}"
+                         "): add --overwrite to replace it, or choose another --out")
     return None
 
 

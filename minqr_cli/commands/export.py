@@ -12,6 +12,6 @@ def export(options, given):
     reward is exactly the mean of the N quantiles, which transformers'
     AutoModelForSequenceClassification loads as it is."""
     config = ExportConfig(**options)
-    folder = export_scalar(config.model, config.out, normalize=config.normalize)
+    folder = export_scalar(config.model, config.out, normalize=config.normalize, overwrite=config.overwrite)
     normalized = ", normalised by the reward statistics of its training" if config.normalize else ""
     click.echo(f"wrote {folder}: a one-output model whose reward is the mean of {config.model}'s outputs{normalized}")

@@ -9,4 +9,4 @@ from minqr_cli.options import config_command
 def objectives_table(options, given):
     """Write the objectives table of the analyzed SUMMARIES (summaries.json files written by analyze)
     into --out: a row per workload and objective, each measure averaged over seeds."""
-    click.echo(f"wrote {write_objectives_table(options['summaries'], options['out'])}")
+    click.echo(f"wrote {write_objectives_table(options['summaries'], options['out'], options['overwrite'])}")
