@@ -26,8 +26,12 @@ CONFIGS = {
                                         attention_bias=True, mlp_bias=True)),
     "qwen2-gqa2-tied": ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True, rope_theta=1e6)),
     "qwen2-gqa4": ("qwen2", dict(num_key_value_heads=1, num_hidden_layers=3)),
+    # transformers keeps these two keys in a qwen2 or mistral config.json but builds no such biases
+    "qwen2-bias-keys": ("qwen2", dict(num_key_value_heads=2, attention_bias=True, mlp_bias=True)),
     "mistral-gqa4": ("mistral", dict(num_attention_heads=8, num_key_value_heads=2, head_dim=12, sliding_window=None,
                                      rms_norm_eps=1e-5)),
+    "mistral-bias-keys": ("mistral", dict(num_key_value_heads=2, sliding_window=None, attention_bias=True,
+                                          mlp_bias=True)),
 }
 
 

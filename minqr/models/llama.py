@@ -11,9 +11,9 @@ file with one loop over names. A block is
 and the backbone ends with a last RMSNorm. The three variants differ only in their config:
 - llama: optional biases on all four attention projections (`attention_bias`) and on the MLP
   (`mlp_bias`), llama3 frequency scaling of RoPE (Llama 3.1 and later);
-- qwen2: biases on q, k and v, never on o;
-- mistral: a sliding attention window, which minqr does not implement: a config whose window is
-  active is refused.
+- qwen2: biases on q, k and v, never on o nor the MLP (whatever config.json says);
+- mistral: no biases (whatever config.json says), and a sliding attention window, which minqr
+  does not implement: a config whose window is active is refused.
 Grouped-query attention: `num_key_value_heads` divides `num_attention_heads`, and each key/value
 head serves `num_attention_heads / num_key_value_heads` consecutive query heads.
 
@@ -67,8 +67,8 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = DEFAULT_ROPE_THETA
     rope_scaling: dict | None = None  # None: plain RoPE; else {"rope_type": "llama3", *LLAMA3_KEYS}
-    attention_bias: bool = False  # biases on q, k, v and o (Qwen2 has q, k, v biases whatever this says)
-    mlp_bias: bool = False
+    attention_bias: bool = False  # llama: biases on q, k, v and o (qwen2, mistral: see `biases`)
+    mlp_bias: bool = False  # llama: biases on the MLP's three projections
     attention_dropout: float = 0.0
     tie_word_embeddings: bool = False  # whether an output layer would be the token embedding
     bos_token_id: int | None = None
@@ -142,6 +142,17 @@ class LlamaConfig:
             scaling = {"original_max_position_embeddings": d.get("max_position_embeddings"), **rope}
             config["rope_scaling"] = {"rope_type": "llama3", **{k: scaling.get(k) for k in LLAMA3_KEYS}}
         return cls(**config)
+
+    @property
+    def biases(self) -> tuple[bool, bool, bool]:
+        """(q/k/v, o, MLP): which projections have biases. Only llama reads attention_bias and
+        mlp_bias; transformers' Qwen2 always has q, k and v biases and no others, Mistral none,
+        whatever a saved config.json says of those two keys."""
+        if self.model_type == "qwen2":
+            return True, False, False
+        if self.model_type == "mistral":
+            return False, False, False
+        return self.attention_bias, self.attention_bias, self.mlp_bias
 
     def to_dict(self) -> dict:
         """The fields as Hugging Face's config.json has them (add "architectures" when writing)."""
@@ -217,11 +228,11 @@ class Attention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv_head = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.head_dim
-        qkv_bias = config.attention_bias or config.model_type == "qwen2"
+        qkv_bias, o_bias, _ = config.biases
         self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=o_bias)
         self.attention_dropout = config.attention_dropout
 
     def forward(self, x, cos, sin, mask):
@@ -241,9 +252,10 @@ class MLP(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        bias = config.biases[2]
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
