@@ -164,6 +164,17 @@ def test_chosen_lm_labels(shared_prefix):
             if t >= loop_prefix(c, r):  # a chosen-response token, predicted from the column before it
                 expected[i, t - 1] = c[t]
     assert torch.equal(batch.chosen_lm_labels, expected)
+    # where the response starts is known (training's pairs): its tokens are the targets, those the two
+    # responses share included, and no prompt token when the texts part inside the prompt
+    starts = [rng.randrange(0, len(c)) for c in chosen]
+    batch = collate_pairs(chosen, rejected, PAD_ID, shared_prefix, response_starts=(starts, [0] * len(rejected)))
+    expected = torch.full_like(batch.input_ids, IGNORE_INDEX)
+    for i, c in enumerate(chosen):
+        for t in range(max(starts[i], 1), len(c)):
+            expected[i, t - 1] = c[t]
+    assert torch.equal(batch.chosen_lm_labels, expected)
+    batch = collate_pairs([[1, 2, 3, 7, 8, 9]], [[1, 2, 3, 7, 5]], PAD_ID, shared_prefix, response_starts=([3], [3]))
+    assert batch.chosen_lm_labels[0][batch.chosen_lm_labels[0] != IGNORE_INDEX].tolist() == [7, 8, 9]
 
 
 def test_to_moves_every_tensor():

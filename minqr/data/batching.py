@@ -116,9 +116,11 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
                   pair_margins: Sequence[float] | None = None, annotators: Sequence[int] | None = None) -> PairBatch:
     """Lay out B pairs of token lists (each at least one token long) as one PairBatch.
 
-    response_starts: ([B] chosen, [B] rejected) the index of each text's first response token
-    (default: 0, the whole text is the response). pair_margins: [B] the pairs' margins, or None.
-    annotators: [B] each pair's annotator index, or None."""
+    response_starts: ([B] chosen, [B] rejected) the index of each text's first response token: the
+    LM term's targets are the chosen response's tokens, the response bag reads both responses'
+    (default: for the LM term, the first token after the two texts' shared prefix, the prompt; for
+    the bag, the whole text). pair_margins: [B] the pairs' margins, or None. annotators: [B] each
+    pair's annotator index, or None."""
     if len(chosen) != len(rejected) or not chosen:
         raise MinqrError(f"collate_pairs needs as many chosen as rejected lists, at least one "
                          f"(got {len(chosen)} and {len(rejected)})")
@@ -143,9 +145,9 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
         position_ids[i, : len(c)] = torch.arange(len(c))
         segments[i, :p] = PREFIX
         segments[i, p : len(c)] = CHOSEN
-        # The LM targets are the chosen response tokens; the first token of a row has no
-        # predecessor to predict it, hence max(p, 1).
-        first_target = max(p, 1)
+        # The LM targets are the chosen response's tokens (where the texts part, if nothing says
+        # where it starts); the first token of a row has no predecessor to predict it, hence max(., 1).
+        first_target = max(response_starts[0][i] if response_starts else p, 1)
         labels[i, first_target - 1 : len(c) - 1] = torch.tensor(c[first_target:], dtype=torch.long)
         if shared_prefix:
             position_ids[i, len(c) : len(c) + len(r) - p] = torch.arange(p, len(r))
