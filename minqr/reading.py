@@ -30,7 +30,8 @@ NPY_MAGIC = b"\x93NUMPY"
 
 def loads(text: str | bytes):
     """json.loads, refusing nesting deeper than MAX_JSON_DEPTH with a json.JSONDecodeError at the
-    first bracket too deep (bytes must be UTF-8: a UnicodeDecodeError otherwise, as json.loads)."""
+    first bracket too deep, and an integer too long for Python to read with one too (bytes must be
+    UTF-8: a UnicodeDecodeError otherwise, as json.loads)."""
     if isinstance(text, (bytes, bytearray)):
         text = text.decode("utf-8")
     too_deep = _first_too_deep(text)
@@ -40,6 +41,10 @@ def loads(text: str | bytes):
         return json.loads(text)
     except RecursionError:  # a caller already deep in its own stack: still an error about the text
         raise json.JSONDecodeError("nested too deep to parse", text, 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as error:  # an integer of more than 4,300 digits (Python's limit): bad text too
+        raise json.JSONDecodeError(str(error).split(";")[0], text, 0) from None
 
 
 def _first_too_deep(text: str) -> int | None:

@@ -134,6 +134,8 @@ def test_given_annotators_label_with_their_own_probability():
 def test_bad_labels_per_annotator(tmp_path):
     with pytest.raises(MinqrError, match=r"--labels-per-annotator must be at least 0 \(got -1\)"):
         make_synthetic_task(tmp_path / "x", num_train=10, num_test=5, labels_per_annotator=-1)
+    with pytest.raises(MinqrError, match=r"--labels-per-annotator 11 is more than the 10 training pairs"):
+        make_synthetic_task(tmp_path / "x", num_train=10, num_test=5, labels_per_annotator=11)
 
 
 def test_plain_task_unchanged_by_the_option(tmp_path):

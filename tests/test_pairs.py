@@ -150,6 +150,9 @@ BAD_LINES = [
      ["malformed JSON (nested deeper than 100 levels at column 111)"]),
     ('{"chosen": "a", "rejected": ' + '{"x": ' * 5000 + "1" + "}" * 5000 + "}", "malformed_lines",
      ["malformed JSON (nested deeper than 100 levels at column"]),
+    # an integer longer than Python reads (4,300 digits): a ValueError that is not a JSONDecodeError
+    ('{"chosen": "a", "rejected": "b", "margin": ' + "9" * 5000 + "}", "malformed_lines",
+     ["malformed JSON (Exceeds the limit (4300 digits) for integer string conversion"]),
     (json.dumps({"rejected": "b"}), "bad_fields", ["missing field 'chosen'"]),
     (json.dumps({"chosen": "a"}), "bad_fields", ["missing field 'rejected'"]),
     (json.dumps({"chosen": 3, "rejected": "b"}), "bad_fields", ["'chosen' must be a string", "int"]),

@@ -131,7 +131,8 @@ def test_score_gives_known_annotators_their_personal_columns(mixture, tokenizer,
     known = [p for p, annotator in enumerate(test_ids) if annotator != 1000]
     personal = np.mean([probability[p] > 0.5 for p in known])
     population = np.mean([torch.sigmoid(chosen[p] - rejected[p]).mean() > 0.5 for p in known])
-    assert line == (f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the 10 rows of known annotators: "
+    assert line == (f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the 10 rows whose annotator has a "
+                    "posterior (the model's, or from --context): "
                     f"{personal:.4f}; the population's on the same rows: {population:.4f}")
 
 

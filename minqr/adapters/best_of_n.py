@@ -215,11 +215,12 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     data_path = Path(data).expanduser().resolve()
     device = resolve_device(config.device)
     # what decides the scores: a resumed job must match in all of it, the model's files (a model
-    # retrained into the same folder) and the precision actually used ("auto" differs by device) included
+    # retrained into the same folder), the precision actually used ("auto" differs by device) and the
+    # batch size (float32 sums differ a little with the batch) included
     job = {"minqr": "best-of-n", "model": str(Path(folder).resolve()), "model_files": _model_files(folder),
            "data": str(data_path), "data_bytes": data_path.stat().st_size, "data_mtime_ns": data_path.stat().st_mtime_ns,
            "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
-           "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
+           "batch_size": config.batch_size, "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
     partial = partial_path(out)
     if config.overwrite:
         partial.unlink(missing_ok=True)

@@ -358,5 +358,6 @@ def _fill_known_rows(result: PersonalScores, have: np.ndarray, c: torch.Tensor, 
     population = statistic_values("preference", c, reference=r)  # [P'] the mixture's P(c ≻ r)
     personal = float(np.mean(_credit(result.probability[have])))
     everyone = float(np.mean(_credit(population.numpy())))
-    result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows of "
-                        f"known annotators: {personal:.4f}; the population's on the same rows: {everyone:.4f}")
+    result.notes.append(f"personal accuracy (P_a(chosen ≻ rejected) > 1/2) on the {int(have.sum()):,} rows whose "
+                        f"annotator has a posterior (the model's, or from --context): {personal:.4f}; the "
+                        f"population's on the same rows: {everyone:.4f}")

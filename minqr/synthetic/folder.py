@@ -90,6 +90,9 @@ class SyntheticConfig:
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
+        if self.labels_per_annotator > self.num_train:
+            raise MinqrError(f"--labels-per-annotator {self.labels_per_annotator} is more than the {self.num_train} "
+                             "training pairs (--num-train): one annotator could not label that many")
 
 
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
