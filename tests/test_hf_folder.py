@@ -191,7 +191,8 @@ def safetensors_parts(path):
     return size, json.loads(raw[8:8 + size]), raw
 
 
-@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty", "header not JSON", "header wrong about a tensor"])
+@pytest.mark.parametrize("damage", ["cut short", "garbage", "empty", "header not JSON", "header wrong about a tensor",
+                                    "offsets of strings", "one offset", "three offsets"])
 def test_a_damaged_safetensors_file_is_one_error_that_names_it(tmp_path, damage):
     write_tiny_checkpoint(tmp_path, CONFIG)
     path = tmp_path / "model.safetensors"
@@ -208,6 +209,13 @@ def test_a_damaged_safetensors_file_is_one_error_that_names_it(tmp_path, damage)
     elif damage == "header not JSON":
         path.write_bytes(raw[:8] + b"#" * header_size + raw[8 + header_size:])
         problem = "its header is not the JSON of a safetensors file"
+    elif damage in ("offsets of strings", "one offset", "three offsets"):  # what the explainer itself read
+        offsets = {"offsets of strings": ["0", "8"], "one offset": [0], "three offsets": [0, 8, 9]}[damage]
+        header["transformer.wte.weight"]["data_offsets"] = offsets
+        text = json.dumps(header, separators=(",", ":")).encode()
+        path.write_bytes(raw[:8] + text.ljust(header_size) + raw[8 + header_size:])
+        problem = ("its header is wrong about tensor transformer.wte.weight: its shape and data_offsets are not "
+                   "lists of counts")
     else:  # a shape that does not fit the tensor's bytes, the header kept at its length
         header["transformer.wte.weight"]["shape"] = [320, 31]
         text = json.dumps(header, separators=(",", ":")).encode()

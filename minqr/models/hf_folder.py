@@ -165,6 +165,10 @@ def _safetensors_problem(path: Path, error: Exception) -> str:
                        if name != "__metadata__"}
         except (ValueError, TypeError, KeyError, AttributeError):
             return "its header is not the JSON of a safetensors file"
+    bad = next((name for name, (dtype, shape, *offsets) in tensors.items()
+                if len(offsets) != 2 or not _counts(offsets) or not isinstance(shape, list) or not _counts(shape)), None)
+    if bad is not None:
+        return f"its header is wrong about tensor {bad}: its shape and data_offsets are not lists of counts"
     data_start = 8 + header_size
     cut = {name: t for name, t in tensors.items() if data_start + t[3] > size}
     if cut:
@@ -175,6 +179,10 @@ def _safetensors_problem(path: Path, error: Exception) -> str:
         if end - begin != math.prod(shape) * SAFETENSORS_DTYPE_BYTES.get(dtype, 0):
             return f"its header is wrong about tensor {name} ({dtype} {shape} in bytes {begin}..{end})"
     return f"safetensors cannot read it ({error})"
+
+
+def _counts(values) -> bool:
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
 
 
 def read_torch_file(path, fix: str = DAMAGED, foreign_fix: str = FOREIGN_PICKLE):
