@@ -317,6 +317,12 @@ def test_template_file_and_named_templates(tmp_path):
     (folder / "chat_template.jinja").write_text("{% for m in messages %}")
     with pytest.raises(MinqrError, match="the chat template is no valid Jinja"):
         load_tokenizer(folder)
+    (folder / "chat_template.jinja").write_text("{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}")
+    with pytest.raises(MinqrError, match="the chat template nests too deep to compile"):
+        load_tokenizer(folder)
+    (folder / "chat_template.jinja").write_bytes(b"{{ '\xff' }}")
+    with pytest.raises(MinqrError, match=r"chat_template\.jinja is not UTF-8 text \(invalid start byte at byte 4\)"):
+        load_tokenizer(folder)
 
 
 def test_the_rendering_is_said(tmp_path, folders):

@@ -49,6 +49,9 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as error:
             raise MinqrError(f"{where}: the chat template is no valid Jinja ({error.message}, line {error.lineno} "
                              "of the template): fix it, or remove it to use the texts as they are") from None
+        except RecursionError:  # thousands of nested blocks or brackets: more than the compiler's stack
+            raise MinqrError(f"{where}: the chat template nests too deep to compile: fix it, or remove it to use "
+                             "the texts as they are") from None
         self.source = source
         self.special_tokens = dict(special_tokens)
         self.where = where

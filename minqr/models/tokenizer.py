@@ -187,7 +187,11 @@ def _chat_template(folder: Path, config: dict | None) -> str | None:
     file), else tokenizer_config.json's chat_template, a string or a list of {"name", "template"}
     of which minqr, as transformers, takes "default"; None when there is none."""
     if (folder / CHAT_TEMPLATE_FILE).is_file():
-        return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        try:
+            return (folder / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise MinqrError(f"{folder / CHAT_TEMPLATE_FILE} is not UTF-8 text ({error.reason} at byte "
+                             f"{error.start}): {DAMAGED}") from None
     template = None if config is None else config.get("chat_template")
     if isinstance(template, list):  # without a "default" it stays a list, and the error below says why
         template = next((entry.get("template") for entry in template
