@@ -4,6 +4,7 @@ Qwen2 (ChatML), Mistral-instruct and Zephyr; the response starts and shared pref
 pairs; what a refusing template, a missing EOS and HH-style strings give."""
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import transformers
@@ -16,6 +17,7 @@ from minqr.data.batching import tokenize_pairs
 from minqr.models import template_limits
 from minqr.data.chat import prompt_reply_texts, rendering_note, reply_text
 from minqr.data.pairs import read_pairs_file
+from minqr.training.inputs import load_pairs
 
 LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
           "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + "
@@ -374,3 +376,18 @@ def test_a_prompt_and_its_replies_read_as_training_reads_a_pair(tmp_path, folder
     assert prompt_reply_texts(prompt, [reply], None, "test") == (
         ["\n\nHuman: What colour is the sky?\n\nAssistant: Blue."], True)
     assert prompt_reply_texts("a", ["b", "c"], ours.chat_template, "test") == (["ab", "ac"], False)
+
+
+def test_texts_that_end_in_the_pad_token_are_said(tmp_path):
+    """Llama 3's template closes each turn with <|eot_id|>, its EOS, which pads when the tokenizer
+    has no pad of its own: every text then ends in the pad id, and training says what that means
+    for transformers. ChatML's tokenizer pads with a token of its own: nothing to say."""
+    path = write_records(tmp_path / "pairs.jsonl", LAYOUTS["implicit"])
+    config = SimpleNamespace(skip_bad=False, annotator_field=None, max_length=128)
+    for style, ending in (("llama3", 2 * len(LAYOUTS["implicit"])), ("chatml", 0)):
+        tokenizer = load_tokenizer(write_chat_tokenizer(tmp_path / style, style))
+        said = []
+        tokenized = load_pairs(path, "train", tokenizer, config, said.append)
+        assert tokenized.ending_in_pad() == ending
+        assert sum(line.startswith(f"train: note: {ending:,} texts end in the pad token (id {tokenizer.pad_id};")
+                   for line in said) == (ending > 0), said

@@ -220,6 +220,12 @@ class TokenizedPairs:
     def __len__(self) -> int:
         return len(self.chosen)
 
+    def ending_in_pad(self) -> int:
+        """How many texts end in the pad id (a template that closes every turn with EOS, where EOS
+        pads): minqr reads their reward at that token, transformers' sequence classifiers, which
+        skip pad ids, one token earlier."""
+        return sum(tokens[-1] == self.pad_id for side in (self.chosen, self.rejected) for tokens in side)
+
     def prefix_lengths(self) -> np.ndarray:
         """[P] the shared token prefix of every pair (capped as in shared_prefix_length)."""
         return np.array([shared_prefix_length(c, r) for c, r in zip(self.chosen, self.rejected)])

@@ -57,6 +57,13 @@ def load_pairs(source, split: str, tokenizer, config: TrainConfig, say) -> Token
     note = rendering_note(pairs, tokenizer.chat_template)
     if note:  # once they are: a template that refuses a conversation has stopped the run by now
         say(f"{split}: {note}")
+    ending = tokenized.ending_in_pad()
+    if ending:
+        say(f"{split}: note: {ending:,} texts end in the pad token (id {tokenized.pad_id}; without a pad token of its "
+            "own the tokenizer pads with EOS, which the chat template writes at each turn's end): minqr reads their "
+            "reward there, transformers' sequence classifiers one token earlier (they skip pad ids), so the saved "
+            "model would score them otherwise there; give the tokenizer a pad token of its own (tokenizer_config.json "
+            "pad_token) to make both agree")
     if tokenized.num_truncated:
         share = tokenized.num_truncated / len(tokenized)
         say(f"{split}: {tokenized.num_truncated:,} pairs ({share:.0%}) cut from the left to --max-length "
