@@ -168,6 +168,17 @@ def test_a_run_stopped_before_its_first_checkpoint_is_told_the_way_out(inputs, t
     assert CliRunner().invoke(TRAIN, [*argv, "--overwrite"]).exit_code == 0
 
 
+def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_before_training(inputs, tmp_path):
+    small = tmp_path / "small"
+    write_tiny_checkpoint(small, tiny_config(n_positions=128, vocab_size=200))
+    result = CliRunner().invoke(TRAIN, as_argv(tiny_options({**inputs, "model": str(small)}, tmp_path / "run")))
+    tokens = load_tokenizer(inputs["tokenizer"]).vocab_size
+    assert result.exit_code == 1 and result.output.endswith(
+        f"Error: --tokenizer {inputs['tokenizer']} has {tokens} ids but --model {small} embeds only 200: they do not "
+        "belong together\n"), result.output
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
     """The --model folder itself, or a folder with model files of the user's (a downloaded
     checkpoint): refused, with --overwrite too, before any work, and every file stays as it was. A

@@ -423,8 +423,14 @@ def load_reward_model(model) -> tuple[RewardModel, object, Path]:
     except MinqrError as error:
         raise MinqrError(f"{error}. A reward model folder carries its tokenizer (tools/train.py saves it "
                          "there); copy the tokenizer's files into it") from None
-    vocab_size = reward_model.transformer.config.vocab_size
-    if tokenizer.vocab_size > vocab_size:
-        raise MinqrError(f"the tokenizer in {folder} has {tokenizer.vocab_size} ids but the model embeds only "
-                         f"{vocab_size}: they do not belong together")
+    check_vocabulary(tokenizer, reward_model.transformer, f"the tokenizer in {folder}", f"the model in {folder}")
     return reward_model, tokenizer, folder
+
+
+def check_vocabulary(tokenizer, backbone, tokenizer_where: str, model_where: str) -> None:
+    """A MinqrError when the tokenizer can give ids that the backbone has no embedding for (an index
+    error deep in the forward on a CPU, a device-side assert on a GPU)."""
+    vocab_size = backbone.config.vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise MinqrError(f"{tokenizer_where} has {tokenizer.vocab_size} ids but {model_where} embeds only "
+                         f"{vocab_size}: they do not belong together")

@@ -34,7 +34,7 @@ from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length, load_backbone
 from minqr.models.gpt2 import GPT2
-from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel
+from minqr.models.reward import TRAINING_ARGS_FILE, RewardModel, check_vocabulary
 from minqr.models.tokenizer import load_tokenizer
 from minqr.progress import progress_bar, say
 from minqr.study.personalize import save_annotators
@@ -188,7 +188,11 @@ class TrainingRun:
         return config.micro_batch_size(self.procs.world_size), checkpoint
 
     def _check_model(self, model: RewardModel) -> None:
-        """What the options ask of the backbone: positions for --max-length, an LM head for --lm-coef."""
+        """What the options ask of the backbone: ids for every token of --tokenizer, positions for
+        --max-length, an LM head for --lm-coef."""
+        tokenizer_from = (f"--tokenizer {self.config.tokenizer}" if self.config.tokenizer else
+                          f"the tokenizer in {self.model_path}")
+        check_vocabulary(self.tokenizer, model.transformer, tokenizer_from, f"--model {self.model_path}")
         check_max_length(model.transformer, self.config.max_length, "--max-length")
         if self.config.lm_coef > 0 and not hasattr(model.transformer, "lm_logits"):
             raise MinqrError(f"--lm-coef needs the backbone's language-model head, which minqr's "
