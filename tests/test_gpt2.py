@@ -162,6 +162,11 @@ def test_config_round_trips_through_transformers():
     ({"n_embd": 30, "n_head": 4}, ["n_embd=30", "divisible by n_head=4"]),
     ({"activation_function": "relu", "n_layer": 0}, ["'relu'", "n_layer=0"]),
     ({"attn_pdrop": 1.0}, ["attn_pdrop=1.0"]),
+    ({"resid_pdrop": "0.1"}, ["resid_pdrop='0.1' must be a number in [0, 1)"]),
+    ({"layer_norm_epsilon": -1}, ["layer_norm_epsilon=-1 must be a number > 0"]),
+    ({"layer_norm_epsilon": "1e-5"}, ["layer_norm_epsilon='1e-5' must be a number > 0"]),
+    ({"eos_token_id": True}, ["eos_token_id=True must be a token id, a list of them, or null"]),
+    ({"eos_token_id": 2 ** 40}, ["eos_token_id=1099511627776 must be a token id"]),
 ])
 def test_bad_configs_are_named(change, words):
     with pytest.raises(MinqrError) as error:

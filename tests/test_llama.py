@@ -286,6 +286,19 @@ def test_an_inactive_qwen2_window_is_accepted(config):
      "supported (the Llama family uses 'silu')"),
     ({"model_type": "gemma"}, "not a Llama-family config: model_type is 'gemma', expected one of 'llama', 'qwen2', "
                               "'mistral'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "invalid llama config: rope_theta=0 must be a "
+                                                                    "number > 0"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "10000"}},
+     "invalid llama config: rope_theta='10000' must be a number > 0"),
+    ({"rms_norm_eps": "1e-6", "attention_dropout": "0.1"},
+     "invalid llama config: attention_dropout='0.1' must be a number in [0, 1); rms_norm_eps='1e-6' must be a number > 0"),
+    ({"rope_parameters": ["llama3"]}, "llama config: rope_scaling (or rope_parameters) must be a dict, got ['llama3']"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16, "rope_theta": 1e4}},
+     "invalid llama config: rope_scaling={'rope_type': 'llama3', 'factor': 8.0, 'low_freq_factor': 0, "
+     "'high_freq_factor': 4.0, 'original_max_position_embeddings': 16} must be None or {'rope_type': 'llama3', "
+     "'factor': ..., 'low_freq_factor': ..., 'high_freq_factor': ..., 'original_max_position_embeddings': ...}"),
+    ({"eos_token_id": -1}, "invalid llama config: eos_token_id=-1 must be a token id, a list of them, or null"),
 ])
 def test_bad_configs_are_named(change, message):
     with pytest.raises(MinqrError) as error:

@@ -43,7 +43,7 @@ def family(config: dict, folder) -> tuple:
     """The FAMILIES entry of `config`, the config.json dict read from `folder`, by its model_type; an
     unknown model_type is a MinqrError that names the supported ones."""
     model_type = config.get("model_type")
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise MinqrError(f"{Path(folder) / 'config.json'} has model_type {model_type!r}, which minqr does not "
                          f"implement: supported are {', '.join(FAMILIES)}")
     return FAMILIES[model_type]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minqr.errors import MinqrError
+from minqr.models.config_checks import number_problems, token_id_problems
 
 # Hugging Face's activation names -> F.gelu's `approximate`. GPT-2 uses "gelu_new", the tanh form.
 GELU_APPROXIMATION = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -85,9 +86,9 @@ class GPT2Config:
                 f"activation_function={self.activation_function!r} is not supported "
                 f"(use one of {sorted(GELU_APPROXIMATION)})"
             )
-        for name in DROPOUTS:
-            if not 0.0 <= getattr(self, name) < 1.0:
-                problems.append(f"{name}={getattr(self, name)!r} must lie in [0, 1)")
+        problems += number_problems(self, DROPOUTS, below_one=True)
+        problems += number_problems(self, ("layer_norm_epsilon",), positive=True)
+        problems += token_id_problems(self, ("bos_token_id", "eos_token_id"))
         if problems:
             raise MinqrError("invalid GPT-2 config: " + "; ".join(problems))
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from minqr.errors import MinqrError
+from minqr.models.config_checks import number_problems, token_id_problems
 from minqr.models.gpt2 import attend, attention_mask_4d, default_position_ids
 
 VARIANTS = ("llama", "qwen2", "mistral")
@@ -95,11 +96,13 @@ class LlamaConfig:
             problems.append(f"head_dim={self.head_dim} must be even (RoPE turns pairs of dimensions)")
         if self.hidden_act != "silu":
             problems.append(f"hidden_act={self.hidden_act!r} is not supported (the Llama family uses 'silu')")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            problems.append(f"attention_dropout={self.attention_dropout!r} must lie in [0, 1)")
+        problems += number_problems(self, ("attention_dropout",), below_one=True)
+        problems += number_problems(self, ("rms_norm_eps", "rope_theta"), positive=True)
+        problems += token_id_problems(self, ("bos_token_id", "eos_token_id", "pad_token_id"))
         if self.rope_scaling is not None:
-            numbers = all(isinstance(self.rope_scaling.get(k), (int, float)) for k in LLAMA3_KEYS)
-            if self.rope_scaling.get("rope_type") != "llama3" or not numbers:
+            numbers = isinstance(self.rope_scaling, dict) and all(
+                isinstance(self.rope_scaling.get(k), (int, float)) and self.rope_scaling.get(k) > 0 for k in LLAMA3_KEYS)
+            if not numbers or self.rope_scaling.get("rope_type") != "llama3":
                 problems.append(f"rope_scaling={self.rope_scaling!r} must be None or "
                                 f"{{'rope_type': 'llama3', {', '.join(repr(k) + ': ...' for k in LLAMA3_KEYS)}}}")
             elif self.rope_scaling["low_freq_factor"] >= self.rope_scaling["high_freq_factor"]:
@@ -130,6 +133,8 @@ class LlamaConfig:
         # transformers 5 writes {"rope_type", "rope_theta", ...} as rope_parameters; older files have
         # rope_theta beside rope_scaling (whose "rope_type" was once called "type")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise MinqrError(f"{model_type} config: rope_scaling (or rope_parameters) must be a dict, got {rope!r}")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ROPE_TYPES:
             raise MinqrError(f"{model_type} config uses RoPE of rope_type {rope_type!r}, which minqr does not "
