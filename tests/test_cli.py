@@ -126,9 +126,14 @@ def test_options_are_the_config_fields(name):
 @pytest.mark.parametrize("tool, name", [("train", "train"), ("score", "score"), ("analyze", "analyze"),
                                         ("export", "export"), ("synthetic", "synthetic"),
                                         ("objectives_table", "objectives-table"), ("candidates", "candidates"),
-                                        ("best_of_n", "best-of-n"), ("serve", "serve")])
+                                        ("best_of_n", "best-of-n"), ("serve", "serve"), ("personalize", "personalize")])
 def test_tools_are_the_same_commands(tool, name):
     assert load_tool(tool) is commands.main.get_command(None, name)
+
+
+def test_every_subcommand_has_its_script():
+    assert sorted(p.stem.replace("_", "-") for p in (ROOT / "tools").glob("*.py") if p.stem != "best_of_n_table") == \
+        sorted(commands.COMMANDS)
 
 
 def test_ranges_choices_and_renamed_flags(monkeypatch):

@@ -246,7 +246,7 @@ SLIDING = ("config has an active sliding attention window ({}): minqr attends ov
     ("mistral", {}, "sliding_window=4096"),  # transformers' default for Mistral
     ("mistral", {"sliding_window": 8}, "sliding_window=8"),
     ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
-     "use_sliding_window=true, sliding_window=8 on layers [1]"),
+     "use_sliding_window=true, sliding_window=8 on layer 1"),
 ])
 def test_an_active_sliding_window_is_refused(tmp_path, model_type, config, window):
     hf = random_hf_llama(model_type, "Model", **config)
@@ -254,6 +254,17 @@ def test_an_active_sliding_window_is_refused(tmp_path, model_type, config, windo
     with pytest.raises(MinqrError) as error:
         load_backbone(tmp_path)
     assert str(error.value) == f"{model_type} " + SLIDING.format(window)
+
+
+def test_a_damaged_layer_count_is_refused_without_listing_its_layers():
+    """A qwen2 config of 10^12 layers with a window from layer 2 on: refused at once (the layers
+    are counted, not listed: a list of them would take the memory first)."""
+    huge = {**hf_config_dict("qwen2"), "num_hidden_layers": 10 ** 12, "use_sliding_window": True, "sliding_window": 8,
+            "max_window_layers": 2, "layer_types": None}
+    with pytest.raises(MinqrError) as error:
+        LlamaConfig.from_dict(huge)
+    assert str(error.value) == "qwen2 " + SLIDING.format(
+        f"use_sliding_window=true, sliding_window=8 on layers 2 to {10 ** 12 - 1}")
 
 
 def test_a_mistral_config_without_sliding_window_has_transformers_default():

@@ -82,8 +82,8 @@ LAYOUTS = {
                   ignored=(".rotary_emb.inv_freq", "lm_head.weight")),  # see the docstring
 }
 DAMAGED = "the file is damaged or incomplete (a download or copy cut short?): download or save it again"
-# bytes per element of each safetensors dtype, to find the tensor a bad header is wrong about
 FOREIGN_PICKLE = "Convert the checkpoint to model.safetensors where you trust it (transformers: save_pretrained)"
+# bytes per element of each safetensors dtype, to find the tensor a bad header is wrong about
 SAFETENSORS_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2,
                            "BF16": 2, "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 

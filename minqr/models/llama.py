@@ -178,13 +178,22 @@ def _active_sliding_window(d: dict) -> str:
         return ""
     if d["model_type"] == "mistral":
         return f"sliding_window={window}"
-    first_sliding = d.get("max_window_layers", 28)  # transformers' default
-    types = d.get("layer_types") or ["sliding_attention" if i >= first_sliding else "full_attention"
-                                     for i in range(d.get("num_hidden_layers", 0))]
-    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-    if not (d.get("use_sliding_window") and sliding):
+    if not d.get("use_sliding_window"):
         return ""
-    return f"use_sliding_window=true, sliding_window={window} on layers {sliding}"
+    layers = d.get("num_hidden_layers", 0)
+    if d.get("layer_types"):
+        types = d["layer_types"]
+        sliding = [i for i, t in enumerate(types) if t == "sliding_attention"] if isinstance(types, list) else [0]
+    else:  # layers from max_window_layers on, counted without listing them (a damaged count may be huge)
+        first = d.get("max_window_layers", 28)  # transformers' default
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (first, layers)):
+            raise MinqrError(f"qwen2 config: max_window_layers={first!r} and num_hidden_layers={layers!r} must be "
+                             "integers")
+        sliding = [first, layers - 1] if layers > first else []
+    if not sliding:
+        return ""
+    where = f"layer {sliding[0]}" if sliding[0] == sliding[-1] else f"layers {sliding[0]} to {sliding[-1]}"
+    return f"use_sliding_window=true, sliding_window={window} on {where}"
 
 
 def rope_frequencies(config: LlamaConfig, device=None) -> torch.Tensor:

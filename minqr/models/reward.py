@@ -15,8 +15,9 @@ read at the last real token.
 The module names are those of Hugging Face's `GPT2ForSequenceClassification` (`transformer`,
 `score`); a Llama-family backbone is saved under `model.`, as `LlamaForSequenceClassification`
 (`Qwen2...`, `Mistral...`) has it. `save_pretrained` writes a folder that transformers'
-`AutoModelForSequenceClassification` loads as it is, giving logits [B, N] equal to the raw outputs
-`RewardModel(...)` on the same right-padded token ids (pad = the config's pad token, else EOS; the
+`AutoModelForSequenceClassification` loads as it is, giving logits whose columns are the raw outputs of
+`RewardModel(...)` ([B, 1] for a scalar head; [B, N + 1], the mean first, for N > 1, below) on the same
+right-padded token ids (pad = the config's pad token, else EOS; the
 last real token being the last one that is not the pad). The `minqr` section of its config.json
 records the head: kind, N, objective and its hyper-parameters, read-out and tau levels.
 
