@@ -265,12 +265,12 @@ def check_replaceable(path, option: str = "out") -> None:
     except (OSError, ValueError, KeyError, TypeError):
         made = None
     if made is None:
-        raise MinqrError(f"{option} {path} is a folder that minqr did not make (it holds {_some(held)}): minqr "
+        raise MinqrError(f"{option} {path} is not a folder that minqr wrote as a whole (it holds {_some(held)}): minqr "
                          "replaces a folder as a whole, so it writes only into a new or empty folder or one it "
                          "made itself; choose another path")
     added = sorted(set(held) - set(made))
     if added:
-        raise MinqrError(f"{option} {path} holds files that minqr did not write there ({_some(added)}): "
+        raise MinqrError(f"{option} {path} holds files added since minqr wrote it ({_some(added)}): "
                          "replacing the folder would delete them; move them out or choose another path")
 
 

@@ -83,7 +83,7 @@ def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
         target.mkdir()
         for name in ("keep.txt", "b", "c", "d", "e", "f"):
             (target / name).write_text("mine")
-        expected = f"--data {target} is a folder that minqr did not make (it holds b, c, d, e, f and 1 more): " \
+        expected = f"--data {target} is not a folder that minqr wrote as a whole (it holds b, c, d, e, f and 1 more): " \
                    "minqr replaces a folder as a whole, so it writes only into a new or empty folder or one it " \
                    "made itself; choose another path"
     else:
@@ -92,7 +92,7 @@ def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
             (tmp / "model" / "config.json").write_text("{}")
         added = "model/notes.txt" if case.endswith("deep") else "notes.txt"
         (target / added).write_text("mine")
-        expected = f"--data {target} holds files that minqr did not write there ({added}): replacing the " \
+        expected = f"--data {target} holds files added since minqr wrote it ({added}): replacing the " \
                    "folder would delete them; move them out or choose another path"
     before = sorted((str(p), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
     with pytest.raises(MinqrError) as error:

@@ -114,12 +114,12 @@ def test_report_files_and_numbers(study):
     assert run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"]).exit_code == 0
     assert not (out / "coverage.png").exists() and not (out / "fig2_histograms_2_other-data.png").exists()
     result = run([files[1], "--out", folder, "--bootstrap", 0])
-    assert result.exit_code == 1 and f"--out {folder} is a folder that minqr did not make" in result.output
+    assert result.exit_code == 1 and f"--out {folder} is not a folder that minqr wrote as a whole" in result.output
     assert (folder / "quantile.npz").exists()
     # nor is a report the user has added to
     (out / "notes.txt").write_text("mine")
     result = run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"])
-    assert result.exit_code == 1 and f"--out {out} holds files that minqr did not write there (notes.txt)" in result.output
+    assert result.exit_code == 1 and f"--out {out} holds files added since minqr wrote it (notes.txt)" in result.output
     assert (out / "notes.txt").read_text() == "mine"
 
 

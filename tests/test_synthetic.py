@@ -297,8 +297,8 @@ def test_the_command_writes_a_variant(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     (home / "keep.txt").write_text("mine")
-    for folder, reason in [(out, "holds files that minqr did not write there (keep.txt)"),
-                           (home, "is a folder that minqr did not make (it holds keep.txt)")]:
+    for folder, reason in [(out, "holds files added since minqr wrote it (keep.txt)"),
+                           (home, "is not a folder that minqr wrote as a whole (it holds keep.txt)")]:
         refused = CliRunner().invoke(command, ["--out", str(folder), *small])
         assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {folder} {reason}")
         assert (folder / "keep.txt").read_text() == "mine"
