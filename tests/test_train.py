@@ -250,7 +250,10 @@ def test_a_signal_finishes_the_step_saves_it_and_says_how_to_resume(inputs, tmp_
     assert f"{name}: stopping after this step" in stderr
     resumed = CliRunner().invoke(TRAIN, [*as_argv(options), "--resume"])
     assert resumed.exit_code == 0, resumed.output
+    assert f"trained steps {stopped_at + 1} to 150 in " in resumed.output
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == list(range(1, 151))
+    again = CliRunner().invoke(TRAIN, [*as_argv(options), "--resume"])  # a finished run: nothing to train
+    assert again.exit_code == 0 and "nothing left to train: the run had finished its 150 steps" in again.output
 
 
 def test_the_interrupt_takes_both_signals_and_leaves_an_ignored_sigint_ignored(monkeypatch):

@@ -65,9 +65,17 @@ class TrainSummary:
     bayes_accuracy: float | None = None  # the demo's task: the best accuracy any model can reach
     # under torchrun every process returns a summary; tools/train.py prints process 0's only
     rank: int = 0
+    resumed_at: int = 0  # the step --resume continued from (0: a fresh run)
 
     def __str__(self) -> str:
-        lines = [f"trained {self.steps} steps in {self.seconds:.0f} s"]
+        if self.resumed_at == self.steps > 0:
+            lines = [f"nothing left to train: the run had finished its {self.steps} steps (--resume found its last "
+                     "checkpoint); the model is saved again from it"]
+        elif self.resumed_at:
+            lines = [f"trained steps {self.resumed_at + 1} to {self.steps} in {self.seconds:.0f} s (resumed at step "
+                     f"{self.resumed_at})"]
+        else:
+            lines = [f"trained {self.steps} steps in {self.seconds:.0f} s"]
         if self.final_eval:
             e = self.final_eval
             line = (f"held-out pair accuracy {e['eval_accuracy']:.3f} (loss {e['eval_loss']:.4f}, "
@@ -277,7 +285,7 @@ class TrainingRun:
             self._write_training_args()
         bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {config.head}", unit="step",
                            disable=not (self.progress and procs.is_main))
-        started = time.perf_counter()
+        started, resumed_at = time.perf_counter(), self.step
         try:
             with self.interrupt:
                 final_eval = self._loop(bar, log)
@@ -297,7 +305,7 @@ class TrainingRun:
             self._write_personal(final_eval)
             plot_curves(read_metrics(self.out / METRICS_FILE), self.out / CURVES_FILE)
         return TrainSummary(self.step, time.perf_counter() - started, self.out, final_eval, self.bayes_accuracy,
-                            rank=procs.rank)
+                            rank=procs.rank, resumed_at=resumed_at)
 
     def _loop(self, bar, log) -> dict | None:
         """The steps from self.step to the last; returns the last evaluation, if any."""
