@@ -17,6 +17,7 @@ from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 from minqr import load_tokenizer
 from minqr.distribution.personal import ANNOTATORS_FILE, Annotators
 from minqr.distribution.scale import fit_scale
+import minqr.study.personalize
 from minqr.study.personalize import personalize
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
@@ -61,7 +62,7 @@ def outputs_alone(model, tokenizer, pairs):
     return chosen, rejected
 
 
-def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer, tmp_path):
+def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer, tmp_path, monkeypatch):
     folder, model = mixture
     pairs = make_pairs(seed=3)
     ids = ["ann", "bob", "cy"] * 5  # 15 pairs, three annotators
@@ -78,7 +79,11 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     fit = fit_scale(chosen.double() - rejected.double(), index, 3, torch.tensor(margins, dtype=torch.float64))
     assert str(summary).endswith("\n" + fit.describe("the 15 pairs", trained_on=False))
 
-    # the same annotators again: refused without --overwrite, nothing changed
+    # the same annotators again: refused without --overwrite, before the scoring pass, nothing changed
+    passes = []
+    real_pass = minqr.study.personalize.score_tokenized
+    monkeypatch.setattr(minqr.study.personalize, "score_tokenized",
+                        lambda *args, **kwargs: passes.append(1) or real_pass(*args, **kwargs))
     with pytest.raises(MinqrError, match="already holds the posteriors of 3 annotators .*--overwrite"):
         personalize(folder, data, progress=False)
     assert torch.equal(Annotators.load(folder).log_posteriors, saved.log_posteriors)
@@ -86,6 +91,11 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     alone_file = write_labels(tmp_path / "dee.jsonl", pairs[:4], [None] * 4)
     with pytest.raises(MinqrError, match="names no annotators"):
         personalize(folder, alone_file, progress=False)
+    with pytest.raises(MinqrError, match="name their annotators .*--annotator names the one person"):
+        personalize(folder, data, annotator="dee", progress=False)
+    assert passes == []  # every refusal came before the pass over the pairs
+    with pytest.raises(MinqrError, match="model .*nowhere does not exist: personalize writes annotators.json"):
+        personalize(tmp_path / "nowhere", data, progress=False)
     assert personalize(folder, alone_file, annotator="dee", progress=False).scale is None  # one person: no fit
     both = Annotators.load(folder, N)
     assert both.ids == ("ann", "bob", "cy", "dee")

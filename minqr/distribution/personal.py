@@ -253,18 +253,26 @@ def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, ann
     """The Annotators of scored labelled pairs (TokenizedPairs `tokenized`, outputs [P, N] each).
     Pairs that name no annotators are the labels of one person, `annotator`; pairs that do take
     no `annotator`. `source` names the pairs in messages."""
+    ids = labellers(tokenized, annotator, source)
     margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
     chosen, rejected = torch.from_numpy(chosen), torch.from_numpy(rejected)
+    rows = (torch.zeros(len(tokenized), dtype=torch.long) if tokenized.annotators is None
+            else torch.tensor(tokenized.annotators, dtype=torch.long))  # [P] each pair's labeller, an index into ids
+    return annotators_from_pairs(chosen, rejected, rows, ids, margins)
+
+
+def labellers(tokenized, annotator: str | None = None, source: str = "the pairs") -> tuple:
+    """The ids of the people who labelled `tokenized` (TokenizedPairs): the ids the pairs name, or,
+    for pairs that name none, the one person `annotator`. Known before any scoring, so that what is
+    wrong with them is said before a pass over the pairs."""
     if tokenized.annotators is None:
         if annotator is None:
             raise MinqrError(f"{source} {NO_IDS}")
-        return annotators_from_pairs(chosen, rejected, torch.zeros(len(tokenized), dtype=torch.long), (annotator,),
-                                     margins)
+        return (annotator,)
     if annotator is not None:
         raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
                          "names the one person of pairs that name none; drop it")
-    return annotators_from_pairs(chosen, rejected, torch.tensor(tokenized.annotators, dtype=torch.long),
-                                 tokenized.annotator_ids, margins)
+    return tuple(tokenized.annotator_ids)
 
 
 # ---- scoring: the personal columns of a scores file ------------------------------------------------

@@ -23,7 +23,7 @@ import torch
 from minqr.data.batching import TokenizedPairs, tokenize_pairs
 from minqr.data.pairs import load_pairs
 from minqr.device import DTYPES
-from minqr.distribution.personal import ANNOTATORS_FILE, Annotators, check_personal, labelled_annotators
+from minqr.distribution.personal import ANNOTATORS_FILE, Annotators, check_personal, labelled_annotators, labellers
 from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
@@ -125,21 +125,24 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     config = PersonalizeConfig(model=model, data=data, **options)
     folder = Path(model).expanduser()
     if not folder.is_dir():
-        raise MinqrError(f"model {model}: personalize writes annotators.json into the model's folder, so it takes a "
-                         "local folder (train's --out)")
+        state = "is a file" if folder.exists() else "does not exist"
+        raise MinqrError(f"model {model} {state}: personalize writes annotators.json into the model's folder, so it "
+                         "takes a local folder (train's --out)")
     reward_model, tokenizer, folder = load_reward_model(folder)
     head = reward_model.head_config
     check_personal(head.objective, head.num_quantiles)
     pairs, stats = load_pairs(data, config.split, config.subset, config.skip_bad, config.annotator_field)
     tokenized = tokenize_pairs(pairs, tokenizer, text_length_limit(reward_model, folder, config.max_length))
     known = Annotators.load(folder, head.num_quantiles)
-    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data), batch_size=config.batch_size,
-                               device=config.device, dtype=config.dtype, progress=progress,
-                               model_name=f"the reward model {folder}")
-    replaced = [annotator for annotator in new.ids if known is not None and annotator in set(known.ids)]
+    # what the scoring pass would be refused for is said before it (it takes minutes on a large model)
+    replaced = [annotator for annotator in labellers(tokenized, config.annotator, str(data))
+                if known is not None and annotator in set(known.ids)]
     if replaced and not config.overwrite:
         raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} annotators of {data} (the first: "
                          f"{replaced[0]!r}): pass --overwrite to replace them with these")
+    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data), batch_size=config.batch_size,
+                               device=config.device, dtype=config.dtype, progress=progress,
+                               model_name=f"the reward model {folder}")
     merged = new if known is None else known.merged(new)
     merged.save(folder)
     return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
