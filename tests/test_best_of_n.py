@@ -242,7 +242,7 @@ def test_a_killed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
 
 
 @pytest.mark.parametrize("line,message", [
-    ('{"prompt": "a", "candidates": ["b"], "reference": "c"', "not a JSON object"),
+    ('{"prompt": "a", "candidates": ["b"], "reference": "c"', "malformed JSON (Expecting ',' delimiter at column 54)"),
     ('["a"]', "expected a JSON object with prompt and candidates"),
     ('{"candidates": ["b"], "reference": "c"}', "missing field 'prompt'"),
     ('{"prompt": "a", "candidates": [], "reference": "c"}', "'candidates' must be a non-empty list"),

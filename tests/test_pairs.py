@@ -140,7 +140,7 @@ GOOD = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nA
 
 # (the line as written, the counter it lands in with skip_bad, words the message must contain)
 BAD_LINES = [
-    ('{"chosen": "a", "rejected": ', "malformed_lines", ["malformed JSON"]),
+    ('{"chosen": "a", "rejected": ', "malformed_lines", ["malformed JSON (Expecting value at column 29)"]),
     ("not json at all", "malformed_lines", ["malformed JSON"]),
     (b'{"chosen": "\xff\xfe", "rejected": "b"}', "malformed_lines", ["not UTF-8"]),
     ('["chosen", "rejected"]', "malformed_lines", ["expected a JSON object", "list"]),

@@ -44,7 +44,7 @@ import torch
 from minqr.atomic import atomic_file, writing
 from minqr.data import tables
 from minqr.data.chat import prompt_reply_texts
-from minqr.data.pairs import _checked_text, _json_lines
+from minqr.data.pairs import checked_text, json_lines, json_record
 from minqr.device import DTYPES, autocast_dtype, resolve_device
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.errors import MinqrError
@@ -79,21 +79,11 @@ def read_candidate_sets(path, need_reference: bool = False, template=None) -> li
         raise MinqrError(f"data {path}: no such file (a JSON-lines, Parquet or Arrow file of prompts with candidates)")
     file_format = tables.columnar_format(path)
     rows = tables.file_rows(path, file_format, FIELDS) if file_format else \
-        ((origin, _json_record(raw, origin)) for origin, raw in _json_lines(path))
+        ((origin, json_record(raw, origin, "prompt and candidates")) for origin, raw in json_lines(path))
     sets = [_candidate_set(record, origin, need_reference, template) for origin, record in rows]
     if not sets:
         raise MinqrError(f"data {path} holds no prompts")
     return sets
-
-
-def _json_record(raw: bytes, origin: str) -> dict:
-    try:
-        record = loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MinqrError(f"{origin}: not a JSON object ({error})") from None
-    if not isinstance(record, dict):
-        raise MinqrError(f"{origin}: expected a JSON object with prompt and candidates, got {type(record).__name__}")
-    return record
 
 
 def _candidate_set(record: dict, origin: str, need_reference: bool, template) -> CandidateSet:
@@ -107,11 +97,11 @@ def _candidate_set(record: dict, origin: str, need_reference: bool, template) ->
         raise MinqrError(f"{origin}: missing field 'reference', which reference=reply (--reference reply) reads "
                          "each candidate against; give one, or use the group of candidates (--reference group)")
     prompt = record["prompt"]
-    _checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
+    checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
     for k, reply in enumerate(candidates):
-        _checked_text(reply, f"candidates[{k}]", origin)
+        checked_text(reply, f"candidates[{k}]", origin)
     if need_reference:
-        _checked_text(reference, "reference", origin)
+        checked_text(reference, "reference", origin)
     replies = [*candidates, *([reference] if need_reference else [])]
     texts, hh = prompt_reply_texts(prompt, replies, template, origin)  # candidates and reference alike
     return CandidateSet(origin, tuple(texts[:len(candidates)]), texts[-1] if need_reference else None,

@@ -189,7 +189,7 @@ def read_pairs_file(path, skip_bad: bool = False, annotator_field: str | None = 
     path = Path(path)
     file_format = tables.columnar_format(path)
     if file_format is None:
-        return _read_rows(_json_lines(path), str(path), _parse_line, skip_bad, annotator_field)
+        return _read_rows(json_lines(path), str(path), json_record, skip_bad, annotator_field)
     rows = tables.file_rows(path, file_format, _fields(annotator_field))
     return _read_rows(rows, str(path), _table_record, skip_bad, annotator_field)
 
@@ -242,7 +242,7 @@ def render(value) -> str:
                    for m in value)
 
 
-def _json_lines(path: Path):
+def json_lines(path: Path):
     """(f"{path}:{line number}", the line's bytes) of every line of a JSON-lines file, plain or
     gzipped, but blank lines (a trailing newline, say), which hold no record."""
     try:
@@ -261,15 +261,17 @@ def _table_record(row: dict, origin: str) -> dict:
     return row
 
 
-def _parse_line(raw: bytes, origin: str) -> dict:
+def json_record(raw: bytes, origin: str, holds: str = "chosen and rejected") -> dict:
+    """The JSON object of one line of a JSON-lines file (`origin`: its "file:line"); a MinqrError
+    that says where the line is broken, or what it holds instead of an object with `holds`."""
     try:
-        record = loads(raw.decode("utf-8"))
+        record = loads(raw.rstrip(b"\r\n").decode("utf-8"))  # without its newline, a torn line ends where it ends
     except UnicodeDecodeError as error:
         raise MinqrError(f"{origin}: not UTF-8 text ({error.reason} at byte {error.start})") from error
     except json.JSONDecodeError as error:
         raise MinqrError(f"{origin}: malformed JSON ({error.msg} at column {error.colno})") from error
     if not isinstance(record, dict):
-        raise MinqrError(f"{origin}: expected a JSON object with chosen and rejected, got {type(record).__name__}")
+        raise MinqrError(f"{origin}: expected a JSON object with {holds}, got {type(record).__name__}")
     return record
 
 
@@ -282,9 +284,9 @@ def _pair_from_record(record: dict, origin: str, annotator_field: str = ANNOTATO
 def _texts_from_record(record: dict, origin: str) -> Pair:
     """The Pair of one record's texts and margin."""
     prompt = record.get("prompt")
-    prompt = None if prompt is None else _checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
-    chosen = _checked_text(record.get("chosen", _MISSING), "chosen", origin, opens=prompt is None)
-    rejected = _checked_text(record.get("rejected", _MISSING), "rejected", origin, opens=prompt is None)
+    prompt = None if prompt is None else checked_text(prompt, "prompt", origin, allow_empty=True, opens=True)
+    chosen = checked_text(record.get("chosen", _MISSING), "chosen", origin, opens=prompt is None)
+    rejected = checked_text(record.get("rejected", _MISSING), "rejected", origin, opens=prompt is None)
     pair_margin = _checked_margin(record.get("margin"), origin)
     conversation = _conversation(record.get("prompt"), record["chosen"], record["rejected"])
     if prompt is None:
@@ -373,7 +375,7 @@ def check_margins(pairs: list, source: str) -> None:
                          "(0 for none), or none")
 
 
-def _checked_text(value, field: str, origin: str, allow_empty: bool = False, opens: bool = False) -> str:
+def checked_text(value, field: str, origin: str, allow_empty: bool = False, opens: bool = False) -> str:
     """The text of a field; a message list's roles are checked: a system message may open the
     conversation (`opens`: the prompt, or a whole dialogue) and is never the response itself."""
     if value is _MISSING:
