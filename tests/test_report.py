@@ -392,9 +392,9 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     out = tmp_path / "other.md"
     (tmp_path / "bad.json").write_text("not json")
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
-    assert bad.exit_code == 1 and "is not a summaries.json written by tools/analyze.py" in bad.output
+    assert bad.exit_code == 1 and "is not a summaries.json written by minqr analyze" in bad.output
     for content, words in [({"a": 1}, "(a list of summaries, one a scores file; this holds a dict)"),
-                           ([rows[0], {"head": "quantile"}], "summary 1 is not one that tools/analyze.py writes (at "
+                           ([rows[0], {"head": "quantile"}], "summary 1 is not one that minqr analyze writes (at "
                                                              "KeyError('workload'))")]:
         (tmp_path / "bad.json").write_text(json.dumps(content))
         bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])

@@ -103,7 +103,7 @@ def test_truth_path_is_relative_to_the_scores_file(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(MinqrError, match="does not exist.*tools/score.py"):
+    with pytest.raises(MinqrError, match="does not exist; scores files are written by minqr score"):
         load_scores(tmp_path / "nope.npz")
 
 

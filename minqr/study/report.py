@@ -112,15 +112,15 @@ def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
         try:
             summaries = loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py ({error})") from None
+            raise MinqrError(f"{path} is not a summaries.json written by minqr analyze ({error})") from None
         if not isinstance(summaries, list):
-            raise MinqrError(f"{path} is not a summaries.json written by tools/analyze.py (a list of summaries, one "
+            raise MinqrError(f"{path} is not a summaries.json written by minqr analyze (a list of summaries, one "
                              f"a scores file; this holds a {type(summaries).__name__})")
         for index, summary in enumerate(summaries):
             try:  # the row alone: what it lacks is named here, not deep in the table
                 objectives_table([summary])
             except (KeyError, TypeError, AttributeError) as error:
-                raise MinqrError(f"{path}: summary {index} is not one that tools/analyze.py writes (at {error!r}); "
+                raise MinqrError(f"{path}: summary {index} is not one that minqr analyze writes (at {error!r}); "
                                  "analyze the scores again") from None
         rows += summaries
     with atomic_file(Path(out)) as tmp:
@@ -134,8 +134,8 @@ def _check_cells_unique(all_scores: list[Scores]) -> None:
         cell = (scores.workload, scores.label)
         if cell in seen:
             raise MinqrError(f"{seen[cell]} and {scores.source} fill the same table cell (workload "
-                             f"{cell[0]!r}, model {cell[1]!r}); analyse them separately, or give one a "
-                             "different 'label' in its metadata")
+                             f"{cell[0]!r}, model {cell[1]!r}); analyse them separately, or score one again with another "
+                             "--label (or --workload)")
         seen[cell] = scores.source
 
 

@@ -58,7 +58,7 @@ FORMAT_FAMILY = "minqr-scores/"
 HEADS = ("scalar", "quantile")
 READOUTS = ("raw", "sorted")  # minqr/objectives/'s Objective.readout
 WRITER_KEYS = ("model", "head", "data", "split", "workload")
-HOW_TO_MAKE = "scores files are written by tools/score.py (minqr.study.scores_file.save_scores)"
+HOW_TO_MAKE = "scores files are written by minqr score (in Python: minqr.study.scores_file.save_scores)"
 # the personal arrays (module docstring) and the shape of each row: N values, one, or (chosen, rejected)
 PERSONAL = {"personal_posterior": "N", "personal_probability": None, "personal_reward": 2}
 
