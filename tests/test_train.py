@@ -635,6 +635,17 @@ def test_the_demo_never_writes_into_a_folder_named_for_data(tmp_path):
         f"{tmp_path / 'runs' / 'demo-data'})\n")
     assert sorted(p.name for p in folder.iterdir()) == ["mine.jsonl", "notes.txt"]
     assert (folder / "notes.txt").read_text() == "mine"
+    typo = CliRunner().invoke(TRAIN, ["--demo", "--data", str(folder / "mnie.jsonl"), "--out", str(out)])
+    assert typo.exit_code == 1 and typo.output.startswith(
+        f"Error: --demo --data {folder / 'mnie.jsonl'}: its folder holds no synthetic task (task.json) (mnie.jsonl "
+        "does not exist there either), and --demo"), typo.output
+
+
+def test_the_demo_takes_a_task_in_the_current_folder(tmp_path, monkeypatch):
+    """--data train.jsonl, a bare name: the task in the current folder (it used to be refused as
+    naming no folder; where there is no task, preparing the demo's data refuses, above)."""
+    monkeypatch.chdir(tmp_path)
+    assert TrainConfig.from_options(demo=True, data="train.jsonl").data == "train.jsonl"
 
 
 @pytest.mark.parametrize("content, why", [('{"variant": "demo"}', "it has no bayes_accuracy, a number"),
@@ -668,10 +679,10 @@ def test_a_demo_does_not_replace_a_run_without_overwrite(tmp_path):
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("data", [None, "hh-rlhf:harmless-base", "train.jsonl"])
+@pytest.mark.parametrize("data", [None, "hh-rlhf:harmless-base"])
 def test_a_demo_config_without_the_demo_data_is_refused(tmp_path, data):
-    """TrainConfig(demo=True) keeps the field defaults (hh-rlhf:helpful-base as the data): the
-    synthetic task would be written into the current folder. from_options fills in the demo's."""
+    """TrainConfig(demo=True) keeps the field defaults (hh-rlhf:helpful-base as the data), a hub
+    data set, not a synthetic task. from_options fills in the demo's."""
     given = {"demo": True} if data is None else {"demo": True, "data": data}
     with pytest.raises(MinqrError, match=r"TrainConfig\.from_options\(demo=True"):
         TrainConfig(**given)

@@ -42,7 +42,8 @@ def prepare_demo_data(data, out, procs, say) -> float:
     folder = Path(data).parent
     task_file = folder / "task.json"
     if not task_file.is_file() and folder.resolve() != demo_task_folder(out).resolve():
-        raise MinqrError(f"--demo --data {data}: its folder holds no synthetic task (task.json), and "
+        missing = "" if Path(data).exists() else f" ({Path(data).name} does not exist there either)"
+        raise MinqrError(f"--demo --data {data}: its folder holds no synthetic task (task.json){missing}, and "
                          "--demo makes its task only in a folder of its own, never in one named for data. "
                          f"Make a task there with `minqr synthetic --out {folder}`, or leave out --data "
                          f"(the demo then makes its task in {demo_task_folder(out)})")

@@ -165,13 +165,12 @@ class TrainConfig:
             self.head_weight_decay = self.weight_decay if defaults.head_weight_decay is None else \
                 defaults.head_weight_decay
         self.out = self.out or str(Path("runs") / self.head)
-        if self.demo and Path(self.data).parent == Path("."):
-            # the demo generates its task in the folder of `data`; a hub name such as the default
-            # hh-rlhf:helpful-base, or a bare file name, would put it into the current folder
-            raise MinqrError(f"--demo generates its synthetic task in the folder of --data, and --data "
-                             f"{self.data!r} names none: leave --data out (in Python, build the config with "
-                             "TrainConfig.from_options(demo=True, ...), which fills in the demo's data, model "
-                             "and other options), or give --data FOLDER/train.jsonl")
+        if self.demo and ":" in self.data and not Path(self.data).exists():
+            # a hub source, such as the default hh-rlhf:helpful-base (TrainConfig(demo=True) without
+            # from_options, which fills in the demo's own data): the demo trains on a synthetic task
+            raise MinqrError(f"--demo trains on a synthetic task, and --data {self.data!r} is a hub data set: leave "
+                             "--data out, or give a synthetic task's train.jsonl (in Python, build the config with "
+                             "TrainConfig.from_options(demo=True, ...), which fills in the demo's data and model)")
         check_options(self)  # every range and choice the fields declare
         check_report_to(self.report_to)
         # what no single option's range says: how options go together
