@@ -162,6 +162,24 @@ def test_a_folder_without_the_mean_row_is_refused(tmp_path, tokenizer):
                                 "5 outputs is saved with the mean row first; re-save the model with minqr")
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda c: c["minqr"].update(objective=["mixture"]), "the minqr section's objective must be a name, got ['mixture']"),
+    (lambda c: c.update(minqr="mixture"), "the minqr section must be an object of the head's settings, got str"),
+    (lambda c: c.update(id2label=7), "id2label must map output indices to labels, got 7"),
+    (lambda c: c["minqr"].update(reward_mean="abc", reward_std=1.0),
+     "the minqr section's reward_mean and reward_std must be finite numbers (what training measured), got 'abc' "
+     "and 1.0"),
+])
+def test_a_damaged_minqr_section_is_named(tmp_path, change, message):
+    saved(tmp_path, n=4)
+    config = json.loads((tmp_path / "config.json").read_text())
+    change(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(MinqrError) as error:
+        RewardModel.from_pretrained(tmp_path)
+    assert str(error.value).startswith(f"{tmp_path / 'config.json'}: {message}")
+
+
 def test_a_head_that_is_not_finite_is_named(tmp_path):
     saved(tmp_path, n=4)
     tensors = load_file(tmp_path / "model.safetensors")

@@ -131,6 +131,8 @@ class HeadConfig:
         if missing:
             raise MinqrError(f"{where}: the minqr section lacks {', '.join(missing)}; re-save the model with minqr")
         objective = d["objective"]
+        if not isinstance(objective, str):
+            raise MinqrError(f"{where}: the minqr section's objective must be a name, got {objective!r}")
         names = OBJECTIVES[objective].hyperparameters if objective in OBJECTIVES else {}
         missing = [k for k in names if k not in d]
         if missing:

@@ -350,7 +350,22 @@ def _without_mean_row(score: torch.Tensor, folder) -> torch.Tensor:
 
 
 def _head_from_hf_config(config: dict, where: Path) -> HeadConfig:
-    labels = len(config["id2label"]) if "id2label" in config else config.get("num_labels", 2)
+    id2label, labels = config.get("id2label"), config.get("num_labels", 2)
+    if id2label is not None:
+        if not isinstance(id2label, dict):
+            raise MinqrError(f"{where}: id2label must map output indices to labels, got {id2label!r}")
+        labels = len(id2label)
+    if not isinstance(labels, int) or isinstance(labels, bool):
+        raise MinqrError(f"{where}: num_labels must be a count, got {labels!r}")
+    section = config.get("minqr")
+    if section is not None and not isinstance(section, dict):
+        raise MinqrError(f"{where}: the minqr section must be an object of the head's settings, got "
+                         f"{type(section).__name__}; re-save the model with minqr")
+    stats = (section or {}).get("reward_mean"), (section or {}).get("reward_std")
+    if any(v is not None for v in stats) and not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in stats):
+        raise MinqrError(f"{where}: the minqr section's reward_mean and reward_std must be finite numbers (what "
+                         f"training measured), got {stats[0]!r} and {stats[1]!r}; re-save the model with minqr")
     if "minqr" not in config:
         if labels == 1:
             return HeadConfig.make("scalar")
