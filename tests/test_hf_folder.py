@@ -122,6 +122,27 @@ def test_missing_unexpected_and_misshaped_tensors_are_all_named(tmp_path, broken
     assert "config.json" in message
 
 
+def test_weights_of_the_wrong_kind_are_named(tmp_path):
+    """An integer tensor where a weight belongs, a half-precision one among float32 ones, a
+    pytorch_model.bin that holds a list: each named, no error from torch's loader or a forward."""
+    model = random_gpt2(CONFIG, seed=5)
+    tensors = hf_tensors(model)
+    tensors["transformer.h.0.ln_1.weight"] = tensors["transformer.h.0.ln_1.weight"].long()
+    tensors["transformer.h.1.attn.c_attn.weight"] = tensors["transformer.h.1.attn.c_attn.weight"].half()
+    write_hf_folder(tmp_path / "kinds", model.config.to_dict(), tensors)
+    with pytest.raises(MinqrError) as error:
+        load_gpt2(tmp_path / "kinds")
+    assert "not floating point: transformer.h.0.ln_1.weight is int64" in str(error.value)
+    assert "in another precision than the rest: h.1.attn.c_attn.weight is float16, the rest float32" in str(error.value)
+    assert "h.0.ln_1.weight" not in str(error.value).split("not floating point")[0]  # not also "missing"
+    folder = tmp_path / "bin"
+    write_bin(folder, model)
+    torch.save([1, 2], folder / "pytorch_model.bin")
+    with pytest.raises(MinqrError) as error:
+        load_gpt2(folder)
+    assert str(error.value) == f"{folder / 'pytorch_model.bin'} holds list, not a state dict of named tensors: {DAMAGED}"
+
+
 def test_extra_tensors_are_returned_when_allowed(tmp_path):
     model = random_gpt2(CONFIG, seed=5)
     score = torch.randn(3, CONFIG.n_embd)

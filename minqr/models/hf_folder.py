@@ -40,6 +40,7 @@ memory, no random init) and the tensors read from the memory-mapped file become 
 (`load_state_dict(assign=True)`); only the transposed Conv1D weights and dtype/device
 conversions make new tensors.
 """
+import collections
 import json
 import math
 import pickle
@@ -136,7 +137,11 @@ def read_tensors(folder) -> dict:
             raise MinqrError(f"{index} lists shards that are not in {folder}: {', '.join(absent)}; download them too")
         return {name: t for shard in shards for name, t in _read_safetensors(folder / shard).items()}
     if legacy.is_file():
-        return read_torch_file(legacy)
+        tensors = read_torch_file(legacy)
+        if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in tensors.items())):
+            raise MinqrError(f"{legacy} holds {type(tensors).__name__}, not a state dict of named tensors: {DAMAGED}")
+        return tensors
     raise MinqrError(
         f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json with its "
         "shards, or pytorch_model.bin"
@@ -215,13 +220,17 @@ def load_backbone_tensors(model, tensors: dict, extra_allowed=(), dtype=None, de
     """
     layout = LAYOUTS[type(model)]
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state, extras, unexpected, misshaped = {}, {}, [], []
+    state, extras, unexpected, misshaped, not_float = {}, {}, [], [], []
     for name, tensor in tensors.items():
-        if name in extra_allowed:
-            extras[name] = tensor
-            continue
         key = name.removeprefix(layout.prefix)
         if key.endswith(layout.ignored):
+            continue
+        if not tensor.is_floating_point():  # weights are floats: an integer tensor would not train nor load
+            not_float.append(f"{name} is {str(tensor.dtype).removeprefix('torch.')}")
+            expected.pop(key, None)  # reported here, not again as missing
+            continue
+        if name in extra_allowed:
+            extras[name] = tensor
             continue
         if key not in expected:
             unexpected.append(name)
@@ -234,9 +243,16 @@ def load_backbone_tensors(model, tensors: dict, extra_allowed=(), dtype=None, de
             continue
         state[key] = (tensor.t() if transposed else tensor).to(device=device, dtype=dtype).contiguous()
     missing = [k for k in expected if k not in state]
+    # one precision a model (the layers' matmuls need it), unless `dtype` casts them all: the odd ones named
+    counts = collections.Counter(tensor.dtype for tensor in state.values())
+    usual = counts.most_common(1)[0][0] if counts else None
+    mixed = [] if dtype is not None else [f"{key} is {str(t.dtype).removeprefix('torch.')}, the rest "
+                                          f"{str(usual).removeprefix('torch.')}" for key, t in state.items()
+                                          if t.dtype != usual]
     problems = [
         f"{label}: {', '.join(items)}"
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped),
+                             ("not floating point", not_float), ("in another precision than the rest", mixed))
         if items
     ]
     if problems:
