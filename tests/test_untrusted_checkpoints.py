@@ -99,13 +99,20 @@ def edit(state: dict, damage: str) -> str:
     if damage == "position not a dict":
         state["position"] = [0, 2]
         return "position is [0, 2], not {'epoch': ..., 'batch': ...}"
+    if damage == "a weight of NaN":  # blamed on --lr as a divergence before, the damaged checkpoint called good
+        model["transformer.h.0.ln_1.weight"][3] = float("nan")
+        return "model holds NaN or inf in transformer.h.0.ln_1.weight"
+    if damage == "learning rates of the schedule lost":  # a KeyError mid-run before
+        del state["scheduler"]["base_lrs"]
+        state["scheduler"]["lr_lambdas"] = "x"
+        return ("scheduler.base_lrs is None, not 3 finite learning rates; scheduler.lr_lambdas is 'x', not a list")
     raise AssertionError(damage)
 
 
 DAMAGES = ["data position past the epoch", "data position elsewhere", "step a string", "step negative",
            "step past the end", "a tensor missing", "a tensor of another shape", "a moment of another shape",
            "a learning rate that is no number", "a generator state cut", "sharded, in a run without --fsdp",
-           "position not a dict"]
+           "position not a dict", "a weight of NaN", "learning rates of the schedule lost"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)

@@ -131,6 +131,7 @@ def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int,
     last_epoch = checkpoint.scheduler.get("last_epoch")
     if last_epoch != step or isinstance(last_epoch, bool):
         problems.append(f"scheduler.last_epoch is {last_epoch!r}, not the step {step}")
+    problems += _scheduler_problems(checkpoint.scheduler, len(optimizer.param_groups))
     if checkpoint.model is not None and not sharded:
         problems += _tensor_problems(checkpoint.model, model.state_dict(), "model")
         problems += _optimizer_problems(checkpoint.optimizer, optimizer)
@@ -142,14 +143,34 @@ def run_problems(checkpoint, *, model, optimizer, average, steps_per_epoch: int,
 
 
 def _tensor_problems(found: dict, expected: dict, where: str) -> list[str]:
-    """Names missing, unexpected and ill-shaped tensors of `found` against `expected` (name -> tensor)."""
+    """Names missing, unexpected, ill-shaped and non-finite tensors of `found` against `expected`
+    (name -> tensor). Training never saves a NaN or inf weight (divergence.py stops first), so one
+    here is damage, not a run that diverged."""
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
-    wrong = [f"{where}.{name} is {_shape(found[name])}, expected {_shape(t)}" for name, t in expected.items()
-             if name in found and not (isinstance(found[name], torch.Tensor) and found[name].shape == t.shape
-                                       and found[name].dtype == t.dtype)]
+    fits = {name: isinstance(found[name], torch.Tensor) and found[name].shape == t.shape and found[name].dtype == t.dtype
+            for name, t in expected.items() if name in found}
+    wrong = [f"{where}.{name} is {_shape(found[name])}, expected {_shape(expected[name])}"
+             for name, fit in fits.items() if not fit]
+    not_finite = [name for name, fit in fits.items()
+                  if fit and found[name].is_floating_point() and not bool(torch.isfinite(found[name]).all())]
     return ([f"{where} is missing {', '.join(missing)}"] if missing else []) \
-        + ([f"{where} has unexpected {', '.join(unexpected)}"] if unexpected else []) + wrong
+        + ([f"{where} has unexpected {', '.join(unexpected)}"] if unexpected else []) + wrong \
+        + ([f"{where} holds NaN or inf in {', '.join(not_finite)}"] if not_finite else [])
+
+
+def _scheduler_problems(scheduler: dict, num_groups: int) -> list[str]:
+    """The learning-rate schedule's state (torch's LambdaLR): a learning rate per parameter group,
+    finite, and the lambdas' slots (None: minqr's schedule is a function, rebuilt by the run)."""
+    problems = []
+    for key in ("base_lrs", "_last_lr"):
+        rates = scheduler.get(key)
+        if not (isinstance(rates, list) and len(rates) == num_groups and all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rates)):
+            problems.append(f"scheduler.{key} is {rates!r}, not {num_groups} finite learning rates")
+    if not isinstance(scheduler.get("lr_lambdas"), list):
+        problems.append(f"scheduler.lr_lambdas is {scheduler.get('lr_lambdas')!r}, not a list")
+    return problems
 
 
 def _like(value, mine) -> bool:
