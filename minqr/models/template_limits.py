@@ -7,21 +7,27 @@ renders thousands of conversations, so one such template would hang training wit
 
 `BoundedEnvironment` gives every rendering a budget (`start`): a deadline and a number of
 characters. The deadline is checked at every iteration of every `{% for %}` loop (each loop's
-iterable is wrapped when the template is compiled) and every call the template makes (macros
-included); the characters bound what the template writes (`RenderBudget.count`) and every `+`,
-`*` and `**` it computes, before they are computed. Past either bound, `RenderLimitExceeded`.
+iterable is wrapped when the template is compiled) and every call and filter the template uses
+(macros included); the characters bound what the template writes (`RenderBudget.count`), every
+`+`, `*`, `**` and `~` it computes, before they are computed, and whatever a call or a filter
+returns (`"x".center(10**9)`, `|join`, `|format`). Past either bound, `RenderLimitExceeded`.
 """
+import functools
 import math
 import time
 
 from jinja2 import nodes
 from jinja2.ext import Extension, loopcontrols
+from jinja2.visitor import NodeTransformer
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # per rendering of one conversation: real templates take milliseconds and write a few times the
 # conversation's text; these bounds are for templates gone wrong
 RENDER_SECONDS = 10.0
 MAX_RENDERED_CHARS = 16_000_000
+# integers: multiplying ones of millions of digits takes seconds each, and no template needs them
+# (Python itself prints at most 4,300 digits)
+MAX_INTEGER_DIGITS = 10_000
 
 
 class RenderLimitExceeded(RuntimeError):
@@ -45,8 +51,9 @@ class RenderBudget(Extension):
             raise RenderLimitExceeded(f"rendering took more than {self.seconds:g} s (a loop that does not end?)")
 
     def check_size(self, size: int, unit: str = "items") -> None:
-        if size > self.chars:
-            raise RenderLimitExceeded(f"it makes a value of {size:,} {unit}, more than {self.chars:,}")
+        limit = MAX_INTEGER_DIGITS if unit == "digits" else self.chars
+        if size > limit:
+            raise RenderLimitExceeded(f"it makes a value of {size:,} {unit}, more than {limit:,}")
 
     def count(self, text: str) -> None:
         """`text` was written: the output so far must stay within the bound, and the time too."""
@@ -54,6 +61,13 @@ class RenderBudget(Extension):
         if self.written > self.chars:
             raise RenderLimitExceeded(f"it writes more than {self.chars:,} characters")
         self.check_time()
+
+    def concat(self, *parts):
+        """What `a ~ b ~ ...` compiles to instead of Jinja's own join: the same text, its size bounded
+        before it is made."""
+        texts = [str(part) for part in parts]
+        self.check_size(sum(map(len, texts)), "characters")
+        return "".join(texts)
 
     def guard(self, iterable):
         """What a `{% for %}` loop iterates over instead of `iterable`: the same items, each after a
@@ -73,20 +87,19 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     def __init__(self, **options):
         super().__init__(extensions=[loopcontrols, RenderBudget], **options)
         self.budget = self.extensions[RenderBudget.identifier]
+        self.filters = _Bounded(self.filters, self.budget)  # filters added later are bounded too
 
     def template(self, source: str):
         """The compiled template of `source` (a jinja2.TemplateSyntaxError if it is no valid Jinja)."""
-        tree = self.parse(source)
-        for loop in tree.find_all(nodes.For):
-            loop.iter = nodes.Call(self.budget.attr("guard", lineno=loop.lineno), [loop.iter], [], None, None,
-                                   lineno=loop.lineno)
+        tree = _GuardedTree(self.budget).visit(self.parse(source))
         return self.from_string(tree)
 
     def call(self, context, function, *args, **kwargs):
         self.budget.check_time()
-        return super().call(context, function, *args, **kwargs)
+        return _sized(super().call(context, function, *args, **kwargs), self.budget)
 
     def call_binop(self, context, operator: str, left, right):
+        self.budget.check_time()
         sized = (str, list, tuple)
         if operator == "+" and isinstance(left, sized) and isinstance(right, sized):
             self.budget.check_size(len(left) + len(right))
@@ -94,7 +107,54 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             self.budget.check_size(len(left) * right)
         elif operator == "*" and isinstance(right, sized) and isinstance(left, int):
             self.budget.check_size(len(right) * left)
+        elif operator == "*" and isinstance(left, int) and isinstance(right, int):
+            # a product has about as many digits as its factors together (x * x * x ... grows fast)
+            self.budget.check_size(math.ceil((left.bit_length() + right.bit_length()) * math.log10(2)), "digits")
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
             # an integer of that many digits is the size that matters (10**10**9 never ends)
             self.budget.check_size(math.ceil(right * math.log10(abs(left))), "digits")
         return super().call_binop(context, operator, left, right)
+
+
+def _sized(value, budget: RenderBudget):
+    """`value`, once its size is within the budget (a str, list, tuple or dict a call or filter made)."""
+    if isinstance(value, (str, list, tuple, dict)):
+        budget.check_size(len(value))
+    return value
+
+
+class _Bounded(dict):
+    """The environment's filters, each called after a look at the clock and its result's size checked."""
+
+    def __init__(self, filters: dict, budget: RenderBudget):
+        super().__init__()
+        self.budget = budget
+        for name, function in filters.items():
+            self[name] = function
+
+    def __setitem__(self, name, function):
+        budget = self.budget
+
+        @functools.wraps(function)
+        def bounded(*args, **kwargs):
+            budget.check_time()
+            return _sized(function(*args, **kwargs), budget)
+        super().__setitem__(name, bounded)
+
+
+class _GuardedTree(NodeTransformer):
+    """Every `{% for %}` loop iterates over `guard(its iterable)`, and every `~` is `concat(...)`."""
+
+    def __init__(self, budget: RenderBudget):
+        self.budget = budget
+
+    def visit_For(self, node):
+        node = self.generic_visit(node)
+        node.iter = nodes.Call(self.budget.attr("guard", lineno=node.lineno), [node.iter], [], None, None,
+                               lineno=node.lineno)
+        return node
+
+    def visit_Concat(self, node):
+        node = self.generic_visit(node)
+        return nodes.Call(self.budget.attr("concat", lineno=node.lineno), node.nodes, [], None, None,
+                          lineno=node.lineno)
