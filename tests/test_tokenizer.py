@@ -99,3 +99,11 @@ def test_real_gpt2_agrees_with_transformers_on_every_hh_text(gpt2_tokenizer_dir,
     ours = tok.encode_batch(texts)
     assert ours == hf(texts)["input_ids"]
     assert [tok.decode(ids) for ids in ours[:200]] == texts[:200]
+
+
+def test_encode_batch_cuts_from_the_left_and_refuses_a_length_of_nothing(tmp_path):
+    tokenizer = load_tokenizer(write_tiny_tokenizer(tmp_path / "tok"))
+    full = tokenizer.encode(SENTENCES[0])
+    assert tokenizer.encode_batch([SENTENCES[0]], 5) == [full[-5:]] and tokenizer.encode_batch([SENTENCES[0]]) == [full]
+    with pytest.raises(MinqrError, match="max_length must be at least 1"):
+        tokenizer.encode_batch([SENTENCES[0]], 0)  # ids[-0:] would keep them all

@@ -75,6 +75,8 @@ class Tokenizer:
     def encode_batch(self, texts, max_length: int | None = None) -> list[list[int]]:
         """Ids of each text; with `max_length`, cut from the left to that many tokens, as minqr reads
         a text: the end, where the reply and its reward are, survives."""
+        if max_length is not None and max_length < 1:  # ids[-0:] would keep every token
+            raise MinqrError(f"max_length must be at least 1 (tokens kept of each text), got {max_length}")
         # the fast batch path skips the offsets that encode_batch would compute and throw away
         encodings = self.backend.encode_batch_fast(list(texts), add_special_tokens=False)
         return [e.ids if max_length is None else e.ids[-max_length:] for e in encodings]
