@@ -528,12 +528,11 @@ def test_first_step_loss_is_the_objective(inputs, tmp_path, overrides):
                     pair_losses[-1] += config.bag_coef * bag_loss_float64(model.response_bag, hidden[-1], ids[start:])
             centring.append((q_c.mean() + q_r.mean()) ** 2)
             right += q_c.mean() > q_r.mean()
-            # the chosen response: the tokens after the prefix the two texts share (at least one token
-            # of each text is its own), each predicted from the tokens before it
-            shared = 0
-            while shared < min(len(c), len(r)) - 1 and c[shared] == r[shared]:
-                shared += 1
-            for t in range(max(shared, 1), len(c)):
+            # the chosen response: what follows its last "\n\nAssistant:" (a clean token boundary here),
+            # each token predicted from the tokens before it
+            text = pair["chosen"]
+            start = len(tokenizer.encode(text[: text.rindex("\n\nAssistant:") + len("\n\nAssistant:")]))
+            for t in range(max(start, 1), len(c)):
                 logits = model.transformer.lm_logits(hidden_c[t - 1]).double()
                 lm_token_losses.append(float(-F.log_softmax(logits, -1)[c[t]]))
     expected = np.mean(pair_losses) + config.center_coef * np.mean(centring)
