@@ -37,7 +37,8 @@ class TrainConfig:
     num_quantiles: int | None = option(None, "number of outputs N of the quantile head [default: 20 for mixture "
                                        "and independent, 10 (the paper's) for paper; the scalar head has 1]")
     objective: str | None = option(None, "how the N outputs are trained and what they mean (minqr/objectives/): "
-                                   + objectives_help() + " [default: mixture; the scalar head's is bradley_terry]",
+                                   + objectives_help()
+                                   + " [default: mixture; bradley_terry is the scalar head's (--head scalar) and only its]",
                                    tuple(OBJECTIVES))
     kappa: float | None = option(None, "objective paper: Huber threshold κ of the quantile term [default: 1.0]")
     lam: float | None = option(None, "objective paper: weight λ of the quantile-Huber term [default: 1.0]")
@@ -145,7 +146,9 @@ class TrainConfig:
     overwrite: bool = option(False, "start afresh even if --out already holds a run (its files are "
                              "replaced)", in_file=False)
     demo: bool = option(False, "offline demo: generate a synthetic preference task (minqr.synthetic) "
-                        "with a tiny random GPT-2 and train on it; other options override its defaults")
+                        "with a tiny random GPT-2 in OUT/../demo-data on first use and train on it; its own "
+                        "defaults (3,000 steps of 32 pairs, --lr 2e-3, --max-length 128) replace the ones shown "
+                        "here, and options given override them")
 
     def __post_init__(self):
         # the head's own rules (HeadConfig.make): scalar is N = 1, bradley_terry; quantile defaults to
