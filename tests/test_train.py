@@ -215,7 +215,7 @@ def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     result = with_out(run)
     assert result.exit_code == 1 and result.output == (
-        f"Error: --out {run} already holds a reward model (a run): add --overwrite to replace it, or choose another "
+        f"Error: --out {run} already holds a run of minqr's: add --overwrite to replace it, or choose another "
         "--out\n")
     assert with_out(run, "--overwrite").exit_code == 0
 

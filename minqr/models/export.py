@@ -53,7 +53,8 @@ def export_scalar(model, out, normalize: bool = False, overwrite: bool = False) 
     if kind == "export" and not overwrite:
         raise MinqrError(f"out {out} holds an earlier export: pass --overwrite to replace it, or choose another folder")
     if kind in ("run", "other"):
-        what = "a training run" if kind == "run" else f"model files that minqr did not write ({', '.join(model_files_in(out))})"
+        what = ("a training run" if kind == "run" else
+                f"model files that minqr did not write ({', '.join(model_files_in(out))})")
         raise MinqrError(f"out {out} holds {what}, which the export would write over: choose another folder")
     reward_model, tokenizer, folder = load_reward_model(folder)
     head_config = reward_model.head_config

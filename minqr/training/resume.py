@@ -149,14 +149,13 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
     or None for a new run; a run is never clobbered by mistake. Each refusal says what the folder
     holds and the one option that gets out."""
     out = Path(out)
-    kind = model_folder_kind(out)
-    if find_checkpoint(out) is not None or (out / METRICS_FILE).exists():
+    kind, checkpoint = model_folder_kind(out), find_checkpoint(out)
+    if checkpoint is not None or (out / METRICS_FILE).exists():
         kind = "run"  # whatever else is there: a run's log or checkpoint (a run stopped before it saved a model)
     if kind == "other":  # not even --overwrite: the files are the user's
         files = ", ".join(model_files_in(out)) if out.is_dir() else out.name
         raise MinqrError(f"--out {out} holds model files that are not a minqr run's ({files}): training would "
                          "write its model over them; choose another folder")
-    checkpoint = find_checkpoint(out)
     if resume:
         if kind == "new":
             raise MinqrError(f"--resume: {out} holds no run to continue: drop --resume to start one")
@@ -176,8 +175,8 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
         raise MinqrError(f"--out {out} already holds a run that saved no checkpoint (nothing to resume): "
                          "add --overwrite to start afresh, or choose another --out")
     if kind != "new":
-        raise MinqrError(f"--out {out} already holds a reward model ({'an export' if kind == 'export' else 'a run'}"
-                         "): add --overwrite to replace it, or choose another --out")
+        raise MinqrError(f"--out {out} already holds {'an export' if kind == 'export' else 'a run'} of minqr's: add "
+                         "--overwrite to replace it, or choose another --out")
     return None
 
 
