@@ -44,9 +44,9 @@ import torch
 from minqr.adapters.batcher import DynamicBatcher
 from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, RewardRequest, parse_request,
                                      reward_response)
+from minqr.adapters.texts import key_ids
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.personal import Annotators, posterior_weights
-from minqr.adapters.texts import key_ids
 from minqr.distribution.statistics import (lone_member, mean_and_spread, parse_statistic, relative_outputs,
                                            statistic_values)
 from minqr.errors import MinqrError
