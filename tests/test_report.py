@@ -419,3 +419,22 @@ def test_options_of_an_analysis_called_from_python_are_checked_as_the_command_li
                              ({"seed": -1}, "--seed must be in [0, 4294967295] (got -1)")]:
         with pytest.raises(MinqrError, match=re.escape(message)):
             analyze(files[:1], folder / "out", **options)
+
+
+def test_a_mixture_scored_without_an_anchor_is_reported_without_its_quantiles(tmp_path):
+    """HH-RLHF scores of a mixture have no anchor outputs (unless score --anchor-reply): the report is
+    written, Figure 3 leaves the mixture out, and its quantile measures say why they are missing."""
+    rng = np.random.default_rng(3)
+    outputs = rng.normal(size=(2, 80, 4)) + np.array([5.0, -3.0, 10.0, 0.0])  # kinds with constants
+    path = save_scores(tmp_path / "mixture.npz", *outputs, metadata("quantile", 4, "hh", objective="mixture",
+                                                                     readout="sorted"))
+    paper = save_scores(tmp_path / "paper.npz", *np.sort(outputs, axis=-1), metadata("quantile", 4, "hh",
+                                                                                     objective="paper", label="paper"))
+    result = run([path, paper, "--out", tmp_path / "report", "--bootstrap", "20"])
+    assert result.exit_code == 0, result.output
+    summaries = {s["label"]: s for s in json.loads((tmp_path / "report" / "summaries.json").read_text())}
+    mixture = next(s for label, s in summaries.items() if label != "paper")
+    assert "no anchor outputs" in mixture["spread_auroc"]["not_measured"] and mixture["quantile_accuracy"] is None
+    assert summaries["paper"]["quantile_accuracy"] is not None
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "a mixture scored without anchor outputs is left out" in report

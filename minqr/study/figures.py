@@ -37,7 +37,10 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
                            for scores, summary in runs], bins, f"reward ({view})")
         figures.append((name, f"{workload}: rewards of chosen and rejected responses (view {view}), histograms "
                               "with KDE curves; the title gives the histogram KL (the paper's Figure 2)."))
-        quantile_runs = [(scores, summary) for scores, summary in runs if scores.num_quantiles > 1]
+        # a mixture's quantiles without an anchor would mix its kinds' constants in: not drawn (summarize
+        # does not measure them either)
+        quantile_runs = [(scores, summary) for scores, summary in runs
+                         if scores.num_quantiles > 1 and not (scores.has_kinds and scores.anchor is None)]
         if quantile_runs:
             name = f"fig3_quantiles_{number}_{_slug(workload)}.png"
             panels = []
@@ -48,7 +51,8 @@ def draw_figures(out: Path, all_scores, summaries, workloads) -> list[tuple[str,
             _histogram_figure(out / name, "Lowest and highest quantile, chosen vs rejected",
                               _labels({workload: quantile_runs}), panels, bins, "reward", columns=2)
             figures.append((name, f"{workload}: the lowest (pessimistic) and highest (optimistic) quantile of each "
-                                  "quantile model, chosen vs rejected (the paper's Figure 3)."))
+                                  "quantile model, chosen vs rejected (the paper's Figure 3; a mixture scored "
+                                  "without anchor outputs is left out: its quantiles need a reference reply)."))
     panel_figures = (  # file, title, what draws a panel, caption
         ("kl_vs_bins.png", "Histogram KL against the number of bins", _plot_kl_vs_bins,
          "Histogram KL against the number of bins (log scale): how much of the value the bins make."),
