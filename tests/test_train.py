@@ -290,12 +290,13 @@ def test_the_interrupt_takes_both_signals_and_leaves_an_ignored_sigint_ignored(m
             assert interrupt.received is None
             signal.raise_signal(signal.SIGTERM)
             assert interrupt.received == signal.SIGTERM and interrupt.flags() == [0.0, 1.0]
+            signal.raise_signal(signal.SIGTERM)  # torchrun's and the scheduler's, a moment apart: still stopping
+            assert interrupt.received == signal.SIGTERM
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]
     finally:
         signal.signal(signal.SIGINT, before[signal.SIGINT])
-    assert said[1] == ("SIGTERM: stopping after this step and saving a checkpoint (a second SIGTERM stops it at once, "
-                       "losing the steps since the last checkpoint)")
+    assert said[1:] == ["SIGTERM: stopping after this step and saving a checkpoint"]
 
 
 @pytest.mark.parametrize("extra,more", [({}, ""), ({"param_dtype": "bfloat16", "master_weights": True}, ""),

@@ -1,13 +1,14 @@
 """Stopping a run loses nothing: on Ctrl-C (SIGINT) or SIGTERM (what `kill`, a job scheduler or a
 container runtime sends before it kills) the step in progress finishes, its checkpoint is saved, and
 the run exits with the shell's status for that signal, 128 + its number (130, 143), saying how to
-continue (`--resume`). A second signal stops at once.
+continue (`--resume`). A second Ctrl-C stops at once. A second SIGTERM changes nothing: under
+torchrun a worker gets one from torchrun and one from the scheduler that signalled them all (Slurm's
+scancel, systemd), milliseconds apart, and the scheduler's SIGKILL is the one that stops at once.
 
 A process that starts with SIGINT ignored keeps it ignored, as Unix programs do: a shell ignores it
 for the jobs a script starts in the background (`minqr train ... &`), so that a Ctrl-C meant for the
 foreground does not reach them. Python leaves such a process's SIGINT ignored from its start, and
 training does not take it back; SIGTERM still stops it cleanly."""
-import os
 import signal
 import threading
 
@@ -15,7 +16,6 @@ from minqr.errors import MinqrError
 from minqr.progress import say
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
-NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 class TrainingInterrupted(MinqrError):
@@ -29,10 +29,11 @@ class TrainingInterrupted(MinqrError):
 
 class Interrupt:
     """Ctrl-C or SIGTERM while training: the first asks the run to stop after the step in progress
-    (and save it); a second stops at once (Ctrl-C: KeyboardInterrupt, exit 130; SIGTERM: the signal's
-    default, the process killed). Used as a context manager around the loop; `received` is the
-    signal this process got (None: none). Under torchrun one process's signal stops them all after
-    the same step: each step sums `flags()` over the processes and hands the sums to `agree`."""
+    (and save it); a second Ctrl-C stops at once (KeyboardInterrupt, exit 130), a second SIGTERM is
+    one more request to stop (module docstring). Used as a context manager around the loop;
+    `received` is the signal this process got (None: none). Under torchrun one process's signal
+    stops them all after the same step: each step sums `flags()` over the processes and hands the
+    sums to `agree`."""
 
     def __init__(self):
         self.received = None
@@ -58,13 +59,13 @@ class Interrupt:
         if self.received is not None:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            signal.signal(signum, signal.SIG_DFL)  # the second SIGTERM: die of it, as without this handler
-            os.kill(os.getpid(), signum)
-            return
+            return  # SIGTERM again: already stopping after this step (module docstring)
         self.received = signal.Signals(signum)
-        again = "press Ctrl-C again to stop" if signum == signal.SIGINT else "a second SIGTERM stops it"
-        say(f"{NAMES[signum]}: stopping after this step and saving a checkpoint ({again} at once, losing the steps "
-            "since the last checkpoint)")
+        if signum == signal.SIGINT:
+            say("Ctrl-C: stopping after this step and saving a checkpoint (press Ctrl-C again to stop at once, "
+                "losing the steps since the last checkpoint)")
+        else:
+            say("SIGTERM: stopping after this step and saving a checkpoint")
 
     def __enter__(self):
         # only the main thread can take a signal; one ignored from the start stays ignored (above)
