@@ -591,3 +591,15 @@ def test_deep_json_and_a_mistyped_model_path_are_one_line_errors(tmp_path, quant
                                              "--out", "t.npz"])
     assert result.exit_code == 1 and result.output.startswith(
         "Error: no such model folder: 'runs/dmeo/quantile' (runs/dmeo does not exist;"), result.output
+
+
+def test_score_texts_stops_at_outputs_that_are_not_finite(tokenizer):
+    """What the adapters, best-of-N and the anchors read: a model that gives NaN is an error naming
+    how many texts, not NaN rewards (best-of-N wrote them, no JSON, and picked candidate 0)."""
+    model = random_reward_model("quantile", 4, seed=2)
+    with torch.no_grad():
+        model.transformer.ln_f.weight[0] = float("nan")
+    token_lists = tokenizer.encode_batch(["\n\nHuman: hi\n\nAssistant: a", "Waves roll in."])
+    with pytest.raises(MinqrError, match=r"NaN or infinite outputs for 2 of 2 texts \(the first: text 0\)"):
+        score_texts(model, token_lists)
+    assert np.isnan(score_texts(model, token_lists, check_finite=False)).all()  # the server checks per request

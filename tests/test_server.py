@@ -271,6 +271,25 @@ def test_a_model_that_gives_nan_fails_the_request_with_500_not_the_server(tmp_pa
         assert request(server, "GET", "/health")[0] == 200
 
 
+def test_a_nan_output_fails_its_own_request_not_the_others_of_its_forward(folder):
+    """Two requests share a forward whose outputs hold NaN in one text's row (an overflow in half
+    precision, say): that request fails, naming its query, and the other is answered. (On the
+    model, texts packed into one row with a NaN text turn NaN too: masked attention multiplies its
+    values by 0, and 0 times NaN is NaN.)"""
+    service = RewardService(ServeConfig(model=str(folder)))
+    try:
+        texts = ["\n\nHuman: hi\n\nAssistant: a", "\n\nHuman: yo\n\nAssistant: b", "\n\nHuman: hey\n\nAssistant: c"]
+        requests = [service.prepare(json.dumps({"query": queries}).encode()) for queries in (texts[:1], texts[1:])]
+        outputs = service.batcher.score([tokens for r in requests for tokens in r.token_lists])  # one forward
+        outputs[2, 1] = np.nan  # the second request's second query
+        assert len(service.finish(requests[0], outputs[:1])["rewards"]) == 1
+        with pytest.raises(MinqrError, match=r"gives NaN or infinite outputs for 'query'\[1\] \(1 of this "
+                                             r"request's texts\).*serve with --dtype float32"):
+            service.finish(requests[1], outputs[1:])
+    finally:
+        service.close()
+
+
 def test_concurrent_clients_get_their_own_answers(folder, alone):
     rounds, clients = 4, 8
     work = {(c, r): queries_and_prompts(seed=100 * c + r, count=1 + (c + r) % 5) for c in range(clients)

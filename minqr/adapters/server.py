@@ -126,8 +126,9 @@ class RewardService:
                              "--group") from None
         device = resolve_device(config.device)
         self.model.to(device)
+        # non-finite outputs fail the request they belong to (finish), not every request of the forward
         score = functools.partial(score_texts, self.model, batch_size=config.max_batch, device=device,
-                                  dtype=config.dtype)
+                                  dtype=config.dtype, check_finite=False)
         self.batcher = DynamicBatcher(score, config.max_batch)
         # the model never changes while it serves, so a prompt's reference is scored once while its
         # samples arrive, request after request
@@ -194,8 +195,15 @@ class RewardService:
 
     def finish(self, scoring: "Scoring", outputs) -> dict:
         """The JSON answer from the outputs [len(token lists), N] of the scoring's token lists."""
-        outputs = torch.from_numpy(outputs).double()  # [M + references scored, N], finite (score_texts checks)
+        outputs = torch.from_numpy(outputs).double()  # [M + references scored, N]
         request, m = scoring.request, len(scoring.request.queries)
+        broken = (~torch.isfinite(outputs).all(-1)).nonzero()
+        if len(broken):
+            first = int(broken[0])
+            which = f"'query'[{first}]" if first < m else "the reference reply of one of its prompts"
+            raise MinqrError(f"the reward model {self.folder} gives NaN or infinite outputs for {which} ({len(broken)} "
+                             "of this request's texts): its weights are broken, or the precision overflows (serve "
+                             "with --dtype float32)")
         reference = None
         if self.config.reference_reply is not None:
             fresh = dict(zip(scoring.missing, outputs[m:]))  # prompt -> its reference's outputs [N]

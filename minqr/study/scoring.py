@@ -102,13 +102,15 @@ def _check_finite(chosen: np.ndarray, rejected: np.ndarray, indices, model_name:
 
 @torch.inference_mode()
 def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
-                dtype: str = "auto", pooled: bool = False, shared_prefix: bool = True) -> np.ndarray:
+                dtype: str = "auto", pooled: bool = False, shared_prefix: bool = True,
+                check_finite: bool = True) -> np.ndarray:
     """The model's raw outputs [M, N] for M single texts given as token lists (each at least one
     token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. At most
     `batch_size` texts a forward; texts that share a long prefix (a prompt's samples, a prompt and
     its reference reply) run it once (minqr/data/batching.py, TextBatch), unless `shared_prefix` is
     False; rows of similar width share a batch; eval mode, as score_tokenized. Outputs that are not
-    finite are a MinqrError."""
+    finite are a MinqrError, unless `check_finite` is False (the server checks each request's own
+    rows of a forward that several requests share)."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
     model_width = model.transformer.config.hidden_size
@@ -135,8 +137,8 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     finally:
         if switch:
             model.train(was_training)
-    broken = ~np.isfinite(out).all(axis=1)
-    if broken.any():  # every caller (the server, the adapters, best-of-n, the anchors) stops here
+    broken = ~np.isfinite(out).all(axis=1) if check_finite else np.zeros(len(out), dtype=bool)
+    if broken.any():  # every caller (the adapters, best-of-n, the anchors) stops here
         raise MinqrError(f"the reward model gives NaN or infinite outputs for {int(broken.sum())} of {len(out)} texts "
                          f"(the first: text {int(np.argmax(broken))}): its weights are broken, or the precision "
                          "overflows (try dtype float32)")
