@@ -166,6 +166,14 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # an earlier minqr's progress (its job line without the model's files): said so, not "other options"
+    saved = partial_path(out).read_text()
+    job, rest = saved.split("\n", 1)
+    partial_path(out).write_text(json.dumps({k: v for k, v in json.loads(job).items() if k != "model_files"}) + "\n"
+                                 + rest)
+    with pytest.raises(MinqrError, match="holds the progress of a best-of-n job of an earlier minqr"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    partial_path(out).write_text(saved)
     calls.clear()
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
     summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)

@@ -221,9 +221,16 @@ BROKEN_TEMPLATES = {
     # what the bounds once missed: a concatenation, a method's and a filter's results, an integer product
     "tilde doubling": ("{% set ns = namespace(s='ab') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
                        "{% endfor %}", "RenderLimitExceeded: it makes a value of 131,072 characters"),
-    "a method's result": ("{{ 'x'.center(200000000) }}", "RenderLimitExceeded: it makes a value of 200,000,000 items"),
-    "a filter's result": ("{{ '%200000000s'|format('a') }}", "RenderLimitExceeded: it makes a value of 200,000,000 "
-                                                           "items"),
+    # widths are checked before the padding is made (the allocation would come first)
+    "a padding method": ("{{ 'x'.center(10**12) }}", "RenderLimitExceeded: it makes a value of 1,000,000,000,000 "
+                                                     "characters"),
+    "a % width": ("{{ '%400000000s' % 'a' }}", "RenderLimitExceeded: it makes a value of 400,000,000 characters"),
+    "a |format width": ("{{ '%200000000s'|format('a') }}", "RenderLimitExceeded: it makes a value of 200,000,000 "
+                                                           "characters"),
+    "a str.format width": ("{{ '{:>300000000}'.format('a') }}", "RenderLimitExceeded: it makes a value of "
+                                                               "300,000,000 characters"),
+    "a filter's result": ("{{ (['x' * 1000] * 20000) | join }}", "RenderLimitExceeded: it makes a value of "
+                                                                 "20,000,000 items"),
     "integer products": ("{% set ns = namespace(x=7 ** 1000) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
                          "{% endfor %}", "RenderLimitExceeded: it makes a value of 13,522 digits, more than 10,000"),
 }

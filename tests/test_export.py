@@ -174,6 +174,10 @@ def test_an_export_writes_only_into_a_new_folder_or_over_an_earlier_export(tmp_p
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text("{}")
+    (tmp_path / "a_file").write_text("mine")
+    result = CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(tmp_path / "a_file")])
+    assert result.exit_code == 1 and result.output == (f"Error: out {tmp_path / 'a_file'} is a file, not a folder: the "
+                                                       "export is a model folder; choose another path\n")
     for folder, what in ((run, "a training run"), (mine, "model files that minqr did not write (config.json)")):
         before = {p.name: p.read_bytes() for p in folder.iterdir()}
         result = CliRunner().invoke(export, ["--model", str(source), "--scalar", "--out", str(folder), "--overwrite"])

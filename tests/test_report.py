@@ -394,8 +394,9 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
     assert bad.exit_code == 1 and "is not a summaries.json written by minqr analyze" in bad.output
     for content, words in [({"a": 1}, "(a list of summaries, one a scores file; this holds a dict)"),
-                           ([rows[0], {"head": "quantile"}], "summary 1 is not one that minqr analyze writes (at "
-                                                             "KeyError('workload'))")]:
+                           ([rows[0], {"head": "quantile"}], "summary 1 is not one that minqr analyze writes (it has "
+                                                             "no 'workload')"),
+                           ([7], "summary 0 is not one that minqr analyze writes (it is no object)")]:
         (tmp_path / "bad.json").write_text(json.dumps(content))
         bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
         assert bad.exit_code == 1 and words in bad.output and "Traceback" not in bad.output, bad.output

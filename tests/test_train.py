@@ -207,6 +207,9 @@ def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
             "its model over them; choose another folder\n")
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert (mine / "config.json").read_text() == '{"mine": 1}' and (mine / "notes.txt").read_text() == "mine"
+    result = with_out(mine / "notes.txt")
+    assert result.exit_code == 1 and result.output == (f"Error: --out {mine / 'notes.txt'} is a file, not a folder: a "
+                                                       "run is a folder; choose another --out\n")
     # a model minqr wrote, without a log or checkpoint (an export, or a run's folder cleaned up): --overwrite
     run = tmp_path / "run"
     assert with_out(run).exit_code == 0

@@ -295,6 +295,10 @@ def _resume(partial: Path, job: dict) -> list:
         found = loads(lines[0])
     except json.JSONDecodeError:
         found = None
+    if isinstance(found, dict) and found.get("minqr") == "best-of-n" and "model_files" not in found:
+        raise MinqrError(f"{partial} holds the progress of a best-of-n job of an earlier minqr, which did not record "
+                         "the model's files nor the precision, so this one cannot tell whether its scores match: pass "
+                         "--overwrite to start afresh")
     if found != job:
         raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options, "
                          f"another version of the data or of the model, or another precision ({found}): run that "

@@ -50,6 +50,8 @@ def export_scalar(model, out, normalize: bool = False, overwrite: bool = False) 
         raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
                          "quantile model; choose another folder")
     kind = model_folder_kind(out)
+    if kind == "file":
+        raise MinqrError(f"out {out} is a file, not a folder: the export is a model folder; choose another path")
     if kind == "export" and not overwrite:
         raise MinqrError(f"out {out} holds an earlier export: pass --overwrite to replace it, or choose another folder")
     if kind in ("run", "other"):

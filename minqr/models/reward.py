@@ -390,11 +390,11 @@ def model_folder_kind(folder) -> str:
     """What a folder that a command would save a model into (save_pretrained: config.json, the
     weights, the tokenizer's files, training_args.json) holds: "new" (none of those files, so
     nothing there is written over), "run" (a training run: its training_args.json), "export" (minqr
-    export's: training_args.json with "exported_from"), or "other": model files that minqr did not
-    write (a downloaded checkpoint, say), which no command may replace."""
+    export's: training_args.json with "exported_from"), "other": model files that minqr did not
+    write (a downloaded checkpoint, say), which no command may replace, or "file": not a folder."""
     folder = Path(folder)
     if not folder.is_dir():
-        return "other" if folder.exists() else "new"
+        return "file" if folder.exists() else "new"
     if not model_files_in(folder):
         return "new"
     if not (folder / TRAINING_ARGS_FILE).is_file():

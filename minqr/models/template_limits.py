@@ -7,11 +7,14 @@ renders thousands of conversations, so one such template would hang training wit
 
 `BoundedEnvironment` gives every rendering a budget (`start`): a deadline and a number of
 characters. The deadline is checked at every iteration of every `{% for %}` loop (each loop's
-iterable is wrapped when the template is compiled) and every call and filter the template uses
-(macros included); the characters bound what the template writes (`RenderBudget.count`), every
-`+`, `*`, `**` and `~` it computes, before they are computed, and whatever a call or a filter
-returns (`"x".center(10**9)`, `|join`, `|format`). Past either bound, `RenderLimitExceeded`.
+iterable is wrapped when the template is compiled) and every call, filter and operator the
+template uses (macros included); the characters bound what the template writes
+(`RenderBudget.count`), every `+`, `*`, `**` and `~` it computes and every width that `%`, `|format`,
+`str.format` and the padding methods (`"x".center(10**9)`) would pad to, before they are
+computed, and whatever a call or a filter returns (`|join`, `|tojson`), once it is. Past either
+bound, `RenderLimitExceeded`.
 """
+import re
 import functools
 import math
 import time
@@ -82,7 +85,7 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
     does), with a RenderBudget of RENDER_SECONDS and MAX_RENDERED_CHARS (as they are when it is
     made): `template(source)` compiles `source` with every loop guarded, `budget.start()` opens a rendering."""
 
-    intercepted_binops = frozenset(["+", "*", "**"])
+    intercepted_binops = frozenset(["+", "*", "**", "%"])
 
     def __init__(self, **options):
         super().__init__(extensions=[loopcontrols, RenderBudget], **options)
@@ -96,7 +99,16 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(self, context, function, *args, **kwargs):
         self.budget.check_time()
+        if isinstance(getattr(function, "__self__", None), str) and function.__name__ in PADDING and args \
+                and isinstance(args[0], int):  # a str padding method: the width is asked for, not yet made
+            self.budget.check_size(args[0], "characters")
         return _sized(super().call(context, function, *args, **kwargs), self.budget)
+
+    def getattr(self, obj, attribute):
+        # the sandbox hands out str.format wrapped, its string out of reach of `call`: checked here
+        if isinstance(obj, str) and attribute in ("format", "format_map"):
+            _check_widths(obj, self.budget)
+        return super().getattr(obj, attribute)
 
     def call_binop(self, context, operator: str, left, right):
         self.budget.check_time()
@@ -107,6 +119,8 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             self.budget.check_size(len(left) * right)
         elif operator == "*" and isinstance(right, sized) and isinstance(left, int):
             self.budget.check_size(len(right) * left)
+        elif operator == "%" and isinstance(left, str):
+            _check_widths(left, self.budget)
         elif operator == "*" and isinstance(left, int) and isinstance(right, int):
             # a product has about as many digits as its factors together (x * x * x ... grows fast)
             self.budget.check_size(math.ceil((left.bit_length() + right.bit_length()) * math.log10(2)), "digits")
@@ -114,6 +128,18 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
             # an integer of that many digits is the size that matters (10**10**9 never ends)
             self.budget.check_size(math.ceil(right * math.log10(abs(left))), "digits")
         return super().call_binop(context, operator, left, right)
+
+
+PADDING = ("center", "ljust", "rjust", "zfill")  # str methods whose first argument is the width made
+# the widths and precisions of printf-style ("%200s", "%.9f") and str.format ("{:>200}") fields
+_WIDTHS = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?|\{[^{}]*:[^{}]*?(\d+)[^{}\d]*\}")
+
+
+def _check_widths(text: str, budget: RenderBudget) -> None:
+    """The widest field a format string asks for is within the budget, before it is formatted."""
+    widths = [int(number) for match in _WIDTHS.finditer(text) for number in match.groups() if number]
+    if widths:
+        budget.check_size(max(widths), "characters")
 
 
 def _sized(value, budget: RenderBudget):
@@ -138,6 +164,8 @@ class _Bounded(dict):
         @functools.wraps(function)
         def bounded(*args, **kwargs):
             budget.check_time()
+            if name == "format" and args and isinstance(args[0], str):  # "%200000000s"|format(...)
+                _check_widths(args[0], budget)
             return _sized(function(*args, **kwargs), budget)
         super().__setitem__(name, bounded)
 

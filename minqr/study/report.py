@@ -120,8 +120,11 @@ def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
             try:  # the row alone: what it lacks is named here, not deep in the table
                 objectives_table([summary])
             except (KeyError, TypeError, AttributeError) as error:
-                raise MinqrError(f"{path}: summary {index} is not one that minqr analyze writes (at {error!r}); "
-                                 "analyze the scores again") from None
+                what = (f"it has no {error.args[0]!r}" if isinstance(error, KeyError) else
+                        "it is no object" if not isinstance(summary, dict) else
+                        "a field holds another kind of value")
+                raise MinqrError(f"{path}: summary {index} is not one that minqr analyze writes ({what}); analyze the "
+                                 "scores again") from None
         rows += summaries
     with atomic_file(Path(out)) as tmp:
         tmp.write_text(objectives_table(rows) + "\n")

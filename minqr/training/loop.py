@@ -127,6 +127,7 @@ class TrainingRun:
         self.bayes_accuracy = prepare_demo_data(config.data, config.out, procs, self.say) if config.demo else None
         with procs.main_first():  # a hub download happens, and is announced, once
             self.model_path, train_file, eval_file = resolve_inputs(config, self.say)
+        self._refuse_model_as_out(self.model_path)  # again once a hub name has its cached copy
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
 
         torch.manual_seed(config.seed)  # the head's initialisation
@@ -189,11 +190,16 @@ class TrainingRun:
                              "process: run it as torchrun --nproc_per_node N tools/train.py ... with N of at least "
                              "2, or drop --fsdp")
         config = self.config
-        if Path(config.model).exists() and Path(config.model).resolve() == self.out.resolve():
-            raise MinqrError(f"--out {self.out} is the --model folder itself: training would write over the model it "
-                             "starts from; choose another --out")
+        self._refuse_model_as_out(config.model)
         checkpoint = checkpoint_to_resume(self.out, asdict(config), resume=config.resume, overwrite=config.overwrite)
         return config.micro_batch_size(self.procs.world_size), checkpoint
+
+    def _refuse_model_as_out(self, model) -> None:
+        """--out may not be the folder of the model training starts from (a local path, or the cached
+        copy of a hub model): the run would write over it."""
+        if Path(model).exists() and Path(model).resolve() == self.out.resolve():
+            raise MinqrError(f"--out {self.out} is the --model folder itself: training would write over the model it "
+                             "starts from; choose another --out")
 
     def _check_model(self, model: RewardModel) -> None:
         """What the options ask of the backbone: ids for every token of --tokenizer, positions for

@@ -152,10 +152,11 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
     kind, checkpoint = model_folder_kind(out), find_checkpoint(out)
     if checkpoint is not None or (out / METRICS_FILE).exists():
         kind = "run"  # whatever else is there: a run's log or checkpoint (a run stopped before it saved a model)
+    if kind == "file":
+        raise MinqrError(f"--out {out} is a file, not a folder: a run is a folder; choose another --out")
     if kind == "other":  # not even --overwrite: the files are the user's
-        files = ", ".join(model_files_in(out)) if out.is_dir() else out.name
-        raise MinqrError(f"--out {out} holds model files that are not a minqr run's ({files}): training would "
-                         "write its model over them; choose another folder")
+        raise MinqrError(f"--out {out} holds model files that are not a minqr run's ({', '.join(model_files_in(out))}): "
+                         "training would write its model over them; choose another folder")
     if resume:
         if kind == "new":
             raise MinqrError(f"--resume: {out} holds no run to continue: drop --resume to start one")
