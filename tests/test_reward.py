@@ -264,6 +264,7 @@ RewardModel.from_pretrained(source).save_pretrained(out)
 """
 
 
+@pytest.mark.slow  # a real process killed while it saves: about 2.3 s of CPU each
 @pytest.mark.parametrize("moment", ["writing", "moving"])
 def test_the_next_save_removes_what_a_killed_save_left(tmp_path, moment):
     model = random_reward_model("quantile", 4, seed=1)

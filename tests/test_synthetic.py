@@ -152,6 +152,7 @@ def test_spread_or_scale_against_quadrature():
     assert divergence(found["scale"] * 1.01) > found["kl_per_pair"] < divergence(found["scale"] * 0.99)
 
 
+@pytest.mark.slow  # a search over two likelihoods on 40,000 pairs: about 3.3 s of CPU
 def test_labels_barely_tell_a_wider_spread_from_a_larger_scale():
     """docs/objectives.md#spread-or-scale: on `shifted`, personal deviations 1.5 times as wide with rewards
     rescaled are about 3 nats away from the truth over the 40,000 training pairs, while no personal

@@ -557,6 +557,7 @@ def test_bfloat16_autocast_trains_and_keeps_float32_weights(inputs, tmp_path):
 
 # ---- real data -------------------------------------------------------------------------------
 
+@pytest.mark.slow  # real pairs through the real GPT-2 tokenizer, a model over 50,257 ids: about 3 s of CPU each
 @pytest.mark.parametrize("head", ["scalar", "quantile"])
 def test_training_on_real_hh_pairs(hh_pairs_path, gpt2_tokenizer_dir, tmp_path, head):
     """48 real HH-RLHF pairs, the real GPT-2 tokenizer, a tiny model over its 50,257 ids: four
