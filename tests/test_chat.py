@@ -227,8 +227,8 @@ BROKEN_TEMPLATES = {
     "a % width": ("{{ '%400000000s' % 'a' }}", "RenderLimitExceeded: it makes a value of 400,000,000 characters"),
     "a |format width": ("{{ '%200000000s'|format('a') }}", "RenderLimitExceeded: it makes a value of 200,000,000 "
                                                            "characters"),
-    "a str.format width": ("{{ '{:>300000000}'.format('a') }}", "RenderLimitExceeded: it makes a value of "
-                                                               "300,000,000 characters"),
+    "a str.format width": ("{{ '{:>300000000.2f}'.format(1.5) }}", "RenderLimitExceeded: it makes a value of "
+                                                                   "300,000,000 characters"),
     "a filter's result": ("{{ (['x' * 1000] * 20000) | join }}", "RenderLimitExceeded: it makes a value of "
                                                                  "20,000,000 items"),
     "integer products": ("{% set ns = namespace(x=7 ** 1000) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"

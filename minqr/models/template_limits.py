@@ -131,15 +131,18 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 
 PADDING = ("center", "ljust", "rjust", "zfill")  # str methods whose first argument is the width made
-# the widths and precisions of printf-style ("%200s", "%.9f") and str.format ("{:>200}") fields
-_WIDTHS = re.compile(r"%[-#0 +]*(\d+)?(?:\.(\d+))?|\{[^{}]*:[^{}]*?(\d+)[^{}\d]*\}")
+# the widths and precisions of printf-style fields ("%200s", "%.9f"), and str.format's fields ("{:>200.2f}")
+_PRINTF_FIELD = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
+_FORMAT_FIELD = re.compile(r"\{([^{}]*)\}")
 
 
 def _check_widths(text: str, budget: RenderBudget) -> None:
     """The widest field a format string asks for is within the budget, before it is formatted."""
-    widths = [int(number) for match in _WIDTHS.finditer(text) for number in match.groups() if number]
-    if widths:
-        budget.check_size(max(widths), "characters")
+    numbers = [n for match in _PRINTF_FIELD.finditer(text) for n in match.groups() if n]
+    for field in _FORMAT_FIELD.finditer(text):  # every number of a field's spec, after its ':'
+        numbers += re.findall(r"\d+", field.group(1).partition(":")[2])
+    if numbers:
+        budget.check_size(max(map(int, numbers)), "characters")
 
 
 def _sized(value, budget: RenderBudget):
