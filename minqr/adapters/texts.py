@@ -18,9 +18,9 @@ The reference (minqr/distribution/statistics.py says why one is needed): `group`
 whose equal values mark completions of the same prompt (the prompt itself will do), or
 `references`, a reply per text whose outputs are the reference. Neither: the mean is the expected
 reward itself; any other statistic of N > 1 outputs is refused. A group needs two texts or more in
-the call: relative to itself a lone completion is worth 0 whatever it says, so it is refused (TRL
-on several GPUs hands each process its share of the completions, which can split a prompt's group:
-there give a reference reply instead).
+the call: a lone completion is its own reference, and its reward says nothing of it, so it is
+refused (TRL on several GPUs hands each process its share of the completions, which can split a
+prompt's group: there give a reference reply instead).
 
 Whose reward: by default the population's. `annotators`, one id per text, asks for each named
 person's instead: the statistic with the mixture's kinds weighted by that person's posterior
