@@ -166,14 +166,6 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
-    # an earlier minqr's progress (its job line without the model's files): said so, not "other options"
-    saved = partial_path(out).read_text()
-    job, rest = saved.split("\n", 1)
-    partial_path(out).write_text(json.dumps({k: v for k, v in json.loads(job).items() if k != "model_files"}) + "\n"
-                                 + rest)
-    with pytest.raises(MinqrError, match="holds the progress of a best-of-n job of an earlier minqr"):
-        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
-    partial_path(out).write_text(saved)
     calls.clear()
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
     summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
@@ -184,6 +176,63 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
     assert list(read(out)[0]["chosen"]) == ["mean"]
+
+
+def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkeypatch):
+    """A job replacing an output with --overwrite resumes after a crash when run again as it was, a
+    kill between writing the output and removing the progress file leaves nothing once run again,
+    and another job's progress is dropped by --overwrite."""
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=4, prompts=8))
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
+    out = tmp_path / "out.jsonl"
+    out.write_text("the user's earlier choices\n")
+    real_choose, calls = best_of_n._choose, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
+    assert out.read_text() == "the user's earlier choices\n"  # replaced only when the job is done
+    calls.clear()
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
+    assert best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True,
+                             progress=False).resumed_from == 3
+    assert calls == [3, 6] and out.read_text() == clean.read_text()
+
+    # killed after the output was written, before its progress file was removed
+    assert not partial_path(out).exists()
+    monkeypatch.setattr(best_of_n, "_choose", real_choose)
+    real_unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: None if self == partial_path(out) else
+                        real_unlink(self, *a, **k))
+    best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    assert partial_path(out).exists()
+    with pytest.raises(MinqrError, match="exists: pass --overwrite"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    calls.clear()
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
+    best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
+    assert calls == [] and not partial_path(out).exists() and out.read_text() == clean.read_text()
+
+    # another job's progress: refused without --overwrite, dropped with it
+    with pytest.raises(KeyboardInterrupt):
+        monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
+        best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
+    assert partial_path(out).exists()
+    monkeypatch.setattr(best_of_n, "_choose", real_choose)
+    with pytest.raises(MinqrError, match="exists: pass --overwrite"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
+    assert out.read_text() == clean.read_text() and not partial_path(out).exists()
 
 
 def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):

@@ -30,8 +30,10 @@ Resuming. A job's progress is appended, a chunk of prompts at a time, to `.<out'
 beside the output, under the output's lock (minqr/lock.py); its first line records what the job was
 asked (model, data, statistics, reference, max_length, dtype). The same command after a crash or a
 kill goes on from the last whole chunk, and the output appears at the end, written atomically, when
-the partial file is removed. A different command finds the partial file and stops: --overwrite
-starts afresh. An existing output is never replaced without --overwrite.
+the partial file is removed. A different command finds the partial file and stops; with --overwrite
+it starts afresh. The same command with --overwrite resumes too, so that a job replacing an output
+can be interrupted and run again like any other. An existing output is never replaced without
+--overwrite.
 """
 import json
 import os
@@ -175,7 +177,8 @@ class BestOfNConfig:
     batch_size: int = option(DEFAULT_BATCH_SIZE, "texts a batch", low=1)
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
-    overwrite: bool = option(False, "replace --out if it exists, and drop an unfinished job's progress", in_file=False)
+    overwrite: bool = option(False, "replace --out if it exists, and drop the progress of an unfinished job with other "
+                                     "options (the same job's progress is resumed)", in_file=False)
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
@@ -212,9 +215,7 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
            "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
            "batch_size": config.batch_size, "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
     partial = partial_path(out)
-    if config.overwrite:
-        partial.unlink(missing_ok=True)
-    done = _resume(partial, job)
+    done = _resume(partial, job, discard_other=config.overwrite)
     if len(done) > len(sets):
         raise MinqrError(f"{partial} records more prompts than {data} holds: pass --overwrite to start afresh")
     resumed = len(done)
@@ -284,9 +285,10 @@ def _model_files(folder) -> dict:
     return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
 
 
-def _resume(partial: Path, job: dict) -> list:
+def _resume(partial: Path, job: dict, discard_other: bool) -> list:
     """The records an unfinished job with the same `job` line left in `partial` ([] if none); a torn
-    last line (a kill mid-append) is dropped. Another job's partial file: a MinqrError."""
+    last line (a kill mid-append) is dropped. Another job's partial file is removed with
+    `discard_other` (--overwrite), else a MinqrError."""
     if not partial.exists():
         return []
     text = partial.read_text()
@@ -295,10 +297,9 @@ def _resume(partial: Path, job: dict) -> list:
         found = loads(lines[0])
     except json.JSONDecodeError:
         found = None
-    if isinstance(found, dict) and found.get("minqr") == "best-of-n" and "model_files" not in found:
-        raise MinqrError(f"{partial} holds the progress of a best-of-n job of an earlier minqr, which did not record "
-                         "the model's files nor the precision, so this one cannot tell whether its scores match: pass "
-                         "--overwrite to start afresh")
+    if found != job and discard_other:
+        partial.unlink()
+        return []
     if found != job:
         raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options, "
                          f"another version of the data or of the model, or another precision ({found}): run that "
