@@ -19,6 +19,7 @@ from minqr.data.batching import (IGNORE_INDEX, MAX_TEXTS_A_ROW, TokenizedPairs, 
                                  training_batches)
 from minqr.data.pairs import Pair, load_pairs
 from minqr.errors import MinqrError
+from minqr.models.gpt2 import attention_mask_4d
 from minqr.models.head import HeadConfig
 from minqr.models.llama import Llama, LlamaConfig
 from minqr.models.reward import RewardModel
@@ -91,8 +92,8 @@ def loop_shared_mask(lc: int, lr: int, p: int, width: int):
     mask = [[False] * width for _ in range(width)]
     for q in range(width):
         for k in range(width):
-            if q >= end:  # a pad attends only to itself
-                mask[q][k] = q == k
+            if q >= end:  # a pad attends to nothing here (the model adds every query's own key)
+                mask[q][k] = False
             elif q < p:  # prefix: causal within the prefix
                 mask[q][k] = k <= q
             elif q < lc:  # chosen suffix: the prefix, then itself causally
@@ -122,7 +123,8 @@ def test_shared_prefix_layout(num_pairs):
         assert (batch.input_ids[i, cc], batch.position_ids[i, cc]) == (c[-1], len(c) - 1)
         assert (batch.input_ids[i, rc], batch.position_ids[i, rc]) == (r[-1], len(r) - 1)
         assert rc == len(row) - 1
-    assert batch.attention_mask.any(dim=-1).all()  # no query attends to nothing (SDPA would give NaN)
+    # the model leaves no query without a key (SDPA would give NaN)
+    assert attention_mask_4d(batch.attention_mask, width).any(dim=-1).all()
     assert batch.num_real_tokens == sum(len(c) + len(r) - p for c, r, p in zip(chosen, rejected, prefixes))
     assert batch.num_padded_tokens == num_pairs * width and batch.shared_prefix
 
@@ -526,7 +528,8 @@ def test_every_packed_text_sees_exactly_its_own_tokens(seed):
             assert text_context(batch, row, key)[0] == [(s, tokens[s]) for s in range(position + 1)]
     real = sum(group_width(texts, group) for group in groups)
     assert int((batch.input_ids != PAD_ID).sum()) <= real  # pads are pads (a token may equal PAD_ID: none here)
-    assert batch.attention_mask.any(dim=-1).all()  # no query attends to nothing (SDPA would give NaN)
+    # the model leaves no query without a key (SDPA would give NaN)
+    assert attention_mask_4d(batch.attention_mask, batch.input_ids.shape[1]).any(dim=-1).all()
 
 
 @pytest.mark.parametrize("batch_size", [1, 4, 32])

@@ -187,8 +187,8 @@ def collate_pairs(chosen: Sequence[Sequence[int]], rejected: Sequence[Sequence[i
 def _shared_prefix_mask(segments: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """bool [R, 1, T, T] from the segment of every column [R, T]: causal, and a key is visible if it
     is in the prefix or in the query's own segment; with `groups` [R, T] (a row packing several
-    groups), only within the query's group. A pad attends only to itself, because a row with
-    nothing to attend to makes scaled_dot_product_attention return NaN."""
+    groups), only within the query's group. A pad's row is all False: the model allows every
+    query its own key (attention_mask_4d), so that no row of the softmax is empty."""
     width = segments.shape[1]
     query = segments[:, :, None]  # [R, T, 1]
     key = segments[:, None, :]  # [R, 1, T]
@@ -196,7 +196,6 @@ def _shared_prefix_mask(segments: torch.Tensor, groups: torch.Tensor | None = No
     visible = causal & (query != PAD) & ((key == PREFIX) | (key == query))  # [R, T, T]
     if groups is not None:
         visible &= groups[:, :, None] == groups[:, None, :]
-    visible |= torch.eye(width, dtype=torch.bool)
     return visible[:, None]  # [R, 1, T, T]
 
 
