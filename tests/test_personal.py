@@ -1,5 +1,6 @@
 """minqr.distribution.personal against float64 posteriors written out here with Python floats,
-annotator by annotator and pair by pair; the batched pass against that loop; the saved file's
+annotator by annotator and pair by pair; the batched pass against that loop; the prior over the
+kinds against EM written out the same way and against shares it must recover; the saved file's
 round trip; the heads that have no kinds refused."""
 import json
 import math
@@ -10,8 +11,9 @@ import pytest
 import torch
 
 from minqr.atomic import MARKER, atomic_dir, check_replaceable
-from minqr.distribution.personal import (ANNOTATORS_FILE, Annotators, annotators_from_pairs, check_personal,
-                                         log_posteriors, personal_preference)
+from minqr.distribution.personal import (ANNOTATORS_FILE, PRIOR_ANNOTATORS_A_KIND, PRIOR_FLOOR, Annotators,
+                                         annotators_from_pairs, check_personal, log_likelihood_sums, log_posteriors,
+                                         personal_preference, population_prior)
 from minqr.errors import MinqrError
 
 
@@ -91,6 +93,112 @@ def test_a_thousand_annotators_in_one_pass(generator, capsys):
     torch.testing.assert_close(got[sample], loop_log_posteriors(chosen[rows], rejected[rows], index, len(sample)),
                                rtol=1e-10, atol=1e-10)
     assert seconds < 5.0  # a loop in Python per annotator and pair takes minutes
+
+
+def loop_prior(sums, steps):
+    """EM for the kinds' shares, written out: steps of pi_k <- (1/A) sum_a pi_k L_ak / sum_j pi_j L_aj,
+    in Python floats from the log-likelihood sums [A, N] (each row shifted by its max: L_ak <= 1)."""
+    rows = sums.tolist()
+    n = len(rows[0])
+    pi = [1.0 / n] * n
+    for _ in range(steps):
+        new = [0.0] * n
+        for row in rows:
+            top = max(row)
+            weights = [pi[k] * math.exp(row[k] - top) for k in range(n)]
+            total = sum(weights)
+            for k in range(n):
+                new[k] += weights[k] / total / len(rows)
+        pi = new
+    return pi
+
+
+def draws_of_kinds(shares, labels, n, generator):
+    """Annotators drawn with `shares` over n kinds, each labelling `labels` pairs by their kind's
+    rewards: the log-likelihood sums [A, N] of their labels, and each annotator's kind."""
+    a = sum(shares)
+    kinds = torch.repeat_interleave(torch.arange(n), torch.tensor(shares))  # [A]
+    chosen = torch.randn(a * labels, n, generator=generator) * 2
+    rejected = torch.randn(a * labels, n, generator=generator) * 2
+    annotator = torch.arange(a).repeat_interleave(labels)
+    mine = kinds[annotator]
+    by_kind = chosen.gather(1, mine[:, None])[:, 0] - rejected.gather(1, mine[:, None])[:, 0]
+    flip = torch.rand(a * labels, generator=generator) > torch.sigmoid(by_kind)
+    chosen[flip], rejected[flip] = rejected[flip].clone(), chosen[flip].clone()
+    return log_likelihood_sums(chosen, rejected, annotator, a), kinds
+
+
+def test_prior_against_em_written_out(generator):
+    n = 4
+    sums = log_likelihood_sums(torch.randn(300, n, generator=generator) * 2, torch.randn(300, n, generator=generator),
+                               torch.randint(0, n * PRIOR_ANNOTATORS_A_KIND, (300,), generator=generator),
+                               n * PRIOR_ANNOTATORS_A_KIND)
+    got = population_prior(sums).exp()
+    expected = loop_prior(sums, 3000)  # far past where the batched steps stop (1e-9 in log)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    # a fixed point: the shares are the mean posterior under them, and no other shares explain the
+    # labels better than they do
+    q = torch.softmax(sums + got.log(), -1)
+    torch.testing.assert_close(q.mean(0), got, rtol=1e-6, atol=1e-7)
+
+    def marginal(pi):
+        return float(torch.logsumexp(sums + pi.log(), -1).sum())
+
+    for other in (torch.full((n,), 1.0 / n, dtype=torch.float64),
+                  torch.softmax(torch.randn(n, generator=generator, dtype=torch.float64), 0)):
+        assert marginal(got) >= marginal(other) - 1e-9
+
+
+def test_prior_recovers_the_shares_of_the_kinds(generator):
+    """Annotators of 3 kinds of 5 (shares 60%, 30%, 10%, none, none), 30 labels each: the fitted
+    prior finds the shares, the empty kinds fall to the floor, and a new person's 3 labels are read
+    more often right from it than from the uniform prior."""
+    n, shares = 5, [120, 60, 20, 0, 0]
+    sums, kinds = draws_of_kinds(shares, 30, n, generator)
+    prior = population_prior(sums).exp()
+    torch.testing.assert_close(prior[:3], torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64), atol=0.04, rtol=0)
+    assert float(prior[3:].max()) < 0.01 and float(prior.min()) >= PRIOR_FLOOR * 0.999
+    new, new_kinds = draws_of_kinds([300, 150, 50, 0, 0], 3, n, generator)
+    right = [float((torch.softmax(new + log_prior, -1).argmax(-1) == new_kinds).double().mean())
+             for log_prior in (torch.zeros(n, dtype=torch.float64), prior.log())]
+    assert right[1] > right[0]
+
+
+def test_too_few_annotators_keep_the_uniform_prior(generator):
+    n = 3
+    few = n * PRIOR_ANNOTATORS_A_KIND - 1
+    chosen, rejected = torch.randn(4 * few, n, generator=generator), torch.randn(4 * few, n, generator=generator)
+    annotator = torch.arange(few).repeat(4)
+    assert population_prior(log_likelihood_sums(chosen, rejected, annotator, few)) is None
+    uniform = annotators_from_pairs(chosen, rejected, annotator, tuple(range(few)))
+    assert uniform.log_prior is None
+    assert torch.equal(uniform.log_posteriors, log_posteriors(chosen, rejected, annotator, few))
+    # a given prior is used as it is: the posteriors are q_a(k) ∝ π_k Π_j σ(...), written out
+    log_prior = torch.log_softmax(torch.randn(n, generator=generator, dtype=torch.float64), 0)
+    given = annotators_from_pairs(chosen, rejected, annotator, tuple(range(few)), log_prior=log_prior)
+    expected = torch.log_softmax(loop_log_posteriors(chosen, rejected, annotator, few) + log_prior, -1)
+    torch.testing.assert_close(given.log_posteriors, expected, rtol=1e-10, atol=1e-10)
+    assert torch.equal(given.log_prior, log_prior)
+
+
+def test_the_prior_is_saved_and_kept_by_merging(tmp_path, generator):
+    sums, _ = draws_of_kinds([20, 10, 0], 5, 3, generator)
+    annotators = Annotators.from_sums(tuple(range(30)), sums, (5,) * 30)
+    assert annotators.log_prior is not None
+    annotators.save(tmp_path)
+    loaded = Annotators.load(tmp_path, num_kinds=3)
+    assert torch.equal(loaded.log_prior, annotators.log_prior)
+    other = Annotators(("x",), torch.log_softmax(torch.randn(1, 3, generator=generator, dtype=torch.float64), -1), (2,))
+    assert torch.equal(loaded.merged(other).log_prior, annotators.log_prior)
+    assert torch.equal(other.merged(loaded).log_prior, annotators.log_prior)  # none of its own: the other's
+    text = json.loads((tmp_path / ANNOTATORS_FILE).read_text())
+    for bad in ([0.0, 0.0, 0.0], [float("nan")] * 3, [-1.0986]):
+        (tmp_path / ANNOTATORS_FILE).write_text(json.dumps({**text, "log_prior": bad}))
+        with pytest.raises(MinqrError, match="log_prior|not an annotators file"):
+            Annotators.load(tmp_path)
+    del text["log_prior"]
+    (tmp_path / ANNOTATORS_FILE).write_text(json.dumps(text))
+    assert Annotators.load(tmp_path).log_prior is None  # a uniform prior
 
 
 def test_save_and_load_round_trip(tmp_path, generator):

@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import write_tiny_tokenizer
-from test_personal import loop_log_posteriors
+from test_personal import loop_log_posteriors, loop_prior
 from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 
 from minqr import load_tokenizer
-from minqr.distribution.personal import ANNOTATORS_FILE, Annotators
+from minqr.distribution.personal import ANNOTATORS_FILE, PRIOR_ANNOTATORS_A_KIND, PRIOR_FLOOR, Annotators
 from minqr.distribution.scale import fit_scale
 import minqr.study.personalize
 from minqr.study.personalize import personalize
@@ -103,6 +103,35 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
                                                                             torch.zeros(4, dtype=torch.long), 1),
                                rtol=1e-4, atol=1e-4)
     assert personalize(folder, data, overwrite=True, progress=False).replaced == 3
+
+
+def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokenizer, tmp_path):
+    """Labels of 10 annotators a kind: personalize fits the prior over the kinds and saves it, the
+    saved posteriors start from it, and a new person's --context posterior starts from it too; each
+    against the posteriors written out here (test_personal's loops) from every text run alone."""
+    folder, model = mixture
+    pairs = make_pairs(seed=6)
+    many = PRIOR_ANNOTATORS_A_KIND * N
+    rng = np.random.default_rng(0)
+    picks = [int(j) for _ in range(many) for j in rng.choice(len(pairs), size=3, replace=False)]  # 3 pairs each
+    ids = [f"u{a}" for a in range(many) for _ in range(3)]
+    data = write_labels(tmp_path / "labels.jsonl", [pairs[j] for j in picks], ids)
+    personalize(folder, data, progress=False)
+    saved = Annotators.load(folder, N)
+    chosen, rejected = outputs_alone(model, tokenizer, pairs)
+    index = torch.tensor([int(a[1:]) for a in ids])
+    loop = loop_log_posteriors(chosen[picks], rejected[picks], index, many)  # [A, N] under the uniform prior
+    prior = torch.tensor(loop_prior(loop, 3000), dtype=torch.float64).clamp(min=PRIOR_FLOOR)  # no kind below the floor
+    prior /= prior.sum()
+    torch.testing.assert_close(saved.log_prior.exp(), prior, rtol=1e-3, atol=1e-4)
+    assert float((prior - 1 / N).abs().max()) > 0.01  # a prior that is not the uniform one
+    torch.testing.assert_close(saved.log_posteriors, torch.log_softmax(loop + prior.log(), -1), rtol=1e-3, atol=1e-3)
+    context = write_labels(tmp_path / "eve.jsonl", pairs[:6], [None] * 6)
+    test = write_labels(tmp_path / "test.jsonl", pairs, [None] * len(pairs))
+    score_to_file(folder, test, tmp_path / "s.npz", context=str(context), annotator="eve", progress=False)
+    eve = loop_log_posteriors(chosen[:6], rejected[:6], torch.zeros(6, dtype=torch.long), 1)[0]
+    np.testing.assert_allclose(load_scores(tmp_path / "s.npz").personal["personal_posterior"][0],
+                               torch.softmax(eve + prior.log(), -1).numpy(), rtol=1e-3, atol=1e-4)
 
 
 def personal_expected(log_q, chosen, rejected):

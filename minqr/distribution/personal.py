@@ -23,6 +23,15 @@ neither output k is one kind's reward across texts, and a posterior over them is
 The posteriors of many annotators are one batched pass: the per-pair log-likelihoods [P, N] are
 summed into [A, N] by an index_add over each pair's annotator index, then normalised per row.
 
+The prior. The mixture is trained with each kind drawn with probability 1/N, but people need not be
+spread evenly over the kinds: some kinds explain many annotators, some hardly any. When the labels
+come from many annotators (at least PRIOR_ANNOTATORS_A_KIND a kind), the prior over the kinds is
+fitted to them: the shares π that make their labels likeliest, Σ_a log Σ_k π_k Π_{j∈D_a} σ(...),
+by expectation-maximisation (π ← the mean of the posteriors under π, a batched step over [A, N]).
+Every posterior then starts from π instead of 1/N, and π is saved with the posteriors, so that a
+new person's few labels start from it too (empirical Bayes). With fewer annotators the prior stays
+uniform. docs/personal.md has what it changes.
+
 `Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
 them) and is saved beside a model's config.json as annotators.json; a model folder without that
 file has no known annotators and loads as before. `labelled_annotators` makes them from scored
@@ -31,6 +40,7 @@ scores file (minqr/study/scores_file.py). The commands are in minqr/study/person
 docs/personal.md is the user's guide.
 """
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +58,9 @@ NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-fie
           "name the person whose labels they are with --annotator")
 ANNOTATORS_FILE = "annotators.json"
 FORMAT = 1  # annotators.json's layout version
+PRIOR_ANNOTATORS_A_KIND = 10  # annotators a kind below which the prior stays uniform: too few to fit N - 1 shares
+PRIOR_ITERATIONS = 500  # EM steps at most; a share that vanishes converges slowly, the others within ~100
+PRIOR_FLOOR = 1e-6  # the least share a kind keeps: enough labels of a new person can still point to it
 
 
 def has_kinds(objective: str, num_outputs: int) -> bool:
@@ -101,15 +114,41 @@ def kind_margin_sums(differences: torch.Tensor, annotator: torch.Tensor, num_ann
     return sums.index_add_(0, annotator.to(differences.device), torch.nn.functional.logsigmoid(margins))  # [A, N]
 
 
-def normalised(log_likelihoods: torch.Tensor) -> torch.Tensor:
-    """Log-likelihood sums [A, N] -> log-posteriors [A, N] under a uniform prior (which cancels)."""
+def normalised(log_likelihoods: torch.Tensor, log_prior: torch.Tensor | None = None) -> torch.Tensor:
+    """Log-likelihood sums [A, N] -> log-posteriors [A, N] under the prior `log_prior` [N] (log π;
+    None: uniform, which cancels)."""
+    if log_prior is not None:
+        log_likelihoods = log_likelihoods + log_prior.to(log_likelihoods)  # [A, N] + [N]
     return log_likelihoods - torch.logsumexp(log_likelihoods, dim=-1, keepdim=True)
+
+
+def population_prior(log_likelihoods: torch.Tensor) -> torch.Tensor | None:
+    """log π [N], float64: the kinds' shares that make the annotators' labels likeliest (the module
+    docstring), from their log-likelihood sums [A, N]; None (uniform) for fewer than
+    PRIOR_ANNOTATORS_A_KIND annotators a kind."""
+    num_annotators, n = log_likelihoods.shape
+    if num_annotators < PRIOR_ANNOTATORS_A_KIND * n:
+        return None
+    sums = log_likelihoods.double()
+    log_prior = torch.full((n,), -math.log(n), dtype=torch.float64, device=sums.device)
+    floor = math.log(PRIOR_FLOOR)
+    for _ in range(PRIOR_ITERATIONS):
+        # EM: the expected share of each kind among the annotators, under the current prior
+        shares = torch.logsumexp(normalised(sums, log_prior), dim=0) - math.log(num_annotators)  # [N]
+        shares = shares.clamp(min=floor)
+        shares = shares - torch.logsumexp(shares, dim=0)  # the floor's mass taken back
+        converged = bool((shares - log_prior).abs().max() < 1e-9)
+        log_prior = shares
+        if converged:
+            break
+    return log_prior
 
 
 def log_posteriors(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
                    pair_margin: torch.Tensor | None = None) -> torch.Tensor:
     """log q_a(k) [A, N], float64, of every annotator from their labelled pairs in one pass (the
-    arguments as log_likelihood_sums'). An annotator with no pairs gets the uniform posterior."""
+    arguments as log_likelihood_sums'), under a uniform prior. An annotator with no pairs gets the
+    uniform posterior."""
     return normalised(log_likelihood_sums(chosen, rejected, annotator, num_annotators, pair_margin))
 
 
@@ -126,8 +165,11 @@ class Annotators:
     """Named annotators and their log-posteriors over a model's kinds."""
 
     ids: tuple  # each a str or an int, as the data gave it; no two equal
-    log_posteriors: torch.Tensor  # [A, N] float64
+    log_posteriors: torch.Tensor  # [A, N] float64, each from log_prior
     pairs: tuple  # how many labelled pairs each posterior is from
+    # [N] float64, log π: the prior over the kinds that the posteriors start from and a new person's
+    # labels start from too (population_prior); None: uniform
+    log_prior: torch.Tensor | None = None
 
     def __post_init__(self):
         a = len(self.ids)
@@ -136,6 +178,20 @@ class Annotators:
                              f"{list(self.log_posteriors.shape)} do not belong together")
         if len(set(self.ids)) != a:
             raise MinqrError("annotators: an id is given twice")
+        if self.log_prior is not None and self.log_prior.shape != (self.log_posteriors.shape[1],):
+            raise MinqrError(f"annotators: a prior of shape {list(self.log_prior.shape)} over kinds whose "
+                             f"posteriors have {self.log_posteriors.shape[1]}")
+
+    @classmethod
+    def from_sums(cls, ids: tuple, log_likelihoods: torch.Tensor, pairs: tuple,
+                  log_prior: torch.Tensor | None = None) -> "Annotators":
+        """The annotators `ids` from their log-likelihood sums [A, N] (log_likelihood_sums) and their
+        pair counts: their posteriors under `log_prior` [N], or, when None, under the prior fitted to
+        them (population_prior; uniform when they are too few)."""
+        if log_prior is None:
+            log_prior = population_prior(log_likelihoods)
+        log_prior = None if log_prior is None else log_prior.double().cpu()
+        return cls(tuple(ids), normalised(log_likelihoods.double().cpu(), log_prior), tuple(pairs), log_prior)
 
     @property
     def num_kinds(self) -> int:
@@ -160,14 +216,16 @@ class Annotators:
         return as_int if as_int in known else None
 
     def merged(self, other: "Annotators") -> "Annotators":
-        """These annotators with `other`'s added; an id in both takes `other`'s posterior."""
+        """These annotators with `other`'s added; an id in both takes `other`'s posterior. The prior
+        stays these annotators' (the population a model was trained on), else becomes `other`'s."""
         if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
             raise MinqrError(f"annotators over {other.num_kinds} kinds cannot join ones over {self.num_kinds}")
         replaced = set(other.ids)
         kept = [row for row, annotator in enumerate(self.ids) if annotator not in replaced]
         return Annotators(tuple(self.ids[r] for r in kept) + tuple(other.ids),
                           torch.cat([self.log_posteriors[kept], other.log_posteriors.to(self.log_posteriors)]),
-                          tuple(self.pairs[r] for r in kept) + tuple(other.pairs))
+                          tuple(self.pairs[r] for r in kept) + tuple(other.pairs),
+                          self.log_prior if self.log_prior is not None else other.log_prior)
 
     def save(self, folder) -> Path:
         """Write annotators.json into a model's folder, atomically; the folder's .minqr-made list (if
@@ -175,7 +233,8 @@ class Annotators:
         path = Path(folder) / ANNOTATORS_FILE
         rows = [{"id": annotator, "pairs": count, "log_posterior": values}
                 for annotator, count, values in zip(self.ids, self.pairs, self.log_posteriors.tolist())]
-        text = json.dumps({"format": FORMAT, "num_kinds": self.num_kinds, "annotators": rows}) + "\n"
+        prior = None if self.log_prior is None else self.log_prior.tolist()
+        text = json.dumps({"format": FORMAT, "num_kinds": self.num_kinds, "log_prior": prior, "annotators": rows}) + "\n"
         with atomic_file(path) as tmp:
             tmp.write_text(text)
         record_made(Path(folder), ANNOTATORS_FILE)
@@ -198,6 +257,8 @@ class Annotators:
             if not (isinstance(kinds, int) and not isinstance(kinds, bool) and kinds >= 1):
                 raise ValueError(f"num_kinds {kinds!r} is not a number of kinds")
             values = values.reshape(len(rows), kinds)  # [A, N], also for A = 0
+            prior = data.get("log_prior")
+            prior = None if prior is None else torch.tensor(prior, dtype=torch.float64).reshape(kinds)  # [N]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
             raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
         if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
@@ -210,7 +271,10 @@ class Annotators:
                              "outputs: they do not belong together; delete it and run minqr personalize")
         if not bool(torch.isfinite(values).all()) or not bool(torch.logsumexp(values, -1).abs().le(1e-6).all()):
             raise MinqrError(f"{path}: a log-posterior is not finite or does not sum to 1; fix or delete it")
-        return cls(ids, values, pairs)
+        if prior is not None and not (bool(torch.isfinite(prior).all()) and abs(float(torch.logsumexp(prior, 0))) <= 1e-6):
+            raise MinqrError(f"{path}: its log_prior is not finite or does not sum to 1; fix it, or delete the key "
+                             "(a uniform prior)")
+        return cls(ids, values, pairs, prior)
 
 
 def _credit(probability: np.ndarray) -> np.ndarray:
@@ -240,25 +304,26 @@ def posterior_weights(known: Annotators | None, head, names: list) -> torch.Tens
 
 
 def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, ids: tuple,
-                          pair_margin: torch.Tensor | None = None) -> Annotators:
+                          pair_margin: torch.Tensor | None = None, log_prior: torch.Tensor | None = None) -> Annotators:
     """The Annotators of labelled pairs: raw outputs [P, N], each pair's annotator [P] as an index
-    into `ids` (the distinct ids, as TokenizedPairs.annotator_ids)."""
-    values = log_posteriors(chosen, rejected, annotator, len(ids), pair_margin)
+    into `ids` (the distinct ids, as TokenizedPairs.annotator_ids); their posteriors start from
+    `log_prior` [N] (a model's saved prior), else from one fitted to them (Annotators.from_sums)."""
+    sums = log_likelihood_sums(chosen, rejected, annotator, len(ids), pair_margin)  # [A, N]
     counts = torch.bincount(annotator, minlength=len(ids)).tolist()
-    return Annotators(tuple(ids), values, tuple(counts))
+    return Annotators.from_sums(ids, sums, counts, log_prior)
 
 
 def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, annotator: str | None = None,
-                        source: str = "the pairs") -> Annotators:
+                        source: str = "the pairs", log_prior: torch.Tensor | None = None) -> Annotators:
     """The Annotators of scored labelled pairs (TokenizedPairs `tokenized`, outputs [P, N] each).
     Pairs that name no annotators are the labels of one person, `annotator`; pairs that do take
-    no `annotator`. `source` names the pairs in messages."""
+    no `annotator`. `source` names the pairs in messages; `log_prior` as annotators_from_pairs'."""
     ids = labellers(tokenized, annotator, source)
     margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
     chosen, rejected = torch.from_numpy(chosen), torch.from_numpy(rejected)
     rows = (torch.zeros(len(tokenized), dtype=torch.long) if tokenized.annotators is None
             else torch.tensor(tokenized.annotators, dtype=torch.long))  # [P] each pair's labeller, an index into ids
-    return annotators_from_pairs(chosen, rejected, rows, ids, margins)
+    return annotators_from_pairs(chosen, rejected, rows, ids, margins, log_prior)
 
 
 def labellers(tokenized, annotator: str | None = None, source: str = "the pairs") -> tuple:

@@ -33,15 +33,16 @@ from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_tokenized, text_length
 
 
 def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str | None = None,
-                  source: str = "the pairs", **scoring) -> tuple[Annotators, ScaleFit | None]:
+                  source: str = "the pairs", log_prior: torch.Tensor | None = None,
+                  **scoring) -> tuple[Annotators, ScaleFit | None]:
     """(posteriors, scale): the posteriors of the annotators of labelled pairs, from one scoring pass
-    of `model` (`scoring`: score_tokenized's options), `annotator` as labelled_annotators takes it;
-    and where the labels put the kinds' scale (minqr/distribution/scale.py) when they name their
-    annotators, else None."""
+    of `model` (`scoring`: score_tokenized's options), `annotator` and `log_prior` as
+    labelled_annotators takes them; and where the labels put the kinds' scale
+    (minqr/distribution/scale.py) when they name their annotators, else None."""
     head = model.head_config
     check_personal(head.objective, head.num_quantiles)
     chosen, rejected = score_tokenized(model, tokenized, **scoring)  # [P, N] each
-    annotators = labelled_annotators(chosen, rejected, tokenized, annotator, source)
+    annotators = labelled_annotators(chosen, rejected, tokenized, annotator, source, log_prior)
     if tokenized.annotators is None:
         return annotators, None
     margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
@@ -140,7 +141,10 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     if replaced and not config.overwrite:
         raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} annotators of {data} (the first: "
                          f"{replaced[0]!r}): pass --overwrite to replace them with these")
-    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data), batch_size=config.batch_size,
+    # the model's prior (its training annotators') is where these labels start; without one, a prior
+    # fitted to these annotators when they are many
+    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data),
+                               None if known is None else known.log_prior, batch_size=config.batch_size,
                                device=config.device, dtype=config.dtype, progress=progress,
                                model_name=f"the reward model {folder}")
     merged = new if known is None else known.merged(new)

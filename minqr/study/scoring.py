@@ -32,7 +32,7 @@ from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import load_pairs, names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
-from minqr.distribution.personal import check_personal, labelled_annotators, personal_scores
+from minqr.distribution.personal import Annotators, check_personal, labelled_annotators, personal_scores
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length
@@ -350,7 +350,9 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         outputs = score_tokenized(reward_model, context, batch_size, options.shared_prefix, device, dtype, progress,
                                   model_name=f"the reward model {folder}")
         named = options.annotator if context.annotators is None else None  # the one person of a file without ids
-        known = labelled_annotators(*outputs, context, named, f"--context {options.context}")
+        saved = Annotators.load(folder, head_config.num_quantiles)  # its prior is where new people start
+        known = labelled_annotators(*outputs, context, named, f"--context {options.context}",
+                                    None if saved is None else saved.log_prior)
     personal = personal_scores(head_config, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
     if options.annotator_field is not None and tokenized.annotators is None:
         notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")

@@ -25,7 +25,7 @@ import torch
 
 from minqr.data.batching import TokenizedPairs, evaluation_batches, scoring_batches
 from minqr.device import autocast
-from minqr.distribution.personal import Annotators, kind_margin_sums, normalised
+from minqr.distribution.personal import Annotators, kind_margin_sums
 from minqr.distribution.scale import ScaleFit, fit_scale
 from minqr.models.reward import RewardModel
 from minqr.progress import progress_bar
@@ -106,5 +106,5 @@ def training_posteriors(model: RewardModel, pairs: TokenizedPairs, batch_size: i
     if all_sum is not None:
         sums = all_sum(sums)
     counts = torch.bincount(torch.tensor(pairs.annotators, dtype=torch.long), minlength=num_annotators).tolist()
-    posteriors = Annotators(tuple(pairs.annotator_ids), normalised(sums).cpu(), tuple(counts))
+    posteriors = Annotators.from_sums(tuple(pairs.annotator_ids), sums, tuple(counts))  # the prior fitted to them
     return posteriors, fit_scale(differences, annotators, num_annotators, margins, all_sum)
