@@ -172,6 +172,8 @@ def test_too_few_annotators_keep_the_uniform_prior(generator):
     assert population_prior(log_likelihood_sums(chosen, rejected, annotator, few)) is None
     uniform = annotators_from_pairs(chosen, rejected, annotator, tuple(range(few)))
     assert uniform.log_prior is None
+    assert uniform.describe_prior() == ("the prior over the 3 kinds is uniform (a prior is fitted to at least 30 "
+                                        "annotators, 10 a kind)")
     assert torch.equal(uniform.log_posteriors, log_posteriors(chosen, rejected, annotator, few))
     # a given prior is used as it is: the posteriors are q_a(k) ∝ π_k Π_j σ(...), written out
     log_prior = torch.log_softmax(torch.randn(n, generator=generator, dtype=torch.float64), 0)
@@ -188,6 +190,12 @@ def test_the_prior_is_saved_and_kept_by_merging(tmp_path, generator):
     annotators.save(tmp_path)
     loaded = Annotators.load(tmp_path, num_kinds=3)
     assert torch.equal(loaded.log_prior, annotators.log_prior)
+    prior = [math.exp(v) for v in annotators.log_prior.tolist()]
+    spread = math.exp(-sum(p * math.log(p) for p in prior))
+    assert loaded.describe_prior() == (f"the prior over the 3 kinds, fitted to the annotators: as spread as "
+                                       f"{spread:.1f} equal kinds, the largest share {max(prior):.3f}; new people's "
+                                       "labels start from it (docs/personal.md)")
+    assert 1.5 < spread < 2.5  # two kinds of three gave the labels
     other = Annotators(("x",), torch.log_softmax(torch.randn(1, 3, generator=generator, dtype=torch.float64), -1), (2,))
     assert torch.equal(loaded.merged(other).log_prior, annotators.log_prior)
     assert torch.equal(other.merged(loaded).log_prior, annotators.log_prior)  # none of its own: the other's

@@ -116,8 +116,9 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     picks = [int(j) for _ in range(many) for j in rng.choice(len(pairs), size=3, replace=False)]  # 3 pairs each
     ids = [f"u{a}" for a in range(many) for _ in range(3)]
     data = write_labels(tmp_path / "labels.jsonl", [pairs[j] for j in picks], ids)
-    personalize(folder, data, progress=False)
+    summary = personalize(folder, data, progress=False)
     saved = Annotators.load(folder, N)
+    assert f"\n{saved.describe_prior()}" in str(summary) and "fitted to the annotators" in str(summary)
     chosen, rejected = outputs_alone(model, tokenizer, pairs)
     index = torch.tensor([int(a[1:]) for a in ids])
     loop = loop_log_posteriors(chosen[picks], rejected[picks], index, many)  # [A, N] under the uniform prior
@@ -128,7 +129,9 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     torch.testing.assert_close(saved.log_posteriors, torch.log_softmax(loop + prior.log(), -1), rtol=1e-3, atol=1e-3)
     context = write_labels(tmp_path / "eve.jsonl", pairs[:6], [None] * 6)
     test = write_labels(tmp_path / "test.jsonl", pairs, [None] * len(pairs))
-    score_to_file(folder, test, tmp_path / "s.npz", context=str(context), annotator="eve", progress=False)
+    summary = score_to_file(folder, test, tmp_path / "s.npz", context=str(context), annotator="eve", progress=False)
+    assert any(note.startswith("note: the posteriors of --context's people start from the prior") for note in
+               summary.notes)
     eve = loop_log_posteriors(chosen[:6], rejected[:6], torch.zeros(6, dtype=torch.long), 1)[0]
     np.testing.assert_allclose(load_scores(tmp_path / "s.npz").personal["personal_posterior"][0],
                                torch.softmax(eve + prior.log(), -1).numpy(), rtol=1e-3, atol=1e-4)

@@ -197,6 +197,17 @@ class Annotators:
     def num_kinds(self) -> int:
         return self.log_posteriors.shape[1]
 
+    def describe_prior(self) -> str:
+        """A line on the prior: fitted or uniform, and how many kinds it spreads over."""
+        n = self.num_kinds
+        if self.log_prior is None:
+            return (f"the prior over the {n} kinds is uniform (a prior is fitted to at least "
+                    f"{PRIOR_ANNOTATORS_A_KIND * n:,} annotators, {PRIOR_ANNOTATORS_A_KIND} a kind)")
+        prior = self.log_prior.exp()
+        spread = math.exp(-float((prior * self.log_prior).sum()))  # the exponential of its entropy
+        return (f"the prior over the {n} kinds, fitted to the annotators: as spread as {spread:.1f} equal kinds, "
+                f"the largest share {float(prior.max()):.3f}; new people's labels start from it (docs/personal.md)")
+
     def index(self, ids) -> torch.Tensor:
         """Each id's row, [B] long, -1 for an id not known here (or None)."""
         rows = {annotator: row for row, annotator in enumerate(self.ids)}

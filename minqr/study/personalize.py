@@ -74,6 +74,7 @@ def save_annotators(model: RewardModel, pairs: TokenizedPairs, folder: Path, say
         return
     annotators.save(folder)
     say(f"saved the posteriors of {len(annotators.ids):,} annotators of the training data in {stale}")
+    say(annotators.describe_prior())
     say(scale.describe("the training pairs"))
 
 
@@ -110,10 +111,11 @@ class PersonalizeSummary:
     known: int
     pairs: int = 0  # labelled pairs read
     scale: ScaleFit | None = None  # where the data's labels put the kinds' scale; None for one person's
+    prior: str = ""  # Annotators.describe_prior of what was saved
 
     def __str__(self) -> str:
         text = (f"{self.data_line}\nposteriors of {self.added:,} new and {self.replaced:,} known annotators; the model "
-                f"knows {self.known:,}: wrote {self.folder / 'annotators.json'}")
+                f"knows {self.known:,}: wrote {self.folder / 'annotators.json'}\n{self.prior}")
         return text if self.scale is None else text + "\n" + self.scale.describe(f"the {self.pairs:,} pairs",
                                                                                  trained_on=False)
 
@@ -150,4 +152,4 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     merged = new if known is None else known.merged(new)
     merged.save(folder)
     return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
-                              len(tokenized), scale)
+                              len(tokenized), scale, merged.describe_prior())

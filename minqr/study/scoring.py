@@ -353,6 +353,9 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         saved = Annotators.load(folder, head_config.num_quantiles)  # its prior is where new people start
         known = labelled_annotators(*outputs, context, named, f"--context {options.context}",
                                     None if saved is None else saved.log_prior)
+        if saved is not None and saved.log_prior is not None:
+            notes.append(f"note: the posteriors of --context's people start from the prior {folder} keeps "
+                         "(fitted to its annotators; docs/personal.md)")
     personal = personal_scores(head_config, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
     if options.annotator_field is not None and tokenized.annotators is None:
         notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")
