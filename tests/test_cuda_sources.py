@@ -53,8 +53,20 @@ def test_cuda_sources_compile(tmp_path):
         "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
         f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
         "-Werror", "all-warnings",  # a warning in a kernel is usually a bug
+        "--keep", "--keep-dir", str(tmp_path),  # the PTX too, read below
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{' '.join(command)}\n{result.stdout}\n{result.stderr}"
     for source in sources:
         assert (tmp_path / (source.stem + ".o")).stat().st_size > 0
+    # Every kernel reads global memory. A kernel that compiles but never loads its inputs (a helper
+    # that called itself instead of copying them compiled cleanly, and -O3 deleted the call) would
+    # compute from uninitialised shared memory without a word.
+    kernels = {}
+    for ptx in tmp_path.glob("*.ptx"):
+        for entry in ptx.read_text().split(".entry")[1:]:
+            name = entry.split("(", 1)[0].strip()
+            kernels[name] = entry.count("ld.global")
+    assert kernels, "no kernel entries in the PTX"
+    unread = sorted(name for name, loads in kernels.items() if loads == 0)
+    assert not unread, f"kernels that never load from global memory: {unread}"

@@ -53,11 +53,16 @@ struct Span {
   }
 };
 
-// The block's rows of both inputs into shared memory, in T (coalesced), for every thread to read.
+// The block's rows of both inputs into shared memory, in T (coalesced), for every thread to read;
+// the barrier makes every row visible before any thread reads another's.
 template <typename scalar_t, typename T>
 __device__ void stage_rows(const Span& span, const scalar_t* h_chosen, const scalar_t* h_rejected,
                            T* s_c, T* s_r) {
-  stage_rows(span, h_chosen, h_rejected, s_c, s_r);
+  for (int64_t r = threadIdx.x; r < span.rows; r += blockDim.x) {
+    s_c[r] = T(h_chosen[span.base + r]);
+    s_r[r] = T(h_rejected[span.base + r]);
+  }
+  __syncthreads();
 }
 
 // Σ of pair p's row partials (threads p·N … p·N+N−1, or every thread when the block holds one
