@@ -3,6 +3,7 @@
 // such a loop free of branches. The per-pair math of the objectives (objectives.h) uses them.
 #pragma once
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>

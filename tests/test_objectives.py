@@ -365,6 +365,23 @@ def test_huge_differences_stay_finite(impl, objective, dtype):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("objective", ["mixture", "independent"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_outputs_near_the_largest_float(impl, objective, dtype):
+    """Equal outputs near the type's largest value: every difference is 0, so the loss is what it
+    is at 0 (log 2 for the sigmoid terms); a midpoint taken as (high + low) / 2 overflowed to inf.
+    (paper's mean of the outputs overflows there by definition.)"""
+    big = torch.finfo(dtype).max / 1.5
+    hc = torch.full((3, 4), big, dtype=dtype)
+    hr = hc.clone()
+    hyper = hyper_for(objective, 0)
+    loss, gc, gr = loss_and_grads(objective, impl, hc, hr, **hyper)
+    want = loss_and_grads(objective, impl, torch.zeros_like(hc), torch.zeros_like(hr), **hyper)
+    for got, expected in zip((loss, gc, gr), want):
+        assert_close(got, expected, TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("objective", ["mixture", "independent"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("spread", [10.0, 79.0, 81.0, 650.0, 750.0])
 def test_spread_outputs(impl, objective, dtype, spread):
     """Outputs spread over about `spread`: the CPU kernels compute a block of pairs directly while
@@ -540,6 +557,9 @@ def test_opcheck_loss_backward():
     samples += [(torch.tensor(0.7), "mean"), (torch.tensor(-1.5), "sum")]
     for grad_loss, reduction in samples:
         torch.library.opcheck(torch.ops.minqr.loss_backward.default, (grad_loss, grad_c, grad_r, reduction))
+    # saved gradients with transposed strides: the fake op gives the contiguous layout the kernel returns
+    grad_c, grad_r = (g.t().contiguous().t() for g in pairs(5, 7, torch.float32, seed=10))
+    torch.library.opcheck(torch.ops.minqr.loss_backward.default, (torch.tensor(0.7), grad_c, grad_r, "mean"))
 
 
 @fused

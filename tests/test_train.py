@@ -336,6 +336,30 @@ def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypat
     assert not (out / "model.safetensors").exists()
 
 
+def test_outputs_that_are_not_finite_stop_the_run(inputs, tmp_path, monkeypatch):
+    """A head output of inf with finite weights (an overflow in the backbone under half precision,
+    say): σ saturates, so the loss and the gradients stay finite and would train on silently. The
+    run stops at that step, and the checkpoint before it stays."""
+    real_pair_states, calls = RewardModel.pair_states, []
+
+    def overflowing(self, batch):
+        hidden, pooled_chosen, pooled_rejected, r_chosen, r_rejected = real_pair_states(self, batch)
+        calls.append(1)
+        if len(calls) == 3:  # the third step's forward
+            r_chosen = r_chosen.clone()
+            r_chosen[0, 0] = float("inf")
+        return hidden, pooled_chosen, pooled_rejected, r_chosen, r_rejected
+
+    monkeypatch.setattr(RewardModel, "pair_states", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(MinqrError) as stopped:
+        train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1, eval_every=0)), progress=False)
+    assert str(stopped.value) == (
+        "training diverged at step 3: the head's outputs are not finite (1 of the step's responses); stopped. "
+        f"The last good checkpoint, of step 2, stays in {out / 'checkpoint'}. Lower --lr (now 0.003) and train again")
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
+
+
 def test_cheap_checks_come_before_the_data_is_read(inputs, tmp_path):
     """A --max-length the model cannot take is reported from the model's config, before a data
     file is read (this one would fail at its first line)."""

@@ -293,7 +293,7 @@ MINQR_SIMD_CLONES void independent_block(const Rows<scalar_t>& rows, T log_n2, T
     const T high = max_c[w] > max_r[w] ? max_c[w] : max_r[w];
     const T low = min_c[w] < min_r[w] ? min_c[w] : min_r[w];
     span[w] = high - low;
-    middle[w] = T(0.5) * (high + low);
+    middle[w] = low + T(0.5) * span[w];  // not (high + low) / 2, which overflows near the type's max
   }
   T sum[kLanes] = {};
   if constexpr (kWithGrad) std::fill(q_columns, q_columns + n * kLanes, T(0));

@@ -149,7 +149,9 @@ def _fake_loss_backward(grad_loss, grad_chosen, grad_rejected, reduction):
     if reduction not in REDUCTIONS or grad_loss.dim() != (1 if reduction == "none" else 0):
         raise RuntimeError(f"minqr::loss_backward expects grad_loss ([B] for reduction='none', [] otherwise), "
                            f"got shape {_shape(grad_loss)} and reduction='{reduction}'")
-    return torch.empty_like(grad_chosen), torch.empty_like(grad_rejected)
+    # the kernels return contiguous gradients whatever the saved ones' strides (csrc/ops.h)
+    return (torch.empty_like(grad_chosen, memory_format=torch.contiguous_format),
+            torch.empty_like(grad_rejected, memory_format=torch.contiguous_format))
 
 
 if _C is not None:

@@ -365,6 +365,8 @@ class TrainingRun:
             lm_tokens = max(lm_tokens, 1.0) / procs.world_size
         loss_sum = torch.zeros((), dtype=torch.float64, device=procs.device)
         right = torch.zeros((), dtype=torch.float64, device=procs.device)
+        # responses whose outputs are not finite: σ saturates at ±inf, so the loss alone stays finite
+        nonfinite = torch.zeros((), dtype=torch.float64, device=procs.device)
         for k, batch in enumerate(micro_batches):
             # DDP and FSDP average the gradients in the last micro-batch's backward; the others only add up
             last = k == len(micro_batches) - 1
@@ -376,13 +378,17 @@ class TrainingRun:
                 loss.backward()
             loss_sum += loss.detach()
             right += ranking_credit(mu_chosen, mu_rejected).sum()
+            nonfinite += (~torch.isfinite(mu_chosen)).sum() + (~torch.isfinite(mu_rejected)).sum()
         real_tokens = sum(b.num_real_tokens for b in micro_batches)
         # the processes agree on a Ctrl-C or SIGTERM here, so that all of them stop after the same step
-        loss_value, right_value, real_tokens, *signals = procs.all_sum(
-            [loss_sum.item(), right.item(), real_tokens, *self.interrupt.flags()])
+        loss_value, right_value, real_tokens, nonfinite, *signals = procs.all_sum(
+            [loss_sum.item(), right.item(), real_tokens, nonfinite.item(), *self.interrupt.flags()])
         loss_value /= procs.world_size  # the processes' means, summed
         self.interrupt.agree(signals)
         self.divergence.check_value("the loss", loss_value, self.step + 1)
+        if nonfinite:
+            raise self.divergence.error(f"the head's outputs are not finite ({int(nonfinite):,} of the step's "
+                                        "responses)", self.step + 1)
         if config.max_grad_norm > 0:
             # with master weights, their float32 copies of the gradients: the norm and the scaling in float32
             clipped = self.optimizer.float32_gradients() if isinstance(self.optimizer, MasterWeightAdamW) \
