@@ -39,7 +39,7 @@ demo: $(INSTALLED)
 	$(PY) tools/train.py --demo --head quantile --overwrite --out $(DEMO)/quantile
 	$(PY) tools/score.py --overwrite --model $(DEMO)/scalar --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/scalar.npz
 	$(PY) tools/score.py --overwrite --model $(DEMO)/quantile --data $(DEMO)/demo-data/test.jsonl --out $(DEMO)/quantile.npz
-	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --out $(DEMO)/report
+	$(PY) tools/analyze.py $(DEMO)/scalar.npz $(DEMO)/quantile.npz --overwrite --out $(DEMO)/report
 
 # Train the scalar head, the paper's quantile head and the mixture head on helpful-base and
 # harmless-base (GPT-2 124M, one epoch each), score the test splits and analyse: the paper's Table 1
@@ -51,7 +51,7 @@ study: $(INSTALLED)
 	  $(PY) tools/score.py --overwrite --model $(STUDY)/$$subset-$$head --data hh-rlhf:$$subset --split test \
 	    --out $(STUDY)/$$subset-$$head.npz; \
 	done; done
-	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-paper.npz $(STUDY)/*-mixture.npz --out $(STUDY)/report
+	$(PY) tools/analyze.py $(STUDY)/*-scalar.npz $(STUDY)/*-paper.npz $(STUDY)/*-mixture.npz --overwrite --out $(STUDY)/report
 
 # The study of the objectives (docs/objectives.md): on each variant of the synthetic task, each
 # objective (the scalar head, paper, mixture, independent) trained with 3 seeds through train.py,
@@ -60,7 +60,7 @@ study: $(INSTALLED)
 # the copy docs/objectives.md quotes). About an hour and a half on a 2-core CPU.
 objectives: $(INSTALLED)
 	set -e; for variant in demo shifted; do \
-	  $(PY) tools/synthetic.py --variant $$variant --out $(OBJECTIVES)/$$variant/task; \
+	  $(PY) tools/synthetic.py --variant $$variant --overwrite --out $(OBJECTIVES)/$$variant/task; \
 	  for seed in 0 1 2; do for objective in scalar paper mixture independent; do \
 	    case $$objective in scalar) head="--head scalar";; *) head="--objective $$objective";; esac; \
 	    $(PY) tools/train.py --overwrite --demo $$head --data $(OBJECTIVES)/$$variant/task/train.jsonl --seed $$seed \
@@ -69,7 +69,7 @@ objectives: $(INSTALLED)
 	      --data $(OBJECTIVES)/$$variant/task/test.jsonl --workload $$variant --label "$$objective seed $$seed" \
 	      --out $(OBJECTIVES)/$$variant/$$objective-$$seed.npz; \
 	  done; done; \
-	  $(PY) tools/analyze.py $(OBJECTIVES)/$$variant/*.npz --out $(OBJECTIVES)/$$variant/report; \
+	  $(PY) tools/analyze.py $(OBJECTIVES)/$$variant/*.npz --overwrite --out $(OBJECTIVES)/$$variant/report; \
 	done
 	set -e; if [ -f $(HH_PAIRS) ]; then \
 	  mkdir -p $(OBJECTIVES)/hh; \
@@ -85,7 +85,7 @@ objectives: $(INSTALLED)
 	    $(PY) tools/score.py --overwrite --model $(OBJECTIVES)/hh/$$objective --data $(OBJECTIVES)/hh/test.jsonl \
 	      --workload "harmless-base held-out 462" --label $$objective --out $(OBJECTIVES)/hh/$$objective.npz; \
 	  done; \
-	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --out $(OBJECTIVES)/hh/report; \
+	  $(PY) tools/analyze.py $(OBJECTIVES)/hh/*.npz --overwrite --out $(OBJECTIVES)/hh/report; \
 	fi
 	$(PY) tools/objectives_table.py $(OBJECTIVES)/*/report/summaries.json --overwrite --out $(OBJECTIVES)/table.md
 
@@ -96,15 +96,15 @@ objectives: $(INSTALLED)
 BEST_OF_N := runs/best-of-n
 best-of-n: $(INSTALLED)
 	set -e; for variant in demo shifted; do \
-	  $(PY) tools/synthetic.py --variant $$variant --out $(BEST_OF_N)/$$variant/task; \
-	  $(PY) tools/candidates.py --variant $$variant --out $(BEST_OF_N)/$$variant/candidates; \
+	  $(PY) tools/synthetic.py --variant $$variant --overwrite --out $(BEST_OF_N)/$$variant/task; \
+	  $(PY) tools/candidates.py --variant $$variant --overwrite --out $(BEST_OF_N)/$$variant/candidates; \
 	  for head in mixture scalar; do \
 	    case $$head in scalar) options="--head scalar";; *) options="--objective mixture";; esac; \
 	    $(PY) tools/train.py --demo $$options --data $(BEST_OF_N)/$$variant/task/train.jsonl --overwrite \
 	      --out $(BEST_OF_N)/$$variant/$$head; \
 	  done; \
 	done
-	$(PY) tools/best_of_n_table.py $(BEST_OF_N) --out $(BEST_OF_N)/table.md
+	$(PY) tools/best_of_n_table.py $(BEST_OF_N) --overwrite --out $(BEST_OF_N)/table.md
 
 bench: $(INSTALLED)
 	$(PY) -m pytest benchmarks

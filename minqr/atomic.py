@@ -247,10 +247,11 @@ def _contents(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER or p.parent != folder)
 
 
-def check_replaceable(path, option: str = "out") -> None:
+def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
     """Refuse (MinqrError) unless folder `path` may be replaced as a whole: it does not exist, is
-    empty, or holds exactly what minqr wrote there (its marker's list). `option` names the setting
-    that chose the folder, for the message. Call it before long work, so that a refusal comes first."""
+    empty, or, with `overwrite` (the user's --overwrite), holds exactly what minqr wrote there (its
+    marker's list). `option` names the setting that chose the folder, for the message. Call it
+    before long work, so that a refusal comes first."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -260,6 +261,9 @@ def check_replaceable(path, option: str = "out") -> None:
     held = _contents(path)
     if not held:
         return
+    if not overwrite:
+        raise MinqrError(f"{option} {path} exists and holds {_some(held)}: pass --overwrite to replace it as a "
+                         "whole, or choose another path")
     try:
         made = loads((path / MARKER).read_text())["contents"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -280,11 +284,12 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, option: str = "out"):
-    """Yield a temporary directory; on success it replaces the directory `path`. A folder minqr did
-    not make, or has had files added, is refused first (`check_replaceable`; `option` names it)."""
+def atomic_dir(path, option: str = "out", *, overwrite: bool):
+    """Yield a temporary directory; on success it replaces the directory `path`. A folder that holds
+    anything is refused first without `overwrite`, and a folder minqr did not make, or has had files
+    added, always (`check_replaceable`; `option` names it)."""
     path = Path(path)
-    check_replaceable(path, option)
+    check_replaceable(path, option, overwrite=overwrite)
     with writing(path, UNCHANGED):
         _prepare(path)
         tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
@@ -294,7 +299,7 @@ def atomic_dir(path, option: str = "out"):
             _fsync_tree(tmp)
             _publish_mode(tmp)
             if path.exists():
-                check_replaceable(path, option)  # again: the folder may have changed while we wrote
+                check_replaceable(path, option, overwrite=overwrite)  # again: it may have changed while we wrote
                 old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
                 os.replace(path, old / path.name)
                 os.replace(tmp, path)

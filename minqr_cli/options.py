@@ -164,7 +164,7 @@ def _file_defaults(context: click.Context, path: Path, ignored_keys: set, comman
             continue
         if name not in by_name:
             raise click.BadParameter(f"{path}: {key!r} is not an option of `{command.name}`; its options are "
-                                     f"{', '.join(sorted({p.name for p in by_name.values()}))}",
+                                     f"{', '.join(sorted({p.name for p in by_name.values()} - command_line_only))}",
                                      param_hint="'--config'")
         if value is not None:
             try:

@@ -140,7 +140,8 @@ def test_ranges_choices_and_renamed_flags(monkeypatch):
     calls = record(monkeypatch, "analyze.analyze")
     assert invoke("analyze", "a.npz", "b.npz", "--out", "r", "--bootstrap", 7, "--confidence", 0.9).exit_code == 0
     assert calls == [((("a.npz", "b.npz"), "r"), {"view": "mean", "bins": 50, "eps": 1e-10, "n_resamples": 7,
-                                                   "confidence": 0.9, "seed": 0, "truth": None, "no_truth": False})]
+                                                   "confidence": 0.9, "seed": 0, "truth": None, "no_truth": False,
+                                                   "overwrite": False})]
     for argv, words in [(["--bins", 0], "Invalid value for '--bins': 0 is not in the range x>=1."),
                         (["--confidence", 1], "Invalid value for '--confidence': 1.0 is not in the range 0<x<1."),
                         (["--n-resamples", 3], "No such option '--n-resamples'")]:
@@ -172,9 +173,10 @@ def test_config_file_precedence(monkeypatch, tmp_path):
     for config in (json_file, yaml_file):
         assert invoke("synthetic", "--config", config, "--num-test", 9, "--out", "typed").exit_code == 0
         assert invoke("synthetic", "--config", config).exit_code == 0
-    typed = (("typed",), {"num_train": 5, "num_test": 9, "seed": 0, "variant": "shifted", "labels_per_annotator": 0})
+    typed = (("typed",), {"num_train": 5, "num_test": 9, "seed": 0, "variant": "shifted", "labels_per_annotator": 0,
+                          "overwrite": False})
     from_file = (("from-file",), {"num_train": 5, "num_test": 1000, "seed": 0, "variant": "shifted",
-                                  "labels_per_annotator": 0})
+                                  "labels_per_annotator": 0, "overwrite": False})
     assert calls == [typed, from_file, typed, from_file]
 
 

@@ -110,15 +110,19 @@ def test_report_files_and_numbers(study):
     assert table_md.strip() in report
     assert [p.name for p in folder.glob(".*")] == []  # no temporary folder left beside it
 
-    # a second run replaces the report as a whole; a folder that holds something else is refused
-    assert run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"]).exit_code == 0
+    # a second run replaces the report as a whole with --overwrite only; a folder that holds
+    # something else is refused, with --overwrite too
+    refused = run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"])
+    assert refused.exit_code == 1 and f"--out {out} exists and holds " in refused.output
+    assert (out / "coverage.png").exists()
+    assert run([files[1], "--out", out, "--bootstrap", 0, "--no-truth", "--overwrite"]).exit_code == 0
     assert not (out / "coverage.png").exists() and not (out / "fig2_histograms_2_other-data.png").exists()
-    result = run([files[1], "--out", folder, "--bootstrap", 0])
+    result = run([files[1], "--out", folder, "--bootstrap", 0, "--overwrite"])
     assert result.exit_code == 1 and f"--out {folder} is not a folder that minqr wrote as a whole" in result.output
     assert (folder / "quantile.npz").exists()
     # nor is a report the user has added to
     (out / "notes.txt").write_text("mine")
-    result = run([files[1], "--out", out, "--bootstrap", 0, "--no-truth"])
+    result = run([files[1], "--out", out, "--bootstrap", 0, "--no-truth", "--overwrite"])
     assert result.exit_code == 1 and f"--out {out} holds files added since minqr wrote it (notes.txt)" in result.output
     assert (out / "notes.txt").read_text() == "mine"
 

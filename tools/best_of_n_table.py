@@ -2,7 +2,7 @@
 against the oracle that knows the true distribution and a random choice, on candidate sets of the
 synthetic task (minqr/study/selection.py says what is measured).
 
-    python tools/best_of_n_table.py RUNS --out table.md
+    python tools/best_of_n_table.py RUNS --out table.md [--overwrite]
 
 RUNS holds a folder per task variant (demo, shifted), each with candidates/ (minqr candidates),
 mixture/ and scalar/ (models trained on that variant); `make best-of-n` makes them all. The
@@ -88,7 +88,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", type=Path)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
+    if args.out.exists() and not args.overwrite:
+        parser.error(f"--out {args.out} exists: pass --overwrite to replace it, or choose another path")
     text = table(args.runs)
     with atomic_file(args.out) as tmp:
         tmp.write_text(text)

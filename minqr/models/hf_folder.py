@@ -307,8 +307,9 @@ def hf_tensors(model, prefix: str | None = None) -> dict:
 
 def write_hf_folder(path, config: dict, tensors: dict, extra_files=None) -> Path:
     """Write config.json, model.safetensors and `extra_files` ({name: str or bytes}) atomically:
-    `path` is replaced as a whole, and a crash leaves the old folder or the new one."""
-    with atomic_dir(path) as tmp:
+    `path` is replaced as a whole, and a crash leaves the old folder or the new one. Whether a model
+    may go there is the caller's to decide (train's and export's checks, minqr/models/reward.py)."""
+    with atomic_dir(path, overwrite=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         # transformers refuses safetensors files without the "format" metadata
         packed = {name: t.contiguous() for name, t in tensors.items()}  # safetensors wants them packed

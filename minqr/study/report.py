@@ -54,7 +54,7 @@ class AnalyzeConfig:
     """The options of an analysis (`minqr analyze`, `analyze`)."""
 
     scores: tuple[str, ...] = option(help="scores files (.npz or .jsonl) written by score", argument=True)
-    out: str = option(help="report folder: created, or replaced if it holds an earlier report")
+    out: str = option(help="report folder: created, or, with --overwrite, replaced if it holds an earlier report")
     view: str = option("mean", f"which reward of a response the divergences compare: {VIEWS_HELP} (the N "
                        "quantiles pooled)")
     bins: int = option(DEFAULT_BINS, "equal-width bins over the pooled range for the histogram KL and JS", low=1)
@@ -67,6 +67,8 @@ class AnalyzeConfig:
     truth: str | None = option(None, "a synthetic task's test_truth.npz for every scores file: adds quantile "
                                "coverage [default: the truth named in each file's metadata, if any]")
     no_truth: bool = option(False, "no coverage, even where a file's metadata names a truth file")
+    overwrite: bool = option(False, "replace --out if it holds an earlier report (only a folder minqr wrote, with "
+                             "nothing added since)", in_file=False)
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
@@ -84,13 +86,13 @@ def analyze(paths, out_dir, **options) -> Path:
     options = AnalyzeConfig(scores=tuple(paths), out=out_dir, **options)
     if not paths:
         raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
-    check_replaceable(out_dir, "--out")  # before the measuring, which takes a while
+    check_replaceable(out_dir, "--out", overwrite=options.overwrite)  # before the measuring, which takes a while
     all_scores = [load_scores(path) for path in paths]
     _check_cells_unique(all_scores)
     truth = False if options.no_truth else options.truth
     summaries = [summarize(s, view=options.view, bins=options.bins, eps=options.eps, n_resamples=options.n_resamples,
                            confidence=options.confidence, seed=options.seed, truth=truth) for s in all_scores]
-    return write_report(out_dir, all_scores, summaries)
+    return write_report(out_dir, all_scores, summaries, overwrite=options.overwrite)
 
 
 @dataclass
@@ -142,8 +144,9 @@ def _check_cells_unique(all_scores: list[Scores]) -> None:
         seen[cell] = scores.source
 
 
-def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Path:
-    """Write tables, figures and report.md for the already summarised scores into `out_dir`."""
+def write_report(out_dir, all_scores: list[Scores], summaries: list[dict], overwrite: bool = False) -> Path:
+    """Write tables, figures and report.md for the already summarised scores into `out_dir` (one
+    that holds an earlier report only with `overwrite`)."""
     out = Path(out_dir)
     workloads = list(dict.fromkeys(s["workload"] for s in summaries))
     models = list(dict.fromkeys(s["label"] for s in summaries))
@@ -153,7 +156,7 @@ def write_report(out_dir, all_scores: list[Scores], summaries: list[dict]) -> Pa
                                               lambda a, b: paired_kl_difference(a, b, **options))
     accuracy_differences = paired_differences(all_scores, summaries, workloads,
                                               lambda a, b: paired_accuracy_difference(a, b, options["confidence"]))
-    with atomic_dir(out, "--out") as tmp:
+    with atomic_dir(out, "--out", overwrite=overwrite) as tmp:
         (tmp / "table1.json").write_text(json.dumps(json_ready(table), indent=2) + "\n")
         (tmp / "table1.md").write_text(table1_markdown(table) + "\n")
         (tmp / "measures.md").write_text(measures_markdown(summaries) + "\n")

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.special import ndtr
 from scipy.stats import norm
 
-from minqr.atomic import atomic_dir
+from minqr.atomic import atomic_dir, check_replaceable
 from minqr.synthetic.task import (ANCHOR_REPLY, TASK_VARIANTS, SyntheticTask, expected_sigmoid, render_reply,
                                   sample_questions)
 from minqr.synthetic.truth import mixture_quantiles
@@ -131,22 +131,27 @@ def _lower_cvar(means: np.ndarray, stds: np.ndarray, weights: np.ndarray, alpha:
 class CandidatesConfig:
     """The options of `minqr candidates` (make_candidate_sets)."""
 
-    out: str = option(help="folder to write: candidates.jsonl, truth.npz, task.json (replaced as a whole)")
+    out: str = option(help="folder to write: candidates.jsonl, truth.npz, task.json; a new or empty one, or one "
+                      "minqr wrote with --overwrite (replaced as a whole)")
     variant: str = option("demo", "the synthetic task (minqr synthetic's --variant)", TASK_VARIANTS)
     num_prompts: int = option(1000, "prompts", low=1)
     num_candidates: int = option(8, "candidate replies to each prompt", low=2, high=64)
     seed: int = seed_option("seed of the prompts and candidates")
+    overwrite: bool = option(False, "replace --out if it holds anything (only a folder minqr wrote, with nothing "
+                             "added since)", in_file=False)
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
 
 
 def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, num_candidates: int = 8,
-                        seed: int = 0) -> Path:
-    """Write candidate sets of the task `variant` and their truth into `folder` (atomically; the same
-    arguments give the same files)."""
+                        seed: int = 0, overwrite: bool = False) -> Path:
+    """Write candidate sets of the task `variant` and their truth into `folder` (atomically, a folder
+    that holds anything only with `overwrite`, as make_synthetic_task; the same arguments give the
+    same files)."""
     CandidatesConfig(out=str(folder), variant=variant, num_prompts=num_prompts, num_candidates=num_candidates,
-                     seed=seed)  # checks the ranges
+                     seed=seed, overwrite=overwrite)  # checks the ranges
+    check_replaceable(folder, "--out", overwrite=overwrite)  # before the work below
     task = TASK_VARIANTS[variant]
     sets = sample_candidate_sets(task, np.random.default_rng([seed, CANDIDATE_STREAM]), num_prompts, num_candidates)
     truth = candidate_truth(task, sets["counts"])
@@ -154,7 +159,7 @@ def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, 
     summary = {"description": "minqr candidate sets on the synthetic task (see minqr/synthetic/candidates.py)",
                "variant": variant, "num_prompts": num_prompts, "num_candidates": num_candidates, "seed": seed,
                "reference": ANCHOR_REPLY, **task.to_dict()}
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, "--out", overwrite=overwrite) as tmp:
         with open(tmp / "candidates.jsonl", "w") as f:
             for question, replies in zip(sets["questions"], sets["replies"]):
                 record = {"prompt": f"\n\nHuman: {question}",

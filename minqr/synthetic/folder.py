@@ -77,7 +77,8 @@ def _write_jsonl(path: Path, chosen, rejected, annotators=None) -> None:
 class SyntheticConfig:
     """The options of `minqr synthetic` (make_synthetic_task)."""
 
-    out: str = option(help="folder to write (replaced as a whole)")
+    out: str = option(help="folder to write: a new or empty one, or one minqr wrote with --overwrite (replaced as a "
+                      "whole)")
     variant: str = option("demo", "demo: the offline demo's task; shifted: other group shares (75/25), wider "
                           "personal deviations and more controversial tags", TASK_VARIANTS)
     num_train: int = option(40_000, "training pairs", low=1)
@@ -87,6 +88,8 @@ class SyntheticConfig:
                                        "'annotator'), with held-out pairs of known and of new annotators "
                                        "(minqr/synthetic/pools.py); 0: a fresh annotator for every label",
                                        low=0)
+    overwrite: bool = option(False, "replace --out if it holds anything (only a folder minqr wrote, with nothing "
+                             "added since)", in_file=False)
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare
@@ -96,18 +99,20 @@ class SyntheticConfig:
 
 
 def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, seed: int = 0,
-                        num_samples: int = 256, variant: str = "demo", labels_per_annotator: int = 0) -> Path:
-    """Write the task's data, truth, tokenizer and tiny model into `folder` (replaced as a whole,
-    atomically; a folder that holds anything minqr did not write is refused, minqr.atomic). The same
+                        num_samples: int = 256, variant: str = "demo", labels_per_annotator: int = 0,
+                        overwrite: bool = False) -> Path:
+    """Write the task's data, truth, tokenizer and tiny model into `folder` (atomically: a folder
+    that holds anything is replaced as a whole only with `overwrite`, and one that holds anything
+    minqr did not write never, minqr.atomic). The same
     arguments give the same data, truth, tokenizer and weights. `variant` names one of TASK_VARIANTS;
     `labels_per_annotator` K > 0 writes the task with annotator pools (minqr/synthetic/pools.py)
     instead of one fresh annotator a label."""
     SyntheticConfig(out=str(folder), variant=variant, num_train=num_train, num_test=num_test, seed=seed,
-                    labels_per_annotator=labels_per_annotator)  # checks
+                    labels_per_annotator=labels_per_annotator, overwrite=overwrite)  # checks
     if num_samples < 1:
         raise MinqrError(f"num_samples must be at least 1, got {num_samples}")
     task = TASK_VARIANTS[variant]
-    check_replaceable(folder, "--out")  # before the minute of work below
+    check_replaceable(folder, "--out", overwrite=overwrite)  # before the minute of work below
     # independent streams for the data and the truth, so that e.g. more truth samples leave the data
     # unchanged; within the data's stream the test pairs come after the training pairs, so another
     # num_train (or annotator pools) draws another test set
@@ -135,7 +140,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
         **pooled_facts,
     }
     tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
-    with atomic_dir(folder, "--out") as tmp:
+    with atomic_dir(folder, "--out", overwrite=overwrite) as tmp:
         _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"], train.get("ids"))
         _write_jsonl(tmp / "test.jsonl", test["chosen"], test["rejected"])
         for name, (kind, payload) in pooled.items():

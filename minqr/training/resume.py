@@ -117,7 +117,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "rng_states": rng_states,
         "compute": compute,
     }
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, overwrite=True) as tmp:  # the run's own checkpoint, replaced at every save
         if write_shards:
             write_shards(tmp)
         torch.save(state, tmp / STATE_FILE)

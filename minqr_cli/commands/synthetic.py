@@ -12,5 +12,5 @@ def synthetic(options, given):
     config = SyntheticConfig(**options)
     folder = make_synthetic_task(config.out, num_train=config.num_train, num_test=config.num_test,
                                  seed=config.seed, variant=config.variant,
-                                 labels_per_annotator=config.labels_per_annotator)
+                                 labels_per_annotator=config.labels_per_annotator, overwrite=config.overwrite)
     click.echo(f"wrote the {config.variant} task into {folder}")
