@@ -156,16 +156,25 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     with open(partial_path(out), "a") as f:
         f.write('{"index": 6, "origin": "torn')  # and a kill half-way through an append
     monkeypatch.setattr(best_of_n, "_choose", real_choose)
-    # another job's options do not pick up this progress
-    with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
+    # another job's options do not pick up this progress, and the message says what differs
+    with pytest.raises(MinqrError) as refused:
         best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
+    assert str(refused.value) == (
+        f"{partial_path(out)} holds the progress of an unfinished best-of-n job with other settings: statistics "
+        f"{STATISTICS.split(',')!r} (this one: ['mean']): run that job's command again to finish it, or pass "
+        "--overwrite to start this one afresh")
     # nor does a model retrained into the same folder (its weights file changed)
     weights = next(Path(folder).glob("*.safetensors"))
     before = weights.stat()
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
-    with pytest.raises(MinqrError, match="unfinished best-of-n job with other options"):
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model has changed since:"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    # nor a chat template added beside the tokenizer (message lists would be rendered otherwise)
+    (Path(folder) / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model has changed since:"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    (Path(folder) / "chat_template.jinja").unlink()
     calls.clear()
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
     summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
@@ -233,6 +242,52 @@ def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkey
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
     assert out.read_text() == clean.read_text() and not partial_path(out).exists()
+
+
+@pytest.mark.parametrize("damage", ["a record of another prompt", "an empty record", "a damaged byte",
+                                    "a torn chunk"])
+def test_what_is_not_a_whole_chunk_of_this_job_is_scored_again(tmp_path, model, monkeypatch, damage):
+    """The progress file's records end at the first line that is not this job's record for its
+    prompt, and are cut back to whole chunks: the job then writes what a run without the damage
+    writes, byte for byte (the same chunks, so the same batches)."""
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=5, prompts=10))
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
+    clean = tmp_path / "clean.jsonl"
+    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
+    out = tmp_path / "out.jsonl"
+    real_choose = best_of_n._choose
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+                        if a[1] == 6 else real_choose(*a, **k))
+    with pytest.raises(KeyboardInterrupt):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    lines = partial_path(out).read_bytes().split(b"\n")[:-1]  # the job line and prompts 0 to 5
+    assert len(lines) == 7
+    if damage == "a record of another prompt":
+        lines[5] = lines[2]  # prompt 4's line holds prompt 1's record
+    elif damage == "an empty record":
+        lines[5] = b"{}"
+    elif damage == "a damaged byte":
+        lines[5] = lines[5][:20] + b"\xff" + lines[5][21:]
+    else:
+        lines = lines[:6]  # prompt 5's line was never appended: the second chunk is torn
+    partial_path(out).write_bytes(b"\n".join(lines) + b"\n")
+    calls = []
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
+    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert summary.resumed_from == 3 and calls == [3, 6, 9]
+    assert out.read_bytes() == clean.read_bytes()
+
+
+def test_a_folder_in_place_of_the_progress_file_is_named(tmp_path, model):
+    folder, _ = model
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=5, prompts=2))
+    out = tmp_path / "out.jsonl"
+    partial_path(out).mkdir()
+    with pytest.raises(MinqrError) as refused:
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert str(refused.value) == (f"{partial_path(out)} is not a file: best-of-n keeps an unfinished job's progress "
+                                  "there; move it away")
 
 
 def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):
@@ -324,12 +379,14 @@ def test_bad_input_is_named_by_file_and_line(tmp_path, model, line, message):
     (["--statistics", "mean,cvar:2"], "the level must be alpha in (0, 1]"),
     (["--statistics", "median"], "unknown statistic 'median'"),
     (["--out", "x.csv"], "ends in .jsonl or .parquet"),
+    (["--out", "a-folder.jsonl"], "a-folder.jsonl is a folder: best-of-n writes a file there"),
     (["--data", "missing.jsonl"], "no such file"),
 ])
 def test_bad_options_are_named(tmp_path, model, options, message):
     folder, _ = model
     data = write(tmp_path / "c.jsonl", candidate_records(prompts=2))
     args = {"--model": str(folder), "--data": str(data), "--out": str(tmp_path / "o.jsonl")}
+    (tmp_path / "a-folder.jsonl").mkdir()
     for flag, value in zip(options[::2], options[1::2]):
         args[flag] = value if flag == "--statistics" else str(tmp_path / value)
     result = CliRunner().invoke(cli, ["best-of-n", *[x for pair in args.items() for x in pair]])

@@ -52,6 +52,7 @@ from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.errors import MinqrError
 from minqr.lock import holds_output
 from minqr.models.reward import load_reward_model
+from minqr.models.tokenizer import BPE_FILE_PAIRS, CHAT_TEMPLATE_FILE
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.reading import loads
@@ -196,7 +197,9 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     are BestOfNConfig's other fields."""
     config = BestOfNConfig(model=model, data=data, out=out, **options)
     out = Path(out)
-    if out.suffix not in (".jsonl", ".parquet") or out.is_dir():
+    if out.is_dir():
+        raise MinqrError(f"out {out} is a folder: best-of-n writes a file there; choose a file's path")
+    if out.suffix not in (".jsonl", ".parquet"):
         raise MinqrError(f"out {out}: the choices file's name ends in .jsonl or .parquet")
     if out.exists() and not config.overwrite:
         raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
@@ -215,9 +218,7 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
            "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
            "batch_size": config.batch_size, "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
     partial = partial_path(out)
-    done = _resume(partial, job, discard_other=config.overwrite)
-    if len(done) > len(sets):
-        raise MinqrError(f"{partial} records more prompts than {data} holds: pass --overwrite to start afresh")
+    done = _resume(partial, job, sets, discard_other=config.overwrite)
     resumed = len(done)
     if not done:
         with atomic_file(partial) as tmp:  # the job line, then records are appended
@@ -278,20 +279,25 @@ def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device
 
 def _model_files(folder) -> dict:
     """{name: [bytes, mtime_ns]} of the files of a model folder that decide its scores: its config,
-    weights and tokenizer."""
+    weights, and every file the tokenizer and its chat template are read from."""
     folder = Path(folder)
-    names = sorted({p.name for pattern in ("config.json", "*.safetensors", "*.bin", "tokenizer*.json")
+    tokenizer_files = (CHAT_TEMPLATE_FILE, *(name for pair in BPE_FILE_PAIRS for name in pair))
+    names = sorted({p.name for pattern in ("config.json", "*.safetensors", "*.bin", "tokenizer*.json", *tokenizer_files)
                     for p in folder.glob(pattern) if p.is_file()})
     return {name: [(folder / name).stat().st_size, (folder / name).stat().st_mtime_ns] for name in names}
 
 
-def _resume(partial: Path, job: dict, discard_other: bool) -> list:
-    """The records an unfinished job with the same `job` line left in `partial` ([] if none); a torn
-    last line (a kill mid-append) is dropped. Another job's partial file is removed with
-    `discard_other` (--overwrite), else a MinqrError."""
-    if not partial.exists():
+def _resume(partial: Path, job: dict, sets: list, discard_other: bool) -> list:
+    """The records an unfinished job with the same `job` line left in `partial` for the candidate
+    `sets` ([] if none), whole chunks only: a kill mid-append leaves a torn chunk, which is scored
+    again as a whole, so that every chunk is batched as in a run without the kill. What is not a
+    record of this job (a torn or foreign line) ends them. Another job's partial file is removed
+    with `discard_other` (--overwrite), else a MinqrError."""
+    if not partial.exists() and not partial.is_symlink():
         return []
-    text = partial.read_text()
+    if not partial.is_file():
+        raise MinqrError(f"{partial} is not a file: best-of-n keeps an unfinished job's progress there; move it away")
+    text = partial.read_bytes().decode("utf-8", errors="replace")  # a damaged byte ends the records, below
     lines = text.split("\n")
     try:
         found = loads(lines[0])
@@ -301,21 +307,49 @@ def _resume(partial: Path, job: dict, discard_other: bool) -> list:
         partial.unlink()
         return []
     if found != job:
-        raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job with other options, "
-                         f"another version of the data or of the model, or another precision ({found}): run that "
-                         "command again to finish it, or pass "
-                         "--overwrite to start afresh")
+        raise MinqrError(f"{partial} holds the progress of an unfinished best-of-n job {_job_difference(found, job)}: "
+                         "run that job's command again to finish it, or pass --overwrite to start this one afresh")
     records = []
-    for line in lines[1:]:
+    for q, line in enumerate(lines[1: len(sets) + 1]):
         try:
-            records.append(loads(line))
+            record = loads(line)
         except json.JSONDecodeError:
             break  # the torn end of an append cut short (or the empty string after the last newline)
-    if not text.endswith("\n") or len(records) != len(lines) - 2:
-        # a torn tail: keep only the whole lines, before more are appended
+        if not _is_record(record, q, sets[q], job["statistics"]):
+            break
+        records.append(record)
+    if len(records) < len(sets):
+        records = records[: len(records) // CHUNK_PROMPTS * CHUNK_PROMPTS]
+    kept = "".join(json.dumps(r) + "\n" for r in [job, *records])
+    if text != kept:  # keep only the whole chunks, before more are appended
         with atomic_file(partial) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in [job, *records]))
+            tmp.write_text(kept)
     return records
+
+
+def _is_record(record, q: int, candidate_set: CandidateSet, statistics: list) -> bool:
+    """Whether `record` is what _choose writes for prompt q, `candidate_set`, by `statistics`."""
+    k = len(candidate_set.texts)
+    return (isinstance(record, dict) and record.get("index") == q and record.get("origin") == candidate_set.origin
+            and record.get("num_candidates") == k
+            and isinstance(record.get("chosen"), dict) and list(record["chosen"]) == statistics
+            and all(isinstance(c, int) and 0 <= c < k for c in record["chosen"].values())
+            and isinstance(record.get("statistics"), dict) and list(record["statistics"]) == statistics
+            and all(isinstance(v, list) and len(v) == k for v in record["statistics"].values()))
+
+
+def _job_difference(found, job: dict) -> str:
+    """What differs between a partial file's job line and this job, in words."""
+    if not isinstance(found, dict) or found.get("minqr") != "best-of-n":
+        return "of another kind (its first line is not a best-of-n job)"
+    differing = [key for key in job if found.get(key) != job[key]] + [key for key in found if key not in job]
+    shown = []
+    for key in differing:
+        if key in ("model_files", "data_bytes", "data_mtime_ns"):
+            shown.append(f"{'the model' if key == 'model_files' else 'the data'} has changed since")
+        else:
+            shown.append(f"{key} {found.get(key)!r} (this one: {job.get(key)!r})")
+    return "with other settings: " + "; ".join(dict.fromkeys(shown))
 
 
 def _write_choices(out: Path, records: list) -> None:
