@@ -91,8 +91,12 @@ def test_choices_are_the_argmax_of_statistic_values_on_texts_scored_alone(tmp_pa
     texts += [render(r["prompt"]) + render(r["reference"]) for r in records] if reference == "reply" else []
     long = sum(len(tokenizer.encode(t)) > MAX_LENGTH for t in texts)
     messages = sum(isinstance(r["prompt"], list) for r in records)  # the tokenizer has no chat template
-    assert long >= 2 and messages >= 2 and summary.notes == [
+    lone = sum(len(r["candidates"]) == 1 for r in records)
+    lone_note = [f"note: {lone:,} prompts have one candidate: relative to its group (itself) every statistic of it "
+                 "is 0 and its preference 0.5, and it is chosen as the only one"] if reference == "group" else []
+    assert long >= 2 and messages >= 2 and lone >= 1 and summary.notes == [
         f"note: {long:,} texts scored in this run were longer than {MAX_LENGTH} tokens and cut from the left",
+        *lone_note,
         f"note: the message lists of {messages:,} prompts were read in the HH style (\"\\n\\nHuman: ...\\n\\n"
         "Assistant: ...\"), as training reads them: the model's tokenizer has no chat template"]
     objective = network.head_config.objective

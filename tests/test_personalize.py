@@ -91,6 +91,8 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     alone_file = write_labels(tmp_path / "dee.jsonl", pairs[:4], [None] * 4)
     with pytest.raises(MinqrError, match="names no annotators"):
         personalize(folder, alone_file, progress=False)
+    with pytest.raises(MinqrError, match="--annotator is empty: name the person whose labels these are"):
+        personalize(folder, alone_file, annotator=" ", progress=False)
     with pytest.raises(MinqrError, match="name their annotators .*--annotator names the one person"):
         personalize(folder, data, annotator="dee", progress=False)
     assert passes == []  # every refusal came before the pass over the pairs

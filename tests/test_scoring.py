@@ -221,6 +221,11 @@ def test_an_anchor_reply_is_scored_as_the_reply_to_each_prompt(tmp_path, tokeniz
     empty = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file), "--out",
                                             str(tmp_path / "e.npz"), "--anchor-reply", " "])
     assert empty.exit_code == 1 and "anchor_reply (--anchor-reply) is empty" in empty.output
+    # a byte the shell's locale cannot decode arrives as a lone surrogate: said before any scoring
+    half = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data_file), "--out",
+                                      str(tmp_path / "h.npz"), "--anchor-reply", " ok\udcff"])
+    assert half.exit_code == 1 and "anchor_reply (--anchor-reply) holds a lone surrogate '\\udcff' at character 3" \
+        in half.output, half.output
 
 
 def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, quantile_folder, data_file):

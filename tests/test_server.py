@@ -27,6 +27,7 @@ from factories import SENTENCES, random_gpt2, tiny_config, write_tiny_tokenizer
 
 from minqr import MinqrError, load_tokenizer
 from minqr.adapters.batcher import DynamicBatcher
+import minqr.adapters.server as server_module
 from minqr.adapters.server import RewardServer, RewardService, ServeConfig, serve
 from minqr.distribution.statistics import parse_statistic, statistic_values
 from minqr.models.head import HeadConfig
@@ -222,6 +223,8 @@ BAD_BODIES = [
     (b'{"query": ["a b"]}', "no 'prompts'"),  # the server's statistic needs a reference
     (b'{"query": ["a b", "a c"], "prompts": ["a", "x"]}', "does not start with"),
     (b'{"query": ["a b", "x c"], "prompts": ["a", "x"]}', "no other query"),  # --group, a prompt alone
+    (b'{"query": ["a \\ud800 b"], "prompts": ["a"]}', "'query'[0] holds a lone surrogate"),  # no tokenizer takes it
+    (b'{"query": ["a b"], "prompts": ["\\udfff"]}', "'prompts'[0] holds a lone surrogate"),
 ]
 
 
@@ -400,6 +403,48 @@ def test_the_command_line_says_what_is_wrong(folder, tmp_path):
         port = taken.getsockname()[1]
         result = CliRunner().invoke(commands.main, ["serve", "--model", str(folder), "--port", str(port)])
     assert result.exit_code == 1 and f"--port {port}" in result.output
+
+
+def test_an_early_error_reaches_a_client_still_sending_its_body(folder):
+    """A body over the limit is answered 413 before it is read; the server reads and drops the rest
+    before closing, so that a client still sending it gets the answer rather than a reset. A
+    Content-Length of thousands of digits is a 413 too (int() refuses past 4,300 digits)."""
+    with running(folder, statistic="mean", max_request_bytes=1000) as server:
+        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        connection.request("POST", "/get_reward", body=b"x" * (8 << 20))  # 8 MB: far more than a socket buffer
+        response = connection.getresponse()
+        assert response.status == 413 and "more than the server's limit of 1,000" in json.loads(response.read())["error"]
+        connection.close()
+        answer = raw(server, b"POST /get_reward HTTP/1.1\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n",
+                     close_after_send=True)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"413"
+        assert json.loads(body)["error"] == ("the body has a Content-Length of 5,000 digits, more than the server's "
+                                             "limit of 1,000 (--max-request-bytes): send fewer queries")
+        assert request(server, "GET", "/health")[0] == 200
+
+
+def test_a_reference_reply_no_tokenizer_takes_is_refused_at_start(folder):
+    with pytest.raises(MinqrError, match=r"--reference-reply holds a lone surrogate '\\udcff' at character 3"):
+        ServeConfig(model=str(folder), statistic="cvar:0.25", reference_reply=" ok\udcff")
+
+
+def test_stop_cuts_a_request_that_never_finishes_arriving(folder, monkeypatch):
+    """A client that sent headers and part of its body, then stalls, has STOP_GRACE_S after stop()
+    to finish; then its connection is cut and the server closes, instead of waiting for it."""
+    monkeypatch.setattr(server_module, "STOP_GRACE_S", 0.5)
+    server = RewardServer(RewardService(ServeConfig(model=str(folder), statistic="mean")), "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever)
+    thread.start()
+    with socket.create_connection(server.server_address[:2], timeout=30) as stalled:
+        stalled.sendall(b"POST /get_reward HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"query\"")
+        time.sleep(0.2)  # the server is reading the body
+        started = time.monotonic()
+        server.stop()
+        thread.join(timeout=30)
+        server.close()  # joins the connection threads: returns once the stalled one is cut
+        assert time.monotonic() - started < 10
+        assert b" 400 " in stalled.recv(65536).split(b"\r\n")[0]  # told its body ended early
 
 
 @pytest.mark.slow  # a real server process started and stopped: about 3.5 s of CPU

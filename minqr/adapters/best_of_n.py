@@ -246,6 +246,10 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
         for name in done[0]["chosen"] if name != "mean"}
     notes = [f"note: {truncated:,} texts scored in this run were longer than {max_length} tokens and cut from the "
              "left"] if truncated else []
+    lone = sum(len(candidate_set.texts) == 1 for candidate_set in sets)
+    if lone and not by_reply:
+        notes.append(f"note: {lone:,} prompts have one candidate: relative to its group (itself) every statistic of "
+                     "it is 0 and its preference 0.5, and it is chosen as the only one")
     hh = sum(candidate_set.hh_messages for candidate_set in sets)
     if hh:
         why = "the model's tokenizer has no chat template" if tokenizer.chat_template is None else \

@@ -22,6 +22,7 @@ minqr adds one optional key, `"annotators": [id or null, ...]`, one per query: w
 import json
 from dataclasses import dataclass
 
+from minqr.data.pairs import check_encodable
 from minqr.errors import MinqrError
 from minqr.reading import loads
 
@@ -51,6 +52,10 @@ def _texts(data: dict, key: str) -> list:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise BadRequest(f"'{key}'[{i}] must be a string, got {type(text).__name__}")
+        try:
+            check_encodable(text, f"'{key}'[{i}]")
+        except MinqrError as error:
+            raise BadRequest(str(error)) from None
     return texts
 
 

@@ -36,6 +36,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -45,6 +46,7 @@ from minqr.adapters.batcher import DynamicBatcher
 from minqr.adapters.openrlhf import (HEALTH_PATH, REWARD_PATH, BadRequest, RewardRequest, parse_request,
                                      reward_response)
 from minqr.adapters.texts import key_ids
+from minqr.data.pairs import check_encodable
 from minqr.device import DTYPES, resolve_device
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import (lone_member, mean_and_spread, parse_statistic, relative_outputs,
@@ -56,6 +58,11 @@ from minqr.study.scoring import score_texts, text_length_limit
 
 REFERENCE_CACHE_SIZE = 4096  # prompts whose reference outputs (--reference-reply) are kept
 IDLE_TIMEOUT_S = 120.0  # a connection that sends nothing for this long is closed (a stalled client holds a thread)
+STOP_GRACE_S = 5.0  # on stop, how long a request still arriving may take before its connection is cut
+# after an early error answer (413, 411, ...), the unread body read and dropped, at most this much and this
+# long, so that the client gets the answer (closing with data unread would reset the connection first)
+DRAIN_BYTES, DRAIN_S = 64 << 20, 2.0
+IDLE, READING, ANSWERING = "idle", "reading", "answering"  # a connection's state, for stop()
 
 
 @dataclass
@@ -87,6 +94,8 @@ class ServeConfig:
             raise MinqrError("--reference-reply and --group are two references: give one")
         if self.reference_reply is not None and not self.reference_reply.strip():
             raise MinqrError("--reference-reply is empty: give the text of a reply, e.g. ' OK.'")
+        if self.reference_reply is not None:
+            check_encodable(self.reference_reply, "--reference-reply")
 
 
 @dataclass
@@ -252,21 +261,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        self.server.track(self, idle=True)
+        self.server.track(self, IDLE)
 
     def finish(self):
         self.server.untrack(self)
         super().finish()
 
     def handle_one_request(self):
-        self.server.track(self, idle=True)
+        self.server.track(self, IDLE)
+        self.unread_body = False
         if self.server.closing:
             self.close_connection = True
             return
         super().handle_one_request()
 
-    def parse_request(self) -> bool:  # the request line is in: from here on this connection is busy
-        self.server.track(self, idle=False)
+    def parse_request(self) -> bool:  # the request line is in: its headers and body are arriving
+        self.server.track(self, READING)
         return super().parse_request()
 
     def log_message(self, format, *args):  # no access log: a trainer sends thousands of requests a minute
@@ -284,13 +294,33 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.end_headers()
             self.wfile.write(body)
+            if status >= 400 and self.unread_body:
+                self._drain()
         except OSError:  # the client hung up before its answer (a trainer's timeout): nothing to tell it
             self.close_connection = True
+
+    def _drain(self) -> None:
+        """Read and drop what the client still sends (at most DRAIN_BYTES, for DRAIN_S), after the
+        answer is out and our side is shut for writing: a socket closed with unread data resets the
+        connection, and the client's still-sending write then fails before it reads the answer."""
+        self.wfile.flush()
+        self.connection.shutdown(socket.SHUT_WR)
+        self.connection.settimeout(DRAIN_S)
+        deadline, dropped = time.monotonic() + DRAIN_S, 0
+        try:
+            while dropped < DRAIN_BYTES and time.monotonic() < deadline:
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                dropped += len(chunk)
+        except OSError:  # the timeout, or the client gave up: either way nothing more to do
+            pass
 
     def send_error(self, code, message=None, explain=None):  # http.server's own errors (bad request line, ...)
         self.send_json(code, {"error": message or self.responses.get(code, ("error",))[0]})
 
     def do_GET(self):
+        self.server.track(self, ANSWERING)
         path = self.path.split("?")[0]
         if path == HEALTH_PATH:
             self.send_json(200, self.server.service.health())
@@ -300,6 +330,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH} or GET {HEALTH_PATH}"})
 
     def do_POST(self):
+        self.unread_body = True  # until it is read: an early error answer drops it first (_drain)
         if self.path.split("?")[0] != REWARD_PATH:
             return self.send_json(404, {"error": f"no such path {self.path!r}: POST {REWARD_PATH}"})
         lengths, limit = self.headers.get_all("Content-Length") or [], self.server.service.config.max_request_bytes
@@ -310,14 +341,18 @@ class _Handler(BaseHTTPRequestHandler):
         length = lengths[0].strip()
         if not re.fullmatch(r"[0-9]+", length):  # ASCII digits: str.isdigit() takes "²", which int() refuses
             return self.send_json(400, {"error": f"Content-Length {length!r} is not a number"})
-        if int(length) > limit:
-            return self.send_json(413, {"error": f"the body has {int(length):,} bytes, more than the server's "
-                                                 f"limit of {limit:,} (--max-request-bytes): send fewer queries"})
+        # no int() of thousands of digits (Python refuses past 4,300): a length that long is too long anyway
+        if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:
+            size = f"{int(length):,} bytes" if len(length) <= 30 else f"a Content-Length of {len(length):,} digits"
+            return self.send_json(413, {"error": f"the body has {size}, more than the server's limit of {limit:,} "
+                                                 "(--max-request-bytes): send fewer queries"})
         try:
             body = self.rfile.read(int(length))
         except OSError:  # the client went away or stalled past the timeout
             self.close_connection = True
             return
+        self.unread_body = False
+        self.server.track(self, ANSWERING)
         if len(body) < int(length):
             return self.send_json(400, {"error": f"the body ended after {len(body)} of {length} bytes"})
         try:
@@ -344,7 +379,7 @@ class RewardServer(ThreadingHTTPServer):
     def __init__(self, service: RewardService, host: str, port: int):
         self.service = service
         self.closing = False
-        self._connections = {}  # handler -> True while it waits for a request
+        self._connections = {}  # handler -> IDLE, READING or ANSWERING
         self._lock = threading.Lock()
         try:
             super().__init__((host, port), _Handler)
@@ -356,9 +391,9 @@ class RewardServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
-    def track(self, handler, idle: bool) -> None:
+    def track(self, handler, state: str) -> None:
         with self._lock:
-            self._connections[handler] = idle
+            self._connections[handler] = state
 
     def untrack(self, handler) -> None:
         with self._lock:
@@ -367,9 +402,19 @@ class RewardServer(ThreadingHTTPServer):
     def stop(self) -> None:
         self.closing = True
         self.shutdown()  # the accept loop ends
+        # a connection waiting for its next request reads end-of-stream and closes now; one whose
+        # request is still arriving gets STOP_GRACE_S to finish sending it (a stalled or trickling
+        # client would otherwise hold the exit for as long as it likes); answers in progress finish
+        self._cut(IDLE)
+        timer = threading.Timer(STOP_GRACE_S, self._cut, args=(READING,))
+        timer.daemon = True
+        timer.start()
+
+    def _cut(self, state: str) -> None:
+        """Shut the read side of the connections in `state`: their next read ends the request."""
         with self._lock:
-            idle = [handler for handler, waiting in self._connections.items() if waiting]
-        for handler in idle:  # a connection waiting for its next request reads end-of-stream and closes
+            handlers = [handler for handler, now in self._connections.items() if now == state]
+        for handler in handlers:
             try:
                 handler.connection.shutdown(socket.SHUT_RD)
             except OSError:

@@ -344,6 +344,9 @@ def labellers(tokenized, annotator: str | None = None, source: str = "the pairs"
     if tokenized.annotators is None:
         if annotator is None:
             raise MinqrError(f"{source} {NO_IDS}")
+        if isinstance(annotator, str) and not annotator.strip():
+            raise MinqrError("--annotator is empty: name the person whose labels these are (an id, as the data "
+                             "would give it)")
         return (annotator,)
     if annotator is not None:
         raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "

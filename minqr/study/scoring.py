@@ -29,7 +29,7 @@ import torch
 from minqr.data.batching import (MAX_TEXTS_A_ROW, TokenizedPairs, collate_texts, prefix_groups,
                                  scoring_batches, text_batches, tokenize_pairs)
 from minqr.data.chat import rendering_note, reply_text
-from minqr.data.pairs import load_pairs, names_one_split, read_pairs, resolve_source
+from minqr.data.pairs import check_encodable, load_pairs, names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
 from minqr.distribution.personal import Annotators, check_personal, labelled_annotators, personal_scores
@@ -236,6 +236,8 @@ class ScoreConfig:
         if self.anchor_reply is not None and not self.anchor_reply.strip():
             raise MinqrError("anchor_reply (--anchor-reply) is empty: give the text of a reply to align on, "
                              "e.g. ' OK.'")
+        if self.anchor_reply is not None:
+            check_encodable(self.anchor_reply, "anchor_reply (--anchor-reply)")
         if Path(self.out).suffix not in (".npz", ".jsonl"):
             raise MinqrError(f"out {self.out}: a scores file's name ends in .npz (numpy arrays) or .jsonl")
         if self.split is not None and Path(self.data).expanduser().is_file():
