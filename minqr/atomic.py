@@ -247,6 +247,21 @@ def _contents(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER or p.parent != folder)
 
 
+def check_output_file(path, option: str = "out", *, overwrite: bool, what: str = "a file") -> None:
+    """Refuse (MinqrError) a file to write by name unless it is new, or exists with `overwrite`: a
+    folder there, or a symbolic link (a write replaces the path by a rename, which would replace the
+    link and leave its target as it was, while the lock follows the link), is refused either way."""
+    path = Path(path)
+    if path.is_symlink():
+        raise MinqrError(f"{option} {path} is a symbolic link (to {os.readlink(path)}): minqr writes by renaming a "
+                         "new file into place, which would replace the link, not what it points to; give the "
+                         "path of the file itself")
+    if path.is_dir():
+        raise MinqrError(f"{option} {path} is a folder: minqr writes {what} there; choose a file's path")
+    if path.exists() and not overwrite:
+        raise MinqrError(f"{option} {path} exists: pass --overwrite to replace it, or choose another path")
+
+
 def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
     """Refuse (MinqrError) unless folder `path` may be replaced as a whole: it does not exist, is
     empty, or, with `overwrite` (the user's --overwrite), holds exactly what minqr wrote there (its

@@ -12,7 +12,7 @@ import torch
 from factories import ended_writer, random_gpt2
 from safetensors.torch import save_file
 
-from minqr.atomic import MARKER, atomic_dir, atomic_file
+from minqr.atomic import MARKER, atomic_dir, atomic_file, check_output_file
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
@@ -76,6 +76,25 @@ def test_atomic_dir_replaces_a_folder_that_holds_anything_only_with_overwrite(tm
     with atomic_dir(target, "--out", overwrite=True) as tmp:
         (tmp / "train.jsonl").write_text("ten pairs")
     assert (target / "train.jsonl").read_text() == "ten pairs"
+
+
+def test_a_file_to_write_by_name(tmp_path):
+    """New: fine. Existing: only with overwrite. A folder or a symbolic link: never."""
+    new, mine, folder, link = tmp_path / "a.md", tmp_path / "b.md", tmp_path / "c.md", tmp_path / "d.md"
+    mine.write_text("mine")
+    folder.mkdir()
+    link.symlink_to(mine)
+    check_output_file(new, "--out", overwrite=False)
+    check_output_file(mine, "--out", overwrite=True)
+    for path, overwrite, message in [
+            (mine, False, f"--out {mine} exists: pass --overwrite to replace it, or choose another path"),
+            (folder, True, f"--out {folder} is a folder: minqr writes the table there; choose a file's path"),
+            (link, True, f"--out {link} is a symbolic link (to {mine}): minqr writes by renaming a new file into "
+                         "place, which would replace the link, not what it points to; give the path of the file "
+                         "itself")]:
+        with pytest.raises(MinqrError) as refused:
+            check_output_file(path, "--out", overwrite=overwrite, what="the table")
+        assert str(refused.value) == message
 
 
 def test_atomic_dir_takes_a_new_or_empty_folder(tmp_path):

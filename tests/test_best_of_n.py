@@ -383,7 +383,7 @@ def test_bad_input_is_named_by_file_and_line(tmp_path, model, line, message):
     (["--statistics", "mean,cvar:2"], "the level must be alpha in (0, 1]"),
     (["--statistics", "median"], "unknown statistic 'median'"),
     (["--out", "x.csv"], "ends in .jsonl or .parquet"),
-    (["--out", "a-folder.jsonl"], "a-folder.jsonl is a folder: best-of-n writes a file there"),
+    (["--out", "a-folder.jsonl"], "a-folder.jsonl is a folder: minqr writes the choices file there"),
     (["--data", "missing.jsonl"], "no such file"),
 ])
 def test_bad_options_are_named(tmp_path, model, options, message):

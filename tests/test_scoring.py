@@ -257,6 +257,14 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
     assert result.output == f"Error: out {out} exists: pass --overwrite to replace it, or choose another path\n"
     assert out.read_bytes() == before
     assert CliRunner().invoke(SCORE, [*again, "--overwrite"]).exit_code == 0
+    # a symbolic link as --out, dangling or not, with --overwrite or not: refused, the link as it was
+    for target in (out, tmp_path / "nowhere.npz"):
+        link = tmp_path / "link.npz"
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        result = CliRunner().invoke(SCORE, [*again[:5], str(link), "--overwrite"])
+        assert result.exit_code == 1 and result.output.startswith(f"Error: out {link} is a symbolic link (to {target})")
+        assert link.is_symlink() and not (tmp_path / "nowhere.npz").exists()
 
 
 def test_a_paper_head_prints_the_accuracy_of_each_raw_quantile(tmp_path, tokenizer, data_file):

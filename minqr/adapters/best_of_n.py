@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minqr.atomic import atomic_file, writing
+from minqr.atomic import atomic_file, check_output_file, writing
 from minqr.data import tables
 from minqr.data.chat import prompt_reply_texts
 from minqr.data.pairs import checked_text, json_lines, json_record
@@ -197,12 +197,9 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     are BestOfNConfig's other fields."""
     config = BestOfNConfig(model=model, data=data, out=out, **options)
     out = Path(out)
-    if out.is_dir():
-        raise MinqrError(f"out {out} is a folder: best-of-n writes a file there; choose a file's path")
+    check_output_file(out, overwrite=config.overwrite, what="the choices file")
     if out.suffix not in (".jsonl", ".parquet"):
         raise MinqrError(f"out {out}: the choices file's name ends in .jsonl or .parquet")
-    if out.exists() and not config.overwrite:
-        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
     statistics = parse_statistics(config.statistics)
     reward_model, tokenizer, folder = load_reward_model(model)
     max_length = text_length_limit(reward_model, folder, config.max_length)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minqr import __version__
-from minqr.atomic import atomic_dir, atomic_file, check_replaceable
+from minqr.atomic import atomic_dir, atomic_file, check_output_file, check_replaceable
 from minqr.errors import MinqrError, MinqrUsageError
 from minqr.lock import holds_output
 from minqr.options import check_options, option, seed_option
@@ -107,8 +107,7 @@ class TableConfig:
 def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
     """Write `objectives_table` of the rows of every summaries.json in `paths` into the markdown
     file `out` (atomically; an existing one only with `overwrite`)."""
-    if Path(out).exists() and not overwrite:
-        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
+    check_output_file(out, overwrite=overwrite, what="the markdown table")
     rows = []
     for path in paths:
         try:

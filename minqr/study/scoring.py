@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minqr.atomic import check_output_file
 from minqr.data.batching import (MAX_TEXTS_A_ROW, TokenizedPairs, collate_texts, prefix_groups,
                                  scoring_batches, text_batches, tokenize_pairs)
 from minqr.data.chat import rendering_note, reply_text
@@ -282,10 +283,7 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
 
 def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     model, data, out = options.model, options.data, Path(options.out)
-    if out.is_dir():
-        raise MinqrError(f"out {out} is a folder; a scores file's name ends in .npz (numpy arrays) or .jsonl")
-    if out.exists() and not options.overwrite:
-        raise MinqrError(f"out {out} exists: pass --overwrite to replace it, or choose another path")
+    check_output_file(out, overwrite=options.overwrite, what="a scores file (.npz or .jsonl)")
     split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
