@@ -15,7 +15,8 @@ from test_personal import loop_log_posteriors, loop_prior
 from test_scoring import MAX_LENGTH, alone, make_pairs, random_reward_model
 
 from minqr import load_tokenizer
-from minqr.distribution.personal import ANNOTATORS_FILE, PRIOR_ANNOTATORS_A_KIND, PRIOR_FLOOR, Annotators
+from minqr.distribution.personal import (ANNOTATORS_FILE, PRIOR_ANNOTATORS_A_KIND, PRIOR_FLOOR, PRIOR_ITERATIONS,
+                                         Annotators)
 from minqr.distribution.scale import fit_scale
 import minqr.study.personalize
 from minqr.study.personalize import personalize
@@ -124,9 +125,8 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     chosen, rejected = outputs_alone(model, tokenizer, pairs)
     index = torch.tensor([int(a[1:]) for a in ids])
     loop = loop_log_posteriors(chosen[picks], rejected[picks], index, many)  # [A, N] under the uniform prior
-    prior = torch.tensor(loop_prior(loop, 3000), dtype=torch.float64).clamp(min=PRIOR_FLOOR)  # no kind below the floor
-    prior /= prior.sum()
-    torch.testing.assert_close(saved.log_prior.exp(), prior, rtol=1e-3, atol=1e-4)
+    prior = torch.tensor(loop_prior(loop, PRIOR_ITERATIONS, PRIOR_FLOOR, tolerance=1e-9), dtype=torch.float64)
+    torch.testing.assert_close(saved.log_prior.exp(), prior, rtol=1e-3, atol=1e-6)
     assert float((prior - 1 / N).abs().max()) > 0.01  # a prior that is not the uniform one
     torch.testing.assert_close(saved.log_posteriors, torch.log_softmax(loop + prior.log(), -1), rtol=1e-3, atol=1e-3)
     context = write_labels(tmp_path / "eve.jsonl", pairs[:6], [None] * 6)

@@ -29,7 +29,9 @@ come from many annotators (at least PRIOR_ANNOTATORS_A_KIND a kind), the prior o
 fitted to them: the shares π that make their labels likeliest, Σ_a log Σ_k π_k Π_{j∈D_a} σ(...),
 by expectation-maximisation (π ← the mean of the posteriors under π, a batched step over [A, N]).
 Every posterior then starts from π instead of 1/N, and π is saved with the posteriors, so that a
-new person's few labels start from it too (empirical Bayes). With fewer annotators the prior stays
+new person's few labels start from it too (empirical Bayes). The prior is fitted only to the
+annotators whose posteriors are saved with a model (training's, personalize's); people scored from
+--context start from the model's prior, or the uniform one. With fewer annotators the prior stays
 uniform. docs/personal.md has what it changes.
 
 `Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
@@ -184,11 +186,11 @@ class Annotators:
 
     @classmethod
     def from_sums(cls, ids: tuple, log_likelihoods: torch.Tensor, pairs: tuple,
-                  log_prior: torch.Tensor | None = None) -> "Annotators":
+                  log_prior: torch.Tensor | None = None, fit_prior: bool = True) -> "Annotators":
         """The annotators `ids` from their log-likelihood sums [A, N] (log_likelihood_sums) and their
         pair counts: their posteriors under `log_prior` [N], or, when None, under the prior fitted to
-        them (population_prior; uniform when they are too few)."""
-        if log_prior is None:
+        them (population_prior; uniform when they are too few, or without `fit_prior`)."""
+        if log_prior is None and fit_prior:
             log_prior = population_prior(log_likelihoods)
         log_prior = None if log_prior is None else log_prior.double().cpu()
         return cls(tuple(ids), normalised(log_likelihoods.double().cpu(), log_prior), tuple(pairs), log_prior)
@@ -315,26 +317,30 @@ def posterior_weights(known: Annotators | None, head, names: list) -> torch.Tens
 
 
 def annotators_from_pairs(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, ids: tuple,
-                          pair_margin: torch.Tensor | None = None, log_prior: torch.Tensor | None = None) -> Annotators:
+                          pair_margin: torch.Tensor | None = None, log_prior: torch.Tensor | None = None,
+                          fit_prior: bool = True) -> Annotators:
     """The Annotators of labelled pairs: raw outputs [P, N], each pair's annotator [P] as an index
     into `ids` (the distinct ids, as TokenizedPairs.annotator_ids); their posteriors start from
-    `log_prior` [N] (a model's saved prior), else from one fitted to them (Annotators.from_sums)."""
+    `log_prior` [N] (a model's saved prior), else from one fitted to them (Annotators.from_sums;
+    uniform without `fit_prior`)."""
     sums = log_likelihood_sums(chosen, rejected, annotator, len(ids), pair_margin)  # [A, N]
     counts = torch.bincount(annotator, minlength=len(ids)).tolist()
-    return Annotators.from_sums(ids, sums, counts, log_prior)
+    return Annotators.from_sums(ids, sums, counts, log_prior, fit_prior)
 
 
 def labelled_annotators(chosen: np.ndarray, rejected: np.ndarray, tokenized, annotator: str | None = None,
-                        source: str = "the pairs", log_prior: torch.Tensor | None = None) -> Annotators:
+                        source: str = "the pairs", log_prior: torch.Tensor | None = None,
+                        fit_prior: bool = True) -> Annotators:
     """The Annotators of scored labelled pairs (TokenizedPairs `tokenized`, outputs [P, N] each).
     Pairs that name no annotators are the labels of one person, `annotator`; pairs that do take
-    no `annotator`. `source` names the pairs in messages; `log_prior` as annotators_from_pairs'."""
+    no `annotator`. `source` names the pairs in messages; `log_prior` and `fit_prior` as
+    annotators_from_pairs'."""
     ids = labellers(tokenized, annotator, source)
     margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
     chosen, rejected = torch.from_numpy(chosen), torch.from_numpy(rejected)
     rows = (torch.zeros(len(tokenized), dtype=torch.long) if tokenized.annotators is None
             else torch.tensor(tokenized.annotators, dtype=torch.long))  # [P] each pair's labeller, an index into ids
-    return annotators_from_pairs(chosen, rejected, rows, ids, margins, log_prior)
+    return annotators_from_pairs(chosen, rejected, rows, ids, margins, log_prior, fit_prior)
 
 
 def labellers(tokenized, annotator: str | None = None, source: str = "the pairs") -> tuple:

@@ -352,7 +352,7 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         named = options.annotator if context.annotators is None else None  # the one person of a file without ids
         saved = Annotators.load(folder, head_config.num_quantiles)  # its prior is where new people start
         known = labelled_annotators(*outputs, context, named, f"--context {options.context}",
-                                    None if saved is None else saved.log_prior)
+                                    None if saved is None else saved.log_prior, fit_prior=False)
         if saved is not None and saved.log_prior is not None:
             notes.append(f"note: the posteriors of --context's people start from the prior {folder} keeps "
                          "(fitted to its annotators; docs/personal.md)")
