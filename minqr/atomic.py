@@ -276,9 +276,6 @@ def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
     held = _contents(path)
     if not held:
         return
-    if not overwrite:
-        raise MinqrError(f"{option} {path} exists and holds {_some(held)}: pass --overwrite to replace it as a "
-                         "whole, or choose another path")
     try:
         made = loads((path / MARKER).read_text())["contents"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -291,6 +288,9 @@ def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
     if added:
         raise MinqrError(f"{option} {path} holds files added since minqr wrote it ({_some(added)}): "
                          "replacing the folder would delete them; move them out or choose another path")
+    if not overwrite:  # asked last: only where --overwrite would replace it
+        raise MinqrError(f"{option} {path} exists and holds {_some(held)}: pass --overwrite to replace it as a "
+                         "whole, or choose another path")
 
 
 def _some(names: list[str], shown: int = 5) -> str:

@@ -12,7 +12,7 @@ import torch
 from factories import ended_writer, random_gpt2
 from safetensors.torch import save_file
 
-from minqr.atomic import MARKER, atomic_dir, atomic_file, check_output_file
+from minqr.atomic import MARKER, atomic_dir, atomic_file, check_output_file, check_replaceable
 from minqr.errors import MinqrError
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
@@ -73,6 +73,13 @@ def test_atomic_dir_replaces_a_folder_that_holds_anything_only_with_overwrite(tm
     assert str(error.value) == (f"--out {target} exists and holds train.jsonl: pass --overwrite to replace it as a "
                                 "whole, or choose another path")
     assert (target / "train.jsonl").read_text() == "a thousand pairs"
+    # a folder --overwrite could not replace does not ask for it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(MinqrError, match="is not a folder that minqr wrote as a whole") as error:
+        check_replaceable(mine, "--out", overwrite=False)
+    assert "--overwrite" not in str(error.value)
     with atomic_dir(target, "--out", overwrite=True) as tmp:
         (tmp / "train.jsonl").write_text("ten pairs")
     assert (target / "train.jsonl").read_text() == "ten pairs"

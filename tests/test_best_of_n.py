@@ -171,19 +171,30 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     weights = next(Path(folder).glob("*.safetensors"))
     before = weights.stat()
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
-    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model has changed since:"):
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model's files have changed since:"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
     # nor a chat template added beside the tokenizer (message lists would be rendered otherwise)
     (Path(folder) / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model has changed since:"):
+    with pytest.raises(MinqrError, match="unfinished best-of-n job with other settings: the model's files have changed since:"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     (Path(folder) / "chat_template.jinja").unlink()
+    # a job line that records other things (another minqr's): said so
+    saved = partial_path(out).read_text()
+    job, rest = saved.split("\n", 1)
+    partial_path(out).write_text(json.dumps({k: v for k, v in json.loads(job).items() if k != "model_files"}) + "\n"
+                                 + rest)
+    with pytest.raises(MinqrError, match="unfinished best-of-n job of another minqr"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    partial_path(out).write_text(saved)
     calls.clear()
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
-    summary = best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    # the same data by another spelling of its path (the job line holds it resolved): the same job
+    respelled = Path(os.path.relpath(data))
+    assert str(respelled) != str(data)
+    summary = best_of_n_to_file(folder, respelled, out, statistics=STATISTICS, progress=False)
     assert calls == [6, 9] and summary.resumed_from == 6  # only what was not on disk was scored again
-    assert out.read_text() == clean.read_text()
+    assert out.read_text() == clean.read_text().replace(str(data), str(respelled))
     assert not partial_path(out).exists()
     with pytest.raises(MinqrError, match="exists: pass --overwrite"):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)

@@ -175,6 +175,14 @@ def test_prior_recovers_the_shares_of_the_kinds(generator):
     torch.testing.assert_close(unfitted.log_posteriors, torch.log_softmax(sums, -1), rtol=1e-12, atol=1e-12)
 
 
+def test_an_annotator_no_kind_can_explain_is_left_out_of_the_prior(generator):
+    sums, _ = draws_of_kinds([30, 20, 10], 4, 3, generator)
+    broken = torch.cat([sums, torch.full((1, 3), float("-inf"), dtype=torch.float64)])  # a non-finite output's labels
+    torch.testing.assert_close(population_prior(broken), population_prior(sums), rtol=0, atol=0)
+    annotators = Annotators.from_sums(tuple(range(61)), broken, (4,) * 61)
+    assert bool(torch.isfinite(annotators.log_prior).all()) and bool(torch.isfinite(annotators.log_posteriors[:60]).all())
+
+
 def test_too_few_annotators_keep_the_uniform_prior(generator):
     n = 3
     few = n * PRIOR_ANNOTATORS_A_KIND - 1
@@ -209,7 +217,9 @@ def test_the_prior_is_saved_and_kept_by_merging(tmp_path, generator):
     assert 1.5 < spread < 2.5  # two kinds of three gave the labels
     other = Annotators(("x",), torch.log_softmax(torch.randn(1, 3, generator=generator, dtype=torch.float64), -1), (2,))
     assert torch.equal(loaded.merged(other).log_prior, annotators.log_prior)
-    assert torch.equal(other.merged(loaded).log_prior, annotators.log_prior)  # none of its own: the other's
+    assert other.merged(loaded).log_prior is None  # "x" stays, whose posterior is from the uniform prior
+    everyone = Annotators(loaded.ids, loaded.log_posteriors, loaded.pairs)  # uniform prior, all replaced below
+    assert torch.equal(everyone.merged(loaded).log_prior, annotators.log_prior)
     text = json.loads((tmp_path / ANNOTATORS_FILE).read_text())
     for bad in ([0.0, 0.0, 0.0], [float("nan")] * 3, [-1.0986]):
         (tmp_path / ANNOTATORS_FILE).write_text(json.dumps({**text, "log_prior": bad}))

@@ -119,6 +119,14 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     picks = [int(j) for _ in range(many) for j in rng.choice(len(pairs), size=3, replace=False)]  # 3 pairs each
     ids = [f"u{a}" for a in range(many) for _ in range(3)]
     data = write_labels(tmp_path / "labels.jsonl", [pairs[j] for j in picks], ids)
+    # many people added beside a few the model knows, whose posteriors are from the uniform prior:
+    # the prior stays uniform, and theirs are from it too
+    personalize(folder, write_labels(tmp_path / "few.jsonl", pairs[:4], ["old1", "old2"] * 2), progress=False)
+    personalize(folder, data, progress=False)
+    beside = Annotators.load(folder, N)
+    assert beside.log_prior is None and len(beside.ids) == many + 2
+    # replacing every annotator the model knows makes them its population: a prior is fitted
+    (folder / ANNOTATORS_FILE).unlink()
     summary = personalize(folder, data, progress=False)
     saved = Annotators.load(folder, N)
     assert f"\n{saved.describe_prior()}" in str(summary) and "fitted to the annotators" in str(summary)
@@ -137,6 +145,9 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     eve = loop_log_posteriors(chosen[:6], rejected[:6], torch.zeros(6, dtype=torch.long), 1)[0]
     np.testing.assert_allclose(load_scores(tmp_path / "s.npz").personal["personal_posterior"][0],
                                torch.softmax(eve + prior.log(), -1).numpy(), rtol=1e-3, atol=1e-4)
+    # the same annotators again (--overwrite): all of them replaced, the prior fitted to them again
+    personalize(folder, data, overwrite=True, progress=False)
+    torch.testing.assert_close(Annotators.load(folder, N).log_prior, saved.log_prior, rtol=1e-9, atol=1e-12)
 
 
 def personal_expected(log_q, chosen, rejected):

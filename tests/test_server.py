@@ -421,6 +421,11 @@ def test_an_early_error_reaches_a_client_still_sending_its_body(folder):
         assert head.split(b" ")[1] == b"413"
         assert json.loads(body)["error"] == ("the body has a Content-Length of 5,000 digits, more than the server's "
                                              "limit of 1,000 (--max-request-bytes): send fewer queries")
+        # leading zeros count for nothing: 5,000 of them and a 5 is a body of 5 bytes, here cut short
+        answer = raw(server, b"POST /get_reward HTTP/1.1\r\nContent-Length: " + b"0" * 5000 + b"5\r\n\r\n{}",
+                     close_after_send=True)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.split(b" ")[1] == b"400" and json.loads(body)["error"] == "the body ended after 2 of 5 bytes"
         assert request(server, "GET", "/health")[0] == 200
 
 

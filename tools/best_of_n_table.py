@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minqr.atomic import atomic_file
+from minqr.atomic import atomic_file, check_output_file
+from minqr.errors import MinqrError
 from minqr.adapters.best_of_n import DEFAULT_STATISTICS, best_of_n_to_file, parse_statistics
 from minqr.study.selection import atom_records, compare, spread_auroc
 
@@ -90,8 +91,10 @@ def main():
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     args = parser.parse_args()
-    if args.out.exists() and not args.overwrite:
-        parser.error(f"--out {args.out} exists: pass --overwrite to replace it, or choose another path")
+    try:
+        check_output_file(args.out, "--out", overwrite=args.overwrite, what="the table")
+    except MinqrError as error:
+        parser.error(str(error))
     text = table(args.runs)
     with atomic_file(args.out) as tmp:
         tmp.write_text(text)

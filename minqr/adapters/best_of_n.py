@@ -318,6 +318,7 @@ def _resume(partial: Path, job: dict, sets: list, discard_other: bool) -> list:
             break  # the torn end of an append cut short (or the empty string after the last newline)
         if not _is_record(record, q, sets[q], job["statistics"]):
             break
+        record["origin"] = sets[q].origin  # the data's path as this command spells it (the job line's is resolved)
         records.append(record)
     if len(records) < len(sets):
         records = records[: len(records) // CHUNK_PROMPTS * CHUNK_PROMPTS]
@@ -329,9 +330,12 @@ def _resume(partial: Path, job: dict, sets: list, discard_other: bool) -> list:
 
 
 def _is_record(record, q: int, candidate_set: CandidateSet, statistics: list) -> bool:
-    """Whether `record` is what _choose writes for prompt q, `candidate_set`, by `statistics`."""
+    """Whether `record` is what _choose writes for prompt q, `candidate_set`, by `statistics`. Its
+    origin's line (or row) must be the set's; the path before it may be spelled otherwise."""
     k = len(candidate_set.texts)
-    return (isinstance(record, dict) and record.get("index") == q and record.get("origin") == candidate_set.origin
+    origin = record.get("origin") if isinstance(record, dict) else None
+    return (isinstance(origin, str) and origin.rpartition(":")[2] == candidate_set.origin.rpartition(":")[2]
+            and record.get("index") == q
             and record.get("num_candidates") == k
             and isinstance(record.get("chosen"), dict) and list(record["chosen"]) == statistics
             and all(isinstance(c, int) and 0 <= c < k for c in record["chosen"].values())
@@ -343,13 +347,18 @@ def _job_difference(found, job: dict) -> str:
     """What differs between a partial file's job line and this job, in words."""
     if not isinstance(found, dict) or found.get("minqr") != "best-of-n":
         return "of another kind (its first line is not a best-of-n job)"
-    differing = [key for key in job if found.get(key) != job[key]] + [key for key in found if key not in job]
+    if set(found) != set(job):
+        return "of another minqr (its job line records other things)"
+    differing = [key for key in job if found[key] != job[key]]
     shown = []
     for key in differing:
-        if key in ("model_files", "data_bytes", "data_mtime_ns"):
-            shown.append(f"{'the model' if key == 'model_files' else 'the data'} has changed since")
+        if key == "model_files":
+            shown.append("the model's files have changed since")
+        elif key in ("data_bytes", "data_mtime_ns"):
+            if "data" not in differing:
+                shown.append("the data has changed since")
         else:
-            shown.append(f"{key} {found.get(key)!r} (this one: {job.get(key)!r})")
+            shown.append(f"{key} {found[key]!r} (this one: {job[key]!r})")
     return "with other settings: " + "; ".join(dict.fromkeys(shown))
 
 

@@ -342,19 +342,20 @@ class _Handler(BaseHTTPRequestHandler):
         if not re.fullmatch(r"[0-9]+", length):  # ASCII digits: str.isdigit() takes "²", which int() refuses
             return self.send_json(400, {"error": f"Content-Length {length!r} is not a number"})
         # no int() of thousands of digits (Python refuses past 4,300): a length that long is too long anyway
-        if len(length.lstrip("0")) > len(str(limit)) or int(length) > limit:
-            size = f"{int(length):,} bytes" if len(length) <= 30 else f"a Content-Length of {len(length):,} digits"
+        digits = length.lstrip("0") or "0"
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            size = f"{int(digits):,} bytes" if len(digits) <= 30 else f"a Content-Length of {len(digits):,} digits"
             return self.send_json(413, {"error": f"the body has {size}, more than the server's limit of {limit:,} "
                                                  "(--max-request-bytes): send fewer queries"})
         try:
-            body = self.rfile.read(int(length))
+            body = self.rfile.read(int(digits))
         except OSError:  # the client went away or stalled past the timeout
             self.close_connection = True
             return
         self.unread_body = False
         self.server.track(self, ANSWERING)
-        if len(body) < int(length):
-            return self.send_json(400, {"error": f"the body ended after {len(body)} of {length} bytes"})
+        if len(body) < int(digits):
+            return self.send_json(400, {"error": f"the body ended after {len(body)} of {int(digits)} bytes"})
         try:
             answer = self.server.service.answer(body)
         except BadRequest as error:

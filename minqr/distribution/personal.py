@@ -3,18 +3,20 @@
 A mixture head's output k is kind k's reward h_k(y), one reward function across all texts, and
 the population judges a pair by a kind drawn uniformly: P(c ≻ r) = (1/N) Σ_k σ(h_k(c) − h_k(r)).
 When the data says who gave each label, an annotator's labels are evidence of their kind. With a
-uniform prior and their labelled pairs D_a (each pair j: chosen c_j over rejected r_j),
+prior π over the kinds (below; 1/N each by default) and their labelled pairs D_a (each pair j:
+chosen c_j over rejected r_j),
 
-    q_a(k) ∝ Π_{j∈D_a} σ(h_k(c_j) − h_k(r_j) − m_j)       (m_j the pair margin, 0 without one)
+    q_a(k) ∝ π_k Π_{j∈D_a} σ(h_k(c_j) − h_k(r_j) − m_j)       (m_j the pair margin, 0 without one)
 
-computed in log space, log q_a = Σ_j log σ(...) − logsumexp_k(the same), and their personal
+computed in log space, log q_a = log π + Σ_j log σ(...) − logsumexp_k(the same), and their personal
 preference is the mixture's with the kinds weighted by q_a instead of 1/N:
 
     P_a(y ≻ y') = Σ_k q_a(k) σ(h_k(y) − h_k(y'))
 
 Any other statistic relative to a reference (minqr/distribution/statistics.py) is personal in the
-same way: `statistic_values(..., weights=q_a)`. With no labels q_a is uniform and every personal
-statistic is the population's; with many, q_a concentrates on the kind that explains them.
+same way: `statistic_values(..., weights=q_a)`. With no labels q_a is the prior; the population's
+reward (a label drawn from the mixture as trained, `None` for an annotator in the adapters) is
+always 1/N each. With many labels, q_a concentrates on the kind that explains them.
 
 Only a mixture has kinds. A scalar head (bradley_terry, N = 1) has one kind, which every posterior
 is; independent's outputs are N draws of the population's reward and paper's its quantiles, so
@@ -127,11 +129,13 @@ def normalised(log_likelihoods: torch.Tensor, log_prior: torch.Tensor | None = N
 def population_prior(log_likelihoods: torch.Tensor) -> torch.Tensor | None:
     """log π [N], float64: the kinds' shares that make the annotators' labels likeliest (the module
     docstring), from their log-likelihood sums [A, N]; None (uniform) for fewer than
-    PRIOR_ANNOTATORS_A_KIND annotators a kind."""
-    num_annotators, n = log_likelihoods.shape
+    PRIOR_ANNOTATORS_A_KIND annotators a kind. Rows that are -inf for every kind are left out."""
+    # an annotator whose labels no kind can give (a non-finite output) says nothing of the shares
+    sums = log_likelihoods.double()
+    sums = sums[torch.isfinite(torch.logsumexp(sums, dim=-1))]  # [A', N]
+    num_annotators, n = sums.shape
     if num_annotators < PRIOR_ANNOTATORS_A_KIND * n:
         return None
-    sums = log_likelihoods.double()
     log_prior = torch.full((n,), -math.log(n), dtype=torch.float64, device=sums.device)
     floor = math.log(PRIOR_FLOOR)
     for _ in range(PRIOR_ITERATIONS):
@@ -230,7 +234,8 @@ class Annotators:
 
     def merged(self, other: "Annotators") -> "Annotators":
         """These annotators with `other`'s added; an id in both takes `other`'s posterior. The prior
-        stays these annotators' (the population a model was trained on), else becomes `other`'s."""
+        stays these annotators' (the population a model was trained on, uniform or not) while any of
+        them stays; when `other` replaces them all, it is `other`'s."""
         if len(self.ids) and len(other.ids) and other.num_kinds != self.num_kinds:
             raise MinqrError(f"annotators over {other.num_kinds} kinds cannot join ones over {self.num_kinds}")
         replaced = set(other.ids)
@@ -238,7 +243,7 @@ class Annotators:
         return Annotators(tuple(self.ids[r] for r in kept) + tuple(other.ids),
                           torch.cat([self.log_posteriors[kept], other.log_posteriors.to(self.log_posteriors)]),
                           tuple(self.pairs[r] for r in kept) + tuple(other.pairs),
-                          self.log_prior if self.log_prior is not None else other.log_prior)
+                          self.log_prior if kept else other.log_prior)
 
     def save(self, folder) -> Path:
         """Write annotators.json into a model's folder, atomically; the folder's .minqr-made list (if

@@ -33,16 +33,16 @@ from minqr.study.scoring import DEFAULT_BATCH_SIZE, score_tokenized, text_length
 
 
 def annotators_of(model: RewardModel, tokenized: TokenizedPairs, annotator: str | None = None,
-                  source: str = "the pairs", log_prior: torch.Tensor | None = None,
+                  source: str = "the pairs", log_prior: torch.Tensor | None = None, fit_prior: bool = True,
                   **scoring) -> tuple[Annotators, ScaleFit | None]:
     """(posteriors, scale): the posteriors of the annotators of labelled pairs, from one scoring pass
-    of `model` (`scoring`: score_tokenized's options), `annotator` and `log_prior` as
+    of `model` (`scoring`: score_tokenized's options), `annotator`, `log_prior` and `fit_prior` as
     labelled_annotators takes them; and where the labels put the kinds' scale
     (minqr/distribution/scale.py) when they name their annotators, else None."""
     head = model.head_config
     check_personal(head.objective, head.num_quantiles)
     chosen, rejected = score_tokenized(model, tokenized, **scoring)  # [P, N] each
-    annotators = labelled_annotators(chosen, rejected, tokenized, annotator, source, log_prior)
+    annotators = labelled_annotators(chosen, rejected, tokenized, annotator, source, log_prior, fit_prior)
     if tokenized.annotators is None:
         return annotators, None
     margins = None if tokenized.pair_margins is None else torch.tensor(tokenized.pair_margins)
@@ -138,15 +138,17 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     tokenized = tokenize_pairs(pairs, tokenizer, text_length_limit(reward_model, folder, config.max_length))
     known = Annotators.load(folder, head.num_quantiles)
     # what the scoring pass would be refused for is said before it (it takes minutes on a large model)
-    replaced = [annotator for annotator in labellers(tokenized, config.annotator, str(data))
-                if known is not None and annotator in set(known.ids)]
+    labelled = labellers(tokenized, config.annotator, str(data))
+    replaced = [annotator for annotator in labelled if known is not None and annotator in set(known.ids)]
     if replaced and not config.overwrite:
         raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} annotators of {data} (the first: "
                          f"{replaced[0]!r}): pass --overwrite to replace them with these")
-    # the model's prior (its training annotators') is where these labels start; without one, a prior
-    # fitted to these annotators when they are many
+    # the model's prior (its known annotators', uniform or fitted) is where these labels start, unless
+    # they replace every annotator the model knows: then they are its population, and a prior is
+    # fitted to them when they are many (Annotators.from_sums)
+    fresh = known is None or set(known.ids) <= set(labelled)
     new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data),
-                               None if known is None else known.log_prior, batch_size=config.batch_size,
+                               None if fresh else known.log_prior, fit_prior=fresh, batch_size=config.batch_size,
                                device=config.device, dtype=config.dtype, progress=progress,
                                model_name=f"the reward model {folder}")
     merged = new if known is None else known.merged(new)
