@@ -92,9 +92,11 @@ def test_personalize_saves_the_posteriors_of_every_annotator(mixture, tokenizer,
     alone_file = write_labels(tmp_path / "dee.jsonl", pairs[:4], [None] * 4)
     with pytest.raises(MinqrError, match="names no annotators"):
         personalize(folder, alone_file, progress=False)
-    with pytest.raises(MinqrError, match="--annotator is empty: name the person whose labels these are"):
+    with pytest.raises(MinqrError, match="annotator ' ' is empty: name the person"):
         personalize(folder, alone_file, annotator=" ", progress=False)
-    with pytest.raises(MinqrError, match="name their annotators .*--annotator names the one person"):
+    with pytest.raises(MinqrError, match="annotator '' is empty: name the person"):  # as score and serve say it
+        score_to_file(folder, data, tmp_path / "empty.npz", annotator="", progress=False)
+    with pytest.raises(MinqrError, match="names its annotators .*--annotator names the one person"):
         personalize(folder, data, annotator="dee", progress=False)
     assert passes == []  # every refusal came before the pass over the pairs
     with pytest.raises(MinqrError, match="model .*nowhere does not exist: personalize writes annotators.json"):
@@ -122,9 +124,12 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     # many people added beside a few the model knows, whose posteriors are from the uniform prior:
     # the prior stays uniform, and theirs are from it too
     personalize(folder, write_labels(tmp_path / "few.jsonl", pairs[:4], ["old1", "old2"] * 2), progress=False)
-    personalize(folder, data, progress=False)
+    added = personalize(folder, data, progress=False)
     beside = Annotators.load(folder, N)
     assert beside.log_prior is None and len(beside.ids) == many + 2
+    assert (f"\nthe prior over the {N} kinds stays uniform, the model's: its annotators' posteriors "
+                               "are from it (a prior is fitted when the labels of every annotator are given together: "
+                               "training, or personalize --overwrite of them all)\n") in str(added)
     # replacing every annotator the model knows makes them its population: a prior is fitted
     (folder / ANNOTATORS_FILE).unlink()
     summary = personalize(folder, data, progress=False)
@@ -139,12 +144,18 @@ def test_many_annotators_give_a_prior_that_new_people_start_from(mixture, tokeni
     torch.testing.assert_close(saved.log_posteriors, torch.log_softmax(loop + prior.log(), -1), rtol=1e-3, atol=1e-3)
     context = write_labels(tmp_path / "eve.jsonl", pairs[:6], [None] * 6)
     test = write_labels(tmp_path / "test.jsonl", pairs, [None] * len(pairs))
-    summary = score_to_file(folder, test, tmp_path / "s.npz", context=str(context), annotator="eve", progress=False)
+    one = personalize(folder, context, annotator="eve", progress=False)  # beside them: the model's prior, kept
+    assert "the model's, kept: as spread as" in str(one)
+    torch.testing.assert_close(Annotators.load(folder, N).log_prior, saved.log_prior, rtol=0, atol=0)
+    summary = score_to_file(folder, test, tmp_path / "s.npz", context=str(context), annotator="eve2", progress=False)
     assert any(note.startswith("note: the posteriors of --context's people start from the prior") for note in
                summary.notes)
     eve = loop_log_posteriors(chosen[:6], rejected[:6], torch.zeros(6, dtype=torch.long), 1)[0]
     np.testing.assert_allclose(load_scores(tmp_path / "s.npz").personal["personal_posterior"][0],
                                torch.softmax(eve + prior.log(), -1).numpy(), rtol=1e-3, atol=1e-4)
+    saved_eve = Annotators.load(folder, N)  # personalize of one person starts from the prior as --context does
+    torch.testing.assert_close(saved_eve.log_posteriors[saved_eve.ids.index("eve")].exp(),
+                               torch.softmax(eve + prior.log(), -1), rtol=1e-3, atol=1e-4)
     # the same annotators again (--overwrite): all of them replaced, the prior fitted to them again
     personalize(folder, data, overwrite=True, progress=False)
     torch.testing.assert_close(Annotators.load(folder, N).log_prior, saved.log_prior, rtol=1e-9, atol=1e-12)
@@ -201,6 +212,9 @@ def test_a_new_person_from_context_and_every_row_as_one_annotator(mixture, token
     score_to_file(folder, data, tmp_path / "s.npz", context=str(context), annotator="eve", anchor_reply=" OK.",
                   progress=False)
     scores = load_scores(tmp_path / "s.npz")
+    # whose rows these are, in the metadata and the default row label of the analysis
+    assert (scores.metadata["annotator"], scores.metadata["context"]) == ("eve", str(context))
+    assert scores.workload.endswith(" (as eve, context eve.jsonl)")
     chosen, rejected = outputs_alone(model, tokenizer, pairs)
     log_q = loop_log_posteriors(chosen[:6], rejected[:6], torch.zeros(6, dtype=torch.long), 1)[0]
     q = log_q.exp().numpy()

@@ -1,6 +1,7 @@
 """Scoring: the arrays against the model run on each text alone (both layouts, any batch size, the
 data's order), the CLI's printed accuracies against the written file, the metadata, and bad input."""
 import gzip
+import hashlib
 import json
 import re
 import shutil
@@ -24,6 +25,7 @@ from minqr.models.head import HeadConfig
 from minqr.models.hf_folder import DAMAGED
 from minqr.models.reward import RewardModel
 from minqr.objectives.references import quantile_levels
+from minqr.study.analysis import summarize
 from minqr.study.scores_file import load_scores
 from minqr.study.scoring import score_pairs, score_texts, score_to_file
 from minqr.synthetic.folder import make_synthetic_task
@@ -345,6 +347,7 @@ def test_synthetic_task_scores_name_their_truth(tmp_path):
     summary = score_to_file(tmp_path / "model", task, tmp_path / "scores.npz", progress=False)
     scores = load_scores(tmp_path / "scores.npz")
     assert scores.metadata["truth"] == str((task / "test_truth.npz").resolve())
+    assert scores.metadata["truth_sha256"] == hashlib.sha256((task / "test_truth.npz").read_bytes()).hexdigest()
     assert scores.workload == "synthetic test" and summary.num_pairs == scores.num_pairs == 20
     # no training_args.json: texts are kept up to the model's number of positions
     assert scores.metadata["options"]["max_length"] == model.transformer.config.n_positions
@@ -373,6 +376,11 @@ def test_synthetic_task_scores_name_their_truth(tmp_path):
     own = load_scores(tmp_path / "own_anchor.npz")
     assert "truth" not in own.metadata and own.metadata["anchor_reply"] == " OK." and own.anchor is not None
     assert "--anchor-reply replaces the task's own anchor reply" in str(summary)
+    # the task made again in its place (another seed): the scores no longer line up with its truth
+    make_synthetic_task(task, num_train=30, num_test=20, num_samples=8, seed=1, overwrite=True)
+    with pytest.raises(MinqrError, match="the truth file .*test_truth.npz has changed since these scores were made"):
+        summarize(load_scores(tmp_path / "scores.npz"), n_resamples=0)
+    assert summarize(load_scores(tmp_path / "scores.npz"), n_resamples=0, truth=False)["coverage"] is None
 
 
 # ---- bad input: one clear line, exit 1, no file ----

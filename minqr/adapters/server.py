@@ -445,8 +445,9 @@ def serve(config: ServeConfig, ready=functools.partial(print, flush=True)) -> No
     try:
         reference = ("each request's group mean" if config.group else
                      f"the reply {config.reference_reply!r}" if config.reference_reply is not None else "none")
+        whose = "" if config.annotator is None else f", annotator {config.annotator!r}'s reward"
         ready(f"serving {service.folder} at {server.url}{REWARD_PATH} (statistic {config.statistic}, reference "
-              f"{reference}, {service.model.num_quantiles} outputs); health at {server.url}{HEALTH_PATH}")
+              f"{reference}, {service.model.num_quantiles} outputs{whose}); health at {server.url}{HEALTH_PATH}")
         server.serve_forever()
     finally:
         for sig, handler in previous.items():

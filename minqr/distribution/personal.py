@@ -203,16 +203,22 @@ class Annotators:
     def num_kinds(self) -> int:
         return self.log_posteriors.shape[1]
 
-    def describe_prior(self) -> str:
-        """A line on the prior: fitted or uniform, and how many kinds it spreads over."""
+    def describe_prior(self, kept: bool = False) -> str:
+        """A line on the prior: fitted or uniform, and how many kinds it spreads over; `kept`: the
+        model's, kept while new people were added beside its annotators."""
         n = self.num_kinds
         if self.log_prior is None:
+            if kept:
+                return (f"the prior over the {n} kinds stays uniform, the model's: its annotators' posteriors are "
+                        "from it (a prior is fitted when the labels of every annotator are given together: "
+                        "training, or personalize --overwrite of them all)")
             return (f"the prior over the {n} kinds is uniform (a prior is fitted to at least "
                     f"{PRIOR_ANNOTATORS_A_KIND * n:,} annotators, {PRIOR_ANNOTATORS_A_KIND} a kind)")
         prior = self.log_prior.exp()
         spread = math.exp(-float((prior * self.log_prior).sum()))  # the exponential of its entropy
-        return (f"the prior over the {n} kinds, fitted to the annotators: as spread as {spread:.1f} equal kinds, "
-                f"the largest share {float(prior.max()):.3f}; new people's labels start from it (docs/personal.md)")
+        source = "the model's, kept" if kept else "fitted to the annotators"
+        return (f"the prior over the {n} kinds, {source}: as spread as {spread:.1f} equal kinds, the largest share "
+                f"{float(prior.max()):.3f}; new people's labels start from it (docs/personal.md)")
 
     def index(self, ids) -> torch.Tensor:
         """Each id's row, [B] long, -1 for an id not known here (or None)."""
@@ -223,8 +229,7 @@ class Annotators:
     def resolve(self, name: str | int):
         """The id known here that `name` gives (a command line's "7" is the integer id 7 when only
         that is known), or None."""
-        if not _is_id(name):
-            raise MinqrError(f"annotator {name!r}: an annotator's id is a string or an integer")
+        check_annotator_name(name)
         known = set(self.ids)
         if name in known:
             return name
@@ -300,6 +305,15 @@ def _credit(probability: np.ndarray) -> np.ndarray:
     return (probability > 0.5) + 0.5 * (probability == 0.5)
 
 
+def check_annotator_name(name) -> None:
+    """A MinqrError for what can be no annotator's id: not a string or an integer, or an empty or
+    blank string (the data readers refuse those as ids)."""
+    if not _is_id(name):
+        raise MinqrError(f"annotator {name!r}: an annotator's id is a string or an integer")
+    if isinstance(name, str) and not name.strip():
+        raise MinqrError(f"annotator {name!r} is empty: name the person (an id, as the data gives it)")
+
+
 def _is_id(value) -> bool:
     return isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
 
@@ -309,6 +323,9 @@ def posterior_weights(known: Annotators | None, head, names: list) -> torch.Tens
     HeadConfig `head` (`known`: its annotators.json, or None), 1/N for a None (the population). A
     head without kinds, or a name the model does not know, is a MinqrError."""
     check_personal(head.objective, head.num_quantiles)
+    for name in names:
+        if name is not None:
+            check_annotator_name(name)
     resolved = [None if name is None or known is None else known.resolve(name) for name in names]
     unknown = [name for name, found in zip(names, resolved) if name is not None and found is None]
     if unknown:
@@ -355,12 +372,10 @@ def labellers(tokenized, annotator: str | None = None, source: str = "the pairs"
     if tokenized.annotators is None:
         if annotator is None:
             raise MinqrError(f"{source} {NO_IDS}")
-        if isinstance(annotator, str) and not annotator.strip():
-            raise MinqrError("--annotator is empty: name the person whose labels these are (an id, as the data "
-                             "would give it)")
+        check_annotator_name(annotator)
         return (annotator,)
     if annotator is not None:
-        raise MinqrError(f"{source} name their annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
+        raise MinqrError(f"{source} names its annotators ({len(tokenized.annotator_ids):,} of them): --annotator "
                          "names the one person of pairs that name none; drop it")
     return tuple(tokenized.annotator_ids)
 
@@ -414,6 +429,7 @@ def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected:
     if context is not None:
         known = known.merged(context)
     if annotator is not None:
+        check_annotator_name(annotator)
         if known.resolve(annotator) is None:
             raise MinqrError(f"annotator {annotator!r} is not known to {folder} (its annotators.json)"
                              + (" nor labelled in --context" if context is not None else "")

@@ -35,7 +35,7 @@ from minqr.study.divergences import (BIN_SWEEP, DEFAULT_BINS, DEFAULT_EPS, KDE_G
                                      weighted_kde_kl, check_view, histogram_kl, histogram_kl_by_bins,
                                      js_divergence, view_rows, wasserstein_1_sd)
 from minqr.study.personal_accuracy import personal_accuracy
-from minqr.study.scores_file import Scores
+from minqr.study.scores_file import Scores, file_sha256
 from minqr.study.spread_classes import within_class_spread_rho
 from minqr.synthetic.truth import bayes_reference, response_truth
 
@@ -157,6 +157,11 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         if truth_path is not None and not truth_path.is_file():
             raise MinqrError(f"{where}: its metadata names the truth file {truth_path}, which does not exist; pass "
                              "its new place as truth (--truth FILE), or truth=False (--no-truth) to skip coverage")
+        recorded = scores.metadata.get("truth_sha256")
+        if truth_path is not None and recorded is not None and file_sha256(truth_path) != recorded:
+            raise MinqrError(f"{where}: the truth file {truth_path} has changed since these scores were made (its "
+                             "task made again in the same folder?), so its rows are other pairs' truths: score the "
+                             "task's pairs again, or pass truth=False (--no-truth) to skip the truth")
     else:
         truth_path = Path(truth) if truth is not False else None
     if truth_path is not None:

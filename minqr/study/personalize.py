@@ -141,7 +141,8 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     labelled = labellers(tokenized, config.annotator, str(data))
     replaced = [annotator for annotator in labelled if known is not None and annotator in set(known.ids)]
     if replaced and not config.overwrite:
-        raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} annotators of {data} (the first: "
+        them = "annotator" if len(replaced) == 1 else "annotators"
+        raise MinqrError(f"{folder} already holds the posteriors of {len(replaced):,} {them} of {data} (the first: "
                          f"{replaced[0]!r}): pass --overwrite to replace them with these")
     # the model's prior (its known annotators', uniform or fitted) is where these labels start, unless
     # they replace every annotator the model knows: then they are its population, and a prior is
@@ -154,4 +155,4 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     merged = new if known is None else known.merged(new)
     merged.save(folder)
     return PersonalizeSummary(folder, stats.summary(), len(new.ids) - len(replaced), len(replaced), len(merged.ids),
-                              len(tokenized), scale, merged.describe_prior())
+                              len(tokenized), scale, merged.describe_prior(kept=not fresh))

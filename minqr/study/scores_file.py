@@ -41,6 +41,7 @@ Metadata keys (the writer gives the first group, save_scores fills in the second
 
 Other keys are kept as they are.
 """
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -156,6 +157,11 @@ class Scores:
         if path.is_absolute() or self.source == "scores":
             return path
         return Path(self.source).parent / path
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes, hex: what a scores file records of its truth file."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def save_scores(path, chosen, rejected, metadata: dict, anchor=None, personal: dict | None = None) -> Path:

@@ -42,7 +42,7 @@ from minqr.objectives.pair_models import KINDS
 from minqr.options import check_options, option
 from minqr.progress import progress_bar
 from minqr.study.accuracy import pair_accuracy, quantile_accuracy
-from minqr.study.scores_file import save_scores
+from minqr.study.scores_file import file_sha256, save_scores
 from minqr.synthetic.anchors import score_anchors
 from minqr.synthetic.probe import backbone_probe
 from minqr.synthetic.truth import truth_beside
@@ -217,7 +217,8 @@ class ScoreConfig:
                                       "head's kinds each have a free constant that only such a reference pins "
                                       "down)")
     workload: str | None = option(None, "row label of the analysis table [default: FOLDER SPLIT of the data file, "
-                                  "e.g. 'harmless-base test']")
+                                  "e.g. 'harmless-base test', and whose rows they are with --annotator or "
+                                  "--context]")
     label: str | None = option(None, "column label of the analysis table [default: 'scalar', or the objective "
                                "and N, e.g. 'mixture N=10']")
     normalize: bool = option(False, "write (output - mean) / std: the mean and std of the expected reward that "
@@ -317,13 +318,17 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         "objective": head_config.objective, "readout": head_config.readout,
         "taus": head_config.levels if head_config.head == "quantile" else None,
         "data": str(data), "data_file": str(data_file), "subset": subset, "split": split_name,
-        "workload": options.workload or f"{data_set} {split_name}",
+        "workload": options.workload or f"{data_set} {split_name}{_whose(options)}",
         "options": {"max_length": max_length, "shared_prefix": options.shared_prefix, "batch_size": batch_size,
                     "dtype": compute_dtype, "device": str(device), "skip_bad": options.skip_bad},
         "num_truncated": tokenized.num_truncated, "data_summary": stats.summary(),
     }
     if options.label:
         metadata["label"] = options.label
+    if options.annotator is not None:
+        metadata["annotator"] = options.annotator  # every row as this person's
+    if options.context is not None:
+        metadata["context"] = str(options.context)  # the labelled pairs of people new to the model
     notes, anchor = [note for note in [rendering_note(pairs, tokenizer.chat_template)] if note], None
     if truth is not None and truth.is_file():
         dropped = stats.identical + stats.malformed_lines + stats.bad_fields
@@ -336,6 +341,7 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
                          "so its rows no longer line up with the pairs")
         else:
             metadata["truth"] = str(truth.resolve())
+            metadata["truth_sha256"] = file_sha256(truth)  # a task made again in its place is another truth
             run = partial(score_texts, reward_model, batch_size=batch_size, device=device, dtype=dtype)
             anchor = score_anchors(run, tokenizer, truth, len(pairs), max_length)
             responses = tokenized.chosen + tokenized.rejected
@@ -383,6 +389,14 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         max_length=max_length, taus=metadata["taus"], num_outputs=head_config.num_quantiles,
         accuracy=pair_accuracy(mean_chosen, mean_rejected), quantile_accuracy=per_quantile,
         seconds=seconds, device=str(device), dtype=compute_dtype, notes=notes)
+
+
+def _whose(options: ScoreConfig) -> str:
+    """What --annotator and --context add to the default workload label: whose personal columns
+    these are, so that two people's scores of the same pairs are two rows of the analysis."""
+    parts = ([] if options.annotator is None else [f"as {options.annotator}"]) + \
+        ([] if options.context is None else [f"context {Path(options.context).name}"])
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def per_quantile_accuracy(head_config, chosen, rejected, anchor) -> list | None:
