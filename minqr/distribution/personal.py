@@ -31,10 +31,11 @@ come from many annotators (at least PRIOR_ANNOTATORS_A_KIND a kind), the prior o
 fitted to them: the shares π that make their labels likeliest, Σ_a log Σ_k π_k Π_{j∈D_a} σ(...),
 by expectation-maximisation (π ← the mean of the posteriors under π, a batched step over [A, N]).
 Every posterior then starts from π instead of 1/N, and π is saved with the posteriors, so that a
-new person's few labels start from it too (empirical Bayes). The prior is fitted only to the
-annotators whose posteriors are saved with a model (training's, personalize's); people scored from
---context start from the model's prior, or the uniform one. With fewer annotators the prior stays
-uniform. docs/personal.md has what it changes.
+new person's few labels start from it too (empirical Bayes). The prior is fitted only to a model's
+whole population of annotators (training's, or personalize's when its labels replace every
+annotator the model knows); people added beside them, and people scored from --context, start
+from the model's prior, uniform or fitted. With fewer annotators the prior stays uniform.
+docs/personal.md has what it changes.
 
 `Annotators` holds the posteriors of named annotators (ids strings or integers, as the data gave
 them) and is saved beside a model's config.json as annotators.json; a model folder without that
