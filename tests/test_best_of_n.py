@@ -136,15 +136,20 @@ def test_parquet_in_and_out_give_the_json_lines_records(tmp_path, model):
             np.testing.assert_allclose(a["statistics"][name], b["statistics"][name], atol=1e-6)
 
 
-def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+def chunked_job(tmp_path, model, monkeypatch, seed: int, prompts: int):
+    """(model folder, data, a clean run's output, the output to write) of a job in chunks of 3
+    prompts. Chunks batch the texts, and float32 sums depend a little on the batch: an interrupted
+    job must resume on the same chunks to write the clean run's bytes."""
     folder, _ = model
-    data = write(tmp_path / "c.jsonl", candidate_records(seed=2, prompts=11))
-    # chunks batch the texts, and float32 sums depend a little on the batch: the same chunks both times
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=seed, prompts=prompts))
     monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
     clean = tmp_path / "clean.jsonl"
     best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
+    return folder, data, clean, tmp_path / "out.jsonl"
 
-    out = tmp_path / "out.jsonl"
+
+def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=2, prompts=11)
     real_choose, calls = best_of_n._choose, []
 
     def crash_on_third(*args, **kwargs):
@@ -206,12 +211,7 @@ def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkey
     """A job replacing an output with --overwrite resumes after a crash when run again as it was, a
     kill between writing the output and removing the progress file leaves nothing once run again,
     and another job's progress is dropped by --overwrite."""
-    folder, _ = model
-    data = write(tmp_path / "c.jsonl", candidate_records(seed=4, prompts=8))
-    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
-    clean = tmp_path / "clean.jsonl"
-    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
-    out = tmp_path / "out.jsonl"
+    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=4, prompts=8)
     out.write_text("the user's earlier choices\n")
     real_choose, calls = best_of_n._choose, []
 
@@ -265,12 +265,7 @@ def test_what_is_not_a_whole_chunk_of_this_job_is_scored_again(tmp_path, model, 
     """The progress file's records end at the first line that is not this job's record for its
     prompt, and are cut back to whole chunks: the job then writes what a run without the damage
     writes, byte for byte (the same chunks, so the same batches)."""
-    folder, _ = model
-    data = write(tmp_path / "c.jsonl", candidate_records(seed=5, prompts=10))
-    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
-    clean = tmp_path / "clean.jsonl"
-    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
-    out = tmp_path / "out.jsonl"
+    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=5, prompts=10)
     real_choose = best_of_n._choose
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
                         if a[1] == 6 else real_choose(*a, **k))
@@ -308,12 +303,7 @@ def test_a_folder_in_place_of_the_progress_file_is_named(tmp_path, model):
 def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):
     """The progress file's appends find the disk full (they go to /dev/full): one message naming the
     file, what it held stays whole, and the job run again finishes to the same file."""
-    folder, _ = model
-    data = write(tmp_path / "c.jsonl", candidate_records(seed=2, prompts=11))
-    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
-    clean = tmp_path / "clean.jsonl"
-    best_of_n_to_file(folder, data, clean, statistics=STATISTICS, progress=False)
-    out = tmp_path / "out.jsonl"
+    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=2, prompts=11)
 
     def appends_to_a_full_disk(path, mode="r", *args, **kwargs):
         return open("/dev/full" if mode == "a" else path, mode, *args, **kwargs)
