@@ -289,7 +289,7 @@ def test_what_is_not_a_whole_chunk_of_this_job_is_scored_again(tmp_path, model, 
     assert out.read_bytes() == clean.read_bytes()
 
 
-def test_a_folder_in_place_of_the_progress_file_is_named(tmp_path, model):
+def test_a_folder_or_a_link_in_place_of_the_progress_file_is_named(tmp_path, model):
     folder, _ = model
     data = write(tmp_path / "c.jsonl", candidate_records(seed=5, prompts=2))
     out = tmp_path / "out.jsonl"
@@ -298,6 +298,14 @@ def test_a_folder_in_place_of_the_progress_file_is_named(tmp_path, model):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     assert str(refused.value) == (f"{partial_path(out)} is not a file: best-of-n keeps an unfinished job's progress "
                                   "there; move it away")
+    # nor a link, which would have the job append to the file it points to (another job's, say)
+    partial_path(out).rmdir()
+    other = tmp_path / "other.partial"
+    other.write_text("another job's\n")
+    partial_path(out).symlink_to(other)
+    with pytest.raises(MinqrError, match="is not a file: best-of-n keeps"):
+        best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
+    assert other.read_text() == "another job's\n"
 
 
 def test_a_full_disk_while_appending_is_one_message_and_the_job_resumes(tmp_path, model, monkeypatch):

@@ -296,7 +296,7 @@ def _resume(partial: Path, job: dict, sets: list, discard_other: bool) -> list:
     with `discard_other` (--overwrite), else a MinqrError."""
     if not partial.exists() and not partial.is_symlink():
         return []
-    if not partial.is_file():
+    if partial.is_symlink() or not partial.is_file():  # a link would have the job append to another file
         raise MinqrError(f"{partial} is not a file: best-of-n keeps an unfinished job's progress there; move it away")
     text = partial.read_bytes().decode("utf-8", errors="replace")  # a damaged byte ends the records, below
     lines = text.split("\n")
