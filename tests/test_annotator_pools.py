@@ -191,6 +191,18 @@ def test_personal_accuracy_against_a_loop(tmp_path):
     assert result["population"] == pytest.approx(loop(population), abs=1e-12)
     assert result["group_oracle"] == pytest.approx(loop([group_p[j, group[j]] for j in range(num)]), abs=1e-12)
     assert result["exact_oracle"] == pytest.approx(np.mean(np.maximum(p_a, 1 - p_a)[~np.isnan(personal)]))
+    # the best kind: for each group, the one kind most accurate on its pairs, weighted by the group's pairs
+    best_total = 0.0
+    for g in (0, 1):
+        mine = [j for j in range(num) if group[j] == g and not math.isnan(personal[j])]
+        accuracies = []
+        for k in range(n):
+            kind = {j: 1 / (1 + math.exp(rejected[j, k] - chosen[j, k])) for j in mine}
+            accuracies.append(sum(p_a[j] if kind[j] > 0.5 else 1 - p_a[j] for j in mine))  # no ties: random outputs
+        best_total += max(accuracies)
+    assert result["best_kind"] == pytest.approx(best_total / (num - 2), abs=1e-6)
+    assert result["best_kind"] >= max(loop([1 / (1 + math.exp(rejected[j, k] - chosen[j, k])) for j in range(num)])
+                                      for k in range(n)) - 1e-12  # never below the best kind for all groups at once
     assert result["fit_slope"] == pytest.approx(2.0, abs=1e-2)
     assert expected_accuracy(np.array([1.0]), np.array([0.8])) == pytest.approx(0.8)
     # rewards relative to something else than the anchor (worth 0, as the truth's are): no fit slope
