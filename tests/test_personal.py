@@ -13,8 +13,13 @@ import torch
 from minqr.atomic import MARKER, atomic_dir, check_replaceable
 from minqr.distribution.personal import (ANNOTATORS_FILE, PRIOR_ANNOTATORS_A_KIND, PRIOR_FLOOR, PRIOR_ITERATIONS,
                                          Annotators, annotators_from_pairs, check_personal, log_likelihood_sums,
-                                         log_posteriors, personal_preference, population_prior)
+                                         normalised, personal_preference, population_prior)
 from minqr.errors import MinqrError
+
+
+def log_posteriors(chosen, rejected, annotator, num_annotators, margin=None):
+    """The library's posteriors under a uniform prior: its likelihood sums, normalised per annotator."""
+    return normalised(log_likelihood_sums(chosen, rejected, annotator, num_annotators, margin))
 
 
 def log_sigmoid(x: float) -> float:

@@ -151,14 +151,6 @@ def population_prior(log_likelihoods: torch.Tensor) -> torch.Tensor | None:
     return log_prior
 
 
-def log_posteriors(chosen: torch.Tensor, rejected: torch.Tensor, annotator: torch.Tensor, num_annotators: int,
-                   pair_margin: torch.Tensor | None = None) -> torch.Tensor:
-    """log q_a(k) [A, N], float64, of every annotator from their labelled pairs in one pass (the
-    arguments as log_likelihood_sums'), under a uniform prior. An annotator with no pairs gets the
-    uniform posterior."""
-    return normalised(log_likelihood_sums(chosen, rejected, annotator, num_annotators, pair_margin))
-
-
 def personal_preference(chosen: torch.Tensor, rejected: torch.Tensor, log_posterior: torch.Tensor) -> torch.Tensor:
     """P_a(chosen ≻ rejected) = Σ_k q_a(k) σ(h_k(c) − h_k(r)), [B]: raw outputs [B, N] and each
     row's annotator's log-posterior [B, N]."""
@@ -407,12 +399,12 @@ class PersonalScores:
                 "personal_reward": self.reward}
 
 
-def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected: np.ndarray,
+def personal_scores(head, folder: Path, saved: Annotators | None, tokenized, chosen: np.ndarray, rejected: np.ndarray,
                     anchor: np.ndarray | None = None, annotator: str | None = None,
                     context: Annotators | None = None) -> PersonalScores | None:
     """The personal columns of scored pairs (TokenizedPairs `tokenized`, outputs [P, N] each, of a
-    model with HeadConfig `head` saved in `folder`): rows of an annotator the model knows (its
-    annotators.json) or the `context` annotators (labelled_annotators of --context); every row
+    model with HeadConfig `head` saved in `folder`): rows of an annotator the model knows (`saved`,
+    its annotators.json as loaded, or None) or the `context` annotators (labelled_annotators of --context); every row
     `annotator`'s when given. The personal rewards are relative to `anchor` ([P, N], the outputs of
     a reference reply per pair), else to the pair's two responses (their mean, kind by kind). None
     when nothing was asked and the data names no annotators."""
@@ -425,8 +417,7 @@ def personal_scores(head, folder: Path, tokenized, chosen: np.ndarray, rejected:
         if asked:
             raise
         return PersonalScores(notes=[f"note: the data names annotators, but no personal probabilities: {error}"])
-    known = Annotators.load(folder, head.num_quantiles)
-    known = known or Annotators((), torch.zeros(0, head.num_quantiles, dtype=torch.float64), ())
+    known = saved or Annotators((), torch.zeros(0, head.num_quantiles, dtype=torch.float64), ())
     if context is not None:
         known = known.merged(context)
     if annotator is not None:

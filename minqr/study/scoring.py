@@ -33,7 +33,7 @@ from minqr.data.chat import rendering_note, reply_text
 from minqr.data.pairs import check_encodable, load_pairs, names_one_split, read_pairs, resolve_source
 from minqr.data.tables import HubSplit
 from minqr.device import DTYPES, autocast, autocast_dtype, resolve_device
-from minqr.distribution.personal import Annotators, check_personal, labelled_annotators, personal_scores
+from minqr.distribution.personal import Annotators, check_personal, has_kinds, labelled_annotators, personal_scores
 from minqr.errors import MinqrError
 from minqr.lock import hold_output
 from minqr.models.backbone import check_max_length
@@ -350,19 +350,23 @@ def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
         texts = [reply_text(pair, options.anchor_reply, tokenizer.chat_template) for pair in pairs]
         anchor = score_texts(reward_model, tokenizer.encode_batch(texts, max_length), batch_size, device, dtype)
         metadata["anchor_reply"] = options.anchor_reply
-    known = None
-    if context is not None:  # the posteriors of the people it labels, from one more scoring pass
+    known = saved = None
+    if context is not None:
         check_personal(head_config.objective, head_config.num_quantiles)
+    if has_kinds(head_config.objective, head_config.num_quantiles) and (
+            context is not None or options.annotator is not None or tokenized.annotators is not None):
+        saved = Annotators.load(folder, head_config.num_quantiles)  # read once: the prior and the posteriors agree
+    if context is not None:  # the posteriors of the people it labels, from one more scoring pass
         outputs = score_tokenized(reward_model, context, batch_size, options.shared_prefix, device, dtype, progress,
                                   model_name=f"the reward model {folder}")
         named = options.annotator if context.annotators is None else None  # the one person of a file without ids
-        saved = Annotators.load(folder, head_config.num_quantiles)  # its prior is where new people start
         known = labelled_annotators(*outputs, context, named, f"--context {options.context}",
                                     None if saved is None else saved.log_prior, fit_prior=False)
         if saved is not None and saved.log_prior is not None:
             notes.append(f"note: the posteriors of --context's people start from the prior {folder} keeps "
                          "(fitted to its annotators; docs/personal.md)")
-    personal = personal_scores(head_config, folder, tokenized, chosen, rejected, anchor, options.annotator, known)
+    personal = personal_scores(head_config, folder, saved, tokenized, chosen, rejected, anchor, options.annotator,
+                               known)
     if options.annotator_field is not None and tokenized.annotators is None:
         notes.append(f"note: --annotator-field {options.annotator_field}: no pair of {data} has that field")
     if personal is not None:
