@@ -207,6 +207,52 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
     assert list(read(out)[0]["chosen"]) == ["mean"]
 
 
+def test_a_job_resumes_only_on_the_texts_it_began_with(tmp_path, model, monkeypatch):
+    """A chat template that writes today's date renders the same records otherwise on another day:
+    a job begun on one day is not finished with the other day's texts."""
+    import shutil
+    from datetime import datetime
+
+    from minqr.models import chat_template
+
+    folder = tmp_path / "model"
+    shutil.copytree(model[0], folder)
+    (folder / "chat_template.jinja").write_text(
+        "{{ strftime_now('%d %b %Y') }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    data = write(tmp_path / "c.jsonl", candidate_records(seed=6, prompts=6))  # prompts 2 and 5 are messages
+    out = tmp_path / "out.jsonl"
+    monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
+    real_choose, calls = best_of_n._choose, []
+
+    def crash_on_second(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_choose(*args, **kwargs)
+
+    monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
+    monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
+
+    class AnotherDay(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2030, 1, 2)
+
+    monkeypatch.setattr(chat_template, "datetime", AnotherDay)
+    with pytest.raises(MinqrError) as refused:
+        best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
+    assert str(refused.value) == (
+        f"{partial_path(out)} holds the progress of an unfinished best-of-n job with other settings: the candidates "
+        "render to other texts (a chat template that writes today's date renders them otherwise on another day): "
+        "run that job's command again to finish it, or pass --overwrite to start this one afresh")
+    monkeypatch.setattr(chat_template, "datetime", datetime)  # the day it began: it finishes
+    calls.clear()
+    assert best_of_n_to_file(folder, data, out, statistics="mean", progress=False).resumed_from == 3
+    assert calls == [3]
+
+
 def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkeypatch):
     """A job replacing an output with --overwrite resumes after a crash when run again as it was, a
     kill between writing the output and removing the progress file leaves nothing once run again,

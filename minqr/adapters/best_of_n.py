@@ -35,6 +35,7 @@ it starts afresh. The same command with --overwrite resumes too, so that a job r
 can be interrupted and run again like any other. An existing output is never replaced without
 --overwrite.
 """
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -213,7 +214,8 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     job = {"minqr": "best-of-n", "model": str(Path(folder).resolve()), "model_files": _model_files(folder),
            "data": str(data_path), "data_bytes": data_path.stat().st_size, "data_mtime_ns": data_path.stat().st_mtime_ns,
            "statistics": [str(s) for s in statistics], "reference": config.reference, "max_length": max_length,
-           "batch_size": config.batch_size, "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch.")}
+           "batch_size": config.batch_size, "device_type": device.type, "dtype": str(autocast_dtype(config.dtype, device)).removeprefix("torch."),
+           "texts_sha256": _texts_sha256(sets)}
     partial = partial_path(out)
     done = _resume(partial, job, sets, discard_other=config.overwrite)
     resumed = len(done)
@@ -276,6 +278,16 @@ def _choose(chunk, start: int, model, tokenizer, max_length: int, config, device
                 "statistics": {name: part.tolist() for name, part in prompt.items()}}
                for q, (s, prompt) in enumerate(zip(chunk, per_prompt(values, group)))]
     return records, sum(len(ids) > max_length for ids in encoded)
+
+
+def _texts_sha256(sets: list) -> str:
+    """A digest of every text the job scores, as rendered: the data and the model's files are
+    recorded too, but a chat template can render the same records otherwise (one that writes
+    today's date does, on another day), and a job's chunks must all come from the same texts."""
+    digest = hashlib.sha256()
+    for candidate_set in sets:
+        digest.update(json.dumps([candidate_set.texts, candidate_set.reference]).encode() + b"\n")
+    return digest.hexdigest()
 
 
 def _model_files(folder) -> dict:
@@ -357,6 +369,10 @@ def _job_difference(found, job: dict) -> str:
         elif key in ("data_bytes", "data_mtime_ns"):
             if "data" not in differing:
                 shown.append("the data has changed since")
+        elif key == "texts_sha256":
+            if not {"data", "data_bytes", "data_mtime_ns", "model_files"} & set(differing):
+                shown.append("the candidates render to other texts (a chat template that writes today's date "
+                             "renders them otherwise on another day)")
         else:
             shown.append(f"{key} {found[key]!r} (this one: {job[key]!r})")
     return "with other settings: " + "; ".join(dict.fromkeys(shown))
