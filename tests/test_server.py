@@ -380,6 +380,39 @@ def test_a_failed_forward_fails_its_requests_only():
         batcher.submit([[1]])
 
 
+def test_a_request_that_overflows_does_not_poison_the_others_of_its_forward():
+    """Texts packed into one forward share rows, and a NaN in one text's states reaches its
+    row-mates through the attention (a masked weight times NaN is NaN): a healthy request that
+    shared a forward with one that overflows gets its own outputs, as scored alone."""
+    from minqr.study.scoring import score_texts
+
+    model = RewardModel(random_gpt2(tiny_config(), seed=1), HeadConfig.make("quantile", 4)).eval()
+    with torch.no_grad():
+        model.transformer.wte.weight[7] = float("inf")  # token 7 overflows whatever it meets
+    healthy, poisoned = [[1, 2, 3, 4, 5], [1, 2, 3, 4, 6]], [[8, 9, 7, 10], [8, 9, 7, 11]]
+    shared = score_texts(model, healthy + poisoned, check_finite=False)
+    assert np.isnan(shared[:2]).all()  # the hazard itself: one forward of both poisons the healthy texts
+    release, calls = threading.Event(), []
+
+    def score(token_lists):
+        calls.append(len(token_lists))
+        if len(calls) == 1:
+            release.wait(timeout=30)
+        return score_texts(model, token_lists, check_finite=False)
+
+    batcher = DynamicBatcher(score, max_batch=32)
+    first = batcher.submit([[1, 2]])
+    while not calls:  # the first forward is running, and waits: the next two queue up together
+        time.sleep(0.001)
+    good, bad = batcher.submit(healthy), batcher.submit(poisoned)
+    release.set()
+    first.result(timeout=30)
+    np.testing.assert_allclose(good.result(timeout=30), score_texts(model, healthy), rtol=1e-5, atol=1e-6)
+    assert np.isnan(bad.result(timeout=30)).all()  # its own error (the service refuses it by name)
+    batcher.close()
+    assert calls == [1, 4, 2, 2]  # the shared forward, then each request in one of its own
+
+
 @pytest.mark.parametrize("options, words", [
     ({"statistic": "cvar:0.25"}, "needs a reference"),
     ({"statistic": "median"}, "unknown statistic"),

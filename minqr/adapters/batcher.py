@@ -15,6 +15,12 @@ A request's texts are never split across forwards (a request larger than `max_ba
 the score function batches it further), and identical texts in one forward are scored once (the
 G samples of a GRPO group share their reference reply). Rows go back to their own request by
 position: request r's outputs are the rows of its texts, in its order.
+
+A hazard of sharing a forward: texts packed side by side in one row (minqr/data/batching.py) are
+kept apart by the attention mask, but a NaN or an infinity in one text's states still reaches its
+row-mates (a masked weight is 0, and 0 × NaN is NaN). So when a shared forward gives any row that is
+not finite, each of its requests is scored again in a forward of its own: a request that overflows
+gets its own error, and the others their own outputs.
 """
 import collections
 import threading
@@ -71,19 +77,39 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            # identical texts are run once: `where[i]` is the unique row of the batch's i-th text
-            unique, where = {}, []
-            for token_lists, _ in batch:
-                where += [unique.setdefault(tuple(tokens), len(unique)) for tokens in token_lists]
+            texts, where = _distinct([tokens for token_lists, _ in batch for tokens in token_lists])
             try:
-                outputs = np.asarray(self.score([list(tokens) for tokens in unique]))  # [U, N]
+                outputs = self._forward(texts)  # [U, N]
             except Exception as error:  # the requests fail, the worker lives on for the next ones
                 for _, future in batch:
                     future.set_exception(error)
                 continue
-            self.forwards += 1
-            self.texts_scored += len(unique)
+            if len(batch) > 1 and not np.isfinite(outputs).all():  # the module docstring's hazard
+                for request in batch:
+                    self._score_alone(*request)
+                continue
             start = 0
             for token_lists, future in batch:
                 future.set_result(outputs[where[start: start + len(token_lists)]])  # [M, N], the request's rows
                 start += len(token_lists)
+
+    def _score_alone(self, token_lists: list, future: Future) -> None:
+        texts, where = _distinct(token_lists)
+        try:
+            future.set_result(self._forward(texts)[where])  # [M, N]
+        except Exception as error:
+            future.set_exception(error)
+
+    def _forward(self, texts: list) -> np.ndarray:
+        outputs = np.asarray(self.score([list(tokens) for tokens in texts]))  # [U, N]
+        self.forwards += 1
+        self.texts_scored += len(texts)
+        return outputs
+
+
+def _distinct(token_lists) -> tuple[list, list]:
+    """The distinct texts among `token_lists` (identical texts are run once) and the row of each
+    text among them: `where[i]` is the i-th text's."""
+    unique = {}
+    where = [unique.setdefault(tuple(tokens), len(unique)) for tokens in token_lists]
+    return list(unique), where
