@@ -197,6 +197,37 @@ def test_truncated_parquet_is_an_error_naming_the_file(tmp_path):
         read_pairs_file(cut)
 
 
+def test_an_arrow_file_whose_offsets_point_outside_it_is_an_error_naming_the_file(tmp_path):
+    """Arrow files are memory-mapped as they are: a string offset past the data buffer would be read
+    from outside the file (a bus error that kills the process without a word) unless checked."""
+    pa = pytest.importorskip("pyarrow")
+    import numpy as np
+
+    offsets = pa.py_buffer(np.array([0, 1, 2_000_000_000, 3], dtype=np.int32).tobytes())
+    broken = pa.Array.from_buffers(pa.string(), 3, [None, offsets, pa.py_buffer(b"abc")])  # not validated
+    good = pa.array(["x", "y", "z"])
+    for name, open_writer in (("f.arrow", pa.ipc.new_file), ("s.arrows", pa.ipc.new_stream)):
+        path = tmp_path / name
+        with pa.OSFile(str(path), "wb") as sink, open_writer(sink, pa.schema([("chosen", pa.string()),
+                                                                              ("rejected", pa.string())])) as writer:
+            writer.write_batch(pa.record_batch([broken, good], names=["chosen", "rejected"]))
+        kind = "Arrow IPC file" if name == "f.arrow" else "Arrow IPC stream"
+        with pytest.raises(MinqrError, match=f"^cannot read {path} as {kind}: .*out of bounds"):
+            read_pairs_file(path)
+
+
+def test_a_column_given_twice_is_an_error_naming_it(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "twice.parquet"
+    table = pa.table([pa.array(["a"]), pa.array(["b"]), pa.array(["c"])], names=["chosen", "rejected", "chosen"])
+    parquet.write_table(table, path)
+    with pytest.raises(MinqrError) as caught:
+        read_pairs_file(path)
+    assert str(caught.value) == (f"{path}: the column 'chosen' appears 2 times: which one holds the data is not "
+                                 "clear; rename or drop the others")
+
+
 # ---------------------------------------------------------------- implicit and explicit prompts
 
 

@@ -63,6 +63,10 @@ def file_rows(path: Path, file_format: str, columns):
             batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
         else:
             batches = iter(pa.ipc.open_stream(pa.memory_map(str(path))))
+        if file_format != "Parquet":
+            # an Arrow file is memory-mapped as it is: an offset that points past its buffers would
+            # be read from outside the file (a bus error, no message), so every batch is checked first
+            batches = (_validated(batch) for batch in batches)
         yield from _rows(batches, str(path), columns)
     except (OSError, pa.ArrowException) as error:  # unreadable, truncated, or not what its first bytes say
         raise MinqrError(f"cannot read {path} as {file_format}: {error}") from error
@@ -117,11 +121,21 @@ def hub_rows(source: HubSplit, columns):
     yield from _rows(dataset.with_format("arrow").iter(batch_size=ROWS_PER_BATCH), source.label, columns)
 
 
+def _validated(batch):
+    batch.validate(full=True)  # pyarrow.ArrowInvalid, naming what is wrong
+    return batch
+
+
 def _rows(batches, source: str, columns):
     """(f"{source}:row {n}", record) of the rows of pyarrow record batches or tables, n from 0."""
     number = 0
     for batch in batches:
-        batch = batch.select([name for name in columns if name in batch.schema.names])
+        names = batch.schema.names
+        twice = [name for name in columns if names.count(name) > 1]
+        if twice:
+            raise MinqrError(f"{source}: the column {twice[0]!r} appears {names.count(twice[0])} times: which one "
+                             "holds the data is not clear; rename or drop the others")
+        batch = batch.select([name for name in columns if name in names])
         for record in batch.to_pylist():
             yield f"{source}:row {number}", record
             number += 1
