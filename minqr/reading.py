@@ -22,8 +22,11 @@ import numpy as np
 from minqr.errors import MinqrError
 
 MAX_JSON_DEPTH = 100
-# a JSON string (its escapes included) or one bracket: the tokens that decide the depth
-_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
+# a JSON string (its escapes included) or one bracket: the tokens that decide the depth. A string
+# left open runs to the end of the text: were it to fail instead, the scan would try again at every
+# quote inside it (each `\"`), reading the rest of the text each time (quadratic: hours for a line
+# of megabytes)
+_STRING_OR_BRACKET = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)|[\[\]{}]', re.DOTALL)
 ZIP_MAGIC = b"PK\x03\x04"
 NPY_MAGIC = b"\x93NUMPY"
 
@@ -38,13 +41,24 @@ def loads(text: str | bytes):
     if too_deep is not None:
         raise json.JSONDecodeError(f"nested deeper than {MAX_JSON_DEPTH} levels", text, too_deep)
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=_mapping)
     except RecursionError:  # a caller already deep in its own stack: still an error about the text
         raise json.JSONDecodeError("nested too deep to parse", text, 0) from None
     except json.JSONDecodeError:
         raise
     except ValueError as error:  # an integer of more than 4,300 digits (Python's limit): bad text too
         raise json.JSONDecodeError(str(error).split(";")[0], text, 0) from None
+
+
+def _mapping(pairs: list) -> dict:
+    """A JSON object as a dict, refusing a key given twice (json.loads would keep the last one
+    without a word: `{"chosen": A, "chosen": B}` is no pair anyone meant)."""
+    mapping = dict(pairs)
+    if len(mapping) != len(pairs):
+        seen = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {twice!r} is given twice in one object")
+    return mapping
 
 
 def _first_too_deep(text: str) -> int | None:

@@ -57,6 +57,30 @@ def test_a_hundred_thousand_brackets_are_a_decode_error_at_the_first_too_deep():
         {"chosen": "[" * 100_000, "rejected": '\\"{' * 1000}
 
 
+def test_a_string_left_open_is_scanned_once():
+    """A line of many escaped quotes in a string that never closes, with enough brackets to need the
+    depth scan: the scan retried at every quote, reading the rest of the line each time (a 60 KB
+    line took 20 s, a few MB hours); now one pass, and json.loads says what is wrong."""
+    text = '{"chosen": "' + '\\"' * 500_000 + "[" * (MAX_JSON_DEPTH + 1)  # 1 MB
+    with pytest.raises(json.JSONDecodeError, match="Unterminated string"):
+        loads(text)
+    with pytest.raises(json.JSONDecodeError, match="Unterminated string"):  # open, ending in a backslash
+        loads('["' + "[" * (MAX_JSON_DEPTH + 1) + '\\')
+
+
+def test_a_key_given_twice_is_a_decode_error():
+    """json.loads keeps the last of two equal keys without a word; a pair whose chosen reply is
+    given twice is no pair anyone meant."""
+    text = '{"chosen": "good", "rejected": "bad", "chosen": "worse"}'
+    assert json.loads(text) == {"chosen": "worse", "rejected": "bad"}
+    with pytest.raises(json.JSONDecodeError) as caught:
+        loads(text)
+    assert caught.value.msg == "the key 'chosen' is given twice in one object"
+    with pytest.raises(json.JSONDecodeError, match="the key 'a' is given twice"):
+        loads('[{"b": {"a": 1, "a": 1}}]')  # nested, and equal values too
+    assert loads('{"a": {"a": 1}, "b": [{"a": 2}]}') == {"a": {"a": 1}, "b": [{"a": 2}]}  # one a an object
+
+
 def test_read_npz_gives_every_array(tmp_path):
     arrays = {"chosen": np.random.default_rng(0).normal(size=(3, 2)), "metadata": np.array('{"a": 1}')}
     np.savez(tmp_path / "s.npz", **arrays)
