@@ -248,7 +248,8 @@ def test_a_damaged_safetensors_file_is_one_error_that_names_it(tmp_path, damage)
     assert str(caught.value) == f"{path}: {problem}; {DAMAGED}"
 
 
-@pytest.mark.parametrize("damage", ["index not JSON", "index without weight_map", "shard cut short"])
+@pytest.mark.parametrize("damage", ["index not JSON", "index without weight_map", "shard cut short",
+                                    "a tensor in two shards", "a shard outside the folder", "a tensor in no shard"])
 def test_a_damaged_sharded_checkpoint_is_one_error_that_names_the_file(tmp_path, damage):
     transformers_twin(random_gpt2(CONFIG)).save_pretrained(tmp_path, max_shard_size="20KB")
     index = tmp_path / "model.safetensors.index.json"
@@ -259,11 +260,30 @@ def test_a_damaged_sharded_checkpoint_is_one_error_that_names_the_file(tmp_path,
     elif damage == "index without weight_map":
         index.write_text('{"metadata": {}}')
         expected = f"{index} has no weight_map of tensor names to shard files: {DAMAGED}"
-    else:
+    elif damage == "shard cut short":
         shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
         shard.write_bytes(shard.read_bytes()[:100])
         expected = f"{shard}: not a safetensors file, or cut short: its 100 bytes do not hold the header it announces; " \
                    f"{DAMAGED}"
+    else:
+        from safetensors.torch import save_file
+
+        content = json.loads(index.read_text())
+        weight_map = content["weight_map"]
+        name, first = next(iter(weight_map.items()))
+        if damage == "a tensor in two shards":  # read first, and taken silently before: the last shard won
+            save_file({name: torch.zeros(3), "x": torch.zeros(1)}, tmp_path / "extra.safetensors")
+            weight_map["x"] = "extra.safetensors"
+            expected = (f"{tmp_path / 'extra.safetensors'} holds the tensor {name!r}, which {index.name} puts in "
+                        f"{first}: which one the model is made of is not clear; {DAMAGED}")
+        elif damage == "a shard outside the folder":
+            weight_map[name] = "../elsewhere/model.safetensors"
+            expected = (f"{index} names a shard that is not a file name in the model's folder: "
+                        f"'../elsewhere/model.safetensors'; {DAMAGED}")
+        else:
+            weight_map["ghost"] = first
+            expected = f"{index} puts the tensor 'ghost' in {first}, which does not hold it; {DAMAGED}"
+        index.write_text(json.dumps(content))
     with pytest.raises(MinqrError) as caught:
         load_gpt2(tmp_path)
     assert str(caught.value) == expected

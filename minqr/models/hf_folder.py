@@ -132,10 +132,14 @@ def read_tensors(folder) -> dict:
         if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
             raise MinqrError(f"{index} has no weight_map of tensor names to shard files: {DAMAGED}")
         shards = sorted(set(weight_map.values()))
+        outside = [s for s in shards if Path(s).name != s or s in (".", "..")]
+        if outside:  # a path would read weights from wherever it points
+            raise MinqrError(f"{index} names a shard that is not a file name in the model's folder: {outside[0]!r}; "
+                             f"{DAMAGED}")
         absent = [s for s in shards if not (folder / s).is_file()]
         if absent:
             raise MinqrError(f"{index} lists shards that are not in {folder}: {', '.join(absent)}; download them too")
-        return {name: t for shard in shards for name, t in _read_safetensors(folder / shard).items()}
+        return _sharded_tensors(index, weight_map, shards)
     if legacy.is_file():
         tensors = read_torch_file(legacy)
         if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
@@ -146,6 +150,25 @@ def read_tensors(folder) -> dict:
         f"no weights in {folder}: expected model.safetensors, model.safetensors.index.json with its "
         "shards, or pytorch_model.bin"
     )
+
+
+def _sharded_tensors(index: Path, weight_map: dict, shards: list) -> dict:
+    """The tensors of the shards, each exactly where the index's weight_map puts it: a tensor that
+    a shard holds and the map puts elsewhere (or nowhere) would otherwise be taken silently, the
+    last shard read winning."""
+    tensors = {}
+    for shard in shards:
+        for name, tensor in _read_safetensors(index.parent / shard).items():
+            if weight_map.get(name) != shard:
+                where = f"in {weight_map[name]}" if name in weight_map else "nowhere"
+                raise MinqrError(f"{index.parent / shard} holds the tensor {name!r}, which {index.name} puts {where}: "
+                                 f"which one the model is made of is not clear; {DAMAGED}")
+            tensors[name] = tensor
+    missing = [name for name in weight_map if name not in tensors]
+    if missing:
+        raise MinqrError(f"{index} puts the tensor {missing[0]!r} in {weight_map[missing[0]]}, which does not hold it"
+                         f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; {DAMAGED}")
+    return tensors
 
 
 def _read_safetensors(path: Path) -> dict:
