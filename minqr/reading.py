@@ -12,6 +12,7 @@ malformed JSON" (and that `--skip-bad` skips).
 message, which suggests loading an untrusted file with `allow_pickle`, the way to run its code.
 """
 import json
+import math
 import re
 import zipfile
 import zlib
@@ -48,6 +49,18 @@ def loads(text: str | bytes):
         raise
     except ValueError as error:  # an integer of more than 4,300 digits (Python's limit): bad text too
         raise json.JSONDecodeError(str(error).split(";")[0], text, 0) from None
+
+
+def is_finite_number(value) -> bool:
+    """Whether a value read from JSON is a number that a float holds: an int or a float, not a bool
+    (an int in Python), not NaN or an infinity, not an int too large for a float (10**400 is valid
+    JSON, and math.isfinite and numpy raise OverflowError on it)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _mapping(pairs: list) -> dict:

@@ -287,6 +287,11 @@ def test_eos_and_pad_from_the_config_files(tmp_path):
     end_of_text = tok.backend.token_to_id("<|endoftext|>")
     (folder / "config.json").write_text(json.dumps({"eos_token_id": [end_of_text, tok.eos_id]}))
     assert load_tokenizer(folder).eos_token == "<|endoftext|>"
+    # an id that is no token id is not taken: true (an int to Python: token 1) and -1 (an OverflowError
+    # in the tokenizer) fall back to <|endoftext|>
+    for bad in (True, -1, 2 ** 70):
+        (folder / "config.json").write_text(json.dumps({"eos_token_id": bad}))
+        assert load_tokenizer(folder).eos_token == "<|endoftext|>"
     # neither names one, and there is no <|endoftext|>: nothing says where a text ends
     (folder / "config.json").write_text(json.dumps({"eos_token_id": None}))
     data = json.loads((folder / "tokenizer.json").read_text())

@@ -310,6 +310,14 @@ def test_an_inactive_qwen2_window_is_accepted(config):
      "'high_freq_factor': 4.0, 'original_max_position_embeddings': 16} must be None or {'rope_type': 'llama3', "
      "'factor': ..., 'low_freq_factor': ..., 'high_freq_factor': ..., 'original_max_position_embeddings': ...}"),
     ({"eos_token_id": -1}, "invalid llama config: eos_token_id=-1 must be a token id, a list of them, or null"),
+    # Infinity and bools are no factors (Infinity scaled every position silently; bools failed deep in torch)
+    *[({"rope_parameters": {"rope_type": "llama3", "factor": bad, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 16, "rope_theta": 1e4}},
+       f"invalid llama config: rope_scaling={{'rope_type': 'llama3', 'factor': {bad!r}, 'low_freq_factor': 1.0, "
+       "'high_freq_factor': 4.0, 'original_max_position_embeddings': 16} must be None or {'rope_type': 'llama3', "
+       "'factor': ..., 'low_freq_factor': ..., 'high_freq_factor': ..., 'original_max_position_embeddings': ...}")
+      for bad in (float("inf"), True)],
+    ({"rms_norm_eps": 10 ** 400}, "invalid llama config: rms_norm_eps=" + "1" + "0" * 59 + " must be a number > 0"),
 ])
 def test_bad_configs_are_named(change, message):
     with pytest.raises(MinqrError) as error:

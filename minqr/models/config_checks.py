@@ -1,7 +1,7 @@
 """Checks of a config.json's fields that both backbones' configs make (gpt2.py, llama.py). A
 config.json is read as untrusted: a string where a number belongs would be a TypeError deep in a
 layer, a zero or negative epsilon a model of NaN, a bool token id a silent wrong id."""
-import math
+from minqr.reading import is_finite_number
 
 
 def number_problems(config, names, positive: bool = False, below_one: bool = False) -> list[str]:
@@ -10,10 +10,9 @@ def number_problems(config, names, positive: bool = False, below_one: bool = Fal
     problems = []
     for name in names:
         value = getattr(config, name)
-        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        if not number or (positive and value <= 0) or (below_one and not 0 <= value < 1):
+        if not is_finite_number(value) or (positive and value <= 0) or (below_one and not 0 <= value < 1):
             want = "a number > 0" if positive else "a number in [0, 1)" if below_one else "a finite number"
-            problems.append(f"{name}={value!r} must be {want}")
+            problems.append(f"{name}={value!r:.60} must be {want}")
     return problems
 
 

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from minqr.errors import MinqrError
 from minqr.models.config_checks import number_problems, token_id_problems
 from minqr.models.gpt2 import attend, attention_mask_4d, default_position_ids
+from minqr.reading import is_finite_number
 
 VARIANTS = ("llama", "qwen2", "mistral")
 # RoPE's "rope_type"s that minqr implements, and the keys the llama3 one needs
@@ -101,7 +102,7 @@ class LlamaConfig:
         problems += token_id_problems(self, ("bos_token_id", "eos_token_id", "pad_token_id"))
         if self.rope_scaling is not None:
             numbers = isinstance(self.rope_scaling, dict) and all(
-                isinstance(self.rope_scaling.get(k), (int, float)) and self.rope_scaling.get(k) > 0 for k in LLAMA3_KEYS)
+                is_finite_number(self.rope_scaling.get(k)) and self.rope_scaling.get(k) > 0 for k in LLAMA3_KEYS)
             if not numbers or self.rope_scaling.get("rope_type") != "llama3":
                 problems.append(f"rope_scaling={self.rope_scaling!r} must be None or "
                                 f"{{'rope_type': 'llama3', {', '.join(repr(k) + ': ...' for k in LLAMA3_KEYS)}}}")

@@ -175,7 +175,9 @@ def _eos_token(folder: Path, backend: tokenizers.Tokenizer, named: str | None) -
     model_config = folder / "config.json"
     eos_ids = read_json(model_config).get("eos_token_id") if model_config.is_file() else None
     eos_id = eos_ids[0] if isinstance(eos_ids, list) and eos_ids else eos_ids
-    if isinstance(eos_id, int) and backend.id_to_token(eos_id) is not None:
+    # a bool is an int to Python (true would be token 1), and an id out of range an OverflowError
+    if (isinstance(eos_id, int) and not isinstance(eos_id, bool)
+            and 0 <= eos_id < backend.get_vocab_size(with_added_tokens=True) and backend.id_to_token(eos_id) is not None):
         return backend.id_to_token(eos_id)
     if backend.token_to_id(EOS) is not None:
         return EOS

@@ -52,7 +52,7 @@ from minqr import __version__
 from minqr.atomic import atomic_file
 from minqr.errors import MinqrError
 from minqr.objectives.pair_models import KINDS, PAIR_MODELS, pair_model
-from minqr.reading import loads, read_npz
+from minqr.reading import is_finite_number, loads, read_npz
 
 FORMAT = "minqr-scores/1"
 FORMAT_FAMILY = "minqr-scores/"
@@ -226,7 +226,7 @@ def load_scores(path) -> Scores:
 def _normalization(normalized, path: Path) -> tuple[float, float]:
     """(mean, std) of the metadata's `normalized`: a dict of two finite numbers, std > 0."""
     values = [normalized.get(key) for key in ("mean", "std")] if isinstance(normalized, dict) else [None]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values) or \
+    if not all(map(is_finite_number, values)) or \
             values[1] <= 0:
         raise MinqrError(f"{path}: metadata normalized must be {{\"mean\": number, \"std\": number > 0}} (what score "
                          f"--normalize divided by), got {normalized!r}")
@@ -285,9 +285,8 @@ def _read_jsonl(path: Path):
                              "has none; a file's pairs all have the personal arrays or none (null in a row without)")
         for side, row in rows.items():
             values = record.get(side)
-            if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                                       for v in values):
-                raise MinqrError(f"{path}:{number}: {side!r} must be a list of numbers, one per output")
+            if not isinstance(values, list) or not all(map(is_finite_number, values)):
+                raise MinqrError(f"{path}:{number}: {side!r} must be a list of finite numbers, one per output")
             row.append(values)
         for name, row in personal.items():
             row.append(_personal_row(record.get(name, _ABSENT), name, len(rows["chosen"][-1]), f"{path}:{number}"))
@@ -309,9 +308,9 @@ def _personal_row(value, name: str, n: int, where: str):
     width = {"N": n, None: None, 2: 2}[PERSONAL[name]]
     if value is None:
         return float("nan") if width is None else [float("nan")] * width
-    ok = (isinstance(value, (int, float)) if width is None else
-          isinstance(value, list) and len(value) == width and all(isinstance(v, (int, float)) for v in value))
-    if not ok or isinstance(value, bool):
+    ok = (is_finite_number(value) if width is None else
+          isinstance(value, list) and len(value) == width and all(map(is_finite_number, value)))
+    if not ok:
         shape = "a number" if width is None else f"a list of {width} numbers"
         shown = "nothing" if value is _ABSENT else repr(value)[:60]
         raise MinqrError(f"{where}: {name!r} must be {shape} or null (no known annotator), got {shown}")
