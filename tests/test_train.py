@@ -182,8 +182,8 @@ def test_a_tokenizer_with_more_ids_than_the_model_embeds_is_refused_before_train
 def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
     """The --model folder itself, or a folder with model files of the user's (a downloaded
     checkpoint): refused, with --overwrite too, before any work, and every file stays as it was. A
-    folder that holds a model minqr wrote (a run's or an export's) needs --overwrite; other files
-    (notes) are left alone beside a run."""
+    folder that holds a model minqr wrote (a run's or an export's) needs --overwrite, and so does a
+    folder of other files (a run replaces its tensorboard/, curves.png, annotators.json, ...)."""
     argv = as_argv(tiny_options(inputs, tmp_path / "unused", max_steps=2))
     def with_out(out, *extra):
         given = list(argv)
@@ -207,6 +207,17 @@ def test_train_never_writes_over_a_folder_that_is_not_a_run(inputs, tmp_path):
             "its model over them; choose another folder\n")
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert (mine / "config.json").read_text() == '{"mine": 1}' and (mine / "notes.txt").read_text() == "mine"
+    theirs = tmp_path / "theirs"
+    (theirs / "tensorboard").mkdir(parents=True)
+    files = {"tensorboard/events.mine": "mine", "curves.png": "plot", "annotators.json": '{"mine": 1}'}
+    for name, text in files.items():
+        (theirs / name).write_text(text)
+    result = with_out(theirs)
+    assert result.exit_code == 1 and result.output == (
+        f"Error: --out {theirs} is not empty (annotators.json, curves.png, tensorboard) and holds no run of minqr's: "
+        "a run writes its model, checkpoints and logs there, replacing files of the same names; choose another --out, "
+        "or add --overwrite to train into it\n")
+    assert {name: (theirs / name).read_text() for name in files} == files
     result = with_out(mine / "notes.txt")
     assert result.exit_code == 1 and result.output == (f"Error: --out {mine / 'notes.txt'} is a file, not a folder: a "
                                                        "run is a folder; choose another --out\n")

@@ -178,6 +178,12 @@ def checkpoint_to_resume(out, options: dict, *, resume: bool, overwrite: bool) -
     if kind != "new":
         raise MinqrError(f"--out {out} already holds {'an export' if kind == 'export' else 'a run'} of minqr's: add "
                          "--overwrite to replace it, or choose another --out")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:  # a run replaces its checkpoints, logs, curves and annotators: not files of the user's unasked
+        shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+        raise MinqrError(f"--out {out} is not empty ({shown}) and holds no run of minqr's: a run writes its model, "
+                         "checkpoints and logs there, replacing files of the same names; choose another --out, or "
+                         "add --overwrite to train into it")
     return None
 
 
