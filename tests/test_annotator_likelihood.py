@@ -119,11 +119,17 @@ def test_training_warm_starts_by_the_per_label_objective_then_changes(tmp_path):
         head_after(2, "scalar", head="scalar", num_quantiles=1, annotator_likelihood=True)
 
 
-def test_for_run_is_off_by_default_and_refuses_resume():
+def test_for_run_is_off_by_default_and_the_options_refuse_resume():
+    """Refused with the options, before any work (it was refused after loading the checkpoint,
+    which an interrupted run had just told the user to resume from)."""
     from types import SimpleNamespace
+
+    from minqr.training.config import TrainConfig
 
     head = SimpleNamespace(num_quantiles=4, objective="mixture")
     pairs = SimpleNamespace(annotator_ids=("a", "b"))
     assert AnnotatorLikelihood.for_run(SimpleNamespace(annotator_likelihood=False, resume=False), head, pairs, 1) is None
-    with pytest.raises(MinqrError, match="cannot --resume yet"):
-        AnnotatorLikelihood.for_run(SimpleNamespace(annotator_likelihood=True, resume=True), head, pairs, 1)
+    with pytest.raises(MinqrError) as caught:
+        TrainConfig(annotator_likelihood=True, resume=True)
+    assert str(caught.value) == ("--annotator-likelihood cannot --resume yet (its cached posteriors are not "
+                                 "checkpointed): start the run afresh with --overwrite")

@@ -183,6 +183,10 @@ class TrainConfig:
                             f"rate, and must be at most {MAX_LEARNING_RATE:g}")
         if self.fsdp and (self.compile or self.lm_coef > 0):
             problems.append("--fsdp goes without --compile and --lm-coef for now (neither was tested sharded)")
+        if self.annotator_likelihood and self.resume:
+            # its cached posteriors are not in the checkpoint: a resumed run would re-warm and differ
+            problems.append("--annotator-likelihood cannot --resume yet (its cached posteriors are not "
+                            "checkpointed): start the run afresh with --overwrite")
         if self.master_weights and self.param_dtype != "bfloat16":
             problems.append(f"--master-weights keeps float32 copies of bfloat16 weights: it needs --param-dtype "
                             f"bfloat16 (got {self.param_dtype}, whose weights are their own masters)")

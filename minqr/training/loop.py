@@ -342,10 +342,12 @@ class TrainingRun:
                 if last or _every(self.step, config.save_every) or self.interrupt.agreed is not None:
                     self._save_checkpoint()
                 if self.interrupt.agreed is not None:  # Ctrl-C or SIGTERM: the step is finished and saved; stop here
+                    how = ("--annotator-likelihood runs cannot be resumed yet (its cached posteriors are not "
+                           "checkpointed): run the command again with --overwrite to start afresh"
+                           if config.annotator_likelihood else "continue with the same command plus --resume")
                     raise TrainingInterrupted(
                         f"interrupted at step {self.step} of {self.total_steps}; its checkpoint is in "
-                        f"{self.out / 'checkpoint'}: continue with the same command plus --resume",
-                        self.interrupt.status)
+                        f"{self.out / 'checkpoint'}: {how}", self.interrupt.status)
                 if last:
                     break
         return final_eval

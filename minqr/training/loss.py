@@ -158,11 +158,7 @@ class AnnotatorLikelihood:
         """The cache of a training run (TrainConfig `config`, the model's HeadConfig `head`, the
         TokenizedPairs of --data), or None without --annotator-likelihood."""
         if not config.annotator_likelihood:
-            return None
-        if config.resume:
-            # the cache is not in the checkpoint: a resumed run would re-warm and differ from an uninterrupted one
-            raise MinqrError("--annotator-likelihood cannot --resume yet (its cached posteriors are not checkpointed); "
-                             "start the run afresh with --overwrite")
+            return None  # (TrainConfig refuses it with --resume: the cache is not in the checkpoint)
         return cls(len(pairs.annotator_ids), head.num_quantiles, max(1, len(pairs) // world_size), head.objective)
 
     def __call__(self, r_chosen: torch.Tensor, r_rejected: torch.Tensor, annotators: torch.Tensor,
