@@ -4,6 +4,8 @@ for bf16 accumulate; a training run lands nearer the float32 run than plain bf16
 for bit, and holds 16 bytes a parameter. Under --fsdp (torchrun, slow) the sharded float32
 parameters are the masters.
 """
+import re
+
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
@@ -14,6 +16,7 @@ from test_fsdp import torchrun
 from test_resume import assert_same_run, resume_options, train_until_checkpoint
 from test_train import ROOT, as_argv, tiny_options, write_run_inputs
 
+from minqr import MinqrError
 from minqr.models.backbone import load_backbone
 from minqr.models.reward import RewardModel
 from minqr.training.config import TrainConfig
@@ -159,6 +162,19 @@ def test_a_run_with_master_weights_resumes_bit_for_bit(tmp_path, monkeypatch):
     assert_same_run(tmp_path / "run", straight)
     masters = [load_checkpoint(out).optimizer["masters"] for out in (tmp_path / "run", straight)]
     assert all(torch.equal(a, b) for a, b in zip(*masters, strict=True))
+    # damaged masters are named, not loaded: one of another shape broadcast into its weight before,
+    # and "resumed" a run of constant weights without a word
+    state_file = tmp_path / "run" / "checkpoint" / "state.pt"
+    saved = torch.load(state_file, weights_only=True)
+    for damage, problem in ((lambda m: m.__setitem__(0, torch.full((1,), 0.5)), "optimizer.masters[0] is float32 [1]"),
+                            (lambda m: m.pop(), "optimizer.masters is a list, not the"),
+                            (lambda m: m[1].fill_(float("nan")), "optimizer.masters[1] is not finite")):
+        masters = [t.clone() for t in saved["optimizer"]["masters"]]
+        state = {**saved, "optimizer": {**saved["optimizer"], "masters": masters}}
+        damage(masters)
+        torch.save(state, state_file)
+        with pytest.raises(MinqrError, match=f"^--resume: {state_file} is not a checkpoint .*{re.escape(problem)}"):
+            train(TrainConfig(**options, resume=True), progress=False)
 
 
 def test_bytes_a_parameter_of_weights_gradients_and_optimizer_state(inputs):

@@ -316,7 +316,8 @@ def test_the_interrupt_takes_both_signals_and_leaves_an_ignored_sigint_ignored(m
     assert said[1:] == ["SIGTERM: stopping after this step and saving a checkpoint"]
 
 
-@pytest.mark.parametrize("extra,more", [({}, ""), ({"param_dtype": "bfloat16", "master_weights": True}, ""),
+@pytest.mark.parametrize("extra,more", [({}, ""),
+                                        ({"param_dtype": "bfloat16", "master_weights": True}, " and 1 more tensor"),
                                         ({"ema_window": 0.5}, " and 1 more tensor")])
 def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypatch, extra, more):
     """A step whose loss (computed before it) is finite can still leave weights that are not: here the
@@ -348,6 +349,33 @@ def test_weights_that_are_not_finite_are_never_saved(inputs, tmp_path, monkeypat
         "and train again")
     assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
     assert not (out / "model.safetensors").exists()
+
+
+def test_an_optimizer_moment_that_is_not_finite_stops_the_run(inputs, tmp_path, monkeypatch):
+    """AdamW's second moment can overflow while every weight stays finite (a huge loss weight, no
+    gradient clipping): the weight then stops moving, and a checkpoint holding the moment could not
+    be resumed. The run stops as diverged, and the checkpoint of step 2 stays."""
+    real_make_optimizer = minqr.training.loop.make_optimizer
+
+    def overflowing(model, config, device, **options):
+        optimizer = real_make_optimizer(model, config, device, **options)
+        head = optimizer.param_groups[2]["params"][0]
+
+        def after_step(optimizer, args, kwargs):
+            if optimizer.state[head].get("step") == 3:
+                optimizer.state[head]["exp_avg_sq"][0, 0] = float("inf")
+
+        optimizer.register_step_post_hook(after_step)
+        return optimizer
+
+    monkeypatch.setattr(minqr.training.loop, "make_optimizer", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(MinqrError) as stopped:
+        train(TrainConfig(**tiny_options(inputs, out, max_steps=4, save_every=1)), progress=False)
+    assert str(stopped.value).startswith(
+        "training diverged at step 3: the weights are not finite after the optimizer step (the optimizer's exp_avg_sq "
+        f"of score.weight); stopped. The last good checkpoint, of step 2, stays in {out / 'checkpoint'}.")
+    assert torch.load(out / "checkpoint" / "state.pt", weights_only=True)["step"] == 2
 
 
 def test_outputs_that_are_not_finite_stop_the_run(inputs, tmp_path, monkeypatch):

@@ -86,7 +86,27 @@ def edit(state: dict, damage: str) -> str:
         return f"model.score.weight is float32 [3, 32], expected float32 {expected}"
     if damage == "a moment of another shape":
         optimizer["state"][0]["exp_avg"] = torch.zeros(7)
-        return "optimizer.state[0].exp_avg is [7], its parameter [320, 32]"
+        return "optimizer.state[0].exp_avg is float32 [7], its parameter [320, 32]"
+    if damage == "a moment of no shape":  # a RuntimeError deep in AdamW before
+        optimizer["state"][0]["exp_avg"] = torch.tensor(0.0)
+        return "optimizer.state[0].exp_avg is float32 [], its parameter [320, 32]"
+    if damage == "a moment missing":  # a KeyError before
+        del optimizer["state"][0]["exp_avg_sq"]
+        return "optimizer.state[0] has no exp_avg_sq"
+    if damage == "parameters in another order":  # two of one shape would have swapped their moments silently
+        optimizer["param_groups"][0]["params"].reverse()
+        count = sum(len(group["params"]) for group in optimizer["param_groups"])
+        return f"optimizer.param_groups do not hold the run's {count} parameters in 3 groups"
+    if damage == "schedule of numbers":  # a TypeError in torch before
+        state["scheduler"]["lr_lambdas"] = [5, 5, 5]
+        return ("scheduler.lr_lambdas is [5, 5, 5], not 3 × None (minqr's schedule is a function, rebuilt by the "
+                "run)")
+    if damage == "a method in the schedule":  # set as an attribute over LambdaLR.step: a TypeError mid-run
+        state["scheduler"]["step"] = 5
+        return "scheduler has step, which no schedule's state holds"
+    if damage == "a generator state zeroed":  # what no check foresees: torch's own refusal, still one message
+        state["rng_states"][0]["torch"] = torch.zeros_like(state["rng_states"][0]["torch"])
+        return "RuntimeError: Invalid mt19937 state"
     if damage == "a learning rate that is no number":
         optimizer["param_groups"][1]["lr"] = "fast"
         return "optimizer.param_groups[1].lr is 'fast'"
@@ -105,14 +125,17 @@ def edit(state: dict, damage: str) -> str:
     if damage == "learning rates of the schedule lost":  # a KeyError mid-run before
         del state["scheduler"]["base_lrs"]
         state["scheduler"]["lr_lambdas"] = "x"
-        return ("scheduler.base_lrs is None, not 3 finite learning rates; scheduler.lr_lambdas is 'x', not a list")
+        return ("scheduler.base_lrs is None, not 3 finite learning rates; scheduler.lr_lambdas is 'x', not 3 × None "
+                "(minqr's schedule is a function, rebuilt by the run)")
     raise AssertionError(damage)
 
 
 DAMAGES = ["data position past the epoch", "data position elsewhere", "step a string", "step negative",
            "step past the end", "a tensor missing", "a tensor of another shape", "a moment of another shape",
            "a learning rate that is no number", "a generator state cut", "sharded, in a run without --fsdp",
-           "position not a dict", "a weight of NaN", "learning rates of the schedule lost"]
+           "position not a dict", "a weight of NaN", "learning rates of the schedule lost", "a moment of no shape",
+           "a moment missing", "parameters in another order", "schedule of numbers", "a method in the schedule",
+           "a generator state zeroed"]
 
 
 @pytest.mark.parametrize("damage", DAMAGES)

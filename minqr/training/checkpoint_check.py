@@ -168,8 +168,15 @@ def _scheduler_problems(scheduler: dict, num_groups: int) -> list[str]:
         if not (isinstance(rates, list) and len(rates) == num_groups and all(
                 isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) for r in rates)):
             problems.append(f"scheduler.{key} is {rates!r}, not {num_groups} finite learning rates")
-    if not isinstance(scheduler.get("lr_lambdas"), list):
-        problems.append(f"scheduler.lr_lambdas is {scheduler.get('lr_lambdas')!r}, not a list")
+    lambdas = scheduler.get("lr_lambdas")
+    if not (isinstance(lambdas, list) and len(lambdas) == num_groups and all(x is None for x in lambdas)):
+        problems.append(f"scheduler.lr_lambdas is {lambdas!r:.80}, not {num_groups} × None (minqr's schedule is a "
+                        "function, rebuilt by the run)")
+    # LambdaLR.load_state_dict sets every key as an attribute: one named like a method would replace it
+    shadowing = sorted(key for key in scheduler if key == "optimizer" or callable(
+        getattr(torch.optim.lr_scheduler.LambdaLR, key, None)))
+    if shadowing:
+        problems.append(f"scheduler has {', '.join(shadowing)}, which no schedule's state holds")
     return problems
 
 
@@ -185,6 +192,9 @@ def _like(value, mine) -> bool:
     return type(value) is type(mine)
 
 
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's, each of its parameter's shape
+
+
 def _optimizer_problems(saved: dict, optimizer) -> list[str]:
     """AdamW's saved state against the optimizer made for this run: its groups hold as many
     parameters, every number is a finite number, and every moment has its parameter's shape."""
@@ -193,9 +203,11 @@ def _optimizer_problems(saved: dict, optimizer) -> list[str]:
         return ["optimizer is not the state of an optimizer (param_groups and state)"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
     problems = []
+    # the ids of the parameters, in order, group after group (torch's state_dict numbers them so)
+    starts = [sum(len(g["params"]) for g in optimizer.param_groups[:i]) for i in range(len(optimizer.param_groups))]
     if len(groups) != len(optimizer.param_groups) or not all(
-            isinstance(g, dict) and isinstance(g.get("params"), list) and len(g["params"]) == len(mine["params"])
-            for g, mine in zip(groups, optimizer.param_groups)):
+            isinstance(g, dict) and g.get("params") == list(range(start, start + len(mine["params"])))
+            for g, mine, start in zip(groups, optimizer.param_groups, starts)):
         problems.append(f"optimizer.param_groups do not hold the run's {len(params)} parameters in "
                         f"{len(optimizer.param_groups)} groups")
     for index, (group, mine) in enumerate(zip(groups, optimizer.param_groups) if not problems else []):
@@ -205,14 +217,29 @@ def _optimizer_problems(saved: dict, optimizer) -> list[str]:
         if not (isinstance(index, int) and 0 <= index < len(params) and isinstance(moments, dict)):
             problems.append(f"optimizer.state has an entry {index!r} for no parameter")
             continue
+        absent = [key for key in MOMENTS if key not in moments]
+        if absent:
+            problems.append(f"optimizer.state[{index}] has no {', '.join(absent)}")
         for key, value in moments.items():
             where = f"optimizer.state[{index}].{key}"
             if not isinstance(value, (torch.Tensor, int, float)):
                 problems.append(f"{where} is a {type(value).__name__}")
-            elif isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[index].shape:
-                problems.append(f"{where} is {list(value.shape)}, its parameter {list(params[index].shape)}")
+            elif key in MOMENTS and not (isinstance(value, torch.Tensor) and value.shape == params[index].shape):
+                problems.append(f"{where} is {_shape(value)}, its parameter {list(params[index].shape)}")
             elif not torch.as_tensor(value).float().isfinite().all():
                 problems.append(f"{where} is not finite")
+    if hasattr(optimizer, "masters"):  # --master-weights: the float32 copies, one a parameter
+        masters = saved.get("masters")
+        if not (isinstance(masters, list) and len(masters) == len(params)):
+            problems.append(f"optimizer.masters is {_shape(masters)}, not the {len(params)} float32 masters of "
+                            "--master-weights")
+        else:
+            for index, (master, param) in enumerate(zip(masters, params)):
+                if not (isinstance(master, torch.Tensor) and master.shape == param.shape
+                        and master.dtype == torch.float32):
+                    problems.append(f"optimizer.masters[{index}] is {_shape(master)}, expected {_shape(param)}")
+                elif not bool(torch.isfinite(master).all()):
+                    problems.append(f"optimizer.masters[{index}] is not finite")
     return problems
 
 

@@ -52,8 +52,8 @@ from minqr.training.master_weights import MasterWeightAdamW
 from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_curves, read_metrics
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.personal_metrics import PERSONAL_EVAL_FILE, PersonalEvaluation
-from minqr.training.resume import (DataPosition, capture_rng_state, check_resumable, checkpoint_to_resume,
-                                   remove_checkpoints, restore_rng_state, save_checkpoint)
+from minqr.training.resume import (START_AFRESH, STATE_FILE, DataPosition, capture_rng_state, check_resumable,
+                                   checkpoint_to_resume, remove_checkpoints, restore_rng_state, save_checkpoint)
 
 
 @dataclass
@@ -254,22 +254,26 @@ class TrainingRun:
         check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                         sharded=self.config.fsdp)
-        if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
-            self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
-        else:
-            self.model.load_state_dict(checkpoint.model)
-            self.optimizer.load_state_dict(checkpoint.optimizer)
-            if self.average:
-                self.average.load_state_dict(checkpoint.average)
-        self.scheduler.load_state_dict(checkpoint.scheduler)
+        try:  # what the checks above cannot foresee in torch's own loaders is still the checkpoint's fault
+            if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
+                self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
+            else:
+                self.model.load_state_dict(checkpoint.model)
+                self.optimizer.load_state_dict(checkpoint.optimizer)
+                if self.average:
+                    self.average.load_state_dict(checkpoint.average)
+            self.scheduler.load_state_dict(checkpoint.scheduler)
+            if self.procs.rank < len(checkpoint.rng_states):
+                restore_rng_state(checkpoint.rng_states[self.procs.rank])
+        except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
+            raise MinqrError(f"--resume: {checkpoint.folder / STATE_FILE} is not a checkpoint this run can continue "
+                             f"from: {type(error).__name__}: {str(error).splitlines()[0][:200]}; "
+                             f"{START_AFRESH}") from None
         self.step, self.position = checkpoint.step, checkpoint.position
         self.divergence.saved_step = checkpoint.step
-        rng_states = checkpoint.rng_states
-        if len(rng_states) != self.procs.world_size:
-            self.say(f"warning: the checkpoint was written by {len(rng_states)} processes and this run has "
-                     f"{self.procs.world_size}: dropout masks will differ from an uninterrupted run")
-        if self.procs.rank < len(rng_states):
-            restore_rng_state(rng_states[self.procs.rank])
+        if len(checkpoint.rng_states) != self.procs.world_size:
+            self.say(f"warning: the checkpoint was written by {len(checkpoint.rng_states)} processes and this run "
+                     f"has {self.procs.world_size}: dropout masks will differ from an uninterrupted run")
         changed = [f"{what} {checkpoint.compute[what]} -> {now}" for what, now in self.compute.items()
                    if checkpoint.compute[what] != now]
         if changed:
@@ -408,8 +412,20 @@ class TrainingRun:
                 "lr": lr, "tokens_per_s": real_tokens / seconds, "pairs_per_s": config.batch_size / seconds}
 
     def _check_weights(self) -> None:
-        """Before anything is saved: every weight, and the weight average, must be finite."""
+        """Before anything is saved: every weight, the weight average and the optimizer's state (its
+        moments, the masters of --master-weights) must be finite: a moment that overflowed stops its
+        weight from moving, and a checkpoint holding it could not be resumed."""
         named = list(self.model.named_parameters()) + (self.average.named_averages() if self.average else [])
+        names = {p: name for name, p in self.model.named_parameters()}
+        if isinstance(self.optimizer, MasterWeightAdamW):  # its parameters are the float32 masters
+            for weight, master in self.optimizer.masters_by_weight().items():
+                names[master] = f"the float32 master of {names[weight]}"
+                named.append((names[master], master))
+        for group in self.optimizer.param_groups:  # the same order on every process
+            for p in group["params"]:
+                named += [(f"the optimizer's {key} of {names.get(p, 'a parameter')}", value)
+                          for key, value in self.optimizer.state.get(p, {}).items()
+                          if isinstance(value, torch.Tensor) and value.is_floating_point()]
         self.divergence.check_weights(named, self.step)
 
     def _evaluate(self, final: bool = False) -> dict:
