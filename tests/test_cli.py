@@ -190,6 +190,9 @@ def test_config_values_are_checked_by_their_options(tmp_path):
         ({"variant": "other"}, f"Invalid value for '--config': {config}: variant: 'other' is not one of 'demo', "
                                "'shifted'."),
         ([1, 2], f"Invalid value for '--config': {config} holds a list, not a mapping of option names to values"),
+        # null where the option has a value by default (a TypeError deep in the run before)
+        ({"num_train": None}, f"Invalid value for '--config': {config}: num_train: null is no value of this option "
+                              "(its default is 40000): give a value, or leave the key out for the default"),
     ]
     for values, message in cases:
         config.write_text(json.dumps(values))
