@@ -23,6 +23,7 @@ from test_train import ROOT, TIMING_KEYS, as_argv, tiny_options, write_run_input
 
 import minqr.atomic
 import minqr.training.loop
+from minqr import MinqrError
 from minqr.training.config import TrainConfig
 from minqr.training.loop import train
 from minqr.training.metrics import read_metrics
@@ -274,3 +275,19 @@ def test_a_full_disk_at_a_checkpoint_is_one_message_and_the_run_resumes_bit_for_
     result = CliRunner().invoke(load_tool("train"), as_argv({**options, "resume": True}))
     assert result.exit_code == 0, result.output
     assert_same_run(tmp_path / "run", straight_run)
+
+
+def test_metrics_skip_a_torn_line_and_name_an_edited_one(tmp_path):
+    """A kill mid-append cuts metrics.jsonl's last line, maybe inside a character: skipped. A line
+    that parses but is no record was a KeyError traceback on --resume: now named."""
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
+    whole = "".join(json.dumps(r) + "\n" for r in records).encode()
+    path.write_bytes(whole + '{"step": 3, "note": "é'.encode()[:-1])  # cut inside the é
+    assert read_metrics(path) == records
+    for edited in ("{}", "[1]", "7", '{"step": "7"}', '{"step": true}'):
+        path.write_bytes(whole + edited.encode() + b"\n")
+        with pytest.raises(MinqrError) as caught:
+            read_metrics(path)
+        assert str(caught.value) == (f"{path}:3: not a record of minqr's metrics (a JSON object with the step, a whole "
+                                     "number): the file was edited; remove that line, or the file to drop the run's log")

@@ -52,16 +52,26 @@ def check_report_to(report_to: str) -> None:
 
 
 def read_metrics(path) -> list[dict]:
-    """The records of a metrics.jsonl, skipping a torn last line."""
+    """The records of a metrics.jsonl, skipping a torn line (a kill mid-append cuts the last one,
+    maybe inside a character); a line that parses but is no record (an edited file) is an error."""
     path = Path(path)
     if not path.is_file():
         return []
     records = []
-    for line in path.read_text().splitlines():
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as error:
+        raise MinqrError(f"{path} cannot be read ({error.strerror})") from None
+    for number, line in enumerate(lines, 1):
         try:
-            records.append(loads(line))
-        except json.JSONDecodeError:
+            record = loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # only a line cut by a kill is malformed: the file is written by this module
+        step = record.get("step") if isinstance(record, dict) else None
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
+            raise MinqrError(f"{path}:{number}: not a record of minqr's metrics (a JSON object with the step, a whole "
+                             "number): the file was edited; remove that line, or the file to drop the run's log")
+        records.append(record)
     return records
 
 
