@@ -230,7 +230,21 @@ BROKEN_TEMPLATES = {
     "a str.format width": ("{{ '{:>300000000.2f}'.format(1.5) }}", "RenderLimitExceeded: it makes a value of "
                                                                    "300,000,000 characters"),
     "a filter's result": ("{{ (['x' * 1000] * 20000) | join }}", "RenderLimitExceeded: it makes a value of "
-                                                                 "20,000,000 items"),
+                                                                 "20,000,000 characters"),
+    # sizes told before they are made: each of these allocated gigabytes first, or ran for hours in one call
+    "placeholder text": ("{{ lipsum(10**8) | length }}", "'lipsum' is undefined"),
+    "a |center width": ("{{ 'x' | center(4000000000) }}", "RenderLimitExceeded: it makes a value of 4,000,000,000 "
+                                                          "characters"),
+    "a |batch fill": ("{{ ([1] | batch(400000000, 0) | first) | length }}", "RenderLimitExceeded: it makes a value "
+                                                                            "of 400,000,000 characters"),
+    "a replace": ("{{ ('x' * 50000).replace('x', 'y' * 50000) }}", "RenderLimitExceeded: it makes a value of "
+                                                                  "2,500,000,000 characters"),
+    "a |replace": ("{{ ('x' * 50000) | replace('x', 'y' * 50000) }}", "RenderLimitExceeded: it makes a value of "
+                                                                     "2,500,000,000 characters"),
+    "a str.join": ("{{ ('y' * 50000).join(['x'] * 50000) }}", "RenderLimitExceeded: it makes a value of "
+                                                              "2,500,000,000 characters"),
+    "expandtabs": ("{{ ('\t' * 50000).expandtabs(100000) }}", "RenderLimitExceeded: it makes a value of "
+                                                              "5,000,050,000 characters"),
     "integer products": ("{% set ns = namespace(x=7 ** 1000) %}{% for i in range(64) %}{% set ns.x = ns.x * ns.x %}"
                          "{% endfor %}", "RenderLimitExceeded: it makes a value of 13,522 digits, more than 10,000"),
 }

@@ -11,8 +11,10 @@ iterable is wrapped when the template is compiled) and every call, filter and op
 template uses (macros included); the characters bound what the template writes
 (`RenderBudget.count`), every `+`, `*`, `**` and `~` it computes and every width that `%`, `|format`,
 `str.format` and the padding methods (`"x".center(10**9)`) would pad to, before they are
-computed, and whatever a call or a filter returns (`|join`, `|tojson`), once it is. Past either
-bound, `RenderLimitExceeded`.
+computed, the sizes that `replace`, `expandtabs`, `join`, `indent` and `batch` would make, before
+they make them (a call runs out of reach of the clock), and whatever a call or a filter returns
+(`|tojson`), once it is. Past either bound, `RenderLimitExceeded`. Jinja's `lipsum` is taken out:
+it makes text for hours inside one call, and no chat template writes placeholder text.
 """
 import re
 import functools
@@ -20,6 +22,7 @@ import math
 import time
 
 from jinja2 import nodes
+from jinja2.nodes import EvalContext
 from jinja2.ext import Extension, loopcontrols
 from jinja2.visitor import NodeTransformer
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -91,6 +94,9 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
         super().__init__(extensions=[loopcontrols, RenderBudget], **options)
         self.budget = self.extensions[RenderBudget.identifier]
         self.filters = _Bounded(self.filters, self.budget)  # filters added later are bounded too
+        # Jinja's placeholder-text generator: lipsum(10**8) runs for hours inside one call, out of
+        # reach of the clock; no chat template writes lorem ipsum (one that calls it is refused)
+        self.globals.pop("lipsum", None)
 
     def template(self, source: str):
         """The compiled template of `source` (a jinja2.TemplateSyntaxError if it is no valid Jinja)."""
@@ -99,9 +105,10 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(self, context, function, *args, **kwargs):
         self.budget.check_time()
-        if isinstance(getattr(function, "__self__", None), str) and function.__name__ in PADDING and args \
-                and isinstance(args[0], int):  # a str padding method: the width is asked for, not yet made
-            self.budget.check_size(args[0], "characters")
+        if isinstance(getattr(function, "__self__", None), str):  # a str method: its size, before it is made
+            planned = _planned_size(function.__name__, function.__self__, args, kwargs)
+            if planned is not None:
+                self.budget.check_size(planned, "characters")
         return _sized(super().call(context, function, *args, **kwargs), self.budget)
 
     def getattr(self, obj, attribute):
@@ -131,6 +138,42 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 
 PADDING = ("center", "ljust", "rjust", "zfill")  # str methods whose first argument is the width made
+
+
+def _planned_size(name: str, target, args: tuple, kwargs: dict) -> int | None:
+    """The size that the str method or the filter `name` would make of `target` with `args`, where
+    it can be told before it is made (the allocation comes first, and a call out of reach of the
+    clock); None where it cannot, or the result is no larger than what it is made of."""
+    def argument(index: int, keyword: str, default=None):
+        return args[index] if len(args) > index else kwargs.get(keyword, default)
+
+    def whole(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if name in PADDING:  # (center is a filter too)
+        width = argument(0, "width", 80)
+        return width if whole(width) else None
+    if isinstance(target, str) and name == "replace":
+        old, new, count = argument(0, "old"), argument(1, "new"), argument(2, "count", -1)
+        if isinstance(old, str) and isinstance(new, str) and whole(count):
+            found = target.count(old) if old else len(target) + 1
+            return len(target) + (found if count < 0 else min(found, count)) * max(0, len(new) - len(old))
+    if isinstance(target, str) and name == "expandtabs":
+        size = argument(0, "tabsize", 8)
+        return len(target) + target.count("\t") * size if whole(size) else None
+    if isinstance(target, str) and name == "indent":
+        width = argument(0, "width", 4)
+        width = len(width) if isinstance(width, str) else width
+        return len(target) + (target.count("\n") + 1) * width if whole(width) else None
+    if name == "join":  # sep.join(items), or items|join(sep)
+        separator, items = (target, argument(0, "iterable")) if isinstance(target, str) else \
+            (argument(0, "d", ""), target)
+        if isinstance(separator, str) and isinstance(items, (list, tuple)) and all(isinstance(i, str) for i in items):
+            return sum(map(len, items)) + len(separator) * max(0, len(items) - 1)
+    if name == "batch" and argument(1, "fill_with") is not None:  # the last row is filled to linecount
+        count = argument(0, "linecount")
+        return count if whole(count) else None
+    return None
 # the widths and precisions of printf-style fields ("%200s", "%.9f"), and str.format's fields ("{:>200.2f}")
 _PRINTF_FIELD = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
 _FORMAT_FIELD = re.compile(r"\{([^{}]*)\}")
@@ -167,8 +210,12 @@ class _Bounded(dict):
         @functools.wraps(function)
         def bounded(*args, **kwargs):
             budget.check_time()
-            if name == "format" and args and isinstance(args[0], str):  # "%200000000s"|format(...)
-                _check_widths(args[0], budget)
+            given = args[1:] if args and isinstance(args[0], EvalContext) else args  # some filters take it first
+            if name == "format" and given and isinstance(given[0], str):  # "%200000000s"|format(...)
+                _check_widths(given[0], budget)
+            planned = _planned_size(name, given[0], given[1:], kwargs) if given else None
+            if planned is not None:
+                budget.check_size(planned, "characters")
             return _sized(function(*args, **kwargs), budget)
         super().__setitem__(name, bounded)
 
