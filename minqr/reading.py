@@ -90,9 +90,12 @@ def _first_too_deep(text: str) -> int | None:
     return None
 
 
-def read_npz(path, what: str) -> dict:
-    """{name: array} of every array in the .npz file `path`. `what` says what the file should be
-    (e.g. "a minqr scores file") in the error, which names the path and never suggests pickle."""
+def read_npz(path, what: str, names=None) -> dict:
+    """{name: array} of the arrays `names` (every array when None) that the .npz file `path` holds.
+    `what` says what the file should be (e.g. "a minqr scores file") in the error, which names the
+    path and never suggests pickle. Each array's header is read first: one that declares more data
+    than its member holds (a shape of 10**12 in a file of a kilobyte) is refused before anything is
+    allocated, and arrays not asked for are never decompressed."""
     path = Path(path)
     try:
         with open(path, "rb") as f:
@@ -107,12 +110,34 @@ def read_npz(path, what: str) -> dict:
         raise MinqrError(f"{path} is not a .npz archive (a zip file), so not {what}")
     arrays, name = {}, None
     try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
+            for name, info in members.items():
+                if names is None or name in names:
+                    _check_header(archive, info, name, path, what)
         with np.load(path, allow_pickle=False) as archive:
             for name in archive.files:
-                arrays[name] = archive[name]
+                if names is None or name in names:
+                    arrays[name] = archive[name]
+    except MinqrError:
+        raise
     except ValueError:  # numpy's refusal of a pickled (object) array, or a malformed member
         raise MinqrError(f"{path}: its array {name!r} is malformed or holds Python objects, which only pickle "
                          f"could read (minqr never unpickles a file); it is not {what}") from None
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
         raise MinqrError(f"{path} is a damaged .npz archive ({type(error).__name__}: {error}), not {what}") from None
     return arrays
+
+
+def _check_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo, name: str, path: Path, what: str) -> None:
+    """The member's .npy header declares no more bytes than the member holds (a ValueError for a
+    header numpy cannot read, as np.load's)."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(member)
+        held = info.file_size - member.tell()
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > held:
+        raise MinqrError(f"{path}: its array {name!r} declares {dtype} of shape {list(shape)} ({declared:,} bytes) "
+                         f"but holds {held:,} bytes: it is damaged, not {what}")

@@ -111,3 +111,31 @@ def test_bad_npz_files_are_named_and_pickle_is_never_suggested(tmp_path):
         assert "allow_pickle" not in str(caught.value) and "not a scores file" in str(caught.value), str(caught.value)
     with pytest.raises(MinqrError, match="cannot be read"):
         read_npz(tmp_path / "none.npz", "a scores file")
+
+
+def bomb_member(shape) -> bytes:
+    """A .npy member whose header declares `shape` (float32) over 8 bytes of data."""
+    import io
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return header.getvalue() + b"\0" * 8  # (the header writer writes the magic too)
+
+
+def test_an_array_declaring_more_than_it_holds_is_refused_before_allocating(tmp_path):
+    """A 1 KB file whose header declares 10**12 rows: a MemoryError traceback (3.6 TiB) before, or
+    gigabytes allocated. Arrays not asked for are not read at all."""
+    import io
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("junk.npy", bomb_member((10**12, 1)))
+        buffer = io.BytesIO()
+        np.save(buffer, np.arange(3, dtype=np.float32))
+        archive.writestr("chosen.npy", buffer.getvalue())
+    with pytest.raises(MinqrError) as caught:
+        read_npz(path, "a test archive")
+    assert str(caught.value) == (f"{path}: its array 'junk' declares float32 of shape [1000000000000, 1] "
+                                 "(4,000,000,000,000 bytes) but holds 8 bytes: it is damaged, not a test archive")
+    arrays = read_npz(path, "a test archive", ("chosen", "anchor"))  # junk not asked for: never read
+    assert list(arrays) == ["chosen"] and arrays["chosen"].tolist() == [0.0, 1.0, 2.0]

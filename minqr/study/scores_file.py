@@ -43,6 +43,7 @@ Other keys are kept as they are.
 """
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -243,10 +244,13 @@ def _layout(path: Path) -> str:
 
 def _read_npz(path: Path):
     not_ours = f"{path} is not a minqr scores file"
-    arrays = read_npz(path, f"a minqr scores file; {HOW_TO_MAKE}")
+    arrays = read_npz(path, f"a minqr scores file; {HOW_TO_MAKE}", ("metadata", "chosen", "rejected", "anchor",
+                                                                    *PERSONAL))
     names = sorted(arrays)
     if "metadata" not in names:
-        raise MinqrError(f"{not_ours}: it holds {', '.join(names) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
+        with zipfile.ZipFile(path) as archive:  # what it holds instead (read_npz read the archive whole)
+            held = sorted(name.removesuffix(".npy") for name in archive.namelist())
+        raise MinqrError(f"{not_ours}: it holds {', '.join(held) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
     metadata = arrays["metadata"]
     if metadata.dtype.kind != "U" or metadata.ndim != 0:
         raise MinqrError(f"{not_ours}: its 'metadata' is not a JSON string; {HOW_TO_MAKE}")

@@ -73,7 +73,7 @@ def load_truth(path, num_pairs: int, names=("chosen_samples", "rejected_samples"
     if not path.is_file():
         raise MinqrError(f"truth file {path} does not exist; {TRUTH_HELP}")
     what = f"a minqr truth file (test_truth.npz with {', '.join(names)})"
-    archive = read_npz(path, what)
+    archive = read_npz(path, what, names)
     if optional and not set(names) <= set(archive):
         return None
     missing = [name for name in names if name not in archive]
