@@ -711,6 +711,19 @@ def test_the_demo_never_writes_into_a_folder_named_for_data(tmp_path):
         "does not exist there either), and --demo"), typo.output
 
 
+def test_a_demo_whose_task_another_demo_is_making_is_told_to_wait(tmp_path):
+    """Two demo runs beside each other share OUT/../demo-data: while one makes it, the other is told
+    who makes it (it failed with a message about an --out the user never gave)."""
+    from minqr.lock import hold_output
+
+    out = tmp_path / "runs" / "b"
+    with hold_output(tmp_path / "runs" / "demo-data", "the demo's task folder"):
+        result = CliRunner().invoke(TRAIN, ["--demo", "--max-steps", "2", "--out", str(out)])
+    assert result.exit_code == 1 and result.output.startswith(
+        f"Error: the demo's task folder {tmp_path / 'runs' / 'demo-data'} is in use by pid "), result.output
+    assert not (tmp_path / "runs" / "demo-data").exists()
+
+
 def test_the_demo_takes_a_task_in_the_current_folder(tmp_path, monkeypatch):
     """--data train.jsonl, a bare name: the task in the current folder (it used to be refused as
     naming no folder; where there is no task, preparing the demo's data refuses, above)."""

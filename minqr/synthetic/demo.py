@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.lock import hold_output
 from minqr.reading import loads
 from minqr.synthetic.folder import make_synthetic_task
 
@@ -49,8 +50,11 @@ def prepare_demo_data(data, out, procs, say) -> float:
                          f"(the demo then makes its task in {demo_task_folder(out)})")
     with procs.main_first():
         if not task_file.is_file():
-            say(f"demo: generating the synthetic task in {folder}")
-            make_synthetic_task(folder, seed=0)
+            # two demo runs side by side share the task: one makes it, the other is told to wait
+            with hold_output(folder, "the demo's task folder", say=say):
+                if not task_file.is_file():  # (made by the holder of the lock before us)
+                    say(f"demo: generating the synthetic task in {folder}")
+                    make_synthetic_task(folder, seed=0)
     try:
         facts = loads(task_file.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
