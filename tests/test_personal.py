@@ -253,6 +253,14 @@ def test_save_and_load_round_trip(tmp_path, generator):
     assert Annotators.load(tmp_path / "nothing") is None  # a model without the file loads as before
     with pytest.raises(MinqrError, match="3 kinds but the model has 5"):
         Annotators.load(tmp_path, num_kinds=5)
+    # an id twice in the file: named with the file (a message without either before)
+    path = tmp_path / "annotators.json"
+    data = json.loads(path.read_text())
+    data["annotators"][2]["id"] = 7
+    path.write_text(json.dumps(data))
+    with pytest.raises(MinqrError) as caught:
+        Annotators.load(tmp_path)
+    assert str(caught.value) == f"{path}: the annotator 7 is given twice; fix or delete it"
 
 
 def test_merged_replaces_the_same_ids(generator):

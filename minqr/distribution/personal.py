@@ -280,6 +280,10 @@ class Annotators:
         if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
             raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
                              f"what this minqr writes (format {FORMAT}); fix or delete it")
+        seen = set()
+        twice = next((annotator for annotator in ids if annotator in seen or seen.add(annotator)), None)
+        if twice is not None:
+            raise MinqrError(f"{path}: the annotator {twice!r} is given twice; fix or delete it")
         if not all(_is_id(count) and not isinstance(count, str) and count >= 0 for count in pairs):
             raise MinqrError(f"{path}: an annotator's \"pairs\" is not a count of labelled pairs; fix or delete it")
         if num_kinds is not None and values.shape[1] != num_kinds:
