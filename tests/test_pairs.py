@@ -258,6 +258,21 @@ def test_corrupt_gzip_is_an_error(tmp_path):
         read_pairs_file(path)
 
 
+def test_a_line_longer_than_any_record_is_an_error_before_it_is_read_whole(tmp_path, monkeypatch):
+    """A gzip of 1 MB can hold one line of a gigabyte, read whole before (3 GB of memory); reading
+    stops at the bound, naming the line."""
+    import minqr.data.pairs as pairs_module
+
+    monkeypatch.setattr(pairs_module, "MAX_LINE_BYTES", 1000)
+    path = write_lines(tmp_path / "long.jsonl.gz", [json.dumps(GOOD), "x" * 5000, json.dumps(GOOD)], gzipped=True)
+    with pytest.raises(MinqrError) as caught:
+        read_pairs_file(path)
+    assert str(caught.value) == (f"{path}:2: a line of more than 1,000 bytes, which no record of preference data "
+                                 "needs (is it a JSON-lines file?)")
+    exact = write_lines(tmp_path / "fits.jsonl", [json.dumps(GOOD)] * 3)  # lines within the bound: as before
+    assert len(read_pairs_file(exact)[0]) == 3
+
+
 def test_summary_reads_as_one_line():
     stats = LoadStats(source="f.jsonl", pairs=1234, malformed_lines=2, bad_fields=1, identical=3,
                       first_skipped="f.jsonl:7: malformed JSON")

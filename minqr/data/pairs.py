@@ -242,6 +242,9 @@ def render(value) -> str:
                    for m in value)
 
 
+MAX_LINE_BYTES = 64 * 1024 * 1024  # a record this long is no conversation: read no further than this
+
+
 def json_lines(path: Path):
     """(f"{path}:{line number}", the line's bytes) of every line of a JSON-lines file, plain or
     gzipped, but blank lines (a trailing newline, say), which hold no record."""
@@ -249,7 +252,12 @@ def json_lines(path: Path):
         with open(path, "rb") as probe:
             gzipped = probe.read(2) == b"\x1f\x8b"
         with (gzip.open(path, "rb") if gzipped else open(path, "rb")) as lines:
-            for number, raw in enumerate(lines, start=1):
+            number = 0
+            while raw := lines.readline(MAX_LINE_BYTES + 1):  # bounded: a gzip's one line can be gigabytes
+                number += 1
+                if len(raw) > MAX_LINE_BYTES:
+                    raise MinqrError(f"{path}:{number}: a line of more than {MAX_LINE_BYTES:,} bytes, which no record "
+                                     "of preference data needs (is it a JSON-lines file?)")
                 if raw.strip():
                     yield f"{path}:{number}", raw
     except (OSError, EOFError, zlib.error) as error:  # unreadable, or a truncated/corrupt gzip stream
