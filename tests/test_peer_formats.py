@@ -153,6 +153,20 @@ def test_hf_names_load_through_datasets(tmp_path, datasets_cache):
         load_pairs(f"hf:{folder}:train", split="train")
 
 
+def test_a_column_of_mixed_types_through_datasets_is_read_as_its_values(tmp_path, datasets_cache):
+    """datasets stores a column of mixed types as JSON text: its strings came out with their quotes
+    ('"a"') and its numbers as text ('5'), without a word. Decoded, they meet the file readers' checks."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    write_lines(folder / "train.jsonl", ['{"chosen": "yes", "rejected": "no"}', '{"chosen": 5, "rejected": "no"}'])
+    with pytest.raises(MinqrError) as caught:
+        load_pairs(f"hf:{folder}:train")
+    assert str(caught.value).startswith(f"hf:{folder}:train:row 1: field 'chosen' must be a string or a list of "
+                                        "{role, content} messages, not int.")
+    pairs, stats = load_pairs(f"hf:{folder}:train", skip_bad=True)
+    assert [(p.chosen, p.rejected) for p in pairs] == [("yes", "no")] and stats.bad_fields == 1
+
+
 def test_hf_name_offline_says_what_to_do(datasets_cache):
     with pytest.raises(MinqrError) as caught:
         load_pairs("hf:nobody/no-such-pairs", split="test")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minqr.errors import MinqrError
+from minqr.reading import loads
 
 HUB_PREFIX = "hf:"
 # A file's format by its first bytes (Arrow streams start with the continuation marker 0xFFFFFFFF).
@@ -118,7 +119,19 @@ def hub_rows(source: HubSplit, columns):
     """(origin, record) of every row of a loaded split, keeping `columns` (those of them it has)."""
     dataset = source.dataset
     dataset = dataset.select_columns([name for name in columns if name in dataset.column_names])
-    yield from _rows(dataset.with_format("arrow").iter(batch_size=ROWS_PER_BATCH), source.label, columns)
+    # a column of mixed types (a string here, a number there) is stored by datasets as JSON text,
+    # which the Arrow rows hand out as it is ('"a"', '5'): decoded here, so that its values meet the
+    # checks of minqr/data/pairs.py as they are (a text keeps no quotes, a number is refused)
+    encoded = [name for name, feature in dataset.features.items() if type(feature).__name__ == "Json"]
+    for origin, record in _rows(dataset.with_format("arrow").iter(batch_size=ROWS_PER_BATCH), source.label, columns):
+        for name in encoded:
+            if isinstance(record.get(name), str):
+                try:
+                    record[name] = loads(record[name])
+                except ValueError as error:
+                    raise MinqrError(f"{origin}: column {name!r} holds JSON text that does not parse ({error})") \
+                        from None
+        yield origin, record
 
 
 def _validated(batch):
