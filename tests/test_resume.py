@@ -8,6 +8,7 @@ checkpoint is written stops the run with one line, and it resumes bit for bit.
 """
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -236,10 +237,31 @@ def test_a_damaged_checkpoint_is_one_line_that_names_the_file(inputs, tmp_path, 
     else:
         torch.save({"model": {}}, folder / "state.pt")
         problem = (f"{folder / 'state.pt'} is not a checkpoint this run can continue from: it has no step, position, "
-                   f"optimizer, average, scheduler, rng_states, compute; {start_afresh}")
+                   f"optimizer, average, scheduler, rng_states, compute, data; {start_afresh}")
     result = CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"])
     assert result.exit_code == 1
     assert result.output == f"Error: --resume: {problem}\n"
+
+
+def test_resume_refuses_other_training_pairs(inputs, tmp_path, monkeypatch):
+    """The data file is named by an option, but it can change between the runs (or render otherwise:
+    a chat template that writes today's date): the same number of pairs resumed the data position
+    over other pairs without a word."""
+    data = tmp_path / "train.jsonl"
+    shutil.copy(inputs["data"], data)
+    options = resume_options({**inputs, "data": str(data)}, tmp_path / "run", save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    records = [json.loads(line) for line in data.read_text().splitlines()]
+    records[0], records[1] = records[1], records[0]  # the same pairs, in another order: another run
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    result = CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"])
+    assert result.exit_code == 1 and result.output.splitlines()[-1] + "\n" == (
+        f"Error: --resume: the training pairs differ from those the run in {tmp_path / 'run'} began with: the data "
+        "file has changed since, or its texts render otherwise now (a chat template that writes today's date); give "
+        "the data the run began with, or start it afresh with --overwrite instead of --resume\n"), result.output
+    records[0], records[1] = records[1], records[0]  # as it began: it resumes
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert CliRunner().invoke(load_tool("train"), [*as_argv(options), "--resume"]).exit_code == 0
 
 
 def test_resume_without_a_checkpoint_says_so(inputs, tmp_path):

@@ -20,6 +20,7 @@ import io
 import math
 import pickle
 import random
+import re
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ def layout_problems(state) -> list[str]:
     if not isinstance(state, dict):
         return [f"it holds a {type(state).__name__}, not the dict of a checkpoint"]
     missing = [key for key in ("step", "position", "model", "optimizer", "average", "scheduler", "rng_states",
-                               "compute") if key not in state]
+                               "compute", "data") if key not in state]
     if missing:
         return [f"it has no {', '.join(missing)}"]
     problems = []
@@ -66,6 +67,8 @@ def layout_problems(state) -> list[str]:
     kinds = {"device": str, "dtype": str, "compile": bool}
     if not (isinstance(compute, dict) and all(isinstance(compute.get(k), kind) for k, kind in kinds.items())):
         problems.append(f"compute is {compute!r}, not {{'device': str, 'dtype': str, 'compile': bool}}")
+    if not (isinstance(state["data"], str) and re.fullmatch(r"[0-9a-f]{64}", state["data"])):
+        problems.append(f"data is {state['data']!r:.80}, not the sha256 of the training pairs")
     rng_states = state["rng_states"]
     if not (isinstance(rng_states, list) and rng_states):
         problems.append(f"rng_states is {_shape(rng_states)}, not a list with one state per process")

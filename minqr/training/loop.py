@@ -53,7 +53,8 @@ from minqr.training.metrics import CURVES_FILE, METRICS_FILE, MetricsLog, plot_c
 from minqr.training.optimizer import learning_rate_factor, make_optimizer
 from minqr.training.personal_metrics import PERSONAL_EVAL_FILE, PersonalEvaluation
 from minqr.training.resume import (START_AFRESH, STATE_FILE, DataPosition, capture_rng_state, check_resumable,
-                                   checkpoint_to_resume, remove_checkpoints, restore_rng_state, save_checkpoint)
+                                   checkpoint_to_resume, data_digest, remove_checkpoints, restore_rng_state,
+                                   save_checkpoint)
 
 
 @dataclass
@@ -140,6 +141,7 @@ class TrainingRun:
         self.train_pairs = load_pairs(train_file, "train", self.tokenizer, config, self.say)
         self.eval_pairs = load_pairs(eval_file, "test", self.tokenizer, config, self.say) if eval_file else None
         self.steps_per_epoch = self._check_data()
+        self.data_digest = data_digest(self.train_pairs)  # a resumed run must train on the same pairs
         # held-out pairs that name their annotators: personal metrics too (minqr/training/personal_metrics.py)
         self.personal = PersonalEvaluation.for_run(self.train_pairs, self.eval_pairs, model.head_config, self.say,
                                                    cached=config.annotator_likelihood)
@@ -253,7 +255,7 @@ class TrainingRun:
         # a checkpoint is untrusted input: checked against this run before any of it is used
         check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
-                        sharded=self.config.fsdp)
+                        sharded=self.config.fsdp, data=self.data_digest)
         try:  # what the checks above cannot foresee in torch's own loaders is still the checkpoint's fault
             if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
                 self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
@@ -489,7 +491,7 @@ class TrainingRun:
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
-                            config=asdict(self.config), compute=self.compute,
+                            config=asdict(self.config), compute=self.compute, data=self.data_digest,
                             average=self.average.state_dict() if self.average else None, write_shards=write_shards)
         elif write_shards:
             write_shards(None)

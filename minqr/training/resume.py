@@ -21,6 +21,7 @@ The folder is written with `minqr.atomic.atomic_dir`: a process killed while wri
 previous checkpoint whole. In the one instant between the two renames of a replacement the old
 checkpoint sits at `OUT/checkpoint.old-*/checkpoint`; `find_checkpoint` looks there too.
 """
+import hashlib
 import json
 import random
 import shutil
@@ -65,6 +66,7 @@ class Checkpoint:
     rng_states: list  # one per process, indexed by rank
     config: dict
     compute: dict  # {"device": device type, "dtype": compute dtype, "compile": bool} of the run
+    data: str  # data_digest of the training pairs it was trained on
     average: dict | None = None  # the weight average (--ema-window), None without one or sharded
 
 
@@ -99,9 +101,24 @@ def restore_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(p["internal"]), p["gauss"]))
 
 
+def data_digest(pairs) -> str:
+    """sha256 of the training pairs as tokenised (TokenizedPairs): what a resumed run must train on.
+    The data file's name is an option, but the file may change between the runs, or its texts render
+    otherwise (a chat template that writes today's date), and the same number of pairs would continue
+    the data position over other pairs without a word."""
+    digest = hashlib.sha256()
+    for name in ("chosen", "rejected", "chosen_response", "rejected_response", "pair_margins", "annotators"):
+        column = getattr(pairs, name)
+        digest.update(f"{name}:{'none' if column is None else len(column)};".encode())
+        for value in column or ():
+            digest.update(np.asarray(value, dtype=np.float64 if name == "pair_margins" else np.int64).tobytes() + b";")
+    digest.update(repr(pairs.annotator_ids).encode())
+    return digest.hexdigest()
+
+
 def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict,
-                    compute: dict, average: dict | None = None, write_shards=None) -> Path:
+                    compute: dict, data: str, average: dict | None = None, write_shards=None) -> Path:
     """Write `out/checkpoint/` atomically, replacing the previous one only once complete. With
     `write_shards` (--fsdp), the model and optimizer are not in state.pt: `write_shards(folder)`
     writes them into the new checkpoint's folder, with every process taking part
@@ -116,6 +133,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "scheduler": scheduler.state_dict(),
         "rng_states": rng_states,
         "compute": compute,
+        "data": data,
     }
     with atomic_dir(folder, overwrite=True) as tmp:  # the run's own checkpoint, replaced at every save
         if write_shards:
@@ -206,14 +224,20 @@ def load_checkpoint(out) -> Checkpoint:
     return Checkpoint(
         folder=folder, step=state["step"], position=DataPosition(**state["position"]),
         model=state.get("model"), optimizer=state.get("optimizer"), scheduler=state["scheduler"],
-        rng_states=state["rng_states"], config=config, compute=state["compute"],
+        rng_states=state["rng_states"], config=config, compute=state["compute"], data=state["data"],
         average=state["average"],
     )
 
 
-def check_resumable(checkpoint: Checkpoint, **run) -> None:
-    """Refuse a checkpoint that the run about to resume cannot continue from: `run` holds its model,
-    optimizer, average, steps_per_epoch, total_steps and whether it is sharded (checkpoint_check.run_problems)."""
+def check_resumable(checkpoint: Checkpoint, data: str, **run) -> None:
+    """Refuse a checkpoint that the run about to resume cannot continue from: `data` is the run's
+    data_digest, `run` holds its model, optimizer, average, steps_per_epoch, total_steps and whether
+    it is sharded (checkpoint_check.run_problems)."""
+    if checkpoint.data != data:
+        raise MinqrError(f"--resume: the training pairs differ from those the run in {checkpoint.folder.parent} "
+                         "began with: the data file has changed since, or its texts render otherwise now (a chat "
+                         "template that writes today's date); give the data the run began with, or start it afresh "
+                         "with --overwrite instead of --resume")
     _refuse(checkpoint.folder / STATE_FILE, run_problems(checkpoint, **run))
     if checkpoint.model is None:
         _refuse(checkpoint.folder / SHARDS_DIR, shard_problems(checkpoint.folder / SHARDS_DIR))
