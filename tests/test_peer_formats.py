@@ -165,6 +165,18 @@ def test_a_column_of_mixed_types_through_datasets_is_read_as_its_values(tmp_path
                                         "{role, content} messages, not int.")
     pairs, stats = load_pairs(f"hf:{folder}:train", skip_bad=True)
     assert [(p.chosen, p.rejected) for p in pairs] == [("yes", "no")] and stats.bad_fields == 1
+    # the same inside message lists: datasets marks the messages' content as JSON text
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    turn = [{"role": "user", "content": "hi"}]
+    write_records(nested / "train.jsonl", [{"chosen": turn + [{"role": "assistant", "content": "yes"}],
+                                            "rejected": turn + [{"role": "assistant", "content": "no"}]},
+                                           {"chosen": turn + [{"role": "assistant", "content": 5}],
+                                            "rejected": turn + [{"role": "assistant", "content": "no"}]}])
+    with pytest.raises(MinqrError, match=f"^hf:{nested}:train:row 1: "):
+        load_pairs(f"hf:{nested}:train")
+    (pair,), _ = load_pairs(f"hf:{nested}:train", skip_bad=True)
+    assert pair.chosen == "\n\nHuman: hi\n\nAssistant: yes"  # no quotes kept
 
 
 def test_hf_name_offline_says_what_to_do(datasets_cache):

@@ -313,3 +313,60 @@ def test_metrics_skip_a_torn_line_and_name_an_edited_one(tmp_path):
             read_metrics(path)
         assert str(caught.value) == (f"{path}:3: not a record of minqr's metrics (a JSON object with the step, a whole "
                                      "number): the file was edited; remove that line, or the file to drop the run's log")
+
+
+def test_a_run_whose_template_writes_the_date_resumes_another_day_bit_for_bit(tmp_path, monkeypatch):
+    """Llama 3.2's chat template writes today's date into every conversation. A run renders its
+    texts with the moment it began, recorded in its checkpoints, so that one resumed on another day
+    reads the texts it began with (it read others before, and then was refused them)."""
+    from datetime import datetime
+
+    from minqr.models import chat_template
+
+    inputs = write_run_inputs(tmp_path / "inputs", num_train=24)
+    (Path(inputs["tokenizer"]) / "chat_template.jinja").write_text(
+        "{%- set date_string = strftime_now('%d %b %Y %H:%M:%S.%f') %}Today Date: {{ date_string }}\n"
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(24):
+            question = [{"role": "user", "content": f"question {i}"}]
+            f.write(json.dumps({"chosen": question + [{"role": "assistant", "content": "a good answer " * (i % 3)}],
+                                "rejected": question + [{"role": "assistant", "content": "bad"}]}) + "\n")
+    inputs = {**inputs, "data": str(tmp_path / "train.jsonl"), "eval_data": str(tmp_path / "train.jsonl")}
+
+    class Then(datetime):  # the day the runs began
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 7, 23, 59, 59)
+
+    class NextDay(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 12, 8, 0, 0, 1)
+
+    for module in (chat_template, minqr.training.loop):
+        monkeypatch.setattr(module, "datetime", Then)
+    straight = tmp_path / "straight"
+    train(TrainConfig(**resume_options(inputs, straight)), progress=False)
+    options = resume_options(inputs, tmp_path / "run", save_every=4)
+    train_until_checkpoint(options, 4, monkeypatch)
+    for module in (chat_template, minqr.training.loop):
+        monkeypatch.setattr(module, "datetime", NextDay)
+    train(TrainConfig(**options, resume=True), progress=False)
+    assert_same_run(tmp_path / "run", straight)
+    assert load_checkpoint(tmp_path / "run").data["rendered_at"] == "2026-12-07T23:59:59"
+
+
+def test_a_checkpoint_of_a_minqr_before_the_data_digest_is_named_as_such(inputs, tmp_path, monkeypatch):
+    options = resume_options(inputs, tmp_path / "run", save_every=2)
+    train_until_checkpoint(options, 2, monkeypatch)
+    state_file = tmp_path / "run" / "checkpoint" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["data"]
+    torch.save(state, state_file)
+    with pytest.raises(MinqrError) as caught:
+        train(TrainConfig(**options, resume=True), progress=False)
+    assert str(caught.value) == (
+        f"--resume: {state_file} was written by a minqr that did not yet record the digest of the training pairs, "
+        "which --resume now checks: this minqr cannot continue that run; finish it with the minqr that began it, or "
+        "start it afresh with --overwrite")

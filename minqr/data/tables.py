@@ -122,16 +122,41 @@ def hub_rows(source: HubSplit, columns):
     # a column of mixed types (a string here, a number there) is stored by datasets as JSON text,
     # which the Arrow rows hand out as it is ('"a"', '5'): decoded here, so that its values meet the
     # checks of minqr/data/pairs.py as they are (a text keeps no quotes, a number is refused)
-    encoded = [name for name, feature in dataset.features.items() if type(feature).__name__ == "Json"]
+    encoded = {name: feature for name, feature in dataset.features.items() if _holds_json(feature)}
     for origin, record in _rows(dataset.with_format("arrow").iter(batch_size=ROWS_PER_BATCH), source.label, columns):
-        for name in encoded:
-            if isinstance(record.get(name), str):
-                try:
-                    record[name] = loads(record[name])
-                except ValueError as error:
-                    raise MinqrError(f"{origin}: column {name!r} holds JSON text that does not parse ({error})") \
-                        from None
+        for name, feature in encoded.items():
+            try:
+                record[name] = _json_decoded(record.get(name), feature)
+            except ValueError as error:
+                raise MinqrError(f"{origin}: column {name!r} holds JSON text that does not parse ({error})") from None
         yield origin, record
+
+
+def _inner(feature):
+    """The feature of a datasets list feature's items (List, Sequence, or [feature]), else None."""
+    return feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
+
+
+def _holds_json(feature) -> bool:
+    """Whether a datasets feature is, or holds at any depth (a message's content), a Json feature."""
+    if type(feature).__name__ == "Json":
+        return True
+    if isinstance(feature, dict):
+        return any(map(_holds_json, feature.values()))
+    inner = _inner(feature)
+    return inner is not None and _holds_json(inner)
+
+
+def _json_decoded(value, feature):
+    """`value` with the JSON text at the places `feature` marks Json parsed back into its values."""
+    if type(feature).__name__ == "Json":
+        return loads(value) if isinstance(value, str) else value
+    if isinstance(feature, dict) and isinstance(value, dict):
+        return {key: _json_decoded(item, feature[key]) if key in feature else item for key, item in value.items()}
+    inner = _inner(feature)
+    if inner is not None and isinstance(value, list):
+        return [_json_decoded(item, inner) for item in value]
+    return value
 
 
 def _validated(batch):

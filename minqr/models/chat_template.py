@@ -32,10 +32,6 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
-def _strftime_now(format):
-    return datetime.now().strftime(format)
-
-
 class ChatTemplate:
     """A chat template (Jinja source) and the special tokens it may write, {name: token string}."""
 
@@ -43,7 +39,7 @@ class ChatTemplate:
         self.environment = BoundedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self.environment.filters["tojson"] = _tojson
         self.environment.globals["raise_exception"] = _raise_exception
-        self.environment.globals["strftime_now"] = _strftime_now
+        self.environment.globals["strftime_now"] = self._strftime_now
         try:
             self.template = self.environment.template(source)
         except jinja2.TemplateSyntaxError as error:
@@ -55,6 +51,12 @@ class ChatTemplate:
         self.source = source
         self.special_tokens = dict(special_tokens)
         self.where = where
+        # what strftime_now reads: the current time (None), or a moment pinned by the caller, so
+        # that a training run renders its texts on every day of its life as on its first
+        self.clock: datetime | None = None
+
+    def _strftime_now(self, format):
+        return (self.clock or datetime.now()).strftime(format)
 
     def render(self, messages, add_generation_prompt: bool = False) -> str:
         """The conversation `messages` as text; with `add_generation_prompt`, followed by what opens

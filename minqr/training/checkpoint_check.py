@@ -21,6 +21,7 @@ import math
 import pickle
 import random
 import re
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -67,8 +68,11 @@ def layout_problems(state) -> list[str]:
     kinds = {"device": str, "dtype": str, "compile": bool}
     if not (isinstance(compute, dict) and all(isinstance(compute.get(k), kind) for k, kind in kinds.items())):
         problems.append(f"compute is {compute!r}, not {{'device': str, 'dtype': str, 'compile': bool}}")
-    if not (isinstance(state["data"], str) and re.fullmatch(r"[0-9a-f]{64}", state["data"])):
-        problems.append(f"data is {state['data']!r:.80}, not the sha256 of the training pairs")
+    data = state["data"]
+    if not (isinstance(data, dict) and set(data) == {"sha256", "rendered_at"} and isinstance(data["sha256"], str)
+            and re.fullmatch(r"[0-9a-f]{64}", data["sha256"]) and _iso_time(data["rendered_at"])):
+        problems.append(f"data is {data!r:.120}, not {{'sha256': the training pairs' digest, 'rendered_at': an ISO "
+                        "time}")
     rng_states = state["rng_states"]
     if not (isinstance(rng_states, list) and rng_states):
         problems.append(f"rng_states is {_shape(rng_states)}, not a list with one state per process")
@@ -76,6 +80,13 @@ def layout_problems(state) -> list[str]:
         for rank, rng in enumerate(rng_states):
             problems += [f"rng_states[{rank}].{p}" for p in _rng_problems(rng)]
     return problems
+
+
+def _iso_time(value) -> bool:
+    try:
+        return isinstance(value, str) and datetime.fromisoformat(value) is not None
+    except ValueError:
+        return False
 
 
 def _rng_problems(rng) -> list[str]:

@@ -18,6 +18,7 @@ one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
 import json
 import time
+from datetime import datetime
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,6 +131,16 @@ class TrainingRun:
             self.model_path, train_file, eval_file = resolve_inputs(config, self.say)
         self._refuse_model_as_out(self.model_path)  # again once a hub name has its cached copy
         self.tokenizer = load_tokenizer(config.tokenizer or self.model_path)
+        # a chat template may write today's date: the run renders its texts as on the day it began,
+        # resumed or not (a resumed run on other texts is refused: check_resumable)
+        self.rendered_at = datetime.now() if self.checkpoint is None else \
+            datetime.fromisoformat(self.checkpoint.data["rendered_at"])
+        if procs.world_size > 1:  # every process renders as process 0 does, to the second
+            moment = [self.rendered_at]
+            dist.broadcast_object_list(moment, src=0)
+            self.rendered_at = moment[0]
+        if self.tokenizer.chat_template is not None:
+            self.tokenizer.chat_template.clock = self.rendered_at
 
         torch.manual_seed(config.seed)  # the head's initialisation
         model = RewardModel(load_backbone(self.model_path, dropout=config.dropout), config.head_config())
@@ -256,10 +267,10 @@ class TrainingRun:
         check_resumable(checkpoint, model=self.model, optimizer=self.optimizer, average=self.average,
                         steps_per_epoch=self.steps_per_epoch, total_steps=self.total_steps,
                         sharded=self.config.fsdp, data=self.data_digest)
+        if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
+            self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
         try:  # what the checks above cannot foresee in torch's own loaders is still the checkpoint's fault
-            if checkpoint.model is None:  # a sharded checkpoint (--fsdp, which resuming cannot change)
-                self.sharding.load_shards(checkpoint.folder, self.model, self.optimizer, self.average)
-            else:
+            if checkpoint.model is not None:
                 self.model.load_state_dict(checkpoint.model)
                 self.optimizer.load_state_dict(checkpoint.optimizer)
                 if self.average:
@@ -267,6 +278,8 @@ class TrainingRun:
             self.scheduler.load_state_dict(checkpoint.scheduler)
             if self.procs.rank < len(checkpoint.rng_states):
                 restore_rng_state(checkpoint.rng_states[self.procs.rank])
+        except torch.OutOfMemoryError:  # the device's, not the checkpoint's
+            raise
         except (RuntimeError, TypeError, ValueError, KeyError, AttributeError) as error:
             raise MinqrError(f"--resume: {checkpoint.folder / STATE_FILE} is not a checkpoint this run can continue "
                              f"from: {type(error).__name__}: {str(error).splitlines()[0][:200]}; "
@@ -491,7 +504,8 @@ class TrainingRun:
         if self.procs.is_main:
             save_checkpoint(self.out, step=self.step, position=self.position, model=self.model,
                             optimizer=self.optimizer, scheduler=self.scheduler, rng_states=rng_states,
-                            config=asdict(self.config), compute=self.compute, data=self.data_digest,
+                            config=asdict(self.config), compute=self.compute,
+                            data={"sha256": self.data_digest, "rendered_at": self.rendered_at.isoformat()},
                             average=self.average.state_dict() if self.average else None, write_shards=write_shards)
         elif write_shards:
             write_shards(None)

@@ -66,7 +66,9 @@ class Checkpoint:
     rng_states: list  # one per process, indexed by rank
     config: dict
     compute: dict  # {"device": device type, "dtype": compute dtype, "compile": bool} of the run
-    data: str  # data_digest of the training pairs it was trained on
+    # the training pairs: {"sha256": their data_digest, "rendered_at": the ISO time their chat
+    # template's strftime_now read (the run's start, pinned for its whole life)}
+    data: dict
     average: dict | None = None  # the weight average (--ema-window), None without one or sharded
 
 
@@ -118,7 +120,7 @@ def data_digest(pairs) -> str:
 
 def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, scheduler, rng_states: list, config: dict,
-                    compute: dict, data: str, average: dict | None = None, write_shards=None) -> Path:
+                    compute: dict, data: dict, average: dict | None = None, write_shards=None) -> Path:
     """Write `out/checkpoint/` atomically, replacing the previous one only once complete. With
     `write_shards` (--fsdp), the model and optimizer are not in state.pt: `write_shards(folder)`
     writes them into the new checkpoint's folder, with every process taking part
@@ -220,6 +222,10 @@ def load_checkpoint(out) -> Checkpoint:
         config = read_json(folder / CONFIG_FILE, fix=START_AFRESH)
     except MinqrError as e:
         raise MinqrError(f"--resume: {e}") from None
+    if isinstance(state, dict) and "data" not in state and "compute" in state:
+        raise MinqrError(f"--resume: {state_file} was written by a minqr that did not yet record the digest of the "
+                         "training pairs, which --resume now checks: this minqr cannot continue that run; finish it "
+                         "with the minqr that began it, or start it afresh with --overwrite")
     _refuse(state_file, layout_problems(state))
     return Checkpoint(
         folder=folder, step=state["step"], position=DataPosition(**state["position"]),
@@ -233,7 +239,7 @@ def check_resumable(checkpoint: Checkpoint, data: str, **run) -> None:
     """Refuse a checkpoint that the run about to resume cannot continue from: `data` is the run's
     data_digest, `run` holds its model, optimizer, average, steps_per_epoch, total_steps and whether
     it is sharded (checkpoint_check.run_problems)."""
-    if checkpoint.data != data:
+    if checkpoint.data["sha256"] != data:
         raise MinqrError(f"--resume: the training pairs differ from those the run in {checkpoint.folder.parent} "
                          "began with: the data file has changed since, or its texts render otherwise now (a chat "
                          "template that writes today's date); give the data the run began with, or start it afresh "
