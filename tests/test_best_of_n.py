@@ -148,17 +148,24 @@ def chunked_job(tmp_path, model, monkeypatch, seed: int, prompts: int):
     return folder, data, clean, tmp_path / "out.jsonl"
 
 
-def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
-    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=2, prompts=11)
+def crash_at_chunk(monkeypatch, chunk: int) -> tuple[list, object]:
+    """best_of_n._choose made to record each chunk's first prompt and to raise KeyboardInterrupt (a
+    kill) at the `chunk`-th call; returns (the calls, the real _choose)."""
     real_choose, calls = best_of_n._choose, []
 
-    def crash_on_third(*args, **kwargs):
+    def crashing(*args, **kwargs):
         calls.append(args[1])
-        if len(calls) == 3:
-            raise KeyboardInterrupt  # killed while scoring the third chunk
+        if len(calls) == chunk:
+            raise KeyboardInterrupt
         return real_choose(*args, **kwargs)
 
-    monkeypatch.setattr(best_of_n, "_choose", crash_on_third)
+    monkeypatch.setattr(best_of_n, "_choose", crashing)
+    return calls, real_choose
+
+
+def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
+    folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=2, prompts=11)
+    calls, real_choose = crash_at_chunk(monkeypatch, 3)  # killed while scoring the third chunk
     with pytest.raises(KeyboardInterrupt):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     assert not out.exists() and len(read(partial_path(out))) == 1 + 6  # the job line and two chunks
@@ -222,15 +229,7 @@ def test_a_job_resumes_only_on_the_texts_it_began_with(tmp_path, model, monkeypa
     data = write(tmp_path / "c.jsonl", candidate_records(seed=6, prompts=6))  # prompts 2 and 5 are messages
     out = tmp_path / "out.jsonl"
     monkeypatch.setattr(best_of_n, "CHUNK_PROMPTS", 3)
-    real_choose, calls = best_of_n._choose, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_choose(*args, **kwargs)
-
-    monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
+    calls, real_choose = crash_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         best_of_n_to_file(folder, data, out, statistics="mean", progress=False)
     monkeypatch.setattr(best_of_n, "_choose", lambda *a, **k: calls.append(a[1]) or real_choose(*a, **k))
@@ -259,15 +258,7 @@ def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkey
     and another job's progress is dropped by --overwrite."""
     folder, data, clean, out = chunked_job(tmp_path, model, monkeypatch, seed=4, prompts=8)
     out.write_text("the user's earlier choices\n")
-    real_choose, calls = best_of_n._choose, []
-
-    def crash_on_second(*args, **kwargs):
-        calls.append(args[1])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_choose(*args, **kwargs)
-
-    monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
+    calls, real_choose = crash_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, overwrite=True, progress=False)
     assert out.read_text() == "the user's earlier choices\n"  # replaced only when the job is done
@@ -294,8 +285,9 @@ def test_overwrite_resumes_its_own_job_and_drops_another(tmp_path, model, monkey
     assert calls == [] and not partial_path(out).exists() and out.read_text() == clean.read_text()
 
     # another job's progress: refused without --overwrite, dropped with it
+    monkeypatch.setattr(best_of_n, "_choose", real_choose)
+    crash_at_chunk(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
-        monkeypatch.setattr(best_of_n, "_choose", crash_on_second)
         best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
     assert partial_path(out).exists()
     monkeypatch.setattr(best_of_n, "_choose", real_choose)
