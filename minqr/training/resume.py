@@ -6,7 +6,9 @@ A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
                   if the run keeps one), the step, the data position
                   (epoch, and index of the next batch in that epoch's seeded order), the random
                   number generators of every process (torch, CUDA, numpy, python) and how the
-                  numbers were computed (device type, compute dtype, compile). Read back with
+                  numbers were computed (device type, compute dtype, compile), and the training
+                  pairs: a digest of them as tokenised, and the moment the run began, which its chat
+                  template's strftime_now reads for the run's whole life. Read back with
                   `torch.load(weights_only=True)`, so it holds tensors and plain values only.
     config.json   the options of the run, which `--resume` compares with the new ones.
     shards/       with --fsdp only: the model, optimizer and average state, one file per process, written
@@ -14,7 +16,8 @@ A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
                   with the same number of processes for a bit-identical continuation.
 
 Continuing from it gives the weights an uninterrupted run gives: the same batches come next (the
-order of an epoch is a function of the seed and the epoch), dropout draws the same masks (the
+order of an epoch is a function of the seed and the epoch, over the same pairs, rendered as on the
+day the run began), dropout draws the same masks (the
 generators are restored), and AdamW and the learning-rate schedule pick up their exact state.
 
 The folder is written with `minqr.atomic.atomic_dir`: a process killed while writing leaves the
