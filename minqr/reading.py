@@ -6,10 +6,12 @@ goes through `loads`. Python's parser recurses once a nesting level, so a line o
 ends in a RecursionError, far from the file and line at fault. `loads` refuses anything nested
 deeper than MAX_JSON_DEPTH levels (real records nest a handful: a list of messages, each a
 mapping) with a `json.JSONDecodeError`, the error every caller already turns into "FILE:LINE:
-malformed JSON" (and that `--skip-bad` skips).
+malformed JSON" (and that `--skip-bad` skips); so is an object that gives a key twice, of which
+Python's parser keeps the last without a word.
 
-`read_npz` gives every array of a .npz file, or a MinqrError naming the file: never numpy's own
+`read_npz` gives the arrays of a .npz file, or a MinqrError naming the file: never numpy's own
 message, which suggests loading an untrusted file with `allow_pickle`, the way to run its code.
+`is_finite_number` is what a number read from JSON must be to stand for one.
 """
 import json
 import math
