@@ -65,14 +65,18 @@ def is_finite_number(value) -> bool:
         return False
 
 
+def first_repeated(items):
+    """The first of `items` (hashable) that an earlier one equals, or None when they are distinct."""
+    seen = set()
+    return next((item for item in items if item in seen or seen.add(item)), None)
+
+
 def _mapping(pairs: list) -> dict:
     """A JSON object as a dict, refusing a key given twice (json.loads would keep the last one
     without a word: `{"chosen": A, "chosen": B}` is no pair anyone meant)."""
     mapping = dict(pairs)
     if len(mapping) != len(pairs):
-        seen = set()
-        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
-        raise ValueError(f"the key {twice!r} is given twice in one object")
+        raise ValueError(f"the key {first_repeated(key for key, _ in pairs)!r} is given twice in one object")
     return mapping
 
 

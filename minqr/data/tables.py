@@ -137,9 +137,13 @@ def _inner(feature):
     return feature[0] if isinstance(feature, list) and feature else getattr(feature, "feature", None)
 
 
+def _is_json(feature) -> bool:
+    return type(feature).__name__ == "Json"  # datasets.Json, by name: datasets is an optional extra
+
+
 def _holds_json(feature) -> bool:
     """Whether a datasets feature is, or holds at any depth (a message's content), a Json feature."""
-    if type(feature).__name__ == "Json":
+    if _is_json(feature):
         return True
     if isinstance(feature, dict):
         return any(map(_holds_json, feature.values()))
@@ -149,7 +153,7 @@ def _holds_json(feature) -> bool:
 
 def _json_decoded(value, feature):
     """`value` with the JSON text at the places `feature` marks Json parsed back into its values."""
-    if type(feature).__name__ == "Json":
+    if _is_json(feature):
         return loads(value) if isinstance(value, str) else value
     if isinstance(feature, dict) and isinstance(value, dict):
         return {key: _json_decoded(item, feature[key]) if key in feature else item for key, item in value.items()}

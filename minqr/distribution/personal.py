@@ -57,7 +57,7 @@ from minqr.atomic import atomic_file, record_made
 from minqr.distribution.statistics import statistic_values
 from minqr.errors import MinqrError
 from minqr.objectives.pair_models import KINDS, pair_model
-from minqr.reading import loads
+from minqr.reading import first_repeated, loads
 
 NO_IDS = ("names no annotators (an 'annotator' field, or the one --annotator-field names): "
           "name the person whose labels they are with --annotator")
@@ -280,8 +280,7 @@ class Annotators:
         if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
             raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
                              f"what this minqr writes (format {FORMAT}); fix or delete it")
-        seen = set()
-        twice = next((annotator for annotator in ids if annotator in seen or seen.add(annotator)), None)
+        twice = first_repeated(ids)
         if twice is not None:
             raise MinqrError(f"{path}: the annotator {twice!r} is given twice; fix or delete it")
         if not all(_is_id(count) and not isinstance(count, str) and count >= 0 for count in pairs):

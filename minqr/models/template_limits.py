@@ -138,6 +138,18 @@ class BoundedEnvironment(ImmutableSandboxedEnvironment):
 
 
 PADDING = ("center", "ljust", "rjust", "zfill")  # str methods whose first argument is the width made
+# the widths and precisions of printf-style fields ("%200s", "%.9f"), and str.format's fields ("{:>200.2f}")
+_PRINTF_FIELD = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
+_FORMAT_FIELD = re.compile(r"\{([^{}]*)\}")
+
+
+def _check_widths(text: str, budget: RenderBudget) -> None:
+    """The widest field a format string asks for is within the budget, before it is formatted."""
+    numbers = [n for match in _PRINTF_FIELD.finditer(text) for n in match.groups() if n]
+    for field in _FORMAT_FIELD.finditer(text):  # every number of a field's spec, after its ':'
+        numbers += re.findall(r"\d+", field.group(1).partition(":")[2])
+    if numbers:
+        budget.check_size(max(map(int, numbers)), "characters")
 
 
 def _planned_size(name: str, target, args: tuple, kwargs: dict) -> int | None:
@@ -174,18 +186,6 @@ def _planned_size(name: str, target, args: tuple, kwargs: dict) -> int | None:
         count = argument(0, "linecount")
         return count if whole(count) else None
     return None
-# the widths and precisions of printf-style fields ("%200s", "%.9f"), and str.format's fields ("{:>200.2f}")
-_PRINTF_FIELD = re.compile(r"%[-#0 +]*(\d*)(?:\.(\d+))?")
-_FORMAT_FIELD = re.compile(r"\{([^{}]*)\}")
-
-
-def _check_widths(text: str, budget: RenderBudget) -> None:
-    """The widest field a format string asks for is within the budget, before it is formatted."""
-    numbers = [n for match in _PRINTF_FIELD.finditer(text) for n in match.groups() if n]
-    for field in _FORMAT_FIELD.finditer(text):  # every number of a field's spec, after its ':'
-        numbers += re.findall(r"\d+", field.group(1).partition(":")[2])
-    if numbers:
-        budget.check_size(max(map(int, numbers)), "characters")
 
 
 def _sized(value, budget: RenderBudget):

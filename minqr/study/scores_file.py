@@ -227,8 +227,7 @@ def load_scores(path) -> Scores:
 def _normalization(normalized, path: Path) -> tuple[float, float]:
     """(mean, std) of the metadata's `normalized`: a dict of two finite numbers, std > 0."""
     values = [normalized.get(key) for key in ("mean", "std")] if isinstance(normalized, dict) else [None]
-    if not all(map(is_finite_number, values)) or \
-            values[1] <= 0:
+    if not all(map(is_finite_number, values)) or values[1] <= 0:
         raise MinqrError(f"{path}: metadata normalized must be {{\"mean\": number, \"std\": number > 0}} (what score "
                          f"--normalize divided by), got {normalized!r}")
     return float(values[0]), float(values[1])
@@ -248,7 +247,7 @@ def _read_npz(path: Path):
                                                                     *PERSONAL))
     names = sorted(arrays)
     if "metadata" not in names:
-        with zipfile.ZipFile(path) as archive:  # what it holds instead (read_npz read the archive whole)
+        with zipfile.ZipFile(path) as archive:  # what it holds instead (read_npz read only the arrays asked for)
             held = sorted(name.removesuffix(".npy") for name in archive.namelist())
         raise MinqrError(f"{not_ours}: it holds {', '.join(held) or 'no arrays'} but no 'metadata'; {HOW_TO_MAKE}")
     metadata = arrays["metadata"]

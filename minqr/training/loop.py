@@ -18,8 +18,8 @@ one reaches (bit for bit on CPU; see minqr/training/resume.py).
 """
 import json
 import time
-from datetime import datetime
 from contextlib import nullcontext
+from datetime import datetime
 from dataclasses import asdict, dataclass
 from pathlib import Path
 

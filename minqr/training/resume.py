@@ -17,8 +17,8 @@ A run folder `OUT/` keeps its latest checkpoint in `OUT/checkpoint/`:
 
 Continuing from it gives the weights an uninterrupted run gives: the same batches come next (the
 order of an epoch is a function of the seed and the epoch, over the same pairs, rendered as on the
-day the run began), dropout draws the same masks (the
-generators are restored), and AdamW and the learning-rate schedule pick up their exact state.
+day the run began), dropout draws the same masks (the generators are restored), and AdamW and the
+learning-rate schedule pick up their exact state.
 
 The folder is written with `minqr.atomic.atomic_dir`: a process killed while writing leaves the
 previous checkpoint whole. In the one instant between the two renames of a replacement the old
