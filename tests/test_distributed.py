@@ -6,6 +6,7 @@ posteriors of annotators.json (a pass shared over them) are compared too.
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,5 +155,8 @@ def test_under_torchrun_one_process_signalled_stops_both_after_the_same_step(tmp
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == list(range(1, stopped_at + 1))
     assert stderr.count("SIGTERM: stopping after this step") == (1 if whom == "one worker" else 2), stderr
     assert stderr.count(f"Stopped: interrupted at step {stopped_at} of 150") >= 1, stderr
-    if whom == "one worker":  # torchrun reports both workers' exits (signalled itself, it reports its signal)
-        assert stderr.count("exitcode  : 143") == 2, stderr  # both exit as the signalled one does
+    if whom == "one worker":  # torchrun reports the workers' exits (signalled itself, it reports its signal)
+        # every exit it reports is the signalled one's; it reports one or both, by when it looks (when
+        # the first exit reaches it, it sends the other worker a SIGTERM of its own and may not list it)
+        codes = re.findall(r"exitcode\s*: (-?\d+)", stderr)
+        assert codes and set(codes) == {"143"}, stderr
