@@ -132,8 +132,17 @@ def test_under_torchrun_one_process_signalled_stops_both_after_the_same_step(tmp
     inputs = write_run_inputs(tmp_path / "inputs")
     out = tmp_path / "run"
     argv = as_argv(tiny_options(inputs, out, max_steps=150, save_every=1000, eval_every=1000, device="cpu"))
+    # process 0 takes 3 s to write the checkpoint (a big model's save): a process that left before it had
+    # written would make torchrun SIGTERM process 0 in the middle (and SIGKILL it 30 s later)
+    slow_save = tmp_path / "train_with_a_slow_save.py"
+    slow_save.write_text("import time\n"
+                         "import minqr.training.loop as loop\n"
+                         "from minqr_cli.commands.train import train\n"
+                         "save = loop.save_checkpoint\n"
+                         "loop.save_checkpoint = lambda *args, **kwargs: (time.sleep(3), save(*args, **kwargs))[1]\n"
+                         "train()\n")
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            str(ROOT / "tools" / "train.py"), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            str(slow_save), *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         deadline = time.monotonic() + 120
@@ -156,7 +165,9 @@ def test_under_torchrun_one_process_signalled_stops_both_after_the_same_step(tmp
     assert stderr.count("SIGTERM: stopping after this step") == (1 if whom == "one worker" else 2), stderr
     assert stderr.count(f"Stopped: interrupted at step {stopped_at} of 150") >= 1, stderr
     if whom == "one worker":  # torchrun reports the workers' exits (signalled itself, it reports its signal)
-        # every exit it reports is the signalled one's; it reports one or both, by when it looks (when
-        # the first exit reaches it, it sends the other worker a SIGTERM of its own and may not list it)
+        # The first exit to reach torchrun is a worker's own 143 after the agreed step; torchrun then sends
+        # the other worker a SIGTERM of its own. Inside training that is a second request to stop (ignored),
+        # so the save above is whole; once training has returned the handler is gone and the worker may die
+        # of it (-15) on its way out. torchrun lists one or both exits, by when it looks.
         codes = re.findall(r"exitcode\s*: (-?\d+)", stderr)
-        assert codes and set(codes) == {"143"}, stderr
+        assert "143" in codes and set(codes) <= {"143", "-15"}, stderr

@@ -36,15 +36,20 @@ class Processes:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def wait_for_all(self) -> None:
+        """Return once every process has reached this call."""
+        if self.world_size > 1:
+            dist.barrier()
+
     @contextmanager
     def main_first(self):
         """Run the block in process 0 first and in the others after it: a download or a file that
         process 0 makes, the others then find in place (and it is announced once)."""
         if not self.is_main:
-            dist.barrier()
+            self.wait_for_all()
         yield
-        if self.is_main and self.world_size > 1:
-            dist.barrier()
+        if self.is_main:
+            self.wait_for_all()
 
     def broadcast(self, value):
         """Process 0's `value` (any picklable object), in every process."""

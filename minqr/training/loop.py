@@ -361,6 +361,9 @@ class TrainingRun:
                 if last or _every(self.step, config.save_every) or self.interrupt.agreed is not None:
                     self._save_checkpoint()
                 if self.interrupt.agreed is not None:  # Ctrl-C or SIGTERM: the step is finished and saved; stop here
+                    # no process leaves while process 0 is still writing: torchrun answers the first exit
+                    # by sending the others SIGTERM and, 30 s later, SIGKILL, which would cut a long save
+                    self.procs.wait_for_all()
                     how = ("--annotator-likelihood runs cannot be resumed yet (its cached posteriors are not "
                            "checkpointed): run the command again with --overwrite to start afresh"
                            if config.annotator_likelihood else "continue with the same command plus --resume")
