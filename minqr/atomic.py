@@ -247,11 +247,19 @@ def _contents(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.name != MARKER or p.parent != folder)
 
 
-def check_output_file(path, option: str = "out", *, overwrite: bool, what: str = "a file") -> None:
+def check_output_file(path, option: str = "out", *, overwrite: bool, what: str = "a file",
+                      inputs: tuple = ()) -> None:
     """Refuse (MinqrError) a file to write by name unless it is new, or exists with `overwrite`: a
     folder there, or a symbolic link (a write replaces the path by a rename, which would replace the
-    link and leave its target as it was, while the lock follows the link), is refused either way."""
+    link and leave its target as it was, while the lock follows the link), is refused either way,
+    and so is a file the same job reads (`inputs`: pairs of what names it and its path), which
+    --overwrite would replace by the job's own output."""
     path = Path(path)
+    for name, input_path in inputs:
+        if input_path is not None and path.is_file() and Path(input_path).is_file() \
+                and os.path.samefile(path, input_path):
+            raise MinqrError(f"{option} {path} is also {name}, which this job reads: writing there would replace "
+                             "it; choose another path")
     if path.is_symlink():
         raise MinqrError(f"{option} {path} is a symbolic link (to {os.readlink(path)}): minqr writes by renaming a "
                          "new file into place, which would replace the link, not what it points to; give the "

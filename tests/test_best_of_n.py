@@ -212,6 +212,11 @@ def test_a_crashed_job_resumes_to_the_same_file(tmp_path, model, monkeypatch):
         best_of_n_to_file(folder, data, out, statistics=STATISTICS, progress=False)
     best_of_n_to_file(folder, data, out, statistics="mean", overwrite=True, progress=False)
     assert list(read(out)[0]["chosen"]) == ["mean"]
+    held = data.read_bytes()  # the prompts themselves as --out, with --overwrite: refused, kept as they were
+    with pytest.raises(MinqrError, match=f"^out {data} is also --data, which this job reads: writing there would "
+                                         "replace it; choose another path$"):
+        best_of_n_to_file(folder, data, data, statistics="mean", overwrite=True, progress=False)
+    assert data.read_bytes() == held
 
 
 def test_a_job_resumes_only_on_the_texts_it_began_with(tmp_path, model, monkeypatch):

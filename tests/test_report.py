@@ -393,6 +393,13 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     assert again.exit_code == 1 and again.output == (f"Error: out {out} exists: pass --overwrite to replace it, or "
                                                      "choose another path\n")
     assert lines == out.read_text().splitlines()  # the table stays as it was
+    summary = tmp_path / "s0.json"
+    held = summary.read_bytes()
+    into_input = CliRunner().invoke(load_tool("objectives_table"), [str(summary), "--out", str(summary), "--overwrite"])
+    assert into_input.exit_code == 1 and into_input.output == (
+        f"Error: out {summary} is also a summaries file, which this job reads: writing there would replace it; "
+        "choose another path\n")
+    assert summary.read_bytes() == held
     out = tmp_path / "other.md"
     (tmp_path / "bad.json").write_text("not json")
     bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])

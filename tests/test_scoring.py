@@ -3,6 +3,7 @@ data's order), the CLI's printed accuracies against the written file, the metada
 import gzip
 import hashlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -267,6 +268,18 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
         result = CliRunner().invoke(SCORE, [*again[:5], str(link), "--overwrite"])
         assert result.exit_code == 1 and result.output.startswith(f"Error: out {link} is a symbolic link (to {target})")
         assert link.is_symlink() and not (tmp_path / "nowhere.npz").exists()
+    # the file the job reads, by its name or by a hard link, with --overwrite: refused, the file as it was
+    context, hard_link = tmp_path / "context.jsonl", tmp_path / "hard-link.jsonl"
+    shutil.copy(data_file, context)
+    os.link(data_file, hard_link)
+    for option, path in [("--data", data_file), ("--data", hard_link), ("--context", context)]:
+        held = path.read_bytes()
+        argv = [*again[:5], str(path), "--overwrite", "--context", str(context)]
+        result = CliRunner().invoke(SCORE, argv)
+        assert result.exit_code == 1 and result.output == (f"Error: out {path} is also {option}, which this job "
+                                                           "reads: writing there would replace it; choose another "
+                                                           "path\n"), path
+        assert path.read_bytes() == held
 
 
 def test_a_paper_head_prints_the_accuracy_of_each_raw_quantile(tmp_path, tokenizer, data_file):

@@ -198,7 +198,7 @@ def best_of_n_to_file(model, data, out, progress: bool = True, **options) -> Bes
     are BestOfNConfig's other fields."""
     config = BestOfNConfig(model=model, data=data, out=out, **options)
     out = Path(out)
-    check_output_file(out, overwrite=config.overwrite, what="the choices file")
+    check_output_file(out, overwrite=config.overwrite, what="the choices file", inputs=(("--data", data),))
     if out.suffix not in (".jsonl", ".parquet"):
         raise MinqrError(f"out {out}: the choices file's name ends in .jsonl or .parquet")
     statistics = parse_statistics(config.statistics)

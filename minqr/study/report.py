@@ -107,7 +107,8 @@ class TableConfig:
 def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
     """Write `objectives_table` of the rows of every summaries.json in `paths` into the markdown
     file `out` (atomically; an existing one only with `overwrite`)."""
-    check_output_file(out, overwrite=overwrite, what="the markdown table")
+    check_output_file(out, overwrite=overwrite, what="the markdown table",
+                      inputs=tuple(("a summaries file", path) for path in paths))
     rows = []
     for path in paths:
         try:

@@ -284,7 +284,8 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
 
 def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     model, data, out = options.model, options.data, Path(options.out)
-    check_output_file(out, overwrite=options.overwrite, what="a scores file (.npz or .jsonl)")
+    check_output_file(out, overwrite=options.overwrite, what="a scores file (.npz or .jsonl)",
+                      inputs=(("--data", data), ("--context", options.context)))
     split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
