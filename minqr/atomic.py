@@ -16,9 +16,11 @@ threads, or jobs that do not take minqr.lock), so every temporary is named after
 removed. A temporary from another host, or from a pid that was reused, is left alone: a leak is
 recoverable, a deleted live temporary is not. The same holds for the `<name>.old-*` copies below.
 
-Replacing a folder deletes what it held, so a folder is replaced only when minqr made it and no
-one has added to it since: every folder written here carries a marker, `.minqr-made`, listing what
-was written. A folder that holds anything else (a user's `--out ~`, a data folder with their own
+Replacing a folder deletes what it held, so a folder is replaced only when minqr made it as the same
+kind of folder and no one has added to it since: every folder written here carries a marker,
+`.minqr-made`, saying what it is (a synthetic task, an analysis report, ...) and listing what was
+written, so that `analyze --out TASK --overwrite` cannot replace a task with a report. A folder
+that holds anything else (a user's `--out ~`, a data folder with their own
 files beside a task) is refused before a byte is written, with what it holds named. An empty folder
 is taken as it is: it holds nothing to lose.
 
@@ -270,11 +272,12 @@ def check_output_file(path, option: str = "out", *, overwrite: bool, what: str =
         raise MinqrError(f"{option} {path} exists: pass --overwrite to replace it, or choose another path")
 
 
-def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
-    """Refuse (MinqrError) unless folder `path` may be replaced as a whole: it does not exist, is
-    empty, or, with `overwrite` (the user's --overwrite), holds exactly what minqr wrote there (its
-    marker's list). `option` names the setting that chose the folder, for the message. Call it
-    before long work, so that a refusal comes first."""
+def check_replaceable(path, option: str = "out", *, overwrite: bool, kind: str) -> None:
+    """Refuse (MinqrError) unless folder `path` may be replaced as a whole by a folder of `kind`
+    ("a synthetic task"): it does not exist, is empty, or, with `overwrite` (the user's
+    --overwrite), is a folder of that kind holding exactly what minqr wrote there (its marker's
+    list). `option` names the setting that chose the folder, for the message. Call it before long
+    work, so that a refusal comes first."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -285,13 +288,18 @@ def check_replaceable(path, option: str = "out", *, overwrite: bool) -> None:
     if not held:
         return
     try:
-        made = loads((path / MARKER).read_text())["contents"]
-    except (OSError, ValueError, KeyError, TypeError):
+        marker = loads((path / MARKER).read_text())
+        made, made_as = marker["contents"], marker.get("kind")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         made = None
     if made is None:
         raise MinqrError(f"{option} {path} is not a folder that minqr wrote as a whole (it holds {_some(held)}): minqr "
                          "replaces a folder as a whole, so it writes only into a new or empty folder or one it "
                          "made itself; choose another path")
+    if made_as != kind:
+        made_as = made_as if isinstance(made_as, str) else "a folder of another kind"
+        raise MinqrError(f"{option} {path} is {made_as} that minqr wrote, not {kind}: --overwrite replaces only "
+                         f"{kind}, so that one kind of output never replaces another; choose another path")
     added = sorted(set(held) - set(made))
     if added:
         raise MinqrError(f"{option} {path} holds files added since minqr wrote it ({_some(added)}): "
@@ -307,22 +315,23 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, option: str = "out", *, overwrite: bool):
-    """Yield a temporary directory; on success it replaces the directory `path`. A folder that holds
-    anything is refused first without `overwrite`, and a folder minqr did not make, or has had files
-    added, always (`check_replaceable`; `option` names it)."""
+def atomic_dir(path, option: str = "out", *, overwrite: bool, kind: str):
+    """Yield a temporary directory; on success it replaces the directory `path`, marked as a folder
+    of `kind`. A folder that holds anything is refused first without `overwrite`, and a folder minqr
+    did not make, made as another kind, or has had files added, always (`check_replaceable`;
+    `option` names it)."""
     path = Path(path)
-    check_replaceable(path, option, overwrite=overwrite)
+    check_replaceable(path, option, overwrite=overwrite, kind=kind)
     with writing(path, UNCHANGED):
         _prepare(path)
         tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
         try:
             yield tmp
-            (tmp / MARKER).write_text(json.dumps({"contents": _contents(tmp)}) + "\n")
+            (tmp / MARKER).write_text(json.dumps({"kind": kind, "contents": _contents(tmp)}) + "\n")
             _fsync_tree(tmp)
             _publish_mode(tmp)
             if path.exists():
-                check_replaceable(path, option, overwrite=overwrite)  # again: it may have changed while we wrote
+                check_replaceable(path, option, overwrite=overwrite, kind=kind)  # again: it may have changed
                 old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
                 os.replace(path, old / path.name)
                 os.replace(tmp, path)
@@ -339,9 +348,10 @@ def record_made(folder: Path, name: str) -> None:
     folder (nothing otherwise), so that the folder stays one that minqr may replace as a whole."""
     marker = Path(folder) / MARKER
     try:
-        made = loads(marker.read_text())["contents"]
+        held = loads(marker.read_text())
+        made = held["contents"]
     except (OSError, ValueError, KeyError, TypeError):
         return
     if name not in made:
         with atomic_file(marker) as tmp:
-            tmp.write_text(json.dumps({"contents": sorted([*made, name])}) + "\n")
+            tmp.write_text(json.dumps({**held, "contents": sorted([*made, name])}) + "\n")

@@ -49,12 +49,13 @@ def test_atomic_file_keeps_old_file_when_writer_fails(tmp_path):
 
 def test_atomic_dir_replaces_a_folder_it_made_as_a_whole(tmp_path):
     target = tmp_path / "checkpoint"
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
         (tmp / "stale.bin").write_text("stale")
         (tmp / "sub").mkdir()
         (tmp / "sub" / "part.bin").write_text("stale")
-    assert json.loads((target / MARKER).read_text()) == {"contents": ["stale.bin", "sub", "sub/part.bin"]}
-    with atomic_dir(target, overwrite=True) as tmp:
+    assert json.loads((target / MARKER).read_text()) == {"kind": "a test folder",
+                                                         "contents": ["stale.bin", "sub", "sub/part.bin"]}
+    with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
         (tmp / "model.safetensors").write_text("new")
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "model.safetensors"]
     assert target.stat().st_mode & 0o777 == 0o777 & ~_umask()
@@ -65,10 +66,10 @@ def test_atomic_dir_replaces_a_folder_that_holds_anything_only_with_overwrite(tm
     """Even a folder minqr made is the user's result: without overwrite it is refused, named with
     what it holds, and left as it was."""
     target = tmp_path / "task"
-    with atomic_dir(target, "--out", overwrite=False) as tmp:  # a new folder needs no overwrite
+    with atomic_dir(target, "--out", overwrite=False, kind="a test folder") as tmp:  # a new folder needs no overwrite
         (tmp / "train.jsonl").write_text("a thousand pairs")
     with pytest.raises(MinqrError) as error:
-        with atomic_dir(target, "--out", overwrite=False) as tmp:
+        with atomic_dir(target, "--out", overwrite=False, kind="a test folder") as tmp:
             raise AssertionError("refused before the block runs")
     assert str(error.value) == (f"--out {target} exists and holds train.jsonl: pass --overwrite to replace it as a "
                                 "whole, or choose another path")
@@ -78,9 +79,9 @@ def test_atomic_dir_replaces_a_folder_that_holds_anything_only_with_overwrite(tm
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     with pytest.raises(MinqrError, match="is not a folder that minqr wrote as a whole") as error:
-        check_replaceable(mine, "--out", overwrite=False)
+        check_replaceable(mine, "--out", overwrite=False, kind="a test folder")
     assert "--overwrite" not in str(error.value)
-    with atomic_dir(target, "--out", overwrite=True) as tmp:
+    with atomic_dir(target, "--out", overwrite=True, kind="a test folder") as tmp:
         (tmp / "train.jsonl").write_text("ten pairs")
     assert (target / "train.jsonl").read_text() == "ten pairs"
 
@@ -104,11 +105,35 @@ def test_a_file_to_write_by_name(tmp_path):
         assert str(refused.value) == message
 
 
+def test_a_folder_is_replaced_only_by_one_of_its_own_kind(tmp_path):
+    """--overwrite replaces a folder of the kind the job writes, never another kind that minqr made
+    (`analyze --out TASK --overwrite` deleted a synthetic task), nor one whose marker says no kind."""
+    target = tmp_path / "task"
+    with atomic_dir(target, "--out", overwrite=False, kind="a synthetic task") as tmp:
+        (tmp / "train.jsonl").write_text("pairs")
+    for marker, made_as in [(None, "a synthetic task"),
+                            ({"contents": ["train.jsonl"]}, "a folder of another kind"),
+                            ({"kind": 3, "contents": ["train.jsonl"]}, "a folder of another kind")]:
+        if marker is not None:
+            (target / MARKER).write_text(json.dumps(marker))
+        with pytest.raises(MinqrError) as refused:
+            with atomic_dir(target, "--out", overwrite=True, kind="an analysis report") as tmp:
+                (tmp / "report.md").write_text("report")
+        assert str(refused.value) == (f"--out {target} is {made_as} that minqr wrote, not an analysis report: "
+                                      "--overwrite replaces only an analysis report, so that one kind of output "
+                                      "never replaces another; choose another path")
+        assert (target / "train.jsonl").read_text() == "pairs"
+    (target / MARKER).write_text(json.dumps({"kind": "a synthetic task", "contents": ["train.jsonl"]}))
+    with atomic_dir(target, "--out", overwrite=True, kind="a synthetic task") as tmp:  # its own kind: replaced
+        (tmp / "test.jsonl").write_text("pairs")
+    assert sorted(p.name for p in target.iterdir()) == [MARKER, "test.jsonl"]
+
+
 def test_atomic_dir_takes_a_new_or_empty_folder(tmp_path):
     for target in (tmp_path / "new" / "deeper", tmp_path / "empty"):
         if target.name == "empty":
             target.mkdir()
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
             (tmp / "a").write_text("a")
         assert (target / "a").read_text() == "a"
 
@@ -130,7 +155,7 @@ def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
                    "minqr replaces a folder as a whole, so it writes only into a new or empty folder or one it " \
                    "made itself; choose another path"
     else:
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
             (tmp / "model").mkdir()
             (tmp / "model" / "config.json").write_text("{}")
         added = "model/notes.txt" if case.endswith("deep") else "notes.txt"
@@ -139,7 +164,7 @@ def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
                    "folder would delete them; move them out or choose another path"
     before = sorted((str(p), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*"))
     with pytest.raises(MinqrError) as error:
-        with atomic_dir(target, "--data", overwrite=True) as tmp:
+        with atomic_dir(target, "--data", overwrite=True, kind="a test folder") as tmp:
             raise AssertionError("refused before the block runs")
     assert str(error.value) == expected
     assert sorted((str(p), p.read_bytes() if p.is_file() else None) for p in tmp_path.rglob("*")) == before
@@ -148,10 +173,10 @@ def test_atomic_dir_never_deletes_what_minqr_did_not_write(tmp_path, case):
 def test_atomic_dir_checks_again_after_writing(tmp_path):
     """A file the user drops into the folder while the new copy is being written is not lost."""
     target = tmp_path / "out"
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
         (tmp / "a").write_text("a")
     with pytest.raises(MinqrError, match="notes.txt"):
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
             (tmp / "a").write_text("new")
             (target / "notes.txt").write_text("mine")
     assert (target / "notes.txt").read_text() == "mine" and (target / "a").read_text() == "a"
@@ -160,10 +185,10 @@ def test_atomic_dir_checks_again_after_writing(tmp_path):
 
 def test_atomic_dir_keeps_old_folder_when_writer_fails(tmp_path):
     target = tmp_path / "checkpoint"
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
         (tmp / "model.safetensors").write_text("good")
     with pytest.raises(RuntimeError):
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
             (tmp / "model.safetensors").write_text("torn")
             raise RuntimeError("killed")
     assert (target / "model.safetensors").read_text() == "good"
@@ -183,7 +208,7 @@ def test_a_write_removes_what_a_killed_writer_left(tmp_path, writer):
             f".other.tmp-{gone}.xyz"]
     for name in kept:
         (tmp_path / name).write_text("kept")
-    with (writer(tmp_path / "checkpoint", overwrite=True) if writer is atomic_dir else
+    with (writer(tmp_path / "checkpoint", overwrite=True, kind="a test folder") if writer is atomic_dir else
           writer(tmp_path / "checkpoint")) as tmp:
         (tmp / "model.safetensors").write_text("new") if tmp.is_dir() else tmp.write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*kept, "checkpoint"])
@@ -194,7 +219,7 @@ SLOW_WRITER = """
 import sys
 from pathlib import Path
 from minqr.atomic import atomic_dir
-with atomic_dir(Path(sys.argv[1]), overwrite=True) as tmp:
+with atomic_dir(Path(sys.argv[1]), overwrite=True, kind="a test folder") as tmp:
     (tmp / "writer").write_text("slow")
     print(tmp.name, flush=True)
     sys.stdin.readline()
@@ -209,7 +234,7 @@ def test_a_write_leaves_the_temporary_of_a_live_writer_alone(tmp_path):
     try:
         temporary = tmp_path / slow.stdout.readline().strip()
         assert temporary.name.startswith(f".checkpoint.tmp-{slow.pid}@{socket.gethostname()}.")
-        with atomic_dir(target, overwrite=True) as tmp:
+        with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
             (tmp / "writer").write_text("fast")
         assert (target / "writer").read_text() == "fast"
         assert (temporary / "writer").read_text() == "slow"
@@ -228,7 +253,7 @@ def test_the_temporary_of_a_writer_killed_by_sigkill_is_removed(tmp_path):
     slow.send_signal(signal.SIGKILL)
     slow.wait(timeout=60)
     assert temporary.is_dir()
-    with atomic_dir(target, overwrite=True) as tmp:
+    with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
         (tmp / "writer").write_text("next")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
@@ -241,7 +266,7 @@ def test_every_file_of_a_published_folder_has_the_umask_mode(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     model.save_pretrained(run, training_args={"lr": 1e-3})
-    with atomic_dir(tmp_path / "folder", overwrite=True) as tmp:
+    with atomic_dir(tmp_path / "folder", overwrite=True, kind="a test folder") as tmp:
         save_file({"a": torch.zeros(3)}, tmp / "model.safetensors")
         (tmp / "sub").mkdir(mode=0o700)
         (tmp / "sub" / "private").write_text("x")

@@ -275,11 +275,11 @@ def test_merged_replaces_the_same_ids(generator):
 
 def test_saving_into_a_folder_minqr_made_keeps_it_replaceable(tmp_path):
     folder = tmp_path / "model"
-    with atomic_dir(folder, overwrite=True) as staged:
+    with atomic_dir(folder, overwrite=True, kind="a test folder") as staged:
         (staged / "config.json").write_text("{}")
     Annotators(("a",), torch.zeros(1, 1, dtype=torch.float64), (1,)).save(folder)
     assert ANNOTATORS_FILE in json.loads((folder / MARKER).read_text())["contents"]
-    check_replaceable(folder, overwrite=True)  # no MinqrError: minqr wrote everything there
+    check_replaceable(folder, overwrite=True, kind="a test folder")  # no MinqrError: minqr wrote everything there
 
 
 def test_bad_files_are_refused(tmp_path):

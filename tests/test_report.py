@@ -21,6 +21,7 @@ from minqr.study.bootstrap import resample_indices
 from minqr.study.divergences import histogram_kl
 from minqr.study.report import analyze
 from minqr.study.scores_file import load_scores, save_scores
+from minqr.synthetic.folder import make_synthetic_task
 from minqr.synthetic.truth import load_truth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +126,15 @@ def test_report_files_and_numbers(study):
     result = run([files[1], "--out", out, "--bootstrap", 0, "--no-truth", "--overwrite"])
     assert result.exit_code == 1 and f"--out {out} holds files added since minqr wrote it (notes.txt)" in result.output
     assert (out / "notes.txt").read_text() == "mine"
+    # nor a folder that minqr made as something else: a synthetic task stays a task
+    task = folder / "task"
+    make_synthetic_task(task, num_train=20, num_test=10)
+    held = sorted(p.name for p in task.iterdir())
+    result = run([files[1], "--out", task, "--bootstrap", 0, "--no-truth", "--overwrite"])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: --out {task} is a synthetic task that minqr wrote, not an analysis report: --overwrite replaces "
+        "only an analysis report, so that one kind of output never replaces another; choose another path\n")
+    assert sorted(p.name for p in task.iterdir()) == held
 
 
 def test_view_and_bootstrap_options_reach_the_measures(study):

@@ -289,16 +289,19 @@ def test_the_command_writes_a_variant(tmp_path):
     assert len(read_jsonl(out / "train.jsonl")) == 40
     refused = CliRunner().invoke(command, ["--out", str(out), "--variant", "other"])
     assert refused.exit_code == 2 and "'other' is not one of 'demo', 'shifted'" in refused.output
-    # a task minqr made is replaced by the next one only with --overwrite (and a folder of candidate
-    # sets likewise: neither is replaced by the other without it); once a user adds to it, or in a
-    # folder of the user's, the command refuses with --overwrite too and deletes nothing
+    # a task minqr made is replaced by the next one only with --overwrite (never by a folder of
+    # candidate sets, with --overwrite or not); once a user adds to it, or in a folder of the
+    # user's, the command refuses with --overwrite too and deletes nothing
     small = ["--num-train", "20", "--num-test", "10"]
     refused = CliRunner().invoke(command, ["--out", str(out), *small])
     assert refused.exit_code == 1 and refused.output.startswith(f"Error: --out {out} exists and holds ")
     assert "pass --overwrite to replace it" in refused.output
     assert json.loads((out / "task.json").read_text())["variant"] == "shifted"
-    candidates = CliRunner().invoke(load_tool("candidates"), ["--out", str(out), "--num-prompts", "3"])
-    assert candidates.exit_code == 1 and "pass --overwrite" in candidates.output and (out / "train.jsonl").exists()
+    for overwrite in ([], ["--overwrite"]):
+        candidates = CliRunner().invoke(load_tool("candidates"), ["--out", str(out), "--num-prompts", "3", *overwrite])
+        assert candidates.exit_code == 1 and (out / "train.jsonl").exists()
+        assert candidates.output.startswith(f"Error: --out {out} is a synthetic task that minqr wrote, not a folder "
+                                            "of candidate sets: --overwrite replaces only a folder of candidate sets")
     assert CliRunner().invoke(command, ["--out", str(out), *small, "--overwrite"]).exit_code == 0
     assert json.loads((out / "task.json").read_text())["variant"] == "demo"
     small.append("--overwrite")

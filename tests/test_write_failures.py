@@ -84,7 +84,7 @@ def test_a_full_disk_is_one_message_and_leaves_the_old_version(tmp_path, monkeyp
     if kind == "file":
         old.write_text("previous")
     else:
-        with atomic_dir(old, overwrite=True) as tmp:  # a folder minqr made: one it may replace
+        with atomic_dir(old, overwrite=True, kind="a test folder") as tmp:  # a folder minqr made: one it may replace
             (tmp / "model.bin").write_text("previous")
     before = listing(tmp_path)
     for target in (old, tmp_path / "new" / "sub" / "out"):
@@ -93,7 +93,7 @@ def test_a_full_disk_is_one_message_and_leaves_the_old_version(tmp_path, monkeyp
                 with atomic_file(target) as tmp:
                     WRITERS[writer](to_dev_full(tmp))
             else:
-                with atomic_dir(target, overwrite=True) as tmp:
+                with atomic_dir(target, overwrite=True, kind="a test folder") as tmp:
                     WRITERS[writer](to_dev_full(tmp / "model.bin"))
         assert str(caught.value) == f"cannot write {target}: {FULL}{UNCHANGED}"
         assert listing(tmp_path) == before  # no temporary, no new folder, the old version as it was
@@ -107,7 +107,7 @@ def test_the_errno_that_safetensors_words_and_distributed_checkpoints_wrap(tmp_p
         Path(filename).write_bytes(b"\x08")  # a part of the file, then the disk is full
         raise full
     with pytest.raises(MinqrError, match=f"^cannot write {tmp_path / 'model'}: {FULL}"):
-        with atomic_dir(tmp_path / "model", overwrite=True) as tmp:
+        with atomic_dir(tmp_path / "model", overwrite=True, kind="a test folder") as tmp:
             failing_save_file({"a": torch.zeros(3)}, tmp / "model.safetensors")
     assert listing(tmp_path) == {}
 
@@ -115,7 +115,7 @@ def test_the_errno_that_safetensors_words_and_distributed_checkpoints_wrap(tmp_p
 
     monkeypatch.setattr(minqr.atomic, "_free_bytes", lambda path: 0)
     with pytest.raises(MinqrError, match=f"^cannot write {tmp_path / 'checkpoint'}: {FULL}"):
-        with atomic_dir(tmp_path / "checkpoint", overwrite=True) as tmp:
+        with atomic_dir(tmp_path / "checkpoint", overwrite=True, kind="a test folder") as tmp:
             (tmp / "shards").mkdir()
             to_dev_full(tmp / "shards" / "__0_0.distcp")  # the file dcp writes for process 0
             with pytest.warns(UserWarning):  # no process group: dcp says it saves in one process
@@ -125,7 +125,7 @@ def test_the_errno_that_safetensors_words_and_distributed_checkpoints_wrap(tmp_p
 
 def test_torch_save_failing_with_room_on_the_disk_says_what_torch_said(tmp_path):
     with pytest.raises(MinqrError, match=r"cannot write .*: the write failed \(\[enforce fail at inline_container"):
-        with atomic_dir(tmp_path / "checkpoint", overwrite=True) as tmp:
+        with atomic_dir(tmp_path / "checkpoint", overwrite=True, kind="a test folder") as tmp:
             write_torch(to_dev_full(tmp / "state.pt"))
 
 
@@ -240,7 +240,7 @@ def test_every_command_says_which_output_it_cannot_write(tmp_path):
 def test_torch_save_refused_at_open_says_why(tmp_path):
     """torch.save opens the file itself, and words the errno (its message, as torch 2 gives it)."""
     with pytest.raises(MinqrError, match=f"^cannot write {tmp_path / 'checkpoint'}: read-only file system; write"):
-        with atomic_dir(tmp_path / "checkpoint", overwrite=True):
+        with atomic_dir(tmp_path / "checkpoint", overwrite=True, kind="a test folder"):
             raise RuntimeError("[enforce fail at inline_container.cc:747] . open file failed with strerror: "
                                f"{os.strerror(errno.EROFS)}")
     assert listing(tmp_path) == {}

@@ -47,6 +47,7 @@ from minqr.study.tables import (COVERAGE_UNITS, MEASURE_COLUMNS, json_ready, mea
                                 objective_of, objectives_table, paired_differences, probe_markdown, table1,
                                 table1_markdown, with_interval)
 
+REPORT_KIND = "an analysis report"  # what its .minqr-made marker says it is (minqr/atomic.py)
 
 
 @dataclass
@@ -86,7 +87,7 @@ def analyze(paths, out_dir, **options) -> Path:
     options = AnalyzeConfig(scores=tuple(paths), out=out_dir, **options)
     if not paths:
         raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
-    check_replaceable(out_dir, "--out", overwrite=options.overwrite)  # before the measuring, which takes a while
+    check_replaceable(out_dir, "--out", overwrite=options.overwrite, kind=REPORT_KIND)  # before the measuring, which takes a while
     all_scores = [load_scores(path) for path in paths]
     _check_cells_unique(all_scores)
     truth = False if options.no_truth else options.truth
@@ -156,7 +157,7 @@ def write_report(out_dir, all_scores: list[Scores], summaries: list[dict], overw
                                               lambda a, b: paired_kl_difference(a, b, **options))
     accuracy_differences = paired_differences(all_scores, summaries, workloads,
                                               lambda a, b: paired_accuracy_difference(a, b, options["confidence"]))
-    with atomic_dir(out, "--out", overwrite=overwrite) as tmp:
+    with atomic_dir(out, "--out", overwrite=overwrite, kind=REPORT_KIND) as tmp:
         (tmp / "table1.json").write_text(json.dumps(json_ready(table), indent=2) + "\n")
         (tmp / "table1.md").write_text(table1_markdown(table) + "\n")
         (tmp / "measures.md").write_text(measures_markdown(summaries) + "\n")

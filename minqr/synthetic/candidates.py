@@ -46,6 +46,7 @@ from minqr.synthetic.truth import mixture_quantiles
 from minqr.errors import MinqrError
 from minqr.options import check_options, option, seed_option
 
+CANDIDATES_KIND = "a folder of candidate sets"  # what its .minqr-made marker says it is (minqr/atomic.py)
 CANDIDATE_STREAM = 2  # the seed's stream for candidate sets (0 and 1 are the task's data and truth)
 
 
@@ -151,7 +152,7 @@ def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, 
     same files)."""
     CandidatesConfig(out=str(folder), variant=variant, num_prompts=num_prompts, num_candidates=num_candidates,
                      seed=seed, overwrite=overwrite)  # checks the ranges
-    check_replaceable(folder, "--out", overwrite=overwrite)  # before the work below
+    check_replaceable(folder, "--out", overwrite=overwrite, kind=CANDIDATES_KIND)  # before the work below
     task = TASK_VARIANTS[variant]
     sets = sample_candidate_sets(task, np.random.default_rng([seed, CANDIDATE_STREAM]), num_prompts, num_candidates)
     truth = candidate_truth(task, sets["counts"])
@@ -159,7 +160,7 @@ def make_candidate_sets(folder, variant: str = "demo", num_prompts: int = 1000, 
     summary = {"description": "minqr candidate sets on the synthetic task (see minqr/synthetic/candidates.py)",
                "variant": variant, "num_prompts": num_prompts, "num_candidates": num_candidates, "seed": seed,
                "reference": ANCHOR_REPLY, **task.to_dict()}
-    with atomic_dir(folder, "--out", overwrite=overwrite) as tmp:
+    with atomic_dir(folder, "--out", overwrite=overwrite, kind=CANDIDATES_KIND) as tmp:
         with open(tmp / "candidates.jsonl", "w") as f:
             for question, replies in zip(sets["questions"], sets["replies"]):
                 record = {"prompt": f"\n\nHuman: {question}",

@@ -45,6 +45,7 @@ from minqr.synthetic.task import TASK_VARIANTS, sample_pairs
 from minqr.synthetic.truth import bayes_accuracy, bayes_accuracy_on_labels, truth_arrays
 
 # The demo's backbone: small enough to train in seconds on a 2-core CPU, deep enough to add up tags.
+TASK_KIND = "a synthetic task"  # what its .minqr-made marker says it is (minqr/atomic.py)
 TINY_MODEL = dict(n_layer=2, n_embd=64, n_head=4, n_positions=128,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 TOKENIZER_VOCAB_SIZE = 512  # a target: the BPE stops earlier once every word is one token
@@ -112,7 +113,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
     if num_samples < 1:
         raise MinqrError(f"num_samples must be at least 1, got {num_samples}")
     task = TASK_VARIANTS[variant]
-    check_replaceable(folder, "--out", overwrite=overwrite)  # before the minute of work below
+    check_replaceable(folder, "--out", overwrite=overwrite, kind=TASK_KIND)  # before the minute of work below
     # independent streams for the data and the truth, so that e.g. more truth samples leave the data
     # unchanged; within the data's stream the test pairs come after the training pairs, so another
     # num_train (or annotator pools) draws another test set
@@ -140,7 +141,7 @@ def make_synthetic_task(folder, num_train: int = 40_000, num_test: int = 1000, s
         **pooled_facts,
     }
     tokenizer = train_tokenizer(train["chosen"] + train["rejected"])
-    with atomic_dir(folder, "--out", overwrite=overwrite) as tmp:
+    with atomic_dir(folder, "--out", overwrite=overwrite, kind=TASK_KIND) as tmp:
         _write_jsonl(tmp / "train.jsonl", train["chosen"], train["rejected"], train.get("ids"))
         _write_jsonl(tmp / "test.jsonl", test["chosen"], test["rejected"])
         for name, (kind, payload) in pooled.items():

@@ -140,7 +140,7 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "compute": compute,
         "data": data,
     }
-    with atomic_dir(folder, overwrite=True) as tmp:  # the run's own checkpoint, replaced at every save
+    with atomic_dir(folder, overwrite=True, kind="a checkpoint") as tmp:  # the run's own checkpoint, replaced at every save
         if write_shards:
             write_shards(tmp)
         torch.save(state, tmp / STATE_FILE)
