@@ -266,6 +266,18 @@ def test_cli(mixture, tmp_path):
                                   str(tmp_path / "s.npz"), "--annotator", "2"])  # the command line's "2" is id 2
     assert result.exit_code == 0, result.output
     assert not np.isnan(load_scores(tmp_path / "s.npz").personal["personal_probability"]).any()
+    # so is personalize's: "2" for pairs without ids is the known 2, replaced with --overwrite only, never a new "2"
+    unnamed = write_labels(tmp_path / "unnamed.jsonl", make_pairs(seed=8)[:4], [None] * 4)
+    before = Annotators.load(folder, N)
+    result = runner.invoke(main, ["personalize", "--model", str(folder), "--data", str(unnamed), "--annotator", "2"])
+    assert result.exit_code == 1 and result.output.startswith(f"Error: {folder} already holds the posteriors of 1 "
+                                                              "annotator of ") and "(the first: 2)" in result.output
+    result = runner.invoke(main, ["personalize", "--model", str(folder), "--data", str(unnamed), "--annotator", "2",
+                                  "--overwrite"])
+    assert result.exit_code == 0 and "posteriors of 0 new and 1 known annotators; the model knows 3" in result.output
+    after = Annotators.load(folder, N)
+    assert sorted(after.ids) == [1, 2, 3] and after.pairs[after.ids.index(2)] == 4
+    assert not torch.equal(after.log_posteriors[after.ids.index(2)], before.log_posteriors[before.ids.index(2)])
     result = runner.invoke(main, ["personalize", "--model", str(tmp_path / "nowhere"), "--data", str(data)])
     assert result.exit_code == 1 and "local folder" in result.output
 

@@ -137,8 +137,11 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     pairs, stats = load_pairs(data, config.split, config.subset, config.skip_bad, config.annotator_field)
     tokenized = tokenize_pairs(pairs, tokenizer, text_length_limit(reward_model, folder, config.max_length))
     known = Annotators.load(folder, head.num_quantiles)
+    annotator = config.annotator  # a command line's "7" is the known integer id 7, as in score --annotator
+    if annotator is not None and known is not None and known.resolve(annotator) is not None:
+        annotator = known.resolve(annotator)
     # what the scoring pass would be refused for is said before it (it takes minutes on a large model)
-    labelled = labellers(tokenized, config.annotator, str(data))
+    labelled = labellers(tokenized, annotator, str(data))
     replaced = [annotator for annotator in labelled if known is not None and annotator in set(known.ids)]
     if replaced and not config.overwrite:
         them = "annotator" if len(replaced) == 1 else "annotators"
@@ -148,7 +151,7 @@ def personalize(model, data, progress: bool = True, **options) -> PersonalizeSum
     # they replace every annotator the model knows: then they are its population, and a prior is
     # fitted to them when they are many (Annotators.from_sums)
     fresh = known is None or set(known.ids) <= set(labelled)
-    new, scale = annotators_of(reward_model, tokenized, config.annotator, str(data),
+    new, scale = annotators_of(reward_model, tokenized, annotator, str(data),
                                None if fresh else known.log_prior, fit_prior=fresh, batch_size=config.batch_size,
                                device=config.device, dtype=config.dtype, progress=progress,
                                model_name=f"the reward model {folder}")
