@@ -180,12 +180,14 @@ def test_prior_recovers_the_shares_of_the_kinds(generator):
     torch.testing.assert_close(unfitted.log_posteriors, torch.log_softmax(sums, -1), rtol=1e-12, atol=1e-12)
 
 
-def test_an_annotator_no_kind_can_explain_is_left_out_of_the_prior(generator):
+def test_an_annotator_no_kind_can_explain_is_left_out_of_the_prior_and_has_no_posterior(generator):
     sums, _ = draws_of_kinds([30, 20, 10], 4, 3, generator)
     broken = torch.cat([sums, torch.full((1, 3), float("-inf"), dtype=torch.float64)])  # a non-finite output's labels
     torch.testing.assert_close(population_prior(broken), population_prior(sums), rtol=0, atol=0)
-    annotators = Annotators.from_sums(tuple(range(61)), broken, (4,) * 61)
-    assert bool(torch.isfinite(annotators.log_prior).all()) and bool(torch.isfinite(annotators.log_posteriors[:60]).all())
+    for row in ([float("-inf"), 0.0, 0.0], [float("nan"), 0.0, 0.0]):  # impossible under one kind: no posterior either
+        broken[60] = torch.tensor(row, dtype=torch.float64)
+        with pytest.raises(MinqrError, match="^the labels of annotator 60 are impossible under some kind"):
+            Annotators.from_sums(tuple(range(61)), broken, (4,) * 61)
 
 
 def test_too_few_annotators_keep_the_uniform_prior(generator):
@@ -261,6 +263,16 @@ def test_save_and_load_round_trip(tmp_path, generator):
     with pytest.raises(MinqrError) as caught:
         Annotators.load(tmp_path)
     assert str(caught.value) == f"{path}: the annotator 7 is given twice; fix or delete it"
+    # a blank id (no data reader gives one), a number too large for a float: each named with the file
+    for field, value, words in [("id", " ", f"{path}: format 1 or its ids (strings that are not blank, or integers) "
+                                             "are not what this minqr writes (format 1); fix or delete it"),
+                                ("log_posterior", "1" + "0" * 400, f"{path}: not an annotators file minqr wrote (")]:
+        row = json.dumps({**data["annotators"][0], field: "FIELD"})
+        row = row.replace('"FIELD"', json.dumps(value) if field == "id" else f"[{value}, 0, 0]")
+        path.write_text(json.dumps({**data, "annotators": ["ROW"]}).replace('"ROW"', row))
+        with pytest.raises(MinqrError) as caught:
+            Annotators.load(tmp_path)
+        assert str(caught.value).startswith(words), field
 
 
 def test_merged_replaces_the_same_ids(generator):

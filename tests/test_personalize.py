@@ -253,6 +253,23 @@ def test_heads_without_kinds(tmp_path, tokenizer):
         assert not (folder / ANNOTATORS_FILE).exists()
 
 
+def test_labels_no_kind_can_give_are_refused_before_anything_is_saved(mixture, tmp_path):
+    """Margins far beyond the rewards' scale make an annotator's likelihood 0 under some kind: no
+    posterior exists, so nothing is saved (annotators.json held NaN, which then failed every score)."""
+    folder, _ = mixture
+    pairs = make_pairs(seed=9)[:6]
+    data = write_labels(tmp_path / "labels.jsonl", pairs, ["ok"] * 3 + ["z1"] * 3, margins=[0.0] * 3 + [1e308] * 3)
+    with pytest.raises(MinqrError) as refused:
+        personalize(folder, data, progress=False)
+    assert str(refused.value) == ("the labels of annotator 'z1' are impossible under some kind of the model (a "
+                                  "log-likelihood that is infinite or not a number): a model output that is not "
+                                  "finite on one of their texts, or a pair's margin far beyond the rewards' scale, "
+                                  "does that; check the margins of their pairs")
+    assert not (folder / ANNOTATORS_FILE).exists()
+    with pytest.raises(MinqrError, match="^the labels of annotator 'z1' are impossible"):
+        score_to_file(folder, data, tmp_path / "s.npz", context=str(data), progress=False)
+
+
 def test_cli(mixture, tmp_path):
     folder, _ = mixture
     data = write_labels(tmp_path / "labels.jsonl", make_pairs(seed=7), [1, 2, 3] * 5)

@@ -187,6 +187,16 @@ class Annotators:
         """The annotators `ids` from their log-likelihood sums [A, N] (log_likelihood_sums) and their
         pair counts: their posteriors under `log_prior` [N], or, when None, under the prior fitted to
         them (population_prior; uniform when they are too few, or without `fit_prior`)."""
+        # a log-likelihood of -inf or NaN under a kind leaves no posterior that annotators.json could hold
+        # (it held NaN, and every later read refused the file): a model output that is not finite on one
+        # of their texts, or a margin far beyond the rewards' scale (log σ(−1e308) summed over pairs)
+        finite = torch.isfinite(log_likelihoods).all(-1)  # [A]
+        if not bool(finite.all()):
+            who = ids[int((~finite).nonzero()[0])]
+            raise MinqrError(f"the labels of annotator {who!r} are impossible under some kind of the model (a "
+                             "log-likelihood that is infinite or not a number): a model output that is not finite "
+                             "on one of their texts, or a pair's margin far beyond the rewards' scale, does that; "
+                             "check the margins of their pairs")
         if log_prior is None and fit_prior:
             log_prior = population_prior(log_likelihoods)
         log_prior = None if log_prior is None else log_prior.double().cpu()
@@ -275,11 +285,12 @@ class Annotators:
             values = values.reshape(len(rows), kinds)  # [A, N], also for A = 0
             prior = data.get("log_prior")
             prior = None if prior is None else torch.tensor(prior, dtype=torch.float64).reshape(kinds)  # [N]
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, OverflowError) as error:
             raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
-        if data.get("format") != FORMAT or not all(_is_id(annotator) for annotator in ids):
-            raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings or integers) are not "
-                             f"what this minqr writes (format {FORMAT}); fix or delete it")
+        named = all(_is_id(annotator) and not (isinstance(annotator, str) and not annotator.strip()) for annotator in ids)
+        if data.get("format") != FORMAT or not named:
+            raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings that are not blank, or "
+                             f"integers) are not what this minqr writes (format {FORMAT}); fix or delete it")
         twice = first_repeated(ids)
         if twice is not None:
             raise MinqrError(f"{path}: the annotator {twice!r} is given twice; fix or delete it")
