@@ -217,6 +217,13 @@ def test_personal_accuracy_against_a_loop(tmp_path):
     assert unmeasured["value"] is None and "score known annotators' pairs" in unmeasured["not_measured"]
     markdown = personal_markdown([{"workload": "new", "label": "m", "personal": unmeasured}])
     assert "| new | m | 0 | not measured: no row has a personal probability" in markdown
+    # every row scored as one person's (--annotator): the truth is each row's own annotator's, so not measured
+    save_scores(tmp_path / "as_one.npz", chosen.astype(np.float32), rejected.astype(np.float32),
+                {**metadata, "annotator": "a3"}, personal=scores.personal)
+    assert personal_accuracy(load_scores(tmp_path / "as_one.npz"), truth) == {
+        "value": None, "not_measured": "the rows were all scored as annotator 'a3' (--annotator), but the truth holds "
+                                       "each pair's own annotator's preference: score without --annotator to "
+                                       "measure it"}
 
 
 def test_within_class_spread_rho_against_scipy(tmp_path):

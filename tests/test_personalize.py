@@ -358,7 +358,9 @@ def test_scores_files_check_their_personal_arrays(tmp_path):
     bad_rows = {**good, "personal_posterior": np.array([[0.5, 0.6], [np.nan, np.nan], [1, 0]], np.float32)}
     for personal, words in ((bad_rows, "a posterior that sums to 1"),
                             ({**good, "personal_reward": np.zeros((3, 3), np.float32)}, r"float \[3, 2\]"),
-                            ({"personal_probability": good["personal_probability"]}, "give all of")):
+                            ({"personal_probability": good["personal_probability"]}, "give all of"),
+                            ({**good, "personal_reward": np.array([[1, np.inf], [np.nan, np.nan], [0.5, -0.5]],
+                                                                  np.float32)}, "finite rewards")):
         with pytest.raises(MinqrError, match=words):
             save_scores(tmp_path / "bad.npz", chosen, rejected, metadata, personal=personal)
     lines = (tmp_path / "s.jsonl").read_text().splitlines()

@@ -389,6 +389,16 @@ def test_synthetic_task_scores_name_their_truth(tmp_path):
     own = load_scores(tmp_path / "own_anchor.npz")
     assert "truth" not in own.metadata and own.metadata["anchor_reply"] == " OK." and own.anchor is not None
     assert "--anchor-reply replaces the task's own anchor reply" in str(summary)
+    # a truth file given by hand that is not the one recorded (another task's of as many pairs): refused too
+    other = make_synthetic_task(tmp_path / "other-task", num_train=30, num_test=20, num_samples=8, seed=2)
+    with pytest.raises(MinqrError) as refused:
+        summarize(load_scores(tmp_path / "scores.npz"), n_resamples=0, truth=other / "test_truth.npz")
+    assert str(refused.value) == (f"{tmp_path / 'scores.npz'}: the truth file {other / 'test_truth.npz'} is not the "
+                                  f"one these scores were made against (they record {task / 'test_truth.npz'}, "
+                                  "whose contents differ), so its rows are other pairs' truths: pass that task's "
+                                  "truth file, or leave out the truth")
+    assert summarize(load_scores(tmp_path / "scores.npz"), n_resamples=0,
+                     truth=task / "test_truth.npz")["coverage"] is not None  # the recorded one, by hand: taken
     # the task made again in its place (another seed): the scores no longer line up with its truth
     make_synthetic_task(task, num_train=30, num_test=20, num_samples=8, seed=1, overwrite=True)
     with pytest.raises(MinqrError, match="the truth file .*test_truth.npz has changed since these scores were made"):

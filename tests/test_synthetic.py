@@ -349,6 +349,10 @@ def test_every_array_of_a_written_truth_passes_its_check(folder):
      r"chosen_tags has V = \d+, controversial_tags has V = \d+: they must agree"),
     (lambda t: t.update(preference_probability=t["preference_probability"][:5]), ("preference_probability",),
      r"preference_probability has shape \(5,\), but the scores hold \d+ pairs"),
+    (lambda t: t["chosen_samples"].__setitem__((0, 0), np.nan), ("chosen_samples", "rejected_samples"),
+     r"chosen_samples holds a number that is not finite"),
+    (lambda t: t["preference_probability"].__setitem__(3, 7.0), ("preference_probability",),
+     r"preference_probability holds a value outside \[0, 1\], which no probability is"),
 ])
 def test_a_damaged_truth_file_is_refused_by_name(folder, truth, tmp_path, change, names, message):
     damaged = dict(truth)

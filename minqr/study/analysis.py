@@ -164,6 +164,12 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
                              "task's pairs again, or pass truth=False (--no-truth) to skip the truth")
     else:
         truth_path = Path(truth) if truth is not False else None
+        recorded = scores.metadata.get("truth_sha256")
+        if truth_path is not None and recorded is not None and truth_path.is_file() \
+                and file_sha256(truth_path) != recorded:
+            raise MinqrError(f"{where}: the truth file {truth_path} is not the one these scores were made against "
+                             f"(they record {scores.truth_path or 'another'}, whose contents differ), so its rows "
+                             "are other pairs' truths: pass that task's truth file, or leave out the truth")
     if truth_path is not None:
         summary["bayes"] = bayes_reference(truth_path, scores.num_pairs)
         if unanchored_kinds:

@@ -68,6 +68,11 @@ def personal_accuracy(scores: Scores, truth_path) -> dict | None:
     if not rows.any():
         return {"value": None, "not_measured": "no row has a personal probability (no annotator the model knows): "
                                                "score known annotators' pairs, or new people's with --context"}
+    if scores.metadata.get("annotator") is not None:  # the truth is each row's own annotator's, not this person's
+        return {"value": None, "not_measured": f"the rows were all scored as annotator "
+                                               f"{scores.metadata['annotator']!r} (--annotator), but the truth "
+                                               "holds each pair's own annotator's preference: score without "
+                                               "--annotator to measure it"}
     population = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
     own_group = group_probability[np.arange(len(group)), group.astype(int)]  # [P]
     result = {"pairs": int(rows.sum()), "pairs_without": int((~rows).sum())}

@@ -420,6 +420,8 @@ def _check_personal(scores: Scores) -> None:
     rows = posterior[known]
     if not (np.isnan(posterior[~known]).all() and np.isnan(scores.personal["personal_reward"][~known]).all()
             and np.isfinite(rows).all() and (rows >= 0).all() and np.allclose(rows.sum(1), 1, atol=1e-4)
-            and ((probability[known] >= 0) & (probability[known] <= 1)).all()):
+            and ((probability[known] >= 0) & (probability[known] <= 1)).all()
+            and np.isfinite(scores.personal["personal_reward"][known]).all()):
         raise MinqrError(f"{where}: the personal arrays must hold, in the rows of a known annotator (a number in "
-                         "'personal_probability', from 0 to 1), a posterior that sums to 1, and NaN in the others")
+                         "'personal_probability', from 0 to 1), a posterior that sums to 1 and finite rewards, and "
+                         "NaN in the others")

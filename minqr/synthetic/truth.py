@@ -109,8 +109,17 @@ TRUTH_ARRAYS = {
 }
 
 
+PROBABILITIES = ("preference_probability", "annotator_probability", "annotator_group_probability")
+
+
 def _check_together(arrays: dict, path: Path) -> None:
-    """The axes that arrays of one truth file share (S, V, G) agree, and group indices are < G."""
+    """The axes that arrays of one truth file share (S, V, G) agree, group indices are < G, every
+    number is finite and every probability in [0, 1] (a NaN would pass into every figure silently)."""
+    for name, array in arrays.items():
+        if name in TRUTH_ARRAYS and array.dtype.kind in NUMBERS and not np.isfinite(array).all():
+            raise MinqrError(f"{path}: {name} holds a number that is not finite; {TRUTH_HELP}")
+        if name in PROBABILITIES and not ((array >= 0) & (array <= 1)).all():
+            raise MinqrError(f"{path}: {name} holds a value outside [0, 1], which no probability is; {TRUTH_HELP}")
     for axis in ("S", "V", "G"):
         sizes = {name: array.shape[TRUTH_ARRAYS[name][0].index(axis)] for name, array in arrays.items()
                  if name in TRUTH_ARRAYS and axis in TRUTH_ARRAYS[name][0]}
