@@ -2,6 +2,9 @@
 made here (offline, CPU), with plain and conversational prompts; every reward TRL received is
 checked against the reward model's outputs on the rendered texts, the statistic computed here
 in float64 by its definition. Skipped where trl is not installed."""
+import re
+import warnings
+
 import pytest
 import torch
 from factories import TINY_VOCAB_SIZE, random_gpt2, tiny_config, transformers_twin, write_tiny_tokenizer
@@ -155,6 +158,25 @@ def test_a_completion_and_its_reference_are_read_in_one_rendering(tmp_path):
         "<user>Hi<assistant>Yo", "<user>Hi<assistant>No."]
     with pytest.warns(UserWarning, match="a string is mixed with message lists"):
         assert rewards.texts(prompt, completion, " No.") == ["\n\nHuman: Hi\n\nAssistant: Yo", "\n\nHuman: Hi No."]
+    # a reference reply given as a string (the docs' reference_reply=" I can't help with that.") to
+    # conversations is the assistant's message: the same rewards as the message itself, no warning
+    prompts = [prompt, [{"role": "user", "content": "Rain?"}]]
+    completions = [completion, [{"role": "assistant", "content": "Wet."}]]
+    as_message = TextRewards.load(folder, statistic="preference", dtype="float32").statistic_values(
+        prompts, completions, references=[[{"role": "assistant", "content": "No."}]] * 2)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_string = RewardFunction(str(folder), statistic="preference", reference_reply="No.", dtype="float32")(
+            prompts=prompts, completions=completions)
+    assert as_string == pytest.approx(as_message.tolist(), abs=1e-6)
+    # what is neither a string nor messages: one error naming the row and the field, never a TypeError
+    for prompts_, completions_, references, words in [
+            (["Hi", None], [" a", " b"], None, "completion 1: field 'prompt' must be a string or a list of"),
+            (["Hi", "Hi"], [" a", 3], None, "completion 1: field 'completion' must be a string or a list of"),
+            (["Hi", "Hi"], [" a", " b"], [" ok", None], "completion 1: field 'reference' must be a string or a list"),
+            (["Hi", "Hi"], [" a", " b\ud800"], None, "completion 1: field 'completion' holds a lone surrogate")]:
+        with pytest.raises(MinqrError, match=f"^{re.escape(words)}"):
+            rewards.statistic_values(prompts_, completions_, references=references)
 
 
 def test_trl_reading_a_saved_folder_gets_the_expected_reward_never_one_kind(tmp_path):

@@ -117,8 +117,15 @@ def test_bad_configuration_is_a_clear_error(folder):
                     model=path, statistic="cvar:0.25")
     with pytest.raises(MinqrError, match="3 solution_strs but 2 extra_infos"):
         batch(solution_strs=[" a", " b", " c"], extra_infos=[{"prompt": "x"}] * 2)
-    with pytest.raises(MinqrError, match="completion 2 is the only one of its prompt in this call"):
+    with pytest.raises(MinqrError, match=r"^response 2 is the only response to its prompt in this batch, so there is "
+                                         r"no group to read it against: with one response a prompt \(rollout.n = 1\) "
+                                         "set reward_kwargs reference_key or reference_reply"):
         batch(solution_strs=[" a", " b", " c"], extra_infos=[{"prompt": "x"}, {"prompt": "x"}, {"prompt": "y"}])
+    # a null field of extra_info, or a response that is not a string: named, never a TypeError
+    for solutions, infos, words in [([" a", None], [{"prompt": "x"}] * 2, "completion 1: field 'completion' must be"),
+                                    ([" a", " b"], [{"prompt": None}] * 2, "completion 0: field 'prompt'")]:
+        with pytest.raises(MinqrError, match=f"^{words}"):
+            batch(solution_strs=solutions, extra_infos=infos, data_sources=["d"] * 2, ground_truths=[None] * 2)
 
 
 def test_verl_own_loader_loads_it(folder):

@@ -7,11 +7,13 @@ its raw outputs, and a statistic of its reward distribution relative to a refere
 The text. A prompt and its completion are either strings, read as prompt + completion (as TRL and
 minqr's data do), or lists of {"role", "content"} messages (TRL's conversational format), rendered
 with the reward model's chat template as minqr renders conversations in training
-(minqr/data/chat.py, prompt_reply_texts); a model whose tokenizer has no template was trained on the
+(minqr/data/chat.py, prompt_reply_texts). A string reply (a completion or reference) to a
+conversation is the assistant's message (verl passes the response alone, a reference reply is
+often one text for every prompt). A model whose tokenizer has no template was trained on the
 HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a
-warning, as it is when a string meets message lists among a completion, its prompt and its
-reference (training reads such a pair so: a completion and its reference are always read in one
-rendering). Texts longer than `max_length` tokens (default: the --max-length the model was trained
+warning, as it is when a string prompt meets message-list replies (training reads such a pair so:
+a completion and its reference are always read in one rendering). A prompt, completion or reference
+that is neither a string nor a list of {"role", "content"} messages is refused, naming its row. Texts longer than `max_length` tokens (default: the --max-length the model was trained
 with, else its number of positions) are cut from the left, as in training: the completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
@@ -20,7 +22,7 @@ whose equal values mark completions of the same prompt (the prompt itself will d
 reward itself; any other statistic of N > 1 outputs is refused. A group needs two texts or more in
 the call: a lone completion is its own reference, and its reward says nothing of it, so it is
 refused (TRL on several GPUs hands each process its share of the completions, which can split a
-prompt's group: there give a reference reply instead).
+prompt's group; verl with one response per prompt has none: there give a reference reply instead).
 
 Whose reward: by default the population's. `annotators`, one id per text, asks for each named
 person's instead: the statistic with the mixture's kinds weighted by that person's posterior
@@ -33,6 +35,7 @@ import warnings
 import torch
 
 from minqr.data.chat import prompt_reply_texts
+from minqr.data.pairs import checked_text
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import (Statistic, lone_member, mean_and_spread, parse_statistic,
                                            relative_outputs, statistic_values)
@@ -109,7 +112,7 @@ class TextRewards:
         if references is not None and len(references) != len(prompts):
             raise MinqrError(f"{len(references)} references for {len(prompts)} completions: one reply per completion")
         # a completion and its reference in one rendering: [completion's text, reference's text] each
-        rows = [self.texts(p, c) if references is None else self.texts(p, c, references[i])
+        rows = [self.texts(p, *_replies(p, [c] if references is None else [c, references[i]], i))
                 for i, (p, c) in enumerate(zip(prompts, completions))]
         texts = [row[0] for row in rows] + ([row[1] for row in rows] if references is not None else [])
         outputs = self.outputs(texts).double()  # [M, N] or [2M, N]: the completions, then their references
@@ -122,8 +125,9 @@ class TextRewards:
             alone = lone_member(group_ids)
             if alone is not None:
                 raise MinqrError(f"completion {alone} is the only one of its prompt in this call, so its group reference "
-                                 "is itself and its reward says nothing of it: give a prompt's completions together "
-                                 "(TRL on several GPUs may split them: use a reference reply there)")
+                                 "is itself and its reward says nothing of it: give a prompt's completions together, "
+                                 "or a reference reply (TRL on several GPUs may split a prompt's completions; verl "
+                                 "with one response a prompt has one)")
         if annotators is not None and len(annotators) != len(prompts):
             raise MinqrError(f"{len(annotators)} annotators for {len(prompts)} completions: one id (or None) per "
                              "completion")
@@ -134,6 +138,16 @@ class TextRewards:
             return values, None, None
         relative = relative_outputs(outputs, reference=reference_outputs, group=group_ids, objective=self.objective)
         return values, *mean_and_spread(relative, weights)
+
+
+def _replies(prompt, replies: list, row: int) -> list:
+    """The replies to `prompt` (a completion, and its reference if any) checked, naming the row, and
+    a string reply to a conversation made the assistant's message."""
+    checked_text(prompt, "prompt", f"completion {row}", allow_empty=True, opens=True)
+    for field, reply in zip(("completion", "reference"), replies):
+        checked_text(reply, field, f"completion {row}", allow_empty=True)
+    return [[{"role": "assistant", "content": reply}] if isinstance(prompt, list) and isinstance(reply, str) else reply
+            for reply in replies]
 
 
 def key_ids(keys: list) -> torch.Tensor:

@@ -17,7 +17,9 @@ verl loads a reward function from a file path and calls it with keywords, adding
   `reference_reply` (one text for all prompts, e.g. a refusal).
 - `compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, **reward_kwargs)`,
   as verl's "batch" reward manager calls it, returns that dict for each response; without a
-  reference reply, the reference is the group of responses to the same prompt in the batch.
+  reference reply, the reference is the group of responses to the same prompt in the batch, which
+  needs two or more a prompt (with one, `rollout.n = 1`, give a reference reply, or use
+  compute_score, whose mean needs none).
 
 verl passes `solution_str`, the response alone; the prompt comes from `extra_info[prompt_key]`
 (default "prompt"), a string, or a list of messages (TRL's and verl's chat format) rendered with the
@@ -31,7 +33,8 @@ the model (minqr personalize; docs/personal.md).
 
 The reward model is loaded once per process and option set, on the first call.
 """
-from minqr.adapters.texts import TextRewards
+from minqr.adapters.texts import TextRewards, key_ids
+from minqr.distribution.statistics import lone_member
 from minqr.errors import MinqrError
 
 # what verl's reward managers may add to the keywords, which this function does not use
@@ -76,23 +79,28 @@ def _reward_dicts(solutions: list, infos: list, per_sample: bool, model: str | N
                                         device=device, dtype=dtype)
     rewards = _LOADED[key]
     prompts = [_field(info, prompt_key, "prompt_key", i) for i, info in enumerate(infos)]
-    completions = [_as_reply(prompt, text) for prompt, text in zip(prompts, solutions)]
     if reference_key is not None:
-        references = [_as_reply(p, _field(info, reference_key, "reference_key", i))
-                      for i, (p, info) in enumerate(zip(prompts, infos))]
-        kwargs = {"references": references}
+        kwargs = {"references": [_field(info, reference_key, "reference_key", i) for i, info in enumerate(infos)]}
     elif reference_reply is not None:
-        kwargs = {"references": [_as_reply(p, reference_reply) for p in prompts]}
+        kwargs = {"references": [reference_reply] * len(prompts)}
     elif per_sample and rewards.statistic.needs_reference(rewards.model.num_quantiles):
         raise MinqrError(f"statistic {rewards.statistic} needs a reference, and compute_score sees one response "
                          "at a time: set reward_kwargs reference_key (an extra_info field with a reference reply "
                          "per prompt) or reference_reply, or use compute_score_batch with reward_manager batch "
                          "(the reference is then the group of responses to the same prompt)")
+    elif per_sample:
+        kwargs = {}
     else:
-        kwargs = {"group": prompts} if not per_sample else {}
+        alone = lone_member(key_ids(prompts))
+        if alone is not None:
+            raise MinqrError(f"response {alone} is the only response to its prompt in this batch, so there is no "
+                             "group to read it against: with one response a prompt (rollout.n = 1) set "
+                             "reward_kwargs reference_key or reference_reply, or use compute_score (whose mean "
+                             "needs no reference)")
+        kwargs = {"group": prompts}
     if annotator_key is not None:
         kwargs["annotators"] = [_field(info, annotator_key, "annotator_key", i) for i, info in enumerate(infos)]
-    values, means, spreads = rewards.statistic_values(prompts, completions, **kwargs)
+    values, means, spreads = rewards.statistic_values(prompts, solutions, **kwargs)
     # without a reference the statistic is the mean itself (or, at N = 1, the one reward)
     results = [{"score": float(v), "mean": float(m)} for v, m in zip(values, values if means is None else means)]
     if spreads is not None:
@@ -109,7 +117,3 @@ def _field(info, key: str, option: str, index: int):
                          "prepare the data set")
     return info[key]
 
-
-def _as_reply(prompt, text):
-    """A response text in the prompt's format: a string, or the assistant's message after messages."""
-    return [{"role": "assistant", "content": text}] if not isinstance(prompt, str) and isinstance(text, str) else text
