@@ -120,6 +120,24 @@ def test_choices_are_the_argmax_of_statistic_values_on_texts_scored_alone(tmp_pa
             assert expected[result["chosen"][name]] >= expected.max() - 4e-5
 
 
+def test_identical_candidates_tie_and_the_earliest_is_chosen(tmp_path, model):
+    """Copies of one candidate (common among N samples) get the same statistics to the bit, so the
+    documented tie rule holds: the earliest copy is chosen (packing once moved the last bits, and a
+    later copy won about half the time)."""
+    folder, _ = model
+    records = [{"prompt": f"\n\nHuman: how do I fix the {thing}?",
+                "candidates": [f"\n\nAssistant: {a}", f"\n\nAssistant: {b}", f"\n\nAssistant: {b}",
+                               f"\n\nAssistant: {b}", f"\n\nAssistant: {a}"]}
+               for thing in ("bike", "garden", "joke", "now") for a, b in (("no", "please fix it"), ("ok", "the bike"))]
+    out = tmp_path / "choices.jsonl"
+    best_of_n_to_file(folder, write(tmp_path / "dups.jsonl", records), out, statistics=STATISTICS, progress=False)
+    for record, result in zip(records, read(out)):
+        for name, values in result["statistics"].items():
+            assert values[1] == values[2] == values[3] and values[0] == values[4], name
+            chosen = result["chosen"][name]
+            assert chosen == record["candidates"].index(record["candidates"][chosen]), (name, values)
+
+
 def test_parquet_in_and_out_give_the_json_lines_records(tmp_path, model):
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

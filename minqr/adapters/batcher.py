@@ -28,6 +28,8 @@ from concurrent.futures import Future
 
 import numpy as np
 
+from minqr.study.scoring import distinct_texts
+
 
 class DynamicBatcher:
     """One worker thread that runs `score(token_lists) -> np.ndarray [M, N]` over the texts of the
@@ -77,7 +79,7 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            texts, where = _distinct([tokens for token_lists, _ in batch for tokens in token_lists])
+            texts, where = distinct_texts([tokens for token_lists, _ in batch for tokens in token_lists])
             try:
                 outputs = self._forward(texts)  # [U, N]
             except Exception as error:  # the requests fail, the worker lives on for the next ones
@@ -94,7 +96,7 @@ class DynamicBatcher:
                 start += len(token_lists)
 
     def _score_alone(self, token_lists: list, future: Future) -> None:
-        texts, where = _distinct(token_lists)
+        texts, where = distinct_texts(token_lists)
         try:
             future.set_result(self._forward(texts)[where])  # [M, N]
         except Exception as error:
@@ -105,11 +107,3 @@ class DynamicBatcher:
         self.forwards += 1
         self.texts_scored += len(texts)
         return outputs
-
-
-def _distinct(token_lists) -> tuple[list, list]:
-    """The distinct texts among `token_lists` (identical texts are run once) and the row of each
-    text among them: `where[i]` is the i-th text's."""
-    unique = {}
-    where = [unique.setdefault(tuple(tokens), len(unique)) for tokens in token_lists]
-    return list(unique), where

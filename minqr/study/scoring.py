@@ -101,6 +101,14 @@ def _check_finite(chosen: np.ndarray, rejected: np.ndarray, indices, model_name:
                          "inf: train it again (with a lower --lr?), or score another model")
 
 
+def distinct_texts(token_lists) -> tuple[list, list]:
+    """The distinct texts among `token_lists` and the row of each text among them: `where[i]` is the
+    i-th text's."""
+    unique = {}
+    where = [unique.setdefault(tuple(tokens), len(unique)) for tokens in token_lists]
+    return list(unique), where
+
+
 @torch.inference_mode()
 def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH_SIZE, device=None,
                 dtype: str = "auto", pooled: bool = False, shared_prefix: bool = True,
@@ -109,9 +117,14 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     token), in their order; with `pooled`, the states its head reads instead, [M, n_embd]. At most
     `batch_size` texts a forward; texts that share a long prefix (a prompt's samples, a prompt and
     its reference reply) run it once (minqr/data/batching.py, TextBatch), unless `shared_prefix` is
-    False; rows of similar width share a batch; eval mode, as score_tokenized. Outputs that are not
+    False; rows of similar width share a batch; eval mode, as score_tokenized. Identical texts are
+    run once, so that they get identical outputs (where a text lands in a packed row can move the
+    last bits, and best-of-N's ties go to the earliest of identical candidates). Outputs that are not
     finite are a MinqrError, unless `check_finite` is False (the server checks each request's own
     rows of a forward that several requests share)."""
+    unique, where = distinct_texts(token_lists)
+    if len(unique) < len(token_lists):
+        return score_texts(model, unique, batch_size, device, dtype, pooled, shared_prefix, check_finite)[where]
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
     model_width = model.transformer.config.hidden_size
