@@ -258,8 +258,8 @@ def check_output_file(path, option: str = "out", *, overwrite: bool, what: str =
     --overwrite would replace by the job's own output."""
     path = Path(path)
     for name, input_path in inputs:
-        if input_path is not None and path.is_file() and Path(input_path).is_file() \
-                and os.path.samefile(path, input_path):
+        input_path = None if input_path is None else Path(input_path).expanduser()
+        if input_path is not None and path.is_file() and input_path.is_file() and os.path.samefile(path, input_path):
             raise MinqrError(f"{option} {path} is also {name}, which this job reads: writing there would replace "
                              "it; choose another path")
     if path.is_symlink():
@@ -272,12 +272,14 @@ def check_output_file(path, option: str = "out", *, overwrite: bool, what: str =
         raise MinqrError(f"{option} {path} exists: pass --overwrite to replace it, or choose another path")
 
 
-def check_replaceable(path, option: str = "out", *, overwrite: bool, kind: str) -> None:
+def check_replaceable(path, option: str = "out", *, overwrite: bool, kind: str, older: bool = False) -> None:
     """Refuse (MinqrError) unless folder `path` may be replaced as a whole by a folder of `kind`
     ("a synthetic task"): it does not exist, is empty, or, with `overwrite` (the user's
     --overwrite), is a folder of that kind holding exactly what minqr wrote there (its marker's
-    list). `option` names the setting that chose the folder, for the message. Call it before long
-    work, so that a refusal comes first."""
+    list). A folder of an older minqr, whose marker names no kind, is taken only with `older` (a
+    run's own checkpoint, which the run's checks have already found to be its). `option` names the
+    setting that chose the folder, for the message. Call it before long work, so that a refusal
+    comes first."""
     path = Path(path)
     if not path.exists() and not path.is_symlink():
         return
@@ -296,7 +298,11 @@ def check_replaceable(path, option: str = "out", *, overwrite: bool, kind: str) 
         raise MinqrError(f"{option} {path} is not a folder that minqr wrote as a whole (it holds {_some(held)}): minqr "
                          "replaces a folder as a whole, so it writes only into a new or empty folder or one it "
                          "made itself; choose another path")
-    if made_as != kind:
+    if made_as is None and not older:
+        raise MinqrError(f"{option} {path} was made by an older minqr, which did not record what kind of folder it "
+                         f"is, so --overwrite cannot tell it from other kinds than {kind}: delete it yourself if it "
+                         "can go, or choose another path")
+    if made_as != kind and not (made_as is None and older):
         made_as = made_as if isinstance(made_as, str) else "a folder of another kind"
         raise MinqrError(f"{option} {path} is {made_as} that minqr wrote, not {kind}: --overwrite replaces only "
                          f"{kind}, so that one kind of output never replaces another; choose another path")
@@ -315,13 +321,13 @@ def _some(names: list[str], shown: int = 5) -> str:
 
 
 @contextlib.contextmanager
-def atomic_dir(path, option: str = "out", *, overwrite: bool, kind: str):
+def atomic_dir(path, option: str = "out", *, overwrite: bool, kind: str, older: bool = False):
     """Yield a temporary directory; on success it replaces the directory `path`, marked as a folder
     of `kind`. A folder that holds anything is refused first without `overwrite`, and a folder minqr
-    did not make, made as another kind, or has had files added, always (`check_replaceable`;
-    `option` names it)."""
+    did not make, made as another kind (or, without `older`, by an older minqr), or has had files
+    added, always (`check_replaceable`; `option` names it)."""
     path = Path(path)
-    check_replaceable(path, option, overwrite=overwrite, kind=kind)
+    check_replaceable(path, option, overwrite=overwrite, kind=kind, older=older)
     with writing(path, UNCHANGED):
         _prepare(path)
         tmp = Path(tempfile.mkdtemp(prefix=_prefix(path, "tmp", _writer()), dir=path.parent))
@@ -331,7 +337,8 @@ def atomic_dir(path, option: str = "out", *, overwrite: bool, kind: str):
             _fsync_tree(tmp)
             _publish_mode(tmp)
             if path.exists():
-                check_replaceable(path, option, overwrite=overwrite, kind=kind)  # again: it may have changed
+                # again: it may have changed while we wrote
+                check_replaceable(path, option, overwrite=overwrite, kind=kind, older=older)
                 old = Path(tempfile.mkdtemp(prefix=_prefix(path, "old", _writer()), dir=path.parent))
                 os.replace(path, old / path.name)
                 os.replace(tmp, path)

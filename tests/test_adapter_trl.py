@@ -169,6 +169,13 @@ def test_a_completion_and_its_reference_are_read_in_one_rendering(tmp_path):
         as_string = RewardFunction(str(folder), statistic="preference", reference_reply="No.", dtype="float32")(
             prompts=prompts, completions=completions)
     assert as_string == pytest.approx(as_message.tolist(), abs=1e-6)
+    # roles are the template's to judge: a tool turn and a developer message are scored as it renders them
+    tool = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Rain?"},
+            {"role": "tool", "content": "rain: 80%"}]
+    rendered = rewards.texts(tool, [{"role": "assistant", "content": "Yes."}])
+    assert rendered == ["<developer>Be brief.<user>Rain?<tool>rain: 80%<assistant>Yes."]
+    assert rewards.statistic_values([tool], ["Yes."])[0].tolist() == pytest.approx(
+        [rewards.outputs(rendered).double().mean().item()], abs=1e-6)
     # what is neither a string nor messages: one error naming the row and the field, never a TypeError
     for prompts_, completions_, references, words in [
             (["Hi", None], [" a", " b"], None, "completion 1: field 'prompt' must be a string or a list of"),

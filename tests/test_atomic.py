@@ -112,7 +112,6 @@ def test_a_folder_is_replaced_only_by_one_of_its_own_kind(tmp_path):
     with atomic_dir(target, "--out", overwrite=False, kind="a synthetic task") as tmp:
         (tmp / "train.jsonl").write_text("pairs")
     for marker, made_as in [(None, "a synthetic task"),
-                            ({"contents": ["train.jsonl"]}, "a folder of another kind"),
                             ({"kind": 3, "contents": ["train.jsonl"]}, "a folder of another kind")]:
         if marker is not None:
             (target / MARKER).write_text(json.dumps(marker))
@@ -123,7 +122,20 @@ def test_a_folder_is_replaced_only_by_one_of_its_own_kind(tmp_path):
                                       "--overwrite replaces only an analysis report, so that one kind of output "
                                       "never replaces another; choose another path")
         assert (target / "train.jsonl").read_text() == "pairs"
-    (target / MARKER).write_text(json.dumps({"kind": "a synthetic task", "contents": ["train.jsonl"]}))
+    # an older minqr's folder (its marker names no kind): refused, saying so, unless the writer takes it
+    # (a run's own checkpoint, found to be the run's by train's checks)
+    (target / MARKER).write_text(json.dumps({"contents": ["train.jsonl"]}))
+    with pytest.raises(MinqrError) as refused:
+        check_replaceable(target, "--out", overwrite=True, kind="an analysis report")
+    assert str(refused.value) == (f"--out {target} was made by an older minqr, which did not record what kind of "
+                                  "folder it is, so --overwrite cannot tell it from other kinds than an analysis "
+                                  "report: delete it yourself if it can go, or choose another path")
+    with atomic_dir(target, overwrite=True, kind="a checkpoint", older=True) as tmp:
+        (tmp / "state.pt").write_text("state")
+    assert json.loads((target / MARKER).read_text()) == {"kind": "a checkpoint", "contents": ["state.pt"]}
+    (target / MARKER).write_text(json.dumps({"kind": "a synthetic task", "contents": ["state.pt"]}))
+    with pytest.raises(MinqrError, match="is a synthetic task that minqr wrote, not a checkpoint"):
+        check_replaceable(target, overwrite=True, kind="a checkpoint", older=True)  # a known other kind: never
     with atomic_dir(target, "--out", overwrite=True, kind="a synthetic task") as tmp:  # its own kind: replaced
         (tmp / "test.jsonl").write_text("pairs")
     assert sorted(p.name for p in target.iterdir()) == [MARKER, "test.jsonl"]

@@ -2,7 +2,7 @@
 (check_options), and agrees with the range click enforces on the command line."""
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import click
 import pytest
@@ -11,12 +11,14 @@ from click.testing import CliRunner
 from minqr.adapters.best_of_n import BestOfNConfig
 from minqr.adapters.server import ServeConfig
 from minqr.errors import MinqrError
+from minqr.models.export import ExportConfig
 from minqr.options import check_options, option
 from minqr.study.personalize import PersonalizeConfig
-from minqr.study.report import AnalyzeConfig
+from minqr.study.report import AnalyzeConfig, TableConfig
 from minqr.study.scoring import ScoreConfig
 from minqr.synthetic.candidates import CandidatesConfig
 from minqr.synthetic.folder import SyntheticConfig
+from minqr.training.config import TrainConfig
 from minqr_cli.options import config_command
 
 
@@ -126,3 +128,14 @@ def test_every_command_config_holds_python_to_its_ranges(config, required, name,
         config(**required, **{name: value})
     assert str(error.value) == message
     config(**required)  # the defaults lie in range
+
+
+@pytest.mark.parametrize("config", [TrainConfig, ScoreConfig, AnalyzeConfig, TableConfig, ExportConfig,
+                                    PersonalizeConfig, SyntheticConfig, CandidatesConfig, BestOfNConfig, ServeConfig])
+def test_what_to_do_this_time_comes_from_the_command_line_only(config):
+    """--overwrite and --resume are never read from a config file (docs/guide.md): a run's
+    training_args.json, or any file, must not replace what exists (export, objectives-table and
+    personalize took `overwrite: true` from a file)."""
+    for field in fields(config):
+        if field.name in ("overwrite", "resume"):
+            assert field.metadata["in_file"] is False, (config.__name__, field.name)

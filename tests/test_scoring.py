@@ -280,6 +280,17 @@ def test_cli_prints_the_accuracies_of_the_file_it_writes(tmp_path, tokenizer, qu
                                                            "reads: writing there would replace it; choose another "
                                                            "path\n"), path
         assert path.read_bytes() == held
+    # and the file a folder's split names, and the synthetic truth beside it (data a folder, or a file)
+    task = make_synthetic_task(tmp_path / "task", num_train=30, num_test=10, num_samples=8)
+    for data, split, target, name in [(task, ["--split", "test"], task / "test.jsonl", "the file --data names"),
+                                      (task / "test.jsonl", [], task / "test_truth.npz", "the truth beside --data")]:
+        held = target.read_bytes()
+        result = CliRunner().invoke(SCORE, ["--model", str(quantile_folder), "--data", str(data), *split,
+                                            "--out", str(target), "--overwrite"])
+        assert result.exit_code == 1 and result.output == (f"Error: out {target} is also {name}, which this job "
+                                                           "reads: writing there would replace it; choose another "
+                                                           "path\n"), result.output
+        assert target.read_bytes() == held
 
 
 def test_a_paper_head_prints_the_accuracy_of_each_raw_quantile(tmp_path, tokenizer, data_file):
@@ -647,3 +658,6 @@ def test_score_texts_stops_at_outputs_that_are_not_finite(tokenizer):
     with pytest.raises(MinqrError, match=r"NaN or infinite outputs for 2 of 2 texts \(the first: text 0\)"):
         score_texts(model, token_lists)
     assert np.isnan(score_texts(model, token_lists, check_finite=False)).all()  # the server checks per request
+    # copies of a text are run once, but counted and numbered as the caller gave them
+    with pytest.raises(MinqrError, match=r"NaN or infinite outputs for 4 of 4 texts \(the first: text 0\)"):
+        score_texts(model, [token_lists[0]] * 3 + [token_lists[1]])

@@ -13,7 +13,8 @@ often one text for every prompt). A model whose tokenizer has no template was tr
 HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which is then used, with a
 warning, as it is when a string prompt meets message-list replies (training reads such a pair so:
 a completion and its reference are always read in one rendering). A prompt, completion or reference
-that is neither a string nor a list of {"role", "content"} messages is refused, naming its row. Texts longer than `max_length` tokens (default: the --max-length the model was trained
+that is neither a string nor a list of messages is refused, naming its row; which roles a
+conversation may hold (a tool turn, a developer message) is the chat template's to say. Texts longer than `max_length` tokens (default: the --max-length the model was trained
 with, else its number of positions) are cut from the left, as in training: the completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
@@ -35,7 +36,7 @@ import warnings
 import torch
 
 from minqr.data.chat import prompt_reply_texts
-from minqr.data.pairs import checked_text
+from minqr.data.pairs import check_encodable
 from minqr.distribution.personal import Annotators, posterior_weights
 from minqr.distribution.statistics import (Statistic, lone_member, mean_and_spread, parse_statistic,
                                            relative_outputs, statistic_values)
@@ -141,11 +142,16 @@ class TextRewards:
 
 
 def _replies(prompt, replies: list, row: int) -> list:
-    """The replies to `prompt` (a completion, and its reference if any) checked, naming the row, and
-    a string reply to a conversation made the assistant's message."""
-    checked_text(prompt, "prompt", f"completion {row}", allow_empty=True, opens=True)
-    for field, reply in zip(("completion", "reference"), replies):
-        checked_text(reply, field, f"completion {row}", allow_empty=True)
+    """The replies to `prompt` (a completion, and its reference if any), each checked with the prompt
+    to be a string or a list of messages (what roles a conversation may hold is the chat template's
+    to say: tool turns, a developer message), naming the row, and a string reply to a conversation
+    made the assistant's message."""
+    for field, value in zip(("prompt", "completion", "reference"), (prompt, *replies)):
+        if isinstance(value, str):
+            check_encodable(value, f"completion {row}: field {field!r}")
+        elif not (isinstance(value, list) and all(isinstance(message, dict) for message in value)):
+            raise MinqrError(f"completion {row}: field {field!r} must be a string or a list of messages "
+                             f"({{\"role\", \"content\"}} objects), not {type(value).__name__}")
     return [[{"role": "assistant", "content": reply}] if isinstance(prompt, list) and isinstance(reply, str) else reply
             for reply in replies]
 

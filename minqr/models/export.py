@@ -26,7 +26,7 @@ class ExportConfig:
     out: str = option(help="folder to write the exported model into: a new or empty one, or an earlier export "
                       "(with --overwrite)")
     scalar: bool = option(False, "export as a one-output model: the mean of the quantiles")
-    overwrite: bool = option(False, "replace the model files of an earlier export in --out")
+    overwrite: bool = option(False, "replace the model files of an earlier export in --out", in_file=False)
     normalize: bool = option(False, "the exported reward is (reward - mean) / std, with the mean and std of the "
                              "expected reward that training measured on its held-out pairs (folded into the weights)")
 

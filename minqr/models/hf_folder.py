@@ -332,7 +332,7 @@ def write_hf_folder(path, config: dict, tensors: dict, extra_files=None) -> Path
     """Write config.json, model.safetensors and `extra_files` ({name: str or bytes}) atomically:
     `path` is replaced as a whole, and a crash leaves the old folder or the new one. Whether a model
     may go there is the caller's to decide (train's and export's checks, minqr/models/reward.py)."""
-    with atomic_dir(path, overwrite=True, kind="a model folder") as tmp:
+    with atomic_dir(path, overwrite=True, kind="a model folder", older=True) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         # transformers refuses safetensors files without the "format" metadata
         packed = {name: t.contiguous() for name, t in tensors.items()}  # safetensors wants them packed

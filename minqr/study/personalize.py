@@ -96,7 +96,7 @@ class PersonalizeConfig:
     device: str = option("auto", "cpu, cuda, cuda:1, ...; auto: cuda when there is a GPU")
     dtype: str = option("auto", "compute precision; auto: bfloat16 autocast on GPU, float32 on CPU", DTYPES)
     skip_bad: bool = option(False, "skip malformed data lines and count them instead of stopping")
-    overwrite: bool = option(False, "replace the saved posteriors of annotators the model already knows")
+    overwrite: bool = option(False, "replace the saved posteriors of annotators the model already knows", in_file=False)
 
     def __post_init__(self):
         check_options(self)  # every range and choice the fields declare

@@ -102,7 +102,7 @@ class TableConfig:
 
     summaries: tuple[str, ...] = option(help="summaries.json files written by analyze", argument=True)
     out: str = option(help="markdown file to write (a new one, or with --overwrite)")
-    overwrite: bool = option(False, "replace --out if it exists")
+    overwrite: bool = option(False, "replace --out if it exists", in_file=False)
 
 
 def write_objectives_table(paths, out, overwrite: bool = False) -> Path:

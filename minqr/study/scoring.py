@@ -123,8 +123,18 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     finite are a MinqrError, unless `check_finite` is False (the server checks each request's own
     rows of a forward that several requests share)."""
     unique, where = distinct_texts(token_lists)
-    if len(unique) < len(token_lists):
-        return score_texts(model, unique, batch_size, device, dtype, pooled, shared_prefix, check_finite)[where]
+    out = _forward_texts(model, unique, batch_size, device, dtype, pooled, shared_prefix)[where]  # [M, width]
+    broken = ~np.isfinite(out).all(axis=1) if check_finite else np.zeros(len(out), dtype=bool)
+    if broken.any():  # every caller (the adapters, best-of-n, the anchors) stops here
+        raise MinqrError(f"the reward model gives NaN or infinite outputs for {int(broken.sum())} of {len(out)} texts "
+                         f"(the first: text {int(np.argmax(broken))}): its weights are broken, or the precision "
+                         "overflows (try dtype float32)")
+    return out
+
+
+def _forward_texts(model: RewardModel, token_lists, batch_size: int, device, dtype: str, pooled: bool,
+                   shared_prefix: bool) -> np.ndarray:
+    """score_texts' forwards: the outputs [M, width] of distinct texts, in their order."""
     device = next(model.parameters()).device if device is None else resolve_device(device)
     compute_dtype = autocast_dtype(dtype, device)
     model_width = model.transformer.config.hidden_size
@@ -151,11 +161,6 @@ def score_texts(model: RewardModel, token_lists, batch_size: int = DEFAULT_BATCH
     finally:
         if switch:
             model.train(was_training)
-    broken = ~np.isfinite(out).all(axis=1) if check_finite else np.zeros(len(out), dtype=bool)
-    if broken.any():  # every caller (the adapters, best-of-n, the anchors) stops here
-        raise MinqrError(f"the reward model gives NaN or infinite outputs for {int(broken.sum())} of {len(out)} texts "
-                         f"(the first: text {int(np.argmax(broken))}): its weights are broken, or the precision "
-                         "overflows (try dtype float32)")
     return out
 
 
@@ -297,14 +302,17 @@ def score_to_file(model, data, out, progress: bool = True, **options) -> ScoreSu
 
 def _score_to_file(options: ScoreConfig, progress: bool) -> ScoreSummary:
     model, data, out = options.model, options.data, Path(options.out)
+    split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
     check_output_file(out, overwrite=options.overwrite, what="a scores file (.npz or .jsonl)",
                       inputs=(("--data", data), ("--context", options.context)))
-    split, subset, batch_size, dtype = options.split, options.subset, options.batch_size, options.dtype
+    source = resolve_source(data, split or DEFAULT_SPLIT, subset)
+    if not isinstance(source, HubSplit):  # the file a folder's split names, and the task's truth beside it
+        check_output_file(out, overwrite=options.overwrite, what="a scores file (.npz or .jsonl)",
+                          inputs=(("the file --data names", source), ("the truth beside --data", truth_beside(source))))
     reward_model, tokenizer, folder = load_reward_model(model)
     if options.normalize:
         mean, std = reward_normalization(reward_model, folder)
     max_length = text_length_limit(reward_model, folder, options.max_length)
-    source = resolve_source(data, split or DEFAULT_SPLIT, subset)
     pairs, stats = read_pairs(source, skip_bad=options.skip_bad, annotator_field=options.annotator_field)
     tokenized = tokenize_pairs(pairs, tokenizer, max_length)
     context = None

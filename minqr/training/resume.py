@@ -140,7 +140,9 @@ def save_checkpoint(out, *, step: int, position: DataPosition, model: torch.nn.M
         "compute": compute,
         "data": data,
     }
-    with atomic_dir(folder, overwrite=True, kind="a checkpoint") as tmp:  # the run's own checkpoint, replaced at every save
+    # the run's own checkpoint, replaced at every save (one an older minqr wrote too: train's checks
+    # found it to be the run's)
+    with atomic_dir(folder, overwrite=True, kind="a checkpoint", older=True) as tmp:
         if write_shards:
             write_shards(tmp)
         torch.save(state, tmp / STATE_FILE)
