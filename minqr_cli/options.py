@@ -166,9 +166,13 @@ def _file_defaults(context: click.Context, path: Path, ignored_keys: set, comman
             raise click.BadParameter(f"{path}: {key!r} is not an option of `{command.name}`; its options are "
                                      f"{', '.join(sorted({p.name for p in by_name.values()} - command_line_only))}",
                                      param_hint="'--config'")
-        if value is None and by_name[name].default is not None:  # null only where "none" is the default
-            raise click.BadParameter(f"{path}: {key}: null is no value of this option (its default is "
-                                     f"{by_name[name].default!r}): give a value, or leave the key out for the default",
+        param = by_name[name]
+        if value is None and (param.required or param.default is not None):  # null only where "none" is the default
+            default = param.default
+            why = "it has no default" if param.required or not isinstance(default, (str, int, float, tuple)) \
+                else f"its default is {default!r}"
+            raise click.BadParameter(f"{path}: {key}: null is no value of this option ({why}): give a value"
+                                     + ("" if param.required else ", or leave the key out for the default"),
                                      param_hint="'--config'")
         if value is not None:
             try:

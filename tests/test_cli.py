@@ -193,6 +193,9 @@ def test_config_values_are_checked_by_their_options(tmp_path):
         # null where the option has a value by default (a TypeError deep in the run before)
         ({"num_train": None}, f"Invalid value for '--config': {config}: num_train: null is no value of this option "
                               "(its default is 40000): give a value, or leave the key out for the default"),
+        # and where the option is required (a TypeError in the output's lock before)
+        ({"out": None}, f"Invalid value for '--config': {config}: out: null is no value of this option (it has no "
+                        "default): give a value"),
     ]
     for values, message in cases:
         config.write_text(json.dumps(values))

@@ -2,6 +2,7 @@
 transformers loads it with the same numbers (also through its text-classification pipeline, as peers
 read a reward model), the files around the weights carry over, bad input."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from factories import SENTENCES, load_tool, random_gpt2, tiny_config, write_tiny
 
 from minqr import load_tokenizer
 from minqr.data.pairs import Pair
+from minqr.errors import MinqrError
+from minqr.models.export import export_scalar
 from minqr.models.head import HeadConfig
 from minqr.models.reward import RewardModel
 from minqr.study.scoring import score_pairs
@@ -147,7 +150,10 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
         # a typo in a middle folder: a path, never a hub id (it used to reach huggingface_hub's id check)
         (["--model", str(tmp_path / "runs" / "dmeo" / "quantile"), "--scalar", "--out", str(out)],
          [f"no such model folder: '{tmp_path}/runs/dmeo/quantile' ({tmp_path}/runs does not exist;"]),
+        (["--model", str(source), "--scalar", "--out", str(tmp_path / "dangling")],
+         [f"out {tmp_path / 'dangling'} is a symbolic link to {tmp_path / 'nowhere' / 'x'}, which does not exist"]),
     ]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere" / "x")
     for argv, words in cases:
         result = CliRunner().invoke(load_tool("export"), argv)
         assert result.exit_code == 1 and result.output.startswith("Error: "), (argv, result.output)
@@ -155,6 +161,13 @@ def test_bad_exports_are_refused_clearly(tmp_path, tokenizer):
             assert word in result.output, (argv, result.output)
         assert "Traceback" not in result.output and not out.exists()
     assert RewardModel.from_pretrained(source).num_quantiles == 10  # the source is untouched
+    # "~" in --out is the home folder, as in --model (a config file's path is not expanded by a shell)
+    home = tmp_path / "home"
+    home.mkdir()
+    result = CliRunner().invoke(load_tool("export"), ["--model", str(source), "--scalar", "--out", "~/exported"],
+                                env={"HOME": str(home)})
+    assert result.exit_code == 0, result.output
+    assert (home / "exported" / "config.json").is_file() and not Path("~").exists()
 
 
 def test_an_export_writes_only_into_a_new_folder_or_over_an_earlier_export(tmp_path, tokenizer):
@@ -222,3 +235,31 @@ def test_normalize_needs_the_statistics(tmp_path, tokenizer):
     assert result.exit_code == 1 and result.output == (
         f"Error: normalize: {source} has reward mean 0.0 and std 0.0; normalising needs a finite mean and a "
         "positive std\n")
+
+
+def test_an_export_killed_between_its_renames_leaves_a_folder_no_loader_takes(tmp_path, tokenizer, monkeypatch):
+    """The files of a model folder are renamed in one by one: a kill after the new weights and before
+    the new config.json left an earlier export's config (its reward statistics, what it was exported
+    from) over the new weights, and both minqr and transformers loaded it as one model."""
+    import minqr.models.reward as reward
+
+    source = save_model(tmp_path / "quantile", tokenizer)
+    out = tmp_path / "out"
+    export_scalar(source, out)
+    real_replace, moved = os.replace, []
+
+    def killed_after_the_weights(src, dst):
+        real_replace(src, dst)
+        moved.append(Path(dst).name)
+        if Path(dst).name == "model.safetensors":
+            raise KeyboardInterrupt  # Ctrl-C between two renames
+
+    monkeypatch.setattr(reward.os, "replace", killed_after_the_weights)
+    with pytest.raises(KeyboardInterrupt):
+        export_scalar(source, out, normalize=True, overwrite=True)
+    monkeypatch.undo()
+    assert "model.safetensors" in moved and "config.json" not in moved
+    with pytest.raises(MinqrError, match="config.json not found"):
+        RewardModel.from_pretrained(out)
+    with pytest.raises((OSError, ValueError)):  # "Unrecognized model ... no model_type" in transformers 4.x
+        transformers.AutoModelForSequenceClassification.from_pretrained(out)

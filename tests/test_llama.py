@@ -253,7 +253,7 @@ def test_an_active_sliding_window_is_refused(tmp_path, model_type, config, windo
     hf.save_pretrained(tmp_path)
     with pytest.raises(MinqrError) as error:
         load_backbone(tmp_path)
-    assert str(error.value) == f"{model_type} " + SLIDING.format(window)
+    assert str(error.value) == f"{tmp_path / 'config.json'}: {model_type} " + SLIDING.format(window)
 
 
 def test_a_damaged_layer_count_is_refused_without_listing_its_layers():

@@ -388,6 +388,8 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     rows = [summary_row("demo", "mixture", a, {"mean_abs_error": e, "spread_spearman": r}, bayes)
             for a, e, r in ((0.88, 0.02, 0.9), (0.86, 0.04, 0.8), (0.87, 0.03, 0.85))]
     rows.append(summary_row("hh", "mixture", 0.6))
+    for k, row in enumerate(rows):
+        row["source"] = f"scores-{k}.npz"  # each row a scores file of its own, as analyze writes them
     for index, rows_of_file in enumerate((rows[:2], rows[2:])):
         (tmp_path / f"s{index}.json").write_text(json.dumps(rows_of_file))
     out = tmp_path / "table.md"
@@ -403,6 +405,11 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     assert again.exit_code == 1 and again.output == (f"Error: out {out} exists: pass --overwrite to replace it, or "
                                                      "choose another path\n")
     assert lines == out.read_text().splitlines()  # the table stays as it was
+    for twice in ([tmp_path / "s0.json"] * 2, [tmp_path / "s0.json", tmp_path / "again.json"]):
+        (tmp_path / "again.json").write_text((tmp_path / "s0.json").read_text())
+        doubled = CliRunner().invoke(load_tool("objectives_table"), [*map(str, twice), "--out", str(tmp_path / "d.md")])
+        assert doubled.exit_code == 1 and "is summarised twice (in " in doubled.output, doubled.output
+        assert "each would count as a seed of its own; give each summary once" in doubled.output
     summary = tmp_path / "s0.json"
     held = summary.read_bytes()
     into_input = CliRunner().invoke(load_tool("objectives_table"), [str(summary), "--out", str(summary), "--overwrite"])
@@ -417,8 +424,12 @@ def test_objectives_table_averages_the_seeds_of_each_row(tmp_path):
     for content, words in [({"a": 1}, "(a list of summaries, one a scores file; this holds a dict)"),
                            ([rows[0], {"head": "quantile"}], "summary 1 is not one that minqr analyze writes (it has "
                                                              "no 'workload')"),
-                           ([7], "summary 0 is not one that minqr analyze writes (it is no object)")]:
-        (tmp_path / "bad.json").write_text(json.dumps(content))
+                           ([7], "summary 0 is not one that minqr analyze writes (it is no object)"),
+                           ("huge", "summary 0 is not one that minqr analyze writes (a number too large for a "
+                                    "float)")]:
+        text = json.dumps(content) if content != "huge" else \
+            json.dumps([{**rows[0], "accuracy": {"value": "HUGE"}}]).replace('"HUGE"', "1" + "0" * 400)
+        (tmp_path / "bad.json").write_text(text)
         bad = CliRunner().invoke(load_tool("objectives_table"), [str(tmp_path / "bad.json"), "--out", str(out)])
         assert bad.exit_code == 1 and words in bad.output and "Traceback" not in bad.output, bad.output
 

@@ -264,3 +264,20 @@ def test_a_config_asking_for_more_blocks_than_the_weights_hold_is_refused_before
                                  f"hold 2 blocks ({blocks}.0 ... {blocks}.1): the config does not belong to these "
                                  "weights")
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("what", ["reward model", "backbone"])
+def test_a_config_of_wrong_values_is_named_with_its_file(tmp_path, family, what):
+    """A width of 64.0 (a float) was "invalid GPT-2 config: ...", naming neither folder nor file."""
+    backbone = random_gpt2(tiny_config()) if family == "gpt2" else tiny_llama()
+    RewardModel(backbone, HeadConfig.make("quantile", 4)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    width = "n_embd" if family == "gpt2" else "hidden_size"
+    config[width] = float(config[width])
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    load = RewardModel.from_pretrained if what == "reward model" else load_backbone
+    with pytest.raises(MinqrError) as caught:
+        load(tmp_path)
+    assert str(caught.value).startswith(f"{tmp_path / 'config.json'}: invalid "), str(caught.value)
+    assert f"{width}=" in str(caught.value)

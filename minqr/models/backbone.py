@@ -11,7 +11,7 @@ from pathlib import Path
 from minqr.errors import MinqrError
 from minqr.models.gpt2 import DROPOUTS as GPT2_DROPOUTS
 from minqr.models.gpt2 import GPT2, GPT2Config
-from minqr.models.hf_folder import load_model, read_config
+from minqr.models.hf_folder import backbone_config, load_model, read_config
 from minqr.models.llama import Llama, LlamaConfig
 
 # model_type -> (minqr's module, its config, the start of transformers' class names: GPT2Model,
@@ -36,7 +36,7 @@ def load_backbone(path, dtype=None, device=None, dropout: float | None = None):
     config = read_config(path)
     model_class, config_class, _ = family(config, path)
     overrides = {} if dropout is None else {key: dropout for key in DROPOUTS[model_class]}
-    return load_model(path, model_class, config_class.from_dict({**config, **overrides}), dtype, device)
+    return load_model(path, model_class, backbone_config(config_class, {**config, **overrides}, path), dtype, device)
 
 
 def family(config: dict, folder) -> tuple:

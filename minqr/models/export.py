@@ -6,6 +6,7 @@ function of the same features, their mean is the linear function with the averag
 (`RewardModel.to_scalar`). The exported folder is a one-label GPT2ForSequenceClassification
 (LlamaForSequenceClassification, ..., by the backbone).
 """
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def export_scalar(model, out, normalize: bool = False, overwrite: bool = False) 
     already what this makes, unless it is to be normalised. `out` must be new or empty, or hold an
     earlier export (replaced with `overwrite`): a training run or the user's files are never written over."""
     folder = hub.fetch_model(model)
-    out = Path(out)
+    out = Path(out).expanduser()  # as --model is: a config file's "~/m" is the home's, not a folder named "~"
+    if out.is_symlink() and not out.exists():
+        raise MinqrError(f"out {out} is a symbolic link to {os.readlink(out)}, which does not exist: give the path "
+                         "of a folder")
     if out.exists() and out.resolve() == folder.resolve():
         raise MinqrError(f"out {out} is the model folder itself: exporting there would overwrite the "
                          "quantile model; choose another folder")

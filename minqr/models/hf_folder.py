@@ -121,6 +121,15 @@ def read_config(folder) -> dict:
     return read_json(path)
 
 
+def backbone_config(config_class, config: dict, folder):
+    """`config_class.from_dict(config)` (GPT2Config, LlamaConfig), its refusal naming the folder's
+    config.json."""
+    try:
+        return config_class.from_dict(config)
+    except MinqrError as error:
+        raise MinqrError(f"{_folder(folder) / 'config.json'}: {error}") from None
+
+
 def read_tensors(folder) -> dict:
     """Every tensor of the folder's weights, under the names the files use, on the CPU."""
     folder = _folder(folder)
@@ -314,7 +323,7 @@ def load_model(path, model_class, config, dtype=None, device=None):
 
 def load_gpt2(path, dtype=None, device=None) -> GPT2:
     """A Hugging Face GPT-2 folder -> minqr GPT2 in eval mode (float32 for the released GPT-2s)."""
-    return load_model(path, GPT2, GPT2Config.from_dict(read_config(path)), dtype, device)
+    return load_model(path, GPT2, backbone_config(GPT2Config, read_config(path), path), dtype, device)
 
 
 def hf_tensors(model, prefix: str | None = None) -> dict:

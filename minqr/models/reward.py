@@ -49,8 +49,8 @@ from minqr.errors import MinqrError
 from minqr.models.backbone import FAMILIES, family, load_backbone
 from minqr.models.gpt2 import GPT2, GPT2Config
 from minqr.models.head import HeadConfig
-from minqr.models.hf_folder import (check_blocks, hf_tensors, load_backbone_tensors, read_config, read_json,
-                                    read_tensors, write_hf_folder)
+from minqr.models.hf_folder import (backbone_config, check_blocks, hf_tensors, load_backbone_tensors, read_config,
+                                    read_json, read_tensors, write_hf_folder)
 from minqr.models.tokenizer import load_tokenizer
 
 SCORE = "score.weight"
@@ -273,7 +273,8 @@ class RewardModel(nn.Module):
 
         Other files in `folder` stay (a training run keeps its metrics and checkpoints there): the
         new files are written completely into a staging folder beside them, then renamed into
-        place one by one, config.json last, so that a reader never sees a half-written file. The
+        place one by one, the old config.json removed first and the new one renamed last, so that a
+        reader never sees a half-written file, nor a folder of two saves that loads. The
         staging folder is written with minqr.atomic, so what a save killed half-way leaves there
         is removed by the next save."""
         if reward_stats is not None and not {"mean", "std"} <= set(reward_stats):
@@ -294,7 +295,10 @@ class RewardModel(nn.Module):
         with writing(folder, UNCHANGED):
             staged = write_hf_folder(folder / STAGING_DIR, config, tensors, extra_files)
         # the staging folder's marker stays until last, so that a staging folder a kill left half
-        # emptied is still one that minqr made, and the next save replaces it
+        # emptied is still one that minqr made, and the next save replaces it; the old config.json
+        # goes first, so that a kill between the renames leaves a folder that no loader takes (the new
+        # weights under the old config's reward statistics loaded as a whole model before)
+        (folder / "config.json").unlink(missing_ok=True)
         for name in sorted(set(os.listdir(staged)) - {MARKER}, key=lambda n: n == "config.json"):
             os.replace(staged / name, folder / name)
         (staged / MARKER).unlink()
@@ -309,10 +313,10 @@ class RewardModel(nn.Module):
         where = Path(folder) / "config.json"
         head = _head_from_hf_config(config, where)
         model_class, config_class, _ = family(config, folder)
-        backbone_config, tensors = config_class.from_dict(config), read_tensors(folder)
-        check_blocks(model_class, backbone_config, tensors, folder)
+        backbone, tensors = backbone_config(config_class, config, folder), read_tensors(folder)
+        check_blocks(model_class, backbone, tensors, folder)
         with torch.device("meta"):  # no memory, no random init: the file's tensors become the weights
-            model = cls(model_class(backbone_config), head)
+            model = cls(model_class(backbone), head)
         extras = load_backbone_tensors(model.transformer, tensors, extra_allowed=(SCORE,), dtype=dtype, device=device)
         mean_row = bool(config.get("minqr", {}).get(MEAN_ROW))
         expected = [head.num_quantiles + mean_row, model.transformer.config.hidden_size]

@@ -122,13 +122,23 @@ def write_objectives_table(paths, out, overwrite: bool = False) -> Path:
         for index, summary in enumerate(summaries):
             try:  # the row alone: what it lacks is named here, not deep in the table
                 objectives_table([summary])
-            except (KeyError, TypeError, AttributeError) as error:
+            except (KeyError, TypeError, AttributeError, ValueError, OverflowError) as error:
                 what = (f"it has no {error.args[0]!r}" if isinstance(error, KeyError) else
                         "it is no object" if not isinstance(summary, dict) else
+                        "a number too large for a float" if isinstance(error, OverflowError) else
                         "a field holds another kind of value")
                 raise MinqrError(f"{path}: summary {index} is not one that minqr analyze writes ({what}); analyze the "
                                  "scores again") from None
-        rows += summaries
+        rows += [(path, summary) for summary in summaries]
+    # a scores file counted twice would count its seed twice, silently (analyze refuses the same)
+    seen = {}
+    for path, summary in rows:
+        source = summary.get("source")
+        if source is not None and source in seen:
+            raise MinqrError(f"the scores file {source} is summarised twice (in {seen[source]} and {path}): each "
+                             "would count as a seed of its own; give each summary once")
+        seen[source] = path
+    rows = [summary for _, summary in rows]
     with atomic_file(Path(out)) as tmp:
         tmp.write_text(objectives_table(rows) + "\n")
     return Path(out)
