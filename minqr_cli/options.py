@@ -133,11 +133,24 @@ def _config_option(ignored_keys: set, command_line_only: set) -> click.Option:
                         "(train's --resume and --overwrite) are taken from the command line only.")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, with a key given twice in one mapping refused (as JSON's is, minqr.reading):
+    the plain loader keeps the last, and a file's `model:` written twice silently picks one."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for k, key in enumerate(keys):
+            if key in keys[:k]:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {key!r} is given twice",
+                                                        node.value[k][0].start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: Path) -> dict:
     """The mapping in a .json, .yaml or .yml file (JSON for any other name)."""
     try:
         text = path.read_text(encoding="utf-8")
-        values = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else loads(text)
+        values = yaml.load(text, _UniqueKeyLoader) if path.suffix in (".yaml", ".yml") else loads(text)
     except RecursionError:  # YAML nested too deep for its parser (JSON is bounded by minqr.reading)
         raise click.BadParameter(f"{path} is nested too deep to be a config file", param_hint="'--config'") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as error:
@@ -157,11 +170,16 @@ def _file_defaults(context: click.Context, path: Path, ignored_keys: set, comman
     # a key is a field's name or its option's, with dashes or underscores (n_resamples or bootstrap)
     by_name = {name.lstrip("-").replace("-", "_"): param for param in command.params if param.name != "config"
                for name in [param.name, *param.opts]}
-    defaults = {}
+    defaults, keys = {}, {}
     for key, value in read_config_file(path).items():
         name = str(key).replace("-", "_")
         if name in ignored_keys or (name in by_name and by_name[name].name in command_line_only):
             continue
+        if name in by_name and by_name[name].name in keys:
+            raise click.BadParameter(f"{path}: {keys[by_name[name].name]!r} and {key!r} are the same option: give "
+                                     "it once", param_hint="'--config'")
+        if name in by_name:
+            keys[by_name[name].name] = key
         if name not in by_name:
             raise click.BadParameter(f"{path}: {key!r} is not an option of `{command.name}`; its options are "
                                      f"{', '.join(sorted({p.name for p in by_name.values()} - command_line_only))}",
@@ -192,16 +210,20 @@ def _as_typed(param: click.Parameter, value):
             raise click.BadParameter(f"{value!r} is not true or false (a switch).")
         return value
     several = param.nargs != 1 or getattr(param, "multiple", False)
+    text = isinstance(param.type, click.types.StringParamType)
     if several and isinstance(value, str):
         return (value,)
     if several and isinstance(value, list):
-        return tuple(_as_typed_one(item) for item in value)
+        return tuple(_as_typed_one(item, text) for item in value)
     if several:
         raise click.BadParameter(f"{value!r} is not a list of values.")
-    return _as_typed_one(value)
+    return _as_typed_one(value, text)
 
 
-def _as_typed_one(value) -> str:
+def _as_typed_one(value, text: bool) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise click.BadParameter(f"expects one value, not a {type(value).__name__} ({value!r:.60}).")
+    if text and not isinstance(value, str):  # YAML reads out: 2024.10 as 2024.1, and 0755 as 493
+        raise click.BadParameter(f"{value!r} is a number in the file, but this option takes text, which a number's "
+                                 "digits may not survive: quote it.")
     return str(value)

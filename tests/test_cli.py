@@ -196,11 +196,20 @@ def test_config_values_are_checked_by_their_options(tmp_path):
         # and where the option is required (a TypeError in the output's lock before)
         ({"out": None}, f"Invalid value for '--config': {config}: out: null is no value of this option (it has no "
                         "default): give a value"),
+        # a number for text (YAML's out: 2024.10 is 2024.1), and one option under two keys
+        ({"out": 2024.1}, f"Invalid value for '--config': {config}: out: 2024.1 is a number in the file, but this "
+                          "option takes text, which a number's digits may not survive: quote it."),
+        ({"num_train": 5, "num-train": 6}, f"Invalid value for '--config': {config}: 'num_train' and 'num-train' "
+                                           "are the same option: give it once"),
     ]
     for values, message in cases:
         config.write_text(json.dumps(values))
         result = invoke("synthetic", "--config", config)
         assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    yaml_config = tmp_path / "c.yaml"
+    yaml_config.write_text("out: task\nseed: 1\nout: other\n")  # PyYAML alone keeps the last
+    result = invoke("synthetic", "--config", yaml_config)
+    assert result.exit_code == 2 and "the key 'out' is given twice" in result.output, result.output
     config.write_text("{not json")
     result = invoke("synthetic", "--config", config)
     assert result.exit_code == 2 and f"{config} is not a readable JSON file: Expecting property name" in result.output
