@@ -107,3 +107,26 @@ def test_encode_batch_cuts_from_the_left_and_refuses_a_length_of_nothing(tmp_pat
     assert tokenizer.encode_batch([SENTENCES[0]], 5) == [full[-5:]] and tokenizer.encode_batch([SENTENCES[0]]) == [full]
     with pytest.raises(MinqrError, match="max_length must be at least 1"):
         tokenizer.encode_batch([SENTENCES[0]], 0)  # ids[-0:] would keep them all
+
+
+@pytest.mark.parametrize("add_prefix_space", [True, False])
+@pytest.mark.parametrize("layout", ["tokenizer.json", "vocab.json"])
+def test_add_prefix_space_as_transformers_reads_it_in_a_gpt2_folder(tmp_path, layout, add_prefix_space):
+    """tokenizer_config.json's add_prefix_space: true made transformers' GPT2Tokenizer read "Hello" as
+    " Hello" in a GPT-2 model folder, while minqr read it without the space; and a saved copy keeps it."""
+    folder = write_tiny_tokenizer(tmp_path / "model", layout)
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    config = folder / "tokenizer_config.json"
+    config.write_text(json.dumps({**(json.loads(config.read_text()) if config.is_file() else {}),
+                                  "add_prefix_space": add_prefix_space}))
+    texts = SENTENCES + TRICKY
+    hf = transformers.AutoTokenizer.from_pretrained(folder)
+    ours = load_tokenizer(folder)
+    assert ours.encode_batch(texts) == hf(texts, add_special_tokens=False)["input_ids"]
+    assert (ours.encode("Hello")[0] == ours.encode(" Hello")[0]) == add_prefix_space
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    ours.save(tmp_path / "copy")
+    assert load_tokenizer(tmp_path / "copy").encode_batch(texts) == ours.encode_batch(texts)
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "copy")(texts, add_special_tokens=False)[
+        "input_ids"] == ours.encode_batch(texts)

@@ -14,8 +14,9 @@ HH-style text of message lists ("\\n\\nHuman: ...\\n\\nAssistant: ..."), which i
 warning, as it is when a string prompt meets message-list replies (training reads such a pair so:
 a completion and its reference are always read in one rendering). A prompt, completion or reference
 that is neither a string nor a list of messages is refused, naming its row; which roles a
-conversation may hold (a tool turn, a developer message) is the chat template's to say. Texts longer than `max_length` tokens (default: the --max-length the model was trained
-with, else its number of positions) are cut from the left, as in training: the completion survives.
+conversation may hold (a tool turn, a developer message) is the chat template's to say. Texts longer
+than `max_length` tokens (default: the --max-length the model was trained with, else its number of
+positions) are cut from the left, as in training: the completion survives.
 
 The reference (minqr/distribution/statistics.py says why one is needed): `group`, one key per text
 whose equal values mark completions of the same prompt (the prompt itself will do), or

@@ -134,6 +134,7 @@ def load_tokenizer(path) -> Tokenizer:
         raise MinqrError(f"tokenizer folder {folder} does not exist")
     backend = _backend(folder)
     config = read_json(folder / CONFIG_FILE) if (folder / CONFIG_FILE).is_file() else None
+    _honour_prefix_space(backend, config)
     tokens = {name: _token(config, name, folder) for name in TEMPLATE_TOKENS}
     eos = _eos_token(folder, backend, tokens["eos_token"])
     source = _chat_template(folder, config)
@@ -142,6 +143,17 @@ def load_tokenizer(path) -> Tokenizer:
         return Tokenizer(backend, eos, tokens["pad_token"], config, template)
     except MinqrError as error:  # a named token the tokenizer lacks
         raise MinqrError(f"{folder}: {error}") from None
+
+
+def _honour_prefix_space(backend: tokenizers.Tokenizer, config: dict | None) -> None:
+    """tokenizer_config.json's `add_prefix_space`, on a byte-level pre-tokenizer (GPT-2's), as
+    transformers' GPT2Tokenizer applies it in a GPT-2 model folder: true reads "Hello" as " Hello"."""
+    wanted = config.get("add_prefix_space") if isinstance(config, dict) else None
+    state = json.loads(backend.to_str()).get("pre_tokenizer") or {}
+    if isinstance(wanted, bool) and state.get("type") == "ByteLevel" and state.get("add_prefix_space") != wanted:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=wanted,
+                                                         use_regex=state.get("use_regex", True),
+                                                         trim_offsets=state.get("trim_offsets", True))
 
 
 def _backend(folder: Path) -> tokenizers.Tokenizer:

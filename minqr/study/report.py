@@ -87,7 +87,8 @@ def analyze(paths, out_dir, **options) -> Path:
     options = AnalyzeConfig(scores=tuple(paths), out=out_dir, **options)
     if not paths:
         raise MinqrError("no scores files given; pass one or more .npz/.jsonl files written by tools/score.py")
-    check_replaceable(out_dir, "--out", overwrite=options.overwrite, kind=REPORT_KIND)  # before the measuring, which takes a while
+    # before the measuring, which takes a while
+    check_replaceable(out_dir, "--out", overwrite=options.overwrite, kind=REPORT_KIND)
     all_scores = [load_scores(path) for path in paths]
     _check_cells_unique(all_scores)
     truth = False if options.no_truth else options.truth
