@@ -130,3 +130,19 @@ def test_add_prefix_space_as_transformers_reads_it_in_a_gpt2_folder(tmp_path, la
     assert load_tokenizer(tmp_path / "copy").encode_batch(texts) == ours.encode_batch(texts)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "copy")(texts, add_special_tokens=False)[
         "input_ids"] == ours.encode_batch(texts)
+
+
+def test_named_chat_templates_are_kept_on_save(tmp_path):
+    """A tokenizer_config.json's list of named templates: minqr renders with "default", and a saved
+    copy keeps the whole list (the "tool_use" one was dropped), which transformers reads as before."""
+    folder = write_tiny_tokenizer(tmp_path / "src")
+    config = folder / "tokenizer_config.json"
+    named = [{"name": "default", "template": "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"},
+             {"name": "tool_use", "template": "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"}]
+    config.write_text(json.dumps({**(json.loads(config.read_text()) if config.is_file() else {}),
+                                  "chat_template": named}))
+    ours = load_tokenizer(folder)
+    assert ours.chat_template.source == named[0]["template"]
+    ours.save(tmp_path / "copy")
+    assert json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())["chat_template"] == named
+    assert load_tokenizer(tmp_path / "copy").chat_template.source == named[0]["template"]

@@ -99,7 +99,9 @@ class Tokenizer:
         """{file name: content} of a tokenizer folder that minqr and transformers' AutoTokenizer load:
         tokenizer.json, and tokenizer_config.json with the EOS and pad minqr used (and the chat template)."""
         config = {**self.config, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        if self.chat_template is not None:
+        # a list of named templates stays as it is (its "default" is the one minqr renders with): a
+        # tool-use template beside it is the user's, for transformers' apply_chat_template
+        if self.chat_template is not None and not isinstance(config.get("chat_template"), list):
             config["chat_template"] = self.chat_template.source
         return {"tokenizer.json": self.backend.to_str(), CONFIG_FILE: json.dumps(config, indent=2) + "\n"}
 
