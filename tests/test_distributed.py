@@ -171,3 +171,37 @@ def test_under_torchrun_one_process_signalled_stops_both_after_the_same_step(tmp
         # of it (-15) on its way out. torchrun lists one or both exits, by when it looks.
         codes = re.findall(r"exitcode\s*: (-?\d+)", stderr)
         assert "143" in codes and set(codes) <= {"143", "-15"}, stderr
+
+
+WAIT_SCRIPT = """
+import functools, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+dist.init_process_group = functools.partial(dist.init_process_group, timeout=timedelta(seconds=2))
+from minqr.training.distributed import start_processes, stop_processes
+procs = start_processes("cpu")
+if procs.rank == 0:
+    time.sleep(5)  # a save longer than the process group's timeout (2 s here, 10 min with NCCL by default)
+procs.wait_for_all()
+print("waited", procs.rank)
+stop_processes(procs, finished=True)
+"""
+
+
+@pytest.mark.slow  # two processes that wait 5 s
+def test_the_processes_wait_for_process_0_longer_than_the_groups_timeout(tmp_path):
+    """The other processes wait for process 0's save (an interrupt's checkpoint, the final model) or
+    its files (a download) however long it takes: a barrier of the default group timed out after
+    its timeout, and they left while process 0 was still writing."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": str(port)}
+    jobs = [subprocess.Popen([sys.executable, "-c", WAIT_SCRIPT], env={**environment, "RANK": str(rank),
+                                                                       "LOCAL_RANK": str(rank)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [job.communicate(timeout=120) for job in jobs]
+    for rank, (job, (stdout, stderr)) in enumerate(zip(jobs, results)):
+        assert job.returncode == 0 and stdout.strip() == f"waited {rank}", stderr

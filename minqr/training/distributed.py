@@ -19,6 +19,7 @@ Two ways to spread the model:
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -26,20 +27,27 @@ import torch.distributed as dist
 from minqr.device import resolve_device
 
 
+# How long the processes wait for process 0 to make a file or write a save (wait_for_all): a download
+# or a big model's checkpoint can outlast the process group's timeout (10 min with NCCL), and if
+# process 0 dies instead, torchrun ends the others' wait by stopping them.
+WAIT_TIMEOUT = timedelta(days=1)
+
+
 @dataclass
 class Processes:
     rank: int
     world_size: int
     device: torch.device
+    waits: object = None  # a gloo group with WAIT_TIMEOUT, for wait_for_all (None for one process)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
     def wait_for_all(self) -> None:
-        """Return once every process has reached this call."""
+        """Return once every process has reached this call, however long that takes (WAIT_TIMEOUT)."""
         if self.world_size > 1:
-            dist.barrier()
+            dist.barrier(group=self.waits)
 
     @contextmanager
     def main_first(self):
@@ -85,7 +93,7 @@ def start_processes(device_option: str) -> Processes:
     if world_size == 1:
         return Processes(0, 1, device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Processes(dist.get_rank(), world_size, device)
+    return Processes(dist.get_rank(), world_size, device, dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT))
 
 
 def stop_processes(procs: Processes, finished: bool = False) -> None:
@@ -95,7 +103,7 @@ def stop_processes(procs: Processes, finished: bool = False) -> None:
             # that tore its gloo connections down then and exited could abort ("terminate called
             # without an active exception"): leave together. Not after an error, where the others
             # may never arrive.
-            dist.barrier()
+            procs.wait_for_all()
         dist.destroy_process_group()
 
 
