@@ -1,6 +1,7 @@
 """How a pair's label scores a model: pair accuracy's credit, for training's running accuracy and the
-analysis alike (numpy arrays and torch tensors), and the negative log-likelihood of the labels (numpy),
-for the analysis and the synthetic task's Bayes-optimal reference."""
+analysis alike (numpy arrays and torch tensors), and the negative log-likelihood of the labels from
+their probabilities (numpy), for the synthetic task's Bayes-optimal reference (a model's NLL is read
+from its log-probabilities, minqr/study/accuracy.py, so that no clip bounds it)."""
 import numpy as np
 
 

@@ -435,6 +435,23 @@ def test_the_objective_probability_is_the_likelihood_the_objective_trains(object
         trained.pop("lam", None)
     loss = pair_loss(torch.tensor(chosen), torch.tensor(rejected), impl="reference", **trained)
     assert negative_log_likelihood(p) == pytest.approx(loss.item(), rel=1e-10)
+    assert -np.mean(R.objective_log_probability(chosen, rejected, objective)) == pytest.approx(loss.item(), rel=1e-10)
+    # pairs ranked wrong by hundreds of logits: the log-probability itself, where the probability is 0
+    # in float64 (the NLL read from it was clipped at 690 nats)
+    far = np.array([[-700.0], [-1000.0], [-1e5]]) + np.arange(n)  # [3, n], the kinds a logit apart
+    log_p = R.objective_log_probability(far, np.zeros_like(far), objective)
+
+    def log_sigmoid(x):  # for x far below 0
+        return x - math.log1p(math.exp(x))
+
+    def log_mean_sigmoid(row):  # log (1/n) Σ σ(x_i), by its largest term
+        top = max(map(log_sigmoid, row))
+        return top + math.log(sum(math.exp(log_sigmoid(x) - top) for x in row)) - math.log(len(row))
+    # against a rejected side of zeros, kinds and draws both average σ over the chosen side's outputs
+    by_kind = objective in ("mixture", "independent")
+    expected = [log_mean_sigmoid(row) if by_kind else log_sigmoid(row.mean()) for row in far]
+    np.testing.assert_allclose(log_p, expected, rtol=1e-12)
+    assert -log_p.mean() > 30_000  # never the 690 of a clip
 
 
 def test_linear_probe_finds_what_the_features_encode():

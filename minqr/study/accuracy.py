@@ -6,7 +6,7 @@ read it, their negative log-likelihood (minqr/ranking.py) and their calibration.
 import math
 
 import numpy as np
-from scipy.special import expit, ndtri
+from scipy.special import expit, log_expit, logsumexp, ndtri
 
 from minqr.objectives.pair_models import DRAWS, KINDS, MEANS, pair_model
 from minqr.ranking import ranking_credit
@@ -66,13 +66,20 @@ def objective_probability(chosen, rejected, objective: str | None) -> np.ndarray
     (minqr/objectives/pair_models.py). "kinds": (1/N) Σ_i σ(h_c,i − h_r,i), one kind of annotator
     labelling; "draws": (1/N²) Σ_ij σ(h_c,i − h_r,j); "means", and a scores file that names no
     objective (None): σ(μ_c − μ_r) on the means."""
+    return np.exp(objective_log_probability(chosen, rejected, objective))
+
+
+def objective_log_probability(chosen, rejected, objective: str | None) -> np.ndarray:
+    """[P] log objective_probability, computed in log space: a pair ranked the wrong way by 1,000
+    logits has log-probability −1,000, where the probability itself underflows to 0 (the NLL read
+    from it was clipped at 690)."""
     c, r = np.asarray(chosen, dtype=np.float64), np.asarray(rejected, dtype=np.float64)
     model = MEANS if objective is None else pair_model(objective)
     if model == KINDS:
-        return expit(c - r).mean(axis=1)
+        return logsumexp(log_expit(c - r), axis=1) - math.log(c.shape[1])
     if model == DRAWS:
-        return expit(c[:, :, None] - r[:, None, :]).mean(axis=(1, 2))
-    return bradley_terry_probability(c, r)
+        return logsumexp(log_expit(c[:, :, None] - r[:, None, :]), axis=(1, 2)) - 2 * math.log(c.shape[1])
+    return log_expit(np.mean(c, axis=1) - np.mean(r, axis=1))
 
 
 def calibration(prob_chosen, bins: int = CALIBRATION_BINS) -> dict:

@@ -25,9 +25,9 @@ import numpy as np
 from scipy.stats import norm
 
 from minqr.errors import MinqrError
-from minqr.ranking import negative_log_likelihood, ranking_credit
+from minqr.ranking import ranking_credit
 from minqr.study.accuracy import (bradley_terry_probability, calibration, distributional_probability,
-                                  objective_probability, pair_accuracy, quantile_accuracy, wilson_interval)
+                                  objective_log_probability, pair_accuracy, quantile_accuracy, wilson_interval)
 from minqr.study.bootstrap import (ANY_REAL, CONFIDENCE, DEFAULT_RESAMPLES, JS_RANGE, NON_NEGATIVE, PROBABILITY,
                                    bootstrap, bootstrap_estimate, resample_indices)
 from minqr.study.coverage import coverage_summary, crossing_rate, spread_error_auroc
@@ -117,7 +117,9 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         return with_interval(spread_error_auroc, chosen, rejected, bounds=PROBABILITY)
 
     accuracy = pair_accuracy(raw_chosen.mean(axis=1), raw_rejected.mean(axis=1))
-    own_probability = objective_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
+    # its log computed as such: a pair ranked wrong by 1,000 logits costs 1,000 nats, not the 690 of a clip
+    own_log_probability = objective_log_probability(scores.chosen, scores.rejected, scores.metadata.get("objective"))
+    own_probability = np.exp(own_log_probability)
     accuracy_low, accuracy_high = wilson_interval(accuracy * scores.num_pairs, scores.num_pairs, confidence)
     summary = {
         "source": where, "model": scores.metadata["model"], "label": scores.label, "head": scores.head,
@@ -141,7 +143,7 @@ def summarize(scores: Scores, view: str = "mean", bins: int = DEFAULT_BINS, eps:
         if quantile_head and scores.readout == "raw" else None,
         "spread_auroc": _measured(spread_estimate) if quantile_head else None,
         # the objective's own P(chosen preferred), from the raw outputs (kind order matters)
-        "nll": negative_log_likelihood(own_probability),
+        "nll": float(-np.mean(own_log_probability)),
         "calibration": {
             "objective": calibration(own_probability),
             "bradley_terry": calibration(bradley_terry_probability(raw_chosen, raw_rejected)),
