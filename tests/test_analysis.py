@@ -620,7 +620,14 @@ def test_a_collapsed_model_is_measured_where_it_can_be_and_says_why_not_elsewher
                                        "bootstrap_mean": 0.0}
     assert summary["accuracy"]["value"] == 0.5 and summary["calibration"]["bradley_terry"]["ece"] == 0.0
     # one pair: nothing varies either
-    assert "not_measured" in A.summarize(scores_of(*quantile_outputs(1, 3)), n_resamples=5)["kde_kl"]
+    one = A.summarize(scores_of(*quantile_outputs(1, 3)), n_resamples=5)
+    assert "not_measured" in one["kde_kl"]
+    # and its every resample is itself: no interval (one of width 0 made the report call float noise
+    # between two one-pair models larger than its uncertainty)
+    assert one["histogram_kl"]["ci_low"] is None and one["histogram_kl"]["corrected"] is None
+    chosen, rejected = quantile_outputs(1, 3)
+    difference = A.paired_kl_difference(scores_of(chosen, rejected), scores_of(rejected, chosen), n_resamples=50)
+    assert difference["ci_low"] is None and difference["ci_high"] is None
 
 
 @pytest.mark.parametrize("num_pairs, n", [(2, 3), (3, 1), (9, 2)])

@@ -17,8 +17,9 @@ ANY_REAL = (-math.inf, math.inf)  # a difference of two KLs
 
 
 def resample_indices(num_pairs: int, n_resamples: int, seed: int = 0) -> np.ndarray:
-    """[B, P] pair indices drawn with replacement: resample b is pairs indices[b]."""
-    return np.random.default_rng(seed).integers(0, num_pairs, size=(n_resamples, num_pairs))
+    """[B, P] pair indices drawn with replacement: resample b is pairs indices[b]. None for one pair
+    ([0, 1]): its every resample is itself, and an interval of width 0 would claim certainty."""
+    return np.random.default_rng(seed).integers(0, num_pairs, size=(n_resamples if num_pairs > 1 else 0, num_pairs))
 
 
 def bootstrap_estimate(value: float, resampled, confidence: float = CONFIDENCE, bounds=NON_NEGATIVE) -> dict:
