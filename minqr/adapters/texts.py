@@ -24,7 +24,7 @@ whose equal values mark completions of the same prompt (the prompt itself will d
 reward itself; any other statistic of N > 1 outputs is refused. A group needs two texts or more in
 the call: a lone completion is its own reference, and its reward says nothing of it, so it is
 refused (TRL on several GPUs hands each process its share of the completions, which can split a
-prompt's group; verl with one response per prompt has none: there give a reference reply instead).
+prompt's group, and verl with one response a prompt has none: there give a reference reply instead).
 
 Whose reward: by default the population's. `annotators`, one id per text, asks for each named
 person's instead: the statistic with the mixture's kinds weighted by that person's posterior
@@ -128,8 +128,7 @@ class TextRewards:
             if alone is not None:
                 raise MinqrError(f"completion {alone} is the only one of its prompt in this call, so its group reference "
                                  "is itself and its reward says nothing of it: give a prompt's completions together, "
-                                 "or a reference reply (TRL on several GPUs may split a prompt's completions; verl "
-                                 "with one response a prompt has one)")
+                                 "or a reference reply (TRL on several GPUs may split a prompt's completions)")
         if annotators is not None and len(annotators) != len(prompts):
             raise MinqrError(f"{len(annotators)} annotators for {len(prompts)} completions: one id (or None) per "
                              "completion")

@@ -116,4 +116,3 @@ def _field(info, key: str, option: str, index: int):
                          f"Put the {WHAT[option]} there when you "
                          "prepare the data set")
     return info[key]
-
