@@ -287,7 +287,8 @@ class Annotators:
             prior = None if prior is None else torch.tensor(prior, dtype=torch.float64).reshape(kinds)  # [N]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, OverflowError) as error:
             raise MinqrError(f"{path}: not an annotators file minqr wrote ({error}); fix or delete it") from None
-        named = all(_is_id(annotator) and not (isinstance(annotator, str) and not annotator.strip()) for annotator in ids)
+        named = all(_is_id(annotator) and not (isinstance(annotator, str) and not annotator.strip())
+                    for annotator in ids)
         if data.get("format") != FORMAT or not named:
             raise MinqrError(f"{path}: format {data.get('format')!r} or its ids (strings that are not blank, or "
                              f"integers) are not what this minqr writes (format {FORMAT}); fix or delete it")
