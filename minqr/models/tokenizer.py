@@ -151,8 +151,10 @@ def _honour_prefix_space(backend: tokenizers.Tokenizer, config: dict | None) -> 
     """tokenizer_config.json's `add_prefix_space`, on a byte-level pre-tokenizer (GPT-2's), as
     transformers' GPT2Tokenizer applies it in a GPT-2 model folder: true reads "Hello" as " Hello"."""
     wanted = config.get("add_prefix_space") if isinstance(config, dict) else None
-    state = json.loads(backend.to_str()).get("pre_tokenizer") or {}
-    if isinstance(wanted, bool) and state.get("type") == "ByteLevel" and state.get("add_prefix_space") != wanted:
+    if not isinstance(wanted, bool) or backend.pre_tokenizer is None:
+        return
+    state = json.loads(backend.pre_tokenizer.__getstate__())  # the pre-tokenizer's alone, not the whole vocabulary's
+    if state.get("type") == "ByteLevel" and state.get("add_prefix_space") != wanted:
         backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=wanted,
                                                          use_regex=state.get("use_regex", True),
                                                          trim_offsets=state.get("trim_offsets", True))
